@@ -1,0 +1,184 @@
+//! One segment: an append-only file of batches named by its base offset, with its sparse index.
+//!
+//! ```text
+//! data/<topic>/<partition>/
+//!   00000000000000000000.log        batches, back to back
+//!   00000000000000000000.index      sparse offset index (sealed segments only)
+//!   00000000000000000000.timeindex  sparse time index (sealed segments only)
+//!   00000000000000004711.log        the active segment: index kept in memory
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use glommio::io::DmaFile;
+
+use super::error::LogError;
+use super::index::{SegmentSummary, SparseIndex};
+use super::io::{SeqReader, Step};
+use crate::types::{Offset, TimestampMs};
+
+/// The three file names of the segment starting at `base`.
+pub fn file_name(base: Offset, ext: &str) -> String {
+    format!("{:020}.{ext}", base.0)
+}
+
+/// Parses a segment file name (`<20 digits>.log`) into its base offset.
+pub fn parse_log_name(name: &str) -> Option<Offset> {
+    let stem = name.strip_suffix(".log")?;
+    if stem.len() != 20 || !stem.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    stem.parse().ok().map(Offset)
+}
+
+pub struct Segment {
+    pub base: Offset,
+    pub file: Rc<DmaFile>,
+    pub path: Rc<Path>,
+    /// Bytes on disk that readers may read.
+    pub written_size: u64,
+    /// Bytes appended, including those still staged in memory: where the next batch goes.
+    pub size: u64,
+    /// The offset after the last appended record.
+    pub next_offset: Offset,
+    pub first_timestamp: Option<TimestampMs>,
+    pub max_timestamp: TimestampMs,
+    pub index: SparseIndex,
+    /// Its index files exist on disk (it was sealed).
+    pub sealed: bool,
+}
+
+impl Segment {
+    pub fn index_path(&self, ext: &str) -> PathBuf {
+        self.path.with_extension(ext)
+    }
+
+    pub fn summary(&self) -> SegmentSummary {
+        SegmentSummary {
+            size: self.size,
+            next_offset: self.next_offset,
+            max_timestamp: self.max_timestamp,
+        }
+    }
+
+    /// Records an appended batch at the current end.
+    pub fn on_append(
+        &mut self,
+        base: Offset,
+        count: u32,
+        len: usize,
+        first: TimestampMs,
+        max: TimestampMs,
+    ) {
+        let rel = (base.0 - self.base.0) as u32;
+        self.index
+            .on_batch(rel, self.size as u32, self.max_timestamp);
+        self.size += len as u64;
+        self.next_offset = base.plus(count as u64);
+        self.first_timestamp.get_or_insert(first);
+        self.max_timestamp = self.max_timestamp.max(max);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.next_offset == self.base
+    }
+}
+
+/// What scanning a segment file found.
+pub struct Scan {
+    /// Bytes of valid, contiguous batches from the start of the file.
+    pub valid_size: u64,
+    pub next_offset: Offset,
+    pub first_timestamp: Option<TimestampMs>,
+    pub max_timestamp: TimestampMs,
+    pub index: SparseIndex,
+    /// Why the scan stopped before `end`, and where.
+    pub stopped: Option<(u64, String)>,
+}
+
+/// Scans batches from the start of the file up to byte `end`, verifying every CRC and that
+/// offsets continue from `base` without gaps, and rebuilds the sparse index on the way.
+pub async fn scan(
+    file: &Rc<DmaFile>,
+    path: &Rc<Path>,
+    base: Offset,
+    end: u64,
+    index_interval_bytes: u32,
+) -> Result<Scan, LogError> {
+    let mut r = SeqReader::new(file.clone(), path.clone(), 0, end, 1 << 20);
+    let mut out = Scan {
+        valid_size: 0,
+        next_offset: base,
+        first_timestamp: None,
+        max_timestamp: TimestampMs(i64::MIN),
+        index: SparseIndex::new(index_interval_bytes),
+        stopped: None,
+    };
+    loop {
+        match r.next().await? {
+            Step::End => break,
+            Step::Invalid { position, error } => {
+                out.stopped = Some((position, error.to_string()));
+                break;
+            }
+            Step::Batch { position, batch } => {
+                let m = batch.meta();
+                if m.base_offset != out.next_offset {
+                    out.stopped = Some((
+                        position,
+                        format!(
+                            "batch base offset {} where {} was expected",
+                            m.base_offset, out.next_offset
+                        ),
+                    ));
+                    break;
+                }
+                let rel = (m.base_offset.0 - base.0) as u32;
+                out.index.on_batch(rel, position as u32, out.max_timestamp);
+                out.first_timestamp.get_or_insert(m.first_timestamp);
+                out.max_timestamp = out.max_timestamp.max(m.max_timestamp);
+                out.next_offset = m.next_offset();
+                out.valid_size = position + m.len as u64;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Builds a segment from a scan.
+pub fn from_scan(
+    base: Offset,
+    file: Rc<DmaFile>,
+    path: Rc<Path>,
+    s: Scan,
+    sealed: bool,
+) -> Segment {
+    Segment {
+        base,
+        file,
+        path,
+        written_size: s.valid_size,
+        size: s.valid_size,
+        next_offset: s.next_offset,
+        first_timestamp: s.first_timestamp,
+        max_timestamp: s.max_timestamp,
+        index: s.index,
+        sealed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert_eq!(file_name(Offset(42), "log"), "00000000000000000042.log");
+        assert_eq!(parse_log_name("00000000000000000042.log"), Some(Offset(42)));
+        assert_eq!(parse_log_name("0000000000000000042.log"), None);
+        assert_eq!(parse_log_name("00000000000000000042.index"), None);
+        assert_eq!(parse_log_name("0000000000000000004x.log"), None);
+        assert_eq!(parse_log_name("99999999999999999999.log"), None); // over u64
+    }
+}

@@ -1,0 +1,68 @@
+//! Newtypes for the ids and positions that cross module boundaries.
+//!
+//! A bare `u64` could be an offset, a term, a byte position or a count; these types make the
+//! compiler tell them apart.
+
+use std::fmt;
+
+/// The position of one record in a partition: the first record is offset 0, and every record
+/// appended after it takes the next offset. Offsets are never reused.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Offset(pub u64);
+
+impl Offset {
+    pub const ZERO: Offset = Offset(0);
+
+    /// The offset `n` records after this one.
+    pub fn plus(self, n: u64) -> Offset {
+        Offset(self.0 + n)
+    }
+
+    /// The offset before this one, or `None` at offset 0.
+    pub fn prev(self) -> Option<Offset> {
+        self.0.checked_sub(1).map(Offset)
+    }
+}
+
+impl fmt::Display for Offset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A Raft term (the leader epoch that wrote a batch). Zero until replication stamps it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Term(pub u64);
+
+/// Milliseconds since the Unix epoch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TimestampMs(pub i64);
+
+impl TimestampMs {
+    /// The wall clock now. A clock before 1970 reads as 0.
+    pub fn now() -> TimestampMs {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        TimestampMs(ms)
+    }
+}
+
+/// An idempotent producer's id, issued by the broker. `ProducerId::NONE` marks batches from
+/// producers that did not ask for idempotence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ProducerId(pub i64);
+
+impl ProducerId {
+    pub const NONE: ProducerId = ProducerId(-1);
+}
+
+/// The sequence number of the first record of a batch, per (producer, partition).
+/// `Sequence::NONE` when the producer is not idempotent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Sequence(pub i32);
+
+impl Sequence {
+    pub const NONE: Sequence = Sequence(-1);
+}
