@@ -95,24 +95,28 @@ pub struct LogStats {
 pub struct ReadBatches {
     /// The offset the read asked for; the first batch may start before it.
     pub from: Offset,
+    /// The read's bound (exclusive); the last batch may run past it when the bound falls
+    /// inside a batch.
+    pub until: Offset,
     pub batches: Vec<Batch>,
 }
 
 impl ReadBatches {
-    /// Records at or after `from`, hiding those whose expiry has passed at `now`.
+    /// Records in `[from, until)`, hiding those whose expiry has passed at `now`.
     pub fn records(&self, now: TimestampMs) -> impl Iterator<Item = RecordView<'_>> {
-        let from = self.from;
+        let (from, until) = (self.from, self.until);
         self.batches
             .iter()
             .flat_map(|b| b.records())
-            .filter(move |r| r.offset >= from && !r.is_expired(now))
+            .filter(move |r| r.offset >= from && r.offset < until && !r.is_expired(now))
     }
 
-    /// Where the next read continues.
+    /// Where the next read continues: after the last batch, or at the bound if that batch runs
+    /// past it (its later records were not readable yet).
     pub fn next_offset(&self) -> Offset {
         self.batches
             .last()
-            .map_or(self.from, |b| b.last_offset().plus(1))
+            .map_or(self.from, |b| b.last_offset().plus(1).min(self.until))
     }
 
     pub fn bytes(&self) -> usize {
@@ -361,7 +365,7 @@ impl Log {
             }
             let meta = batch.meta();
             if self.needs_roll(len, meta.max_timestamp) {
-                self.roll().await?;
+                self.roll_held().await?;
             }
             // Back-pressure: bounded memory for bytes not yet written.
             loop {
@@ -478,9 +482,25 @@ impl Log {
         self.wait_for(offset.plus(1), Wait::Durable).await
     }
 
+    /// Seals the active segment (if it holds anything) and starts a new one at the log end.
+    pub async fn roll(&self) -> Result<(), LogError> {
+        let _permit = self
+            .inner
+            .append_lock
+            .acquire_permit(1)
+            .await
+            .map_err(|_| LogError::Closed)?;
+        self.inner.state.borrow().check_writable()?;
+        self.roll_held().await
+    }
+
     /// Seals the active segment and starts a new one at the log end. Caller holds `append_lock`.
-    async fn roll(&self) -> Result<(), LogError> {
+    async fn roll_held(&self) -> Result<(), LogError> {
         let inner = &self.inner;
+        if inner.state.borrow().active().is_empty() {
+            // An empty segment already starts at the log end.
+            return Ok(());
+        }
         let next = inner.state.borrow().next;
         self.wait_for(next, Wait::Written).await?;
         let _io = inner
@@ -581,6 +601,7 @@ impl Log {
         };
         let mut out = ReadBatches {
             from,
+            until: limit,
             batches: Vec::new(),
         };
         let mut bytes = 0usize;
@@ -885,7 +906,7 @@ impl Log {
                 .await
                 .map_err(|_| LogError::Closed)?;
             self.inner.state.borrow().check_writable()?;
-            self.roll().await?;
+            self.roll_held().await?;
         }
         let n = {
             let st = self.inner.state.borrow();
