@@ -141,6 +141,8 @@ fn bench_read(c: &mut Criterion) {
 
 fn bench_codec(c: &mut Criterion) {
     let mut g = c.benchmark_group("codec");
+    g.warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(2));
     for (records, value_len) in [(1usize, 100usize), (100, 100), (100, 1024)] {
         let batch = make_batch(records, value_len);
         let bytes = batch.bytes().clone();

@@ -1,7 +1,14 @@
 //! Tern: a geo-distributed, fault-tolerant message broker.
 //!
-//! The tree follows a record's path: `net` receives it, `shard` owns it, `raft` replicates it,
-//! `log` stores it.
+//! The tree follows a record's path: `net` receives it, `shard` owns it, `raft` replicates it
+//! (to come), `log` stores it; `cluster` holds the metadata beside them.
 
+pub mod cli;
+pub mod cluster;
+pub mod config;
 pub mod log;
+pub mod net;
+pub mod node;
+pub mod proto;
+pub mod shard;
 pub mod types;

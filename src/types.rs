@@ -66,3 +66,11 @@ pub struct Sequence(pub i32);
 impl Sequence {
     pub const NONE: Sequence = Sequence(-1);
 }
+
+/// A core executor of this node (0-based).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CoreId(pub u32);
+
+/// A node of the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeId(pub u64);

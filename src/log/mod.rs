@@ -19,7 +19,9 @@ mod segment;
 pub mod state_file;
 mod varint;
 
-pub use batch::{Batch, BatchBuilder, BatchError, BatchMeta, Header, Record, RecordView};
+pub use batch::{
+    Batch, BatchBuilder, BatchError, BatchMeta, Header, Record, RecordView, HEADERS_PER_RECORD_MAX,
+};
 pub use config::{FsyncPolicy, LogConfig};
 pub use error::LogError;
 pub use partition_log::{Appended, Assign, Log, LogStats, Positions, ReadBatches, ReadBound};

@@ -158,17 +158,12 @@ struct Inner {
     append_lock: Semaphore,
     io_lock: Semaphore,
     flush_signal: LocalSender<()>,
+    /// Background tasks (flusher, fsync timer, retention). They hold only a `Weak` to this, so
+    /// they end by themselves once the log is dropped (even outside its executor); `close`
+    /// cancels them at once.
     tasks: RefCell<Vec<JoinHandle<()>>>,
     /// Test hook: fail the next write or fsync as the disk would.
     fail_next_io: Cell<bool>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        for t in self.tasks.borrow().iter() {
-            t.cancel();
-        }
-    }
 }
 
 /// A partition log. Cheap to clone; lives on one executor.

@@ -1,0 +1,257 @@
+//! `tern topic ...` and `tern cluster status`.
+
+use clap::Subcommand;
+
+use super::{status_error, table, ClientOpts};
+use crate::proto::v1 as pb;
+
+#[derive(Subcommand)]
+pub enum TopicCmd {
+    /// Create a topic.
+    Create {
+        name: String,
+        /// Partitions [default: the node's default].
+        #[arg(long, short)]
+        partitions: Option<u32>,
+        #[arg(long, default_value_t = 1)]
+        replication_factor: u32,
+        /// Retention by age in ms; -1 keeps records forever.
+        #[arg(long, allow_hyphen_values = true)]
+        retention_ms: Option<i64>,
+        /// Retention by size per partition in bytes; -1 for no limit.
+        #[arg(long, allow_hyphen_values = true)]
+        retention_bytes: Option<i64>,
+        /// always | interval
+        #[arg(long)]
+        fsync: Option<String>,
+        #[arg(long)]
+        fsync_interval_ms: Option<u32>,
+        #[arg(long)]
+        max_record_bytes: Option<u32>,
+        #[arg(long)]
+        segment_bytes: Option<u64>,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// Delete a topic and all its records.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// List topics.
+    List {
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// Show a topic's settings and partitions.
+    Describe {
+        name: String,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ClusterCmd {
+    /// Nodes, and each partition's leader and replicas.
+    Status {
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+}
+
+fn settings(c: &Option<pb::TopicConfig>) -> serde_json::Value {
+    let c = (*c).unwrap_or_default();
+    serde_json::json!({
+        "retention_ms": c.retention_ms,
+        "retention_bytes": c.retention_bytes,
+        "fsync": if c.fsync_policy == pb::FsyncPolicy::Interval as i32 { "interval" } else { "always" },
+        "fsync_interval_ms": c.fsync_interval_ms,
+        "max_record_bytes": c.max_record_bytes,
+        "segment_bytes": c.segment_bytes,
+    })
+}
+
+fn topic_json(t: &pb::TopicInfo) -> serde_json::Value {
+    serde_json::json!({
+        "name": t.name,
+        "partitions": t.partitions,
+        "replication_factor": t.replication_factor,
+        "config": settings(&t.config),
+    })
+}
+
+fn partition_json(p: &pb::PartitionInfo) -> serde_json::Value {
+    serde_json::json!({
+        "partition": p.partition, "leader": p.leader, "replicas": p.replicas,
+        "start_offset": p.start_offset, "end_offset": p.end_offset, "core": p.core,
+    })
+}
+
+fn partition_rows(parts: &[pb::PartitionInfo]) -> Vec<Vec<String>> {
+    parts
+        .iter()
+        .map(|p| {
+            vec![
+                p.partition.to_string(),
+                p.leader.to_string(),
+                format!("{:?}", p.replicas),
+                p.start_offset.to_string(),
+                p.end_offset.to_string(),
+                p.core.to_string(),
+            ]
+        })
+        .collect()
+}
+
+const PARTITION_HEADER: [&str; 6] = ["PARTITION", "LEADER", "REPLICAS", "START", "END", "CORE"];
+
+pub async fn topic(cmd: TopicCmd) -> anyhow::Result<()> {
+    match cmd {
+        TopicCmd::Create {
+            name,
+            partitions,
+            replication_factor,
+            retention_ms,
+            retention_bytes,
+            fsync,
+            fsync_interval_ms,
+            max_record_bytes,
+            segment_bytes,
+            opts,
+        } => {
+            let fsync_policy = match fsync.as_deref() {
+                None => pb::FsyncPolicy::Unspecified,
+                Some("always") => pb::FsyncPolicy::Always,
+                Some("interval") => pb::FsyncPolicy::Interval,
+                Some(other) => anyhow::bail!("unknown --fsync {other:?}: use always or interval"),
+            };
+            let mut c = opts.connect().await?;
+            let r = c
+                .create_topic(pb::CreateTopicRequest {
+                    name,
+                    partitions: partitions.unwrap_or(0),
+                    replication_factor,
+                    config: Some(pb::TopicConfig {
+                        retention_ms,
+                        retention_bytes,
+                        fsync_policy: fsync_policy as i32,
+                        fsync_interval_ms,
+                        max_record_bytes,
+                        segment_bytes,
+                    }),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let t = r.topic.unwrap_or_default();
+            if opts.json {
+                println!("{}", topic_json(&t));
+            } else {
+                println!("created topic {} with {} partitions", t.name, t.partitions);
+            }
+        }
+        TopicCmd::Delete { name, opts } => {
+            let mut c = opts.connect().await?;
+            c.delete_topic(pb::DeleteTopicRequest { name: name.clone() })
+                .await
+                .map_err(status_error)?;
+            if opts.json {
+                println!("{}", serde_json::json!({ "deleted": name }));
+            } else {
+                println!("deleted topic {name}");
+            }
+        }
+        TopicCmd::List { opts } => {
+            let mut c = opts.connect().await?;
+            let r = c
+                .list_topics(pb::ListTopicsRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if opts.json {
+                for t in &r.topics {
+                    println!("{}", topic_json(t));
+                }
+            } else {
+                let rows: Vec<Vec<String>> = r
+                    .topics
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.name.clone(),
+                            t.partitions.to_string(),
+                            t.replication_factor.to_string(),
+                        ]
+                    })
+                    .collect();
+                table::print(&["TOPIC", "PARTITIONS", "REPLICATION"], &rows);
+            }
+        }
+        TopicCmd::Describe { name, opts } => {
+            let mut c = opts.connect().await?;
+            let r = c
+                .describe_topic(pb::DescribeTopicRequest { name })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let t = r.topic.unwrap_or_default();
+            if opts.json {
+                let mut v = topic_json(&t);
+                v["partition_info"] = r.partitions.iter().map(partition_json).collect();
+                println!("{v}");
+            } else {
+                println!(
+                    "topic {}  partitions {}  replication {}",
+                    t.name, t.partitions, t.replication_factor
+                );
+                println!("config {}", settings(&t.config));
+                table::print(&PARTITION_HEADER, &partition_rows(&r.partitions));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn cluster(cmd: ClusterCmd) -> anyhow::Result<()> {
+    let ClusterCmd::Status { opts } = cmd;
+    let mut c = opts.connect().await?;
+    let r = c
+        .cluster_info(pb::ClusterInfoRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if opts.json {
+        let v = serde_json::json!({
+            "nodes": r.nodes.iter().map(|n| serde_json::json!({
+                "id": n.id, "address": n.address, "region": n.region, "zone": n.zone,
+            })).collect::<Vec<_>>(),
+            "topics": r.topics.iter().map(|t| serde_json::json!({
+                "topic": t.topic,
+                "partitions": t.partitions.iter().map(partition_json).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    let nodes: Vec<Vec<String>> = r
+        .nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.id.to_string(),
+                n.address.clone(),
+                n.region.clone(),
+                n.zone.clone(),
+            ]
+        })
+        .collect();
+    table::print(&["NODE", "ADDRESS", "REGION", "ZONE"], &nodes);
+    for t in &r.topics {
+        println!();
+        println!("topic {}", t.topic);
+        table::print(&PARTITION_HEADER, &partition_rows(&t.partitions));
+    }
+    Ok(())
+}

@@ -1,0 +1,96 @@
+//! The `tern` command line: `serve` runs a node; the other commands are clients of a node's
+//! gRPC API (`--server ADDR`, default 127.0.0.1:7070), printing tables, or JSON with `--json`.
+
+mod admin;
+mod pubsub;
+mod serve;
+mod table;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::proto::v1::tern_client::TernClient;
+
+#[derive(Parser)]
+#[command(
+    name = "tern",
+    version,
+    about = "Tern: a geo-distributed, fault-tolerant message broker"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a node.
+    Serve(Box<serve::ServeArgs>),
+    /// Create, delete, list and describe topics.
+    Topic {
+        #[command(subcommand)]
+        cmd: admin::TopicCmd,
+    },
+    /// Publish records: VALUE, or one record per line of standard input.
+    Pub(pubsub::PubArgs),
+    /// Print records of a topic as they arrive.
+    Sub(pubsub::SubArgs),
+    /// Inspect the cluster.
+    Cluster {
+        #[command(subcommand)]
+        cmd: admin::ClusterCmd,
+    },
+}
+
+/// Options of every client command.
+#[derive(Args, Clone)]
+pub struct ClientOpts {
+    /// Address of a Tern node.
+    #[arg(long, env = "TERN_SERVER", default_value = "127.0.0.1:7070")]
+    pub server: String,
+    /// Print JSON (one object per line) instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ClientOpts {
+    pub async fn connect(&self) -> anyhow::Result<TernClient<tonic::transport::Channel>> {
+        let url = if self.server.contains("://") {
+            self.server.clone()
+        } else {
+            format!("http://{}", self.server)
+        };
+        let client = TernClient::connect(url)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach a Tern node at {}: {e}", self.server))?;
+        Ok(client
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20))
+    }
+}
+
+/// Turns a gRPC status into a one-line error for the terminal.
+pub fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+/// Parses the command line and runs the command; the process exit code follows the result.
+pub fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Serve(args) => serve::run(*args),
+        other => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                match other {
+                    Cmd::Topic { cmd } => admin::topic(cmd).await,
+                    Cmd::Cluster { cmd } => admin::cluster(cmd).await,
+                    Cmd::Pub(a) => pubsub::publish(a).await,
+                    Cmd::Sub(a) => pubsub::subscribe(a).await,
+                    Cmd::Serve(_) => unreachable!("handled above"),
+                }
+            })
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! `tern serve`: flags and environment over the config file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::config::Config;
+
+/// Every setting can come from the TOML file (`--config`), a `TERN_*` variable, or a flag;
+/// flags win over variables, variables over the file, the file over defaults.
+#[derive(Args, Debug, Default)]
+pub struct ServeArgs {
+    /// TOML config file; keys are the flag names with '_' for '-'.
+    #[arg(long, env = "TERN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:7070]; port 0 picks a free port.
+    #[arg(long, env = "TERN_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Address clients are told to use for this node [default: the bound address].
+    #[arg(long, env = "TERN_ADVERTISED_ADDRESS")]
+    pub advertised_address: Option<String>,
+    /// Data directory [default: ./data].
+    #[arg(long, env = "TERN_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// This node's id [default: 1].
+    #[arg(long, env = "TERN_NODE_ID")]
+    pub node_id: Option<u64>,
+    /// Region label [default: local].
+    #[arg(long, env = "TERN_REGION")]
+    pub region: Option<String>,
+    /// Zone label [default: local].
+    #[arg(long, env = "TERN_ZONE")]
+    pub zone: Option<String>,
+    /// Core executors, one pinned thread each [default: 0 = one per CPU].
+    #[arg(long, env = "TERN_CORES")]
+    pub cores: Option<usize>,
+    /// Threads of the network shard [default: 1].
+    #[arg(long, env = "TERN_NET_THREADS")]
+    pub net_threads: Option<usize>,
+    /// Requests a core's mailbox holds [default: 4096].
+    #[arg(long, env = "TERN_MAILBOX_CAPACITY")]
+    pub mailbox_capacity: Option<usize>,
+    /// Wait for room in a full mailbox before RESOURCE_EXHAUSTED, in ms [default: 2000].
+    #[arg(long, env = "TERN_MAILBOX_WAIT_MS")]
+    pub mailbox_wait_ms: Option<u64>,
+    /// Largest request accepted, in bytes [default: 16777216].
+    #[arg(long, env = "TERN_MAX_REQUEST_BYTES")]
+    pub max_request_bytes: Option<usize>,
+    /// Most records in one publish request [default: 10000].
+    #[arg(long, env = "TERN_MAX_RECORDS_PER_REQUEST")]
+    pub max_records_per_request: Option<usize>,
+    /// Most partitions in one topic [default: 4096].
+    #[arg(long, env = "TERN_MAX_PARTITIONS_PER_TOPIC")]
+    pub max_partitions_per_topic: Option<u32>,
+    /// Most topics on this node [default: 10000].
+    #[arg(long, env = "TERN_MAX_TOPICS")]
+    pub max_topics: Option<usize>,
+    /// Concurrent calls per client connection [default: 1024].
+    #[arg(long, env = "TERN_MAX_CONCURRENT_STREAMS")]
+    pub max_concurrent_streams: Option<u32>,
+    /// Partitions one subscription may follow [default: 4096].
+    #[arg(long, env = "TERN_MAX_SUBSCRIPTION_PARTITIONS")]
+    pub max_subscription_partitions: Option<usize>,
+    /// Longest long poll of a Fetch, in ms [default: 60000].
+    #[arg(long, env = "TERN_MAX_FETCH_WAIT_MS")]
+    pub max_fetch_wait_ms: Option<u64>,
+    /// io_uring buffer memory per core, in bytes (locked memory) [default: 4194304].
+    #[arg(long, env = "TERN_IO_MEMORY_BYTES")]
+    pub io_memory_bytes: Option<usize>,
+    /// Partitions of a topic created without a count [default: 1].
+    #[arg(long, env = "TERN_DEFAULT_PARTITIONS")]
+    pub default_partitions: Option<u32>,
+    /// Default retention by age in ms, -1 forever [default: 604800000 = 7 days].
+    #[arg(long, env = "TERN_DEFAULT_RETENTION_MS", allow_hyphen_values = true)]
+    pub default_retention_ms: Option<i64>,
+    /// Default retention by size per partition in bytes, -1 unlimited [default: -1].
+    #[arg(long, env = "TERN_DEFAULT_RETENTION_BYTES", allow_hyphen_values = true)]
+    pub default_retention_bytes: Option<i64>,
+    /// Default fsync policy: always | interval [default: always].
+    #[arg(long, env = "TERN_DEFAULT_FSYNC")]
+    pub default_fsync: Option<String>,
+    /// Default fsync interval under `interval`, in ms [default: 100].
+    #[arg(long, env = "TERN_DEFAULT_FSYNC_INTERVAL_MS")]
+    pub default_fsync_interval_ms: Option<u32>,
+    /// Default largest record in bytes [default: 1048576].
+    #[arg(long, env = "TERN_DEFAULT_MAX_RECORD_BYTES")]
+    pub default_max_record_bytes: Option<u32>,
+    /// Default segment size in bytes [default: 134217728].
+    #[arg(long, env = "TERN_DEFAULT_SEGMENT_BYTES")]
+    pub default_segment_bytes: Option<u64>,
+}
+
+impl ServeArgs {
+    /// The config file (or defaults), overridden by whatever the flags or environment set.
+    pub fn resolve(self) -> anyhow::Result<Config> {
+        let mut c = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        macro_rules! set {
+            ($($field:ident),*) => { $( if let Some(v) = self.$field { c.$field = v; } )* };
+        }
+        set!(
+            listen,
+            data_dir,
+            node_id,
+            region,
+            zone,
+            cores,
+            net_threads,
+            mailbox_capacity,
+            mailbox_wait_ms,
+            max_request_bytes,
+            max_records_per_request,
+            max_partitions_per_topic,
+            max_topics,
+            max_concurrent_streams,
+            max_subscription_partitions,
+            max_fetch_wait_ms,
+            io_memory_bytes
+        );
+        if let Some(a) = self.advertised_address {
+            c.advertised_address = Some(a);
+        }
+        let d = &mut c.topic_defaults;
+        macro_rules! set_default {
+            ($($flag:ident => $field:ident),*) => { $( if let Some(v) = self.$flag { d.$field = v; } )* };
+        }
+        set_default!(
+            default_partitions => partitions,
+            default_retention_ms => retention_ms,
+            default_retention_bytes => retention_bytes,
+            default_fsync => fsync,
+            default_fsync_interval_ms => fsync_interval_ms,
+            default_max_record_bytes => max_record_bytes,
+            default_segment_bytes => segment_bytes
+        );
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let config = args.resolve()?;
+    crate::node::run(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tern.toml");
+        std::fs::write(
+            &file,
+            "node_id = 4\nregion = \"eu\"\n[topic_defaults]\npartitions = 6\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(file),
+            region: Some("us".into()),
+            default_fsync: Some("interval".into()),
+            ..ServeArgs::default()
+        };
+        let c = args.resolve().unwrap();
+        assert_eq!((c.node_id, c.region.as_str()), (4, "us"));
+        assert_eq!(c.topic_defaults.partitions, 6);
+        assert_eq!(c.topic_defaults.fsync, "interval");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let args = ServeArgs {
+            default_fsync: Some("sometimes".into()),
+            ..ServeArgs::default()
+        };
+        assert!(args.resolve().is_err());
+    }
+}

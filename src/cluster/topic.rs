@@ -1,0 +1,72 @@
+//! A topic's stored description and the validation of its name.
+
+use serde::{Deserialize, Serialize};
+
+/// Longest topic name (as Kafka).
+pub const TOPIC_NAME_MAX: usize = 249;
+
+/// Checks a topic name: 1 to 249 characters from `[a-zA-Z0-9._-]`, not `.` or `..`.
+pub fn validate_topic_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("topic name must not be empty".into());
+    }
+    if name.len() > TOPIC_NAME_MAX {
+        return Err(format!(
+            "topic name is {} characters; the limit is {TOPIC_NAME_MAX}",
+            name.len()
+        ));
+    }
+    if name == "." || name == ".." {
+        return Err("topic name must not be \".\" or \"..\"".into());
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "topic name contains {c:?}; use only letters, digits, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// Resolved settings of a topic.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TopicSettings {
+    /// `None` keeps records forever.
+    pub retention_ms: Option<u64>,
+    /// `None`: no size limit.
+    pub retention_bytes: Option<u64>,
+    /// `None`: fsync before acknowledging (`always`); `Some(ms)`: `interval`.
+    pub fsync_interval_ms: Option<u32>,
+    pub max_record_bytes: u32,
+    pub segment_bytes: u64,
+}
+
+/// A topic as stored in the metadata.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TopicSpec {
+    pub name: String,
+    pub partitions: u32,
+    pub replication_factor: u32,
+    pub settings: TopicSettings,
+    /// The core owning each partition on this node, recorded at creation so that a restart
+    /// with the same core count keeps every partition where its files are.
+    pub cores: Vec<u32>,
+    pub created_ms: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["a", "orders", "A-b_c.d", "0", &"x".repeat(249)] {
+            assert!(validate_topic_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".", "..", "a b", "a/b", "é", &"x".repeat(250), "a\0"] {
+            assert!(validate_topic_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! The node's configuration: one `Config`, layered as TOML file < `TERN_*` environment < flags.
+//!
+//! The flags (`tern serve --help`) are the reference; every flag has a `TERN_*` variable and a
+//! key of the same name (with `_` for `-`) in the TOML file given by `--config`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::log::{FsyncPolicy, LogConfig};
+
+/// Everything a node needs to run. Defaults give a working single node with data in `./data`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the gRPC server listens on (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// Address clients are told to use for this node; defaults to the bound address.
+    pub advertised_address: Option<String>,
+    pub data_dir: PathBuf,
+    pub node_id: u64,
+    pub region: String,
+    pub zone: String,
+    /// Core executors (glommio, one per CPU, pinned); 0 means one per available CPU.
+    pub cores: usize,
+    /// Threads of the network shard (tokio).
+    pub net_threads: usize,
+    /// Requests a core's mailbox holds before senders wait.
+    pub mailbox_capacity: usize,
+    /// How long a request waits for room in a full mailbox before RESOURCE_EXHAUSTED.
+    pub mailbox_wait_ms: u64,
+    /// Largest gRPC message accepted.
+    pub max_request_bytes: usize,
+    pub max_records_per_request: usize,
+    pub max_partitions_per_topic: u32,
+    pub max_topics: usize,
+    /// Concurrent HTTP/2 streams (calls) per client connection.
+    pub max_concurrent_streams: u32,
+    /// Partitions one subscription may follow at once.
+    pub max_subscription_partitions: usize,
+    /// Longest long-poll a Fetch may ask for.
+    pub max_fetch_wait_ms: u64,
+    /// Bytes of io_uring buffer memory per core executor (locked memory).
+    pub io_memory_bytes: usize,
+    /// Defaults for topics created without explicit settings.
+    pub topic_defaults: TopicDefaults,
+}
+
+/// Defaults applied to topic settings a CreateTopic request leaves unset.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TopicDefaults {
+    pub partitions: u32,
+    /// -1 keeps records forever.
+    pub retention_ms: i64,
+    /// -1 means no size limit.
+    pub retention_bytes: i64,
+    /// `always` or `interval`.
+    pub fsync: String,
+    pub fsync_interval_ms: u32,
+    pub max_record_bytes: u32,
+    pub segment_bytes: u64,
+}
+
+impl Default for TopicDefaults {
+    fn default() -> Self {
+        Self {
+            partitions: 1,
+            retention_ms: 7 * 24 * 3600 * 1000,
+            retention_bytes: -1,
+            fsync: "always".into(),
+            fsync_interval_ms: 100,
+            max_record_bytes: 1 << 20,
+            segment_bytes: 128 << 20,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7070".parse().expect("valid address"),
+            advertised_address: None,
+            data_dir: PathBuf::from("./data"),
+            node_id: 1,
+            region: "local".into(),
+            zone: "local".into(),
+            cores: 0,
+            net_threads: 1,
+            mailbox_capacity: 4096,
+            mailbox_wait_ms: 2000,
+            max_request_bytes: 16 << 20,
+            max_records_per_request: 10_000,
+            max_partitions_per_topic: 4096,
+            max_topics: 10_000,
+            max_concurrent_streams: 1024,
+            max_subscription_partitions: 4096,
+            max_fetch_wait_ms: 60_000,
+            io_memory_bytes: 4 << 20,
+            topic_defaults: TopicDefaults::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file; unknown keys are errors (a typo must not be silently ignored).
+    pub fn from_file(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
+    }
+
+    /// Core count after applying the default (all available CPUs).
+    pub fn core_count(&self) -> usize {
+        if self.cores > 0 {
+            self.cores
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+
+    pub fn mailbox_wait(&self) -> Duration {
+        Duration::from_millis(self.mailbox_wait_ms)
+    }
+
+    /// Checks values against each other; the node refuses to start with a bad config.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.core_count() <= 1024, "cores must be at most 1024");
+        anyhow::ensure!(
+            (1..=64).contains(&self.net_threads),
+            "net_threads must be within 1..=64"
+        );
+        anyhow::ensure!(
+            self.mailbox_capacity >= 1,
+            "mailbox_capacity must be positive"
+        );
+        anyhow::ensure!(
+            self.max_request_bytes >= 1024,
+            "max_request_bytes must be at least 1024"
+        );
+        anyhow::ensure!(
+            self.max_records_per_request >= 1,
+            "max_records_per_request must be positive"
+        );
+        anyhow::ensure!(
+            self.max_partitions_per_topic >= 1,
+            "max_partitions_per_topic must be positive"
+        );
+        anyhow::ensure!(
+            !self.region.is_empty() && !self.zone.is_empty(),
+            "region and zone must not be empty"
+        );
+        let d = &self.topic_defaults;
+        anyhow::ensure!(
+            (1..=self.max_partitions_per_topic).contains(&d.partitions),
+            "topic_defaults.partitions must be within 1..=max_partitions_per_topic"
+        );
+        parse_fsync(&d.fsync, d.fsync_interval_ms).map_err(|e| anyhow::anyhow!(e))?;
+        Ok(())
+    }
+}
+
+/// Parses an fsync policy name.
+pub fn parse_fsync(name: &str, interval_ms: u32) -> Result<FsyncPolicy, String> {
+    match name {
+        "always" => Ok(FsyncPolicy::Always),
+        "interval" if interval_ms > 0 => Ok(FsyncPolicy::Interval(Duration::from_millis(
+            interval_ms as u64,
+        ))),
+        "interval" => Err("fsync interval must be positive".into()),
+        other => Err(format!(
+            "unknown fsync policy {other:?}: use \"always\" or \"interval\""
+        )),
+    }
+}
+
+/// The log settings of a topic, resolved from its stored settings.
+pub fn log_config(settings: &crate::cluster::TopicSettings) -> LogConfig {
+    LogConfig {
+        segment_bytes_max: settings.segment_bytes,
+        fsync: match settings.fsync_interval_ms {
+            None => FsyncPolicy::Always,
+            Some(ms) => FsyncPolicy::Interval(Duration::from_millis(ms as u64)),
+        },
+        retention_ms: settings.retention_ms,
+        retention_bytes: settings.retention_bytes,
+        batch_bytes_max: 16 << 20,
+        pending_bytes_max: 32 << 20,
+        ..LogConfig::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_round_trip_through_toml() {
+        let c = Config::default();
+        c.validate().unwrap();
+        let text = toml::to_string(&c).unwrap();
+        let back: Config = toml::from_str(&text).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        assert!(toml::from_str::<Config>("listn = \"1.2.3.4:5\"").is_err());
+        let c: Config = toml::from_str("node_id = 7\n[topic_defaults]\npartitions = 3").unwrap();
+        assert_eq!((c.node_id, c.topic_defaults.partitions), (7, 3));
+    }
+
+    #[test]
+    fn fsync_names() {
+        assert_eq!(parse_fsync("always", 0), Ok(FsyncPolicy::Always));
+        assert!(parse_fsync("interval", 0).is_err());
+        assert!(parse_fsync("sometimes", 10).is_err());
+    }
+}

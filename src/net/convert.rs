@@ -1,0 +1,48 @@
+//! Tern records to protobuf records.
+
+use crate::proto::v1 as pb;
+use crate::shard::Fetched;
+use crate::types::TimestampMs;
+
+/// The committed, unexpired records of a fetch, at most `max_records`; returns them and the
+/// offset where the next fetch continues.
+pub fn records(
+    topic: &str,
+    partition: u32,
+    f: &Fetched,
+    max_records: usize,
+) -> (Vec<pb::Record>, u64) {
+    let now = TimestampMs::now();
+    let mut out = Vec::new();
+    let mut next = f.from;
+    for batch in &f.batches {
+        for r in batch.records() {
+            if r.offset < f.from || r.offset >= f.until {
+                continue;
+            }
+            if out.len() >= max_records {
+                return (out, next.0);
+            }
+            next = r.offset.plus(1);
+            if r.is_expired(now) {
+                continue;
+            }
+            out.push(pb::Record {
+                topic: topic.to_string(),
+                partition,
+                offset: r.offset.0,
+                timestamp_ms: r.timestamp.0,
+                key: r.key.map(|k| batch.bytes().slice_ref(k)),
+                headers: r
+                    .headers()
+                    .map(|(k, v)| pb::Header {
+                        key: k.to_string(),
+                        value: batch.bytes().slice_ref(v),
+                    })
+                    .collect(),
+                value: batch.bytes().slice_ref(r.value),
+            });
+        }
+    }
+    (out, next.0)
+}

@@ -1,0 +1,48 @@
+//! The network shard: a tokio runtime serving tonic. It validates requests, routes each to the
+//! core that owns the partition, and answers from the core's reply. It also serves gRPC server
+//! reflection (grpcurl needs no .proto file) and the standard health service.
+
+mod broker;
+mod convert;
+mod service;
+mod status;
+mod subscribe;
+mod validate;
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use broker::Broker;
+use service::TernService;
+
+use crate::proto::v1::tern_server::TernServer;
+
+/// Serves the gRPC API on `listener` until `shutdown` resolves, then lets in-flight calls
+/// finish (subscriptions are ended by the broker's closing signal).
+pub async fn serve(
+    broker: Arc<Broker>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let cfg = broker.config.clone();
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<TernServer<TernService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let tern = TernServer::new(TernService { broker })
+        .max_decoding_message_size(cfg.max_request_bytes)
+        .max_encoding_message_size(cfg.max_request_bytes.max(32 << 20));
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(cfg.max_concurrent_streams))
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(tern)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,291 @@
+//! The `tern.v1.Tern` gRPC service: decodes and validates, then hands over to the broker.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::broker::{Broker, Topic};
+use super::{convert, subscribe, validate};
+use crate::config::Config;
+use crate::proto::v1 as pb;
+use crate::proto::v1::tern_server::Tern;
+use crate::types::Offset;
+
+/// Default and largest number of records one Fetch returns.
+const FETCH_RECORDS_DEFAULT: usize = 500;
+const FETCH_RECORDS_MAX: usize = 10_000;
+/// Default and largest byte budget of one Fetch.
+const FETCH_BYTES_DEFAULT: usize = 1 << 20;
+const FETCH_BYTES_MAX: usize = 16 << 20;
+/// Publish requests one PublishStream may have in flight.
+const PUBLISH_STREAM_IN_FLIGHT: usize = 64;
+
+pub struct TernService {
+    pub broker: Arc<Broker>,
+}
+
+fn topic_info(t: &Topic) -> pb::TopicInfo {
+    let s = &t.spec.settings;
+    pb::TopicInfo {
+        name: t.spec.name.clone(),
+        partitions: t.spec.partitions,
+        replication_factor: t.spec.replication_factor,
+        config: Some(pb::TopicConfig {
+            retention_ms: Some(s.retention_ms.map_or(-1, |v| v as i64)),
+            retention_bytes: Some(s.retention_bytes.map_or(-1, |v| v as i64)),
+            fsync_policy: match s.fsync_interval_ms {
+                None => pb::FsyncPolicy::Always as i32,
+                Some(_) => pb::FsyncPolicy::Interval as i32,
+            },
+            fsync_interval_ms: s.fsync_interval_ms,
+            max_record_bytes: Some(s.max_record_bytes),
+            segment_bytes: Some(s.segment_bytes),
+        }),
+    }
+}
+
+impl TernService {
+    async fn partitions(&self, t: &Topic) -> Result<Vec<pb::PartitionInfo>, Status> {
+        let node = self.broker.config.node_id;
+        let mut out = Vec::with_capacity(t.spec.partitions as usize);
+        for p in 0..t.spec.partitions {
+            let pos = self.broker.positions(t, p).await?;
+            out.push(pb::PartitionInfo {
+                partition: p,
+                leader: node,
+                replicas: vec![node],
+                start_offset: pos.start.0,
+                end_offset: pos.committed.0,
+                core: t.core(p),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Validates and routes a publish request; the returned future resolves to the answer.
+    async fn publish_submit(
+        broker: &Broker,
+        req: pb::PublishRequest,
+    ) -> Result<
+        impl std::future::Future<Output = Result<pb::PublishResponse, Status>> + use<>,
+        Status,
+    > {
+        validate::topic_name(&req.topic)?;
+        let topic = broker.topic(&req.topic)?;
+        let request_id = req.request_id;
+        let records = validate::publish(req, &topic, &broker.config)?;
+        let pending = broker.submit(&topic, records).await?;
+        Ok(async move {
+            let acks = pending.await?;
+            Ok(pb::PublishResponse {
+                acks: acks
+                    .into_iter()
+                    .map(|(partition, offset)| pb::RecordAck {
+                        partition,
+                        offset: offset.0,
+                    })
+                    .collect(),
+                request_id,
+                error: None,
+            })
+        })
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Tern for TernService {
+    async fn create_topic(
+        &self,
+        request: Request<pb::CreateTopicRequest>,
+    ) -> Result<Response<pb::CreateTopicResponse>, Status> {
+        let r = request.into_inner();
+        let cfg: &Config = &self.broker.config;
+        validate::topic_name(&r.name)?;
+        let partitions = validate::partition_count(r.partitions, cfg)?;
+        let rf = validate::replication_factor(r.replication_factor, 1)?;
+        let settings = validate::topic_settings(r.config.as_ref(), &cfg.topic_defaults)?;
+        let t = self
+            .broker
+            .create_topic(r.name, partitions, rf, settings)
+            .await?;
+        Ok(Response::new(pb::CreateTopicResponse {
+            topic: Some(topic_info(&t)),
+        }))
+    }
+
+    async fn delete_topic(
+        &self,
+        request: Request<pb::DeleteTopicRequest>,
+    ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
+        let r = request.into_inner();
+        validate::topic_name(&r.name)?;
+        self.broker.delete_topic(&r.name).await?;
+        Ok(Response::new(pb::DeleteTopicResponse {}))
+    }
+
+    async fn list_topics(
+        &self,
+        _: Request<pb::ListTopicsRequest>,
+    ) -> Result<Response<pb::ListTopicsResponse>, Status> {
+        Ok(Response::new(pb::ListTopicsResponse {
+            topics: self.broker.topics().iter().map(|t| topic_info(t)).collect(),
+        }))
+    }
+
+    async fn describe_topic(
+        &self,
+        request: Request<pb::DescribeTopicRequest>,
+    ) -> Result<Response<pb::DescribeTopicResponse>, Status> {
+        let r = request.into_inner();
+        validate::topic_name(&r.name)?;
+        let t = self.broker.topic(&r.name)?;
+        Ok(Response::new(pb::DescribeTopicResponse {
+            topic: Some(topic_info(&t)),
+            partitions: self.partitions(&t).await?,
+        }))
+    }
+
+    async fn publish(
+        &self,
+        request: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let resp = Self::publish_submit(&self.broker, request.into_inner())
+            .await?
+            .await?;
+        Ok(Response::new(resp))
+    }
+
+    type PublishStreamStream = BoxStream<pb::PublishResponse>;
+
+    async fn publish_stream(
+        &self,
+        request: Request<Streaming<pb::PublishRequest>>,
+    ) -> Result<Response<Self::PublishStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let broker = self.broker.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(PUBLISH_STREAM_IN_FLIGHT);
+        tokio::spawn(async move {
+            // Requests are routed in arrival order (so per-partition order holds) and answered
+            // as they complete, with a bounded window in flight.
+            let permits = Arc::new(tokio::sync::Semaphore::new(PUBLISH_STREAM_IN_FLIGHT));
+            let failed = |id: u64, s: Status| pb::PublishResponse {
+                acks: vec![],
+                request_id: id,
+                error: Some(pb::Error {
+                    code: s.code() as i32,
+                    message: s.message().to_string(),
+                }),
+            };
+            while let Some(item) = inbound.next().await {
+                let req = match item {
+                    Ok(r) => r,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    return;
+                };
+                let id = req.request_id;
+                match TernService::publish_submit(&broker, req).await {
+                    Ok(pending) => {
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            let resp = pending.await.unwrap_or_else(|s| failed(id, s));
+                            let _ = tx.send(Ok(resp)).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(s) => {
+                        if tx.send(Ok(failed(id, s))).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type SubscribeStream = BoxStream<pb::SubscribeResponse>;
+
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<pb::SubscribeRequest>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let stream = subscribe::start(self.broker.clone(), request.into_inner()).await?;
+        Ok(Response::new(stream))
+    }
+
+    async fn fetch(
+        &self,
+        request: Request<pb::FetchRequest>,
+    ) -> Result<Response<pb::FetchResponse>, Status> {
+        let r = request.into_inner();
+        validate::topic_name(&r.topic)?;
+        let t = self.broker.topic(&r.topic)?;
+        if r.partition >= t.spec.partitions {
+            return Err(Status::not_found(format!(
+                "partition {} does not exist; topic {:?} has {} partitions",
+                r.partition, r.topic, t.spec.partitions
+            )));
+        }
+        let max_records = match r.max_records as usize {
+            0 => FETCH_RECORDS_DEFAULT,
+            n => n.min(FETCH_RECORDS_MAX),
+        };
+        let max_bytes = match r.max_bytes as usize {
+            0 => FETCH_BYTES_DEFAULT,
+            n => n.min(FETCH_BYTES_MAX),
+        };
+        let max_wait_ms = (r.max_wait_ms as u64).min(self.broker.config.max_fetch_wait_ms);
+        let f = self
+            .broker
+            .fetch(
+                &t,
+                r.partition,
+                Offset(r.offset),
+                max_bytes,
+                Duration::from_millis(max_wait_ms),
+            )
+            .await?;
+        let (records, next) = convert::records(&r.topic, r.partition, &f, max_records);
+        Ok(Response::new(pb::FetchResponse {
+            records,
+            next_offset: next,
+            high_watermark: f.high_watermark.0,
+            start_offset: f.start.0,
+        }))
+    }
+
+    async fn cluster_info(
+        &self,
+        _: Request<pb::ClusterInfoRequest>,
+    ) -> Result<Response<pb::ClusterInfoResponse>, Status> {
+        let c = &self.broker.config;
+        let mut topics = Vec::new();
+        for t in self.broker.topics() {
+            topics.push(pb::TopicPartitions {
+                topic: t.spec.name.clone(),
+                partitions: self.partitions(&t).await?,
+            });
+        }
+        Ok(Response::new(pb::ClusterInfoResponse {
+            nodes: vec![pb::NodeInfo {
+                id: c.node_id,
+                address: self.broker.advertised.clone(),
+                region: c.region.clone(),
+                zone: c.zone.clone(),
+            }],
+            topics,
+        }))
+    }
+}

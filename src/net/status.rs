@@ -1,0 +1,41 @@
+//! The one place where internal errors become gRPC statuses.
+//!
+//! What the client did wrong (INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS, OUT_OF_RANGE) is
+//! kept apart from what the node cannot do now (RESOURCE_EXHAUSTED, UNAVAILABLE) and from
+//! failures of the node itself (INTERNAL).
+
+use tonic::Status;
+
+use crate::log::{BatchError, LogError};
+use crate::shard::CoreError;
+
+pub fn from_core(e: CoreError) -> Status {
+    match e {
+        CoreError::UnknownPartition(p) => Status::not_found(format!("unknown partition {p}")),
+        CoreError::ShuttingDown => Status::unavailable("the node is shutting down"),
+        CoreError::Busy(core) => Status::resource_exhausted(format!(
+            "core {core} is saturated (its mailbox stayed full); retry with backoff"
+        )),
+        CoreError::Log(e) => from_log(e),
+    }
+}
+
+pub fn from_log(e: LogError) -> Status {
+    match e {
+        LogError::OffsetOutOfRange {
+            requested,
+            start,
+            end,
+        } => Status::out_of_range(format!(
+            "offset {requested} is outside the partition's range [{start}, {end}]"
+        )),
+        LogError::BatchTooLarge { len, max } => Status::invalid_argument(format!(
+            "the records of one partition take {len} bytes in a request; the limit is {max}"
+        )),
+        LogError::Batch(BatchError::TooLarge { len, max }) => Status::invalid_argument(format!(
+            "a record of {len} bytes exceeds the batch limit of {max}"
+        )),
+        LogError::Closed => Status::unavailable("the partition is closing"),
+        other => Status::internal(other.to_string()),
+    }
+}

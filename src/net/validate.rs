@@ -1,0 +1,187 @@
+//! Validation of client input: every field bounded, every error saying what to fix.
+//! Nothing is routed to a core until the whole request has passed.
+
+use tonic::Status;
+
+use super::broker::{Outgoing, Topic};
+use crate::cluster::{validate_topic_name, TopicSettings};
+use crate::config::{Config, TopicDefaults};
+use crate::log::{Header, Record, HEADERS_PER_RECORD_MAX};
+use crate::proto::v1 as pb;
+use crate::types::TimestampMs;
+
+/// Longest expiry a record may ask for: ten years.
+pub const EXPIRY_SECONDS_MAX: u32 = 10 * 365 * 24 * 3600;
+/// Longest header name.
+pub const HEADER_KEY_BYTES_MAX: usize = 1024;
+
+pub fn topic_name(name: &str) -> Result<(), Status> {
+    validate_topic_name(name).map_err(Status::invalid_argument)
+}
+
+/// Resolves a CreateTopic request's settings against the node's defaults.
+pub fn topic_settings(
+    cfg: Option<&pb::TopicConfig>,
+    d: &TopicDefaults,
+) -> Result<TopicSettings, Status> {
+    let bad = |m: String| Err(Status::invalid_argument(m));
+    let c = cfg.cloned().unwrap_or_default();
+    let retention_ms = match c.retention_ms.unwrap_or(d.retention_ms) {
+        -1 => None,
+        v if v > 0 => Some(v as u64),
+        v => return bad(format!("retention_ms {v}: use a positive number of milliseconds, or -1 to keep records forever")),
+    };
+    let retention_bytes = match c.retention_bytes.unwrap_or(d.retention_bytes) {
+        -1 => None,
+        v if v > 0 => Some(v as u64),
+        v => {
+            return bad(format!(
+                "retention_bytes {v}: use a positive size, or -1 for no limit"
+            ))
+        }
+    };
+    let interval = c.fsync_interval_ms.unwrap_or(d.fsync_interval_ms);
+    let policy = match pb::FsyncPolicy::try_from(c.fsync_policy) {
+        Ok(pb::FsyncPolicy::Unspecified) => d.fsync.clone(),
+        Ok(pb::FsyncPolicy::Always) => "always".into(),
+        Ok(pb::FsyncPolicy::Interval) => "interval".into(),
+        Err(_) => return bad(format!("unknown fsync_policy {}", c.fsync_policy)),
+    };
+    let fsync_interval_ms = match policy.as_str() {
+        "always" => None,
+        _ if (1..=60_000).contains(&interval) => Some(interval),
+        _ => return bad(format!("fsync_interval_ms {interval}: use 1 to 60000")),
+    };
+    let max_record_bytes = c.max_record_bytes.unwrap_or(d.max_record_bytes);
+    if !(1..=8 << 20).contains(&max_record_bytes) {
+        return bad(format!(
+            "max_record_bytes {max_record_bytes}: use 1 to 8388608 (8 MiB)"
+        ));
+    }
+    let segment_bytes = c.segment_bytes.unwrap_or(d.segment_bytes);
+    if !(1 << 20..=1 << 32).contains(&segment_bytes) {
+        return bad(format!("segment_bytes {segment_bytes}: use 1 MiB to 4 GiB"));
+    }
+    Ok(TopicSettings {
+        retention_ms,
+        retention_bytes,
+        fsync_interval_ms,
+        max_record_bytes,
+        segment_bytes,
+    })
+}
+
+pub fn partition_count(partitions: u32, cfg: &Config) -> Result<u32, Status> {
+    let p = if partitions == 0 {
+        cfg.topic_defaults.partitions
+    } else {
+        partitions
+    };
+    if p > cfg.max_partitions_per_topic {
+        return Err(Status::invalid_argument(format!(
+            "{p} partitions: a topic may have 1 to {}",
+            cfg.max_partitions_per_topic
+        )));
+    }
+    Ok(p)
+}
+
+pub fn replication_factor(rf: u32, nodes: u32) -> Result<u32, Status> {
+    let rf = rf.max(1);
+    if rf > nodes {
+        return Err(Status::invalid_argument(format!(
+            "replication factor {rf} exceeds the number of nodes ({nodes})"
+        )));
+    }
+    Ok(rf)
+}
+
+/// Checks a Publish request and turns its records into log records.
+pub fn publish(
+    req: pb::PublishRequest,
+    topic: &Topic,
+    cfg: &Config,
+) -> Result<Vec<Outgoing>, Status> {
+    if req.records.is_empty() {
+        return Err(Status::invalid_argument(
+            "a publish request needs at least one record",
+        ));
+    }
+    if req.records.len() > cfg.max_records_per_request {
+        return Err(Status::invalid_argument(format!(
+            "{} records in one request; the limit is {}",
+            req.records.len(),
+            cfg.max_records_per_request
+        )));
+    }
+    let max = topic.spec.settings.max_record_bytes as usize;
+    let now = TimestampMs::now();
+    let mut out = Vec::with_capacity(req.records.len());
+    for (i, r) in req.records.into_iter().enumerate() {
+        if let Some(p) = r.partition {
+            if p >= topic.spec.partitions {
+                return Err(Status::not_found(format!(
+                    "record {i}: partition {p} does not exist; topic {:?} has partitions 0 to {}",
+                    topic.spec.name,
+                    topic.spec.partitions - 1
+                )));
+            }
+        }
+        if r.headers.len() > HEADERS_PER_RECORD_MAX {
+            return Err(Status::invalid_argument(format!(
+                "record {i} has {} headers; the limit is {HEADERS_PER_RECORD_MAX}",
+                r.headers.len()
+            )));
+        }
+        let size = r.key.as_ref().map_or(0, |k| k.len())
+            + r.value.len()
+            + r.headers
+                .iter()
+                .map(|h| h.key.len() + h.value.len())
+                .sum::<usize>();
+        if size > max {
+            return Err(Status::invalid_argument(format!(
+                "record {i} is {size} bytes (key + value + headers); topic {:?} accepts at most {max}",
+                topic.spec.name
+            )));
+        }
+        if let Some(h) = r
+            .headers
+            .iter()
+            .find(|h| h.key.is_empty() || h.key.len() > HEADER_KEY_BYTES_MAX)
+        {
+            return Err(Status::invalid_argument(format!(
+                "record {i}: header keys must be 1 to {HEADER_KEY_BYTES_MAX} bytes, got {}",
+                h.key.len()
+            )));
+        }
+        let ttl_ms = match r.expiry_seconds {
+            None => None,
+            Some(0) => return Err(Status::invalid_argument(format!("record {i}: expiry_seconds must be positive"))),
+            Some(s) if s > EXPIRY_SECONDS_MAX => {
+                return Err(Status::invalid_argument(format!(
+                    "record {i}: expiry_seconds {s} is over the limit of {EXPIRY_SECONDS_MAX} (ten years)"
+                )))
+            }
+            Some(s) => Some(s as u64 * 1000),
+        };
+        out.push(Outgoing {
+            partition: r.partition,
+            record: Record {
+                key: r.key,
+                value: r.value,
+                headers: r
+                    .headers
+                    .into_iter()
+                    .map(|h| Header {
+                        name: h.key,
+                        value: h.value,
+                    })
+                    .collect(),
+                timestamp: now,
+                ttl_ms,
+            },
+        });
+    }
+    Ok(out)
+}

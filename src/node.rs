@@ -1,0 +1,102 @@
+//! `tern serve`: starts the cores, the metadata, and the network shard; stops them in order on
+//! SIGTERM or SIGINT (stop accepting, finish in-flight calls, flush every log, exit 0).
+
+use std::os::unix::io::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::net::{self, Broker};
+use crate::shard::{ShardConfig, Shards};
+
+/// How long in-flight calls get to finish after a shutdown signal.
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs a node until it is told to stop.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| anyhow::anyhow!("creating data dir {}: {e}", config.data_dir.display()))?;
+    let _lock = lock_data_dir(&config)?;
+    let shards = Shards::start(&ShardConfig {
+        cores: config.core_count(),
+        mailbox_capacity: config.mailbox_capacity,
+        mailbox_wait: config.mailbox_wait(),
+        io_memory_bytes: config.io_memory_bytes,
+    })?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.net_threads)
+        .thread_name("tern-net")
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("listening on {}: {e}", config.listen))?;
+        let addr = listener.local_addr()?;
+        let advertised = config
+            .advertised_address
+            .clone()
+            .unwrap_or_else(|| addr.to_string());
+        let cores = shards.core_count();
+        let broker = Arc::new(Broker::start(config.clone(), shards, advertised).await?);
+        tracing::info!(%addr, cores, data_dir = %config.data_dir.display(), "tern is serving");
+        // Scripts and tests read the bound address (port 0 picks a free one) from this line.
+        println!("tern listening on {addr}");
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let server = tokio::spawn(net::serve(broker.clone(), listener, {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        }));
+        shutdown_signal().await;
+        tracing::info!("shutting down: no new calls, finishing in-flight ones");
+        broker.begin_shutdown();
+        let _ = stop_tx.send(true);
+        match tokio::time::timeout(DRAIN_GRACE, server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "server error"),
+            Ok(Err(e)) => tracing::error!(error = %e, "server task failed"),
+            Err(_) => tracing::warn!("in-flight calls did not finish within {DRAIN_GRACE:?}"),
+        }
+        broker.shards.shutdown().await?;
+        tracing::info!("every log flushed; bye");
+        Ok::<(), anyhow::Error>(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Takes an exclusive lock on the data directory, so two nodes never share one.
+fn lock_data_dir(config: &Config) -> anyhow::Result<std::fs::File> {
+    let path = config.data_dir.join("LOCK");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    anyhow::ensure!(
+        rc == 0,
+        "data directory {} is in use by another tern process",
+        config.data_dir.display()
+    );
+    Ok(f)
+}

@@ -1,0 +1,125 @@
+//! Thread-per-core: one glommio executor per core, pinned, each owning a disjoint set of
+//! partitions and their logs. The network shard reaches a core only through its mailbox.
+//!
+//! ```text
+//! net (tokio) ──MailboxSender──▶ [bounded crossbeam channel + waker] ──▶ core k (glommio)
+//!              ◀──────────────── oneshot reply ─────────────────────────┘
+//! ```
+
+mod core;
+mod mailbox;
+mod partition;
+pub mod placement;
+pub mod request;
+
+use std::time::Duration;
+
+use futures::channel::oneshot;
+use glommio::{LocalExecutorBuilder, Placement};
+
+pub use mailbox::MailboxSender;
+pub use request::{AppendAck, CoreError, CoreRequest, Fetched, PartitionKey};
+
+/// The running cores of a node.
+pub struct Shards {
+    mailboxes: Vec<MailboxSender>,
+    threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
+    wait: Duration,
+}
+
+/// Settings of the cores.
+pub struct ShardConfig {
+    pub cores: usize,
+    pub mailbox_capacity: usize,
+    pub mailbox_wait: Duration,
+    pub io_memory_bytes: usize,
+}
+
+impl Shards {
+    /// Starts one pinned executor per core.
+    pub fn start(cfg: &ShardConfig) -> anyhow::Result<Shards> {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut mailboxes = Vec::with_capacity(cfg.cores);
+        let mut threads = Vec::with_capacity(cfg.cores);
+        for i in 0..cfg.cores {
+            let (tx, rx) = mailbox::mailbox(i as u32, cfg.mailbox_capacity);
+            let (started_tx, started_rx) = std::sync::mpsc::channel();
+            let builder = LocalExecutorBuilder::new(Placement::Fixed(i % cpus))
+                .name(&format!("tern-core-{i}"))
+                .io_memory(cfg.io_memory_bytes);
+            let handle = std::thread::Builder::new()
+                .name(format!("tern-core-{i}"))
+                .spawn(move || match builder.make() {
+                    Ok(ex) => {
+                        let _ = started_tx.send(Ok(()));
+                        ex.run(core::run(i as u32, rx));
+                    }
+                    Err(e) => {
+                        let _ = started_tx.send(Err(e.to_string()));
+                    }
+                })?;
+            match started_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => anyhow::bail!(
+                    "core {i} cannot start its executor: {e} (glommio needs io_uring and a \
+                     memlock limit of a few MiB: `ulimit -l`, or --ulimit memlock=-1 in Docker)"
+                ),
+                Err(_) => anyhow::bail!("core {i} died while starting"),
+            }
+            mailboxes.push(tx);
+            threads.push(handle);
+        }
+        Ok(Shards {
+            mailboxes,
+            threads: std::sync::Mutex::new(threads),
+            wait: cfg.mailbox_wait,
+        })
+    }
+
+    pub fn core_count(&self) -> usize {
+        self.mailboxes.len()
+    }
+
+    pub fn mailbox(&self, core: u32) -> &MailboxSender {
+        &self.mailboxes[core as usize % self.mailboxes.len()]
+    }
+
+    /// Sends a request to a core and waits for the answer.
+    pub async fn ask<T>(
+        &self,
+        core: u32,
+        make: impl FnOnce(request::Reply<T>) -> CoreRequest,
+    ) -> Result<T, CoreError> {
+        self.submit(core, make).await?.await
+    }
+
+    /// Puts a request in a core's mailbox (waiting while it is full) and returns the pending
+    /// answer. Requests submitted one after another reach the core in that order.
+    pub async fn submit<T>(
+        &self,
+        core: u32,
+        make: impl FnOnce(request::Reply<T>) -> CoreRequest,
+    ) -> Result<impl std::future::Future<Output = Result<T, CoreError>>, CoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.mailbox(core).send(make(tx), self.wait).await?;
+        Ok(async move { rx.await.map_err(|_| CoreError::ShuttingDown)? })
+    }
+
+    /// Flushes every core's logs and stops the cores; later requests get `ShuttingDown`.
+    pub async fn shutdown(&self) -> Result<(), CoreError> {
+        let mut result = Ok(());
+        for core in 0..self.mailboxes.len() as u32 {
+            if let Err(e) = self
+                .ask(core, |reply| CoreRequest::Shutdown { reply })
+                .await
+            {
+                result = Err(e);
+            }
+        }
+        let threads = std::mem::take(&mut *self.threads.lock().expect("threads lock"));
+        for t in threads {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        result
+    }
+}
