@@ -50,15 +50,24 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 let _ = rx.wait_for(|s| *s).await;
             }
         }));
-        shutdown_signal().await;
-        tracing::info!("shutting down: no new calls, finishing in-flight ones");
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            r = server => {
+                // The server stopped on its own: that is an error (e.g. the socket failed).
+                broker.shards.shutdown().await?;
+                return match r {
+                    Ok(Ok(())) => Err(anyhow::anyhow!("the gRPC server stopped unexpectedly")),
+                    Ok(Err(e)) => Err(e),
+                    Err(e) => Err(e.into()),
+                };
+            }
+        }
+        tracing::info!("shutting down: no new connections, finishing in-flight calls");
         broker.begin_shutdown();
         let _ = stop_tx.send(true);
-        match tokio::time::timeout(DRAIN_GRACE, server).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::error!(error = %e, "server error"),
-            Ok(Err(e)) => tracing::error!(error = %e, "server task failed"),
-            Err(_) => tracing::warn!("in-flight calls did not finish within {DRAIN_GRACE:?}"),
+        // Wait for calls, not for idle client connections (those may stay open for minutes).
+        if !broker.drain(DRAIN_GRACE).await {
+            tracing::warn!("in-flight calls did not finish within {DRAIN_GRACE:?}");
         }
         broker.shards.shutdown().await?;
         tracing::info!("every log flushed; bye");

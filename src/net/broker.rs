@@ -54,6 +54,17 @@ pub struct Broker {
     admin: tokio::sync::Mutex<MetadataStore>,
     /// Set when the node starts shutting down; long-lived calls (subscriptions) end on it.
     closing: tokio::sync::watch::Sender<bool>,
+    /// Calls being served (not counting subscriptions), so shutdown can wait for them.
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts one call as in flight until dropped.
+pub struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Broker {
@@ -72,6 +83,7 @@ impl Broker {
             topics: RwLock::new(HashMap::new()),
             admin: tokio::sync::Mutex::new(store),
             closing: tokio::sync::watch::channel(false).0,
+            in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         };
         let specs: Vec<TopicSpec> = broker.admin.lock().await.topics().cloned().collect();
         for mut spec in specs {
@@ -95,6 +107,24 @@ impl Broker {
             broker.insert_topic(topic);
         }
         Ok(broker)
+    }
+
+    /// Marks a call in flight for as long as the guard lives.
+    pub fn track(&self) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.in_flight.clone())
+    }
+
+    /// Waits until no call is in flight, or `grace` has passed; returns whether all finished.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.in_flight.load(Ordering::Acquire) > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
     }
 
     /// Tells long-lived calls to end: the node is shutting down.

@@ -105,6 +105,7 @@ impl Tern for TernService {
         &self,
         request: Request<pb::CreateTopicRequest>,
     ) -> Result<Response<pb::CreateTopicResponse>, Status> {
+        let _call = self.broker.track();
         let r = request.into_inner();
         let cfg: &Config = &self.broker.config;
         validate::topic_name(&r.name)?;
@@ -124,6 +125,7 @@ impl Tern for TernService {
         &self,
         request: Request<pb::DeleteTopicRequest>,
     ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
+        let _call = self.broker.track();
         let r = request.into_inner();
         validate::topic_name(&r.name)?;
         self.broker.delete_topic(&r.name).await?;
@@ -134,6 +136,7 @@ impl Tern for TernService {
         &self,
         _: Request<pb::ListTopicsRequest>,
     ) -> Result<Response<pb::ListTopicsResponse>, Status> {
+        let _call = self.broker.track();
         Ok(Response::new(pb::ListTopicsResponse {
             topics: self.broker.topics().iter().map(|t| topic_info(t)).collect(),
         }))
@@ -143,6 +146,7 @@ impl Tern for TernService {
         &self,
         request: Request<pb::DescribeTopicRequest>,
     ) -> Result<Response<pb::DescribeTopicResponse>, Status> {
+        let _call = self.broker.track();
         let r = request.into_inner();
         validate::topic_name(&r.name)?;
         let t = self.broker.topic(&r.name)?;
@@ -156,6 +160,7 @@ impl Tern for TernService {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
+        let _call = self.broker.track();
         let resp = Self::publish_submit(&self.broker, request.into_inner())
             .await?
             .await?;
@@ -195,10 +200,12 @@ impl Tern for TernService {
                     return;
                 };
                 let id = req.request_id;
+                let call = broker.track();
                 match TernService::publish_submit(&broker, req).await {
                     Ok(pending) => {
                         let tx = tx.clone();
                         tokio::spawn(async move {
+                            let _call = call;
                             let resp = pending.await.unwrap_or_else(|s| failed(id, s));
                             let _ = tx.send(Ok(resp)).await;
                             drop(permit);
@@ -229,6 +236,7 @@ impl Tern for TernService {
         &self,
         request: Request<pb::FetchRequest>,
     ) -> Result<Response<pb::FetchResponse>, Status> {
+        let _call = self.broker.track();
         let r = request.into_inner();
         validate::topic_name(&r.topic)?;
         let t = self.broker.topic(&r.topic)?;
@@ -270,6 +278,7 @@ impl Tern for TernService {
         &self,
         _: Request<pb::ClusterInfoRequest>,
     ) -> Result<Response<pb::ClusterInfoResponse>, Status> {
+        let _call = self.broker.track();
         let c = &self.broker.config;
         let mut topics = Vec::new();
         for t in self.broker.topics() {

@@ -1,0 +1,158 @@
+//! Starts real `tern serve` processes on loopback (port 0) with temporary data directories.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tern::proto::v1 as pb;
+use tern::proto::v1::tern_client::TernClient;
+use tonic::transport::Channel;
+
+pub const TERN: &str = env!("CARGO_BIN_EXE_tern");
+
+pub struct TestNode {
+    child: Option<Child>,
+    pub addr: String,
+    pub dir: PathBuf,
+}
+
+impl TestNode {
+    /// Starts a node on `dir` with 2 cores and waits until it listens.
+    pub fn start(dir: &Path, extra: &[&str]) -> TestNode {
+        let mut cmd = Command::new(TERN);
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir);
+        if !extra.contains(&"--cores") {
+            cmd.args(["--cores", "2"]);
+        }
+        let mut child = cmd
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("tern starts");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(a) = line.strip_prefix("tern listening on ") {
+                    let _ = tx.send(a.to_string());
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = child.kill();
+                panic!("tern did not start listening ({e}): see its stderr above");
+            }
+        };
+        TestNode {
+            child: Some(child),
+            addr,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub async fn client(&self) -> TernClient<Channel> {
+        TernClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("connect")
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILL: no flush, no destructors.
+    pub fn kill9(mut self) {
+        let mut c = self.child.take().unwrap();
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit status.
+    pub fn terminate(mut self) -> ExitStatus {
+        let mut c = self.child.take().unwrap();
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("tern did not exit within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub async fn create_topic(c: &mut TernClient<Channel>, name: &str, partitions: u32) {
+    c.create_topic(pb::CreateTopicRequest {
+        name: name.into(),
+        partitions,
+        replication_factor: 1,
+        config: None,
+    })
+    .await
+    .expect("create topic");
+}
+
+pub fn rec(key: Option<&str>, value: String) -> pb::PublishRecord {
+    pb::PublishRecord {
+        key: key.map(|k| Bytes::from(k.to_string())),
+        value: Bytes::from(value),
+        headers: vec![],
+        partition: None,
+        expiry_seconds: None,
+    }
+}
+
+/// Every committed record of a partition, from offset 0, via Fetch.
+pub async fn fetch_all(
+    c: &mut TernClient<Channel>,
+    topic: &str,
+    partition: u32,
+) -> Vec<pb::Record> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    loop {
+        let r = c
+            .fetch(pb::FetchRequest {
+                topic: topic.into(),
+                partition,
+                offset: at,
+                max_records: 1000,
+                max_bytes: 0,
+                max_wait_ms: 0,
+            })
+            .await
+            .expect("fetch")
+            .into_inner();
+        if r.records.is_empty() {
+            assert_eq!(r.next_offset, r.high_watermark, "no records before the end");
+            return out;
+        }
+        at = r.next_offset;
+        out.extend(r.records);
+    }
+}
