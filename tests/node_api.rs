@@ -680,3 +680,45 @@ async fn next_values(sub: &mut Sub, n: usize) -> Vec<(String, String)> {
     }
     got
 }
+
+/// A steady trickle of small publishes from several clients, the load that exposed lost
+/// cross-thread wake-ups (a core asleep with requests in its mailbox). Every publish must be
+/// answered promptly; the bound is generous (5 s) so only a stall fails it.
+#[tokio::test]
+async fn a_steady_trickle_of_publishes_never_stalls() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(dir.path(), &[]);
+    let mut c = node.client().await;
+    create_topic(&mut c, "trickle", 6).await;
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        let mut c = node.client().await;
+        tasks.push(tokio::spawn(async move {
+            for i in 0..150 {
+                let r = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    c.publish(pb::PublishRequest {
+                        topic: "trickle".into(),
+                        records: vec![rec(None, format!("{w}-{i}"))],
+                        request_id: 0,
+                    }),
+                )
+                .await;
+                assert!(
+                    r.is_ok(),
+                    "publish {w}-{i} unanswered for 5 s: the node stalled"
+                );
+                r.unwrap().unwrap();
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut total = 0;
+    for p in 0..6 {
+        total += fetch_all(&mut c, "trickle", p).await.len();
+    }
+    assert_eq!(total, 600);
+}

@@ -75,7 +75,16 @@ pub fn status_error(s: tonic::Status) -> anyhow::Error {
 
 /// Parses the command line and runs the command; the process exit code follows the result.
 pub fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    main_from(std::env::args())
+}
+
+/// Like [`main`], with the arguments given (the first is the program name).
+pub fn main_from<I, T>(args: I) -> anyhow::Result<()>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = Cli::parse_from(args);
     match cli.cmd {
         Cmd::Serve(args) => serve::run(*args),
         other => {

@@ -20,6 +20,10 @@ use glommio::{LocalExecutorBuilder, Placement};
 pub use mailbox::MailboxSender;
 pub use request::{AppendAck, CoreError, CoreRequest, Fetched, PartitionKey};
 
+/// How long a task queue runs before the executor checks I/O and wakes from other threads:
+/// this bounds how late a busy core notices new requests in its mailbox.
+const PREEMPT_TIMER: Duration = Duration::from_millis(1);
+
 /// The running cores of a node.
 pub struct Shards {
     mailboxes: Vec<MailboxSender>,
@@ -46,7 +50,8 @@ impl Shards {
             let (started_tx, started_rx) = std::sync::mpsc::channel();
             let builder = LocalExecutorBuilder::new(Placement::Fixed(i % cpus))
                 .name(&format!("tern-core-{i}"))
-                .io_memory(cfg.io_memory_bytes);
+                .io_memory(cfg.io_memory_bytes)
+                .preempt_timer(PREEMPT_TIMER);
             let handle = std::thread::Builder::new()
                 .name(format!("tern-core-{i}"))
                 .spawn(move || match builder.make() {

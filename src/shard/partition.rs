@@ -77,7 +77,9 @@ impl Partition {
                 Err(e) => Err(e.clone()),
             }
         });
+        tracing::trace!(partition = %self.key, batches = batches.len(), "appending");
         let results = futures::future::join_all(appends).await;
+        tracing::trace!(partition = %self.key, "appended");
         self.commit();
         for (ri, (_, reply)) in requests.into_iter().enumerate() {
             let answer = match failed[ri].take() {

@@ -1,0 +1,248 @@
+//! `loadgen`: Tern's load generator. See BENCHMARKS.md for the rules of measurement and the
+//! named workloads; `loadgen --help` for the options.
+
+mod accounting;
+mod cluster;
+mod payload;
+mod run;
+mod settings;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use tern::proto::v1 as pb;
+
+use settings::{Args, Settings};
+
+fn main() {
+    let args = Args::parse();
+    if args.serve_self {
+        // A spawned node when no `tern` binary sits next to loadgen: the same node code.
+        let argv: Vec<String> = std::env::args().filter(|a| a != "--serve-self").collect();
+        let code = match tern::cli::main_from(argv) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                1
+            }
+        };
+        std::process::exit(code);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let code = match rt.block_on(main_async(args)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("loadgen: {e:#}");
+            2
+        }
+    };
+    std::process::exit(code);
+}
+
+async fn main_async(args: Args) -> anyhow::Result<i32> {
+    let s = Settings::resolve(&args)?;
+    if let Some(why) = s.unsupported() {
+        anyhow::bail!("{why}");
+    }
+    let cluster = match (args.spawn, args.brokers.is_empty()) {
+        (Some(n), true) => cluster::Cluster::spawn(n, args.tern_bin.clone()).await?,
+        (None, false) => cluster::Cluster::existing(args.brokers.clone()),
+        (Some(_), false) => anyhow::bail!("use either --spawn or --brokers, not both"),
+        (None, true) => anyhow::bail!("say where Tern runs: --spawn N or --brokers host:port"),
+    };
+    let result = run_on(&s, &cluster.addrs).await;
+    cluster.stop().await;
+    let report = result?;
+    println!("{}", report.table());
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report.json)?)?;
+    }
+    let mut code = 0;
+    if report.lost > 0 {
+        eprintln!(
+            "loadgen: FAIL: {} acknowledged records were never delivered",
+            report.lost
+        );
+        code = 1;
+    }
+    if let Some(r) = args.assert_rate {
+        if report.rate < r {
+            eprintln!(
+                "loadgen: FAIL: {:.0} records/s acknowledged, below --assert-rate {r}",
+                report.rate
+            );
+            code = 1;
+        }
+    }
+    if let Some(ms) = args.assert_p99_ms {
+        if report.p99_ms > ms {
+            eprintln!(
+                "loadgen: FAIL: p99 {:.2} ms over --assert-p99-ms {ms}",
+                report.p99_ms
+            );
+            code = 1;
+        }
+    }
+    Ok(code)
+}
+
+struct Report {
+    json: serde_json::Value,
+    rate: f64,
+    /// The p99 the assertion checks: end-to-end when consuming, else publish-ack.
+    p99_ms: f64,
+    lost: u64,
+    lines: Vec<String>,
+}
+
+impl Report {
+    fn table(&self) -> String {
+        self.lines.join("\n")
+    }
+}
+
+fn percentiles(h: &Histogram<u64>) -> serde_json::Value {
+    serde_json::json!({
+        "count": h.len(),
+        "p50_us": h.value_at_quantile(0.50), "p90_us": h.value_at_quantile(0.90),
+        "p99_us": h.value_at_quantile(0.99), "p999_us": h.value_at_quantile(0.999),
+        "max_us": h.max(),
+    })
+}
+
+fn row(name: &str, h: &Histogram<u64>) -> String {
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    format!(
+        "{name:<14} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2}   ({} samples)",
+        ms(0.5),
+        ms(0.9),
+        ms(0.99),
+        ms(0.999),
+        h.max() as f64 / 1000.0,
+        h.len()
+    )
+}
+
+async fn run_on(s: &Settings, addrs: &[String]) -> anyhow::Result<Report> {
+    let addr = addrs
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no node address"))?;
+    let mut admin = run::connect(addr).await?;
+    let suffix = run::now_wall_us() % 1_000_000;
+    let topics: Vec<String> = (0..s.topics)
+        .map(|i| format!("loadgen-{suffix}-{i}"))
+        .collect();
+    for t in &topics {
+        admin
+            .create_topic(pb::CreateTopicRequest {
+                name: t.clone(),
+                partitions: s.partitions,
+                replication_factor: s.replication_factor,
+                config: Some(pb::TopicConfig {
+                    fsync_policy: match s.fsync.as_str() {
+                        "interval" => pb::FsyncPolicy::Interval as i32,
+                        _ => pb::FsyncPolicy::Always as i32,
+                    },
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("creating topic {t}: {}", e.message()))?;
+    }
+    eprintln!(
+        "loadgen: workload {} on {addr}: {} producers, {} consumers, {} topic(s) × {} partitions, {} B records, batches of {}, {}",
+        s.workload,
+        s.producers,
+        s.consumers,
+        s.topics,
+        s.partitions,
+        s.record_size,
+        s.batch_size,
+        match s.rate {
+            Some(r) => format!("{r} records/s open loop"),
+            None => format!("closed loop, {} requests in flight per producer", s.in_flight),
+        }
+    );
+    let shared = run::run(s, addr, &topics).await?;
+    let measured_s = Duration::from_secs(s.duration_s).as_secs_f64();
+    let acked_measured = shared.acked_measured.load(Ordering::Relaxed);
+    let rate = acked_measured as f64 / measured_s;
+    let ledger = shared.ledger.lock().unwrap();
+    let publish = shared.publish.lock().unwrap().clone();
+    let e2e = shared.e2e.lock().unwrap().clone();
+    let errors = shared.errors.lock().unwrap().clone();
+    let lost = if s.consumers > 0 { ledger.lost() } else { 0 };
+    let counts = serde_json::json!({
+        "sent": shared.sent.load(Ordering::Relaxed),
+        "acked": ledger.acked_count(),
+        "delivered": ledger.delivered_count(),
+        "lost": lost,
+        "duplicated": ledger.duplicated,
+        "reordered": ledger.reordered,
+        "reorder_samples": ledger.reorder_samples,
+    });
+    let p99_ms = if s.consumers > 0 {
+        e2e.value_at_quantile(0.99)
+    } else {
+        publish.value_at_quantile(0.99)
+    } as f64
+        / 1000.0;
+    let mb_s = rate * s.record_size as f64 / 1e6;
+    let json = serde_json::json!({
+        "settings": s.to_json(),
+        "nodes": addrs,
+        "achieved_rate": rate,
+        "achieved_mb_s": mb_s,
+        "target_rate": s.rate,
+        "records": counts,
+        "publish_ack_latency": percentiles(&publish),
+        "end_to_end_latency": percentiles(&e2e),
+        "errors": errors,
+    });
+    let mut lines = vec![
+        String::new(),
+        format!("workload        {}", s.workload),
+        format!(
+            "rate            {rate:.0} records/s acknowledged ({mb_s:.1} MB/s){}",
+            s.rate.map_or(String::new(), |r| format!(", target {r}"))
+        ),
+        format!(
+            "records         sent {}  acked {}  delivered {}  lost {}  duplicated {}  reordered {}",
+            counts["sent"],
+            counts["acked"],
+            counts["delivered"],
+            lost,
+            ledger.duplicated,
+            ledger.reordered
+        ),
+        format!(
+            "errors          {}",
+            if errors.is_empty() {
+                "none".to_string()
+            } else {
+                format!("{errors:?}")
+            }
+        ),
+        String::new(),
+        format!(
+            "{:<14} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "latency (ms)", "p50", "p90", "p99", "p99.9", "max"
+        ),
+        row("publish-ack", &publish),
+    ];
+    if s.consumers > 0 {
+        lines.push(row("end-to-end", &e2e));
+    }
+    Ok(Report {
+        json,
+        rate,
+        p99_ms,
+        lost,
+        lines,
+    })
+}

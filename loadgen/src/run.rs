@@ -1,0 +1,405 @@
+//! One load run: consumers subscribe first, producers publish on schedule (open loop) or as
+//! fast as acknowledgements allow (closed loop), then everything acknowledged is waited for.
+//!
+//! Open loop: record `i` of a producer is due at `start + i / rate`; its latency is measured
+//! from that due time, not from when it was sent, so a stalled broker shows up as latency
+//! instead of as fewer samples (no coordinated omission, as wrk2).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use tern::proto::v1 as pb;
+use tern::proto::v1::tern_client::TernClient;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+use crate::accounting::Ledger;
+use crate::payload::{self, Stamp};
+use crate::settings::Settings;
+
+/// Publish requests one open-loop producer keeps in flight at most (bounds memory; a broker
+/// slower than the schedule shows up as latency).
+const OPEN_LOOP_REQUESTS_MAX: usize = 4096;
+/// How long to wait for acknowledged records to be delivered after the load stops.
+const DRAIN: Duration = Duration::from_secs(15);
+
+pub struct Shared {
+    pub publish: Mutex<Histogram<u64>>,
+    pub e2e: Mutex<Histogram<u64>>,
+    pub ledger: Mutex<Ledger>,
+    pub errors: Mutex<BTreeMap<String, u64>>,
+    pub sent: AtomicU64,
+    pub acked: AtomicU64,
+    /// Acknowledged records that were due inside the measured window.
+    pub acked_measured: AtomicU64,
+    pub delivered: AtomicU64,
+    /// Measurement starts here (after warm-up)...
+    pub measure_from: Instant,
+    pub measure_from_wall_us: u64,
+    /// ...and load stops here.
+    pub end: Instant,
+    pub start: Instant,
+    wall_at_start_us: u64,
+}
+
+impl Shared {
+    fn wall_us(&self, at: Instant) -> u64 {
+        self.wall_at_start_us + at.saturating_duration_since(self.start).as_micros() as u64
+    }
+
+    fn error(&self, status: &tonic::Status, records: u64) {
+        *self
+            .errors
+            .lock()
+            .unwrap()
+            .entry(format!("{:?}", status.code()))
+            .or_default() += records;
+    }
+}
+
+pub fn now_wall_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs .. 1 hour, 3 significant digits.
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
+pub async fn connect(addr: &str) -> anyhow::Result<TernClient<Channel>> {
+    let c = TernClient::connect(format!("http://{addr}"))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach {addr}: {e}"))?;
+    Ok(c.max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20))
+}
+
+/// A small xorshift for key choice: deterministic per producer, no dependency.
+struct XorShift(u64);
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Runs the load; returns the shared counters for the report.
+pub async fn run(s: &Settings, addr: &str, topics: &[String]) -> anyhow::Result<Arc<Shared>> {
+    let start = Instant::now() + Duration::from_millis(200);
+    let measure_from = start + Duration::from_secs(s.warmup_s);
+    let end = measure_from + Duration::from_secs(s.duration_s);
+    let wall_at_start_us = now_wall_us() + 200_000;
+    let shared = Arc::new(Shared {
+        publish: Mutex::new(histogram()),
+        e2e: Mutex::new(histogram()),
+        ledger: Mutex::new(Ledger::default()),
+        errors: Mutex::new(BTreeMap::new()),
+        sent: AtomicU64::new(0),
+        acked: AtomicU64::new(0),
+        acked_measured: AtomicU64::new(0),
+        delivered: AtomicU64::new(0),
+        measure_from,
+        measure_from_wall_us: wall_at_start_us + s.warmup_s * 1_000_000,
+        end,
+        start,
+        wall_at_start_us,
+    });
+
+    // Consumers first, positioned at the end, so they see every record published afterwards.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut consumers = Vec::new();
+    for i in 0..s.consumers {
+        let mut client = connect(addr).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let add = topics
+            .iter()
+            .map(|t| pb::TopicSubscription {
+                topic: t.clone(),
+                from: None,
+                partitions: (0..s.partitions)
+                    .filter(|p| *p as usize % s.consumers == i)
+                    .collect(),
+            })
+            .filter(|t| !t.partitions.is_empty())
+            .collect::<Vec<_>>();
+        if add.is_empty() {
+            continue;
+        }
+        tx.send(pb::SubscribeRequest {
+            add,
+            remove: vec![],
+        })
+        .await?;
+        let stream = client
+            .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(|e| anyhow::anyhow!("subscribe: {e}"))?
+            .into_inner();
+        consumers.push(tokio::spawn(consume(
+            stream,
+            tx,
+            shared.clone(),
+            stop_rx.clone(),
+        )));
+    }
+
+    let progress = tokio::spawn(progress(shared.clone()));
+    let mut producers = Vec::new();
+    for id in 0..s.producers as u32 {
+        let client = connect(addr).await?;
+        let s = s.clone();
+        let topics = topics.to_vec();
+        let shared = shared.clone();
+        producers.push(tokio::spawn(async move {
+            match s.rate {
+                Some(_) => open_loop(id, &s, client, &topics, shared).await,
+                None => closed_loop(id, &s, client, &topics, shared).await,
+            }
+        }));
+    }
+    for p in producers {
+        p.await?;
+    }
+    progress.abort();
+    // Wait until everything acknowledged has been delivered (or the drain time runs out).
+    if s.consumers > 0 {
+        let deadline = Instant::now() + DRAIN;
+        while Instant::now() < deadline {
+            let (acked, missing) = {
+                let l = shared.ledger.lock().unwrap();
+                (l.acked_count(), l.lost())
+            };
+            if acked > 0 && missing == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let _ = stop_tx.send(true);
+    for c in consumers {
+        let _ = c.await;
+    }
+    Ok(shared)
+}
+
+async fn consume(
+    mut stream: tonic::Streaming<pb::SubscribeResponse>,
+    _keep_open: tokio::sync::mpsc::Sender<pb::SubscribeRequest>,
+    shared: Arc<Shared>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let next = tokio::select! {
+            n = stream.next() => n,
+            _ = stop.changed() => return,
+        };
+        let resp = match next {
+            Some(Ok(r)) => r,
+            Some(Err(status)) => {
+                shared.error(&status, 1);
+                return;
+            }
+            None => return,
+        };
+        let now = now_wall_us();
+        let mut e2e = shared.e2e.lock().unwrap();
+        let mut ledger = shared.ledger.lock().unwrap();
+        for r in &resp.records {
+            let Some(st) = payload::decode(&r.value) else {
+                continue;
+            };
+            if st.due_us >= shared.measure_from_wall_us {
+                let _ = e2e.record(now.saturating_sub(st.due_us).max(1));
+            }
+            ledger.deliver(st.producer, r.partition, r.offset, st.seq);
+        }
+        shared
+            .delivered
+            .fetch_add(resp.records.len() as u64, Ordering::Relaxed);
+    }
+}
+
+fn make_request(
+    s: &Settings,
+    id: u32,
+    topic: &str,
+    seqs: std::ops::Range<u64>,
+    dues_us: &[u64],
+    rng: &mut XorShift,
+) -> pb::PublishRequest {
+    let records = seqs
+        .zip(dues_us)
+        .map(|(seq, &due_us)| pb::PublishRecord {
+            key: s.keys.map(|n| Bytes::from(format!("k{}", rng.next() % n))),
+            value: Bytes::from(payload::encode(
+                Stamp {
+                    producer: id,
+                    seq,
+                    due_us,
+                },
+                s.record_size,
+            )),
+            headers: vec![],
+            partition: None,
+            expiry_seconds: None,
+        })
+        .collect();
+    pb::PublishRequest {
+        topic: topic.to_string(),
+        records,
+        request_id: 0,
+    }
+}
+
+/// Records the answer to one publish request of `n` records starting at `first_seq`, each
+/// with its due (or send) instant.
+fn on_answer(
+    shared: &Shared,
+    id: u32,
+    first_seq: u64,
+    dues: &[Instant],
+    r: Result<tonic::Response<pb::PublishResponse>, tonic::Status>,
+) {
+    let now = Instant::now();
+    match r {
+        Ok(_) => {
+            let mut h = shared.publish.lock().unwrap();
+            let mut measured = 0;
+            for due in dues {
+                if *due >= shared.measure_from && *due < shared.end {
+                    let _ = h.record(now.saturating_duration_since(*due).as_micros().max(1) as u64);
+                    measured += 1;
+                }
+            }
+            drop(h);
+            let mut l = shared.ledger.lock().unwrap();
+            for k in 0..dues.len() as u64 {
+                l.ack(id, first_seq + k);
+            }
+            shared.acked.fetch_add(dues.len() as u64, Ordering::Relaxed);
+            shared.acked_measured.fetch_add(measured, Ordering::Relaxed);
+        }
+        Err(status) => shared.error(&status, dues.len() as u64),
+    }
+}
+
+async fn open_loop(
+    id: u32,
+    s: &Settings,
+    client: TernClient<Channel>,
+    topics: &[String],
+    shared: Arc<Shared>,
+) {
+    let rate = s.rate.expect("open loop has a rate") as f64 / s.producers as f64;
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    // A batch holds the records due within the linger time, at most batch_size.
+    let per_batch = (s.batch_size as u64)
+        .min((s.linger_ms as f64 / 1000.0 * rate).floor() as u64 + 1)
+        .max(1);
+    let window = Arc::new(tokio::sync::Semaphore::new(OPEN_LOOP_REQUESTS_MAX));
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15 ^ (id as u64 + 1));
+    let mut seq = 0u64;
+    let mut batch_no = 0usize;
+    loop {
+        let due = |i: u64| shared.start + interval.mul_f64(i as f64);
+        if due(seq) >= shared.end {
+            break;
+        }
+        let total = ((shared.end - shared.start).as_secs_f64() * rate) as u64;
+        let n = per_batch.min(total.saturating_sub(seq)).max(1);
+        let dues: Vec<Instant> = (seq..seq + n).map(due).collect();
+        tokio::time::sleep_until((*dues.last().unwrap()).into()).await;
+        let Ok(permit) = window.clone().acquire_owned().await else {
+            break;
+        };
+        let dues_us: Vec<u64> = dues.iter().map(|d| shared.wall_us(*d)).collect();
+        let topic = &topics[batch_no % topics.len()];
+        let req = make_request(s, id, topic, seq..seq + n, &dues_us, &mut rng);
+        shared.sent.fetch_add(n, Ordering::Relaxed);
+        let mut c = client.clone();
+        let shared2 = shared.clone();
+        let first = seq;
+        tokio::spawn(async move {
+            let r = c.publish(req).await;
+            on_answer(&shared2, id, first, &dues, r);
+            drop(permit);
+        });
+        seq += n;
+        batch_no += 1;
+    }
+    // Wait for every request still in flight.
+    let _ = window.acquire_many(OPEN_LOOP_REQUESTS_MAX as u32).await;
+}
+
+async fn closed_loop(
+    id: u32,
+    s: &Settings,
+    client: TernClient<Channel>,
+    topics: &[String],
+    shared: Arc<Shared>,
+) {
+    tokio::time::sleep_until(shared.start.into()).await;
+    let next_seq = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for w in 0..s.in_flight {
+        let mut c = client.clone();
+        let s = s.clone();
+        let topics = topics.to_vec();
+        let shared = shared.clone();
+        let next_seq = next_seq.clone();
+        workers.push(tokio::spawn(async move {
+            let mut rng = XorShift(0x2545_f491_4f6c_dd1d ^ (((id as u64) << 16) | (w as u64 + 1)));
+            let mut batch_no = w;
+            while Instant::now() < shared.end {
+                let n = s.batch_size as u64;
+                let seq = next_seq.fetch_add(n, Ordering::Relaxed);
+                let sent_at = Instant::now();
+                let stamp = vec![shared.wall_us(sent_at); n as usize];
+                let topic = &topics[batch_no % topics.len()];
+                let req = make_request(&s, id, topic, seq..seq + n, &stamp, &mut rng);
+                shared.sent.fetch_add(n, Ordering::Relaxed);
+                let r = c.publish(req).await;
+                on_answer(&shared, id, seq, &vec![sent_at; n as usize], r);
+                batch_no += s.in_flight;
+            }
+        }));
+    }
+    for w in workers {
+        let _ = w.await;
+    }
+}
+
+/// A line a second: acknowledged rate, p99 so far, errors.
+async fn progress(shared: Arc<Shared>) {
+    let mut last = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let acked = shared.acked.load(Ordering::Relaxed);
+        let p99 = shared.publish.lock().unwrap().value_at_quantile(0.99);
+        let e2e = shared.e2e.lock().unwrap().value_at_quantile(0.99);
+        let errors: u64 = shared.errors.lock().unwrap().values().sum();
+        let t = shared.start.elapsed().as_secs();
+        let phase = if Instant::now() < shared.measure_from {
+            " (warm-up)"
+        } else {
+            ""
+        };
+        eprintln!(
+            "[{t:>4}s]{phase} acked {:>9}/s  p99 publish {:>8.2} ms  p99 e2e {:>8.2} ms  errors {errors}",
+            acked - last,
+            p99 as f64 / 1000.0,
+            e2e as f64 / 1000.0
+        );
+        last = acked;
+    }
+}
