@@ -158,6 +158,9 @@ struct Inner {
     append_lock: Semaphore,
     io_lock: Semaphore,
     flush_signal: LocalSender<()>,
+    /// Under `interval`: tells the fsync timer that unsynced data exists, so an idle log never
+    /// wakes for it.
+    sync_signal: Option<LocalSender<()>>,
     /// Background tasks (flusher, fsync timer, retention). They hold only a `Weak` to this, so
     /// they end by themselves once the log is dropped (even outside its executor); `close`
     /// cancels them at once.
@@ -225,6 +228,13 @@ impl Log {
         let end = active.next_offset;
         let start = segments[0].base;
         let (tx, rx) = local_channel::new_bounded(1);
+        let (sync_tx, sync_rx) = match config.fsync {
+            FsyncPolicy::Interval(_) => {
+                let (t, r) = local_channel::new_bounded(1);
+                (Some(t), Some(r))
+            }
+            FsyncPolicy::Always => (None, None),
+        };
         let inner = Rc::new(Inner {
             dir,
             config: config.clone(),
@@ -246,13 +256,14 @@ impl Log {
             append_lock: Semaphore::new(1),
             io_lock: Semaphore::new(1),
             flush_signal: tx,
+            sync_signal: sync_tx,
             tasks: RefCell::new(Vec::new()),
             fail_next_io: Cell::new(false),
         });
         let weak = Rc::downgrade(&inner);
         let mut tasks = vec![glommio::spawn_local(flush_loop(weak.clone(), rx)).detach()];
-        if let FsyncPolicy::Interval(every) = config.fsync {
-            tasks.push(glommio::spawn_local(sync_loop(weak.clone(), every)).detach());
+        if let (FsyncPolicy::Interval(every), Some(sync_rx)) = (config.fsync, sync_rx) {
+            tasks.push(glommio::spawn_local(sync_loop(weak.clone(), every, sync_rx)).detach());
         }
         if config.retention_ms.is_some() || config.retention_bytes.is_some() {
             let every = Duration::from_millis(config.retention_check_interval_ms);
@@ -653,6 +664,10 @@ impl Inner {
             st.stats.writes += 1;
             st.wake();
         }
+        if let Some(s) = &self.sync_signal {
+            // Full means a sync is already pending; it will cover this write too.
+            let _ = s.try_send(());
+        }
         if self.config.fsync == FsyncPolicy::Always {
             self.fsync(&file, &path).await?;
             let mut st = self.state.borrow_mut();
@@ -705,8 +720,10 @@ async fn flush_loop(weak: Weak<Inner>, rx: local_channel::LocalReceiver<()>) {
     }
 }
 
-async fn sync_loop(weak: Weak<Inner>, every: Duration) {
-    loop {
+/// Under `interval`: once data is written, waits one interval and fsyncs it. Sleeps without a
+/// timer while nothing is waiting to be synced.
+async fn sync_loop(weak: Weak<Inner>, every: Duration, rx: local_channel::LocalReceiver<()>) {
+    while rx.recv().await.is_some() {
         glommio::timer::sleep(every).await;
         let Some(inner) = weak.upgrade() else { return };
         let _ = inner.sync_now().await;

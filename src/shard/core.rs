@@ -11,7 +11,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use super::mailbox::MailboxReceiver;
+use super::mailbox::{LocalMailbox, MailboxReceiver};
 use super::partition::Partition;
 use super::request::{AppendAck, CoreError, CoreRequest, PartitionKey, Reply};
 use crate::log::{Log, Record};
@@ -33,10 +33,10 @@ type AppendGroup = (PartitionKey, Vec<(Vec<Record>, Reply<AppendAck>)>);
 /// instead by the executor's preempt timer (`PREEMPT_TIMER` in `shard/mod.rs`), at which
 /// glommio processes wakes from other threads.
 pub async fn run(core: u32, mailbox: MailboxReceiver) {
-    mailbox_loop(core, mailbox).await
+    mailbox_loop(core, mailbox.attach()).await
 }
 
-async fn mailbox_loop(core: u32, mailbox: MailboxReceiver) {
+async fn mailbox_loop(core: u32, mut mailbox: LocalMailbox) {
     let partitions: Partitions = Rc::new(RefCell::new(HashMap::new()));
     tracing::debug!(core, "core started");
     while let Some(first) = mailbox.recv().await {

@@ -46,7 +46,7 @@ impl Shards {
         let mut mailboxes = Vec::with_capacity(cfg.cores);
         let mut threads = Vec::with_capacity(cfg.cores);
         for i in 0..cfg.cores {
-            let (tx, rx) = mailbox::mailbox(i as u32, cfg.mailbox_capacity);
+            let (tx, rx) = mailbox::mailbox(i as u32, cfg.mailbox_capacity)?;
             let (started_tx, started_rx) = std::sync::mpsc::channel();
             let builder = LocalExecutorBuilder::new(Placement::Fixed(i % cpus))
                 .name(&format!("tern-core-{i}"))
