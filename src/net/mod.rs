@@ -19,6 +19,20 @@ use service::TernService;
 
 use crate::proto::v1::tern_server::TernServer;
 
+/// Accepted connections with Nagle's algorithm off. (tonic's `tcp_nodelay` applies only to
+/// listeners it creates itself; without this, small streamed responses waited for delayed
+/// ACKs: end-to-end p50 was 18 ms at 1,000 records/s.)
+fn incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
+    })
+}
+
 /// Serves the gRPC API on `listener` until `shutdown` resolves, then lets in-flight calls
 /// finish (subscriptions are ended by the broker's closing signal).
 pub async fn serve(
@@ -42,7 +56,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(tern)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await?;
     Ok(())
 }

@@ -25,13 +25,11 @@ type AppendGroup = (PartitionKey, Vec<(Vec<Record>, Reply<AppendAck>)>);
 
 /// Runs a core until it is told to shut down or every sender is gone.
 ///
-/// The mailbox task runs in the executor's default task queue. glommio 0.9 loses wake-ups
-/// from other threads for tasks in a `Latency::Matters` queue: under a steady trickle of
-/// requests the core went to sleep with requests in its mailbox and stalled until its next
-/// timer (measured: 1,000 publishes/s stopped after ~2 s for 28 s; the same run in the default
-/// queue held 1,000/s with p99 14 ms). How soon a *busy* core notices a wake is bounded
-/// instead by the executor's preempt timer (`PREEMPT_TIMER` in `shard/mod.rs`), at which
-/// glommio processes wakes from other threads.
+/// The mailbox task runs in the executor's default task queue and is woken through io_uring
+/// (see `mailbox.rs`), not through glommio's wake-ups from other threads: glommio 0.9 lost
+/// those for tasks in a `Latency::Matters` queue (1,000 publishes/s stalled after ~2 s for
+/// 28 s) and, rarely, in the default queue too. How soon a *busy* core sees its mailbox is
+/// bounded by the executor's preempt timer (`PREEMPT_TIMER` in `shard/mod.rs`).
 pub async fn run(core: u32, mailbox: MailboxReceiver) {
     mailbox_loop(core, mailbox.attach()).await
 }
