@@ -321,11 +321,7 @@ impl Log {
     pub async fn append(&self, batch: &Batch, assign: Assign) -> Result<Appended, LogError> {
         let inner = &self.inner;
         let (rx, appended) = {
-            let _permit = inner
-                .append_lock
-                .acquire_permit(1)
-                .await
-                .map_err(|_| LogError::Closed)?;
+            let _permit = lock(&inner.append_lock).await?;
             inner.state.borrow().check_writable()?;
             let len = batch.len();
             if len > inner.config.batch_bytes_max {
@@ -455,12 +451,7 @@ impl Log {
 
     /// Seals the active segment (if it holds anything) and starts a new one at the log end.
     pub async fn roll(&self) -> Result<(), LogError> {
-        let _permit = self
-            .inner
-            .append_lock
-            .acquire_permit(1)
-            .await
-            .map_err(|_| LogError::Closed)?;
+        let _permit = lock(&self.inner.append_lock).await?;
         self.inner.state.borrow().check_writable()?;
         self.roll_held().await
     }
@@ -474,11 +465,7 @@ impl Log {
         }
         let next = inner.state.borrow().next;
         self.wait_for(next, Wait::Written).await?;
-        let _io = inner
-            .io_lock
-            .acquire_permit(1)
-            .await
-            .map_err(|_| LogError::Closed)?;
+        let _io = lock(&inner.io_lock).await?;
         let r = self.roll_locked().await;
         if let Err(e) = &r {
             inner.poison(e);
@@ -618,11 +605,7 @@ impl Inner {
     /// One group-commit round: everything staged goes out in one write (and, under `always`,
     /// one fdatasync). Returns whether there was anything to do.
     async fn flush_round(&self) -> Result<bool, LogError> {
-        let _io = self
-            .io_lock
-            .acquire_permit(1)
-            .await
-            .map_err(|_| LogError::Closed)?;
+        let _io = lock(&self.io_lock).await?;
         let (file, path, tail, staged, pos, new_size, end) = {
             let mut st = self.state.borrow_mut();
             if st.staged.is_empty() || st.poisoned.is_some() {
@@ -679,11 +662,7 @@ impl Inner {
 
     /// fdatasync of everything written so far (the `interval` policy's timer, and `flush`).
     async fn sync_now(&self) -> Result<(), LogError> {
-        let _io = self
-            .io_lock
-            .acquire_permit(1)
-            .await
-            .map_err(|_| LogError::Closed)?;
+        let _io = lock(&self.io_lock).await?;
         let (file, path, target) = {
             let st = self.state.borrow();
             if st.durable >= st.written || st.poisoned.is_some() {
@@ -702,6 +681,11 @@ impl Inner {
         st.wake();
         Ok(())
     }
+}
+
+/// Takes one of the log's async locks; they close only when the log goes away.
+async fn lock(sem: &Semaphore) -> Result<glommio::sync::Permit<'_>, LogError> {
+    sem.acquire_permit(1).await.map_err(|_| LogError::Closed)
 }
 
 async fn flush_loop(weak: Weak<Inner>, rx: local_channel::LocalReceiver<()>) {

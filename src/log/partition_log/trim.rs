@@ -12,11 +12,7 @@ impl Log {
     /// end). Durable when this returns: a crash cannot bring the dropped records back.
     pub async fn truncate_from(&self, first_dropped: Offset) -> Result<(), LogError> {
         let inner = &self.inner;
-        let _permit = inner
-            .append_lock
-            .acquire_permit(1)
-            .await
-            .map_err(|_| LogError::Closed)?;
+        let _permit = lock(&inner.append_lock).await?;
         let next = {
             let st = inner.state.borrow();
             st.check_writable()?;
@@ -39,11 +35,7 @@ impl Log {
             return Ok(());
         }
         self.wait_for(next, Wait::Written).await?;
-        let _io = inner
-            .io_lock
-            .acquire_permit(1)
-            .await
-            .map_err(|_| LogError::Closed)?;
+        let _io = lock(&inner.io_lock).await?;
         let r = self.truncate_locked(first_dropped).await;
         if let Err(e) = &r {
             if !matches!(e, LogError::NotABatchBoundary(_)) {
@@ -168,14 +160,7 @@ impl Log {
                     .is_some_and(|f| now.0.saturating_sub(f.0) >= c.segment_ms_max as i64)
         };
         if idle_and_old {
-            let _permit = self
-                .inner
-                .append_lock
-                .acquire_permit(1)
-                .await
-                .map_err(|_| LogError::Closed)?;
-            self.inner.state.borrow().check_writable()?;
-            self.roll_held().await?;
+            self.roll().await?;
         }
         let n = {
             let st = self.inner.state.borrow();
@@ -203,12 +188,7 @@ impl Log {
         if n == 0 {
             return Ok(0);
         }
-        let _permit = self
-            .inner
-            .append_lock
-            .acquire_permit(1)
-            .await
-            .map_err(|_| LogError::Closed)?;
+        let _permit = lock(&self.inner.append_lock).await?;
         let mut deleted = 0;
         for _ in 0..n {
             // Readers holding the file keep reading; the name goes now.
