@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::{batch, run};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use tern::log::{Assign, Log, LogConfig, ReadBound};
+use tern::log::{Assign, FsyncPolicy, Log, LogConfig, ReadBound};
 use tern::types::{Offset, Term, TimestampMs};
 
 const T: Assign = Assign::Next(Term(1));
@@ -176,12 +176,19 @@ fn crash_child_appender() {
     let Ok(dir) = std::env::var("TERN_CRASH_CHILD_DIR") else {
         return;
     };
+    // Under `interval` an append completes after its O_DIRECT write, before any fsync: a
+    // process crash (not a power loss) must still keep it.
+    let fsync = match std::env::var("TERN_CRASH_CHILD_FSYNC").as_deref() {
+        Ok("interval") => FsyncPolicy::Interval(Duration::from_secs(3600)),
+        _ => FsyncPolicy::Always,
+    };
     run(move || async move {
         let log = Log::open(
             &dir,
             LogConfig {
                 segment_bytes_max: 64 << 10,
                 retention_ms: None,
+                fsync,
                 ..LogConfig::default()
             },
         )
@@ -205,6 +212,8 @@ fn crash_child_appender() {
     });
 }
 
+/// Rounds 0 and 1 append under `always`, round 2 under `interval` (fsync every hour, so nothing
+/// is fsync'd before the kill).
 #[test]
 fn kill_9_while_appending_loses_no_ack() {
     let exe = std::env::current_exe().unwrap();
@@ -222,6 +231,10 @@ fn kill_9_while_appending_loses_no_ack() {
                     "--test-threads=1",
                 ])
                 .env("TERN_CRASH_CHILD_DIR", dir.path())
+                .env(
+                    "TERN_CRASH_CHILD_FSYNC",
+                    if round == 2 { "interval" } else { "always" },
+                )
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null())
                 .spawn()

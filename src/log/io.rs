@@ -19,14 +19,14 @@ thread_local! {
         std::cell::RefCell::new(std::collections::HashSet::new());
 }
 
-/// Must run before the first DMA file is opened in `dir` on this thread.
+/// Runs before every DMA open below (cheap after the first time per device and thread).
 ///
 /// glommio 0.9 decides once per device and thread whether reads may use the io_uring poll ring
 /// (IOPOLL), by reading 512 bytes from the first DMA file opened there. If that file is empty
 /// (a brand-new segment) the read never reaches the device, the probe passes, and every later
 /// read fails with EOPNOTSUPP on devices without poll queues (virtio, most cloud disks). So the
 /// first DMA open on each device is a non-empty probe file, which makes the probe real.
-pub async fn prepare_dma_dir(dir: &Path) -> Result<(), LogError> {
+async fn prepare_dma_dir(dir: &Path) -> Result<(), LogError> {
     use std::os::unix::fs::MetadataExt;
     let dev = std::fs::metadata(dir)
         .map_err(|e| LogError::io("inspecting", dir, e))?
@@ -44,8 +44,16 @@ pub async fn prepare_dma_dir(dir: &Path) -> Result<(), LogError> {
     Ok(())
 }
 
+fn parent(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
 /// Opens (creating if needed) a segment or index file for reading and writing.
 pub async fn open_rw(path: &Path) -> Result<DmaFile, LogError> {
+    prepare_dma_dir(parent(path)).await?;
     OpenOptions::new()
         .read(true)
         .write(true)
@@ -101,6 +109,7 @@ pub async fn write_all_at(
 
 /// Writes a whole small file durably in place: create, write, fdatasync, close.
 pub async fn write_small_file(path: &Path, data: &[u8]) -> Result<(), LogError> {
+    prepare_dma_dir(parent(path)).await?;
     let file = OpenOptions::new()
         .write(true)
         .create(true)
@@ -119,6 +128,7 @@ pub async fn write_small_file(path: &Path, data: &[u8]) -> Result<(), LogError> 
 
 /// Reads a whole small file, or `None` when it does not exist.
 pub async fn read_small_file(path: &Path) -> Result<Option<Vec<u8>>, LogError> {
+    prepare_dma_dir(parent(path)).await?;
     let file = match DmaFile::open(path).await {
         Ok(f) => f,
         Err(e) if is_not_found(&e) => return Ok(None),

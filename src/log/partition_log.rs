@@ -32,10 +32,7 @@ use super::batch::{self, Batch, RecordView};
 use super::config::{FsyncPolicy, LogConfig};
 use super::error::LogError;
 use super::index::SparseIndex;
-use super::io::{
-    open_rw, prepare_dma_dir, read_exact, read_small_file, remove_if_exists, write_all_at,
-    write_small_file, SeqReader, Step,
-};
+use super::io::{read_exact, read_small_file, remove_if_exists, write_all_at, SeqReader, Step};
 use super::retention::{self, SegmentInfo};
 use super::segment::{self, Segment};
 use super::state_file::sync_dir;
@@ -144,6 +141,27 @@ impl State {
             let _ = tx.send(Ok(()));
         }
     }
+    /// A receiver completed once every offset below `end` is written or durable.
+    fn waiter(&mut self, end: Offset, what: Wait) -> oneshot::Receiver<Result<(), LogError>> {
+        let (tx, rx) = oneshot::channel();
+        match what {
+            Wait::Written => self.written_waiters.push_back((end, tx)),
+            Wait::Durable => self.durable_waiters.push_back((end, tx)),
+        }
+        rx
+    }
+
+    /// Fails everyone waiting (the log was poisoned or closed).
+    fn fail_waiters(&mut self, e: &LogError) {
+        for (_, tx) in self
+            .written_waiters
+            .drain(..)
+            .chain(self.durable_waiters.drain(..))
+        {
+            let _ = tx.send(Err(e.clone()));
+        }
+    }
+
     /// Index of the segment holding `offset`.
     fn segment_for(&self, offset: Offset) -> Option<usize> {
         let i = self.segments.partition_point(|s| s.base <= offset);
@@ -184,7 +202,6 @@ impl Log {
         let dir = dir.as_ref().to_path_buf();
         // Metadata calls at open only; they are quick and the log is not serving yet.
         std::fs::create_dir_all(&dir).map_err(|e| LogError::io("creating", &dir, e))?;
-        prepare_dma_dir(&dir).await?;
         let mut bases = Vec::new();
         let entries = std::fs::read_dir(&dir).map_err(|e| LogError::io("listing", &dir, e))?;
         for entry in entries {
@@ -374,11 +391,13 @@ impl Log {
             let end = base.plus(meta.record_count as u64);
             st.next = end;
             st.stats.appends += 1;
-            let (tx, rx) = oneshot::channel();
-            match inner.config.fsync {
-                FsyncPolicy::Always => st.durable_waiters.push_back((end, tx)),
-                FsyncPolicy::Interval(_) => st.written_waiters.push_back((end, tx)),
-            }
+            let rx = st.waiter(
+                end,
+                match inner.config.fsync {
+                    FsyncPolicy::Always => Wait::Durable,
+                    FsyncPolicy::Interval(_) => Wait::Written,
+                },
+            );
             let _ = inner.flush_signal.try_send(());
             (
                 rx,
@@ -423,12 +442,7 @@ impl Log {
             if reached {
                 return Ok(());
             }
-            let (tx, rx) = oneshot::channel();
-            match what {
-                Wait::Written => st.written_waiters.push_back((end, tx)),
-                Wait::Durable => st.durable_waiters.push_back((end, tx)),
-            }
-            rx
+            st.waiter(end, what)
         };
         let _ = self.inner.flush_signal.try_send(());
         rx.await.map_err(|_| LogError::Closed)?
@@ -490,20 +504,8 @@ impl Log {
             st.durable = st.durable.max(next);
             st.wake();
         }
-        let (summary, offset_file, time_file, ipath, tpath) = {
-            let st = inner.state.borrow();
-            let a = st.active();
-            (
-                a.summary(),
-                a.index.encode_offset_file(&a.summary()),
-                a.index.encode_time_file(),
-                a.index_path("index"),
-                a.index_path("timeindex"),
-            )
-        };
-        debug_assert_eq!(summary.size, size);
-        write_small_file(&ipath, &offset_file).await?;
-        write_small_file(&tpath, &time_file).await?;
+        let index_files = inner.state.borrow().active().index_files();
+        segment::write_index_files(index_files).await?;
         let seg = create_segment(&inner.dir, next, &inner.config).await?;
         let mut st = inner.state.borrow_mut();
         st.active_mut().sealed = true;
@@ -513,14 +515,21 @@ impl Log {
         Ok(())
     }
 
+    /// The end of what the fsync policy has secured: durable under `always`, written under
+    /// `interval`. The committed position may not pass it.
+    pub fn secured(&self) -> Offset {
+        let st = self.inner.state.borrow();
+        match self.inner.config.fsync {
+            FsyncPolicy::Always => st.durable,
+            FsyncPolicy::Interval(_) => st.written,
+        }
+    }
+
     /// Sets the committed position (an exclusive end). It only moves forward, and never past
     /// what the fsync policy has secured: durable under `always`, written under `interval`.
     pub fn set_committed(&self, end: Offset) -> Result<(), LogError> {
+        let high = self.secured();
         let mut st = self.inner.state.borrow_mut();
-        let high = match self.inner.config.fsync {
-            FsyncPolicy::Always => st.durable,
-            FsyncPolicy::Interval(_) => st.written,
-        };
         if end < st.committed || end > high {
             return Err(LogError::InvalidPosition {
                 what: "committed",
@@ -536,17 +545,11 @@ impl Log {
     /// Flushes and fsyncs everything appended, then refuses further appends.
     pub async fn close(&self) -> Result<(), LogError> {
         let r = self.flush().await;
-        let mut guard = self.inner.state.borrow_mut();
-        let st = &mut *guard;
-        st.closed = true;
-        for (_, tx) in st
-            .written_waiters
-            .drain(..)
-            .chain(st.durable_waiters.drain(..))
         {
-            let _ = tx.send(Err(LogError::Closed));
+            let mut st = self.inner.state.borrow_mut();
+            st.closed = true;
+            st.fail_waiters(&LogError::Closed);
         }
-        drop(guard);
         for t in self.inner.tasks.borrow().iter() {
             t.cancel();
         }
@@ -586,20 +589,13 @@ impl Inner {
     /// After a failed write or fsync nothing can be assumed about what reached the disk: the
     /// log refuses every later append, and everyone waiting is told.
     fn poison(&self, e: &LogError) {
-        let mut guard = self.state.borrow_mut();
-        let st = &mut *guard;
+        let mut st = self.state.borrow_mut();
         if st.poisoned.is_none() {
             tracing::error!(dir = %self.dir.display(), error = %e, "partition log poisoned");
             st.poisoned = Some(e.to_string());
         }
-        let msg = st.poisoned.clone().unwrap();
-        for (_, tx) in st
-            .written_waiters
-            .drain(..)
-            .chain(st.durable_waiters.drain(..))
-        {
-            let _ = tx.send(Err(LogError::Poisoned(msg.clone())));
-        }
+        let reason = LogError::Poisoned(st.poisoned.clone().unwrap_or_default());
+        st.fail_waiters(&reason);
     }
 
     /// One group-commit round: everything staged goes out in one write (and, under `always`,

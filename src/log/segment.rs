@@ -15,7 +15,7 @@ use glommio::io::DmaFile;
 
 use super::error::LogError;
 use super::index::{SegmentSummary, SparseIndex};
-use super::io::{SeqReader, Step};
+use super::io::{open_rw, remove_if_exists, write_small_file, SeqReader, Step};
 use crate::types::{Offset, TimestampMs};
 
 /// The three file names of the segment starting at `base`.
@@ -54,6 +54,17 @@ impl Segment {
         self.path.with_extension(ext)
     }
 
+    /// The encoded `.index` and `.timeindex` files of this segment, with their paths.
+    pub fn index_files(&self) -> [(PathBuf, Vec<u8>); 2] {
+        [
+            (
+                self.index_path("index"),
+                self.index.encode_offset_file(&self.summary()),
+            ),
+            (self.index_path("timeindex"), self.index.encode_time_file()),
+        ]
+    }
+
     pub fn summary(&self) -> SegmentSummary {
         SegmentSummary {
             size: self.size,
@@ -83,6 +94,31 @@ impl Segment {
     pub fn is_empty(&self) -> bool {
         self.next_offset == self.base
     }
+}
+
+/// Writes a sealed segment's index files durably (from [`Segment::index_files`]).
+pub async fn write_index_files(files: [(PathBuf, Vec<u8>); 2]) -> Result<(), LogError> {
+    for (path, bytes) in files {
+        write_small_file(&path, &bytes).await?;
+    }
+    Ok(())
+}
+
+/// Removes a segment's index files (it became active again, or it is being deleted).
+pub async fn remove_index_files(log_path: &Path) -> Result<(), LogError> {
+    remove_if_exists(&log_path.with_extension("index")).await?;
+    remove_if_exists(&log_path.with_extension("timeindex")).await
+}
+
+/// Opens the file of the segment starting at `base` in `dir`, and its length.
+pub async fn open_file(dir: &Path, base: Offset) -> Result<(Rc<Path>, Rc<DmaFile>, u64), LogError> {
+    let path: Rc<Path> = dir.join(file_name(base, "log")).into();
+    let file = Rc::new(open_rw(&path).await?);
+    let len = file
+        .file_size()
+        .await
+        .map_err(|e| LogError::io("sizing", &path, e))?;
+    Ok((path, file, len))
 }
 
 /// What scanning a segment file found.

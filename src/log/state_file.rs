@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use glommio::io::Directory;
 
 use super::error::LogError;
-use super::io::{prepare_dma_dir, read_small_file, remove_if_exists, write_small_file};
+use super::io::{read_small_file, remove_if_exists, write_small_file};
 
 const MAGIC: [u8; 4] = *b"TSTA";
 const HEADER_LEN: usize = 12;
@@ -34,7 +34,6 @@ impl StateFile {
 
     /// The last contents written, or `None` if it was never written.
     pub async fn read(&self) -> Result<Option<Vec<u8>>, LogError> {
-        prepare_dma_dir(&self.dir).await?;
         let Some(buf) = read_small_file(&self.path).await? else {
             return Ok(None);
         };
@@ -65,7 +64,6 @@ impl StateFile {
                 payload.len()
             )));
         }
-        prepare_dma_dir(&self.dir).await?;
         let mut buf = Vec::with_capacity(HEADER_LEN + payload.len());
         buf.extend_from_slice(&MAGIC);
         buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());

@@ -9,8 +9,7 @@ pub(super) async fn create_segment(
     base: Offset,
     config: &LogConfig,
 ) -> Result<Segment, LogError> {
-    let path: Rc<Path> = dir.join(segment::file_name(base, "log")).into();
-    let file = Rc::new(open_rw(&path).await?);
+    let (path, file, _) = segment::open_file(dir, base).await?;
     sync_dir(dir).await?;
     Ok(Segment {
         base,
@@ -33,12 +32,7 @@ pub(super) async fn open_sealed(
     base: Offset,
     config: &LogConfig,
 ) -> Result<Segment, LogError> {
-    let path: Rc<Path> = dir.join(segment::file_name(base, "log")).into();
-    let file = Rc::new(open_rw(&path).await?);
-    let len = file
-        .file_size()
-        .await
-        .map_err(|e| LogError::io("sizing", &path, e))?;
+    let (path, file, len) = segment::open_file(dir, base).await?;
     let ipath = path.with_extension("index");
     let tpath = path.with_extension("timeindex");
     if let (Some(of), Some(tf)) = (
@@ -74,8 +68,7 @@ pub(super) async fn open_sealed(
         });
     }
     let seg = segment::from_scan(base, file, path, scan, true);
-    write_small_file(&ipath, &seg.index.encode_offset_file(&seg.summary())).await?;
-    write_small_file(&tpath, &seg.index.encode_time_file()).await?;
+    segment::write_index_files(seg.index_files()).await?;
     Ok(seg)
 }
 
@@ -86,25 +79,15 @@ pub(super) async fn recover_active(
     base: Offset,
     config: &LogConfig,
 ) -> Result<Segment, LogError> {
-    let path: Rc<Path> = dir.join(segment::file_name(base, "log")).into();
-    let file = Rc::new(open_rw(&path).await?);
+    let (path, file, len) = segment::open_file(dir, base).await?;
     // Index files of the active segment are stale by definition (it was re-opened for writing
     // after a truncation, or a crash came between sealing it and creating the next one).
-    remove_if_exists(&path.with_extension("index")).await?;
-    remove_if_exists(&path.with_extension("timeindex")).await?;
-    let len = file
-        .file_size()
-        .await
-        .map_err(|e| LogError::io("sizing", &path, e))?;
+    segment::remove_index_files(&path).await?;
     let scan = segment::scan(&file, &path, base, len, config.index_interval_bytes).await?;
     if scan.valid_size < len {
-        let dropped = read_exact(
-            &file,
-            &path,
-            scan.valid_size,
-            (len - scan.valid_size) as usize,
-        )
-        .await?;
+        // Enough of the cut to tell zero padding (at most one block) from real damage.
+        let look = (len - scan.valid_size).min(64 << 10) as usize;
+        let dropped = read_exact(&file, &path, scan.valid_size, look).await?;
         let reason = scan.stopped.as_ref().map_or("", |(_, r)| r.as_str());
         if dropped.iter().any(|&b| b != 0) {
             tracing::warn!(

@@ -107,8 +107,7 @@ impl Log {
         // segment, so they go before the file shrinks.
         let sealed = inner.state.borrow().segments[idx].sealed;
         if sealed {
-            remove_if_exists(&path.with_extension("index")).await?;
-            remove_if_exists(&path.with_extension("timeindex")).await?;
+            segment::remove_index_files(&path).await?;
             sync_dir(&inner.dir).await?;
         }
         file.truncate(cut)
@@ -221,7 +220,6 @@ pub(super) async fn retention_loop(weak: Weak<Inner>, every: Duration) {
 }
 
 pub(super) async fn remove_segment_files(log_path: &Path) -> Result<(), LogError> {
-    remove_if_exists(&log_path.with_extension("index")).await?;
-    remove_if_exists(&log_path.with_extension("timeindex")).await?;
+    segment::remove_index_files(log_path).await?;
     remove_if_exists(log_path).await
 }
