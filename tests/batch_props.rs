@@ -78,6 +78,17 @@ proptest! {
     }
 
     #[test]
+    fn encoded_len_bound_is_an_upper_bound(r in record()) {
+        let mut b = BatchBuilder::new(64 << 20);
+        b.push(&r).unwrap();
+        let actual = b.len() - tern::log::batch::HEADER_LEN;
+        prop_assert!(actual <= r.encoded_len_bound(), "{} > {}", actual, r.encoded_len_bound());
+        // And a builder whose limit is exactly the bound accepts the record.
+        let mut tight = BatchBuilder::new(tern::log::batch::HEADER_LEN + r.encoded_len_bound());
+        prop_assert!(tight.push(&r).is_ok());
+    }
+
+    #[test]
     fn any_changed_byte_is_rejected(records in proptest::collection::vec(record(), 1..5), at in any::<prop::sample::Index>(), xor in 1u8..=255) {
         let mut b = BatchBuilder::new(1 << 20);
         for r in &records {

@@ -90,6 +90,26 @@ pub struct Record {
     pub ttl_ms: Option<u64>,
 }
 
+impl Record {
+    /// An upper bound of the bytes this record takes in a batch (every varint counted at its
+    /// longest): if `HEADER_LEN + bound` fits a batch limit, pushing it into an empty builder
+    /// with that limit cannot fail.
+    pub fn encoded_len_bound(&self) -> usize {
+        const V: usize = varint::MAX_VARINT_LEN;
+        // length prefix, attributes, timestamp, offset delta, key tag, value length, header
+        // count, time to live
+        let fixed = V + 1 + V + V + V + V + V + V;
+        fixed
+            + self.key.as_ref().map_or(0, |k| k.len())
+            + self.value.len()
+            + self
+                .headers
+                .iter()
+                .map(|h| 2 * V + h.name.len() + h.value.len())
+                .sum::<usize>()
+    }
+}
+
 /// What the header of a valid batch says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchMeta {

@@ -11,7 +11,8 @@ use futures::channel::oneshot;
 use futures::future::{select, Either};
 
 use super::request::{AppendAck, CoreError, Fetched, PartitionKey, Reply};
-use crate::log::{Assign, BatchBuilder, FsyncPolicy, Log, ReadBound, Record};
+use crate::log::batch::HEADER_LEN;
+use crate::log::{Assign, BatchBuilder, Log, LogError, ReadBound, Record};
 use crate::types::{Offset, Term};
 
 pub struct Partition {
@@ -41,13 +42,25 @@ impl Partition {
         let mut places: Vec<Vec<(usize, u32)>> = Vec::with_capacity(requests.len());
         let mut failed: Vec<Option<CoreError>> = vec![None; requests.len()];
         for (ri, (records, _)) in requests.iter().enumerate() {
+            // A request with a record too large for any batch is refused whole, before any of
+            // its records is placed: nothing of it is written.
+            let biggest = records
+                .iter()
+                .map(Record::encoded_len_bound)
+                .max()
+                .unwrap_or(0);
+            if HEADER_LEN + biggest > batch_max {
+                failed[ri] = Some(CoreError::Log(LogError::BatchTooLarge {
+                    len: HEADER_LEN + biggest,
+                    max: batch_max,
+                }));
+                places.push(Vec::new());
+                continue;
+            }
             let mut p = Vec::with_capacity(records.len());
             for r in records {
-                if let Err(e) = builder.push(r) {
-                    if builder.is_empty() {
-                        failed[ri] = Some(CoreError::Log(e.into()));
-                        break;
-                    }
+                if builder.push(r).is_err() {
+                    // Full: start the next batch. The record fits an empty one (checked above).
                     let full = std::mem::replace(&mut builder, BatchBuilder::new(batch_max));
                     batches.push(full.finish());
                     if let Err(e) = builder.push(r) {
@@ -100,12 +113,8 @@ impl Partition {
     /// Moves the commit position to what the fsync policy has secured and wakes waiting readers.
     /// With replication, Raft's commit index takes this role.
     pub fn commit(&self) {
-        let p = self.log.positions();
-        let secured = match self.log.config().fsync {
-            FsyncPolicy::Always => p.durable,
-            FsyncPolicy::Interval(_) => p.written,
-        };
-        if secured > p.committed && self.log.set_committed(secured).is_ok() {
+        let secured = self.log.secured();
+        if secured > self.log.positions().committed && self.log.set_committed(secured).is_ok() {
             for w in self.waiters.borrow_mut().drain(..) {
                 let _ = w.send(());
             }
@@ -163,5 +172,62 @@ impl Partition {
     /// Drops waiters whose fetch gave up (timed out), so idle partitions do not accumulate them.
     fn prune_waiters(&self) {
         self.waiters.borrow_mut().retain(|w| !w.is_canceled());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn rec(len: usize) -> Record {
+        Record {
+            value: Bytes::from(vec![7u8; len]),
+            ..Record::default()
+        }
+    }
+
+    #[test]
+    fn a_request_with_an_oversized_record_writes_nothing_of_itself() {
+        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .spawn(|| async {
+                let dir = tempfile::tempdir().unwrap();
+                let config = crate::log::LogConfig {
+                    batch_bytes_max: 4096,
+                    pending_bytes_max: 1 << 20,
+                    retention_ms: None,
+                    ..crate::log::LogConfig::default()
+                };
+                let log = Log::open(dir.path(), config).await.unwrap();
+                let p = Partition::new(
+                    PartitionKey {
+                        topic: "t".into(),
+                        partition: 0,
+                    },
+                    log,
+                );
+                let (ok_tx, ok_rx) = oneshot::channel();
+                let (bad_tx, bad_rx) = oneshot::channel();
+                // Together: a good request (3 records, spilling over two batches), then a
+                // request whose second record fits no batch.
+                p.append(vec![
+                    (vec![rec(2000), rec(2000), rec(10)], ok_tx),
+                    (vec![rec(10), rec(5000)], bad_tx),
+                ])
+                .await;
+                let ok = ok_rx.await.unwrap().unwrap();
+                assert_eq!(ok.offsets, vec![Offset(0), Offset(1), Offset(2)]);
+                let bad = bad_rx.await.unwrap();
+                assert!(
+                    matches!(bad, Err(CoreError::Log(LogError::BatchTooLarge { .. }))),
+                    "{bad:?}"
+                );
+                // Exactly the good request's records are stored and committed.
+                let pos = p.log.positions();
+                assert_eq!((pos.next, pos.committed), (Offset(3), Offset(3)));
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 }
