@@ -33,6 +33,18 @@ impl Topic {
         }
     }
 
+    /// NOT_FOUND unless `partition` exists.
+    pub fn check_partition(&self, partition: u32) -> Result<(), Status> {
+        if partition < self.spec.partitions {
+            return Ok(());
+        }
+        Err(Status::not_found(format!(
+            "partition {partition} does not exist; topic {:?} has partitions 0 to {}",
+            self.spec.name,
+            self.spec.partitions - 1
+        )))
+    }
+
     pub fn core(&self, partition: u32) -> u32 {
         self.spec.cores[partition as usize]
     }
@@ -172,7 +184,9 @@ impl Broker {
             .insert(topic.spec.name.clone(), topic);
     }
 
+    /// The topic named `name`: INVALID_ARGUMENT for a malformed name, NOT_FOUND for none.
     pub fn topic(&self, name: &str) -> Result<Arc<Topic>, Status> {
+        super::validate::topic_name(name)?;
         self.topics
             .read()
             .expect("topic map lock")

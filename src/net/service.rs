@@ -75,7 +75,6 @@ impl TernService {
         impl std::future::Future<Output = Result<pb::PublishResponse, Status>> + use<>,
         Status,
     > {
-        validate::topic_name(&req.topic)?;
         let topic = broker.topic(&req.topic)?;
         let request_id = req.request_id;
         let records = validate::publish(req, &topic, &broker.config)?;
@@ -127,7 +126,6 @@ impl Tern for TernService {
     ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
         let _call = self.broker.track();
         let r = request.into_inner();
-        validate::topic_name(&r.name)?;
         self.broker.delete_topic(&r.name).await?;
         Ok(Response::new(pb::DeleteTopicResponse {}))
     }
@@ -148,7 +146,6 @@ impl Tern for TernService {
     ) -> Result<Response<pb::DescribeTopicResponse>, Status> {
         let _call = self.broker.track();
         let r = request.into_inner();
-        validate::topic_name(&r.name)?;
         let t = self.broker.topic(&r.name)?;
         Ok(Response::new(pb::DescribeTopicResponse {
             topic: Some(topic_info(&t)),
@@ -238,14 +235,8 @@ impl Tern for TernService {
     ) -> Result<Response<pb::FetchResponse>, Status> {
         let _call = self.broker.track();
         let r = request.into_inner();
-        validate::topic_name(&r.topic)?;
         let t = self.broker.topic(&r.topic)?;
-        if r.partition >= t.spec.partitions {
-            return Err(Status::not_found(format!(
-                "partition {} does not exist; topic {:?} has {} partitions",
-                r.partition, r.topic, t.spec.partitions
-            )));
-        }
+        t.check_partition(r.partition)?;
         let max_records = match r.max_records as usize {
             0 => FETCH_RECORDS_DEFAULT,
             n => n.min(FETCH_RECORDS_MAX),

@@ -101,7 +101,6 @@ impl Subscription {
         // Resolve everything first, so a bad entry changes nothing.
         let mut starts: Vec<(Arc<Topic>, u32, Offset)> = Vec::new();
         for add in &req.add {
-            validate::topic_name(&add.topic)?;
             let topic = self.broker.topic(&add.topic)?;
             let parts: Vec<u32> = if add.partitions.is_empty() {
                 (0..topic.spec.partitions).collect()
@@ -109,12 +108,7 @@ impl Subscription {
                 add.partitions.clone()
             };
             for &p in &parts {
-                if p >= topic.spec.partitions {
-                    return Err(Status::not_found(format!(
-                        "partition {p} does not exist; topic {:?} has {} partitions",
-                        add.topic, topic.spec.partitions
-                    )));
-                }
+                topic.check_partition(p)?;
                 let from = self.resolve(&topic, p, add.from.as_ref()).await?;
                 starts.push((topic.clone(), p, from));
             }

@@ -119,13 +119,9 @@ pub fn publish(
     let mut out = Vec::with_capacity(req.records.len());
     for (i, r) in req.records.into_iter().enumerate() {
         if let Some(p) = r.partition {
-            if p >= topic.spec.partitions {
-                return Err(Status::not_found(format!(
-                    "record {i}: partition {p} does not exist; topic {:?} has partitions 0 to {}",
-                    topic.spec.name,
-                    topic.spec.partitions - 1
-                )));
-            }
+            topic
+                .check_partition(p)
+                .map_err(|s| Status::not_found(format!("record {i}: {}", s.message())))?;
         }
         if r.headers.len() > HEADERS_PER_RECORD_MAX {
             return Err(Status::invalid_argument(format!(

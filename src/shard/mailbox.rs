@@ -120,11 +120,6 @@ impl MailboxSender {
             }
         }
     }
-
-    /// Requests waiting in the mailbox (for metrics).
-    pub fn depth(&self) -> usize {
-        self.tx.len()
-    }
 }
 
 impl MailboxReceiver {

@@ -39,10 +39,6 @@ impl ReadBatches {
             .last()
             .map_or(self.from, |b| b.last_offset().plus(1).min(self.until))
     }
-
-    pub fn bytes(&self) -> usize {
-        self.batches.iter().map(Batch::len).sum()
-    }
 }
 
 impl Log {
