@@ -722,3 +722,141 @@ async fn a_steady_trickle_of_publishes_never_stalls() {
     }
     assert_eq!(total, 600);
 }
+
+#[tokio::test]
+async fn subscribe_from_a_timestamp_and_expired_records_are_hidden() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(dir.path(), &[]);
+    let mut c = node.client().await;
+    create_topic(&mut c, "ts", 1).await;
+    let publish = |v: &str, expiry: Option<u32>| {
+        let mut c = c.clone();
+        let mut r = rec(None, v.to_string());
+        r.expiry_seconds = expiry;
+        async move {
+            c.publish(pb::PublishRequest {
+                topic: "ts".into(),
+                records: vec![r],
+                request_id: 0,
+            })
+            .await
+            .unwrap();
+        }
+    };
+    publish("before", None).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let cutoff = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    publish("after-1", None).await;
+    publish("short-lived", Some(1)).await;
+    publish("after-2", None).await;
+    // From the cutoff: the records published after it, nothing before.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(pb::SubscribeRequest {
+        add: vec![pb::TopicSubscription {
+            topic: "ts".into(),
+            from: Some(pb::StartPosition {
+                position: Some(pb::start_position::Position::TimestampMs(cutoff)),
+            }),
+            partitions: vec![],
+        }],
+        remove: vec![],
+    })
+    .await
+    .unwrap();
+    let mut sub = c
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let got: Vec<String> = next_values(&mut sub, 3)
+        .await
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(got, vec!["after-1", "short-lived", "after-2"]);
+    // Once its second has passed, the short-lived record is no longer returned.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let values: Vec<String> = fetch_all(&mut c, "ts", 0)
+        .await
+        .iter()
+        .map(|r| String::from_utf8(r.value.to_vec()).unwrap())
+        .collect();
+    assert_eq!(values, vec!["before", "after-1", "after-2"]);
+}
+
+#[tokio::test]
+async fn restart_with_fewer_cores_and_recreating_a_deleted_topic() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let node = TestNode::start(dir.path(), &["--cores", "2"]);
+        let mut c = node.client().await;
+        create_topic(&mut c, "moves", 8).await;
+        create_topic(&mut c, "gone", 2).await;
+        let d = c
+            .describe_topic(pb::DescribeTopicRequest {
+                name: "moves".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            d.partitions.iter().any(|p| p.core == 1),
+            "some partitions start on core 1"
+        );
+        for i in 0..80 {
+            let mut r = rec(None, format!("m{i}"));
+            r.partition = Some(i % 8);
+            c.publish(pb::PublishRequest {
+                topic: "moves".into(),
+                records: vec![r],
+                request_id: 0,
+            })
+            .await
+            .unwrap();
+        }
+        c.publish(pb::PublishRequest {
+            topic: "gone".into(),
+            records: vec![rec(None, "old".into())],
+            request_id: 0,
+        })
+        .await
+        .unwrap();
+        c.delete_topic(pb::DeleteTopicRequest {
+            name: "gone".into(),
+        })
+        .await
+        .unwrap();
+        create_topic(&mut c, "gone", 2).await;
+        for p in 0..2 {
+            assert!(
+                fetch_all(&mut c, "gone", p).await.is_empty(),
+                "a recreated topic starts empty"
+            );
+        }
+        assert!(node.terminate().success());
+    }
+    // One core now: the partitions of core 1 move to core 0, their files stay where they are.
+    let node = TestNode::start(dir.path(), &["--cores", "1"]);
+    let mut c = node.client().await;
+    let d = c
+        .describe_topic(pb::DescribeTopicRequest {
+            name: "moves".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(d.partitions.iter().all(|p| p.core == 0));
+    for p in 0..8u32 {
+        let values: Vec<String> = fetch_all(&mut c, "moves", p)
+            .await
+            .iter()
+            .map(|r| String::from_utf8(r.value.to_vec()).unwrap())
+            .collect();
+        let want: Vec<String> = (0..10).map(|k| format!("m{}", k * 8 + p)).collect();
+        assert_eq!(values, want, "partition {p}");
+    }
+}
