@@ -10,5 +10,6 @@ pub mod log;
 pub mod net;
 pub mod node;
 pub mod proto;
+pub mod raft;
 pub mod shard;
 pub mod types;

@@ -1,0 +1,6 @@
+//! Replication: openraft glue. A Raft group per partition on the core that
+//! owns it, with the partition log as its Raft log.
+
+pub mod rt;
+
+pub use rt::GlommioRuntime;
