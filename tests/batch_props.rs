@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use proptest::prelude::*;
-use tern::log::batch::{validate, Batch, BatchBuilder, Header, Record};
+use tern::log::batch::{validate, Batch, BatchBuilder, Header, Record, HEADER_LEN, VERSION};
 use tern::types::{Offset, Term, TimestampMs};
 
 fn record() -> impl Strategy<Value = Record> {
@@ -48,10 +48,10 @@ proptest! {
     ) {
         // A header with the right magic, length and CRC, followed by random "records": this
         // reaches the record parser, which random bytes alone almost never do.
-        let len = 64 + body.len();
-        let mut b = vec![0u8; 64];
+        let len = HEADER_LEN + body.len();
+        let mut b = vec![0u8; HEADER_LEN];
         b[0..3].copy_from_slice(b"TRN");
-        b[3] = 1;
+        b[3] = VERSION;
         b[4..8].copy_from_slice(&(len as u32).to_le_bytes());
         b[20..24].copy_from_slice(&count.to_le_bytes());
         b.extend_from_slice(&body);
@@ -64,15 +64,16 @@ proptest! {
     }
 
     #[test]
-    fn round_trip(records in proptest::collection::vec(record(), 1..20), base in 0u64..1 << 60, term in any::<u64>()) {
+    fn round_trip(records in proptest::collection::vec(record(), 1..20), base in 0u64..1 << 60, term in any::<u64>(), index in any::<u64>()) {
         let mut b = BatchBuilder::new(1 << 20);
         for r in &records {
             b.push(r).unwrap();
         }
-        let batch = b.finish().unwrap().stamped(Offset(base), Term(term));
+        let batch = b.finish().unwrap().stamped_entry(Offset(base), Term(term), index);
         let back = Batch::decode(batch.bytes().clone()).unwrap();
         prop_assert_eq!(back.base_offset(), Offset(base));
         prop_assert_eq!(back.meta().term, Term(term));
+        prop_assert_eq!(back.meta().raft_index, index);
         let got: Vec<Record> = back.records().map(|r| r.to_record()).collect();
         prop_assert_eq!(got, records);
     }

@@ -22,10 +22,10 @@ fn check(data: &[u8]) {
 
 fuzz_target!(|data: &[u8]| {
     check(data);
-    if data.len() >= 64 && data.len() <= u32::MAX as usize {
+    if data.len() >= tern::log::batch::HEADER_LEN && data.len() <= u32::MAX as usize {
         let mut b = data.to_vec();
         b[0..3].copy_from_slice(b"TRN");
-        b[3] = 1;
+        b[3] = tern::log::batch::VERSION;
         let len = b.len() as u32;
         b[4..8].copy_from_slice(&len.to_le_bytes());
         let crc = crc32c::crc32c(&b[12..]);

@@ -1,6 +1,6 @@
 //! The record batch: the unit Tern appends, replicates, stores and reads.
 //!
-//! A batch is a 64-byte header followed by its records; `docs/storage.md` gives the layout byte
+//! A batch is a 72-byte header followed by its records; `docs/storage.md` gives the layout byte
 //! by byte. The CRC covers every field after it, base offset and term included, so a flipped
 //! bit anywhere in a stored batch is caught; stamping the offset and term (the log or a Raft
 //! leader does it once per append) recomputes it.
@@ -15,11 +15,11 @@ use super::varint;
 use crate::types::{Offset, ProducerId, Sequence, Term, TimestampMs};
 
 /// Bytes in a batch header.
-pub const HEADER_LEN: usize = 64;
+pub const HEADER_LEN: usize = 72;
 /// The three magic bytes that start every batch.
 pub const MAGIC: [u8; 3] = *b"TRN";
 /// The format version this code writes and reads.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// The largest batch the format allows; logs and the network enforce smaller limits.
 pub const BATCH_LEN_MAX: usize = 64 << 20;
 /// Most headers one record may carry.
@@ -41,6 +41,7 @@ const AT_PRODUCER_ID: usize = 48;
 const AT_BASE_SEQUENCE: usize = 56;
 const AT_ATTRIBUTES: usize = 60;
 const AT_RESERVED: usize = 62;
+const AT_RAFT_INDEX: usize = 64;
 
 /// Batch attribute bits.
 const ATTR_COMPRESSION_MASK: u16 = 0b111;
@@ -115,6 +116,8 @@ impl Record {
 pub struct BatchMeta {
     pub base_offset: Offset,
     pub term: Term,
+    /// The Raft log index of the entry this batch is (0 outside Raft).
+    pub raft_index: u64,
     /// Total bytes, header included.
     pub len: usize,
     pub record_count: u32,
@@ -271,11 +274,12 @@ impl BatchBuilder {
     }
 }
 
-/// Writes the base offset and term into an encoded batch (exactly one whole batch) and
-/// recomputes its CRC.
-pub fn stamp(batch: &mut [u8], base_offset: Offset, term: Term) {
+/// Writes the base offset, term and Raft index into an encoded batch (exactly one whole batch)
+/// and recomputes its CRC.
+pub fn stamp(batch: &mut [u8], base_offset: Offset, term: Term, raft_index: u64) {
     batch[AT_BASE_OFFSET..AT_BASE_OFFSET + 8].copy_from_slice(&base_offset.0.to_le_bytes());
     batch[AT_TERM..AT_TERM + 8].copy_from_slice(&term.0.to_le_bytes());
+    batch[AT_RAFT_INDEX..AT_RAFT_INDEX + 8].copy_from_slice(&raft_index.to_le_bytes());
     let crc = crc32c::crc32c(&batch[CRC_START..]);
     batch[AT_CRC..AT_CRC + 4].copy_from_slice(&crc.to_le_bytes());
 }
@@ -343,6 +347,7 @@ pub fn validate(buf: &[u8]) -> Result<BatchMeta, BatchError> {
     let meta = BatchMeta {
         base_offset: Offset(u64_at(b, AT_BASE_OFFSET)),
         term: Term(u64_at(b, AT_TERM)),
+        raft_index: u64_at(b, AT_RAFT_INDEX),
         len,
         record_count: u32_at(b, AT_RECORD_COUNT),
         first_timestamp: TimestampMs(u64_at(b, AT_FIRST_TS) as i64),
@@ -586,6 +591,7 @@ impl Batch {
         BatchMeta {
             base_offset: Offset(u64_at(b, AT_BASE_OFFSET)),
             term: Term(u64_at(b, AT_TERM)),
+            raft_index: u64_at(b, AT_RAFT_INDEX),
             len: b.len(),
             record_count: u32_at(b, AT_RECORD_COUNT),
             first_timestamp: TimestampMs(u64_at(b, AT_FIRST_TS) as i64),
@@ -621,10 +627,15 @@ impl Batch {
         &self.bytes
     }
 
-    /// A copy with the base offset and term stamped in.
+    /// A copy with the base offset and term stamped in (Raft index 0).
     pub fn stamped(&self, base_offset: Offset, term: Term) -> Batch {
+        self.stamped_entry(base_offset, term, 0)
+    }
+
+    /// A copy stamped as Raft entry `raft_index` of `term`, starting at `base_offset`.
+    pub fn stamped_entry(&self, base_offset: Offset, term: Term, raft_index: u64) -> Batch {
         let mut v = self.bytes.to_vec();
-        stamp(&mut v, base_offset, term);
+        stamp(&mut v, base_offset, term, raft_index);
         Batch {
             bytes: Bytes::from(v),
         }

@@ -72,6 +72,8 @@ pub struct Appended {
 pub enum Assign {
     /// The log assigns the next offsets and stamps this term.
     Next(Term),
+    /// The log assigns the next offsets and stamps the batch as this Raft entry.
+    Entry { term: Term, index: u64 },
     /// The batch already carries its offsets (a Raft follower); they must follow the log end.
     Keep,
 }
@@ -365,7 +367,7 @@ impl Log {
             let mut st = inner.state.borrow_mut();
             st.check_writable()?;
             let base = match assign {
-                Assign::Next(_) => st.next,
+                Assign::Next(_) | Assign::Entry { .. } => st.next,
                 Assign::Keep => {
                     if meta.base_offset != st.next {
                         return Err(LogError::NonContiguous {
@@ -378,8 +380,12 @@ impl Log {
             };
             let at = st.staged.len();
             st.staged.extend_from_slice(batch.bytes());
-            if let Assign::Next(term) = assign {
-                batch::stamp(&mut st.staged[at..at + len], base, term);
+            match assign {
+                Assign::Next(term) => batch::stamp(&mut st.staged[at..at + len], base, term, 0),
+                Assign::Entry { term, index } => {
+                    batch::stamp(&mut st.staged[at..at + len], base, term, index)
+                }
+                Assign::Keep => {}
             }
             st.active_mut().on_append(
                 base,
