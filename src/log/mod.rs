@@ -24,5 +24,7 @@ pub use batch::{
 };
 pub use config::{FsyncPolicy, LogConfig};
 pub use error::LogError;
-pub use partition_log::{Appended, Assign, Log, LogStats, Positions, ReadBatches, ReadBound};
+pub use partition_log::{
+    Appended, Assign, Log, LogStats, Positions, ReadBatches, ReadBound, Secured,
+};
 pub use state_file::StateFile;

@@ -78,6 +78,22 @@ pub enum Assign {
     Keep,
 }
 
+/// Completes when a staged append is secured by the fsync policy (see [`Log::stage`]).
+pub struct Secured(oneshot::Receiver<Result<(), LogError>>);
+
+impl std::future::Future for Secured {
+    type Output = Result<(), LogError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.map_err(|_| LogError::Closed).and_then(|r| r))
+    }
+}
+
 /// Counters for tests and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LogStats {
@@ -338,6 +354,22 @@ impl Log {
 
     /// Appends a batch and completes when it is durable (`always`) or written (`interval`).
     pub async fn append(&self, batch: &Batch, assign: Assign) -> Result<Appended, LogError> {
+        let (appended, pending) = self.stage(batch, assign).await?;
+        pending.await?;
+        Ok(Appended {
+            durable: self.inner.state.borrow().durable > appended.last,
+            ..appended
+        })
+    }
+
+    /// Places a batch at the log end (in order with every other append) and returns where it
+    /// landed at once, with a future that completes when the fsync policy has secured it. A Raft
+    /// follower stages many entries this way and reports them flushed after one fsync.
+    pub async fn stage(
+        &self,
+        batch: &Batch,
+        assign: Assign,
+    ) -> Result<(Appended, Secured), LogError> {
         let inner = &self.inner;
         let (rx, appended) = {
             let _permit = lock(&inner.append_lock).await?;
@@ -414,11 +446,22 @@ impl Log {
                 },
             )
         };
-        rx.await.map_err(|_| LogError::Closed)??;
-        Ok(Appended {
-            durable: self.inner.state.borrow().durable > appended.last,
-            ..appended
-        })
+        Ok((appended, Secured(rx)))
+    }
+
+    /// Waits until the fsync policy has secured everything below `end`, then moves the committed
+    /// position there (never backwards). A Raft state machine applies this way: an entry can be
+    /// committed by a quorum before this replica's own write of it has finished.
+    pub async fn commit(&self, end: Offset) -> Result<(), LogError> {
+        let what = match self.inner.config.fsync {
+            FsyncPolicy::Always => Wait::Durable,
+            FsyncPolicy::Interval(_) => Wait::Written,
+        };
+        self.wait_for(end, what).await?;
+        if end > self.inner.state.borrow().committed {
+            self.set_committed(end)?;
+        }
+        Ok(())
     }
 
     fn needs_roll(&self, incoming: usize, incoming_max_ts: TimestampMs) -> bool {
@@ -462,6 +505,12 @@ impl Log {
             self.inner.sync_now().await?;
         }
         self.wait_for(next, Wait::Durable).await
+    }
+
+    /// Waits until every offset below `end` is written, so reads bounded by
+    /// [`ReadBound::Written`] see it.
+    pub async fn wait_written(&self, end: Offset) -> Result<(), LogError> {
+        self.wait_for(end, Wait::Written).await
     }
 
     /// Waits until `offset` is durable (useful under the `interval` policy).

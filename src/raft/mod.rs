@@ -4,3 +4,5 @@
 pub mod rt;
 
 pub use rt::GlommioRuntime;
+pub mod store;
+pub mod types;

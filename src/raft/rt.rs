@@ -50,7 +50,9 @@ impl<T> Future for JoinHandle<T> {
     type Output = Result<T, JoinError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.0).poll(cx).map(|out| out.ok_or(JoinError))
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|out| out.ok_or(JoinError))
     }
 }
 
@@ -194,9 +196,7 @@ mod tests {
     #[test]
     fn a_ready_future_beats_an_elapsed_deadline() {
         let mut rt = GlommioRuntime::new(1);
-        let out = rt.block_on(async {
-            GlommioRuntime::timeout(Duration::ZERO, async { 7 }).await
-        });
+        let out = rt.block_on(async { GlommioRuntime::timeout(Duration::ZERO, async { 7 }).await });
         assert_eq!(out, Ok(7));
     }
 }
