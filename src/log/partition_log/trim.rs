@@ -91,6 +91,17 @@ impl Log {
                 }
             }
         };
+        // From here bytes disappear. Readers must not go past the cut any more, and a read
+        // already in flight must learn that the bytes under it moved (it checks the epoch when
+        // it meets bytes that do not parse).
+        {
+            let mut st = inner.state.borrow_mut();
+            st.truncations += 1;
+            st.written = st.written.min(first_dropped);
+            st.durable = st.durable.min(first_dropped);
+            let seg = &mut st.segments[idx];
+            seg.written_size = seg.written_size.min(cut);
+        }
         // Later segments go first, newest first, each removal made durable, so a crash leaves a
         // contiguous prefix of segments.
         loop {
