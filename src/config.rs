@@ -44,6 +44,11 @@ pub struct Config {
     pub max_fetch_wait_ms: u64,
     /// Bytes of io_uring buffer memory per core executor (locked memory).
     pub io_memory_bytes: usize,
+    /// Raft leader heartbeat interval.
+    pub raft_heartbeat_ms: u64,
+    /// Raft election timeout: a follower that hears no leader for a random time between this
+    /// and twice this starts an election.
+    pub raft_election_timeout_ms: u64,
     /// Defaults for topics created without explicit settings.
     pub topic_defaults: TopicDefaults,
 }
@@ -99,6 +104,8 @@ impl Default for Config {
             max_subscription_partitions: 4096,
             max_fetch_wait_ms: 60_000,
             io_memory_bytes: 4 << 20,
+            raft_heartbeat_ms: 150,
+            raft_election_timeout_ms: 1_500,
             topic_defaults: TopicDefaults::default(),
         }
     }
@@ -118,6 +125,15 @@ impl Config {
             self.cores
         } else {
             std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+
+    /// Raft election and heartbeat timing.
+    pub fn raft_timing(&self) -> crate::raft::Timing {
+        crate::raft::Timing {
+            heartbeat_ms: self.raft_heartbeat_ms,
+            election_min_ms: self.raft_election_timeout_ms,
+            election_max_ms: self.raft_election_timeout_ms.saturating_mul(2),
         }
     }
 
@@ -147,6 +163,13 @@ impl Config {
         anyhow::ensure!(
             self.max_partitions_per_topic >= 1,
             "max_partitions_per_topic must be positive"
+        );
+        self.raft_timing()
+            .validate()
+            .map_err(|e| anyhow::anyhow!("raft timing: {e}"))?;
+        anyhow::ensure!(
+            self.raft_election_timeout_ms <= 60_000,
+            "raft_election_timeout_ms must be at most 60000"
         );
         anyhow::ensure!(
             !self.region.is_empty() && !self.zone.is_empty(),

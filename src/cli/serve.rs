@@ -68,6 +68,13 @@ pub struct ServeArgs {
     /// io_uring buffer memory per core, in bytes (locked memory) [default: 4194304].
     #[arg(long, env = "TERN_IO_MEMORY_BYTES")]
     pub io_memory_bytes: Option<usize>,
+    /// Raft heartbeat interval in ms [default: 150].
+    #[arg(long, env = "TERN_RAFT_HEARTBEAT_MS")]
+    pub raft_heartbeat_ms: Option<u64>,
+    /// Raft election timeout in ms; elections start after this to twice this without a
+    /// leader [default: 1500].
+    #[arg(long, env = "TERN_RAFT_ELECTION_TIMEOUT_MS")]
+    pub raft_election_timeout_ms: Option<u64>,
     /// Partitions of a topic created without a count [default: 1].
     #[arg(long, env = "TERN_DEFAULT_PARTITIONS")]
     pub default_partitions: Option<u32>,
@@ -118,7 +125,9 @@ impl ServeArgs {
             max_concurrent_streams,
             max_subscription_partitions,
             max_fetch_wait_ms,
-            io_memory_bytes
+            io_memory_bytes,
+            raft_heartbeat_ms,
+            raft_election_timeout_ms
         );
         if let Some(a) = self.advertised_address {
             c.advertised_address = Some(a);

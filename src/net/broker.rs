@@ -14,7 +14,7 @@ use crate::cluster::{MetadataStore, TopicSettings, TopicSpec};
 use crate::config::{log_config, Config};
 use crate::log::{Positions, Record};
 use crate::shard::placement::{core_for, partition_for_key};
-use crate::shard::{CoreRequest, Fetched, PartitionKey, Shards};
+use crate::shard::{CoreRequest, Fetched, PartitionKey, ReplicaSettings, Shards};
 use crate::types::{Offset, TimestampMs};
 
 /// A topic as the network shard sees it.
@@ -61,6 +61,8 @@ pub struct Broker {
     pub shards: Shards,
     /// The address clients should use for this node.
     pub advertised: String,
+    /// This node's identity in the partitions' Raft groups.
+    replica: ReplicaSettings,
     topics: RwLock<HashMap<String, Arc<Topic>>>,
     /// Serializes topic creation and deletion, and owns the metadata file.
     admin: tokio::sync::Mutex<MetadataStore>,
@@ -88,10 +90,20 @@ impl Broker {
     ) -> anyhow::Result<Broker> {
         let data = config.data_dir.clone();
         let store = tokio::task::spawn_blocking(move || MetadataStore::load(&data)).await??;
+        let replica = ReplicaSettings {
+            node_id: config.node_id,
+            member: crate::raft::types::Member {
+                addr: advertised.clone(),
+                region: config.region.clone(),
+                zone: config.zone.clone(),
+            },
+            timing: config.raft_timing(),
+        };
         let broker = Broker {
             config,
             shards,
             advertised,
+            replica,
             topics: RwLock::new(HashMap::new()),
             admin: tokio::sync::Mutex::new(store),
             closing: tokio::sync::watch::channel(false).0,
@@ -163,11 +175,13 @@ impl Broker {
             let dir = self.partition_dir(&topic.name, p);
             let key = topic.key(p);
             let config = config.clone();
+            let replica = self.replica.clone();
             self.shards
                 .ask(topic.core(p), move |reply| CoreRequest::Open {
                     key,
                     dir,
                     config,
+                    replica,
                     reply,
                 })
         });

@@ -4,8 +4,9 @@ use crate::proto::v1 as pb;
 use crate::shard::Fetched;
 use crate::types::TimestampMs;
 
-/// The committed, unexpired records of a fetch, at most `max_records`; returns them and the
-/// offset where the next fetch continues.
+/// The committed, unexpired data records of a fetch, at most `max_records`; returns them and
+/// the offset where the next fetch continues. Control records (Raft leader and membership
+/// entries) take offsets but are never delivered.
 pub fn records(
     topic: &str,
     partition: u32,
@@ -16,6 +17,7 @@ pub fn records(
     let mut out = Vec::new();
     let mut next = f.from;
     for batch in &f.batches {
+        let control = batch.meta().control;
         for r in batch.records() {
             if r.offset < f.from || r.offset >= f.until {
                 continue;
@@ -24,7 +26,7 @@ pub fn records(
                 return (out, next.0);
             }
             next = r.offset.plus(1);
-            if r.is_expired(now) {
+            if control || r.is_expired(now) {
                 continue;
             }
             out.push(pb::Record {

@@ -17,6 +17,17 @@ pub fn from_core(e: CoreError) -> Status {
             "core {core} is saturated (its mailbox stayed full); retry with backoff"
         )),
         CoreError::Log(e) => from_log(e),
+        // Retryable: the status carries the leader (metadata `tern-leader`) when known.
+        e @ (CoreError::NotLeader { leader } | CoreError::LeaderChanged { leader }) => {
+            let mut s = Status::unavailable(e.to_string());
+            if let Some(l) = leader {
+                if let Ok(v) = l.to_string().parse() {
+                    s.metadata_mut().insert("tern-leader", v);
+                }
+            }
+            s
+        }
+        CoreError::Raft(m) => Status::internal(format!("replication failed: {m}")),
     }
 }
 

@@ -90,10 +90,97 @@ where
     N: RaftNetworkFactory<PartitionRaft>,
     N::Network: openraft::network::NetSnapshot<PartitionRaft, SnapshotData = LogSnapshot>,
 {
-    let (log_store, sm) = store::open(log, dir)
+    start_with(id, config, network, log, dir, std::rc::Rc::new(|| {})).await
+}
+
+/// [`start`], calling `on_commit` whenever the group's committed position moves.
+pub async fn start_with<N>(
+    id: NodeId,
+    config: Arc<Config>,
+    network: N,
+    log: Log,
+    dir: &Path,
+    on_commit: store::OnCommit,
+) -> Result<PartitionGroup, String>
+where
+    N: RaftNetworkFactory<PartitionRaft>,
+    N::Network: openraft::network::NetSnapshot<PartitionRaft, SnapshotData = LogSnapshot>,
+{
+    let (log_store, sm) = store::open_with(log, dir, on_commit)
         .await
         .map_err(|e| format!("opening raft storage in {}: {e}", dir.display()))?;
     PartitionGroup::new(id, config, network, log_store, sm)
         .await
         .map_err(|e| format!("starting raft group: {e}"))
+}
+
+/// The network of a group whose only voter is this node: there is nobody to call. Every call
+/// fails as unreachable (openraft backs off); it is never made while the group has one member.
+pub struct NoPeers;
+
+/// The (never connected) client of [`NoPeers`].
+pub struct NoPeer(NodeId);
+
+#[derive(Debug)]
+struct NoRoute(NodeId);
+
+impl std::fmt::Display for NoRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no transport to node {}", self.0)
+    }
+}
+
+impl std::error::Error for NoRoute {}
+
+impl NoPeer {
+    fn unreachable(&self) -> openraft::error::Unreachable<PartitionRaft> {
+        openraft::error::Unreachable::new(&NoRoute(self.0))
+    }
+}
+
+impl RaftNetworkFactory<PartitionRaft> for NoPeers {
+    type Network = NoPeer;
+
+    async fn new_client(&mut self, target: NodeId, _node: &super::types::Member) -> NoPeer {
+        NoPeer(target)
+    }
+}
+
+impl openraft::network::v2::RaftNetworkV2<PartitionRaft> for NoPeer {
+    type SnapshotData = LogSnapshot;
+
+    async fn append_entries(
+        &mut self,
+        _rpc: openraft::raft::AppendEntriesRequest<PartitionRaft>,
+        _option: openraft::network::RPCOption,
+    ) -> Result<
+        openraft::raft::AppendEntriesResponse<PartitionRaft>,
+        openraft::error::RPCError<PartitionRaft>,
+    > {
+        Err(self.unreachable().into())
+    }
+
+    async fn vote(
+        &mut self,
+        _rpc: openraft::raft::VoteRequest<PartitionRaft>,
+        _option: openraft::network::RPCOption,
+    ) -> Result<openraft::raft::VoteResponse<PartitionRaft>, openraft::error::RPCError<PartitionRaft>>
+    {
+        Err(self.unreachable().into())
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        _vote: super::types::Vote,
+        _snapshot: openraft::alias::SnapshotOf<PartitionRaft, LogSnapshot>,
+        _cancel: impl std::future::Future<Output = openraft::error::ReplicationClosed> + 'static,
+        _option: openraft::network::RPCOption,
+    ) -> Result<
+        openraft::raft::SnapshotResponse<PartitionRaft>,
+        openraft::error::StreamingError<PartitionRaft>,
+    > {
+        Err(openraft::error::StreamingError::Unreachable(
+            self.unreachable(),
+        ))
+    }
 }

@@ -246,9 +246,21 @@ fn encode_entry(e: &Entry) -> io::Result<Batch> {
     builder.finish().map_err(io_err)
 }
 
+/// Called after the committed position of the log moved.
+pub type OnCommit = Rc<dyn Fn()>;
+
 /// Opens the Raft storage of the partition log in `dir`: the log store and the state machine,
 /// both views of the same log.
 pub async fn open(log: Log, dir: &Path) -> io::Result<(LogStore, StateMachine)> {
+    open_with(log, dir, Rc::new(|| {})).await
+}
+
+/// [`open`], calling `on_commit` whenever applying entries moved the committed position.
+pub async fn open_with(
+    log: Log,
+    dir: &Path,
+    on_commit: OnCommit,
+) -> io::Result<(LogStore, StateMachine)> {
     let state_file = StateFile::new(dir, STATE_FILE);
     state_file.clean().await.map_err(io_err)?;
     let durable: Durable = match state_file.read().await.map_err(io_err)? {
@@ -304,6 +316,7 @@ pub async fn open(log: Log, dir: &Path) -> io::Result<(LogStore, StateMachine)> 
             applied: purged,
             membership: StoredMembership::default(),
             snapshot: None,
+            on_commit,
         },
     ))
 }
@@ -473,6 +486,7 @@ pub struct StateMachine {
     membership: StoredMembership,
     /// The last snapshot built or installed, and the log offset it covers.
     snapshot: Option<(SnapshotMeta, Offset)>,
+    on_commit: OnCommit,
 }
 
 /// What a snapshot of a partition carries: the log offset it covers. The records themselves
@@ -549,7 +563,10 @@ impl RaftStateMachine<PartitionRaft> for StateMachine {
             }
         }
         if let Some(end) = commit_to {
-            self.shared.log.commit(end).await.map_err(io_err)?;
+            if end > self.shared.log.positions().committed {
+                self.shared.log.commit(end).await.map_err(io_err)?;
+                (self.on_commit)();
+            }
         }
         Ok(())
     }
@@ -591,6 +608,7 @@ impl RaftStateMachine<PartitionRaft> for StateMachine {
         self.snapshot = Some((meta.clone(), snapshot.end));
         if snapshot.end > self.shared.log.positions().committed {
             self.shared.log.commit(snapshot.end).await.map_err(io_err)?;
+            (self.on_commit)();
         }
         Ok(())
     }

@@ -14,7 +14,7 @@ use std::rc::Rc;
 use super::mailbox::{LocalMailbox, MailboxReceiver};
 use super::partition::Partition;
 use super::request::{AppendAck, CoreError, CoreRequest, PartitionKey, Reply};
-use crate::log::{Log, Record};
+use crate::log::Record;
 
 /// Requests taken from the mailbox in one go.
 const DRAIN_MAX: usize = 256;
@@ -115,31 +115,26 @@ async fn handle(req: CoreRequest, partitions: Partitions) {
             key,
             dir,
             config,
+            replica,
             reply,
         } => {
             if partitions.borrow().contains_key(&key) {
                 let _ = reply.send(Ok(()));
                 return;
             }
-            let r = match Log::open(&dir, config).await {
-                Ok(log) => {
-                    let p = Rc::new(Partition::new(key.clone(), log));
-                    // Everything recovered from disk was secured before the restart.
-                    p.commit();
-                    partitions.borrow_mut().insert(key, p);
+            let r = match Partition::open(key.clone(), &dir, config, &replica).await {
+                Ok(p) => {
+                    partitions.borrow_mut().insert(key, Rc::new(p));
                     Ok(())
                 }
-                Err(e) => Err(CoreError::Log(e)),
+                Err(e) => Err(e),
             };
             let _ = reply.send(r);
         }
         CoreRequest::Close { key, reply } => {
             let p = partitions.borrow_mut().remove(&key);
             let r = match p {
-                Some(p) => {
-                    p.wake_all();
-                    p.log.close().await.map_err(CoreError::Log)
-                }
+                Some(p) => p.close().await,
                 None => Ok(()),
             };
             let _ = reply.send(r);
@@ -185,10 +180,9 @@ async fn shutdown(core: u32, partitions: &Partitions) -> Result<(), CoreError> {
     let all: Vec<Rc<Partition>> = partitions.borrow_mut().drain().map(|(_, p)| p).collect();
     let mut result = Ok(());
     for p in all {
-        p.wake_all();
-        if let Err(e) = p.log.close().await {
+        if let Err(e) = p.close().await {
             tracing::error!(core, partition = %p.key, error = %e, "flush on shutdown failed");
-            result = Err(CoreError::Log(e));
+            result = Err(e);
         }
     }
     tracing::debug!(core, "core stopped");

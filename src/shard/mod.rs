@@ -18,7 +18,7 @@ use futures::channel::oneshot;
 use glommio::{LocalExecutorBuilder, Placement};
 
 pub use mailbox::MailboxSender;
-pub use request::{AppendAck, CoreError, CoreRequest, Fetched, PartitionKey};
+pub use request::{AppendAck, CoreError, CoreRequest, Fetched, PartitionKey, ReplicaSettings};
 
 /// How long a task queue runs before the executor checks I/O and wakes from other threads:
 /// this bounds how late a busy core notices new requests in its mailbox.

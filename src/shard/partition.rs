@@ -1,34 +1,114 @@
-//! One partition on its core: the log, the commit position, and the readers waiting for new
+//! One partition on its core: its Raft group over its log, and the readers waiting for new
 //! records.
 //!
-//! This is where a Raft group will sit (the replication issue): today an append is committed as
-//! soon as the log has secured it under the topic's fsync policy (replication factor 1).
+//! An append is a Raft proposal: it is acknowledged once committed (by a quorum of the group's
+//! voters, each having secured it under the topic's fsync policy) and applied, which moves the
+//! log's committed position. Readers see only records below that position.
 
 use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use futures::channel::oneshot;
 use futures::future::{select, Either};
+use openraft::error::{ClientWriteError, RaftError};
 
-use super::request::{AppendAck, CoreError, Fetched, PartitionKey, Reply};
+use super::request::{AppendAck, CoreError, Fetched, PartitionKey, ReplicaSettings, Reply};
 use crate::log::batch::HEADER_LEN;
-use crate::log::{Assign, BatchBuilder, Log, LogError, ReadBound, Record};
-use crate::types::{Offset, Term};
+use crate::log::{BatchBuilder, Log, LogConfig, LogError, ReadBound, Record};
+use crate::raft::group::{self, NoPeers, PartitionGroup};
+use crate::raft::types::{EntryBatch, PartitionRaft};
+use crate::types::Offset;
+
+/// How long opening a partition waits for its group to elect a leader.
+const ELECTION_WAIT: Duration = Duration::from_secs(30);
+
+type Waiters = Rc<RefCell<Vec<oneshot::Sender<()>>>>;
 
 pub struct Partition {
     pub key: PartitionKey,
     pub log: Log,
+    pub raft: PartitionGroup,
     /// Fetches waiting for the commit position to move.
-    waiters: RefCell<Vec<oneshot::Sender<()>>>,
+    waiters: Waiters,
+}
+
+fn wake(waiters: &Waiters) {
+    for w in waiters.borrow_mut().drain(..) {
+        let _ = w.send(());
+    }
+}
+
+fn from_write_error(e: RaftError<PartitionRaft, ClientWriteError<PartitionRaft>>) -> CoreError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => CoreError::NotLeader {
+            leader: f.leader_id,
+        },
+        RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)) => CoreError::LeaderChanged {
+            leader: f.leader_id,
+        },
+        other => CoreError::Raft(other.to_string()),
+    }
 }
 
 impl Partition {
-    pub fn new(key: PartitionKey, log: Log) -> Self {
-        Self {
+    /// Opens the log in `dir` and starts the partition's Raft group on this core. A new group
+    /// is initialized with this node as its only voter (replication factor 1).
+    pub async fn open(
+        key: PartitionKey,
+        dir: &Path,
+        config: LogConfig,
+        replica: &ReplicaSettings,
+    ) -> Result<Partition, CoreError> {
+        let log = Log::open(dir, config).await?;
+        let waiters: Waiters = Rc::default();
+        let on_commit = {
+            let w = waiters.clone();
+            Rc::new(move || wake(&w))
+        };
+        let raft_config =
+            group::config(&key.to_string(), replica.timing).map_err(CoreError::Raft)?;
+        let raft = group::start_with(
+            replica.node_id,
+            raft_config,
+            NoPeers,
+            log.clone(),
+            dir,
+            on_commit,
+        )
+        .await
+        .map_err(CoreError::Raft)?;
+        let initialized = raft
+            .is_initialized()
+            .await
+            .map_err(|e| CoreError::Raft(e.to_string()))?;
+        if !initialized {
+            let members = BTreeMap::from([(replica.node_id, replica.member.clone())]);
+            raft.initialize(members)
+                .await
+                .map_err(|e| CoreError::Raft(e.to_string()))?;
+        }
+        raft.wait(Some(ELECTION_WAIT))
+            .state(openraft::ServerState::Leader, "partition leader elected")
+            .await
+            .map_err(|e| CoreError::Raft(format!("{key}: {e}")))?;
+        Ok(Self {
             key,
             log,
-            waiters: RefCell::new(Vec::new()),
+            raft,
+            waiters,
+        })
+    }
+
+    /// Stops the Raft group, then flushes and closes the log.
+    pub async fn close(&self) -> Result<(), CoreError> {
+        wake(&self.waiters);
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(partition = %self.key, error = %e, "raft group did not stop cleanly");
         }
+        self.log.close().await.map_err(CoreError::Log)
     }
 
     /// Appends the records of several requests that arrived together, as few batches as the
@@ -79,45 +159,34 @@ impl Partition {
             .into_iter()
             .map(|b| b.map_err(|e| CoreError::Log(e.into())))
             .collect();
-        // Issue every append at once: offsets are assigned in call order, one fsync covers all.
+        // Propose every batch at once: Raft orders them as proposed, and one fsync covers all.
         let appends = batches.iter().map(|b| async {
             match b {
                 Ok(b) => self
-                    .log
-                    .append(b, Assign::Next(Term(0)))
+                    .raft
+                    .client_write(EntryBatch(b.clone()))
                     .await
-                    .map_err(CoreError::from),
+                    .map(|r| Offset(r.data.base))
+                    .map_err(from_write_error),
                 Err(e) => Err(e.clone()),
             }
         });
         tracing::trace!(partition = %self.key, batches = batches.len(), "appending");
         let results = futures::future::join_all(appends).await;
         tracing::trace!(partition = %self.key, "appended");
-        self.commit();
         for (ri, (_, reply)) in requests.into_iter().enumerate() {
             let answer = match failed[ri].take() {
                 Some(e) => Err(e),
                 None => places[ri]
                     .iter()
                     .map(|&(bi, i)| match &results[bi] {
-                        Ok(a) => Ok(a.base.plus(i as u64)),
+                        Ok(base) => Ok(base.plus(i as u64)),
                         Err(e) => Err(e.clone()),
                     })
                     .collect::<Result<Vec<_>, _>>()
                     .map(|offsets| AppendAck { offsets }),
             };
             let _ = reply.send(answer);
-        }
-    }
-
-    /// Moves the commit position to what the fsync policy has secured and wakes waiting readers.
-    /// With replication, Raft's commit index takes this role.
-    pub fn commit(&self) {
-        let secured = self.log.secured();
-        if secured > self.log.positions().committed && self.log.set_committed(secured).is_ok() {
-            for w in self.waiters.borrow_mut().drain(..) {
-                let _ = w.send(());
-            }
         }
     }
 
@@ -129,6 +198,7 @@ impl Partition {
         max_wait: Duration,
     ) -> Result<Fetched, CoreError> {
         let deadline = Instant::now() + max_wait;
+        let mut from = from;
         loop {
             let p = self.log.positions();
             if from < p.start || from > p.committed {
@@ -141,6 +211,14 @@ impl Partition {
             let now = Instant::now();
             if from < p.committed || now >= deadline {
                 let r = self.log.read(from, max_bytes, ReadBound::Committed).await?;
+                if now < deadline
+                    && !r.batches.is_empty()
+                    && r.batches.iter().all(|b| b.meta().control)
+                {
+                    // Only control records (never delivered): skip them and keep waiting.
+                    from = r.next_offset();
+                    continue;
+                }
                 return Ok(Fetched {
                     batches: r.batches,
                     from,
@@ -159,13 +237,6 @@ impl Partition {
             match select(rx, timer).await {
                 Either::Left(_) | Either::Right(_) => {}
             }
-        }
-    }
-
-    /// Wakes every waiting fetch (on close), so none outlives the log.
-    pub fn wake_all(&self) {
-        for w in self.waiters.borrow_mut().drain(..) {
-            let _ = w.send(());
         }
     }
 
@@ -198,14 +269,18 @@ mod tests {
                     retention_ms: None,
                     ..crate::log::LogConfig::default()
                 };
-                let log = Log::open(dir.path(), config).await.unwrap();
-                let p = Partition::new(
-                    PartitionKey {
-                        topic: "t".into(),
-                        partition: 0,
-                    },
-                    log,
-                );
+                let replica = ReplicaSettings {
+                    node_id: 1,
+                    member: Default::default(),
+                    timing: Default::default(),
+                };
+                let key = PartitionKey {
+                    topic: "t".into(),
+                    partition: 0,
+                };
+                let p = Partition::open(key, dir.path(), config, &replica)
+                    .await
+                    .unwrap();
                 let (ok_tx, ok_rx) = oneshot::channel();
                 let (bad_tx, bad_rx) = oneshot::channel();
                 // Together: a good request (3 records, spilling over two batches), then a
@@ -216,7 +291,9 @@ mod tests {
                 ])
                 .await;
                 let ok = ok_rx.await.unwrap().unwrap();
-                assert_eq!(ok.offsets, vec![Offset(0), Offset(1), Offset(2)]);
+                // Consecutive offsets after the group's control entries (membership, blank).
+                let first = ok.offsets[0];
+                assert_eq!(ok.offsets, vec![first, first.plus(1), first.plus(2)]);
                 let bad = bad_rx.await.unwrap();
                 assert!(
                     matches!(bad, Err(CoreError::Log(LogError::BatchTooLarge { .. }))),
@@ -224,7 +301,20 @@ mod tests {
                 );
                 // Exactly the good request's records are stored and committed.
                 let pos = p.log.positions();
-                assert_eq!((pos.next, pos.committed), (Offset(3), Offset(3)));
+                assert_eq!(pos.next, pos.committed);
+                let read = p
+                    .log
+                    .read(Offset(0), 1 << 20, ReadBound::Committed)
+                    .await
+                    .unwrap();
+                let data: usize = read
+                    .batches
+                    .iter()
+                    .filter(|b| !b.meta().control)
+                    .map(|b| b.record_count() as usize)
+                    .sum();
+                assert_eq!(data, 3);
+                p.close().await.unwrap();
             })
             .unwrap()
             .join()

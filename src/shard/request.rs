@@ -33,9 +33,27 @@ pub enum CoreError {
     ShuttingDown,
     #[error("core {0} is overloaded: its mailbox stayed full")]
     Busy(u32),
+    /// This replica does not lead the partition; nothing was written.
+    #[error("not the partition leader (leader: {})", leader.map_or("unknown".to_string(), |l| format!("node {l}")))]
+    NotLeader { leader: Option<u64> },
+    /// The leader changed while the records were being replicated: they may or may not be
+    /// committed. A retry may duplicate them (idempotent producers will deduplicate).
+    #[error("leader changed during the write; the records may or may not be committed (leader: {})", leader.map_or("unknown".to_string(), |l| format!("node {l}")))]
+    LeaderChanged { leader: Option<u64> },
+    /// The partition's Raft group failed and stopped.
+    #[error("replication failed: {0}")]
+    Raft(String),
 }
 
 pub type Reply<T> = oneshot::Sender<Result<T, CoreError>>;
+
+/// Who this node is in a partition's Raft group.
+#[derive(Debug, Clone)]
+pub struct ReplicaSettings {
+    pub node_id: crate::raft::types::NodeId,
+    pub member: crate::raft::types::Member,
+    pub timing: crate::raft::Timing,
+}
 
 /// Offsets given to the records of one append, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +79,7 @@ pub enum CoreRequest {
         key: PartitionKey,
         dir: PathBuf,
         config: LogConfig,
+        replica: ReplicaSettings,
         reply: Reply<()>,
     },
     /// Closes a partition's log (before its files are deleted).
