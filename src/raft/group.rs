@@ -58,8 +58,16 @@ pub const MAX_PAYLOAD_ENTRIES: u64 = 256;
 
 /// The openraft configuration of a partition group.
 pub fn config(name: &str, timing: Timing) -> Result<Arc<Config>, String> {
+    config_with(name, timing, true)
+}
+
+/// The configuration of a group; `ticking: false` turns off openraft's own timer (a task per
+/// group waking every fifth of a heartbeat), for a group that needs no heartbeats or election
+/// timeouts: one whose only voter is this node. Its elections are then triggered explicitly.
+pub fn config_with(name: &str, timing: Timing, ticking: bool) -> Result<Arc<Config>, String> {
     timing.validate()?;
     let config = Config {
+        enable_tick: ticking,
         cluster_name: name.to_string(),
         heartbeat_interval: timing.heartbeat_ms,
         election_timeout_min: timing.election_min_ms,

@@ -49,6 +49,10 @@ const KEY_MEMBERSHIP: &[u8] = b"raft/membership";
 /// Bytes read from the log per read while serving entries.
 const READ_CHUNK: usize = 1 << 20;
 const STATE_FILE: &str = "raft.state";
+/// The newest entries kept in memory, so applying and replicating them does not read them back
+/// from disk: at most this many entries and bytes.
+const TAIL_ENTRIES_MAX: usize = 4096;
+const TAIL_BYTES_MAX: usize = 16 << 20;
 
 fn io_err(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
@@ -141,6 +145,58 @@ struct Shared {
     state_file: StateFile,
     durable: RefCell<Durable>,
     map: RefCell<EntryMap>,
+    tail: RefCell<Tail>,
+}
+
+/// The newest entries exactly as stored (stamped), `entries[i]` being entry `first + i`.
+#[derive(Default)]
+struct Tail {
+    first: u64,
+    entries: VecDeque<Entry>,
+    bytes: usize,
+}
+
+fn entry_bytes(e: &Entry) -> usize {
+    match &e.payload {
+        EntryPayload::Normal(EntryBatch(b)) => b.len(),
+        _ => 64,
+    }
+}
+
+impl Tail {
+    fn push(&mut self, e: Entry) {
+        if self.entries.is_empty() || e.log_id.index != self.first + self.entries.len() as u64 {
+            self.entries.clear();
+            self.bytes = 0;
+            self.first = e.log_id.index;
+        }
+        self.bytes += entry_bytes(&e);
+        self.entries.push_back(e);
+        while self.entries.len() > TAIL_ENTRIES_MAX
+            || (self.bytes > TAIL_BYTES_MAX && self.entries.len() > 1)
+        {
+            let old = self.entries.pop_front().expect("not empty");
+            self.bytes -= entry_bytes(&old);
+            self.first += 1;
+        }
+    }
+
+    /// Entries `[start, end)` if all are here.
+    fn get(&self, start: u64, end: u64) -> Option<Vec<Entry>> {
+        let from = usize::try_from(start.checked_sub(self.first)?).ok()?;
+        let to = usize::try_from(end.checked_sub(self.first)?).ok()?;
+        (to <= self.entries.len()).then(|| self.entries.range(from..to).cloned().collect())
+    }
+
+    /// Forgets entries at or after `index`.
+    fn truncate(&mut self, index: u64) {
+        while self.first + self.entries.len() as u64 > index {
+            match self.entries.pop_back() {
+                Some(e) => self.bytes -= entry_bytes(&e),
+                None => break,
+            }
+        }
+    }
 }
 
 impl Shared {
@@ -151,6 +207,9 @@ impl Shared {
 
     /// Reads entries `[start, end)`, which must all be in the map.
     async fn entries(&self, start: u64, end: u64) -> io::Result<Vec<Entry>> {
+        if let Some(hit) = self.tail.borrow().get(start, end) {
+            return Ok(hit);
+        }
         let (mut at, stop) = {
             let map = self.map.borrow();
             match (map.get(start), map.end_of(end - 1)) {
@@ -305,6 +364,7 @@ pub async fn open_with(
         state_file,
         durable: RefCell::new(durable),
         map: RefCell::new(map),
+        tail: RefCell::default(),
     });
     let purged = shared.durable.borrow().purged;
     Ok((
@@ -413,15 +473,15 @@ impl RaftLogStorage<PartitionRaft> for LogStore {
                     )));
                 }
             }
-            let batch = encode_entry(&e)?;
-            let assign = Assign::Entry {
-                term: Term(e.log_id.leader_id.term),
-                index: e.log_id.index,
-            };
+            // Stamp a copy here (this store is the log's only writer, so its end is where the
+            // entry goes): the copy kept in the tail is then byte for byte what is stored.
+            let term = e.log_id.leader_id.term;
+            let base = self.shared.log.positions().next;
+            let batch = encode_entry(&e)?.stamped_entry(base, Term(term), e.log_id.index);
             let (appended, secured) = self
                 .shared
                 .log
-                .stage(&batch, assign)
+                .stage(&batch, Assign::Keep)
                 .await
                 .map_err(io_err)?;
             self.shared
@@ -436,6 +496,13 @@ impl RaftLogStorage<PartitionRaft> for LogStore {
                     appended.last.plus(1),
                 )
                 .map_err(io_err)?;
+            let stored = match e.payload {
+                EntryPayload::Normal(_) => {
+                    Entry::new(e.log_id, EntryPayload::Normal(EntryBatch(batch)))
+                }
+                payload => Entry::new(e.log_id, payload),
+            };
+            self.shared.tail.borrow_mut().push(stored);
             last = Some(secured);
         }
         match last {
@@ -462,6 +529,7 @@ impl RaftLogStorage<PartitionRaft> for LogStore {
         };
         self.shared.log.truncate_from(at).await.map_err(io_err)?;
         self.shared.map.borrow_mut().truncate(from);
+        self.shared.tail.borrow_mut().truncate(from);
         Ok(())
     }
 
@@ -714,6 +782,12 @@ mod tests {
                     })
                     .collect();
                 assert_eq!(bases, vec![2, 5, 6]);
+                // Those came from the in-memory tail; a fresh view reads the same from disk.
+                let (mut disk, _) = open(log.clone(), dir.path()).await.unwrap();
+                assert_eq!(
+                    disk.try_get_log_entries(0..5).await.unwrap(),
+                    ls.try_get_log_entries(0..5).await.unwrap()
+                );
                 // Apply the first four: committed moves to 6.
                 let applied = ls.try_get_log_entries(0..4).await.unwrap();
                 sm.apply(futures::stream::iter(

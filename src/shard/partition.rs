@@ -68,8 +68,10 @@ impl Partition {
             let w = waiters.clone();
             Rc::new(move || wake(&w))
         };
+        // A group whose only voter is this node needs no timer: an idle partition then costs no
+        // CPU at all (openraft's tick wakes every fifth of a heartbeat, per group).
         let raft_config =
-            group::config(&key.to_string(), replica.timing).map_err(CoreError::Raft)?;
+            group::config_with(&key.to_string(), replica.timing, false).map_err(CoreError::Raft)?;
         let raft = group::start_with(
             replica.node_id,
             raft_config,
@@ -87,6 +89,12 @@ impl Partition {
         if !initialized {
             let members = BTreeMap::from([(replica.node_id, replica.member.clone())]);
             raft.initialize(members)
+                .await
+                .map_err(|e| CoreError::Raft(e.to_string()))?;
+        }
+        if !raft.is_leader() {
+            raft.trigger()
+                .elect(false)
                 .await
                 .map_err(|e| CoreError::Raft(e.to_string()))?;
         }
