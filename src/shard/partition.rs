@@ -72,7 +72,7 @@ impl Partition {
         // CPU at all (openraft's tick wakes every fifth of a heartbeat, per group).
         let raft_config =
             group::config_with(&key.to_string(), replica.timing, false).map_err(CoreError::Raft)?;
-        let raft = group::start_with(
+        let started = group::start_with(
             replica.node_id,
             raft_config,
             NoPeers,
@@ -80,28 +80,44 @@ impl Partition {
             dir,
             on_commit,
         )
-        .await
-        .map_err(CoreError::Raft)?;
-        let initialized = raft
-            .is_initialized()
-            .await
-            .map_err(|e| CoreError::Raft(e.to_string()))?;
-        if !initialized {
-            let members = BTreeMap::from([(replica.node_id, replica.member.clone())]);
-            raft.initialize(members)
+        .await;
+        let raft = match started {
+            Ok(raft) => raft,
+            Err(e) => {
+                let _ = log.close().await;
+                return Err(CoreError::Raft(e));
+            }
+        };
+        // From here a failure must not leave the group's tasks and the log running.
+        let ready = async {
+            let initialized = raft
+                .is_initialized()
                 .await
                 .map_err(|e| CoreError::Raft(e.to_string()))?;
-        }
-        if !raft.is_leader() {
-            raft.trigger()
-                .elect(false)
+            if !initialized {
+                let members = BTreeMap::from([(replica.node_id, replica.member.clone())]);
+                raft.initialize(members)
+                    .await
+                    .map_err(|e| CoreError::Raft(e.to_string()))?;
+            }
+            if !raft.is_leader() {
+                raft.trigger()
+                    .elect(false)
+                    .await
+                    .map_err(|e| CoreError::Raft(e.to_string()))?;
+            }
+            raft.wait(Some(ELECTION_WAIT))
+                .state(openraft::ServerState::Leader, "partition leader elected")
                 .await
-                .map_err(|e| CoreError::Raft(e.to_string()))?;
+                .map_err(|e| CoreError::Raft(format!("{key}: {e}")))?;
+            Ok::<(), CoreError>(())
         }
-        raft.wait(Some(ELECTION_WAIT))
-            .state(openraft::ServerState::Leader, "partition leader elected")
-            .await
-            .map_err(|e| CoreError::Raft(format!("{key}: {e}")))?;
+        .await;
+        if let Err(e) = ready {
+            let _ = raft.shutdown().await;
+            let _ = log.close().await;
+            return Err(e);
+        }
         Ok(Self {
             key,
             log,
