@@ -163,6 +163,41 @@ fn segments_roll_by_size_and_time_and_reads_cross_them() {
     });
 }
 
+/// A whole, checksummed batch of a format version this build cannot read (written by another
+/// build) is not damage: opening refuses with an error and cuts nothing.
+#[test]
+fn a_batch_of_another_format_version_is_refused_not_cut() {
+    run(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = Log::open(dir.path(), small_config()).await.unwrap();
+            for i in 0..3 {
+                log.append(&batch(i, 2, 50, 1000), T).await.unwrap();
+            }
+            log.close().await.unwrap();
+        }
+        let seg = dir.path().join("00000000000000000000.log");
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let len = bytes.len();
+        // The version byte (3) is outside the CRC, which starts at byte 12: the batch stays
+        // checksummed, as one written by another build would be.
+        let second = tern::log::batch::peek_len(&bytes).unwrap();
+        bytes[second + 3] = tern::log::batch::VERSION + 1;
+        std::fs::write(&seg, &bytes).unwrap();
+        let err = match Log::open(dir.path(), small_config()).await {
+            Err(e) => e,
+            Ok(_) => panic!("a log with a batch of an unknown version opened"),
+        };
+        assert!(matches!(err, LogError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("version"), "{err}");
+        assert_eq!(
+            std::fs::metadata(&seg).unwrap().len() as usize,
+            len,
+            "nothing was cut"
+        );
+    });
+}
+
 #[test]
 fn reopen_keeps_everything_and_continues_offsets() {
     run(|| async {

@@ -13,6 +13,7 @@ use std::rc::Rc;
 
 use glommio::io::DmaFile;
 
+use super::batch::{self, BatchError};
 use super::error::LogError;
 use super::index::{SegmentSummary, SparseIndex};
 use super::io::{open_rw, remove_if_exists, write_small_file, SeqReader, Step};
@@ -154,6 +155,22 @@ pub async fn scan(
     loop {
         match r.next().await? {
             Step::End => break,
+            Step::Invalid {
+                position,
+                error: BatchError::UnsupportedVersion(v),
+            } => {
+                // Its checksum is right: a whole batch another build wrote, not a torn write.
+                // Recovery must not cut it (and everything after it) as damage.
+                return Err(LogError::Corrupt {
+                    path: path.display().to_string(),
+                    position,
+                    reason: format!(
+                        "batch format version {v}, which this build (version {}) cannot read; \
+                         refusing to open rather than discard it",
+                        batch::VERSION
+                    ),
+                });
+            }
             Step::Invalid { position, error } => {
                 out.stopped = Some((position, error.to_string()));
                 break;
