@@ -63,8 +63,6 @@ fn io_err(e: impl std::fmt::Display) -> io::Error {
 struct EntryMap {
     first: u64,
     slots: VecDeque<Slot>,
-    /// The log offset after the last entry (where the next one will go).
-    end: Offset,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -83,10 +81,11 @@ impl EntryMap {
         self.slots.get(usize::try_from(i).ok()?).copied()
     }
 
-    /// The offset after entry `index`.
-    fn end_of(&self, index: u64) -> Option<Offset> {
+    /// The offset after entry `index`, given the log's end (this store is the log's only
+    /// writer, so the last entry ends where the log does).
+    fn end_of(&self, index: u64, log_end: Offset) -> Option<Offset> {
         self.get(index)?;
-        Some(self.get(index + 1).map_or(self.end, |s| s.base))
+        Some(self.get(index + 1).map_or(log_end, |s| s.base))
     }
 
     fn last(&self) -> Option<LogId> {
@@ -94,7 +93,7 @@ impl EntryMap {
         Some(log_id(s.term, self.next_index() - 1))
     }
 
-    fn push(&mut self, index: u64, slot: Slot, end: Offset) -> Result<(), LogError> {
+    fn push(&mut self, index: u64, slot: Slot) -> Result<(), LogError> {
         if !self.slots.is_empty() && index != self.next_index() {
             return Err(LogError::Corrupt {
                 path: String::new(),
@@ -109,14 +108,12 @@ impl EntryMap {
             self.first = index;
         }
         self.slots.push_back(slot);
-        self.end = end;
         Ok(())
     }
 
     /// Forgets entries at or after `index`.
     fn truncate(&mut self, index: u64) {
-        if let Some(s) = self.get(index) {
-            self.end = s.base;
+        if self.get(index).is_some() {
             let keep = (index - self.first) as usize;
             self.slots.truncate(keep);
         }
@@ -212,7 +209,10 @@ impl Shared {
         }
         let (mut at, stop) = {
             let map = self.map.borrow();
-            match (map.get(start), map.end_of(end - 1)) {
+            match (
+                map.get(start),
+                map.end_of(end - 1, self.log.positions().next),
+            ) {
                 (Some(s), Some(e)) => (s.base, e),
                 _ => {
                     return Err(io_err(format!(
@@ -332,7 +332,6 @@ pub async fn open_with(
         map.purge(p);
     }
     let pos = log.positions();
-    map.end = pos.next;
     let mut at = pos.start;
     while at < pos.next {
         let read = log
@@ -353,7 +352,6 @@ pub async fn open_with(
                     base: m.base_offset,
                     term: m.term.0,
                 },
-                m.next_offset(),
             )
             .map_err(io_err)?;
         }
@@ -493,7 +491,6 @@ impl RaftLogStorage<PartitionRaft> for LogStore {
                         base: appended.base,
                         term: e.log_id.leader_id.term,
                     },
-                    appended.last.plus(1),
                 )
                 .map_err(io_err)?;
             let stored = match e.payload {
@@ -613,7 +610,7 @@ impl RaftStateMachine<PartitionRaft> for StateMachine {
                 let map = self.shared.map.borrow();
                 map.get(id.index)
                     .filter(|s| s.term == id.leader_id.term)
-                    .zip(map.end_of(id.index))
+                    .zip(map.end_of(id.index, self.shared.log.positions().next))
                     .map(|(s, end)| EntryOffsets {
                         base: s.base.0,
                         end: end.0,
@@ -642,7 +639,10 @@ impl RaftStateMachine<PartitionRaft> for StateMachine {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         let end = self
             .applied
-            .and_then(|id| self.shared.map.borrow().end_of(id.index))
+            .and_then(|id| {
+                let log_end = self.shared.log.positions().next;
+                self.shared.map.borrow().end_of(id.index, log_end)
+            })
             .unwrap_or(self.shared.log.positions().committed);
         let meta = self.current_meta();
         self.snapshot = Some((meta.clone(), end));
