@@ -195,5 +195,18 @@ mod tests {
             ..ServeArgs::default()
         };
         assert!(args.resolve().is_err());
+        // An election timeout must leave room for two heartbeats, and is bounded.
+        for (heartbeat, election) in [(150, 300), (0, 1500), (150, 120_000)] {
+            let args = ServeArgs {
+                raft_heartbeat_ms: Some(heartbeat),
+                raft_election_timeout_ms: Some(election),
+                ..ServeArgs::default()
+            };
+            let err = args.resolve().err().map(|e| e.to_string());
+            assert!(
+                err.as_deref().is_some_and(|e| e.contains("raft")),
+                "heartbeat {heartbeat} / election {election}: {err:?}"
+            );
+        }
     }
 }

@@ -50,3 +50,24 @@ pub fn from_log(e: LogError) -> Status {
         other => Status::internal(other.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A leadership error is retryable and names the leader, so a client can go there.
+    #[test]
+    fn leadership_errors_are_unavailable_and_name_the_leader() {
+        let s = from_core(CoreError::NotLeader { leader: Some(3) });
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert_eq!(s.metadata().get("tern-leader").unwrap(), "3");
+        let s = from_core(CoreError::LeaderChanged { leader: None });
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert!(
+            s.message().contains("may or may not be committed"),
+            "{}",
+            s.message()
+        );
+        assert!(s.metadata().get("tern-leader").is_none());
+    }
+}
