@@ -7,7 +7,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .bytes(".")
         .file_descriptor_set_path(out.join("tern_descriptor.bin"))
-        .compile_protos(&["proto/tern/v1/tern.proto"], &["proto"])?;
+        .compile_protos(
+            &["proto/tern/v1/tern.proto", "proto/tern/internal/v1/peer.proto"],
+            &["proto"],
+        )?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -49,6 +49,12 @@ pub struct Config {
     /// Raft election timeout: a follower that hears no leader for a random time between this
     /// and twice this starts an election.
     pub raft_election_timeout_ms: u64,
+    /// The cluster's controller nodes, `ID=HOST:PORT` separated by commas (this node among
+    /// them); empty runs this node alone. Every node of a cluster gets the same list.
+    pub peers: String,
+    /// Accept the `Peer.SetFault` test hook (cuts this node off from chosen peers). Never in
+    /// production.
+    pub fault_injection: bool,
     /// Defaults for topics created without explicit settings.
     pub topic_defaults: TopicDefaults,
 }
@@ -106,6 +112,8 @@ impl Default for Config {
             io_memory_bytes: 4 << 20,
             raft_heartbeat_ms: 150,
             raft_election_timeout_ms: 1_500,
+            peers: String::new(),
+            fault_injection: false,
             topic_defaults: TopicDefaults::default(),
         }
     }
@@ -135,6 +143,41 @@ impl Config {
             election_min_ms: self.raft_election_timeout_ms,
             election_max_ms: self.raft_election_timeout_ms.saturating_mul(2),
         }
+    }
+
+    /// The parsed `peers`: node id → address. Checks that this node is among them.
+    pub fn peer_map(&self) -> anyhow::Result<std::collections::BTreeMap<u64, String>> {
+        let mut map = std::collections::BTreeMap::new();
+        for item in self.peers.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (id, addr) = item
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("peer {item:?} is not ID=HOST:PORT"))?;
+            let id: u64 = id
+                .trim()
+                .parse()
+                .map_err(|_| anyhow::anyhow!("peer {item:?}: the id must be a positive integer"))?;
+            anyhow::ensure!(id > 0, "peer {item:?}: node ids start at 1");
+            let addr = addr.trim();
+            anyhow::ensure!(
+                addr.rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()),
+                "peer {item:?}: the address must be HOST:PORT"
+            );
+            anyhow::ensure!(
+                map.insert(id, addr.to_string()).is_none(),
+                "peer id {id} is listed twice"
+            );
+        }
+        if !map.is_empty() {
+            anyhow::ensure!(
+                map.contains_key(&self.node_id),
+                "this node's id ({}) is not among the peers ({})",
+                self.node_id,
+                self.peers
+            );
+            anyhow::ensure!(map.len() <= 64, "at most 64 controller nodes");
+        }
+        Ok(map)
     }
 
     pub fn mailbox_wait(&self) -> Duration {
@@ -175,6 +218,8 @@ impl Config {
             !self.region.is_empty() && !self.zone.is_empty(),
             "region and zone must not be empty"
         );
+        anyhow::ensure!(self.node_id > 0, "node_id must be at least 1");
+        self.peer_map()?;
         let d = &self.topic_defaults;
         anyhow::ensure!(
             (1..=self.max_partitions_per_topic).contains(&d.partitions),
@@ -233,6 +278,26 @@ mod tests {
         assert!(toml::from_str::<Config>("listn = \"1.2.3.4:5\"").is_err());
         let c: Config = toml::from_str("node_id = 7\n[topic_defaults]\npartitions = 3").unwrap();
         assert_eq!((c.node_id, c.topic_defaults.partitions), (7, 3));
+    }
+
+    #[test]
+    fn peers_parse_and_bad_lists_are_refused() {
+        let c = Config {
+            node_id: 2,
+            peers: "1=a:1, 2=b:2,3=[::1]:3".into(),
+            ..Config::default()
+        };
+        let m = c.peer_map().unwrap();
+        assert_eq!(m.len(), 3);
+        assert_eq!(m[&3], "[::1]:3");
+        for bad in ["1=a:1,3=c:3", "x=a:1,2=b:2", "2=b", "2=b:2,2=c:3", "0=a:1,2=b:2"] {
+            let c = Config {
+                node_id: 2,
+                peers: bad.into(),
+                ..Config::default()
+            };
+            assert!(c.validate().is_err(), "{bad}");
+        }
     }
 
     #[test]

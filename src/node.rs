@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::net::{self, Broker};
+use crate::raft::transport::Transport;
 use crate::shard::{ShardConfig, Shards};
 
 /// How long in-flight calls get to finish after a shutdown signal.
@@ -34,22 +35,29 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("listening on {}: {e}", config.listen))?;
         let addr = listener.local_addr()?;
-        let advertised = config
-            .advertised_address
-            .clone()
-            .unwrap_or_else(|| addr.to_string());
+        // In a cluster the peers list says where this node is reached.
+        let advertised = match (&config.advertised_address, config.peer_map()?.remove(&config.node_id)) {
+            (Some(a), _) => a.clone(),
+            (None, Some(a)) => a,
+            (None, None) => addr.to_string(),
+        };
         let cores = shards.core_count();
-        let broker = Arc::new(Broker::start(config.clone(), shards, advertised).await?);
+        let transport = if config.peers.is_empty() {
+            None
+        } else {
+            Some(Transport::new(
+                config.node_id,
+                shards.mailboxes(),
+                config.mailbox_wait(),
+            ))
+        };
+        // A node alone has loaded the metadata and opened its partitions when this returns; a
+        // node of a cluster does that in the background, since its peers need it to serve.
+        let broker = Broker::start(config.clone(), shards, advertised, transport).await?;
+        let (server, stop_tx) = spawn_server(broker.clone(), listener);
         tracing::info!(%addr, cores, data_dir = %config.data_dir.display(), "tern is serving");
         // Scripts and tests read the bound address (port 0 picks a free one) from this line.
         println!("tern listening on {addr}");
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let server = tokio::spawn(net::serve(broker.clone(), listener, {
-            let mut rx = stop_rx.clone();
-            async move {
-                let _ = rx.wait_for(|s| *s).await;
-            }
-        }));
         tokio::select! {
             _ = shutdown_signal() => {}
             r = server => {
@@ -73,6 +81,22 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!("every log flushed; bye");
         Ok::<(), anyhow::Error>(())
     })
+}
+
+type ServerTask = tokio::task::JoinHandle<anyhow::Result<()>>;
+
+fn spawn_server(
+    broker: Arc<Broker>,
+    listener: tokio::net::TcpListener,
+) -> (ServerTask, tokio::sync::watch::Sender<bool>) {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(net::serve(broker, listener, {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    }));
+    (server, stop_tx)
 }
 
 async fn shutdown_signal() {

@@ -75,6 +75,14 @@ pub struct ServeArgs {
     /// leader [default: 1500].
     #[arg(long, env = "TERN_RAFT_ELECTION_TIMEOUT_MS")]
     pub raft_election_timeout_ms: Option<u64>,
+    /// The cluster's controller nodes, ID=HOST:PORT,... (this node among them; every node gets
+    /// the same list). Without it the node runs alone.
+    #[arg(long, env = "TERN_PEERS")]
+    pub peers: Option<String>,
+    /// Accept the Peer.SetFault test hook that cuts this node off from chosen peers. For tests
+    /// only.
+    #[arg(long, env = "TERN_FAULT_INJECTION", hide = true)]
+    pub fault_injection: bool,
     /// Partitions of a topic created without a count [default: 1].
     #[arg(long, env = "TERN_DEFAULT_PARTITIONS")]
     pub default_partitions: Option<u32>,
@@ -127,8 +135,12 @@ impl ServeArgs {
             max_fetch_wait_ms,
             io_memory_bytes,
             raft_heartbeat_ms,
-            raft_election_timeout_ms
+            raft_election_timeout_ms,
+            peers
         );
+        if self.fault_injection {
+            c.fault_injection = true;
+        }
         if let Some(a) = self.advertised_address {
             c.advertised_address = Some(a);
         }

@@ -1,10 +1,11 @@
-//! Cluster metadata: topics, their settings and partition placement.
+//! Cluster metadata: nodes, topics, their settings and where each partition's replicas live.
 //!
-//! On a single node the metadata lives in a file in the data directory, written atomically;
-//! the replication issue moves it into the controller's Raft group.
+//! The metadata is the log of the metadata Raft group (all controller nodes are its voters):
+//! each record is a [`Command`], and every node replays the committed commands into the same
+//! [`ClusterState`], then reconciles its local partitions with it (see `net/controller.rs`).
 
-mod metadata;
+mod state;
 mod topic;
 
-pub use metadata::MetadataStore;
+pub use state::{assign_replicas, ClusterState, Command, COMMAND_MAX_BYTES};
 pub use topic::{validate_topic_name, TopicSettings, TopicSpec, TOPIC_NAME_MAX};

@@ -47,13 +47,22 @@ pub struct TopicSettings {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TopicSpec {
     pub name: String,
+    /// This incarnation of the name: a topic deleted and created again is another topic, with
+    /// other files and other Raft groups.
+    pub uid: u64,
     pub partitions: u32,
     pub replication_factor: u32,
     pub settings: TopicSettings,
-    /// The core owning each partition on this node, recorded at creation so that a restart
-    /// with the same core count keeps every partition where its files are.
-    pub cores: Vec<u32>,
+    /// The nodes holding each partition's replicas; the first is the preferred leader.
+    pub replicas: Vec<Vec<u64>>,
     pub created_ms: i64,
+}
+
+impl TopicSpec {
+    /// The directory (under the data directory's `topics/`) of this incarnation's files.
+    pub fn dir_name(&self) -> String {
+        format!("{}.{:016x}", self.name, self.uid)
+    }
 }
 
 #[cfg(test)]

@@ -47,7 +47,7 @@ use recovery::{create_segment, load_tail, open_sealed, recover_active};
 use trim::retention_loop;
 
 /// The positions of a log, each an exclusive end.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Positions {
     /// The first offset still stored.
     pub start: Offset,

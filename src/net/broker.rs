@@ -1,7 +1,7 @@
 //! The node's request logic on the network shard: topics, routing to the owning core, and
 //! combining the cores' answers. gRPC types stay in `service.rs`; this speaks Tern's own types.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
@@ -9,23 +9,41 @@ use std::time::Duration;
 
 use tonic::Status;
 
+use tonic::transport::Channel;
+
 use super::status::from_core;
-use crate::cluster::{MetadataStore, TopicSettings, TopicSpec};
-use crate::config::{log_config, Config};
+use crate::cluster::{ClusterState, TopicSpec};
+use crate::config::Config;
 use crate::log::{Positions, Record};
+use crate::proto::v1 as pb;
+use crate::proto::v1::tern_client::TernClient;
+use crate::raft::transport::Transport;
+use crate::raft::types::{Member, NodeId};
 use crate::shard::placement::{core_for, partition_for_key};
-use crate::shard::{CoreRequest, Fetched, PartitionKey, ReplicaSettings, Shards};
+use crate::shard::request::ReplicaState;
+use crate::shard::{CoreError, CoreRequest, Fetched, PartitionKey, ReplicaSettings, Shards};
 use crate::types::{Offset, TimestampMs};
 
 /// A topic as the network shard sees it.
 pub struct Topic {
     pub spec: TopicSpec,
     pub name: Arc<str>,
+    /// Cores of this node: where a partition's replica lives if this node holds one.
+    cores: usize,
     /// Round-robin position for records without key or partition.
     next: AtomicU32,
 }
 
 impl Topic {
+    fn new(spec: TopicSpec, cores: usize) -> Topic {
+        Topic {
+            name: spec.name.clone().into(),
+            spec,
+            cores,
+            next: AtomicU32::new(0),
+        }
+    }
+
     pub fn key(&self, partition: u32) -> PartitionKey {
         PartitionKey {
             topic: self.name.clone(),
@@ -45,8 +63,21 @@ impl Topic {
         )))
     }
 
+    /// The core that holds `partition` on this node (if this node holds it).
     pub fn core(&self, partition: u32) -> u32 {
-        self.spec.cores[partition as usize]
+        core_for(&self.spec.name, partition, self.cores).0
+    }
+
+    pub fn replicas(&self, partition: u32) -> &[NodeId] {
+        self.spec
+            .replicas
+            .get(partition as usize)
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// Whether `node` holds a replica of `partition`.
+    pub fn on(&self, node: NodeId, partition: u32) -> bool {
+        self.replicas(partition).contains(&node)
     }
 }
 
@@ -62,10 +93,19 @@ pub struct Broker {
     /// The address clients should use for this node.
     pub advertised: String,
     /// This node's identity in the partitions' Raft groups.
-    replica: ReplicaSettings,
+    pub(super) replica: ReplicaSettings,
+    pub(super) transport: Option<Arc<Transport>>,
+    /// The metadata group's voters (id → address); just this node when it runs alone.
+    pub(super) controllers: BTreeMap<NodeId, String>,
+    /// The cluster metadata as last applied here, and the topics derived from it.
+    pub(super) state: RwLock<Arc<ClusterState>>,
     topics: RwLock<HashMap<String, Arc<Topic>>>,
-    /// Serializes topic creation and deletion, and owns the metadata file.
-    admin: tokio::sync::Mutex<MetadataStore>,
+    /// Offset in the metadata log up to which commands are applied here.
+    pub(super) applied: tokio::sync::watch::Sender<u64>,
+    /// Clients of other nodes' public API (forwarding), by node.
+    peers: std::sync::Mutex<HashMap<NodeId, (String, TernClient<Channel>)>>,
+    /// Serializes this node's metadata proposals (so checks and proposals do not interleave).
+    pub(super) admin: tokio::sync::Mutex<()>,
     /// Set when the node starts shutting down; long-lived calls (subscriptions) end on it.
     closing: tokio::sync::watch::Sender<bool>,
     /// Calls being served (not counting subscriptions), so shutdown can wait for them.
@@ -81,56 +121,116 @@ impl Drop for InFlight {
     }
 }
 
+/// Metadata a forwarded request carries, so it is not forwarded again.
+pub const FORWARDED: &str = "tern-forwarded";
+
 impl Broker {
-    /// Loads the metadata and opens every partition on its core.
+    /// Opens the metadata group and starts following it. A node that runs alone has replayed
+    /// the metadata and opened every partition when this returns; a node of a cluster does
+    /// that in the background (its peers need it to serve first).
     pub async fn start(
         config: Config,
         shards: Shards,
         advertised: String,
-    ) -> anyhow::Result<Broker> {
-        let data = config.data_dir.clone();
-        let store = tokio::task::spawn_blocking(move || MetadataStore::load(&data)).await??;
-        let replica = ReplicaSettings {
-            node_id: config.node_id,
-            member: crate::raft::types::Member {
-                addr: advertised.clone(),
-                region: config.region.clone(),
-                zone: config.zone.clone(),
-            },
-            timing: config.raft_timing(),
+        transport: Option<Arc<Transport>>,
+    ) -> anyhow::Result<Arc<Broker>> {
+        let me = config.node_id;
+        let member = Member {
+            addr: advertised.clone(),
+            region: config.region.clone(),
+            zone: config.zone.clone(),
         };
-        let broker = Broker {
+        let replica = ReplicaSettings {
+            node_id: me,
+            member: member.clone(),
+            timing: config.raft_timing(),
+            transport: transport.clone(),
+        };
+        let controllers: BTreeMap<NodeId, String> = if config.peers.is_empty() {
+            BTreeMap::from([(me, advertised.clone())])
+        } else {
+            config.peer_map()?
+        };
+        let broker = Arc::new(Broker {
             config,
             shards,
             advertised,
             replica,
+            transport,
+            controllers,
+            state: RwLock::new(Arc::new(ClusterState::default())),
             topics: RwLock::new(HashMap::new()),
-            admin: tokio::sync::Mutex::new(store),
+            applied: tokio::sync::watch::channel(0).0,
+            peers: std::sync::Mutex::new(HashMap::new()),
+            admin: tokio::sync::Mutex::new(()),
             closing: tokio::sync::watch::channel(false).0,
             in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
-        };
-        let specs: Vec<TopicSpec> = broker.admin.lock().await.topics().cloned().collect();
-        for mut spec in specs {
-            // A restart with fewer cores moves the partitions of cores that no longer exist.
-            let n = broker.shards.core_count();
-            for (p, c) in spec.cores.iter_mut().enumerate() {
-                if *c as usize >= n {
-                    *c = core_for(&spec.name, p as u32, n).0;
-                }
-            }
-            let topic = Arc::new(Topic {
-                name: spec.name.clone().into(),
-                spec,
-                next: AtomicU32::new(0),
-            });
-            broker
-                .open_partitions(&topic)
-                .await
-                .map_err(|s| anyhow::anyhow!("opening topic {}: {}", topic.name, s.message()))?;
-            tracing::info!(topic = %topic.name, partitions = topic.spec.partitions, "topic loaded");
-            broker.insert_topic(topic);
-        }
+        });
+        super::controller::start(broker.clone(), member).await?;
         Ok(broker)
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.replica.node_id
+    }
+
+    /// Whether this node runs without peers.
+    pub fn alone(&self) -> bool {
+        self.transport.is_none()
+    }
+
+    pub fn cluster(&self) -> Arc<ClusterState> {
+        self.state.read().expect("state lock").clone()
+    }
+
+    /// Replaces the topics with those of `state` (keeping the `Topic` of an unchanged one).
+    pub(super) fn set_state(&self, state: Arc<ClusterState>) {
+        let n = self.shards.core_count();
+        let mut topics = self.topics.write().expect("topic map lock");
+        let mut next = HashMap::with_capacity(state.topics.len());
+        for (name, spec) in &state.topics {
+            let t = match topics.remove(name) {
+                Some(t) if t.spec == *spec => t,
+                _ => Arc::new(Topic::new(spec.clone(), n)),
+            };
+            next.insert(name.clone(), t);
+        }
+        *topics = next;
+        *self.state.write().expect("state lock") = state;
+    }
+
+    pub(super) fn partition_dir(&self, spec: &TopicSpec, partition: u32) -> PathBuf {
+        self.config
+            .data_dir
+            .join("topics")
+            .join(spec.dir_name())
+            .join(partition.to_string())
+    }
+
+    /// A client of another node's public API, connected lazily and reused.
+    pub(super) fn peer_client(&self, node: NodeId) -> Result<TernClient<Channel>, Status> {
+        let addr = self
+            .cluster()
+            .nodes
+            .get(&node)
+            .map(|m| m.addr.clone())
+            .or_else(|| self.controllers.get(&node).cloned())
+            .ok_or_else(|| Status::unavailable(format!("node {node} has no known address")))?;
+        let mut peers = self.peers.lock().expect("peers lock");
+        if let Some((a, c)) = peers.get(&node) {
+            if *a == addr {
+                return Ok(c.clone());
+            }
+        }
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Status::internal(format!("address of node {node}: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true);
+        let c = TernClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(self.config.max_request_bytes.max(32 << 20))
+            .max_encoding_message_size(self.config.max_request_bytes);
+        peers.insert(node, (addr, c.clone()));
+        Ok(c)
     }
 
     /// Marks a call in flight for as long as the guard lives.
@@ -161,43 +261,6 @@ impl Broker {
         self.closing.subscribe()
     }
 
-    fn partition_dir(&self, topic: &str, partition: u32) -> PathBuf {
-        self.config
-            .data_dir
-            .join("topics")
-            .join(topic)
-            .join(partition.to_string())
-    }
-
-    async fn open_partitions(&self, topic: &Topic) -> Result<(), Status> {
-        let config = log_config(&topic.spec.settings);
-        let opens = (0..topic.spec.partitions).map(|p| {
-            let dir = self.partition_dir(&topic.name, p);
-            let key = topic.key(p);
-            let config = config.clone();
-            let replica = self.replica.clone();
-            self.shards
-                .ask(topic.core(p), move |reply| CoreRequest::Open {
-                    key,
-                    dir,
-                    config,
-                    replica,
-                    reply,
-                })
-        });
-        for r in futures::future::join_all(opens).await {
-            r.map_err(from_core)?;
-        }
-        Ok(())
-    }
-
-    fn insert_topic(&self, topic: Arc<Topic>) {
-        self.topics
-            .write()
-            .expect("topic map lock")
-            .insert(topic.spec.name.clone(), topic);
-    }
-
     /// The topic named `name`: INVALID_ARGUMENT for a malformed name, NOT_FOUND for none.
     pub fn topic(&self, name: &str) -> Result<Arc<Topic>, Status> {
         super::validate::topic_name(name)?;
@@ -221,96 +284,29 @@ impl Broker {
         v
     }
 
-    /// Creates a topic: the metadata is saved first (it is the source of truth on restart),
-    /// then every partition's log is created on its core.
-    pub async fn create_topic(
-        &self,
-        name: String,
-        partitions: u32,
-        replication_factor: u32,
-        settings: TopicSettings,
-    ) -> Result<Arc<Topic>, Status> {
-        let mut store = self.admin.lock().await;
-        if store.get(&name).is_some() {
-            return Err(Status::already_exists(format!(
-                "topic {name:?} already exists"
-            )));
-        }
-        if store.topics().count() >= self.config.max_topics {
-            return Err(Status::resource_exhausted(format!(
-                "this node holds its limit of {} topics",
-                self.config.max_topics
-            )));
-        }
-        let n = self.shards.core_count();
-        let spec = TopicSpec {
-            cores: (0..partitions).map(|p| core_for(&name, p, n).0).collect(),
-            name,
-            partitions,
-            replication_factor,
-            settings,
-            created_ms: TimestampMs::now().0,
-        };
-        tokio::task::block_in_place(|| store.insert(spec.clone()))
-            .map_err(|e| Status::internal(format!("saving metadata: {e}")))?;
-        drop(store);
-        let topic = Arc::new(Topic {
-            name: spec.name.clone().into(),
-            spec,
-            next: AtomicU32::new(0),
-        });
-        self.open_partitions(&topic).await?;
-        self.insert_topic(topic.clone());
-        tracing::info!(topic = %topic.name, partitions, "topic created");
-        Ok(topic)
-    }
-
-    /// Deletes a topic: it disappears from the metadata first, then its logs are closed and its
-    /// files removed.
-    pub async fn delete_topic(&self, name: &str) -> Result<(), Status> {
-        let mut store = self.admin.lock().await;
-        let topic = self.topic(name)?;
-        tokio::task::block_in_place(|| store.remove(name))
-            .map_err(|e| Status::internal(format!("saving metadata: {e}")))?;
-        self.topics.write().expect("topic map lock").remove(name);
-        for p in 0..topic.spec.partitions {
-            let key = topic.key(p);
-            self.shards
-                .ask(topic.core(p), |reply| CoreRequest::Close { key, reply })
-                .await
-                .map_err(from_core)?;
-        }
-        let dir = self.config.data_dir.join("topics").join(name);
-        tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e),
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(|e| Status::internal(format!("removing the topic's files: {e}")))?;
-        tracing::info!(topic = name, "topic deleted");
-        Ok(())
-    }
-
     /// Publishes records and waits for their offsets. See [`Broker::submit`].
     pub async fn publish(
-        &self,
+        self: &Arc<Self>,
         topic: &Topic,
         records: Vec<Outgoing>,
+        forwarded: bool,
     ) -> Result<Vec<(u32, Offset)>, Status> {
-        self.submit(topic, records).await?.await
+        self.submit(topic, records, forwarded).await?.await
     }
 
-    /// Routes records to their cores and returns the pending answer: (partition, offset) per
-    /// record, in request order. Each record goes to its explicit partition, else the hash of
-    /// its key, else round robin; records for one partition keep their order and become one
+    /// Routes records to their partitions and returns the pending answer: (partition, offset)
+    /// per record, in request order. Each record goes to its explicit partition, else the hash
+    /// of its key, else round robin; records for one partition keep their order and become one
     /// batch. Requests submitted one after another are appended in that order per partition
-    /// (what PublishStream relies on).
+    /// (what PublishStream relies on) while leadership stays put.
+    ///
+    /// A partition led by another node is forwarded to it (once: a `forwarded` request is
+    /// answered UNAVAILABLE with the leader instead, so a stale view cannot loop).
     pub async fn submit(
-        &self,
+        self: &Arc<Self>,
         topic: &Topic,
         records: Vec<Outgoing>,
+        forwarded: bool,
     ) -> Result<impl std::future::Future<Output = Result<Vec<(u32, Offset)>, Status>> + use<>, Status>
     {
         let n = topic.spec.partitions;
@@ -336,9 +332,29 @@ impl Broker {
             groups[g].2.push(out.record);
             routes.push(p);
         }
-        let mut pending = Vec::with_capacity(groups.len());
+        let me = self.node_id();
+        let mut pending: Vec<futures::future::BoxFuture<'static, _>> =
+            Vec::with_capacity(groups.len());
         for (p, idx, recs) in groups {
+            if !topic.on(me, p) {
+                // No replica here: straight to the partition's (preferred) leader.
+                let target = topic.replicas(p).first().copied();
+                let broker = self.clone();
+                let name = topic.spec.name.clone();
+                pending.push(Box::pin(async move {
+                    let r = match target {
+                        Some(t) if !forwarded => broker.forward_publish(t, &name, p, recs).await,
+                        _ => Err(Status::unavailable(format!(
+                            "this node holds no replica of {name}/{p}"
+                        ))),
+                    };
+                    (idx, r)
+                }));
+                continue;
+            }
             let key = topic.key(p);
+            // Cheap (reference-counted) copies, in case the records must be forwarded.
+            let copy = (!forwarded && !self.alone()).then(|| recs.clone());
             let answer = self
                 .shards
                 .submit(topic.core(p), |reply| CoreRequest::Append {
@@ -348,18 +364,92 @@ impl Broker {
                 })
                 .await
                 .map_err(from_core)?;
-            pending.push(async move { (idx, answer.await) });
+            let broker = self.clone();
+            let name = topic.spec.name.clone();
+            pending.push(Box::pin(async move {
+                let r = match (answer.await, copy) {
+                    (Ok(ack), _) => Ok(ack.offsets),
+                    (Err(CoreError::NotLeader { leader: Some(l) }), Some(recs)) if l != me => {
+                        broker.forward_publish(l, &name, p, recs).await
+                    }
+                    (Err(e), _) => Err(from_core(e)),
+                };
+                (idx, r)
+            }));
         }
         Ok(async move {
             let mut out = vec![(0u32, Offset(0)); routes.len()];
             for (idx, ack) in futures::future::join_all(pending).await {
-                let ack = ack.map_err(from_core)?;
-                for (i, off) in idx.into_iter().zip(ack.offsets) {
+                let offsets = ack?;
+                if offsets.len() != idx.len() {
+                    return Err(Status::internal("the leader acknowledged a different count"));
+                }
+                for (i, off) in idx.into_iter().zip(offsets) {
                     out[i] = (routes[i], off);
                 }
             }
             Ok(out)
         })
+    }
+
+    /// Publishes records of one partition through node `to` (its leader, as far as we know).
+    /// If that node names another leader, tries that one once more.
+    async fn forward_publish(
+        &self,
+        to: NodeId,
+        topic: &str,
+        partition: u32,
+        records: Vec<Record>,
+    ) -> Result<Vec<Offset>, Status> {
+        let req = pb::PublishRequest {
+            topic: topic.to_string(),
+            records: records
+                .into_iter()
+                .map(|r| pb::PublishRecord {
+                    key: r.key,
+                    value: r.value,
+                    headers: r
+                        .headers
+                        .into_iter()
+                        .map(|h| pb::Header {
+                            key: h.name,
+                            value: h.value,
+                        })
+                        .collect(),
+                    partition: Some(partition),
+                    expiry_seconds: r.ttl_ms.map(|ms| ms.div_ceil(1000) as u32),
+                })
+                .collect(),
+            request_id: 0,
+        };
+        let mut target = to;
+        for attempt in 0..2 {
+            let mut request = tonic::Request::new(req.clone());
+            request
+                .metadata_mut()
+                .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+            request.set_timeout(FORWARD_TIMEOUT);
+            match self.peer_client(target)?.publish(request).await {
+                Ok(resp) => {
+                    return Ok(resp
+                        .into_inner()
+                        .acks
+                        .into_iter()
+                        .map(|a| Offset(a.offset))
+                        .collect())
+                }
+                Err(s) => {
+                    let next = leader_of(&s);
+                    match next {
+                        Some(l) if attempt == 0 && l != target && l != self.node_id() => {
+                            target = l
+                        }
+                        _ => return Err(s),
+                    }
+                }
+            }
+        }
+        Err(Status::unavailable("no leader reachable"))
     }
 
     pub async fn fetch(
@@ -370,6 +460,7 @@ impl Broker {
         max_bytes: usize,
         max_wait: Duration,
     ) -> Result<Fetched, Status> {
+        self.check_local(topic, partition)?;
         let key = topic.key(partition);
         self.shards
             .ask(topic.core(partition), |reply| CoreRequest::Fetch {
@@ -384,12 +475,42 @@ impl Broker {
     }
 
     pub async fn positions(&self, topic: &Topic, partition: u32) -> Result<Positions, Status> {
+        Ok(self.replica_state(topic, partition).await?.positions)
+    }
+
+    /// UNAVAILABLE unless this node holds a replica of the partition (reads are served by
+    /// replicas; see `service.rs` for forwarding).
+    fn check_local(&self, topic: &Topic, partition: u32) -> Result<(), Status> {
+        if topic.on(self.node_id(), partition) {
+            return Ok(());
+        }
+        Err(Status::unavailable(format!(
+            "this node holds no replica of {}/{partition}; its replicas are on nodes {:?}",
+            topic.name,
+            topic.replicas(partition)
+        )))
+    }
+
+    /// The metadata group's leader as this node knows it.
+    pub async fn metadata_leader(&self) -> Option<NodeId> {
+        let key = PartitionKey::metadata();
+        self.shards
+            .ask(0, |reply| CoreRequest::Replica { key, reply })
+            .await
+            .ok()
+            .and_then(|s| s.leader)
+    }
+
+    /// What this node's replica knows of a partition's group.
+    pub async fn replica_state(
+        &self,
+        topic: &Topic,
+        partition: u32,
+    ) -> Result<ReplicaState, Status> {
+        self.check_local(topic, partition)?;
         let key = topic.key(partition);
         self.shards
-            .ask(topic.core(partition), |reply| CoreRequest::Positions {
-                key,
-                reply,
-            })
+            .ask(topic.core(partition), |reply| CoreRequest::Replica { key, reply })
             .await
             .map_err(from_core)
     }
@@ -400,6 +521,7 @@ impl Broker {
         partition: u32,
         timestamp: TimestampMs,
     ) -> Result<Option<Offset>, Status> {
+        self.check_local(topic, partition)?;
         let key = topic.key(partition);
         self.shards
             .ask(topic.core(partition), |reply| {
@@ -412,4 +534,15 @@ impl Broker {
             .await
             .map_err(from_core)
     }
+}
+
+/// How long a forwarded publish may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The leader a status names (metadata `tern-leader`), if any.
+pub fn leader_of(s: &Status) -> Option<NodeId> {
+    s.metadata()
+        .get("tern-leader")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
 }

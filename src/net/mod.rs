@@ -3,7 +3,9 @@
 //! reflection (grpcurl needs no .proto file) and the standard health service.
 
 mod broker;
+mod controller;
 mod convert;
+mod peer;
 mod service;
 mod status;
 mod subscribe;
@@ -47,6 +49,11 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    let peer = crate::proto::internal::peer_server::PeerServer::new(peer::PeerService {
+        broker: broker.clone(),
+    })
+    .max_decoding_message_size(crate::raft::transport::MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(crate::raft::transport::MAX_MESSAGE_BYTES);
     let tern = TernServer::new(TernService { broker })
         .max_decoding_message_size(cfg.max_request_bytes)
         .max_encoding_message_size(cfg.max_request_bytes.max(32 << 20));
@@ -56,6 +63,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(tern)
+        .add_service(peer)
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await?;
     Ok(())

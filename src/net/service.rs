@@ -9,8 +9,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::broker::{Broker, Topic};
-use super::{convert, subscribe, validate};
+use super::broker::{Broker, Topic, FORWARDED};
+use super::{controller, convert, subscribe, validate};
 use crate::config::Config;
 use crate::proto::v1 as pb;
 use crate::proto::v1::tern_server::Tern;
@@ -50,27 +50,52 @@ fn topic_info(t: &Topic) -> pb::TopicInfo {
 }
 
 impl TernService {
+    /// Each partition as this node sees it (its replica's view, if it holds one).
     async fn partitions(&self, t: &Topic) -> Result<Vec<pb::PartitionInfo>, Status> {
-        let node = self.broker.config.node_id;
+        let me = self.broker.node_id();
         let mut out = Vec::with_capacity(t.spec.partitions as usize);
         for p in 0..t.spec.partitions {
-            let pos = self.broker.positions(t, p).await?;
-            out.push(pb::PartitionInfo {
+            let mut info = pb::PartitionInfo {
                 partition: p,
-                leader: node,
-                replicas: vec![node],
-                start_offset: pos.start.0,
-                end_offset: pos.committed.0,
+                leader: 0,
+                replicas: t.replicas(p).to_vec(),
+                start_offset: 0,
+                end_offset: 0,
                 core: t.core(p),
-            });
+                local: false,
+                term: 0,
+                followers: Vec::new(),
+            };
+            if t.on(me, p) {
+                // A replica still opening (just created, or being reconciled) reports no view.
+                if let Ok(s) = self.broker.replica_state(t, p).await {
+                    let last = s.last_index.unwrap_or(0);
+                    info.leader = s.leader.unwrap_or(0);
+                    info.start_offset = s.positions.start.0;
+                    info.end_offset = s.positions.committed.0;
+                    info.local = true;
+                    info.term = s.term;
+                    info.followers = s
+                        .matched
+                        .iter()
+                        .map(|(node, m)| pb::ReplicaProgress {
+                            node: *node,
+                            lag_entries: m.map_or(last + 1, |m| last.saturating_sub(m)),
+                            matched: m.is_some(),
+                        })
+                        .collect();
+                }
+            }
+            out.push(info);
         }
         Ok(out)
     }
 
     /// Validates and routes a publish request; the returned future resolves to the answer.
     async fn publish_submit(
-        broker: &Broker,
+        broker: &Arc<Broker>,
         req: pb::PublishRequest,
+        forwarded: bool,
     ) -> Result<
         impl std::future::Future<Output = Result<pb::PublishResponse, Status>> + use<>,
         Status,
@@ -78,7 +103,7 @@ impl TernService {
         let topic = broker.topic(&req.topic)?;
         let request_id = req.request_id;
         let records = validate::publish(req, &topic, &broker.config)?;
-        let pending = broker.submit(&topic, records).await?;
+        let pending = broker.submit(&topic, records, forwarded).await?;
         Ok(async move {
             let acks = pending.await?;
             Ok(pb::PublishResponse {
@@ -109,12 +134,10 @@ impl Tern for TernService {
         let cfg: &Config = &self.broker.config;
         validate::topic_name(&r.name)?;
         let partitions = validate::partition_count(r.partitions, cfg)?;
-        let rf = validate::replication_factor(r.replication_factor, 1)?;
         let settings = validate::topic_settings(r.config.as_ref(), &cfg.topic_defaults)?;
-        let t = self
-            .broker
-            .create_topic(r.name, partitions, rf, settings)
-            .await?;
+        let nodes = self.broker.cluster().nodes.len().max(1) as u32;
+        let rf = validate::replication_factor(r.replication_factor, nodes)?;
+        let t = controller::create_topic(&self.broker, r.name, partitions, rf, settings).await?;
         Ok(Response::new(pb::CreateTopicResponse {
             topic: Some(topic_info(&t)),
         }))
@@ -126,7 +149,8 @@ impl Tern for TernService {
     ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
         let _call = self.broker.track();
         let r = request.into_inner();
-        self.broker.delete_topic(&r.name).await?;
+        self.broker.topic(&r.name)?;
+        controller::delete_topic(&self.broker, &r.name).await?;
         Ok(Response::new(pb::DeleteTopicResponse {}))
     }
 
@@ -158,7 +182,8 @@ impl Tern for TernService {
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
         let _call = self.broker.track();
-        let resp = Self::publish_submit(&self.broker, request.into_inner())
+        let forwarded = request.metadata().contains_key(FORWARDED);
+        let resp = Self::publish_submit(&self.broker, request.into_inner(), forwarded)
             .await?
             .await?;
         Ok(Response::new(resp))
@@ -198,7 +223,7 @@ impl Tern for TernService {
                 };
                 let id = req.request_id;
                 let call = broker.track();
-                match TernService::publish_submit(&broker, req).await {
+                match TernService::publish_submit(&broker, req, false).await {
                     Ok(pending) => {
                         let tx = tx.clone();
                         tokio::spawn(async move {
@@ -234,9 +259,23 @@ impl Tern for TernService {
         request: Request<pb::FetchRequest>,
     ) -> Result<Response<pb::FetchResponse>, Status> {
         let _call = self.broker.track();
+        let forwarded = request.metadata().contains_key(FORWARDED);
         let r = request.into_inner();
         let t = self.broker.topic(&r.topic)?;
         t.check_partition(r.partition)?;
+        if !t.on(self.broker.node_id(), r.partition) {
+            // No replica here: read from one that has it.
+            let Some(&to) = t.replicas(r.partition).first().filter(|_| !forwarded) else {
+                return Err(Status::unavailable(format!(
+                    "this node holds no replica of {}/{}",
+                    r.topic, r.partition
+                )));
+            };
+            let mut req = Request::new(r);
+            req.metadata_mut()
+                .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+            return self.broker.peer_client(to)?.fetch(req).await;
+        }
         let max_records = match r.max_records as usize {
             0 => FETCH_RECORDS_DEFAULT,
             n => n.min(FETCH_RECORDS_MAX),
@@ -270,7 +309,6 @@ impl Tern for TernService {
         _: Request<pb::ClusterInfoRequest>,
     ) -> Result<Response<pb::ClusterInfoResponse>, Status> {
         let _call = self.broker.track();
-        let c = &self.broker.config;
         let mut topics = Vec::new();
         for t in self.broker.topics() {
             topics.push(pb::TopicPartitions {
@@ -278,14 +316,23 @@ impl Tern for TernService {
                 partitions: self.partitions(&t).await?,
             });
         }
+        let nodes = self
+            .broker
+            .cluster()
+            .nodes
+            .iter()
+            .map(|(id, m)| pb::NodeInfo {
+                id: *id,
+                address: m.addr.clone(),
+                region: m.region.clone(),
+                zone: m.zone.clone(),
+            })
+            .collect();
         Ok(Response::new(pb::ClusterInfoResponse {
-            nodes: vec![pb::NodeInfo {
-                id: c.node_id,
-                address: self.broker.advertised.clone(),
-                region: c.region.clone(),
-                zone: c.zone.clone(),
-            }],
+            nodes,
             topics,
+            node_id: self.broker.node_id(),
+            metadata_leader: self.broker.metadata_leader().await.unwrap_or(0),
         }))
     }
 }

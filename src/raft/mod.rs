@@ -4,7 +4,9 @@
 pub mod group;
 pub mod rt;
 pub mod store;
+pub mod transport;
 pub mod types;
+pub mod wire;
 
 pub use group::{PartitionGroup, Timing};
 pub use rt::GlommioRuntime;

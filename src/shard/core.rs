@@ -15,6 +15,8 @@ use super::mailbox::{LocalMailbox, MailboxReceiver};
 use super::partition::Partition;
 use super::request::{AppendAck, CoreError, CoreRequest, PartitionKey, Reply};
 use crate::log::Record;
+use crate::proto::internal as pb;
+use crate::raft::transport;
 
 /// Requests taken from the mailbox in one go.
 const DRAIN_MAX: usize = 256;
@@ -71,8 +73,9 @@ async fn mailbox_loop(core: u32, mut mailbox: LocalMailbox) {
                     let _ = reply.send(r);
                     return;
                 }
+                CoreRequest::Run(f) => f(),
                 other => {
-                    glommio::spawn_local(handle(other, partitions.clone())).detach();
+                    glommio::spawn_local(handle(core, other, partitions.clone())).detach();
                 }
             }
         }
@@ -109,20 +112,31 @@ fn lookup(partitions: &Partitions, key: &PartitionKey) -> Result<Rc<Partition>, 
         .ok_or_else(|| CoreError::UnknownPartition(key.to_string()))
 }
 
-async fn handle(req: CoreRequest, partitions: Partitions) {
+async fn handle(core: u32, req: CoreRequest, partitions: Partitions) {
     match req {
         CoreRequest::Open {
             key,
+            uid,
             dir,
             config,
             replica,
+            voters,
             reply,
         } => {
-            if partitions.borrow().contains_key(&key) {
-                let _ = reply.send(Ok(()));
+            if let Some(p) = partitions.borrow().get(&key) {
+                let r = if p.uid == uid {
+                    Ok(())
+                } else {
+                    Err(CoreError::Raft(format!(
+                        "{key}: an older incarnation of the topic is still open"
+                    )))
+                };
+                let _ = reply.send(r);
                 return;
             }
-            let r = match Partition::open(key.clone(), &dir, config, &replica).await {
+            let opened =
+                Partition::open(key.clone(), uid, &dir, config, &replica, voters, core).await;
+            let r = match opened {
                 Ok(p) => {
                     partitions.borrow_mut().insert(key, Rc::new(p));
                     Ok(())
@@ -152,6 +166,34 @@ async fn handle(req: CoreRequest, partitions: Partitions) {
             };
             let _ = reply.send(r);
         }
+        CoreRequest::Raft { messages, reply } => {
+            let answers = messages.into_iter().map(|(key, uid, m)| {
+                let p = lookup(&partitions, &key);
+                async move {
+                    let answer = match (p, m.body) {
+                        (Ok(p), Some(body)) if p.uid == uid => {
+                            transport::handle(&p.raft, body).await
+                        }
+                        (Ok(_), Some(_)) => Err(format!("{key}: another incarnation")),
+                        (Err(e), _) => Err(e.to_string()),
+                        (_, None) => Err("empty message".to_string()),
+                    };
+                    pb::RaftReply {
+                        call_id: m.call_id,
+                        body: Some(match answer {
+                            Ok(b) => pb::raft_reply::Body::Ok(b),
+                            Err(e) => pb::raft_reply::Body::Error(e),
+                        }),
+                    }
+                }
+            });
+            let replies = futures::future::join_all(answers).await;
+            let _ = reply.send(Ok(replies));
+        }
+        CoreRequest::Replica { key, reply } => {
+            let _ = reply.send(lookup(&partitions, &key).map(|p| p.state()));
+        }
+        CoreRequest::Run(f) => f(),
         CoreRequest::Positions { key, reply } => {
             let _ = reply.send(lookup(&partitions, &key).map(|p| p.log.positions()));
         }

@@ -85,6 +85,11 @@ impl Shards {
         self.mailboxes.len()
     }
 
+    /// Every core's mailbox, in core order.
+    pub fn mailboxes(&self) -> Vec<MailboxSender> {
+        self.mailboxes.clone()
+    }
+
     pub fn mailbox(&self, core: u32) -> &MailboxSender {
         &self.mailboxes[core as usize % self.mailboxes.len()]
     }

@@ -13,13 +13,18 @@ use std::time::{Duration, Instant};
 
 use futures::channel::oneshot;
 use futures::future::{select, Either};
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft_rt::watch::WatchReceiver;
 
-use super::request::{AppendAck, CoreError, Fetched, PartitionKey, ReplicaSettings, Reply};
+use super::request::{
+    AppendAck, CoreError, Fetched, PartitionKey, ReplicaSettings, ReplicaState, Reply,
+};
 use crate::log::batch::HEADER_LEN;
 use crate::log::{BatchBuilder, Log, LogConfig, LogError, ReadBound, Record};
 use crate::raft::group::{self, NoPeers, PartitionGroup};
-use crate::raft::types::{EntryBatch, PartitionRaft};
+use crate::proto::internal as pb;
+use crate::raft::transport::GroupNetwork;
+use crate::raft::types::{EntryBatch, Member, NodeId, PartitionRaft};
 use crate::types::Offset;
 
 /// How long opening a partition waits for its group to elect a leader.
@@ -29,6 +34,8 @@ type Waiters = Rc<RefCell<Vec<oneshot::Sender<()>>>>;
 
 pub struct Partition {
     pub key: PartitionKey,
+    /// The topic incarnation this group belongs to.
+    pub uid: u64,
     pub log: Log,
     pub raft: PartitionGroup,
     /// Fetches waiting for the commit position to move.
@@ -54,14 +61,26 @@ fn from_write_error(e: RaftError<PartitionRaft, ClientWriteError<PartitionRaft>>
 }
 
 impl Partition {
-    /// Opens the log in `dir` and starts the partition's Raft group on this core. A new group
-    /// is initialized with this node as its only voter (replication factor 1).
+    /// Opens the log in `dir` and starts the partition's Raft group on this core (`core`). A
+    /// new group is initialized with `voters` (every replica initializes it identically, which
+    /// openraft allows). A group whose only voter is this node is led by it before this
+    /// returns; a replicated group elects its leader in the background.
     pub async fn open(
         key: PartitionKey,
+        uid: u64,
         dir: &Path,
         config: LogConfig,
         replica: &ReplicaSettings,
+        voters: BTreeMap<NodeId, Member>,
+        core: u32,
     ) -> Result<Partition, CoreError> {
+        let alone = voters.len() == 1 && voters.contains_key(&replica.node_id);
+        if !voters.contains_key(&replica.node_id) {
+            return Err(CoreError::Raft(format!(
+                "{key}: this node ({}) is not among the voters",
+                replica.node_id
+            )));
+        }
         let log = Log::open(dir, config).await?;
         let waiters: Waiters = Rc::default();
         let on_commit = {
@@ -70,17 +89,42 @@ impl Partition {
         };
         // A group whose only voter is this node needs no timer: an idle partition then costs no
         // CPU at all (openraft's tick wakes every fifth of a heartbeat, per group).
-        let raft_config =
-            group::config_with(&key.to_string(), replica.timing, false).map_err(CoreError::Raft)?;
-        let started = group::start_with(
-            replica.node_id,
-            raft_config,
-            NoPeers,
-            log.clone(),
-            dir,
-            on_commit,
-        )
-        .await;
+        let raft_config = group::config_with(&key.to_string(), replica.timing, !alone)
+            .map_err(CoreError::Raft)?;
+        let started = match &replica.transport {
+            Some(t) => {
+                let network = GroupNetwork {
+                    transport: t.clone(),
+                    core,
+                    group: pb::Group {
+                        topic: key.topic.to_string(),
+                        partition: key.partition,
+                        uid,
+                    },
+                };
+                group::start_with(
+                    replica.node_id,
+                    raft_config,
+                    network,
+                    log.clone(),
+                    dir,
+                    on_commit,
+                )
+                .await
+            }
+            None if alone => {
+                group::start_with(
+                    replica.node_id,
+                    raft_config,
+                    NoPeers,
+                    log.clone(),
+                    dir,
+                    on_commit,
+                )
+                .await
+            }
+            None => Err(format!("{key}: replicated, but this node has no transport")),
+        };
         let raft = match started {
             Ok(raft) => raft,
             Err(e) => {
@@ -95,10 +139,15 @@ impl Partition {
                 .await
                 .map_err(|e| CoreError::Raft(e.to_string()))?;
             if !initialized {
-                let members = BTreeMap::from([(replica.node_id, replica.member.clone())]);
-                raft.initialize(members)
-                    .await
-                    .map_err(|e| CoreError::Raft(e.to_string()))?;
+                match raft.initialize(voters).await {
+                    Ok(()) => {}
+                    // Initialized meanwhile by a message from a peer: fine.
+                    Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+                    Err(e) => return Err(CoreError::Raft(e.to_string())),
+                }
+            }
+            if !alone {
+                return Ok(());
             }
             if !raft.is_leader() {
                 raft.trigger()
@@ -120,10 +169,37 @@ impl Partition {
         }
         Ok(Self {
             key,
+            uid,
             log,
             raft,
             waiters,
         })
+    }
+
+    /// What this replica knows of its group.
+    pub fn state(&self) -> ReplicaState {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let leader = m.current_leader;
+        ReplicaState {
+            leader,
+            is_leader: leader == Some(m.id),
+            term: m.current_term,
+            last_index: m.last_log_index,
+            applied_index: m.last_applied.map(|l| l.index),
+            voters: m.membership_config.membership().voter_ids().collect(),
+            matched: m
+                .replication
+                .as_ref()
+                .map(|r| {
+                    r.iter()
+                        .filter(|(id, _)| **id != m.id)
+                        .map(|(id, l)| (*id, l.as_ref().map(|l| l.index)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            positions: self.log.positions(),
+            uid: self.uid,
+        }
     }
 
     /// Stops the Raft group, then flushes and closes the log.
@@ -297,12 +373,14 @@ mod tests {
                     node_id: 1,
                     member: Default::default(),
                     timing: Default::default(),
+                    transport: None,
                 };
                 let key = PartitionKey {
                     topic: "t".into(),
                     partition: 0,
                 };
-                let p = Partition::open(key, dir.path(), config, &replica)
+                let voters = BTreeMap::from([(1, Member::default())]);
+                let p = Partition::open(key, 0, dir.path(), config, &replica, voters, 0)
                     .await
                     .unwrap();
                 let (ok_tx, ok_rx) = oneshot::channel();

@@ -1,5 +1,6 @@
 //! What the network shard asks a core, and what the core answers.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,6 +8,8 @@ use std::time::Duration;
 use futures::channel::oneshot;
 
 use crate::log::{Batch, LogConfig, LogError, Positions, Record};
+use crate::proto::internal as pb;
+use crate::raft::types::{Member, NodeId};
 use crate::types::{Offset, TimestampMs};
 
 /// A partition of a topic.
@@ -16,8 +19,25 @@ pub struct PartitionKey {
     pub partition: u32,
 }
 
+impl PartitionKey {
+    /// The metadata group's key: no topic name can be empty.
+    pub fn metadata() -> PartitionKey {
+        PartitionKey {
+            topic: "".into(),
+            partition: 0,
+        }
+    }
+
+    pub fn is_metadata(&self) -> bool {
+        self.topic.is_empty()
+    }
+}
+
 impl std::fmt::Display for PartitionKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_metadata() {
+            return f.write_str("(metadata)");
+        }
         write!(f, "{}/{}", self.topic, self.partition)
     }
 }
@@ -50,9 +70,28 @@ pub type Reply<T> = oneshot::Sender<Result<T, CoreError>>;
 /// Who this node is in a partition's Raft group.
 #[derive(Debug, Clone)]
 pub struct ReplicaSettings {
-    pub node_id: crate::raft::types::NodeId,
-    pub member: crate::raft::types::Member,
+    pub node_id: NodeId,
+    pub member: Member,
     pub timing: crate::raft::Timing,
+    /// How the group reaches its peers; `None` on a node that runs alone.
+    pub transport: Option<Arc<crate::raft::transport::Transport>>,
+}
+
+/// What a replica knows of its partition's group.
+#[derive(Debug, Clone, Default)]
+pub struct ReplicaState {
+    pub leader: Option<NodeId>,
+    pub is_leader: bool,
+    pub term: u64,
+    /// Raft index of the last entry in this replica's log, and of the last one it has applied.
+    pub last_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    pub voters: Vec<NodeId>,
+    /// On the leader: each follower's last replicated Raft index.
+    pub matched: Vec<(NodeId, Option<u64>)>,
+    pub positions: Positions,
+    /// Topic incarnation this replica belongs to.
+    pub uid: u64,
 }
 
 /// Offsets given to the records of one append, in order.
@@ -77,9 +116,13 @@ pub enum CoreRequest {
     /// Opens (creating if needed) the log of a partition this core owns.
     Open {
         key: PartitionKey,
+        /// The topic's incarnation (a topic deleted and created again is another group).
+        uid: u64,
         dir: PathBuf,
         config: LogConfig,
         replica: ReplicaSettings,
+        /// The group's voters, used when the group is new.
+        voters: BTreeMap<NodeId, Member>,
         reply: Reply<()>,
     },
     /// Closes a partition's log (before its files are deleted).
@@ -106,6 +149,19 @@ pub enum CoreRequest {
         timestamp: TimestampMs,
         reply: Reply<Option<Offset>>,
     },
+    /// Raft messages from a peer for groups on this core; one reply per message.
+    Raft {
+        messages: Vec<(PartitionKey, u64, pb::RaftRequest)>,
+        reply: Reply<Vec<pb::RaftReply>>,
+    },
+    /// The state of a replica's group.
+    Replica {
+        key: PartitionKey,
+        reply: Reply<ReplicaState>,
+    },
+    /// Runs a closure on the core (how the network shard completes the core's own futures:
+    /// glommio 0.9 loses wake-ups from other threads).
+    Run(Box<dyn FnOnce() + Send>),
     /// Flushes and closes every log, then stops the core.
     Shutdown { reply: Reply<()> },
 }

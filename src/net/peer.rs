@@ -1,0 +1,138 @@
+//! The `tern.internal.v1.Peer` service: Raft messages from other nodes, metadata proposals,
+//! and the fault-injection hook of the tests.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::broker::Broker;
+use super::controller;
+use crate::proto::internal as pb;
+use crate::proto::internal::peer_server::Peer;
+use crate::shard::placement::core_for;
+use crate::shard::{CoreRequest, PartitionKey};
+
+/// Messages one Exchange may carry.
+const EXCHANGE_MESSAGES_MAX: usize = 4096;
+
+pub struct PeerService {
+    pub broker: Arc<Broker>,
+}
+
+impl PeerService {
+    fn check_peer(&self, from: u64) -> Result<(), Status> {
+        let Some(t) = &self.broker.transport else {
+            return Err(Status::failed_precondition(
+                "this node runs alone and takes no Raft traffic",
+            ));
+        };
+        if t.is_isolated_from(from) {
+            return Err(Status::unavailable(format!(
+                "node {from} is cut off (fault injection)"
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn exchange(
+        &self,
+        request: Request<pb::ExchangeRequest>,
+    ) -> Result<Response<pb::ExchangeResponse>, Status> {
+        let r = request.into_inner();
+        self.check_peer(r.from)?;
+        let me = self.broker.node_id();
+        if r.to != me {
+            return Err(Status::failed_precondition(format!(
+                "this is node {me}, not node {}",
+                r.to
+            )));
+        }
+        if r.messages.len() > EXCHANGE_MESSAGES_MAX {
+            return Err(Status::invalid_argument(format!(
+                "{} messages in one exchange; at most {EXCHANGE_MESSAGES_MAX}",
+                r.messages.len()
+            )));
+        }
+        let n = self.broker.shards.core_count();
+        let mut replies = Vec::with_capacity(r.messages.len());
+        let mut by_core: HashMap<u32, Vec<(PartitionKey, u64, pb::RaftRequest)>> = HashMap::new();
+        for m in r.messages {
+            let Some(g) = &m.group else {
+                replies.push(pb::RaftReply {
+                    call_id: m.call_id,
+                    body: Some(pb::raft_reply::Body::Error("message without group".into())),
+                });
+                continue;
+            };
+            let key = PartitionKey {
+                topic: g.topic.as_str().into(),
+                partition: g.partition,
+            };
+            let core = if key.is_metadata() {
+                0
+            } else {
+                core_for(&key.topic, key.partition, n).0
+            };
+            let uid = g.uid;
+            by_core.entry(core).or_default().push((key, uid, m));
+        }
+        let asks = by_core.into_iter().map(|(core, messages)| {
+            let ids: Vec<u64> = messages.iter().map(|m| m.2.call_id).collect();
+            async move {
+                let r = self
+                    .broker
+                    .shards
+                    .ask(core, |reply| CoreRequest::Raft { messages, reply })
+                    .await;
+                (ids, r)
+            }
+        });
+        for (ids, r) in futures::future::join_all(asks).await {
+            match r {
+                Ok(mut rs) => replies.append(&mut rs),
+                Err(e) => {
+                    let e = e.to_string();
+                    replies.extend(ids.into_iter().map(|call_id| pb::RaftReply {
+                        call_id,
+                        body: Some(pb::raft_reply::Body::Error(e.clone())),
+                    }));
+                }
+            }
+        }
+        Ok(Response::new(pb::ExchangeResponse { replies }))
+    }
+
+    async fn propose(
+        &self,
+        request: Request<pb::ProposeRequest>,
+    ) -> Result<Response<pb::ProposeResponse>, Status> {
+        let r = request.into_inner();
+        self.check_peer(r.from)?;
+        let _call = self.broker.track();
+        let at = controller::handle_propose(&self.broker, &r.command).await?;
+        Ok(Response::new(pb::ProposeResponse { offset: at.0 }))
+    }
+
+    async fn set_fault(
+        &self,
+        request: Request<pb::SetFaultRequest>,
+    ) -> Result<Response<pb::SetFaultResponse>, Status> {
+        if !self.broker.config.fault_injection {
+            return Err(Status::permission_denied(
+                "fault injection is off (start the node with --fault-injection)",
+            ));
+        }
+        let Some(t) = &self.broker.transport else {
+            return Err(Status::failed_precondition("this node runs alone"));
+        };
+        let peers: HashSet<u64> = request.into_inner().isolate_from.into_iter().collect();
+        tracing::warn!(?peers, "fault injection: traffic with these nodes is dropped");
+        t.isolate(peers);
+        Ok(Response::new(pb::SetFaultResponse {}))
+    }
+}
+

@@ -1,0 +1,408 @@
+//! Raft traffic between nodes: every group's messages to one peer share one connection and
+//! travel together.
+//!
+//! ```text
+//! core k (glommio)                       network shard (tokio)                    peer
+//! group ── RaftRequest ──try_send──▶ [bounded queue per peer] ── link task ── Exchange(many) ──▶
+//!   ▲                                                                │
+//!   └──── mailbox: Run(complete the replies of core k) ◀── replies ──┘
+//! ```
+//!
+//! The link task takes everything queued for its peer (up to a bound) and sends it as one
+//! `Exchange` call, with a few calls in flight: while they are out, new messages of all groups
+//! accumulate into the next one. So the number of calls follows the load, not the number of
+//! partitions. Replies go back to the calling core through its mailbox (glommio 0.9 loses
+//! wake-ups from other threads, see `shard/mailbox.rs`), one mailbox request per core per call.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::channel::oneshot;
+use openraft::error::{RPCError, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+
+use super::store::LogSnapshot;
+use super::types::{Member, NodeId, PartitionRaft, Vote};
+use super::wire;
+use crate::proto::internal as pb;
+use crate::shard::{CoreRequest, MailboxSender};
+
+/// Messages waiting for one peer; a group finding it full treats the peer as unreachable.
+const QUEUE: usize = 4096;
+/// Messages and bytes (of batches) one Exchange carries at most.
+const EXCHANGE_MESSAGES: usize = 1024;
+const EXCHANGE_BYTES: usize = 8 << 20;
+/// Exchange calls in flight to one peer.
+const IN_FLIGHT: usize = 4;
+/// An Exchange that takes longer than this fails (each message also has its own deadline).
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest message a node sends or accepts between nodes.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// The answer to one message: the response's encoding, or why there is none.
+pub type Answer = Result<Bytes, String>;
+
+/// A message for a peer, with the way back to the group that sent it.
+struct Outgoing {
+    core: u32,
+    message: pb::RaftRequest,
+    reply: oneshot::Sender<Answer>,
+}
+
+struct Link {
+    addr: String,
+    queue: tokio::sync::mpsc::Sender<Outgoing>,
+}
+
+/// This node's side of the inter-node transport. `Send + Sync`: cores hold it to send, the
+/// network shard runs its links.
+pub struct Transport {
+    me: NodeId,
+    links: Mutex<HashMap<NodeId, Link>>,
+    cores: Vec<MailboxSender>,
+    mailbox_wait: Duration,
+    runtime: tokio::runtime::Handle,
+    /// Peers whose traffic is dropped (fault injection in tests).
+    isolated: RwLock<HashSet<NodeId>>,
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport").field("me", &self.me).finish()
+    }
+}
+
+impl Transport {
+    /// Call from inside the tokio runtime that will run the links.
+    pub fn new(me: NodeId, cores: Vec<MailboxSender>, mailbox_wait: Duration) -> Arc<Transport> {
+        Arc::new(Transport {
+            me,
+            links: Mutex::new(HashMap::new()),
+            cores,
+            mailbox_wait,
+            runtime: tokio::runtime::Handle::current(),
+            isolated: RwLock::new(HashSet::new()),
+        })
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.me
+    }
+
+    /// Drops all traffic to and from these nodes (tests); an empty set heals.
+    pub fn isolate(&self, peers: HashSet<NodeId>) {
+        *self.isolated.write().expect("isolated lock") = peers;
+    }
+
+    pub fn is_isolated_from(&self, peer: NodeId) -> bool {
+        self.isolated.read().expect("isolated lock").contains(&peer)
+    }
+
+    /// Queues a message for `target` at `addr`; never waits.
+    fn send(self: &Arc<Self>, target: NodeId, addr: &str, out: Outgoing) -> Result<(), String> {
+        if self.is_isolated_from(target) {
+            return Err(format!("node {target} is cut off (fault injection)"));
+        }
+        let mut links = self.links.lock().expect("links lock");
+        let stale = links.get(&target).is_none_or(|l| l.addr != addr);
+        if stale {
+            let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
+            self.runtime
+                .spawn(run_link(self.clone(), target, addr.to_string(), rx));
+            links.insert(
+                target,
+                Link {
+                    addr: addr.to_string(),
+                    queue: tx,
+                },
+            );
+        }
+        let link = links.get(&target).expect("just inserted");
+        link.queue.try_send(out).map_err(|e| match e {
+            tokio::sync::mpsc::error::TrySendError::Full(_) => {
+                format!("queue to node {target} is full")
+            }
+            tokio::sync::mpsc::error::TrySendError::Closed(_) => "shutting down".to_string(),
+        })
+    }
+
+    /// Hands answers back to the core whose groups wait for them.
+    async fn deliver(&self, core: u32, answers: Vec<(oneshot::Sender<Answer>, Answer)>) {
+        let Some(mailbox) = self.cores.get(core as usize) else {
+            return;
+        };
+        let run = CoreRequest::Run(Box::new(move || {
+            for (tx, a) in answers {
+                let _ = tx.send(a);
+            }
+        }));
+        // If the core stays saturated the answers are dropped: the groups time out and retry.
+        let _ = mailbox.send(run, self.mailbox_wait).await;
+    }
+}
+
+fn body_bytes(m: &pb::RaftRequest) -> usize {
+    match &m.body {
+        Some(pb::raft_request::Body::Append(a)) => a
+            .entries
+            .iter()
+            .map(|e| match &e.payload {
+                Some(pb::entry::Payload::Batch(b)) => b.len(),
+                _ => 64,
+            })
+            .sum::<usize>(),
+        _ => 64,
+    }
+}
+
+/// Sends everything queued for one peer, in batches, over one reused connection.
+async fn run_link(
+    transport: Arc<Transport>,
+    target: NodeId,
+    addr: String,
+    mut queue: tokio::sync::mpsc::Receiver<Outgoing>,
+) {
+    let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{addr}")) {
+        Ok(e) => e
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5)),
+        Err(e) => {
+            tracing::error!(target, %addr, error = %e, "bad peer address");
+            while let Some(out) = queue.recv().await {
+                let _ = out.reply.send(Err(format!("bad address {addr:?} for node {target}")));
+            }
+            return;
+        }
+    };
+    let client = pb::peer_client::PeerClient::new(endpoint.connect_lazy())
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    loop {
+        // Wait for a free slot first: what queues meanwhile joins the next call.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = queue.recv().await else {
+            return;
+        };
+        let mut bytes = body_bytes(&first.message);
+        let mut batch = vec![first];
+        while batch.len() < EXCHANGE_MESSAGES && bytes < EXCHANGE_BYTES {
+            match queue.try_recv() {
+                Ok(m) => {
+                    bytes += body_bytes(&m.message);
+                    batch.push(m);
+                }
+                Err(_) => break,
+            }
+        }
+        let mut client = client.clone();
+        let transport = transport.clone();
+        tokio::spawn(async move {
+            let mut messages = Vec::with_capacity(batch.len());
+            let mut waiting = Vec::with_capacity(batch.len());
+            for (i, out) in batch.into_iter().enumerate() {
+                let mut m = out.message;
+                m.call_id = i as u64;
+                messages.push(m);
+                waiting.push(Some((out.core, out.reply)));
+            }
+            let mut request = tonic::Request::new(pb::ExchangeRequest {
+                from: transport.me,
+                to: target,
+                messages,
+            });
+            request.set_timeout(CALL_TIMEOUT);
+            let result = client.exchange(request).await;
+            let mut answers: Vec<Option<Answer>> = (0..waiting.len()).map(|_| None).collect();
+            match result {
+                Ok(resp) => {
+                    for r in resp.into_inner().replies {
+                        let Some(slot) = answers.get_mut(r.call_id as usize) else {
+                            continue;
+                        };
+                        *slot = Some(match r.body {
+                            Some(pb::raft_reply::Body::Ok(b)) => Ok(b),
+                            Some(pb::raft_reply::Body::Error(e)) => Err(e),
+                            None => Err("empty reply".into()),
+                        });
+                    }
+                }
+                Err(status) => {
+                    tracing::debug!(target, code = ?status.code(), message = status.message(), "exchange failed");
+                    let e = format!("node {target}: {}", status.message());
+                    for a in answers.iter_mut() {
+                        *a = Some(Err(e.clone()));
+                    }
+                }
+            }
+            drop(slot);
+            // Group the answers by core: one mailbox request per core.
+            let mut by_core: HashMap<u32, Vec<(oneshot::Sender<Answer>, Answer)>> = HashMap::new();
+            for (w, a) in waiting.into_iter().zip(answers) {
+                if let Some((core, tx)) = w {
+                    let a = a.unwrap_or_else(|| Err("no reply for this message".into()));
+                    by_core.entry(core).or_default().push((tx, a));
+                }
+            }
+            for (core, answers) in by_core {
+                transport.deliver(core, answers).await;
+            }
+        });
+    }
+}
+
+/// The network of one group on one core: makes a client per peer.
+pub struct GroupNetwork {
+    pub transport: Arc<Transport>,
+    pub core: u32,
+    pub group: pb::Group,
+}
+
+/// One group's client of one peer.
+pub struct GroupClient {
+    transport: Arc<Transport>,
+    core: u32,
+    group: pb::Group,
+    target: NodeId,
+    addr: String,
+}
+
+impl RaftNetworkFactory<PartitionRaft> for GroupNetwork {
+    type Network = GroupClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &Member) -> GroupClient {
+        GroupClient {
+            transport: self.transport.clone(),
+            core: self.core,
+            group: self.group.clone(),
+            target,
+            addr: node.addr.clone(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct CallFailed(String);
+
+impl std::fmt::Display for CallFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CallFailed {}
+
+fn unreachable(e: String) -> RPCError<PartitionRaft> {
+    RPCError::Unreachable(Unreachable::new(&CallFailed(e)))
+}
+
+impl GroupClient {
+    async fn call(
+        &self,
+        body: pb::raft_request::Body,
+        option: &RPCOption,
+    ) -> Result<Bytes, RPCError<PartitionRaft>> {
+        let (tx, rx) = oneshot::channel();
+        let out = Outgoing {
+            core: self.core,
+            message: pb::RaftRequest {
+                call_id: 0,
+                group: Some(self.group.clone()),
+                body: Some(body),
+            },
+            reply: tx,
+        };
+        self.transport
+            .send(self.target, &self.addr, out)
+            .map_err(unreachable)?;
+        let ttl = option.hard_ttl();
+        match glommio::timer::timeout(ttl, async { Ok(rx.await) }).await {
+            Ok(Ok(Ok(bytes))) => Ok(bytes),
+            Ok(Ok(Err(e))) => Err(unreachable(e)),
+            Ok(Err(_)) => Err(unreachable("the transport dropped the call".into())),
+            Err(_) => Err(unreachable(format!(
+                "node {} did not answer within {ttl:?}",
+                self.target
+            ))),
+        }
+    }
+}
+
+impl openraft::network::v2::RaftNetworkV2<PartitionRaft> for GroupClient {
+    type SnapshotData = LogSnapshot;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<PartitionRaft>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<PartitionRaft>, RPCError<PartitionRaft>> {
+        let body = pb::raft_request::Body::Append(wire::encode_append(&rpc));
+        let bytes = self.call(body, &option).await?;
+        wire::decode_append_response(&bytes).map_err(unreachable)
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<PartitionRaft>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<PartitionRaft>, RPCError<PartitionRaft>> {
+        let body = pb::raft_request::Body::Vote(wire::encode_vote(&rpc));
+        let bytes = self.call(body, &option).await?;
+        wire::decode_vote_response(&bytes).map_err(unreachable)
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<PartitionRaft>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<PartitionRaft>, RPCError<PartitionRaft>> {
+        let body = pb::raft_request::Body::PreVote(wire::encode_vote(&rpc));
+        let bytes = self.call(body, &option).await?;
+        wire::decode_vote_response(&bytes).map_err(unreachable)
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        _vote: Vote,
+        _snapshot: openraft::alias::SnapshotOf<PartitionRaft, LogSnapshot>,
+        _cancel: impl std::future::Future<Output = openraft::error::ReplicationClosed> + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<PartitionRaft>, StreamingError<PartitionRaft>> {
+        // Groups never snapshot (retention deletes data); shipping segments to a follower that
+        // retention left behind is not built yet.
+        Err(StreamingError::Unreachable(Unreachable::new(&CallFailed(
+            "segment shipping to a follower behind retention is not built".into(),
+        ))))
+    }
+}
+
+/// Handles one message from a peer on the core that owns its group.
+pub async fn handle(raft: &super::group::PartitionGroup, body: pb::raft_request::Body) -> Answer {
+    use pb::raft_request::Body;
+    match body {
+        Body::Append(a) => {
+            let rpc = wire::decode_append(a)?;
+            let r = raft.append_entries(rpc).await.map_err(|e| e.to_string())?;
+            Ok(wire::encode_append_response(&r))
+        }
+        Body::Vote(v) => {
+            let rpc = wire::decode_vote(&v)?;
+            let r = raft.vote(rpc).await.map_err(|e| e.to_string())?;
+            Ok(wire::encode_vote_response(&r))
+        }
+        Body::PreVote(v) => {
+            let rpc = wire::decode_vote(&v)?;
+            let r = raft.pre_vote(rpc).await.map_err(|e| e.to_string())?;
+            Ok(wire::encode_vote_response(&r))
+        }
+    }
+}
