@@ -14,10 +14,13 @@ use crate::shard::{ShardConfig, Shards};
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs a node until it is told to stop.
-pub fn run(config: Config) -> anyhow::Result<()> {
+pub fn run(mut config: Config) -> anyhow::Result<()> {
     config.validate()?;
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| anyhow::anyhow!("creating data dir {}: {e}", config.data_dir.display()))?;
+    // glommio opens directories by absolute path only (a relative one fails with EBADF).
+    config.data_dir = std::fs::canonicalize(&config.data_dir)
+        .map_err(|e| anyhow::anyhow!("resolving data dir {}: {e}", config.data_dir.display()))?;
     let _lock = lock_data_dir(&config)?;
     let shards = Shards::start(&ShardConfig {
         cores: config.core_count(),

@@ -11,7 +11,11 @@ use crate::shard::CoreError;
 
 pub fn from_core(e: CoreError) -> Status {
     match e {
-        CoreError::UnknownPartition(p) => Status::not_found(format!("unknown partition {p}")),
+        // The broker checks that topic and partition exist before it asks a core: a core that
+        // does not have it is still opening (or closing) this node's replica. Retry.
+        CoreError::UnknownPartition(p) => Status::unavailable(format!(
+            "the replica of {p} on this node is not open yet; retry"
+        )),
         CoreError::ShuttingDown => Status::unavailable("the node is shutting down"),
         CoreError::Busy(core) => Status::resource_exhausted(format!(
             "core {core} is saturated (its mailbox stayed full); retry with backoff"

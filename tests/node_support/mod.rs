@@ -22,15 +22,19 @@ pub struct TestNode {
 impl TestNode {
     /// Starts a node on `dir` with 2 cores and waits until it listens.
     pub fn start(dir: &Path, extra: &[&str]) -> TestNode {
+        Self::start_at(dir, "127.0.0.1:0", extra)
+    }
+
+    /// Starts a node listening on `listen` (a cluster member needs a port known in advance).
+    pub fn start_at(dir: &Path, listen: &str, extra: &[&str]) -> TestNode {
         let mut cmd = Command::new(TERN);
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir);
+        cmd.args(["serve", "--listen", listen, "--data-dir"]).arg(dir);
         if !extra.contains(&"--cores") {
             cmd.args(["--cores", "2"]);
         }
         let mut child = cmd
             .args(extra)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn,openraft=error")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
