@@ -8,7 +8,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".")
         .file_descriptor_set_path(out.join("tern_descriptor.bin"))
         .compile_protos(
-            &["proto/tern/v1/tern.proto", "proto/tern/internal/v1/peer.proto"],
+            &[
+                "proto/tern/v1/tern.proto",
+                "proto/tern/internal/v1/peer.proto",
+            ],
             &["proto"],
         )?;
     println!("cargo:rerun-if-changed=proto");

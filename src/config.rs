@@ -148,7 +148,12 @@ impl Config {
     /// The parsed `peers`: node id → address. Checks that this node is among them.
     pub fn peer_map(&self) -> anyhow::Result<std::collections::BTreeMap<u64, String>> {
         let mut map = std::collections::BTreeMap::new();
-        for item in self.peers.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        for item in self
+            .peers
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
             let (id, addr) = item
                 .split_once('=')
                 .ok_or_else(|| anyhow::anyhow!("peer {item:?} is not ID=HOST:PORT"))?;
@@ -290,7 +295,13 @@ mod tests {
         let m = c.peer_map().unwrap();
         assert_eq!(m.len(), 3);
         assert_eq!(m[&3], "[::1]:3");
-        for bad in ["1=a:1,3=c:3", "x=a:1,2=b:2", "2=b", "2=b:2,2=c:3", "0=a:1,2=b:2"] {
+        for bad in [
+            "1=a:1,3=c:3",
+            "x=a:1,2=b:2",
+            "2=b",
+            "2=b:2,2=c:3",
+            "0=a:1,2=b:2",
+        ] {
             let c = Config {
                 node_id: 2,
                 peers: bad.into(),

@@ -39,7 +39,10 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("listening on {}: {e}", config.listen))?;
         let addr = listener.local_addr()?;
         // In a cluster the peers list says where this node is reached.
-        let advertised = match (&config.advertised_address, config.peer_map()?.remove(&config.node_id)) {
+        let advertised = match (
+            &config.advertised_address,
+            config.peer_map()?.remove(&config.node_id),
+        ) {
             (Some(a), _) => a.clone(),
             (None, Some(a)) => a,
             (None, None) => addr.to_string(),

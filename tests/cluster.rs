@@ -36,7 +36,9 @@ fn free_ports(n: usize) -> Vec<u16> {
     let held: Vec<_> = (0..n)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
         .collect();
-    held.iter().map(|l| l.local_addr().unwrap().port()).collect()
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
 }
 
 impl Cluster {
@@ -50,7 +52,9 @@ impl Cluster {
             .map(|(i, a)| format!("{}={a}", i + 1))
             .collect::<Vec<_>>()
             .join(",");
-        let dirs = (0..n).map(|i| tmp.path().join(format!("n{}", i + 1))).collect();
+        let dirs = (0..n)
+            .map(|i| tmp.path().join(format!("n{}", i + 1)))
+            .collect();
         let mut c = Cluster {
             _tmp: tmp,
             dirs,
@@ -139,7 +143,10 @@ impl Cluster {
             {
                 return l as usize - 1;
             }
-            assert!(Instant::now() < deadline, "no leader for {topic}/{partition}");
+            assert!(
+                Instant::now() < deadline,
+                "no leader for {topic}/{partition}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -267,8 +274,16 @@ async fn three_nodes_publish_and_subscribe_through_any_node() {
     }
     // Same offsets everywhere (followers store the leader's batches byte for byte).
     let offsets = |rs: Vec<pb::Record>| rs.into_iter().map(|r| r.offset).collect::<Vec<_>>();
-    let a = offsets(try_fetch_all(&mut cluster.client(0).await, "orders", 1).await.unwrap());
-    let b = offsets(try_fetch_all(&mut cluster.client(2).await, "orders", 1).await.unwrap());
+    let a = offsets(
+        try_fetch_all(&mut cluster.client(0).await, "orders", 1)
+            .await
+            .unwrap(),
+    );
+    let b = offsets(
+        try_fetch_all(&mut cluster.client(2).await, "orders", 1)
+            .await
+            .unwrap(),
+    );
     assert_eq!(a, b);
 
     // A subscription through node 3 delivers everything, in order per partition.
@@ -361,7 +376,11 @@ async fn three_nodes_publish_and_subscribe_through_any_node() {
             if r.topics.iter().all(|t| t.name != "single") {
                 break;
             }
-            assert!(Instant::now() < deadline, "node {} still lists the topic", node + 1);
+            assert!(
+                Instant::now() < deadline,
+                "node {} still lists the topic",
+                node + 1
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -476,13 +495,20 @@ async fn kill_9_the_leader_under_load_repeatedly_then_restart_all() {
         cluster.start_node(leader);
     }
     let acked = writer.finish().await;
-    eprintln!("{} records acknowledged; longest gap {longest:?}", acked.len());
+    eprintln!(
+        "{} records acknowledged; longest gap {longest:?}",
+        acked.len()
+    );
 
     // Every acknowledged record on every node, in order.
     for node in 0..3 {
         let log = read_all(&mut cluster.client(node).await, "load", 0, acked.len()).await;
         let dups = check_acked(&log, &acked);
-        eprintln!("node {}: {} records, {dups} duplicates", node + 1, log.len());
+        eprintln!(
+            "node {}: {} records, {dups} duplicates",
+            node + 1,
+            log.len()
+        );
     }
 
     // kill -9 all three at once, restart them: everything acknowledged is still there.
@@ -552,7 +578,10 @@ async fn an_isolated_leader_cannot_commit_and_rejoins_dropping_its_tail() {
         if publish(others[acked.len() % 2], &v).await.is_ok() {
             acked.push(v);
         } else {
-            assert!(Instant::now() < deadline, "the majority did not take writes");
+            assert!(
+                Instant::now() < deadline,
+                "the majority did not take writes"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

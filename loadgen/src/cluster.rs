@@ -1,16 +1,26 @@
 //! The nodes a run talks to: spawned locally (`--spawn N`) or already running (`--brokers`).
+//!
+//! A spawned cluster of more than one node gets loopback ports from the OS up front (each
+//! node must know its peers' addresses when it starts), and is used once every node knows
+//! every other and the metadata group has a leader. The failover workload kills nodes with
+//! SIGKILL and restarts them on the same port and data directory.
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use tern::proto::v1 as pb;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 pub struct Cluster {
     pub addrs: Vec<String>,
-    children: Vec<Child>,
-    _dirs: Vec<tempfile::TempDir>,
+    program: PathBuf,
+    prefix: Vec<String>,
+    /// Per node: its extra arguments (listen, id, peers).
+    node_args: Vec<Vec<String>>,
+    children: Vec<Option<Child>>,
+    dirs: Vec<tempfile::TempDir>,
 }
 
 /// The program that serves: `--tern-bin`, else `tern` next to this executable, else this
@@ -27,77 +37,160 @@ fn server_program(tern_bin: Option<PathBuf>) -> anyhow::Result<(PathBuf, Vec<Str
     Ok((me, vec!["--serve-self".into(), "serve".into()]))
 }
 
+/// Free loopback ports from the OS (bound together, then released for the nodes to take).
+fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let held = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(held
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<Result<_, _>>()?)
+}
+
 impl Cluster {
     pub async fn spawn(n: usize, tern_bin: Option<PathBuf>) -> anyhow::Result<Cluster> {
+        anyhow::ensure!((1..=64).contains(&n), "--spawn must be 1..=64");
         let (program, prefix) = server_program(tern_bin)?;
+        let node_args: Vec<Vec<String>> = if n == 1 {
+            vec![vec![
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--node-id".into(),
+                "1".into(),
+            ]]
+        } else {
+            let ports = free_ports(n)?;
+            let peers = ports
+                .iter()
+                .enumerate()
+                .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+                .collect::<Vec<_>>()
+                .join(",");
+            ports
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    vec![
+                        "--listen".into(),
+                        format!("127.0.0.1:{p}"),
+                        "--node-id".into(),
+                        (i + 1).to_string(),
+                        "--peers".into(),
+                        peers.clone(),
+                    ]
+                })
+                .collect()
+        };
         let mut c = Cluster {
-            addrs: Vec::new(),
-            children: Vec::new(),
-            _dirs: Vec::new(),
+            addrs: vec![String::new(); n],
+            program,
+            prefix,
+            node_args,
+            children: (0..n).map(|_| None).collect(),
+            dirs: (0..n)
+                .map(|_| tempfile::tempdir())
+                .collect::<Result<_, _>>()?,
         };
         for i in 0..n {
-            let dir = tempfile::tempdir()?;
-            let mut child = Command::new(&program)
-                .args(&prefix)
-                .args([
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--node-id",
-                    &(i + 1).to_string(),
-                    "--data-dir",
-                ])
-                .arg(dir.path())
-                .env(
-                    "RUST_LOG",
-                    std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-                )
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .kill_on_drop(true)
-                .spawn()
-                .map_err(|e| anyhow::anyhow!("starting {}: {e}", program.display()))?;
-            let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
-            let addr = tokio::time::timeout(Duration::from_secs(30), async {
-                while let Some(line) = lines.next_line().await? {
-                    if let Some(a) = line.strip_prefix("tern listening on ") {
-                        return Ok::<_, anyhow::Error>(a.to_string());
-                    }
-                }
-                anyhow::bail!("node {} exited before listening", i + 1)
-            })
-            .await
-            .map_err(|_| anyhow::anyhow!("node {} did not start within 30 s", i + 1))??;
-            // Keep draining its stdout so it never blocks on a full pipe.
-            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-            eprintln!(
-                "loadgen: node {} listening on {addr} (data in {})",
-                i + 1,
-                dir.path().display()
-            );
-            c.addrs.push(addr);
-            c.children.push(child);
-            c._dirs.push(dir);
+            c.start_node(i).await?;
+        }
+        if n > 1 {
+            c.wait_formed().await?;
         }
         Ok(c)
+    }
+
+    /// Starts (or restarts) node `i` and waits until it listens.
+    pub async fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
+        let dir = self.dirs[i].path().to_path_buf();
+        let mut child = Command::new(&self.program)
+            .args(&self.prefix)
+            .args(&self.node_args[i])
+            .arg("--data-dir")
+            .arg(&dir)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,openraft=error".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("starting {}: {e}", self.program.display()))?;
+        let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let addr = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(a) = line.strip_prefix("tern listening on ") {
+                    return Ok::<_, anyhow::Error>(a.to_string());
+                }
+            }
+            anyhow::bail!("node {} exited before listening", i + 1)
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("node {} did not start within 30 s", i + 1))??;
+        // Keep draining its stdout so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        eprintln!(
+            "loadgen: node {} listening on {addr} (data in {})",
+            i + 1,
+            dir.display()
+        );
+        self.addrs[i] = addr;
+        self.children[i] = Some(child);
+        Ok(())
+    }
+
+    /// Waits until every node lists every node and knows the metadata leader.
+    async fn wait_formed(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for addr in &self.addrs {
+            loop {
+                if let Ok(mut c) = super::run::connect(addr).await {
+                    if let Ok(r) = c.cluster_info(pb::ClusterInfoRequest {}).await {
+                        let r = r.into_inner();
+                        if r.nodes.len() == self.addrs.len() && r.metadata_leader != 0 {
+                            break;
+                        }
+                    }
+                }
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "the spawned cluster did not form within 60 s"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
     }
 
     pub fn existing(addrs: Vec<String>) -> Cluster {
         Cluster {
             addrs,
+            program: PathBuf::new(),
+            prefix: Vec::new(),
+            node_args: Vec::new(),
             children: Vec::new(),
-            _dirs: Vec::new(),
+            dirs: Vec::new(),
+        }
+    }
+
+    /// SIGKILL to node `i` (no flush, no goodbye).
+    pub async fn kill9(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill().await;
         }
     }
 
     /// Stops spawned nodes with SIGTERM (they flush and exit), bounded in time.
     pub async fn stop(mut self) {
-        for c in &mut self.children {
+        for c in self.children.iter_mut().flatten() {
             if let Some(pid) = c.id() {
                 // SAFETY: signalling our own child process.
                 unsafe { libc::kill(pid as i32, libc::SIGTERM) };
             }
         }
-        for c in &mut self.children {
+        for c in self.children.iter_mut().flatten() {
             if tokio::time::timeout(Duration::from_secs(20), c.wait())
                 .await
                 .is_err()

@@ -3,6 +3,7 @@
 
 mod accounting;
 mod cluster;
+mod failover;
 mod payload;
 mod run;
 mod settings;
@@ -46,7 +47,7 @@ fn main() {
 
 async fn main_async(args: Args) -> anyhow::Result<i32> {
     let s = Settings::resolve(&args)?;
-    if let Some(why) = s.unsupported() {
+    if let Some(why) = s.unsupported(args.spawn.is_some()) {
         anyhow::bail!("{why}");
     }
     let cluster = match (args.spawn, args.brokers.is_empty()) {
@@ -55,8 +56,28 @@ async fn main_async(args: Args) -> anyhow::Result<i32> {
         (Some(_), false) => anyhow::bail!("use either --spawn or --brokers, not both"),
         (None, true) => anyhow::bail!("say where Tern runs: --spawn N or --brokers host:port"),
     };
-    let result = run_on(&s, &cluster.addrs).await;
-    cluster.stop().await;
+    let addrs = cluster.addrs.clone();
+    let cluster = std::sync::Arc::new(tokio::sync::Mutex::new(cluster));
+    let killer = s.kill_every_s.map(|every| {
+        let cluster = cluster.clone();
+        let warmup = s.warmup_s;
+        let until = Duration::from_secs(s.warmup_s + s.duration_s);
+        tokio::spawn(failover::run(cluster, Duration::from_secs(every), warmup, until))
+    });
+    let result = run_on(&s, &addrs).await;
+    let kills = match killer {
+        Some(k) => {
+            k.abort();
+            k.await.ok()
+        }
+        None => None,
+    };
+    if let Ok(c) = std::sync::Arc::try_unwrap(cluster) {
+        c.into_inner().stop().await;
+    }
+    if let Some(k) = kills {
+        eprintln!("loadgen: failover: {k} leaders killed with SIGKILL and restarted");
+    }
     let report = result?;
     println!("{}", report.table());
     if let Some(path) = &args.json {
@@ -168,7 +189,8 @@ async fn run_on(s: &Settings, addrs: &[String]) -> anyhow::Result<Report> {
             None => format!("closed loop, {} requests in flight per producer", s.in_flight),
         }
     );
-    let shared = run::run(s, addr, &topics).await?;
+    let shared = run::run(s, addrs, &topics).await?;
+    let longest_gap = *shared.longest_gap.lock().unwrap();
     let measured_s = Duration::from_secs(s.duration_s).as_secs_f64();
     let acked_measured = shared.acked_measured.load(Ordering::Relaxed);
     let rate = acked_measured as f64 / measured_s;
@@ -203,6 +225,7 @@ async fn run_on(s: &Settings, addrs: &[String]) -> anyhow::Result<Report> {
         "publish_ack_latency": percentiles(&publish),
         "end_to_end_latency": percentiles(&e2e),
         "errors": errors,
+        "longest_ack_gap_ms": longest_gap.as_secs_f64() * 1000.0,
     });
     let mut lines = vec![
         String::new(),
@@ -227,6 +250,10 @@ async fn run_on(s: &Settings, addrs: &[String]) -> anyhow::Result<Report> {
             } else {
                 format!("{errors:?}")
             }
+        ),
+        format!(
+            "longest gap     {:.0} ms without an acknowledgment on some partition",
+            longest_gap.as_secs_f64() * 1000.0
         ),
         String::new(),
         format!(

@@ -44,6 +44,10 @@ pub struct Shared {
     pub end: Instant,
     pub start: Instant,
     wall_at_start_us: u64,
+    /// Per partition, the last successful acknowledgment; and the longest time between two of
+    /// them inside the measured window: how long a partition took no writes (failover).
+    last_ack: Mutex<BTreeMap<(String, u32), Instant>>,
+    pub longest_gap: Mutex<Duration>,
 }
 
 impl Shared {
@@ -58,6 +62,16 @@ impl Shared {
             .unwrap()
             .entry(format!("{:?}", status.code()))
             .or_default() += records;
+    }
+
+    /// A subscription that failed (counted per failure, under "subscribe CODE").
+    fn stream_error(&self, status: &tonic::Status) {
+        *self
+            .errors
+            .lock()
+            .unwrap()
+            .entry(format!("subscribe {:?}", status.code()))
+            .or_default() += 1;
     }
 }
 
@@ -92,7 +106,11 @@ impl XorShift {
 }
 
 /// Runs the load; returns the shared counters for the report.
-pub async fn run(s: &Settings, addr: &str, topics: &[String]) -> anyhow::Result<Arc<Shared>> {
+pub async fn run(
+    s: &Settings,
+    addrs: &[String],
+    topics: &[String],
+) -> anyhow::Result<Arc<Shared>> {
     let start = Instant::now() + Duration::from_millis(200);
     let measure_from = start + Duration::from_secs(s.warmup_s);
     let end = measure_from + Duration::from_secs(s.duration_s);
@@ -111,41 +129,31 @@ pub async fn run(s: &Settings, addr: &str, topics: &[String]) -> anyhow::Result<
         end,
         start,
         wall_at_start_us,
+        last_ack: Mutex::new(BTreeMap::new()),
+        longest_gap: Mutex::new(Duration::ZERO),
     });
 
-    // Consumers first, positioned at the end, so they see every record published afterwards.
+    // Consumers first, from the start of the (new, empty) topics, so they see every record.
+    // Consumer i reads through node i + 1 (producers start at node i): reads and writes go
+    // through different nodes, as in a cluster.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut consumers = Vec::new();
     for i in 0..s.consumers {
-        let mut client = connect(addr).await?;
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        let add = topics
+        let parts: Vec<(String, u32)> = topics
             .iter()
-            .map(|t| pb::TopicSubscription {
-                topic: t.clone(),
-                from: None,
-                partitions: (0..s.partitions)
+            .flat_map(|t| {
+                (0..s.partitions)
                     .filter(|p| *p as usize % s.consumers == i)
-                    .collect(),
+                    .map(|p| (t.clone(), p))
             })
-            .filter(|t| !t.partitions.is_empty())
-            .collect::<Vec<_>>();
-        if add.is_empty() {
+            .collect();
+        if parts.is_empty() {
             continue;
         }
-        tx.send(pb::SubscribeRequest {
-            add,
-            remove: vec![],
-        })
-        .await?;
-        let stream = client
-            .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .map_err(|e| anyhow::anyhow!("subscribe: {e}"))?
-            .into_inner();
         consumers.push(tokio::spawn(consume(
-            stream,
-            tx,
+            addrs.to_vec(),
+            i + 1,
+            parts,
             shared.clone(),
             stop_rx.clone(),
         )));
@@ -154,7 +162,7 @@ pub async fn run(s: &Settings, addr: &str, topics: &[String]) -> anyhow::Result<
     let progress = tokio::spawn(progress(shared.clone()));
     let mut producers = Vec::new();
     for id in 0..s.producers as u32 {
-        let client = connect(addr).await?;
+        let client = Nodes::new(addrs, id as usize)?;
         let s = s.clone();
         let topics = topics.to_vec();
         let shared = shared.clone();
@@ -190,40 +198,97 @@ pub async fn run(s: &Settings, addr: &str, topics: &[String]) -> anyhow::Result<
     Ok(shared)
 }
 
+/// Follows its partitions through one node; when the stream fails (the node died), it
+/// subscribes again through the next node from the offsets it has reached, so nothing
+/// acknowledged is missed because a node went away.
 async fn consume(
-    mut stream: tonic::Streaming<pb::SubscribeResponse>,
-    _keep_open: tokio::sync::mpsc::Sender<pb::SubscribeRequest>,
+    addrs: Vec<String>,
+    first: usize,
+    parts: Vec<(String, u32)>,
     shared: Arc<Shared>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let mut next: BTreeMap<(String, u32), u64> = BTreeMap::new();
+    let mut node = first;
     loop {
-        let next = tokio::select! {
-            n = stream.next() => n,
-            _ = stop.changed() => return,
-        };
-        let resp = match next {
-            Some(Ok(r)) => r,
-            Some(Err(status)) => {
-                shared.error(&status, 1);
-                return;
-            }
-            None => return,
-        };
-        let now = now_wall_us();
-        let mut e2e = shared.e2e.lock().unwrap();
-        let mut ledger = shared.ledger.lock().unwrap();
-        for r in &resp.records {
-            let Some(st) = payload::decode(&r.value) else {
-                continue;
-            };
-            if st.due_us >= shared.measure_from_wall_us {
-                let _ = e2e.record(now.saturating_sub(st.due_us).max(1));
-            }
-            ledger.deliver(st.producer, r.partition, r.offset, st.seq);
+        if *stop.borrow() {
+            return;
         }
-        shared
-            .delivered
-            .fetch_add(resp.records.len() as u64, Ordering::Relaxed);
+        let addr = &addrs[node % addrs.len()];
+        let add = parts
+            .iter()
+            .map(|(t, p)| pb::TopicSubscription {
+                topic: t.clone(),
+                from: Some(pb::StartPosition {
+                    position: Some(match next.get(&(t.clone(), *p)) {
+                        Some(o) => pb::start_position::Position::Offset(*o),
+                        None => pb::start_position::Position::Earliest(true),
+                    }),
+                }),
+                partitions: vec![*p],
+            })
+            .collect::<Vec<_>>();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let _ = tx
+            .send(pb::SubscribeRequest {
+                add,
+                remove: vec![],
+            })
+            .await;
+        let stream = match connect(addr).await {
+            Ok(mut c) => c
+                .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .map(|r| r.into_inner()),
+            Err(_) => Err(tonic::Status::unavailable(format!("cannot reach {addr}"))),
+        };
+        let mut stream = match stream {
+            Ok(st) => st,
+            Err(status) => {
+                shared.stream_error(&status);
+                node += 1;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                    _ = stop.changed() => return,
+                }
+            }
+        };
+        loop {
+            let item = tokio::select! {
+                n = stream.next() => n,
+                _ = stop.changed() => return,
+            };
+            let resp = match item {
+                Some(Ok(r)) => r,
+                Some(Err(status)) => {
+                    shared.stream_error(&status);
+                    break;
+                }
+                None => break,
+            };
+            let now = now_wall_us();
+            let mut e2e = shared.e2e.lock().unwrap();
+            let mut ledger = shared.ledger.lock().unwrap();
+            for r in &resp.records {
+                next.insert((r.topic.clone(), r.partition), r.offset + 1);
+                let Some(st) = payload::decode(&r.value) else {
+                    continue;
+                };
+                if st.due_us >= shared.measure_from_wall_us {
+                    let _ = e2e.record(now.saturating_sub(st.due_us).max(1));
+                }
+                ledger.deliver(st.producer, r.partition, r.offset, st.seq);
+            }
+            shared
+                .delivered
+                .fetch_add(resp.records.len() as u64, Ordering::Relaxed);
+        }
+        // The stream ended: go on through the next node.
+        node += 1;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = stop.changed() => return,
+        }
     }
 }
 
@@ -263,6 +328,7 @@ fn make_request(
 /// with its due (or send) instant.
 fn on_answer(
     shared: &Shared,
+    topic: &str,
     id: u32,
     first_seq: u64,
     dues: &[Instant],
@@ -270,7 +336,21 @@ fn on_answer(
 ) {
     let now = Instant::now();
     match r {
-        Ok(_) => {
+        Ok(resp) => {
+            if now >= shared.measure_from && now < shared.end {
+                let resp = resp.get_ref();
+                let mut last = shared.last_ack.lock().unwrap();
+                let mut longest = shared.longest_gap.lock().unwrap();
+                let mut seen = std::collections::BTreeSet::new();
+                for a in &resp.acks {
+                    if seen.insert(a.partition) {
+                        let key = (topic.to_string(), a.partition);
+                        if let Some(prev) = last.insert(key, now) {
+                            *longest = (*longest).max(now.saturating_duration_since(prev));
+                        }
+                    }
+                }
+            }
             let mut h = shared.publish.lock().unwrap();
             let mut measured = 0;
             for due in dues {
@@ -284,6 +364,7 @@ fn on_answer(
             for k in 0..dues.len() as u64 {
                 l.ack(id, first_seq + k);
             }
+            drop(l);
             shared.acked.fetch_add(dues.len() as u64, Ordering::Relaxed);
             shared.acked_measured.fetch_add(measured, Ordering::Relaxed);
         }
@@ -291,10 +372,52 @@ fn on_answer(
     }
 }
 
+/// A producer's clients, one per node: it publishes through one and moves to the next when a
+/// request fails (the node may be down; any node forwards to the partition's leader).
+#[derive(Clone)]
+struct Nodes {
+    clients: Arc<Vec<TernClient<Channel>>>,
+    current: Arc<AtomicU64>,
+}
+
+impl Nodes {
+    fn new(addrs: &[String], first: usize) -> anyhow::Result<Nodes> {
+        let clients = addrs
+            .iter()
+            .map(|a| {
+                let ch = tonic::transport::Endpoint::from_shared(format!("http://{a}"))?
+                    .connect_timeout(Duration::from_secs(1))
+                    .tcp_nodelay(true)
+                    .connect_lazy();
+                Ok(TernClient::new(ch)
+                    .max_decoding_message_size(64 << 20)
+                    .max_encoding_message_size(64 << 20))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Nodes {
+            clients: Arc::new(clients),
+            current: Arc::new(AtomicU64::new(first as u64)),
+        })
+    }
+
+    /// The client in use, and its position (to report a failure of exactly that one).
+    fn get(&self) -> (u64, TernClient<Channel>) {
+        let i = self.current.load(Ordering::Relaxed);
+        (i, self.clients[i as usize % self.clients.len()].clone())
+    }
+
+    /// Moves to the next node after a failure of client `i` (once per failure wave).
+    fn failed(&self, i: u64) {
+        let _ = self
+            .current
+            .compare_exchange(i, i + 1, Ordering::Relaxed, Ordering::Relaxed);
+    }
+}
+
 async fn open_loop(
     id: u32,
     s: &Settings,
-    client: TernClient<Channel>,
+    client: Nodes,
     topics: &[String],
     shared: Arc<Shared>,
 ) {
@@ -324,12 +447,17 @@ async fn open_loop(
         let topic = &topics[batch_no % topics.len()];
         let req = make_request(s, id, topic, seq..seq + n, &dues_us, &mut rng);
         shared.sent.fetch_add(n, Ordering::Relaxed);
-        let mut c = client.clone();
+        let nodes = client.clone();
         let shared2 = shared.clone();
         let first = seq;
+        let topic = topic.clone();
         tokio::spawn(async move {
+            let (i, mut c) = nodes.get();
             let r = c.publish(req).await;
-            on_answer(&shared2, id, first, &dues, r);
+            if r.is_err() {
+                nodes.failed(i);
+            }
+            on_answer(&shared2, &topic, id, first, &dues, r);
             drop(permit);
         });
         seq += n;
@@ -342,7 +470,7 @@ async fn open_loop(
 async fn closed_loop(
     id: u32,
     s: &Settings,
-    client: TernClient<Channel>,
+    client: Nodes,
     topics: &[String],
     shared: Arc<Shared>,
 ) {
@@ -350,7 +478,7 @@ async fn closed_loop(
     let next_seq = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
     for w in 0..s.in_flight {
-        let mut c = client.clone();
+        let nodes = client.clone();
         let s = s.clone();
         let topics = topics.to_vec();
         let shared = shared.clone();
@@ -366,8 +494,14 @@ async fn closed_loop(
                 let topic = &topics[batch_no % topics.len()];
                 let req = make_request(&s, id, topic, seq..seq + n, &stamp, &mut rng);
                 shared.sent.fetch_add(n, Ordering::Relaxed);
+                let (i, mut c) = nodes.get();
                 let r = c.publish(req).await;
-                on_answer(&shared, id, seq, &vec![sent_at; n as usize], r);
+                if r.is_err() {
+                    nodes.failed(i);
+                    // Do not spin on a node that is down.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                on_answer(&shared, topic, id, seq, &vec![sent_at; n as usize], r);
                 batch_no += s.in_flight;
             }
         }));

@@ -223,17 +223,18 @@ impl Settings {
         Ok(s)
     }
 
-    /// What this build of Tern cannot run yet, said plainly.
-    pub fn unsupported(&self) -> Option<String> {
-        if self.nodes > 1 || self.replication_factor > 1 || self.kill_every_s.is_some() {
+    /// What cannot run as asked, said plainly.
+    pub fn unsupported(&self, spawned: bool) -> Option<String> {
+        if self.replication_factor as usize > self.nodes {
             return Some(format!(
-                "workload {:?} needs {} nodes with replication factor {}{}; Tern has no replication \
-                 yet (the \"Replication\" issue), so multi-node clusters cannot be formed. For the \
-                 single-node variant, add --spawn 1 --replication-factor 1",
-                self.workload,
-                self.nodes,
-                self.replication_factor,
-                if self.kill_every_s.is_some() { " and leader failover" } else { "" }
+                "replication factor {} needs at least {} nodes; this run has {}",
+                self.replication_factor, self.replication_factor, self.nodes
+            ));
+        }
+        if self.kill_every_s.is_some() && !spawned {
+            return Some(format!(
+                "workload {:?} kills nodes, so it needs a cluster it started itself: use --spawn",
+                self.workload
             ));
         }
         None
@@ -248,6 +249,7 @@ impl Settings {
             "rate": self.rate, "closed_loop": self.rate.is_none(), "in_flight": self.in_flight,
             "producers": self.producers, "consumers": self.consumers,
             "duration_s": self.duration_s, "warmup_s": self.warmup_s, "fsync": self.fsync,
+            "kill_every_s": self.kill_every_s,
         })
     }
 }

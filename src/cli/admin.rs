@@ -217,41 +217,146 @@ pub async fn topic(cmd: TopicCmd) -> anyhow::Result<()> {
 pub async fn cluster(cmd: ClusterCmd) -> anyhow::Result<()> {
     let ClusterCmd::Status { opts } = cmd;
     let mut c = opts.connect().await?;
-    let r = c
+    let first = c
         .cluster_info(pb::ClusterInfoRequest {})
         .await
         .map_err(status_error)?
         .into_inner();
+    // Ask every node for its own view: a partition's leader reports its followers' lag.
+    let mut views: std::collections::BTreeMap<u64, Option<pb::ClusterInfoResponse>> =
+        std::collections::BTreeMap::new();
+    for n in &first.nodes {
+        let view = if n.id == first.node_id {
+            Some(first.clone())
+        } else {
+            ask_node(&n.address).await
+        };
+        views.insert(n.id, view);
+    }
+    if views.is_empty() {
+        views.insert(first.node_id, Some(first.clone()));
+    }
+    // Each partition as its leader sees it, else as the asked node sees it.
+    let mut topics = Vec::new();
+    for t in &first.topics {
+        let parts: Vec<pb::PartitionInfo> = t
+            .partitions
+            .iter()
+            .map(|p| {
+                views
+                    .iter()
+                    .filter_map(|(id, v)| v.as_ref().map(|v| (*id, v)))
+                    .find_map(|(id, v)| {
+                        v.topics
+                            .iter()
+                            .find(|vt| vt.topic == t.topic)
+                            .and_then(|vt| vt.partitions.iter().find(|q| q.partition == p.partition))
+                            .filter(|q| q.local && q.leader == id)
+                            .cloned()
+                    })
+                    .unwrap_or_else(|| p.clone())
+            })
+            .collect();
+        topics.push((t.topic.clone(), parts));
+    }
+    let meta_leader = views
+        .values()
+        .flatten()
+        .map(|v| v.metadata_leader)
+        .find(|l| *l != 0)
+        .unwrap_or(0);
     if opts.json {
         let v = serde_json::json!({
-            "nodes": r.nodes.iter().map(|n| serde_json::json!({
+            "metadata_leader": meta_leader,
+            "nodes": first.nodes.iter().map(|n| serde_json::json!({
                 "id": n.id, "address": n.address, "region": n.region, "zone": n.zone,
+                "reachable": views.get(&n.id).is_some_and(Option::is_some),
             })).collect::<Vec<_>>(),
-            "topics": r.topics.iter().map(|t| serde_json::json!({
-                "topic": t.topic,
-                "partitions": t.partitions.iter().map(partition_json).collect::<Vec<_>>(),
+            "topics": topics.iter().map(|(name, parts)| serde_json::json!({
+                "topic": name,
+                "partitions": parts.iter().map(|p| {
+                    let mut j = partition_json(p);
+                    j["lag"] = serde_json::json!(p.followers.iter().map(|f| serde_json::json!({
+                        "node": f.node, "lag_entries": f.lag_entries, "matched": f.matched,
+                    })).collect::<Vec<_>>());
+                    j
+                }).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         });
         println!("{v}");
         return Ok(());
     }
-    let nodes: Vec<Vec<String>> = r
+    let nodes: Vec<Vec<String>> = first
         .nodes
         .iter()
         .map(|n| {
+            let state = match views.get(&n.id) {
+                Some(Some(_)) => "up",
+                _ => "unreachable",
+            };
             vec![
                 n.id.to_string(),
                 n.address.clone(),
                 n.region.clone(),
                 n.zone.clone(),
+                state.to_string(),
+                if n.id == meta_leader { "leader" } else { "" }.to_string(),
             ]
         })
         .collect();
-    table::print(&["NODE", "ADDRESS", "REGION", "ZONE"], &nodes);
-    for t in &r.topics {
+    table::print(
+        &["NODE", "ADDRESS", "REGION", "ZONE", "STATE", "METADATA"],
+        &nodes,
+    );
+    for (name, parts) in &topics {
         println!();
-        println!("topic {}", t.topic);
-        table::print(&PARTITION_HEADER, &partition_rows(&t.partitions));
+        println!("topic {name}");
+        let rows: Vec<Vec<String>> = parts
+            .iter()
+            .map(|p| {
+                let mut row = partition_rows(std::slice::from_ref(p)).remove(0);
+                row.pop(); // the core is per node; not meaningful across the cluster
+                if p.leader != 0 && !views.get(&p.leader).is_some_and(Option::is_some) {
+                    row[1] = format!("{} (unreachable)", p.leader);
+                }
+                let lag = if p.leader == 0 {
+                    "no leader".to_string()
+                } else if p.followers.is_empty() {
+                    "-".to_string()
+                } else {
+                    p.followers
+                        .iter()
+                        .map(|f| match f.matched {
+                            true => format!("{}:{}", f.node, f.lag_entries),
+                            false => format!("{}:?", f.node),
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                };
+                row.push(lag);
+                row
+            })
+            .collect();
+        table::print(
+            &["PARTITION", "LEADER", "REPLICAS", "START", "END", "LAG (node:entries)"],
+            &rows,
+        );
     }
     Ok(())
+}
+
+/// A node's ClusterInfo, or `None` if it does not answer within two seconds.
+async fn ask_node(addr: &str) -> Option<pb::ClusterInfoResponse> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .timeout(std::time::Duration::from_secs(2))
+        .connect()
+        .await
+        .ok()?;
+    let mut c = pb::tern_client::TernClient::new(ch).max_decoding_message_size(64 << 20);
+    c.cluster_info(pb::ClusterInfoRequest {})
+        .await
+        .ok()
+        .map(|r| r.into_inner())
 }

@@ -94,11 +94,31 @@ pub fn assign_replicas(
     // Within a region: round robin over its zones.
     let regions: Vec<Vec<NodeId>> = by_region.into_values().map(round_robin).collect();
     let ring = round_robin(regions);
-    Ok((0..partitions)
+    let place = |id: &NodeId| {
+        let m = &nodes[id];
+        (m.region.as_str(), m.zone.as_str())
+    };
+    Ok((0..partitions as usize)
         .map(|p| {
-            (0..rf as usize)
-                .map(|i| ring[(p as usize + i) % n])
-                .collect()
+            // The preferred leader walks the ring; each further replica is the next node in
+            // ring order from a region not used yet, else a zone not used yet, else any.
+            let start = p % n;
+            let mut chosen = vec![ring[start]];
+            while chosen.len() < rf as usize {
+                let next = (1..n)
+                    .map(|k| (k, ring[(start + k) % n]))
+                    .filter(|(_, id)| !chosen.contains(id))
+                    .min_by_key(|(k, id)| {
+                        let (region, zone) = place(id);
+                        let region_used = chosen.iter().any(|c| place(c).0 == region);
+                        let zone_used = chosen.iter().any(|c| place(c) == (region, zone));
+                        (region_used, zone_used, *k)
+                    })
+                    .map(|(_, id)| id)
+                    .expect("rf <= n leaves a candidate");
+                chosen.push(next);
+            }
+            chosen
         })
         .collect())
 }

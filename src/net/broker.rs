@@ -104,6 +104,9 @@ pub struct Broker {
     pub(super) applied: tokio::sync::watch::Sender<u64>,
     /// Clients of other nodes' public API (forwarding), by node.
     peers: std::sync::Mutex<HashMap<NodeId, (String, TernClient<Channel>)>>,
+    /// Whether this node has caught up with the metadata once since it started (until then a
+    /// topic it does not know may exist: UNAVAILABLE, not NOT_FOUND).
+    pub(super) ready: std::sync::atomic::AtomicBool,
     /// Serializes this node's metadata proposals (so checks and proposals do not interleave).
     pub(super) admin: tokio::sync::Mutex<()>,
     /// Set when the node starts shutting down; long-lived calls (subscriptions) end on it.
@@ -162,6 +165,7 @@ impl Broker {
             topics: RwLock::new(HashMap::new()),
             applied: tokio::sync::watch::channel(0).0,
             peers: std::sync::Mutex::new(HashMap::new()),
+            ready: std::sync::atomic::AtomicBool::new(false),
             admin: tokio::sync::Mutex::new(()),
             closing: tokio::sync::watch::channel(false).0,
             in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
@@ -269,7 +273,15 @@ impl Broker {
             .expect("topic map lock")
             .get(name)
             .cloned()
-            .ok_or_else(|| Status::not_found(format!("topic {name:?} does not exist")))
+            .ok_or_else(|| {
+                if self.ready.load(Ordering::Acquire) {
+                    Status::not_found(format!("topic {name:?} does not exist"))
+                } else {
+                    Status::unavailable(
+                        "this node is still loading the cluster metadata (it just started); retry",
+                    )
+                }
+            })
     }
 
     pub fn topics(&self) -> Vec<Arc<Topic>> {
@@ -353,8 +365,9 @@ impl Broker {
                 continue;
             }
             let key = topic.key(p);
-            // Cheap (reference-counted) copies, in case the records must be forwarded.
-            let copy = (!forwarded && !self.alone()).then(|| recs.clone());
+            // Cheap (reference-counted) copies, in case the records must go again: to the
+            // leader, or here once an election is over.
+            let copy = (!self.alone()).then(|| recs.clone());
             let answer = self
                 .shards
                 .submit(topic.core(p), |reply| CoreRequest::Append {
@@ -365,12 +378,12 @@ impl Broker {
                 .await
                 .map_err(from_core)?;
             let broker = self.clone();
-            let name = topic.spec.name.clone();
+            let topic = self.topic(&topic.spec.name)?;
             pending.push(Box::pin(async move {
                 let r = match (answer.await, copy) {
                     (Ok(ack), _) => Ok(ack.offsets),
-                    (Err(CoreError::NotLeader { leader: Some(l) }), Some(recs)) if l != me => {
-                        broker.forward_publish(l, &name, p, recs).await
+                    (Err(CoreError::NotLeader { leader }), Some(recs)) => {
+                        broker.publish_elsewhere(&topic, p, recs, leader, forwarded).await
                     }
                     (Err(e), _) => Err(from_core(e)),
                 };
@@ -382,7 +395,9 @@ impl Broker {
             for (idx, ack) in futures::future::join_all(pending).await {
                 let offsets = ack?;
                 if offsets.len() != idx.len() {
-                    return Err(Status::internal("the leader acknowledged a different count"));
+                    return Err(Status::internal(
+                        "the leader acknowledged a different count",
+                    ));
                 }
                 for (i, off) in idx.into_iter().zip(offsets) {
                     out[i] = (routes[i], off);
@@ -390,6 +405,60 @@ impl Broker {
             }
             Ok(out)
         })
+    }
+
+    /// Publishes records that this node's replica refused because it does not lead: forwards
+    /// them to the leader, or, while there is none (an election), waits for one (bounded) and
+    /// goes again. Nothing was written by the refused attempt, so going again cannot duplicate.
+    async fn publish_elsewhere(
+        &self,
+        topic: &Topic,
+        p: u32,
+        records: Vec<Record>,
+        mut leader: Option<NodeId>,
+        forwarded: bool,
+    ) -> Result<Vec<Offset>, Status> {
+        let me = self.node_id();
+        let deadline = tokio::time::Instant::now() + self.leader_wait();
+        loop {
+            match leader {
+                Some(l) if l != me && !forwarded => {
+                    return self.forward_publish(l, &topic.spec.name, p, records).await
+                }
+                Some(l) if l != me => return Err(from_core(CoreError::NotLeader { leader })),
+                _ => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(from_core(CoreError::NotLeader { leader }));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            leader = self.replica_state(topic, p).await?.leader;
+            if leader != Some(me) {
+                continue;
+            }
+            // This node leads now: append here.
+            let key = topic.key(p);
+            let recs = records.clone();
+            match self
+                .shards
+                .ask(topic.core(p), |reply| CoreRequest::Append {
+                    key,
+                    records: recs,
+                    reply,
+                })
+                .await
+            {
+                Ok(ack) => return Ok(ack.offsets),
+                Err(CoreError::NotLeader { leader: l }) => leader = l,
+                Err(e) => return Err(from_core(e)),
+            }
+        }
+    }
+
+    /// How long a publish waits for a partition without a leader to elect one: two of the
+    /// longest election timeouts.
+    fn leader_wait(&self) -> Duration {
+        Duration::from_millis(self.config.raft_timing().election_max_ms * 2)
     }
 
     /// Publishes records of one partition through node `to` (its leader, as far as we know).
@@ -441,9 +510,7 @@ impl Broker {
                 Err(s) => {
                     let next = leader_of(&s);
                     match next {
-                        Some(l) if attempt == 0 && l != target && l != self.node_id() => {
-                            target = l
-                        }
+                        Some(l) if attempt == 0 && l != target && l != self.node_id() => target = l,
                         _ => return Err(s),
                     }
                 }
@@ -510,7 +577,10 @@ impl Broker {
         self.check_local(topic, partition)?;
         let key = topic.key(partition);
         self.shards
-            .ask(topic.core(partition), |reply| CoreRequest::Replica { key, reply })
+            .ask(topic.core(partition), |reply| CoreRequest::Replica {
+                key,
+                reply,
+            })
             .await
             .map_err(from_core)
     }

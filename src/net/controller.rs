@@ -26,6 +26,7 @@ use crate::config::log_config;
 use crate::log::Record;
 use crate::proto::internal as ipb;
 use crate::raft::types::{Member, NodeId};
+use crate::shard::request::OpenPartition;
 use crate::shard::{CoreError, CoreRequest, PartitionKey};
 use crate::types::{Offset, TimestampMs};
 
@@ -72,12 +73,14 @@ pub async fn start(broker: Arc<Broker>, member: Member) -> anyhow::Result<()> {
     broker
         .shards
         .ask(META_CORE, |reply| CoreRequest::Open {
-            key: key.clone(),
-            uid: 0,
-            dir,
-            config: log_config(&meta_settings()),
-            replica,
-            voters,
+            open: Box::new(OpenPartition {
+                key: key.clone(),
+                uid: 0,
+                dir,
+                config: log_config(&meta_settings()),
+                replica,
+                voters,
+            }),
             reply,
         })
         .await
@@ -340,6 +343,11 @@ impl Follower {
     async fn step(&mut self, wait: Duration) -> Result<(), Status> {
         let key = PartitionKey::metadata();
         let from = self.next;
+        // Caught up once: a leader was known before this read, and the read reaches the end
+        // of what this replica has committed (which a leader's first message brings up to date).
+        let leader_known = self.broker.alone()
+            || self.broker.ready.load(std::sync::atomic::Ordering::Acquire)
+            || self.broker.metadata_leader().await.is_some();
         let fetched = self
             .broker
             .shards
@@ -367,15 +375,16 @@ impl Follower {
                 match Command::decode(r.value) {
                     Ok(cmd) => {
                         if let Command::DeleteTopic { name, uid } = &cmd {
-                            if let Some(t) = self.state.topics.get(name).filter(|t| t.uid == *uid)
-                            {
+                            if let Some(t) = self.state.topics.get(name).filter(|t| t.uid == *uid) {
                                 deleted.push(t.clone());
                             }
                         }
                         self.state.apply(cmd);
                         changed = true;
                     }
-                    Err(e) => tracing::error!(offset = r.offset.0, error = %e, "skipping a metadata record"),
+                    Err(e) => {
+                        tracing::error!(offset = r.offset.0, error = %e, "skipping a metadata record")
+                    }
                 }
             }
         }
@@ -386,6 +395,11 @@ impl Follower {
             self.reconcile(deleted).await;
         }
         self.broker.applied.send_replace(self.next.0);
+        if leader_known && self.next >= fetched.high_watermark && !self.failed {
+            self.broker
+                .ready
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
         Ok(())
     }
 
@@ -398,7 +412,11 @@ impl Follower {
         let mut want: HashMap<PartitionKey, (&TopicSpec, u32)> = HashMap::new();
         for spec in self.state.topics.values() {
             for p in 0..spec.partitions {
-                if spec.replicas.get(p as usize).is_some_and(|r| r.contains(&me)) {
+                if spec
+                    .replicas
+                    .get(p as usize)
+                    .is_some_and(|r| r.contains(&me))
+                {
                     let key = PartitionKey {
                         topic: spec.name.as_str().into(),
                         partition: p,
@@ -456,19 +474,28 @@ impl Follower {
                 let broker = broker.clone();
                 async move {
                     if voters.len() != spec.replicas[*p as usize].len() {
-                        return (key, uid, dir, Err(CoreError::Raft("a replica's node is not registered yet".into())));
+                        return (
+                            key,
+                            uid,
+                            dir,
+                            Err(CoreError::Raft(
+                                "a replica's node is not registered yet".into(),
+                            )),
+                        );
                     }
                     let d = dir.clone();
                     let k = key.clone();
                     let r = broker
                         .shards
                         .ask(topic, move |reply| CoreRequest::Open {
-                            key: k,
-                            uid,
-                            dir: d,
-                            config,
-                            replica,
-                            voters,
+                            open: Box::new(OpenPartition {
+                                key: k,
+                                uid,
+                                dir: d,
+                                config,
+                                replica,
+                                voters,
+                            }),
                             reply,
                         })
                         .await;

@@ -130,9 +130,11 @@ impl Peer for PeerService {
             return Err(Status::failed_precondition("this node runs alone"));
         };
         let peers: HashSet<u64> = request.into_inner().isolate_from.into_iter().collect();
-        tracing::warn!(?peers, "fault injection: traffic with these nodes is dropped");
+        tracing::warn!(
+            ?peers,
+            "fault injection: traffic with these nodes is dropped"
+        );
         t.isolate(peers);
         Ok(Response::new(pb::SetFaultResponse {}))
     }
 }
-

@@ -176,7 +176,9 @@ async fn run_link(
         Err(e) => {
             tracing::error!(target, %addr, error = %e, "bad peer address");
             while let Some(out) = queue.recv().await {
-                let _ = out.reply.send(Err(format!("bad address {addr:?} for node {target}")));
+                let _ = out
+                    .reply
+                    .send(Err(format!("bad address {addr:?} for node {target}")));
             }
             return;
         }

@@ -13,7 +13,7 @@ use std::rc::Rc;
 
 use super::mailbox::{LocalMailbox, MailboxReceiver};
 use super::partition::Partition;
-use super::request::{AppendAck, CoreError, CoreRequest, PartitionKey, Reply};
+use super::request::{AppendAck, CoreError, CoreRequest, OpenPartition, PartitionKey, Reply};
 use crate::log::Record;
 use crate::proto::internal as pb;
 use crate::raft::transport;
@@ -114,15 +114,15 @@ fn lookup(partitions: &Partitions, key: &PartitionKey) -> Result<Rc<Partition>, 
 
 async fn handle(core: u32, req: CoreRequest, partitions: Partitions) {
     match req {
-        CoreRequest::Open {
-            key,
-            uid,
-            dir,
-            config,
-            replica,
-            voters,
-            reply,
-        } => {
+        CoreRequest::Open { open, reply } => {
+            let OpenPartition {
+                key,
+                uid,
+                dir,
+                config,
+                replica,
+                voters,
+            } = *open;
             if let Some(p) = partitions.borrow().get(&key) {
                 let r = if p.uid == uid {
                     Ok(())

@@ -21,8 +21,8 @@ use super::request::{
 };
 use crate::log::batch::HEADER_LEN;
 use crate::log::{BatchBuilder, Log, LogConfig, LogError, ReadBound, Record};
-use crate::raft::group::{self, NoPeers, PartitionGroup};
 use crate::proto::internal as pb;
+use crate::raft::group::{self, NoPeers, PartitionGroup};
 use crate::raft::transport::GroupNetwork;
 use crate::raft::types::{EntryBatch, Member, NodeId, PartitionRaft};
 use crate::types::Offset;

@@ -112,17 +112,22 @@ pub struct Fetched {
     pub high_watermark: Offset,
 }
 
+/// What opening a partition's replica needs.
+pub struct OpenPartition {
+    pub key: PartitionKey,
+    /// The topic's incarnation (a topic deleted and created again is another group).
+    pub uid: u64,
+    pub dir: PathBuf,
+    pub config: LogConfig,
+    pub replica: ReplicaSettings,
+    /// The group's voters, used when the group is new.
+    pub voters: BTreeMap<NodeId, Member>,
+}
+
 pub enum CoreRequest {
     /// Opens (creating if needed) the log of a partition this core owns.
     Open {
-        key: PartitionKey,
-        /// The topic's incarnation (a topic deleted and created again is another group).
-        uid: u64,
-        dir: PathBuf,
-        config: LogConfig,
-        replica: ReplicaSettings,
-        /// The group's voters, used when the group is new.
-        voters: BTreeMap<NodeId, Member>,
+        open: Box<OpenPartition>,
         reply: Reply<()>,
     },
     /// Closes a partition's log (before its files are deleted).

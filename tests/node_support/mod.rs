@@ -28,7 +28,8 @@ impl TestNode {
     /// Starts a node listening on `listen` (a cluster member needs a port known in advance).
     pub fn start_at(dir: &Path, listen: &str, extra: &[&str]) -> TestNode {
         let mut cmd = Command::new(TERN);
-        cmd.args(["serve", "--listen", listen, "--data-dir"]).arg(dir);
+        cmd.args(["serve", "--listen", listen, "--data-dir"])
+            .arg(dir);
         if !extra.contains(&"--cores") {
             cmd.args(["--cores", "2"]);
         }
