@@ -185,6 +185,25 @@ fn record(partition: u32, value: String) -> pb::PublishRecord {
     }
 }
 
+/// Publishes, going again while the answer is that nothing was written because the partition
+/// has no leader yet (an election under a loaded test machine); any other error fails.
+async fn publish_retrying(c: &mut TernClient<Channel>, req: pb::PublishRequest) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match c.publish(req.clone()).await {
+            Ok(_) => return,
+            Err(s)
+                if s.code() == tonic::Code::Unavailable
+                    && s.message().contains("not the partition leader")
+                    && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(s) => panic!("publish failed: {s:?}"),
+        }
+    }
+}
+
 fn values(records: &[pb::Record]) -> Vec<String> {
     records
         .iter()
@@ -255,13 +274,12 @@ async fn three_nodes_publish_and_subscribe_through_any_node() {
         let p = i % 3;
         let v = format!("r{i}");
         let mut c = cluster.client((i % 3) as usize).await;
-        c.publish(pb::PublishRequest {
+        let req = pb::PublishRequest {
             topic: "orders".into(),
             records: vec![record(p, v.clone())],
             request_id: 0,
-        })
-        .await
-        .expect("publish through any node");
+        };
+        publish_retrying(&mut c, req).await;
         expected.entry(p).or_default().push(v);
     }
     // Every node serves every partition with the same records in the same order.
@@ -340,16 +358,12 @@ async fn three_nodes_publish_and_subscribe_through_any_node() {
     for p in 0..3u32 {
         let owner = info.partitions[p as usize].replicas[0] as usize - 1;
         let other = (owner + 1) % 3;
-        cluster
-            .client(other)
-            .await
-            .publish(pb::PublishRequest {
-                topic: "single".into(),
-                records: vec![record(p, format!("s{p}"))],
-                request_id: 0,
-            })
-            .await
-            .expect("publish forwarded to the owner");
+        let req = pb::PublishRequest {
+            topic: "single".into(),
+            records: vec![record(p, format!("s{p}"))],
+            request_id: 0,
+        };
+        publish_retrying(&mut cluster.client(other).await, req).await;
         let third = (owner + 2) % 3;
         let got = read_all(&mut cluster.client(third).await, "single", p, 1).await;
         assert_eq!(got, vec![format!("s{p}")], "fetch forwarded to the owner");
@@ -525,16 +539,12 @@ async fn kill_9_the_leader_under_load_repeatedly_then_restart_all() {
         check_acked(&log, &acked);
     }
     // And it takes writes again.
-    cluster
-        .client(1)
-        .await
-        .publish(pb::PublishRequest {
-            topic: "load".into(),
-            records: vec![record(0, u64::MAX.to_string())],
-            request_id: 0,
-        })
-        .await
-        .expect("publish after restarting all");
+    let req = pb::PublishRequest {
+        topic: "load".into(),
+        records: vec![record(0, u64::MAX.to_string())],
+        request_id: 0,
+    };
+    publish_retrying(&mut cluster.client(1).await, req).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,7 +27,10 @@ pub async fn run(
             tokio::time::sleep(every).await;
             continue;
         };
-        eprintln!("loadgen: failover: kill -9 node {} (a partition leader)", victim + 1);
+        eprintln!(
+            "loadgen: failover: kill -9 node {} (a partition leader)",
+            victim + 1
+        );
         cluster.lock().await.kill9(victim).await;
         kills += 1;
         tokio::time::sleep(every / 2).await;

@@ -62,7 +62,12 @@ async fn main_async(args: Args) -> anyhow::Result<i32> {
         let cluster = cluster.clone();
         let warmup = s.warmup_s;
         let until = Duration::from_secs(s.warmup_s + s.duration_s);
-        tokio::spawn(failover::run(cluster, Duration::from_secs(every), warmup, until))
+        tokio::spawn(failover::run(
+            cluster,
+            Duration::from_secs(every),
+            warmup,
+            until,
+        ))
     });
     let result = run_on(&s, &addrs).await;
     let kills = match killer {

@@ -106,11 +106,7 @@ impl XorShift {
 }
 
 /// Runs the load; returns the shared counters for the report.
-pub async fn run(
-    s: &Settings,
-    addrs: &[String],
-    topics: &[String],
-) -> anyhow::Result<Arc<Shared>> {
+pub async fn run(s: &Settings, addrs: &[String], topics: &[String]) -> anyhow::Result<Arc<Shared>> {
     let start = Instant::now() + Duration::from_millis(200);
     let measure_from = start + Duration::from_secs(s.warmup_s);
     let end = measure_from + Duration::from_secs(s.duration_s);
@@ -414,13 +410,7 @@ impl Nodes {
     }
 }
 
-async fn open_loop(
-    id: u32,
-    s: &Settings,
-    client: Nodes,
-    topics: &[String],
-    shared: Arc<Shared>,
-) {
+async fn open_loop(id: u32, s: &Settings, client: Nodes, topics: &[String], shared: Arc<Shared>) {
     let rate = s.rate.expect("open loop has a rate") as f64 / s.producers as f64;
     let interval = Duration::from_secs_f64(1.0 / rate);
     // A batch holds the records due within the linger time, at most batch_size.
@@ -467,13 +457,7 @@ async fn open_loop(
     let _ = window.acquire_many(OPEN_LOOP_REQUESTS_MAX as u32).await;
 }
 
-async fn closed_loop(
-    id: u32,
-    s: &Settings,
-    client: Nodes,
-    topics: &[String],
-    shared: Arc<Shared>,
-) {
+async fn closed_loop(id: u32, s: &Settings, client: Nodes, topics: &[String], shared: Arc<Shared>) {
     tokio::time::sleep_until(shared.start.into()).await;
     let next_seq = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();

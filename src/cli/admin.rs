@@ -250,7 +250,9 @@ pub async fn cluster(cmd: ClusterCmd) -> anyhow::Result<()> {
                         v.topics
                             .iter()
                             .find(|vt| vt.topic == t.topic)
-                            .and_then(|vt| vt.partitions.iter().find(|q| q.partition == p.partition))
+                            .and_then(|vt| {
+                                vt.partitions.iter().find(|q| q.partition == p.partition)
+                            })
                             .filter(|q| q.local && q.leader == id)
                             .cloned()
                     })
@@ -338,7 +340,14 @@ pub async fn cluster(cmd: ClusterCmd) -> anyhow::Result<()> {
             })
             .collect();
         table::print(
-            &["PARTITION", "LEADER", "REPLICAS", "START", "END", "LAG (node:entries)"],
+            &[
+                "PARTITION",
+                "LEADER",
+                "REPLICAS",
+                "START",
+                "END",
+                "LAG (node:entries)",
+            ],
             &rows,
         );
     }

@@ -383,7 +383,9 @@ impl Broker {
                 let r = match (answer.await, copy) {
                     (Ok(ack), _) => Ok(ack.offsets),
                     (Err(CoreError::NotLeader { leader }), Some(recs)) => {
-                        broker.publish_elsewhere(&topic, p, recs, leader, forwarded).await
+                        broker
+                            .publish_elsewhere(&topic, p, recs, leader, forwarded)
+                            .await
                     }
                     (Err(e), _) => Err(from_core(e)),
                 };

@@ -1,0 +1,39 @@
+//! The loadgen end to end: spawns a three-node cluster, runs a short seed-target load through
+//! it, and reports without losing anything.
+
+use std::process::Command;
+
+#[test]
+fn seed_target_runs_on_a_spawned_three_node_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("result.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args([
+            "--workload",
+            "seed-target",
+            "--spawn",
+            "3",
+            "--rate",
+            "200",
+            "--duration",
+            "3",
+            "--warmup",
+            "1",
+            "--json",
+        ])
+        .arg(&json)
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("loadgen runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "loadgen failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("workload        seed-target"), "{stdout}");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(r["settings"]["nodes"], 3);
+    assert_eq!(r["settings"]["replication_factor"], 3);
+    assert_eq!(r["nodes"].as_array().unwrap().len(), 3);
+    let records = &r["records"];
+    assert_eq!(records["lost"], 0, "{records}");
+    assert!(records["acked"].as_u64().unwrap() > 0, "{records}");
+}
