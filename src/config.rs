@@ -47,7 +47,7 @@ pub struct Config {
     /// Raft leader heartbeat interval.
     pub raft_heartbeat_ms: u64,
     /// Raft election timeout: a follower that hears no leader for a random time between this
-    /// and twice this starts an election.
+    /// and 4/3 of this starts an election.
     pub raft_election_timeout_ms: u64,
     /// The cluster's controller nodes, `ID=HOST:PORT` separated by commas (this node among
     /// them); empty runs this node alone. Every node of a cluster gets the same list.
@@ -136,12 +136,19 @@ impl Config {
         }
     }
 
-    /// Raft election and heartbeat timing.
+    /// Raft election and heartbeat timing, as openraft takes them.
+    ///
+    /// openraft starts an election once the leader lease (its longest election timeout) *and*
+    /// a random election timeout have passed since it last heard a leader: with min and max at
+    /// E/3 and 2E/3 of `raft_election_timeout_ms` (E), a follower that hears no leader starts
+    /// an election after E to 4E/3. (Setting min/max to E and 2E meant 3E to 4E: 4.5–6 s of
+    /// unavailability after a leader died, with the 1.5 s default.)
     pub fn raft_timing(&self) -> crate::raft::Timing {
+        let e = self.raft_election_timeout_ms;
         crate::raft::Timing {
             heartbeat_ms: self.raft_heartbeat_ms,
-            election_min_ms: self.raft_election_timeout_ms,
-            election_max_ms: self.raft_election_timeout_ms.saturating_mul(2),
+            election_min_ms: e / 3,
+            election_max_ms: e * 2 / 3,
         }
     }
 
@@ -212,6 +219,12 @@ impl Config {
             self.max_partitions_per_topic >= 1,
             "max_partitions_per_topic must be positive"
         );
+        anyhow::ensure!(
+            self.raft_election_timeout_ms >= 6 * self.raft_heartbeat_ms.max(1),
+            "raft_election_timeout_ms ({}) must be at least 6 × raft_heartbeat_ms ({})",
+            self.raft_election_timeout_ms,
+            self.raft_heartbeat_ms
+        );
         self.raft_timing()
             .validate()
             .map_err(|e| anyhow::anyhow!("raft timing: {e}"))?;
@@ -222,6 +235,15 @@ impl Config {
         anyhow::ensure!(
             !self.region.is_empty() && !self.zone.is_empty(),
             "region and zone must not be empty"
+        );
+        anyhow::ensure!(
+            self.region.len() <= 64 && self.zone.len() <= 64,
+            "region and zone are at most 64 bytes"
+        );
+        anyhow::ensure!(
+            self.max_partitions_per_topic <= crate::cluster::PARTITIONS_MAX,
+            "max_partitions_per_topic must be at most {}",
+            crate::cluster::PARTITIONS_MAX
         );
         anyhow::ensure!(self.node_id > 0, "node_id must be at least 1");
         self.peer_map()?;

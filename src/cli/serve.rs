@@ -71,8 +71,8 @@ pub struct ServeArgs {
     /// Raft heartbeat interval in ms [default: 150].
     #[arg(long, env = "TERN_RAFT_HEARTBEAT_MS")]
     pub raft_heartbeat_ms: Option<u64>,
-    /// Raft election timeout in ms; elections start after this to twice this without a
-    /// leader [default: 1500].
+    /// Raft election timeout in ms: a follower that hears no leader for this to 4/3 of this
+    /// starts an election; at least 6 × the heartbeat [default: 1500].
     #[arg(long, env = "TERN_RAFT_ELECTION_TIMEOUT_MS")]
     pub raft_election_timeout_ms: Option<u64>,
     /// The cluster's controller nodes, ID=HOST:PORT,... (this node among them; every node gets
@@ -209,7 +209,7 @@ mod tests {
         };
         assert!(args.resolve().is_err());
         // An election timeout must leave room for two heartbeats, and is bounded.
-        for (heartbeat, election) in [(150, 300), (0, 1500), (150, 120_000)] {
+        for (heartbeat, election) in [(150, 300), (150, 899), (0, 1500), (150, 120_000)] {
             let args = ServeArgs {
                 raft_heartbeat_ms: Some(heartbeat),
                 raft_election_timeout_ms: Some(election),

@@ -22,7 +22,56 @@ pub enum Command {
     DeleteTopic { name: String, uid: u64 },
 }
 
+/// Bounds a command must respect: it may come from a peer, and every node applies it.
+pub const PARTITIONS_MAX: u32 = 1 << 16;
+pub const REPLICAS_MAX: u32 = 16;
+
 impl Command {
+    /// Checks a command's shape. An invalid command is refused when proposed and, should one
+    /// be in the log anyway, skipped by every node alike when applied.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            Command::RegisterNode { id, member } => {
+                if *id == 0 {
+                    return Err("node id 0".into());
+                }
+                if member.addr.is_empty() || member.addr.len() > 255 {
+                    return Err("node address must be 1 to 255 bytes".into());
+                }
+                if member.region.len() > 64 || member.zone.len() > 64 {
+                    return Err("region and zone are at most 64 bytes".into());
+                }
+                Ok(())
+            }
+            Command::CreateTopic { spec } => {
+                super::validate_topic_name(&spec.name)?;
+                if !(1..=PARTITIONS_MAX).contains(&spec.partitions) {
+                    return Err(format!("{} partitions", spec.partitions));
+                }
+                if !(1..=REPLICAS_MAX).contains(&spec.replication_factor) {
+                    return Err(format!("replication factor {}", spec.replication_factor));
+                }
+                if spec.replicas.len() != spec.partitions as usize {
+                    return Err("one replica list per partition".into());
+                }
+                for r in &spec.replicas {
+                    let mut d = r.clone();
+                    d.sort_unstable();
+                    d.dedup();
+                    if d.len() != r.len() || r.len() != spec.replication_factor as usize {
+                        return Err(format!("replica list {r:?}"));
+                    }
+                }
+                let s = &spec.settings;
+                if s.max_record_bytes == 0 || s.segment_bytes < 1 << 20 {
+                    return Err("bad topic settings".into());
+                }
+                Ok(())
+            }
+            Command::DeleteTopic { name, .. } => super::validate_topic_name(name),
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
     }
@@ -46,6 +95,9 @@ pub struct ClusterState {
 
 impl ClusterState {
     pub fn apply(&mut self, cmd: Command) {
+        if cmd.validate().is_err() {
+            return;
+        }
         match cmd {
             Command::RegisterNode { id, member } => {
                 self.nodes.insert(id, member);
@@ -215,5 +267,14 @@ mod tests {
         s.apply(Command::decode(&enc).unwrap());
         assert!(s.topics.is_empty());
         assert!(Command::decode(b"{\"op\":\"nope\"}").is_err());
+        // Invalid commands change nothing, on every node alike.
+        let mut bad = spec(3);
+        bad.name = "other".into();
+        bad.replicas = vec![vec![1, 1]];
+        bad.replication_factor = 2;
+        let cmd = Command::CreateTopic { spec: bad };
+        assert!(cmd.validate().is_err());
+        s.apply(cmd);
+        assert!(s.topics.is_empty());
     }
 }

@@ -457,10 +457,10 @@ impl Broker {
         }
     }
 
-    /// How long a publish waits for a partition without a leader to elect one: two of the
-    /// longest election timeouts.
+    /// How long a publish waits for a partition without a leader to elect one: twice the
+    /// election timeout (an election starts within 4/3 of it).
     fn leader_wait(&self) -> Duration {
-        Duration::from_millis(self.config.raft_timing().election_max_ms * 2)
+        Duration::from_millis(self.config.raft_election_timeout_ms * 2)
     }
 
     /// Publishes records of one partition through node `to` (its leader, as far as we know).

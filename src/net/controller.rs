@@ -152,6 +152,7 @@ async fn register(broker: &Arc<Broker>, member: &Member) -> Result<(), Status> {
 
 /// Appends a command to the metadata log through its leader; returns its offset.
 pub async fn propose(broker: &Arc<Broker>, cmd: &Command) -> Result<Offset, Status> {
+    cmd.validate().map_err(Status::invalid_argument)?;
     match propose_local(broker, cmd).await {
         Err(e @ CoreError::NotLeader { leader }) => {
             let Some(l) = leader.filter(|l| *l != broker.node_id()) else {
@@ -307,6 +308,7 @@ pub async fn delete_topic(broker: &Arc<Broker>, name: &str) -> Result<(), Status
 /// Handles `Peer.Propose` on the node that (it is told) leads the metadata group.
 pub async fn handle_propose(broker: &Arc<Broker>, command: &[u8]) -> Result<Offset, Status> {
     let cmd = Command::decode(command).map_err(Status::invalid_argument)?;
+    cmd.validate().map_err(Status::invalid_argument)?;
     propose_local(broker, &cmd).await.map_err(from_core)
 }
 
