@@ -41,6 +41,7 @@ fn bench_round_trip(c: &mut Criterion) {
         mailbox_capacity: 4096,
         mailbox_wait: Duration::from_secs(5),
         io_memory_bytes: 1 << 20,
+        raft_tick: Duration::from_millis(150),
     })
     .expect("a core starts");
     let key = PartitionKey {

@@ -27,6 +27,7 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         mailbox_capacity: config.mailbox_capacity,
         mailbox_wait: config.mailbox_wait(),
         io_memory_bytes: config.io_memory_bytes,
+        raft_tick: Duration::from_millis(config.raft_heartbeat_ms),
     })?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.net_threads)

@@ -88,6 +88,11 @@ where
     match cli.cmd {
         Cmd::Serve(args) => serve::run(*args),
         other => {
+            // A client command piped into `head` should stop quietly when the pipe closes, as
+            // Unix tools do, not panic on the failed write (Rust ignores SIGPIPE by default;
+            // the server keeps ignoring it).
+            // SAFETY: restoring a signal's default disposition; no handler code is involved.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;

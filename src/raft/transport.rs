@@ -387,13 +387,19 @@ impl openraft::network::v2::RaftNetworkV2<PartitionRaft> for GroupClient {
     }
 }
 
-/// Handles one message from a peer on the core that owns its group.
-pub async fn handle(raft: &super::group::PartitionGroup, body: pb::raft_request::Body) -> Answer {
+/// Handles one message from a peer on the core that owns its group; `contact` is set when
+/// the message came from a leader this replica accepts (it resets the election timer).
+pub async fn handle(
+    raft: &super::group::PartitionGroup,
+    body: pb::raft_request::Body,
+    contact: &mut bool,
+) -> Answer {
     use pb::raft_request::Body;
     match body {
         Body::Append(a) => {
             let rpc = wire::decode_append(a)?;
             let r = raft.append_entries(rpc).await.map_err(|e| e.to_string())?;
+            *contact = !matches!(r, AppendEntriesResponse::HigherVote(_));
             Ok(wire::encode_append_response(&r))
         }
         Body::Vote(v) => {

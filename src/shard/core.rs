@@ -10,6 +10,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::time::Duration;
 
 use super::mailbox::{LocalMailbox, MailboxReceiver};
 use super::partition::Partition;
@@ -32,12 +33,53 @@ type AppendGroup = (PartitionKey, Vec<(Vec<Record>, Reply<AppendAck>)>);
 /// those for tasks in a `Latency::Matters` queue (1,000 publishes/s stalled after ~2 s for
 /// 28 s) and, rarely, in the default queue too. How soon a *busy* core sees its mailbox is
 /// bounded by the executor's preempt timer (`PREEMPT_TIMER` in `shard/mod.rs`).
-pub async fn run(core: u32, mailbox: MailboxReceiver) {
-    mailbox_loop(core, mailbox.attach()).await
+pub async fn run(core: u32, mailbox: MailboxReceiver, raft_tick: Duration) {
+    mailbox_loop(core, mailbox.attach(), raft_tick).await
 }
 
-async fn mailbox_loop(core: u32, mut mailbox: LocalMailbox) {
+/// One timer per core drives every replicated Raft group on it (openraft's own tick is a
+/// timer per group waking every fifth of a heartbeat: 300 idle partitions cost a core). Every
+/// `heartbeat`, leaders send heartbeats; every fifth of that, a follower that has not heard a
+/// leader for its election timeout starts a (pre-vote) election. (Checking elections only once
+/// per heartbeat put timeouts into a few buckets: two followers often timed out together, split
+/// the vote and waited another round.)
+async fn drive_groups(
+    partitions: Partitions,
+    heartbeat: Duration,
+    stop: Rc<std::cell::Cell<bool>>,
+) {
+    const STEPS: u32 = 5;
+    let tick = heartbeat / STEPS;
+    let mut step = 0u32;
+    loop {
+        glommio::timer::sleep(tick).await;
+        if stop.get() {
+            return;
+        }
+        step = (step + 1) % STEPS;
+        let beat = step == 0;
+        let now = std::time::Instant::now();
+        let groups: Vec<Rc<Partition>> = partitions
+            .borrow()
+            .values()
+            .filter(|p| p.replicated())
+            .cloned()
+            .collect();
+        for p in groups {
+            p.drive(now, beat).await;
+        }
+    }
+}
+
+async fn mailbox_loop(core: u32, mut mailbox: LocalMailbox, raft_tick: Duration) {
     let partitions: Partitions = Rc::new(RefCell::new(HashMap::new()));
+    let stop_driver = Rc::new(std::cell::Cell::new(false));
+    glommio::spawn_local(drive_groups(
+        partitions.clone(),
+        raft_tick,
+        stop_driver.clone(),
+    ))
+    .detach();
     tracing::debug!(core, "core started");
     while let Some(first) = mailbox.recv().await {
         let mut batch = Vec::with_capacity(16);
@@ -69,6 +111,7 @@ async fn mailbox_loop(core: u32, mut mailbox: LocalMailbox) {
                             "requests found by the mailbox re-check (lost wake-ups)"
                         );
                     }
+                    stop_driver.set(true);
                     let r = shutdown(core, &partitions).await;
                     let _ = reply.send(r);
                     return;
@@ -101,6 +144,7 @@ async fn mailbox_loop(core: u32, mut mailbox: LocalMailbox) {
         );
     }
     // Every sender is gone: the node is going away without a shutdown request.
+    stop_driver.set(true);
     let _ = shutdown(core, &partitions).await;
 }
 
@@ -172,7 +216,12 @@ async fn handle(core: u32, req: CoreRequest, partitions: Partitions) {
                 async move {
                     let answer = match (p, m.body) {
                         (Ok(p), Some(body)) if p.uid == uid => {
-                            transport::handle(&p.raft, body).await
+                            let mut contact = false;
+                            let a = transport::handle(&p.raft, body, &mut contact).await;
+                            if contact {
+                                p.heard_leader();
+                            }
+                            a
                         }
                         (Ok(_), Some(_)) => Err(format!("{key}: another incarnation")),
                         (Err(e), _) => Err(e.to_string()),

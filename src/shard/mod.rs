@@ -37,6 +37,8 @@ pub struct ShardConfig {
     pub mailbox_capacity: usize,
     pub mailbox_wait: Duration,
     pub io_memory_bytes: usize,
+    /// How often each core drives its replicated Raft groups (the heartbeat interval).
+    pub raft_tick: Duration,
 }
 
 impl Shards {
@@ -48,6 +50,7 @@ impl Shards {
         for i in 0..cfg.cores {
             let (tx, rx) = mailbox::mailbox(i as u32, cfg.mailbox_capacity)?;
             let (started_tx, started_rx) = std::sync::mpsc::channel();
+            let tick = cfg.raft_tick;
             let builder = LocalExecutorBuilder::new(Placement::Fixed(i % cpus))
                 .name(&format!("tern-core-{i}"))
                 .io_memory(cfg.io_memory_bytes)
@@ -57,7 +60,7 @@ impl Shards {
                 .spawn(move || match builder.make() {
                     Ok(ex) => {
                         let _ = started_tx.send(Ok(()));
-                        ex.run(core::run(i as u32, rx));
+                        ex.run(core::run(i as u32, rx, tick));
                     }
                     Err(e) => {
                         let _ = started_tx.send(Err(e.to_string()));

@@ -5,7 +5,7 @@
 //! voters, each having secured it under the topic's fsync policy) and applied, which moves the
 //! log's committed position. Readers see only records below that position.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::rc::Rc;
@@ -33,6 +33,13 @@ const ELECTION_WAIT: Duration = Duration::from_secs(30);
 type Waiters = Rc<RefCell<Vec<oneshot::Sender<()>>>>;
 
 pub struct Partition {
+    /// The group has other voters (heartbeats and elections are driven by the core).
+    replicated: bool,
+    timing: crate::raft::Timing,
+    /// When a leader was last heard (or an election last started).
+    contact: Cell<Instant>,
+    /// How long without a leader before the next election: random, redrawn each time.
+    election_after: Cell<Duration>,
     pub key: PartitionKey,
     /// The topic incarnation this group belongs to.
     pub uid: u64,
@@ -40,6 +47,14 @@ pub struct Partition {
     pub raft: PartitionGroup,
     /// Fetches waiting for the commit position to move.
     waiters: Waiters,
+}
+
+/// A random election timeout: openraft's leader lease (the longest timeout) plus a random
+/// timeout, which is when followers' leases have run out and they grant votes again.
+fn election_delay(t: crate::raft::Timing) -> Duration {
+    use rand::RngExt;
+    let extra = rand::rng().random_range(t.election_min_ms..=t.election_max_ms);
+    Duration::from_millis(t.election_max_ms + extra)
 }
 
 fn wake(waiters: &Waiters) {
@@ -89,8 +104,10 @@ impl Partition {
         };
         // A group whose only voter is this node needs no timer: an idle partition then costs no
         // CPU at all (openraft's tick wakes every fifth of a heartbeat, per group).
-        let raft_config = group::config_with(&key.to_string(), replica.timing, !alone)
-            .map_err(CoreError::Raft)?;
+        // Replicated groups are driven by their core's timer (`core::drive_groups`), not by a
+        // timer each.
+        let raft_config =
+            group::config_with(&key.to_string(), replica.timing, false).map_err(CoreError::Raft)?;
         let started = match &replica.transport {
             Some(t) => {
                 let network = GroupNetwork {
@@ -173,7 +190,44 @@ impl Partition {
             log,
             raft,
             waiters,
+            replicated: !alone,
+            timing: replica.timing,
+            contact: Cell::new(Instant::now()),
+            election_after: Cell::new(election_delay(replica.timing)),
         })
+    }
+
+    /// Whether the group has other voters (and so needs heartbeats and elections).
+    pub fn replicated(&self) -> bool {
+        self.replicated
+    }
+
+    /// A leader this replica accepts was heard from.
+    pub fn heard_leader(&self) {
+        self.contact.set(Instant::now());
+    }
+
+    /// One step of the core's Raft driver: a leader sends heartbeats; a follower that has not
+    /// heard a leader for its election timeout starts an election (pre-vote first, so a node
+    /// that cannot win does not disturb the others).
+    pub async fn drive(&self, now: Instant, beat: bool) {
+        let state = self.raft.metrics().borrow_watched().state;
+        match state {
+            openraft::ServerState::Leader if beat => {
+                let _ = self.raft.trigger().heartbeat().await;
+            }
+            openraft::ServerState::Follower | openraft::ServerState::Candidate
+                if now.saturating_duration_since(self.contact.get())
+                    >= self.election_after.get() =>
+            {
+                // Try again after another randomized timeout if this one does not succeed.
+                self.contact.set(now);
+                self.election_after.set(election_delay(self.timing));
+                tracing::debug!(partition = %self.key, "no leader heard: starting an election");
+                let _ = self.raft.trigger().elect(true).await;
+            }
+            _ => {}
+        }
     }
 
     /// What this replica knows of its group.
