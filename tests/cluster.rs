@@ -211,41 +211,13 @@ fn values(records: &[pb::Record]) -> Vec<String> {
         .collect()
 }
 
-/// Every committed data record of a partition from offset 0, or the first error.
-async fn try_fetch_all(
-    c: &mut TernClient<Channel>,
-    topic: &str,
-    partition: u32,
-) -> Result<Vec<pb::Record>, tonic::Status> {
-    let mut out = Vec::new();
-    let mut at = 0;
-    loop {
-        let r = c
-            .fetch(pb::FetchRequest {
-                topic: topic.into(),
-                partition,
-                offset: at,
-                max_records: 1000,
-                max_bytes: 0,
-                max_wait_ms: 0,
-            })
-            .await?
-            .into_inner();
-        if r.records.is_empty() && r.next_offset >= r.high_watermark {
-            return Ok(out);
-        }
-        at = r.next_offset;
-        out.extend(r.records);
-    }
-}
-
 /// Every committed record of a partition as one node serves it, once that node has caught up
 /// to at least `min` data records (followers apply commits a moment after the leader; a
 /// restarted node opens its replicas a moment after it starts serving).
 async fn read_all(c: &mut TernClient<Channel>, topic: &str, p: u32, min: usize) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        match try_fetch_all(c, topic, p).await {
+        match node_support::try_fetch_all(c, topic, p).await {
             Ok(rs) => {
                 let v = values(&rs);
                 if v.len() >= min || Instant::now() > deadline {
@@ -293,12 +265,12 @@ async fn three_nodes_publish_and_subscribe_through_any_node() {
     // Same offsets everywhere (followers store the leader's batches byte for byte).
     let offsets = |rs: Vec<pb::Record>| rs.into_iter().map(|r| r.offset).collect::<Vec<_>>();
     let a = offsets(
-        try_fetch_all(&mut cluster.client(0).await, "orders", 1)
+        node_support::try_fetch_all(&mut cluster.client(0).await, "orders", 1)
             .await
             .unwrap(),
     );
     let b = offsets(
-        try_fetch_all(&mut cluster.client(2).await, "orders", 1)
+        node_support::try_fetch_all(&mut cluster.client(2).await, "orders", 1)
             .await
             .unwrap(),
     );

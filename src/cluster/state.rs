@@ -94,9 +94,10 @@ pub struct ClusterState {
 }
 
 impl ClusterState {
-    pub fn apply(&mut self, cmd: Command) {
+    /// Applies a command; returns the topic it deleted, if it deleted one.
+    pub fn apply(&mut self, cmd: Command) -> Option<TopicSpec> {
         if cmd.validate().is_err() {
-            return;
+            return None;
         }
         match cmd {
             Command::RegisterNode { id, member } => {
@@ -109,10 +110,11 @@ impl ClusterState {
             }
             Command::DeleteTopic { name, uid } => {
                 if self.topics.get(&name).is_some_and(|t| t.uid == uid) {
-                    self.topics.remove(&name);
+                    return self.topics.remove(&name);
                 }
             }
         }
+        None
     }
 }
 
@@ -264,7 +266,8 @@ mod tests {
             uid: 1,
         }
         .encode();
-        s.apply(Command::decode(&enc).unwrap());
+        let deleted = s.apply(Command::decode(&enc).unwrap());
+        assert_eq!(deleted.map(|t| t.uid), Some(1));
         assert!(s.topics.is_empty());
         assert!(Command::decode(b"{\"op\":\"nope\"}").is_err());
         // Invalid commands change nothing, on every node alike.

@@ -21,7 +21,9 @@ use crate::raft::transport::Transport;
 use crate::raft::types::{Member, NodeId};
 use crate::shard::placement::{core_for, partition_for_key};
 use crate::shard::request::ReplicaState;
-use crate::shard::{CoreError, CoreRequest, Fetched, PartitionKey, ReplicaSettings, Shards};
+use crate::shard::{
+    Appended, CoreError, CoreRequest, Fetched, PartitionKey, ReplicaSettings, Shards,
+};
 use crate::types::{Offset, TimestampMs};
 
 /// A topic as the network shard sees it.
@@ -90,11 +92,8 @@ pub struct Outgoing {
 pub struct Broker {
     pub config: Config,
     pub shards: Shards,
-    /// The address clients should use for this node.
-    pub advertised: String,
-    /// This node's identity in the partitions' Raft groups.
+    /// This node's identity in the partitions' Raft groups, and its transport to peers.
     pub(super) replica: ReplicaSettings,
-    pub(super) transport: Option<Arc<Transport>>,
     /// The metadata group's voters (id → address); just this node when it runs alone.
     pub(super) controllers: BTreeMap<NodeId, String>,
     /// The cluster metadata as last applied here, and the topics derived from it.
@@ -102,8 +101,9 @@ pub struct Broker {
     topics: RwLock<HashMap<String, Arc<Topic>>>,
     /// Offset in the metadata log up to which commands are applied here.
     pub(super) applied: tokio::sync::watch::Sender<u64>,
-    /// Clients of other nodes' public API (forwarding), by node.
-    peers: std::sync::Mutex<HashMap<NodeId, (String, TernClient<Channel>)>>,
+    /// Connections to other nodes (forwarding, metadata proposals), by node, with the address
+    /// each was made for.
+    peers: std::sync::Mutex<HashMap<NodeId, (String, Channel)>>,
     /// Whether this node has caught up with the metadata once since it started (until then a
     /// topic it does not know may exist: UNAVAILABLE, not NOT_FOUND).
     pub(super) ready: std::sync::atomic::AtomicBool,
@@ -147,7 +147,7 @@ impl Broker {
             node_id: me,
             member: member.clone(),
             timing: config.raft_timing(),
-            transport: transport.clone(),
+            transport,
         };
         let controllers: BTreeMap<NodeId, String> = if config.peers.is_empty() {
             BTreeMap::from([(me, advertised.clone())])
@@ -157,9 +157,7 @@ impl Broker {
         let broker = Arc::new(Broker {
             config,
             shards,
-            advertised,
             replica,
-            transport,
             controllers,
             state: RwLock::new(Arc::new(ClusterState::default())),
             topics: RwLock::new(HashMap::new()),
@@ -180,7 +178,12 @@ impl Broker {
 
     /// Whether this node runs without peers.
     pub fn alone(&self) -> bool {
-        self.transport.is_none()
+        self.transport().is_none()
+    }
+
+    /// The transport to other nodes; `None` when this node runs alone.
+    pub fn transport(&self) -> Option<&Arc<Transport>> {
+        self.replica.transport.as_ref()
     }
 
     pub fn cluster(&self) -> Arc<ClusterState> {
@@ -211,8 +214,8 @@ impl Broker {
             .join(partition.to_string())
     }
 
-    /// A client of another node's public API, connected lazily and reused.
-    pub(super) fn peer_client(&self, node: NodeId) -> Result<TernClient<Channel>, Status> {
+    /// A connection to another node, made lazily and reused.
+    pub(super) fn peer_channel(&self, node: NodeId) -> Result<Channel, Status> {
         let addr = self
             .cluster()
             .nodes
@@ -226,15 +229,20 @@ impl Broker {
                 return Ok(c.clone());
             }
         }
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| Status::internal(format!("address of node {node}: {e}")))?
             .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true);
-        let c = TernClient::new(endpoint.connect_lazy())
+            .tcp_nodelay(true)
+            .connect_lazy();
+        peers.insert(node, (addr, channel.clone()));
+        Ok(channel)
+    }
+
+    /// A client of another node's public API (forwarding).
+    pub(super) fn peer_client(&self, node: NodeId) -> Result<TernClient<Channel>, Status> {
+        Ok(TernClient::new(self.peer_channel(node)?)
             .max_decoding_message_size(self.config.max_request_bytes.max(32 << 20))
-            .max_encoding_message_size(self.config.max_request_bytes);
-        peers.insert(node, (addr, c.clone()));
-        Ok(c)
+            .max_encoding_message_size(self.config.max_request_bytes))
     }
 
     /// Marks a call in flight for as long as the guard lives.
@@ -296,16 +304,6 @@ impl Broker {
         v
     }
 
-    /// Publishes records and waits for their offsets. See [`Broker::submit`].
-    pub async fn publish(
-        self: &Arc<Self>,
-        topic: &Topic,
-        records: Vec<Outgoing>,
-        forwarded: bool,
-    ) -> Result<Vec<(u32, Offset)>, Status> {
-        self.submit(topic, records, forwarded).await?.await
-    }
-
     /// Routes records to their partitions and returns the pending answer: (partition, offset)
     /// per record, in request order. Each record goes to its explicit partition, else the hash
     /// of its key, else round robin; records for one partition keep their order and become one
@@ -316,7 +314,7 @@ impl Broker {
     /// answered UNAVAILABLE with the leader instead, so a stale view cannot loop).
     pub async fn submit(
         self: &Arc<Self>,
-        topic: &Topic,
+        topic: &Arc<Topic>,
         records: Vec<Outgoing>,
         forwarded: bool,
     ) -> Result<impl std::future::Future<Output = Result<Vec<(u32, Offset)>, Status>> + use<>, Status>
@@ -348,16 +346,19 @@ impl Broker {
         let mut pending: Vec<futures::future::BoxFuture<'static, _>> =
             Vec::with_capacity(groups.len());
         for (p, idx, recs) in groups {
+            let broker = self.clone();
+            let topic = topic.clone();
             if !topic.on(me, p) {
                 // No replica here: straight to the partition's (preferred) leader.
                 let target = topic.replicas(p).first().copied();
-                let broker = self.clone();
-                let name = topic.spec.name.clone();
                 pending.push(Box::pin(async move {
                     let r = match target {
-                        Some(t) if !forwarded => broker.forward_publish(t, &name, p, recs).await,
+                        Some(t) if !forwarded => {
+                            broker.forward_publish(t, &topic.name, p, recs).await
+                        }
                         _ => Err(Status::unavailable(format!(
-                            "this node holds no replica of {name}/{p}"
+                            "this node holds no replica of {}/{p}",
+                            topic.name
                         ))),
                     };
                     (idx, r)
@@ -365,9 +366,6 @@ impl Broker {
                 continue;
             }
             let key = topic.key(p);
-            // Cheap (reference-counted) copies, in case the records must go again: to the
-            // leader, or here once an election is over.
-            let copy = (!self.alone()).then(|| recs.clone());
             let answer = self
                 .shards
                 .submit(topic.core(p), |reply| CoreRequest::Append {
@@ -377,17 +375,19 @@ impl Broker {
                 })
                 .await
                 .map_err(from_core)?;
-            let broker = self.clone();
-            let topic = self.topic(&topic.spec.name)?;
             pending.push(Box::pin(async move {
-                let r = match (answer.await, copy) {
-                    (Ok(ack), _) => Ok(ack.offsets),
-                    (Err(CoreError::NotLeader { leader }), Some(recs)) => {
+                let r = match answer.await {
+                    Ok(Appended::Done(ack)) => Ok(ack.offsets),
+                    // A node alone leads all its partitions: this is the moment of its start.
+                    Ok(Appended::NotLeader { leader, .. }) if broker.alone() => {
+                        Err(from_core(CoreError::NotLeader { leader }))
+                    }
+                    Ok(Appended::NotLeader { leader, records }) => {
                         broker
-                            .publish_elsewhere(&topic, p, recs, leader, forwarded)
+                            .publish_elsewhere(&topic, p, records, leader, forwarded)
                             .await
                     }
-                    (Err(e), _) => Err(from_core(e)),
+                    Err(e) => Err(from_core(e)),
                 };
                 (idx, r)
             }));
@@ -409,14 +409,15 @@ impl Broker {
         })
     }
 
-    /// Publishes records that this node's replica refused because it does not lead: forwards
-    /// them to the leader, or, while there is none (an election), waits for one (bounded) and
-    /// goes again. Nothing was written by the refused attempt, so going again cannot duplicate.
+    /// Publishes records that this node's replica refused, unwritten, because it does not
+    /// lead: forwards them to the leader, or, while there is none (an election), waits for one
+    /// (bounded) and goes again. Nothing was written by a refused attempt, so going again
+    /// cannot duplicate.
     async fn publish_elsewhere(
         &self,
         topic: &Topic,
         p: u32,
-        records: Vec<Record>,
+        mut records: Vec<Record>,
         mut leader: Option<NodeId>,
         forwarded: bool,
     ) -> Result<Vec<Offset>, Status> {
@@ -440,18 +441,23 @@ impl Broker {
             }
             // This node leads now: append here.
             let key = topic.key(p);
-            let recs = records.clone();
             match self
                 .shards
                 .ask(topic.core(p), |reply| CoreRequest::Append {
                     key,
-                    records: recs,
+                    records,
                     reply,
                 })
                 .await
             {
-                Ok(ack) => return Ok(ack.offsets),
-                Err(CoreError::NotLeader { leader: l }) => leader = l,
+                Ok(Appended::Done(ack)) => return Ok(ack.offsets),
+                Ok(Appended::NotLeader {
+                    leader: l,
+                    records: r,
+                }) => {
+                    leader = l;
+                    records = r;
+                }
                 Err(e) => return Err(from_core(e)),
             }
         }
@@ -564,7 +570,10 @@ impl Broker {
     pub async fn metadata_leader(&self) -> Option<NodeId> {
         let key = PartitionKey::metadata();
         self.shards
-            .ask(0, |reply| CoreRequest::Replica { key, reply })
+            .ask(self.shards.core_of(&key), |reply| CoreRequest::Replica {
+                key,
+                reply,
+            })
             .await
             .ok()
             .and_then(|s| s.leader)

@@ -30,8 +30,6 @@ use crate::shard::request::OpenPartition;
 use crate::shard::{CoreError, CoreRequest, PartitionKey};
 use crate::types::{Offset, TimestampMs};
 
-/// The core that holds the metadata group.
-const META_CORE: u32 = 0;
 /// How long a proposal waits to be applied on this node.
 const APPLY_WAIT: Duration = Duration::from_secs(15);
 /// How long the follower's long poll waits; also how often failed opens are retried.
@@ -69,10 +67,11 @@ pub async fn start(broker: Arc<Broker>, member: Member) -> anyhow::Result<()> {
         .collect();
     let dir = broker.config.data_dir.join("metadata");
     let key = PartitionKey::metadata();
+    let meta_core = broker.shards.core_of(&key);
     let replica = broker.replica.clone();
     broker
         .shards
-        .ask(META_CORE, |reply| CoreRequest::Open {
+        .ask(meta_core, |reply| CoreRequest::Open {
             open: Box::new(OpenPartition {
                 key: key.clone(),
                 uid: 0,
@@ -96,7 +95,7 @@ pub async fn start(broker: Arc<Broker>, member: Member) -> anyhow::Result<()> {
         // Everything in the log is committed once this node leads: replay all of it now.
         let end = broker
             .shards
-            .ask(META_CORE, |reply| CoreRequest::Positions { key, reply })
+            .ask(meta_core, |reply| CoreRequest::Positions { key, reply })
             .await
             .map_err(|e| anyhow::anyhow!("metadata positions: {e}"))?
             .committed;
@@ -158,10 +157,7 @@ pub async fn propose(broker: &Arc<Broker>, cmd: &Command) -> Result<Offset, Stat
             let Some(l) = leader.filter(|l| *l != broker.node_id()) else {
                 return Err(from_core(e));
             };
-            let addr = broker.controllers.get(&l).cloned().ok_or_else(|| {
-                Status::unavailable(format!("metadata leader {l} has no known address"))
-            })?;
-            forward_proposal(broker, l, &addr, cmd).await
+            forward_proposal(broker, l, cmd).await
         }
         other => other.map_err(from_core),
     }
@@ -176,30 +172,30 @@ pub async fn propose_local(broker: &Broker, cmd: &Command) -> Result<Offset, Cor
         timestamp: TimestampMs::now(),
         ttl_ms: None,
     };
+    let key = PartitionKey::metadata();
     let ack = broker
         .shards
-        .ask(META_CORE, |reply| CoreRequest::Append {
-            key: PartitionKey::metadata(),
+        .ask(broker.shards.core_of(&key), |reply| CoreRequest::Append {
+            key,
             records: vec![record],
             reply,
         })
-        .await?;
+        .await?
+        .into_result()?;
     ack.offsets
         .first()
         .copied()
         .ok_or_else(|| CoreError::Raft("empty metadata append".into()))
 }
 
+/// Sends a command to the metadata leader (`Peer.Propose`), over the connection to it that
+/// forwarding uses too.
 async fn forward_proposal(
     broker: &Broker,
     leader: NodeId,
-    addr: &str,
     cmd: &Command,
 ) -> Result<Offset, Status> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| Status::internal(format!("address of node {leader}: {e}")))?
-        .connect_timeout(Duration::from_secs(2));
-    let mut client = ipb::peer_client::PeerClient::new(endpoint.connect_lazy());
+    let mut client = ipb::peer_client::PeerClient::new(broker.peer_channel(leader)?);
     let mut req = tonic::Request::new(ipb::ProposeRequest {
         from: broker.node_id(),
         command: Bytes::from(cmd.encode()),
@@ -350,10 +346,11 @@ impl Follower {
         let leader_known = self.broker.alone()
             || self.broker.ready.load(std::sync::atomic::Ordering::Acquire)
             || self.broker.metadata_leader().await.is_some();
+        let core = self.broker.shards.core_of(&key);
         let fetched = self
             .broker
             .shards
-            .ask(META_CORE, |reply| CoreRequest::Fetch {
+            .ask(core, |reply| CoreRequest::Fetch {
                 key,
                 from,
                 max_bytes: 4 << 20,
@@ -376,12 +373,7 @@ impl Follower {
                 }
                 match Command::decode(r.value) {
                     Ok(cmd) => {
-                        if let Command::DeleteTopic { name, uid } = &cmd {
-                            if let Some(t) = self.state.topics.get(name).filter(|t| t.uid == *uid) {
-                                deleted.push(t.clone());
-                            }
-                        }
-                        self.state.apply(cmd);
+                        deleted.extend(self.state.apply(cmd));
                         changed = true;
                     }
                     Err(e) => {
@@ -435,8 +427,7 @@ impl Follower {
             .map(|(k, _)| k.clone())
             .collect();
         for key in stale {
-            let n = broker.shards.core_count();
-            let core = crate::shard::placement::core_for(&key.topic, key.partition, n).0;
+            let core = broker.shards.core_of(&key);
             let k = key.clone();
             match broker
                 .shards
@@ -463,7 +454,7 @@ impl Follower {
             .iter()
             .filter(|(k, _)| !self.open.contains_key(*k))
             .map(|(key, (spec, p))| {
-                let topic = Topic::key_core(spec, *p, broker.shards.core_count());
+                let core = broker.shards.core_of(key);
                 let voters: BTreeMap<NodeId, Member> = spec.replicas[*p as usize]
                     .iter()
                     .filter_map(|id| self.state.nodes.get(id).map(|m| (*id, m.clone())))
@@ -489,7 +480,7 @@ impl Follower {
                     let k = key.clone();
                     let r = broker
                         .shards
-                        .ask(topic, move |reply| CoreRequest::Open {
+                        .ask(core, move |reply| CoreRequest::Open {
                             open: Box::new(OpenPartition {
                                 key: k,
                                 uid,
@@ -534,12 +525,5 @@ async fn remove_dir(dir: PathBuf) {
     .await;
     if let Ok(Err(e)) = r {
         tracing::warn!(error = %e, "could not remove a partition's files");
-    }
-}
-
-impl Topic {
-    /// The core of `partition` of `spec` on a node with `cores` cores.
-    fn key_core(spec: &TopicSpec, partition: u32, cores: usize) -> u32 {
-        crate::shard::placement::core_for(&spec.name, partition, cores).0
     }
 }

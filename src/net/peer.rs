@@ -10,7 +10,6 @@ use super::broker::Broker;
 use super::controller;
 use crate::proto::internal as pb;
 use crate::proto::internal::peer_server::Peer;
-use crate::shard::placement::core_for;
 use crate::shard::{CoreRequest, PartitionKey};
 
 /// Messages one Exchange may carry.
@@ -22,7 +21,7 @@ pub struct PeerService {
 
 impl PeerService {
     fn check_peer(&self, from: u64) -> Result<(), Status> {
-        let Some(t) = &self.broker.transport else {
+        let Some(t) = self.broker.transport() else {
             return Err(Status::failed_precondition(
                 "this node runs alone and takes no Raft traffic",
             ));
@@ -57,7 +56,6 @@ impl Peer for PeerService {
                 r.messages.len()
             )));
         }
-        let n = self.broker.shards.core_count();
         let mut replies = Vec::with_capacity(r.messages.len());
         let mut by_core: HashMap<u32, Vec<(PartitionKey, u64, pb::RaftRequest)>> = HashMap::new();
         for m in r.messages {
@@ -72,11 +70,7 @@ impl Peer for PeerService {
                 topic: g.topic.as_str().into(),
                 partition: g.partition,
             };
-            let core = if key.is_metadata() {
-                0
-            } else {
-                core_for(&key.topic, key.partition, n).0
-            };
+            let core = self.broker.shards.core_of(&key);
             let uid = g.uid;
             by_core.entry(core).or_default().push((key, uid, m));
         }
@@ -126,7 +120,7 @@ impl Peer for PeerService {
                 "fault injection is off (start the node with --fault-injection)",
             ));
         }
-        let Some(t) = &self.broker.transport else {
+        let Some(t) = self.broker.transport() else {
             return Err(Status::failed_precondition("this node runs alone"));
         };
         let peers: HashSet<u64> = request.into_inner().isolate_from.into_iter().collect();

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use super::mailbox::{LocalMailbox, MailboxReceiver};
 use super::partition::Partition;
-use super::request::{AppendAck, CoreError, CoreRequest, OpenPartition, PartitionKey, Reply};
+use super::request::{Appended, CoreError, CoreRequest, OpenPartition, PartitionKey, Reply};
 use crate::log::Record;
 use crate::proto::internal as pb;
 use crate::raft::transport;
@@ -24,7 +24,7 @@ const DRAIN_MAX: usize = 256;
 
 type Partitions = Rc<RefCell<HashMap<PartitionKey, Rc<Partition>>>>;
 /// The appends that arrived together for one partition.
-type AppendGroup = (PartitionKey, Vec<(Vec<Record>, Reply<AppendAck>)>);
+type AppendGroup = (PartitionKey, Vec<(Vec<Record>, Reply<Appended>)>);
 
 /// Runs a core until it is told to shut down or every sender is gone.
 ///
@@ -242,7 +242,6 @@ async fn handle(core: u32, req: CoreRequest, partitions: Partitions) {
         CoreRequest::Replica { key, reply } => {
             let _ = reply.send(lookup(&partitions, &key).map(|p| p.state()));
         }
-        CoreRequest::Run(f) => f(),
         CoreRequest::Positions { key, reply } => {
             let _ = reply.send(lookup(&partitions, &key).map(|p| p.log.positions()));
         }
@@ -264,6 +263,7 @@ async fn handle(core: u32, req: CoreRequest, partitions: Partitions) {
         // Handled by the mailbox loop itself; never routed here.
         CoreRequest::Append { reply, .. } => drop(reply),
         CoreRequest::Shutdown { reply } => drop(reply),
+        CoreRequest::Run(f) => drop(f),
     }
 }
 

@@ -18,7 +18,9 @@ use futures::channel::oneshot;
 use glommio::{LocalExecutorBuilder, Placement};
 
 pub use mailbox::MailboxSender;
-pub use request::{AppendAck, CoreError, CoreRequest, Fetched, PartitionKey, ReplicaSettings};
+pub use request::{
+    AppendAck, Appended, CoreError, CoreRequest, Fetched, PartitionKey, ReplicaSettings,
+};
 
 /// How long a task queue runs before the executor checks I/O and wakes from other threads:
 /// this bounds how late a busy core notices new requests in its mailbox.
@@ -86,6 +88,11 @@ impl Shards {
 
     pub fn core_count(&self) -> usize {
         self.mailboxes.len()
+    }
+
+    /// The core holding this node's replica of `key`'s group.
+    pub fn core_of(&self, key: &PartitionKey) -> u32 {
+        placement::core_of(key, self.mailboxes.len())
     }
 
     /// Every core's mailbox, in core order.

@@ -17,7 +17,7 @@ use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft_rt::watch::WatchReceiver;
 
 use super::request::{
-    AppendAck, CoreError, Fetched, PartitionKey, ReplicaSettings, ReplicaState, Reply,
+    AppendAck, Appended, CoreError, Fetched, PartitionKey, ReplicaSettings, ReplicaState, Reply,
 };
 use crate::log::batch::HEADER_LEN;
 use crate::log::{BatchBuilder, Log, LogConfig, LogError, ReadBound, Record};
@@ -267,8 +267,11 @@ impl Partition {
 
     /// Appends the records of several requests that arrived together, as few batches as the
     /// batch size limit allows (normally one), sharing one fsync; then answers each request
-    /// with its records' offsets.
-    pub async fn append(&self, requests: Vec<(Vec<Record>, Reply<AppendAck>)>) {
+    /// with its records' offsets. A request refused whole because this replica does not lead
+    /// gets its records back ([`Appended::NotLeader`]); one refused after part of it was
+    /// proposed (its records spanned batches and leadership moved between them) gets
+    /// `LeaderChanged`: part of it may be committed, so it must not be resent as if unwritten.
+    pub async fn append(&self, requests: Vec<(Vec<Record>, Reply<Appended>)>) {
         let batch_max = self.log.config().batch_bytes_max;
         // Build batches; remember which (batch, index) each record landed in.
         let mut batches = Vec::new();
@@ -328,17 +331,33 @@ impl Partition {
         tracing::trace!(partition = %self.key, batches = batches.len(), "appending");
         let results = futures::future::join_all(appends).await;
         tracing::trace!(partition = %self.key, "appended");
-        for (ri, (_, reply)) in requests.into_iter().enumerate() {
-            let answer = match failed[ri].take() {
-                Some(e) => Err(e),
-                None => places[ri]
+        for (ri, (records, reply)) in requests.into_iter().enumerate() {
+            if let Some(e) = failed[ri].take() {
+                let _ = reply.send(Err(e));
+                continue;
+            }
+            let outcomes = || places[ri].iter().map(|&(bi, _)| &results[bi]);
+            let refused =
+                |r: &Result<Offset, CoreError>| matches!(r, Err(CoreError::NotLeader { .. }));
+            let answer = if !places[ri].is_empty() && outcomes().all(refused) {
+                let leader = match outcomes().next() {
+                    Some(Err(CoreError::NotLeader { leader })) => *leader,
+                    _ => None,
+                };
+                Ok(Appended::NotLeader { leader, records })
+            } else if let Some(Err(CoreError::NotLeader { leader })) =
+                outcomes().find(|r| refused(r))
+            {
+                Err(CoreError::LeaderChanged { leader: *leader })
+            } else {
+                places[ri]
                     .iter()
                     .map(|&(bi, i)| match &results[bi] {
                         Ok(base) => Ok(base.plus(i as u64)),
                         Err(e) => Err(e.clone()),
                     })
                     .collect::<Result<Vec<_>, _>>()
-                    .map(|offsets| AppendAck { offsets }),
+                    .map(|offsets| Appended::Done(AppendAck { offsets }))
             };
             let _ = reply.send(answer);
         }
@@ -446,7 +465,7 @@ mod tests {
                     (vec![rec(10), rec(5000)], bad_tx),
                 ])
                 .await;
-                let ok = ok_rx.await.unwrap().unwrap();
+                let ok = ok_rx.await.unwrap().unwrap().into_result().unwrap();
                 // Consecutive offsets after the group's control entries (membership, blank).
                 let first = ok.offsets[0];
                 assert_eq!(ok.offsets, vec![first, first.plus(1), first.plus(2)]);

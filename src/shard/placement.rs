@@ -33,6 +33,15 @@ pub fn core_for(topic: &str, partition: u32, cores: usize) -> CoreId {
     CoreId(jump_hash(h, cores as u32))
 }
 
+/// The core holding this node's replica of `key`'s group: the metadata group lives on core 0,
+/// a partition where [`core_for`] puts it.
+pub fn core_of(key: &crate::shard::PartitionKey, cores: usize) -> u32 {
+    if key.is_metadata() {
+        return 0;
+    }
+    core_for(&key.topic, key.partition, cores).0
+}
+
 /// The partition a keyed record goes to.
 pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
     (fnv1a(key) % partitions.max(1) as u64) as u32

@@ -100,6 +100,29 @@ pub struct AppendAck {
     pub offsets: Vec<Offset>,
 }
 
+/// What an append came to, when it did not fail.
+#[derive(Debug)]
+pub enum Appended {
+    /// Committed: the offsets its records got.
+    Done(AppendAck),
+    /// This replica does not lead the partition and wrote nothing of the request: its records
+    /// come back, so the caller can send them to the leader without keeping a copy.
+    NotLeader {
+        leader: Option<NodeId>,
+        records: Vec<Record>,
+    },
+}
+
+impl Appended {
+    /// The offsets, or `NotLeader` as an error (for callers that do not forward).
+    pub fn into_result(self) -> Result<AppendAck, CoreError> {
+        match self {
+            Appended::Done(ack) => Ok(ack),
+            Appended::NotLeader { leader, .. } => Err(CoreError::NotLeader { leader }),
+        }
+    }
+}
+
 /// Committed batches read from a partition.
 #[derive(Debug, Clone)]
 pub struct Fetched {
@@ -135,7 +158,7 @@ pub enum CoreRequest {
     Append {
         key: PartitionKey,
         records: Vec<Record>,
-        reply: Reply<AppendAck>,
+        reply: Reply<Appended>,
     },
     /// Committed batches from `from`; waits up to `max_wait` when there are none yet.
     Fetch {

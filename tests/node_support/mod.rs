@@ -138,6 +138,16 @@ pub async fn fetch_all(
     topic: &str,
     partition: u32,
 ) -> Vec<pb::Record> {
+    try_fetch_all(c, topic, partition).await.expect("fetch")
+}
+
+/// [`fetch_all`], returning the first failed Fetch's status instead of panicking (a node of a
+/// cluster may not be ready yet).
+pub async fn try_fetch_all(
+    c: &mut TernClient<Channel>,
+    topic: &str,
+    partition: u32,
+) -> Result<Vec<pb::Record>, tonic::Status> {
     let mut out = Vec::new();
     let mut at = 0;
     loop {
@@ -150,13 +160,12 @@ pub async fn fetch_all(
                 max_bytes: 0,
                 max_wait_ms: 0,
             })
-            .await
-            .expect("fetch")
+            .await?
             .into_inner();
         if r.records.is_empty() {
             if r.next_offset >= r.high_watermark {
                 assert_eq!(r.next_offset, r.high_watermark, "no records past the end");
-                return out;
+                return Ok(out);
             }
             // Only control records (which take offsets) were in the way: they must be skipped.
             assert!(r.next_offset > at, "fetch made no progress at {at}");
