@@ -52,6 +52,9 @@ pub struct Config {
     /// The cluster's controller nodes, `ID=HOST:PORT` separated by commas (this node among
     /// them); empty runs this node alone. Every node of a cluster gets the same list.
     pub peers: String,
+    /// `HOST:PORT` of any member of a running cluster this node joins (instead of `peers`):
+    /// it registers there, receives the metadata log, and holds the replicas moved to it.
+    pub join: String,
     /// Accept the `Peer.SetFault` test hook (cuts this node off from chosen peers). Never in
     /// production.
     pub fault_injection: bool,
@@ -113,6 +116,7 @@ impl Default for Config {
             raft_heartbeat_ms: 150,
             raft_election_timeout_ms: 1_500,
             peers: String::new(),
+            join: String::new(),
             fault_injection: false,
             topic_defaults: TopicDefaults::default(),
         }
@@ -196,8 +200,26 @@ impl Config {
         Duration::from_millis(self.mailbox_wait_ms)
     }
 
+    /// Whether this node runs with others (as a controller, or joining a cluster).
+    pub fn clustered(&self) -> bool {
+        !self.peers.is_empty() || !self.join.is_empty()
+    }
+
     /// Checks values against each other; the node refuses to start with a bad config.
     pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.peers.is_empty() || self.join.is_empty(),
+            "give either peers (this node is a controller) or join (it joins a running cluster), not both"
+        );
+        if !self.join.is_empty() {
+            anyhow::ensure!(
+                self.join
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()),
+                "join {:?}: the address must be HOST:PORT",
+                self.join
+            );
+        }
         anyhow::ensure!(self.core_count() <= 1024, "cores must be at most 1024");
         anyhow::ensure!(
             (1..=64).contains(&self.net_threads),

@@ -49,7 +49,7 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
             (None, None) => addr.to_string(),
         };
         let cores = shards.core_count();
-        let transport = if config.peers.is_empty() {
+        let transport = if !config.clustered() {
             None
         } else {
             Some(Transport::new(

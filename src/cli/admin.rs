@@ -1,4 +1,4 @@
-//! `tern topic ...` and `tern cluster status`.
+//! `tern topic ...` and `tern cluster ...`.
 
 use clap::Subcommand;
 
@@ -59,6 +59,166 @@ pub enum ClusterCmd {
         #[command(flatten)]
         opts: ClientOpts,
     },
+    /// Move a partition's replicas to other nodes (the first listed is the preferred leader).
+    Move {
+        topic: String,
+        partition: u32,
+        /// The new replicas, e.g. `--to 2,3,4`.
+        #[arg(long, value_delimiter = ',', required = true)]
+        to: Vec<u64>,
+        /// Wait until the move is done.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// Move replicas from the nodes holding the most to those holding the fewest.
+    Rebalance {
+        /// Moves to start at most [default: the server's limit, 256].
+        #[arg(long)]
+        max_moves: Option<u32>,
+        /// Wait until the moves are done.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+    /// Remove a node: its replicas move to other nodes, then it leaves the cluster for good.
+    RemoveNode {
+        id: u64,
+        /// Wait until the node is removed.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+}
+
+/// How long `--wait` waits for moves to finish.
+const WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Polls the cluster until `done` holds of its ClusterInfo (or WAIT_MAX passes).
+async fn wait_until(
+    c: &mut pb::tern_client::TernClient<tonic::transport::Channel>,
+    what: &str,
+    done: impl Fn(&pb::ClusterInfoResponse) -> bool,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + WAIT_MAX;
+    loop {
+        if let Ok(r) = c.cluster_info(pb::ClusterInfoRequest {}).await {
+            if done(&r.into_inner()) {
+                return Ok(());
+            }
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{what} not done after {WAIT_MAX:?} (see `tern cluster status`)"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
+fn nothing_moving(r: &pb::ClusterInfoResponse) -> bool {
+    r.topics
+        .iter()
+        .all(|t| t.partitions.iter().all(|p| p.moving_to.is_empty()))
+}
+
+async fn membership(cmd: ClusterCmd) -> anyhow::Result<()> {
+    match cmd {
+        ClusterCmd::Status { .. } => unreachable!("handled by cluster()"),
+        ClusterCmd::Move {
+            topic,
+            partition,
+            to,
+            wait,
+            opts,
+        } => {
+            let mut c = opts.connect().await?;
+            c.move_partition(pb::MovePartitionRequest {
+                topic: topic.clone(),
+                partition,
+                replicas: to.clone(),
+            })
+            .await
+            .map_err(status_error)?;
+            if wait {
+                wait_until(&mut c, "the move", |r| {
+                    r.topics
+                        .iter()
+                        .filter(|t| t.topic == topic)
+                        .flat_map(|t| &t.partitions)
+                        .any(|p| {
+                            p.partition == partition && p.moving_to.is_empty() && p.replicas == to
+                        })
+                })
+                .await?;
+                println!("moved {topic}/{partition} to {to:?}");
+            } else {
+                println!("moving {topic}/{partition} to {to:?}");
+            }
+        }
+        ClusterCmd::Rebalance {
+            max_moves,
+            wait,
+            opts,
+        } => {
+            let mut c = opts.connect().await?;
+            let r = c
+                .rebalance(pb::RebalanceRequest {
+                    max_moves: max_moves.unwrap_or(0),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if opts.json {
+                let moves: Vec<_> = r
+                    .moves
+                    .iter()
+                    .map(|m| serde_json::json!({"topic": m.topic, "partition": m.partition, "from": m.from, "to": m.to}))
+                    .collect();
+                println!("{}", serde_json::json!({ "moves": moves }));
+            } else if r.moves.is_empty() {
+                println!("balanced: nothing to move");
+            } else {
+                let rows: Vec<Vec<String>> = r
+                    .moves
+                    .iter()
+                    .map(|m| {
+                        vec![
+                            m.topic.clone(),
+                            m.partition.to_string(),
+                            format!("{:?}", m.from),
+                            format!("{:?}", m.to),
+                        ]
+                    })
+                    .collect();
+                table::print(&["TOPIC", "PARTITION", "FROM", "TO"], &rows);
+            }
+            if wait && !r.moves.is_empty() {
+                wait_until(&mut c, "the rebalance", nothing_moving).await?;
+                if !opts.json {
+                    println!("done");
+                }
+            }
+        }
+        ClusterCmd::RemoveNode { id, wait, opts } => {
+            let mut c = opts.connect().await?;
+            c.remove_node(pb::RemoveNodeRequest { node_id: id })
+                .await
+                .map_err(status_error)?;
+            if wait {
+                wait_until(&mut c, "the removal", |r| {
+                    r.nodes.iter().all(|n| n.id != id)
+                })
+                .await?;
+                println!("node {id} removed");
+            } else {
+                println!("removing node {id}: its replicas are moving to other nodes");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn settings(c: &Option<pb::TopicConfig>) -> serde_json::Value {
@@ -215,7 +375,10 @@ pub async fn topic(cmd: TopicCmd) -> anyhow::Result<()> {
 }
 
 pub async fn cluster(cmd: ClusterCmd) -> anyhow::Result<()> {
-    let ClusterCmd::Status { opts } = cmd;
+    let opts = match cmd {
+        ClusterCmd::Status { opts } => opts,
+        other => return membership(other).await,
+    };
     let mut c = opts.connect().await?;
     let first = c
         .cluster_info(pb::ClusterInfoRequest {})
@@ -273,11 +436,13 @@ pub async fn cluster(cmd: ClusterCmd) -> anyhow::Result<()> {
             "nodes": first.nodes.iter().map(|n| serde_json::json!({
                 "id": n.id, "address": n.address, "region": n.region, "zone": n.zone,
                 "reachable": views.get(&n.id).is_some_and(Option::is_some),
+                "draining": n.draining,
             })).collect::<Vec<_>>(),
             "topics": topics.iter().map(|(name, parts)| serde_json::json!({
                 "topic": name,
                 "partitions": parts.iter().map(|p| {
                     let mut j = partition_json(p);
+                    j["moving_to"] = serde_json::json!(p.moving_to);
                     j["lag"] = serde_json::json!(p.followers.iter().map(|f| serde_json::json!({
                         "node": f.node, "lag_entries": f.lag_entries, "matched": f.matched,
                     })).collect::<Vec<_>>());
@@ -292,9 +457,11 @@ pub async fn cluster(cmd: ClusterCmd) -> anyhow::Result<()> {
         .nodes
         .iter()
         .map(|n| {
-            let state = match views.get(&n.id) {
-                Some(Some(_)) => "up",
-                _ => "unreachable",
+            let state = match (views.get(&n.id), n.draining) {
+                (Some(Some(_)), false) => "up",
+                (Some(Some(_)), true) => "up, draining",
+                (_, false) => "unreachable",
+                (_, true) => "unreachable, draining",
             };
             vec![
                 n.id.to_string(),
@@ -320,6 +487,9 @@ pub async fn cluster(cmd: ClusterCmd) -> anyhow::Result<()> {
                 row.pop(); // the core is per node; not meaningful across the cluster
                 if p.leader != 0 && !views.get(&p.leader).is_some_and(Option::is_some) {
                     row[1] = format!("{} (unreachable)", p.leader);
+                }
+                if !p.moving_to.is_empty() {
+                    row[2] = format!("{:?} -> {:?}", p.replicas, p.moving_to);
                 }
                 let lag = if p.leader == 0 {
                     "no leader".to_string()

@@ -79,6 +79,11 @@ pub struct ServeArgs {
     /// the same list). Without it the node runs alone.
     #[arg(long, env = "TERN_PEERS")]
     pub peers: Option<String>,
+    /// Join a running cluster through any member, HOST:PORT (instead of --peers). The node
+    /// registers and receives the replicas moved to it (`tern cluster rebalance`, `move`).
+    /// Give --advertised-address so the others can reach it.
+    #[arg(long, env = "TERN_JOIN")]
+    pub join: Option<String>,
     /// Accept the Peer.SetFault test hook that cuts this node off from chosen peers. For tests
     /// only.
     #[arg(long, env = "TERN_FAULT_INJECTION", hide = true)]
@@ -136,7 +141,8 @@ impl ServeArgs {
             io_memory_bytes,
             raft_heartbeat_ms,
             raft_election_timeout_ms,
-            peers
+            peers,
+            join
         );
         if self.fault_injection {
             c.fault_injection = true;

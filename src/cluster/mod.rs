@@ -8,6 +8,7 @@ mod state;
 mod topic;
 
 pub use state::{
-    assign_replicas, ClusterState, Command, COMMAND_MAX_BYTES, PARTITIONS_MAX, REPLICAS_MAX,
+    assign_replicas, rebalance, replacement, ClusterState, Command, Move, COMMAND_MAX_BYTES,
+    PARTITIONS_MAX, REPLICAS_MAX,
 };
 pub use topic::{validate_topic_name, TopicSettings, TopicSpec, TOPIC_NAME_MAX};

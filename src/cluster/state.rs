@@ -1,6 +1,6 @@
 //! The replicated metadata: commands and the state they build.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +20,25 @@ pub enum Command {
     CreateTopic { spec: TopicSpec },
     /// Deletes the topic of that name and incarnation, if it exists.
     DeleteTopic { name: String, uid: u64 },
+    /// Starts moving a partition's replicas to `target` (the first is the preferred leader),
+    /// or redirects a move in progress. The partition's leader carries it out.
+    MoveReplicas {
+        topic: String,
+        uid: u64,
+        partition: u32,
+        target: Vec<NodeId>,
+    },
+    /// The partition's group now has exactly the move's target as voters: the move is done.
+    FinishMove {
+        topic: String,
+        uid: u64,
+        partition: u32,
+        replicas: Vec<NodeId>,
+    },
+    /// Takes a node out of the cluster, for good (its id is not reused): at once if it holds no
+    /// replica, else it is marked draining, its replicas move away, and the metadata leader
+    /// proposes this again once it holds none.
+    RemoveNode { id: NodeId },
 }
 
 /// Bounds a command must respect: it may come from a peer, and every node applies it.
@@ -69,6 +88,42 @@ impl Command {
                 Ok(())
             }
             Command::DeleteTopic { name, .. } => super::validate_topic_name(name),
+            Command::MoveReplicas {
+                topic,
+                partition,
+                target: replicas,
+                ..
+            }
+            | Command::FinishMove {
+                topic,
+                partition,
+                replicas,
+                ..
+            } => {
+                super::validate_topic_name(topic)?;
+                if *partition >= PARTITIONS_MAX {
+                    return Err(format!("partition {partition}"));
+                }
+                let mut d = replicas.clone();
+                d.sort_unstable();
+                d.dedup();
+                if d.is_empty()
+                    || d.len() != replicas.len()
+                    || d.len() > REPLICAS_MAX as usize
+                    || d.contains(&0)
+                {
+                    return Err(format!(
+                        "replica list {replicas:?}: 1 to {REPLICAS_MAX} distinct node ids"
+                    ));
+                }
+                Ok(())
+            }
+            Command::RemoveNode { id } => {
+                if *id == 0 {
+                    return Err("node id 0".into());
+                }
+                Ok(())
+            }
         }
     }
 
@@ -91,6 +146,10 @@ impl Command {
 pub struct ClusterState {
     pub nodes: BTreeMap<NodeId, Member>,
     pub topics: BTreeMap<String, TopicSpec>,
+    /// Nodes being removed: their replicas move to other nodes, then they are removed.
+    pub draining: BTreeSet<NodeId>,
+    /// Nodes removed from the cluster: their ids are not taken back.
+    pub removed: BTreeSet<NodeId>,
 }
 
 impl ClusterState {
@@ -101,7 +160,49 @@ impl ClusterState {
         }
         match cmd {
             Command::RegisterNode { id, member } => {
-                self.nodes.insert(id, member);
+                if !self.removed.contains(&id) {
+                    self.nodes.insert(id, member);
+                }
+            }
+            Command::MoveReplicas {
+                topic,
+                uid,
+                partition,
+                target,
+            } => {
+                let known = target.iter().all(|id| self.nodes.contains_key(id));
+                if let Some(t) = self.topic_mut(&topic, uid, partition) {
+                    let idle = !t.moving.contains_key(&partition);
+                    let same = t.replicas[partition as usize] == target;
+                    if known && target.len() == t.replication_factor as usize && !(idle && same) {
+                        t.moving.insert(partition, target);
+                        t.moved.insert(partition);
+                    }
+                }
+            }
+            Command::FinishMove {
+                topic,
+                uid,
+                partition,
+                replicas,
+            } => {
+                if let Some(t) = self.topic_mut(&topic, uid, partition) {
+                    if t.moving.get(&partition) == Some(&replicas) {
+                        t.moving.remove(&partition);
+                        t.replicas[partition as usize] = replicas;
+                    }
+                }
+            }
+            Command::RemoveNode { id } => {
+                if self.nodes.contains_key(&id) {
+                    if self.replicas_on(id) == 0 {
+                        self.nodes.remove(&id);
+                        self.draining.remove(&id);
+                        self.removed.insert(id);
+                    } else {
+                        self.draining.insert(id);
+                    }
+                }
             }
             Command::CreateTopic { spec } => {
                 if !self.topics.contains_key(&spec.name) {
@@ -115,6 +216,31 @@ impl ClusterState {
             }
         }
         None
+    }
+}
+
+impl ClusterState {
+    fn topic_mut(&mut self, name: &str, uid: u64, partition: u32) -> Option<&mut TopicSpec> {
+        self.topics
+            .get_mut(name)
+            .filter(|t| t.uid == uid && partition < t.partitions)
+    }
+
+    /// The nodes new replicas may go to: registered and not being removed.
+    pub fn placeable(&self) -> BTreeMap<NodeId, Member> {
+        self.nodes
+            .iter()
+            .filter(|(id, _)| !self.draining.contains(id))
+            .map(|(id, m)| (*id, m.clone()))
+            .collect()
+    }
+
+    /// How many partitions `node` holds or is receiving.
+    pub fn replicas_on(&self, node: NodeId) -> usize {
+        self.topics
+            .values()
+            .map(|t| (0..t.partitions).filter(|p| t.holds(node, *p)).count())
+            .sum()
     }
 }
 
@@ -175,6 +301,104 @@ pub fn assign_replicas(
             chosen
         })
         .collect())
+}
+
+/// The node that best takes over a replica of a partition held by `others` (plus the one
+/// leaving): not among them, then from a region the others do not cover, then a zone, then the
+/// node holding the fewest replicas, then the lowest id. `None` if no node is left.
+pub fn replacement(state: &ClusterState, others: &[NodeId], exclude: &[NodeId]) -> Option<NodeId> {
+    let place = |id: &NodeId| {
+        state
+            .nodes
+            .get(id)
+            .map(|m| (m.region.as_str(), m.zone.as_str()))
+            .unwrap_or(("", ""))
+    };
+    state
+        .nodes
+        .keys()
+        .filter(|id| !others.contains(id) && !exclude.contains(id))
+        .filter(|id| !state.draining.contains(id))
+        .min_by_key(|id| {
+            let (region, zone) = place(id);
+            let region_used = others.iter().any(|o| place(o).0 == region);
+            let zone_used = others.iter().any(|o| place(o) == (region, zone));
+            (region_used, zone_used, state.replicas_on(**id), **id)
+        })
+        .copied()
+}
+
+/// A partition move: topic (name, incarnation), partition, target replicas.
+pub type Move = (String, u64, u32, Vec<NodeId>);
+
+/// Moves that even out how many replicas each node holds (to within one), most loaded nodes
+/// giving to least loaded ones, without covering fewer regions or zones than before.
+/// Partitions already moving are left alone. At most `max` moves.
+pub fn rebalance(state: &ClusterState, max: usize) -> Vec<Move> {
+    let mut load: BTreeMap<NodeId, usize> = state
+        .placeable()
+        .keys()
+        .map(|id| (*id, state.replicas_on(*id)))
+        .collect();
+    let place = |id: &NodeId| {
+        state
+            .nodes
+            .get(id)
+            .map(|m| (m.region.clone(), m.zone.clone()))
+            .unwrap_or_default()
+    };
+    let spread = |r: &[NodeId]| {
+        let regions: BTreeSet<String> = r.iter().map(|id| place(id).0).collect();
+        let zones: BTreeSet<(String, String)> = r.iter().map(place).collect();
+        (regions.len(), zones.len())
+    };
+    let mut moves = Vec::new();
+    for t in state.topics.values() {
+        for p in 0..t.partitions {
+            if moves.len() >= max {
+                return moves;
+            }
+            // Moving already, or on a node being removed (its drain moves it).
+            if t.moving.contains_key(&p)
+                || t.replicas[p as usize]
+                    .iter()
+                    .any(|id| !load.contains_key(id))
+            {
+                continue;
+            }
+            let mut target = t.replicas[p as usize].clone();
+            let before = spread(&target);
+            // Replace, one at a time, a replica on a node holding 2+ more than the node taking
+            // it over, trying the most loaded replicas first.
+            loop {
+                let mut slots: Vec<usize> = (0..target.len()).collect();
+                slots.sort_by_key(|i| (std::cmp::Reverse(load[&target[*i]]), target[*i]));
+                let step = slots.into_iter().find_map(|slot| {
+                    let from = target[slot];
+                    load.iter()
+                        .filter(|(id, _)| !target.contains(id))
+                        .filter(|(id, _)| {
+                            let mut t2 = target.clone();
+                            t2[slot] = **id;
+                            spread(&t2) >= before
+                        })
+                        .min_by_key(|(id, n)| (**n, **id))
+                        .filter(|(_, n)| load[&from] >= **n + 2)
+                        .map(|(id, _)| (slot, from, *id))
+                });
+                let Some((slot, from, to)) = step else {
+                    break;
+                };
+                target[slot] = to;
+                *load.get_mut(&from).expect("loaded node") -= 1;
+                *load.get_mut(&to).expect("loaded node") += 1;
+            }
+            if target != t.replicas[p as usize] {
+                moves.push((t.name.clone(), t.uid, p, target));
+            }
+        }
+    }
+    moves
 }
 
 fn round_robin(lists: Vec<Vec<NodeId>>) -> Vec<NodeId> {
@@ -249,6 +473,8 @@ mod tests {
             },
             replicas: vec![vec![1]],
             created_ms: 0,
+            moving: Default::default(),
+            moved: Default::default(),
         };
         let mut s = ClusterState::default();
         s.apply(Command::CreateTopic { spec: spec(1) });
@@ -279,5 +505,188 @@ mod tests {
         assert!(cmd.validate().is_err());
         s.apply(cmd);
         assert!(s.topics.is_empty());
+    }
+
+    fn topic(name: &str, partitions: u32, replicas: Vec<Vec<NodeId>>) -> TopicSpec {
+        TopicSpec {
+            name: name.into(),
+            uid: 7,
+            partitions,
+            replication_factor: replicas[0].len() as u32,
+            settings: crate::cluster::TopicSettings {
+                retention_ms: None,
+                retention_bytes: None,
+                fsync_interval_ms: None,
+                max_record_bytes: 10,
+                segment_bytes: 1 << 20,
+            },
+            replicas,
+            created_ms: 0,
+            moving: Default::default(),
+            moved: Default::default(),
+        }
+    }
+
+    fn cluster(nodes: &[(NodeId, &str)], topics: Vec<TopicSpec>) -> ClusterState {
+        let mut s = ClusterState::default();
+        for (id, region) in nodes {
+            s.apply(Command::RegisterNode {
+                id: *id,
+                member: member(region, "z"),
+            });
+        }
+        for spec in topics {
+            s.apply(Command::CreateTopic { spec });
+        }
+        s
+    }
+
+    #[test]
+    fn a_move_starts_finishes_only_as_recorded_and_validates() {
+        let mut s = cluster(
+            &[(1, "r"), (2, "r"), (3, "r"), (4, "r")],
+            vec![topic("t", 2, vec![vec![1, 2, 3], vec![2, 3, 1]])],
+        );
+        let mv = |target: Vec<NodeId>| Command::MoveReplicas {
+            topic: "t".into(),
+            uid: 7,
+            partition: 0,
+            target,
+        };
+        // Unknown node, wrong length, wrong incarnation, bad partition: nothing changes.
+        let before = s.clone();
+        s.apply(mv(vec![1, 2, 9]));
+        s.apply(mv(vec![1, 4]));
+        s.apply(Command::MoveReplicas {
+            topic: "t".into(),
+            uid: 8,
+            partition: 0,
+            target: vec![4, 2, 3],
+        });
+        s.apply(Command::MoveReplicas {
+            topic: "t".into(),
+            uid: 7,
+            partition: 2,
+            target: vec![4, 2, 3],
+        });
+        assert_eq!(s, before);
+        assert!(mv(vec![4, 4, 3]).validate().is_err());
+        assert!(mv(vec![]).validate().is_err());
+        // A move: node 4 holds the partition from now on (receiving), node 1 until it ends.
+        s.apply(mv(vec![4, 2, 3]));
+        let t = &s.topics["t"];
+        assert_eq!(t.moving[&0], vec![4, 2, 3]);
+        assert!(t.moved.contains(&0));
+        assert!(t.holds(4, 0) && t.holds(1, 0));
+        assert_eq!(s.replicas_on(4), 1);
+        // Finishing with another list than the move's does nothing.
+        let finish = |replicas: Vec<NodeId>| Command::FinishMove {
+            topic: "t".into(),
+            uid: 7,
+            partition: 0,
+            replicas,
+        };
+        s.apply(finish(vec![4, 2, 1]));
+        assert!(s.topics["t"].moving.contains_key(&0));
+        s.apply(finish(vec![4, 2, 3]));
+        let t = &s.topics["t"];
+        assert!(t.moving.is_empty());
+        assert_eq!(t.replicas[0], vec![4, 2, 3]);
+        assert!(!t.holds(1, 0));
+        // Round trip through the log's encoding.
+        let c = Command::decode(&mv(vec![1, 2, 3]).encode()).unwrap();
+        assert_eq!(c, mv(vec![1, 2, 3]));
+    }
+
+    #[test]
+    fn removing_a_node_drains_it_first_and_its_id_is_not_taken_back() {
+        let mut s = cluster(
+            &[(1, "r"), (2, "r"), (3, "r"), (4, "r")],
+            vec![topic("t", 1, vec![vec![1, 2, 3]])],
+        );
+        s.apply(Command::RemoveNode { id: 1 });
+        assert!(s.draining.contains(&1) && s.nodes.contains_key(&1));
+        assert!(!s.placeable().contains_key(&1));
+        // Its replica goes to the node that holds none (the draining node is never chosen).
+        assert_eq!(replacement(&s, &[2, 3], &[1]), Some(4));
+        s.apply(Command::MoveReplicas {
+            topic: "t".into(),
+            uid: 7,
+            partition: 0,
+            target: vec![4, 2, 3],
+        });
+        s.apply(Command::RemoveNode { id: 1 });
+        assert!(
+            s.nodes.contains_key(&1),
+            "still receiving nothing but holding"
+        );
+        s.apply(Command::FinishMove {
+            topic: "t".into(),
+            uid: 7,
+            partition: 0,
+            replicas: vec![4, 2, 3],
+        });
+        s.apply(Command::RemoveNode { id: 1 });
+        assert!(!s.nodes.contains_key(&1) && s.removed.contains(&1));
+        assert!(s.draining.is_empty());
+        s.apply(Command::RegisterNode {
+            id: 1,
+            member: member("r", "z"),
+        });
+        assert!(!s.nodes.contains_key(&1), "a removed id came back");
+        assert_eq!(replacement(&s, &[2, 3, 4], &[]), None);
+    }
+
+    /// The state after the moves started and finished.
+    fn carried_out(s: &ClusterState, moves: &[Move]) -> ClusterState {
+        let mut after = s.clone();
+        for (topic, uid, partition, target) in moves {
+            after.apply(Command::MoveReplicas {
+                topic: topic.clone(),
+                uid: *uid,
+                partition: *partition,
+                target: target.clone(),
+            });
+            after.apply(Command::FinishMove {
+                topic: topic.clone(),
+                uid: *uid,
+                partition: *partition,
+                replicas: target.clone(),
+            });
+        }
+        after
+    }
+
+    #[test]
+    fn rebalance_evens_out_replicas_and_keeps_regions_covered() {
+        // Four nodes; every partition on nodes 1-3 (node 4 just joined).
+        let s = cluster(
+            &[(1, "a"), (2, "b"), (3, "c"), (4, "a")],
+            vec![topic(
+                "t",
+                8,
+                (0..8).map(|_| vec![1, 2, 3]).collect::<Vec<_>>(),
+            )],
+        );
+        let moves = rebalance(&s, 100);
+        let after = carried_out(&s, &moves);
+        // Node 4 is in region a: it can only take node 1's replicas without losing a region.
+        for r in &after.topics["t"].replicas {
+            let regions: BTreeSet<&str> = r.iter().map(|id| s.nodes[id].region.as_str()).collect();
+            assert_eq!(regions.len(), 3, "{r:?}");
+        }
+        let load: Vec<usize> = (1..=4).map(|n| after.replicas_on(n)).collect();
+        assert_eq!(load, vec![4, 8, 8, 4], "{moves:?}");
+        // Balanced already: nothing more to do; the bound holds.
+        assert!(rebalance(&after, 100).is_empty());
+        assert_eq!(rebalance(&s, 1).len(), 1);
+        // Without regions in the way: 24 replicas over 4 nodes, 6 each.
+        let flat = cluster(
+            &[(1, "a"), (2, "a"), (3, "a"), (4, "a")],
+            vec![topic("t", 8, (0..8).map(|_| vec![1, 2, 3]).collect())],
+        );
+        let after = carried_out(&flat, &rebalance(&flat, 100));
+        let load: Vec<usize> = (1..=4).map(|n| after.replicas_on(n)).collect();
+        assert_eq!(load, vec![6, 6, 6, 6]);
     }
 }

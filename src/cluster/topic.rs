@@ -1,5 +1,7 @@
 //! A topic's stored description and the validation of its name.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use serde::{Deserialize, Serialize};
 
 /// Longest topic name (as Kafka).
@@ -56,9 +58,25 @@ pub struct TopicSpec {
     /// The nodes holding each partition's replicas; the first is the preferred leader.
     pub replicas: Vec<Vec<u64>>,
     pub created_ms: i64,
+    /// Partitions being moved, and the replicas they are moving to. The nodes of both lists
+    /// hold the partition until the move finishes.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub moving: BTreeMap<u32, Vec<u64>>,
+    /// Partitions whose replicas changed since the topic was created: a replica of these never
+    /// initializes the group from the replica list (the group's log says who its members are).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub moved: BTreeSet<u32>,
 }
 
 impl TopicSpec {
+    /// Whether `node` holds (or is receiving) a replica of partition `p`.
+    pub fn holds(&self, node: u64, p: u32) -> bool {
+        self.replicas
+            .get(p as usize)
+            .is_some_and(|r| r.contains(&node))
+            || self.moving.get(&p).is_some_and(|r| r.contains(&node))
+    }
+
     /// The directory (under the data directory's `topics/`) of this incarnation's files.
     pub fn dir_name(&self) -> String {
         format!("{}.{:016x}", self.name, self.uid)

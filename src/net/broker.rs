@@ -149,10 +149,14 @@ impl Broker {
             timing: config.raft_timing(),
             transport,
         };
-        let controllers: BTreeMap<NodeId, String> = if config.peers.is_empty() {
+        // A node joining a running cluster starts knowing no controller: it learns the
+        // members from the metadata log once the leader brings it in.
+        let controllers: BTreeMap<NodeId, String> = if !config.peers.is_empty() {
+            config.peer_map()?
+        } else if config.join.is_empty() {
             BTreeMap::from([(me, advertised.clone())])
         } else {
-            config.peer_map()?
+            BTreeMap::new()
         };
         let broker = Arc::new(Broker {
             config,
@@ -192,6 +196,15 @@ impl Broker {
 
     /// Replaces the topics with those of `state` (keeping the `Topic` of an unchanged one).
     pub(super) fn set_state(&self, state: Arc<ClusterState>) {
+        if let Some(t) = self.transport() {
+            t.set_addresses(
+                state
+                    .nodes
+                    .iter()
+                    .map(|(id, m)| (*id, m.addr.clone()))
+                    .collect(),
+            );
+        }
         let n = self.shards.core_count();
         let mut topics = self.topics.write().expect("topic map lock");
         let mut next = HashMap::with_capacity(state.topics.len());

@@ -91,6 +91,7 @@ pub async fn start(broker: Arc<Broker>, member: Member) -> anyhow::Result<()> {
         open: HashMap::new(),
         failed: false,
     };
+    super::reassign::spawn(broker.clone());
     if broker.alone() {
         // Everything in the log is committed once this node leads: replay all of it now.
         let end = broker
@@ -122,6 +123,10 @@ pub async fn start(broker: Arc<Broker>, member: Member) -> anyhow::Result<()> {
             loop {
                 match register(&b, &member).await {
                     Ok(()) => break,
+                    Err(e) if e.code() == tonic::Code::FailedPrecondition => {
+                        tracing::error!(error = %e.message(), "this node cannot register");
+                        return;
+                    }
                     Err(e) => tracing::debug!(error = %e.message(), "registration not done yet"),
                 }
                 tokio::select! {
@@ -135,18 +140,65 @@ pub async fn start(broker: Arc<Broker>, member: Member) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Records this node's address and labels in the metadata, unless they are there already.
+/// Records this node's address and labels in the metadata, unless they are there already. A
+/// node joining a cluster, which knows no metadata leader yet, sends its registration through
+/// the member it was told to join; once registered, the metadata leader makes it a learner of
+/// the metadata group and it receives the metadata log.
 async fn register(broker: &Arc<Broker>, member: &Member) -> Result<(), Status> {
     let me = broker.node_id();
-    if broker.cluster().nodes.get(&me) == Some(member) {
+    let removed = || {
+        Status::failed_precondition(format!(
+            "node {me} was removed from the cluster; a removed node id cannot join again"
+        ))
+    };
+    let state = broker.cluster();
+    if state.removed.contains(&me) {
+        return Err(removed());
+    }
+    if state.nodes.get(&me) == Some(member) {
         return Ok(());
     }
     let cmd = Command::RegisterNode {
         id: me,
         member: member.clone(),
     };
-    let at = propose(broker, &cmd).await?;
-    wait_applied(broker, at).await
+    // A joined node that restarts may know a leader (from its vote) but no address for it
+    // (its metadata replica catches up only once the leader reaches it, which may need this
+    // very registration if its address changed): then it goes through the join address.
+    let join = &broker.config.join;
+    let direct = match broker.metadata_leader().await {
+        Some(_) => propose(broker, &cmd).await,
+        None => Err(Status::unavailable("no metadata leader known")),
+    };
+    let at = match direct {
+        Ok(at) => at,
+        Err(_) if !join.is_empty() => propose_through(broker, join, &cmd).await?,
+        Err(e) => return Err(e),
+    };
+    wait_applied(broker, at).await?;
+    if broker.cluster().removed.contains(&me) {
+        return Err(removed());
+    }
+    Ok(())
+}
+
+/// Sends a command to the member at `addr`, which proposes it or passes it to the leader.
+async fn propose_through(broker: &Broker, addr: &str, cmd: &Command) -> Result<Offset, Status> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| Status::invalid_argument(format!("join address {addr:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(2));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(format!("joining through {addr}: {e}")))?;
+    let mut client = ipb::peer_client::PeerClient::new(channel);
+    let mut req = tonic::Request::new(ipb::ProposeRequest {
+        from: broker.node_id(),
+        command: Bytes::from(cmd.encode()),
+        forwarded: false,
+    });
+    req.set_timeout(APPLY_WAIT);
+    Ok(Offset(client.propose(req).await?.into_inner().offset))
 }
 
 /// Appends a command to the metadata log through its leader; returns its offset.
@@ -199,6 +251,7 @@ async fn forward_proposal(
     let mut req = tonic::Request::new(ipb::ProposeRequest {
         from: broker.node_id(),
         command: Bytes::from(cmd.encode()),
+        forwarded: true,
     });
     req.set_timeout(APPLY_WAIT);
     let r = client.propose(req).await?;
@@ -240,7 +293,7 @@ pub async fn create_topic(
             broker.config.max_topics
         )));
     }
-    let replicas = assign_replicas(&state.nodes, partitions, replication_factor)
+    let replicas = assign_replicas(&state.placeable(), partitions, replication_factor)
         .map_err(Status::failed_precondition)?;
     let uid = rand::random::<u64>() | 1;
     let spec = TopicSpec {
@@ -251,6 +304,8 @@ pub async fn create_topic(
         settings,
         replicas,
         created_ms: TimestampMs::now().0,
+        moving: Default::default(),
+        moved: Default::default(),
     };
     let at = propose(broker, &Command::CreateTopic { spec }).await?;
     wait_applied(broker, at).await?;
@@ -301,11 +356,20 @@ pub async fn delete_topic(broker: &Arc<Broker>, name: &str) -> Result<(), Status
     Ok(())
 }
 
-/// Handles `Peer.Propose` on the node that (it is told) leads the metadata group.
-pub async fn handle_propose(broker: &Arc<Broker>, command: &[u8]) -> Result<Offset, Status> {
+/// Handles `Peer.Propose`: a forwarded command is proposed here (this node was taken for the
+/// metadata leader) or refused; an unforwarded one (from a joining node) may be passed on once.
+pub async fn handle_propose(
+    broker: &Arc<Broker>,
+    command: &[u8],
+    forwarded: bool,
+) -> Result<Offset, Status> {
     let cmd = Command::decode(command).map_err(Status::invalid_argument)?;
     cmd.validate().map_err(Status::invalid_argument)?;
-    propose_local(broker, &cmd).await.map_err(from_core)
+    if forwarded {
+        propose_local(broker, &cmd).await.map_err(from_core)
+    } else {
+        propose(broker, &cmd).await
+    }
 }
 
 /// Follows the metadata log on this node and keeps its partitions in line with it.
@@ -406,11 +470,7 @@ impl Follower {
         let mut want: HashMap<PartitionKey, (&TopicSpec, u32)> = HashMap::new();
         for spec in self.state.topics.values() {
             for p in 0..spec.partitions {
-                if spec
-                    .replicas
-                    .get(p as usize)
-                    .is_some_and(|r| r.contains(&me))
-                {
+                if spec.holds(me, p) {
                     let key = PartitionKey {
                         topic: spec.name.as_str().into(),
                         partition: p,
@@ -455,10 +515,16 @@ impl Follower {
             .filter(|(k, _)| !self.open.contains_key(*k))
             .map(|(key, (spec, p))| {
                 let core = broker.shards.core_of(key);
-                let voters: BTreeMap<NodeId, Member> = spec.replicas[*p as usize]
+                // A replica of the group as created initializes it with the creation's
+                // replicas; one added by a move (or of a partition moved since) joins it.
+                let replicas = &spec.replicas[*p as usize];
+                let initial = !spec.moved.contains(p) && replicas.contains(&me);
+                let voters: BTreeMap<NodeId, Member> = replicas
                     .iter()
+                    .filter(|_| initial)
                     .filter_map(|id| self.state.nodes.get(id).map(|m| (*id, m.clone())))
                     .collect();
+                let expected = if initial { replicas.len() } else { 0 };
                 let dir = broker.partition_dir(spec, *p);
                 let key = key.clone();
                 let uid = spec.uid;
@@ -466,7 +532,7 @@ impl Follower {
                 let replica = broker.replica.clone();
                 let broker = broker.clone();
                 async move {
-                    if voters.len() != spec.replicas[*p as usize].len() {
+                    if voters.len() != expected {
                         return (
                             key,
                             uid,

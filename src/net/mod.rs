@@ -6,6 +6,7 @@ mod broker;
 mod controller;
 mod convert;
 mod peer;
+mod reassign;
 mod service;
 mod status;
 mod subscribe;

@@ -107,7 +107,7 @@ impl Peer for PeerService {
         let r = request.into_inner();
         self.check_peer(r.from)?;
         let _call = self.broker.track();
-        let at = controller::handle_propose(&self.broker, &r.command).await?;
+        let at = controller::handle_propose(&self.broker, &r.command, r.forwarded).await?;
         Ok(Response::new(pb::ProposeResponse { offset: at.0 }))
     }
 

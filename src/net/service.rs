@@ -10,7 +10,7 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::broker::{Broker, Topic, FORWARDED};
-use super::{controller, convert, subscribe, validate};
+use super::{controller, convert, reassign, subscribe, validate};
 use crate::config::Config;
 use crate::proto::v1 as pb;
 use crate::proto::v1::tern_server::Tern;
@@ -65,6 +65,7 @@ impl TernService {
                 local: false,
                 term: 0,
                 followers: Vec::new(),
+                moving_to: t.spec.moving.get(&p).cloned().unwrap_or_default(),
             };
             if t.on(me, p) {
                 // A replica still opening (just created, or being reconciled) reports no view.
@@ -316,9 +317,8 @@ impl Tern for TernService {
                 partitions: self.partitions(&t).await?,
             });
         }
-        let nodes = self
-            .broker
-            .cluster()
+        let state = self.broker.cluster();
+        let nodes = state
             .nodes
             .iter()
             .map(|(id, m)| pb::NodeInfo {
@@ -326,6 +326,7 @@ impl Tern for TernService {
                 address: m.addr.clone(),
                 region: m.region.clone(),
                 zone: m.zone.clone(),
+                draining: state.draining.contains(id),
             })
             .collect();
         Ok(Response::new(pb::ClusterInfoResponse {
@@ -334,5 +335,57 @@ impl Tern for TernService {
             node_id: self.broker.node_id(),
             metadata_leader: self.broker.metadata_leader().await.unwrap_or(0),
         }))
+    }
+
+    async fn move_partition(
+        &self,
+        request: Request<pb::MovePartitionRequest>,
+    ) -> Result<Response<pb::MovePartitionResponse>, Status> {
+        let _call = self.broker.track();
+        let r = request.into_inner();
+        if r.replicas.len() > crate::cluster::REPLICAS_MAX as usize {
+            return Err(Status::invalid_argument(format!(
+                "at most {} replicas",
+                crate::cluster::REPLICAS_MAX
+            )));
+        }
+        reassign::move_partition(&self.broker, &r.topic, r.partition, r.replicas).await?;
+        Ok(Response::new(pb::MovePartitionResponse {}))
+    }
+
+    async fn rebalance(
+        &self,
+        request: Request<pb::RebalanceRequest>,
+    ) -> Result<Response<pb::RebalanceResponse>, Status> {
+        let _call = self.broker.track();
+        let max = match request.into_inner().max_moves {
+            0 => reassign::REBALANCE_MOVES_MAX,
+            n => n as usize,
+        };
+        let before = self.broker.cluster();
+        let moves = reassign::rebalance(&self.broker, max).await?;
+        let moves = moves
+            .into_iter()
+            .map(|(topic, _, partition, to)| pb::PartitionMove {
+                from: before
+                    .topics
+                    .get(&topic)
+                    .and_then(|t| t.replicas.get(partition as usize).cloned())
+                    .unwrap_or_default(),
+                topic,
+                partition,
+                to,
+            })
+            .collect();
+        Ok(Response::new(pb::RebalanceResponse { moves }))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
+        let _call = self.broker.track();
+        reassign::remove_node(&self.broker, request.into_inner().node_id).await?;
+        Ok(Response::new(pb::RemoveNodeResponse {}))
     }
 }

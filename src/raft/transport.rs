@@ -23,7 +23,8 @@ use futures::channel::oneshot;
 use openraft::error::{RPCError, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 
 use super::store::LogSnapshot;
@@ -69,6 +70,9 @@ pub struct Transport {
     runtime: tokio::runtime::Handle,
     /// Peers whose traffic is dropped (fault injection in tests).
     isolated: RwLock<HashSet<NodeId>>,
+    /// Nodes' current addresses from the cluster metadata: they win over the address a group's
+    /// membership recorded when the node was added (a node that moved keeps its id).
+    addresses: RwLock<HashMap<NodeId, String>>,
 }
 
 impl std::fmt::Debug for Transport {
@@ -87,6 +91,7 @@ impl Transport {
             mailbox_wait,
             runtime: tokio::runtime::Handle::current(),
             isolated: RwLock::new(HashSet::new()),
+            addresses: RwLock::new(HashMap::new()),
         })
     }
 
@@ -103,11 +108,23 @@ impl Transport {
         self.isolated.read().expect("isolated lock").contains(&peer)
     }
 
-    /// Queues a message for `target` at `addr`; never waits.
+    /// Sets the nodes' addresses as the cluster metadata has them.
+    pub fn set_addresses(&self, addresses: HashMap<NodeId, String>) {
+        *self.addresses.write().expect("addresses lock") = addresses;
+    }
+
+    /// Queues a message for `target` (at `addr` unless the metadata knows better); never waits.
     fn send(self: &Arc<Self>, target: NodeId, addr: &str, out: Outgoing) -> Result<(), String> {
         if self.is_isolated_from(target) {
             return Err(format!("node {target} is cut off (fault injection)"));
         }
+        let known = self
+            .addresses
+            .read()
+            .expect("addresses lock")
+            .get(&target)
+            .cloned();
+        let addr = known.as_deref().unwrap_or(addr);
         let mut links = self.links.lock().expect("links lock");
         let stale = links.get(&target).is_none_or(|l| l.addr != addr);
         if stale {
@@ -372,6 +389,16 @@ impl openraft::network::v2::RaftNetworkV2<PartitionRaft> for GroupClient {
         wire::decode_vote_response(&bytes).map_err(unreachable)
     }
 
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<PartitionRaft>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<PartitionRaft>, RPCError<PartitionRaft>> {
+        let body = pb::raft_request::Body::TransferLeader(wire::encode_transfer_leader(&req));
+        let bytes = self.call(body, &option).await?;
+        wire::decode_transfer_leader_response(&bytes).map_err(unreachable)
+    }
+
     async fn full_snapshot(
         &mut self,
         _vote: Vote,
@@ -411,6 +438,14 @@ pub async fn handle(
             let rpc = wire::decode_vote(&v)?;
             let r = raft.pre_vote(rpc).await.map_err(|e| e.to_string())?;
             Ok(wire::encode_vote_response(&r))
+        }
+        Body::TransferLeader(t) => {
+            let rpc = wire::decode_transfer_leader(&t)?;
+            let r = raft
+                .handle_transfer_leader(rpc)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(wire::encode_transfer_leader_response(&r))
         }
     }
 }

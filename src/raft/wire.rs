@@ -7,7 +7,10 @@
 //! across versions without a hand-written schema.
 
 use bytes::Bytes;
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest, VoteResponse};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, TransferLeaderRequest, TransferLeaderResponse,
+    VoteRequest, VoteResponse,
+};
 use openraft::EntryPayload;
 use serde::{Deserialize, Serialize};
 
@@ -124,6 +127,24 @@ pub fn encode_vote_response(r: &VoteResponse<PartitionRaft>) -> Bytes {
 
 pub fn decode_vote_response(b: &[u8]) -> Result<VoteResponse<PartitionRaft>, String> {
     from_json("vote response", b)
+}
+
+pub fn encode_transfer_leader(r: &TransferLeaderRequest<PartitionRaft>) -> Bytes {
+    json(r)
+}
+
+pub fn decode_transfer_leader(b: &[u8]) -> Result<TransferLeaderRequest<PartitionRaft>, String> {
+    from_json("transfer-leader request", b)
+}
+
+pub fn encode_transfer_leader_response(r: &TransferLeaderResponse<PartitionRaft>) -> Bytes {
+    json(r)
+}
+
+pub fn decode_transfer_leader_response(
+    b: &[u8],
+) -> Result<TransferLeaderResponse<PartitionRaft>, String> {
+    from_json("transfer-leader response", b)
 }
 
 #[cfg(test)]

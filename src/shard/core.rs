@@ -239,6 +239,13 @@ async fn handle(core: u32, req: CoreRequest, partitions: Partitions) {
             let replies = futures::future::join_all(answers).await;
             let _ = reply.send(Ok(replies));
         }
+        CoreRequest::Members { key, target, reply } => {
+            let r = match lookup(&partitions, &key) {
+                Ok(p) => p.change_members(target).await,
+                Err(e) => Err(e),
+            };
+            let _ = reply.send(r);
+        }
         CoreRequest::Replica { key, reply } => {
             let _ = reply.send(lookup(&partitions, &key).map(|p| p.state()));
         }

@@ -17,7 +17,8 @@ use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft_rt::watch::WatchReceiver;
 
 use super::request::{
-    AppendAck, Appended, CoreError, Fetched, PartitionKey, ReplicaSettings, ReplicaState, Reply,
+    AppendAck, Appended, CoreError, Fetched, MemberProgress, MemberTarget, PartitionKey,
+    ReplicaSettings, ReplicaState, Reply,
 };
 use crate::log::batch::HEADER_LEN;
 use crate::log::{BatchBuilder, Log, LogConfig, LogError, ReadBound, Record};
@@ -26,6 +27,9 @@ use crate::raft::group::{self, NoPeers, PartitionGroup};
 use crate::raft::transport::GroupNetwork;
 use crate::raft::types::{EntryBatch, Member, NodeId, PartitionRaft};
 use crate::types::Offset;
+
+/// A new voter is added once it is at most this many entries behind the leader.
+const CATCH_UP_ENTRIES: u64 = 256;
 
 /// How long opening a partition waits for its group to elect a leader.
 const ELECTION_WAIT: Duration = Duration::from_secs(30);
@@ -90,7 +94,10 @@ impl Partition {
         core: u32,
     ) -> Result<Partition, CoreError> {
         let alone = voters.len() == 1 && voters.contains_key(&replica.node_id);
-        if !voters.contains_key(&replica.node_id) {
+        // No voters: this replica joins a group that exists elsewhere (it is being added by a
+        // move) and waits for its leader; it never initializes the group itself.
+        let joining = voters.is_empty();
+        if !joining && !voters.contains_key(&replica.node_id) {
             return Err(CoreError::Raft(format!(
                 "{key}: this node ({}) is not among the voters",
                 replica.node_id
@@ -155,7 +162,7 @@ impl Partition {
                 .is_initialized()
                 .await
                 .map_err(|e| CoreError::Raft(e.to_string()))?;
-            if !initialized {
+            if !initialized && !joining {
                 match raft.initialize(voters).await {
                     Ok(()) => {}
                     // Initialized meanwhile by a message from a peer: fine.
@@ -230,6 +237,84 @@ impl Partition {
         }
     }
 
+    /// Moves the group one step towards `target` (on its leader): adds missing nodes as
+    /// learners; once every new voter has caught up, changes the voters (openraft's joint
+    /// consensus, committed by the old and the new majority); then drops learners not wanted.
+    /// Safe to repeat, also by a new leader after a change was interrupted: each step compares
+    /// the group's current membership with the target.
+    pub async fn change_members(&self, target: MemberTarget) -> Result<MemberProgress, CoreError> {
+        use openraft::ChangeMembers;
+        use std::collections::BTreeSet;
+        if target.voters.is_empty() {
+            return Err(CoreError::Raft(format!(
+                "{}: a group needs a voter",
+                self.key
+            )));
+        }
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        if metrics.current_leader != Some(metrics.id) {
+            return Err(CoreError::NotLeader {
+                leader: metrics.current_leader,
+            });
+        }
+        let membership = metrics.membership_config.membership().clone();
+        let write = |e| from_write_error(e);
+        // 1. Every wanted node receives the log.
+        for (id, member) in target.voters.iter().chain(&target.learners) {
+            if membership.get_node(id).is_none() {
+                self.raft
+                    .add_learner(*id, member.clone(), false)
+                    .await
+                    .map_err(write)?;
+            }
+        }
+        // 2. New voters must have caught up first: a lagging one would stall commits while
+        //    the joint configuration needs it.
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let wanted: BTreeSet<NodeId> = target.voters.keys().copied().collect();
+        let joint = membership.get_joint_config().len() > 1;
+        if voters != wanted || joint {
+            let last = metrics.last_log_index.unwrap_or(0);
+            let matched = |id: &NodeId| {
+                metrics
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(id).cloned().flatten())
+                    .map(|l| l.index)
+            };
+            for id in wanted.difference(&voters) {
+                let behind = matched(id).map_or(last + 1, |m| last.saturating_sub(m));
+                if behind > CATCH_UP_ENTRIES {
+                    return Ok(MemberProgress::CatchingUp { node: *id, behind });
+                }
+            }
+            tracing::info!(partition = %self.key, from = ?voters, to = ?wanted, "changing voters");
+            self.raft
+                .change_membership(ChangeMembers::ReplaceAllVoters(wanted.clone()), false)
+                .await
+                .map_err(write)?;
+        }
+        // 3. Learners nobody wants any more.
+        let membership = self
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .clone();
+        let stale: BTreeSet<NodeId> = membership
+            .learner_ids()
+            .filter(|id| !wanted.contains(id) && !target.learners.contains_key(id))
+            .collect();
+        if !stale.is_empty() {
+            self.raft
+                .change_membership(ChangeMembers::RemoveNodes(stale), false)
+                .await
+                .map_err(write)?;
+        }
+        Ok(MemberProgress::Done)
+    }
+
     /// What this replica knows of its group.
     pub fn state(&self) -> ReplicaState {
         let m = self.raft.metrics().borrow_watched().clone();
@@ -241,6 +326,7 @@ impl Partition {
             last_index: m.last_log_index,
             applied_index: m.last_applied.map(|l| l.index),
             voters: m.membership_config.membership().voter_ids().collect(),
+            learners: m.membership_config.membership().learner_ids().collect(),
             matched: m
                 .replication
                 .as_ref()

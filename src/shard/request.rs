@@ -87,6 +87,8 @@ pub struct ReplicaState {
     pub last_index: Option<u64>,
     pub applied_index: Option<u64>,
     pub voters: Vec<NodeId>,
+    /// Members that receive the log without voting.
+    pub learners: Vec<NodeId>,
     /// On the leader: each follower's last replicated Raft index.
     pub matched: Vec<(NodeId, Option<u64>)>,
     pub positions: Positions,
@@ -143,8 +145,27 @@ pub struct OpenPartition {
     pub dir: PathBuf,
     pub config: LogConfig,
     pub replica: ReplicaSettings,
-    /// The group's voters, used when the group is new.
+    /// The group's voters, used when the group is new. Empty: this replica joins an existing
+    /// group (it was added to it by a move) and waits for the leader to bring it in as a learner.
     pub voters: BTreeMap<NodeId, Member>,
+}
+
+/// The membership a group's leader is asked to reach.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemberTarget {
+    /// Exactly these nodes vote.
+    pub voters: BTreeMap<NodeId, Member>,
+    /// These nodes receive the log without voting; other learners are dropped.
+    pub learners: BTreeMap<NodeId, Member>,
+}
+
+/// How far a group got towards its target membership.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberProgress {
+    /// The group's membership is the target.
+    Done,
+    /// A new voter is still catching up as a learner: ask again later.
+    CatchingUp { node: NodeId, behind: u64 },
 }
 
 pub enum CoreRequest {
@@ -186,6 +207,12 @@ pub enum CoreRequest {
     Replica {
         key: PartitionKey,
         reply: Reply<ReplicaState>,
+    },
+    /// Moves a group towards a membership; only its leader can.
+    Members {
+        key: PartitionKey,
+        target: MemberTarget,
+        reply: Reply<MemberProgress>,
     },
     /// Runs a closure on the core (how the network shard completes the core's own futures:
     /// glommio 0.9 loses wake-ups from other threads).

@@ -1,6 +1,8 @@
 //! Starts real `tern serve` processes on loopback (port 0) with temporary data directories.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -35,7 +37,11 @@ impl TestNode {
         }
         let mut child = cmd
             .args(extra)
-            .env("RUST_LOG", "warn,openraft=error")
+            .env(
+                "RUST_LOG",
+                // TERN_TEST_LOG=info shows the nodes' logs when debugging a test.
+                std::env::var("TERN_TEST_LOG").unwrap_or_else(|_| "warn,openraft=error".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

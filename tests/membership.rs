@@ -1,0 +1,331 @@
+//! A running cluster changes shape: a fourth node joins and replicas move to it (rebalance, and
+//! an explicit move that takes a partition's leader out under load), then a controller is
+//! removed. Every acknowledged record survives, in order.
+
+mod node_support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use node_support::cluster::{check_acked, create, read_all, record, Cluster, Writer, TIMING};
+use node_support::TestNode;
+use tern::proto::v1 as pb;
+use tern::proto::v1::tern_client::TernClient;
+use tonic::transport::Channel;
+
+async fn info(c: &mut TernClient<Channel>) -> pb::ClusterInfoResponse {
+    c.cluster_info(pb::ClusterInfoRequest {})
+        .await
+        .expect("cluster info")
+        .into_inner()
+}
+
+/// Waits (bounded) until the node behind `c` reports what `done` wants.
+async fn wait_for(
+    c: &mut TernClient<Channel>,
+    what: &str,
+    done: impl Fn(&pb::ClusterInfoResponse) -> bool,
+) -> pb::ClusterInfoResponse {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Ok(r) = c.cluster_info(pb::ClusterInfoRequest {}).await {
+            let r = r.into_inner();
+            if done(&r) {
+                return r;
+            }
+        }
+        assert!(Instant::now() < deadline, "{what}: not within 90 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn replicas(r: &pb::ClusterInfoResponse, topic: &str) -> BTreeMap<u32, Vec<u64>> {
+    r.topics
+        .iter()
+        .filter(|t| t.topic == topic)
+        .flat_map(|t| &t.partitions)
+        .map(|p| (p.partition, p.replicas.clone()))
+        .collect()
+}
+
+fn nothing_moving(r: &pb::ClusterInfoResponse) -> bool {
+    r.topics
+        .iter()
+        .all(|t| t.partitions.iter().all(|p| p.moving_to.is_empty()))
+}
+
+/// The leader of a partition as a majority of its replicas report it.
+async fn leader_of(clients: &mut [TernClient<Channel>], topic: &str, partition: u32) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut votes: BTreeMap<u64, usize> = BTreeMap::new();
+        let mut replicas = Vec::new();
+        for c in clients.iter_mut() {
+            if let Ok(r) = c.cluster_info(pb::ClusterInfoRequest {}).await {
+                for p in r
+                    .into_inner()
+                    .topics
+                    .into_iter()
+                    .filter(|t| t.topic == topic)
+                    .flat_map(|t| t.partitions)
+                    .filter(|p| p.partition == partition && p.local)
+                {
+                    replicas = p.replicas.clone();
+                    if p.leader != 0 {
+                        *votes.entry(p.leader).or_default() += 1;
+                    }
+                }
+            }
+        }
+        if let Some((l, _)) = votes
+            .iter()
+            .find(|(l, n)| **n * 2 > replicas.len() && replicas.contains(l))
+        {
+            return *l;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no leader for {topic}/{partition}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Publishes `n` records to each partition of `topic` but the first (the writer's) through `c`.
+async fn fill(c: &mut TernClient<Channel>, topic: &str, partitions: u32, n: usize) {
+    for p in 1..partitions {
+        for chunk in 0..n / 50 {
+            let records = (0..50)
+                .map(|i| record(p, format!("{p}-{}", chunk * 50 + i)))
+                .collect();
+            c.publish(pb::PublishRequest {
+                topic: topic.into(),
+                records,
+                request_id: 0,
+            })
+            .await
+            .expect("fill");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_a_fourth_node_move_replicas_to_it_then_remove_a_controller() {
+    let mut cluster = Cluster::start(3).await;
+    // 4 partitions × 3 replicas: with 4 nodes, 3 each.
+    create(&mut cluster.client(0).await, "grow", 4, 3).await;
+    fill(&mut cluster.client(1).await, "grow", 4, 200).await;
+    // Partition 0 takes writes the whole time.
+    let writer = Writer::start(cluster.addrs.clone(), "grow");
+
+    // A fourth node joins through node 2.
+    let dir4 = cluster.tmp.path().join("n4");
+    let join = cluster.addrs[1].clone();
+    let mut args = vec!["--node-id", "4", "--join", &join];
+    args.extend(TIMING);
+    let node4 = TestNode::start(&dir4, &args);
+    let mut c4 = node4.client().await;
+    let mut c2 = cluster.client(1).await;
+    wait_for(&mut c2, "node 4 registered", |r| {
+        r.nodes.iter().any(|n| n.id == 4)
+    })
+    .await;
+    // It receives the metadata log: it knows the topic and the metadata leader.
+    wait_for(&mut c4, "node 4 caught up with the metadata", |r| {
+        r.nodes.len() == 4 && r.metadata_leader != 0 && r.topics.iter().any(|t| t.topic == "grow")
+    })
+    .await;
+
+    // Rebalance: three replicas move to node 4.
+    let moves = c2
+        .rebalance(pb::RebalanceRequest { max_moves: 0 })
+        .await
+        .expect("rebalance")
+        .into_inner()
+        .moves;
+    assert_eq!(moves.len(), 3, "{moves:?}");
+    assert!(moves
+        .iter()
+        .all(|m| m.to.contains(&4) && !m.from.contains(&4)));
+    let after = wait_for(&mut c2, "the rebalance", nothing_moving).await;
+    let placed = replicas(&after, "grow");
+    let on4 = placed.values().filter(|r| r.contains(&4)).count();
+    assert_eq!(on4, 3, "{placed:?}");
+    for n in 1..=4u64 {
+        let held = placed.values().filter(|r| r.contains(&n)).count();
+        assert_eq!(held, 3, "node {n}: {placed:?}");
+    }
+    eprintln!("after rebalance: {placed:?}");
+
+    // An explicit move that takes partition 0's leader out, while it takes writes.
+    let mut all = vec![
+        cluster.client(0).await,
+        cluster.client(1).await,
+        cluster.client(2).await,
+        c4.clone(),
+    ];
+    let leader = leader_of(&mut all, "grow", 0).await;
+    let before = placed[&0].clone();
+    let spare = (1..=4u64).find(|n| !before.contains(n)).unwrap();
+    let target: Vec<u64> = before
+        .iter()
+        .map(|n| if *n == leader { spare } else { *n })
+        .collect();
+    let at_move = writer.acked();
+    c2.move_partition(pb::MovePartitionRequest {
+        topic: "grow".into(),
+        partition: 0,
+        replicas: target.clone(),
+    })
+    .await
+    .expect("move partition 0");
+    let after = wait_for(&mut c2, "moving partition 0", |r| {
+        nothing_moving(r) && replicas(r, "grow")[&0] == target
+    })
+    .await;
+    eprintln!(
+        "partition 0 moved {before:?} -> {target:?} (leader {leader} out); {} records acked meanwhile",
+        writer.acked() - at_move
+    );
+    assert_eq!(replicas(&after, "grow")[&0], target);
+
+    // Bad requests change nothing.
+    let e = c2
+        .move_partition(pb::MovePartitionRequest {
+            topic: "grow".into(),
+            partition: 1,
+            replicas: vec![1, 2],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let e = c2
+        .move_partition(pb::MovePartitionRequest {
+            topic: "grow".into(),
+            partition: 1,
+            replicas: vec![1, 2, 9],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let e = c2
+        .remove_node(pb::RemoveNodeRequest { node_id: 9 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+
+    // Remove node 1, a controller: its replicas move to the others, then it leaves.
+    c2.remove_node(pb::RemoveNodeRequest { node_id: 1 })
+        .await
+        .expect("remove node 1");
+    let after = wait_for(&mut c2, "removing node 1", |r| {
+        r.nodes.iter().all(|n| n.id != 1) && nothing_moving(r)
+    })
+    .await;
+    let placed = replicas(&after, "grow");
+    assert!(
+        placed.values().all(|r| r.len() == 3 && !r.contains(&1)),
+        "{placed:?}"
+    );
+    eprintln!("after removing node 1: {placed:?}");
+    // Writes go on: enough acks after the removal.
+    let at_removal = writer.acked();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while writer.acked() < at_removal + 20 {
+        assert!(Instant::now() < deadline, "no writes after removing node 1");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let acked = writer.finish().await;
+    eprintln!("{} records acknowledged through the changes", acked.len());
+
+    // Every acknowledged record of partition 0 is on every replica, in order; the other
+    // partitions hold the same records on every replica.
+    let clients = [
+        (2u64, cluster.client(1).await),
+        (3, cluster.client(2).await),
+        (4, c4.clone()),
+    ];
+    for (id, c) in clients.iter() {
+        let mut c = c.clone();
+        for (p, nodes) in &placed {
+            if !nodes.contains(id) {
+                continue;
+            }
+            let min = if *p == 0 { acked.len() } else { 200 };
+            let log = read_all(&mut c, "grow", *p, min).await;
+            if *p == 0 {
+                let dups = check_acked(&log, &acked);
+                eprintln!(
+                    "node {id} partition 0: {} records, {dups} duplicates",
+                    log.len()
+                );
+            } else {
+                let want: Vec<String> = (0..200).map(|i| format!("{p}-{i}")).collect();
+                assert_eq!(log, want, "node {id} partition {p}");
+            }
+        }
+    }
+
+    // The metadata group goes on without node 1: a new topic lands on nodes 2, 3 and 4 only.
+    create(&mut c4, "after", 3, 3).await;
+    let r = info(&mut c2).await;
+    let placed = replicas(&r, "after");
+    assert!(placed.values().all(|r| !r.contains(&1)), "{placed:?}");
+    // Node 1's copies of the topic's partitions are gone from its disk.
+    let topics = cluster.dirs[0].join("topics");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left: Vec<_> = std::fs::read_dir(&topics)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 1 still has {left:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.kill9(0);
+
+    // kill -9 a controller and the joined node; the joined node comes back on another port
+    // (its new address reaches the others through the metadata): everything acknowledged is
+    // there, and the partition takes writes again.
+    node4.kill9();
+    cluster.kill9(1);
+    cluster.start_node(1);
+    // Through another member this time: any will do.
+    let join = cluster.addrs[2].clone();
+    let mut args = vec!["--node-id", "4", "--join", &join];
+    args.extend(TIMING);
+    let node4 = TestNode::start(&dir4, &args);
+    let mut c4 = node4.client().await;
+    let mut c2 = cluster.client(1).await;
+    wait_for(&mut c4, "node 4 back with its new address", |r| {
+        r.metadata_leader != 0 && r.nodes.iter().any(|n| n.id == 4 && n.address == node4.addr)
+    })
+    .await;
+    for (id, c) in [(2u64, &mut c2), (4, &mut c4)] {
+        let log = read_all(c, "grow", 0, acked.len()).await;
+        check_acked(&log, &acked);
+        eprintln!(
+            "node {id} after restart: {} records of partition 0",
+            log.len()
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = c4
+            .publish(pb::PublishRequest {
+                topic: "grow".into(),
+                records: vec![record(0, u64::MAX.to_string())],
+                request_id: 0,
+            })
+            .await;
+        match r {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "no writes after restarts: {e:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! A cluster of real `tern serve` processes on loopback, and a writer that checks what it
+//! had acknowledged.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tern::proto::internal as ipb;
+use tern::proto::v1 as pb;
+use tern::proto::v1::tern_client::TernClient;
+use tonic::transport::Channel;
+
+use super::TestNode;
+
+/// Fast timings keep failover tests short (the defaults are 150 / 1500 ms).
+pub const TIMING: [&str; 4] = [
+    "--raft-heartbeat-ms",
+    "50",
+    "--raft-election-timeout-ms",
+    "600",
+];
+
+pub struct Cluster {
+    pub tmp: tempfile::TempDir,
+    pub dirs: Vec<PathBuf>,
+    pub addrs: Vec<String>,
+    pub peers: String,
+    pub nodes: Vec<Option<TestNode>>,
+}
+
+/// Free loopback ports from the OS (bound, then released for the nodes to take).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+impl Cluster {
+    pub async fn start(n: usize) -> Cluster {
+        let tmp = tempfile::tempdir().unwrap();
+        let ports = free_ports(n);
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let peers = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{}={a}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let dirs = (0..n)
+            .map(|i| tmp.path().join(format!("n{}", i + 1)))
+            .collect();
+        let mut c = Cluster {
+            tmp,
+            dirs,
+            addrs,
+            peers,
+            nodes: (0..n).map(|_| None).collect(),
+        };
+        for i in 0..n {
+            c.start_node(i);
+        }
+        c.wait_formed().await;
+        c
+    }
+
+    pub fn start_node(&mut self, i: usize) {
+        let id = (i + 1).to_string();
+        let mut args = vec![
+            "--node-id",
+            &id,
+            "--peers",
+            &self.peers,
+            "--fault-injection",
+        ];
+        args.extend(TIMING);
+        self.nodes[i] = Some(TestNode::start_at(&self.dirs[i], &self.addrs[i], &args));
+    }
+
+    pub fn kill9(&mut self, i: usize) {
+        if let Some(n) = self.nodes[i].take() {
+            n.kill9();
+        }
+    }
+
+    pub async fn client(&self, i: usize) -> TernClient<Channel> {
+        self.nodes[i].as_ref().expect("node is up").client().await
+    }
+
+    pub fn live(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].is_some())
+            .collect()
+    }
+
+    /// Waits until every live node knows every node and a metadata leader.
+    pub async fn wait_formed(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for i in self.live() {
+            loop {
+                let mut c = self.client(i).await;
+                if let Ok(r) = c.cluster_info(pb::ClusterInfoRequest {}).await {
+                    let r = r.into_inner();
+                    if r.nodes.len() == self.nodes.len() && r.metadata_leader != 0 {
+                        break;
+                    }
+                }
+                assert!(Instant::now() < deadline, "cluster did not form");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    /// The leader of a partition that a majority of live nodes agree on, once there is one.
+    pub async fn leader(&self, topic: &str, partition: u32) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut votes: HashMap<u64, usize> = HashMap::new();
+            for i in self.live() {
+                let mut c = self.client(i).await;
+                if let Ok(r) = c.cluster_info(pb::ClusterInfoRequest {}).await {
+                    for t in r.into_inner().topics {
+                        if t.topic != topic {
+                            continue;
+                        }
+                        for p in t.partitions {
+                            if p.partition == partition && p.local && p.leader != 0 {
+                                *votes.entry(p.leader).or_default() += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            let live = self.live();
+            if let Some((&l, _)) = votes
+                .iter()
+                .find(|(l, n)| **n * 2 > live.len() && live.contains(&(**l as usize - 1)))
+            {
+                return l as usize - 1;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no leader for {topic}/{partition}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn isolate(&self, i: usize, from: Vec<u64>) {
+        let ch = Channel::from_shared(format!("http://{}", self.addrs[i]))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        ipb::peer_client::PeerClient::new(ch)
+            .set_fault(ipb::SetFaultRequest { isolate_from: from })
+            .await
+            .expect("set fault");
+    }
+}
+
+pub async fn create(c: &mut TernClient<Channel>, name: &str, partitions: u32, rf: u32) {
+    c.create_topic(pb::CreateTopicRequest {
+        name: name.into(),
+        partitions,
+        replication_factor: rf,
+        config: None,
+    })
+    .await
+    .expect("create topic");
+}
+
+pub fn record(partition: u32, value: String) -> pb::PublishRecord {
+    pb::PublishRecord {
+        key: None,
+        value: Bytes::from(value),
+        headers: vec![],
+        partition: Some(partition),
+        expiry_seconds: None,
+    }
+}
+
+/// Publishes, going again while the answer is that nothing was written because the partition
+/// has no leader yet (an election under a loaded test machine); any other error fails.
+pub async fn publish_retrying(c: &mut TernClient<Channel>, req: pb::PublishRequest) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match c.publish(req.clone()).await {
+            Ok(_) => return,
+            Err(s)
+                if s.code() == tonic::Code::Unavailable
+                    && s.message().contains("not the partition leader")
+                    && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(s) => panic!("publish failed: {s:?}"),
+        }
+    }
+}
+
+pub fn values(records: &[pb::Record]) -> Vec<String> {
+    records
+        .iter()
+        .map(|r| String::from_utf8(r.value.to_vec()).unwrap())
+        .collect()
+}
+
+/// Every committed record of a partition as one node serves it, once that node has caught up
+/// to at least `min` data records (followers apply commits a moment after the leader; a
+/// restarted node opens its replicas a moment after it starts serving).
+pub async fn read_all(c: &mut TernClient<Channel>, topic: &str, p: u32, min: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match super::try_fetch_all(c, topic, p).await {
+            Ok(rs) => {
+                let v = values(&rs);
+                if v.len() >= min || Instant::now() > deadline {
+                    return v;
+                }
+            }
+            Err(s) => {
+                assert!(Instant::now() < deadline, "fetch keeps failing: {s:?}");
+                assert!(
+                    matches!(s.code(), tonic::Code::Unavailable | tonic::Code::NotFound),
+                    "{s:?}"
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Publishes sequence numbers one at a time through whichever node answers, retrying a
+/// failed record (which may duplicate it); remembers what was acknowledged.
+pub struct Writer {
+    acked: Arc<Mutex<Vec<u64>>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Writer {
+    pub fn start(addrs: Vec<String>, topic: &'static str) -> Writer {
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let a = acked.clone();
+        let task = tokio::spawn(async move {
+            let mut seq = 0u64;
+            let mut target = 0usize;
+            while !*stop_rx.borrow() {
+                let ch = Channel::from_shared(format!("http://{}", addrs[target % addrs.len()]))
+                    .unwrap()
+                    .connect_timeout(Duration::from_millis(200))
+                    .connect_lazy();
+                let mut c = TernClient::new(ch);
+                let mut req = tonic::Request::new(pb::PublishRequest {
+                    topic: topic.into(),
+                    records: vec![record(0, seq.to_string())],
+                    request_id: 0,
+                });
+                req.set_timeout(Duration::from_secs(3));
+                match c.publish(req).await {
+                    Ok(_) => {
+                        a.lock().unwrap().push(seq);
+                        seq += 1;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err(_) => {
+                        // Try another node; the same record goes again (a possible duplicate).
+                        target += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        });
+        Writer { acked, stop, task }
+    }
+
+    pub fn acked(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    pub async fn finish(self) -> Vec<u64> {
+        self.stop.send_replace(true);
+        self.task.await.unwrap();
+        Arc::try_unwrap(self.acked).unwrap().into_inner().unwrap()
+    }
+}
+
+/// Every acknowledged sequence number is present, and their first appearances are in
+/// acknowledgment order; returns the number of duplicates.
+pub fn check_acked(log: &[String], acked: &[u64]) -> usize {
+    let mut first: HashMap<u64, usize> = HashMap::new();
+    for (i, v) in log.iter().enumerate() {
+        first.entry(v.parse().unwrap()).or_insert(i);
+    }
+    let mut last = None;
+    for s in acked {
+        let at = *first
+            .get(s)
+            .unwrap_or_else(|| panic!("acknowledged record {s} is lost"));
+        assert!(last < Some(at), "record {s} is out of order");
+        last = Some(at);
+    }
+    log.len() - first.len()
+}
