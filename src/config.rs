@@ -55,6 +55,8 @@ pub struct Config {
     /// `HOST:PORT` of any member of a running cluster this node joins (instead of `peers`):
     /// it registers there, receives the metadata log, and holds the replicas moved to it.
     pub join: String,
+    /// How often each partition applies its topic's retention.
+    pub retention_check_interval_ms: u64,
     /// Accept the `Peer.SetFault` test hook (cuts this node off from chosen peers). Never in
     /// production.
     pub fault_injection: bool,
@@ -117,6 +119,7 @@ impl Default for Config {
             raft_election_timeout_ms: 1_500,
             peers: String::new(),
             join: String::new(),
+            retention_check_interval_ms: 60_000,
             fault_injection: false,
             topic_defaults: TopicDefaults::default(),
         }
@@ -207,6 +210,10 @@ impl Config {
 
     /// Checks values against each other; the node refuses to start with a bad config.
     pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            (100..=86_400_000).contains(&self.retention_check_interval_ms),
+            "retention_check_interval_ms must be within 100..=86400000"
+        );
         anyhow::ensure!(
             self.peers.is_empty() || self.join.is_empty(),
             "give either peers (this node is a controller) or join (it joins a running cluster), not both"

@@ -118,6 +118,7 @@ async fn add_a_fourth_node_move_replicas_to_it_then_remove_a_controller() {
     // Partition 0 takes writes the whole time.
     let writer = Writer::start(cluster.addrs.clone(), "grow");
 
+    eprintln!("phase: join");
     // A fourth node joins through node 2.
     let dir4 = cluster.tmp.path().join("n4");
     let join = cluster.addrs[1].clone();
@@ -136,6 +137,7 @@ async fn add_a_fourth_node_move_replicas_to_it_then_remove_a_controller() {
     })
     .await;
 
+    eprintln!("phase: rebalance");
     // Rebalance: three replicas move to node 4.
     let moves = c2
         .rebalance(pb::RebalanceRequest { max_moves: 0 })
@@ -157,6 +159,7 @@ async fn add_a_fourth_node_move_replicas_to_it_then_remove_a_controller() {
     }
     eprintln!("after rebalance: {placed:?}");
 
+    eprintln!("phase: move the leader out");
     // An explicit move that takes partition 0's leader out, while it takes writes.
     let mut all = vec![
         cluster.client(0).await,
@@ -214,6 +217,7 @@ async fn add_a_fourth_node_move_replicas_to_it_then_remove_a_controller() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
 
+    eprintln!("phase: remove node 1");
     // Remove node 1, a controller: its replicas move to the others, then it leaves.
     c2.remove_node(pb::RemoveNodeRequest { node_id: 1 })
         .await
@@ -266,6 +270,7 @@ async fn add_a_fourth_node_move_replicas_to_it_then_remove_a_controller() {
         }
     }
 
+    eprintln!("phase: create after removal");
     // The metadata group goes on without node 1: a new topic lands on nodes 2, 3 and 4 only.
     create(&mut c4, "after", 3, 3).await;
     let r = info(&mut c2).await;
@@ -286,6 +291,7 @@ async fn add_a_fourth_node_move_replicas_to_it_then_remove_a_controller() {
     }
     cluster.kill9(0);
 
+    eprintln!("phase: restarts");
     // kill -9 a controller and the joined node; the joined node comes back on another port
     // (its new address reaches the others through the metadata): everything acknowledged is
     // there, and the partition takes writes again.
@@ -327,5 +333,160 @@ async fn add_a_fourth_node_move_replicas_to_it_then_remove_a_controller() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+/// Describes partition 0 of `topic` as the node behind `c` sees it.
+async fn view(c: &mut TernClient<Channel>, topic: &str) -> Option<pb::PartitionInfo> {
+    let r = c
+        .describe_topic(pb::DescribeTopicRequest { name: topic.into() })
+        .await
+        .ok()?
+        .into_inner();
+    r.partitions
+        .into_iter()
+        .find(|p| p.partition == 0 && p.local)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_behind_retention_restarts_its_log_from_a_snapshot() {
+    let mut cluster = Cluster::start_with(3, &["--retention-check-interval-ms", "200"]).await;
+    let mut c = cluster.client(0).await;
+    c.create_topic(pb::CreateTopicRequest {
+        name: "short".into(),
+        partitions: 1,
+        replication_factor: 3,
+        config: Some(pb::TopicConfig {
+            retention_bytes: Some(2 << 20),
+            segment_bytes: Some(1 << 20),
+            ..Default::default()
+        }),
+    })
+    .await
+    .expect("create");
+    let mut clients = vec![
+        cluster.client(0).await,
+        cluster.client(1).await,
+        cluster.client(2).await,
+    ];
+    let leader = leader_of(&mut clients, "short", 0).await as usize - 1;
+    let follower = (leader + 1) % 3;
+    cluster.kill9(follower);
+    // 8 MiB while it is down: retention deletes the oldest segments on the other two.
+    let mut c = cluster.client(leader).await;
+    let mut next = 0u64;
+    let mut publish = |c: &mut TernClient<Channel>, n: usize| {
+        let records: Vec<_> = (0..n)
+            .map(|_| {
+                let mut r = record(0, format!("{next:08}"));
+                next += 1;
+                let mut v = r.value.to_vec();
+                v.resize(64 << 10, b'.');
+                r.value = v.into();
+                r
+            })
+            .collect();
+        let mut c = c.clone();
+        async move {
+            c.publish(pb::PublishRequest {
+                topic: "short".into(),
+                records,
+                request_id: 0,
+            })
+            .await
+            .expect("publish")
+        }
+    };
+    for _ in 0..32 {
+        publish(&mut c, 4).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let start = loop {
+        let v = view(&mut c, "short").await.expect("leader's view");
+        if v.start_offset > 0 {
+            break v.start_offset;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "retention never deleted anything"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("leader's log starts at {start}");
+    // The follower comes back: it cannot get the deleted entries; it restarts its log from a
+    // snapshot where the leader's log begins (or later) and catches up from there.
+    cluster.start_node(follower);
+    for _ in 0..4 {
+        publish(&mut c, 4).await;
+    }
+    let leader_view = view(&mut c, "short").await.unwrap();
+    let mut f = cluster.client(follower).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let fv = loop {
+        if let Some(v) = view(&mut f, "short").await {
+            if v.end_offset >= leader_view.end_offset {
+                break v;
+            }
+        }
+        assert!(Instant::now() < deadline, "the follower never caught up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!(
+        "follower: [{}, {}); leader: [{}, {})",
+        fv.start_offset, fv.end_offset, leader_view.start_offset, leader_view.end_offset
+    );
+    assert!(fv.start_offset > 0 && fv.start_offset <= leader_view.end_offset);
+    // What the follower holds is exactly the leader's records from there on (retention goes on
+    // deleting on both: compare from where both still have records).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (Some(a), Some(b)) = (view(&mut f, "short").await, view(&mut c, "short").await) else {
+            panic!("a replica's view is missing");
+        };
+        let from = a.start_offset.max(b.start_offset);
+        let got = node_support::try_fetch_from(&mut f, "short", 0, from).await;
+        let want = node_support::try_fetch_from(&mut c, "short", 0, from).await;
+        match (got, want) {
+            (Ok(got), Ok(want)) => {
+                let pairs = |rs: Vec<pb::Record>| {
+                    rs.into_iter()
+                        .map(|r| (r.offset, r.value))
+                        .collect::<Vec<_>>()
+                };
+                let (got, want) = (pairs(got), pairs(want));
+                assert!(!want.is_empty());
+                assert_eq!(got.len(), want.len());
+                assert!(
+                    got == want,
+                    "the follower's records differ from the leader's"
+                );
+                break;
+            }
+            (g, w) => {
+                let out_of_range = |r: &Result<_, tonic::Status>| {
+                    r.as_ref()
+                        .is_err_and(|e| e.code() == tonic::Code::OutOfRange)
+                };
+                assert!(out_of_range(&g) || g.is_ok(), "{:?}", g.err());
+                assert!(out_of_range(&w) || w.is_ok(), "{:?}", w.err());
+                assert!(Instant::now() < deadline, "retention kept moving");
+            }
+        }
+    }
+    // It is a full replica again: with the leader gone, it and the third node go on.
+    cluster.kill9(leader);
+    let mut f = cluster.client(follower).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while f
+        .publish(pb::PublishRequest {
+            topic: "short".into(),
+            records: vec![record(0, "after".into())],
+            request_id: 0,
+        })
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "no writes after the leader died");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -84,6 +84,9 @@ pub struct ServeArgs {
     /// Give --advertised-address so the others can reach it.
     #[arg(long, env = "TERN_JOIN")]
     pub join: Option<String>,
+    /// How often each partition applies retention, in ms [default: 60000].
+    #[arg(long, env = "TERN_RETENTION_CHECK_INTERVAL_MS")]
+    pub retention_check_interval_ms: Option<u64>,
     /// Accept the Peer.SetFault test hook that cuts this node off from chosen peers. For tests
     /// only.
     #[arg(long, env = "TERN_FAULT_INJECTION", hide = true)]
@@ -142,7 +145,8 @@ impl ServeArgs {
             raft_heartbeat_ms,
             raft_election_timeout_ms,
             peers,
-            join
+            join,
+            retention_check_interval_ms
         );
         if self.fault_injection {
             c.fault_injection = true;

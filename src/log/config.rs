@@ -28,6 +28,9 @@ pub struct LogConfig {
     pub retention_bytes: Option<u64>,
     /// How often the background task applies retention.
     pub retention_check_interval_ms: u64,
+    /// Whether the log applies retention itself (a background task); `false` when its owner
+    /// does (a Raft group, which must not delete records a replica still needs).
+    pub retention_loop: bool,
     /// The largest batch one append accepts.
     pub batch_bytes_max: usize,
     /// Appended bytes waiting for their write; beyond this, appends wait (back-pressure).
@@ -44,6 +47,7 @@ impl Default for LogConfig {
             retention_ms: Some(7 * 24 * 3600 * 1000),
             retention_bytes: None,
             retention_check_interval_ms: 60_000,
+            retention_loop: true,
             batch_bytes_max: 16 << 20,
             pending_bytes_max: 32 << 20,
         }

@@ -232,6 +232,15 @@ impl Log {
                 remove_if_exists(&entry.path()).await?;
             }
         }
+        if trim::finish_reset(&dir, &config).await? {
+            bases.clear();
+            for entry in std::fs::read_dir(&dir).map_err(|e| LogError::io("listing", &dir, e))? {
+                let entry = entry.map_err(|e| LogError::io("listing", &dir, e))?;
+                if let Some(base) = segment::parse_log_name(&entry.file_name().to_string_lossy()) {
+                    bases.push(base);
+                }
+            }
+        }
         bases.sort();
         let mut segments: Vec<Segment> = Vec::with_capacity(bases.len().max(1));
         for (i, &base) in bases.iter().enumerate() {
@@ -300,7 +309,9 @@ impl Log {
         if let (FsyncPolicy::Interval(every), Some(sync_rx)) = (config.fsync, sync_rx) {
             tasks.push(glommio::spawn_local(sync_loop(weak.clone(), every, sync_rx)).detach());
         }
-        if config.retention_ms.is_some() || config.retention_bytes.is_some() {
+        if config.retention_loop
+            && (config.retention_ms.is_some() || config.retention_bytes.is_some())
+        {
             let every = Duration::from_millis(config.retention_check_interval_ms);
             tasks.push(glommio::spawn_local(retention_loop(weak, every)).detach());
         }

@@ -528,7 +528,10 @@ impl Follower {
                 let dir = broker.partition_dir(spec, *p);
                 let key = key.clone();
                 let uid = spec.uid;
-                let config = log_config(&spec.settings);
+                let config = crate::log::LogConfig {
+                    retention_check_interval_ms: broker.config.retention_check_interval_ms,
+                    ..log_config(&spec.settings)
+                };
                 let replica = broker.replica.clone();
                 let broker = broker.clone();
                 async move {

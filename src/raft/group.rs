@@ -98,10 +98,13 @@ where
     N: RaftNetworkFactory<PartitionRaft>,
     N::Network: openraft::network::NetSnapshot<PartitionRaft, SnapshotData = LogSnapshot>,
 {
-    start_with(id, config, network, log, dir, std::rc::Rc::new(|| {})).await
+    start_with(id, config, network, log, dir, std::rc::Rc::new(|| {}))
+        .await
+        .map(|(raft, _)| raft)
 }
 
-/// [`start`], calling `on_commit` whenever the group's committed position moves.
+/// [`start`], calling `on_commit` whenever the group's committed position moves; also returns
+/// the handle its owner applies retention through.
 pub async fn start_with<N>(
     id: NodeId,
     config: Arc<Config>,
@@ -109,16 +112,17 @@ pub async fn start_with<N>(
     log: Log,
     dir: &Path,
     on_commit: store::OnCommit,
-) -> Result<PartitionGroup, String>
+) -> Result<(PartitionGroup, store::StoreHandle), String>
 where
     N: RaftNetworkFactory<PartitionRaft>,
     N::Network: openraft::network::NetSnapshot<PartitionRaft, SnapshotData = LogSnapshot>,
 {
-    let (log_store, sm) = store::open_with(log, dir, on_commit)
+    let (log_store, sm, handle) = store::open_with_handle(log, dir, on_commit)
         .await
         .map_err(|e| format!("opening raft storage in {}: {e}", dir.display()))?;
     PartitionGroup::new(id, config, network, log_store, sm)
         .await
+        .map(|raft| (raft, handle))
         .map_err(|e| format!("starting raft group: {e}"))
 }
 

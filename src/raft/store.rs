@@ -18,7 +18,7 @@
 //!   which is not built yet: installing a snapshot the local log does not already cover is
 //!   refused with an error rather than leaving a hole.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::io;
@@ -135,6 +135,10 @@ impl EntryMap {
 struct Durable {
     vote: Option<Vote>,
     purged: Option<LogId>,
+    /// The log offset right after the purged entries: where a replica that restarted its log
+    /// from a snapshot begins.
+    #[serde(default)]
+    purged_end: Option<u64>,
 }
 
 struct Shared {
@@ -143,6 +147,37 @@ struct Shared {
     durable: RefCell<Durable>,
     map: RefCell<EntryMap>,
     tail: RefCell<Tail>,
+    /// The entry retention asked to purge up to: the next snapshot is taken there (not at the
+    /// last applied entry), so a follower restarted from it misses only what retention deletes.
+    retain_upto: Cell<Option<LogId>>,
+}
+
+/// The owner's handle on a partition's Raft storage (retention).
+#[derive(Clone)]
+pub struct StoreHandle(Rc<Shared>);
+
+impl StoreHandle {
+    /// The last entry that ends at or before `offset`, if any is still in the log.
+    pub fn last_entry_before(&self, offset: Offset) -> Option<LogId> {
+        let map = self.0.map.borrow();
+        let log_end = self.0.log.positions().next;
+        let mut found = None;
+        // Entries are few per segment compared with records: walk from the front.
+        for i in map.first..map.next_index() {
+            match map.end_of(i, log_end) {
+                Some(end) if end <= offset => {
+                    found = map.get(i).map(|s| log_id(s.term, i));
+                }
+                _ => break,
+            }
+        }
+        found
+    }
+
+    /// Takes the next snapshot at `upto` (see `Shared::retain_upto`).
+    pub fn snapshot_at(&self, upto: LogId) {
+        self.0.retain_upto.set(Some(upto));
+    }
 }
 
 /// The newest entries exactly as stored (stamped), `entries[i]` being entry `first + i`.
@@ -320,6 +355,17 @@ pub async fn open_with(
     dir: &Path,
     on_commit: OnCommit,
 ) -> io::Result<(LogStore, StateMachine)> {
+    open_with_handle(log, dir, on_commit)
+        .await
+        .map(|(ls, sm, _)| (ls, sm))
+}
+
+/// [`open_with`], also returning the owner's handle on the storage.
+pub async fn open_with_handle(
+    log: Log,
+    dir: &Path,
+    on_commit: OnCommit,
+) -> io::Result<(LogStore, StateMachine, StoreHandle)> {
     let state_file = StateFile::new(dir, STATE_FILE);
     state_file.clean().await.map_err(io_err)?;
     let durable: Durable = match state_file.read().await.map_err(io_err)? {
@@ -357,12 +403,19 @@ pub async fn open_with(
         }
         at = read.next_offset();
     }
+    // A crash between saving a snapshot's purge point and restarting the log from it: redo.
+    if let Some(end) = durable.purged_end.map(Offset) {
+        if log.positions().next < end {
+            log.reset_to(end).await.map_err(io_err)?;
+        }
+    }
     let shared = Rc::new(Shared {
         log,
         state_file,
         durable: RefCell::new(durable),
         map: RefCell::new(map),
         tail: RefCell::default(),
+        retain_upto: Cell::new(None),
     });
     let purged = shared.durable.borrow().purged;
     Ok((
@@ -370,12 +423,13 @@ pub async fn open_with(
             shared: shared.clone(),
         },
         StateMachine {
-            shared,
+            shared: shared.clone(),
             applied: purged,
             membership: StoredMembership::default(),
             snapshot: None,
             on_commit,
         },
+        StoreHandle(shared),
     ))
 }
 
@@ -530,16 +584,29 @@ impl RaftLogStorage<PartitionRaft> for LogStore {
         Ok(())
     }
 
+    /// Forgets entries up to `log_id` (openraft purges only what a snapshot covers and no
+    /// replication still reads), then deletes the log's segments that hold nothing else.
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        let end = {
+            let map = self.shared.map.borrow();
+            map.end_of(log_id.index, self.shared.log.positions().next)
+        };
         {
             let mut d = self.shared.durable.borrow_mut();
             if d.purged.is_some_and(|p| p.index >= log_id.index) {
                 return Ok(());
             }
             d.purged = Some(log_id);
+            if let Some(end) = end {
+                d.purged_end = Some(end.0);
+            }
         }
         self.shared.save().await?;
         self.shared.map.borrow_mut().purge(log_id.index);
+        if let Some(end) = end {
+            let deleted = self.shared.log.delete_before(end).await.map_err(io_err)?;
+            tracing::debug!(upto = %log_id, deleted, "purged raft entries and their segments");
+        }
         Ok(())
     }
 }
@@ -576,15 +643,6 @@ impl RaftSnapshotBuilder<PartitionRaft> for SnapshotBuilder {
             meta: self.meta.clone(),
             snapshot: LogSnapshot { end: self.end },
         })
-    }
-}
-
-impl StateMachine {
-    fn current_meta(&self) -> SnapshotMeta {
-        SnapshotMeta {
-            last_log_id: self.applied,
-            last_membership: self.membership.clone(),
-        }
     }
 }
 
@@ -637,14 +695,29 @@ impl RaftStateMachine<PartitionRaft> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        let end = self
-            .applied
+        // At the point retention asked for, when it is applied here and no membership change
+        // came after it (the snapshot must carry the membership of its point); else at the last
+        // applied entry.
+        let point = self.shared.retain_upto.take().and_then(|upto| {
+            let membership_at = self.membership.log_id().map_or(0, |l| l.index);
+            let upto = if membership_at > upto.index {
+                (*self.membership.log_id())?
+            } else {
+                upto
+            };
+            (Some(upto) <= self.applied).then_some(upto)
+        });
+        let at = point.or(self.applied);
+        let end = at
             .and_then(|id| {
                 let log_end = self.shared.log.positions().next;
                 self.shared.map.borrow().end_of(id.index, log_end)
             })
             .unwrap_or(self.shared.log.positions().committed);
-        let meta = self.current_meta();
+        let meta = SnapshotMeta {
+            last_log_id: at,
+            last_membership: self.membership.clone(),
+        };
         self.snapshot = Some((meta.clone(), end));
         SnapshotBuilder { meta, end }
     }
@@ -655,21 +728,38 @@ impl RaftStateMachine<PartitionRaft> for StateMachine {
         snapshot: LogSnapshot,
     ) -> Result<(), io::Error> {
         let next = self.shared.log.positions().next;
-        if snapshot.end > next {
-            return Err(io_err(format!(
-                "snapshot covers the log up to offset {} but this replica's log ends at {next}; \
-                 catching up by shipping segments is not implemented",
-                snapshot.end
-            )));
-        }
-        if let Some(id) = meta.last_log_id {
-            let held = self.shared.map.borrow().get(id.index);
-            if held.is_some_and(|s| s.term != id.leader_id.term) {
-                return Err(io_err(format!(
-                    "snapshot ends at {id} but this replica's entry {} has another term",
-                    id.index
-                )));
+        let held = meta
+            .last_log_id
+            .map(|id| (id, self.shared.map.borrow().get(id.index)));
+        let covered = match held {
+            // This replica's log holds the snapshot's last entry: it keeps its log.
+            Some((id, Some(slot))) => slot.term == id.leader_id.term && snapshot.end <= next,
+            Some((_, None)) => false,
+            None => true,
+        };
+        if !covered {
+            // Behind the snapshot (the leader's retention deleted what this replica misses),
+            // or diverged from it: the log starts over, empty, where the snapshot ends.
+            let id = meta.last_log_id.expect("checked above");
+            tracing::info!(upto = %id, offset = snapshot.end.0, "restarting this replica's log from a snapshot");
+            {
+                let mut d = self.shared.durable.borrow_mut();
+                d.purged = Some(id);
+                d.purged_end = Some(snapshot.end.0);
             }
+            self.shared.save().await?;
+            {
+                let mut map = self.shared.map.borrow_mut();
+                map.slots.clear();
+                map.first = id.index + 1;
+            }
+            self.shared.tail.borrow_mut().truncate(0);
+            self.shared
+                .log
+                .reset_to(snapshot.end)
+                .await
+                .map_err(io_err)?;
+            (self.on_commit)();
         }
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();

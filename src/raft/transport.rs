@@ -399,18 +399,27 @@ impl openraft::network::v2::RaftNetworkV2<PartitionRaft> for GroupClient {
         wire::decode_transfer_leader_response(&bytes).map_err(unreachable)
     }
 
+    /// A snapshot is its meta and end offset: the follower restarts its log there (records
+    /// before it are what retention deleted) and the leader then sends it the entries after.
     async fn full_snapshot(
         &mut self,
-        _vote: Vote,
-        _snapshot: openraft::alias::SnapshotOf<PartitionRaft, LogSnapshot>,
+        vote: Vote,
+        snapshot: openraft::alias::SnapshotOf<PartitionRaft, LogSnapshot>,
         _cancel: impl std::future::Future<Output = openraft::error::ReplicationClosed> + 'static,
-        _option: RPCOption,
+        option: RPCOption,
     ) -> Result<SnapshotResponse<PartitionRaft>, StreamingError<PartitionRaft>> {
-        // Groups never snapshot (retention deletes data); shipping segments to a follower that
-        // retention left behind is not built yet.
-        Err(StreamingError::Unreachable(Unreachable::new(&CallFailed(
-            "segment shipping to a follower behind retention is not built".into(),
-        ))))
+        let message = wire::SnapshotMessage {
+            vote,
+            meta: snapshot.meta,
+            end: snapshot.snapshot.end.0,
+        };
+        let body = pb::raft_request::Body::InstallSnapshot(wire::encode_snapshot(&message));
+        let failed = |e: String| StreamingError::Unreachable(Unreachable::new(&CallFailed(e)));
+        let bytes = self
+            .call(body, &option)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        wire::decode_snapshot_response(&bytes).map_err(failed)
     }
 }
 
@@ -438,6 +447,21 @@ pub async fn handle(
             let rpc = wire::decode_vote(&v)?;
             let r = raft.pre_vote(rpc).await.map_err(|e| e.to_string())?;
             Ok(wire::encode_vote_response(&r))
+        }
+        Body::InstallSnapshot(b) => {
+            let m = wire::decode_snapshot(&b)?;
+            let snapshot = openraft::Snapshot {
+                meta: m.meta,
+                snapshot: LogSnapshot {
+                    end: crate::types::Offset(m.end),
+                },
+            };
+            let r = raft
+                .install_full_snapshot(m.vote, snapshot)
+                .await
+                .map_err(|e| e.to_string())?;
+            *contact = true;
+            Ok(wire::encode_snapshot_response(&r))
         }
         Body::TransferLeader(t) => {
             let rpc = wire::decode_transfer_leader(&t)?;

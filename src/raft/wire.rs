@@ -8,13 +8,13 @@
 
 use bytes::Bytes;
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, TransferLeaderRequest, TransferLeaderResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::EntryPayload;
 use serde::{Deserialize, Serialize};
 
-use super::types::{log_id, Entry, EntryBatch, LogId, PartitionRaft, Vote};
+use super::types::{log_id, Entry, EntryBatch, LogId, PartitionRaft, SnapshotMeta, Vote};
 use crate::log::Batch;
 use crate::proto::internal as pb;
 
@@ -127,6 +127,30 @@ pub fn encode_vote_response(r: &VoteResponse<PartitionRaft>) -> Bytes {
 
 pub fn decode_vote_response(b: &[u8]) -> Result<VoteResponse<PartitionRaft>, String> {
     from_json("vote response", b)
+}
+
+/// A snapshot as it travels: it carries no records (see `install_snapshot` in peer.proto).
+#[derive(Serialize, Deserialize)]
+pub struct SnapshotMessage {
+    pub vote: Vote,
+    pub meta: SnapshotMeta,
+    pub end: u64,
+}
+
+pub fn encode_snapshot(m: &SnapshotMessage) -> Bytes {
+    json(m)
+}
+
+pub fn decode_snapshot(b: &[u8]) -> Result<SnapshotMessage, String> {
+    from_json("snapshot", b)
+}
+
+pub fn encode_snapshot_response(r: &SnapshotResponse<PartitionRaft>) -> Bytes {
+    json(r)
+}
+
+pub fn decode_snapshot_response(b: &[u8]) -> Result<SnapshotResponse<PartitionRaft>, String> {
+    from_json("snapshot response", b)
 }
 
 pub fn encode_transfer_leader(r: &TransferLeaderRequest<PartitionRaft>) -> Bytes {

@@ -68,6 +68,18 @@ async fn drive_groups(
         for p in groups {
             p.drive(now, beat).await;
         }
+        if beat {
+            // Retention, in tasks of their own: a purge may wait for a snapshot.
+            let due: Vec<Rc<Partition>> = partitions
+                .borrow()
+                .values()
+                .filter(|p| p.retention_due(now))
+                .cloned()
+                .collect();
+            for p in due {
+                glommio::spawn_local(async move { p.retained().await }).detach();
+            }
+        }
     }
 }
 

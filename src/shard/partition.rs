@@ -24,6 +24,7 @@ use crate::log::batch::HEADER_LEN;
 use crate::log::{BatchBuilder, Log, LogConfig, LogError, ReadBound, Record};
 use crate::proto::internal as pb;
 use crate::raft::group::{self, NoPeers, PartitionGroup};
+use crate::raft::store::StoreHandle;
 use crate::raft::transport::GroupNetwork;
 use crate::raft::types::{EntryBatch, Member, NodeId, PartitionRaft};
 use crate::types::Offset;
@@ -49,8 +50,13 @@ pub struct Partition {
     pub uid: u64,
     pub log: Log,
     pub raft: PartitionGroup,
+    /// Retention goes through the Raft storage (see [`Partition::retain`]).
+    store: StoreHandle,
     /// Fetches waiting for the commit position to move.
     waiters: Waiters,
+    /// When retention last ran, and whether it is running.
+    retained: Cell<Instant>,
+    retaining: Cell<bool>,
 }
 
 /// A random election timeout: openraft's leader lease (the longest timeout) plus a random
@@ -103,6 +109,11 @@ impl Partition {
                 replica.node_id
             )));
         }
+        // Retention goes through the group (`retain`), never behind its back.
+        let config = LogConfig {
+            retention_loop: false,
+            ..config
+        };
         let log = Log::open(dir, config).await?;
         let waiters: Waiters = Rc::default();
         let on_commit = {
@@ -149,8 +160,8 @@ impl Partition {
             }
             None => Err(format!("{key}: replicated, but this node has no transport")),
         };
-        let raft = match started {
-            Ok(raft) => raft,
+        let (raft, store) = match started {
+            Ok(started) => started,
             Err(e) => {
                 let _ = log.close().await;
                 return Err(CoreError::Raft(e));
@@ -196,10 +207,13 @@ impl Partition {
             uid,
             log,
             raft,
+            store,
             waiters,
             replicated: !alone,
             timing: replica.timing,
             contact: Cell::new(Instant::now()),
+            retained: Cell::new(Instant::now()),
+            retaining: Cell::new(false),
             election_after: Cell::new(election_delay(replica.timing)),
         })
     }
@@ -313,6 +327,69 @@ impl Partition {
                 .map_err(write)?;
         }
         Ok(MemberProgress::Done)
+    }
+
+    /// Whether retention is due (the topic has retention, its check interval passed and it is
+    /// not running): if so, it counts as started, and the caller runs [`Partition::retained`].
+    pub fn retention_due(&self, now: Instant) -> bool {
+        let c = self.log.config();
+        if c.retention_ms.is_none() && c.retention_bytes.is_none() {
+            return false;
+        }
+        let every = Duration::from_millis(c.retention_check_interval_ms);
+        if self.retaining.get() || now.saturating_duration_since(self.retained.get()) < every {
+            return false;
+        }
+        self.retaining.set(true);
+        self.retained.set(now);
+        true
+    }
+
+    /// Runs retention (after [`Partition::retention_due`] said so).
+    pub async fn retained(&self) {
+        if let Err(e) = self.retain(crate::types::TimestampMs::now()).await {
+            tracing::warn!(partition = %self.key, error = %e, "retention failed");
+        }
+        self.retaining.set(false);
+    }
+
+    /// Applies retention through the group: the entries retention would delete are purged
+    /// from the Raft log (openraft does so once no replication still reads them, behind a
+    /// snapshot taken at that point), which deletes their segments. A follower that later
+    /// needs them is sent that snapshot and starts its log where it ends.
+    pub async fn retain(&self, now: crate::types::TimestampMs) -> Result<(), CoreError> {
+        let Some(end) = self.log.retention_point(now).await? else {
+            return Ok(());
+        };
+        let Some(upto) = self.store.last_entry_before(end) else {
+            return Ok(());
+        };
+        let covered = |m: &openraft::RaftMetrics<PartitionRaft>| {
+            m.snapshot.is_some_and(|s| s.index >= upto.index)
+        };
+        if !covered(&self.raft.metrics().borrow_watched()) {
+            self.store.snapshot_at(upto);
+            self.raft
+                .trigger()
+                .snapshot()
+                .await
+                .map_err(|e| CoreError::Raft(e.to_string()))?;
+            // Built in the background: purge once it is there (else at the next check).
+            let built = self
+                .raft
+                .wait(Some(Duration::from_secs(5)))
+                .metrics(covered, "snapshot for retention")
+                .await;
+            if built.is_err() {
+                return Ok(());
+            }
+        }
+        tracing::debug!(partition = %self.key, upto = %upto, "retention purges");
+        self.raft
+            .trigger()
+            .purge_log(upto.index)
+            .await
+            .map_err(|e| CoreError::Raft(e.to_string()))
     }
 
     /// What this replica knows of its group.

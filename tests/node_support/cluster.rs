@@ -29,6 +29,8 @@ pub struct Cluster {
     pub addrs: Vec<String>,
     pub peers: String,
     pub nodes: Vec<Option<TestNode>>,
+    /// Flags every node gets besides the cluster's own.
+    pub extra: Vec<String>,
 }
 
 /// Free loopback ports from the OS (bound, then released for the nodes to take).
@@ -43,6 +45,11 @@ pub fn free_ports(n: usize) -> Vec<u16> {
 
 impl Cluster {
     pub async fn start(n: usize) -> Cluster {
+        Self::start_with(n, &[]).await
+    }
+
+    /// A cluster whose nodes all get `extra` flags too.
+    pub async fn start_with(n: usize, extra: &[&str]) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
         let ports = free_ports(n);
         let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
@@ -61,6 +68,7 @@ impl Cluster {
             addrs,
             peers,
             nodes: (0..n).map(|_| None).collect(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         for i in 0..n {
             c.start_node(i);
@@ -79,6 +87,7 @@ impl Cluster {
             "--fault-injection",
         ];
         args.extend(TIMING);
+        args.extend(self.extra.iter().map(String::as_str));
         self.nodes[i] = Some(TestNode::start_at(&self.dirs[i], &self.addrs[i], &args));
     }
 

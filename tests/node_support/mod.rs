@@ -154,8 +154,18 @@ pub async fn try_fetch_all(
     topic: &str,
     partition: u32,
 ) -> Result<Vec<pb::Record>, tonic::Status> {
+    try_fetch_from(c, topic, partition, 0).await
+}
+
+/// Every committed record of a partition from `from` on.
+pub async fn try_fetch_from(
+    c: &mut TernClient<Channel>,
+    topic: &str,
+    partition: u32,
+    from: u64,
+) -> Result<Vec<pb::Record>, tonic::Status> {
     let mut out = Vec::new();
-    let mut at = 0;
+    let mut at = from;
     loop {
         let r = c
             .fetch(pb::FetchRequest {

@@ -1,6 +1,7 @@
 //! Removing records: tail truncation (Raft), deletion before an offset, and retention.
 
 use super::*;
+use crate::log::StateFile;
 
 impl Log {
     /// Drops every record after `last_kept` (a Raft follower discarding a divergent tail).
@@ -161,6 +162,16 @@ impl Log {
     /// Applies retention at `now`: rolls an idle active segment that is older than
     /// `segment_ms_max`, then deletes closed segments past `retention_ms` or `retention_bytes`.
     pub async fn enforce_retention(&self, now: TimestampMs) -> Result<usize, LogError> {
+        match self.retention_point(now).await? {
+            Some(end) => self.delete_before(end).await,
+            None => Ok(0),
+        }
+    }
+
+    /// Where retention would cut the log at `now` (rolling an idle, old active segment first):
+    /// the end of the last closed segment it would delete, if any. The log's owner decides when
+    /// to delete (a Raft group first makes sure no replica still needs those records).
+    pub async fn retention_point(&self, now: TimestampMs) -> Result<Option<Offset>, LogError> {
         let c = &self.inner.config;
         let idle_and_old = {
             let st = self.inner.state.borrow();
@@ -191,9 +202,95 @@ impl Log {
                 now,
             )
         };
-        self.delete_front(n).await
+        let st = self.inner.state.borrow();
+        Ok(n.checked_sub(1).map(|last| st.segments[last].next_offset))
     }
 
+    /// Empties the log and starts it again, empty, at `start` (a Raft follower so far behind
+    /// that the records it misses were deleted on the leader starts over where the leader's log
+    /// begins). Durable when this returns: a marker file names the new start while the old
+    /// segments go, and opening the log finishes an interrupted reset.
+    pub async fn reset_to(&self, start: Offset) -> Result<(), LogError> {
+        let inner = &self.inner;
+        let _permit = lock(&inner.append_lock).await?;
+        let next = {
+            let st = inner.state.borrow();
+            st.check_writable()?;
+            st.next
+        };
+        self.wait_for(next, Wait::Written).await?;
+        let _io = lock(&inner.io_lock).await?;
+        let r = async {
+            let marker = StateFile::new(&inner.dir, RESET_MARKER);
+            marker.write(&start.0.to_le_bytes()).await?;
+            let old: Vec<Rc<Path>> = inner
+                .state
+                .borrow()
+                .segments
+                .iter()
+                .map(|s| s.path.clone())
+                .collect();
+            for path in &old {
+                remove_segment_files(path).await?;
+            }
+            sync_dir(&inner.dir).await?;
+            let seg = create_segment(&inner.dir, start, &inner.config).await?;
+            {
+                let mut st = inner.state.borrow_mut();
+                st.segments = vec![seg];
+                st.staged.clear();
+                st.tail.clear();
+                st.next = start;
+                st.written = start;
+                st.durable = start;
+                st.committed = start;
+                st.truncations += 1;
+            }
+            marker.clean().await?;
+            remove_if_exists(&inner.dir.join(RESET_MARKER)).await?;
+            sync_dir(&inner.dir).await
+        }
+        .await;
+        if let Err(e) = &r {
+            inner.poison(e);
+        }
+        r
+    }
+}
+
+/// Names the offset a log is being reset to while its old segments are removed.
+pub(super) const RESET_MARKER: &str = "reset";
+
+/// Finishes a reset that a crash interrupted: removes every segment and starts the log at the
+/// marker's offset. Returns whether there was one.
+pub(super) async fn finish_reset(dir: &Path, config: &LogConfig) -> Result<bool, LogError> {
+    let marker = StateFile::new(dir, RESET_MARKER);
+    let Some(bytes) = marker.read().await? else {
+        return Ok(false);
+    };
+    let start = Offset(u64::from_le_bytes(bytes.as_slice().try_into().map_err(
+        |_| LogError::Corrupt {
+            path: dir.join(RESET_MARKER).display().to_string(),
+            position: 0,
+            reason: "reset marker is not an offset".into(),
+        },
+    )?));
+    let entries = std::fs::read_dir(dir).map_err(|e| LogError::io("listing", dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| LogError::io("listing", dir, e))?;
+        if segment::parse_log_name(&entry.file_name().to_string_lossy()).is_some() {
+            remove_segment_files(&entry.path()).await?;
+        }
+    }
+    sync_dir(dir).await?;
+    create_segment(dir, start, config).await?;
+    marker.clean().await?;
+    remove_if_exists(&dir.join(RESET_MARKER)).await?;
+    sync_dir(dir).await?;
+    Ok(true)
+}
+
+impl Log {
     async fn delete_front(&self, n: usize) -> Result<usize, LogError> {
         if n == 0 {
             return Ok(0);
