@@ -13,6 +13,11 @@ use tern::proto::v1 as pb;
 use tern::proto::v1::tern_client::TernClient;
 use tonic::transport::Channel;
 
+/// The tests of this file run one at a time: each runs a multi-node cluster, and two at once on
+/// a 2-vCPU machine starve each other's nodes (see the note in the issue tracker: a re-added
+/// replica was once seen behind within the test's deadline under that load).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn info(c: &mut TernClient<Channel>) -> pb::ClusterInfoResponse {
     c.cluster_info(pb::ClusterInfoRequest {})
         .await
@@ -111,6 +116,7 @@ async fn fill(c: &mut TernClient<Channel>, topic: &str, partitions: u32, n: usiz
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_a_fourth_node_move_replicas_to_it_then_remove_a_controller() {
+    let _serial = SERIAL.lock().await;
     let mut cluster = Cluster::start(3).await;
     // 4 partitions × 3 replicas: with 4 nodes, 3 each.
     create(&mut cluster.client(0).await, "grow", 4, 3).await;
@@ -257,6 +263,16 @@ async fn add_a_fourth_node_move_replicas_to_it_then_remove_a_controller() {
             }
             let min = if *p == 0 { acked.len() } else { 200 };
             let log = read_all(&mut c, "grow", *p, min).await;
+            // A replica that has not caught up within read_all's deadline is reported as such
+            // (with what it holds), not as a lost record.
+            let first = log.first().cloned().unwrap_or_default();
+            let last = log.last().cloned().unwrap_or_default();
+            let view = view_of(&mut c, "grow", *p).await;
+            assert!(
+                log.len() >= min,
+                "node {id} partition {p} holds {} records ({first}..{last}), {min} expected; its view: {view:?}",
+                log.len()
+            );
             if *p == 0 {
                 let dups = check_acked(&log, &acked);
                 eprintln!(
@@ -350,6 +366,7 @@ async fn view(c: &mut TernClient<Channel>, topic: &str) -> Option<pb::PartitionI
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_behind_retention_restarts_its_log_from_a_snapshot() {
+    let _serial = SERIAL.lock().await;
     let mut cluster = Cluster::start_with(3, &["--retention-check-interval-ms", "200"]).await;
     let mut c = cluster.client(0).await;
     c.create_topic(pb::CreateTopicRequest {
@@ -489,4 +506,16 @@ async fn a_follower_behind_retention_restarts_its_log_from_a_snapshot() {
         assert!(Instant::now() < deadline, "no writes after the leader died");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Describes a partition as the node behind `c` sees it (if it holds a replica).
+async fn view_of(c: &mut TernClient<Channel>, topic: &str, p: u32) -> Option<pb::PartitionInfo> {
+    let r = c
+        .describe_topic(pb::DescribeTopicRequest { name: topic.into() })
+        .await
+        .ok()?
+        .into_inner();
+    r.partitions
+        .into_iter()
+        .find(|q| q.partition == p && q.local)
 }

@@ -201,17 +201,42 @@ async fn propose_through(broker: &Broker, addr: &str, cmd: &Command) -> Result<O
     Ok(Offset(client.propose(req).await?.into_inner().offset))
 }
 
-/// Appends a command to the metadata log through its leader; returns its offset.
+/// Appends a command to the metadata log through its leader; returns its offset. While the
+/// metadata group has no leader (an election), waits up to two election timeouts for one:
+/// nothing was written, so going again is safe.
 pub async fn propose(broker: &Arc<Broker>, cmd: &Command) -> Result<Offset, Status> {
     cmd.validate().map_err(Status::invalid_argument)?;
-    match propose_local(broker, cmd).await {
-        Err(e @ CoreError::NotLeader { leader }) => {
-            let Some(l) = leader.filter(|l| *l != broker.node_id()) else {
-                return Err(from_core(e));
-            };
-            forward_proposal(broker, l, cmd).await
+    let wait = Duration::from_millis(2 * broker.config.raft_election_timeout_ms);
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match propose_once(broker, cmd).await {
+            Err(CoreError::NotLeader { leader: None })
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(from_core(e)),
+            Ok(Ok(at)) => return Ok(at),
+            Ok(Err(status)) => return Err(status),
         }
-        other => other.map_err(from_core),
+    }
+}
+
+/// One attempt: proposes here if this node leads, else forwards to the leader it knows. A core
+/// error says nothing was written (retry is safe); a status is the forwarded call's answer.
+async fn propose_once(
+    broker: &Arc<Broker>,
+    cmd: &Command,
+) -> Result<Result<Offset, Status>, CoreError> {
+    match propose_local(broker, cmd).await {
+        Err(CoreError::NotLeader { leader }) => {
+            let Some(l) = leader.filter(|l| *l != broker.node_id()) else {
+                return Err(CoreError::NotLeader { leader: None });
+            };
+            Ok(forward_proposal(broker, l, cmd).await)
+        }
+        Ok(at) => Ok(Ok(at)),
+        Err(e) => Ok(Err(from_core(e))),
     }
 }
 
