@@ -18,6 +18,15 @@ use tonic::transport::Channel;
 /// replica was once seen behind within the test's deadline under that load).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// The lock that keeps these tests apart; `TERN_TEST_PARALLEL=1` lets them overlap (a stress
+/// setting for looking for timing bugs).
+async fn serial() -> Option<tokio::sync::MutexGuard<'static, ()>> {
+    match std::env::var_os("TERN_TEST_PARALLEL") {
+        Some(_) => None,
+        None => Some(SERIAL.lock().await),
+    }
+}
+
 async fn info(c: &mut TernClient<Channel>) -> pb::ClusterInfoResponse {
     c.cluster_info(pb::ClusterInfoRequest {})
         .await
@@ -116,7 +125,7 @@ async fn fill(c: &mut TernClient<Channel>, topic: &str, partitions: u32, n: usiz
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_a_fourth_node_move_replicas_to_it_then_remove_a_controller() {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     let mut cluster = Cluster::start(3).await;
     // 4 partitions × 3 replicas: with 4 nodes, 3 each.
     create(&mut cluster.client(0).await, "grow", 4, 3).await;
@@ -366,7 +375,7 @@ async fn view(c: &mut TernClient<Channel>, topic: &str) -> Option<pb::PartitionI
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_behind_retention_restarts_its_log_from_a_snapshot() {
-    let _serial = SERIAL.lock().await;
+    let _serial = serial().await;
     let mut cluster = Cluster::start_with(3, &["--retention-check-interval-ms", "200"]).await;
     let mut c = cluster.client(0).await;
     c.create_topic(pb::CreateTopicRequest {

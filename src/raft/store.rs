@@ -37,8 +37,8 @@ use openraft::{EntryPayload, OptionalSend};
 use serde::{Deserialize, Serialize};
 
 use super::types::{
-    log_id, Entry, EntryBatch, EntryOffsets, LogId, PartitionRaft, SnapshotMeta, StoredMembership,
-    Vote,
+    log_id, Entry, EntryBatch, EntryOffsets, LogId, Membership, NodeId, PartitionRaft,
+    SnapshotMeta, StoredMembership, Vote,
 };
 use crate::log::{Assign, Batch, BatchBuilder, Log, LogError, ReadBound, Record, StateFile};
 use crate::types::{Offset, Term, TimestampMs};
@@ -131,7 +131,7 @@ impl EntryMap {
     }
 }
 
-#[derive(Default, Serialize, Deserialize)]
+#[derive(Serialize, Deserialize)]
 struct Durable {
     vote: Option<Vote>,
     purged: Option<LogId>,
@@ -139,6 +139,31 @@ struct Durable {
     /// from a snapshot begins.
     #[serde(default)]
     purged_end: Option<u64>,
+    /// Whether this replica may grant votes. A replica that joined its group by a move starts
+    /// with an empty log and no memory of votes it may have cast as an earlier member; until it
+    /// has applied a membership that made it a learner and then a voter, it must not help a
+    /// candidate (a removed member still running with an old configuration that lists this node
+    /// could otherwise win with its vote and commit a divergent history).
+    #[serde(default = "yes")]
+    may_vote: bool,
+    #[serde(default)]
+    learner_seen: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for Durable {
+    fn default() -> Self {
+        Durable {
+            vote: None,
+            purged: None,
+            purged_end: None,
+            may_vote: true,
+            learner_seen: false,
+        }
+    }
 }
 
 struct Shared {
@@ -150,6 +175,35 @@ struct Shared {
     /// The entry retention asked to purge up to: the next snapshot is taken there (not at the
     /// last applied entry), so a follower restarted from it misses only what retention deletes.
     retain_upto: Cell<Option<LogId>>,
+    /// This replica's node id, once its owner said (see `Durable::may_vote`).
+    me: Cell<Option<NodeId>>,
+}
+
+impl Shared {
+    /// Notes a membership this replica applied or installed; persists a change of `may_vote`.
+    async fn saw_membership(&self, m: &Membership) -> io::Result<()> {
+        let Some(me) = self.me.get() else {
+            return Ok(());
+        };
+        let changed = {
+            let mut d = self.durable.borrow_mut();
+            if d.may_vote {
+                return Ok(());
+            }
+            let before = (d.learner_seen, d.may_vote);
+            if m.learner_ids().any(|id| id == me) {
+                d.learner_seen = true;
+            }
+            if d.learner_seen && m.voter_ids().any(|id| id == me) {
+                d.may_vote = true;
+            }
+            before != (d.learner_seen, d.may_vote)
+        };
+        if changed {
+            self.save().await?;
+        }
+        Ok(())
+    }
 }
 
 /// The owner's handle on a partition's Raft storage (retention).
@@ -177,6 +231,33 @@ impl StoreHandle {
     /// Takes the next snapshot at `upto` (see `Shared::retain_upto`).
     pub fn snapshot_at(&self, upto: LogId) {
         self.0.retain_upto.set(Some(upto));
+    }
+
+    /// Tells the storage which node it belongs to; `joining`: the replica was opened to join
+    /// its group by a move. A joining replica with nothing stored yet does not vote until it
+    /// has been a learner and then a voter (see `Durable::may_vote`); one with state keeps
+    /// what it stored.
+    pub async fn set_member(&self, me: NodeId, joining: bool) -> io::Result<()> {
+        self.0.me.set(Some(me));
+        let fresh = {
+            let d = self.0.durable.borrow();
+            let map = self.0.map.borrow();
+            d.vote.is_none() && d.purged.is_none() && map.slots.is_empty() && !d.learner_seen
+        };
+        if joining && fresh {
+            {
+                let mut d = self.0.durable.borrow_mut();
+                d.may_vote = false;
+                d.learner_seen = false;
+            }
+            self.0.save().await?;
+        }
+        Ok(())
+    }
+
+    /// Whether this replica may grant votes (see `Durable::may_vote`).
+    pub fn may_vote(&self) -> bool {
+        self.0.durable.borrow().may_vote
     }
 }
 
@@ -416,6 +497,7 @@ pub async fn open_with_handle(
         map: RefCell::new(map),
         tail: RefCell::default(),
         retain_upto: Cell::new(None),
+        me: Cell::new(None),
     });
     let purged = shared.durable.borrow().purged;
     Ok((
@@ -678,6 +760,7 @@ impl RaftStateMachine<PartitionRaft> for StateMachine {
                 commit_to = Some(Offset(o.end));
             }
             if let Some(m) = entry.get_membership() {
+                self.shared.saw_membership(&m).await?;
                 self.membership = StoredMembership::new(Some(id), m);
             }
             self.applied = Some(id);
@@ -761,6 +844,22 @@ impl RaftStateMachine<PartitionRaft> for StateMachine {
                 .map_err(io_err)?;
             (self.on_commit)();
         }
+        // A snapshot that makes this replica a voter: its log now ends where the leader's
+        // snapshot does, at least as recent as the configuration that added it.
+        {
+            let m = meta.last_membership.membership();
+            let me = self.shared.me.get();
+            let voter = me.is_some_and(|me| m.voter_ids().any(|id| id == me));
+            let may = self.shared.durable.borrow().may_vote;
+            if voter && !may {
+                {
+                    let mut d = self.shared.durable.borrow_mut();
+                    d.learner_seen = true;
+                    d.may_vote = true;
+                }
+                self.shared.save().await?;
+            }
+        }
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         self.snapshot = Some((meta.clone(), snapshot.end));
@@ -806,6 +905,60 @@ mod tests {
             let (ls, sm) = open(log, dir.path()).await.unwrap();
             Ok((dir, ls, sm))
         }
+    }
+
+    /// A replica that joins its group by a move does not vote until it has applied a
+    /// membership making it a learner and then one making it a voter; the permission survives
+    /// reopening; a replica created with its group votes from the start; so does a joining one
+    /// that already holds state (a restart).
+    #[test]
+    fn a_joining_replica_votes_only_after_being_a_learner_then_a_voter() {
+        GlommioRuntime::run(async {
+            let dir = tempfile::tempdir().unwrap();
+            let m = |voters: &[u64], all: &[u64]| -> Membership {
+                openraft::Membership::new_with_defaults(
+                    vec![voters.iter().copied().collect()],
+                    all.iter().copied(),
+                )
+            };
+            {
+                let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+                let (_ls, _sm, h) = open_with_handle(log.clone(), dir.path(), Rc::new(|| {}))
+                    .await
+                    .unwrap();
+                h.set_member(3, true).await.unwrap();
+                assert!(!h.may_vote());
+                // An old configuration listing node 3 as a voter (its earlier membership).
+                h.0.saw_membership(&m(&[1, 2, 3], &[1, 2, 3]))
+                    .await
+                    .unwrap();
+                assert!(!h.may_vote(), "an old configuration let it vote");
+                h.0.saw_membership(&m(&[1, 2, 4], &[1, 2, 3, 4]))
+                    .await
+                    .unwrap();
+                assert!(!h.may_vote());
+                h.0.saw_membership(&m(&[1, 2, 3], &[1, 2, 3]))
+                    .await
+                    .unwrap();
+                assert!(h.may_vote(), "learner then voter");
+                log.close().await.unwrap();
+            }
+            let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+            let (_ls, _sm, h) = open_with_handle(log.clone(), dir.path(), Rc::new(|| {}))
+                .await
+                .unwrap();
+            h.set_member(3, true).await.unwrap();
+            assert!(h.may_vote(), "the permission was not kept");
+            log.close().await.unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+            let (_ls, _sm, h) = open_with_handle(log.clone(), dir.path(), Rc::new(|| {}))
+                .await
+                .unwrap();
+            h.set_member(1, false).await.unwrap();
+            assert!(h.may_vote());
+            log.close().await.unwrap();
+        });
     }
 
     /// openraft's own storage conformance suite, run against the partition log.

@@ -226,7 +226,13 @@ async fn handle(core: u32, req: CoreRequest, partitions: Partitions) {
             let answers = messages.into_iter().map(|(key, uid, m)| {
                 let p = lookup(&partitions, &key);
                 async move {
+                    use pb::raft_request::Body;
                     let answer = match (p, m.body) {
+                        (Ok(p), Some(Body::Vote(_) | Body::PreVote(_))) if !p.may_vote() => {
+                            Err(format!(
+                                "{key}: this replica is joining its group and does not vote yet"
+                            ))
+                        }
                         (Ok(p), Some(body)) if p.uid == uid => {
                             let mut contact = false;
                             let a = transport::handle(&p.raft, body, &mut contact).await;

@@ -169,6 +169,10 @@ impl Partition {
         };
         // From here a failure must not leave the group's tasks and the log running.
         let ready = async {
+            store
+                .set_member(replica.node_id, joining)
+                .await
+                .map_err(|e| CoreError::Raft(format!("{key}: {e}")))?;
             let initialized = raft
                 .is_initialized()
                 .await
@@ -216,6 +220,12 @@ impl Partition {
             retaining: Cell::new(false),
             election_after: Cell::new(election_delay(replica.timing)),
         })
+    }
+
+    /// Whether this replica may grant votes: not while it joins its group by a move (see
+    /// `raft::store`): until it has been a learner and then a voter there.
+    pub fn may_vote(&self) -> bool {
+        self.store.may_vote()
     }
 
     /// Whether the group has other voters (and so needs heartbeats and elections).
@@ -297,9 +307,17 @@ impl Partition {
                     .map(|l| l.index)
             };
             for id in wanted.difference(&voters) {
-                let behind = matched(id).map_or(last + 1, |m| last.saturating_sub(m));
-                if behind > CATCH_UP_ENTRIES {
-                    return Ok(MemberProgress::CatchingUp { node: *id, behind });
+                // A learner that has accepted nothing yet is not caught up, however short the
+                // log (its replica may not even be open yet).
+                let behind = matched(id).map(|m| last.saturating_sub(m));
+                match behind {
+                    Some(b) if b <= CATCH_UP_ENTRIES => {}
+                    _ => {
+                        return Ok(MemberProgress::CatchingUp {
+                            node: *id,
+                            behind: behind.unwrap_or(last + 1),
+                        })
+                    }
                 }
             }
             tracing::info!(partition = %self.key, from = ?voters, to = ?wanted, "changing voters");
