@@ -300,19 +300,22 @@ pub fn parse_fsync(name: &str, interval_ms: u32) -> Result<FsyncPolicy, String> 
     }
 }
 
-/// The log settings of a topic, resolved from its stored settings.
-pub fn log_config(settings: &crate::cluster::TopicSettings) -> LogConfig {
-    LogConfig {
-        segment_bytes_max: settings.segment_bytes,
-        fsync: match settings.fsync_interval_ms {
-            None => FsyncPolicy::Always,
-            Some(ms) => FsyncPolicy::Interval(Duration::from_millis(ms as u64)),
-        },
-        retention_ms: settings.retention_ms,
-        retention_bytes: settings.retention_bytes,
-        batch_bytes_max: 16 << 20,
-        pending_bytes_max: 32 << 20,
-        ..LogConfig::default()
+impl Config {
+    /// The log settings of a partition of a topic with these stored settings, on this node.
+    pub fn log_config(&self, settings: &crate::cluster::TopicSettings) -> LogConfig {
+        LogConfig {
+            segment_bytes_max: settings.segment_bytes,
+            fsync: match settings.fsync_interval_ms {
+                None => FsyncPolicy::Always,
+                Some(ms) => FsyncPolicy::Interval(Duration::from_millis(ms as u64)),
+            },
+            retention_ms: settings.retention_ms,
+            retention_bytes: settings.retention_bytes,
+            retention_check_interval_ms: self.retention_check_interval_ms,
+            batch_bytes_max: 16 << 20,
+            pending_bytes_max: 32 << 20,
+            ..LogConfig::default()
+        }
     }
 }
 
@@ -334,6 +337,34 @@ mod tests {
         assert!(toml::from_str::<Config>("listn = \"1.2.3.4:5\"").is_err());
         let c: Config = toml::from_str("node_id = 7\n[topic_defaults]\npartitions = 3").unwrap();
         assert_eq!((c.node_id, c.topic_defaults.partitions), (7, 3));
+    }
+
+    #[test]
+    fn join_and_retention_interval_are_validated() {
+        let ok = Config {
+            join: "10.0.0.1:7070".into(),
+            ..Config::default()
+        };
+        ok.validate().unwrap();
+        assert!(ok.clustered());
+        for bad in [
+            Config {
+                join: "10.0.0.1".into(),
+                ..Config::default()
+            },
+            Config {
+                join: "10.0.0.1:7070".into(),
+                peers: "1=a:1".into(),
+                ..Config::default()
+            },
+            Config {
+                retention_check_interval_ms: 10,
+                ..Config::default()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+        assert!(!Config::default().clustered());
     }
 
     #[test]

@@ -6,7 +6,9 @@ mod common;
 use std::time::Duration;
 
 use common::{batch, run, small_config};
-use tern::log::{Assign, FsyncPolicy, Log, LogConfig, LogError, ReadBound, StateFile};
+use tern::log::{
+    Assign, FsyncPolicy, Log, LogConfig, LogError, ReadBound, StateFile, RESET_MARKER,
+};
 use tern::types::{Offset, Term, TimestampMs};
 
 const T: Assign = Assign::Next(Term(1));
@@ -408,6 +410,82 @@ fn follower_appends_keep_leader_offsets() {
             .unwrap();
         let terms: Vec<_> = r.batches.iter().map(|b| b.meta().term).collect();
         assert_eq!(terms, vec![Term(5), Term(6)]);
+    });
+}
+
+/// A follower restarted from a snapshot starts its log over, empty, at the snapshot's end; a
+/// reset cut short by a crash (marker written, only some segments gone: a gap) is finished
+/// when the log is opened again.
+#[test]
+fn reset_starts_the_log_over_and_an_interrupted_reset_finishes_on_open() {
+    run(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), small_config()).await.unwrap();
+        for i in 0..40 {
+            log.append(&batch(i, 5, 100, 1000), T).await.unwrap();
+        }
+        log.set_committed(log.positions().durable).unwrap();
+        assert!(log.segment_count() > 2);
+        log.reset_to(Offset(1000)).await.unwrap();
+        let p = log.positions();
+        assert_eq!(
+            (p.start, p.next, p.committed),
+            (Offset(1000), Offset(1000), Offset(1000))
+        );
+        assert_eq!(log.segment_count(), 1);
+        let b = batch(99, 2, 10, 1000).stamped(Offset(1000), Term(3));
+        log.append(&b, Assign::Keep).await.unwrap();
+        log.set_committed(Offset(1002)).unwrap();
+        log.close().await.unwrap();
+        drop(log);
+        let log = Log::open(dir.path(), small_config()).await.unwrap();
+        let p = log.positions();
+        assert_eq!((p.start, p.next), (Offset(1000), Offset(1002)));
+        log.set_committed(Offset(1002)).unwrap();
+        let recs = read_all(&log, Offset(1000), ReadBound::Committed).await;
+        assert_eq!(recs.len(), 2);
+        assert!(!dir.path().join(RESET_MARKER).exists());
+        log.close().await.unwrap();
+        drop(log);
+
+        // A crash in the middle of a reset: the marker is durable, the oldest segment is gone,
+        // the others are still there.
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), small_config()).await.unwrap();
+        for i in 0..40 {
+            log.append(&batch(i, 5, 100, 1000), T).await.unwrap();
+        }
+        log.close().await.unwrap();
+        drop(log);
+        StateFile::new(dir.path(), RESET_MARKER)
+            .write(&5000u64.to_le_bytes())
+            .await
+            .unwrap();
+        let mut segments: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "log"))
+            .collect();
+        segments.sort();
+        assert!(segments.len() > 2);
+        std::fs::remove_file(&segments[0]).unwrap();
+        let log = Log::open(dir.path(), small_config()).await.unwrap();
+        let p = log.positions();
+        assert_eq!((p.start, p.next), (Offset(5000), Offset(5000)));
+        assert_eq!(log.segment_count(), 1);
+        assert!(!dir.path().join(RESET_MARKER).exists());
+        // A damaged marker is reported, not guessed around.
+        log.close().await.unwrap();
+        drop(log);
+        StateFile::new(dir.path(), RESET_MARKER)
+            .write(b"not an offset")
+            .await
+            .unwrap();
+        assert!(matches!(
+            Log::open(dir.path(), small_config()).await,
+            Err(LogError::Corrupt { .. })
+        ));
     });
 }
 

@@ -27,6 +27,14 @@ async fn serial() -> Option<tokio::sync::MutexGuard<'static, ()>> {
     }
 }
 
+/// Starts node `id` on a port from the OS, joining the cluster through `member`.
+fn start_joined(dir: &std::path::Path, id: u64, member: &str) -> TestNode {
+    let id = id.to_string();
+    let mut args = vec!["--node-id", &id, "--join", member];
+    args.extend(TIMING);
+    TestNode::start(dir, &args)
+}
+
 async fn info(c: &mut TernClient<Channel>) -> pb::ClusterInfoResponse {
     c.cluster_info(pb::ClusterInfoRequest {})
         .await
@@ -136,10 +144,7 @@ async fn add_a_fourth_node_move_replicas_to_it_then_remove_a_controller() {
     eprintln!("phase: join");
     // A fourth node joins through node 2.
     let dir4 = cluster.tmp.path().join("n4");
-    let join = cluster.addrs[1].clone();
-    let mut args = vec!["--node-id", "4", "--join", &join];
-    args.extend(TIMING);
-    let node4 = TestNode::start(&dir4, &args);
+    let node4 = start_joined(&dir4, 4, &cluster.addrs[1]);
     let mut c4 = node4.client().await;
     let mut c2 = cluster.client(1).await;
     wait_for(&mut c2, "node 4 registered", |r| {
@@ -324,10 +329,7 @@ async fn add_a_fourth_node_move_replicas_to_it_then_remove_a_controller() {
     cluster.kill9(1);
     cluster.start_node(1);
     // Through another member this time: any will do.
-    let join = cluster.addrs[2].clone();
-    let mut args = vec!["--node-id", "4", "--join", &join];
-    args.extend(TIMING);
-    let node4 = TestNode::start(&dir4, &args);
+    let node4 = start_joined(&dir4, 4, &cluster.addrs[2]);
     let mut c4 = node4.client().await;
     let mut c2 = cluster.client(1).await;
     wait_for(&mut c4, "node 4 back with its new address", |r| {

@@ -328,8 +328,28 @@ pub fn replacement(state: &ClusterState, others: &[NodeId], exclude: &[NodeId]) 
         .copied()
 }
 
-/// A partition move: topic (name, incarnation), partition, target replicas.
-pub type Move = (String, u64, u32, Vec<NodeId>);
+/// A partition move chosen by [`rebalance`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Move {
+    pub topic: String,
+    /// The topic's incarnation.
+    pub uid: u64,
+    pub partition: u32,
+    pub from: Vec<NodeId>,
+    pub to: Vec<NodeId>,
+}
+
+impl Move {
+    /// The metadata command that starts it.
+    pub fn command(&self) -> Command {
+        Command::MoveReplicas {
+            topic: self.topic.clone(),
+            uid: self.uid,
+            partition: self.partition,
+            target: self.to.clone(),
+        }
+    }
+}
 
 /// Moves that even out how many replicas each node holds (to within one), most loaded nodes
 /// giving to least loaded ones, without covering fewer regions or zones than before.
@@ -394,7 +414,13 @@ pub fn rebalance(state: &ClusterState, max: usize) -> Vec<Move> {
                 *load.get_mut(&to).expect("loaded node") += 1;
             }
             if target != t.replicas[p as usize] {
-                moves.push((t.name.clone(), t.uid, p, target));
+                moves.push(Move {
+                    topic: t.name.clone(),
+                    uid: t.uid,
+                    partition: p,
+                    from: t.replicas[p as usize].clone(),
+                    to: target,
+                });
             }
         }
     }
@@ -640,18 +666,13 @@ mod tests {
     /// The state after the moves started and finished.
     fn carried_out(s: &ClusterState, moves: &[Move]) -> ClusterState {
         let mut after = s.clone();
-        for (topic, uid, partition, target) in moves {
-            after.apply(Command::MoveReplicas {
-                topic: topic.clone(),
-                uid: *uid,
-                partition: *partition,
-                target: target.clone(),
-            });
+        for m in moves {
+            after.apply(m.command());
             after.apply(Command::FinishMove {
-                topic: topic.clone(),
-                uid: *uid,
-                partition: *partition,
-                replicas: target.clone(),
+                topic: m.topic.clone(),
+                uid: m.uid,
+                partition: m.partition,
+                replicas: m.to.clone(),
             });
         }
         after

@@ -45,6 +45,7 @@ mod trim;
 pub use read::{ReadBatches, ReadBound};
 use recovery::{create_segment, load_tail, open_sealed, recover_active};
 use trim::retention_loop;
+pub use trim::RESET_MARKER;
 
 /// The positions of a log, each an exclusive end.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

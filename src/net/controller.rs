@@ -22,7 +22,6 @@ use tonic::Status;
 use super::broker::{Broker, Topic};
 use super::status::from_core;
 use crate::cluster::{assign_replicas, ClusterState, Command, TopicSettings, TopicSpec};
-use crate::config::log_config;
 use crate::log::Record;
 use crate::proto::internal as ipb;
 use crate::raft::types::{Member, NodeId};
@@ -76,7 +75,7 @@ pub async fn start(broker: Arc<Broker>, member: Member) -> anyhow::Result<()> {
                 key: key.clone(),
                 uid: 0,
                 dir,
-                config: log_config(&meta_settings()),
+                config: broker.config.log_config(&meta_settings()),
                 replica,
                 voters,
             }),
@@ -389,12 +388,11 @@ pub async fn handle_propose(
     forwarded: bool,
 ) -> Result<Offset, Status> {
     let cmd = Command::decode(command).map_err(Status::invalid_argument)?;
-    cmd.validate().map_err(Status::invalid_argument)?;
-    if forwarded {
-        propose_local(broker, &cmd).await.map_err(from_core)
-    } else {
-        propose(broker, &cmd).await
+    if !forwarded {
+        return propose(broker, &cmd).await;
     }
+    cmd.validate().map_err(Status::invalid_argument)?;
+    propose_local(broker, &cmd).await.map_err(from_core)
 }
 
 /// Follows the metadata log on this node and keeps its partitions in line with it.
@@ -553,10 +551,7 @@ impl Follower {
                 let dir = broker.partition_dir(spec, *p);
                 let key = key.clone();
                 let uid = spec.uid;
-                let config = crate::log::LogConfig {
-                    retention_check_interval_ms: broker.config.retention_check_interval_ms,
-                    ..log_config(&spec.settings)
-                };
+                let config = broker.config.log_config(&spec.settings);
                 let replica = broker.replica.clone();
                 let broker = broker.clone();
                 async move {

@@ -15,7 +15,7 @@
 //! Every step is decided from the committed metadata and the group's own membership, so a
 //! move interrupted by a crash or a leader change is finished by whoever leads next.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -163,13 +163,10 @@ async fn lead_metadata(broker: &Arc<Broker>) -> Result<(), Status> {
         .filter(|(id, _)| !voters.contains_key(id))
         .map(|(id, m)| (*id, m.clone()))
         .collect();
-    let same = voters.keys().eq(group.voters.iter())
-        && learners.keys().eq({
-            let mut l = group.learners.clone();
-            l.sort_unstable();
-            l
-        }
-        .iter());
+    // Nothing to change (the common case): no core round trip.
+    let set = |ids: &[NodeId]| ids.iter().copied().collect::<BTreeSet<_>>();
+    let same = voters.keys().copied().collect::<BTreeSet<_>>() == set(&group.voters)
+        && learners.keys().copied().collect::<BTreeSet<_>>() == set(&group.learners);
     if !same && !voters.is_empty() {
         let target = MemberTarget { voters, learners };
         match step_members(broker, key, target).await {
@@ -331,14 +328,8 @@ pub async fn rebalance(broker: &Arc<Broker>, max: usize) -> Result<Vec<Move>, St
     let max = max.clamp(1, REBALANCE_MOVES_MAX);
     let moves = cluster::rebalance(&broker.cluster(), max);
     let mut last = None;
-    for (topic, uid, partition, target) in &moves {
-        let cmd = Command::MoveReplicas {
-            topic: topic.clone(),
-            uid: *uid,
-            partition: *partition,
-            target: target.clone(),
-        };
-        last = Some(propose(broker, &cmd).await?);
+    for m in &moves {
+        last = Some(propose(broker, &m.command()).await?);
     }
     if let Some(at) = last {
         wait_applied(broker, at).await?;

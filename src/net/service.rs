@@ -362,19 +362,14 @@ impl Tern for TernService {
             0 => reassign::REBALANCE_MOVES_MAX,
             n => n as usize,
         };
-        let before = self.broker.cluster();
-        let moves = reassign::rebalance(&self.broker, max).await?;
-        let moves = moves
+        let moves = reassign::rebalance(&self.broker, max)
+            .await?
             .into_iter()
-            .map(|(topic, _, partition, to)| pb::PartitionMove {
-                from: before
-                    .topics
-                    .get(&topic)
-                    .and_then(|t| t.replicas.get(partition as usize).cloned())
-                    .unwrap_or_default(),
-                topic,
-                partition,
-                to,
+            .map(|m| pb::PartitionMove {
+                topic: m.topic,
+                partition: m.partition,
+                from: m.from,
+                to: m.to,
             })
             .collect();
         Ok(Response::new(pb::RebalanceResponse { moves }))

@@ -119,6 +119,12 @@ impl EntryMap {
         }
     }
 
+    /// Forgets every entry: the next one is `index + 1`.
+    fn restart_after(&mut self, index: u64) {
+        self.slots.clear();
+        self.first = index + 1;
+    }
+
     /// Forgets entries up to and including `index`.
     fn purge(&mut self, index: u64) {
         while !self.slots.is_empty() && self.first <= index {
@@ -180,8 +186,10 @@ struct Shared {
 }
 
 impl Shared {
-    /// Notes a membership this replica applied or installed; persists a change of `may_vote`.
-    async fn saw_membership(&self, m: &Membership) -> io::Result<()> {
+    /// Notes a membership this replica applied (`from_snapshot`: installed with a snapshot,
+    /// which leaves its log at least as recent as the configuration that added it, so being a
+    /// voter there is enough); persists a change of `may_vote`.
+    async fn saw_membership(&self, m: &Membership, from_snapshot: bool) -> io::Result<()> {
         let Some(me) = self.me.get() else {
             return Ok(());
         };
@@ -191,7 +199,7 @@ impl Shared {
                 return Ok(());
             }
             let before = (d.learner_seen, d.may_vote);
-            if m.learner_ids().any(|id| id == me) {
+            if from_snapshot || m.learner_ids().any(|id| id == me) {
                 d.learner_seen = true;
             }
             if d.learner_seen && m.voter_ids().any(|id| id == me) {
@@ -760,7 +768,7 @@ impl RaftStateMachine<PartitionRaft> for StateMachine {
                 commit_to = Some(Offset(o.end));
             }
             if let Some(m) = entry.get_membership() {
-                self.shared.saw_membership(&m).await?;
+                self.shared.saw_membership(&m, false).await?;
                 self.membership = StoredMembership::new(Some(id), m);
             }
             self.applied = Some(id);
@@ -831,11 +839,7 @@ impl RaftStateMachine<PartitionRaft> for StateMachine {
                 d.purged_end = Some(snapshot.end.0);
             }
             self.shared.save().await?;
-            {
-                let mut map = self.shared.map.borrow_mut();
-                map.slots.clear();
-                map.first = id.index + 1;
-            }
+            self.shared.map.borrow_mut().restart_after(id.index);
             self.shared.tail.borrow_mut().truncate(0);
             self.shared
                 .log
@@ -844,22 +848,9 @@ impl RaftStateMachine<PartitionRaft> for StateMachine {
                 .map_err(io_err)?;
             (self.on_commit)();
         }
-        // A snapshot that makes this replica a voter: its log now ends where the leader's
-        // snapshot does, at least as recent as the configuration that added it.
-        {
-            let m = meta.last_membership.membership();
-            let me = self.shared.me.get();
-            let voter = me.is_some_and(|me| m.voter_ids().any(|id| id == me));
-            let may = self.shared.durable.borrow().may_vote;
-            if voter && !may {
-                {
-                    let mut d = self.shared.durable.borrow_mut();
-                    d.learner_seen = true;
-                    d.may_vote = true;
-                }
-                self.shared.save().await?;
-            }
-        }
+        self.shared
+            .saw_membership(meta.last_membership.membership(), true)
+            .await?;
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         self.snapshot = Some((meta.clone(), snapshot.end));
@@ -907,6 +898,60 @@ mod tests {
         }
     }
 
+    /// A snapshot that ends past this replica's log (the leader's retention deleted what it
+    /// misses) restarts the log, empty, at the snapshot's end, and that survives reopening; a
+    /// restart cut short after its purge point was saved is redone when the store opens.
+    #[test]
+    fn a_snapshot_past_the_log_restarts_it_there_and_a_cut_restart_is_redone() {
+        GlommioRuntime::run(async {
+            let dir = tempfile::tempdir().unwrap();
+            let membership = openraft::Membership::new_with_defaults(vec![[1u64].into()], [1u64]);
+            let positions = |log: &Log| {
+                let p = log.positions();
+                (p.start.0, p.next.0, p.committed.0)
+            };
+            {
+                let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+                let (mut ls, mut sm, h) = open_with_handle(log.clone(), dir.path(), Rc::new(|| {}))
+                    .await
+                    .unwrap();
+                let entries = vec![
+                    Entry::new(log_id(1, 0), EntryPayload::Membership(membership.clone())),
+                    data_entry(1, 1, &["a", "b"]),
+                ];
+                let (otx, orx) = <GlommioRuntime as AsyncRuntime>::Oneshot::channel();
+                ls.append(entries, IOFlushed::signal(otx)).await.unwrap();
+                orx.await.unwrap().unwrap();
+                let meta = SnapshotMeta {
+                    last_log_id: Some(log_id(4, 50)),
+                    last_membership: StoredMembership::new(Some(log_id(1, 0)), membership.clone()),
+                };
+                sm.install_snapshot(&meta, LogSnapshot { end: Offset(700) })
+                    .await
+                    .unwrap();
+                assert_eq!(positions(&log), (700, 700, 700));
+                let state = ls.get_log_state().await.unwrap();
+                assert_eq!(state.last_purged_log_id, Some(log_id(4, 50)));
+                assert_eq!(state.last_log_id, Some(log_id(4, 50)));
+                assert!(ls.try_get_log_entries(0..60).await.unwrap().is_empty());
+                // A restart cut short: the next purge point is saved, the log not restarted.
+                {
+                    let mut d = h.0.durable.borrow_mut();
+                    d.purged = Some(log_id(4, 80));
+                    d.purged_end = Some(900);
+                }
+                h.0.save().await.unwrap();
+                log.close().await.unwrap();
+            }
+            let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+            let (mut ls, _sm) = open(log.clone(), dir.path()).await.unwrap();
+            assert_eq!(positions(&log), (900, 900, 900));
+            let state = ls.get_log_state().await.unwrap();
+            assert_eq!(state.last_purged_log_id, Some(log_id(4, 80)));
+            log.close().await.unwrap();
+        });
+    }
+
     /// A replica that joins its group by a move does not vote until it has applied a
     /// membership making it a learner and then one making it a voter; the permission survives
     /// reopening; a replica created with its group votes from the start; so does a joining one
@@ -929,15 +974,15 @@ mod tests {
                 h.set_member(3, true).await.unwrap();
                 assert!(!h.may_vote());
                 // An old configuration listing node 3 as a voter (its earlier membership).
-                h.0.saw_membership(&m(&[1, 2, 3], &[1, 2, 3]))
+                h.0.saw_membership(&m(&[1, 2, 3], &[1, 2, 3]), false)
                     .await
                     .unwrap();
                 assert!(!h.may_vote(), "an old configuration let it vote");
-                h.0.saw_membership(&m(&[1, 2, 4], &[1, 2, 3, 4]))
+                h.0.saw_membership(&m(&[1, 2, 4], &[1, 2, 3, 4]), false)
                     .await
                     .unwrap();
                 assert!(!h.may_vote());
-                h.0.saw_membership(&m(&[1, 2, 3], &[1, 2, 3]))
+                h.0.saw_membership(&m(&[1, 2, 3], &[1, 2, 3]), false)
                     .await
                     .unwrap();
                 assert!(h.may_vote(), "learner then voter");

@@ -118,13 +118,8 @@ impl Transport {
         if self.is_isolated_from(target) {
             return Err(format!("node {target} is cut off (fault injection)"));
         }
-        let known = self
-            .addresses
-            .read()
-            .expect("addresses lock")
-            .get(&target)
-            .cloned();
-        let addr = known.as_deref().unwrap_or(addr);
+        let book = self.addresses.read().expect("addresses lock");
+        let addr = book.get(&target).map_or(addr, String::as_str);
         let mut links = self.links.lock().expect("links lock");
         let stale = links.get(&target).is_none_or(|l| l.addr != addr);
         if stale {

@@ -17,7 +17,6 @@ use super::partition::Partition;
 use super::request::{Appended, CoreError, CoreRequest, OpenPartition, PartitionKey, Reply};
 use crate::log::Record;
 use crate::proto::internal as pb;
-use crate::raft::transport;
 
 /// Requests taken from the mailbox in one go.
 const DRAIN_MAX: usize = 256;
@@ -226,21 +225,8 @@ async fn handle(core: u32, req: CoreRequest, partitions: Partitions) {
             let answers = messages.into_iter().map(|(key, uid, m)| {
                 let p = lookup(&partitions, &key);
                 async move {
-                    use pb::raft_request::Body;
                     let answer = match (p, m.body) {
-                        (Ok(p), Some(Body::Vote(_) | Body::PreVote(_))) if !p.may_vote() => {
-                            Err(format!(
-                                "{key}: this replica is joining its group and does not vote yet"
-                            ))
-                        }
-                        (Ok(p), Some(body)) if p.uid == uid => {
-                            let mut contact = false;
-                            let a = transport::handle(&p.raft, body, &mut contact).await;
-                            if contact {
-                                p.heard_leader();
-                            }
-                            a
-                        }
+                        (Ok(p), Some(body)) if p.uid == uid => p.handle(body).await,
                         (Ok(_), Some(_)) => Err(format!("{key}: another incarnation")),
                         (Err(e), _) => Err(e.to_string()),
                         (_, None) => Err("empty message".to_string()),

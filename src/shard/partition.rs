@@ -25,7 +25,7 @@ use crate::log::{BatchBuilder, Log, LogConfig, LogError, ReadBound, Record};
 use crate::proto::internal as pb;
 use crate::raft::group::{self, NoPeers, PartitionGroup};
 use crate::raft::store::StoreHandle;
-use crate::raft::transport::GroupNetwork;
+use crate::raft::transport::{self, GroupNetwork};
 use crate::raft::types::{EntryBatch, Member, NodeId, PartitionRaft};
 use crate::types::Offset;
 
@@ -222,20 +222,28 @@ impl Partition {
         })
     }
 
-    /// Whether this replica may grant votes: not while it joins its group by a move (see
-    /// `raft::store`): until it has been a learner and then a voter there.
-    pub fn may_vote(&self) -> bool {
-        self.store.may_vote()
+    /// Handles a Raft message from a peer. A replica that joins its group by a move grants no
+    /// votes until it has been a learner and then a voter there (see `raft::store`); a message
+    /// from a leader it accepts resets its election timer.
+    pub async fn handle(&self, body: pb::raft_request::Body) -> transport::Answer {
+        use pb::raft_request::Body;
+        if matches!(body, Body::Vote(_) | Body::PreVote(_)) && !self.store.may_vote() {
+            return Err(format!(
+                "{}: this replica is joining its group and does not vote yet",
+                self.key
+            ));
+        }
+        let mut contact = false;
+        let answer = transport::handle(&self.raft, body, &mut contact).await;
+        if contact {
+            self.contact.set(Instant::now());
+        }
+        answer
     }
 
     /// Whether the group has other voters (and so needs heartbeats and elections).
     pub fn replicated(&self) -> bool {
         self.replicated
-    }
-
-    /// A leader this replica accepts was heard from.
-    pub fn heard_leader(&self) {
-        self.contact.set(Instant::now());
     }
 
     /// One step of the core's Raft driver: a leader sends heartbeats; a follower that has not
@@ -282,14 +290,13 @@ impl Partition {
             });
         }
         let membership = metrics.membership_config.membership().clone();
-        let write = |e| from_write_error(e);
         // 1. Every wanted node receives the log.
         for (id, member) in target.voters.iter().chain(&target.learners) {
             if membership.get_node(id).is_none() {
                 self.raft
                     .add_learner(*id, member.clone(), false)
                     .await
-                    .map_err(write)?;
+                    .map_err(from_write_error)?;
             }
         }
         // 2. New voters must have caught up first: a lagging one would stall commits while
@@ -324,7 +331,7 @@ impl Partition {
             self.raft
                 .change_membership(ChangeMembers::ReplaceAllVoters(wanted.clone()), false)
                 .await
-                .map_err(write)?;
+                .map_err(from_write_error)?;
         }
         // 3. Learners nobody wants any more.
         let membership = self
@@ -342,7 +349,7 @@ impl Partition {
             self.raft
                 .change_membership(ChangeMembers::RemoveNodes(stale), false)
                 .await
-                .map_err(write)?;
+                .map_err(from_write_error)?;
         }
         Ok(MemberProgress::Done)
     }

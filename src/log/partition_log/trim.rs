@@ -258,8 +258,9 @@ impl Log {
     }
 }
 
-/// Names the offset a log is being reset to while its old segments are removed.
-pub(super) const RESET_MARKER: &str = "reset";
+/// Names the offset a log is being reset to while its old segments are removed (a
+/// [`StateFile`] in the log's directory holding the offset, little-endian).
+pub const RESET_MARKER: &str = "reset";
 
 /// Finishes a reset that a crash interrupted: removes every segment and starts the log at the
 /// marker's offset. Returns whether there was one.
