@@ -27,6 +27,7 @@ async fn three_nodes_publish_and_subscribe_through_any_node() {
             topic: "orders".into(),
             records: vec![record(p, v.clone())],
             request_id: 0,
+            ..Default::default()
         };
         publish_retrying(&mut c, req).await;
         expected.entry(p).or_default().push(v);
@@ -111,6 +112,7 @@ async fn three_nodes_publish_and_subscribe_through_any_node() {
             topic: "single".into(),
             records: vec![record(p, format!("s{p}"))],
             request_id: 0,
+            ..Default::default()
         };
         publish_retrying(&mut cluster.client(other).await, req).await;
         let third = (owner + 2) % 3;
@@ -218,6 +220,7 @@ async fn kill_9_the_leader_under_load_repeatedly_then_restart_all() {
         topic: "load".into(),
         records: vec![record(0, u64::MAX.to_string())],
         request_id: 0,
+        ..Default::default()
     };
     publish_retrying(&mut cluster.client(1).await, req).await;
 }
@@ -239,6 +242,7 @@ async fn an_isolated_leader_cannot_commit_and_rejoins_dropping_its_tail() {
                 topic: "cut".into(),
                 records: vec![record(0, v)],
                 request_id: 0,
+                ..Default::default()
             });
             req.set_timeout(Duration::from_secs(3));
             c.publish(req).await

@@ -124,6 +124,7 @@ async fn fill(c: &mut TernClient<Channel>, topic: &str, partitions: u32, n: usiz
                 topic: topic.into(),
                 records,
                 request_id: 0,
+                ..Default::default()
             })
             .await
             .expect("fill");
@@ -351,6 +352,7 @@ async fn add_a_fourth_node_move_replicas_to_it_then_remove_a_controller() {
                 topic: "grow".into(),
                 records: vec![record(0, u64::MAX.to_string())],
                 request_id: 0,
+                ..Default::default()
             })
             .await;
         match r {
@@ -420,6 +422,7 @@ async fn a_follower_behind_retention_restarts_its_log_from_a_snapshot() {
                 topic: "short".into(),
                 records,
                 request_id: 0,
+                ..Default::default()
             })
             .await
             .expect("publish")
@@ -510,6 +513,7 @@ async fn a_follower_behind_retention_restarts_its_log_from_a_snapshot() {
             topic: "short".into(),
             records: vec![record(0, "after".into())],
             request_id: 0,
+            ..Default::default()
         })
         .await
         .is_err()

@@ -32,6 +32,7 @@ async fn publish_and_read_back_across_partitions_and_cores_in_order() {
                 topic: "orders".into(),
                 records: records.clone(),
                 request_id: 0,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -104,6 +105,7 @@ async fn live_subscriber_receives_records_published_after_it_subscribed() {
         topic: "a".into(),
         records: vec![rec(None, "old".into())],
         request_id: 0,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -133,6 +135,7 @@ async fn live_subscriber_receives_records_published_after_it_subscribed() {
                 topic: topic.into(),
                 records: vec![rec(Some(&v), v.clone())],
                 request_id: 0,
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -211,6 +214,7 @@ async fn kill_9_after_acks_then_restart_keeps_every_acked_record_in_order() {
                             topic: "t".into(),
                             records: vec![rec(Some(&format!("w{w}")), v.clone())],
                             request_id: 0,
+                            ..Default::default()
                         })
                         .await;
                     match r {
@@ -332,12 +336,14 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() {
         topic: "t".into(),
         records,
         request_id: 0,
+        ..Default::default()
     };
     let e = expect_err(
         c.publish(pb::PublishRequest {
             topic: "nope".into(),
             records: vec![rec(None, "x".into())],
             request_id: 0,
+            ..Default::default()
         })
         .await,
     );
@@ -400,6 +406,7 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() {
         topic: "t".into(),
         records: huge,
         request_id: 0,
+        ..Default::default()
     };
     let node2_dir = tempfile::tempdir().unwrap();
     let node2 = TestNode::start(node2_dir.path(), &["--max-request-bytes", "4096"]);
@@ -437,6 +444,7 @@ async fn a_flooded_mailbox_neither_loses_records_nor_hangs() {
                 topic: "flood".into(),
                 records,
                 request_id: 0,
+                ..Default::default()
             })
             .await
         }));
@@ -491,6 +499,7 @@ async fn publish_stream_keeps_request_order_per_partition() {
             topic: "s".into(),
             records: vec![rec(Some("same-key"), format!("m{id}"))],
             request_id: id,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -500,6 +509,7 @@ async fn publish_stream_keeps_request_order_per_partition() {
         topic: "missing".into(),
         records: vec![rec(None, "x".into())],
         request_id: 999,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -545,6 +555,7 @@ async fn sigterm_drains_and_exits_zero_and_data_survives() {
             topic: "t".into(),
             records: vec![rec(None, format!("r{i}"))],
             request_id: 0,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -602,6 +613,7 @@ async fn fetch_long_polls_until_a_record_is_committed() {
             expiry_seconds: None,
         }],
         request_id: 0,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -709,6 +721,7 @@ async fn a_steady_trickle_of_publishes_never_stalls() {
                         topic: "trickle".into(),
                         records: vec![rec(None, format!("{w}-{i}"))],
                         request_id: 0,
+                        ..Default::default()
                     }),
                 )
                 .await;
@@ -746,6 +759,7 @@ async fn subscribe_from_a_timestamp_and_expired_records_are_hidden() {
                 topic: "ts".into(),
                 records: vec![r],
                 request_id: 0,
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -822,6 +836,7 @@ async fn restart_with_fewer_cores_and_recreating_a_deleted_topic() {
                 topic: "moves".into(),
                 records: vec![r],
                 request_id: 0,
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -830,6 +845,7 @@ async fn restart_with_fewer_cores_and_recreating_a_deleted_topic() {
             topic: "gone".into(),
             records: vec![rec(None, "old".into())],
             request_id: 0,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -317,6 +317,7 @@ fn make_request(
         topic: topic.to_string(),
         records,
         request_id: 0,
+        ..Default::default()
     }
 }
 

@@ -91,6 +91,7 @@ pub async fn publish(a: PubArgs) -> anyhow::Result<()> {
                 topic: a.topic.clone(),
                 records: vec![record(&a, v)?],
                 request_id: 0,
+                ..Default::default()
             })
             .await
             .map_err(status_error)?
@@ -132,6 +133,7 @@ pub async fn publish(a: PubArgs) -> anyhow::Result<()> {
                     topic: topic.clone(),
                     records,
                     request_id: id,
+                    ..Default::default()
                 })
                 .await
                 .is_err()

@@ -39,6 +39,9 @@ pub enum Command {
     /// replica, else it is marked draining, its replicas move away, and the metadata leader
     /// proposes this again once it holds none.
     RemoveNode { id: NodeId },
+    /// Issues an idempotent producer id: the command's offset in the metadata log plus one
+    /// (unique, never reused, the same on every node). Applying it changes nothing.
+    AllocateProducerId,
 }
 
 /// Bounds a command must respect: it may come from a peer, and every node applies it.
@@ -124,6 +127,7 @@ impl Command {
                 }
                 Ok(())
             }
+            Command::AllocateProducerId => Ok(()),
         }
     }
 
@@ -214,6 +218,7 @@ impl ClusterState {
                     return self.topics.remove(&name);
                 }
             }
+            Command::AllocateProducerId => {}
         }
         None
     }

@@ -22,7 +22,7 @@ use crate::raft::types::{Member, NodeId};
 use crate::shard::placement::{core_for, partition_for_key};
 use crate::shard::request::ReplicaState;
 use crate::shard::{
-    Appended, CoreError, CoreRequest, Fetched, PartitionKey, ReplicaSettings, Shards,
+    Appended, CoreError, CoreRequest, Fetched, PartitionKey, ProducerSeq, ReplicaSettings, Shards,
 };
 use crate::types::{Offset, TimestampMs};
 
@@ -325,10 +325,13 @@ impl Broker {
     ///
     /// A partition led by another node is forwarded to it (once: a `forwarded` request is
     /// answered UNAVAILABLE with the leader instead, so a stale view cannot loop).
+    ///
+    /// An idempotent `producer`'s records all go to one partition (see `validate::producer`).
     pub async fn submit(
         self: &Arc<Self>,
         topic: &Arc<Topic>,
         records: Vec<Outgoing>,
+        producer: Option<ProducerSeq>,
         forwarded: bool,
     ) -> Result<impl std::future::Future<Output = Result<Vec<(u32, Offset)>, Status>> + use<>, Status>
     {
@@ -367,7 +370,9 @@ impl Broker {
                 pending.push(Box::pin(async move {
                     let r = match target {
                         Some(t) if !forwarded => {
-                            broker.forward_publish(t, &topic.name, p, recs).await
+                            broker
+                                .forward_publish(t, &topic.name, p, recs, producer)
+                                .await
                         }
                         _ => Err(Status::unavailable(format!(
                             "this node holds no replica of {}/{p}",
@@ -381,9 +386,10 @@ impl Broker {
             let key = topic.key(p);
             let answer = self
                 .shards
-                .submit(topic.core(p), |reply| CoreRequest::Append {
+                .submit(topic.core(p), move |reply| CoreRequest::Append {
                     key,
                     records: recs,
+                    producer,
                     reply,
                 })
                 .await
@@ -397,7 +403,7 @@ impl Broker {
                     }
                     Ok(Appended::NotLeader { leader, records }) => {
                         broker
-                            .publish_elsewhere(&topic, p, records, leader, forwarded)
+                            .publish_elsewhere(&topic, p, records, producer, leader, forwarded)
                             .await
                     }
                     Err(e) => Err(from_core(e)),
@@ -431,6 +437,7 @@ impl Broker {
         topic: &Topic,
         p: u32,
         mut records: Vec<Record>,
+        producer: Option<ProducerSeq>,
         mut leader: Option<NodeId>,
         forwarded: bool,
     ) -> Result<Vec<Offset>, Status> {
@@ -439,7 +446,9 @@ impl Broker {
         loop {
             match leader {
                 Some(l) if l != me && !forwarded => {
-                    return self.forward_publish(l, &topic.spec.name, p, records).await
+                    return self
+                        .forward_publish(l, &topic.spec.name, p, records, producer)
+                        .await
                 }
                 Some(l) if l != me => return Err(from_core(CoreError::NotLeader { leader })),
                 _ => {}
@@ -459,6 +468,7 @@ impl Broker {
                 .ask(topic.core(p), |reply| CoreRequest::Append {
                     key,
                     records,
+                    producer,
                     reply,
                 })
                 .await
@@ -490,6 +500,7 @@ impl Broker {
         topic: &str,
         partition: u32,
         records: Vec<Record>,
+        producer: Option<ProducerSeq>,
     ) -> Result<Vec<Offset>, Status> {
         let req = pb::PublishRequest {
             topic: topic.to_string(),
@@ -511,6 +522,8 @@ impl Broker {
                 })
                 .collect(),
             request_id: 0,
+            producer_id: producer.map_or(0, |p| p.id.0 as u64),
+            sequence: producer.map_or(0, |p| p.first.0 as u32),
         };
         let mut target = to;
         for attempt in 0..2 {

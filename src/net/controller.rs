@@ -254,6 +254,7 @@ pub async fn propose_local(broker: &Broker, cmd: &Command) -> Result<Offset, Cor
         .ask(broker.shards.core_of(&key), |reply| CoreRequest::Append {
             key,
             records: vec![record],
+            producer: None,
             reply,
         })
         .await?

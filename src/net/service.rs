@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::broker::{Broker, Topic, FORWARDED};
 use super::{controller, convert, reassign, subscribe, validate};
+use crate::cluster::Command;
 use crate::config::Config;
 use crate::proto::v1 as pb;
 use crate::proto::v1::tern_server::Tern;
@@ -103,8 +104,9 @@ impl TernService {
     > {
         let topic = broker.topic(&req.topic)?;
         let request_id = req.request_id;
+        let producer = validate::producer(&req)?;
         let records = validate::publish(req, &topic, &broker.config)?;
-        let pending = broker.submit(&topic, records, forwarded).await?;
+        let pending = broker.submit(&topic, records, producer, forwarded).await?;
         Ok(async move {
             let acks = pending.await?;
             Ok(pb::PublishResponse {
@@ -188,6 +190,17 @@ impl Tern for TernService {
             .await?
             .await?;
         Ok(Response::new(resp))
+    }
+
+    async fn init_producer(
+        &self,
+        _: Request<pb::InitProducerRequest>,
+    ) -> Result<Response<pb::InitProducerResponse>, Status> {
+        let _call = self.broker.track();
+        let at = controller::propose(&self.broker, &Command::AllocateProducerId).await?;
+        Ok(Response::new(pb::InitProducerResponse {
+            producer_id: at.0 + 1,
+        }))
     }
 
     type PublishStreamStream = BoxStream<pb::PublishResponse>;

@@ -31,6 +31,8 @@ pub fn from_core(e: CoreError) -> Status {
             }
             s
         }
+        e @ CoreError::InFlight => Status::unavailable(e.to_string()),
+        e @ CoreError::OutOfOrder { .. } => Status::failed_precondition(e.to_string()),
         CoreError::Raft(m) => Status::internal(format!("replication failed: {m}")),
     }
 }

@@ -8,7 +8,8 @@ use crate::cluster::{validate_topic_name, TopicSettings};
 use crate::config::{Config, TopicDefaults};
 use crate::log::{Header, Record, HEADERS_PER_RECORD_MAX};
 use crate::proto::v1 as pb;
-use crate::types::TimestampMs;
+use crate::shard::ProducerSeq;
+use crate::types::{ProducerId, Sequence, TimestampMs};
 
 /// Longest expiry a record may ask for: ten years.
 pub const EXPIRY_SECONDS_MAX: u32 = 10 * 365 * 24 * 3600;
@@ -94,6 +95,41 @@ pub fn replication_factor(rf: u32, nodes: u32) -> Result<u32, Status> {
         )));
     }
     Ok(rf)
+}
+
+/// Checks a Publish request's idempotent producer fields: the producer id and the sequence
+/// number of its first record, with every record naming the same partition (sequence numbers
+/// count per partition, so the producer must know which one its records go to).
+pub fn producer(req: &pb::PublishRequest) -> Result<Option<ProducerSeq>, Status> {
+    if req.producer_id == 0 {
+        if req.sequence != 0 {
+            return Err(Status::invalid_argument(
+                "sequence is set but producer_id is not: get a producer id from InitProducer",
+            ));
+        }
+        return Ok(None);
+    }
+    let id = i64::try_from(req.producer_id)
+        .map_err(|_| Status::invalid_argument("producer_id is out of range"))?;
+    let last = req.sequence as u64 + req.records.len().max(1) as u64 - 1;
+    if last > i32::MAX as u64 {
+        return Err(Status::invalid_argument(format!(
+            "sequence {} + {} records passes {}: start a new producer id",
+            req.sequence,
+            req.records.len(),
+            i32::MAX
+        )));
+    }
+    let partition = req.records.first().and_then(|r| r.partition);
+    if partition.is_none() || req.records.iter().any(|r| r.partition != partition) {
+        return Err(Status::invalid_argument(
+            "an idempotent request (producer_id set) names the same partition on every record",
+        ));
+    }
+    Ok(Some(ProducerSeq {
+        id: ProducerId(id),
+        first: Sequence(req.sequence as i32),
+    }))
 }
 
 /// Checks a Publish request and turns its records into log records.

@@ -2,6 +2,7 @@
 //! partition log as its Raft log.
 
 pub mod group;
+pub mod producers;
 pub mod rt;
 pub mod store;
 pub mod transport;

@@ -36,6 +36,7 @@ use openraft::storage::{
 use openraft::{EntryPayload, OptionalSend};
 use serde::{Deserialize, Serialize};
 
+use super::producers::ProducerTable;
 use super::types::{
     log_id, Entry, EntryBatch, EntryOffsets, LogId, Membership, NodeId, PartitionRaft,
     SnapshotMeta, StoredMembership, Vote,
@@ -183,6 +184,8 @@ struct Shared {
     retain_upto: Cell<Option<LogId>>,
     /// This replica's node id, once its owner said (see `Durable::may_vote`).
     me: Cell<Option<NodeId>>,
+    /// Idempotent producers' last committed batches, built by applying entries.
+    producers: RefCell<ProducerTable>,
 }
 
 impl Shared {
@@ -261,6 +264,11 @@ impl StoreHandle {
             self.0.save().await?;
         }
         Ok(())
+    }
+
+    /// The idempotent producers' committed batches (see `raft::producers`).
+    pub fn producers(&self) -> std::cell::Ref<'_, ProducerTable> {
+        self.0.producers.borrow()
     }
 
     /// Whether this replica may grant votes (see `Durable::may_vote`).
@@ -506,6 +514,7 @@ pub async fn open_with_handle(
         tail: RefCell::default(),
         retain_upto: Cell::new(None),
         me: Cell::new(None),
+        producers: RefCell::default(),
     });
     let purged = shared.durable.borrow().purged;
     Ok((
@@ -766,6 +775,16 @@ impl RaftStateMachine<PartitionRaft> for StateMachine {
             };
             if let Some(o) = offsets {
                 commit_to = Some(Offset(o.end));
+                if let EntryPayload::Normal(EntryBatch(b)) = &entry.payload {
+                    let m = b.meta();
+                    self.shared.producers.borrow_mut().applied(
+                        m.producer_id,
+                        m.base_sequence,
+                        m.record_count,
+                        Offset(o.base),
+                        id.index,
+                    );
+                }
             }
             if let Some(m) = entry.get_membership() {
                 self.shared.saw_membership(&m, false).await?;

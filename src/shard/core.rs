@@ -13,9 +13,8 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use super::mailbox::{LocalMailbox, MailboxReceiver};
-use super::partition::Partition;
-use super::request::{Appended, CoreError, CoreRequest, OpenPartition, PartitionKey, Reply};
-use crate::log::Record;
+use super::partition::{AppendRequest, Partition};
+use super::request::{CoreError, CoreRequest, OpenPartition, PartitionKey};
 use crate::proto::internal as pb;
 
 /// Requests taken from the mailbox in one go.
@@ -23,7 +22,7 @@ const DRAIN_MAX: usize = 256;
 
 type Partitions = Rc<RefCell<HashMap<PartitionKey, Rc<Partition>>>>;
 /// The appends that arrived together for one partition.
-type AppendGroup = (PartitionKey, Vec<(Vec<Record>, Reply<Appended>)>);
+type AppendGroup = (PartitionKey, Vec<AppendRequest>);
 
 /// Runs a core until it is told to shut down or every sender is gone.
 ///
@@ -109,10 +108,11 @@ async fn mailbox_loop(core: u32, mut mailbox: LocalMailbox, raft_tick: Duration)
                 CoreRequest::Append {
                     key,
                     records,
+                    producer,
                     reply,
                 } => match appends.iter_mut().find(|(k, _)| *k == key) {
-                    Some((_, v)) => v.push((records, reply)),
-                    None => appends.push((key, vec![(records, reply)])),
+                    Some((_, v)) => v.push((records, producer, reply)),
+                    None => appends.push((key, vec![(records, producer, reply)])),
                 },
                 CoreRequest::Shutdown { reply } => {
                     if mailbox.rescued() > 0 {
@@ -140,7 +140,7 @@ async fn mailbox_loop(core: u32, mut mailbox: LocalMailbox, raft_tick: Duration)
                     glommio::spawn_local(async move { p.append(requests).await }).detach();
                 }
                 None => {
-                    for (_, reply) in requests {
+                    for (_, _, reply) in requests {
                         let _ = reply.send(Err(CoreError::UnknownPartition(key.to_string())));
                     }
                 }

@@ -20,7 +20,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 pub use mailbox::MailboxSender;
 pub use request::{
     AppendAck, Appended, CoreError, CoreRequest, Fetched, MemberProgress, MemberTarget,
-    PartitionKey, ReplicaSettings,
+    PartitionKey, ProducerSeq, ReplicaSettings,
 };
 
 /// How long a task queue runs before the executor checks I/O and wakes from other threads:

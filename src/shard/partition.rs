@@ -6,7 +6,7 @@
 //! log's committed position. Readers see only records below that position.
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -18,16 +18,17 @@ use openraft_rt::watch::WatchReceiver;
 
 use super::request::{
     AppendAck, Appended, CoreError, Fetched, MemberProgress, MemberTarget, PartitionKey,
-    ReplicaSettings, ReplicaState, Reply,
+    ProducerSeq, ReplicaSettings, ReplicaState, Reply,
 };
 use crate::log::batch::HEADER_LEN;
 use crate::log::{BatchBuilder, Log, LogConfig, LogError, ReadBound, Record};
 use crate::proto::internal as pb;
 use crate::raft::group::{self, NoPeers, PartitionGroup};
+use crate::raft::producers::SeqCheck;
 use crate::raft::store::StoreHandle;
 use crate::raft::transport::{self, GroupNetwork};
 use crate::raft::types::{EntryBatch, Member, NodeId, PartitionRaft};
-use crate::types::Offset;
+use crate::types::{Offset, ProducerId, Sequence};
 
 /// A new voter is added once it is at most this many entries behind the leader.
 const CATCH_UP_ENTRIES: u64 = 256;
@@ -36,6 +37,9 @@ const CATCH_UP_ENTRIES: u64 = 256;
 const ELECTION_WAIT: Duration = Duration::from_secs(30);
 
 type Waiters = Rc<RefCell<Vec<oneshot::Sender<()>>>>;
+
+/// One append request as the core hands it over: records, idempotent producer, reply.
+pub type AppendRequest = (Vec<Record>, Option<ProducerSeq>, Reply<Appended>);
 
 pub struct Partition {
     /// The group has other voters (heartbeats and elections are driven by the core).
@@ -57,6 +61,8 @@ pub struct Partition {
     /// When retention last ran, and whether it is running.
     retained: Cell<Instant>,
     retaining: Cell<bool>,
+    /// Idempotent producers' batches proposed here and not yet answered: (first, last) sequence.
+    pending: RefCell<HashMap<ProducerId, Vec<(i32, i32)>>>,
 }
 
 /// A random election timeout: openraft's leader lease (the longest timeout) plus a random
@@ -218,6 +224,7 @@ impl Partition {
             contact: Cell::new(Instant::now()),
             retained: Cell::new(Instant::now()),
             retaining: Cell::new(false),
+            pending: RefCell::default(),
             election_after: Cell::new(election_delay(replica.timing)),
         })
     }
@@ -459,14 +466,27 @@ impl Partition {
     /// gets its records back ([`Appended::NotLeader`]); one refused after part of it was
     /// proposed (its records spanned batches and leadership moved between them) gets
     /// `LeaderChanged`: part of it may be committed, so it must not be resent as if unwritten.
-    pub async fn append(&self, requests: Vec<(Vec<Record>, Reply<Appended>)>) {
+    ///
+    /// An idempotent producer's request gets batches of its own, carrying its id and sequence
+    /// numbers; it is first checked against the producer's committed batches and the ones
+    /// still in flight: a retry of committed records is answered with their offsets and
+    /// written again nowhere (see `raft::producers`).
+    pub async fn append(&self, requests: Vec<AppendRequest>) {
         let batch_max = self.log.config().batch_bytes_max;
+        let idempotent_ready = if requests.iter().any(|r| r.1.is_some()) {
+            Some(self.idempotence_ready().await)
+        } else {
+            None
+        };
         // Build batches; remember which (batch, index) each record landed in.
         let mut batches = Vec::new();
+        // Per batch: the producer and sequence range it carries (to clear from `pending`).
+        let mut batch_seqs: Vec<Option<(ProducerId, i32, i32)>> = Vec::new();
         let mut builder = BatchBuilder::new(batch_max);
         let mut places: Vec<Vec<(usize, u32)>> = Vec::with_capacity(requests.len());
         let mut failed: Vec<Option<CoreError>> = vec![None; requests.len()];
-        for (ri, (records, _)) in requests.iter().enumerate() {
+        let mut duplicate: Vec<Option<Vec<Offset>>> = vec![None; requests.len()];
+        for (ri, (records, producer, _)) in requests.iter().enumerate() {
             // A request with a record too large for any batch is refused whole, before any of
             // its records is placed: nothing of it is written.
             let biggest = records
@@ -483,11 +503,79 @@ impl Partition {
                 continue;
             }
             let mut p = Vec::with_capacity(records.len());
+            if let Some(ps) = producer {
+                if let Some(Err(e)) = &idempotent_ready {
+                    failed[ri] = Some(e.clone());
+                    places.push(p);
+                    continue;
+                }
+                let check = {
+                    let pending = self.pending.borrow();
+                    let mine = pending.get(&ps.id).map_or(&[][..], |v| &v[..]);
+                    self.store
+                        .producers()
+                        .check(ps.id, ps.first.0, records.len() as u32, mine)
+                };
+                match check {
+                    SeqCheck::Append => {}
+                    SeqCheck::Duplicate(offsets) => {
+                        tracing::debug!(partition = %self.key, producer = ps.id.0, first = ps.first.0, "retried sequences answered, not written again");
+                        duplicate[ri] = Some(offsets);
+                        places.push(p);
+                        continue;
+                    }
+                    SeqCheck::InFlight => {
+                        failed[ri] = Some(CoreError::InFlight);
+                        places.push(p);
+                        continue;
+                    }
+                    SeqCheck::OutOfOrder { expected } => {
+                        failed[ri] = Some(CoreError::OutOfOrder {
+                            producer: ps.id.0,
+                            expected,
+                            got: ps.first.0 as i64,
+                        });
+                        places.push(p);
+                        continue;
+                    }
+                }
+                // Batches of its own: one producer and sequence range each.
+                if !builder.is_empty() {
+                    let full = std::mem::replace(&mut builder, BatchBuilder::new(batch_max));
+                    batches.push(full.finish());
+                    batch_seqs.push(None);
+                }
+                let mut seq = ps.first.0;
+                let mut own = BatchBuilder::new(batch_max).producer(ps.id, Sequence(seq));
+                let mut own_first = seq;
+                for r in records {
+                    if own.push(r).is_err() {
+                        let next = BatchBuilder::new(batch_max).producer(ps.id, Sequence(seq));
+                        let full = std::mem::replace(&mut own, next);
+                        batches.push(full.finish());
+                        batch_seqs.push(Some((ps.id, own_first, seq - 1)));
+                        own_first = seq;
+                        if let Err(e) = own.push(r) {
+                            failed[ri] = Some(CoreError::Log(e.into()));
+                            break;
+                        }
+                    }
+                    p.push((batches.len(), own.record_count() - 1));
+                    seq += 1;
+                }
+                if !own.is_empty() {
+                    batches.push(own.finish());
+                    batch_seqs.push(Some((ps.id, own_first, seq - 1)));
+                }
+                places.push(p);
+                continue;
+            }
             for r in records {
                 if builder.push(r).is_err() {
                     // Full: start the next batch. The record fits an empty one (checked above).
                     let full = std::mem::replace(&mut builder, BatchBuilder::new(batch_max));
                     batches.push(full.finish());
+                    batch_seqs.push(None);
                     if let Err(e) = builder.push(r) {
                         failed[ri] = Some(CoreError::Log(e.into()));
                         break;
@@ -499,6 +587,14 @@ impl Partition {
         }
         if !builder.is_empty() {
             batches.push(builder.finish());
+            batch_seqs.push(None);
+        }
+        // In flight until their writes end (whatever the outcome).
+        {
+            let mut pending = self.pending.borrow_mut();
+            for (id, f, l) in batch_seqs.iter().flatten() {
+                pending.entry(*id).or_default().push((*f, *l));
+            }
         }
         let batches: Vec<_> = batches
             .into_iter()
@@ -519,9 +615,33 @@ impl Partition {
         tracing::trace!(partition = %self.key, batches = batches.len(), "appending");
         let results = futures::future::join_all(appends).await;
         tracing::trace!(partition = %self.key, "appended");
-        for (ri, (records, reply)) in requests.into_iter().enumerate() {
+        {
+            let mut pending = self.pending.borrow_mut();
+            for (id, f, l) in batch_seqs.iter().flatten() {
+                if let Some(v) = pending.get_mut(id) {
+                    if let Some(i) = v.iter().position(|x| *x == (*f, *l)) {
+                        v.remove(i);
+                    }
+                    if v.is_empty() {
+                        pending.remove(id);
+                    }
+                }
+            }
+        }
+        for (ri, (records, _, reply)) in requests.into_iter().enumerate() {
+            if let Some(offsets) = duplicate[ri].take() {
+                let _ = reply.send(Ok(Appended::Done(AppendAck { offsets })));
+                continue;
+            }
             if let Some(e) = failed[ri].take() {
-                let _ = reply.send(Err(e));
+                let answer = match e {
+                    // Nothing of it was written: the caller may send it to the leader.
+                    CoreError::NotLeader { leader } if places[ri].is_empty() => {
+                        Ok(Appended::NotLeader { leader, records })
+                    }
+                    e => Err(e),
+                };
+                let _ = reply.send(answer);
                 continue;
             }
             let outcomes = || places[ri].iter().map(|&(bi, _)| &results[bi]);
@@ -549,6 +669,33 @@ impl Partition {
             };
             let _ = reply.send(answer);
         }
+    }
+
+    /// Whether this replica may check idempotent producers' sequences: it leads, and has
+    /// applied every entry of earlier terms (the first entry of its own term is applied), so
+    /// its producer table holds every committed batch. A new leader is given a moment.
+    async fn idempotence_ready(&self) -> Result<(), CoreError> {
+        let ready = |m: &openraft::RaftMetrics<PartitionRaft>| {
+            m.current_leader == Some(m.id)
+                && m.last_applied.map(|l| l.leader_id.term) == Some(m.current_term)
+        };
+        let m = self.raft.metrics().borrow_watched().clone();
+        if m.current_leader != Some(m.id) {
+            return Err(CoreError::NotLeader {
+                leader: m.current_leader,
+            });
+        }
+        if ready(&m) {
+            return Ok(());
+        }
+        self.raft
+            .wait(Some(Duration::from_millis(2 * self.timing.election_max_ms)))
+            .metrics(ready, "leader applied its first entry")
+            .await
+            .map(|_| ())
+            .map_err(|_| CoreError::NotLeader {
+                leader: self.raft.metrics().borrow_watched().current_leader,
+            })
     }
 
     /// Committed batches from `from`, waiting up to `max_wait` for some to arrive.
@@ -649,8 +796,8 @@ mod tests {
                 // Together: a good request (3 records, spilling over two batches), then a
                 // request whose second record fits no batch.
                 p.append(vec![
-                    (vec![rec(2000), rec(2000), rec(10)], ok_tx),
-                    (vec![rec(10), rec(5000)], bad_tx),
+                    (vec![rec(2000), rec(2000), rec(10)], None, ok_tx),
+                    (vec![rec(10), rec(5000)], None, bad_tx),
                 ])
                 .await;
                 let ok = ok_rx.await.unwrap().unwrap().into_result().unwrap();

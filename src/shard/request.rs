@@ -10,7 +10,7 @@ use futures::channel::oneshot;
 use crate::log::{Batch, LogConfig, LogError, Positions, Record};
 use crate::proto::internal as pb;
 use crate::raft::types::{Member, NodeId};
-use crate::types::{Offset, TimestampMs};
+use crate::types::{Offset, ProducerId, Sequence, TimestampMs};
 
 /// A partition of a topic.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -60,12 +60,31 @@ pub enum CoreError {
     /// committed. A retry may duplicate them (idempotent producers will deduplicate).
     #[error("leader changed during the write; the records may or may not be committed (leader: {})", leader.map_or("unknown".to_string(), |l| format!("node {l}")))]
     LeaderChanged { leader: Option<u64> },
+    /// An earlier send of an idempotent producer's records is still being replicated: retry
+    /// later, and the retry is answered with the offsets they got.
+    #[error("an earlier send of these sequence numbers is still being replicated; retry")]
+    InFlight,
+    /// An idempotent producer's records do not continue its sequence in this partition.
+    #[error("out-of-order sequence for producer {producer}: expected {expected}, got {got}")]
+    OutOfOrder {
+        producer: i64,
+        expected: i64,
+        got: i64,
+    },
     /// The partition's Raft group failed and stopped.
     #[error("replication failed: {0}")]
     Raft(String),
 }
 
 pub type Reply<T> = oneshot::Sender<Result<T, CoreError>>;
+
+/// An idempotent producer's records for one partition: its id and the sequence number of the
+/// first record (the others follow it, one each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProducerSeq {
+    pub id: ProducerId,
+    pub first: Sequence,
+}
 
 /// Who this node is in a partition's Raft group.
 #[derive(Debug, Clone)]
@@ -179,6 +198,8 @@ pub enum CoreRequest {
     Append {
         key: PartitionKey,
         records: Vec<Record>,
+        /// Set for an idempotent producer: retries of committed sequences are not written again.
+        producer: Option<ProducerSeq>,
         reply: Reply<Appended>,
     },
     /// Committed batches from `from`; waits up to `max_wait` when there are none yet.

@@ -249,45 +249,93 @@ pub async fn read_all(c: &mut TernClient<Channel>, topic: &str, p: u32, min: usi
 /// failed record (which may duplicate it); remembers what was acknowledged.
 pub struct Writer {
     acked: Arc<Mutex<Vec<u64>>>,
+    retries: Arc<std::sync::atomic::AtomicUsize>,
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Writer {
     pub fn start(addrs: Vec<String>, topic: &'static str) -> Writer {
+        Self::spawn(addrs, topic, false)
+    }
+
+    /// An idempotent producer: a producer id from InitProducer, sequence numbers from 0, and
+    /// requests of 1 to 3 records; a failed request goes again unchanged (same sequences), so
+    /// the broker must not write it twice.
+    pub fn start_idempotent(addrs: Vec<String>, topic: &'static str) -> Writer {
+        Self::spawn(addrs, topic, true)
+    }
+
+    fn spawn(addrs: Vec<String>, topic: &'static str, idempotent: bool) -> Writer {
         let acked = Arc::new(Mutex::new(Vec::new()));
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let a = acked.clone();
+        let retries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let r = retries.clone();
         let task = tokio::spawn(async move {
             let mut seq = 0u64;
             let mut target = 0usize;
+            let mut producer_id = 0u64;
             while !*stop_rx.borrow() {
                 let ch = Channel::from_shared(format!("http://{}", addrs[target % addrs.len()]))
                     .unwrap()
                     .connect_timeout(Duration::from_millis(200))
                     .connect_lazy();
                 let mut c = TernClient::new(ch);
+                if idempotent && producer_id == 0 {
+                    match c.init_producer(pb::InitProducerRequest {}).await {
+                        Ok(r) => producer_id = r.into_inner().producer_id,
+                        Err(_) => {
+                            target += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        }
+                    }
+                    assert!(producer_id > 0);
+                }
+                let n = if idempotent { 1 + seq % 3 } else { 1 };
                 let mut req = tonic::Request::new(pb::PublishRequest {
                     topic: topic.into(),
-                    records: vec![record(0, seq.to_string())],
+                    records: (seq..seq + n).map(|s| record(0, s.to_string())).collect(),
                     request_id: 0,
+                    producer_id,
+                    sequence: seq as u32,
                 });
                 req.set_timeout(Duration::from_secs(3));
                 match c.publish(req).await {
-                    Ok(_) => {
-                        a.lock().unwrap().push(seq);
-                        seq += 1;
+                    Ok(r) => {
+                        let acks = r.into_inner().acks;
+                        assert_eq!(acks.len() as u64, n);
+                        a.lock().unwrap().extend(seq..seq + n);
+                        seq += n;
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
-                    Err(_) => {
-                        // Try another node; the same record goes again (a possible duplicate).
+                    Err(s) => {
+                        assert_ne!(
+                            s.code(),
+                            tonic::Code::FailedPrecondition,
+                            "sequence {seq}: {s:?}"
+                        );
+                        // Try another node; the same records go again (without a producer id,
+                        // a possible duplicate).
                         target += 1;
+                        r.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 }
             }
         });
-        Writer { acked, stop, task }
+        Writer {
+            acked,
+            retries,
+            stop,
+            task,
+        }
+    }
+
+    /// Requests that failed and went again.
+    pub fn retries(&self) -> usize {
+        self.retries.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn acked(&self) -> usize {

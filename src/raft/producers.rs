@@ -1,0 +1,227 @@
+//! What each replica knows of idempotent producers: per producer, the sequence numbers and
+//! offsets of its last batches in this partition.
+//!
+//! The table is built by applying committed entries (every replica alike, and again from the
+//! log after a restart), so a new leader knows every batch the old one committed: the dedup
+//! state is replicated with the log itself. The leader checks each idempotent append against
+//! it, and against its own proposals not yet applied (`Partition`'s pending list).
+//!
+//! Bounds (the guarantee's window, documented in docs/api.md): the last
+//! [`BATCHES_PER_PRODUCER`] batches of each producer, and the [`PRODUCERS_MAX`] producers that
+//! wrote most recently to the partition. Entries deleted by retention before a restart are not
+//! replayed, so their producers are forgotten then.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::types::{Offset, ProducerId, Sequence};
+
+/// Batches remembered per producer: a retry of any of them is recognised.
+pub const BATCHES_PER_PRODUCER: usize = 8;
+/// Producers remembered per partition (those that wrote least recently are forgotten first).
+pub const PRODUCERS_MAX: usize = 10_000;
+
+/// One committed batch of a producer: sequences `first..=last` at offsets from `base`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeqBatch {
+    pub first: i32,
+    pub last: i32,
+    pub base: Offset,
+}
+
+#[derive(Debug, Default)]
+struct ProducerState {
+    batches: VecDeque<SeqBatch>,
+    /// When the producer last wrote (Raft index of its last batch): eviction order.
+    touched: u64,
+}
+
+/// What the leader should do with an idempotent append of sequences `first..first + count`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SeqCheck {
+    /// The next sequences (or the producer is unknown here): append.
+    Append,
+    /// Already committed: these are the offsets its records got.
+    Duplicate(Vec<Offset>),
+    /// Proposed earlier and not committed yet: the client should retry later.
+    InFlight,
+    /// Not the next sequence: `expected` is.
+    OutOfOrder { expected: i64 },
+}
+
+#[derive(Debug, Default)]
+pub struct ProducerTable {
+    producers: HashMap<ProducerId, ProducerState>,
+}
+
+impl ProducerTable {
+    /// Records a committed batch (called when applying it).
+    pub fn applied(
+        &mut self,
+        id: ProducerId,
+        first: Sequence,
+        count: u32,
+        base: Offset,
+        index: u64,
+    ) {
+        if id == ProducerId::NONE || first.0 < 0 || count == 0 {
+            return;
+        }
+        let last = (first.0 as i64 + count as i64 - 1).min(i32::MAX as i64) as i32;
+        let p = self.producers.entry(id).or_default();
+        p.batches.push_back(SeqBatch {
+            first: first.0,
+            last,
+            base,
+        });
+        while p.batches.len() > BATCHES_PER_PRODUCER {
+            p.batches.pop_front();
+        }
+        p.touched = index;
+        if self.producers.len() > PRODUCERS_MAX {
+            self.evict();
+        }
+    }
+
+    /// Forgets the least recently active tenth of the producers (deterministic: by the index of
+    /// their last batch, which every replica applies alike).
+    fn evict(&mut self) {
+        let mut touched: Vec<u64> = self.producers.values().map(|p| p.touched).collect();
+        touched.sort_unstable();
+        let cut = touched[touched.len() / 10];
+        self.producers.retain(|_, p| p.touched > cut);
+    }
+
+    /// The last committed sequence of a producer.
+    pub fn last_sequence(&self, id: ProducerId) -> Option<i32> {
+        self.producers
+            .get(&id)
+            .and_then(|p| p.batches.back())
+            .map(|b| b.last)
+    }
+
+    pub fn len(&self) -> usize {
+        self.producers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.producers.is_empty()
+    }
+
+    /// Checks sequences `first..first + count` of producer `id`, given `pending`: the ranges of
+    /// its batches proposed by this leader and not applied yet, in proposal order.
+    pub fn check(
+        &self,
+        id: ProducerId,
+        first: i32,
+        count: u32,
+        pending: &[(i32, i32)],
+    ) -> SeqCheck {
+        let end = first as i64 + count as i64; // exclusive
+        let committed_last = self.last_sequence(id);
+        let last = pending
+            .iter()
+            .map(|p| p.1)
+            .chain(committed_last)
+            .max()
+            .map(|l| l as i64);
+        let Some(last) = last else {
+            return SeqCheck::Append;
+        };
+        if first as i64 == last + 1 {
+            return SeqCheck::Append;
+        }
+        if first as i64 > last + 1 {
+            return SeqCheck::OutOfOrder { expected: last + 1 };
+        }
+        // A retry: of a batch in flight, or of committed ones.
+        if pending
+            .iter()
+            .any(|&(f, l)| (f as i64) < end && l as i64 >= first as i64)
+        {
+            return SeqCheck::InFlight;
+        }
+        let batches = self.producers.get(&id).map(|p| &p.batches);
+        let mut offsets = Vec::with_capacity(count as usize);
+        for s in first as i64..end {
+            let hit = batches.and_then(|bs| {
+                bs.iter()
+                    .find(|b| b.first as i64 <= s && s <= b.last as i64)
+                    .map(|b| b.base.plus((s - b.first as i64) as u64))
+            });
+            match hit {
+                Some(o) => offsets.push(o),
+                // Older than what is remembered, or a different split of the sequences.
+                None => return SeqCheck::OutOfOrder { expected: last + 1 },
+            }
+        }
+        SeqCheck::Duplicate(offsets)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: ProducerId = ProducerId(5);
+
+    #[test]
+    fn next_sequences_append_retries_are_duplicates_with_their_offsets() {
+        let mut t = ProducerTable::default();
+        assert_eq!(t.check(P, 0, 3, &[]), SeqCheck::Append);
+        t.applied(P, Sequence(0), 3, Offset(10), 1);
+        t.applied(P, Sequence(3), 2, Offset(20), 2);
+        assert_eq!(t.check(P, 5, 1, &[]), SeqCheck::Append);
+        assert_eq!(
+            t.check(P, 0, 3, &[]),
+            SeqCheck::Duplicate(vec![Offset(10), Offset(11), Offset(12)])
+        );
+        // A retry spanning two batches.
+        assert_eq!(
+            t.check(P, 2, 2, &[]),
+            SeqCheck::Duplicate(vec![Offset(12), Offset(20)])
+        );
+        assert_eq!(t.check(P, 7, 1, &[]), SeqCheck::OutOfOrder { expected: 5 });
+        // Overlapping the committed end and going past it.
+        assert_eq!(t.check(P, 4, 3, &[]), SeqCheck::OutOfOrder { expected: 5 });
+    }
+
+    #[test]
+    fn pending_batches_count_and_retries_of_them_are_in_flight() {
+        let mut t = ProducerTable::default();
+        t.applied(P, Sequence(0), 2, Offset(0), 1);
+        let pending = [(2, 4)];
+        assert_eq!(t.check(P, 5, 1, &pending), SeqCheck::Append);
+        assert_eq!(t.check(P, 2, 3, &pending), SeqCheck::InFlight);
+        assert_eq!(
+            t.check(P, 2, 1, &[]),
+            SeqCheck::Append,
+            "not pending any more and not committed: it was never written"
+        );
+        assert_eq!(t.check(ProducerId(6), 0, 1, &[(0, 0)]), SeqCheck::InFlight);
+    }
+
+    #[test]
+    fn memory_is_bounded() {
+        let mut t = ProducerTable::default();
+        for i in 0..(BATCHES_PER_PRODUCER as i32 + 4) {
+            t.applied(P, Sequence(i), 1, Offset(i as u64), i as u64);
+        }
+        // The oldest batches are forgotten: their retries are no longer recognised.
+        assert_eq!(t.check(P, 0, 1, &[]), SeqCheck::OutOfOrder { expected: 12 });
+        assert!(matches!(t.check(P, 11, 1, &[]), SeqCheck::Duplicate(_)));
+        for i in 0..(PRODUCERS_MAX as i64 + 1) {
+            t.applied(
+                ProducerId(100 + i),
+                Sequence(0),
+                1,
+                Offset(0),
+                100 + i as u64,
+            );
+        }
+        assert!(t.len() <= PRODUCERS_MAX);
+        // The most recent ones are kept.
+        assert!(t
+            .last_sequence(ProducerId(100 + PRODUCERS_MAX as i64))
+            .is_some());
+    }
+}
