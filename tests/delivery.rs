@@ -1,13 +1,19 @@
 //! Delivery semantics on real `tern serve` processes: idempotent producers (retries written
-//! once, also through leader kills and restarts).
+//! once, also through leader kills and restarts), consumer groups (partitions move between
+//! members without being consumed twice at once; committed offsets survive leader changes and
+//! restarts), queue groups (redelivery when a member dies, dead letters).
 
 mod node_support;
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use node_support::cluster::{check_acked, create, read_all, record, Cluster, Writer};
+use node_support::group::{join_req, GroupMember};
 use node_support::{fetch_all, TestNode};
 use tern::proto::v1 as pb;
+use tern::proto::v1::consume_request::Kind as Up;
+use tern::proto::v1::consume_response::Kind as Down;
 use tern::proto::v1::tern_client::TernClient;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -279,4 +285,262 @@ async fn idempotent_producer_retrying_through_leader_kills_writes_every_record_o
             acked.len()
         );
     }
+}
+
+// ---- Consumer groups (stream mode) ----
+
+/// What the members of a stream-mode group saw, in one process's clock.
+#[derive(Default)]
+struct Seen {
+    /// (partition, member, from, to): when a member held a partition.
+    held: Vec<(u32, usize, Instant, Option<Instant>)>,
+    /// (partition, offset) processed, by whom.
+    processed: Vec<(u32, u64, usize)>,
+    /// Records of a partition delivered to a member that did not hold it.
+    violations: Vec<String>,
+}
+
+type Shared = std::sync::Arc<std::sync::Mutex<Seen>>;
+
+fn close_held(seen: &Shared, who: usize, partitions: &[u32]) {
+    let now = Instant::now();
+    let mut s = seen.lock().unwrap();
+    for h in s.held.iter_mut() {
+        if h.1 == who && h.3.is_none() && partitions.contains(&h.0) {
+            h.3 = Some(now);
+        }
+    }
+}
+
+/// A stream-mode member: processes records of the partitions it holds, commits every 100 ms,
+/// answers revokes with its positions. Stops (leaving, after a last commit) when `stop` says
+/// `1`, or vanishes without a word (a crash) when it says `2`.
+fn stream_member(
+    addr: String,
+    who: usize,
+    seen: Shared,
+    mut stop: tokio::sync::watch::Receiver<u8>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut join = join_req("g", "events", pb::GroupMode::Stream);
+        join.start_latest = false;
+        join.max_in_flight = 7;
+        let mut m = GroupMember::join_retrying(&addr, join).await;
+        let mut held: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut dirty = false;
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                msg = m.next(Duration::from_secs(3600)) => match msg {
+                    Some(Ok(Down::Assigned(a))) => {
+                        let now = Instant::now();
+                        let mut s = seen.lock().unwrap();
+                        for p in a.partitions {
+                            held.insert(p.partition, p.offset);
+                            s.held.push((p.partition, who, now, None));
+                        }
+                    }
+                    Some(Ok(Down::Revoke(r))) => {
+                        close_held(&seen, who, &r.partitions);
+                        let offsets = r
+                            .partitions
+                            .iter()
+                            .filter_map(|p| held.remove(p).map(|offset| pb::PartitionOffset { partition: *p, offset }))
+                            .collect();
+                        m.send(Up::Revoked(pb::Revoked { partitions: r.partitions, offsets })).await;
+                    }
+                    Some(Ok(Down::Deliveries(d))) => {
+                        let mut s = seen.lock().unwrap();
+                        for d in d.deliveries {
+                            let r = d.record.unwrap();
+                            if !held.contains_key(&r.partition) {
+                                s.violations.push(format!("member {who} got {}@{} without holding it", r.partition, r.offset));
+                                continue;
+                            }
+                            s.processed.push((r.partition, r.offset, who));
+                            held.insert(r.partition, r.offset + 1);
+                            dirty = true;
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(s)) => panic!("member {who}: {s:?}"),
+                    None => panic!("member {who}: the call ended"),
+                },
+                _ = tick.tick() => {
+                    if dirty {
+                        dirty = false;
+                        m.commit(held.iter().map(|(p, o)| (*p, *o)).collect()).await;
+                    }
+                }
+                _ = stop.changed() => {
+                    let how = *stop.borrow();
+                    let mine: Vec<u32> = held.keys().copied().collect();
+                    if how == 1 {
+                        let offsets = held.iter().map(|(p, o)| (*p, *o)).collect();
+                        // Records delivered meanwhile are processed before leaving.
+                        for d in m.commit_and_wait(offsets).await {
+                            if let Down::Deliveries(d) = d {
+                                let mut s = seen.lock().unwrap();
+                                for d in d.deliveries {
+                                    let r = d.record.unwrap();
+                                    if let Some(at) = held.get_mut(&r.partition) {
+                                        s.processed.push((r.partition, r.offset, who));
+                                        *at = r.offset + 1;
+                                    }
+                                }
+                            }
+                        }
+                        m.commit_and_wait(held.iter().map(|(p, o)| (*p, *o)).collect()).await;
+                        close_held(&seen, who, &mine);
+                        m.leave().await;
+                    } else {
+                        // A crash: gone, nothing committed since the last tick.
+                        close_held(&seen, who, &mine);
+                        drop(m);
+                    }
+                    return;
+                }
+            }
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_members_join_leave_and_crash_while_records_flow() {
+    let cluster = Cluster::start(3).await;
+    create(&mut cluster.client(0).await, "events", 6, 3).await;
+    // A producer: one record per partition per request, 20 requests a second.
+    let (stop_pub, stop_rx) = tokio::sync::watch::channel(false);
+    let mut pc = cluster.client(1).await;
+    let producer = tokio::spawn(async move {
+        let mut acked: Vec<(u32, u64)> = Vec::new();
+        let mut i = 0u64;
+        while !*stop_rx.borrow() {
+            let req = pb::PublishRequest {
+                topic: "events".into(),
+                records: (0..6).map(|p| record(p, format!("{p}-{i}"))).collect(),
+                ..Default::default()
+            };
+            if let Ok(r) = pc.publish(req).await {
+                acked.extend(r.into_inner().acks.iter().map(|a| (a.partition, a.offset)));
+            }
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        acked
+    });
+    let seen: Shared = Default::default();
+    let processed = |seen: &Shared, who: usize| {
+        seen.lock()
+            .unwrap()
+            .processed
+            .iter()
+            .filter(|x| x.2 == who)
+            .count()
+    };
+    let wait_processed = |who: usize, n: usize| {
+        let seen = seen.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while processed(&seen, who) < n {
+                assert!(
+                    Instant::now() < deadline,
+                    "member {who} processed fewer than {n}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let mut stops = Vec::new();
+    let mut tasks = Vec::new();
+    for who in 0..5 {
+        let (tx, rx) = tokio::sync::watch::channel(0u8);
+        stops.push(tx);
+        tasks.push(Some((who, rx)));
+    }
+    let mut handles = Vec::new();
+    let mut start = |who: usize, handles: &mut Vec<_>| {
+        let (w, rx) = tasks[who].take().unwrap();
+        // Each through another node: the others relay to the coordinator.
+        handles.push(stream_member(
+            cluster.addrs[w % 3].clone(),
+            w,
+            seen.clone(),
+            rx,
+        ));
+    };
+    start(0, &mut handles);
+    wait_processed(0, 60).await;
+    start(1, &mut handles);
+    wait_processed(1, 30).await;
+    start(2, &mut handles);
+    wait_processed(2, 30).await;
+    stops[0].send(1).unwrap(); // leaves
+    wait_processed(1, 90).await;
+    stops[1].send(2).unwrap(); // crashes
+    start(3, &mut handles);
+    wait_processed(3, 60).await;
+    start(4, &mut handles);
+    wait_processed(4, 30).await;
+    stop_pub.send(true).unwrap();
+    let acked = producer.await.unwrap();
+    // Every acknowledged record gets processed by the members still there.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done: std::collections::HashSet<(u32, u64)> = seen
+            .lock()
+            .unwrap()
+            .processed
+            .iter()
+            .map(|x| (x.0, x.1))
+            .collect();
+        let missing: Vec<_> = acked.iter().filter(|a| !done.contains(a)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} records never processed, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for s in [2, 3, 4] {
+        stops[s].send(1).unwrap();
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let s = seen.lock().unwrap();
+    assert!(s.violations.is_empty(), "{:?}", s.violations);
+    // No partition held by two members at once.
+    for p in 0..6 {
+        let mut spans: Vec<_> = s.held.iter().filter(|h| h.0 == p).collect();
+        spans.sort_by_key(|h| h.2);
+        for w in spans.windows(2) {
+            let end = w[0].3.expect("every span ended");
+            assert!(
+                end <= w[1].2,
+                "partition {p}: member {} got it before member {} let go",
+                w[1].1,
+                w[0].1
+            );
+        }
+        eprintln!(
+            "partition {p}: held by {:?}",
+            spans.iter().map(|h| h.1).collect::<Vec<_>>()
+        );
+    }
+    let dups = s.processed.len()
+        - s.processed
+            .iter()
+            .map(|x| (x.0, x.1))
+            .collect::<std::collections::HashSet<_>>()
+            .len();
+    eprintln!(
+        "{} records acknowledged, {} processed ({dups} again after the crash)",
+        acked.len(),
+        s.processed.len()
+    );
 }

@@ -2,6 +2,7 @@
 //! gRPC API (`--server ADDR`, default 127.0.0.1:7070), printing tables, or JSON with `--json`.
 
 mod admin;
+mod group;
 mod pubsub;
 mod serve;
 mod table;
@@ -34,6 +35,11 @@ enum Cmd {
     Pub(pubsub::PubArgs),
     /// Print records of a topic as they arrive.
     Sub(pubsub::SubArgs),
+    /// Consumer and queue groups: list, describe (members, offsets, lag).
+    Group {
+        #[command(subcommand)]
+        cmd: group::GroupCmd,
+    },
     /// Inspect the cluster.
     Cluster {
         #[command(subcommand)]
@@ -100,6 +106,7 @@ where
                 match other {
                     Cmd::Topic { cmd } => admin::topic(cmd).await,
                     Cmd::Cluster { cmd } => admin::cluster(cmd).await,
+                    Cmd::Group { cmd } => group::group(cmd).await,
                     Cmd::Pub(a) => pubsub::publish(a).await,
                     Cmd::Sub(a) => pubsub::subscribe(a).await,
                     Cmd::Serve(_) => unreachable!("handled above"),

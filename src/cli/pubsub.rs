@@ -45,6 +45,42 @@ pub struct SubArgs {
     /// Only these partitions (repeatable; default: all).
     #[arg(long, short)]
     pub partition: Vec<u32>,
+    /// Join this consumer group: the group's members share the partitions, and each resumes
+    /// where the group committed (printed records are committed every --commit-interval-ms
+    /// and on exit). --from says where a partition without a committed offset starts.
+    #[arg(long, conflicts_with = "queue")]
+    pub group: Option<String>,
+    /// Join this queue group: members share every partition's records one by one, and each
+    /// record is acknowledged (see --ack).
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// Queue group: what to do with a record after printing it.
+    #[arg(long, value_enum, default_value_t = super::group::AckMode::Print)]
+    pub ack: super::group::AckMode,
+    /// Queue group (--ack nack): redeliver rejected records after this long.
+    #[arg(long, default_value_t = 0)]
+    pub nack_delay_ms: u32,
+    /// Queue group: a delivery not acknowledged within this is delivered again (0: 30000).
+    #[arg(long, default_value_t = 0)]
+    pub ack_wait_ms: u32,
+    /// Queue group: deliveries before a record goes to the dead-letter topic (0: 5).
+    #[arg(long, default_value_t = 0)]
+    pub max_deliveries: u32,
+    /// Queue group: the dead-letter topic (default TOPIC.dlq).
+    #[arg(long)]
+    pub dlq: Option<String>,
+    /// Unacknowledged deliveries (queue) or records per message (group) at most (0: 100).
+    #[arg(long, default_value_t = 0)]
+    pub max_in_flight: u32,
+    /// The group drops this member when it hears nothing from it for this long (0: 10000).
+    #[arg(long, default_value_t = 0)]
+    pub session_timeout_ms: u32,
+    /// Consumer group: how often printed positions are committed.
+    #[arg(long, default_value_t = 1000)]
+    pub commit_interval_ms: u64,
+    /// Consumer group: let the node commit delivered positions this often instead (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub auto_commit_ms: u32,
     #[command(flatten)]
     pub opts: ClientOpts,
 }
@@ -186,7 +222,43 @@ fn start_position(from: &str) -> anyhow::Result<pb::StartPosition> {
     Ok(pb::StartPosition { position: Some(p) })
 }
 
+/// Prints a record: a line of text, or a JSON object; `deliveries` for queue deliveries.
+pub fn print_record(opts: &ClientOpts, r: &pb::Record, deliveries: Option<u32>) {
+    let value = String::from_utf8_lossy(&r.value);
+    let key = r
+        .key
+        .as_ref()
+        .map(|k| String::from_utf8_lossy(k).into_owned());
+    if opts.json {
+        let headers: serde_json::Map<String, serde_json::Value> = r
+            .headers
+            .iter()
+            .map(|h| (h.key.clone(), String::from_utf8_lossy(&h.value).into()))
+            .collect();
+        let mut v = serde_json::json!({
+            "topic": r.topic, "partition": r.partition, "offset": r.offset,
+            "timestamp_ms": r.timestamp_ms, "key": key, "headers": headers, "value": value,
+        });
+        if let Some(n) = deliveries {
+            v["deliveries"] = n.into();
+        }
+        println!("{v}");
+    } else {
+        println!(
+            "{}/{}@{}\t{}\t{}",
+            r.topic,
+            r.partition,
+            r.offset,
+            key.unwrap_or_default(),
+            value
+        );
+    }
+}
+
 pub async fn subscribe(a: SubArgs) -> anyhow::Result<()> {
+    if a.group.is_some() || a.queue.is_some() {
+        return super::group::consume(a).await;
+    }
     let from = start_position(&a.from)?;
     let mut c = a.opts.connect().await?;
     let (tx, rx) = tokio::sync::mpsc::channel(1);
@@ -211,34 +283,7 @@ pub async fn subscribe(a: SubArgs) -> anyhow::Result<()> {
     while let Some(resp) = stream.next().await {
         let resp = resp.map_err(status_error)?;
         for r in resp.records {
-            let value = String::from_utf8_lossy(&r.value);
-            let key = r
-                .key
-                .as_ref()
-                .map(|k| String::from_utf8_lossy(k).into_owned());
-            if a.opts.json {
-                let headers: serde_json::Map<String, serde_json::Value> = r
-                    .headers
-                    .iter()
-                    .map(|h| (h.key.clone(), String::from_utf8_lossy(&h.value).into()))
-                    .collect();
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "topic": r.topic, "partition": r.partition, "offset": r.offset,
-                        "timestamp_ms": r.timestamp_ms, "key": key, "headers": headers, "value": value,
-                    })
-                );
-            } else {
-                println!(
-                    "{}/{}@{}\t{}\t{}",
-                    r.topic,
-                    r.partition,
-                    r.offset,
-                    key.unwrap_or_default(),
-                    value
-                );
-            }
+            print_record(&a.opts, &r, None);
             seen += 1;
             if a.count.is_some_and(|n| seen >= n) {
                 drop(tx);

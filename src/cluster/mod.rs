@@ -8,7 +8,7 @@ mod state;
 mod topic;
 
 pub use state::{
-    assign_replicas, rebalance, replacement, ClusterState, Command, Move, COMMAND_MAX_BYTES,
-    PARTITIONS_MAX, REPLICAS_MAX,
+    assign_replicas, rebalance, replacement, ClusterState, Command, Cursor, GroupOffsets, Move,
+    COMMAND_MAX_BYTES, GROUPS_MAX, PARTITIONS_MAX, QUEUE_WINDOW_MAX, REPLICAS_MAX,
 };
 pub use topic::{validate_topic_name, TopicSettings, TopicSpec, TOPIC_NAME_MAX};

@@ -42,7 +42,32 @@ pub enum Command {
     /// Issues an idempotent producer id: the command's offset in the metadata log plus one
     /// (unique, never reused, the same on every node). Applying it changes nothing.
     AllocateProducerId,
+    /// A consumer group's committed offsets on a topic (of incarnation `uid`): per partition,
+    /// the next offset to consume.
+    CommitOffsets {
+        group: String,
+        topic: String,
+        uid: u64,
+        offsets: Vec<(u32, u64)>,
+    },
+    /// A queue group's progress on one partition: every record below `floor` is settled (acked
+    /// or dead-lettered), and so are those at `settled` above it; `counts` are the delivery
+    /// counts of records delivered and not settled yet.
+    QueueProgress {
+        group: String,
+        topic: String,
+        uid: u64,
+        partition: u32,
+        floor: u64,
+        settled: Vec<u64>,
+        counts: Vec<(u64, u32)>,
+    },
 }
+
+/// Groups (per group and topic) the metadata keeps offsets for.
+pub const GROUPS_MAX: usize = 10_000;
+/// Offsets above a queue group's floor it keeps track of, per partition.
+pub const QUEUE_WINDOW_MAX: usize = 10_000;
 
 /// Bounds a command must respect: it may come from a peer, and every node applies it.
 pub const PARTITIONS_MAX: u32 = 1 << 16;
@@ -128,6 +153,44 @@ impl Command {
                 Ok(())
             }
             Command::AllocateProducerId => Ok(()),
+            Command::CommitOffsets {
+                group,
+                topic,
+                offsets,
+                ..
+            } => {
+                super::validate_topic_name(group).map_err(|e| format!("group name: {e}"))?;
+                super::validate_topic_name(topic)?;
+                if offsets.len() > PARTITIONS_MAX as usize
+                    || offsets.iter().any(|(p, _)| *p >= PARTITIONS_MAX)
+                {
+                    return Err("offsets of unknown partitions".into());
+                }
+                Ok(())
+            }
+            Command::QueueProgress {
+                group,
+                topic,
+                partition,
+                floor,
+                settled,
+                counts,
+                ..
+            } => {
+                super::validate_topic_name(group).map_err(|e| format!("group name: {e}"))?;
+                super::validate_topic_name(topic)?;
+                if *partition >= PARTITIONS_MAX {
+                    return Err(format!("partition {partition}"));
+                }
+                if settled.len() > QUEUE_WINDOW_MAX
+                    || counts.len() > QUEUE_WINDOW_MAX
+                    || settled.iter().any(|o| o < floor)
+                    || counts.iter().any(|(o, _)| o < floor)
+                {
+                    return Err("queue progress out of bounds".into());
+                }
+                Ok(())
+            }
         }
     }
 
@@ -154,6 +217,28 @@ pub struct ClusterState {
     pub draining: BTreeSet<NodeId>,
     /// Nodes removed from the cluster: their ids are not taken back.
     pub removed: BTreeSet<NodeId>,
+    /// Consumer and queue groups' committed positions, by (group, topic).
+    pub groups: BTreeMap<(String, String), GroupOffsets>,
+}
+
+/// A group's positions on one incarnation of a topic.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GroupOffsets {
+    pub uid: u64,
+    /// Written by a queue group (else a stream-mode consumer group).
+    pub queue: bool,
+    pub partitions: BTreeMap<u32, Cursor>,
+}
+
+/// A group's position in one partition.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Cursor {
+    /// The next offset to consume (queue mode: every record below it is settled).
+    pub offset: u64,
+    /// Queue mode: settled offsets above `offset`.
+    pub settled: Vec<u64>,
+    /// Queue mode: delivery counts of records delivered and not settled.
+    pub counts: Vec<(u64, u32)>,
 }
 
 impl ClusterState {
@@ -215,16 +300,79 @@ impl ClusterState {
             }
             Command::DeleteTopic { name, uid } => {
                 if self.topics.get(&name).is_some_and(|t| t.uid == uid) {
+                    self.groups.retain(|(_, t), _| *t != name);
                     return self.topics.remove(&name);
                 }
             }
             Command::AllocateProducerId => {}
+            Command::CommitOffsets {
+                group,
+                topic,
+                uid,
+                offsets,
+            } => {
+                let n = self.topics.get(&topic).map_or(0, |t| t.partitions);
+                if let Some(g) = self.group_mut(group, topic, uid) {
+                    g.queue = false;
+                    for (p, o) in offsets.into_iter().filter(|(p, _)| *p < n) {
+                        let c = g.partitions.entry(p).or_default();
+                        c.offset = o;
+                        c.settled.clear();
+                        c.counts.clear();
+                    }
+                }
+            }
+            Command::QueueProgress {
+                group,
+                topic,
+                uid,
+                partition,
+                floor,
+                settled,
+                counts,
+            } => {
+                let n = self.topics.get(&topic).map_or(0, |t| t.partitions);
+                if partition >= n {
+                    return None;
+                }
+                if let Some(g) = self.group_mut(group, topic, uid) {
+                    g.queue = true;
+                    g.partitions.insert(
+                        partition,
+                        Cursor {
+                            offset: floor,
+                            settled,
+                            counts,
+                        },
+                    );
+                }
+            }
         }
         None
     }
 }
 
 impl ClusterState {
+    /// A group's positions on a topic, created if there is room; `None` if the topic is not
+    /// that incarnation. Positions of an earlier incarnation are dropped.
+    fn group_mut(&mut self, group: String, topic: String, uid: u64) -> Option<&mut GroupOffsets> {
+        if self.topics.get(&topic).is_none_or(|t| t.uid != uid) {
+            return None;
+        }
+        let key = (group, topic);
+        if !self.groups.contains_key(&key) && self.groups.len() >= GROUPS_MAX {
+            return None;
+        }
+        let g = self.groups.entry(key).or_default();
+        if g.uid != uid {
+            *g = GroupOffsets {
+                uid,
+                ..GroupOffsets::default()
+            };
+        }
+        Some(g)
+    }
+
     fn topic_mut(&mut self, name: &str, uid: u64, partition: u32) -> Option<&mut TopicSpec> {
         self.topics
             .get_mut(name)

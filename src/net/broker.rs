@@ -113,6 +113,8 @@ pub struct Broker {
     closing: tokio::sync::watch::Sender<bool>,
     /// Calls being served (not counting subscriptions), so shutdown can wait for them.
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    /// The consumer and queue groups this node coordinates (as the metadata leader).
+    pub(super) groups: super::groups::Groups,
 }
 
 /// Counts one call as in flight until dropped.
@@ -171,6 +173,7 @@ impl Broker {
             admin: tokio::sync::Mutex::new(()),
             closing: tokio::sync::watch::channel(false).0,
             in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            groups: Default::default(),
         });
         super::controller::start(broker.clone(), member).await?;
         Ok(broker)

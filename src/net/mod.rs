@@ -5,6 +5,7 @@
 mod broker;
 mod controller;
 mod convert;
+mod groups;
 mod peer;
 mod reassign;
 mod service;

@@ -10,7 +10,7 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::broker::{Broker, Topic, FORWARDED};
-use super::{controller, convert, reassign, subscribe, validate};
+use super::{controller, convert, groups, reassign, subscribe, validate};
 use crate::cluster::Command;
 use crate::config::Config;
 use crate::proto::v1 as pb;
@@ -122,6 +122,61 @@ impl TernService {
             })
         })
     }
+}
+
+/// Serves a Fetch: from this node's replica, or forwarded (once) to a node that has one.
+pub(super) async fn fetch(
+    broker: &Arc<Broker>,
+    r: pb::FetchRequest,
+    forwarded: bool,
+) -> Result<pb::FetchResponse, Status> {
+    let t = broker.topic(&r.topic)?;
+    t.check_partition(r.partition)?;
+    if !t.on(broker.node_id(), r.partition) {
+        // No replica here: read from one that has it.
+        let Some(&to) = t.replicas(r.partition).first().filter(|_| !forwarded) else {
+            return Err(Status::unavailable(format!(
+                "this node holds no replica of {}/{}",
+                r.topic, r.partition
+            )));
+        };
+        let mut req = Request::new(r);
+        req.metadata_mut()
+            .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+        return Ok(broker.peer_client(to)?.fetch(req).await?.into_inner());
+    }
+    let max_records = match r.max_records as usize {
+        0 => FETCH_RECORDS_DEFAULT,
+        n => n.min(FETCH_RECORDS_MAX),
+    };
+    let max_bytes = match r.max_bytes as usize {
+        0 => FETCH_BYTES_DEFAULT,
+        n => n.min(FETCH_BYTES_MAX),
+    };
+    let max_wait_ms = (r.max_wait_ms as u64).min(broker.config.max_fetch_wait_ms);
+    let f = broker
+        .fetch(
+            &t,
+            r.partition,
+            Offset(r.offset),
+            max_bytes,
+            Duration::from_millis(max_wait_ms),
+        )
+        .await?;
+    let (records, next) = convert::records(&r.topic, r.partition, &f, max_records);
+    Ok(pb::FetchResponse {
+        records,
+        next_offset: next,
+        high_watermark: f.high_watermark.0,
+        start_offset: f.start.0,
+    })
+}
+
+/// The node coordinating groups: the metadata leader.
+async fn coordinator(broker: &Broker) -> Result<u64, Status> {
+    broker.metadata_leader().await.ok_or_else(|| {
+        Status::unavailable("no metadata leader (the group coordinator) right now; retry")
+    })
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -274,48 +329,156 @@ impl Tern for TernService {
     ) -> Result<Response<pb::FetchResponse>, Status> {
         let _call = self.broker.track();
         let forwarded = request.metadata().contains_key(FORWARDED);
-        let r = request.into_inner();
-        let t = self.broker.topic(&r.topic)?;
-        t.check_partition(r.partition)?;
-        if !t.on(self.broker.node_id(), r.partition) {
-            // No replica here: read from one that has it.
-            let Some(&to) = t.replicas(r.partition).first().filter(|_| !forwarded) else {
-                return Err(Status::unavailable(format!(
-                    "this node holds no replica of {}/{}",
-                    r.topic, r.partition
-                )));
-            };
-            let mut req = Request::new(r);
-            req.metadata_mut()
-                .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-            return self.broker.peer_client(to)?.fetch(req).await;
+        fetch(&self.broker, request.into_inner(), forwarded)
+            .await
+            .map(Response::new)
+    }
+
+    type ConsumeStream = BoxStream<pb::ConsumeResponse>;
+
+    async fn consume(
+        &self,
+        request: Request<Streaming<pb::ConsumeRequest>>,
+    ) -> Result<Response<Self::ConsumeStream>, Status> {
+        let mut inbound = request.into_inner();
+        let broker = self.broker.clone();
+        let coordinator = coordinator(&broker).await?;
+        if coordinator != broker.node_id() {
+            // The metadata leader coordinates groups: relay the call to it.
+            let (tx, rx) = tokio::sync::mpsc::channel(16);
+            let mut closing = broker.closing();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        m = inbound.message() => match m {
+                            Ok(Some(m)) => {
+                                if tx.send(m).await.is_err() {
+                                    break;
+                                }
+                            }
+                            _ => break,
+                        },
+                        _ = closing.changed() => break,
+                    }
+                }
+            });
+            let resp = broker
+                .peer_client(coordinator)?
+                .consume(ReceiverStream::new(rx))
+                .await?;
+            return Ok(Response::new(Box::pin(resp.into_inner())));
         }
-        let max_records = match r.max_records as usize {
-            0 => FETCH_RECORDS_DEFAULT,
-            n => n.min(FETCH_RECORDS_MAX),
+        let first = inbound
+            .message()
+            .await?
+            .and_then(|m| m.kind)
+            .ok_or_else(|| Status::invalid_argument("the first request must be a join"))?;
+        let pb::consume_request::Kind::Join(join) = first else {
+            return Err(Status::invalid_argument("the first request must be a join"));
         };
-        let max_bytes = match r.max_bytes as usize {
-            0 => FETCH_BYTES_DEFAULT,
-            n => n.min(FETCH_BYTES_MAX),
-        };
-        let max_wait_ms = (r.max_wait_ms as u64).min(self.broker.config.max_fetch_wait_ms);
-        let f = self
-            .broker
-            .fetch(
-                &t,
-                r.partition,
-                Offset(r.offset),
-                max_bytes,
-                Duration::from_millis(max_wait_ms),
-            )
+        let (key, mode, settings) = groups::validate_join(&broker, join)?;
+        let (out_tx, out_rx) = tokio::sync::mpsc::channel(settings.out_capacity(mode));
+        let member = broker
+            .groups
+            .join(&broker, key.clone(), mode, settings, out_tx)
             .await?;
-        let (records, next) = convert::records(&r.topic, r.partition, &f, max_records);
-        Ok(Response::new(pb::FetchResponse {
-            records,
-            next_offset: next,
-            high_watermark: f.high_watermark.0,
-            start_offset: f.start.0,
+        let b = broker.clone();
+        tokio::spawn(async move {
+            let mut closing = b.closing();
+            loop {
+                tokio::select! {
+                    m = inbound.message() => match m {
+                        Ok(Some(pb::ConsumeRequest { kind: Some(kind) })) => {
+                            b.groups.request(&key, member, kind).await
+                        }
+                        Ok(Some(_)) => {}
+                        _ => break,
+                    },
+                    _ = closing.changed() => break,
+                }
+            }
+            b.groups.leave(&key, member).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+
+    async fn ack(
+        &self,
+        request: Request<pb::AckRequest>,
+    ) -> Result<Response<pb::AckResponse>, Status> {
+        let _call = self.broker.track();
+        let c = coordinator(&self.broker).await?;
+        if c != self.broker.node_id() {
+            return self.broker.peer_client(c)?.ack(request.into_inner()).await;
+        }
+        let r = request.into_inner();
+        let refs = groups::validate_refs(&r.group, &r.topic, &r.deliveries)?;
+        let acked = self.broker.groups.ack(&(r.group, r.topic), refs).await;
+        Ok(Response::new(pb::AckResponse { acked }))
+    }
+
+    async fn nack(
+        &self,
+        request: Request<pb::NackRequest>,
+    ) -> Result<Response<pb::NackResponse>, Status> {
+        let _call = self.broker.track();
+        let c = coordinator(&self.broker).await?;
+        if c != self.broker.node_id() {
+            return self.broker.peer_client(c)?.nack(request.into_inner()).await;
+        }
+        let r = request.into_inner();
+        let refs = groups::validate_refs(&r.group, &r.topic, &r.deliveries)?;
+        let delay = Duration::from_millis(r.delay_ms.min(3_600_000) as u64);
+        let nacked = self
+            .broker
+            .groups
+            .nack(&(r.group, r.topic), refs, delay)
+            .await;
+        Ok(Response::new(pb::NackResponse { nacked }))
+    }
+
+    async fn list_groups(
+        &self,
+        request: Request<pb::ListGroupsRequest>,
+    ) -> Result<Response<pb::ListGroupsResponse>, Status> {
+        let _call = self.broker.track();
+        let c = coordinator(&self.broker).await?;
+        if c != self.broker.node_id() {
+            return self
+                .broker
+                .peer_client(c)?
+                .list_groups(request.into_inner())
+                .await;
+        }
+        Ok(Response::new(pb::ListGroupsResponse {
+            groups: self.broker.groups.list(&self.broker).await,
         }))
+    }
+
+    async fn describe_group(
+        &self,
+        request: Request<pb::DescribeGroupRequest>,
+    ) -> Result<Response<pb::DescribeGroupResponse>, Status> {
+        let _call = self.broker.track();
+        let c = coordinator(&self.broker).await?;
+        if c != self.broker.node_id() {
+            return self
+                .broker
+                .peer_client(c)?
+                .describe_group(request.into_inner())
+                .await;
+        }
+        let r = request.into_inner();
+        crate::cluster::validate_topic_name(&r.group)
+            .map_err(|e| Status::invalid_argument(format!("group name: {e}")))?;
+        let topics = self.broker.groups.describe(&self.broker, &r.group).await;
+        if topics.is_empty() {
+            return Err(Status::not_found(format!(
+                "group {:?} has no members and no committed positions",
+                r.group
+            )));
+        }
+        Ok(Response::new(pb::DescribeGroupResponse { topics }))
     }
 
     async fn cluster_info(

@@ -37,15 +37,29 @@ pub fn from_core(e: CoreError) -> Status {
     }
 }
 
+/// The partition's offset range an OUT_OF_RANGE status names: (start, end).
+pub fn range_of(s: &Status) -> Option<(u64, u64)> {
+    let v = s.metadata().get("tern-offset-range")?.to_str().ok()?;
+    let (a, b) = v.split_once('-')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
 pub fn from_log(e: LogError) -> Status {
     match e {
         LogError::OffsetOutOfRange {
             requested,
             start,
             end,
-        } => Status::out_of_range(format!(
-            "offset {requested} is outside the partition's range [{start}, {end}]"
-        )),
+        } => {
+            let mut s = Status::out_of_range(format!(
+                "offset {requested} is outside the partition's range [{start}, {end}]"
+            ));
+            // The range, for clients that move into it (see `range_of`).
+            if let Ok(v) = format!("{start}-{end}").parse() {
+                s.metadata_mut().insert("tern-offset-range", v);
+            }
+            s
+        }
         LogError::BatchTooLarge { len, max } => Status::invalid_argument(format!(
             "the records of one partition take {len} bytes in a request; the limit is {max}"
         )),
