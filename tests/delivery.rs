@@ -351,16 +351,16 @@ fn stream_member(
                     }
                     Some(Ok(Down::Deliveries(d))) => {
                         let mut s = seen.lock().unwrap();
+                        if !held.contains_key(&d.partition) {
+                            s.violations.push(format!("member {who} got partition {} without holding it", d.partition));
+                            continue;
+                        }
                         for d in d.deliveries {
                             let r = d.record.unwrap();
-                            if !held.contains_key(&r.partition) {
-                                s.violations.push(format!("member {who} got {}@{} without holding it", r.partition, r.offset));
-                                continue;
-                            }
                             s.processed.push((r.partition, r.offset, who));
-                            held.insert(r.partition, r.offset + 1);
-                            dirty = true;
                         }
+                        held.insert(d.partition, d.next_offset);
+                        dirty = true;
                     }
                     Some(Ok(_)) => {}
                     Some(Err(s)) => panic!("member {who}: {s:?}"),
@@ -543,4 +543,466 @@ async fn group_members_join_leave_and_crash_while_records_flow() {
         acked.len(),
         s.processed.len()
     );
+}
+
+// ---- Queue groups ----
+
+async fn publish_values(
+    c: &mut TernClient<Channel>,
+    topic: &str,
+    partition: u32,
+    values: &[String],
+) -> Vec<u64> {
+    let req = pb::PublishRequest {
+        topic: topic.into(),
+        records: values
+            .iter()
+            .map(|v| record(partition, v.clone()))
+            .collect(),
+        ..Default::default()
+    };
+    offsets(c, req).await.unwrap()
+}
+
+#[tokio::test]
+async fn queue_member_killed_mid_stream_its_unacked_deliveries_go_to_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(dir.path(), &[]);
+    let mut c = node.client().await;
+    node_support::create_topic(&mut c, "work", 2).await;
+    for p in 0..2 {
+        let values: Vec<String> = (0..30).map(|i| format!("job-{p}-{i}")).collect();
+        publish_values(&mut c, "work", p, &values).await;
+    }
+    // A member that never acks and holds at most 20: `tern sub --queue` as its own process.
+    let mut cli = std::process::Command::new(node_support::TERN)
+        .args([
+            "sub",
+            "work",
+            "--queue",
+            "workers",
+            "--from",
+            "earliest",
+            "--ack",
+            "never",
+            "--ack-wait-ms",
+            "120000",
+            "--max-in-flight",
+            "20",
+            "--json",
+            "--server",
+            &node.addr,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = cli.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let _ = tx.send((
+                v["partition"].as_u64().unwrap() as u32,
+                v["offset"].as_u64().unwrap(),
+                v["deliveries"].as_u64().unwrap(),
+            ));
+        }
+    });
+    let mut held = Vec::new();
+    while held.len() < 20 {
+        let d = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the CLI member gets 20 deliveries");
+        assert_eq!(d.2, 1, "first delivery");
+        held.push((d.0, d.1));
+    }
+    // It gets no more while it holds 20 (its in-flight limit).
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "more than max_in_flight"
+    );
+    cli.kill().unwrap(); // SIGKILL
+    cli.wait().unwrap();
+    let killed = Instant::now();
+
+    // Another member gets every record; those the killed one held come a second time, long
+    // before their 120 s ack wait.
+    let mut join = join_req("workers", "work", pb::GroupMode::Queue);
+    join.ack_wait_ms = 120_000;
+    let mut m = GroupMember::join(&node.addr, join).await.unwrap();
+    let mut got: BTreeMap<(u32, u64), u32> = BTreeMap::new();
+    while got.len() < 60 {
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "only {} of 60 records after a minute",
+            got.len()
+        );
+        match m.next(Duration::from_secs(1)).await {
+            Some(Ok(Down::Deliveries(d))) => {
+                let mut refs = Vec::new();
+                for d in d.deliveries {
+                    let r = d.record.unwrap();
+                    assert!(
+                        got.insert((r.partition, r.offset), d.delivery_count)
+                            .is_none(),
+                        "delivered twice to one member: {}@{}",
+                        r.partition,
+                        r.offset
+                    );
+                    refs.push((r.partition, r.offset));
+                }
+                m.ack(&refs).await;
+            }
+            Some(Err(s)) => panic!("{s:?}"),
+            _ => {}
+        }
+    }
+    for (k, count) in &got {
+        let expected = if held.contains(k) { 2 } else { 1 };
+        assert_eq!(*count, expected, "{k:?}");
+    }
+    eprintln!(
+        "60 records: 20 redelivered {:?} after the kill",
+        killed.elapsed()
+    );
+    // All settled: nothing more comes.
+    assert!(m.next(Duration::from_millis(500)).await.is_none());
+    let d = c
+        .describe_group(pb::DescribeGroupRequest {
+            group: "workers".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for p in &d.topics[0].partitions {
+        assert_eq!(p.lag, Some(0), "{p:?}");
+        assert_eq!(p.in_flight, 0, "{p:?}");
+    }
+    m.leave().await;
+}
+
+#[tokio::test]
+async fn a_record_nacked_past_max_deliveries_lands_in_the_dead_letter_topic_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(dir.path(), &[]);
+    let mut c = node.client().await;
+    node_support::create_topic(&mut c, "tasks", 1).await;
+    let values: Vec<String> = ["ok-0", "ok-1", "poison", "ok-2", "ok-3"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let offs = publish_values(&mut c, "tasks", 0, &values).await;
+    let poison = offs[2];
+
+    // Bad joins change nothing.
+    let bad = |f: &dyn Fn(&mut pb::JoinGroup)| {
+        let mut j = join_req("jobs", "tasks", pb::GroupMode::Queue);
+        f(&mut j);
+        j
+    };
+    for (j, code) in [
+        (bad(&|j| j.max_deliveries = 5000), Code::InvalidArgument),
+        (bad(&|j| j.ack_wait_ms = 5), Code::InvalidArgument),
+        (bad(&|j| j.mode = 0), Code::InvalidArgument),
+        (bad(&|j| j.group = "a/b".into()), Code::InvalidArgument),
+        (
+            bad(&|j| j.dead_letter_topic = "tasks".into()),
+            Code::InvalidArgument,
+        ),
+        (bad(&|j| j.topic = "nope".into()), Code::NotFound),
+    ] {
+        let s = GroupMember::join(&node.addr, j)
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(s.code(), code, "{s:?}");
+    }
+
+    let mut join = join_req("jobs", "tasks", pb::GroupMode::Queue);
+    join.max_deliveries = 3;
+    join.ack_wait_ms = 120_000;
+    let mut m = GroupMember::join(&node.addr, join).await.unwrap();
+    // A stream-mode member of the same group is refused.
+    let s = GroupMember::join(&node.addr, join_req("jobs", "tasks", pb::GroupMode::Stream))
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+
+    let mut poison_counts = Vec::new();
+    let mut acked = 0;
+    let dlq_records = |c: TernClient<Channel>| async move {
+        let mut c = c;
+        node_support::try_fetch_all(&mut c, "tasks.dlq", 0)
+            .await
+            .unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no dead letter; poison delivered {poison_counts:?}"
+        );
+        if acked == 4 && !dlq_records(c.clone()).await.is_empty() {
+            break;
+        }
+        if let Some(Ok(Down::Deliveries(d))) = m.next(Duration::from_millis(200)).await {
+            for d in d.deliveries {
+                let r = d.record.unwrap();
+                if r.offset == poison {
+                    poison_counts.push(d.delivery_count);
+                    m.nack(&[(0, r.offset)], 0).await;
+                } else {
+                    // Through the unary call, as a worker outside the stream would.
+                    let a = c
+                        .ack(pb::AckRequest {
+                            group: "jobs".into(),
+                            topic: "tasks".into(),
+                            deliveries: vec![pb::DeliveryRef {
+                                partition: 0,
+                                offset: r.offset,
+                            }],
+                        })
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    assert_eq!(a.acked, 1);
+                    acked += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(poison_counts, [1, 2, 3]);
+    // Once, and it stays once; the member gets it no more.
+    assert!(m.next(Duration::from_secs(1)).await.is_none());
+    let dlq = dlq_records(c.clone()).await;
+    assert_eq!(dlq.len(), 1, "{dlq:?}");
+    let r = &dlq[0];
+    assert_eq!(&r.value[..], b"poison");
+    let h: BTreeMap<&str, String> = r
+        .headers
+        .iter()
+        .map(|h| (h.key.as_str(), String::from_utf8(h.value.to_vec()).unwrap()))
+        .collect();
+    assert_eq!(h["tern-dlq-reason"], "nacked");
+    assert_eq!(h["tern-dlq-topic"], "tasks");
+    assert_eq!(h["tern-dlq-partition"], "0");
+    assert_eq!(h["tern-dlq-offset"], poison.to_string());
+    assert_eq!(h["tern-dlq-deliveries"], "3");
+    assert_eq!(h["tern-dlq-group"], "jobs");
+    // Acking a settled record again counts nothing; unknown groups answer 0.
+    let a = c
+        .ack(pb::AckRequest {
+            group: "jobs".into(),
+            topic: "tasks".into(),
+            deliveries: vec![pb::DeliveryRef {
+                partition: 0,
+                offset: offs[0],
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(a.acked, 0);
+    m.leave().await;
+}
+
+// ---- Committed offsets are replicated ----
+
+/// Consumes from each partition until `upto[p]` (or everything, when `None`), commits, leaves;
+/// returns where each partition was assigned from and the committed positions.
+async fn consume_and_commit(
+    addr: &str,
+    upto: &BTreeMap<u32, Option<u64>>,
+) -> (BTreeMap<u32, u64>, BTreeMap<u32, u64>) {
+    let mut join = join_req("ledger-readers", "ledger", pb::GroupMode::Stream);
+    join.max_in_flight = 3;
+    let mut m = GroupMember::join_retrying(addr, join).await;
+    let mut assigned = BTreeMap::new();
+    let mut at: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut done: BTreeMap<u32, bool> = upto.keys().map(|p| (*p, false)).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while done.values().any(|d| !d) {
+        assert!(Instant::now() < deadline, "stuck at {at:?}");
+        match m.next(Duration::from_secs(1)).await {
+            Some(Ok(Down::Assigned(a))) => {
+                for p in a.partitions {
+                    assigned.insert(p.partition, p.offset);
+                    at.insert(p.partition, p.offset);
+                }
+            }
+            Some(Ok(Down::Deliveries(d))) => {
+                if done[&d.partition] {
+                    continue;
+                }
+                for d in d.deliveries {
+                    let r = d.record.unwrap();
+                    at.insert(r.partition, r.offset + 1);
+                    if upto[&r.partition] == Some(r.offset + 1) {
+                        done.insert(r.partition, true);
+                        break;
+                    }
+                }
+                if upto[&d.partition].is_none() {
+                    // Past control records too.
+                    at.insert(d.partition, d.next_offset);
+                }
+            }
+            Some(Err(s)) => panic!("{s:?}"),
+            _ => {
+                // Everything there is was delivered.
+                for (p, u) in upto {
+                    if u.is_none() && at.contains_key(p) {
+                        done.insert(*p, true);
+                    }
+                }
+            }
+        }
+    }
+    m.commit_and_wait(at.iter().map(|(p, o)| (*p, *o)).collect())
+        .await;
+    m.leave().await;
+    (assigned, at)
+}
+
+async fn committed(cluster: &Cluster, node: usize) -> BTreeMap<u32, u64> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut c = cluster.client(node).await;
+        match c
+            .describe_group(pb::DescribeGroupRequest {
+                group: "ledger-readers".into(),
+            })
+            .await
+        {
+            Ok(r) => {
+                let t = &r.into_inner().topics[0];
+                return t
+                    .partitions
+                    .iter()
+                    .filter_map(|p| p.committed.map(|c| (p.partition, c)))
+                    .collect();
+            }
+            Err(s) => {
+                assert!(Instant::now() < deadline, "describe: {s:?}");
+                assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn metadata_leader(cluster: &Cluster, node: usize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut c = cluster.client(node).await;
+        if let Ok(r) = c.cluster_info(pb::ClusterInfoRequest {}).await {
+            let l = r.into_inner().metadata_leader;
+            if l != 0 && cluster.nodes[l as usize - 1].is_some() {
+                return l as usize - 1;
+            }
+        }
+        assert!(Instant::now() < deadline, "no metadata leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_offsets_survive_leader_changes_and_a_full_restart() {
+    let mut cluster = Cluster::start(3).await;
+    create(&mut cluster.client(0).await, "ledger", 3, 3).await;
+    let mut c = cluster.client(0).await;
+    let mut offs: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+    for p in 0..3 {
+        let values: Vec<String> = (0..10).map(|i| format!("{p}-{i}")).collect();
+        offs.insert(p, publish_values(&mut c, "ledger", p, &values).await);
+    }
+    // Half of each partition, committed.
+    let half: BTreeMap<u32, Option<u64>> = offs.iter().map(|(p, o)| (*p, Some(o[4] + 1))).collect();
+    let (_, first) = consume_and_commit(&cluster.addrs[0], &half).await;
+    for p in 0..3 {
+        assert_eq!(first[&p], offs[&p][4] + 1);
+    }
+    assert_eq!(committed(&cluster, 2).await, first);
+
+    // The metadata leader (the coordinator) is killed: its successor has the offsets, and a
+    // member resumes from them.
+    let leader = metadata_leader(&cluster, 0).await;
+    cluster.kill9(leader);
+    let other = (leader + 1) % 3;
+    assert_eq!(committed(&cluster, other).await, first);
+    let all: BTreeMap<u32, Option<u64>> = (0..3).map(|p| (p, None)).collect();
+    let (resumed, second) = consume_and_commit(&cluster.addrs[other], &all).await;
+    assert_eq!(resumed, first, "resumed where the group committed");
+    for p in 0..3 {
+        // Past the last record (and any control record after it: a leader was killed).
+        assert!(second[&p] > offs[&p][9], "{second:?}");
+    }
+    cluster.start_node(leader);
+    cluster.wait_formed().await;
+
+    // kill -9 every node, start them again: the offsets are still there.
+    for i in 0..3 {
+        cluster.kill9(i);
+    }
+    for i in 0..3 {
+        cluster.start_node(i);
+    }
+    cluster.wait_formed().await;
+    assert_eq!(committed(&cluster, 1).await, second);
+    // And through the CLI: `tern group describe --json`.
+    let out = std::process::Command::new(node_support::TERN)
+        .args([
+            "group",
+            "describe",
+            "ledger-readers",
+            "--json",
+            "--server",
+            &cluster.addrs[2],
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for p in v["partitions"].as_array().unwrap() {
+        let n = p["partition"].as_u64().unwrap() as u32;
+        assert_eq!(p["committed"].as_u64(), Some(second[&n]), "{v}");
+        // Offsets, not records: the restart's leader elections added control records.
+        if let Some(end) = p["end_offset"].as_u64() {
+            assert_eq!(p["lag"].as_u64(), Some(end - second[&n]), "{v}");
+        }
+    }
+    // A new member resumes from them: nothing is delivered again.
+    let mut join = join_req("ledger-readers", "ledger", pb::GroupMode::Stream);
+    join.max_in_flight = 3;
+    let mut m = GroupMember::join_retrying(&cluster.addrs[1], join).await;
+    let mut assigned = BTreeMap::new();
+    while assigned.len() < 3 {
+        match m.next(Duration::from_secs(10)).await {
+            Some(Ok(Down::Assigned(a))) => {
+                for p in a.partitions {
+                    assigned.insert(p.partition, p.offset);
+                }
+            }
+            Some(Ok(Down::Deliveries(d))) => {
+                assert!(d.deliveries.is_empty(), "delivered again: {d:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(assigned, second);
+    // Only moves past control records, no record again.
+    while let Some(msg) = m.next(Duration::from_millis(1500)).await {
+        match msg {
+            Ok(Down::Deliveries(d)) => assert!(d.deliveries.is_empty(), "delivered again: {d:?}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    m.leave().await;
 }

@@ -293,6 +293,8 @@ async fn session(a: &SubArgs, join: pb::JoinGroup, seen: &mut u64) -> anyhow::Re
                     Some(Down::Deliveries(d)) => {
                         let mut acks = Vec::new();
                         let mut done = false;
+                        let (partition, next) = (d.partition, d.next_offset);
+                        let whole = a.count.is_none_or(|n| *seen + d.deliveries.len() as u64 <= n);
                         for d in d.deliveries {
                             let Some(r) = d.record else { continue };
                             if done {
@@ -307,6 +309,11 @@ async fn session(a: &SubArgs, join: pb::JoinGroup, seen: &mut u64) -> anyhow::Re
                             }
                             *seen += 1;
                             done = a.count.is_some_and(|n| *seen >= n);
+                        }
+                        if !queue && whole && positions.contains_key(&partition) {
+                            // Past control records too.
+                            positions.insert(partition, next);
+                            dirty = true;
                         }
                         if !acks.is_empty() {
                             match a.ack {

@@ -429,6 +429,10 @@ impl Groups {
             .await;
             for (p, end) in info.partitions.iter_mut().zip(ends) {
                 if let Ok(Ok((start, end))) = end {
+                    if p.committed.is_some_and(|c| c > end) {
+                        // A replica that has not caught up since it started: no answer.
+                        continue;
+                    }
                     p.end_offset = Some(end);
                     p.lag = Some(end.saturating_sub(p.committed.unwrap_or(start).max(start)));
                 }
@@ -1330,7 +1334,10 @@ impl Group {
                 .iter()
                 .filter_map(|d| d.record.as_ref().map(|r| (r.partition, r.offset)))
                 .collect();
-            let msg = down(Down::Deliveries(pb::Deliveries { deliveries }));
+            let msg = down(Down::Deliveries(pb::Deliveries {
+                deliveries,
+                ..Default::default()
+            }));
             if m.out.try_send(msg).is_err() {
                 // Its stream is full or closed: they go to others.
                 for (p, o) in refs {
@@ -1472,7 +1479,9 @@ async fn stream_reader(
         match read(&broker, &topic, p, at, max_records).await {
             Ok(r) => {
                 let next = r.next_offset.max(at);
-                if !r.records.is_empty() {
+                // Records, or a move past control records only (so the member can commit
+                // the partition's end).
+                if !r.records.is_empty() || next > at {
                     let msg = down(Down::Deliveries(pb::Deliveries {
                         deliveries: r
                             .records
@@ -1483,6 +1492,8 @@ async fn stream_reader(
                                 delivery_count: 0,
                             })
                             .collect(),
+                        partition: p,
+                        next_offset: next,
                     }));
                     if out.send(msg).await.is_err() {
                         return;
