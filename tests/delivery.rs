@@ -1006,3 +1006,115 @@ async fn committed_offsets_survive_leader_changes_and_a_full_restart() {
     }
     m.leave().await;
 }
+
+// ---- Flow control and sessions ----
+
+#[tokio::test]
+async fn a_member_that_stops_reading_holds_back_only_itself_and_is_dropped_at_its_session_timeout()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(dir.path(), &[]);
+    let mut c = node.client().await;
+    node_support::create_topic(&mut c, "flow", 2).await;
+    let mut join = join_req("fc", "flow", pb::GroupMode::Stream);
+    join.max_in_flight = 50;
+    let mut b = GroupMember::join(&node.addr, join.clone()).await.unwrap();
+    // A joins, takes one partition, then neither reads nor sends anything.
+    join.session_timeout_ms = 2000;
+    join.max_in_flight = 10;
+    let mut a = GroupMember::join_silent(&node.addr, join).await.unwrap();
+    let mut a_partition = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut b_held: BTreeMap<u32, u64> = BTreeMap::new();
+    // B gives one partition up (revoke), A gets it.
+    while a_partition.is_none() {
+        assert!(Instant::now() < deadline, "no assignment for A");
+        if let Some(Ok(Down::Assigned(x))) = a.next(Duration::from_millis(50)).await {
+            a_partition = Some(x.partitions[0].partition);
+        }
+        match b.next(Duration::from_millis(50)).await {
+            Some(Ok(Down::Assigned(x))) => {
+                for p in x.partitions {
+                    b_held.insert(p.partition, p.offset);
+                }
+            }
+            Some(Ok(Down::Revoke(r))) => {
+                for p in &r.partitions {
+                    b_held.remove(p);
+                }
+                b.send(Up::Revoked(pb::Revoked {
+                    partitions: r.partitions,
+                    offsets: vec![],
+                }))
+                .await;
+            }
+            _ => {}
+        }
+    }
+    let a_partition = a_partition.unwrap();
+    let b_partition = 1 - a_partition;
+    // 2,000 records of 8 KiB per partition: A's back up (bounded), B's flow.
+    let pad = "x".repeat(8 << 10);
+    let mut ends = BTreeMap::new();
+    for p in 0..2 {
+        for chunk in 0..4 {
+            let values: Vec<String> = (0..500)
+                .map(|i| format!("{p}-{}-{pad}", chunk * 500 + i))
+                .collect();
+            let o = publish_values(&mut c, "flow", p, &values).await;
+            ends.insert(p, *o.last().unwrap());
+        }
+    }
+    let mut got: BTreeMap<u32, usize> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut b_done_at = None;
+    let mut dropped = false;
+    // B gets all of its own partition while A reads nothing; then, once A's session timed
+    // out, A's partition too.
+    while got.get(&a_partition).copied().unwrap_or(0) < 2000 {
+        assert!(Instant::now() < deadline, "B got {got:?}");
+        match b.next(Duration::from_millis(200)).await {
+            Some(Ok(Down::Assigned(x))) => {
+                for p in x.partitions {
+                    assert_eq!(p.partition, a_partition);
+                    assert!(
+                        b_done_at.is_some(),
+                        "A's partition moved before B finished its own"
+                    );
+                    dropped = true;
+                    b_held.insert(p.partition, p.offset);
+                }
+            }
+            Some(Ok(Down::Deliveries(d))) => {
+                for d in d.deliveries {
+                    let r = d.record.unwrap();
+                    *got.entry(r.partition).or_default() += 1;
+                    if r.partition == b_partition && r.offset == ends[&b_partition] {
+                        b_done_at = Some(Instant::now());
+                    }
+                }
+            }
+            Some(Err(s)) => panic!("{s:?}"),
+            _ => {}
+        }
+    }
+    assert!(dropped);
+    assert_eq!(got[&b_partition], 2000);
+    // A's call: what it was sent before it was dropped, then the reason.
+    let mut a_records = 0;
+    let end = loop {
+        match a.next(Duration::from_secs(10)).await {
+            Some(Ok(Down::Deliveries(d))) => a_records += d.deliveries.len(),
+            Some(Ok(_)) => {}
+            Some(Err(s)) => break Some(s),
+            None => break None,
+        }
+    };
+    let s = end.expect("A's call ends with a status");
+    assert_eq!(s.code(), Code::DeadlineExceeded, "{s:?}");
+    // Bounded: the node held at most its stream's buffer for A (16 messages of 10 records)
+    // plus what the transport's flow-control windows took, far from the 2,000 records.
+    assert!(a_records < 1000, "A was sent {a_records}");
+    eprintln!("A was sent {a_records} records before its session ended; B got {got:?}");
+    b.leave().await;
+}

@@ -64,6 +64,13 @@ const FETCH_WAIT_MS: u32 = 1000;
 const PROPOSE_WAIT: Duration = Duration::from_secs(5);
 /// Deliveries per Ack/Nack request.
 pub const REFS_MAX: usize = 10_000;
+/// A stream reader's position before it knows where it starts.
+const NOT_STARTED: u64 = u64::MAX;
+/// Groups one node coordinates at once, and members per group.
+pub const ACTIVE_GROUPS_MAX: usize = 10_000;
+pub const MEMBERS_MAX: usize = 1000;
+/// Partitions whose end offsets a describe asks for at once.
+const DESCRIBE_PARALLEL: usize = 32;
 /// Messages a member's stream buffers beyond its in-flight records.
 const OUT_SLACK: usize = 16;
 
@@ -274,6 +281,12 @@ impl Groups {
                 }
                 Some(a) => a.tx.clone(),
                 None => {
+                    actors.retain(|_, a| !a.tx.is_closed());
+                    if actors.len() >= ACTIVE_GROUPS_MAX {
+                        return Err(Status::resource_exhausted(format!(
+                            "this node coordinates {ACTIVE_GROUPS_MAX} groups already"
+                        )));
+                    }
                     let (tx, rx) = mpsc::channel(EVENTS);
                     let weak = tx.downgrade();
                     tokio::spawn(run(broker.clone(), key.clone(), mode, rx, weak));
@@ -420,12 +433,18 @@ impl Groups {
         }
         let mut out: Vec<pb::GroupInfo> = infos.into_values().collect();
         for info in &mut out {
-            let ends = futures::future::join_all(info.partitions.iter().map(|p| {
-                tokio::time::timeout(
-                    Duration::from_secs(2),
-                    bounds(broker, &info.topic, p.partition),
-                )
+            use futures::StreamExt;
+            let parts: Vec<u32> = info.partitions.iter().map(|p| p.partition).collect();
+            let topic = info.topic.clone();
+            let ends: Vec<_> = futures::stream::iter(parts.into_iter().map(|p| {
+                let broker = broker.clone();
+                let topic = topic.clone();
+                async move {
+                    tokio::time::timeout(Duration::from_secs(2), bounds(&broker, &topic, p)).await
+                }
             }))
+            .buffered(DESCRIBE_PARALLEL)
+            .collect()
             .await;
             for (p, end) in info.partitions.iter_mut().zip(ends) {
                 if let Ok(Ok((start, end))) = end {
@@ -680,9 +699,10 @@ async fn run(
     tracing::info!(group = %key.0, topic = %key.1, reason, "no longer coordinating group");
     group.flush().await;
     for (_, m) in std::mem::take(&mut group.members) {
-        let _ = m.out.try_send(Err(Status::unavailable(format!(
+        let s = Status::unavailable(format!(
             "the group coordinator stopped ({reason}); join again"
-        ))));
+        ));
+        tell(&m.out, s);
     }
     rx.close();
     while let Some(e) = rx.recv().await {
@@ -779,6 +799,13 @@ impl Group {
                 out,
                 reply,
             } => {
+                if self.members.len() >= MEMBERS_MAX {
+                    let _ = reply.send(Err(Status::resource_exhausted(format!(
+                        "group {:?} has {MEMBERS_MAX} members already",
+                        self.key.0
+                    ))));
+                    return;
+                }
                 let id = self
                     .broker
                     .groups
@@ -943,7 +970,7 @@ impl Group {
         };
         tracing::debug!(group = %self.key.0, member, "member left");
         if let Some(s) = why {
-            let _ = m.out.try_send(Err(s));
+            tell(&m.out, s);
         }
         drop(m);
         for p in 0..self.owner.len() {
@@ -1028,7 +1055,8 @@ impl Group {
             return;
         };
         self.owner[p as usize] = Some(member);
-        let delivered = Arc::new(AtomicU64::new(self.committed[p as usize].unwrap_or(0)));
+        // Unknown (nothing to auto-commit) until the reader knows where it starts.
+        let delivered = Arc::new(AtomicU64::new(NOT_STARTED));
         let task = tokio::spawn(stream_reader(
             self.broker.clone(),
             self.key.1.clone(),
@@ -1382,6 +1410,10 @@ impl Group {
                 },
             );
         }
+        if part.next_fetch.is_none() {
+            // Where a new group starts: written down with the first progress.
+            part.dirty = true;
+        }
         if r.next_offset > from || part.next_fetch.is_none() {
             part.next_fetch = Some(r.next_offset.max(from));
         }
@@ -1436,6 +1468,16 @@ impl Group {
                 })
                 .collect(),
         }
+    }
+}
+
+/// Ends a member's call with `s`, after what is queued for it (waiting, bounded, for room).
+fn tell(out: &Out, s: Status) {
+    if let Err(mpsc::error::TrySendError::Full(msg)) = out.try_send(Err(s)) {
+        let out = out.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(30), out.send(msg)).await;
+        });
     }
 }
 

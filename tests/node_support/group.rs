@@ -12,6 +12,7 @@ use tokio_stream::StreamExt;
 
 pub struct GroupMember {
     tx: Option<mpsc::Sender<pb::ConsumeRequest>>,
+    heartbeats: Option<tokio::task::JoinHandle<()>>,
     stream: tonic::Streaming<pb::ConsumeResponse>,
     pub member_id: String,
 }
@@ -26,9 +27,39 @@ pub fn join_req(group: &str, topic: &str, mode: pb::GroupMode) -> pb::JoinGroup 
     }
 }
 
+impl Drop for GroupMember {
+    fn drop(&mut self) {
+        if let Some(h) = self.heartbeats.take() {
+            h.abort();
+        }
+    }
+}
+
 impl GroupMember {
-    /// Joins through the node at `addr`; answers once the coordinator has the member.
+    /// Joins through the node at `addr`; answers once the coordinator has the member, which
+    /// then sends a heartbeat every second.
     pub async fn join(addr: &str, join: pb::JoinGroup) -> Result<GroupMember, tonic::Status> {
+        let mut m = Self::join_silent(addr, join).await?;
+        let tx = m.tx.clone().unwrap();
+        m.heartbeats = Some(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let hb = pb::ConsumeRequest {
+                    kind: Some(Up::Heartbeat(pb::Heartbeat {})),
+                };
+                if tx.send(hb).await.is_err() {
+                    return;
+                }
+            }
+        }));
+        Ok(m)
+    }
+
+    /// Joins without heartbeats: the member is silent unless the test sends something.
+    pub async fn join_silent(
+        addr: &str,
+        join: pb::JoinGroup,
+    ) -> Result<GroupMember, tonic::Status> {
         let mut c = TernClient::connect(format!("http://{addr}"))
             .await
             .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
@@ -47,6 +78,7 @@ impl GroupMember {
                 kind: Some(Down::Joined(j)),
             })) => Ok(GroupMember {
                 tx: Some(tx),
+                heartbeats: None,
                 stream,
                 member_id: j.member_id,
             }),
@@ -139,6 +171,9 @@ impl GroupMember {
     /// Leaves: closes its side and waits (bounded) for the coordinator to end the call.
     pub async fn leave(mut self) {
         self.tx = None;
+        if let Some(h) = self.heartbeats.take() {
+            h.abort();
+        }
         let _ = tokio::time::timeout(Duration::from_secs(10), async {
             while let Some(Ok(_)) = self.stream.next().await {}
         })
