@@ -930,8 +930,32 @@ async fn committed_offsets_survive_leader_changes_and_a_full_restart() {
     // The metadata leader (the coordinator) is killed: its successor has the offsets, and a
     // member resumes from them.
     let leader = metadata_leader(&cluster, 0).await;
-    cluster.kill9(leader);
     let other = (leader + 1) % 3;
+    // A member joined through another node (relayed to the coordinator): its call ends when
+    // the coordinator dies, so its client joins again.
+    let mut join = join_req("watchers", "ledger", pb::GroupMode::Stream);
+    join.max_in_flight = 3;
+    let mut watcher = GroupMember::join_retrying(&cluster.addrs[other], join).await;
+    assert!(matches!(
+        watcher.next(Duration::from_secs(10)).await,
+        Some(Ok(Down::Assigned(_)))
+    ));
+    cluster.kill9(leader);
+    let killed = Instant::now();
+    loop {
+        match watcher.next(Duration::from_secs(20)).await {
+            Some(Ok(_)) => assert!(killed.elapsed() < Duration::from_secs(20)),
+            Some(Err(s)) => {
+                assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+                eprintln!("the relayed member's call ended: {s:?}");
+                break;
+            }
+            None => {
+                assert!(killed.elapsed() < Duration::from_secs(20), "the call hangs");
+                break;
+            }
+        }
+    }
     assert_eq!(committed(&cluster, other).await, first);
     let all: BTreeMap<u32, Option<u64>> = (0..3).map(|p| (p, None)).collect();
     let (resumed, second) = consume_and_commit(&cluster.addrs[other], &all).await;

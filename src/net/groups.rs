@@ -939,12 +939,19 @@ impl Group {
             }
         }
         if let Some(m) = self.members.get(&member) {
-            let _ = m.out.try_send(down(Down::Committed(pb::Committed {
+            let msg = down(Down::Committed(pb::Committed {
                 offsets: offsets
                     .into_iter()
                     .map(|(partition, offset)| pb::PartitionOffset { partition, offset })
                     .collect(),
-            })));
+            }));
+            if let Err(mpsc::error::TrySendError::Full(msg)) = m.out.try_send(msg) {
+                // Behind the records queued for it (bounded wait).
+                let out = m.out.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(30), out.send(msg)).await;
+                });
+            }
         }
     }
 

@@ -172,11 +172,23 @@ pub(super) async fn fetch(
     })
 }
 
-/// The node coordinating groups: the metadata leader.
-async fn coordinator(broker: &Broker) -> Result<u64, Status> {
-    broker.metadata_leader().await.ok_or_else(|| {
-        Status::unavailable("no metadata leader (the group coordinator) right now; retry")
-    })
+/// The node coordinating groups: the metadata leader. A call relayed here by another node is
+/// not relayed again (two nodes with different views must not pass it back and forth).
+async fn coordinator(broker: &Broker, forwarded: bool) -> Result<u64, Status> {
+    match broker.metadata_leader().await {
+        Some(l) if l == broker.node_id() || !forwarded => Ok(l),
+        _ => Err(Status::unavailable(
+            "no metadata leader (the group coordinator) here right now; retry",
+        )),
+    }
+}
+
+/// A request marked as relayed by a node.
+fn relayed<T>(msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut()
+        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    r
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -340,9 +352,10 @@ impl Tern for TernService {
         &self,
         request: Request<Streaming<pb::ConsumeRequest>>,
     ) -> Result<Response<Self::ConsumeStream>, Status> {
+        let forwarded = request.metadata().contains_key(FORWARDED);
         let mut inbound = request.into_inner();
         let broker = self.broker.clone();
-        let coordinator = coordinator(&broker).await?;
+        let coordinator = coordinator(&broker, forwarded).await?;
         if coordinator != broker.node_id() {
             // The metadata leader coordinates groups: relay the call to it.
             let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -364,9 +377,19 @@ impl Tern for TernService {
             });
             let resp = broker
                 .peer_client(coordinator)?
-                .consume(ReceiverStream::new(rx))
+                .consume(relayed(ReceiverStream::new(rx)))
                 .await?;
-            return Ok(Response::new(Box::pin(resp.into_inner())));
+            // A lost connection to the coordinator reads as one, not as an h2 error.
+            let relay = resp.into_inner().map(move |r| {
+                r.map_err(|s| match s.code() {
+                    tonic::Code::Unknown | tonic::Code::Cancelled => Status::unavailable(format!(
+                        "lost the group coordinator (node {coordinator}): {}; join again",
+                        s.message()
+                    )),
+                    _ => s,
+                })
+            });
+            return Ok(Response::new(Box::pin(relay)));
         }
         let first = inbound
             .message()
@@ -407,9 +430,13 @@ impl Tern for TernService {
         request: Request<pb::AckRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
         let _call = self.broker.track();
-        let c = coordinator(&self.broker).await?;
+        let c = coordinator(&self.broker, request.metadata().contains_key(FORWARDED)).await?;
         if c != self.broker.node_id() {
-            return self.broker.peer_client(c)?.ack(request.into_inner()).await;
+            return self
+                .broker
+                .peer_client(c)?
+                .ack(relayed(request.into_inner()))
+                .await;
         }
         let r = request.into_inner();
         let refs = groups::validate_refs(&r.group, &r.topic, &r.deliveries)?;
@@ -422,9 +449,13 @@ impl Tern for TernService {
         request: Request<pb::NackRequest>,
     ) -> Result<Response<pb::NackResponse>, Status> {
         let _call = self.broker.track();
-        let c = coordinator(&self.broker).await?;
+        let c = coordinator(&self.broker, request.metadata().contains_key(FORWARDED)).await?;
         if c != self.broker.node_id() {
-            return self.broker.peer_client(c)?.nack(request.into_inner()).await;
+            return self
+                .broker
+                .peer_client(c)?
+                .nack(relayed(request.into_inner()))
+                .await;
         }
         let r = request.into_inner();
         let refs = groups::validate_refs(&r.group, &r.topic, &r.deliveries)?;
@@ -442,12 +473,12 @@ impl Tern for TernService {
         request: Request<pb::ListGroupsRequest>,
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
         let _call = self.broker.track();
-        let c = coordinator(&self.broker).await?;
+        let c = coordinator(&self.broker, request.metadata().contains_key(FORWARDED)).await?;
         if c != self.broker.node_id() {
             return self
                 .broker
                 .peer_client(c)?
-                .list_groups(request.into_inner())
+                .list_groups(relayed(request.into_inner()))
                 .await;
         }
         Ok(Response::new(pb::ListGroupsResponse {
@@ -460,12 +491,12 @@ impl Tern for TernService {
         request: Request<pb::DescribeGroupRequest>,
     ) -> Result<Response<pb::DescribeGroupResponse>, Status> {
         let _call = self.broker.track();
-        let c = coordinator(&self.broker).await?;
+        let c = coordinator(&self.broker, request.metadata().contains_key(FORWARDED)).await?;
         if c != self.broker.node_id() {
             return self
                 .broker
                 .peer_client(c)?
-                .describe_group(request.into_inner())
+                .describe_group(relayed(request.into_inner()))
                 .await;
         }
         let r = request.into_inner();
