@@ -1142,3 +1142,111 @@ async fn a_member_that_stops_reading_holds_back_only_itself_and_is_dropped_at_it
     eprintln!("A was sent {a_records} records before its session ended; B got {got:?}");
     b.leave().await;
 }
+
+#[tokio::test]
+async fn unacked_deliveries_come_back_after_ack_wait_nacks_after_their_delay_and_auto_commit_commits(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(dir.path(), &[]);
+    let mut c = node.client().await;
+    node_support::create_topic(&mut c, "timed", 1).await;
+    let offs = publish_values(&mut c, "timed", 0, &["a".into(), "b".into()]).await;
+
+    // Queue: "a" is never acked (ack wait 300 ms), "b" is nacked with a 700 ms delay.
+    let mut join = join_req("timers", "timed", pb::GroupMode::Queue);
+    join.ack_wait_ms = 300;
+    join.max_deliveries = 100;
+    let mut m = GroupMember::join(&node.addr, join).await.unwrap();
+    let mut seen: Vec<(u64, u32, Instant)> = Vec::new();
+    let start = Instant::now();
+    while seen.iter().filter(|s| s.0 == offs[1]).count() < 3 {
+        assert!(start.elapsed() < Duration::from_secs(30), "{seen:?}");
+        if let Some(Ok(Down::Deliveries(d))) = m.next(Duration::from_millis(100)).await {
+            for d in d.deliveries {
+                let r = d.record.unwrap();
+                seen.push((r.offset, d.delivery_count, Instant::now()));
+                if r.offset == offs[1] {
+                    m.nack(&[(0, r.offset)], 700).await;
+                }
+            }
+        }
+    }
+    let times = |o: u64| -> Vec<(u32, Instant)> {
+        seen.iter()
+            .filter(|s| s.0 == o)
+            .map(|s| (s.1, s.2))
+            .collect()
+    };
+    let a = times(offs[0]);
+    let b = times(offs[1]);
+    // Counts go up by one per delivery.
+    assert!(
+        a.iter().enumerate().all(|(i, x)| x.0 == i as u32 + 1),
+        "{a:?}"
+    );
+    assert!(
+        b.iter().enumerate().all(|(i, x)| x.0 == i as u32 + 1),
+        "{b:?}"
+    );
+    // In the ~1.4 s that "b" took for three deliveries, "a" came back about every 300 ms
+    // (compared within this run, not against the clock: at least as often as "b").
+    assert!(
+        a.len() >= b.len(),
+        "a {} times, b {} times",
+        a.len(),
+        b.len()
+    );
+    // A redelivery waits at least its delay (lower bounds are safe on a loaded machine).
+    for w in a.windows(2) {
+        assert!(w[1].1 - w[0].1 >= Duration::from_millis(250), "{a:?}");
+    }
+    for w in b.windows(2) {
+        assert!(w[1].1 - w[0].1 >= Duration::from_millis(650), "{b:?}");
+    }
+    m.leave().await;
+
+    // Stream: auto commit of delivered positions, without explicit commits.
+    let mut join = join_req("auto", "timed", pb::GroupMode::Stream);
+    join.auto_commit_interval_ms = 100;
+    let mut m = GroupMember::join(&node.addr, join).await.unwrap();
+    let mut next = 0;
+    while next <= offs[1] {
+        if let Some(Ok(Down::Deliveries(d))) = m.next(Duration::from_secs(10)).await {
+            next = d.next_offset;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let d = c
+            .describe_group(pb::DescribeGroupRequest {
+                group: "auto".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if d.topics[0].partitions[0].committed == Some(next) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not auto-committed: {d:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    m.leave().await;
+    let l = c
+        .list_groups(pb::ListGroupsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<(&str, i32)> = l
+        .groups
+        .iter()
+        .map(|g| (g.group.as_str(), g.mode))
+        .collect();
+    assert!(
+        names.contains(&("auto", pb::GroupMode::Stream as i32)),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&("timers", pb::GroupMode::Queue as i32)),
+        "{names:?}"
+    );
+}
