@@ -160,7 +160,12 @@ async fn kill_9_the_leader_under_load_repeatedly_then_restart_all() {
     for round in 0..3 {
         // Some load before the kill.
         let before = writer.acked();
+        let deadline = Instant::now() + Duration::from_secs(60);
         while writer.acked() < before + 50 {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the writer stalled"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let leader = cluster.leader("load", 0).await;

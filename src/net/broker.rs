@@ -608,6 +608,25 @@ impl Broker {
             .and_then(|s| s.leader)
     }
 
+    /// Whether this node leads the metadata group and a quorum acknowledged it within an
+    /// election timeout (a leader cut off from the others would otherwise go on coordinating
+    /// groups next to the new leader).
+    pub async fn coordinates(&self) -> bool {
+        let key = PartitionKey::metadata();
+        let Ok(s) = self
+            .shards
+            .ask(self.shards.core_of(&key), |reply| CoreRequest::Replica {
+                key,
+                reply,
+            })
+            .await
+        else {
+            return false;
+        };
+        let fresh = Duration::from_millis(self.config.raft_election_timeout_ms);
+        s.is_leader && (s.voters.len() <= 1 || s.quorum_acked.is_some_and(|a| a < fresh))
+    }
+
     /// What this node's replica knows of a partition's group.
     pub async fn replica_state(
         &self,

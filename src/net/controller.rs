@@ -448,6 +448,7 @@ impl Follower {
             .await
             .map_err(from_core)?;
         let mut changed = false;
+        let mut moved = false;
         let mut deleted = Vec::new();
         for batch in &fetched.batches {
             let control = batch.meta().control;
@@ -461,8 +462,16 @@ impl Follower {
                 }
                 match Command::decode(r.value) {
                     Ok(cmd) => {
+                        // Group positions and producer ids change no partition here.
+                        let placement = !matches!(
+                            cmd,
+                            Command::CommitOffsets { .. }
+                                | Command::QueueProgress { .. }
+                                | Command::AllocateProducerId
+                        );
                         deleted.extend(self.state.apply(cmd));
                         changed = true;
+                        moved |= placement;
                     }
                     Err(e) => {
                         tracing::error!(offset = r.offset.0, error = %e, "skipping a metadata record")
@@ -473,7 +482,7 @@ impl Follower {
         if changed {
             self.broker.set_state(Arc::new(self.state.clone()));
         }
-        if changed || self.failed {
+        if moved || self.failed {
             self.reconcile(deleted).await;
         }
         self.broker.applied.send_replace(self.next.0);

@@ -30,7 +30,7 @@ use tonic::Status;
 use super::broker::{Broker, Outgoing, Topic};
 use super::status::{from_core, range_of};
 use super::{controller, service, validate};
-use crate::cluster::{Command, QUEUE_WINDOW_MAX};
+use crate::cluster::{Command, GROUPS_MAX, QUEUE_WINDOW_MAX};
 use crate::log::{Header, Record, HEADERS_PER_RECORD_MAX};
 use crate::proto::v1 as pb;
 use crate::proto::v1::consume_request::Kind;
@@ -534,13 +534,16 @@ struct Member {
     /// Queue mode: deliveries it holds.
     in_flight: u32,
     last_auto_commit: Instant,
+    /// A `Committed` answer is waiting for room in its stream.
+    answer_waiting: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Member {
-    fn stop_reader(&mut self, p: u32) -> Option<u64> {
-        self.readers.remove(&p).map(|(task, delivered)| {
+    /// Stops a reader; the handle resolves once it can send nothing more.
+    fn stop_reader(&mut self, p: u32) -> Option<tokio::task::JoinHandle<()>> {
+        self.readers.remove(&p).map(|(task, _)| {
             task.abort();
-            delivered.load(Ordering::Acquire)
+            task
         })
     }
 }
@@ -671,6 +674,13 @@ async fn run(
                 None => break "no events",
             },
             _ = tick.tick() => {
+                // What members sent before now counts before their deadlines are checked.
+                for _ in 0..EVENTS {
+                    match rx.try_recv() {
+                        Ok(e) => group.handle(e).await,
+                        Err(_) => break,
+                    }
+                }
                 let now = Instant::now();
                 group.expire(now).await;
                 if now.duration_since(last_flush) >= FLUSH {
@@ -679,8 +689,11 @@ async fn run(
                 }
                 if now.duration_since(last_role) >= ROLE_CHECK {
                     last_role = now;
-                    if broker.metadata_leader().await != Some(broker.node_id()) {
+                    if !broker.coordinates().await {
                         break "this node no longer leads the metadata group";
+                    }
+                    if broker.topic(&key.1).map(|t| t.spec.uid).ok() != Some(group.uid) {
+                        break "the topic was deleted";
                     }
                 }
                 if group.members.is_empty() {
@@ -749,6 +762,11 @@ impl Group {
         let topic = broker.topic(&key.1)?;
         let n = topic.spec.partitions as usize;
         let state = broker.cluster();
+        if !state.groups.contains_key(&key) && state.groups.len() >= GROUPS_MAX {
+            return Err(Status::resource_exhausted(format!(
+                "the cluster keeps positions for {GROUPS_MAX} groups already"
+            )));
+        }
         let saved = state.groups.get(&key).filter(|g| g.uid == topic.spec.uid);
         let mut committed = vec![None; n];
         let mut parts: Vec<QueuePart> = (0..n).map(|_| QueuePart::default()).collect();
@@ -831,6 +849,7 @@ impl Group {
                         readers: HashMap::new(),
                         in_flight: 0,
                         last_auto_commit: Instant::now(),
+                        answer_waiting: Default::default(),
                     },
                 );
                 let _ = reply.send(Ok(id));
@@ -946,11 +965,15 @@ impl Group {
                     .collect(),
             }));
             if let Err(mpsc::error::TrySendError::Full(msg)) = m.out.try_send(msg) {
-                // Behind the records queued for it (bounded wait).
-                let out = m.out.clone();
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(Duration::from_secs(30), out.send(msg)).await;
-                });
+                // Behind the records queued for it (bounded wait); one answer waits at most.
+                if !m.answer_waiting.swap(true, Ordering::AcqRel) {
+                    let out = m.out.clone();
+                    let waiting = m.answer_waiting.clone();
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(Duration::from_secs(30), out.send(msg)).await;
+                        waiting.store(false, Ordering::Release);
+                    });
+                }
             }
         }
     }
@@ -1044,11 +1067,15 @@ impl Group {
         let Some(m) = self.members.get_mut(&member) else {
             return;
         };
-        m.stop_reader(p);
+        let reader = m.stop_reader(p);
         self.revoking.insert(p, Instant::now());
         let out = m.out.clone();
-        // After every record of it already queued for the member.
+        // After every record of it the reader queued for the member: the reader is stopped
+        // first (an abort takes effect at its next await, so wait for it to end).
         tokio::spawn(async move {
+            if let Some(r) = reader {
+                let _ = r.await;
+            }
             let _ = out
                 .send(down(Down::Revoke(pb::Revoke {
                     partitions: vec![p],
@@ -1220,7 +1247,9 @@ impl Group {
                 .iter()
                 .map(|(p, (_, d))| (*p, d.load(Ordering::Acquire)))
                 .filter(|(p, o)| {
-                    !self.revoking.contains_key(p) && self.committed[*p as usize] != Some(*o)
+                    *o != NOT_STARTED
+                        && !self.revoking.contains_key(p)
+                        && self.committed[*p as usize] != Some(*o)
                 })
                 .collect();
             if !offsets.is_empty() {
@@ -1258,7 +1287,7 @@ impl Group {
                 counts: part
                     .window
                     .iter()
-                    .filter(|(_, s)| s.count > 0)
+                    .filter(|(_, s)| s.count > 1 || matches!(s.state, SlotState::Ready(_)))
                     .map(|(o, s)| (*o, s.count))
                     .take(QUEUE_WINDOW_MAX)
                     .collect(),
@@ -1347,8 +1376,10 @@ impl Group {
                 });
                 let Some((p, o)) = found else { break };
                 let part = &mut self.parts[p];
-                part.dirty = true;
                 let slot = part.window.get_mut(&o).expect("found");
+                // A first delivery is not written down (a successor that does not know of it
+                // delivers the record again as its first).
+                part.dirty |= slot.count > 0;
                 slot.count += 1;
                 slot.state = SlotState::Out {
                     member: id,
@@ -1375,13 +1406,13 @@ impl Group {
             }));
             if m.out.try_send(msg).is_err() {
                 // Its stream is full or closed: they go to others.
+                m.in_flight = m.in_flight.saturating_sub(refs.len() as u32);
                 for (p, o) in refs {
                     if let Some(slot) = self.parts[p as usize].window.get_mut(&o) {
-                        slot.count -= 1;
+                        slot.count = slot.count.saturating_sub(1);
                         slot.state = SlotState::Ready(now);
                     }
                 }
-                m.in_flight = 0;
             }
         }
     }
@@ -1589,6 +1620,17 @@ async fn write_dead_letters(
             .await
             {
                 Ok(()) => break,
+                Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                    // It can never be written (e.g. larger than the dead-letter topic takes).
+                    tracing::error!(
+                        group,
+                        dlq,
+                        partition = p,
+                        offset = o,
+                        "dead letter refused, record dropped: {s}"
+                    );
+                    break;
+                }
                 Err(s) => {
                     tracing::warn!(
                         group,

@@ -448,6 +448,7 @@ impl Partition {
                 .unwrap_or_default(),
             positions: self.log.positions(),
             uid: self.uid,
+            quorum_acked: m.last_quorum_acked.map(|at| at.elapsed()),
         }
     }
 
@@ -545,15 +546,20 @@ impl Partition {
                     batches.push(full.finish());
                     batch_seqs.push(None);
                 }
-                let mut seq = ps.first.0;
-                let mut own = BatchBuilder::new(batch_max).producer(ps.id, Sequence(seq));
+                // i64: the sequence after the last record may pass i32::MAX (validated: the
+                // records' own do not).
+                let mut seq = ps.first.0 as i64;
+                let mut own = BatchBuilder::new(batch_max).producer(ps.id, Sequence(seq as i32));
                 let mut own_first = seq;
+                let mut ranges = Vec::new();
                 for r in records {
                     if own.push(r).is_err() {
-                        let next = BatchBuilder::new(batch_max).producer(ps.id, Sequence(seq));
+                        let next =
+                            BatchBuilder::new(batch_max).producer(ps.id, Sequence(seq as i32));
                         let full = std::mem::replace(&mut own, next);
                         batches.push(full.finish());
-                        batch_seqs.push(Some((ps.id, own_first, seq - 1)));
+                        ranges.push((ps.id, own_first as i32, (seq - 1) as i32));
+                        batch_seqs.push(ranges.last().copied());
                         own_first = seq;
                         if let Err(e) = own.push(r) {
                             failed[ri] = Some(CoreError::Log(e.into()));
@@ -565,7 +571,16 @@ impl Partition {
                 }
                 if !own.is_empty() {
                     batches.push(own.finish());
-                    batch_seqs.push(Some((ps.id, own_first, seq - 1)));
+                    ranges.push((ps.id, own_first as i32, (seq - 1) as i32));
+                    batch_seqs.push(ranges.last().copied());
+                }
+                // In flight from now on: a later request of this call (a retry through another
+                // node, or the next of a pipelined stream) is checked against them.
+                {
+                    let mut pending = self.pending.borrow_mut();
+                    for (id, f, l) in ranges {
+                        pending.entry(id).or_default().push((f, l));
+                    }
                 }
                 places.push(p);
                 continue;
@@ -589,13 +604,7 @@ impl Partition {
             batches.push(builder.finish());
             batch_seqs.push(None);
         }
-        // In flight until their writes end (whatever the outcome).
-        {
-            let mut pending = self.pending.borrow_mut();
-            for (id, f, l) in batch_seqs.iter().flatten() {
-                pending.entry(*id).or_default().push((*f, *l));
-            }
-        }
+        // `pending` holds the idempotent batches until their writes end (whatever the outcome).
         let batches: Vec<_> = batches
             .into_iter()
             .map(|b| b.map_err(|e| CoreError::Log(e.into())))
@@ -824,6 +833,82 @@ mod tests {
                     .map(|b| b.record_count() as usize)
                     .sum();
                 assert_eq!(data, 3);
+                p.close().await.unwrap();
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    #[test]
+    fn idempotent_requests_arriving_together_are_checked_against_each_other() {
+        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .spawn(|| async {
+                let dir = tempfile::tempdir().unwrap();
+                let replica = ReplicaSettings {
+                    node_id: 1,
+                    member: Default::default(),
+                    timing: Default::default(),
+                    transport: None,
+                };
+                let key = PartitionKey {
+                    topic: "t".into(),
+                    partition: 0,
+                };
+                let voters = BTreeMap::from([(1, Member::default())]);
+                let config = crate::log::LogConfig {
+                    retention_ms: None,
+                    ..crate::log::LogConfig::default()
+                };
+                let p = Partition::open(key, 0, dir.path(), config, &replica, voters, 0)
+                    .await
+                    .unwrap();
+                let id = ProducerId(7);
+                let seq = |first: i32| {
+                    Some(ProducerSeq {
+                        id,
+                        first: Sequence(first),
+                    })
+                };
+                let (a_tx, a_rx) = oneshot::channel();
+                let (dup_tx, dup_rx) = oneshot::channel();
+                let (next_tx, next_rx) = oneshot::channel();
+                let (last_tx, last_rx) = oneshot::channel();
+                // In one call: sequences 0..2, the same again (a retry through another node),
+                // then 2..3 (pipelined), then a request ending at i32::MAX.
+                p.append(vec![
+                    (vec![rec(10), rec(10)], seq(0), a_tx),
+                    (vec![rec(10), rec(10)], seq(0), dup_tx),
+                    (vec![rec(10)], seq(2), next_tx),
+                ])
+                .await;
+                let a = a_rx.await.unwrap().unwrap().into_result().unwrap();
+                assert!(matches!(dup_rx.await.unwrap(), Err(CoreError::InFlight)));
+                let next = next_rx.await.unwrap().unwrap().into_result().unwrap();
+                assert_eq!(next.offsets, vec![a.offsets[1].plus(1)]);
+                // Sent again once committed: answered with the same offsets.
+                let (again_tx, again_rx) = oneshot::channel();
+                p.append(vec![(vec![rec(10), rec(10)], seq(0), again_tx)])
+                    .await;
+                let again = again_rx.await.unwrap().unwrap().into_result().unwrap();
+                assert_eq!(again.offsets, a.offsets);
+                // A producer whose sequence reaches i32::MAX (no overflow past its last).
+                let big = Some(ProducerSeq {
+                    id: ProducerId(8),
+                    first: Sequence(i32::MAX - 1),
+                });
+                p.append(vec![(vec![rec(10), rec(10)], big, last_tx)]).await;
+                assert_eq!(
+                    last_rx
+                        .await
+                        .unwrap()
+                        .unwrap()
+                        .into_result()
+                        .unwrap()
+                        .offsets
+                        .len(),
+                    2
+                );
                 p.close().await.unwrap();
             })
             .unwrap()

@@ -113,6 +113,9 @@ pub struct ReplicaState {
     pub positions: Positions,
     /// Topic incarnation this replica belongs to.
     pub uid: u64,
+    /// On the leader: how long ago a quorum last acknowledged it (a leader cut off from the
+    /// others keeps believing it leads; this ages).
+    pub quorum_acked: Option<std::time::Duration>,
 }
 
 /// Offsets given to the records of one append, in order.
