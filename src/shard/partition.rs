@@ -21,7 +21,7 @@ use super::request::{
     ProducerSeq, ReplicaSettings, ReplicaState, Reply,
 };
 use crate::log::batch::HEADER_LEN;
-use crate::log::{BatchBuilder, Log, LogConfig, LogError, ReadBound, Record};
+use crate::log::{Batch, BatchBuilder, Log, LogConfig, LogError, ReadBound, Record};
 use crate::proto::internal as pb;
 use crate::raft::group::{self, NoPeers, PartitionGroup};
 use crate::raft::producers::SeqCheck;
@@ -40,6 +40,97 @@ type Waiters = Rc<RefCell<Vec<oneshot::Sender<()>>>>;
 
 /// One append request as the core hands it over: records, idempotent producer, reply.
 pub type AppendRequest = (Vec<Record>, Option<ProducerSeq>, Reply<Appended>);
+
+/// A producer's sequence range in one batch: (producer, first, last).
+type SeqRange = (ProducerId, i32, i32);
+
+/// Packs the records of one append call into batches. Records of requests without a producer
+/// share batches; an idempotent producer's request gets batches of its own, each stamped with
+/// the producer and the sequence number of its first record.
+struct Batcher {
+    batch_max: usize,
+    batches: Vec<Result<Batch, CoreError>>,
+    /// Per batch: the sequence range it carries, if any.
+    seqs: Vec<Option<SeqRange>>,
+    builder: BatchBuilder,
+    /// While a producer's request is being placed: its id, the sequence of the current batch's
+    /// first record and of the next record (i64: the one after the last may pass i32::MAX).
+    producer: Option<(ProducerId, i64, i64)>,
+    /// The ranges of the producer's request being placed.
+    ranges: Vec<SeqRange>,
+}
+
+impl Batcher {
+    fn new(batch_max: usize) -> Batcher {
+        Batcher {
+            batch_max,
+            batches: Vec::new(),
+            seqs: Vec::new(),
+            builder: BatchBuilder::new(batch_max),
+            producer: None,
+            ranges: Vec::new(),
+        }
+    }
+
+    fn next_builder(&self) -> BatchBuilder {
+        let b = BatchBuilder::new(self.batch_max);
+        match self.producer {
+            Some((id, _, next)) => b.producer(id, Sequence(next as i32)),
+            None => b,
+        }
+    }
+
+    /// Closes the current batch, if it has records.
+    fn seal(&mut self) {
+        if self.builder.is_empty() {
+            return;
+        }
+        let next = self.next_builder();
+        let full = std::mem::replace(&mut self.builder, next);
+        self.batches
+            .push(full.finish().map_err(|e| CoreError::Log(e.into())));
+        let range = self.producer.as_mut().map(|(id, first, next)| {
+            let r = (*id, *first as i32, (*next - 1) as i32);
+            *first = *next;
+            r
+        });
+        self.ranges.extend(range);
+        self.seqs.push(range);
+    }
+
+    /// The next records are an idempotent producer's, from sequence `ps.first`.
+    fn start_producer(&mut self, ps: &ProducerSeq) {
+        self.seal();
+        let first = ps.first.0 as i64;
+        self.producer = Some((ps.id, first, first));
+        self.builder = self.next_builder();
+    }
+
+    /// The producer's request is placed: answers the sequence ranges of its batches.
+    fn end_producer(&mut self) -> Vec<SeqRange> {
+        self.seal();
+        self.producer = None;
+        self.builder = self.next_builder();
+        std::mem::take(&mut self.ranges)
+    }
+
+    /// Places a record: (batch, index in it). The record fits an empty batch (checked).
+    fn push(&mut self, r: &Record) -> Result<(usize, u32), CoreError> {
+        if self.builder.push(r).is_err() {
+            self.seal();
+            self.builder.push(r).map_err(|e| CoreError::Log(e.into()))?;
+        }
+        if let Some((_, _, next)) = &mut self.producer {
+            *next += 1;
+        }
+        Ok((self.batches.len(), self.builder.record_count() - 1))
+    }
+
+    fn finish(mut self) -> (Vec<Result<Batch, CoreError>>, Vec<Option<SeqRange>>) {
+        self.seal();
+        (self.batches, self.seqs)
+    }
+}
 
 pub struct Partition {
     /// The group has other voters (heartbeats and elections are driven by the core).
@@ -480,14 +571,13 @@ impl Partition {
             None
         };
         // Build batches; remember which (batch, index) each record landed in.
-        let mut batches = Vec::new();
-        // Per batch: the producer and sequence range it carries (to clear from `pending`).
-        let mut batch_seqs: Vec<Option<(ProducerId, i32, i32)>> = Vec::new();
-        let mut builder = BatchBuilder::new(batch_max);
+        let mut batcher = Batcher::new(batch_max);
         let mut places: Vec<Vec<(usize, u32)>> = Vec::with_capacity(requests.len());
-        let mut failed: Vec<Option<CoreError>> = vec![None; requests.len()];
-        let mut duplicate: Vec<Option<Vec<Offset>>> = vec![None; requests.len()];
+        // Requests answered without writing: offsets of a retry already committed, or why not.
+        let mut answered: Vec<Option<Result<Vec<Offset>, CoreError>>> =
+            (0..requests.len()).map(|_| None).collect();
         for (ri, (records, producer, _)) in requests.iter().enumerate() {
+            places.push(Vec::with_capacity(records.len()));
             // A request with a record too large for any batch is refused whole, before any of
             // its records is placed: nothing of it is written.
             let biggest = records
@@ -496,119 +586,49 @@ impl Partition {
                 .max()
                 .unwrap_or(0);
             if HEADER_LEN + biggest > batch_max {
-                failed[ri] = Some(CoreError::Log(LogError::BatchTooLarge {
+                answered[ri] = Some(Err(CoreError::Log(LogError::BatchTooLarge {
                     len: HEADER_LEN + biggest,
                     max: batch_max,
-                }));
-                places.push(Vec::new());
+                })));
                 continue;
             }
-            let mut p = Vec::with_capacity(records.len());
             if let Some(ps) = producer {
-                if let Some(Err(e)) = &idempotent_ready {
-                    failed[ri] = Some(e.clone());
-                    places.push(p);
-                    continue;
-                }
-                let check = {
-                    let pending = self.pending.borrow();
-                    let mine = pending.get(&ps.id).map_or(&[][..], |v| &v[..]);
-                    self.store
-                        .producers()
-                        .check(ps.id, ps.first.0, records.len() as u32, mine)
+                let check = match &idempotent_ready {
+                    Some(Err(e)) => Err(e.clone()),
+                    _ => self.check_sequences(ps, records.len()),
                 };
                 match check {
-                    SeqCheck::Append => {}
-                    SeqCheck::Duplicate(offsets) => {
-                        tracing::debug!(partition = %self.key, producer = ps.id.0, first = ps.first.0, "retried sequences answered, not written again");
-                        duplicate[ri] = Some(offsets);
-                        places.push(p);
+                    Ok(None) => batcher.start_producer(ps),
+                    Ok(Some(offsets)) => {
+                        answered[ri] = Some(Ok(offsets));
                         continue;
                     }
-                    SeqCheck::InFlight => {
-                        failed[ri] = Some(CoreError::InFlight);
-                        places.push(p);
-                        continue;
-                    }
-                    SeqCheck::OutOfOrder { expected } => {
-                        failed[ri] = Some(CoreError::OutOfOrder {
-                            producer: ps.id.0,
-                            expected,
-                            got: ps.first.0 as i64,
-                        });
-                        places.push(p);
+                    Err(e) => {
+                        answered[ri] = Some(Err(e));
                         continue;
                     }
                 }
-                // Batches of its own: one producer and sequence range each.
-                if !builder.is_empty() {
-                    let full = std::mem::replace(&mut builder, BatchBuilder::new(batch_max));
-                    batches.push(full.finish());
-                    batch_seqs.push(None);
-                }
-                // i64: the sequence after the last record may pass i32::MAX (validated: the
-                // records' own do not).
-                let mut seq = ps.first.0 as i64;
-                let mut own = BatchBuilder::new(batch_max).producer(ps.id, Sequence(seq as i32));
-                let mut own_first = seq;
-                let mut ranges = Vec::new();
-                for r in records {
-                    if own.push(r).is_err() {
-                        let next =
-                            BatchBuilder::new(batch_max).producer(ps.id, Sequence(seq as i32));
-                        let full = std::mem::replace(&mut own, next);
-                        batches.push(full.finish());
-                        ranges.push((ps.id, own_first as i32, (seq - 1) as i32));
-                        batch_seqs.push(ranges.last().copied());
-                        own_first = seq;
-                        if let Err(e) = own.push(r) {
-                            failed[ri] = Some(CoreError::Log(e.into()));
-                            break;
-                        }
-                    }
-                    p.push((batches.len(), own.record_count() - 1));
-                    seq += 1;
-                }
-                if !own.is_empty() {
-                    batches.push(own.finish());
-                    ranges.push((ps.id, own_first as i32, (seq - 1) as i32));
-                    batch_seqs.push(ranges.last().copied());
-                }
-                // In flight from now on: a later request of this call (a retry through another
-                // node, or the next of a pipelined stream) is checked against them.
-                {
-                    let mut pending = self.pending.borrow_mut();
-                    for (id, f, l) in ranges {
-                        pending.entry(id).or_default().push((f, l));
-                    }
-                }
-                places.push(p);
-                continue;
             }
             for r in records {
-                if builder.push(r).is_err() {
-                    // Full: start the next batch. The record fits an empty one (checked above).
-                    let full = std::mem::replace(&mut builder, BatchBuilder::new(batch_max));
-                    batches.push(full.finish());
-                    batch_seqs.push(None);
-                    if let Err(e) = builder.push(r) {
-                        failed[ri] = Some(CoreError::Log(e.into()));
+                match batcher.push(r) {
+                    Ok(place) => places[ri].push(place),
+                    Err(e) => {
+                        answered[ri] = Some(Err(e));
                         break;
                     }
                 }
-                p.push((batches.len(), builder.record_count() - 1));
             }
-            places.push(p);
+            if producer.is_some() {
+                // In flight from now on: a later request of this call (a retry through another
+                // node, or the next of a pipelined stream) is checked against them.
+                let mut pending = self.pending.borrow_mut();
+                for (id, f, l) in batcher.end_producer() {
+                    pending.entry(id).or_default().push((f, l));
+                }
+            }
         }
-        if !builder.is_empty() {
-            batches.push(builder.finish());
-            batch_seqs.push(None);
-        }
+        let (batches, batch_seqs) = batcher.finish();
         // `pending` holds the idempotent batches until their writes end (whatever the outcome).
-        let batches: Vec<_> = batches
-            .into_iter()
-            .map(|b| b.map_err(|e| CoreError::Log(e.into())))
-            .collect();
         // Propose every batch at once: Raft orders them as proposed, and one fsync covers all.
         let appends = batches.iter().map(|b| async {
             match b {
@@ -624,7 +644,7 @@ impl Partition {
         tracing::trace!(partition = %self.key, batches = batches.len(), "appending");
         let results = futures::future::join_all(appends).await;
         tracing::trace!(partition = %self.key, "appended");
-        {
+        if batch_seqs.iter().any(Option::is_some) {
             let mut pending = self.pending.borrow_mut();
             for (id, f, l) in batch_seqs.iter().flatten() {
                 if let Some(v) = pending.get_mut(id) {
@@ -638,17 +658,14 @@ impl Partition {
             }
         }
         for (ri, (records, _, reply)) in requests.into_iter().enumerate() {
-            if let Some(offsets) = duplicate[ri].take() {
-                let _ = reply.send(Ok(Appended::Done(AppendAck { offsets })));
-                continue;
-            }
-            if let Some(e) = failed[ri].take() {
-                let answer = match e {
+            if let Some(early) = answered[ri].take() {
+                let answer = match early {
+                    Ok(offsets) => Ok(Appended::Done(AppendAck { offsets })),
                     // Nothing of it was written: the caller may send it to the leader.
-                    CoreError::NotLeader { leader } if places[ri].is_empty() => {
+                    Err(CoreError::NotLeader { leader }) if places[ri].is_empty() => {
                         Ok(Appended::NotLeader { leader, records })
                     }
-                    e => Err(e),
+                    Err(e) => Err(e),
                 };
                 let _ = reply.send(answer);
                 continue;
@@ -677,6 +694,35 @@ impl Partition {
                     .map(|offsets| Appended::Done(AppendAck { offsets }))
             };
             let _ = reply.send(answer);
+        }
+    }
+
+    /// Checks an idempotent request of `count` records against the producer's committed
+    /// batches and those in flight: `None` to append it, the offsets of a retry already
+    /// committed, or why it is refused.
+    fn check_sequences(
+        &self,
+        ps: &ProducerSeq,
+        count: usize,
+    ) -> Result<Option<Vec<Offset>>, CoreError> {
+        let pending = self.pending.borrow();
+        let mine = pending.get(&ps.id).map_or(&[][..], |v| &v[..]);
+        match self
+            .store
+            .producers()
+            .check(ps.id, ps.first.0, count as u32, mine)
+        {
+            SeqCheck::Append => Ok(None),
+            SeqCheck::Duplicate(offsets) => {
+                tracing::debug!(partition = %self.key, producer = ps.id.0, first = ps.first.0, "retried sequences answered, not written again");
+                Ok(Some(offsets))
+            }
+            SeqCheck::InFlight => Err(CoreError::InFlight),
+            SeqCheck::OutOfOrder { expected } => Err(CoreError::OutOfOrder {
+                producer: ps.id.0,
+                expected,
+                got: ps.first.0 as i64,
+            }),
         }
     }
 
@@ -775,6 +821,24 @@ mod tests {
         }
     }
 
+    /// Partition t/0 of a one-voter group on node 1.
+    async fn single_voter(dir: &Path, config: crate::log::LogConfig) -> Partition {
+        let replica = ReplicaSettings {
+            node_id: 1,
+            member: Default::default(),
+            timing: Default::default(),
+            transport: None,
+        };
+        let key = PartitionKey {
+            topic: "t".into(),
+            partition: 0,
+        };
+        let voters = BTreeMap::from([(1, Member::default())]);
+        Partition::open(key, 0, dir, config, &replica, voters, 0)
+            .await
+            .unwrap()
+    }
+
     #[test]
     fn a_request_with_an_oversized_record_writes_nothing_of_itself() {
         glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
@@ -786,20 +850,7 @@ mod tests {
                     retention_ms: None,
                     ..crate::log::LogConfig::default()
                 };
-                let replica = ReplicaSettings {
-                    node_id: 1,
-                    member: Default::default(),
-                    timing: Default::default(),
-                    transport: None,
-                };
-                let key = PartitionKey {
-                    topic: "t".into(),
-                    partition: 0,
-                };
-                let voters = BTreeMap::from([(1, Member::default())]);
-                let p = Partition::open(key, 0, dir.path(), config, &replica, voters, 0)
-                    .await
-                    .unwrap();
+                let p = single_voter(dir.path(), config).await;
                 let (ok_tx, ok_rx) = oneshot::channel();
                 let (bad_tx, bad_rx) = oneshot::channel();
                 // Together: a good request (3 records, spilling over two batches), then a
@@ -845,24 +896,11 @@ mod tests {
         glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
             .spawn(|| async {
                 let dir = tempfile::tempdir().unwrap();
-                let replica = ReplicaSettings {
-                    node_id: 1,
-                    member: Default::default(),
-                    timing: Default::default(),
-                    transport: None,
-                };
-                let key = PartitionKey {
-                    topic: "t".into(),
-                    partition: 0,
-                };
-                let voters = BTreeMap::from([(1, Member::default())]);
                 let config = crate::log::LogConfig {
                     retention_ms: None,
                     ..crate::log::LogConfig::default()
                 };
-                let p = Partition::open(key, 0, dir.path(), config, &replica, voters, 0)
-                    .await
-                    .unwrap();
+                let p = single_voter(dir.path(), config).await;
                 let id = ProducerId(7);
                 let seq = |first: i32| {
                     Some(ProducerSeq {
