@@ -194,6 +194,17 @@ impl Command {
         }
     }
 
+    /// Whether applying it can change which partitions a node should hold (group positions
+    /// and producer ids cannot).
+    pub fn places_partitions(&self) -> bool {
+        !matches!(
+            self,
+            Command::CommitOffsets { .. }
+                | Command::QueueProgress { .. }
+                | Command::AllocateProducerId
+        )
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
     }

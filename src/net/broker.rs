@@ -129,6 +129,14 @@ impl Drop for InFlight {
 /// Metadata a forwarded request carries, so it is not forwarded again.
 pub const FORWARDED: &str = "tern-forwarded";
 
+/// A request a node forwards to another: marked, so that one does not forward it again.
+pub fn forwarded<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    r
+}
+
 impl Broker {
     /// Opens the metadata group and starts following it. A node that runs alone has replayed
     /// the metadata and opened every partition when this returns; a node of a cluster does
@@ -530,10 +538,7 @@ impl Broker {
         };
         let mut target = to;
         for attempt in 0..2 {
-            let mut request = tonic::Request::new(req.clone());
-            request
-                .metadata_mut()
-                .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+            let mut request = forwarded(req.clone());
             request.set_timeout(FORWARD_TIMEOUT);
             match self.peer_client(target)?.publish(request).await {
                 Ok(resp) => {
@@ -597,6 +602,11 @@ impl Broker {
 
     /// The metadata group's leader as this node knows it.
     pub async fn metadata_leader(&self) -> Option<NodeId> {
+        self.metadata_replica().await.and_then(|s| s.leader)
+    }
+
+    /// What this node's replica of the metadata group knows of it.
+    async fn metadata_replica(&self) -> Option<ReplicaState> {
         let key = PartitionKey::metadata();
         self.shards
             .ask(self.shards.core_of(&key), |reply| CoreRequest::Replica {
@@ -605,22 +615,13 @@ impl Broker {
             })
             .await
             .ok()
-            .and_then(|s| s.leader)
     }
 
     /// Whether this node leads the metadata group and a quorum acknowledged it within an
     /// election timeout (a leader cut off from the others would otherwise go on coordinating
     /// groups next to the new leader).
     pub async fn coordinates(&self) -> bool {
-        let key = PartitionKey::metadata();
-        let Ok(s) = self
-            .shards
-            .ask(self.shards.core_of(&key), |reply| CoreRequest::Replica {
-                key,
-                reply,
-            })
-            .await
-        else {
+        let Some(s) = self.metadata_replica().await else {
             return false;
         };
         let fresh = Duration::from_millis(self.config.raft_election_timeout_ms);

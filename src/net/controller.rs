@@ -462,16 +462,9 @@ impl Follower {
                 }
                 match Command::decode(r.value) {
                     Ok(cmd) => {
-                        // Group positions and producer ids change no partition here.
-                        let placement = !matches!(
-                            cmd,
-                            Command::CommitOffsets { .. }
-                                | Command::QueueProgress { .. }
-                                | Command::AllocateProducerId
-                        );
+                        moved |= cmd.places_partitions();
                         deleted.extend(self.state.apply(cmd));
                         changed = true;
-                        moved |= placement;
                     }
                     Err(e) => {
                         tracing::error!(offset = r.offset.0, error = %e, "skipping a metadata record")

@@ -30,13 +30,16 @@ use tonic::Status;
 use super::broker::{Broker, Outgoing, Topic};
 use super::status::{from_core, range_of};
 use super::{controller, service, validate};
-use crate::cluster::{Command, GROUPS_MAX, QUEUE_WINDOW_MAX};
+use crate::cluster::{Command, GroupOffsets, GROUPS_MAX, QUEUE_WINDOW_MAX};
 use crate::log::{Header, Record, HEADERS_PER_RECORD_MAX};
 use crate::proto::v1 as pb;
 use crate::proto::v1::consume_request::Kind;
 use crate::proto::v1::consume_response::Kind as Down;
 use crate::shard::ProducerSeq;
 use crate::types::{ProducerId, Sequence, TimestampMs};
+
+/// What a member's join hears when its group stopped meanwhile.
+const STOPPED: &str = "the group coordinator stopped; join again";
 
 /// (group, topic).
 pub type GroupKey = (String, String);
@@ -119,8 +122,7 @@ pub fn validate_join(
     j: pb::JoinGroup,
 ) -> Result<(GroupKey, Mode, Settings), Status> {
     let bad = |m: String| Err(Status::invalid_argument(m));
-    crate::cluster::validate_topic_name(&j.group)
-        .map_err(|e| Status::invalid_argument(format!("group name: {e}")))?;
+    validate::group_name(&j.group)?;
     let topic = broker.topic(&j.topic)?;
     let mode = match pb::GroupMode::try_from(j.mode) {
         Ok(pb::GroupMode::Stream) => Mode::Stream,
@@ -190,8 +192,7 @@ pub fn validate_refs(
     topic: &str,
     refs: &[pb::DeliveryRef],
 ) -> Result<Vec<(u32, u64)>, Status> {
-    crate::cluster::validate_topic_name(group)
-        .map_err(|e| Status::invalid_argument(format!("group name: {e}")))?;
+    validate::group_name(group)?;
     validate::topic_name(topic)?;
     if refs.len() > REFS_MAX {
         return Err(Status::invalid_argument(format!(
@@ -199,7 +200,20 @@ pub fn validate_refs(
             refs.len()
         )));
     }
-    Ok(refs.iter().map(|r| (r.partition, r.offset)).collect())
+    Ok(delivery_refs(refs))
+}
+
+/// (partition, offset) of at most [`REFS_MAX`] deliveries.
+fn delivery_refs(refs: &[pb::DeliveryRef]) -> Vec<(u32, u64)> {
+    refs.iter()
+        .take(REFS_MAX)
+        .map(|r| (r.partition, r.offset))
+        .collect()
+}
+
+/// A nack's redelivery delay, capped at an hour.
+pub fn nack_delay(ms: u32) -> Duration {
+    Duration::from_millis(ms.min(3_600_000) as u64)
 }
 
 enum Event {
@@ -308,10 +322,8 @@ impl Groups {
             reply,
         })
         .await
-        .map_err(|_| Status::unavailable("the group's coordinator stopped; join again"))?;
-        answer
-            .await
-            .map_err(|_| Status::unavailable("the group's coordinator stopped; join again"))?
+        .map_err(|_| Status::unavailable(STOPPED))?;
+        answer.await.map_err(|_| Status::unavailable(STOPPED))?
     }
 
     /// A member's request.
@@ -327,40 +339,44 @@ impl Groups {
         }
     }
 
+    /// Asks a group's task; `None` if it is not running (or stopped meanwhile).
+    async fn ask<T>(
+        tx: &mpsc::Sender<Event>,
+        event: impl FnOnce(oneshot::Sender<T>) -> Event,
+    ) -> Option<T> {
+        let (reply, answer) = oneshot::channel();
+        tx.send(event(reply)).await.ok()?;
+        answer.await.ok()
+    }
+
     pub async fn ack(&self, key: &GroupKey, refs: Vec<(u32, u64)>) -> u32 {
         let Some(tx) = self.actor(key) else { return 0 };
-        let (reply, answer) = oneshot::channel();
-        if tx.send(Event::Ack { refs, reply }).await.is_err() {
-            return 0;
-        }
-        answer.await.unwrap_or(0)
+        Self::ask(&tx, |reply| Event::Ack { refs, reply })
+            .await
+            .unwrap_or(0)
     }
 
     pub async fn nack(&self, key: &GroupKey, refs: Vec<(u32, u64)>, delay: Duration) -> u32 {
         let Some(tx) = self.actor(key) else { return 0 };
-        let (reply, answer) = oneshot::channel();
-        if tx.send(Event::Nack { refs, delay, reply }).await.is_err() {
-            return 0;
-        }
-        answer.await.unwrap_or(0)
+        Self::ask(&tx, |reply| Event::Nack { refs, delay, reply })
+            .await
+            .unwrap_or(0)
     }
 
-    /// Active groups: (group, topic) → (mode, members).
-    async fn active(&self) -> Vec<(GroupKey, pb::GroupInfo)> {
+    /// The running groups `which` selects, as they describe themselves.
+    async fn active(&self, which: impl Fn(&GroupKey) -> bool) -> Vec<(GroupKey, pb::GroupInfo)> {
         let actors: Vec<_> = self
             .actors
             .lock()
             .expect("groups lock")
             .iter()
+            .filter(|(k, _)| which(k))
             .map(|(k, a)| (k.clone(), a.tx.clone()))
             .collect();
         let mut out = Vec::new();
         for (k, tx) in actors {
-            let (reply, answer) = oneshot::channel();
-            if tx.send(Event::Describe { reply }).await.is_ok() {
-                if let Ok(info) = answer.await {
-                    out.push((k, info));
-                }
+            if let Some(info) = Self::ask(&tx, |reply| Event::Describe { reply }).await {
+                out.push((k, info));
             }
         }
         out
@@ -374,16 +390,12 @@ impl Groups {
                 pb::GroupSummary {
                     group: g.clone(),
                     topic: t.clone(),
-                    mode: if o.queue {
-                        pb::GroupMode::Queue
-                    } else {
-                        pb::GroupMode::Stream
-                    } as i32,
+                    mode: saved_mode(o) as i32,
                     members: 0,
                 },
             );
         }
-        for (k, info) in self.active().await {
+        for (k, info) in self.active(|_| true).await {
             all.insert(
                 k.clone(),
                 pb::GroupSummary {
@@ -410,11 +422,7 @@ impl Groups {
                 pb::GroupInfo {
                     group: g.clone(),
                     topic: t.clone(),
-                    mode: if o.queue {
-                        pb::GroupMode::Queue
-                    } else {
-                        pb::GroupMode::Stream
-                    } as i32,
+                    mode: saved_mode(o) as i32,
                     members: vec![],
                     partitions: (0..topic.spec.partitions)
                         .map(|p| pb::GroupPartition {
@@ -426,10 +434,8 @@ impl Groups {
                 },
             );
         }
-        for ((g, t), info) in self.active().await {
-            if g == group {
-                infos.insert(t, info);
-            }
+        for ((_, t), info) in self.active(|k| k.0 == group).await {
+            infos.insert(t, info);
         }
         let mut out: Vec<pb::GroupInfo> = infos.into_values().collect();
         for info in &mut out {
@@ -458,6 +464,15 @@ impl Groups {
             }
         }
         out
+    }
+}
+
+/// The mode of a group known only by its stored positions.
+fn saved_mode(o: &GroupOffsets) -> pb::GroupMode {
+    if o.queue {
+        pb::GroupMode::Queue
+    } else {
+        pb::GroupMode::Stream
     }
 }
 
@@ -611,17 +626,21 @@ impl QueuePart {
     }
 }
 
-/// Writes dead letters one at a time, idempotently.
-struct DeadLetters {
-    tx: mpsc::UnboundedSender<(u32, u64, pb::Record, u32, &'static str)>,
+/// A record on its way to the dead-letter topic.
+struct DeadLetter {
+    partition: u32,
+    offset: u64,
+    record: pb::Record,
+    deliveries: u32,
+    why: &'static str,
 }
 
 struct Group {
     broker: Arc<Broker>,
     key: GroupKey,
     mode: Mode,
+    /// The topic's incarnation the group was loaded for.
     topic: Arc<Topic>,
-    uid: u64,
     members: BTreeMap<u64, Member>,
     /// The settings queue behaviour follows (the last member to join sets them).
     settings: Option<Settings>,
@@ -633,7 +652,8 @@ struct Group {
     parts: Vec<QueuePart>,
     /// Rotates where deliveries start (fairness across members and partitions).
     turn: usize,
-    dead: Option<DeadLetters>,
+    /// To the task writing dead letters, once there was one.
+    dead: Option<mpsc::UnboundedSender<DeadLetter>>,
     producer: ProducerId,
     events: mpsc::WeakSender<Event>,
 }
@@ -649,13 +669,7 @@ async fn run(
     let mut group = match Group::load(broker.clone(), key.clone(), mode, events).await {
         Ok(g) => g,
         Err(s) => {
-            // Refuse the joins that came, then stop.
-            rx.close();
-            while let Some(e) = rx.recv().await {
-                if let Event::Join { reply, .. } = e {
-                    let _ = reply.send(Err(s.clone()));
-                }
-            }
+            refuse_joins(rx, s).await;
             forget(&broker, &key);
             return;
         }
@@ -692,7 +706,7 @@ async fn run(
                     if !broker.coordinates().await {
                         break "this node no longer leads the metadata group";
                     }
-                    if broker.topic(&key.1).map(|t| t.spec.uid).ok() != Some(group.uid) {
+                    if broker.topic(&key.1).map(|t| t.spec.uid).ok() != Some(group.topic.spec.uid) {
                         break "the topic was deleted";
                     }
                 }
@@ -717,15 +731,18 @@ async fn run(
         ));
         tell(&m.out, s);
     }
+    refuse_joins(rx, Status::unavailable(STOPPED)).await;
+    forget(&broker, &key);
+}
+
+/// Closes a stopping group's queue and refuses the joins still in it.
+async fn refuse_joins(mut rx: mpsc::Receiver<Event>, s: Status) {
     rx.close();
     while let Some(e) = rx.recv().await {
         if let Event::Join { reply, .. } = e {
-            let _ = reply.send(Err(Status::unavailable(
-                "the group coordinator stopped; join again",
-            )));
+            let _ = reply.send(Err(s.clone()));
         }
     }
-    forget(&broker, &key);
 }
 
 /// Drops a stopped group's entry (not a newer one's).
@@ -785,7 +802,6 @@ impl Group {
             broker,
             key,
             mode,
-            uid: topic.spec.uid,
             topic,
             members: BTreeMap::new(),
             settings: None,
@@ -887,24 +903,16 @@ impl Group {
                         self.rebalance();
                     }
                     Kind::Ack(a) => {
-                        let refs = a.deliveries.iter().map(|d| (d.partition, d.offset));
-                        self.ack(refs.take(REFS_MAX));
+                        self.ack(delivery_refs(&a.deliveries));
                     }
                     Kind::Nack(n) => {
-                        let delay = Duration::from_millis(n.delay_ms.min(3_600_000) as u64);
-                        let refs: Vec<_> = n
-                            .deliveries
-                            .iter()
-                            .take(REFS_MAX)
-                            .map(|d| (d.partition, d.offset))
-                            .collect();
-                        self.nack(refs, delay);
+                        self.nack(delivery_refs(&n.deliveries), nack_delay(n.delay_ms));
                     }
                 }
             }
             Event::Leave { member } => self.remove(member, None),
             Event::Ack { refs, reply } => {
-                let _ = reply.send(self.ack(refs.into_iter()));
+                let _ = reply.send(self.ack(refs));
             }
             Event::Nack { refs, delay, reply } => {
                 let _ = reply.send(self.nack(refs, delay));
@@ -947,7 +955,7 @@ impl Group {
             let cmd = Command::CommitOffsets {
                 group: self.key.0.clone(),
                 topic: self.key.1.clone(),
-                uid: self.uid,
+                uid: self.topic.spec.uid,
                 offsets: changed.clone(),
             };
             if !self.propose(&cmd).await {
@@ -964,17 +972,7 @@ impl Group {
                     .map(|(partition, offset)| pb::PartitionOffset { partition, offset })
                     .collect(),
             }));
-            if let Err(mpsc::error::TrySendError::Full(msg)) = m.out.try_send(msg) {
-                // Behind the records queued for it (bounded wait); one answer waits at most.
-                if !m.answer_waiting.swap(true, Ordering::AcqRel) {
-                    let out = m.out.clone();
-                    let waiting = m.answer_waiting.clone();
-                    tokio::spawn(async move {
-                        let _ = tokio::time::timeout(Duration::from_secs(30), out.send(msg)).await;
-                        waiting.store(false, Ordering::Release);
-                    });
-                }
-            }
+            send_behind(&m.out, msg, Some(&m.answer_waiting));
         }
     }
 
@@ -1105,7 +1103,7 @@ impl Group {
     }
 
     /// Settles deliveries; answers how many were outstanding.
-    fn ack(&mut self, refs: impl Iterator<Item = (u32, u64)>) -> u32 {
+    fn ack(&mut self, refs: Vec<(u32, u64)>) -> u32 {
         let mut n = 0;
         for (p, o) in refs {
             let Some(part) = self.parts.get_mut(p as usize) else {
@@ -1159,36 +1157,38 @@ impl Group {
         }
         if slot.count >= max {
             slot.state = SlotState::Dead;
-            let record = slot.record.clone();
-            let count = slot.count;
-            self.dead_letter(p, o, record, count, why);
+            let letter = DeadLetter {
+                partition: p,
+                offset: o,
+                record: slot.record.clone(),
+                deliveries: slot.count,
+                why,
+            };
+            self.dead_letter(letter);
         } else {
             slot.state = SlotState::Ready(at);
         }
     }
 
-    fn dead_letter(&mut self, p: u32, o: u64, record: pb::Record, count: u32, why: &'static str) {
-        if self.dead.is_none() {
+    fn dead_letter(&mut self, letter: DeadLetter) {
+        let tx = self.dead.get_or_insert_with(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            let dlq = self
-                .settings
-                .as_ref()
-                .map_or_else(|| format!("{}.dlq", self.key.1), |s| s.dlq.clone());
-            tokio::spawn(write_dead_letters(
-                self.broker.clone(),
-                self.key.0.clone(),
-                self.topic.clone(),
-                dlq,
-                self.producer,
-                rx,
-                self.events.clone(),
-            ));
-            self.dead = Some(DeadLetters { tx });
-        }
-        if let Some(d) = &self.dead {
-            // Bounded by the windows: each record is sent here once.
-            let _ = d.tx.send((p, o, record, count, why));
-        }
+            let writer = DeadLetterWriter {
+                broker: self.broker.clone(),
+                group: self.key.0.clone(),
+                source: self.topic.clone(),
+                dlq: self
+                    .settings
+                    .as_ref()
+                    .map_or_else(|| format!("{}.dlq", self.key.1), |s| s.dlq.clone()),
+                producer: self.producer,
+                sequences: HashMap::new(),
+            };
+            tokio::spawn(writer.run(rx, self.events.clone()));
+            tx
+        });
+        // Bounded by the windows: each record is sent here once.
+        let _ = tx.send(letter);
     }
 
     /// Deadlines: sessions, revokes, acks; auto commits.
@@ -1275,7 +1275,7 @@ impl Group {
             let cmd = Command::QueueProgress {
                 group: self.key.0.clone(),
                 topic: self.key.1.clone(),
-                uid: self.uid,
+                uid: self.topic.spec.uid,
                 partition: p as u32,
                 floor,
                 settled: part
@@ -1306,48 +1306,7 @@ impl Group {
             return;
         }
         for p in 0..self.parts.len() {
-            let part = &mut self.parts[p];
-            if part.fetching
-                || part.window.len() + part.settled.len() >= WINDOW
-                || part.bytes >= WINDOW_BYTES
-                || self.members.is_empty()
-            {
-                continue;
-            }
-            let room = (WINDOW - part.window.len() - part.settled.len()) as u32;
-            part.fetching = true;
-            let broker = self.broker.clone();
-            let topic = self.key.1.clone();
-            let latest = self.settings.as_ref().is_some_and(|s| s.start_latest);
-            let at = part.next_fetch;
-            let events = self.events.clone();
-            tokio::spawn(async move {
-                let at = match at {
-                    Some(a) => Some(a),
-                    None => start_offset(&broker, &topic, p as u32, latest).await,
-                };
-                let result = match at {
-                    Some(at) => read(&broker, &topic, p as u32, at, room).await,
-                    None => Err(Status::unavailable("partition bounds unknown")),
-                };
-                if result.is_err() {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                if let Some(tx) = events.upgrade() {
-                    let _ = tx
-                        .send(Event::Fetched {
-                            partition: p as u32,
-                            result: result.map(|mut r| {
-                                // An empty answer still says where reading started.
-                                if r.records.is_empty() && at.is_some_and(|a| r.next_offset < a) {
-                                    r.next_offset = at.unwrap_or(0);
-                                }
-                                r
-                            }),
-                        })
-                        .await;
-                }
-            });
+            self.fetch_more(p);
         }
         if self.members.is_empty() {
             return;
@@ -1417,6 +1376,46 @@ impl Group {
         }
     }
 
+    /// Queue mode: fetches more of partition `p` if its window has room and there are
+    /// members (one fetch at a time; the answer comes back as an event).
+    fn fetch_more(&mut self, p: usize) {
+        let part = &mut self.parts[p];
+        let held = part.window.len() + part.settled.len();
+        if part.fetching || held >= WINDOW || part.bytes >= WINDOW_BYTES || self.members.is_empty()
+        {
+            return;
+        }
+        part.fetching = true;
+        let room = (WINDOW - held) as u32;
+        let broker = self.broker.clone();
+        let topic = self.key.1.clone();
+        let latest = self.settings.as_ref().is_some_and(|s| s.start_latest);
+        let at = part.next_fetch;
+        let events = self.events.clone();
+        let p = p as u32;
+        tokio::spawn(async move {
+            let at = match at {
+                Some(a) => Some(a),
+                None => start_offset(&broker, &topic, p, latest).await,
+            };
+            let result = match at {
+                Some(at) => read(&broker, &topic, p, at, room).await,
+                None => Err(Status::unavailable("partition bounds unknown")),
+            };
+            if result.is_err() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            if let Some(tx) = events.upgrade() {
+                let _ = tx
+                    .send(Event::Fetched {
+                        partition: p,
+                        result,
+                    })
+                    .await;
+            }
+        });
+    }
+
     fn fetched(&mut self, p: u32, result: Result<pb::FetchResponse, Status>) {
         let Some(part) = self.parts.get_mut(p as usize) else {
             return;
@@ -1472,13 +1471,9 @@ impl Group {
                 .map(|(id, m)| pb::GroupMember {
                     member_id: member_name(*id),
                     name: m.settings.name.clone(),
-                    partitions: {
-                        let mut v: Vec<u32> = (0..self.owner.len() as u32)
-                            .filter(|p| self.owner[*p as usize] == Some(*id))
-                            .collect();
-                        v.sort_unstable();
-                        v
-                    },
+                    partitions: (0..self.owner.len() as u32)
+                        .filter(|p| self.owner[*p as usize] == Some(*id))
+                        .collect(),
                     in_flight: m.in_flight,
                 })
                 .collect(),
@@ -1509,14 +1504,33 @@ impl Group {
     }
 }
 
-/// Ends a member's call with `s`, after what is queued for it (waiting, bounded, for room).
-fn tell(out: &Out, s: Status) {
-    if let Err(mpsc::error::TrySendError::Full(msg)) = out.try_send(Err(s)) {
-        let out = out.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(30), out.send(msg)).await;
-        });
+/// Sends `msg` down a member's stream, after what is queued for it: at once if there is
+/// room, else from a task that waits (at most 30 s) for room. `waiting`, if given, allows one
+/// such task at a time (a second message is dropped meanwhile).
+fn send_behind(
+    out: &Out,
+    msg: Result<pb::ConsumeResponse, Status>,
+    waiting: Option<&Arc<std::sync::atomic::AtomicBool>>,
+) {
+    let Err(mpsc::error::TrySendError::Full(msg)) = out.try_send(msg) else {
+        return;
+    };
+    if waiting.is_some_and(|w| w.swap(true, Ordering::AcqRel)) {
+        return;
     }
+    let out = out.clone();
+    let waiting = waiting.cloned();
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(30), out.send(msg)).await;
+        if let Some(w) = waiting {
+            w.store(false, Ordering::Release);
+        }
+    });
+}
+
+/// Ends a member's call with `s`, after what is queued for it.
+fn tell(out: &Out, s: Status) {
+    send_behind(out, Err(s), None);
 }
 
 fn member_name(id: u64) -> String {
@@ -1592,151 +1606,132 @@ async fn stream_reader(
 
 /// Writes dead letters to the dead-letter topic, one at a time, as an idempotent producer: a
 /// write that failed goes again with the same sequence number, so it lands once.
-async fn write_dead_letters(
+struct DeadLetterWriter {
     broker: Arc<Broker>,
     group: String,
     source: Arc<Topic>,
     dlq: String,
     producer: ProducerId,
-    mut rx: mpsc::UnboundedReceiver<(u32, u64, pb::Record, u32, &'static str)>,
-    events: mpsc::WeakSender<Event>,
-) {
-    let mut sequences: HashMap<u32, i32> = HashMap::new();
-    while let Some((p, o, rec, count, why)) = rx.recv().await {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match dead_letter_once(
-                &broker,
-                &group,
-                &source,
-                &dlq,
-                producer,
-                &mut sequences,
-                p,
-                &rec,
-                count,
-                why,
-            )
-            .await
-            {
-                Ok(()) => break,
-                Err(s) if s.code() == tonic::Code::InvalidArgument => {
-                    // It can never be written (e.g. larger than the dead-letter topic takes).
-                    tracing::error!(
-                        group,
-                        dlq,
-                        partition = p,
-                        offset = o,
-                        "dead letter refused, record dropped: {s}"
-                    );
-                    break;
-                }
-                Err(s) => {
-                    tracing::warn!(
-                        group,
-                        dlq,
-                        partition = p,
-                        offset = o,
-                        "dead letter not written yet: {s}"
-                    );
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                    if events.upgrade().is_none() {
-                        return;
+    /// The next sequence number per dead-letter partition.
+    sequences: HashMap<u32, i32>,
+}
+
+impl DeadLetterWriter {
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<DeadLetter>,
+        events: mpsc::WeakSender<Event>,
+    ) {
+        while let Some(letter) = rx.recv().await {
+            let (group, dlq) = (self.group.clone(), self.dlq.clone());
+            let (partition, offset) = (letter.partition, letter.offset);
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                match self.write(&letter).await {
+                    Ok(()) => break,
+                    Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                        // It can never be written (e.g. larger than the dead-letter topic takes).
+                        tracing::error!(
+                            group,
+                            dlq,
+                            partition,
+                            offset,
+                            "dead letter refused, record dropped: {s}"
+                        );
+                        break;
+                    }
+                    Err(s) => {
+                        tracing::warn!(
+                            group,
+                            dlq,
+                            partition,
+                            offset,
+                            "dead letter not written yet: {s}"
+                        );
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        if events.upgrade().is_none() {
+                            return;
+                        }
                     }
                 }
             }
+            let Some(tx) = events.upgrade() else { return };
+            let _ = tx.send(Event::DeadLettered { partition, offset }).await;
         }
-        let Some(tx) = events.upgrade() else { return };
-        let _ = tx
-            .send(Event::DeadLettered {
-                partition: p,
-                offset: o,
-            })
-            .await;
     }
-}
 
-#[allow(clippy::too_many_arguments)]
-async fn dead_letter_once(
-    broker: &Arc<Broker>,
-    group: &str,
-    source: &Topic,
-    dlq: &str,
-    producer: ProducerId,
-    sequences: &mut HashMap<u32, i32>,
-    p: u32,
-    rec: &pb::Record,
-    count: u32,
-    why: &str,
-) -> Result<(), Status> {
-    let topic = match broker.topic(dlq) {
-        Ok(t) => t,
-        Err(s) if s.code() == tonic::Code::NotFound => {
-            let mut settings = validate::topic_settings(None, &broker.config.topic_defaults)?;
-            // Room for the source's largest record and the headers added to it.
-            settings.max_record_bytes = source
-                .spec
-                .settings
-                .max_record_bytes
-                .saturating_add(64 << 10)
-                .min(8 << 20);
-            let nodes = broker.cluster().nodes.len().max(1) as u32;
-            let rf = source.spec.replication_factor.min(nodes);
-            match controller::create_topic(broker, dlq.to_string(), 1, rf, settings).await {
-                Ok(t) => t,
-                Err(s) if s.code() == tonic::Code::AlreadyExists => broker.topic(dlq)?,
-                Err(s) => return Err(s),
-            }
+    /// The dead-letter topic, created (one partition, room for the source's largest record
+    /// and the headers added to it) if it does not exist.
+    async fn topic(&self) -> Result<Arc<Topic>, Status> {
+        match self.broker.topic(&self.dlq) {
+            Err(s) if s.code() == tonic::Code::NotFound => {}
+            r => return r,
         }
-        Err(s) => return Err(s),
-    };
-    let dp = p % topic.spec.partitions;
-    let seq = *sequences.entry(dp).or_insert(0);
-    let mut headers: Vec<Header> = rec
-        .headers
-        .iter()
-        .take(HEADERS_PER_RECORD_MAX - 6)
-        .map(|h| Header {
-            name: h.key.clone(),
-            value: h.value.clone(),
-        })
-        .collect();
-    for (name, value) in [
-        ("tern-dlq-reason", why.to_string()),
-        ("tern-dlq-topic", rec.topic.clone()),
-        ("tern-dlq-partition", rec.partition.to_string()),
-        ("tern-dlq-offset", rec.offset.to_string()),
-        ("tern-dlq-deliveries", count.to_string()),
-        ("tern-dlq-group", group.to_string()),
-    ] {
-        headers.push(Header {
-            name: name.to_string(),
-            value: Bytes::from(value),
-        });
+        let broker = &self.broker;
+        let mut settings = validate::topic_settings(None, &broker.config.topic_defaults)?;
+        settings.max_record_bytes = (self.source.spec.settings.max_record_bytes)
+            .saturating_add(64 << 10)
+            .min(8 << 20);
+        let nodes = broker.cluster().nodes.len().max(1) as u32;
+        let rf = self.source.spec.replication_factor.min(nodes);
+        match controller::create_topic(broker, self.dlq.clone(), 1, rf, settings).await {
+            Err(s) if s.code() == tonic::Code::AlreadyExists => broker.topic(&self.dlq),
+            r => r,
+        }
     }
-    let record = Record {
-        key: rec.key.clone(),
-        value: rec.value.clone(),
-        headers,
-        timestamp: TimestampMs::now(),
-        ttl_ms: None,
-    };
-    let pending = broker
-        .submit(
-            &topic,
-            vec![Outgoing {
-                partition: Some(dp),
-                record,
-            }],
-            Some(ProducerSeq {
-                id: producer,
-                first: Sequence(seq),
-            }),
-            false,
-        )
-        .await?;
-    pending.await?;
-    sequences.insert(dp, seq + 1);
-    Ok(())
+
+    async fn write(&mut self, letter: &DeadLetter) -> Result<(), Status> {
+        let topic = self.topic().await?;
+        let rec = &letter.record;
+        let dp = letter.partition % topic.spec.partitions;
+        let seq = *self.sequences.entry(dp).or_insert(0);
+        let mut headers: Vec<Header> = rec
+            .headers
+            .iter()
+            .take(HEADERS_PER_RECORD_MAX - 6)
+            .map(|h| Header {
+                name: h.key.clone(),
+                value: h.value.clone(),
+            })
+            .collect();
+        for (name, value) in [
+            ("tern-dlq-reason", letter.why.to_string()),
+            ("tern-dlq-topic", rec.topic.clone()),
+            ("tern-dlq-partition", rec.partition.to_string()),
+            ("tern-dlq-offset", rec.offset.to_string()),
+            ("tern-dlq-deliveries", letter.deliveries.to_string()),
+            ("tern-dlq-group", self.group.clone()),
+        ] {
+            headers.push(Header {
+                name: name.to_string(),
+                value: Bytes::from(value),
+            });
+        }
+        let record = Record {
+            key: rec.key.clone(),
+            value: rec.value.clone(),
+            headers,
+            timestamp: TimestampMs::now(),
+            ttl_ms: None,
+        };
+        let pending = self
+            .broker
+            .submit(
+                &topic,
+                vec![Outgoing {
+                    partition: Some(dp),
+                    record,
+                }],
+                Some(ProducerSeq {
+                    id: self.producer,
+                    first: Sequence(seq),
+                }),
+                false,
+            )
+            .await?;
+        pending.await?;
+        self.sequences.insert(dp, seq + 1);
+        Ok(())
+    }
 }

@@ -7,13 +7,15 @@ use std::time::Duration;
 use futures::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::broker::{Broker, Topic, FORWARDED};
+use super::broker::{forwarded, Broker, Topic, FORWARDED};
 use super::{controller, convert, groups, reassign, subscribe, validate};
 use crate::cluster::Command;
 use crate::config::Config;
 use crate::proto::v1 as pb;
+use crate::proto::v1::tern_client::TernClient;
 use crate::proto::v1::tern_server::Tern;
 use crate::types::Offset;
 
@@ -128,22 +130,23 @@ impl TernService {
 pub(super) async fn fetch(
     broker: &Arc<Broker>,
     r: pb::FetchRequest,
-    forwarded: bool,
+    relayed: bool,
 ) -> Result<pb::FetchResponse, Status> {
     let t = broker.topic(&r.topic)?;
     t.check_partition(r.partition)?;
     if !t.on(broker.node_id(), r.partition) {
         // No replica here: read from one that has it.
-        let Some(&to) = t.replicas(r.partition).first().filter(|_| !forwarded) else {
+        let Some(&to) = t.replicas(r.partition).first().filter(|_| !relayed) else {
             return Err(Status::unavailable(format!(
                 "this node holds no replica of {}/{}",
                 r.topic, r.partition
             )));
         };
-        let mut req = Request::new(r);
-        req.metadata_mut()
-            .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-        return Ok(broker.peer_client(to)?.fetch(req).await?.into_inner());
+        return Ok(broker
+            .peer_client(to)?
+            .fetch(forwarded(r))
+            .await?
+            .into_inner());
     }
     let max_records = match r.max_records as usize {
         0 => FETCH_RECORDS_DEFAULT,
@@ -174,21 +177,27 @@ pub(super) async fn fetch(
 
 /// The node coordinating groups: the metadata leader. A call relayed here by another node is
 /// not relayed again (two nodes with different views must not pass it back and forth).
-async fn coordinator(broker: &Broker, forwarded: bool) -> Result<u64, Status> {
+async fn coordinator<T>(broker: &Broker, request: &Request<T>) -> Result<u64, Status> {
+    let relayed = request.metadata().contains_key(FORWARDED);
     match broker.metadata_leader().await {
-        Some(l) if l == broker.node_id() || !forwarded => Ok(l),
+        Some(l) if l == broker.node_id() || !relayed => Ok(l),
         _ => Err(Status::unavailable(
             "no metadata leader (the group coordinator) here right now; retry",
         )),
     }
 }
 
-/// A request marked as relayed by a node.
-fn relayed<T>(msg: T) -> Request<T> {
-    let mut r = Request::new(msg);
-    r.metadata_mut()
-        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-    r
+/// A client of the group coordinator when it is another node (the call goes there), or
+/// `None` when this node coordinates.
+async fn coordinator_elsewhere<T>(
+    broker: &Broker,
+    request: &Request<T>,
+) -> Result<Option<TernClient<Channel>>, Status> {
+    let c = coordinator(broker, request).await?;
+    if c == broker.node_id() {
+        return Ok(None);
+    }
+    broker.peer_client(c).map(Some)
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -352,10 +361,9 @@ impl Tern for TernService {
         &self,
         request: Request<Streaming<pb::ConsumeRequest>>,
     ) -> Result<Response<Self::ConsumeStream>, Status> {
-        let forwarded = request.metadata().contains_key(FORWARDED);
-        let mut inbound = request.into_inner();
         let broker = self.broker.clone();
-        let coordinator = coordinator(&broker, forwarded).await?;
+        let coordinator = coordinator(&broker, &request).await?;
+        let mut inbound = request.into_inner();
         if coordinator != broker.node_id() {
             // The metadata leader coordinates groups: relay the call to it.
             let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -377,7 +385,7 @@ impl Tern for TernService {
             });
             let resp = broker
                 .peer_client(coordinator)?
-                .consume(relayed(ReceiverStream::new(rx)))
+                .consume(forwarded(ReceiverStream::new(rx)))
                 .await?;
             // A lost connection to the coordinator reads as one, not as an h2 error.
             let relay = resp.into_inner().map(move |r| {
@@ -430,13 +438,8 @@ impl Tern for TernService {
         request: Request<pb::AckRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
         let _call = self.broker.track();
-        let c = coordinator(&self.broker, request.metadata().contains_key(FORWARDED)).await?;
-        if c != self.broker.node_id() {
-            return self
-                .broker
-                .peer_client(c)?
-                .ack(relayed(request.into_inner()))
-                .await;
+        if let Some(mut c) = coordinator_elsewhere(&self.broker, &request).await? {
+            return c.ack(forwarded(request.into_inner())).await;
         }
         let r = request.into_inner();
         let refs = groups::validate_refs(&r.group, &r.topic, &r.deliveries)?;
@@ -449,17 +452,12 @@ impl Tern for TernService {
         request: Request<pb::NackRequest>,
     ) -> Result<Response<pb::NackResponse>, Status> {
         let _call = self.broker.track();
-        let c = coordinator(&self.broker, request.metadata().contains_key(FORWARDED)).await?;
-        if c != self.broker.node_id() {
-            return self
-                .broker
-                .peer_client(c)?
-                .nack(relayed(request.into_inner()))
-                .await;
+        if let Some(mut c) = coordinator_elsewhere(&self.broker, &request).await? {
+            return c.nack(forwarded(request.into_inner())).await;
         }
         let r = request.into_inner();
         let refs = groups::validate_refs(&r.group, &r.topic, &r.deliveries)?;
-        let delay = Duration::from_millis(r.delay_ms.min(3_600_000) as u64);
+        let delay = groups::nack_delay(r.delay_ms);
         let nacked = self
             .broker
             .groups
@@ -473,13 +471,8 @@ impl Tern for TernService {
         request: Request<pb::ListGroupsRequest>,
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
         let _call = self.broker.track();
-        let c = coordinator(&self.broker, request.metadata().contains_key(FORWARDED)).await?;
-        if c != self.broker.node_id() {
-            return self
-                .broker
-                .peer_client(c)?
-                .list_groups(relayed(request.into_inner()))
-                .await;
+        if let Some(mut c) = coordinator_elsewhere(&self.broker, &request).await? {
+            return c.list_groups(forwarded(request.into_inner())).await;
         }
         Ok(Response::new(pb::ListGroupsResponse {
             groups: self.broker.groups.list(&self.broker).await,
@@ -491,17 +484,11 @@ impl Tern for TernService {
         request: Request<pb::DescribeGroupRequest>,
     ) -> Result<Response<pb::DescribeGroupResponse>, Status> {
         let _call = self.broker.track();
-        let c = coordinator(&self.broker, request.metadata().contains_key(FORWARDED)).await?;
-        if c != self.broker.node_id() {
-            return self
-                .broker
-                .peer_client(c)?
-                .describe_group(relayed(request.into_inner()))
-                .await;
+        if let Some(mut c) = coordinator_elsewhere(&self.broker, &request).await? {
+            return c.describe_group(forwarded(request.into_inner())).await;
         }
         let r = request.into_inner();
-        crate::cluster::validate_topic_name(&r.group)
-            .map_err(|e| Status::invalid_argument(format!("group name: {e}")))?;
+        validate::group_name(&r.group)?;
         let topics = self.broker.groups.describe(&self.broker, &r.group).await;
         if topics.is_empty() {
             return Err(Status::not_found(format!(

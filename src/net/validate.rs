@@ -20,6 +20,11 @@ pub fn topic_name(name: &str) -> Result<(), Status> {
     validate_topic_name(name).map_err(Status::invalid_argument)
 }
 
+/// Group names follow the rules of topic names.
+pub fn group_name(name: &str) -> Result<(), Status> {
+    validate_topic_name(name).map_err(|e| Status::invalid_argument(format!("group name: {e}")))
+}
+
 /// Resolves a CreateTopic request's settings against the node's defaults.
 pub fn topic_settings(
     cfg: Option<&pb::TopicConfig>,
