@@ -158,3 +158,74 @@ fn unreachable_server_is_a_clear_error() {
     assert!(!ok);
     assert!(err.contains("cannot reach a Tern node"), "{err}");
 }
+
+#[test]
+fn group_member_resumes_where_the_group_committed_and_groups_are_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(dir.path(), &[]);
+    let a = node.addr.as_str();
+    let (ok, _, err) = tern(a, &["topic", "create", "ledger", "--partitions", "2"]);
+    assert!(ok, "{err}");
+    let publish = |from: u32, to: u32| {
+        for i in from..to {
+            let (ok, _, err) = tern(
+                a,
+                &[
+                    "pub",
+                    "ledger",
+                    "-p",
+                    &(i % 2).to_string(),
+                    &format!("r{i}"),
+                ],
+            );
+            assert!(ok, "{err}");
+        }
+    };
+    let values = |out: &str| -> Vec<String> {
+        let mut v: Vec<String> = out
+            .lines()
+            .map(|l| l.rsplit('\t').next().unwrap().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    publish(0, 6);
+    // `--count` reached: it commits what it printed and leaves.
+    let (ok, out, err) = tern(
+        a,
+        &[
+            "sub", "ledger", "--group", "g", "--from", "earliest", "-n", "6",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(values(&out), ["r0", "r1", "r2", "r3", "r4", "r5"]);
+    // The next member gets only what came since.
+    publish(6, 10);
+    let (ok, out, err) = tern(
+        a,
+        &[
+            "sub", "ledger", "--group", "g", "--from", "earliest", "-n", "4",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(values(&out), ["r6", "r7", "r8", "r9"]);
+
+    let (ok, out, err) = tern(a, &["group", "list"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["g", "ledger", "stream", "0"]),
+        "{out}"
+    );
+    let (ok, out, err) = tern(a, &["group", "describe", "g"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("group g  topic ledger  mode stream"),
+        "{out}"
+    );
+    // Bad input: a clear message and a failing exit code.
+    let (ok, _, err) = tern(a, &["sub", "ledger", "--group", "g", "--from", "17"]);
+    assert!(!ok && err.contains("earliest or latest"), "{err}");
+    let (ok, _, err) = tern(a, &["group", "describe", "nobody"]);
+    assert!(!ok && err.contains("NotFound"), "{err}");
+}

@@ -50,6 +50,21 @@ async fn offsets(
         .collect())
 }
 
+/// [`offsets`], going again (for up to 30 s) while the node answers UNAVAILABLE (starting,
+/// electing a leader, or an earlier send still in flight).
+async fn offsets_retrying(c: &mut TernClient<Channel>, req: pb::PublishRequest) -> Vec<u64> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match offsets(c, req.clone()).await {
+            Ok(o) => return o,
+            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(s) => panic!("{s:?}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn idempotent_producer_retries_are_answered_not_rewritten_and_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -155,16 +170,7 @@ async fn idempotent_producer_retries_are_answered_not_rewritten_and_survive_a_re
     node.kill9();
     let node = TestNode::start(dir.path(), &[]);
     let mut c = node.client().await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let again = loop {
-        match offsets(&mut c, idem("idem", 0, a, 0, &["a0", "a1", "a2"])).await {
-            Ok(o) => break o,
-            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(s) => panic!("{s:?}"),
-        }
-    };
+    let again = offsets_retrying(&mut c, idem("idem", 0, a, 0, &["a0", "a1", "a2"])).await;
     assert_eq!(again, vec![o, o + 1, o + 2]);
     assert_eq!(
         offsets(&mut c, idem("idem", 0, b, 0, &["b0"]))
@@ -207,29 +213,12 @@ async fn idempotent_producer_retrying_through_leader_kills_writes_every_record_o
         .into_inner()
         .producer_id;
     let req = idem("once", 0, p, 0, &["x0", "x1", "x2"]);
-    let first = loop {
-        match offsets(&mut c, req.clone()).await {
-            Ok(o) => break o,
-            Err(s) if s.code() == Code::Unavailable => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(s) => panic!("{s:?}"),
-        }
-    };
+    let first = offsets_retrying(&mut c, req.clone()).await;
     let old = cluster.leader("once", 0).await;
     cluster.kill9(old);
     let new = cluster.leader("once", 0).await;
     let mut c = cluster.client(new).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let again = loop {
-        match offsets(&mut c, req.clone()).await {
-            Ok(o) => break o,
-            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(s) => panic!("{s:?}"),
-        }
-    };
+    let again = offsets_retrying(&mut c, req.clone()).await;
     assert_eq!(
         again, first,
         "the new leader answers the retry with the same offsets"
@@ -1249,4 +1238,75 @@ async fn unacked_deliveries_come_back_after_ack_wait_nacks_after_their_delay_and
         names.contains(&("timers", pb::GroupMode::Queue as i32)),
         "{names:?}"
     );
+}
+
+// ---- Who coordinates ----
+
+/// Reads a member's call until it ends; answers its final status (panics if it hangs).
+async fn call_end(m: &mut GroupMember, within: Duration) -> tonic::Status {
+    let deadline = Instant::now() + within;
+    loop {
+        assert!(Instant::now() < deadline, "the member's call did not end");
+        if let Some(Err(s)) = m.next(Duration::from_millis(500)).await {
+            return s;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_cut_off_from_the_others_stops_and_the_majority_takes_over() {
+    let cluster = Cluster::start(3).await;
+    create(&mut cluster.client(0).await, "fenced", 2, 3).await;
+    let leader = metadata_leader(&cluster, 0).await;
+    let others: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    // A member on the coordinator itself.
+    let join = join_req("fenced-readers", "fenced", pb::GroupMode::Stream);
+    let mut m = GroupMember::join_retrying(&cluster.addrs[leader], join.clone()).await;
+    assert!(matches!(
+        m.next(Duration::from_secs(10)).await,
+        Some(Ok(Down::Assigned(_)))
+    ));
+    // Cut off, it still believes it leads the metadata group, but no quorum acknowledges it:
+    // it stops coordinating (else it would hand out partitions next to the new leader).
+    cluster
+        .isolate(leader, others.iter().map(|i| *i as u64 + 1).collect())
+        .await;
+    let s = call_end(&mut m, Duration::from_secs(20)).await;
+    assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+    assert!(s.message().contains("no longer leads"), "{s:?}");
+    // The majority's leader coordinates: a member joined there gets every partition.
+    let mut n = GroupMember::join_retrying(&cluster.addrs[others[0]], join).await;
+    let mut assigned = 0;
+    while assigned < 2 {
+        match n.next(Duration::from_secs(20)).await {
+            Some(Ok(Down::Assigned(a))) => assigned += a.partitions.len(),
+            Some(Ok(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    cluster.isolate(leader, vec![]).await;
+    n.leave().await;
+}
+
+#[tokio::test]
+async fn deleting_the_topic_ends_its_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(dir.path(), &[]);
+    let mut c = node.client().await;
+    node_support::create_topic(&mut c, "gone", 1).await;
+    let join = join_req("gone-readers", "gone", pb::GroupMode::Queue);
+    let mut m = GroupMember::join(&node.addr, join.clone()).await.unwrap();
+    c.delete_topic(pb::DeleteTopicRequest {
+        name: "gone".into(),
+    })
+    .await
+    .unwrap();
+    let s = call_end(&mut m, Duration::from_secs(10)).await;
+    assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+    assert!(s.message().contains("topic was deleted"), "{s:?}");
+    let s = GroupMember::join(&node.addr, join)
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(s.code(), Code::NotFound, "{s:?}");
 }
