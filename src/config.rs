@@ -69,6 +69,9 @@ pub struct Config {
 #[serde(default, deny_unknown_fields)]
 pub struct TopicDefaults {
     pub partitions: u32,
+    /// Replicas of a topic created without a replication factor, capped at the number of
+    /// nodes that can hold replicas (so min(3, nodes) by default).
+    pub replication_factor: u32,
     /// -1 keeps records forever.
     pub retention_ms: i64,
     /// -1 means no size limit.
@@ -80,10 +83,28 @@ pub struct TopicDefaults {
     pub segment_bytes: u64,
 }
 
+impl TopicDefaults {
+    fn file_keys() -> Vec<String> {
+        keys_of(&TopicDefaults::default())
+    }
+}
+
+/// Settings for tests only: accepted in a file, never listed.
+const HIDDEN_KEYS: [&str; 1] = ["fault_injection"];
+
+/// The keys a value serializes to (a struct's field names).
+fn keys_of(v: &impl Serialize) -> Vec<String> {
+    match toml::Value::try_from(v) {
+        Ok(toml::Value::Table(t)) => t.keys().cloned().collect(),
+        _ => Vec::new(),
+    }
+}
+
 impl Default for TopicDefaults {
     fn default() -> Self {
         Self {
             partitions: 1,
+            replication_factor: 3,
             retention_ms: 7 * 24 * 3600 * 1000,
             retention_bytes: -1,
             fsync: "always".into(),
@@ -131,9 +152,72 @@ impl Config {
     pub fn from_file(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
+        Config::from_toml(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
     }
 
+    /// Parses a config file's text. Its keys are the flag names of `tern serve` with `_` for
+    /// `-`; the topic defaults go either flat (`default_partitions = 3`, as the flags) or in a
+    /// `[topic_defaults]` table without the prefix (`partitions = 3`).
+    pub fn from_toml(text: &str) -> anyhow::Result<Config> {
+        let mut table: toml::Table = text.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let known = Config::file_keys();
+        let known_defaults = TopicDefaults::file_keys();
+        let flat: Vec<String> = table
+            .keys()
+            .filter(|k| {
+                k.strip_prefix("default_")
+                    .is_some_and(|f| known_defaults.contains(&f.to_string()))
+            })
+            .cloned()
+            .collect();
+        if !flat.is_empty() {
+            let mut defaults = match table.remove("topic_defaults") {
+                None => toml::Table::new(),
+                Some(toml::Value::Table(t)) => t,
+                Some(_) => anyhow::bail!("topic_defaults must be a table"),
+            };
+            for k in flat {
+                let field = k["default_".len()..].to_string();
+                let v = table.remove(&k).expect("listed above");
+                anyhow::ensure!(
+                    defaults.insert(field.clone(), v).is_none(),
+                    "{k} is given twice: as {k} and as topic_defaults.{field}"
+                );
+            }
+            table.insert("topic_defaults".into(), toml::Value::Table(defaults));
+        }
+        for k in table.keys() {
+            let listed: Vec<&str> = known
+                .iter()
+                .map(String::as_str)
+                .filter(|k| !HIDDEN_KEYS.contains(k))
+                .collect();
+            anyhow::ensure!(
+                known.contains(k),
+                "unknown key {k:?}; the keys are the `tern serve` flag names with '_' for '-': \
+                 {}",
+                listed.join(", ")
+            );
+        }
+        if let Some(toml::Value::Table(d)) = table.get("topic_defaults") {
+            for k in d.keys() {
+                anyhow::ensure!(
+                    known_defaults.contains(k),
+                    "unknown key topic_defaults.{k:?}; known: {}",
+                    known_defaults.join(", ")
+                );
+            }
+        }
+        table.try_into().map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    /// The keys a config file may hold at its top level.
+    fn file_keys() -> Vec<String> {
+        let mut keys = keys_of(&Config::default());
+        keys.push("advertised_address".into()); // `None` by default, so not serialized
+        keys.sort();
+        keys
+    }
     /// Core count after applying the default (all available CPUs).
     pub fn core_count(&self) -> usize {
         if self.cores > 0 {
@@ -281,6 +365,11 @@ impl Config {
             (1..=self.max_partitions_per_topic).contains(&d.partitions),
             "topic_defaults.partitions must be within 1..=max_partitions_per_topic"
         );
+        anyhow::ensure!(
+            (1..=crate::cluster::REPLICAS_MAX).contains(&d.replication_factor),
+            "topic_defaults.replication_factor must be within 1..={}",
+            crate::cluster::REPLICAS_MAX
+        );
         parse_fsync(&d.fsync, d.fsync_interval_ms).map_err(|e| anyhow::anyhow!(e))?;
         Ok(())
     }
@@ -328,15 +417,41 @@ mod tests {
         let c = Config::default();
         c.validate().unwrap();
         let text = toml::to_string(&c).unwrap();
-        let back: Config = toml::from_str(&text).unwrap();
+        let back = Config::from_toml(&text).unwrap();
         assert_eq!(back, c);
     }
 
     #[test]
     fn unknown_keys_are_rejected() {
-        assert!(toml::from_str::<Config>("listn = \"1.2.3.4:5\"").is_err());
-        let c: Config = toml::from_str("node_id = 7\n[topic_defaults]\npartitions = 3").unwrap();
+        let e = Config::from_toml("listn = \"1.2.3.4:5\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"listn\"") && e.contains("listen"), "{e}");
+        assert!(
+            !e.contains("fault_injection"),
+            "a hidden key is listed: {e}"
+        );
+        let c = Config::from_toml("node_id = 7\n[topic_defaults]\npartitions = 3").unwrap();
         assert_eq!((c.node_id, c.topic_defaults.partitions), (7, 3));
+        assert!(Config::from_toml("[topic_defaults]\npartitons = 3").is_err());
+    }
+
+    /// The flat form: the flag names of the topic defaults, as `serve --help` says.
+    #[test]
+    fn topic_defaults_may_be_flat_keys() {
+        let c = Config::from_toml("default_partitions = 3\ndefault_fsync = \"interval\"").unwrap();
+        assert_eq!(c.topic_defaults.partitions, 3);
+        assert_eq!(c.topic_defaults.fsync, "interval");
+        let twice = "default_partitions = 3\n[topic_defaults]\npartitions = 4";
+        assert!(Config::from_toml(twice).is_err());
+    }
+
+    /// The example file the repository ships parses, and sets what it says.
+    #[test]
+    fn the_example_file_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/tern.example.toml");
+        let c = Config::from_file(&path).unwrap();
+        c.validate().unwrap();
     }
 
     #[test]

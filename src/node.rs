@@ -22,6 +22,30 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
     config.data_dir = std::fs::canonicalize(&config.data_dir)
         .map_err(|e| anyhow::anyhow!("resolving data dir {}: {e}", config.data_dir.display()))?;
     let _lock = lock_data_dir(&config)?;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let role = if !config.peers.is_empty() {
+        format!("controllers {}", config.peers)
+    } else if !config.join.is_empty() {
+        format!("joining through {}", config.join)
+    } else {
+        "alone".to_string()
+    };
+    tracing::info!(
+        "tern {} starting: node {} ({}/{}), {role}, {} cores, data in {}",
+        env!("CARGO_PKG_VERSION"),
+        config.node_id,
+        config.region,
+        config.zone,
+        config.core_count(),
+        config.data_dir.display(),
+    );
+    if config.core_count() > cpus {
+        tracing::warn!(
+            "--cores {} on a machine with {cpus} CPUs: each core is a thread pinned to a CPU, \
+             so cores will share CPUs and wait for each other; use at most {cpus}",
+            config.core_count()
+        );
+    }
     let shards = Shards::start(&ShardConfig {
         cores: config.core_count(),
         mailbox_capacity: config.mailbox_capacity,
@@ -46,8 +70,11 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         ) {
             (Some(a), _) => a.clone(),
             (None, Some(a)) => a,
-            (None, None) => addr.to_string(),
+            (None, None) => advertise(addr)?,
         };
+        if !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "listening beyond loopback without TLS or authentication: anyone who reaches this port can publish, read and administer the cluster");
+        }
         let cores = shards.core_count();
         let transport = if !config.clustered() {
             None
@@ -65,8 +92,10 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         tracing::info!(%addr, cores, data_dir = %config.data_dir.display(), "tern is serving");
         // Scripts and tests read the bound address (port 0 picks a free one) from this line.
         println!("tern listening on {addr}");
+        let mut failure = None;
         tokio::select! {
             _ = shutdown_signal() => {}
+            why = broker.must_stop() => failure = Some(why),
             r = server => {
                 // The server stopped on its own: that is an error (e.g. the socket failed).
                 broker.shards.shutdown().await?;
@@ -86,8 +115,35 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         }
         broker.shards.shutdown().await?;
         tracing::info!("every log flushed; bye");
-        Ok::<(), anyhow::Error>(())
+        match failure {
+            Some(why) => Err(anyhow::anyhow!(why)),
+            None => Ok::<(), anyhow::Error>(()),
+        }
     })
+}
+
+/// The address other nodes and clients are told to use when none is configured: the bound
+/// one, or for a wildcard listener (0.0.0.0, ::) this machine's host name and the port.
+fn advertise(addr: std::net::SocketAddr) -> anyhow::Result<String> {
+    if !addr.ip().is_unspecified() {
+        return Ok(addr.to_string());
+    }
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into our buffer.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let name = std::ffi::CStr::from_bytes_until_nul(&buf)
+        .ok()
+        .and_then(|c| c.to_str().ok())
+        .filter(|n| rc == 0 && !n.is_empty())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "listening on {addr}, and this machine's host name is unknown: give \
+                 --advertised-address HOST:PORT (where clients and nodes reach this node)"
+            )
+        })?;
+    let advertised = format!("{name}:{}", addr.port());
+    tracing::info!(%addr, %advertised, "listening on all interfaces; advertising the host name (set --advertised-address to choose)");
+    Ok(advertised)
 }
 
 type ServerTask = tokio::task::JoinHandle<anyhow::Result<()>>;

@@ -192,7 +192,9 @@ pub async fn consume(a: SubArgs) -> anyhow::Result<()> {
     if !a.partition.is_empty() {
         anyhow::bail!("--partition does not go with a group: the group assigns partitions");
     }
-    let start_latest = match a.from.as_str() {
+    // Groups start a partition without a committed position at earliest unless told otherwise
+    // (docs/groups.md), so a queue or group started after the records were published sees them.
+    let start_latest = match a.from.as_deref().unwrap_or("earliest") {
         "latest" => true,
         "earliest" => false,
         f => anyhow::bail!("--from {f}: a group starts a partition without a committed offset at earliest or latest"),

@@ -2,7 +2,9 @@
 //! gRPC API (`--server ADDR`, default 127.0.0.1:7070), printing tables, or JSON with `--json`.
 
 mod admin;
+mod cluster;
 mod group;
+mod producer;
 mod pubsub;
 mod serve;
 mod table;
@@ -43,7 +45,7 @@ enum Cmd {
     /// Inspect the cluster.
     Cluster {
         #[command(subcommand)]
-        cmd: admin::ClusterCmd,
+        cmd: cluster::ClusterCmd,
     },
 }
 
@@ -72,6 +74,23 @@ impl ClientOpts {
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20))
     }
+}
+
+/// A client of the node at `addr` that connects on first use.
+pub fn connect_lazy(addr: &str) -> anyhow::Result<TernClient<tonic::transport::Channel>> {
+    let url = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .map_err(|e| anyhow::anyhow!("bad address {addr:?}: {e}"))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .connect_lazy();
+    Ok(TernClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20))
 }
 
 /// Turns a gRPC status into a one-line error for the terminal.
@@ -105,7 +124,7 @@ where
             rt.block_on(async move {
                 match other {
                     Cmd::Topic { cmd } => admin::topic(cmd).await,
-                    Cmd::Cluster { cmd } => admin::cluster(cmd).await,
+                    Cmd::Cluster { cmd } => cluster::cluster(cmd).await,
                     Cmd::Group { cmd } => group::group(cmd).await,
                     Cmd::Pub(a) => pubsub::publish(a).await,
                     Cmd::Sub(a) => pubsub::subscribe(a).await,

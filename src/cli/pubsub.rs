@@ -1,22 +1,29 @@
 //! `tern pub` and `tern sub`.
 
+use std::ffi::OsString;
 use std::io::BufRead;
+use std::os::unix::ffi::OsStringExt;
+use std::path::PathBuf;
+use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Args;
 use tokio_stream::StreamExt;
 
+use super::producer::{Chunk, Producer, BYTES_PER_REQUEST, RECORDS_PER_REQUEST};
 use super::{status_error, ClientOpts};
 use crate::proto::v1 as pb;
-
-/// Lines per publish request when reading standard input.
-const LINES_PER_REQUEST: usize = 500;
 
 #[derive(Args)]
 pub struct PubArgs {
     pub topic: String,
-    /// The record's value; without it, every line of standard input is one record.
-    pub value: Option<String>,
+    /// The record's value; without it (and without --file), every line of standard input is
+    /// one record (any bytes; the newline is not part of the record).
+    #[arg(conflicts_with = "file")]
+    pub value: Option<OsString>,
+    /// Publish a whole file as one record ('-' for all of standard input).
+    #[arg(long, short = 'f')]
+    pub file: Option<PathBuf>,
     /// Key of the record(s): records with one key go to one partition, in order.
     #[arg(long, short)]
     pub key: Option<String>,
@@ -29,16 +36,211 @@ pub struct PubArgs {
     /// Hide the record from readers this many seconds after publishing.
     #[arg(long)]
     pub expiry_seconds: Option<u32>,
+    /// Do not print each record's partition and offset.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// How long to keep retrying a request that failed for a passing reason (an election, a
+    /// node that went away), in ms; 0 fails at once. Retries never write a record twice.
+    #[arg(long, default_value_t = 30_000)]
+    pub retry_ms: u64,
     #[command(flatten)]
     pub opts: ClientOpts,
+}
+
+/// Where `tern pub` reads its records.
+enum Source {
+    Value(Bytes),
+    File(PathBuf),
+    Lines,
+}
+
+impl PubArgs {
+    fn source(&self) -> Source {
+        match (&self.value, &self.file) {
+            (Some(v), _) => Source::Value(Bytes::from(v.clone().into_vec())),
+            (None, Some(f)) => Source::File(f.clone()),
+            (None, None) => Source::Lines,
+        }
+    }
+
+    fn headers(&self) -> anyhow::Result<Vec<pb::Header>> {
+        self.headers
+            .iter()
+            .map(|h| match h.split_once('=') {
+                Some((k, v)) if !k.is_empty() => Ok(pb::Header {
+                    key: k.to_string(),
+                    value: Bytes::from(v.to_string()),
+                }),
+                _ => anyhow::bail!("header {h:?} must be NAME=VALUE"),
+            })
+            .collect()
+    }
+}
+
+fn print_acks(opts: &ClientOpts, topic: &str, acks: &[pb::RecordAck]) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    for a in acks {
+        let _ = if opts.json {
+            writeln!(
+                out,
+                "{}",
+                serde_json::json!({"topic": topic, "partition": a.partition, "offset": a.offset})
+            )
+        } else {
+            writeln!(out, "{topic}/{}@{}", a.partition, a.offset)
+        };
+    }
+}
+
+/// Reads standard input on its own thread, one record per line, as raw bytes.
+fn read_lines() -> tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(RECORDS_PER_REQUEST * 4);
+    std::thread::spawn(move || {
+        let mut input = std::io::BufReader::with_capacity(1 << 16, std::io::stdin().lock());
+        loop {
+            let mut line = Vec::new();
+            match input.read_until(b'\n', &mut line) {
+                Ok(0) => return,
+                Ok(_) => {
+                    if line.last() == Some(&b'\n') {
+                        line.pop();
+                    }
+                    if tx.blocking_send(Ok(line)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
+pub async fn publish(a: PubArgs) -> anyhow::Result<()> {
+    let headers = a.headers()?;
+    let key = a.key.clone().map(Bytes::from);
+    let expiry_seconds = a.expiry_seconds;
+    let record_key = key.clone();
+    let record = move |value: Bytes| pb::PublishRecord {
+        key: record_key.clone(),
+        value,
+        headers: headers.clone(),
+        partition: None,
+        expiry_seconds,
+    };
+    let source = a.source();
+    let lines_mode = !matches!(source, Source::Value(_));
+    let partition_arg = a.partition;
+    // A file is read whole before anything is sent: a read error publishes nothing.
+    let file = match &source {
+        Source::File(path) if path.as_os_str() == "-" => {
+            let mut all = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut all)
+                .map_err(|e| anyhow::anyhow!("reading standard input: {e}"))?;
+            Some(Bytes::from(all))
+        }
+        Source::File(path) => {
+            Some(Bytes::from(std::fs::read(path).map_err(|e| {
+                anyhow::anyhow!("reading {}: {e}", path.display())
+            })?))
+        }
+        _ => None,
+    };
+    let client = a.opts.connect().await?;
+    let producer = Producer::start(
+        client,
+        &a.opts.server,
+        &a.topic,
+        Duration::from_millis(a.retry_ms),
+    )
+    .await?;
+    let mut router = producer.router();
+    let (chunks, chunk_rx) = tokio::sync::mpsc::channel::<Chunk>(4);
+    let opts = a.opts.clone();
+    let topic = a.topic.clone();
+    let topic_name = a.topic.clone();
+    let quiet = a.quiet;
+    let sending = producer.run(chunk_rx, move |acks| {
+        if !quiet {
+            print_acks(&opts, &topic, acks);
+        }
+    });
+    let reading = async move {
+        let one = match (&source, file) {
+            (Source::Value(v), _) => Some(v.clone()),
+            (_, Some(f)) => Some(f),
+            _ => None,
+        };
+        if let Some(value) = one {
+            let chunks = chunks;
+            let partition = router.route(partition_arg, key.as_deref())?;
+            let _ = chunks
+                .send(Chunk {
+                    partition,
+                    records: vec![record(value)],
+                })
+                .await;
+            return Ok::<_, anyhow::Error>(());
+        }
+        let chunks = chunks;
+        // Lines: group what is available into requests (bounded in records and bytes).
+        let mut lines = read_lines();
+        while let Some(first) = lines.recv().await {
+            let first = first.map_err(|e| anyhow::anyhow!("reading standard input: {e}"))?;
+            let mut bytes = first.len();
+            let mut records = vec![record(Bytes::from(first))];
+            let mut failed = None;
+            while records.len() < RECORDS_PER_REQUEST && bytes < BYTES_PER_REQUEST {
+                match lines.try_recv() {
+                    Ok(Ok(l)) => {
+                        bytes += l.len();
+                        records.push(record(Bytes::from(l)));
+                    }
+                    Ok(Err(e)) => {
+                        failed = Some(e);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            let partition = router.route(partition_arg, key.as_deref())?;
+            if chunks.send(Chunk { partition, records }).await.is_err() {
+                break;
+            }
+            if let Some(e) = failed {
+                anyhow::bail!("reading standard input: {e}");
+            }
+        }
+        Ok(())
+    };
+    let (read, sent) = tokio::join!(reading, sending);
+    let published = match (read, sent) {
+        (_, Err(e)) => return Err(e),
+        (Err(e), Ok(n)) => {
+            eprintln!("published {n} records to {topic_name} before the error");
+            return Err(e);
+        }
+        (Ok(()), Ok(n)) => n,
+    };
+    if lines_mode {
+        eprintln!("published {published} records to {topic_name}");
+    }
+    Ok(())
 }
 
 #[derive(Args)]
 pub struct SubArgs {
     pub topic: String,
-    /// Where to start: earliest, latest, an offset, or @UNIX_MS (a time in ms).
-    #[arg(long, default_value = "latest")]
-    pub from: String,
+    /// Where to start: earliest, latest, an offset, -N (the last N records of each
+    /// partition), or @UNIX_MS (a time in ms). Default: latest (new records only); for a group
+    /// or queue member, earliest (where a partition without a committed position starts).
+    #[arg(long, allow_hyphen_values = true)]
+    pub from: Option<String>,
     /// Stop after this many records.
     #[arg(long, short = 'n')]
     pub count: Option<u64>,
@@ -85,127 +287,6 @@ pub struct SubArgs {
     pub opts: ClientOpts,
 }
 
-fn record(a: &PubArgs, value: String) -> anyhow::Result<pb::PublishRecord> {
-    let headers = a
-        .headers
-        .iter()
-        .map(|h| match h.split_once('=') {
-            Some((k, v)) => Ok(pb::Header {
-                key: k.to_string(),
-                value: Bytes::from(v.to_string()),
-            }),
-            None => anyhow::bail!("header {h:?} must be NAME=VALUE"),
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(pb::PublishRecord {
-        key: a.key.clone().map(Bytes::from),
-        value: Bytes::from(value),
-        headers,
-        partition: a.partition,
-        expiry_seconds: a.expiry_seconds,
-    })
-}
-
-fn print_acks(opts: &ClientOpts, topic: &str, acks: &[pb::RecordAck]) {
-    for a in acks {
-        if opts.json {
-            println!(
-                "{}",
-                serde_json::json!({"topic": topic, "partition": a.partition, "offset": a.offset})
-            );
-        } else {
-            println!("{topic}/{}@{}", a.partition, a.offset);
-        }
-    }
-}
-
-pub async fn publish(a: PubArgs) -> anyhow::Result<()> {
-    let mut c = a.opts.connect().await?;
-    if let Some(v) = a.value.clone() {
-        let r = c
-            .publish(pb::PublishRequest {
-                topic: a.topic.clone(),
-                records: vec![record(&a, v)?],
-                request_id: 0,
-                ..Default::default()
-            })
-            .await
-            .map_err(status_error)?
-            .into_inner();
-        print_acks(&a.opts, &a.topic, &r.acks);
-        return Ok(());
-    }
-    // Standard input: read lines on a blocking thread, group what is available into requests,
-    // and pipeline them over one PublishStream (the node keeps their order per partition).
-    let (line_tx, mut line_rx) = tokio::sync::mpsc::channel::<String>(LINES_PER_REQUEST * 4);
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
-            let Ok(line) = line else { break };
-            if line_tx.blocking_send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let (req_tx, req_rx) = tokio::sync::mpsc::channel::<pb::PublishRequest>(16);
-    let topic = a.topic.clone();
-    let mut responses = c
-        .publish_stream(tokio_stream::wrappers::ReceiverStream::new(req_rx))
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    let sender = async {
-        let mut id = 0u64;
-        while let Some(first) = line_rx.recv().await {
-            let mut records = vec![record(&a, first)?];
-            while records.len() < LINES_PER_REQUEST {
-                match line_rx.try_recv() {
-                    Ok(l) => records.push(record(&a, l)?),
-                    Err(_) => break,
-                }
-            }
-            id += 1;
-            if req_tx
-                .send(pb::PublishRequest {
-                    topic: topic.clone(),
-                    records,
-                    request_id: id,
-                    ..Default::default()
-                })
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
-        drop(req_tx);
-        Ok::<u64, anyhow::Error>(id)
-    };
-    let receiver = async {
-        let mut published = 0u64;
-        let mut failures = 0u64;
-        while let Some(r) = responses.next().await {
-            let r = r.map_err(status_error)?;
-            match r.error {
-                Some(e) => {
-                    failures += 1;
-                    eprintln!("request {} failed: {}", r.request_id, e.message);
-                }
-                None => {
-                    published += r.acks.len() as u64;
-                    print_acks(&a.opts, &a.topic, &r.acks);
-                }
-            }
-        }
-        Ok::<(u64, u64), anyhow::Error>((published, failures))
-    };
-    let (sent, received) = tokio::join!(sender, receiver);
-    sent?;
-    let (published, failures) = received?;
-    eprintln!("published {published} records to {}", a.topic);
-    anyhow::ensure!(failures == 0, "{failures} publish requests failed");
-    Ok(())
-}
-
 fn start_position(from: &str) -> anyhow::Result<pb::StartPosition> {
     use pb::start_position::Position;
     let p =
@@ -215,8 +296,12 @@ fn start_position(from: &str) -> anyhow::Result<pb::StartPosition> {
             s if s.starts_with('@') => Position::TimestampMs(s[1..].parse().map_err(|_| {
                 anyhow::anyhow!("--from {s}: expected @UNIX_MS, e.g. @1700000000000")
             })?),
+            s if s.starts_with('-') => match s[1..].parse::<u64>() {
+                Ok(n) if n > 0 => Position::Last(n),
+                _ => anyhow::bail!("--from {s}: -N starts N records before the end, N ≥ 1"),
+            },
             s => Position::Offset(s.parse().map_err(|_| {
-                anyhow::anyhow!("--from {s}: use earliest, latest, an offset, or @UNIX_MS")
+                anyhow::anyhow!("--from {s}: use earliest, latest, an offset, -N, or @UNIX_MS")
             })?),
         };
     Ok(pb::StartPosition { position: Some(p) })
@@ -259,7 +344,7 @@ pub async fn subscribe(a: SubArgs) -> anyhow::Result<()> {
     if a.group.is_some() || a.queue.is_some() {
         return super::group::consume(a).await;
     }
-    let from = start_position(&a.from)?;
+    let from = start_position(a.from.as_deref().unwrap_or("latest"))?;
     let mut c = a.opts.connect().await?;
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tx.send(pb::SubscribeRequest {

@@ -11,7 +11,7 @@ use crate::config::Config;
 /// flags win over variables, variables over the file, the file over defaults.
 #[derive(Args, Debug, Default)]
 pub struct ServeArgs {
-    /// TOML config file; keys are the flag names with '_' for '-'.
+    /// TOML config file; keys are the flag names with '_' for '-' (docs/tern.example.toml).
     #[arg(long, env = "TERN_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:7070]; port 0 picks a free port.
@@ -94,6 +94,10 @@ pub struct ServeArgs {
     /// Partitions of a topic created without a count [default: 1].
     #[arg(long, env = "TERN_DEFAULT_PARTITIONS")]
     pub default_partitions: Option<u32>,
+    /// Replication factor of a topic created without one, capped at the number of nodes
+    /// [default: 3, so min(3, nodes)].
+    #[arg(long, env = "TERN_DEFAULT_REPLICATION_FACTOR")]
+    pub default_replication_factor: Option<u32>,
     /// Default retention by age in ms, -1 forever [default: 604800000 = 7 days].
     #[arg(long, env = "TERN_DEFAULT_RETENTION_MS", allow_hyphen_values = true)]
     pub default_retention_ms: Option<i64>,
@@ -160,6 +164,7 @@ impl ServeArgs {
         }
         set_default!(
             default_partitions => partitions,
+            default_replication_factor => replication_factor,
             default_retention_ms => retention_ms,
             default_retention_bytes => retention_bytes,
             default_fsync => fsync,

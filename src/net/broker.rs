@@ -11,10 +11,10 @@ use tonic::Status;
 
 use tonic::transport::Channel;
 
-use super::status::from_core;
+use super::status::{from_core, from_peer, leader_of, mark_unwritten, unwritten};
 use crate::cluster::{ClusterState, TopicSpec};
 use crate::config::Config;
-use crate::log::{Positions, Record};
+use crate::log::Record;
 use crate::proto::v1 as pb;
 use crate::proto::v1::tern_client::TernClient;
 use crate::raft::transport::Transport;
@@ -22,9 +22,10 @@ use crate::raft::types::{Member, NodeId};
 use crate::shard::placement::{core_for, partition_for_key};
 use crate::shard::request::ReplicaState;
 use crate::shard::{
-    Appended, CoreError, CoreRequest, Fetched, PartitionKey, ProducerSeq, ReplicaSettings, Shards,
+    Appended, CoreError, CoreRequest, Fetched, ListedOffsets, PartitionKey, ProducerSeq,
+    ReplicaSettings, Shards, StartAt,
 };
-use crate::types::{Offset, TimestampMs};
+use crate::types::Offset;
 
 /// A topic as the network shard sees it.
 pub struct Topic {
@@ -81,6 +82,27 @@ impl Topic {
     pub fn on(&self, node: NodeId, partition: u32) -> bool {
         self.replicas(partition).contains(&node)
     }
+
+    /// The partition's replicas and the nodes it is moving to (one of which may lead already).
+    pub fn replicas_and_targets(&self, partition: u32) -> Vec<NodeId> {
+        let mut all = self.replicas(partition).to_vec();
+        for n in self.spec.moving.get(&partition).into_iter().flatten() {
+            if !all.contains(n) {
+                all.push(*n);
+            }
+        }
+        all
+    }
+}
+
+/// What to read from a partition.
+#[derive(Clone, Copy, Debug)]
+pub struct Read {
+    pub from: Offset,
+    pub max_records: usize,
+    pub max_bytes: usize,
+    /// How long to wait for records when there are none past `from` yet.
+    pub max_wait: Duration,
 }
 
 /// A record to publish, with its routing decided by the caller or not.
@@ -115,6 +137,8 @@ pub struct Broker {
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
     /// The consumer and queue groups this node coordinates (as the metadata leader).
     pub(super) groups: super::groups::Groups,
+    /// Set when the node must stop on its own (it was removed from the cluster): why.
+    fatal: tokio::sync::watch::Sender<Option<String>>,
 }
 
 /// Counts one call as in flight until dropped.
@@ -130,7 +154,7 @@ impl Drop for InFlight {
 pub const FORWARDED: &str = "tern-forwarded";
 
 /// A request a node forwards to another: marked, so that one does not forward it again.
-pub fn forwarded<T>(msg: T) -> tonic::Request<T> {
+pub fn relay<T>(msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.metadata_mut()
         .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
@@ -182,7 +206,18 @@ impl Broker {
             closing: tokio::sync::watch::channel(false).0,
             in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             groups: Default::default(),
+            fatal: tokio::sync::watch::channel(None).0,
         });
+        if let Some(t) = broker.transport() {
+            // A peer that refuses this node as removed: stop.
+            let mut removed = t.removed();
+            let b = broker.clone();
+            tokio::spawn(async move {
+                if removed.wait_for(|r| *r).await.is_ok() {
+                    b.stop_for(b.removed_message());
+                }
+            });
+        }
         super::controller::start(broker.clone(), member).await?;
         Ok(broker)
     }
@@ -287,6 +322,43 @@ impl Broker {
         true
     }
 
+    /// Asks the node to stop on its own, saying why (the first reason wins).
+    pub fn stop_for(&self, why: String) {
+        self.fatal.send_if_modified(|f| {
+            if f.is_some() {
+                return false;
+            }
+            tracing::error!("{why}");
+            *f = Some(why);
+            true
+        });
+    }
+
+    /// Resolves with the reason once the node must stop on its own.
+    pub async fn must_stop(&self) -> String {
+        let mut rx = self.fatal.subscribe();
+        let why = match rx.wait_for(Option::is_some).await {
+            Ok(why) => why.clone(),
+            Err(_) => None,
+        };
+        match why {
+            Some(why) => why,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// What a node that was removed from the cluster says as it stops.
+    pub fn removed_message(&self) -> String {
+        format!(
+            "node {id} was removed from the cluster (`tern cluster remove-node {id}`), so it \
+             stops. A removed id cannot join again: to bring this machine back, delete its data \
+             directory ({dir}) and start it with a new --node-id and --join HOST:PORT of a \
+             member",
+            id = self.node_id(),
+            dir = self.config.data_dir.display()
+        )
+    }
+
     /// Tells long-lived calls to end: the node is shutting down.
     pub fn begin_shutdown(&self) {
         self.closing.send_replace(true);
@@ -376,20 +448,11 @@ impl Broker {
             let broker = self.clone();
             let topic = topic.clone();
             if !topic.on(me, p) {
-                // No replica here: straight to the partition's (preferred) leader.
-                let target = topic.replicas(p).first().copied();
+                // No replica here: to the partition's leader (the preferred one first).
                 pending.push(Box::pin(async move {
-                    let r = match target {
-                        Some(t) if !forwarded => {
-                            broker
-                                .forward_publish(t, &topic.name, p, recs, producer)
-                                .await
-                        }
-                        _ => Err(Status::unavailable(format!(
-                            "this node holds no replica of {}/{p}",
-                            topic.name
-                        ))),
-                    };
+                    let r = broker
+                        .publish_elsewhere(&topic, p, recs, producer, None, forwarded)
+                        .await;
                     (idx, r)
                 }));
                 continue;
@@ -439,60 +502,139 @@ impl Broker {
         })
     }
 
-    /// Publishes records that this node's replica refused, unwritten, because it does not
-    /// lead: forwards them to the leader, or, while there is none (an election), waits for one
-    /// (bounded) and goes again. Nothing was written by a refused attempt, so going again
-    /// cannot duplicate.
+    /// Publishes records of one partition where its leader is, waiting (bounded, two election
+    /// timeouts) through an election or a dead leader: appends here if this node leads,
+    /// otherwise forwards to the leader it learns of (from its own replica, from `hint`, or
+    /// from the answers of the partition's other replicas, tried in turn while none is known
+    /// or reachable).
+    ///
+    /// An attempt that wrote nothing (a refusal because the node does not lead, a connection
+    /// that could not be made) is simply made again elsewhere. An attempt that may have
+    /// written (the leader changed mid-write, a connection lost midway) is made again only for
+    /// an idempotent producer, whose retries the leader deduplicates; anyone else gets the
+    /// status and decides. A request forwarded to this node is not forwarded again: it is
+    /// appended here or refused with the leader named, so a stale view cannot loop.
     async fn publish_elsewhere(
         &self,
         topic: &Topic,
         p: u32,
-        mut records: Vec<Record>,
+        records: Vec<Record>,
         producer: Option<ProducerSeq>,
-        mut leader: Option<NodeId>,
+        mut hint: Option<NodeId>,
         forwarded: bool,
     ) -> Result<Vec<Offset>, Status> {
         let me = self.node_id();
         let deadline = tokio::time::Instant::now() + self.leader_wait();
+        let mut records = Some(records);
+        let mut request: Option<pb::PublishRequest> = None;
+        // Index into the replicas when asking them in turn.
+        let mut turn = 0usize;
+        // This node's replica refused although it named itself or no one as leader (it was
+        // just removed from the group, or an election is on): ask the others.
+        let mut local_stale = false;
+        let mut last: Option<Status> = None;
         loop {
-            match leader {
-                Some(l) if l != me && !forwarded => {
-                    return self
-                        .forward_publish(l, &topic.spec.name, p, records, producer)
-                        .await
-                }
-                Some(l) if l != me => return Err(from_core(CoreError::NotLeader { leader })),
-                _ => {}
-            }
             if tokio::time::Instant::now() >= deadline {
-                return Err(from_core(CoreError::NotLeader { leader }));
+                return Err(last.unwrap_or_else(|| {
+                    let mut s = Status::unavailable(format!(
+                        "{}/{p} has no leader that this node could reach within {:?}; retry",
+                        topic.name,
+                        self.leader_wait()
+                    ));
+                    mark_unwritten(&mut s);
+                    s
+                }));
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            leader = self.replica_state(topic, p).await?.leader;
-            if leader != Some(me) {
+            let target = match hint.take() {
+                Some(l) if l == me && topic.on(me, p) => Some(me),
+                Some(l) if l != me => Some(l),
+                _ if topic.on(me, p) && !local_stale => {
+                    match self.replica_state(topic, p).await.map(|s| s.leader) {
+                        Ok(Some(l)) => Some(l),
+                        _ => None,
+                    }
+                }
+                _ => {
+                    let others: Vec<NodeId> = topic
+                        .replicas_and_targets(p)
+                        .into_iter()
+                        .filter(|n| *n != me)
+                        .collect();
+                    turn += 1;
+                    others.get(turn % others.len().max(1)).copied()
+                }
+            };
+            let Some(target) = target else {
+                // No leader known yet: an election is on.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            };
+            if target == me {
+                let key = topic.key(p);
+                let Some(recs) = records.take() else {
+                    return Err(Status::internal("records lost on the way to the core"));
+                };
+                match self
+                    .shards
+                    .ask(topic.core(p), |reply| CoreRequest::Append {
+                        key,
+                        records: recs,
+                        producer,
+                        reply,
+                    })
+                    .await
+                {
+                    Ok(Appended::Done(ack)) => return Ok(ack.offsets),
+                    Ok(Appended::NotLeader { leader, records: r }) => {
+                        records = Some(r);
+                        local_stale = leader.is_none_or(|l| l == me);
+                        hint = leader.filter(|l| *l != me);
+                        last = Some(from_core(CoreError::NotLeader { leader }));
+                        if hint.is_none() {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                    Err(e) => return Err(from_core(e)),
+                }
                 continue;
             }
-            // This node leads now: append here.
-            let key = topic.key(p);
-            match self
-                .shards
-                .ask(topic.core(p), |reply| CoreRequest::Append {
-                    key,
-                    records,
+            if forwarded {
+                // One hop only: send the caller to the leader this node knows.
+                return Err(from_core(CoreError::NotLeader {
+                    leader: Some(target),
+                }));
+            }
+            let req = request.get_or_insert_with(|| {
+                publish_request(
+                    &topic.spec.name,
+                    p,
+                    records.as_deref().unwrap_or(&[]),
                     producer,
-                    reply,
-                })
-                .await
-            {
-                Ok(Appended::Done(ack)) => return Ok(ack.offsets),
-                Ok(Appended::NotLeader {
-                    leader: l,
-                    records: r,
-                }) => {
-                    leader = l;
-                    records = r;
+                )
+            });
+            let mut call = relay(req.clone());
+            call.set_timeout(FORWARD_TIMEOUT);
+            let answer = match self.peer_client(target) {
+                Ok(mut c) => c.publish(call).await.map_err(|s| from_peer(target, s)),
+                Err(s) => Err(s),
+            };
+            match answer {
+                Ok(resp) => {
+                    return Ok(resp
+                        .into_inner()
+                        .acks
+                        .into_iter()
+                        .map(|a| Offset(a.offset))
+                        .collect())
                 }
-                Err(e) => return Err(from_core(e)),
+                Err(s) if unwritten(&s) || (producer.is_some() && retryable(&s)) => {
+                    hint = leader_of(&s).filter(|l| *l != target);
+                    if hint.is_none() {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    last = Some(s);
+                }
+                Err(s) => return Err(s),
             }
         }
     }
@@ -503,64 +645,35 @@ impl Broker {
         Duration::from_millis(self.config.raft_election_timeout_ms * 2)
     }
 
-    /// Publishes records of one partition through node `to` (its leader, as far as we know).
-    /// If that node names another leader, tries that one once more.
-    async fn forward_publish(
-        &self,
-        to: NodeId,
-        topic: &str,
-        partition: u32,
-        records: Vec<Record>,
-        producer: Option<ProducerSeq>,
-    ) -> Result<Vec<Offset>, Status> {
-        let req = pb::PublishRequest {
-            topic: topic.to_string(),
-            records: records
-                .into_iter()
-                .map(|r| pb::PublishRecord {
-                    key: r.key,
-                    value: r.value,
-                    headers: r
-                        .headers
-                        .into_iter()
-                        .map(|h| pb::Header {
-                            key: h.name,
-                            value: h.value,
-                        })
-                        .collect(),
-                    partition: Some(partition),
-                    expiry_seconds: r.ttl_ms.map(|ms| ms.div_ceil(1000) as u32),
-                })
-                .collect(),
-            request_id: 0,
-            producer_id: producer.map_or(0, |p| p.id.0 as u64),
-            sequence: producer.map_or(0, |p| p.first.0 as u32),
-        };
-        let mut target = to;
-        for attempt in 0..2 {
-            let mut request = forwarded(req.clone());
-            request.set_timeout(FORWARD_TIMEOUT);
-            match self.peer_client(target)?.publish(request).await {
-                Ok(resp) => {
-                    return Ok(resp
-                        .into_inner()
-                        .acks
-                        .into_iter()
-                        .map(|a| Offset(a.offset))
-                        .collect())
-                }
-                Err(s) => {
-                    let next = leader_of(&s);
-                    match next {
-                        Some(l) if attempt == 0 && l != target && l != self.node_id() => target = l,
-                        _ => return Err(s),
-                    }
-                }
+    /// Runs a read on a replica of a partition this node does not hold: the preferred replica
+    /// first, then the others while they cannot serve it (unreachable, not open yet).
+    pub async fn on_replica<T, F, Fut>(&self, topic: &Topic, p: u32, call: F) -> Result<T, Status>
+    where
+        F: Fn(TernClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let me = self.node_id();
+        let mut last = None;
+        for node in topic.replicas(p).iter().copied().filter(|n| *n != me) {
+            let answer = match self.peer_client(node) {
+                Ok(c) => call(c).await.map_err(|s| from_peer(node, s)),
+                Err(s) => Err(s),
+            };
+            match answer {
+                Ok(v) => return Ok(v),
+                Err(s) if s.code() == tonic::Code::Unavailable => last = Some(s),
+                Err(s) => return Err(s),
             }
         }
-        Err(Status::unavailable("no leader reachable"))
+        Err(last.unwrap_or_else(|| {
+            Status::unavailable(format!(
+                "no replica of {}/{p} can be reached from this node",
+                topic.name
+            ))
+        }))
     }
 
+    /// Committed batches of a partition this node holds, from its core.
     pub async fn fetch(
         &self,
         topic: &Topic,
@@ -583,30 +696,200 @@ impl Broker {
             .map_err(from_core)
     }
 
-    pub async fn positions(&self, topic: &Topic, partition: u32) -> Result<Positions, Status> {
-        Ok(self.replica_state(topic, partition).await?.positions)
+    /// Committed records of a partition, at most `max_records`, from this node's replica or
+    /// (once: a `relayed` read is not passed on) from another replica.
+    pub async fn read(
+        &self,
+        topic: &Topic,
+        partition: u32,
+        read: Read,
+        relayed: bool,
+    ) -> Result<pb::FetchResponse, Status> {
+        if topic.on(self.node_id(), partition) {
+            let f = self
+                .fetch(topic, partition, read.from, read.max_bytes, read.max_wait)
+                .await?;
+            let (records, next) =
+                super::convert::records(&topic.spec.name, partition, &f, read.max_records);
+            return Ok(pb::FetchResponse {
+                records,
+                next_offset: next,
+                high_watermark: f.high_watermark.0,
+                start_offset: f.start.0,
+            });
+        }
+        if relayed {
+            return Err(self.no_replica(topic, partition));
+        }
+        let req = pb::FetchRequest {
+            topic: topic.spec.name.clone(),
+            partition,
+            offset: read.from.0,
+            max_records: read.max_records as u32,
+            max_bytes: read.max_bytes as u32,
+            max_wait_ms: read.max_wait.as_millis() as u32,
+        };
+        self.on_replica(topic, partition, |mut c| {
+            let mut call = relay(req.clone());
+            call.set_timeout(read.max_wait + FORWARD_TIMEOUT);
+            async move { c.fetch(call).await.map(|r| r.into_inner()) }
+        })
+        .await
     }
 
-    /// UNAVAILABLE unless this node holds a replica of the partition (reads are served by
-    /// replicas; see `service.rs` for forwarding).
+    /// A partition's committed range and where `at` falls in it, from this node's replica or
+    /// (once) from another.
+    pub async fn list_offsets(
+        &self,
+        topic: &Topic,
+        partition: u32,
+        at: StartAt,
+        relayed: bool,
+    ) -> Result<ListedOffsets, Status> {
+        if topic.on(self.node_id(), partition) {
+            let key = topic.key(partition);
+            return self
+                .shards
+                .ask(topic.core(partition), |reply| CoreRequest::ListOffsets {
+                    key,
+                    at,
+                    reply,
+                })
+                .await
+                .map_err(from_core);
+        }
+        if relayed {
+            return Err(self.no_replica(topic, partition));
+        }
+        let req = pb::ListOffsetsRequest {
+            topic: topic.spec.name.clone(),
+            partitions: vec![partition],
+            position: Some(super::convert::start_position(at)),
+        };
+        let r = self
+            .on_replica(topic, partition, |mut c| {
+                let call = relay(req.clone());
+                async move { c.list_offsets(call).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        let p = r
+            .partitions
+            .into_iter()
+            .find(|p| p.partition == partition)
+            .ok_or_else(|| Status::internal("a replica answered for other partitions"))?;
+        Ok(ListedOffsets {
+            start: Offset(p.start_offset),
+            end: Offset(p.end_offset),
+            offset: Offset(p.offset),
+        })
+    }
+
+    /// UNAVAILABLE unless this node holds a replica of the partition.
     fn check_local(&self, topic: &Topic, partition: u32) -> Result<(), Status> {
         if topic.on(self.node_id(), partition) {
             return Ok(());
         }
-        Err(Status::unavailable(format!(
-            "this node holds no replica of {}/{partition}; its replicas are on nodes {:?}",
+        Err(self.no_replica(topic, partition))
+    }
+
+    fn no_replica(&self, topic: &Topic, partition: u32) -> Status {
+        let mut s = Status::unavailable(format!(
+            "node {} holds no replica of {}/{partition} (its replicas are on nodes {:?}); retry",
+            self.node_id(),
             topic.name,
             topic.replicas(partition)
-        )))
+        ));
+        mark_unwritten(&mut s);
+        s
     }
 
     /// The metadata group's leader as this node knows it.
+    /// A leader cut off from a majority keeps believing it leads (openraft does not step
+    /// down): this node counts itself only while a quorum acknowledged it within an election
+    /// timeout.
     pub async fn metadata_leader(&self) -> Option<NodeId> {
-        self.metadata_replica().await.and_then(|s| s.leader)
+        let s = self.metadata_replica().await?;
+        if s.is_leader && !self.quorum_fresh(&s) {
+            return None;
+        }
+        s.leader
+    }
+
+    fn quorum_fresh(&self, s: &ReplicaState) -> bool {
+        let fresh = Duration::from_millis(self.config.raft_election_timeout_ms);
+        s.voters.len() <= 1 || s.quorum_acked.is_some_and(|a| a < fresh)
+    }
+
+    /// Waits (two election timeouts at most) until the metadata group has a leader and this
+    /// node has caught up with the metadata; UNAVAILABLE saying what is missing otherwise.
+    pub async fn wait_metadata_leader(&self) -> Result<NodeId, Status> {
+        let deadline = tokio::time::Instant::now() + self.leader_wait();
+        loop {
+            if let Some(l) = self.metadata_leader().await.filter(|_| self.is_ready()) {
+                return Ok(l);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(self.no_metadata_leader().await);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// UNAVAILABLE saying why there is no metadata leader, as far as this node can tell.
+    pub async fn no_metadata_leader(&self) -> Status {
+        let me = self.node_id();
+        let mut voters: Vec<NodeId> = self
+            .metadata_replica()
+            .await
+            .map(|m| m.voters)
+            .unwrap_or_default();
+        if voters.is_empty() {
+            voters = self.controllers.keys().copied().collect();
+        }
+        let list = |ids: &[NodeId]| {
+            ids.iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut s = if self.metadata_leader().await.is_some() {
+            Status::unavailable(format!(
+                "node {me} is still catching up with the cluster metadata (it just started or \
+                 joined); retry"
+            ))
+        } else {
+            let unreachable: Vec<NodeId> = voters
+                .iter()
+                .copied()
+                .filter(|n| *n != me)
+                .filter(|n| {
+                    self.transport()
+                        .is_some_and(|t| t.reachable(*n) != Some(true))
+                })
+                .collect();
+            let reach = if unreachable.is_empty() {
+                String::new()
+            } else {
+                format!("; node {me} cannot reach nodes {}", list(&unreachable))
+            };
+            Status::unavailable(format!(
+                "the cluster has no metadata leader: its controllers (nodes {}) elect one once a \
+                 majority of them is up and they reach each other{reach}. Start the missing \
+                 nodes, or wait for them with `tern cluster wait`",
+                list(&voters)
+            ))
+        };
+        mark_unwritten(&mut s);
+        s
+    }
+
+    /// Whether this node has caught up with the metadata since it started and serves.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
     }
 
     /// What this node's replica of the metadata group knows of it.
-    async fn metadata_replica(&self) -> Option<ReplicaState> {
+    pub async fn metadata_replica(&self) -> Option<ReplicaState> {
         let key = PartitionKey::metadata();
         self.shards
             .ask(self.shards.core_of(&key), |reply| CoreRequest::Replica {
@@ -624,8 +907,7 @@ impl Broker {
         let Some(s) = self.metadata_replica().await else {
             return false;
         };
-        let fresh = Duration::from_millis(self.config.raft_election_timeout_ms);
-        s.is_leader && (s.voters.len() <= 1 || s.quorum_acked.is_some_and(|a| a < fresh))
+        s.is_leader && self.quorum_fresh(&s)
     }
 
     /// What this node's replica knows of a partition's group.
@@ -644,35 +926,50 @@ impl Broker {
             .await
             .map_err(from_core)
     }
-
-    pub async fn offset_for_timestamp(
-        &self,
-        topic: &Topic,
-        partition: u32,
-        timestamp: TimestampMs,
-    ) -> Result<Option<Offset>, Status> {
-        self.check_local(topic, partition)?;
-        let key = topic.key(partition);
-        self.shards
-            .ask(topic.core(partition), |reply| {
-                CoreRequest::OffsetForTimestamp {
-                    key,
-                    timestamp,
-                    reply,
-                }
-            })
-            .await
-            .map_err(from_core)
-    }
 }
 
 /// How long a forwarded publish may take.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The leader a status names (metadata `tern-leader`), if any.
-pub fn leader_of(s: &Status) -> Option<NodeId> {
-    s.metadata()
-        .get("tern-leader")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
+/// The forwarded form of one partition's records (routed to that partition).
+fn publish_request(
+    topic: &str,
+    partition: u32,
+    records: &[Record],
+    producer: Option<ProducerSeq>,
+) -> pb::PublishRequest {
+    pb::PublishRequest {
+        topic: topic.to_string(),
+        records: records
+            .iter()
+            .map(|r| pb::PublishRecord {
+                key: r.key.clone(),
+                value: r.value.clone(),
+                headers: r
+                    .headers
+                    .iter()
+                    .map(|h| pb::Header {
+                        key: h.name.clone(),
+                        value: h.value.clone(),
+                    })
+                    .collect(),
+                partition: Some(partition),
+                expiry_seconds: r.ttl_ms.map(|ms| ms.div_ceil(1000) as u32),
+            })
+            .collect(),
+        request_id: 0,
+        producer_id: producer.map_or(0, |p| p.id.0 as u64),
+        sequence: producer.map_or(0, |p| p.first.0 as u32),
+    }
+}
+
+/// Whether a failed call may succeed when made again (for callers whose retries are safe).
+pub fn retryable(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::ResourceExhausted
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Aborted
+    )
 }

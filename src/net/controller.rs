@@ -33,6 +33,9 @@ use crate::types::{Offset, TimestampMs};
 const APPLY_WAIT: Duration = Duration::from_secs(15);
 /// How long the follower's long poll waits; also how often failed opens are retried.
 const FOLLOW_WAIT: Duration = Duration::from_secs(1);
+/// When a node that cannot register yet first says why, and how often after that.
+const REPORT_FIRST: Duration = Duration::from_secs(5);
+const REPORT_EVERY: Duration = Duration::from_secs(15);
 
 fn meta_settings() -> TopicSettings {
     TopicSettings {
@@ -117,16 +120,39 @@ pub async fn start(broker: Arc<Broker>, member: Member) -> anyhow::Result<()> {
         tokio::spawn(follower.run());
         let b = broker.clone();
         tokio::spawn(async move {
-            // Retry until the metadata group has a leader that accepts the registration.
+            // Retry until the metadata group has a leader that accepts the registration, and
+            // say what it waits for now and then.
             let mut closing = b.closing();
+            let started = tokio::time::Instant::now();
+            let mut next_report = started + REPORT_FIRST;
             loop {
                 match register(&b, &member).await {
                     Ok(()) => break,
+                    Err(e) if super::status::is_removed(&e) => {
+                        b.stop_for(b.removed_message());
+                        return;
+                    }
                     Err(e) if e.code() == tonic::Code::FailedPrecondition => {
                         tracing::error!(error = %e.message(), "this node cannot register");
                         return;
                     }
-                    Err(e) => tracing::debug!(error = %e.message(), "registration not done yet"),
+                    Err(e) => {
+                        tracing::debug!(error = %e.message(), "registration not done yet");
+                        if tokio::time::Instant::now() >= next_report {
+                            next_report += REPORT_EVERY;
+                            let why = match b.metadata_leader().await {
+                                None => b.no_metadata_leader().await.message().to_string(),
+                                Some(l) => format!(
+                                    "the metadata leader (node {l}) answered: {}",
+                                    e.message()
+                                ),
+                            };
+                            tracing::info!(
+                                waited_s = started.elapsed().as_secs(),
+                                "waiting to register in the cluster metadata: {why}"
+                            );
+                        }
+                    }
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(300)) => {}
@@ -171,8 +197,33 @@ async fn register(broker: &Arc<Broker>, member: &Member) -> Result<(), Status> {
     };
     let at = match direct {
         Ok(at) => at,
-        Err(_) if !join.is_empty() => propose_through(broker, join, &cmd).await?,
-        Err(e) => return Err(e),
+        Err(e) if super::status::is_removed(&e) => return Err(e),
+        Err(e) => {
+            // Through the member it was told to join, or any other controller.
+            let via: Vec<String> = if !join.is_empty() {
+                vec![join.clone()]
+            } else {
+                broker
+                    .controllers
+                    .iter()
+                    .filter(|(id, _)| **id != me)
+                    .map(|(_, a)| a.clone())
+                    .collect()
+            };
+            let mut last = e;
+            let mut done = None;
+            for addr in via {
+                match propose_through(broker, &addr, &cmd).await {
+                    Ok(at) => {
+                        done = Some(at);
+                        break;
+                    }
+                    Err(e) if super::status::is_removed(&e) => return Err(e),
+                    Err(e) => last = e,
+                }
+            }
+            done.ok_or(last)?
+        }
     };
     wait_applied(broker, at).await?;
     if broker.cluster().removed.contains(&me) {
@@ -213,6 +264,9 @@ pub async fn propose(broker: &Arc<Broker>, cmd: &Command) -> Result<Offset, Stat
                 if tokio::time::Instant::now() < deadline =>
             {
                 tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(CoreError::NotLeader { leader: None }) => {
+                return Err(broker.no_metadata_leader().await)
             }
             Err(e) => return Err(from_core(e)),
             Ok(Ok(at)) => return Ok(at),
@@ -279,7 +333,10 @@ async fn forward_proposal(
         forwarded: true,
     });
     req.set_timeout(APPLY_WAIT);
-    let r = client.propose(req).await?;
+    let r = client
+        .propose(req)
+        .await
+        .map_err(|s| super::status::from_peer(leader, s))?;
     Ok(Offset(r.into_inner().offset))
 }
 
@@ -389,6 +446,11 @@ pub async fn handle_propose(
     forwarded: bool,
 ) -> Result<Offset, Status> {
     let cmd = Command::decode(command).map_err(Status::invalid_argument)?;
+    if let Command::RegisterNode { id, .. } = &cmd {
+        if broker.cluster().removed.contains(id) {
+            return Err(super::status::removed(*id));
+        }
+    }
     if !forwarded {
         return propose(broker, &cmd).await;
     }
@@ -474,15 +536,22 @@ impl Follower {
         }
         if changed {
             self.broker.set_state(Arc::new(self.state.clone()));
+            if self.state.removed.contains(&self.broker.node_id()) {
+                self.broker.stop_for(self.broker.removed_message());
+            }
         }
         if moved || self.failed {
             self.reconcile(deleted).await;
         }
         self.broker.applied.send_replace(self.next.0);
         if leader_known && self.next >= fetched.high_watermark && !self.failed {
-            self.broker
+            let was = self
+                .broker
                 .ready
-                .store(true, std::sync::atomic::Ordering::Release);
+                .swap(true, std::sync::atomic::Ordering::AcqRel);
+            if !was {
+                tokio::spawn(log_caught_up(self.broker.clone()));
+            }
         }
         Ok(())
     }
@@ -600,6 +669,31 @@ impl Follower {
         }
         self.failed = failed;
     }
+}
+
+/// Says once, when the node has first caught up with the metadata, what it holds.
+async fn log_caught_up(broker: Arc<Broker>) {
+    let me = broker.node_id();
+    let topics = broker.topics();
+    let (mut partitions, mut records) = (0usize, 0u64);
+    for t in &topics {
+        for p in (0..t.spec.partitions).filter(|p| t.on(me, *p)) {
+            partitions += 1;
+            if let Ok(o) = broker
+                .list_offsets(t, p, crate::shard::StartAt::Latest, true)
+                .await
+            {
+                records += o.end.0.saturating_sub(o.start.0);
+            }
+        }
+    }
+    let state = broker.cluster();
+    tracing::info!(
+        "caught up with the cluster metadata: {} nodes, {} topics; this node holds {partitions} \
+         partitions with {records} records (offsets, counting Raft's few control records)",
+        state.nodes.len(),
+        topics.len(),
+    );
 }
 
 async fn remove_dir(dir: PathBuf) {

@@ -1,7 +1,7 @@
 //! Tern records to protobuf records.
 
 use crate::proto::v1 as pb;
-use crate::shard::Fetched;
+use crate::shard::{Fetched, StartAt};
 use crate::types::TimestampMs;
 
 /// The committed, unexpired data records of a fetch, at most `max_records`; returns them and
@@ -47,4 +47,17 @@ pub fn records(
         }
     }
     (out, next.0)
+}
+
+/// A start position as the API spells it.
+pub fn start_position(at: StartAt) -> pb::StartPosition {
+    use pb::start_position::Position;
+    let p = match at {
+        StartAt::Earliest => Position::Earliest(true),
+        StartAt::Latest => Position::Latest(true),
+        StartAt::Offset(o) => Position::Offset(o.0),
+        StartAt::Time(t) => Position::TimestampMs(t.0),
+        StartAt::Last(n) => Position::Last(n),
+    };
+    pb::StartPosition { position: Some(p) }
 }

@@ -459,7 +459,11 @@ impl Groups {
                         continue;
                     }
                     p.end_offset = Some(end);
-                    p.lag = Some(end.saturating_sub(p.committed.unwrap_or(start).max(start)));
+                    // From the committed offset; with none, from where the member reading it
+                    // started (a member tailing from the end has no lag to show); with no
+                    // reader either, from the start.
+                    let from = p.committed.or(p.position).unwrap_or(start).max(start);
+                    p.lag = Some(end.saturating_sub(from));
                 }
             }
         }
@@ -1490,6 +1494,13 @@ impl Group {
                                 .count() as u32,
                         ),
                     };
+                    // Where the owner's reader got to, once it knows where it started.
+                    let position = self.owner[p]
+                        .filter(|_| self.mode == Mode::Stream)
+                        .and_then(|m| self.members.get(&m))
+                        .and_then(|m| m.readers.get(&(p as u32)))
+                        .map(|(_, at)| at.load(Ordering::Acquire))
+                        .filter(|at| *at != NOT_STARTED);
                     pb::GroupPartition {
                         partition: p as u32,
                         committed,
@@ -1497,6 +1508,7 @@ impl Group {
                         lag: None,
                         member_id: self.owner[p].map(member_name).unwrap_or_default(),
                         in_flight,
+                        position,
                     }
                 })
                 .collect(),

@@ -59,9 +59,21 @@ pub async fn serve(
     let tern = TernServer::new(TernService { broker })
         .max_decoding_message_size(cfg.max_request_bytes)
         .max_encoding_message_size(cfg.max_request_bytes.max(32 << 20));
+    let limit = cfg.max_request_bytes;
     tonic::transport::Server::builder()
         .max_concurrent_streams(Some(cfg.max_concurrent_streams))
         .tcp_nodelay(true)
+        .layer(tower::util::MapResponseLayer::new(
+            move |r: tonic::codegen::http::Response<tonic::body::Body>| match r
+                .extensions()
+                .get::<tonic::Status>(
+            ) {
+                Some(s) if status::is_over_limit(s) => {
+                    status::request_too_large(s, limit).into_http()
+                }
+                _ => r,
+            },
+        ))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(tern)

@@ -31,6 +31,9 @@ impl PeerService {
                 "node {from} is cut off (fault injection)"
             )));
         }
+        if self.broker.cluster().removed.contains(&from) {
+            return Err(super::status::removed(from));
+        }
         Ok(())
     }
 }

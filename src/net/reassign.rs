@@ -157,12 +157,23 @@ async fn lead_metadata(broker: &Arc<Broker>) -> Result<(), Status> {
         .filter(|id| !state.removed.contains(id))
         .map(|id| (*id, member_of(id)))
         .collect();
-    let learners: BTreeMap<NodeId, Member> = state
+    let mut learners: BTreeMap<NodeId, Member> = state
         .nodes
         .iter()
         .filter(|(id, _)| !voters.contains_key(id))
         .map(|(id, m)| (*id, m.clone()))
         .collect();
+    // A removed node stays on as a learner while it can be reached and has not received the
+    // whole log, so it learns that it was removed (and stops) rather than going quiet.
+    let last = group.last_index.unwrap_or(0);
+    for (id, matched) in &group.matched {
+        let reachable = broker
+            .transport()
+            .is_some_and(|t| t.reachable(*id) == Some(true));
+        if state.removed.contains(id) && reachable && matched.is_none_or(|m| m < last) {
+            learners.insert(*id, member_of(id));
+        }
+    }
     // Nothing to change (the common case): no core round trip.
     let set = |ids: &[NodeId]| ids.iter().copied().collect::<BTreeSet<_>>();
     let same = voters.keys().copied().collect::<BTreeSet<_>>() == set(&group.voters)
@@ -225,13 +236,14 @@ async fn drain(broker: &Arc<Broker>, state: &ClusterState) -> Result<(), Status>
 }
 
 /// Starts moving a partition to `target` (`tern cluster move`); returns once the move is in
-/// the metadata (the partition's leader then carries it out).
+/// the metadata (the partition's leader then carries it out), with whether anything changed
+/// (`false`: the partition has exactly these replicas and is not moving).
 pub async fn move_partition(
     broker: &Arc<Broker>,
     topic: &str,
     partition: u32,
     target: Vec<NodeId>,
-) -> Result<(), Status> {
+) -> Result<bool, Status> {
     let _admin = broker.admin.lock().await;
     let t = broker.topic(topic)?;
     t.check_partition(partition)?;
@@ -261,7 +273,7 @@ pub async fn move_partition(
         }
     }
     if t.spec.replicas[partition as usize] == target && !t.spec.moving.contains_key(&partition) {
-        return Ok(());
+        return Ok(false);
     }
     let cmd = Command::MoveReplicas {
         topic: topic.to_string(),
@@ -272,7 +284,7 @@ pub async fn move_partition(
     let at = propose(broker, &cmd).await?;
     wait_applied(broker, at).await?;
     tracing::info!(topic, partition, ?target, "partition move started");
-    Ok(())
+    Ok(true)
 }
 
 /// Starts removing a node (`tern cluster remove-node`): it is marked draining, its replicas

@@ -10,8 +10,9 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::broker::{forwarded, Broker, Topic, FORWARDED};
-use super::{controller, convert, groups, reassign, subscribe, validate};
+use super::broker::{relay, Broker, Read, Topic, FORWARDED};
+use super::status::{from_peer, is_over_limit, request_too_large};
+use super::{controller, groups, reassign, subscribe, validate};
 use crate::cluster::Command;
 use crate::config::Config;
 use crate::proto::v1 as pb;
@@ -25,6 +26,8 @@ const FETCH_RECORDS_MAX: usize = 10_000;
 /// Default and largest byte budget of one Fetch.
 const FETCH_BYTES_DEFAULT: usize = 1 << 20;
 const FETCH_BYTES_MAX: usize = 16 << 20;
+/// Partitions one ListOffsets asks at once.
+const LIST_OFFSETS_PARALLEL: usize = 32;
 /// Publish requests one PublishStream may have in flight.
 const PUBLISH_STREAM_IN_FLIGHT: usize = 64;
 
@@ -134,44 +137,57 @@ pub(super) async fn fetch(
 ) -> Result<pb::FetchResponse, Status> {
     let t = broker.topic(&r.topic)?;
     t.check_partition(r.partition)?;
-    if !t.on(broker.node_id(), r.partition) {
-        // No replica here: read from one that has it.
-        let Some(&to) = t.replicas(r.partition).first().filter(|_| !relayed) else {
-            return Err(Status::unavailable(format!(
-                "this node holds no replica of {}/{}",
-                r.topic, r.partition
-            )));
-        };
-        return Ok(broker
-            .peer_client(to)?
-            .fetch(forwarded(r))
-            .await?
-            .into_inner());
+    let read = Read {
+        from: Offset(r.offset),
+        max_records: match r.max_records as usize {
+            0 => FETCH_RECORDS_DEFAULT,
+            n => n.min(FETCH_RECORDS_MAX),
+        },
+        max_bytes: match r.max_bytes as usize {
+            0 => FETCH_BYTES_DEFAULT,
+            n => n.min(FETCH_BYTES_MAX),
+        },
+        max_wait: Duration::from_millis(
+            (r.max_wait_ms as u64).min(broker.config.max_fetch_wait_ms),
+        ),
+    };
+    broker.read(&t, r.partition, read, relayed).await
+}
+
+/// Serves a ListOffsets: each partition from this node's replica, or from another (once).
+async fn list_offsets(
+    broker: &Arc<Broker>,
+    r: pb::ListOffsetsRequest,
+    relayed: bool,
+) -> Result<pb::ListOffsetsResponse, Status> {
+    let t = broker.topic(&r.topic)?;
+    let at = validate::start_at(r.position.as_ref())?;
+    let parts: Vec<u32> = if r.partitions.is_empty() {
+        (0..t.spec.partitions).collect()
+    } else {
+        r.partitions
+    };
+    for p in &parts {
+        t.check_partition(*p)?;
     }
-    let max_records = match r.max_records as usize {
-        0 => FETCH_RECORDS_DEFAULT,
-        n => n.min(FETCH_RECORDS_MAX),
-    };
-    let max_bytes = match r.max_bytes as usize {
-        0 => FETCH_BYTES_DEFAULT,
-        n => n.min(FETCH_BYTES_MAX),
-    };
-    let max_wait_ms = (r.max_wait_ms as u64).min(broker.config.max_fetch_wait_ms);
-    let f = broker
-        .fetch(
-            &t,
-            r.partition,
-            Offset(r.offset),
-            max_bytes,
-            Duration::from_millis(max_wait_ms),
-        )
-        .await?;
-    let (records, next) = convert::records(&r.topic, r.partition, &f, max_records);
-    Ok(pb::FetchResponse {
-        records,
-        next_offset: next,
-        high_watermark: f.high_watermark.0,
-        start_offset: f.start.0,
+    let asks = futures::stream::iter(parts.into_iter().map(|p| {
+        let t = t.clone();
+        async move {
+            let o = broker.list_offsets(&t, p, at, relayed).await?;
+            Ok(pb::PartitionOffsets {
+                partition: p,
+                start_offset: o.start.0,
+                end_offset: o.end.0,
+                offset: o.offset.0,
+            })
+        }
+    }));
+    let answers: Vec<Result<pb::PartitionOffsets, Status>> =
+        futures::StreamExt::buffered(asks, LIST_OFFSETS_PARALLEL)
+            .collect()
+            .await;
+    Ok(pb::ListOffsetsResponse {
+        partitions: answers.into_iter().collect::<Result<_, _>>()?,
     })
 }
 
@@ -192,12 +208,12 @@ async fn coordinator<T>(broker: &Broker, request: &Request<T>) -> Result<u64, St
 async fn coordinator_elsewhere<T>(
     broker: &Broker,
     request: &Request<T>,
-) -> Result<Option<TernClient<Channel>>, Status> {
+) -> Result<Option<(u64, TernClient<Channel>)>, Status> {
     let c = coordinator(broker, request).await?;
     if c == broker.node_id() {
         return Ok(None);
     }
-    broker.peer_client(c).map(Some)
+    broker.peer_client(c).map(|client| Some((c, client)))
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -214,8 +230,13 @@ impl Tern for TernService {
         validate::topic_name(&r.name)?;
         let partitions = validate::partition_count(r.partitions, cfg)?;
         let settings = validate::topic_settings(r.config.as_ref(), &cfg.topic_defaults)?;
-        let nodes = self.broker.cluster().nodes.len().max(1) as u32;
-        let rf = validate::replication_factor(r.replication_factor, nodes)?;
+        self.broker.wait_metadata_leader().await?;
+        let nodes = self.broker.cluster().placeable().len().max(1) as u32;
+        let rf = validate::replication_factor(
+            r.replication_factor,
+            cfg.topic_defaults.replication_factor,
+            nodes,
+        )?;
         let t = controller::create_topic(&self.broker, r.name, partitions, rf, settings).await?;
         Ok(Response::new(pb::CreateTopicResponse {
             topic: Some(topic_info(&t)),
@@ -304,6 +325,11 @@ impl Tern for TernService {
                 let req = match item {
                     Ok(r) => r,
                     Err(status) => {
+                        let status = if is_over_limit(&status) {
+                            request_too_large(&status, broker.config.max_request_bytes)
+                        } else {
+                            status
+                        };
                         let _ = tx.send(Err(status)).await;
                         return;
                     }
@@ -355,6 +381,17 @@ impl Tern for TernService {
             .map(Response::new)
     }
 
+    async fn list_offsets(
+        &self,
+        request: Request<pb::ListOffsetsRequest>,
+    ) -> Result<Response<pb::ListOffsetsResponse>, Status> {
+        let _call = self.broker.track();
+        let relayed = request.metadata().contains_key(FORWARDED);
+        list_offsets(&self.broker, request.into_inner(), relayed)
+            .await
+            .map(Response::new)
+    }
+
     type ConsumeStream = BoxStream<pb::ConsumeResponse>;
 
     async fn consume(
@@ -385,8 +422,9 @@ impl Tern for TernService {
             });
             let resp = broker
                 .peer_client(coordinator)?
-                .consume(forwarded(ReceiverStream::new(rx)))
-                .await?;
+                .consume(relay(ReceiverStream::new(rx)))
+                .await
+                .map_err(|s| from_peer(coordinator, s))?;
             // A lost connection to the coordinator reads as one, not as an h2 error.
             let relay = resp.into_inner().map(move |r| {
                 r.map_err(|s| match s.code() {
@@ -438,8 +476,11 @@ impl Tern for TernService {
         request: Request<pb::AckRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
         let _call = self.broker.track();
-        if let Some(mut c) = coordinator_elsewhere(&self.broker, &request).await? {
-            return c.ack(forwarded(request.into_inner())).await;
+        if let Some((node, mut c)) = coordinator_elsewhere(&self.broker, &request).await? {
+            return c
+                .ack(relay(request.into_inner()))
+                .await
+                .map_err(|s| from_peer(node, s));
         }
         let r = request.into_inner();
         let refs = groups::validate_refs(&r.group, &r.topic, &r.deliveries)?;
@@ -452,8 +493,11 @@ impl Tern for TernService {
         request: Request<pb::NackRequest>,
     ) -> Result<Response<pb::NackResponse>, Status> {
         let _call = self.broker.track();
-        if let Some(mut c) = coordinator_elsewhere(&self.broker, &request).await? {
-            return c.nack(forwarded(request.into_inner())).await;
+        if let Some((node, mut c)) = coordinator_elsewhere(&self.broker, &request).await? {
+            return c
+                .nack(relay(request.into_inner()))
+                .await
+                .map_err(|s| from_peer(node, s));
         }
         let r = request.into_inner();
         let refs = groups::validate_refs(&r.group, &r.topic, &r.deliveries)?;
@@ -471,8 +515,11 @@ impl Tern for TernService {
         request: Request<pb::ListGroupsRequest>,
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
         let _call = self.broker.track();
-        if let Some(mut c) = coordinator_elsewhere(&self.broker, &request).await? {
-            return c.list_groups(forwarded(request.into_inner())).await;
+        if let Some((node, mut c)) = coordinator_elsewhere(&self.broker, &request).await? {
+            return c
+                .list_groups(relay(request.into_inner()))
+                .await
+                .map_err(|s| from_peer(node, s));
         }
         Ok(Response::new(pb::ListGroupsResponse {
             groups: self.broker.groups.list(&self.broker).await,
@@ -484,8 +531,11 @@ impl Tern for TernService {
         request: Request<pb::DescribeGroupRequest>,
     ) -> Result<Response<pb::DescribeGroupResponse>, Status> {
         let _call = self.broker.track();
-        if let Some(mut c) = coordinator_elsewhere(&self.broker, &request).await? {
-            return c.describe_group(forwarded(request.into_inner())).await;
+        if let Some((node, mut c)) = coordinator_elsewhere(&self.broker, &request).await? {
+            return c
+                .describe_group(relay(request.into_inner()))
+                .await
+                .map_err(|s| from_peer(node, s));
         }
         let r = request.into_inner();
         validate::group_name(&r.group)?;
@@ -511,6 +561,7 @@ impl Tern for TernService {
                 partitions: self.partitions(&t).await?,
             });
         }
+        let meta = self.broker.metadata_replica().await;
         let state = self.broker.cluster();
         let nodes = state
             .nodes
@@ -528,6 +579,8 @@ impl Tern for TernService {
             topics,
             node_id: self.broker.node_id(),
             metadata_leader: self.broker.metadata_leader().await.unwrap_or(0),
+            ready: self.broker.is_ready(),
+            controllers: meta.map(|m| m.voters).unwrap_or_default(),
         }))
     }
 
@@ -543,8 +596,9 @@ impl Tern for TernService {
                 crate::cluster::REPLICAS_MAX
             )));
         }
-        reassign::move_partition(&self.broker, &r.topic, r.partition, r.replicas).await?;
-        Ok(Response::new(pb::MovePartitionResponse {}))
+        let unchanged =
+            !reassign::move_partition(&self.broker, &r.topic, r.partition, r.replicas).await?;
+        Ok(Response::new(pb::MovePartitionResponse { unchanged }))
     }
 
     async fn rebalance(

@@ -10,6 +10,12 @@
 //! as a commit moves past the follower's offset, so new records arrive without a polling
 //! interval. The channel to the client is bounded, so a slow client slows only its own
 //! followers and never grows the node's memory.
+//!
+//! A follower reads from this node's replica when it has one, else from another replica over
+//! the peer connection (the same long poll, one hop away). It looks the topic up again before
+//! every read, so it follows the partition when its replicas move (to or away from this node)
+//! and rides out elections and dead replicas by retrying; it ends the subscription with
+//! NOT_FOUND when the topic is deleted (also when one of the same name was created since).
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -21,10 +27,12 @@ use tokio::task::AbortHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
-use super::broker::{Broker, Topic};
-use super::{convert, validate};
+use super::broker::{Broker, Read, Topic};
+use super::status::range_of;
+use super::validate;
 use crate::proto::v1 as pb;
-use crate::types::{Offset, TimestampMs};
+use crate::shard::StartAt;
+use crate::types::Offset;
 
 /// Responses buffered per subscription before followers wait for the client.
 const CHANNEL_DEPTH: usize = 16;
@@ -33,6 +41,9 @@ const LONG_POLL: Duration = Duration::from_secs(30);
 /// Bytes one follower fetches at a time.
 const FETCH_BYTES: usize = 1 << 20;
 const FETCH_RECORDS: usize = 1000;
+/// Waits between reads that failed for a passing reason (an election, a moving replica).
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(1);
 
 type Tx = tokio::sync::mpsc::Sender<Result<pb::SubscribeResponse, Status>>;
 
@@ -102,6 +113,7 @@ impl Subscription {
         let mut starts: Vec<(Arc<Topic>, u32, Offset)> = Vec::new();
         for add in &req.add {
             let topic = self.broker.topic(&add.topic)?;
+            let at = validate::start_at(add.from.as_ref())?;
             let parts: Vec<u32> = if add.partitions.is_empty() {
                 (0..topic.spec.partitions).collect()
             } else {
@@ -109,7 +121,10 @@ impl Subscription {
             };
             for &p in &parts {
                 topic.check_partition(p)?;
-                let from = self.resolve(&topic, p, add.from.as_ref()).await?;
+                let from = match at {
+                    StartAt::Offset(o) => o,
+                    at => self.broker.list_offsets(&topic, p, at, false).await?.offset,
+                };
                 starts.push((topic.clone(), p, from));
             }
         }
@@ -141,39 +156,47 @@ impl Subscription {
         }
         Ok(())
     }
+}
 
-    async fn resolve(
-        &self,
-        topic: &Topic,
-        p: u32,
-        from: Option<&pb::StartPosition>,
-    ) -> Result<Offset, Status> {
-        use pb::start_position::Position;
-        let position = from.and_then(|f| f.position);
-        Ok(match position {
-            None | Some(Position::Latest(_)) => self.broker.positions(topic, p).await?.committed,
-            Some(Position::Earliest(_)) => self.broker.positions(topic, p).await?.start,
-            Some(Position::Offset(o)) => Offset(o),
-            Some(Position::TimestampMs(ts)) => {
-                match self
-                    .broker
-                    .offset_for_timestamp(topic, p, TimestampMs(ts))
-                    .await?
-                {
-                    Some(o) => o,
-                    None => self.broker.positions(topic, p).await?.committed,
-                }
-            }
-        })
+/// Whether a read that failed this way may succeed later (a replica not open yet or gone, an
+/// election, an overloaded core, a replica behind the offset the subscriber reached).
+fn transient(s: &Status, from: Offset) -> bool {
+    match s.code() {
+        tonic::Code::Unavailable | tonic::Code::ResourceExhausted => true,
+        tonic::Code::OutOfRange => range_of(s).is_some_and(|(_, end)| from.0 > end),
+        _ => false,
     }
 }
 
-/// Streams one partition's committed records from `from` until the client goes away.
+/// Streams one partition's committed records from `from` until the client goes away, the node
+/// shuts down, or the topic is deleted.
 async fn follow(broker: Arc<Broker>, topic: Arc<Topic>, partition: u32, mut from: Offset, tx: Tx) {
     let mut closing = broker.closing();
+    let name = topic.spec.name.clone();
+    let uid = topic.spec.uid;
+    let mut backoff = RETRY_MIN;
     loop {
+        // The topic as the metadata has it now: its replicas may have moved.
+        let topic = match broker.topic(&name) {
+            Ok(t) if t.spec.uid == uid => t,
+            Err(s) if s.code() == tonic::Code::Unavailable => topic.clone(),
+            _ => {
+                let _ = tx
+                    .send(Err(Status::not_found(format!(
+                        "topic {name:?} was deleted; this subscription to it ends"
+                    ))))
+                    .await;
+                return;
+            }
+        };
+        let read = Read {
+            from,
+            max_records: FETCH_RECORDS,
+            max_bytes: FETCH_BYTES,
+            max_wait: LONG_POLL,
+        };
         let fetched = tokio::select! {
-            f = broker.fetch(&topic, partition, from, FETCH_BYTES, LONG_POLL) => f,
+            f = broker.read(&topic, partition, read, false) => f,
             _ = tx.closed() => return,
             _ = until_true(&mut closing) => {
                 let _ = tx.send(Err(Status::unavailable("the node is shutting down"))).await;
@@ -181,24 +204,31 @@ async fn follow(broker: Arc<Broker>, topic: Arc<Topic>, partition: u32, mut from
             }
         };
         match fetched {
-            Ok(f) => {
-                let (records, next) =
-                    convert::records(&topic.spec.name, partition, &f, FETCH_RECORDS);
-                from = Offset(next);
-                if !records.is_empty()
+            Ok(r) => {
+                backoff = RETRY_MIN;
+                from = Offset(r.next_offset.max(from.0));
+                if !r.records.is_empty()
                     && tx
-                        .send(Ok(pb::SubscribeResponse { records }))
+                        .send(Ok(pb::SubscribeResponse { records: r.records }))
                         .await
                         .is_err()
                 {
                     return;
                 }
             }
+            Err(status) if transient(&status, from) => {
+                tracing::debug!(topic = %name, partition, error = %status.message(), "subscription read: retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tx.closed() => return,
+                }
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
             Err(status) => {
                 let _ = tx
                     .send(Err(Status::new(
                         status.code(),
-                        format!("{}/{partition}: {}", topic.spec.name, status.message()),
+                        format!("{name}/{partition}: {}", status.message()),
                     )))
                     .await;
                 return;

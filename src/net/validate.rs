@@ -8,13 +8,33 @@ use crate::cluster::{validate_topic_name, TopicSettings};
 use crate::config::{Config, TopicDefaults};
 use crate::log::{Header, Record, HEADERS_PER_RECORD_MAX};
 use crate::proto::v1 as pb;
-use crate::shard::ProducerSeq;
-use crate::types::{ProducerId, Sequence, TimestampMs};
+use crate::shard::{ProducerSeq, StartAt};
+use crate::types::{Offset, ProducerId, Sequence, TimestampMs};
 
 /// Longest expiry a record may ask for: ten years.
 pub const EXPIRY_SECONDS_MAX: u32 = 10 * 365 * 24 * 3600;
 /// Longest header name.
 pub const HEADER_KEY_BYTES_MAX: usize = 1024;
+
+/// Most records `StartPosition.last` may ask for.
+pub const LAST_RECORDS_MAX: u64 = 100_000;
+
+/// A start position (unset: latest).
+pub fn start_at(from: Option<&pb::StartPosition>) -> Result<StartAt, Status> {
+    use pb::start_position::Position;
+    Ok(match from.and_then(|f| f.position) {
+        None | Some(Position::Latest(_)) => StartAt::Latest,
+        Some(Position::Earliest(_)) => StartAt::Earliest,
+        Some(Position::Offset(o)) => StartAt::Offset(Offset(o)),
+        Some(Position::TimestampMs(t)) => StartAt::Time(TimestampMs(t)),
+        Some(Position::Last(n)) if (1..=LAST_RECORDS_MAX).contains(&n) => StartAt::Last(n),
+        Some(Position::Last(n)) => {
+            return Err(Status::invalid_argument(format!(
+                "last {n}: ask for 1 to {LAST_RECORDS_MAX} records (or start from an offset)"
+            )))
+        }
+    })
+}
 
 pub fn topic_name(name: &str) -> Result<(), Status> {
     validate_topic_name(name).map_err(Status::invalid_argument)
@@ -92,11 +112,16 @@ pub fn partition_count(partitions: u32, cfg: &Config) -> Result<u32, Status> {
     Ok(p)
 }
 
-pub fn replication_factor(rf: u32, nodes: u32) -> Result<u32, Status> {
-    let rf = rf.max(1);
+/// A topic's replication factor: as asked, or (0) the node's default capped at the number
+/// of nodes that can take replicas.
+pub fn replication_factor(rf: u32, default: u32, nodes: u32) -> Result<u32, Status> {
+    if rf == 0 {
+        return Ok(default.min(nodes).max(1));
+    }
     if rf > nodes {
         return Err(Status::invalid_argument(format!(
-            "replication factor {rf} exceeds the number of nodes ({nodes})"
+            "replication factor {rf} exceeds the number of nodes that can hold replicas \
+             ({nodes}; `tern cluster status` lists them)"
         )));
     }
     Ok(rf)

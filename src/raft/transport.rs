@@ -45,6 +45,9 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest message a node sends or accepts between nodes.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
+/// Metadata with which a peer refuses every call of a node removed from the cluster.
+pub const REMOVED: &str = "tern-removed";
+
 /// The answer to one message: the response's encoding, or why there is none.
 pub type Answer = Result<Bytes, String>;
 
@@ -73,6 +76,11 @@ pub struct Transport {
     /// Nodes' current addresses from the cluster metadata: they win over the address a group's
     /// membership recorded when the node was added (a node that moved keeps its id).
     addresses: RwLock<HashMap<NodeId, String>>,
+    /// Whether the last call to each peer got through (absent: no call made yet). A change is
+    /// logged once, so a dead peer is reported when it goes, not on every heartbeat.
+    reachable: Mutex<HashMap<NodeId, bool>>,
+    /// Set when a peer refused this node as removed from the cluster.
+    removed: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Transport {
@@ -92,6 +100,8 @@ impl Transport {
             runtime: tokio::runtime::Handle::current(),
             isolated: RwLock::new(HashSet::new()),
             addresses: RwLock::new(HashMap::new()),
+            reachable: Mutex::new(HashMap::new()),
+            removed: tokio::sync::watch::channel(false).0,
         })
     }
 
@@ -106,6 +116,42 @@ impl Transport {
 
     pub fn is_isolated_from(&self, peer: NodeId) -> bool {
         self.isolated.read().expect("isolated lock").contains(&peer)
+    }
+
+    /// Turns true once a peer refuses this node as removed from the cluster.
+    pub fn removed(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.removed.subscribe()
+    }
+
+    /// Whether the last call to `peer` got through; `None` before the first.
+    pub fn reachable(&self, peer: NodeId) -> Option<bool> {
+        self.reachable
+            .lock()
+            .expect("reachable lock")
+            .get(&peer)
+            .copied()
+    }
+
+    /// Records how a call to `peer` went, and logs when that changes.
+    fn saw(&self, peer: NodeId, addr: &str, up: bool, error: Option<&str>) {
+        let before = self
+            .reachable
+            .lock()
+            .expect("reachable lock")
+            .insert(peer, up);
+        match (before, up) {
+            (Some(true), true) | (Some(false), false) => {}
+            (None, true) => tracing::info!(node = peer, %addr, "connected to node {peer}"),
+            (Some(false), true) => {
+                tracing::info!(node = peer, %addr, "node {peer} is reachable again")
+            }
+            (None, false) => {
+                tracing::warn!(node = peer, %addr, error = error.unwrap_or(""), "cannot reach node {peer}; will keep trying")
+            }
+            (Some(true), false) => {
+                tracing::warn!(node = peer, %addr, error = error.unwrap_or(""), "lost contact with node {peer}; will keep trying")
+            }
+        }
     }
 
     /// Sets the nodes' addresses as the cluster metadata has them.
@@ -220,6 +266,7 @@ async fn run_link(
         }
         let mut client = client.clone();
         let transport = transport.clone();
+        let addr = addr.clone();
         tokio::spawn(async move {
             let mut messages = Vec::with_capacity(batch.len());
             let mut waiting = Vec::with_capacity(batch.len());
@@ -237,6 +284,13 @@ async fn run_link(
             request.set_timeout(CALL_TIMEOUT);
             let result = client.exchange(request).await;
             let mut answers: Vec<Option<Answer>> = (0..waiting.len()).map(|_| None).collect();
+            match &result {
+                Ok(_) => transport.saw(target, &addr, true, None),
+                Err(s) if s.metadata().contains_key(REMOVED) => {
+                    transport.removed.send_replace(true);
+                }
+                Err(s) => transport.saw(target, &addr, false, Some(s.message())),
+            }
             match result {
                 Ok(resp) => {
                     for r in resp.into_inner().replies {

@@ -42,6 +42,7 @@ pub async fn run(core: u32, mailbox: MailboxReceiver, raft_tick: Duration) {
 /// per heartbeat put timeouts into a few buckets: two followers often timed out together, split
 /// the vote and waited another round.)
 async fn drive_groups(
+    core: u32,
     partitions: Partitions,
     heartbeat: Duration,
     stop: Rc<std::cell::Cell<bool>>,
@@ -49,6 +50,7 @@ async fn drive_groups(
     const STEPS: u32 = 5;
     let tick = heartbeat / STEPS;
     let mut step = 0u32;
+    let mut leadership = LeadershipLog::new(core);
     loop {
         glommio::timer::sleep(tick).await;
         if stop.get() {
@@ -67,6 +69,7 @@ async fn drive_groups(
             p.drive(now, beat).await;
         }
         if beat {
+            leadership.observe(&partitions, now);
             // Retention, in tasks of their own: a purge may wait for a snapshot.
             let due: Vec<Rc<Partition>> = partitions
                 .borrow()
@@ -81,10 +84,93 @@ async fn drive_groups(
     }
 }
 
+/// Partition names a leadership summary lists before "and N more".
+const NAMES_LISTED: usize = 5;
+/// Least time between two leadership summaries of a core (changes in between are summed).
+const SUMMARY_EVERY: Duration = Duration::from_secs(2);
+
+/// Tells the operator which of this core's replicated groups this node gained or lost the
+/// leadership of, and how many elections there were: one summary line per core at most every
+/// [`SUMMARY_EVERY`], so a failover of a thousand partitions is a few lines, not a thousand.
+struct LeadershipLog {
+    core: u32,
+    /// Each group's leadership and term when last looked at.
+    seen: HashMap<PartitionKey, (bool, u64)>,
+    gained: Vec<String>,
+    lost: Vec<String>,
+    elections: usize,
+    last_summary: std::time::Instant,
+}
+
+impl LeadershipLog {
+    fn new(core: u32) -> Self {
+        LeadershipLog {
+            core,
+            seen: HashMap::new(),
+            gained: Vec::new(),
+            lost: Vec::new(),
+            elections: 0,
+            last_summary: std::time::Instant::now(),
+        }
+    }
+
+    fn observe(&mut self, partitions: &Partitions, now: std::time::Instant) {
+        let groups = partitions.borrow();
+        self.seen.retain(|k, _| groups.contains_key(k));
+        let mut leading = 0;
+        for (key, p) in groups.iter().filter(|(_, p)| p.replicated()) {
+            let (leads, term) = p.leadership();
+            leading += usize::from(leads);
+            let before = self.seen.insert(key.clone(), (leads, term));
+            let (led, old_term) = before.unwrap_or((false, term));
+            if term > old_term {
+                self.elections += 1;
+            }
+            match (led, leads) {
+                (false, true) => self.gained.push(key.to_string()),
+                (true, false) => self.lost.push(key.to_string()),
+                _ => {}
+            }
+        }
+        let changed = !self.gained.is_empty() || !self.lost.is_empty() || self.elections > 0;
+        if !changed || now.duration_since(self.last_summary) < SUMMARY_EVERY {
+            return;
+        }
+        let names = |v: &[String]| {
+            let mut s = v[..v.len().min(NAMES_LISTED)].join(", ");
+            if v.len() > NAMES_LISTED {
+                s.push_str(&format!(" and {} more", v.len() - NAMES_LISTED));
+            }
+            s
+        };
+        let mut parts = Vec::new();
+        if !self.gained.is_empty() {
+            parts.push(format!("now leads {}", names(&self.gained)));
+        }
+        if !self.lost.is_empty() {
+            parts.push(format!("no longer leads {}", names(&self.lost)));
+        }
+        if self.elections > 0 {
+            parts.push(format!("{} elections", self.elections));
+        }
+        tracing::info!(
+            "leadership on core {}: {}; it leads {leading} of its {} groups",
+            self.core,
+            parts.join("; "),
+            self.seen.len(),
+        );
+        self.gained.clear();
+        self.lost.clear();
+        self.elections = 0;
+        self.last_summary = now;
+    }
+}
+
 async fn mailbox_loop(core: u32, mut mailbox: LocalMailbox, raft_tick: Duration) {
     let partitions: Partitions = Rc::new(RefCell::new(HashMap::new()));
     let stop_driver = Rc::new(std::cell::Cell::new(false));
     glommio::spawn_local(drive_groups(
+        core,
         partitions.clone(),
         raft_tick,
         stop_driver.clone(),
@@ -256,17 +342,9 @@ async fn handle(core: u32, req: CoreRequest, partitions: Partitions) {
         CoreRequest::Positions { key, reply } => {
             let _ = reply.send(lookup(&partitions, &key).map(|p| p.log.positions()));
         }
-        CoreRequest::OffsetForTimestamp {
-            key,
-            timestamp,
-            reply,
-        } => {
+        CoreRequest::ListOffsets { key, at, reply } => {
             let r = match lookup(&partitions, &key) {
-                Ok(p) => p
-                    .log
-                    .offset_for_timestamp(timestamp, crate::log::ReadBound::Committed)
-                    .await
-                    .map_err(CoreError::Log),
+                Ok(p) => p.list_offsets(at).await,
                 Err(e) => Err(e),
             };
             let _ = reply.send(r);

@@ -19,8 +19,8 @@ use glommio::{LocalExecutorBuilder, Placement};
 
 pub use mailbox::MailboxSender;
 pub use request::{
-    AppendAck, Appended, CoreError, CoreRequest, Fetched, MemberProgress, MemberTarget,
-    PartitionKey, ProducerSeq, ReplicaSettings,
+    AppendAck, Appended, CoreError, CoreRequest, Fetched, ListedOffsets, MemberProgress,
+    MemberTarget, PartitionKey, ProducerSeq, ReplicaSettings, StartAt,
 };
 
 /// How long a task queue runs before the executor checks I/O and wakes from other threads:

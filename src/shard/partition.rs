@@ -17,8 +17,8 @@ use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft_rt::watch::WatchReceiver;
 
 use super::request::{
-    AppendAck, Appended, CoreError, Fetched, MemberProgress, MemberTarget, PartitionKey,
-    ProducerSeq, ReplicaSettings, ReplicaState, Reply,
+    AppendAck, Appended, CoreError, Fetched, ListedOffsets, MemberProgress, MemberTarget,
+    PartitionKey, ProducerSeq, ReplicaSettings, ReplicaState, Reply, StartAt,
 };
 use crate::log::batch::HEADER_LEN;
 use crate::log::{Batch, BatchBuilder, Log, LogConfig, LogError, ReadBound, Record};
@@ -149,6 +149,8 @@ pub struct Partition {
     store: StoreHandle,
     /// Fetches waiting for the commit position to move.
     waiters: Waiters,
+    /// Set once the partition starts closing: waiting fetches end instead of waiting on.
+    closed: Cell<bool>,
     /// When retention last ran, and whether it is running.
     retained: Cell<Instant>,
     retaining: Cell<bool>,
@@ -310,6 +312,7 @@ impl Partition {
             raft,
             store,
             waiters,
+            closed: Cell::new(false),
             replicated: !alone,
             timing: replica.timing,
             contact: Cell::new(Instant::now()),
@@ -342,6 +345,13 @@ impl Partition {
     /// Whether the group has other voters (and so needs heartbeats and elections).
     pub fn replicated(&self) -> bool {
         self.replicated
+    }
+
+    /// Whether this replica leads its group, and the group's current term.
+    pub fn leadership(&self) -> (bool, u64) {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        (m.current_leader == Some(m.id), m.current_term)
     }
 
     /// One step of the core's Raft driver: a leader sends heartbeats; a follower that has not
@@ -545,6 +555,7 @@ impl Partition {
 
     /// Stops the Raft group, then flushes and closes the log.
     pub async fn close(&self) -> Result<(), CoreError> {
+        self.closed.set(true);
         wake(&self.waiters);
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(partition = %self.key, error = %e, "raft group did not stop cleanly");
@@ -763,6 +774,9 @@ impl Partition {
         let deadline = Instant::now() + max_wait;
         let mut from = from;
         loop {
+            if self.closed.get() {
+                return Err(CoreError::Log(LogError::Closed));
+            }
             let p = self.log.positions();
             if from < p.start || from > p.committed {
                 return Err(CoreError::Log(crate::log::LogError::OffsetOutOfRange {
@@ -801,6 +815,67 @@ impl Partition {
                 Either::Left(_) | Either::Right(_) => {}
             }
         }
+    }
+
+    /// The committed range, and where `at` falls in it.
+    pub async fn list_offsets(&self, at: StartAt) -> Result<ListedOffsets, CoreError> {
+        let p = self.log.positions();
+        let offset = match at {
+            StartAt::Earliest => p.start,
+            StartAt::Latest => p.committed,
+            StartAt::Offset(o) => o,
+            StartAt::Time(t) => self
+                .log
+                .offset_for_timestamp(t, ReadBound::Committed)
+                .await?
+                .unwrap_or(p.committed),
+            StartAt::Last(n) => self.offset_of_last(n, p.start, p.committed).await?,
+        };
+        Ok(ListedOffsets {
+            start: p.start,
+            end: p.committed,
+            offset,
+        })
+    }
+
+    /// The offset from which the last `n` data records before `end` are read (from `start` if
+    /// there are fewer). Control records take offsets but are not data: the range is widened
+    /// over them, reading only the part added each time.
+    async fn offset_of_last(
+        &self,
+        n: u64,
+        start: Offset,
+        end: Offset,
+    ) -> Result<Offset, CoreError> {
+        let mut from = end;
+        let mut data = 0u64;
+        while data < n && from > start {
+            let wider = Offset(from.0.saturating_sub(n - data).max(start.0));
+            data += self.data_records(wider, from).await?;
+            from = wider;
+        }
+        Ok(from)
+    }
+
+    /// Data records (not control records) with offsets in `[from, until)`.
+    async fn data_records(&self, from: Offset, until: Offset) -> Result<u64, CoreError> {
+        let mut at = from;
+        let mut data = 0;
+        while at < until {
+            let r = self.log.read(at, 1 << 20, ReadBound::Committed).await?;
+            let Some(last) = r.batches.last() else { break };
+            let next = last.meta().next_offset();
+            for b in &r.batches {
+                let m = b.meta();
+                if !m.control {
+                    let lo = m.base_offset.max(at);
+                    let hi = m.next_offset().min(until);
+                    data += hi.0.saturating_sub(lo.0);
+                }
+            }
+            at = next;
+        }
+        Ok(data)
     }
 
     /// Drops waiters whose fetch gave up (timed out), so idle partitions do not accumulate them.

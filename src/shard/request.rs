@@ -147,6 +147,29 @@ impl Appended {
     }
 }
 
+/// Where a reader starts in a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    /// The first record still stored.
+    Earliest,
+    /// The end of what is committed: only records published from now on.
+    Latest,
+    /// This offset (not checked against the range: a read from it is).
+    Offset(Offset),
+    /// The first record stamped at or after this time (the end when there is none).
+    Time(TimestampMs),
+    /// The last this many data records (control records do not count).
+    Last(u64),
+}
+
+/// A partition's committed range and a resolved start position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListedOffsets {
+    pub start: Offset,
+    pub end: Offset,
+    pub offset: Offset,
+}
+
 /// Committed batches read from a partition.
 #[derive(Debug, Clone)]
 pub struct Fetched {
@@ -217,10 +240,11 @@ pub enum CoreRequest {
         key: PartitionKey,
         reply: Reply<Positions>,
     },
-    OffsetForTimestamp {
+    /// The partition's committed range, and where a start position falls in it.
+    ListOffsets {
         key: PartitionKey,
-        timestamp: TimestampMs,
-        reply: Reply<Option<Offset>>,
+        at: StartAt,
+        reply: Reply<ListedOffsets>,
     },
     /// Raft messages from a peer for groups on this core; one reply per message.
     Raft {
