@@ -229,3 +229,220 @@ fn group_member_resumes_where_the_group_committed_and_groups_are_listed() {
     let (ok, _, err) = tern(a, &["group", "describe", "nobody"]);
     assert!(!ok && err.contains("NotFound"), "{err}");
 }
+
+/// Runs `tern ARGS --server ADDR` with `input` on standard input.
+fn tern_with_input(addr: &str, args: &[&str], input: &[u8]) -> (bool, Vec<u8>, String) {
+    let mut child = Command::new(TERN)
+        .args(args)
+        .args(["--server", addr])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tern runs");
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = child.wait_with_output().unwrap();
+    feeder.join().unwrap();
+    (
+        out.status.success(),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Records are bytes: lines that are not UTF-8 (and a whole binary file) come back byte for
+/// byte; nothing stops at the first odd line.
+#[test]
+fn binary_input_round_trips_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(dir.path(), &[]);
+    let a = node.addr.as_str();
+    let (ok, _, err) = tern(a, &["topic", "create", "bytes", "-p", "1"]);
+    assert!(ok, "{err}");
+    let mut input = Vec::new();
+    for i in 0..300u32 {
+        input.extend_from_slice(format!("line {i} ").as_bytes());
+        // Invalid UTF-8, NUL, CR, and every other byte but the newline.
+        input.extend_from_slice(&[0xff, 0xfe, 0x00, b'\r', 0xc3, 0x28]);
+        input.push((i % 256) as u8);
+        if input.last() == Some(&b'\n') {
+            input.pop();
+        }
+        input.push(b'\n');
+    }
+    let (ok, _, err) = tern_with_input(a, &["pub", "bytes", "--quiet"], &input);
+    assert!(ok, "{err}");
+    assert!(err.contains("published 300 records"), "{err}");
+    let (ok, out, err) = tern_with_input(
+        a,
+        &["sub", "bytes", "--from", "earliest", "-n", "300", "--raw"],
+        b"",
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out, input, "the values differ from what went in");
+
+    // A whole file as one record, newlines and all.
+    let file = dir.path().join("blob.bin");
+    let blob: Vec<u8> = (0..70_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    std::fs::write(&file, &blob).unwrap();
+    let (ok, _, err) = tern(a, &["pub", "bytes", "--file", file.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = tern(a, &["sub", "bytes", "--from", "-1", "-n", "1", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    use base64::Engine;
+    let got = base64::engine::general_purpose::STANDARD
+        .decode(
+            v["value"]["base64"]
+                .as_str()
+                .expect("binary value as base64"),
+        )
+        .unwrap();
+    assert_eq!(got, blob);
+    // `--file -` reads all of standard input as one record.
+    let (ok, _, err) = tern_with_input(a, &["pub", "bytes", "--file", "-"], b"a\nb\n");
+    assert!(ok, "{err}");
+    let (ok, out, _) = tern_with_input(
+        a,
+        &["sub", "bytes", "--from", "-1", "-n", "1", "--raw"],
+        b"",
+    );
+    assert!(ok);
+    assert_eq!(out, b"a\nb\n\n");
+}
+
+/// Failures are errors with a non-zero exit: unreadable input, a request over the node's
+/// limit (named, with its flag), a partition count of 0.
+#[test]
+fn failures_to_read_or_publish_exit_non_zero_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(dir.path(), &["--max-request-bytes", "65536"]);
+    let a = node.addr.as_str();
+    assert!(tern(a, &["topic", "create", "t", "-p", "1"]).0);
+    // Standard input that cannot be read (a directory).
+    let out = Command::new(TERN)
+        .args(["pub", "t", "--server", a])
+        .stdin(std::fs::File::open(dir.path()).unwrap())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("reading standard input"), "{err}");
+    let end_offset = || {
+        let (ok, out, _) = tern(a, &["topic", "describe", "t", "--json"]);
+        assert!(ok);
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        v["partition_info"][0]["end_offset"].as_u64().unwrap()
+    };
+    let before = end_offset();
+    // Over --max-request-bytes.
+    let file = dir.path().join("big");
+    std::fs::write(&file, vec![b'x'; 100_000]).unwrap();
+    let (ok, _, err) = tern(a, &["pub", "t", "--file", file.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        err.contains("--max-request-bytes") && err.contains("65536"),
+        "{err}"
+    );
+    assert!(!err.contains("decoded message length"), "{err}");
+    // Nothing was written.
+    assert_eq!(end_offset(), before, "something was written");
+    // A partition count of 0 is refused, not turned into the default.
+    let (ok, _, err) = tern(a, &["topic", "create", "zero", "--partitions", "0"]);
+    assert!(!ok && err.contains("0"), "{err}");
+    let (ok, out, _) = tern(a, &["topic", "list"]);
+    assert!(ok && !out.contains("zero"), "{out}");
+}
+
+/// Groups start where docs/groups.md says (earliest); a member tailing from latest shows no
+/// lag; `--from -N`; a move to the replicas a partition has changes nothing and says so.
+#[test]
+fn group_defaults_tail_lag_last_n_and_unchanged_moves() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(dir.path(), &[]);
+    let a = node.addr.as_str();
+    assert!(tern(a, &["topic", "create", "jobs", "-p", "2"]).0);
+    let input: String = (0..6).map(|i| format!("job{i}\n")).collect();
+    let (ok, _, err) = tern_with_input(a, &["pub", "jobs", "-p", "0", "-q"], input.as_bytes());
+    assert!(ok, "{err}");
+    // A queue member started after the records were published gets them.
+    let (ok, out, err) = tern(a, &["sub", "jobs", "--queue", "workers", "-n", "6"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 6, "{out}");
+    // The last 2 records of partition 0.
+    let (ok, out, err) = tern(
+        a,
+        &["sub", "jobs", "-p", "0", "--from", "-2", "-n", "2", "--raw"],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out, "job4\njob5\n");
+    // A group member tailing from latest: its partitions show no lag.
+    let mut member = Command::new(TERN)
+        .args([
+            "sub", "jobs", "--group", "tail", "--from", "latest", "--server", a,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (ok, out, _) = tern(a, &["group", "describe", "tail", "--json"]);
+        if ok {
+            let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+            let parts = v["partitions"].as_array().unwrap();
+            let started = parts.iter().all(|p| !p["position"].is_null());
+            if started {
+                for p in parts {
+                    assert_eq!(p["lag"], 0, "{out}");
+                }
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the member did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = member.kill();
+    let _ = member.wait();
+    let (ok, out, err) = tern(a, &["cluster", "move", "jobs", "0", "--to", "1"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("nothing to move"), "{out}");
+}
+
+/// A node on a wildcard address advertises something reachable, never 0.0.0.0; more cores
+/// than CPUs is warned about.
+#[test]
+fn a_wildcard_listener_advertises_its_host_name_and_too_many_cores_are_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("node.log");
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let cores = (cpus + 2).to_string();
+    let node = TestNode::start_logged(
+        &dir.path().join("data"),
+        "0.0.0.0:0",
+        &["--cores", &cores],
+        Some(&log),
+    );
+    let port = node.addr.rsplit(':').next().unwrap();
+    let local = format!("127.0.0.1:{port}");
+    let (ok, out, err) = tern(&local, &["cluster", "status", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let advertised = v["nodes"][0]["address"].as_str().unwrap();
+    assert!(
+        !advertised.starts_with("0.0.0.0") && advertised.ends_with(&format!(":{port}")),
+        "{advertised}"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains(&format!("--cores {cores} on a machine with {cpus} CPUs")),
+        "{text}"
+    );
+}

@@ -14,8 +14,8 @@ use tern::proto::v1::tern_client::TernClient;
 use tonic::transport::Channel;
 
 /// The tests of this file run one at a time: each runs a multi-node cluster, and two at once on
-/// a 2-vCPU machine starve each other's nodes (see the note in the issue tracker: a re-added
-/// replica was once seen behind within the test's deadline under that load).
+/// a 2-vCPU machine starve each other's nodes (a re-added replica was once seen still behind at
+/// the test's deadline under that load).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The lock that keeps these tests apart; `TERN_TEST_PARALLEL=1` lets them overlap (a stress

@@ -400,7 +400,8 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() {
         .await,
     );
     assert_eq!(e.code(), Code::NotFound);
-    // A request over the node's size limit is refused by the transport.
+    // A request over the node's size limit is refused before it is decoded, with a message
+    // that names the limit and the flag.
     let huge = vec![rec(None, "z".repeat(90)); 100];
     let big = pb::PublishRequest {
         topic: "t".into(),
@@ -412,7 +413,11 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() {
     let node2 = TestNode::start(node2_dir.path(), &["--max-request-bytes", "4096"]);
     let mut c2 = node2.client().await;
     let e = expect_err(c2.publish(big).await);
-    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("4096") && e.message().contains("--max-request-bytes"),
+        "{e:?}"
+    );
 }
 
 #[tokio::test]

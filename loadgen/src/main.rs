@@ -1,4 +1,4 @@
-//! `loadgen`: Tern's load generator. See BENCHMARKS.md for the rules of measurement and the
+//! `loadgen`: Tern's load generator. See docs/benchmarks.md for the rules of measurement and the
 //! named workloads; `loadgen --help` for the options.
 
 mod accounting;

@@ -1,4 +1,4 @@
-//! Command-line options and the named workloads of BENCHMARKS.md.
+//! Command-line options and the named workloads of docs/benchmarks.md.
 
 use clap::Parser;
 

@@ -152,8 +152,9 @@ fn describe_json(t: &pb::GroupInfo) -> serde_json::Value {
             "member_id": m.member_id, "name": m.name, "partitions": m.partitions, "in_flight": m.in_flight,
         })).collect::<Vec<_>>(),
         "partitions": t.partitions.iter().map(|p| serde_json::json!({
-            "partition": p.partition, "committed": p.committed, "end_offset": p.end_offset,
-            "lag": p.lag, "member_id": p.member_id, "in_flight": p.in_flight,
+            "partition": p.partition, "committed": p.committed, "position": p.position,
+            "end_offset": p.end_offset, "lag": p.lag, "member_id": p.member_id,
+            "in_flight": p.in_flight,
         })).collect::<Vec<_>>(),
     })
 }
@@ -302,7 +303,7 @@ async fn session(a: &SubArgs, join: pb::JoinGroup, seen: &mut u64) -> anyhow::Re
                             if done {
                                 break;
                             }
-                            print_record(&a.opts, &r, queue.then_some(d.delivery_count));
+                            print_record(&a.opts, a.raw, &r, queue.then_some(d.delivery_count));
                             if queue {
                                 acks.push(pb::DeliveryRef { partition: r.partition, offset: r.offset });
                             } else {

@@ -244,6 +244,9 @@ pub struct SubArgs {
     /// Stop after this many records.
     #[arg(long, short = 'n')]
     pub count: Option<u64>,
+    /// Print only each record's value, as raw bytes, one per line (what `tern pub` reads).
+    #[arg(long, conflicts_with = "json")]
+    pub raw: bool,
     /// Only these partitions (repeatable; default: all).
     #[arg(long, short)]
     pub partition: Vec<u32>,
@@ -308,35 +311,54 @@ fn start_position(from: &str) -> anyhow::Result<pb::StartPosition> {
 }
 
 /// Prints a record: a line of text, or a JSON object; `deliveries` for queue deliveries.
-pub fn print_record(opts: &ClientOpts, r: &pb::Record, deliveries: Option<u32>) {
-    let value = String::from_utf8_lossy(&r.value);
-    let key = r
-        .key
-        .as_ref()
-        .map(|k| String::from_utf8_lossy(k).into_owned());
+pub fn print_record(opts: &ClientOpts, raw: bool, r: &pb::Record, deliveries: Option<u32>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if raw {
+        let _ = out.write_all(&r.value);
+        let _ = out.write_all(b"\n");
+        return;
+    }
     if opts.json {
         let headers: serde_json::Map<String, serde_json::Value> = r
             .headers
             .iter()
-            .map(|h| (h.key.clone(), String::from_utf8_lossy(&h.value).into()))
+            .map(|h| (h.key.clone(), json_bytes(&h.value)))
             .collect();
         let mut v = serde_json::json!({
             "topic": r.topic, "partition": r.partition, "offset": r.offset,
-            "timestamp_ms": r.timestamp_ms, "key": key, "headers": headers, "value": value,
+            "timestamp_ms": r.timestamp_ms, "key": r.key.as_deref().map(json_bytes),
+            "headers": headers, "value": json_bytes(&r.value),
         });
         if let Some(n) = deliveries {
             v["deliveries"] = n.into();
         }
-        println!("{v}");
+        let _ = writeln!(out, "{v}");
     } else {
-        println!(
+        let key = r
+            .key
+            .as_ref()
+            .map(|k| String::from_utf8_lossy(k).into_owned());
+        let _ = writeln!(
+            out,
             "{}/{}@{}\t{}\t{}",
             r.topic,
             r.partition,
             r.offset,
             key.unwrap_or_default(),
-            value
+            String::from_utf8_lossy(&r.value)
         );
+    }
+}
+
+/// Bytes in JSON output: a string when they are UTF-8, else `{"base64": "..."}`.
+fn json_bytes(b: &[u8]) -> serde_json::Value {
+    use base64::Engine;
+    match std::str::from_utf8(b) {
+        Ok(s) => s.into(),
+        Err(_) => serde_json::json!({
+            "base64": base64::engine::general_purpose::STANDARD.encode(b)
+        }),
     }
 }
 
@@ -368,7 +390,7 @@ pub async fn subscribe(a: SubArgs) -> anyhow::Result<()> {
     while let Some(resp) = stream.next().await {
         let resp = resp.map_err(status_error)?;
         for r in resp.records {
-            print_record(&a.opts, &r, None);
+            print_record(&a.opts, a.raw, &r, None);
             seen += 1;
             if a.count.is_some_and(|n| seen >= n) {
                 drop(tx);

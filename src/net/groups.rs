@@ -516,6 +516,7 @@ async fn read(
     partition: u32,
     at: u64,
     max_records: u32,
+    max_wait_ms: u32,
 ) -> Result<pb::FetchResponse, Status> {
     let req = pb::FetchRequest {
         topic: topic.to_string(),
@@ -523,7 +524,7 @@ async fn read(
         offset: at,
         max_records,
         max_bytes: FETCH_BYTES,
-        max_wait_ms: FETCH_WAIT_MS,
+        max_wait_ms,
     };
     match service::fetch(broker, req, false).await {
         Err(s) if s.code() == tonic::Code::OutOfRange => match range_of(&s) {
@@ -1403,7 +1404,7 @@ impl Group {
                 None => start_offset(&broker, &topic, p, latest).await,
             };
             let result = match at {
-                Some(at) => read(&broker, &topic, p, at, room).await,
+                Some(at) => read(&broker, &topic, p, at, room, FETCH_WAIT_MS).await,
                 None => Err(Status::unavailable("partition bounds unknown")),
             };
             if result.is_err() {
@@ -1581,8 +1582,14 @@ async fn stream_reader(
     if out.send(assigned).await.is_err() {
         return;
     }
+    let mut first = true;
     loop {
-        match read(&broker, &topic, p, at, max_records).await {
+        // The first read does not wait: a partition that starts with control records only
+        // (Raft's, never delivered) tells the member at once where it continues, so the
+        // member can commit past them.
+        let wait = if first { 0 } else { FETCH_WAIT_MS };
+        first = false;
+        match read(&broker, &topic, p, at, max_records, wait).await {
             Ok(r) => {
                 let next = r.next_offset.max(at);
                 // Records, or a move past control records only (so the member can commit

@@ -159,10 +159,14 @@ impl Subscription {
 }
 
 /// Whether a read that failed this way may succeed later (a replica not open yet or gone, an
-/// election, an overloaded core, a replica behind the offset the subscriber reached).
+/// election, an overloaded core, a replica behind the offset the subscriber reached, a
+/// deletion seen elsewhere first).
 fn transient(s: &Status, from: Offset) -> bool {
     match s.code() {
         tonic::Code::Unavailable | tonic::Code::ResourceExhausted => true,
+        // Another replica's node applied a deletion first: the next look at the topic here
+        // says whether it is gone.
+        tonic::Code::NotFound => true,
         tonic::Code::OutOfRange => range_of(s).is_some_and(|(_, end)| from.0 > end),
         _ => false,
     }

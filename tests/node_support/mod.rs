@@ -30,6 +30,11 @@ impl TestNode {
 
     /// Starts a node listening on `listen` (a cluster member needs a port known in advance).
     pub fn start_at(dir: &Path, listen: &str, extra: &[&str]) -> TestNode {
+        Self::start_logged(dir, listen, extra, None)
+    }
+
+    /// [`TestNode::start_at`], with the node's stderr (its log) going to `log` when given.
+    pub fn start_logged(dir: &Path, listen: &str, extra: &[&str], log: Option<&Path>) -> TestNode {
         let mut cmd = Command::new(TERN);
         cmd.args(["serve", "--listen", listen, "--data-dir"])
             .arg(dir);
@@ -44,7 +49,10 @@ impl TestNode {
                 std::env::var("TERN_TEST_LOG").unwrap_or_else(|_| "warn,openraft=error".into()),
             )
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(match log {
+                Some(path) => Stdio::from(std::fs::File::create(path).expect("log file")),
+                None => Stdio::inherit(),
+            })
             .spawn()
             .expect("tern starts");
         let stdout = child.stdout.take().unwrap();
@@ -81,6 +89,22 @@ impl TestNode {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
+    }
+
+    /// Waits (bounded) for the node to exit on its own; its exit status, or `None` if it is
+    /// still running after `max`.
+    pub fn wait_exit(&mut self, max: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + max;
+        let c = self.child.as_mut().unwrap();
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// SIGKILL: no flush, no destructors.
