@@ -6,20 +6,7 @@ mod node_support;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use node_support::{TestNode, TERN};
-
-fn tern(addr: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(TERN)
-        .args(args)
-        .args(["--server", addr])
-        .output()
-        .expect("tern runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use node_support::{tern, TestNode, TERN};
 
 #[test]
 fn quickstart_create_publish_subscribe() {

@@ -10,21 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use node_support::cluster::{Cluster, TIMING};
-use node_support::TERN;
-
-/// Runs `tern ARGS --server ADDR`; (success, stdout, stderr).
-fn tern(addr: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(TERN)
-        .args(args)
-        .args(["--server", addr])
-        .output()
-        .expect("tern runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use node_support::{tern, TERN};
 
 fn ok(addr: &str, args: &[&str]) -> String {
     let (ok, out, err) = tern(addr, args);

@@ -49,18 +49,6 @@ fn retryable(s: &tonic::Status) -> bool {
     )
 }
 
-/// Whether the failure says the node itself could not be reached (move to another node).
-fn unreachable(s: &tonic::Status) -> bool {
-    let mut source = std::error::Error::source(s);
-    while let Some(e) = source {
-        if e.is::<tonic::ConnectError>() {
-            return true;
-        }
-        source = e.source();
-    }
-    false
-}
-
 pub struct Producer {
     conn: Arc<tokio::sync::Mutex<Connection>>,
     topic: String,
@@ -294,7 +282,8 @@ where
         if backoff == BACKOFF_MIN {
             eprintln!("{what}: {text}; retrying for up to {retry_for:?}");
         }
-        if unreachable(&status) {
+        // The node itself could not be reached: move to another one.
+        if crate::net::status::never_sent(&status) {
             let mut c = conn.lock().await;
             if c.nodes.len() > 1 {
                 c.at = (c.at + 1) % c.nodes.len();

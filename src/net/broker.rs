@@ -560,8 +560,9 @@ impl Broker {
                         .into_iter()
                         .filter(|n| *n != me)
                         .collect();
+                    let next = others.get(turn % others.len().max(1)).copied();
                     turn += 1;
-                    others.get(turn % others.len().max(1)).copied()
+                    next
                 }
             };
             let Some(target) = target else {

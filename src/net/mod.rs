@@ -9,7 +9,7 @@ mod groups;
 mod peer;
 mod reassign;
 mod service;
-mod status;
+pub mod status;
 mod subscribe;
 mod validate;
 

@@ -93,7 +93,7 @@ pub fn leader_of(s: &Status) -> Option<NodeId> {
 }
 
 /// Whether a call failed before it reached the other side (the connection could not be made).
-fn never_sent(s: &Status) -> bool {
+pub fn never_sent(s: &Status) -> bool {
     let mut source = std::error::Error::source(s);
     while let Some(e) = source {
         if e.is::<tonic::ConnectError>() {

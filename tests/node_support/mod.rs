@@ -142,6 +142,20 @@ impl Drop for TestNode {
     }
 }
 
+/// Runs `tern ARGS --server ADDR`: (success, stdout, stderr).
+pub fn tern(addr: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(TERN)
+        .args(args)
+        .args(["--server", addr])
+        .output()
+        .expect("tern runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub async fn create_topic(c: &mut TernClient<Channel>, name: &str, partitions: u32) {
     c.create_topic(pb::CreateTopicRequest {
         name: name.into(),
