@@ -79,11 +79,7 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         let transport = if !config.clustered() {
             None
         } else {
-            Some(Transport::new(
-                config.node_id,
-                shards.mailboxes(),
-                config.mailbox_wait(),
-            ))
+            Some(Transport::new(config.node_id, on_core(&shards, config.mailbox_wait())))
         };
         // A node alone has loaded the metadata and opened its partitions when this returns; a
         // node of a cluster does that in the background, since its peers need it to serve.
@@ -144,6 +140,18 @@ fn advertise(addr: std::net::SocketAddr) -> anyhow::Result<String> {
     let advertised = format!("{name}:{}", addr.port());
     tracing::info!(%addr, %advertised, "listening on all interfaces; advertising the host name (set --advertised-address to choose)");
     Ok(advertised)
+}
+
+/// How the transport runs the completion of a group's calls on that group's core: through the
+/// core's mailbox (glommio 0.9 loses wake-ups from other threads).
+fn on_core(shards: &Shards, wait: Duration) -> crate::raft::transport::OnCore {
+    let mailboxes = shards.mailboxes();
+    Arc::new(move |core: u32, f: Box<dyn FnOnce() + Send>| {
+        let mailbox = mailboxes[core as usize % mailboxes.len()].clone();
+        Box::pin(async move {
+            let _ = mailbox.send(crate::shard::CoreRequest::Run(f), wait).await;
+        })
+    })
 }
 
 type ServerTask = tokio::task::JoinHandle<anyhow::Result<()>>;

@@ -1,7 +1,9 @@
 //! Replication: openraft glue. A Raft group per partition on the core that owns it, with the
 //! partition log as its Raft log.
 
+pub mod election;
 pub mod group;
+pub mod network;
 pub mod producers;
 pub mod rt;
 pub mod store;

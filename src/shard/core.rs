@@ -47,7 +47,7 @@ async fn drive_groups(
     heartbeat: Duration,
     stop: Rc<std::cell::Cell<bool>>,
 ) {
-    const STEPS: u32 = 5;
+    const STEPS: u32 = crate::raft::election::CHECKS_PER_HEARTBEAT;
     let tick = heartbeat / STEPS;
     let mut step = 0u32;
     let mut leadership = LeadershipLog::new(core);

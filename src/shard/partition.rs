@@ -23,10 +23,11 @@ use super::request::{
 use crate::log::batch::HEADER_LEN;
 use crate::log::{Batch, BatchBuilder, Log, LogConfig, LogError, ReadBound, Record};
 use crate::proto::internal as pb;
+use crate::raft::election::ElectionTimer;
 use crate::raft::group::{self, NoPeers, PartitionGroup};
+use crate::raft::network::{self, GroupNetwork};
 use crate::raft::producers::SeqCheck;
 use crate::raft::store::StoreHandle;
-use crate::raft::transport::{self, GroupNetwork};
 use crate::raft::types::{EntryBatch, Member, NodeId, PartitionRaft};
 use crate::types::{Offset, ProducerId, Sequence};
 
@@ -136,10 +137,8 @@ pub struct Partition {
     /// The group has other voters (heartbeats and elections are driven by the core).
     replicated: bool,
     timing: crate::raft::Timing,
-    /// When a leader was last heard (or an election last started).
-    contact: Cell<Instant>,
-    /// How long without a leader before the next election: random, redrawn each time.
-    election_after: Cell<Duration>,
+    /// When this replica starts an election if it hears no leader (see `raft::election`).
+    election: RefCell<ElectionTimer>,
     pub key: PartitionKey,
     /// The topic incarnation this group belongs to.
     pub uid: u64,
@@ -156,14 +155,6 @@ pub struct Partition {
     retaining: Cell<bool>,
     /// Idempotent producers' batches proposed here and not yet answered: (first, last) sequence.
     pending: RefCell<HashMap<ProducerId, Vec<(i32, i32)>>>,
-}
-
-/// A random election timeout: openraft's leader lease (the longest timeout) plus a random
-/// timeout, which is when followers' leases have run out and they grant votes again.
-fn election_delay(t: crate::raft::Timing) -> Duration {
-    use rand::RngExt;
-    let extra = rand::rng().random_range(t.election_min_ms..=t.election_max_ms);
-    Duration::from_millis(t.election_max_ms + extra)
 }
 
 fn wake(waiters: &Waiters) {
@@ -315,18 +306,21 @@ impl Partition {
             closed: Cell::new(false),
             replicated: !alone,
             timing: replica.timing,
-            contact: Cell::new(Instant::now()),
+            election: RefCell::new(ElectionTimer::new(
+                replica.timing,
+                Instant::now(),
+                &mut rand::rng(),
+            )),
             retained: Cell::new(Instant::now()),
             retaining: Cell::new(false),
             pending: RefCell::default(),
-            election_after: Cell::new(election_delay(replica.timing)),
         })
     }
 
     /// Handles a Raft message from a peer. A replica that joins its group by a move grants no
     /// votes until it has been a learner and then a voter there (see `raft::store`); a message
     /// from a leader it accepts resets its election timer.
-    pub async fn handle(&self, body: pb::raft_request::Body) -> transport::Answer {
+    pub async fn handle(&self, body: pb::raft_request::Body) -> crate::raft::transport::Answer {
         use pb::raft_request::Body;
         if matches!(body, Body::Vote(_) | Body::PreVote(_)) && !self.store.may_vote() {
             return Err(format!(
@@ -335,9 +329,9 @@ impl Partition {
             ));
         }
         let mut contact = false;
-        let answer = transport::handle(&self.raft, body, &mut contact).await;
+        let answer = network::handle(&self.raft, body, &mut contact).await;
         if contact {
-            self.contact.set(Instant::now());
+            self.election.borrow_mut().heard_leader(Instant::now());
         }
         answer
     }
@@ -364,12 +358,8 @@ impl Partition {
                 let _ = self.raft.trigger().heartbeat().await;
             }
             openraft::ServerState::Follower | openraft::ServerState::Candidate
-                if now.saturating_duration_since(self.contact.get())
-                    >= self.election_after.get() =>
+                if self.election.borrow_mut().due(now, &mut rand::rng()) =>
             {
-                // Try again after another randomized timeout if this one does not succeed.
-                self.contact.set(now);
-                self.election_after.set(election_delay(self.timing));
                 tracing::debug!(partition = %self.key, "no leader heard: starting an election");
                 let _ = self.raft.trigger().elect(true).await;
             }

@@ -1,0 +1,132 @@
+//! When a follower that hears no leader starts an election. Pure: the caller gives the time
+//! and the randomness, so the rules are tested without clocks or groups.
+//!
+//! openraft's own timer is off (one task per group); the core's driver calls [`ElectionTimer::due`]
+//! [`CHECKS_PER_HEARTBEAT`] times per heartbeat for every group it owns.
+//!
+//! Two rules, each from a measured problem:
+//! - **The timeout counts openraft's leader lease.** A follower grants votes only once the
+//!   lease (the longest election timeout) has run out since it last heard a leader, so an
+//!   election started earlier cannot win. The delay is therefore the lease plus a random
+//!   timeout: between `max + min` and `2 × max` of the configured timing.
+//! - **Elections are checked five times per heartbeat.** Checked once per heartbeat, the random
+//!   timeouts fell into a few buckets: two followers often timed out at the same check, split
+//!   the vote and waited another round ([`tests::checking_five_times_per_heartbeat_splits_fewer_votes`]).
+
+use std::time::{Duration, Instant};
+
+use rand::{Rng, RngExt};
+
+use super::group::Timing;
+
+/// How many times per heartbeat interval the core checks which followers are due.
+pub const CHECKS_PER_HEARTBEAT: u32 = 5;
+
+/// One follower's election timeout: when it last heard a leader, and how long it waits.
+#[derive(Clone, Copy, Debug)]
+pub struct ElectionTimer {
+    timing: Timing,
+    contact: Instant,
+    after: Duration,
+}
+
+impl ElectionTimer {
+    pub fn new(timing: Timing, now: Instant, rng: &mut impl Rng) -> ElectionTimer {
+        ElectionTimer {
+            timing,
+            contact: now,
+            after: delay(timing, rng),
+        }
+    }
+
+    /// A leader was heard (a message from it was accepted): the timeout starts over.
+    pub fn heard_leader(&mut self, now: Instant) {
+        self.contact = now;
+    }
+
+    /// Whether an election is due at `now`. If so the timer starts over with a new random
+    /// timeout, for the next try should this election not succeed.
+    pub fn due(&mut self, now: Instant, rng: &mut impl Rng) -> bool {
+        if now.saturating_duration_since(self.contact) < self.after {
+            return false;
+        }
+        self.contact = now;
+        self.after = delay(self.timing, rng);
+        true
+    }
+}
+
+/// A random election delay: the leader lease (the longest timeout) plus a random timeout.
+pub fn delay(t: Timing, rng: &mut impl Rng) -> Duration {
+    let extra = rng.random_range(t.election_min_ms..=t.election_max_ms);
+    Duration::from_millis(t.election_max_ms + extra)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn timing() -> Timing {
+        // What `--raft-election-timeout-ms 1500` with a 150 ms heartbeat gives openraft.
+        Timing {
+            heartbeat_ms: 150,
+            election_min_ms: 500,
+            election_max_ms: 1000,
+        }
+    }
+
+    #[test]
+    fn delays_cover_the_lease_plus_a_random_timeout() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let t = timing();
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..10_000 {
+            let d = delay(t, &mut rng).as_millis() as u64;
+            assert!((1500..=2000).contains(&d), "{d}");
+            seen.insert(d / 100);
+        }
+        assert!(seen.len() >= 5, "delays do not spread: {seen:?}");
+    }
+
+    #[test]
+    fn an_election_is_due_only_after_silence_and_then_starts_over() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let start = Instant::now();
+        let mut timer = ElectionTimer::new(timing(), start, &mut rng);
+        assert!(!timer.due(start + Duration::from_millis(1499), &mut rng));
+        // A leader heard late resets the silence.
+        timer.heard_leader(start + Duration::from_millis(1400));
+        assert!(!timer.due(start + Duration::from_millis(2800), &mut rng));
+        let at = start + Duration::from_millis(3500);
+        assert!(timer.due(at, &mut rng));
+        // The next try waits a whole new timeout.
+        assert!(!timer.due(at + Duration::from_millis(1499), &mut rng));
+        assert!(timer.due(at + Duration::from_millis(2000), &mut rng));
+    }
+
+    /// The fraction of pairs of followers, silent since the same moment, that start their
+    /// elections at the same check of the driver (and so may split the vote).
+    fn same_check(checks_per_heartbeat: u32, seed: u64) -> f64 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let t = timing();
+        let tick = t.heartbeat_ms / checks_per_heartbeat as u64;
+        let check = |d: Duration| (d.as_millis() as u64).div_ceil(tick);
+        let trials = 20_000;
+        let same = (0..trials)
+            .filter(|_| check(delay(t, &mut rng)) == check(delay(t, &mut rng)))
+            .count();
+        same as f64 / trials as f64
+    }
+
+    /// The split-vote fix: with checks five times per heartbeat, two followers time out at the
+    /// same check far less often than with one check per heartbeat.
+    #[test]
+    fn checking_five_times_per_heartbeat_splits_fewer_votes() {
+        let once = same_check(1, 42);
+        let five = same_check(CHECKS_PER_HEARTBEAT, 42);
+        assert!(once > 0.2, "one check per heartbeat: {once}");
+        assert!(five < 0.08, "five checks per heartbeat: {five}");
+        assert!(once > 3.0 * five, "{once} vs {five}");
+    }
+}

@@ -1,0 +1,215 @@
+//! A group's side of the network: openraft's `RaftNetworkV2` for one group, whose calls go
+//! through the node's [`Transport`] (batched per peer), and the handling of a peer's message on
+//! the core that owns its group.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::channel::oneshot;
+use openraft::error::{RPCError, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+
+use super::store::LogSnapshot;
+use super::transport::{Answer, Outgoing, Transport};
+use super::types::{Member, NodeId, PartitionRaft, Vote};
+use super::wire;
+use crate::proto::internal as pb;
+
+/// The network of one group on one core: makes a client per peer.
+pub struct GroupNetwork {
+    pub transport: Arc<Transport>,
+    pub core: u32,
+    pub group: pb::Group,
+}
+
+/// One group's client of one peer.
+pub struct GroupClient {
+    transport: Arc<Transport>,
+    core: u32,
+    group: pb::Group,
+    target: NodeId,
+    addr: String,
+}
+
+impl RaftNetworkFactory<PartitionRaft> for GroupNetwork {
+    type Network = GroupClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &Member) -> GroupClient {
+        GroupClient {
+            transport: self.transport.clone(),
+            core: self.core,
+            group: self.group.clone(),
+            target,
+            addr: node.addr.clone(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct CallFailed(String);
+
+impl std::fmt::Display for CallFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CallFailed {}
+
+fn unreachable(e: String) -> RPCError<PartitionRaft> {
+    RPCError::Unreachable(Unreachable::new(&CallFailed(e)))
+}
+
+impl GroupClient {
+    async fn call(
+        &self,
+        body: pb::raft_request::Body,
+        option: &RPCOption,
+    ) -> Result<Bytes, RPCError<PartitionRaft>> {
+        let (tx, rx) = oneshot::channel();
+        let out = Outgoing {
+            core: self.core,
+            message: pb::RaftRequest {
+                call_id: 0,
+                group: Some(self.group.clone()),
+                body: Some(body),
+            },
+            reply: tx,
+        };
+        self.transport
+            .send(self.target, &self.addr, out)
+            .map_err(unreachable)?;
+        let ttl = option.hard_ttl();
+        match glommio::timer::timeout(ttl, async { Ok(rx.await) }).await {
+            Ok(Ok(Ok(bytes))) => Ok(bytes),
+            Ok(Ok(Err(e))) => Err(unreachable(e)),
+            Ok(Err(_)) => Err(unreachable("the transport dropped the call".into())),
+            Err(_) => Err(unreachable(format!(
+                "node {} did not answer within {ttl:?}",
+                self.target
+            ))),
+        }
+    }
+}
+
+impl openraft::network::v2::RaftNetworkV2<PartitionRaft> for GroupClient {
+    type SnapshotData = LogSnapshot;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<PartitionRaft>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<PartitionRaft>, RPCError<PartitionRaft>> {
+        let body = pb::raft_request::Body::Append(wire::encode_append(&rpc));
+        let bytes = self.call(body, &option).await?;
+        wire::decode_append_response(&bytes).map_err(unreachable)
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<PartitionRaft>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<PartitionRaft>, RPCError<PartitionRaft>> {
+        let body = pb::raft_request::Body::Vote(wire::encode_vote(&rpc));
+        let bytes = self.call(body, &option).await?;
+        wire::decode_vote_response(&bytes).map_err(unreachable)
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<PartitionRaft>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<PartitionRaft>, RPCError<PartitionRaft>> {
+        let body = pb::raft_request::Body::PreVote(wire::encode_vote(&rpc));
+        let bytes = self.call(body, &option).await?;
+        wire::decode_vote_response(&bytes).map_err(unreachable)
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<PartitionRaft>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<PartitionRaft>, RPCError<PartitionRaft>> {
+        let body = pb::raft_request::Body::TransferLeader(wire::encode_transfer_leader(&req));
+        let bytes = self.call(body, &option).await?;
+        wire::decode_transfer_leader_response(&bytes).map_err(unreachable)
+    }
+
+    /// A snapshot is its meta and end offset: the follower restarts its log there (records
+    /// before it are what retention deleted) and the leader then sends it the entries after.
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: openraft::alias::SnapshotOf<PartitionRaft, LogSnapshot>,
+        _cancel: impl std::future::Future<Output = openraft::error::ReplicationClosed> + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<PartitionRaft>, StreamingError<PartitionRaft>> {
+        let message = wire::SnapshotMessage {
+            vote,
+            meta: snapshot.meta,
+            end: snapshot.snapshot.end.0,
+        };
+        let body = pb::raft_request::Body::InstallSnapshot(wire::encode_snapshot(&message));
+        let failed = |e: String| StreamingError::Unreachable(Unreachable::new(&CallFailed(e)));
+        let bytes = self
+            .call(body, &option)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        wire::decode_snapshot_response(&bytes).map_err(failed)
+    }
+}
+
+/// Handles one message from a peer on the core that owns its group; `contact` is set when
+/// the message came from a leader this replica accepts (it resets the election timer).
+pub async fn handle(
+    raft: &super::group::PartitionGroup,
+    body: pb::raft_request::Body,
+    contact: &mut bool,
+) -> Answer {
+    use pb::raft_request::Body;
+    match body {
+        Body::Append(a) => {
+            let rpc = wire::decode_append(a)?;
+            let r = raft.append_entries(rpc).await.map_err(|e| e.to_string())?;
+            *contact = !matches!(r, AppendEntriesResponse::HigherVote(_));
+            Ok(wire::encode_append_response(&r))
+        }
+        Body::Vote(v) => {
+            let rpc = wire::decode_vote(&v)?;
+            let r = raft.vote(rpc).await.map_err(|e| e.to_string())?;
+            Ok(wire::encode_vote_response(&r))
+        }
+        Body::PreVote(v) => {
+            let rpc = wire::decode_vote(&v)?;
+            let r = raft.pre_vote(rpc).await.map_err(|e| e.to_string())?;
+            Ok(wire::encode_vote_response(&r))
+        }
+        Body::InstallSnapshot(b) => {
+            let m = wire::decode_snapshot(&b)?;
+            let snapshot = openraft::Snapshot {
+                meta: m.meta,
+                snapshot: LogSnapshot {
+                    end: crate::types::Offset(m.end),
+                },
+            };
+            let r = raft
+                .install_full_snapshot(m.vote, snapshot)
+                .await
+                .map_err(|e| e.to_string())?;
+            *contact = true;
+            Ok(wire::encode_snapshot_response(&r))
+        }
+        Body::TransferLeader(t) => {
+            let rpc = wire::decode_transfer_leader(&t)?;
+            let r = raft
+                .handle_transfer_leader(rpc)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(wire::encode_transfer_leader_response(&r))
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! Raft storage on the partition log: the log *is* the Raft log.
+//!
+//! Every Raft entry is exactly one record batch, written once: a normal entry is the producer's
+//! batch, a blank or membership entry is a one-record control batch. Appending stamps the
+//! entry's term and Raft index into the batch header next to its offsets, so the log describes
+//! itself: after a restart the index → offset map is rebuilt by reading headers, and nothing
+//! else has to agree with the log.
+//!
+//! - `append` stages the batches in order and reports them flushed (`IOFlushed`) after the one
+//!   write + fdatasync that covers them (group commit), or after the write under `interval`.
+//! - A follower's divergent tail goes with `Log::truncate_from`, durable before it returns.
+//! - The vote (and the purge point) live in a small durable state file beside the segments.
+//! - Applying an entry moves the log's committed position (the high watermark) over it, once
+//!   this replica's own write of it is secured; consumers read only below it.
+//! - Snapshots: Raft takes one only where retention asks (a snapshot carries no records, just
+//!   the offset where the log ends there); openraft then purges the entries before it and the
+//!   segments that held them go. A follower that needs entries its leader already deleted is
+//!   sent that snapshot and restarts its log, empty, where it ends (crash-safe: the purge point
+//!   is saved first and the restart redone on open).
+//!
+//! ```text
+//! store/
+//!   mod.rs            opening; what the log store and state machine share; the owner's handle
+//!   entry_map.rs      Raft index → (offset, term) of every entry still in the log
+//!   durable.rs        vote, purge point, may-vote (raft.state)
+//!   tail.rs           the newest entries in memory
+//!   codec.rs          entry ⇄ batch
+//!   log_storage.rs    openraft's RaftLogStorage
+//!   state_machine.rs  openraft's RaftStateMachine: apply = commit
+//! ```
+
+mod codec;
+mod durable;
+mod entry_map;
+mod log_storage;
+mod state_machine;
+mod tail;
+#[cfg(test)]
+mod tests;
+
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::path::Path;
+use std::rc::Rc;
+
+use crate::log::{Log, ReadBound, StateFile};
+use crate::raft::producers::ProducerTable;
+use crate::raft::types::{log_id, Entry, LogId, Membership, NodeId, StoredMembership};
+use crate::types::Offset;
+
+use codec::decode_entry;
+use durable::Durable;
+use entry_map::{EntryMap, Slot};
+pub use log_storage::LogStore;
+pub use state_machine::{LogSnapshot, SnapshotBuilder, StateMachine};
+use tail::Tail;
+
+/// Bytes read from the log per read while serving entries.
+const READ_CHUNK: usize = 1 << 20;
+const STATE_FILE: &str = "raft.state";
+
+fn io_err(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+/// What the log store and the state machine share: both are views of the same log.
+struct Shared {
+    log: Log,
+    state_file: StateFile,
+    durable: RefCell<Durable>,
+    map: RefCell<EntryMap>,
+    tail: RefCell<Tail>,
+    /// The entry retention asked to purge up to: the next snapshot is taken there (not at the
+    /// last applied entry), so a follower restarted from it misses only what retention deletes.
+    retain_upto: Cell<Option<LogId>>,
+    /// This replica's node id, once its owner said (see `Durable::may_vote`).
+    me: Cell<Option<NodeId>>,
+    /// Idempotent producers' last committed batches, built by applying entries.
+    producers: RefCell<ProducerTable>,
+}
+
+impl Shared {
+    /// Notes a membership this replica applied (`from_snapshot`: installed with a snapshot,
+    /// which leaves its log at least as recent as the configuration that added it, so being a
+    /// voter there is enough); persists a change of `may_vote`.
+    async fn saw_membership(&self, m: &Membership, from_snapshot: bool) -> io::Result<()> {
+        let Some(me) = self.me.get() else {
+            return Ok(());
+        };
+        let changed = {
+            let mut d = self.durable.borrow_mut();
+            if d.may_vote {
+                return Ok(());
+            }
+            let before = (d.learner_seen, d.may_vote);
+            if from_snapshot || m.learner_ids().any(|id| id == me) {
+                d.learner_seen = true;
+            }
+            if d.learner_seen && m.voter_ids().any(|id| id == me) {
+                d.may_vote = true;
+            }
+            before != (d.learner_seen, d.may_vote)
+        };
+        if changed {
+            self.save().await?;
+        }
+        Ok(())
+    }
+}
+
+/// The owner's handle on a partition's Raft storage (retention).
+#[derive(Clone)]
+pub struct StoreHandle(Rc<Shared>);
+
+impl StoreHandle {
+    /// The last entry that ends at or before `offset`, if any is still in the log.
+    pub fn last_entry_before(&self, offset: Offset) -> Option<LogId> {
+        let map = self.0.map.borrow();
+        let log_end = self.0.log.positions().next;
+        let mut found = None;
+        // Entries are few per segment compared with records: walk from the front.
+        for i in map.first..map.next_index() {
+            match map.end_of(i, log_end) {
+                Some(end) if end <= offset => {
+                    found = map.get(i).map(|s| log_id(s.term, i));
+                }
+                _ => break,
+            }
+        }
+        found
+    }
+
+    /// Takes the next snapshot at `upto` (see `Shared::retain_upto`).
+    pub fn snapshot_at(&self, upto: LogId) {
+        self.0.retain_upto.set(Some(upto));
+    }
+
+    /// Tells the storage which node it belongs to; `joining`: the replica was opened to join
+    /// its group by a move. A joining replica with nothing stored yet does not vote until it
+    /// has been a learner and then a voter (see `Durable::may_vote`); one with state keeps
+    /// what it stored.
+    pub async fn set_member(&self, me: NodeId, joining: bool) -> io::Result<()> {
+        self.0.me.set(Some(me));
+        let fresh = {
+            let d = self.0.durable.borrow();
+            let map = self.0.map.borrow();
+            d.vote.is_none() && d.purged.is_none() && map.slots.is_empty() && !d.learner_seen
+        };
+        if joining && fresh {
+            {
+                let mut d = self.0.durable.borrow_mut();
+                d.may_vote = false;
+                d.learner_seen = false;
+            }
+            self.0.save().await?;
+        }
+        Ok(())
+    }
+
+    /// The idempotent producers' committed batches (see `raft::producers`).
+    pub fn producers(&self) -> std::cell::Ref<'_, ProducerTable> {
+        self.0.producers.borrow()
+    }
+
+    /// Whether this replica may grant votes (see `Durable::may_vote`).
+    pub fn may_vote(&self) -> bool {
+        self.0.durable.borrow().may_vote
+    }
+}
+
+impl Shared {
+    async fn save(&self) -> io::Result<()> {
+        let bytes = serde_json::to_vec(&*self.durable.borrow()).map_err(io_err)?;
+        self.state_file.write(&bytes).await.map_err(io_err)
+    }
+
+    /// Reads entries `[start, end)`, which must all be in the map.
+    async fn entries(&self, start: u64, end: u64) -> io::Result<Vec<Entry>> {
+        if let Some(hit) = self.tail.borrow().get(start, end) {
+            return Ok(hit);
+        }
+        let (mut at, stop) = {
+            let map = self.map.borrow();
+            match (
+                map.get(start),
+                map.end_of(end - 1, self.log.positions().next),
+            ) {
+                (Some(s), Some(e)) => (s.base, e),
+                _ => {
+                    return Err(io_err(format!(
+                        "raft entries [{start}, {end}) are not in the log (it holds [{}, {}))",
+                        map.first,
+                        map.next_index()
+                    )))
+                }
+            }
+        };
+        // A leader ships entries it has just staged: wait until they are readable.
+        self.log.wait_written(stop).await.map_err(io_err)?;
+        let mut out = Vec::with_capacity((end - start) as usize);
+        while at < stop {
+            let read = self
+                .log
+                .read(at, READ_CHUNK, ReadBound::Written)
+                .await
+                .map_err(io_err)?;
+            if read.batches.is_empty() {
+                return Err(io_err(format!("log ended at {at} before {stop}")));
+            }
+            for b in &read.batches {
+                if b.base_offset() >= stop {
+                    break;
+                }
+                let e = decode_entry(b)?;
+                let want = start + out.len() as u64;
+                if e.log_id.index != want {
+                    return Err(io_err(format!(
+                        "batch at offset {} is raft entry {}, expected {want}",
+                        b.base_offset(),
+                        e.log_id.index
+                    )));
+                }
+                out.push(e);
+            }
+            at = read.next_offset();
+        }
+        Ok(out)
+    }
+}
+
+/// Called after the committed position of the log moved.
+pub type OnCommit = Rc<dyn Fn()>;
+
+/// Opens the Raft storage of the partition log in `dir`: the log store and the state machine,
+/// both views of the same log.
+pub async fn open(log: Log, dir: &Path) -> io::Result<(LogStore, StateMachine)> {
+    open_with(log, dir, Rc::new(|| {})).await
+}
+
+/// [`open`], calling `on_commit` whenever applying entries moved the committed position.
+pub async fn open_with(
+    log: Log,
+    dir: &Path,
+    on_commit: OnCommit,
+) -> io::Result<(LogStore, StateMachine)> {
+    open_with_handle(log, dir, on_commit)
+        .await
+        .map(|(ls, sm, _)| (ls, sm))
+}
+
+/// [`open_with`], also returning the owner's handle on the storage.
+pub async fn open_with_handle(
+    log: Log,
+    dir: &Path,
+    on_commit: OnCommit,
+) -> io::Result<(LogStore, StateMachine, StoreHandle)> {
+    let state_file = StateFile::new(dir, STATE_FILE);
+    state_file.clean().await.map_err(io_err)?;
+    let durable: Durable = match state_file.read().await.map_err(io_err)? {
+        Some(bytes) => serde_json::from_slice(&bytes).map_err(io_err)?,
+        None => Durable::default(),
+    };
+    let mut map = EntryMap::default();
+    let purged = durable.purged.map(|p| p.index);
+    if let Some(p) = purged {
+        map.purge(p);
+    }
+    let pos = log.positions();
+    let mut at = pos.start;
+    while at < pos.next {
+        let read = log
+            .read(at, READ_CHUNK, ReadBound::Written)
+            .await
+            .map_err(io_err)?;
+        if read.batches.is_empty() {
+            break;
+        }
+        for b in &read.batches {
+            let m = b.meta();
+            if purged.is_some_and(|p| m.raft_index <= p) {
+                continue;
+            }
+            map.push(
+                m.raft_index,
+                Slot {
+                    base: m.base_offset,
+                    term: m.term.0,
+                },
+            )
+            .map_err(io_err)?;
+        }
+        at = read.next_offset();
+    }
+    // A crash between saving a snapshot's purge point and restarting the log from it: redo.
+    if let Some(end) = durable.purged_end.map(Offset) {
+        if log.positions().next < end {
+            log.reset_to(end).await.map_err(io_err)?;
+        }
+    }
+    let shared = Rc::new(Shared {
+        log,
+        state_file,
+        durable: RefCell::new(durable),
+        map: RefCell::new(map),
+        tail: RefCell::default(),
+        retain_upto: Cell::new(None),
+        me: Cell::new(None),
+        producers: RefCell::default(),
+    });
+    let purged = shared.durable.borrow().purged;
+    Ok((
+        LogStore {
+            shared: shared.clone(),
+        },
+        StateMachine {
+            shared: shared.clone(),
+            applied: purged,
+            membership: StoredMembership::default(),
+            snapshot: None,
+            on_commit,
+        },
+        StoreHandle(shared),
+    ))
+}

@@ -1,0 +1,243 @@
+//! The storage against openraft's own suite, and its restart, snapshot and vote rules.
+
+use super::*;
+use bytes::Bytes;
+use openraft::entry::RaftEntry;
+use openraft::storage::{IOFlushed, RaftLogReader, RaftLogStorage, RaftStateMachine};
+use openraft::EntryPayload;
+
+use crate::log::{BatchBuilder, LogConfig, Record};
+use crate::raft::types::{EntryBatch, PartitionRaft, SnapshotMeta, Vote};
+use crate::raft::GlommioRuntime;
+use crate::types::TimestampMs;
+use openraft::testing::log::{StoreBuilder, Suite};
+use openraft_rt::{AsyncRuntime, Oneshot};
+
+struct Builder;
+
+impl StoreBuilder<PartitionRaft, LogStore, StateMachine, tempfile::TempDir> for Builder {
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, LogStore, StateMachine), openraft::StorageError<PartitionRaft>>
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+        let (ls, sm) = open(log, dir.path()).await.unwrap();
+        Ok((dir, ls, sm))
+    }
+}
+
+/// A snapshot that ends past this replica's log (the leader's retention deleted what it
+/// misses) restarts the log, empty, at the snapshot's end, and that survives reopening; a
+/// restart cut short after its purge point was saved is redone when the store opens.
+#[test]
+fn a_snapshot_past_the_log_restarts_it_there_and_a_cut_restart_is_redone() {
+    GlommioRuntime::run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let membership = openraft::Membership::new_with_defaults(vec![[1u64].into()], [1u64]);
+        let positions = |log: &Log| {
+            let p = log.positions();
+            (p.start.0, p.next.0, p.committed.0)
+        };
+        {
+            let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+            let (mut ls, mut sm, h) = open_with_handle(log.clone(), dir.path(), Rc::new(|| {}))
+                .await
+                .unwrap();
+            let entries = vec![
+                Entry::new(log_id(1, 0), EntryPayload::Membership(membership.clone())),
+                data_entry(1, 1, &["a", "b"]),
+            ];
+            let (otx, orx) = <GlommioRuntime as AsyncRuntime>::Oneshot::channel();
+            ls.append(entries, IOFlushed::signal(otx)).await.unwrap();
+            orx.await.unwrap().unwrap();
+            let meta = SnapshotMeta {
+                last_log_id: Some(log_id(4, 50)),
+                last_membership: StoredMembership::new(Some(log_id(1, 0)), membership.clone()),
+            };
+            sm.install_snapshot(&meta, LogSnapshot { end: Offset(700) })
+                .await
+                .unwrap();
+            assert_eq!(positions(&log), (700, 700, 700));
+            let state = ls.get_log_state().await.unwrap();
+            assert_eq!(state.last_purged_log_id, Some(log_id(4, 50)));
+            assert_eq!(state.last_log_id, Some(log_id(4, 50)));
+            assert!(ls.try_get_log_entries(0..60).await.unwrap().is_empty());
+            // A restart cut short: the next purge point is saved, the log not restarted.
+            {
+                let mut d = h.0.durable.borrow_mut();
+                d.purged = Some(log_id(4, 80));
+                d.purged_end = Some(900);
+            }
+            h.0.save().await.unwrap();
+            log.close().await.unwrap();
+        }
+        let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+        let (mut ls, _sm) = open(log.clone(), dir.path()).await.unwrap();
+        assert_eq!(positions(&log), (900, 900, 900));
+        let state = ls.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(log_id(4, 80)));
+        log.close().await.unwrap();
+    });
+}
+
+/// A replica that joins its group by a move does not vote until it has applied a
+/// membership making it a learner and then one making it a voter; the permission survives
+/// reopening; a replica created with its group votes from the start; so does a joining one
+/// that already holds state (a restart).
+#[test]
+fn a_joining_replica_votes_only_after_being_a_learner_then_a_voter() {
+    GlommioRuntime::run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let m = |voters: &[u64], all: &[u64]| -> Membership {
+            openraft::Membership::new_with_defaults(
+                vec![voters.iter().copied().collect()],
+                all.iter().copied(),
+            )
+        };
+        {
+            let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+            let (_ls, _sm, h) = open_with_handle(log.clone(), dir.path(), Rc::new(|| {}))
+                .await
+                .unwrap();
+            h.set_member(3, true).await.unwrap();
+            assert!(!h.may_vote());
+            // An old configuration listing node 3 as a voter (its earlier membership).
+            h.0.saw_membership(&m(&[1, 2, 3], &[1, 2, 3]), false)
+                .await
+                .unwrap();
+            assert!(!h.may_vote(), "an old configuration let it vote");
+            h.0.saw_membership(&m(&[1, 2, 4], &[1, 2, 3, 4]), false)
+                .await
+                .unwrap();
+            assert!(!h.may_vote());
+            h.0.saw_membership(&m(&[1, 2, 3], &[1, 2, 3]), false)
+                .await
+                .unwrap();
+            assert!(h.may_vote(), "learner then voter");
+            log.close().await.unwrap();
+        }
+        let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+        let (_ls, _sm, h) = open_with_handle(log.clone(), dir.path(), Rc::new(|| {}))
+            .await
+            .unwrap();
+        h.set_member(3, true).await.unwrap();
+        assert!(h.may_vote(), "the permission was not kept");
+        log.close().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+        let (_ls, _sm, h) = open_with_handle(log.clone(), dir.path(), Rc::new(|| {}))
+            .await
+            .unwrap();
+        h.set_member(1, false).await.unwrap();
+        assert!(h.may_vote());
+        log.close().await.unwrap();
+    });
+}
+
+/// openraft's own storage conformance suite, run against the partition log.
+#[test]
+fn passes_openraft_storage_suite() {
+    GlommioRuntime::run(async {
+        Suite::test_all(Builder).await.unwrap();
+    });
+}
+
+fn data_entry(term: u64, index: u64, values: &[&str]) -> Entry {
+    let mut b = BatchBuilder::new(1 << 20);
+    for v in values {
+        b.push(&Record {
+            key: None,
+            value: Bytes::copy_from_slice(v.as_bytes()),
+            headers: Vec::new(),
+            timestamp: TimestampMs(1_000),
+            ttl_ms: None,
+        })
+        .unwrap();
+    }
+    Entry::new(
+        log_id(term, index),
+        EntryPayload::Normal(EntryBatch(b.finish().unwrap())),
+    )
+}
+
+/// Entries, their offsets, the vote, a truncation and a purge all survive reopening: the
+/// index → offset map is rebuilt from the batch headers alone.
+#[test]
+fn reopening_recovers_entries_vote_truncation_and_purge() {
+    GlommioRuntime::run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let members =
+            std::collections::BTreeMap::from([(1u64, super::super::types::Member::default())]);
+        {
+            let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+            let (mut ls, mut sm) = open(log.clone(), dir.path()).await.unwrap();
+            ls.save_vote(&Vote::new_committed(2, 1)).await.unwrap();
+            let entries = vec![
+                Entry::new(
+                    log_id(1, 0),
+                    EntryPayload::Membership(openraft::Membership::new_with_defaults(
+                        vec![[1u64].into()],
+                        members.keys().copied(),
+                    )),
+                ),
+                Entry::new(log_id(2, 1), EntryPayload::Blank),
+                data_entry(2, 2, &["a", "b", "c"]),
+                data_entry(2, 3, &["d"]),
+                data_entry(2, 4, &["e", "f"]),
+            ];
+            let (otx, orx) = <GlommioRuntime as AsyncRuntime>::Oneshot::channel();
+            ls.append(entries, IOFlushed::signal(otx)).await.unwrap();
+            orx.await.unwrap().unwrap();
+            // Offsets: membership 0, blank 1, [2,5), [5,6), [6,8).
+            let got = ls.try_get_log_entries(2..5).await.unwrap();
+            let bases: Vec<u64> = got
+                .iter()
+                .map(|e| match &e.payload {
+                    EntryPayload::Normal(EntryBatch(b)) => b.base_offset().0,
+                    _ => panic!("not data"),
+                })
+                .collect();
+            assert_eq!(bases, vec![2, 5, 6]);
+            // Those came from the in-memory tail; a fresh view reads the same from disk.
+            let (mut disk, _) = open(log.clone(), dir.path()).await.unwrap();
+            assert_eq!(
+                disk.try_get_log_entries(0..5).await.unwrap(),
+                ls.try_get_log_entries(0..5).await.unwrap()
+            );
+            // Apply the first four: committed moves to 6.
+            let applied = ls.try_get_log_entries(0..4).await.unwrap();
+            sm.apply(futures::stream::iter(
+                applied.into_iter().map(|e| Ok((e, None))),
+            ))
+            .await
+            .unwrap();
+            assert_eq!(log.positions().committed, Offset(6));
+            assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(2, 3)));
+            // Drop the divergent last entry, purge the first.
+            ls.truncate_after(Some(log_id(2, 3))).await.unwrap();
+            ls.purge(log_id(1, 0)).await.unwrap();
+            assert_eq!(log.positions().next, Offset(6));
+            log.close().await.unwrap();
+        }
+        let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+        let (mut ls, _sm) = open(log, dir.path()).await.unwrap();
+        let state = ls.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(log_id(1, 0)));
+        assert_eq!(state.last_log_id, Some(log_id(2, 3)));
+        assert_eq!(
+            ls.read_vote().await.unwrap(),
+            Some(Vote::new_committed(2, 1))
+        );
+        let all = ls.try_get_log_entries(..).await.unwrap();
+        let ids: Vec<LogId> = all.iter().map(|e| e.log_id).collect();
+        assert_eq!(ids, vec![log_id(2, 1), log_id(2, 2), log_id(2, 3)]);
+        assert!(matches!(all[0].payload, EntryPayload::Blank));
+        // The next entry must follow the last one.
+        let (otx, _orx) = <GlommioRuntime as AsyncRuntime>::Oneshot::channel();
+        assert!(ls
+            .append(vec![data_entry(3, 9, &["x"])], IOFlushed::signal(otx))
+            .await
+            .is_err());
+    });
+}
