@@ -4,28 +4,31 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use super::error::ClusterError;
+
 /// Longest topic name (as Kafka).
 pub const TOPIC_NAME_MAX: usize = 249;
 
 /// Checks a topic name: 1 to 249 characters from `[a-zA-Z0-9._-]`, not `.` or `..`.
-pub fn validate_topic_name(name: &str) -> Result<(), String> {
+pub fn validate_topic_name(name: &str) -> Result<(), ClusterError> {
+    let bad = |why: String| Err(ClusterError::InvalidName(why));
     if name.is_empty() {
-        return Err("topic name must not be empty".into());
+        return bad("topic name must not be empty".into());
     }
     if name.len() > TOPIC_NAME_MAX {
-        return Err(format!(
+        return bad(format!(
             "topic name is {} characters; the limit is {TOPIC_NAME_MAX}",
             name.len()
         ));
     }
     if name == "." || name == ".." {
-        return Err("topic name must not be \".\" or \"..\"".into());
+        return bad("topic name must not be \".\" or \"..\"".into());
     }
     if let Some(c) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
-        return Err(format!(
+        return bad(format!(
             "topic name contains {c:?}; use only letters, digits, '.', '_' and '-'"
         ));
     }

@@ -255,7 +255,7 @@ async fn propose_through(broker: &Broker, addr: &str, cmd: &Command) -> Result<O
 /// metadata group has no leader (an election), waits up to two election timeouts for one:
 /// nothing was written, so going again is safe.
 pub async fn propose(broker: &Arc<Broker>, cmd: &Command) -> Result<Offset, Status> {
-    cmd.validate().map_err(Status::invalid_argument)?;
+    cmd.validate().map_err(super::status::from_cluster)?;
     let wait = Duration::from_millis(2 * broker.config.raft_election_timeout_ms);
     let deadline = tokio::time::Instant::now() + wait;
     loop {
@@ -376,7 +376,7 @@ pub async fn create_topic(
         )));
     }
     let replicas = assign_replicas(&state.placeable(), partitions, replication_factor)
-        .map_err(Status::failed_precondition)?;
+        .map_err(super::status::from_cluster)?;
     let uid = rand::random::<u64>() | 1;
     let spec = TopicSpec {
         name: name.clone(),
@@ -445,7 +445,7 @@ pub async fn handle_propose(
     command: &[u8],
     forwarded: bool,
 ) -> Result<Offset, Status> {
-    let cmd = Command::decode(command).map_err(Status::invalid_argument)?;
+    let cmd = Command::decode(command).map_err(super::status::from_cluster)?;
     if let Command::RegisterNode { id, .. } = &cmd {
         if broker.cluster().removed.contains(id) {
             return Err(super::status::removed(*id));
@@ -454,7 +454,7 @@ pub async fn handle_propose(
     if !forwarded {
         return propose(broker, &cmd).await;
     }
-    cmd.validate().map_err(Status::invalid_argument)?;
+    cmd.validate().map_err(super::status::from_cluster)?;
     propose_local(broker, &cmd).await.map_err(from_core)
 }
 

@@ -6,6 +6,7 @@
 
 use tonic::Status;
 
+use crate::cluster::ClusterError;
 use crate::log::{BatchError, LogError};
 use crate::raft::types::NodeId;
 use crate::shard::CoreError;
@@ -70,6 +71,17 @@ fn core_status(e: CoreError) -> Status {
         e @ CoreError::InFlight => Status::unavailable(e.to_string()),
         e @ CoreError::OutOfOrder { .. } => Status::failed_precondition(e.to_string()),
         CoreError::Raft(m) => Status::internal(format!("replication failed: {m}")),
+    }
+}
+
+/// What the metadata model refused: the caller's input, or a placement the nodes cannot take.
+pub fn from_cluster(e: ClusterError) -> Status {
+    match e {
+        ClusterError::NotEnoughNodes { .. } => Status::failed_precondition(e.to_string()),
+        ClusterError::InvalidName(_)
+        | ClusterError::InvalidCommand(_)
+        | ClusterError::CommandTooLarge { .. }
+        | ClusterError::Malformed(_) => Status::invalid_argument(e.to_string()),
     }
 }
 

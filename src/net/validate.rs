@@ -37,7 +37,7 @@ pub fn start_at(from: Option<&pb::StartPosition>) -> Result<StartAt, Status> {
 }
 
 pub fn topic_name(name: &str) -> Result<(), Status> {
-    validate_topic_name(name).map_err(Status::invalid_argument)
+    validate_topic_name(name).map_err(super::status::from_cluster)
 }
 
 /// Group names follow the rules of topic names.
