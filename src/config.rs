@@ -84,6 +84,18 @@ pub struct TopicDefaults {
 }
 
 impl TopicDefaults {
+    /// The settings of a topic created without any given (the defaults are validated when
+    /// the node starts).
+    pub fn settings(&self) -> crate::cluster::TopicSettings {
+        crate::cluster::TopicSettings {
+            retention_ms: (self.retention_ms > 0).then_some(self.retention_ms as u64),
+            retention_bytes: (self.retention_bytes > 0).then_some(self.retention_bytes as u64),
+            fsync_interval_ms: (self.fsync == "interval").then_some(self.fsync_interval_ms),
+            max_record_bytes: self.max_record_bytes,
+            segment_bytes: self.segment_bytes,
+        }
+    }
+
     fn file_keys() -> Vec<String> {
         keys_of(&TopicDefaults::default())
     }

@@ -5,8 +5,10 @@ use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::broker::Broker;
 use crate::config::Config;
-use crate::net::{self, Broker};
+use crate::groups::Groups;
+use crate::net;
 use crate::raft::transport::Transport;
 use crate::shard::{ShardConfig, Shards};
 
@@ -81,10 +83,12 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         } else {
             Some(Transport::new(config.node_id, on_core(&shards, config.mailbox_wait())))
         };
+        let broker = Broker::new(config.clone(), shards, advertised, transport)?;
         // A node alone has loaded the metadata and opened its partitions when this returns; a
         // node of a cluster does that in the background, since its peers need it to serve.
-        let broker = Broker::start(config.clone(), shards, advertised, transport).await?;
-        let (server, stop_tx) = spawn_server(broker.clone(), listener);
+        crate::controller::start(broker.clone()).await?;
+        let groups = Arc::new(Groups::new(broker.clone()));
+        let (server, stop_tx) = spawn_server(broker.clone(), groups, listener);
         tracing::info!(%addr, cores, data_dir = %config.data_dir.display(), "tern is serving");
         // Scripts and tests read the bound address (port 0 picks a free one) from this line.
         println!("tern listening on {addr}");
@@ -158,10 +162,11 @@ type ServerTask = tokio::task::JoinHandle<anyhow::Result<()>>;
 
 fn spawn_server(
     broker: Arc<Broker>,
+    groups: Arc<Groups>,
     listener: tokio::net::TcpListener,
 ) -> (ServerTask, tokio::sync::watch::Sender<bool>) {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(net::serve(broker, listener, {
+    let server = tokio::spawn(net::serve(broker, groups, listener, {
         let mut rx = stop_rx.clone();
         async move {
             let _ = rx.wait_for(|s| *s).await;

@@ -13,3 +13,19 @@ pub mod internal {
 
 /// The encoded file descriptor set, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tern_descriptor");
+
+/// Metadata keys Tern puts on requests and statuses (the protocol between nodes and with
+/// clients, beside the messages). Parsed into typed errors where they arrive; no control flow
+/// reads them elsewhere.
+pub mod metadata {
+    /// On a request a node relays to another: the other does not relay it again.
+    pub const FORWARDED: &str = "tern-forwarded";
+    /// On a status: the node id of the partition's leader, when the answering node knows it.
+    pub const LEADER: &str = "tern-leader";
+    /// On a status: the request was not carried out at all; sending it again cannot duplicate.
+    pub const UNWRITTEN: &str = "tern-unwritten";
+    /// On a status: the calling node was removed from the cluster.
+    pub const REMOVED: &str = "tern-removed";
+    /// On an OUT_OF_RANGE status: the partition's range, `START-END`.
+    pub const OFFSET_RANGE: &str = "tern-offset-range";
+}

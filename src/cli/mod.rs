@@ -97,7 +97,7 @@ pub fn connect_lazy(addr: &str) -> anyhow::Result<TernClient<tonic::transport::C
 pub fn status_error(s: tonic::Status) -> anyhow::Error {
     // A failure of the call itself (not the node's answer) carries the local error.
     if std::error::Error::source(&s).is_some() {
-        let what = if crate::net::status::never_sent(&s) {
+        let what = if crate::broker::never_sent(&s) {
             "cannot reach the node"
         } else {
             "lost the connection to the node during the call"

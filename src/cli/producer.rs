@@ -283,7 +283,7 @@ where
             eprintln!("{what}: {text}; retrying for up to {retry_for:?}");
         }
         // The node itself could not be reached: move to another one.
-        if crate::net::status::never_sent(&status) {
+        if crate::broker::never_sent(&status) {
             let mut c = conn.lock().await;
             if c.nodes.len() > 1 {
                 c.at = (c.at + 1) % c.nodes.len();

@@ -2,12 +2,7 @@
 //! core that owns the partition, and answers from the core's reply. It also serves gRPC server
 //! reflection (grpcurl needs no .proto file) and the standard health service.
 
-mod broker;
-mod controller;
-mod convert;
-mod groups;
 mod peer;
-mod reassign;
 mod service;
 pub mod status;
 mod subscribe;
@@ -18,7 +13,8 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
-pub use broker::Broker;
+use crate::broker::Broker;
+use crate::groups::Groups;
 use service::TernService;
 
 use crate::proto::v1::tern_server::TernServer;
@@ -41,6 +37,7 @@ fn incoming(
 /// finish (subscriptions are ended by the broker's closing signal).
 pub async fn serve(
     broker: Arc<Broker>,
+    groups: Arc<Groups>,
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
@@ -56,7 +53,7 @@ pub async fn serve(
     })
     .max_decoding_message_size(crate::raft::transport::MAX_MESSAGE_BYTES)
     .max_encoding_message_size(crate::raft::transport::MAX_MESSAGE_BYTES);
-    let tern = TernServer::new(TernService { broker })
+    let tern = TernServer::new(TernService { broker, groups })
         .max_decoding_message_size(cfg.max_request_bytes)
         .max_encoding_message_size(cfg.max_request_bytes.max(32 << 20));
     let limit = cfg.max_request_bytes;

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::broker::Broker;
-use super::controller;
+use crate::broker::Broker;
+use crate::controller;
 use crate::proto::internal as pb;
 use crate::proto::internal::peer_server::Peer;
 use crate::shard::{CoreRequest, PartitionKey};
@@ -110,7 +110,9 @@ impl Peer for PeerService {
         let r = request.into_inner();
         self.check_peer(r.from)?;
         let _call = self.broker.track();
-        let at = controller::handle_propose(&self.broker, &r.command, r.forwarded).await?;
+        let at = controller::handle_propose(&self.broker, &r.command, r.forwarded)
+            .await
+            .map_err(super::status::from_controller)?;
         Ok(Response::new(pb::ProposeResponse { offset: at.0 }))
     }
 

@@ -1,53 +1,137 @@
-//! The one place where internal errors become gRPC statuses.
+//! The one place where errors become gRPC statuses.
 //!
 //! What the client did wrong (INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS, OUT_OF_RANGE) is
 //! kept apart from what the node cannot do now (RESOURCE_EXHAUSTED, UNAVAILABLE) and from
-//! failures of the node itself (INTERNAL).
+//! failures of the node itself (INTERNAL). Tern's metadata goes on here too: `tern-leader`
+//! (who leads), `tern-unwritten` (nothing was done: safe to resend), `tern-removed`,
+//! `tern-offset-range`.
 
 use tonic::Status;
 
+use crate::broker::BrokerError;
 use crate::cluster::ClusterError;
+use crate::controller::ControllerError;
+use crate::groups::GroupError;
 use crate::log::{BatchError, LogError};
+use crate::proto::metadata;
 use crate::raft::types::NodeId;
 use crate::shard::CoreError;
 
-/// Metadata on a status that says the request was not carried out at all, so sending it again
-/// (to the same node or another) cannot write anything twice.
-pub const UNWRITTEN: &str = "tern-unwritten";
-/// Metadata naming the partition's leader (a node id), when the answering node knows it.
-pub const LEADER: &str = "tern-leader";
-/// Metadata on a peer's refusal of a node that was removed from the cluster.
-pub use crate::raft::transport::REMOVED;
+fn insert(s: &mut Status, key: &'static str, value: String) {
+    if let Ok(v) = value.parse() {
+        s.metadata_mut().insert(key, v);
+    }
+}
 
 /// The refusal of a call from (or a registration of) a node removed from the cluster.
 pub fn removed(node: NodeId) -> Status {
     let mut s = Status::failed_precondition(format!(
         "node {node} was removed from the cluster; a removed node id cannot join again"
     ));
-    s.metadata_mut()
-        .insert(REMOVED, tonic::metadata::MetadataValue::from_static("1"));
+    insert(&mut s, metadata::REMOVED, "1".into());
     s
 }
 
 /// Whether a status is a refusal of a removed node.
 pub fn is_removed(s: &Status) -> bool {
-    s.metadata().contains_key(REMOVED)
+    s.metadata().contains_key(metadata::REMOVED)
 }
 
-pub fn from_core(e: CoreError) -> Status {
-    let unwritten = matches!(
-        e,
-        CoreError::NotLeader { .. } | CoreError::Busy(_) | CoreError::UnknownPartition(_)
-    );
-    let mut s = core_status(e);
+/// Marks a status as "nothing was done": safe to send again.
+pub fn mark_unwritten(s: &mut Status) {
+    insert(s, metadata::UNWRITTEN, "1".into());
+}
+
+pub fn from_broker(e: BrokerError) -> Status {
+    let unwritten = e.unwritten();
+    let leader = e.leader();
+    let mut s = match e {
+        BrokerError::Core(e) => return from_core(e),
+        BrokerError::Cluster(e) => from_cluster(e),
+        BrokerError::Peer(p) => {
+            let mut s = Status::new(p.code, p.message);
+            if p.removed {
+                insert(&mut s, metadata::REMOVED, "1".into());
+            }
+            if let Some((a, b)) = p.range {
+                insert(&mut s, metadata::OFFSET_RANGE, format!("{a}-{b}"));
+            }
+            s
+        }
+        e @ (BrokerError::NoTopic(_) | BrokerError::NoPartition { .. }) => {
+            Status::not_found(e.to_string())
+        }
+        e @ (BrokerError::NotReady { .. }
+        | BrokerError::NoReplica { .. }
+        | BrokerError::NoLeader { .. }
+        | BrokerError::NoAddress { .. }
+        | BrokerError::Unreachable { .. }
+        | BrokerError::Midway { .. }
+        | BrokerError::ShuttingDown) => Status::unavailable(e.to_string()),
+        e @ BrokerError::BadAnswer { .. } => Status::internal(e.to_string()),
+    };
+    if unwritten {
+        mark_unwritten(&mut s);
+    }
+    if let Some(l) = leader {
+        insert(&mut s, metadata::LEADER, l.to_string());
+    }
+    s
+}
+
+pub fn from_controller(e: ControllerError) -> Status {
+    let unwritten = e.unwritten();
+    let mut s = match e {
+        ControllerError::Broker(e) => return from_broker(e),
+        ControllerError::Cluster(e) => from_cluster(e),
+        ControllerError::Removed(node) => return removed(node),
+        e @ ControllerError::Through { removed: true, .. } => {
+            let mut s = Status::failed_precondition(e.to_string());
+            insert(&mut s, metadata::REMOVED, "1".into());
+            s
+        }
+        e @ (ControllerError::NoMetadataLeader { .. }
+        | ControllerError::CatchingUp { .. }
+        | ControllerError::NotApplied { .. }
+        | ControllerError::Through { .. }) => Status::unavailable(e.to_string()),
+        e @ ControllerError::TopicExists(_) => Status::already_exists(e.to_string()),
+        e @ ControllerError::TooManyTopics(_) => Status::resource_exhausted(e.to_string()),
+        e @ ControllerError::UnknownNode(_) => Status::not_found(e.to_string()),
+        e @ ControllerError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        e @ ControllerError::Precondition(_) => Status::failed_precondition(e.to_string()),
+    };
     if unwritten {
         mark_unwritten(&mut s);
     }
     s
 }
 
-fn core_status(e: CoreError) -> Status {
+pub fn from_group(e: GroupError) -> Status {
     match e {
+        GroupError::Broker(e) => from_broker(e),
+        GroupError::Controller(e) => from_controller(e),
+        e @ GroupError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        e @ (GroupError::ModeMismatch { .. } | GroupError::AlreadyJoined) => {
+            Status::failed_precondition(e.to_string())
+        }
+        e @ (GroupError::TooManyGroups(_)
+        | GroupError::TooManyMembers { .. }
+        | GroupError::PositionsFull(_)) => Status::resource_exhausted(e.to_string()),
+        e @ (GroupError::Stopped(_)
+        | GroupError::NoCoordinator
+        | GroupError::NotCoordinator
+        | GroupError::MetadataSilent
+        | GroupError::CallClosed) => Status::unavailable(e.to_string()),
+        e @ (GroupError::SessionTimeout | GroupError::RevokeTimeout) => {
+            Status::deadline_exceeded(e.to_string())
+        }
+        e @ GroupError::NoGroup(_) => Status::not_found(e.to_string()),
+    }
+}
+
+pub fn from_core(e: CoreError) -> Status {
+    let unwritten = e.unwritten();
+    let mut s = match e {
         // The broker checks that topic and partition exist before it asks a core: a core that
         // does not have it is still opening (or closing) this node's replica. Retry.
         CoreError::UnknownPartition(p) => Status::unavailable(format!(
@@ -62,15 +146,43 @@ fn core_status(e: CoreError) -> Status {
         e @ (CoreError::NotLeader { leader } | CoreError::LeaderChanged { leader }) => {
             let mut s = Status::unavailable(e.to_string());
             if let Some(l) = leader {
-                if let Ok(v) = l.to_string().parse() {
-                    s.metadata_mut().insert(LEADER, v);
-                }
+                insert(&mut s, metadata::LEADER, l.to_string());
             }
             s
         }
         e @ CoreError::InFlight => Status::unavailable(e.to_string()),
         e @ CoreError::OutOfOrder { .. } => Status::failed_precondition(e.to_string()),
         CoreError::Raft(m) => Status::internal(format!("replication failed: {m}")),
+        e @ CoreError::TimedOut { .. } => Status::unavailable(e.to_string()),
+    };
+    if unwritten {
+        mark_unwritten(&mut s);
+    }
+    s
+}
+
+pub fn from_log(e: LogError) -> Status {
+    match e {
+        LogError::OffsetOutOfRange {
+            requested,
+            start,
+            end,
+        } => {
+            let mut s = Status::out_of_range(format!(
+                "offset {requested} is outside the partition's range [{start}, {end}]"
+            ));
+            // The range, for clients that move into it.
+            insert(&mut s, metadata::OFFSET_RANGE, format!("{start}-{end}"));
+            s
+        }
+        LogError::BatchTooLarge { len, max } => Status::invalid_argument(format!(
+            "the records of one partition take {len} bytes in a request; the limit is {max}"
+        )),
+        LogError::Batch(BatchError::TooLarge { len, max }) => Status::invalid_argument(format!(
+            "a record of {len} bytes exceeds the batch limit of {max}"
+        )),
+        LogError::Closed => Status::unavailable("the partition is closing"),
+        other => Status::internal(other.to_string()),
     }
 }
 
@@ -83,61 +195,6 @@ pub fn from_cluster(e: ClusterError) -> Status {
         | ClusterError::CommandTooLarge { .. }
         | ClusterError::Malformed(_) => Status::invalid_argument(e.to_string()),
     }
-}
-
-/// Marks a status as "nothing was done": safe to send again.
-pub fn mark_unwritten(s: &mut Status) {
-    s.metadata_mut()
-        .insert(UNWRITTEN, tonic::metadata::MetadataValue::from_static("1"));
-}
-
-/// Whether the request that got this status was not carried out (see [`UNWRITTEN`]).
-pub fn unwritten(s: &Status) -> bool {
-    s.metadata().contains_key(UNWRITTEN)
-}
-
-/// The leader a status names (metadata `tern-leader`), if any.
-pub fn leader_of(s: &Status) -> Option<NodeId> {
-    s.metadata()
-        .get(LEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-}
-
-/// Whether a call failed before it reached the other side (the connection could not be made).
-pub fn never_sent(s: &Status) -> bool {
-    let mut source = std::error::Error::source(s);
-    while let Some(e) = source {
-        if e.is::<tonic::ConnectError>() {
-            return true;
-        }
-        source = e.source();
-    }
-    false
-}
-
-/// A status from a call to another node, as this node passes it on. The peer's own answers
-/// pass unchanged; failures of the call itself (which carry the local error as their source:
-/// no connection, a connection lost mid-call, a timeout) become UNAVAILABLE naming the node,
-/// never UNKNOWN or CANCELLED. A call that never reached the node is marked unwritten.
-pub fn from_peer(node: NodeId, s: Status) -> Status {
-    if std::error::Error::source(&s).is_none() {
-        return s;
-    }
-    if never_sent(&s) {
-        let mut out = Status::unavailable(format!(
-            "node {node} cannot be reached ({}); retry",
-            s.message()
-        ));
-        mark_unwritten(&mut out);
-        return out;
-    }
-    Status::unavailable(format!(
-        "the call to node {node} failed midway ({}: {}); what it asked for may or may not \
-         have been done",
-        code_name(s.code()),
-        s.message()
-    ))
 }
 
 /// Whether tonic refused a request message over the size limit (before any handler ran).
@@ -161,64 +218,6 @@ pub fn request_too_large(s: &Status, limit: usize) -> Status {
     ))
 }
 
-/// A short name of a status code, for messages.
-pub fn code_name(c: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match c {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
-/// The partition's offset range an OUT_OF_RANGE status names: (start, end).
-pub fn range_of(s: &Status) -> Option<(u64, u64)> {
-    let v = s.metadata().get("tern-offset-range")?.to_str().ok()?;
-    let (a, b) = v.split_once('-')?;
-    Some((a.parse().ok()?, b.parse().ok()?))
-}
-
-pub fn from_log(e: LogError) -> Status {
-    match e {
-        LogError::OffsetOutOfRange {
-            requested,
-            start,
-            end,
-        } => {
-            let mut s = Status::out_of_range(format!(
-                "offset {requested} is outside the partition's range [{start}, {end}]"
-            ));
-            // The range, for clients that move into it (see `range_of`).
-            if let Ok(v) = format!("{start}-{end}").parse() {
-                s.metadata_mut().insert("tern-offset-range", v);
-            }
-            s
-        }
-        LogError::BatchTooLarge { len, max } => Status::invalid_argument(format!(
-            "the records of one partition take {len} bytes in a request; the limit is {max}"
-        )),
-        LogError::Batch(BatchError::TooLarge { len, max }) => Status::invalid_argument(format!(
-            "a record of {len} bytes exceeds the batch limit of {max}"
-        )),
-        LogError::Closed => Status::unavailable("the partition is closing"),
-        other => Status::internal(other.to_string()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,7 +228,10 @@ mod tests {
         let s = from_core(CoreError::NotLeader { leader: Some(3) });
         assert_eq!(s.code(), tonic::Code::Unavailable);
         assert_eq!(s.metadata().get("tern-leader").unwrap(), "3");
-        assert!(unwritten(&s), "nothing was written: safe to resend");
+        assert!(
+            s.metadata().contains_key(metadata::UNWRITTEN),
+            "nothing was written: safe to resend"
+        );
         let s = from_core(CoreError::LeaderChanged { leader: None });
         assert_eq!(s.code(), tonic::Code::Unavailable);
         assert!(
@@ -239,16 +241,58 @@ mod tests {
         );
         assert!(s.metadata().get("tern-leader").is_none());
         assert!(
-            !unwritten(&s),
+            !s.metadata().contains_key(metadata::UNWRITTEN),
             "may be committed: not safe to resend blindly"
         );
     }
 
-    /// A peer's own answer passes unchanged; a status without a source is such an answer.
+    /// A peer's own answer passes through a node unchanged: code, message and metadata.
     #[test]
-    fn a_peers_answer_passes_unchanged() {
-        let s = from_peer(2, Status::not_found("no such topic"));
+    fn a_peers_answer_passes_through() {
+        let mut peer = Status::unavailable("not the partition leader (leader: node 2)");
+        insert(&mut peer, metadata::LEADER, "2".into());
+        mark_unwritten(&mut peer);
+        let e = BrokerError::from_peer(3, peer);
+        assert_eq!(e.leader(), Some(2));
+        assert!(e.unwritten());
+        let s = from_broker(e);
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert_eq!(s.message(), "not the partition leader (leader: node 2)");
+        assert_eq!(s.metadata().get("tern-leader").unwrap(), "2");
+        let s = from_broker(BrokerError::from_peer(
+            2,
+            Status::not_found("no such topic"),
+        ));
         assert_eq!(s.code(), tonic::Code::NotFound);
         assert_eq!(s.message(), "no such topic");
+    }
+
+    /// A call that never reached a node is UNAVAILABLE, names the node, and is safe to resend.
+    #[tokio::test]
+    async fn a_node_that_cannot_be_reached_is_named() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = free.local_addr().unwrap();
+        drop(free);
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_lazy();
+        let mut c = crate::proto::v1::tern_client::TernClient::new(channel);
+        let s = c
+            .list_topics(crate::proto::v1::ListTopicsRequest {})
+            .await
+            .unwrap_err();
+        let e = BrokerError::from_peer(7, s);
+        assert!(
+            matches!(e, BrokerError::Unreachable { node: 7, .. }),
+            "{e:?}"
+        );
+        let s = from_broker(e);
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert!(
+            s.message().contains("node 7 cannot be reached"),
+            "{}",
+            s.message()
+        );
+        assert!(s.metadata().contains_key(metadata::UNWRITTEN));
     }
 }

@@ -27,9 +27,9 @@ use tokio::task::AbortHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
-use super::broker::{Broker, Read, Topic};
-use super::status::range_of;
+use super::status::from_broker;
 use super::validate;
+use crate::broker::{Broker, BrokerError, Read, Topic};
 use crate::proto::v1 as pb;
 use crate::shard::StartAt;
 use crate::types::Offset;
@@ -112,7 +112,7 @@ impl Subscription {
         // Resolve everything first, so a bad entry changes nothing.
         let mut starts: Vec<(Arc<Topic>, u32, Offset)> = Vec::new();
         for add in &req.add {
-            let topic = self.broker.topic(&add.topic)?;
+            let topic = self.broker.topic(&add.topic).map_err(from_broker)?;
             let at = validate::start_at(add.from.as_ref())?;
             let parts: Vec<u32> = if add.partitions.is_empty() {
                 (0..topic.spec.partitions).collect()
@@ -120,10 +120,16 @@ impl Subscription {
                 add.partitions.clone()
             };
             for &p in &parts {
-                topic.check_partition(p)?;
+                topic.check_partition(p).map_err(from_broker)?;
                 let from = match at {
                     StartAt::Offset(o) => o,
-                    at => self.broker.list_offsets(&topic, p, at, false).await?.offset,
+                    at => {
+                        self.broker
+                            .list_offsets(&topic, p, at, false)
+                            .await
+                            .map_err(from_broker)?
+                            .offset
+                    }
                 };
                 starts.push((topic.clone(), p, from));
             }
@@ -161,15 +167,10 @@ impl Subscription {
 /// Whether a read that failed this way may succeed later (a replica not open yet or gone, an
 /// election, an overloaded core, a replica behind the offset the subscriber reached, a
 /// deletion seen elsewhere first).
-fn transient(s: &Status, from: Offset) -> bool {
-    match s.code() {
-        tonic::Code::Unavailable | tonic::Code::ResourceExhausted => true,
-        // Another replica's node applied a deletion first: the next look at the topic here
-        // says whether it is gone.
-        tonic::Code::NotFound => true,
-        tonic::Code::OutOfRange => range_of(s).is_some_and(|(_, end)| from.0 > end),
-        _ => false,
-    }
+fn transient(e: &BrokerError, from: Offset) -> bool {
+    // A deletion another replica's node applied first: the next look at the topic here says
+    // whether it is gone.
+    e.retryable() || e.not_found() || e.range().is_some_and(|(_, end)| from.0 > end)
 }
 
 /// Streams one partition's committed records from `from` until the client goes away, the node
@@ -183,7 +184,7 @@ async fn follow(broker: Arc<Broker>, topic: Arc<Topic>, partition: u32, mut from
         // The topic as the metadata has it now: its replicas may have moved.
         let topic = match broker.topic(&name) {
             Ok(t) if t.spec.uid == uid => t,
-            Err(s) if s.code() == tonic::Code::Unavailable => topic.clone(),
+            Err(BrokerError::NotReady { .. }) => topic.clone(),
             _ => {
                 let _ = tx
                     .send(Err(Status::not_found(format!(
@@ -220,15 +221,16 @@ async fn follow(broker: Arc<Broker>, topic: Arc<Topic>, partition: u32, mut from
                     return;
                 }
             }
-            Err(status) if transient(&status, from) => {
-                tracing::debug!(topic = %name, partition, error = %status.message(), "subscription read: retrying");
+            Err(e) if transient(&e, from) => {
+                tracing::debug!(topic = %name, partition, error = %e, "subscription read: retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = tx.closed() => return,
                 }
                 backoff = (backoff * 2).min(RETRY_MAX);
             }
-            Err(status) => {
+            Err(e) => {
+                let status = from_broker(e);
                 let _ = tx
                     .send(Err(Status::new(
                         status.code(),

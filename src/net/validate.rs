@@ -3,7 +3,7 @@
 
 use tonic::Status;
 
-use super::broker::{Outgoing, Topic};
+use crate::broker::{Outgoing, Topic};
 use crate::cluster::{validate_topic_name, TopicSettings};
 use crate::config::{Config, TopicDefaults};
 use crate::log::{Header, Record, HEADERS_PER_RECORD_MAX};
@@ -38,11 +38,6 @@ pub fn start_at(from: Option<&pb::StartPosition>) -> Result<StartAt, Status> {
 
 pub fn topic_name(name: &str) -> Result<(), Status> {
     validate_topic_name(name).map_err(super::status::from_cluster)
-}
-
-/// Group names follow the rules of topic names.
-pub fn group_name(name: &str) -> Result<(), Status> {
-    validate_topic_name(name).map_err(|e| Status::invalid_argument(format!("group name: {e}")))
 }
 
 /// Resolves a CreateTopic request's settings against the node's defaults.
@@ -112,21 +107,6 @@ pub fn partition_count(partitions: u32, cfg: &Config) -> Result<u32, Status> {
     Ok(p)
 }
 
-/// A topic's replication factor: as asked, or (0) the node's default capped at the number
-/// of nodes that can take replicas.
-pub fn replication_factor(rf: u32, default: u32, nodes: u32) -> Result<u32, Status> {
-    if rf == 0 {
-        return Ok(default.min(nodes).max(1));
-    }
-    if rf > nodes {
-        return Err(Status::invalid_argument(format!(
-            "replication factor {rf} exceeds the number of nodes that can hold replicas \
-             ({nodes}; `tern cluster status` lists them)"
-        )));
-    }
-    Ok(rf)
-}
-
 /// Checks a Publish request's idempotent producer fields: the producer id and the sequence
 /// number of its first record, with every record naming the same partition (sequence numbers
 /// count per partition, so the producer must know which one its records go to).
@@ -187,7 +167,7 @@ pub fn publish(
         if let Some(p) = r.partition {
             topic
                 .check_partition(p)
-                .map_err(|s| Status::not_found(format!("record {i}: {}", s.message())))?;
+                .map_err(|e| Status::not_found(format!("record {i}: {e}")))?;
         }
         if r.headers.len() > HEADERS_PER_RECORD_MAX {
             return Err(Status::invalid_argument(format!(

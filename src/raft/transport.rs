@@ -43,9 +43,6 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest message a node sends or accepts between nodes.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
-/// Metadata with which a peer refuses every call of a node removed from the cluster.
-pub const REMOVED: &str = "tern-removed";
-
 /// The answer to one message: the response's encoding, or why there is none.
 pub type Answer = Result<Bytes, String>;
 
@@ -287,7 +284,7 @@ async fn run_link(
             let mut answers: Vec<Option<Answer>> = (0..waiting.len()).map(|_| None).collect();
             match &result {
                 Ok(_) => transport.saw(target, &addr, true, None),
-                Err(s) if s.metadata().contains_key(REMOVED) => {
+                Err(s) if s.metadata().contains_key(crate::proto::metadata::REMOVED) => {
                     transport.removed.send_replace(true);
                 }
                 Err(s) => transport.saw(target, &addr, false, Some(s.message())),

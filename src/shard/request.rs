@@ -74,6 +74,35 @@ pub enum CoreError {
     /// The partition's Raft group failed and stopped.
     #[error("replication failed: {0}")]
     Raft(String),
+    /// Something asked of a core did not finish in time (it goes on, or is retried).
+    #[error("{what} did not finish within {after:?}")]
+    TimedOut { what: &'static str, after: Duration },
+}
+
+impl CoreError {
+    /// Whether nothing of the request was done: sending it again cannot duplicate anything.
+    pub fn unwritten(&self) -> bool {
+        matches!(
+            self,
+            CoreError::NotLeader { .. } | CoreError::Busy(_) | CoreError::UnknownPartition(_)
+        )
+    }
+
+    /// Whether the same request may succeed later (an election, a saturated core, a replica
+    /// still opening, a node shutting down, an earlier send still in flight).
+    pub fn retryable(&self) -> bool {
+        match self {
+            CoreError::NotLeader { .. }
+            | CoreError::LeaderChanged { .. }
+            | CoreError::Busy(_)
+            | CoreError::UnknownPartition(_)
+            | CoreError::ShuttingDown
+            | CoreError::InFlight
+            | CoreError::TimedOut { .. } => true,
+            CoreError::Log(e) => matches!(e, LogError::Closed),
+            CoreError::OutOfOrder { .. } | CoreError::Raft(_) => false,
+        }
+    }
 }
 
 pub type Reply<T> = oneshot::Sender<Result<T, CoreError>>;

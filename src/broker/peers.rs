@@ -1,0 +1,138 @@
+//! Connections to other nodes, and their answers as typed errors: a status from a call to
+//! another node is parsed here once (its code, message and Tern's metadata), so nothing above
+//! reads status metadata.
+
+use std::time::Duration;
+
+use tonic::transport::Channel;
+
+use super::{Broker, BrokerError, PeerAnswer, Result, Topic};
+use crate::proto::metadata;
+use crate::proto::v1::tern_client::TernClient;
+use crate::raft::types::NodeId;
+
+/// A request a node sends to another on a client's behalf: marked, so that one does not relay
+/// it again.
+pub fn relay<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut().insert(
+        metadata::FORWARDED,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    r
+}
+
+/// Whether a call failed before it reached the other side (the connection could not be made).
+pub fn never_sent(s: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(s);
+    while let Some(e) = source {
+        if e.is::<tonic::ConnectError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+impl BrokerError {
+    /// What a call to `node` that ended with `s` comes to. The peer's own answers (statuses
+    /// decoded from its response carry no local source) keep their code, message and
+    /// metadata; failures of the call itself become `Unreachable` (never sent) or `Midway`.
+    pub fn from_peer(node: NodeId, s: tonic::Status) -> BrokerError {
+        if std::error::Error::source(&s).is_some() {
+            let why = format!("{:?}: {}", s.code(), s.message());
+            return if never_sent(&s) {
+                BrokerError::Unreachable { node, why }
+            } else {
+                BrokerError::Midway { node, why }
+            };
+        }
+        let get = |key: &str| s.metadata().get(key).and_then(|v| v.to_str().ok());
+        let range = get(metadata::OFFSET_RANGE).and_then(|v| {
+            let (a, b) = v.split_once('-')?;
+            Some((a.parse().ok()?, b.parse().ok()?))
+        });
+        BrokerError::Peer(PeerAnswer {
+            node,
+            code: s.code(),
+            message: s.message().to_string(),
+            leader: get(metadata::LEADER).and_then(|v| v.parse().ok()),
+            unwritten: get(metadata::UNWRITTEN).is_some(),
+            removed: get(metadata::REMOVED).is_some(),
+            range,
+        })
+    }
+}
+
+impl Broker {
+    /// A connection to another node, made lazily and reused.
+    pub fn peer_channel(&self, node: NodeId) -> Result<Channel> {
+        let addr = self
+            .cluster()
+            .nodes
+            .get(&node)
+            .map(|m| m.addr.clone())
+            .or_else(|| self.controllers.get(&node).cloned())
+            .ok_or(BrokerError::NoAddress { node })?;
+        let mut peers = self.peers.lock().expect("peers lock");
+        if let Some((a, c)) = peers.get(&node) {
+            if *a == addr {
+                return Ok(c.clone());
+            }
+        }
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| BrokerError::Unreachable {
+                node,
+                why: format!("bad address {addr:?}: {e}"),
+            })?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        peers.insert(node, (addr, channel.clone()));
+        Ok(channel)
+    }
+
+    /// A client of another node's public API (forwarding).
+    pub fn peer_client(&self, node: NodeId) -> Result<TernClient<Channel>> {
+        Ok(TernClient::new(self.peer_channel(node)?)
+            .max_decoding_message_size(self.config.max_request_bytes.max(32 << 20))
+            .max_encoding_message_size(self.config.max_request_bytes))
+    }
+
+    /// Makes a call to another node's public API; its failure as a typed error.
+    pub async fn call_peer<T, F, Fut>(&self, node: NodeId, call: F) -> Result<T>
+    where
+        F: FnOnce(TernClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let client = self.peer_client(node)?;
+        call(client)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| BrokerError::from_peer(node, s))
+    }
+
+    /// Runs a read on a replica of a partition this node does not hold: the preferred replica
+    /// first, then the others while they cannot serve it (unreachable, not open yet).
+    pub async fn on_replica<T, F, Fut>(&self, topic: &Topic, p: u32, call: F) -> Result<T>
+    where
+        F: Fn(TernClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let me = self.node_id();
+        let mut last = None;
+        for node in topic.replicas(p).iter().copied().filter(|n| *n != me) {
+            match self.call_peer(node, &call).await {
+                Ok(v) => return Ok(v),
+                Err(e) if e.retryable() => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| BrokerError::NoReplica {
+            node: me,
+            topic: topic.spec.name.clone(),
+            partition: p,
+            replicas: topic.replicas(p).to_vec(),
+        }))
+    }
+}

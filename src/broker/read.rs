@@ -1,0 +1,230 @@
+//! Reads: committed records and offsets of a partition, from this node's replica (its core),
+//! or from another replica over the peer connection when this node holds none. A read relayed
+//! here by another node is not relayed again.
+
+use std::time::Duration;
+
+use super::peers::relay;
+use super::{Broker, BrokerError, Result, Topic};
+use crate::proto::v1 as pb;
+use crate::shard::request::ReplicaState;
+use crate::shard::{CoreRequest, Fetched, ListedOffsets, StartAt};
+use crate::types::Offset;
+
+/// How much longer than its long poll a read relayed to another node may take.
+const RELAY_SLACK: Duration = Duration::from_secs(30);
+
+/// What to read from a partition.
+#[derive(Clone, Copy, Debug)]
+pub struct Read {
+    pub from: Offset,
+    pub max_records: usize,
+    pub max_bytes: usize,
+    /// How long to wait for records when there are none past `from` yet.
+    pub max_wait: Duration,
+}
+
+impl Broker {
+    /// Committed batches of a partition this node holds, from its core.
+    pub async fn fetch(
+        &self,
+        topic: &Topic,
+        partition: u32,
+        from: Offset,
+        max_bytes: usize,
+        max_wait: Duration,
+    ) -> Result<Fetched> {
+        self.check_local(topic, partition)?;
+        let key = topic.key(partition);
+        Ok(self
+            .shards
+            .ask(topic.core(partition), |reply| CoreRequest::Fetch {
+                key,
+                from,
+                max_bytes,
+                max_wait,
+                reply,
+            })
+            .await?)
+    }
+
+    /// Committed records of a partition, at most `max_records`, from this node's replica or
+    /// (once: a `relayed` read is not passed on) from another replica.
+    pub async fn read(
+        &self,
+        topic: &Topic,
+        partition: u32,
+        read: Read,
+        relayed: bool,
+    ) -> Result<pb::FetchResponse> {
+        if topic.on(self.node_id(), partition) {
+            let f = self
+                .fetch(topic, partition, read.from, read.max_bytes, read.max_wait)
+                .await?;
+            let (records, next) = records(&topic.spec.name, partition, &f, read.max_records);
+            return Ok(pb::FetchResponse {
+                records,
+                next_offset: next,
+                high_watermark: f.high_watermark.0,
+                start_offset: f.start.0,
+            });
+        }
+        if relayed {
+            return Err(self.no_replica(topic, partition));
+        }
+        let req = pb::FetchRequest {
+            topic: topic.spec.name.clone(),
+            partition,
+            offset: read.from.0,
+            max_records: read.max_records as u32,
+            max_bytes: read.max_bytes as u32,
+            max_wait_ms: read.max_wait.as_millis() as u32,
+        };
+        self.on_replica(topic, partition, |mut c| {
+            let mut call = relay(req.clone());
+            call.set_timeout(read.max_wait + RELAY_SLACK);
+            async move { c.fetch(call).await }
+        })
+        .await
+    }
+
+    /// A partition's committed range and where `at` falls in it, from this node's replica or
+    /// (once) from another.
+    pub async fn list_offsets(
+        &self,
+        topic: &Topic,
+        partition: u32,
+        at: StartAt,
+        relayed: bool,
+    ) -> Result<ListedOffsets> {
+        if topic.on(self.node_id(), partition) {
+            let key = topic.key(partition);
+            return Ok(self
+                .shards
+                .ask(topic.core(partition), |reply| CoreRequest::ListOffsets {
+                    key,
+                    at,
+                    reply,
+                })
+                .await?);
+        }
+        if relayed {
+            return Err(self.no_replica(topic, partition));
+        }
+        let req = pb::ListOffsetsRequest {
+            topic: topic.spec.name.clone(),
+            partitions: vec![partition],
+            position: Some(start_position(at)),
+        };
+        let r = self
+            .on_replica(topic, partition, |mut c| {
+                let call = relay(req.clone());
+                async move { c.list_offsets(call).await }
+            })
+            .await?;
+        let p = r
+            .partitions
+            .into_iter()
+            .find(|p| p.partition == partition)
+            .ok_or_else(|| BrokerError::BadAnswer {
+                node: topic.replicas(partition).first().copied().unwrap_or(0),
+                what: format!(
+                    "offsets of other partitions than {}/{partition}",
+                    topic.name
+                ),
+            })?;
+        Ok(ListedOffsets {
+            start: Offset(p.start_offset),
+            end: Offset(p.end_offset),
+            offset: Offset(p.offset),
+        })
+    }
+
+    /// What this node's replica knows of a partition's group.
+    pub async fn replica_state(&self, topic: &Topic, partition: u32) -> Result<ReplicaState> {
+        self.check_local(topic, partition)?;
+        let key = topic.key(partition);
+        Ok(self
+            .shards
+            .ask(topic.core(partition), |reply| CoreRequest::Replica {
+                key,
+                reply,
+            })
+            .await?)
+    }
+
+    /// An error unless this node holds a replica of the partition.
+    fn check_local(&self, topic: &Topic, partition: u32) -> Result<()> {
+        if topic.on(self.node_id(), partition) {
+            return Ok(());
+        }
+        Err(self.no_replica(topic, partition))
+    }
+
+    fn no_replica(&self, topic: &Topic, partition: u32) -> BrokerError {
+        BrokerError::NoReplica {
+            node: self.node_id(),
+            topic: topic.spec.name.clone(),
+            partition,
+            replicas: topic.replicas(partition).to_vec(),
+        }
+    }
+}
+
+/// The committed, unexpired data records of a fetch, at most `max_records`; returns them and
+/// the offset where the next fetch continues. Control records (Raft leader and membership
+/// entries) take offsets but are never delivered.
+pub fn records(
+    topic: &str,
+    partition: u32,
+    f: &Fetched,
+    max_records: usize,
+) -> (Vec<pb::Record>, u64) {
+    let now = crate::types::TimestampMs::now();
+    let mut out = Vec::new();
+    let mut next = f.from;
+    for batch in &f.batches {
+        let control = batch.meta().control;
+        for r in batch.records() {
+            if r.offset < f.from || r.offset >= f.until {
+                continue;
+            }
+            if out.len() >= max_records {
+                return (out, next.0);
+            }
+            next = r.offset.plus(1);
+            if control || r.is_expired(now) {
+                continue;
+            }
+            out.push(pb::Record {
+                topic: topic.to_string(),
+                partition,
+                offset: r.offset.0,
+                timestamp_ms: r.timestamp.0,
+                key: r.key.map(|k| batch.bytes().slice_ref(k)),
+                headers: r
+                    .headers()
+                    .map(|(k, v)| pb::Header {
+                        key: k.to_string(),
+                        value: batch.bytes().slice_ref(v),
+                    })
+                    .collect(),
+                value: batch.bytes().slice_ref(r.value),
+            });
+        }
+    }
+    (out, next.0)
+}
+
+/// A start position as the API spells it.
+pub fn start_position(at: StartAt) -> pb::StartPosition {
+    use pb::start_position::Position;
+    let p = match at {
+        StartAt::Earliest => Position::Earliest(true),
+        StartAt::Latest => Position::Latest(true),
+        StartAt::Offset(o) => Position::Offset(o.0),
+        StartAt::Time(t) => Position::TimestampMs(t.0),
+        StartAt::Last(n) => Position::Last(n),
+    };
+    pb::StartPosition { position: Some(p) }
+}

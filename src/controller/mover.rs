@@ -1,0 +1,183 @@
+//! The mover: what every node does every half second (and when the metadata changes) to
+//! carry out the metadata's moves and removals.
+//!
+//! ```text
+//! a partition it leads is moving ─▶ its core: add the new nodes as learners; once caught up,
+//!                                   change the voters (joint consensus) ─▶ FinishMove
+//! it leads the metadata group     ─▶ registered nodes learn the metadata log, removed ones
+//!                                   leave it; draining nodes' replicas get moves; a drained
+//!                                   node is removed (cluster::plan)
+//! ```
+//!
+//! Every step is decided from the committed metadata and the group's own membership, so a
+//! move interrupted by a crash or a leader change is finished by whoever leads next.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::propose::propose;
+use super::Result;
+use crate::broker::Broker;
+use crate::cluster::plan::{self, MetadataGroup};
+use crate::cluster::{ClusterState, Command};
+use crate::raft::types::{Member, NodeId};
+use crate::shard::{CoreError, CoreRequest, MemberProgress, MemberTarget, PartitionKey};
+
+/// How often the mover looks for work (it also runs when the metadata changes).
+const EVERY: Duration = Duration::from_millis(500);
+/// Longest a membership step may take before the mover tries again.
+const STEP_WAIT: Duration = Duration::from_secs(10);
+/// Partitions moving at once across the cluster because of drains.
+const DRAIN_MOVES_AT_ONCE: usize = 16;
+
+/// Starts the mover of this node.
+pub fn spawn(broker: Arc<Broker>) {
+    tokio::spawn(async move {
+        let mut applied = broker.applied.subscribe();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(EVERY) => {}
+                r = applied.changed() => if r.is_err() { return },
+                _ = broker.closed() => return,
+            }
+            if !broker.is_ready() {
+                continue;
+            }
+            move_partitions(&broker).await;
+            if let Err(e) = lead_metadata(&broker).await {
+                tracing::debug!(error = %e, "metadata membership step");
+            }
+        }
+    });
+}
+
+/// Asks a core to move a group towards `target`, bounded in time.
+async fn step_members(
+    broker: &Broker,
+    key: PartitionKey,
+    target: MemberTarget,
+) -> std::result::Result<MemberProgress, CoreError> {
+    let core = broker.shards.core_of(&key);
+    let ask = broker
+        .shards
+        .ask(core, |reply| CoreRequest::Members { key, target, reply });
+    tokio::time::timeout(STEP_WAIT, ask)
+        .await
+        .unwrap_or(Err(CoreError::TimedOut {
+            what: "a membership step",
+            after: STEP_WAIT,
+        }))
+}
+
+/// Carries out the moves of the partitions this node leads.
+async fn move_partitions(broker: &Arc<Broker>) {
+    let state = broker.cluster();
+    let me = broker.node_id();
+    for t in state.topics.values() {
+        for (p, target) in &t.moving {
+            if !t.holds(me, *p) {
+                continue;
+            }
+            let voters: BTreeMap<NodeId, Member> = target
+                .iter()
+                .filter_map(|id| state.nodes.get(id).map(|m| (*id, m.clone())))
+                .collect();
+            if voters.len() != target.len() {
+                continue;
+            }
+            let key = PartitionKey {
+                topic: t.name.as_str().into(),
+                partition: *p,
+            };
+            let target_members = MemberTarget {
+                voters,
+                learners: BTreeMap::new(),
+            };
+            match step_members(broker, key.clone(), target_members).await {
+                Ok(MemberProgress::Done) => {
+                    let cmd = Command::FinishMove {
+                        topic: t.name.clone(),
+                        uid: t.uid,
+                        partition: *p,
+                        replicas: target.clone(),
+                    };
+                    match propose(broker, &cmd).await {
+                        Ok(_) => {
+                            tracing::info!(partition = %key, replicas = ?target, "partition moved")
+                        }
+                        Err(e) => {
+                            tracing::warn!(partition = %key, error = %e, "recording a finished move failed; will retry")
+                        }
+                    }
+                }
+                Ok(MemberProgress::CatchingUp { node, behind }) => {
+                    tracing::debug!(partition = %key, node, behind, "new replica catching up");
+                }
+                Err(CoreError::NotLeader { .. } | CoreError::UnknownPartition(_)) => {}
+                Err(e) => {
+                    tracing::warn!(partition = %key, error = %e, "moving a partition: will retry")
+                }
+            }
+        }
+    }
+}
+
+/// On the metadata leader: keeps the metadata group's membership in line with the registered
+/// nodes, and drives the removal of draining nodes.
+async fn lead_metadata(broker: &Arc<Broker>) -> Result<()> {
+    let key = PartitionKey::metadata();
+    let core = broker.shards.core_of(&key);
+    let group = broker
+        .shards
+        .ask(core, |reply| CoreRequest::Replica {
+            key: key.clone(),
+            reply,
+        })
+        .await?;
+    if !group.is_leader {
+        return Ok(());
+    }
+    let state = broker.cluster();
+    let now = MetadataGroup {
+        voters: group.voters,
+        learners: group.learners,
+        matched: group.matched,
+        last_index: group.last_index.unwrap_or(0),
+    };
+    let reachable = |id: NodeId| {
+        broker
+            .transport()
+            .is_some_and(|t| t.reachable(id) == Some(true))
+    };
+    let target = plan::metadata_members(&state, &now, &broker.controllers, reachable);
+    if !target.same_as(&now) && !target.voters.is_empty() {
+        let target = MemberTarget {
+            voters: target.voters,
+            learners: target.learners,
+        };
+        if let Err(e) = step_members(broker, key, target).await {
+            tracing::warn!(error = %e, "changing the metadata group's members");
+        }
+    }
+    drain(broker, &state).await
+}
+
+/// Moves the replicas off draining nodes (a bounded number at a time) and removes the nodes
+/// that hold none any more.
+async fn drain(broker: &Arc<Broker>, state: &ClusterState) -> Result<()> {
+    if state.draining.is_empty() {
+        return Ok(());
+    }
+    let plan = plan::drain(state, DRAIN_MOVES_AT_ONCE);
+    for (node, topic, partition) in &plan.stuck {
+        tracing::warn!(node, topic, partition, "no node can take this replica over");
+    }
+    for cmd in plan.commands {
+        propose(broker, &cmd).await?;
+        if let Command::RemoveNode { id } = cmd {
+            tracing::info!(node = id, "node removed from the cluster");
+        }
+    }
+    Ok(())
+}

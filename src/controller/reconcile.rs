@@ -1,0 +1,116 @@
+//! Keeping a node's partitions in line with the metadata: what `cluster::plan::reconcile`
+//! says, carried out on the cores (open, close, and delete the files of what went).
+
+use std::path::PathBuf;
+
+use super::follower::Follower;
+use crate::cluster::{plan, TopicSpec};
+use crate::shard::request::OpenPartition;
+use crate::shard::{CoreRequest, PartitionKey};
+
+impl Follower {
+    /// Opens the partitions this node should hold and closes (and removes) the others;
+    /// `deleted`: topics whose files go even if never opened here since the last start.
+    pub(super) async fn reconcile(&mut self, deleted: Vec<TopicSpec>) {
+        let broker = self.broker.clone();
+        let open = self
+            .open
+            .iter()
+            .map(|(k, (uid, _))| (k.clone(), *uid))
+            .collect();
+        let diff = plan::reconcile(&self.state, broker.node_id(), &open);
+        let mut failed = !diff.waiting.is_empty();
+        for (topic, p) in &diff.waiting {
+            tracing::debug!(
+                topic,
+                partition = p,
+                "a replica's node is not registered yet"
+            );
+        }
+        for id in diff.close {
+            let key = PartitionKey {
+                topic: id.0.as_str().into(),
+                partition: id.1,
+            };
+            let core = broker.shards.core_of(&key);
+            let k = key.clone();
+            match broker
+                .shards
+                .ask(core, |reply| CoreRequest::Close { key: k, reply })
+                .await
+            {
+                Ok(()) => {
+                    if let Some((_, dir)) = self.open.remove(&id) {
+                        remove_dir(dir).await;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(partition = %key, error = %e, "closing failed; will retry");
+                    failed = true;
+                }
+            }
+        }
+        for spec in deleted {
+            remove_dir(broker.config.data_dir.join("topics").join(spec.dir_name())).await;
+        }
+        let opens = diff.open.into_iter().filter_map(|o| {
+            let spec = self.state.topics.get(&o.topic)?.clone();
+            let broker = broker.clone();
+            Some(async move {
+                let key = PartitionKey {
+                    topic: o.topic.as_str().into(),
+                    partition: o.partition,
+                };
+                let dir = broker.partition_dir(&spec, o.partition);
+                let open = OpenPartition {
+                    key: key.clone(),
+                    uid: o.uid,
+                    dir: dir.clone(),
+                    config: broker.config.log_config(&spec.settings),
+                    replica: broker.replica.clone(),
+                    voters: o.voters,
+                };
+                let r = broker
+                    .shards
+                    .ask(broker.shards.core_of(&key), move |reply| {
+                        CoreRequest::Open {
+                            open: Box::new(open),
+                            reply,
+                        }
+                    })
+                    .await;
+                ((o.topic, o.partition), o.uid, dir, r)
+            })
+        });
+        for (id, uid, dir, r) in futures::future::join_all(opens).await {
+            match r {
+                Ok(()) => {
+                    self.open.insert(id, (uid, dir));
+                }
+                Err(e) => {
+                    tracing::warn!(topic = %id.0, partition = id.1, error = %e, "opening failed; will retry");
+                    failed = true;
+                }
+            }
+        }
+        self.failed = failed;
+    }
+}
+
+async fn remove_dir(dir: PathBuf) {
+    let r = tokio::task::spawn_blocking(move || {
+        let r = match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+        // The incarnation's directory goes with its last partition.
+        if let Some(parent) = dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+        r.map_err(|e| format!("removing {}: {e}", dir.display()))
+    })
+    .await;
+    if let Ok(Err(e)) = r {
+        tracing::warn!(error = %e, "could not remove a partition's files");
+    }
+}

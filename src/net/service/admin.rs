@@ -1,0 +1,91 @@
+//! The cluster: ClusterInfo, MovePartition, Rebalance, RemoveNode.
+
+use std::sync::Arc;
+
+use tonic::Status;
+
+use super::topics::partitions;
+use crate::broker::Broker;
+use crate::cluster::REPLICAS_MAX;
+use crate::controller::{self, REBALANCE_MOVES_MAX};
+use crate::net::status::from_controller;
+use crate::proto::v1 as pb;
+
+pub async fn cluster_info(broker: &Broker) -> pb::ClusterInfoResponse {
+    let mut topics = Vec::new();
+    for t in broker.topics() {
+        topics.push(pb::TopicPartitions {
+            topic: t.spec.name.clone(),
+            partitions: partitions(broker, &t).await,
+        });
+    }
+    let state = broker.cluster();
+    let nodes = state
+        .nodes
+        .iter()
+        .map(|(id, m)| pb::NodeInfo {
+            id: *id,
+            address: m.addr.clone(),
+            region: m.region.clone(),
+            zone: m.zone.clone(),
+            draining: state.draining.contains(id),
+        })
+        .collect();
+    pb::ClusterInfoResponse {
+        nodes,
+        topics,
+        node_id: broker.node_id(),
+        metadata_leader: broker.metadata_leader().await.unwrap_or(0),
+        ready: broker.is_ready(),
+        controllers: broker
+            .metadata_replica()
+            .await
+            .map(|m| m.voters)
+            .unwrap_or_default(),
+    }
+}
+
+pub async fn move_partition(
+    broker: &Arc<Broker>,
+    r: pb::MovePartitionRequest,
+) -> Result<pb::MovePartitionResponse, Status> {
+    if r.replicas.len() > REPLICAS_MAX as usize {
+        return Err(Status::invalid_argument(format!(
+            "at most {REPLICAS_MAX} replicas"
+        )));
+    }
+    let changed = controller::move_partition(broker, &r.topic, r.partition, r.replicas)
+        .await
+        .map_err(from_controller)?;
+    Ok(pb::MovePartitionResponse {
+        unchanged: !changed,
+    })
+}
+
+pub async fn rebalance(
+    broker: &Arc<Broker>,
+    r: pb::RebalanceRequest,
+) -> Result<pb::RebalanceResponse, Status> {
+    let max = match r.max_moves {
+        0 => REBALANCE_MOVES_MAX,
+        n => n as usize,
+    };
+    let moves = controller::rebalance(broker, max)
+        .await
+        .map_err(from_controller)?
+        .into_iter()
+        .map(|m| pb::PartitionMove {
+            topic: m.topic,
+            partition: m.partition,
+            from: m.from,
+            to: m.to,
+        })
+        .collect();
+    Ok(pb::RebalanceResponse { moves })
+}
+
+pub async fn remove_node(broker: &Arc<Broker>, r: pb::RemoveNodeRequest) -> Result<(), Status> {
+    controller::remove_node(broker, r.node_id)
+        .await
+        .map_err(from_controller)
+}

@@ -1,0 +1,144 @@
+//! Groups: Consume, Ack, Nack, ListGroups, DescribeGroup. The metadata leader coordinates
+//! every group; any other node relays these calls to it (a relayed call is not relayed again:
+//! two nodes with different views must not pass it back and forth).
+
+use std::sync::Arc;
+
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Status, Streaming};
+
+use super::BoxStream;
+use crate::broker::{relay, Broker, BrokerError};
+use crate::groups::{self, Groups};
+use crate::net::status::{from_broker, from_group};
+use crate::proto::metadata::FORWARDED;
+use crate::proto::v1 as pb;
+use crate::raft::types::NodeId;
+
+/// Messages a relayed Consume call buffers towards the coordinator.
+const RELAY_DEPTH: usize = 16;
+
+/// The node coordinating groups: the metadata leader.
+async fn coordinator<T>(broker: &Broker, request: &Request<T>) -> Result<NodeId, Status> {
+    let relayed = request.metadata().contains_key(FORWARDED);
+    match broker.metadata_leader().await {
+        Some(l) if l == broker.node_id() || !relayed => Ok(l),
+        _ => Err(from_group(groups::GroupError::NoCoordinator)),
+    }
+}
+
+/// The coordinator when it is another node (the call goes there), or `None` when this node
+/// coordinates.
+pub async fn elsewhere<T>(broker: &Broker, request: &Request<T>) -> Result<Option<NodeId>, Status> {
+    let c = coordinator(broker, request).await?;
+    Ok((c != broker.node_id()).then_some(c))
+}
+
+/// A call relayed to the coordinator, its answer (or failure) as this node passes it on.
+pub async fn relayed<T, F, Fut>(broker: &Broker, node: NodeId, call: F) -> Result<T, Status>
+where
+    F: FnOnce(crate::proto::v1::tern_client::TernClient<tonic::transport::Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+{
+    broker.call_peer(node, call).await.map_err(from_broker)
+}
+
+pub async fn consume(
+    broker: Arc<Broker>,
+    groups: Arc<Groups>,
+    request: Request<Streaming<pb::ConsumeRequest>>,
+) -> Result<BoxStream<pb::ConsumeResponse>, Status> {
+    let coordinator = coordinator(&broker, &request).await?;
+    let mut inbound = request.into_inner();
+    if coordinator != broker.node_id() {
+        // The metadata leader coordinates groups: relay the call to it.
+        let (tx, rx) = tokio::sync::mpsc::channel(RELAY_DEPTH);
+        let b = broker.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    m = inbound.message() => match m {
+                        Ok(Some(m)) => {
+                            if tx.send(m).await.is_err() {
+                                break;
+                            }
+                        }
+                        _ => break,
+                    },
+                    _ = b.closed() => break,
+                }
+            }
+        });
+        let stream = broker
+            .call_peer(coordinator, |mut c| async move {
+                c.consume(relay(ReceiverStream::new(rx))).await
+            })
+            .await
+            .map_err(from_broker)?;
+        // A lost connection to the coordinator reads as one, not as an h2 error.
+        let relay = stream.map(move |r| {
+            r.map_err(|s| match BrokerError::from_peer(coordinator, s) {
+                BrokerError::Peer(p) => Status::new(p.code, p.message),
+                e => Status::unavailable(format!(
+                    "lost the group coordinator (node {coordinator}): {e}; join again"
+                )),
+            })
+        });
+        return Ok(Box::pin(relay));
+    }
+    let join_first = || Status::invalid_argument("the first request must be a join");
+    let first = inbound
+        .message()
+        .await?
+        .and_then(|m| m.kind)
+        .ok_or_else(join_first)?;
+    let pb::consume_request::Kind::Join(join) = first else {
+        return Err(join_first());
+    };
+    let (key, mode, settings) = groups::validate_join(&broker, join).map_err(from_group)?;
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel(settings.out_capacity(mode));
+    let member = groups
+        .join(key.clone(), mode, settings, out_tx)
+        .await
+        .map_err(from_group)?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                m = inbound.message() => match m {
+                    Ok(Some(pb::ConsumeRequest { kind: Some(kind) })) => {
+                        groups.request(&key, member, kind).await
+                    }
+                    Ok(Some(_)) => {}
+                    _ => break,
+                },
+                _ = broker.closed() => break,
+            }
+        }
+        groups.leave(&key, member).await;
+    });
+    Ok(Box::pin(
+        ReceiverStream::new(out_rx).map(|r| r.map_err(from_group)),
+    ))
+}
+
+pub async fn ack(groups: &Groups, r: pb::AckRequest) -> Result<pb::AckResponse, Status> {
+    let refs = groups::validate_refs(&r.group, &r.topic, &r.deliveries).map_err(from_group)?;
+    let acked = groups.ack(&(r.group, r.topic), refs).await;
+    Ok(pb::AckResponse { acked })
+}
+
+pub async fn nack(groups: &Groups, r: pb::NackRequest) -> Result<pb::NackResponse, Status> {
+    let refs = groups::validate_refs(&r.group, &r.topic, &r.deliveries).map_err(from_group)?;
+    let delay = groups::nack_delay(r.delay_ms);
+    let nacked = groups.nack(&(r.group, r.topic), refs, delay).await;
+    Ok(pb::NackResponse { nacked })
+}
+
+pub async fn describe(
+    groups: &Groups,
+    r: pb::DescribeGroupRequest,
+) -> Result<pb::DescribeGroupResponse, Status> {
+    let topics = groups.describe(&r.group).await.map_err(from_group)?;
+    Ok(pb::DescribeGroupResponse { topics })
+}

@@ -1,0 +1,113 @@
+//! Publishing: Publish, PublishStream, InitProducer.
+
+use std::sync::Arc;
+
+use tokio_stream::StreamExt;
+use tonic::{Status, Streaming};
+
+use super::BoxStream;
+use crate::broker::Broker;
+use crate::cluster::Command;
+use crate::controller;
+use crate::net::status::{from_broker, from_controller, is_over_limit, request_too_large};
+use crate::net::validate;
+use crate::proto::v1 as pb;
+
+/// Publish requests one PublishStream may have in flight.
+const PUBLISH_STREAM_IN_FLIGHT: usize = 64;
+
+/// Validates and routes a publish request; the returned future resolves to the answer.
+pub async fn submit(
+    broker: &Arc<Broker>,
+    req: pb::PublishRequest,
+    forwarded: bool,
+) -> Result<impl std::future::Future<Output = Result<pb::PublishResponse, Status>> + use<>, Status>
+{
+    let topic = broker.topic(&req.topic).map_err(from_broker)?;
+    let request_id = req.request_id;
+    let producer = validate::producer(&req)?;
+    let records = validate::publish(req, &topic, &broker.config)?;
+    let pending = broker
+        .submit(&topic, records, producer, forwarded)
+        .await
+        .map_err(from_broker)?;
+    Ok(async move {
+        let acks = pending.await.map_err(from_broker)?;
+        Ok(pb::PublishResponse {
+            acks: acks
+                .into_iter()
+                .map(|(partition, offset)| pb::RecordAck {
+                    partition,
+                    offset: offset.0,
+                })
+                .collect(),
+            request_id,
+            error: None,
+        })
+    })
+}
+
+pub async fn init_producer(broker: &Arc<Broker>) -> Result<pb::InitProducerResponse, Status> {
+    let at = controller::propose(broker, &Command::AllocateProducerId)
+        .await
+        .map_err(from_controller)?;
+    Ok(pb::InitProducerResponse {
+        producer_id: at.0 + 1,
+    })
+}
+
+/// Requests are routed in arrival order (so per-partition order holds) and answered as they
+/// complete, with a bounded window in flight.
+pub fn stream(
+    broker: Arc<Broker>,
+    mut inbound: Streaming<pb::PublishRequest>,
+) -> BoxStream<pb::PublishResponse> {
+    let (tx, rx) = tokio::sync::mpsc::channel(PUBLISH_STREAM_IN_FLIGHT);
+    tokio::spawn(async move {
+        let permits = Arc::new(tokio::sync::Semaphore::new(PUBLISH_STREAM_IN_FLIGHT));
+        let failed = |id: u64, s: Status| pb::PublishResponse {
+            acks: vec![],
+            request_id: id,
+            error: Some(pb::Error {
+                code: s.code() as i32,
+                message: s.message().to_string(),
+            }),
+        };
+        while let Some(item) = inbound.next().await {
+            let req = match item {
+                Ok(r) => r,
+                Err(status) => {
+                    let status = if is_over_limit(&status) {
+                        request_too_large(&status, broker.config.max_request_bytes)
+                    } else {
+                        status
+                    };
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+            };
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            let id = req.request_id;
+            let call = broker.track();
+            match submit(&broker, req, false).await {
+                Ok(pending) => {
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let _call = call;
+                        let resp = pending.await.unwrap_or_else(|s| failed(id, s));
+                        let _ = tx.send(Ok(resp)).await;
+                        drop(permit);
+                    });
+                }
+                Err(s) => {
+                    if tx.send(Ok(failed(id, s))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}

@@ -1,0 +1,113 @@
+//! Topics: create, delete, list, describe; and how partitions look from this node.
+
+use std::sync::Arc;
+
+use tonic::Status;
+
+use crate::broker::{Broker, Topic};
+use crate::controller::{self, NewTopic};
+use crate::net::status::{from_broker, from_controller};
+use crate::net::validate;
+use crate::proto::v1 as pb;
+
+pub fn topic_info(t: &Topic) -> pb::TopicInfo {
+    let s = &t.spec.settings;
+    pb::TopicInfo {
+        name: t.spec.name.clone(),
+        partitions: t.spec.partitions,
+        replication_factor: t.spec.replication_factor,
+        config: Some(pb::TopicConfig {
+            retention_ms: Some(s.retention_ms.map_or(-1, |v| v as i64)),
+            retention_bytes: Some(s.retention_bytes.map_or(-1, |v| v as i64)),
+            fsync_policy: match s.fsync_interval_ms {
+                None => pb::FsyncPolicy::Always as i32,
+                Some(_) => pb::FsyncPolicy::Interval as i32,
+            },
+            fsync_interval_ms: s.fsync_interval_ms,
+            max_record_bytes: Some(s.max_record_bytes),
+            segment_bytes: Some(s.segment_bytes),
+        }),
+    }
+}
+
+/// Each partition as this node sees it (its replica's view, if it holds one).
+pub async fn partitions(broker: &Broker, t: &Topic) -> Vec<pb::PartitionInfo> {
+    let me = broker.node_id();
+    let mut out = Vec::with_capacity(t.spec.partitions as usize);
+    for p in 0..t.spec.partitions {
+        let mut info = pb::PartitionInfo {
+            partition: p,
+            leader: 0,
+            replicas: t.replicas(p).to_vec(),
+            start_offset: 0,
+            end_offset: 0,
+            core: t.core(p),
+            local: false,
+            term: 0,
+            followers: Vec::new(),
+            moving_to: t.spec.moving.get(&p).cloned().unwrap_or_default(),
+        };
+        if t.on(me, p) {
+            // A replica still opening (just created, or being reconciled) reports no view.
+            if let Ok(s) = broker.replica_state(t, p).await {
+                let last = s.last_index.unwrap_or(0);
+                info.leader = s.leader.unwrap_or(0);
+                info.start_offset = s.positions.start.0;
+                info.end_offset = s.positions.committed.0;
+                info.local = true;
+                info.term = s.term;
+                info.followers = s
+                    .matched
+                    .iter()
+                    .map(|(node, m)| pb::ReplicaProgress {
+                        node: *node,
+                        lag_entries: m.map_or(last + 1, |m| last.saturating_sub(m)),
+                        matched: m.is_some(),
+                    })
+                    .collect();
+            }
+        }
+        out.push(info);
+    }
+    out
+}
+
+pub async fn create(
+    broker: &Arc<Broker>,
+    r: pb::CreateTopicRequest,
+) -> Result<pb::CreateTopicResponse, Status> {
+    let cfg = &broker.config;
+    validate::topic_name(&r.name)?;
+    let partitions = validate::partition_count(r.partitions, cfg)?;
+    let settings = validate::topic_settings(r.config.as_ref(), &cfg.topic_defaults)?;
+    let new = NewTopic {
+        name: r.name,
+        partitions,
+        replication_factor: r.replication_factor,
+        settings,
+    };
+    let t = controller::create_topic(broker, new)
+        .await
+        .map_err(from_controller)?;
+    Ok(pb::CreateTopicResponse {
+        topic: Some(topic_info(&t)),
+    })
+}
+
+pub async fn delete(broker: &Arc<Broker>, r: pb::DeleteTopicRequest) -> Result<(), Status> {
+    broker.topic(&r.name).map_err(from_broker)?;
+    controller::delete_topic(broker, &r.name)
+        .await
+        .map_err(from_controller)
+}
+
+pub async fn describe(
+    broker: &Broker,
+    r: pb::DescribeTopicRequest,
+) -> Result<pb::DescribeTopicResponse, Status> {
+    let t = broker.topic(&r.name).map_err(from_broker)?;
+    Ok(pb::DescribeTopicResponse {
+        topic: Some(topic_info(&t)),
+        partitions: partitions(broker, &t).await,
+    })
+}
