@@ -382,22 +382,20 @@ impl Config {
             "topic_defaults.replication_factor must be within 1..={}",
             crate::cluster::REPLICAS_MAX
         );
-        parse_fsync(&d.fsync, d.fsync_interval_ms).map_err(|e| anyhow::anyhow!(e))?;
+        parse_fsync(&d.fsync, d.fsync_interval_ms)?;
         Ok(())
     }
 }
 
 /// Parses an fsync policy name.
-pub fn parse_fsync(name: &str, interval_ms: u32) -> Result<FsyncPolicy, String> {
+pub fn parse_fsync(name: &str, interval_ms: u32) -> anyhow::Result<FsyncPolicy> {
     match name {
         "always" => Ok(FsyncPolicy::Always),
         "interval" if interval_ms > 0 => Ok(FsyncPolicy::Interval(Duration::from_millis(
             interval_ms as u64,
         ))),
-        "interval" => Err("fsync interval must be positive".into()),
-        other => Err(format!(
-            "unknown fsync policy {other:?}: use \"always\" or \"interval\""
-        )),
+        "interval" => anyhow::bail!("fsync interval must be positive"),
+        other => anyhow::bail!("unknown fsync policy {other:?}: use \"always\" or \"interval\""),
     }
 }
 
@@ -522,7 +520,7 @@ mod tests {
 
     #[test]
     fn fsync_names() {
-        assert_eq!(parse_fsync("always", 0), Ok(FsyncPolicy::Always));
+        assert_eq!(parse_fsync("always", 0).unwrap(), FsyncPolicy::Always);
         assert!(parse_fsync("interval", 0).is_err());
         assert!(parse_fsync("sometimes", 10).is_err());
     }

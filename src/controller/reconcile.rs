@@ -98,6 +98,7 @@ impl Follower {
 }
 
 async fn remove_dir(dir: PathBuf) {
+    let shown = dir.display().to_string();
     let r = tokio::task::spawn_blocking(move || {
         let r = match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
@@ -107,10 +108,10 @@ async fn remove_dir(dir: PathBuf) {
         if let Some(parent) = dir.parent() {
             let _ = std::fs::remove_dir(parent);
         }
-        r.map_err(|e| format!("removing {}: {e}", dir.display()))
+        r
     })
     .await;
     if let Ok(Err(e)) = r {
-        tracing::warn!(error = %e, "could not remove a partition's files");
+        tracing::warn!(dir = shown, error = %e, "could not remove a partition's files");
     }
 }

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use super::error::LogError;
+
 /// When an append completes relative to the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FsyncPolicy {
@@ -56,34 +58,40 @@ impl Default for LogConfig {
 
 impl LogConfig {
     /// Checks the settings against each other; a log refuses to open with bad ones.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), LogError> {
         if self.segment_bytes_max < 4096 || self.segment_bytes_max > u32::MAX as u64 {
-            return Err(format!(
+            return Err(LogError::Config(format!(
                 "segment_bytes_max {} must be within [4096, {}]",
                 self.segment_bytes_max,
                 u32::MAX
-            ));
+            )));
         }
         if self.index_interval_bytes == 0 {
-            return Err("index_interval_bytes must be positive".into());
+            return Err(LogError::Config(
+                "index_interval_bytes must be positive".into(),
+            ));
         }
         if self.batch_bytes_max > super::batch::BATCH_LEN_MAX {
-            return Err(format!(
+            return Err(LogError::Config(format!(
                 "batch_bytes_max {} is over the format's limit {}",
                 self.batch_bytes_max,
                 super::batch::BATCH_LEN_MAX
-            ));
+            )));
         }
         if self.pending_bytes_max < self.batch_bytes_max {
-            return Err("pending_bytes_max must be at least batch_bytes_max".into());
+            return Err(LogError::Config(
+                "pending_bytes_max must be at least batch_bytes_max".into(),
+            ));
         }
         if let FsyncPolicy::Interval(d) = self.fsync {
             if d.is_zero() {
-                return Err("fsync interval must be positive".into());
+                return Err(LogError::Config("fsync interval must be positive".into()));
             }
         }
         if self.retention_check_interval_ms == 0 {
-            return Err("retention_check_interval_ms must be positive".into());
+            return Err(LogError::Config(
+                "retention_check_interval_ms must be positive".into(),
+            ));
         }
         Ok(())
     }

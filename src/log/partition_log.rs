@@ -217,7 +217,7 @@ impl Log {
     /// is CRC-checked, a torn or garbage tail is cut off and logged, and missing or damaged
     /// indexes of sealed segments are rebuilt.
     pub async fn open(dir: impl AsRef<Path>, config: LogConfig) -> Result<Log, LogError> {
-        config.validate().map_err(LogError::Config)?;
+        config.validate()?;
         let dir = dir.as_ref().to_path_buf();
         // Metadata calls at open only; they are quick and the log is not serving yet.
         std::fs::create_dir_all(&dir).map_err(|e| LogError::io("creating", &dir, e))?;

@@ -152,7 +152,10 @@ pub fn from_core(e: CoreError) -> Status {
         }
         e @ CoreError::InFlight => Status::unavailable(e.to_string()),
         e @ CoreError::OutOfOrder { .. } => Status::failed_precondition(e.to_string()),
-        CoreError::Raft(m) => Status::internal(format!("replication failed: {m}")),
+        e @ (CoreError::Raft(_) | CoreError::NotAVoter { .. } | CoreError::NoTransport(_)) => {
+            Status::internal(e.to_string())
+        }
+        e @ CoreError::OlderIncarnation(_) => Status::unavailable(e.to_string()),
         e @ CoreError::TimedOut { .. } => Status::unavailable(e.to_string()),
     };
     if unwritten {

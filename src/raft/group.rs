@@ -6,6 +6,7 @@ use std::sync::Arc;
 use openraft::network::RaftNetworkFactory;
 use openraft::{Config, SnapshotPolicy};
 
+use super::error::RaftError;
 use super::store::{self, LogSnapshot, StateMachine};
 use super::types::{NodeId, PartitionRaft};
 use crate::log::Log;
@@ -33,21 +34,21 @@ impl Default for Timing {
 }
 
 impl Timing {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), RaftError> {
         if self.heartbeat_ms == 0 {
-            return Err("heartbeat interval must be > 0 ms".into());
+            return Err(RaftError::HeartbeatZero);
         }
         if self.election_min_ms <= self.heartbeat_ms * 2 {
-            return Err(format!(
-                "election timeout ({} ms) must be more than twice the heartbeat ({} ms)",
-                self.election_min_ms, self.heartbeat_ms
-            ));
+            return Err(RaftError::ElectionTooShort {
+                election_ms: self.election_min_ms,
+                heartbeat_ms: self.heartbeat_ms,
+            });
         }
         if self.election_max_ms <= self.election_min_ms {
-            return Err(format!(
-                "election timeout max ({} ms) must exceed min ({} ms)",
-                self.election_max_ms, self.election_min_ms
-            ));
+            return Err(RaftError::ElectionRange {
+                min_ms: self.election_min_ms,
+                max_ms: self.election_max_ms,
+            });
         }
         Ok(())
     }
@@ -57,14 +58,14 @@ impl Timing {
 pub const MAX_PAYLOAD_ENTRIES: u64 = 256;
 
 /// The openraft configuration of a partition group.
-pub fn config(name: &str, timing: Timing) -> Result<Arc<Config>, String> {
+pub fn config(name: &str, timing: Timing) -> Result<Arc<Config>, RaftError> {
     config_with(name, timing, true)
 }
 
 /// The configuration of a group; `ticking: false` turns off openraft's own timer (a task per
 /// group waking every fifth of a heartbeat), for a group that needs no heartbeats or election
 /// timeouts: one whose only voter is this node. Its elections are then triggered explicitly.
-pub fn config_with(name: &str, timing: Timing, ticking: bool) -> Result<Arc<Config>, String> {
+pub fn config_with(name: &str, timing: Timing, ticking: bool) -> Result<Arc<Config>, RaftError> {
     timing.validate()?;
     let config = Config {
         enable_tick: ticking,
@@ -73,7 +74,7 @@ pub fn config_with(name: &str, timing: Timing, ticking: bool) -> Result<Arc<Conf
         election_timeout_min: timing.election_min_ms,
         election_timeout_max: timing.election_max_ms,
         max_payload_entries: MAX_PAYLOAD_ENTRIES,
-        // Retention deletes old data; Raft never snapshots or purges (see store.rs).
+        // Raft takes snapshots only where retention asks (see store/mod.rs), never on its own.
         snapshot_policy: SnapshotPolicy::Never,
         // A rejoining partitioned node must not depose a healthy leader.
         enable_pre_vote: Some(true),
@@ -82,7 +83,7 @@ pub fn config_with(name: &str, timing: Timing, ticking: bool) -> Result<Arc<Conf
     config
         .validate()
         .map(Arc::new)
-        .map_err(|e| format!("raft config: {e}"))
+        .map_err(|e| RaftError::Config(e.to_string()))
 }
 
 /// Opens the Raft storage on `log` (whose files are in `dir`) and starts the group's tasks on
@@ -93,7 +94,7 @@ pub async fn start<N>(
     network: N,
     log: Log,
     dir: &Path,
-) -> Result<PartitionGroup, String>
+) -> Result<PartitionGroup, RaftError>
 where
     N: RaftNetworkFactory<PartitionRaft>,
     N::Network: openraft::network::NetSnapshot<PartitionRaft, SnapshotData = LogSnapshot>,
@@ -112,18 +113,22 @@ pub async fn start_with<N>(
     log: Log,
     dir: &Path,
     on_commit: store::OnCommit,
-) -> Result<(PartitionGroup, store::StoreHandle), String>
+) -> Result<(PartitionGroup, store::StoreHandle), RaftError>
 where
     N: RaftNetworkFactory<PartitionRaft>,
     N::Network: openraft::network::NetSnapshot<PartitionRaft, SnapshotData = LogSnapshot>,
 {
-    let (log_store, sm, handle) = store::open_with_handle(log, dir, on_commit)
-        .await
-        .map_err(|e| format!("opening raft storage in {}: {e}", dir.display()))?;
+    let (log_store, sm, handle) =
+        store::open_with_handle(log, dir, on_commit)
+            .await
+            .map_err(|e| RaftError::Storage {
+                dir: dir.display().to_string(),
+                error: e.to_string(),
+            })?;
     PartitionGroup::new(id, config, network, log_store, sm)
         .await
         .map(|raft| (raft, handle))
-        .map_err(|e| format!("starting raft group: {e}"))
+        .map_err(|e| RaftError::Stopped(format!("starting: {e}")))
 }
 
 /// The network of a group whose only voter is this node: there is nobody to call. Every call

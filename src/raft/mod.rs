@@ -2,6 +2,7 @@
 //! partition log as its Raft log.
 
 pub mod election;
+mod error;
 pub mod group;
 pub mod network;
 pub mod producers;
@@ -11,5 +12,6 @@ pub mod transport;
 pub mod types;
 pub mod wire;
 
+pub use error::RaftError;
 pub use group::{PartitionGroup, Timing};
 pub use rt::GlommioRuntime;

@@ -13,6 +13,7 @@ use openraft::raft::{
     TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 
+use super::error::RaftError;
 use super::store::LogSnapshot;
 use super::transport::{Answer, Outgoing, Transport};
 use super::types::{Member, NodeId, PartitionRaft, Vote};
@@ -49,19 +50,8 @@ impl RaftNetworkFactory<PartitionRaft> for GroupNetwork {
     }
 }
 
-#[derive(Debug)]
-struct CallFailed(String);
-
-impl std::fmt::Display for CallFailed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for CallFailed {}
-
-fn unreachable(e: String) -> RPCError<PartitionRaft> {
-    RPCError::Unreachable(Unreachable::new(&CallFailed(e)))
+fn unreachable(e: RaftError) -> RPCError<PartitionRaft> {
+    RPCError::Unreachable(Unreachable::new(&e))
 }
 
 impl GroupClient {
@@ -87,11 +77,11 @@ impl GroupClient {
         match glommio::timer::timeout(ttl, async { Ok(rx.await) }).await {
             Ok(Ok(Ok(bytes))) => Ok(bytes),
             Ok(Ok(Err(e))) => Err(unreachable(e)),
-            Ok(Err(_)) => Err(unreachable("the transport dropped the call".into())),
-            Err(_) => Err(unreachable(format!(
-                "node {} did not answer within {ttl:?}",
-                self.target
-            ))),
+            Ok(Err(_)) => Err(unreachable(RaftError::ShuttingDown)),
+            Err(_) => Err(unreachable(RaftError::Timeout {
+                node: self.target,
+                after: ttl,
+            })),
         }
     }
 }
@@ -154,13 +144,19 @@ impl openraft::network::v2::RaftNetworkV2<PartitionRaft> for GroupClient {
             end: snapshot.snapshot.end.0,
         };
         let body = pb::raft_request::Body::InstallSnapshot(wire::encode_snapshot(&message));
-        let failed = |e: String| StreamingError::Unreachable(Unreachable::new(&CallFailed(e)));
-        let bytes = self
-            .call(body, &option)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
+        let failed = |e: RaftError| StreamingError::Unreachable(Unreachable::new(&e));
+        let bytes = self.call(body, &option).await.map_err(|e| {
+            failed(RaftError::Unreachable {
+                node: self.target,
+                why: e.to_string(),
+            })
+        })?;
         wire::decode_snapshot_response(&bytes).map_err(failed)
     }
+}
+
+fn stopped(e: impl std::fmt::Display) -> RaftError {
+    RaftError::Stopped(e.to_string())
 }
 
 /// Handles one message from a peer on the core that owns its group; `contact` is set when
@@ -174,18 +170,18 @@ pub async fn handle(
     match body {
         Body::Append(a) => {
             let rpc = wire::decode_append(a)?;
-            let r = raft.append_entries(rpc).await.map_err(|e| e.to_string())?;
+            let r = raft.append_entries(rpc).await.map_err(stopped)?;
             *contact = !matches!(r, AppendEntriesResponse::HigherVote(_));
             Ok(wire::encode_append_response(&r))
         }
         Body::Vote(v) => {
             let rpc = wire::decode_vote(&v)?;
-            let r = raft.vote(rpc).await.map_err(|e| e.to_string())?;
+            let r = raft.vote(rpc).await.map_err(stopped)?;
             Ok(wire::encode_vote_response(&r))
         }
         Body::PreVote(v) => {
             let rpc = wire::decode_vote(&v)?;
-            let r = raft.pre_vote(rpc).await.map_err(|e| e.to_string())?;
+            let r = raft.pre_vote(rpc).await.map_err(stopped)?;
             Ok(wire::encode_vote_response(&r))
         }
         Body::InstallSnapshot(b) => {
@@ -199,16 +195,13 @@ pub async fn handle(
             let r = raft
                 .install_full_snapshot(m.vote, snapshot)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(stopped)?;
             *contact = true;
             Ok(wire::encode_snapshot_response(&r))
         }
         Body::TransferLeader(t) => {
             let rpc = wire::decode_transfer_leader(&t)?;
-            let r = raft
-                .handle_transfer_leader(rpc)
-                .await
-                .map_err(|e| e.to_string())?;
+            let r = raft.handle_transfer_leader(rpc).await.map_err(stopped)?;
             Ok(wire::encode_transfer_leader_response(&r))
         }
     }

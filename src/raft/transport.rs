@@ -21,6 +21,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::channel::oneshot;
 
+use super::error::RaftError;
 use super::types::NodeId;
 use crate::proto::internal as pb;
 
@@ -44,7 +45,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 /// The answer to one message: the response's encoding, or why there is none.
-pub type Answer = Result<Bytes, String>;
+pub type Answer = Result<Bytes, RaftError>;
 
 /// A message for a peer, with the way back to the group that sent it.
 pub(super) struct Outgoing {
@@ -158,9 +159,9 @@ impl Transport {
         target: NodeId,
         addr: &str,
         out: Outgoing,
-    ) -> Result<(), String> {
+    ) -> Result<(), RaftError> {
         if self.is_isolated_from(target) {
-            return Err(format!("node {target} is cut off (fault injection)"));
+            return Err(RaftError::CutOff { node: target });
         }
         let book = self.addresses.read().expect("addresses lock");
         let addr = book.get(&target).map_or(addr, String::as_str);
@@ -181,9 +182,9 @@ impl Transport {
         let link = links.get(&target).expect("just inserted");
         link.queue.try_send(out).map_err(|e| match e {
             tokio::sync::mpsc::error::TrySendError::Full(_) => {
-                format!("queue to node {target} is full")
+                RaftError::QueueFull { node: target }
             }
-            tokio::sync::mpsc::error::TrySendError::Closed(_) => "shutting down".to_string(),
+            tokio::sync::mpsc::error::TrySendError::Closed(_) => RaftError::ShuttingDown,
         })
     }
 
@@ -232,9 +233,10 @@ async fn run_link(
         Err(e) => {
             tracing::error!(target, %addr, error = %e, "bad peer address");
             while let Some(out) = queue.recv().await {
-                let _ = out
-                    .reply
-                    .send(Err(format!("bad address {addr:?} for node {target}")));
+                let _ = out.reply.send(Err(RaftError::Unreachable {
+                    node: target,
+                    why: format!("bad address {addr:?}"),
+                }));
             }
             return;
         }
@@ -297,14 +299,17 @@ async fn run_link(
                         };
                         *slot = Some(match r.body {
                             Some(pb::raft_reply::Body::Ok(b)) => Ok(b),
-                            Some(pb::raft_reply::Body::Error(e)) => Err(e),
-                            None => Err("empty reply".into()),
+                            Some(pb::raft_reply::Body::Error(e)) => Err(RaftError::Remote(e)),
+                            None => Err(RaftError::Remote("an empty reply".into())),
                         });
                     }
                 }
                 Err(status) => {
                     tracing::debug!(target, code = ?status.code(), message = status.message(), "exchange failed");
-                    let e = format!("node {target}: {}", status.message());
+                    let e = RaftError::Unreachable {
+                        node: target,
+                        why: status.message().to_string(),
+                    };
                     for a in answers.iter_mut() {
                         *a = Some(Err(e.clone()));
                     }
@@ -315,7 +320,9 @@ async fn run_link(
             let mut by_core: HashMap<u32, Vec<(oneshot::Sender<Answer>, Answer)>> = HashMap::new();
             for (w, a) in waiting.into_iter().zip(answers) {
                 if let Some((core, tx)) = w {
-                    let a = a.unwrap_or_else(|| Err("no reply for this message".into()));
+                    let a = a.unwrap_or_else(|| {
+                        Err(RaftError::Remote("no reply for this message".into()))
+                    });
                     by_core.entry(core).or_default().push((tx, a));
                 }
             }

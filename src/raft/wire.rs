@@ -14,6 +14,7 @@ use openraft::raft::{
 use openraft::EntryPayload;
 use serde::{Deserialize, Serialize};
 
+use super::error::RaftError;
 use super::types::{log_id, Entry, EntryBatch, LogId, PartitionRaft, SnapshotMeta, Vote};
 use crate::log::Batch;
 use crate::proto::internal as pb;
@@ -33,8 +34,11 @@ fn json<T: Serialize>(v: &T) -> Bytes {
     Bytes::from(serde_json::to_vec(v).unwrap_or_default())
 }
 
-fn from_json<'a, T: Deserialize<'a>>(what: &str, b: &'a [u8]) -> Result<T, String> {
-    serde_json::from_slice(b).map_err(|e| format!("malformed {what}: {e}"))
+fn from_json<'a, T: Deserialize<'a>>(what: &'static str, b: &'a [u8]) -> Result<T, RaftError> {
+    serde_json::from_slice(b).map_err(|e| RaftError::Malformed {
+        what,
+        error: e.to_string(),
+    })
 }
 
 pub fn encode_append(rpc: &AppendEntriesRequest<PartitionRaft>) -> pb::AppendEntries {
@@ -63,12 +67,14 @@ fn encode_entry(e: &Entry) -> pb::Entry {
     }
 }
 
-pub fn decode_append(m: pb::AppendEntries) -> Result<AppendEntriesRequest<PartitionRaft>, String> {
+pub fn decode_append(
+    m: pb::AppendEntries,
+) -> Result<AppendEntriesRequest<PartitionRaft>, RaftError> {
     if m.entries.len() > MAX_ENTRIES {
-        return Err(format!(
+        return Err(RaftError::TooLarge(format!(
             "{} entries in one append; at most {MAX_ENTRIES}",
             m.entries.len()
-        ));
+        )));
     }
     let head: AppendHead = from_json("append head", &m.head)?;
     let entries = m
@@ -84,20 +90,31 @@ pub fn decode_append(m: pb::AppendEntries) -> Result<AppendEntriesRequest<Partit
     })
 }
 
-fn decode_entry(e: pb::Entry) -> Result<Entry, String> {
+fn decode_entry(e: pb::Entry) -> Result<Entry, RaftError> {
     use pb::entry::Payload;
     let id = log_id(e.term, e.index);
     let payload = match e.payload {
         Some(Payload::Batch(b)) => {
-            let batch = Batch::decode(b).map_err(|e| format!("damaged batch in entry: {e}"))?;
+            let batch = Batch::decode(b).map_err(|e| RaftError::Malformed {
+                what: "damaged batch in an entry",
+                error: e.to_string(),
+            })?;
             if batch.meta().control {
-                return Err("a data entry may not be a control batch".into());
+                return Err(RaftError::Malformed {
+                    what: "data entry",
+                    error: "a data entry may not be a control batch".into(),
+                });
             }
             EntryPayload::Normal(EntryBatch(batch))
         }
         Some(Payload::Blank(_)) => EntryPayload::Blank,
         Some(Payload::Membership(m)) => EntryPayload::Membership(from_json("membership", &m)?),
-        None => return Err("entry without payload".into()),
+        None => {
+            return Err(RaftError::Malformed {
+                what: "entry",
+                error: "no payload".into(),
+            })
+        }
     };
     Ok(Entry {
         log_id: id,
@@ -109,7 +126,7 @@ pub fn encode_vote(rpc: &VoteRequest<PartitionRaft>) -> Bytes {
     json(rpc)
 }
 
-pub fn decode_vote(b: &[u8]) -> Result<VoteRequest<PartitionRaft>, String> {
+pub fn decode_vote(b: &[u8]) -> Result<VoteRequest<PartitionRaft>, RaftError> {
     from_json("vote request", b)
 }
 
@@ -117,7 +134,7 @@ pub fn encode_append_response(r: &AppendEntriesResponse<PartitionRaft>) -> Bytes
     json(r)
 }
 
-pub fn decode_append_response(b: &[u8]) -> Result<AppendEntriesResponse<PartitionRaft>, String> {
+pub fn decode_append_response(b: &[u8]) -> Result<AppendEntriesResponse<PartitionRaft>, RaftError> {
     from_json("append response", b)
 }
 
@@ -125,7 +142,7 @@ pub fn encode_vote_response(r: &VoteResponse<PartitionRaft>) -> Bytes {
     json(r)
 }
 
-pub fn decode_vote_response(b: &[u8]) -> Result<VoteResponse<PartitionRaft>, String> {
+pub fn decode_vote_response(b: &[u8]) -> Result<VoteResponse<PartitionRaft>, RaftError> {
     from_json("vote response", b)
 }
 
@@ -141,7 +158,7 @@ pub fn encode_snapshot(m: &SnapshotMessage) -> Bytes {
     json(m)
 }
 
-pub fn decode_snapshot(b: &[u8]) -> Result<SnapshotMessage, String> {
+pub fn decode_snapshot(b: &[u8]) -> Result<SnapshotMessage, RaftError> {
     from_json("snapshot", b)
 }
 
@@ -149,7 +166,7 @@ pub fn encode_snapshot_response(r: &SnapshotResponse<PartitionRaft>) -> Bytes {
     json(r)
 }
 
-pub fn decode_snapshot_response(b: &[u8]) -> Result<SnapshotResponse<PartitionRaft>, String> {
+pub fn decode_snapshot_response(b: &[u8]) -> Result<SnapshotResponse<PartitionRaft>, RaftError> {
     from_json("snapshot response", b)
 }
 
@@ -157,7 +174,7 @@ pub fn encode_transfer_leader(r: &TransferLeaderRequest<PartitionRaft>) -> Bytes
     json(r)
 }
 
-pub fn decode_transfer_leader(b: &[u8]) -> Result<TransferLeaderRequest<PartitionRaft>, String> {
+pub fn decode_transfer_leader(b: &[u8]) -> Result<TransferLeaderRequest<PartitionRaft>, RaftError> {
     from_json("transfer-leader request", b)
 }
 
@@ -167,7 +184,7 @@ pub fn encode_transfer_leader_response(r: &TransferLeaderResponse<PartitionRaft>
 
 pub fn decode_transfer_leader_response(
     b: &[u8],
-) -> Result<TransferLeaderResponse<PartitionRaft>, String> {
+) -> Result<TransferLeaderResponse<PartitionRaft>, RaftError> {
     from_json("transfer-leader response", b)
 }
 
@@ -224,7 +241,10 @@ mod tests {
             v[last] ^= 1;
             *b = Bytes::from(v);
         }
-        assert!(decode_append(bad).unwrap_err().contains("damaged"));
+        assert!(decode_append(bad)
+            .unwrap_err()
+            .to_string()
+            .contains("damaged"));
         assert!(decode_vote(b"{").is_err());
     }
 }

@@ -16,6 +16,7 @@ use super::mailbox::{LocalMailbox, MailboxReceiver};
 use super::partition::{AppendRequest, Partition};
 use super::request::{CoreError, CoreRequest, OpenPartition, PartitionKey};
 use crate::proto::internal as pb;
+use crate::raft::RaftError;
 
 /// Requests taken from the mailbox in one go.
 const DRAIN_MAX: usize = 256;
@@ -268,9 +269,7 @@ async fn handle(core: u32, req: CoreRequest, partitions: Partitions) {
                 let r = if p.uid == uid {
                     Ok(())
                 } else {
-                    Err(CoreError::Raft(format!(
-                        "{key}: an older incarnation of the topic is still open"
-                    )))
+                    Err(CoreError::OlderIncarnation(key.to_string()))
                 };
                 let _ = reply.send(r);
                 return;
@@ -313,15 +312,21 @@ async fn handle(core: u32, req: CoreRequest, partitions: Partitions) {
                 async move {
                     let answer = match (p, m.body) {
                         (Ok(p), Some(body)) if p.uid == uid => p.handle(body).await,
-                        (Ok(_), Some(_)) => Err(format!("{key}: another incarnation")),
-                        (Err(e), _) => Err(e.to_string()),
-                        (_, None) => Err("empty message".to_string()),
+                        (Ok(_), Some(_)) => {
+                            Err(RaftError::Refused(format!("{key}: another incarnation")))
+                        }
+                        (Err(e), _) => Err(RaftError::Refused(e.to_string())),
+                        (_, None) => Err(RaftError::Malformed {
+                            what: "raft message",
+                            error: "no body".into(),
+                        }),
                     };
                     pb::RaftReply {
                         call_id: m.call_id,
+                        // On the wire an error is its text.
                         body: Some(match answer {
                             Ok(b) => pb::raft_reply::Body::Ok(b),
-                            Err(e) => pb::raft_reply::Body::Error(e),
+                            Err(e) => pb::raft_reply::Body::Error(e.to_string()),
                         }),
                     }
                 }

@@ -71,9 +71,18 @@ pub enum CoreError {
         expected: i64,
         got: i64,
     },
-    /// The partition's Raft group failed and stopped.
+    /// The partition's Raft group failed.
     #[error("replication failed: {0}")]
-    Raft(String),
+    Raft(#[from] crate::raft::RaftError),
+    /// A replica is opened with voters that do not include this node.
+    #[error("{partition}: this node ({node}) is not among the voters")]
+    NotAVoter { partition: String, node: NodeId },
+    /// A replicated group on a node that has no transport to its peers.
+    #[error("{0}: replicated, but this node has no transport")]
+    NoTransport(String),
+    /// Another incarnation of the topic is still open here (it is being closed).
+    #[error("{0}: an older incarnation of the topic is still open")]
+    OlderIncarnation(String),
     /// Something asked of a core did not finish in time (it goes on, or is retried).
     #[error("{what} did not finish within {after:?}")]
     TimedOut { what: &'static str, after: Duration },
@@ -100,7 +109,11 @@ impl CoreError {
             | CoreError::InFlight
             | CoreError::TimedOut { .. } => true,
             CoreError::Log(e) => matches!(e, LogError::Closed),
-            CoreError::OutOfOrder { .. } | CoreError::Raft(_) => false,
+            CoreError::OlderIncarnation(_) => true,
+            CoreError::OutOfOrder { .. }
+            | CoreError::Raft(_)
+            | CoreError::NotAVoter { .. }
+            | CoreError::NoTransport(_) => false,
         }
     }
 }

@@ -20,10 +20,10 @@ impl Partition {
         use openraft::ChangeMembers;
         use std::collections::BTreeSet;
         if target.voters.is_empty() {
-            return Err(CoreError::Raft(format!(
+            return Err(CoreError::Raft(crate::raft::RaftError::Refused(format!(
                 "{}: a group needs a voter",
                 self.key
-            )));
+            ))));
         }
         let metrics = self.raft.metrics().borrow_watched().clone();
         if metrics.current_leader != Some(metrics.id) {

@@ -30,7 +30,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use futures::channel::oneshot;
-use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::error::{ClientWriteError, InitializeError};
 use openraft_rt::watch::WatchReceiver;
 
 use super::request::{CoreError, PartitionKey, ReplicaSettings, ReplicaState};
@@ -41,6 +41,7 @@ use crate::raft::group::{self, NoPeers, PartitionGroup};
 use crate::raft::network::{self, GroupNetwork};
 use crate::raft::store::StoreHandle;
 use crate::raft::types::{Member, NodeId, PartitionRaft};
+use crate::raft::RaftError;
 use crate::types::ProducerId;
 
 pub use append::AppendRequest;
@@ -80,15 +81,25 @@ fn wake(waiters: &Waiters) {
     }
 }
 
-fn from_write_error(e: RaftError<PartitionRaft, ClientWriteError<PartitionRaft>>) -> CoreError {
+/// An openraft error that stopped what was asked, as this module's error.
+fn stopped(e: impl std::fmt::Display) -> CoreError {
+    CoreError::Raft(RaftError::Stopped(e.to_string()))
+}
+
+fn from_write_error(
+    e: openraft::error::RaftError<PartitionRaft, ClientWriteError<PartitionRaft>>,
+) -> CoreError {
+    use openraft::error::RaftError as OpenraftError;
     match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => CoreError::NotLeader {
+        OpenraftError::APIError(ClientWriteError::ForwardToLeader(f)) => CoreError::NotLeader {
             leader: f.leader_id,
         },
-        RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)) => CoreError::LeaderChanged {
-            leader: f.leader_id,
-        },
-        other => CoreError::Raft(other.to_string()),
+        OpenraftError::APIError(ClientWriteError::LogEntryDiscarded(f)) => {
+            CoreError::LeaderChanged {
+                leader: f.leader_id,
+            }
+        }
+        other => stopped(other),
     }
 }
 
@@ -111,10 +122,10 @@ impl Partition {
         // move) and waits for its leader; it never initializes the group itself.
         let joining = voters.is_empty();
         if !joining && !voters.contains_key(&replica.node_id) {
-            return Err(CoreError::Raft(format!(
-                "{key}: this node ({}) is not among the voters",
-                replica.node_id
-            )));
+            return Err(CoreError::NotAVoter {
+                partition: key.to_string(),
+                node: replica.node_id,
+            });
         }
         // Retention goes through the group (`retain`), never behind its back.
         let config = LogConfig {
@@ -131,8 +142,7 @@ impl Partition {
         // CPU at all (openraft's tick wakes every fifth of a heartbeat, per group).
         // Replicated groups are driven by their core's timer (`core::drive_groups`), not by a
         // timer each.
-        let raft_config =
-            group::config_with(&key.to_string(), replica.timing, false).map_err(CoreError::Raft)?;
+        let raft_config = group::config_with(&key.to_string(), replica.timing, false)?;
         let started = match &replica.transport {
             Some(t) => {
                 let network = GroupNetwork {
@@ -153,25 +163,25 @@ impl Partition {
                     on_commit,
                 )
                 .await
+                .map_err(CoreError::from)
             }
-            None if alone => {
-                group::start_with(
-                    replica.node_id,
-                    raft_config,
-                    NoPeers,
-                    log.clone(),
-                    dir,
-                    on_commit,
-                )
-                .await
-            }
-            None => Err(format!("{key}: replicated, but this node has no transport")),
+            None if alone => group::start_with(
+                replica.node_id,
+                raft_config,
+                NoPeers,
+                log.clone(),
+                dir,
+                on_commit,
+            )
+            .await
+            .map_err(CoreError::from),
+            None => Err(CoreError::NoTransport(key.to_string())),
         };
         let (raft, store) = match started {
             Ok(started) => started,
             Err(e) => {
                 let _ = log.close().await;
-                return Err(CoreError::Raft(e));
+                return Err(e);
             }
         };
         // From here a failure must not leave the group's tasks and the log running.
@@ -179,32 +189,32 @@ impl Partition {
             store
                 .set_member(replica.node_id, joining)
                 .await
-                .map_err(|e| CoreError::Raft(format!("{key}: {e}")))?;
-            let initialized = raft
-                .is_initialized()
-                .await
-                .map_err(|e| CoreError::Raft(e.to_string()))?;
+                .map_err(|e| RaftError::Storage {
+                    dir: dir.display().to_string(),
+                    error: e.to_string(),
+                })?;
+            let initialized = raft.is_initialized().await.map_err(stopped)?;
             if !initialized && !joining {
                 match raft.initialize(voters).await {
                     Ok(()) => {}
                     // Initialized meanwhile by a message from a peer: fine.
-                    Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
-                    Err(e) => return Err(CoreError::Raft(e.to_string())),
+                    Err(openraft::error::RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+                    Err(e) => return Err(stopped(e)),
                 }
             }
             if !alone {
                 return Ok(());
             }
             if !raft.is_leader() {
-                raft.trigger()
-                    .elect(false)
-                    .await
-                    .map_err(|e| CoreError::Raft(e.to_string()))?;
+                raft.trigger().elect(false).await.map_err(stopped)?;
             }
             raft.wait(Some(ELECTION_WAIT))
                 .state(openraft::ServerState::Leader, "partition leader elected")
                 .await
-                .map_err(|e| CoreError::Raft(format!("{key}: {e}")))?;
+                .map_err(|_| CoreError::TimedOut {
+                    what: "electing the leader of a one-voter group",
+                    after: ELECTION_WAIT,
+                })?;
             Ok::<(), CoreError>(())
         }
         .await;
@@ -240,10 +250,10 @@ impl Partition {
     pub async fn handle(&self, body: pb::raft_request::Body) -> crate::raft::transport::Answer {
         use pb::raft_request::Body;
         if matches!(body, Body::Vote(_) | Body::PreVote(_)) && !self.store.may_vote() {
-            return Err(format!(
+            return Err(RaftError::Refused(format!(
                 "{}: this replica is joining its group and does not vote yet",
                 self.key
-            ));
+            )));
         }
         let mut contact = false;
         let answer = network::handle(&self.raft, body, &mut contact).await;

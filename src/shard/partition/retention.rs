@@ -54,7 +54,7 @@ impl Partition {
                 .trigger()
                 .snapshot()
                 .await
-                .map_err(|e| CoreError::Raft(e.to_string()))?;
+                .map_err(super::stopped)?;
             // Built in the background: purge once it is there (else at the next check).
             let built = self
                 .raft
@@ -70,6 +70,6 @@ impl Partition {
             .trigger()
             .purge_log(upto.index)
             .await
-            .map_err(|e| CoreError::Raft(e.to_string()))
+            .map_err(super::stopped)
     }
 }
