@@ -256,7 +256,9 @@ impl Config {
     }
 
     /// The parsed `peers`: node id → address. Checks that this node is among them.
-    pub fn peer_map(&self) -> anyhow::Result<std::collections::BTreeMap<u64, String>> {
+    pub fn peer_map(
+        &self,
+    ) -> anyhow::Result<std::collections::BTreeMap<crate::types::NodeId, String>> {
         let mut map = std::collections::BTreeMap::new();
         for item in self
             .peers
@@ -279,13 +281,14 @@ impl Config {
                 "peer {item:?}: the address must be HOST:PORT"
             );
             anyhow::ensure!(
-                map.insert(id, addr.to_string()).is_none(),
+                map.insert(crate::types::NodeId(id), addr.to_string())
+                    .is_none(),
                 "peer id {id} is listed twice"
             );
         }
         if !map.is_empty() {
             anyhow::ensure!(
-                map.contains_key(&self.node_id),
+                map.contains_key(&crate::types::NodeId(self.node_id)),
                 "this node's id ({}) is not among the peers ({})",
                 self.node_id,
                 self.peers
@@ -501,7 +504,7 @@ mod tests {
         };
         let m = c.peer_map().unwrap();
         assert_eq!(m.len(), 3);
-        assert_eq!(m[&3], "[::1]:3");
+        assert_eq!(m[&crate::types::NodeId(3)], "[::1]:3");
         for bad in [
             "1=a:1,3=c:3",
             "x=a:1,2=b:2",

@@ -11,6 +11,7 @@ use crate::groups::Groups;
 use crate::net;
 use crate::raft::transport::Transport;
 use crate::shard::{ShardConfig, Shards};
+use crate::types::NodeId;
 
 /// How long in-flight calls get to finish after a shutdown signal.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
@@ -68,7 +69,7 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         // In a cluster the peers list says where this node is reached.
         let advertised = match (
             &config.advertised_address,
-            config.peer_map()?.remove(&config.node_id),
+            config.peer_map()?.remove(&NodeId(config.node_id)),
         ) {
             (Some(a), _) => a.clone(),
             (None, Some(a)) => a,
@@ -81,7 +82,10 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         let transport = if !config.clustered() {
             None
         } else {
-            Some(Transport::new(config.node_id, on_core(&shards, config.mailbox_wait())))
+            Some(Transport::new(
+                NodeId(config.node_id),
+                on_core(&shards, config.mailbox_wait()),
+            ))
         };
         let broker = Broker::new(config.clone(), shards, advertised, transport)?;
         // A node alone has loaded the metadata and opened its partitions when this returns; a

@@ -228,7 +228,7 @@ where
 }
 
 async fn leader_among(replicas: &[&Replica]) -> NodeId {
-    let mut found = 0;
+    let mut found = NodeId(0);
     eventually("a leader", || {
         let ids: Vec<Option<NodeId>> = replicas
             .iter()
@@ -278,16 +278,17 @@ fn replicas_agree_through_isolation_rejoin_and_restart() {
         let router = Router::default();
         let mut replicas = Vec::new();
         for id in 1..=3u64 {
-            replicas.push(start(id, tempfile::tempdir().unwrap(), &router).await);
+            replicas.push(start(NodeId(id), tempfile::tempdir().unwrap(), &router).await);
         }
-        let members: BTreeMap<NodeId, Member> = (1..=3).map(|id| (id, Member::default())).collect();
+        let members: BTreeMap<NodeId, Member> =
+            (1..=3).map(|id| (NodeId(id), Member::default())).collect();
         replicas[0].raft.initialize(members).await.unwrap();
 
         // 1. Steady state: writes through the leader are acknowledged with consecutive offsets
         //    and reach every replica.
         let all: Vec<&Replica> = replicas.iter().collect();
         let l1 = leader_among(&all).await;
-        let leader = &replicas[(l1 - 1) as usize];
+        let leader = &replicas[(l1.0 - 1) as usize];
         let mut acked = Vec::new();
         let mut last_end = None;
         for i in 0..30 {
@@ -321,7 +322,7 @@ fn replicas_agree_through_isolation_rejoin_and_restart() {
         assert_ne!(l1, l2);
         for i in 0..20 {
             let v = format!("b{i}");
-            write(&replicas[(l2 - 1) as usize].raft, &v).await;
+            write(&replicas[(l2.0 - 1) as usize].raft, &v).await;
             acked.push(v);
         }
         converged(&rest, &acked).await;
@@ -332,7 +333,7 @@ fn replicas_agree_through_isolation_rejoin_and_restart() {
                 "a write to the isolated leader was acknowledged: {outcome:?}"
             );
         }
-        let cut = &replicas[(l1 - 1) as usize];
+        let cut = &replicas[(l1.0 - 1) as usize];
         let p = cut.log.positions();
         assert!(
             p.next > p.committed,
@@ -342,7 +343,7 @@ fn replicas_agree_through_isolation_rejoin_and_restart() {
         // 3. Heal: the old leader rejoins, drops its divergent tail and catches up.
         router.0.borrow_mut().isolated.clear();
         converged(&all, &acked).await;
-        let leader_next = replicas[(l2 - 1) as usize].log.positions().next;
+        let leader_next = replicas[(l2.0 - 1) as usize].log.positions().next;
         eventually("the rejoined replica's log to match the leader's", || {
             let n = cut.log.positions().next;
             async move { n == leader_next }

@@ -90,7 +90,7 @@ impl Broker {
         advertised: String,
         transport: Option<Arc<Transport>>,
     ) -> anyhow::Result<Arc<Broker>> {
-        let me = config.node_id;
+        let me = NodeId(config.node_id);
         let replica = ReplicaSettings {
             node_id: me,
             member: Member {

@@ -127,7 +127,11 @@ impl Broker {
             .into_iter()
             .find(|p| p.partition == partition)
             .ok_or_else(|| BrokerError::BadAnswer {
-                node: topic.replicas(partition).first().copied().unwrap_or(0),
+                node: topic
+                    .replicas(partition)
+                    .first()
+                    .copied()
+                    .unwrap_or_default(),
                 what: format!(
                     "offsets of other partitions than {}/{partition}",
                     topic.name

@@ -109,6 +109,7 @@ pub fn rebalance(state: &ClusterState, max: usize) -> Vec<Move> {
 mod tests {
     use super::*;
     use crate::cluster::testkit::*;
+    use crate::types::NodeId;
 
     #[test]
     fn rebalance_evens_out_replicas_and_keeps_regions_covered() {
@@ -128,7 +129,7 @@ mod tests {
             let regions: BTreeSet<&str> = r.iter().map(|id| s.nodes[id].region.as_str()).collect();
             assert_eq!(regions.len(), 3, "{r:?}");
         }
-        let load: Vec<usize> = (1..=4).map(|n| after.replicas_on(n)).collect();
+        let load: Vec<usize> = (1..=4).map(|n| after.replicas_on(NodeId(n))).collect();
         assert_eq!(load, vec![4, 8, 8, 4], "{moves:?}");
         // Balanced already: nothing more to do; the bound holds.
         assert!(rebalance(&after, 100).is_empty());
@@ -139,7 +140,7 @@ mod tests {
             vec![topic("t", 8, (0..8).map(|_| vec![1, 2, 3]).collect())],
         );
         let after = carried_out(&flat, &rebalance(&flat, 100));
-        let load: Vec<usize> = (1..=4).map(|n| after.replicas_on(n)).collect();
+        let load: Vec<usize> = (1..=4).map(|n| after.replicas_on(NodeId(n))).collect();
         assert_eq!(load, vec![6, 6, 6, 6]);
     }
 }

@@ -75,7 +75,7 @@ impl Command {
     pub fn validate(&self) -> Result<(), ClusterError> {
         match self {
             Command::RegisterNode { id, member } => {
-                if *id == 0 {
+                if id.0 == 0 {
                     return Err(invalid("node id 0"));
                 }
                 if member.addr.is_empty() || member.addr.len() > 255 {
@@ -137,7 +137,7 @@ impl Command {
                 if d.is_empty()
                     || d.len() != replicas.len()
                     || d.len() > REPLICAS_MAX as usize
-                    || d.contains(&0)
+                    || d.contains(&NodeId(0))
                 {
                     return Err(invalid(format!(
                         "replica list {replicas:?}: 1 to {REPLICAS_MAX} distinct node ids"
@@ -146,7 +146,7 @@ impl Command {
                 Ok(())
             }
             Command::RemoveNode { id } => {
-                if *id == 0 {
+                if id.0 == 0 {
                     return Err(invalid("node id 0"));
                 }
                 Ok(())

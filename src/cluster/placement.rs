@@ -106,16 +106,17 @@ fn round_robin(lists: Vec<Vec<NodeId>>) -> Vec<NodeId> {
 mod tests {
     use super::*;
     use crate::cluster::testkit::*;
+    use crate::types::NodeId;
 
     #[test]
     fn replicas_are_distinct_spread_and_bounded() {
         let nodes: BTreeMap<_, _> = [
-            (1, member("eu", "a")),
-            (2, member("eu", "a")),
-            (3, member("eu", "b")),
-            (4, member("us", "a")),
-            (5, member("us", "b")),
-            (6, member("ap", "a")),
+            (NodeId(1), member("eu", "a")),
+            (NodeId(2), member("eu", "a")),
+            (NodeId(3), member("eu", "b")),
+            (NodeId(4), member("us", "a")),
+            (NodeId(5), member("us", "b")),
+            (NodeId(6), member("ap", "a")),
         ]
         .into();
         let a = assign_replicas(&nodes, 12, 3).unwrap();

@@ -209,6 +209,7 @@ pub fn metadata_members(
 mod tests {
     use super::*;
     use crate::cluster::testkit::*;
+    use crate::types::NodeId;
 
     fn opened(plan: &Reconcile) -> Vec<(String, u32, usize)> {
         plan.open
@@ -224,7 +225,7 @@ mod tests {
             vec![topic("t", 3, vec![vec![1, 2], vec![2, 3], vec![3, 1]])],
         );
         let none = HashMap::new();
-        let plan = reconcile(&s, 1, &none);
+        let plan = reconcile(&s, NodeId(1), &none);
         // Partitions 0 and 2, initialized with their creation's two voters.
         assert_eq!(opened(&plan), vec![("t".into(), 0, 2), ("t".into(), 2, 2)]);
         assert!(plan.close.is_empty() && plan.waiting.is_empty());
@@ -235,7 +236,7 @@ mod tests {
             (("t".to_string(), 2), 6),
             (("gone".to_string(), 0), 3),
         ]);
-        let plan = reconcile(&s, 1, &open);
+        let plan = reconcile(&s, NodeId(1), &open);
         assert_eq!(
             plan.close,
             vec![
@@ -257,21 +258,21 @@ mod tests {
             topic: "t".into(),
             uid: 7,
             partition: 0,
-            target: vec![4, 2, 3],
+            target: ids(&[4, 2, 3]),
         });
         // Node 4 receives the partition: it joins the group (no voters of its own).
         assert_eq!(
-            opened(&reconcile(&s, 4, &HashMap::new())),
+            opened(&reconcile(&s, NodeId(4), &HashMap::new())),
             vec![("t".into(), 0, 0)]
         );
         // Node 1 still holds it until the move ends; a moved partition never re-initializes.
         assert_eq!(
-            opened(&reconcile(&s, 1, &HashMap::new())),
+            opened(&reconcile(&s, NodeId(1), &HashMap::new())),
             vec![("t".into(), 0, 0)]
         );
         // A replica of a new topic whose peer is not registered waits.
         let s = cluster(&[(1, "r")], vec![topic("u", 1, vec![vec![1, 9]])]);
-        let plan = reconcile(&s, 1, &HashMap::new());
+        let plan = reconcile(&s, NodeId(1), &HashMap::new());
         assert!(plan.open.is_empty());
         assert_eq!(plan.waiting, vec![("u".to_string(), 0)]);
     }
@@ -282,13 +283,13 @@ mod tests {
             &[(1, "a"), (2, "b"), (3, "c"), (4, "a")],
             vec![topic("t", 3, vec![vec![1, 2, 3]; 3])],
         );
-        s.apply(Command::RemoveNode { id: 1 });
+        s.apply(Command::RemoveNode { id: NodeId(1) });
         let plan = drain(&s, 2);
         // Two moves at most at once, each to node 4 (node 1's region), nothing removed yet.
         assert_eq!(plan.commands.len(), 2, "{plan:?}");
         for c in &plan.commands {
             match c {
-                Command::MoveReplicas { target, .. } => assert_eq!(target, &vec![4, 2, 3]),
+                Command::MoveReplicas { target, .. } => assert_eq!(target, &ids(&[4, 2, 3])),
                 other => panic!("{other:?}"),
             }
         }
@@ -300,13 +301,13 @@ mod tests {
                     topic: "t".into(),
                     uid: 7,
                     partition: p,
-                    target: vec![4, 2, 3],
+                    target: ids(&[4, 2, 3]),
                 },
                 Command::FinishMove {
                     topic: "t".into(),
                     uid: 7,
                     partition: p,
-                    replicas: vec![4, 2, 3],
+                    replicas: ids(&[4, 2, 3]),
                 },
             ] {
                 after.apply(cmd);
@@ -314,38 +315,42 @@ mod tests {
         }
         assert_eq!(
             drain(&after, 2).commands,
-            vec![Command::RemoveNode { id: 1 }]
+            vec![Command::RemoveNode { id: NodeId(1) }]
         );
         // With no node to take a replica over, it is reported, not moved.
         let mut tight = cluster(&[(1, "a"), (2, "b")], vec![topic("t", 1, vec![vec![1, 2]])]);
-        tight.apply(Command::RemoveNode { id: 1 });
+        tight.apply(Command::RemoveNode { id: NodeId(1) });
         let plan = drain(&tight, 16);
         assert!(plan.commands.is_empty());
-        assert_eq!(plan.stuck, vec![(1, "t".to_string(), 0)]);
+        assert_eq!(plan.stuck, vec![(NodeId(1), "t".to_string(), 0)]);
     }
 
     #[test]
     fn metadata_members_follow_the_registered_and_removed_nodes() {
         let mut s = cluster(&[(1, "r"), (2, "r"), (3, "r"), (4, "r")], vec![]);
-        s.apply(Command::RemoveNode { id: 3 });
+        s.apply(Command::RemoveNode { id: NodeId(3) });
         let group = MetadataGroup {
-            voters: vec![1, 2, 3],
+            voters: ids(&[1, 2, 3]),
             learners: vec![],
-            matched: vec![(2, Some(10)), (3, Some(8)), (4, None)],
+            matched: vec![
+                (NodeId(2), Some(10)),
+                (NodeId(3), Some(8)),
+                (NodeId(4), None),
+            ],
             last_index: 10,
         };
         let controllers = BTreeMap::new();
         // Node 3 was removed: it votes no more; reachable and behind, it learns on.
         let m = metadata_members(&s, &group, &controllers, |_| true);
-        assert_eq!(m.voters.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
-        assert_eq!(m.learners.keys().copied().collect::<Vec<_>>(), vec![3, 4]);
+        assert_eq!(m.voters.keys().copied().collect::<Vec<_>>(), ids(&[1, 2]));
+        assert_eq!(m.learners.keys().copied().collect::<Vec<_>>(), ids(&[3, 4]));
         // Unreachable (it stopped), or caught up: it goes.
-        let m = metadata_members(&s, &group, &controllers, |id| id != 3);
-        assert_eq!(m.learners.keys().copied().collect::<Vec<_>>(), vec![4]);
+        let m = metadata_members(&s, &group, &controllers, |id| id != NodeId(3));
+        assert_eq!(m.learners.keys().copied().collect::<Vec<_>>(), ids(&[4]));
         assert!(!m.same_as(&group));
         let settled = MetadataGroup {
-            voters: vec![1, 2],
-            learners: vec![4],
+            voters: ids(&[1, 2]),
+            learners: ids(&[4]),
             ..group
         };
         assert!(m.same_as(&settled));

@@ -184,6 +184,7 @@ mod tests {
     use super::*;
     use crate::cluster::placement::replacement;
     use crate::cluster::testkit::*;
+    use crate::types::NodeId;
 
     #[test]
     fn commands_apply_deterministically() {
@@ -199,7 +200,7 @@ mod tests {
                 max_record_bytes: 10,
                 segment_bytes: 1 << 20,
             },
-            replicas: vec![vec![1]],
+            replicas: vec![ids(&[1])],
             created_ms: 0,
             moving: Default::default(),
             moved: Default::default(),
@@ -227,7 +228,7 @@ mod tests {
         // Invalid commands change nothing, on every node alike.
         let mut bad = spec(3);
         bad.name = "other".into();
-        bad.replicas = vec![vec![1, 1]];
+        bad.replicas = vec![ids(&[1, 1])];
         bad.replication_factor = 2;
         let cmd = Command::CreateTopic { spec: bad };
         assert!(cmd.validate().is_err());
@@ -249,30 +250,30 @@ mod tests {
         };
         // Unknown node, wrong length, wrong incarnation, bad partition: nothing changes.
         let before = s.clone();
-        s.apply(mv(vec![1, 2, 9]));
-        s.apply(mv(vec![1, 4]));
+        s.apply(mv(ids(&[1, 2, 9])));
+        s.apply(mv(ids(&[1, 4])));
         s.apply(Command::MoveReplicas {
             topic: "t".into(),
             uid: 8,
             partition: 0,
-            target: vec![4, 2, 3],
+            target: ids(&[4, 2, 3]),
         });
         s.apply(Command::MoveReplicas {
             topic: "t".into(),
             uid: 7,
             partition: 2,
-            target: vec![4, 2, 3],
+            target: ids(&[4, 2, 3]),
         });
         assert_eq!(s, before);
-        assert!(mv(vec![4, 4, 3]).validate().is_err());
+        assert!(mv(ids(&[4, 4, 3])).validate().is_err());
         assert!(mv(vec![]).validate().is_err());
         // A move: node 4 holds the partition from now on (receiving), node 1 until it ends.
-        s.apply(mv(vec![4, 2, 3]));
+        s.apply(mv(ids(&[4, 2, 3])));
         let t = &s.topics["t"];
-        assert_eq!(t.moving[&0], vec![4, 2, 3]);
+        assert_eq!(t.moving[&0], ids(&[4, 2, 3]));
         assert!(t.moved.contains(&0));
-        assert!(t.holds(4, 0) && t.holds(1, 0));
-        assert_eq!(s.replicas_on(4), 1);
+        assert!(t.holds(NodeId(4), 0) && t.holds(NodeId(1), 0));
+        assert_eq!(s.replicas_on(NodeId(4)), 1);
         // Finishing with another list than the move's does nothing.
         let finish = |replicas: Vec<NodeId>| Command::FinishMove {
             topic: "t".into(),
@@ -280,16 +281,16 @@ mod tests {
             partition: 0,
             replicas,
         };
-        s.apply(finish(vec![4, 2, 1]));
+        s.apply(finish(ids(&[4, 2, 1])));
         assert!(s.topics["t"].moving.contains_key(&0));
-        s.apply(finish(vec![4, 2, 3]));
+        s.apply(finish(ids(&[4, 2, 3])));
         let t = &s.topics["t"];
         assert!(t.moving.is_empty());
-        assert_eq!(t.replicas[0], vec![4, 2, 3]);
-        assert!(!t.holds(1, 0));
+        assert_eq!(t.replicas[0], ids(&[4, 2, 3]));
+        assert!(!t.holds(NodeId(1), 0));
         // Round trip through the log's encoding.
-        let c = Command::decode(&mv(vec![1, 2, 3]).encode()).unwrap();
-        assert_eq!(c, mv(vec![1, 2, 3]));
+        let c = Command::decode(&mv(ids(&[1, 2, 3])).encode()).unwrap();
+        assert_eq!(c, mv(ids(&[1, 2, 3])));
     }
 
     #[test]
@@ -298,36 +299,36 @@ mod tests {
             &[(1, "r"), (2, "r"), (3, "r"), (4, "r")],
             vec![topic("t", 1, vec![vec![1, 2, 3]])],
         );
-        s.apply(Command::RemoveNode { id: 1 });
-        assert!(s.draining.contains(&1) && s.nodes.contains_key(&1));
-        assert!(!s.placeable().contains_key(&1));
+        s.apply(Command::RemoveNode { id: NodeId(1) });
+        assert!(s.draining.contains(&NodeId(1)) && s.nodes.contains_key(&NodeId(1)));
+        assert!(!s.placeable().contains_key(&NodeId(1)));
         // Its replica goes to the node that holds none (the draining node is never chosen).
-        assert_eq!(replacement(&s, &[2, 3], &[1]), Some(4));
+        assert_eq!(replacement(&s, &ids(&[2, 3]), &ids(&[1])), Some(NodeId(4)));
         s.apply(Command::MoveReplicas {
             topic: "t".into(),
             uid: 7,
             partition: 0,
-            target: vec![4, 2, 3],
+            target: ids(&[4, 2, 3]),
         });
-        s.apply(Command::RemoveNode { id: 1 });
+        s.apply(Command::RemoveNode { id: NodeId(1) });
         assert!(
-            s.nodes.contains_key(&1),
+            s.nodes.contains_key(&NodeId(1)),
             "still receiving nothing but holding"
         );
         s.apply(Command::FinishMove {
             topic: "t".into(),
             uid: 7,
             partition: 0,
-            replicas: vec![4, 2, 3],
+            replicas: ids(&[4, 2, 3]),
         });
-        s.apply(Command::RemoveNode { id: 1 });
-        assert!(!s.nodes.contains_key(&1) && s.removed.contains(&1));
+        s.apply(Command::RemoveNode { id: NodeId(1) });
+        assert!(!s.nodes.contains_key(&NodeId(1)) && s.removed.contains(&NodeId(1)));
         assert!(s.draining.is_empty());
         s.apply(Command::RegisterNode {
-            id: 1,
+            id: NodeId(1),
             member: member("r", "z"),
         });
-        assert!(!s.nodes.contains_key(&1), "a removed id came back");
-        assert_eq!(replacement(&s, &[2, 3, 4], &[]), None);
+        assert!(!s.nodes.contains_key(&NodeId(1)), "a removed id came back");
+        assert_eq!(replacement(&s, &ids(&[2, 3, 4]), &ids(&[])), None);
     }
 }

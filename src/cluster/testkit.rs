@@ -3,6 +3,11 @@
 use super::*;
 use crate::raft::types::{Member, NodeId};
 
+/// Node ids from numbers.
+pub fn ids(n: &[u64]) -> Vec<NodeId> {
+    n.iter().copied().map(NodeId).collect()
+}
+
 pub fn member(region: &str, zone: &str) -> Member {
     Member {
         addr: "x:1".into(),
@@ -11,7 +16,8 @@ pub fn member(region: &str, zone: &str) -> Member {
     }
 }
 
-pub fn topic(name: &str, partitions: u32, replicas: Vec<Vec<NodeId>>) -> TopicSpec {
+pub fn topic(name: &str, partitions: u32, replicas: Vec<Vec<u64>>) -> TopicSpec {
+    let replicas: Vec<Vec<NodeId>> = replicas.iter().map(|r| ids(r)).collect();
     TopicSpec {
         name: name.into(),
         uid: 7,
@@ -31,11 +37,11 @@ pub fn topic(name: &str, partitions: u32, replicas: Vec<Vec<NodeId>>) -> TopicSp
     }
 }
 
-pub fn cluster(nodes: &[(NodeId, &str)], topics: Vec<TopicSpec>) -> ClusterState {
+pub fn cluster(nodes: &[(u64, &str)], topics: Vec<TopicSpec>) -> ClusterState {
     let mut s = ClusterState::default();
     for (id, region) in nodes {
         s.apply(Command::RegisterNode {
-            id: *id,
+            id: NodeId(*id),
             member: member(region, "z"),
         });
     }

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use super::error::ClusterError;
+use crate::types::NodeId;
 
 /// Longest topic name (as Kafka).
 pub const TOPIC_NAME_MAX: usize = 249;
@@ -59,12 +60,12 @@ pub struct TopicSpec {
     pub replication_factor: u32,
     pub settings: TopicSettings,
     /// The nodes holding each partition's replicas; the first is the preferred leader.
-    pub replicas: Vec<Vec<u64>>,
+    pub replicas: Vec<Vec<NodeId>>,
     pub created_ms: i64,
     /// Partitions being moved, and the replicas they are moving to. The nodes of both lists
     /// hold the partition until the move finishes.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub moving: BTreeMap<u32, Vec<u64>>,
+    pub moving: BTreeMap<u32, Vec<NodeId>>,
     /// Partitions whose replicas changed since the topic was created: a replica of these never
     /// initializes the group from the replica list (the group's log says who its members are).
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
@@ -73,7 +74,7 @@ pub struct TopicSpec {
 
 impl TopicSpec {
     /// Whether `node` holds (or is receiving) a replica of partition `p`.
-    pub fn holds(&self, node: u64, p: u32) -> bool {
+    pub fn holds(&self, node: NodeId, p: u32) -> bool {
         self.replicas
             .get(p as usize)
             .is_some_and(|r| r.contains(&node))

@@ -95,7 +95,7 @@ pub async fn remove_node(broker: &Arc<Broker>, id: NodeId) -> Result<()> {
     }
     let at = propose(broker, &Command::RemoveNode { id }).await?;
     wait_applied(broker, at).await?;
-    tracing::info!(node = id, "node removal started");
+    tracing::info!(node = %id, "node removal started");
     Ok(())
 }
 

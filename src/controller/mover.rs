@@ -112,7 +112,7 @@ async fn move_partitions(broker: &Arc<Broker>) {
                     }
                 }
                 Ok(MemberProgress::CatchingUp { node, behind }) => {
-                    tracing::debug!(partition = %key, node, behind, "new replica catching up");
+                    tracing::debug!(partition = %key, %node, behind, "new replica catching up");
                 }
                 Err(CoreError::NotLeader { .. } | CoreError::UnknownPartition(_)) => {}
                 Err(e) => {
@@ -171,12 +171,12 @@ async fn drain(broker: &Arc<Broker>, state: &ClusterState) -> Result<()> {
     }
     let plan = plan::drain(state, DRAIN_MOVES_AT_ONCE);
     for (node, topic, partition) in &plan.stuck {
-        tracing::warn!(node, topic, partition, "no node can take this replica over");
+        tracing::warn!(%node, topic, partition, "no node can take this replica over");
     }
     for cmd in plan.commands {
         propose(broker, &cmd).await?;
         if let Command::RemoveNode { id } = cmd {
-            tracing::info!(node = id, "node removed from the cluster");
+            tracing::info!(node = %id, "node removed from the cluster");
         }
     }
     Ok(())

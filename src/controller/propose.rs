@@ -83,7 +83,7 @@ pub async fn propose_local(broker: &Broker, cmd: &Command) -> Result<Offset, Cor
 async fn forward_proposal(broker: &Broker, leader: NodeId, cmd: &Command) -> Result<Offset> {
     let mut client = ipb::peer_client::PeerClient::new(broker.peer_channel(leader)?);
     let mut req = tonic::Request::new(ipb::ProposeRequest {
-        from: broker.node_id(),
+        from: broker.node_id().0,
         command: Bytes::from(cmd.encode()),
         forwarded: true,
     });
@@ -112,7 +112,7 @@ pub async fn propose_through(broker: &Broker, addr: &str, cmd: &Command) -> Resu
         .map_err(|e| through(e.to_string(), false))?;
     let mut client = ipb::peer_client::PeerClient::new(channel);
     let mut req = tonic::Request::new(ipb::ProposeRequest {
-        from: broker.node_id(),
+        from: broker.node_id().0,
         command: Bytes::from(cmd.encode()),
         forwarded: false,
     });
@@ -120,7 +120,7 @@ pub async fn propose_through(broker: &Broker, addr: &str, cmd: &Command) -> Resu
     match client.propose(req).await {
         Ok(r) => Ok(Offset(r.into_inner().offset)),
         Err(s) => {
-            let e = BrokerError::from_peer(0, s);
+            let e = BrokerError::from_peer(NodeId::default(), s);
             let removed = matches!(&e, BrokerError::Peer(p) if p.removed);
             Err(through(e.to_string(), removed))
         }

@@ -291,7 +291,7 @@ impl Group {
                 let id = self.registry.next_member.fetch_add(1, Ordering::Relaxed) + 1;
                 let joined = down(Down::Joined(pb::Joined {
                     member_id: member_name(id),
-                    coordinator: self.broker.node_id(),
+                    coordinator: self.broker.node_id().0,
                 }));
                 if out.try_send(joined).is_err() {
                     let _ = reply.send(Err(GroupError::CallClosed));

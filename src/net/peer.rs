@@ -11,6 +11,7 @@ use crate::controller;
 use crate::proto::internal as pb;
 use crate::proto::internal::peer_server::Peer;
 use crate::shard::{CoreRequest, PartitionKey};
+use crate::types::NodeId;
 
 /// Messages one Exchange may carry.
 const EXCHANGE_MESSAGES_MAX: usize = 4096;
@@ -21,6 +22,7 @@ pub struct PeerService {
 
 impl PeerService {
     fn check_peer(&self, from: u64) -> Result<(), Status> {
+        let from = NodeId(from);
         let Some(t) = self.broker.transport() else {
             return Err(Status::failed_precondition(
                 "this node runs alone and takes no Raft traffic",
@@ -47,7 +49,7 @@ impl Peer for PeerService {
         let r = request.into_inner();
         self.check_peer(r.from)?;
         let me = self.broker.node_id();
-        if r.to != me {
+        if r.to != me.0 {
             return Err(Status::failed_precondition(format!(
                 "this is node {me}, not node {}",
                 r.to
@@ -128,7 +130,12 @@ impl Peer for PeerService {
         let Some(t) = self.broker.transport() else {
             return Err(Status::failed_precondition("this node runs alone"));
         };
-        let peers: HashSet<u64> = request.into_inner().isolate_from.into_iter().collect();
+        let peers: HashSet<NodeId> = request
+            .into_inner()
+            .isolate_from
+            .into_iter()
+            .map(NodeId)
+            .collect();
         tracing::warn!(
             ?peers,
             "fault injection: traffic with these nodes is dropped"

@@ -224,11 +224,14 @@ pub fn request_too_large(s: &Status, limit: usize) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::types::NodeId;
 
     /// A leadership error is retryable and names the leader, so a client can go there.
     #[test]
     fn leadership_errors_are_unavailable_and_name_the_leader() {
-        let s = from_core(CoreError::NotLeader { leader: Some(3) });
+        let s = from_core(CoreError::NotLeader {
+            leader: Some(NodeId(3)),
+        });
         assert_eq!(s.code(), tonic::Code::Unavailable);
         assert_eq!(s.metadata().get("tern-leader").unwrap(), "3");
         assert!(
@@ -255,15 +258,15 @@ mod tests {
         let mut peer = Status::unavailable("not the partition leader (leader: node 2)");
         insert(&mut peer, metadata::LEADER, "2".into());
         mark_unwritten(&mut peer);
-        let e = BrokerError::from_peer(3, peer);
-        assert_eq!(e.leader(), Some(2));
+        let e = BrokerError::from_peer(NodeId(3), peer);
+        assert_eq!(e.leader(), Some(NodeId(2)));
         assert!(e.unwritten());
         let s = from_broker(e);
         assert_eq!(s.code(), tonic::Code::Unavailable);
         assert_eq!(s.message(), "not the partition leader (leader: node 2)");
         assert_eq!(s.metadata().get("tern-leader").unwrap(), "2");
         let s = from_broker(BrokerError::from_peer(
-            2,
+            NodeId(2),
             Status::not_found("no such topic"),
         ));
         assert_eq!(s.code(), tonic::Code::NotFound);
@@ -284,9 +287,15 @@ mod tests {
             .list_topics(crate::proto::v1::ListTopicsRequest {})
             .await
             .unwrap_err();
-        let e = BrokerError::from_peer(7, s);
+        let e = BrokerError::from_peer(NodeId(7), s);
         assert!(
-            matches!(e, BrokerError::Unreachable { node: 7, .. }),
+            matches!(
+                e,
+                BrokerError::Unreachable {
+                    node: NodeId(7),
+                    ..
+                }
+            ),
             "{e:?}"
         );
         let s = from_broker(e);

@@ -135,15 +135,15 @@ impl Transport {
             .insert(peer, up);
         match (before, up) {
             (Some(true), true) | (Some(false), false) => {}
-            (None, true) => tracing::info!(node = peer, %addr, "connected to node {peer}"),
+            (None, true) => tracing::info!(node = %peer, %addr, "connected to node {peer}"),
             (Some(false), true) => {
-                tracing::info!(node = peer, %addr, "node {peer} is reachable again")
+                tracing::info!(node = %peer, %addr, "node {peer} is reachable again")
             }
             (None, false) => {
-                tracing::warn!(node = peer, %addr, error = error.unwrap_or(""), "cannot reach node {peer}; will keep trying")
+                tracing::warn!(node = %peer, %addr, error = error.unwrap_or(""), "cannot reach node {peer}; will keep trying")
             }
             (Some(true), false) => {
-                tracing::warn!(node = peer, %addr, error = error.unwrap_or(""), "lost contact with node {peer}; will keep trying")
+                tracing::warn!(node = %peer, %addr, error = error.unwrap_or(""), "lost contact with node {peer}; will keep trying")
             }
         }
     }
@@ -231,7 +231,7 @@ async fn run_link(
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5)),
         Err(e) => {
-            tracing::error!(target, %addr, error = %e, "bad peer address");
+            tracing::error!(%target, %addr, error = %e, "bad peer address");
             while let Some(out) = queue.recv().await {
                 let _ = out.reply.send(Err(RaftError::Unreachable {
                     node: target,
@@ -277,8 +277,8 @@ async fn run_link(
                 waiting.push(Some((out.core, out.reply)));
             }
             let mut request = tonic::Request::new(pb::ExchangeRequest {
-                from: transport.me,
-                to: target,
+                from: transport.me.0,
+                to: target.0,
                 messages,
             });
             request.set_timeout(CALL_TIMEOUT);
@@ -305,7 +305,7 @@ async fn run_link(
                     }
                 }
                 Err(status) => {
-                    tracing::debug!(target, code = ?status.code(), message = status.message(), "exchange failed");
+                    tracing::debug!(%target, code = ?status.code(), message = status.message(), "exchange failed");
                     let e = RaftError::Unreachable {
                         node: target,
                         why: status.message().to_string(),

@@ -8,8 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::rt::GlommioRuntime;
 use crate::log::Batch;
 
-/// A node's id in the cluster.
-pub type NodeId = u64;
+pub use crate::types::NodeId;
 
 /// What the cluster knows of a node: where to reach it and where it stands.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -192,6 +192,7 @@ pub fn decode_transfer_leader_response(
 mod tests {
     use super::*;
     use crate::log::{BatchBuilder, Record};
+    use crate::types::NodeId;
     use crate::types::{Offset, Term};
 
     fn batch(term: u64, index: u64) -> Batch {
@@ -208,10 +209,13 @@ mod tests {
 
     #[test]
     fn append_round_trips_and_damage_is_refused() {
-        let mut m = super::super::types::Membership::new_with_defaults(vec![[1, 2, 3].into()], []);
+        let mut m = super::super::types::Membership::new_with_defaults(
+            vec![[NodeId(1), NodeId(2), NodeId(3)].into()],
+            [],
+        );
         m = m.clone();
         let rpc = AppendEntriesRequest::<PartitionRaft> {
-            vote: Vote::new_committed(3, 1),
+            vote: Vote::new_committed(3, NodeId(1)),
             prev_log_id: Some(log_id(2, 9)),
             entries: vec![
                 Entry {

@@ -55,11 +55,11 @@ pub enum CoreError {
     Busy(u32),
     /// This replica does not lead the partition; nothing was written.
     #[error("not the partition leader (leader: {})", leader.map_or("unknown".to_string(), |l| format!("node {l}")))]
-    NotLeader { leader: Option<u64> },
+    NotLeader { leader: Option<NodeId> },
     /// The leader changed while the records were being replicated: they may or may not be
     /// committed. A retry may duplicate them (idempotent producers will deduplicate).
     #[error("leader changed during the write; the records may or may not be committed (leader: {})", leader.map_or("unknown".to_string(), |l| format!("node {l}")))]
-    LeaderChanged { leader: Option<u64> },
+    LeaderChanged { leader: Option<NodeId> },
     /// An earlier send of an idempotent producer's records is still being replicated: retry
     /// later, and the retry is answered with the offsets they got.
     #[error("an earlier send of these sequence numbers is still being replicated; retry")]

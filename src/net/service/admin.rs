@@ -10,6 +10,7 @@ use crate::cluster::REPLICAS_MAX;
 use crate::controller::{self, REBALANCE_MOVES_MAX};
 use crate::net::status::from_controller;
 use crate::proto::v1 as pb;
+use crate::types::NodeId;
 
 pub async fn cluster_info(broker: &Broker) -> pb::ClusterInfoResponse {
     let mut topics = Vec::new();
@@ -24,7 +25,7 @@ pub async fn cluster_info(broker: &Broker) -> pb::ClusterInfoResponse {
         .nodes
         .iter()
         .map(|(id, m)| pb::NodeInfo {
-            id: *id,
+            id: id.0,
             address: m.addr.clone(),
             region: m.region.clone(),
             zone: m.zone.clone(),
@@ -34,13 +35,13 @@ pub async fn cluster_info(broker: &Broker) -> pb::ClusterInfoResponse {
     pb::ClusterInfoResponse {
         nodes,
         topics,
-        node_id: broker.node_id(),
-        metadata_leader: broker.metadata_leader().await.unwrap_or(0),
+        node_id: broker.node_id().0,
+        metadata_leader: broker.metadata_leader().await.map_or(0, |l| l.0),
         ready: broker.is_ready(),
         controllers: broker
             .metadata_replica()
             .await
-            .map(|m| m.voters)
+            .map(|m| m.voters.iter().map(|v| v.0).collect())
             .unwrap_or_default(),
     }
 }
@@ -54,7 +55,8 @@ pub async fn move_partition(
             "at most {REPLICAS_MAX} replicas"
         )));
     }
-    let changed = controller::move_partition(broker, &r.topic, r.partition, r.replicas)
+    let target = r.replicas.into_iter().map(NodeId).collect();
+    let changed = controller::move_partition(broker, &r.topic, r.partition, target)
         .await
         .map_err(from_controller)?;
     Ok(pb::MovePartitionResponse {
@@ -77,15 +79,15 @@ pub async fn rebalance(
         .map(|m| pb::PartitionMove {
             topic: m.topic,
             partition: m.partition,
-            from: m.from,
-            to: m.to,
+            from: m.from.iter().map(|n| n.0).collect(),
+            to: m.to.iter().map(|n| n.0).collect(),
         })
         .collect();
     Ok(pb::RebalanceResponse { moves })
 }
 
 pub async fn remove_node(broker: &Arc<Broker>, r: pb::RemoveNodeRequest) -> Result<(), Status> {
-    controller::remove_node(broker, r.node_id)
+    controller::remove_node(broker, NodeId(r.node_id))
         .await
         .map_err(from_controller)
 }

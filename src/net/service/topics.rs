@@ -30,6 +30,11 @@ pub fn topic_info(t: &Topic) -> pb::TopicInfo {
     }
 }
 
+/// Node ids as the API spells them.
+fn ids(nodes: &[crate::types::NodeId]) -> Vec<u64> {
+    nodes.iter().map(|n| n.0).collect()
+}
+
 /// Each partition as this node sees it (its replica's view, if it holds one).
 pub async fn partitions(broker: &Broker, t: &Topic) -> Vec<pb::PartitionInfo> {
     let me = broker.node_id();
@@ -38,20 +43,20 @@ pub async fn partitions(broker: &Broker, t: &Topic) -> Vec<pb::PartitionInfo> {
         let mut info = pb::PartitionInfo {
             partition: p,
             leader: 0,
-            replicas: t.replicas(p).to_vec(),
+            replicas: ids(t.replicas(p)),
             start_offset: 0,
             end_offset: 0,
             core: t.core(p),
             local: false,
             term: 0,
             followers: Vec::new(),
-            moving_to: t.spec.moving.get(&p).cloned().unwrap_or_default(),
+            moving_to: t.spec.moving.get(&p).map_or_else(Vec::new, |m| ids(m)),
         };
         if t.on(me, p) {
             // A replica still opening (just created, or being reconciled) reports no view.
             if let Ok(s) = broker.replica_state(t, p).await {
                 let last = s.last_index.unwrap_or(0);
-                info.leader = s.leader.unwrap_or(0);
+                info.leader = s.leader.map_or(0, |l| l.0);
                 info.start_offset = s.positions.start.0;
                 info.end_offset = s.positions.committed.0;
                 info.local = true;
@@ -60,7 +65,7 @@ pub async fn partitions(broker: &Broker, t: &Topic) -> Vec<pb::PartitionInfo> {
                     .matched
                     .iter()
                     .map(|(node, m)| pb::ReplicaProgress {
-                        node: *node,
+                        node: node.0,
                         lag_entries: m.map_or(last + 1, |m| last.saturating_sub(m)),
                         matched: m.is_some(),
                     })

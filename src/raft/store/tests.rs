@@ -9,7 +9,7 @@ use openraft::EntryPayload;
 use crate::log::{BatchBuilder, LogConfig, Record};
 use crate::raft::types::{EntryBatch, PartitionRaft, SnapshotMeta, Vote};
 use crate::raft::GlommioRuntime;
-use crate::types::TimestampMs;
+use crate::types::{NodeId, TimestampMs};
 use openraft::testing::log::{StoreBuilder, Suite};
 use openraft_rt::{AsyncRuntime, Oneshot};
 
@@ -34,7 +34,8 @@ impl StoreBuilder<PartitionRaft, LogStore, StateMachine, tempfile::TempDir> for 
 fn a_snapshot_past_the_log_restarts_it_there_and_a_cut_restart_is_redone() {
     GlommioRuntime::run(async {
         let dir = tempfile::tempdir().unwrap();
-        let membership = openraft::Membership::new_with_defaults(vec![[1u64].into()], [1u64]);
+        let membership =
+            openraft::Membership::new_with_defaults(vec![[NodeId(1)].into()], [NodeId(1)]);
         let positions = |log: &Log| {
             let p = log.positions();
             (p.start.0, p.next.0, p.committed.0)
@@ -91,8 +92,8 @@ fn a_joining_replica_votes_only_after_being_a_learner_then_a_voter() {
         let dir = tempfile::tempdir().unwrap();
         let m = |voters: &[u64], all: &[u64]| -> Membership {
             openraft::Membership::new_with_defaults(
-                vec![voters.iter().copied().collect()],
-                all.iter().copied(),
+                vec![voters.iter().copied().map(NodeId).collect()],
+                all.iter().copied().map(NodeId),
             )
         };
         {
@@ -100,7 +101,7 @@ fn a_joining_replica_votes_only_after_being_a_learner_then_a_voter() {
             let (_ls, _sm, h) = open_with_handle(log.clone(), dir.path(), Rc::new(|| {}))
                 .await
                 .unwrap();
-            h.set_member(3, true).await.unwrap();
+            h.set_member(NodeId(3), true).await.unwrap();
             assert!(!h.may_vote());
             // An old configuration listing node 3 as a voter (its earlier membership).
             h.0.saw_membership(&m(&[1, 2, 3], &[1, 2, 3]), false)
@@ -121,7 +122,7 @@ fn a_joining_replica_votes_only_after_being_a_learner_then_a_voter() {
         let (_ls, _sm, h) = open_with_handle(log.clone(), dir.path(), Rc::new(|| {}))
             .await
             .unwrap();
-        h.set_member(3, true).await.unwrap();
+        h.set_member(NodeId(3), true).await.unwrap();
         assert!(h.may_vote(), "the permission was not kept");
         log.close().await.unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -129,7 +130,7 @@ fn a_joining_replica_votes_only_after_being_a_learner_then_a_voter() {
         let (_ls, _sm, h) = open_with_handle(log.clone(), dir.path(), Rc::new(|| {}))
             .await
             .unwrap();
-        h.set_member(1, false).await.unwrap();
+        h.set_member(NodeId(1), false).await.unwrap();
         assert!(h.may_vote());
         log.close().await.unwrap();
     });
@@ -168,16 +169,18 @@ fn reopening_recovers_entries_vote_truncation_and_purge() {
     GlommioRuntime::run(async {
         let dir = tempfile::tempdir().unwrap();
         let members =
-            std::collections::BTreeMap::from([(1u64, super::super::types::Member::default())]);
+            std::collections::BTreeMap::from([(NodeId(1), super::super::types::Member::default())]);
         {
             let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
             let (mut ls, mut sm) = open(log.clone(), dir.path()).await.unwrap();
-            ls.save_vote(&Vote::new_committed(2, 1)).await.unwrap();
+            ls.save_vote(&Vote::new_committed(2, NodeId(1)))
+                .await
+                .unwrap();
             let entries = vec![
                 Entry::new(
                     log_id(1, 0),
                     EntryPayload::Membership(openraft::Membership::new_with_defaults(
-                        vec![[1u64].into()],
+                        vec![[NodeId(1)].into()],
                         members.keys().copied(),
                     )),
                 ),
@@ -227,7 +230,7 @@ fn reopening_recovers_entries_vote_truncation_and_purge() {
         assert_eq!(state.last_log_id, Some(log_id(2, 3)));
         assert_eq!(
             ls.read_vote().await.unwrap(),
-            Some(Vote::new_committed(2, 1))
+            Some(Vote::new_committed(2, NodeId(1)))
         );
         let all = ls.try_get_log_entries(..).await.unwrap();
         let ids: Vec<LogId> = all.iter().map(|e| e.log_id).collect();

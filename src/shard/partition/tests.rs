@@ -9,7 +9,7 @@ use bytes::Bytes;
 use super::*;
 use crate::log::{LogError, ReadBound, Record};
 use crate::shard::request::ProducerSeq;
-use crate::types::{Offset, ProducerId, Sequence};
+use crate::types::{NodeId, Offset, ProducerId, Sequence};
 
 fn rec(len: usize) -> Record {
     Record {
@@ -21,7 +21,7 @@ fn rec(len: usize) -> Record {
 /// Partition t/0 of a one-voter group on node 1.
 async fn single_voter(dir: &Path, config: crate::log::LogConfig) -> Partition {
     let replica = ReplicaSettings {
-        node_id: 1,
+        node_id: NodeId(1),
         member: Default::default(),
         timing: Default::default(),
         transport: None,
@@ -30,7 +30,7 @@ async fn single_voter(dir: &Path, config: crate::log::LogConfig) -> Partition {
         topic: "t".into(),
         partition: 0,
     };
-    let voters = BTreeMap::from([(1, Member::default())]);
+    let voters = BTreeMap::from([(NodeId(1), Member::default())]);
     Partition::open(key, 0, dir, config, &replica, voters, 0)
         .await
         .unwrap()
