@@ -5,13 +5,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::command::Command;
 use super::state::ClusterState;
 use crate::raft::types::NodeId;
+use crate::types::TopicUid;
 
 /// A partition move chosen by [`rebalance`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Move {
     pub topic: String,
     /// The topic's incarnation.
-    pub uid: u64,
+    pub uid: TopicUid,
     pub partition: u32,
     pub from: Vec<NodeId>,
     pub to: Vec<NodeId>,

@@ -7,6 +7,7 @@ use super::error::{invalid, ClusterError};
 use super::offsets::QUEUE_WINDOW_MAX;
 use super::topic::{validate_topic_name, TopicSpec};
 use crate::raft::types::{Member, NodeId};
+use crate::types::TopicUid;
 
 /// Largest encoded command accepted.
 pub const COMMAND_MAX_BYTES: usize = 1 << 20;
@@ -20,19 +21,19 @@ pub enum Command {
     /// Creates a topic unless one of that name exists.
     CreateTopic { spec: TopicSpec },
     /// Deletes the topic of that name and incarnation, if it exists.
-    DeleteTopic { name: String, uid: u64 },
+    DeleteTopic { name: String, uid: TopicUid },
     /// Starts moving a partition's replicas to `target` (the first is the preferred leader),
     /// or redirects a move in progress. The partition's leader carries it out.
     MoveReplicas {
         topic: String,
-        uid: u64,
+        uid: TopicUid,
         partition: u32,
         target: Vec<NodeId>,
     },
     /// The partition's group now has exactly the move's target as voters: the move is done.
     FinishMove {
         topic: String,
-        uid: u64,
+        uid: TopicUid,
         partition: u32,
         replicas: Vec<NodeId>,
     },
@@ -48,7 +49,7 @@ pub enum Command {
     CommitOffsets {
         group: String,
         topic: String,
-        uid: u64,
+        uid: TopicUid,
         offsets: Vec<(u32, u64)>,
     },
     /// A queue group's progress on one partition: every record below `floor` is settled (acked
@@ -57,7 +58,7 @@ pub enum Command {
     QueueProgress {
         group: String,
         topic: String,
-        uid: u64,
+        uid: TopicUid,
         partition: u32,
         floor: u64,
         settled: Vec<u64>,

@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::types::TopicUid;
+
 /// Groups (per group and topic) the metadata keeps offsets for.
 pub const GROUPS_MAX: usize = 10_000;
 /// Offsets above a queue group's floor it keeps track of, per partition.
@@ -10,7 +12,7 @@ pub const QUEUE_WINDOW_MAX: usize = 10_000;
 /// A group's positions on one incarnation of a topic.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GroupOffsets {
-    pub uid: u64,
+    pub uid: TopicUid,
     /// Written by a queue group (else a stream-mode consumer group).
     pub queue: bool,
     pub partitions: BTreeMap<u32, Cursor>,

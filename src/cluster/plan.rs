@@ -9,6 +9,7 @@ use super::placement::replacement;
 use super::state::ClusterState;
 use super::topic::TopicSpec;
 use crate::raft::types::{Member, NodeId};
+use crate::types::TopicUid;
 
 /// A partition a node should hold, as the metadata says: (topic, partition).
 pub type PartitionId = (String, u32);
@@ -19,7 +20,7 @@ pub struct Open {
     pub topic: String,
     pub partition: u32,
     /// The topic's incarnation.
-    pub uid: u64,
+    pub uid: TopicUid,
     /// The voters to initialize a new group with: the replicas of the partition as the topic
     /// was created, when this node is one of them and the partition never moved. Empty: the
     /// replica joins its group (it was added by a move) and waits for the leader.
@@ -43,7 +44,7 @@ pub struct Reconcile {
 pub fn reconcile(
     state: &ClusterState,
     node: NodeId,
-    open: &HashMap<PartitionId, u64>,
+    open: &HashMap<PartitionId, TopicUid>,
 ) -> Reconcile {
     let mut want: BTreeMap<PartitionId, &TopicSpec> = BTreeMap::new();
     for spec in state.topics.values() {
@@ -231,10 +232,10 @@ mod tests {
         assert!(plan.close.is_empty() && plan.waiting.is_empty());
         // What is open already stays; what it no longer holds, or of another incarnation, goes.
         let open = HashMap::from([
-            (("t".to_string(), 0), 7),
-            (("t".to_string(), 1), 7),
-            (("t".to_string(), 2), 6),
-            (("gone".to_string(), 0), 3),
+            (("t".to_string(), 0), TopicUid(7)),
+            (("t".to_string(), 1), TopicUid(7)),
+            (("t".to_string(), 2), TopicUid(6)),
+            (("gone".to_string(), 0), TopicUid(3)),
         ]);
         let plan = reconcile(&s, NodeId(1), &open);
         assert_eq!(
@@ -256,7 +257,7 @@ mod tests {
         );
         s.apply(Command::MoveReplicas {
             topic: "t".into(),
-            uid: 7,
+            uid: TopicUid(7),
             partition: 0,
             target: ids(&[4, 2, 3]),
         });
@@ -299,13 +300,13 @@ mod tests {
             for cmd in [
                 Command::MoveReplicas {
                     topic: "t".into(),
-                    uid: 7,
+                    uid: TopicUid(7),
                     partition: p,
                     target: ids(&[4, 2, 3]),
                 },
                 Command::FinishMove {
                     topic: "t".into(),
-                    uid: 7,
+                    uid: TopicUid(7),
                     partition: p,
                     replicas: ids(&[4, 2, 3]),
                 },

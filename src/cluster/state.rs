@@ -7,6 +7,7 @@ use super::command::Command;
 use super::offsets::{Cursor, GroupOffsets, GROUPS_MAX};
 use super::topic::TopicSpec;
 use crate::raft::types::{Member, NodeId};
+use crate::types::TopicUid;
 
 /// What every node knows of the cluster, built by applying the committed commands in order.
 /// Applying is deterministic and never fails: a command that does not apply (a topic that
@@ -137,7 +138,12 @@ impl ClusterState {
 impl ClusterState {
     /// A group's positions on a topic, created if there is room; `None` if the topic is not
     /// that incarnation. Positions of an earlier incarnation are dropped.
-    fn group_mut(&mut self, group: String, topic: String, uid: u64) -> Option<&mut GroupOffsets> {
+    fn group_mut(
+        &mut self,
+        group: String,
+        topic: String,
+        uid: TopicUid,
+    ) -> Option<&mut GroupOffsets> {
         if self.topics.get(&topic).is_none_or(|t| t.uid != uid) {
             return None;
         }
@@ -155,7 +161,7 @@ impl ClusterState {
         Some(g)
     }
 
-    fn topic_mut(&mut self, name: &str, uid: u64, partition: u32) -> Option<&mut TopicSpec> {
+    fn topic_mut(&mut self, name: &str, uid: TopicUid, partition: u32) -> Option<&mut TopicSpec> {
         self.topics
             .get_mut(name)
             .filter(|t| t.uid == uid && partition < t.partitions)
@@ -188,7 +194,7 @@ mod tests {
 
     #[test]
     fn commands_apply_deterministically() {
-        let spec = |uid| TopicSpec {
+        let spec = |uid: TopicUid| TopicSpec {
             name: "t".into(),
             uid,
             partitions: 1,
@@ -206,27 +212,31 @@ mod tests {
             moved: Default::default(),
         };
         let mut s = ClusterState::default();
-        s.apply(Command::CreateTopic { spec: spec(1) });
+        s.apply(Command::CreateTopic {
+            spec: spec(TopicUid(1)),
+        });
         // A second create of the name does not replace the first.
-        s.apply(Command::CreateTopic { spec: spec(2) });
-        assert_eq!(s.topics["t"].uid, 1);
+        s.apply(Command::CreateTopic {
+            spec: spec(TopicUid(2)),
+        });
+        assert_eq!(s.topics["t"].uid, TopicUid(1));
         // A delete of another incarnation does nothing.
         s.apply(Command::DeleteTopic {
             name: "t".into(),
-            uid: 2,
+            uid: TopicUid(2),
         });
         assert!(s.topics.contains_key("t"));
         let enc = Command::DeleteTopic {
             name: "t".into(),
-            uid: 1,
+            uid: TopicUid(1),
         }
         .encode();
         let deleted = s.apply(Command::decode(&enc).unwrap());
-        assert_eq!(deleted.map(|t| t.uid), Some(1));
+        assert_eq!(deleted.map(|t| t.uid), Some(TopicUid(1)));
         assert!(s.topics.is_empty());
         assert!(Command::decode(b"{\"op\":\"nope\"}").is_err());
         // Invalid commands change nothing, on every node alike.
-        let mut bad = spec(3);
+        let mut bad = spec(TopicUid(3));
         bad.name = "other".into();
         bad.replicas = vec![ids(&[1, 1])];
         bad.replication_factor = 2;
@@ -244,7 +254,7 @@ mod tests {
         );
         let mv = |target: Vec<NodeId>| Command::MoveReplicas {
             topic: "t".into(),
-            uid: 7,
+            uid: TopicUid(7),
             partition: 0,
             target,
         };
@@ -254,13 +264,13 @@ mod tests {
         s.apply(mv(ids(&[1, 4])));
         s.apply(Command::MoveReplicas {
             topic: "t".into(),
-            uid: 8,
+            uid: TopicUid(8),
             partition: 0,
             target: ids(&[4, 2, 3]),
         });
         s.apply(Command::MoveReplicas {
             topic: "t".into(),
-            uid: 7,
+            uid: TopicUid(7),
             partition: 2,
             target: ids(&[4, 2, 3]),
         });
@@ -277,7 +287,7 @@ mod tests {
         // Finishing with another list than the move's does nothing.
         let finish = |replicas: Vec<NodeId>| Command::FinishMove {
             topic: "t".into(),
-            uid: 7,
+            uid: TopicUid(7),
             partition: 0,
             replicas,
         };
@@ -306,7 +316,7 @@ mod tests {
         assert_eq!(replacement(&s, &ids(&[2, 3]), &ids(&[1])), Some(NodeId(4)));
         s.apply(Command::MoveReplicas {
             topic: "t".into(),
-            uid: 7,
+            uid: TopicUid(7),
             partition: 0,
             target: ids(&[4, 2, 3]),
         });
@@ -317,7 +327,7 @@ mod tests {
         );
         s.apply(Command::FinishMove {
             topic: "t".into(),
-            uid: 7,
+            uid: TopicUid(7),
             partition: 0,
             replicas: ids(&[4, 2, 3]),
         });

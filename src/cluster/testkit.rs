@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::raft::types::{Member, NodeId};
+use crate::types::TopicUid;
 
 /// Node ids from numbers.
 pub fn ids(n: &[u64]) -> Vec<NodeId> {
@@ -20,7 +21,7 @@ pub fn topic(name: &str, partitions: u32, replicas: Vec<Vec<u64>>) -> TopicSpec 
     let replicas: Vec<Vec<NodeId>> = replicas.iter().map(|r| ids(r)).collect();
     TopicSpec {
         name: name.into(),
-        uid: 7,
+        uid: TopicUid(7),
         partitions,
         replication_factor: replicas[0].len() as u32,
         settings: crate::cluster::TopicSettings {

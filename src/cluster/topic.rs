@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use super::error::ClusterError;
-use crate::types::NodeId;
+use crate::types::{NodeId, TopicUid};
 
 /// Longest topic name (as Kafka).
 pub const TOPIC_NAME_MAX: usize = 249;
@@ -55,7 +55,7 @@ pub struct TopicSpec {
     pub name: String,
     /// This incarnation of the name: a topic deleted and created again is another topic, with
     /// other files and other Raft groups.
-    pub uid: u64,
+    pub uid: TopicUid,
     pub partitions: u32,
     pub replication_factor: u32,
     pub settings: TopicSettings,
@@ -83,7 +83,7 @@ impl TopicSpec {
 
     /// The directory (under the data directory's `topics/`) of this incarnation's files.
     pub fn dir_name(&self) -> String {
-        format!("{}.{:016x}", self.name, self.uid)
+        format!("{}.{}", self.name, self.uid)
     }
 }
 

@@ -17,7 +17,7 @@ use crate::broker::Broker;
 use crate::cluster::plan::PartitionId;
 use crate::cluster::{ClusterState, Command};
 use crate::shard::{CoreRequest, PartitionKey, StartAt};
-use crate::types::Offset;
+use crate::types::{Offset, TopicUid};
 
 /// How long the follower's long poll waits; also how often failed opens are retried.
 const FOLLOW_WAIT: Duration = Duration::from_secs(1);
@@ -31,7 +31,7 @@ pub struct Follower {
     /// Next metadata offset to read.
     next: Offset,
     /// Partitions open on this node: incarnation and directory.
-    pub(super) open: HashMap<PartitionId, (u64, PathBuf)>,
+    pub(super) open: HashMap<PartitionId, (TopicUid, PathBuf)>,
     /// Some partition failed to open or close: retry at the next step.
     pub(super) failed: bool,
 }

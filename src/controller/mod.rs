@@ -90,7 +90,7 @@ pub async fn start(broker: Arc<Broker>) -> anyhow::Result<()> {
         .ask(broker.shards.core_of(&key), |reply| CoreRequest::Open {
             open: Box::new(OpenPartition {
                 key: key.clone(),
-                uid: 0,
+                uid: crate::types::TopicUid(0),
                 dir: broker.config.data_dir.join("metadata"),
                 config: broker.config.log_config(&meta_settings()),
                 replica: broker.replica.clone(),

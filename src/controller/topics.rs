@@ -7,7 +7,7 @@ use super::propose::{propose, wait_applied, wait_metadata_leader};
 use super::{ControllerError, Result};
 use crate::broker::{Broker, Topic};
 use crate::cluster::{assign_replicas, Command, TopicSettings, TopicSpec};
-use crate::types::TimestampMs;
+use crate::types::{TimestampMs, TopicUid};
 
 /// How long creating a topic waits for its partitions here to know their leaders.
 const LEADERS_WAIT: Duration = Duration::from_secs(10);
@@ -52,7 +52,7 @@ pub async fn create_topic(broker: &Arc<Broker>, new: NewTopic) -> Result<Arc<Top
         return Err(ControllerError::TooManyTopics(broker.config.max_topics));
     }
     let replicas = assign_replicas(&nodes, new.partitions, rf)?;
-    let uid = rand::random::<u64>() | 1;
+    let uid = TopicUid(rand::random::<u64>() | 1);
     let spec = TopicSpec {
         name: name.clone(),
         uid,

@@ -17,6 +17,7 @@ use super::partition::{AppendRequest, Partition};
 use super::request::{CoreError, CoreRequest, OpenPartition, PartitionKey};
 use crate::proto::internal as pb;
 use crate::raft::RaftError;
+use crate::types::TopicUid;
 
 /// Requests taken from the mailbox in one go.
 const DRAIN_MAX: usize = 256;
@@ -311,7 +312,7 @@ async fn handle(core: u32, req: CoreRequest, partitions: Partitions) {
                 let p = lookup(&partitions, &key);
                 async move {
                     let answer = match (p, m.body) {
-                        (Ok(p), Some(body)) if p.uid == uid => p.handle(body).await,
+                        (Ok(p), Some(body)) if p.uid == TopicUid(uid) => p.handle(body).await,
                         (Ok(_), Some(_)) => {
                             Err(RaftError::Refused(format!("{key}: another incarnation")))
                         }

@@ -10,7 +10,7 @@ use futures::channel::oneshot;
 use crate::log::{Batch, LogConfig, LogError, Positions, Record};
 use crate::proto::internal as pb;
 use crate::raft::types::{Member, NodeId};
-use crate::types::{Offset, ProducerId, Sequence, TimestampMs};
+use crate::types::{Offset, ProducerId, Sequence, TimestampMs, TopicUid};
 
 /// A partition of a topic.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -154,7 +154,7 @@ pub struct ReplicaState {
     pub matched: Vec<(NodeId, Option<u64>)>,
     pub positions: Positions,
     /// Topic incarnation this replica belongs to.
-    pub uid: u64,
+    pub uid: TopicUid,
     /// On the leader: how long ago a quorum last acknowledged it (a leader cut off from the
     /// others keeps believing it leads; this ages).
     pub quorum_acked: Option<std::time::Duration>,
@@ -228,7 +228,7 @@ pub struct Fetched {
 pub struct OpenPartition {
     pub key: PartitionKey,
     /// The topic's incarnation (a topic deleted and created again is another group).
-    pub uid: u64,
+    pub uid: TopicUid,
     pub dir: PathBuf,
     pub config: LogConfig,
     pub replica: ReplicaSettings,

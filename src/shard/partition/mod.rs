@@ -42,7 +42,7 @@ use crate::raft::network::{self, GroupNetwork};
 use crate::raft::store::StoreHandle;
 use crate::raft::types::{Member, NodeId, PartitionRaft};
 use crate::raft::RaftError;
-use crate::types::ProducerId;
+use crate::types::{ProducerId, TopicUid};
 
 pub use append::AppendRequest;
 
@@ -59,7 +59,7 @@ pub struct Partition {
     election: RefCell<ElectionTimer>,
     pub key: PartitionKey,
     /// The topic incarnation this group belongs to.
-    pub uid: u64,
+    pub uid: TopicUid,
     pub log: Log,
     pub raft: PartitionGroup,
     /// Retention goes through the Raft storage (see [`Partition::retain`]).
@@ -110,7 +110,7 @@ impl Partition {
     /// returns; a replicated group elects its leader in the background.
     pub async fn open(
         key: PartitionKey,
-        uid: u64,
+        uid: TopicUid,
         dir: &Path,
         config: LogConfig,
         replica: &ReplicaSettings,
@@ -151,7 +151,7 @@ impl Partition {
                     group: pb::Group {
                         topic: key.topic.to_string(),
                         partition: key.partition,
-                        uid,
+                        uid: uid.0,
                     },
                 };
                 group::start_with(
