@@ -59,7 +59,7 @@ fn bench_round_trip(c: &mut Criterion) {
                 let start = Instant::now();
                 for _ in 0..iters {
                     let r = shards
-                        .ask(0, |reply| CoreRequest::Positions {
+                        .ask(tern::types::CoreId(0), |reply| CoreRequest::Positions {
                             key: key.clone(),
                             reply,
                         })
@@ -79,7 +79,7 @@ fn bench_round_trip(c: &mut Criterion) {
                 while done < iters {
                     let n = (iters - done).min(64);
                     let asks = (0..n).map(|_| {
-                        shards.ask(0, |reply| CoreRequest::Positions {
+                        shards.ask(tern::types::CoreId(0), |reply| CoreRequest::Positions {
                             key: key.clone(),
                             reply,
                         })

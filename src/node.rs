@@ -11,7 +11,7 @@ use crate::groups::Groups;
 use crate::net;
 use crate::raft::transport::Transport;
 use crate::shard::{ShardConfig, Shards};
-use crate::types::NodeId;
+use crate::types::{CoreId, NodeId};
 
 /// How long in-flight calls get to finish after a shutdown signal.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
@@ -154,8 +154,8 @@ fn advertise(addr: std::net::SocketAddr) -> anyhow::Result<String> {
 /// core's mailbox (glommio 0.9 loses wake-ups from other threads).
 fn on_core(shards: &Shards, wait: Duration) -> crate::raft::transport::OnCore {
     let mailboxes = shards.mailboxes();
-    Arc::new(move |core: u32, f: Box<dyn FnOnce() + Send>| {
-        let mailbox = mailboxes[core as usize % mailboxes.len()].clone();
+    Arc::new(move |core: CoreId, f: Box<dyn FnOnce() + Send>| {
+        let mailbox = mailboxes[core.0 as usize % mailboxes.len()].clone();
         Box::pin(async move {
             let _ = mailbox.send(crate::shard::CoreRequest::Run(f), wait).await;
         })

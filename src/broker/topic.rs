@@ -10,6 +10,7 @@ use crate::log::Record;
 use crate::raft::types::NodeId;
 use crate::shard::placement::core_for;
 use crate::shard::PartitionKey;
+use crate::types::CoreId;
 
 pub struct Topic {
     pub spec: TopicSpec,
@@ -50,8 +51,8 @@ impl Topic {
     }
 
     /// The core that holds `partition` on this node (if this node holds it).
-    pub fn core(&self, partition: u32) -> u32 {
-        core_for(&self.spec.name, partition, self.cores).0
+    pub fn core(&self, partition: u32) -> CoreId {
+        core_for(&self.spec.name, partition, self.cores)
     }
 
     pub fn replicas(&self, partition: u32) -> &[NodeId] {

@@ -7,7 +7,7 @@ use super::error::{invalid, ClusterError};
 use super::offsets::QUEUE_WINDOW_MAX;
 use super::topic::{validate_topic_name, TopicSpec};
 use crate::raft::types::{Member, NodeId};
-use crate::types::TopicUid;
+use crate::types::{Offset, TopicUid};
 
 /// Largest encoded command accepted.
 pub const COMMAND_MAX_BYTES: usize = 1 << 20;
@@ -50,7 +50,7 @@ pub enum Command {
         group: String,
         topic: String,
         uid: TopicUid,
-        offsets: Vec<(u32, u64)>,
+        offsets: Vec<(u32, Offset)>,
     },
     /// A queue group's progress on one partition: every record below `floor` is settled (acked
     /// or dead-lettered), and so are those at `settled` above it; `counts` are the delivery
@@ -60,9 +60,9 @@ pub enum Command {
         topic: String,
         uid: TopicUid,
         partition: u32,
-        floor: u64,
-        settled: Vec<u64>,
-        counts: Vec<(u64, u32)>,
+        floor: Offset,
+        settled: Vec<Offset>,
+        counts: Vec<(Offset, u32)>,
     },
 }
 

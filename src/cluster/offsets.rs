@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::types::TopicUid;
+use crate::types::{Offset, TopicUid};
 
 /// Groups (per group and topic) the metadata keeps offsets for.
 pub const GROUPS_MAX: usize = 10_000;
@@ -22,9 +22,9 @@ pub struct GroupOffsets {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Cursor {
     /// The next offset to consume (queue mode: every record below it is settled).
-    pub offset: u64,
+    pub offset: Offset,
     /// Queue mode: settled offsets above `offset`.
-    pub settled: Vec<u64>,
+    pub settled: Vec<Offset>,
     /// Queue mode: delivery counts of records delivered and not settled.
-    pub counts: Vec<(u64, u32)>,
+    pub counts: Vec<(Offset, u32)>,
 }

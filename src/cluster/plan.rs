@@ -9,7 +9,7 @@ use super::placement::replacement;
 use super::state::ClusterState;
 use super::topic::TopicSpec;
 use crate::raft::types::{Member, NodeId};
-use crate::types::TopicUid;
+use crate::types::{RaftIndex, TopicUid};
 
 /// A partition a node should hold, as the metadata says: (topic, partition).
 pub type PartitionId = (String, u32);
@@ -148,8 +148,8 @@ pub fn drain(state: &ClusterState, moving_max: usize) -> Drain {
 pub struct MetadataGroup {
     pub voters: Vec<NodeId>,
     pub learners: Vec<NodeId>,
-    pub matched: Vec<(NodeId, Option<u64>)>,
-    pub last_index: u64,
+    pub matched: Vec<(NodeId, Option<RaftIndex>)>,
+    pub last_index: RaftIndex,
 }
 
 /// Who the metadata group's members should be.
@@ -334,11 +334,11 @@ mod tests {
             voters: ids(&[1, 2, 3]),
             learners: vec![],
             matched: vec![
-                (NodeId(2), Some(10)),
-                (NodeId(3), Some(8)),
+                (NodeId(2), Some(RaftIndex(10))),
+                (NodeId(3), Some(RaftIndex(8))),
                 (NodeId(4), None),
             ],
-            last_index: 10,
+            last_index: RaftIndex(10),
         };
         let controllers = BTreeMap::new();
         // Node 3 was removed: it votes no more; reachable and behind, it learns on.

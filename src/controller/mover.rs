@@ -143,7 +143,7 @@ async fn lead_metadata(broker: &Arc<Broker>) -> Result<()> {
         voters: group.voters,
         learners: group.learners,
         matched: group.matched,
-        last_index: group.last_index.unwrap_or(0),
+        last_index: group.last_index.unwrap_or_default(),
     };
     let reachable = |id: NodeId| {
         broker

@@ -23,7 +23,7 @@ use crate::proto::v1 as pb;
 use crate::proto::v1::consume_request::Kind;
 use crate::proto::v1::consume_response::Kind as Down;
 use crate::shard::CoreError;
-use crate::types::ProducerId;
+use crate::types::{Offset, ProducerId};
 
 /// How often a group checks deadlines and its coordinator role.
 const TICK: Duration = Duration::from_millis(100);
@@ -253,7 +253,7 @@ impl Group {
         let mut committed = vec![None; n];
         for (p, c) in &saved {
             if let Some(slot) = committed.get_mut(*p as usize) {
-                *slot = Some(c.offset);
+                *slot = Some(c.offset.0);
             }
         }
         Ok(Group {
@@ -398,7 +398,7 @@ impl Group {
                 group: self.key.0.clone(),
                 topic: self.key.1.clone(),
                 uid: self.topic.spec.uid,
-                offsets: changed.clone(),
+                offsets: changed.iter().map(|(p, o)| (*p, Offset(*o))).collect(),
             };
             if !self.propose(&cmd).await {
                 return;
@@ -614,9 +614,13 @@ impl Group {
                 topic: self.key.1.clone(),
                 uid: self.topic.spec.uid,
                 partition: p,
-                floor: progress.floor,
-                settled: progress.settled,
-                counts: progress.counts,
+                floor: Offset(progress.floor),
+                settled: progress.settled.into_iter().map(Offset).collect(),
+                counts: progress
+                    .counts
+                    .into_iter()
+                    .map(|(o, n)| (Offset(o), n))
+                    .collect(),
             };
             if !self.propose(&cmd).await {
                 return;

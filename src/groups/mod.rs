@@ -304,7 +304,7 @@ impl Groups {
                     partitions: (0..topic.spec.partitions)
                         .map(|p| pb::GroupPartition {
                             partition: p,
-                            committed: o.partitions.get(&p).map(|c| c.offset),
+                            committed: o.partitions.get(&p).map(|c| c.offset.0),
                             ..Default::default()
                         })
                         .collect(),

@@ -127,9 +127,9 @@ impl Window {
         let mut parts: Vec<Part> = (0..partitions).map(|_| Part::default()).collect();
         for (p, c) in saved {
             if let Some(part) = parts.get_mut(*p as usize) {
-                part.next_fetch = Some(c.offset);
-                part.settled = c.settled.iter().copied().collect();
-                part.counts = c.counts.iter().copied().collect();
+                part.next_fetch = Some(c.offset.0);
+                part.settled = c.settled.iter().map(|o| o.0).collect();
+                part.counts = c.counts.iter().map(|(o, n)| (o.0, *n)).collect();
             }
         }
         Window {

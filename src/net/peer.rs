@@ -11,7 +11,7 @@ use crate::controller;
 use crate::proto::internal as pb;
 use crate::proto::internal::peer_server::Peer;
 use crate::shard::{CoreRequest, PartitionKey};
-use crate::types::NodeId;
+use crate::types::{CoreId, NodeId};
 
 /// Messages one Exchange may carry.
 const EXCHANGE_MESSAGES_MAX: usize = 4096;
@@ -62,7 +62,8 @@ impl Peer for PeerService {
             )));
         }
         let mut replies = Vec::with_capacity(r.messages.len());
-        let mut by_core: HashMap<u32, Vec<(PartitionKey, u64, pb::RaftRequest)>> = HashMap::new();
+        let mut by_core: HashMap<CoreId, Vec<(PartitionKey, u64, pb::RaftRequest)>> =
+            HashMap::new();
         for m in r.messages {
             let Some(g) = &m.group else {
                 replies.push(pb::RaftReply {

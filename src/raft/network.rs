@@ -19,18 +19,19 @@ use super::transport::{Answer, Outgoing, Transport};
 use super::types::{Member, NodeId, PartitionRaft, Vote};
 use super::wire;
 use crate::proto::internal as pb;
+use crate::types::CoreId;
 
 /// The network of one group on one core: makes a client per peer.
 pub struct GroupNetwork {
     pub transport: Arc<Transport>,
-    pub core: u32,
+    pub core: CoreId,
     pub group: pb::Group,
 }
 
 /// One group's client of one peer.
 pub struct GroupClient {
     transport: Arc<Transport>,
-    core: u32,
+    core: CoreId,
     group: pb::Group,
     target: NodeId,
     addr: String,

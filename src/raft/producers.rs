@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::types::{Offset, ProducerId, Sequence};
+use crate::types::{Offset, ProducerId, RaftIndex, Sequence};
 
 /// Batches remembered per producer: a retry of any of them is recognised.
 pub const BATCHES_PER_PRODUCER: usize = 8;
@@ -61,7 +61,7 @@ impl ProducerTable {
         first: Sequence,
         count: u32,
         base: Offset,
-        index: u64,
+        index: RaftIndex,
     ) {
         if id == ProducerId::NONE || first.0 < 0 || count == 0 {
             return;
@@ -76,7 +76,7 @@ impl ProducerTable {
         while p.batches.len() > BATCHES_PER_PRODUCER {
             p.batches.pop_front();
         }
-        p.touched = index;
+        p.touched = index.0;
         if self.producers.len() > PRODUCERS_MAX {
             self.evict();
         }
@@ -112,10 +112,11 @@ impl ProducerTable {
     pub fn check(
         &self,
         id: ProducerId,
-        first: i32,
+        first: Sequence,
         count: u32,
         pending: &[(i32, i32)],
     ) -> SeqCheck {
+        let first = first.0;
         let end = first as i64 + count as i64; // exclusive
         let committed_last = self.last_sequence(id);
         let last = pending
@@ -167,55 +168,70 @@ mod tests {
     #[test]
     fn next_sequences_append_retries_are_duplicates_with_their_offsets() {
         let mut t = ProducerTable::default();
-        assert_eq!(t.check(P, 0, 3, &[]), SeqCheck::Append);
-        t.applied(P, Sequence(0), 3, Offset(10), 1);
-        t.applied(P, Sequence(3), 2, Offset(20), 2);
-        assert_eq!(t.check(P, 5, 1, &[]), SeqCheck::Append);
+        assert_eq!(t.check(P, Sequence(0), 3, &[]), SeqCheck::Append);
+        t.applied(P, Sequence(0), 3, Offset(10), RaftIndex(1));
+        t.applied(P, Sequence(3), 2, Offset(20), RaftIndex(2));
+        assert_eq!(t.check(P, Sequence(5), 1, &[]), SeqCheck::Append);
         assert_eq!(
-            t.check(P, 0, 3, &[]),
+            t.check(P, Sequence(0), 3, &[]),
             SeqCheck::Duplicate(vec![Offset(10), Offset(11), Offset(12)])
         );
         // A retry spanning two batches.
         assert_eq!(
-            t.check(P, 2, 2, &[]),
+            t.check(P, Sequence(2), 2, &[]),
             SeqCheck::Duplicate(vec![Offset(12), Offset(20)])
         );
-        assert_eq!(t.check(P, 7, 1, &[]), SeqCheck::OutOfOrder { expected: 5 });
+        assert_eq!(
+            t.check(P, Sequence(7), 1, &[]),
+            SeqCheck::OutOfOrder { expected: 5 }
+        );
         // Overlapping the committed end and going past it.
-        assert_eq!(t.check(P, 4, 3, &[]), SeqCheck::OutOfOrder { expected: 5 });
+        assert_eq!(
+            t.check(P, Sequence(4), 3, &[]),
+            SeqCheck::OutOfOrder { expected: 5 }
+        );
     }
 
     #[test]
     fn pending_batches_count_and_retries_of_them_are_in_flight() {
         let mut t = ProducerTable::default();
-        t.applied(P, Sequence(0), 2, Offset(0), 1);
+        t.applied(P, Sequence(0), 2, Offset(0), RaftIndex(1));
         let pending = [(2, 4)];
-        assert_eq!(t.check(P, 5, 1, &pending), SeqCheck::Append);
-        assert_eq!(t.check(P, 2, 3, &pending), SeqCheck::InFlight);
+        assert_eq!(t.check(P, Sequence(5), 1, &pending), SeqCheck::Append);
+        assert_eq!(t.check(P, Sequence(2), 3, &pending), SeqCheck::InFlight);
         assert_eq!(
-            t.check(P, 2, 1, &[]),
+            t.check(P, Sequence(2), 1, &[]),
             SeqCheck::Append,
             "not pending any more and not committed: it was never written"
         );
-        assert_eq!(t.check(ProducerId(6), 0, 1, &[(0, 0)]), SeqCheck::InFlight);
+        assert_eq!(
+            t.check(ProducerId(6), Sequence(0), 1, &[(0, 0)]),
+            SeqCheck::InFlight
+        );
     }
 
     #[test]
     fn memory_is_bounded() {
         let mut t = ProducerTable::default();
         for i in 0..(BATCHES_PER_PRODUCER as i32 + 4) {
-            t.applied(P, Sequence(i), 1, Offset(i as u64), i as u64);
+            t.applied(P, Sequence(i), 1, Offset(i as u64), RaftIndex(i as u64));
         }
         // The oldest batches are forgotten: their retries are no longer recognised.
-        assert_eq!(t.check(P, 0, 1, &[]), SeqCheck::OutOfOrder { expected: 12 });
-        assert!(matches!(t.check(P, 11, 1, &[]), SeqCheck::Duplicate(_)));
+        assert_eq!(
+            t.check(P, Sequence(0), 1, &[]),
+            SeqCheck::OutOfOrder { expected: 12 }
+        );
+        assert!(matches!(
+            t.check(P, Sequence(11), 1, &[]),
+            SeqCheck::Duplicate(_)
+        ));
         for i in 0..(PRODUCERS_MAX as i64 + 1) {
             t.applied(
                 ProducerId(100 + i),
                 Sequence(0),
                 1,
                 Offset(0),
-                100 + i as u64,
+                RaftIndex(100 + i as u64),
             );
         }
         assert!(t.len() <= PRODUCERS_MAX);

@@ -24,12 +24,15 @@ use futures::channel::oneshot;
 use super::error::RaftError;
 use super::types::NodeId;
 use crate::proto::internal as pb;
+use crate::types::CoreId;
 
 /// Runs a closure on a core (`on_core(core, f)`): answers to a group's calls complete on the
 /// core that owns the group. The node wires this to the cores' mailboxes, so this module needs
 /// nothing of the shard above it.
 pub type OnCore = Arc<
-    dyn Fn(u32, Box<dyn FnOnce() + Send>) -> futures::future::BoxFuture<'static, ()> + Send + Sync,
+    dyn Fn(CoreId, Box<dyn FnOnce() + Send>) -> futures::future::BoxFuture<'static, ()>
+        + Send
+        + Sync,
 >;
 
 /// Messages waiting for one peer; a group finding it full treats the peer as unreachable.
@@ -49,7 +52,7 @@ pub type Answer = Result<Bytes, RaftError>;
 
 /// A message for a peer, with the way back to the group that sent it.
 pub(super) struct Outgoing {
-    pub(super) core: u32,
+    pub(super) core: CoreId,
     pub(super) message: pb::RaftRequest,
     pub(super) reply: oneshot::Sender<Answer>,
 }
@@ -190,7 +193,7 @@ impl Transport {
 
     /// Hands answers back to the core whose groups wait for them. If the core stays saturated
     /// the answers are dropped: the groups time out and retry.
-    async fn deliver(&self, core: u32, answers: Vec<(oneshot::Sender<Answer>, Answer)>) {
+    async fn deliver(&self, core: CoreId, answers: Vec<(oneshot::Sender<Answer>, Answer)>) {
         (self.on_core)(
             core,
             Box::new(move || {
@@ -317,7 +320,8 @@ async fn run_link(
             }
             drop(slot);
             // Group the answers by core: one mailbox request per core.
-            let mut by_core: HashMap<u32, Vec<(oneshot::Sender<Answer>, Answer)>> = HashMap::new();
+            let mut by_core: HashMap<CoreId, Vec<(oneshot::Sender<Answer>, Answer)>> =
+                HashMap::new();
             for (w, a) in waiting.into_iter().zip(answers) {
                 if let Some((core, tx)) = w {
                     let a = a.unwrap_or_else(|| {

@@ -17,7 +17,7 @@ use super::partition::{AppendRequest, Partition};
 use super::request::{CoreError, CoreRequest, OpenPartition, PartitionKey};
 use crate::proto::internal as pb;
 use crate::raft::RaftError;
-use crate::types::TopicUid;
+use crate::types::{CoreId, TopicUid};
 
 /// Requests taken from the mailbox in one go.
 const DRAIN_MAX: usize = 256;
@@ -33,7 +33,7 @@ type AppendGroup = (PartitionKey, Vec<AppendRequest>);
 /// those for tasks in a `Latency::Matters` queue (1,000 publishes/s stalled after ~2 s for
 /// 28 s) and, rarely, in the default queue too. How soon a *busy* core sees its mailbox is
 /// bounded by the executor's preempt timer (`PREEMPT_TIMER` in `shard/mod.rs`).
-pub async fn run(core: u32, mailbox: MailboxReceiver, raft_tick: Duration) {
+pub async fn run(core: CoreId, mailbox: MailboxReceiver, raft_tick: Duration) {
     mailbox_loop(core, mailbox.attach(), raft_tick).await
 }
 
@@ -44,7 +44,7 @@ pub async fn run(core: u32, mailbox: MailboxReceiver, raft_tick: Duration) {
 /// per heartbeat put timeouts into a few buckets: two followers often timed out together, split
 /// the vote and waited another round.)
 async fn drive_groups(
-    core: u32,
+    core: CoreId,
     partitions: Partitions,
     heartbeat: Duration,
     stop: Rc<std::cell::Cell<bool>>,
@@ -95,7 +95,7 @@ const SUMMARY_EVERY: Duration = Duration::from_secs(2);
 /// leadership of, and how many elections there were: one summary line per core at most every
 /// [`SUMMARY_EVERY`], so a failover of a thousand partitions is a few lines, not a thousand.
 struct LeadershipLog {
-    core: u32,
+    core: CoreId,
     /// Each group's leadership and term when last looked at.
     seen: HashMap<PartitionKey, (bool, u64)>,
     gained: Vec<String>,
@@ -105,7 +105,7 @@ struct LeadershipLog {
 }
 
 impl LeadershipLog {
-    fn new(core: u32) -> Self {
+    fn new(core: CoreId) -> Self {
         LeadershipLog {
             core,
             seen: HashMap::new(),
@@ -168,7 +168,7 @@ impl LeadershipLog {
     }
 }
 
-async fn mailbox_loop(core: u32, mut mailbox: LocalMailbox, raft_tick: Duration) {
+async fn mailbox_loop(core: CoreId, mut mailbox: LocalMailbox, raft_tick: Duration) {
     let partitions: Partitions = Rc::new(RefCell::new(HashMap::new()));
     let stop_driver = Rc::new(std::cell::Cell::new(false));
     glommio::spawn_local(drive_groups(
@@ -178,7 +178,7 @@ async fn mailbox_loop(core: u32, mut mailbox: LocalMailbox, raft_tick: Duration)
         stop_driver.clone(),
     ))
     .detach();
-    tracing::debug!(core, "core started");
+    tracing::debug!(%core, "core started");
     while let Some(first) = mailbox.recv().await {
         let mut batch = Vec::with_capacity(16);
         batch.push(first);
@@ -188,7 +188,7 @@ async fn mailbox_loop(core: u32, mut mailbox: LocalMailbox, raft_tick: Duration)
                 None => break,
             }
         }
-        tracing::trace!(core, requests = batch.len(), "mailbox drained");
+        tracing::trace!(%core, requests = batch.len(), "mailbox drained");
         // Appends per partition in arrival order, so they become one batch each.
         let mut appends: Vec<AppendGroup> = Vec::new();
         for req in batch {
@@ -205,7 +205,7 @@ async fn mailbox_loop(core: u32, mut mailbox: LocalMailbox, raft_tick: Duration)
                 CoreRequest::Shutdown { reply } => {
                     if mailbox.rescued() > 0 {
                         tracing::info!(
-                            core,
+                            %core,
                             rescued = mailbox.rescued(),
                             "requests found by the mailbox re-check (lost wake-ups)"
                         );
@@ -237,7 +237,7 @@ async fn mailbox_loop(core: u32, mut mailbox: LocalMailbox, raft_tick: Duration)
     }
     if mailbox.rescued() > 0 {
         tracing::info!(
-            core,
+            %core,
             rescued = mailbox.rescued(),
             "requests found by the mailbox re-check (lost wake-ups)"
         );
@@ -255,7 +255,7 @@ fn lookup(partitions: &Partitions, key: &PartitionKey) -> Result<Rc<Partition>, 
         .ok_or_else(|| CoreError::UnknownPartition(key.to_string()))
 }
 
-async fn handle(core: u32, req: CoreRequest, partitions: Partitions) {
+async fn handle(core: CoreId, req: CoreRequest, partitions: Partitions) {
     match req {
         CoreRequest::Open { open, reply } => {
             let OpenPartition {
@@ -362,15 +362,15 @@ async fn handle(core: u32, req: CoreRequest, partitions: Partitions) {
     }
 }
 
-async fn shutdown(core: u32, partitions: &Partitions) -> Result<(), CoreError> {
+async fn shutdown(core: CoreId, partitions: &Partitions) -> Result<(), CoreError> {
     let all: Vec<Rc<Partition>> = partitions.borrow_mut().drain().map(|(_, p)| p).collect();
     let mut result = Ok(());
     for p in all {
         if let Err(e) = p.close().await {
-            tracing::error!(core, partition = %p.key, error = %e, "flush on shutdown failed");
+            tracing::error!(%core, partition = %p.key, error = %e, "flush on shutdown failed");
             result = Err(e);
         }
     }
-    tracing::debug!(core, "core stopped");
+    tracing::debug!(%core, "core stopped");
     result
 }

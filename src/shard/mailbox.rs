@@ -111,7 +111,7 @@ impl MailboxSender {
                     // Make sure the core is awake to drain it.
                     self.bell.ring();
                     if Instant::now() >= deadline {
-                        return Err(CoreError::Busy(self.core));
+                        return Err(CoreError::Busy(crate::types::CoreId(self.core)));
                     }
                     req = r;
                     tokio::time::sleep(pause).await;

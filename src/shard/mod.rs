@@ -17,6 +17,8 @@ use std::time::Duration;
 use futures::channel::oneshot;
 use glommio::{LocalExecutorBuilder, Placement};
 
+use crate::types::CoreId;
+
 pub use mailbox::MailboxSender;
 pub use request::{
     AppendAck, Appended, CoreError, CoreRequest, Fetched, ListedOffsets, MemberProgress,
@@ -63,7 +65,7 @@ impl Shards {
                 .spawn(move || match builder.make() {
                     Ok(ex) => {
                         let _ = started_tx.send(Ok(()));
-                        ex.run(core::run(i as u32, rx, tick));
+                        ex.run(core::run(CoreId(i as u32), rx, tick));
                     }
                     Err(e) => {
                         let _ = started_tx.send(Err(e.to_string()));
@@ -92,7 +94,7 @@ impl Shards {
     }
 
     /// The core holding this node's replica of `key`'s group.
-    pub fn core_of(&self, key: &PartitionKey) -> u32 {
+    pub fn core_of(&self, key: &PartitionKey) -> CoreId {
         placement::core_of(key, self.mailboxes.len())
     }
 
@@ -101,14 +103,14 @@ impl Shards {
         self.mailboxes.clone()
     }
 
-    pub fn mailbox(&self, core: u32) -> &MailboxSender {
-        &self.mailboxes[core as usize % self.mailboxes.len()]
+    pub fn mailbox(&self, core: CoreId) -> &MailboxSender {
+        &self.mailboxes[core.0 as usize % self.mailboxes.len()]
     }
 
     /// Sends a request to a core and waits for the answer.
     pub async fn ask<T>(
         &self,
-        core: u32,
+        core: CoreId,
         make: impl FnOnce(request::Reply<T>) -> CoreRequest,
     ) -> Result<T, CoreError> {
         self.submit(core, make).await?.await
@@ -118,7 +120,7 @@ impl Shards {
     /// answer. Requests submitted one after another reach the core in that order.
     pub async fn submit<T>(
         &self,
-        core: u32,
+        core: CoreId,
         make: impl FnOnce(request::Reply<T>) -> CoreRequest,
     ) -> Result<impl std::future::Future<Output = Result<T, CoreError>>, CoreError> {
         let (tx, rx) = oneshot::channel();
@@ -129,7 +131,7 @@ impl Shards {
     /// Flushes every core's logs and stops the cores; later requests get `ShuttingDown`.
     pub async fn shutdown(&self) -> Result<(), CoreError> {
         let mut result = Ok(());
-        for core in 0..self.mailboxes.len() as u32 {
+        for core in (0..self.mailboxes.len() as u32).map(CoreId) {
             if let Err(e) = self
                 .ask(core, |reply| CoreRequest::Shutdown { reply })
                 .await

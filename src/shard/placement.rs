@@ -35,11 +35,11 @@ pub fn core_for(topic: &str, partition: u32, cores: usize) -> CoreId {
 
 /// The core holding this node's replica of `key`'s group: the metadata group lives on core 0,
 /// a partition where [`core_for`] puts it.
-pub fn core_of(key: &crate::shard::PartitionKey, cores: usize) -> u32 {
+pub fn core_of(key: &crate::shard::PartitionKey, cores: usize) -> CoreId {
     if key.is_metadata() {
-        return 0;
+        return CoreId(0);
     }
-    core_for(&key.topic, key.partition, cores).0
+    core_for(&key.topic, key.partition, cores)
 }
 
 /// The partition a keyed record goes to.

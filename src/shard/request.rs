@@ -10,7 +10,7 @@ use futures::channel::oneshot;
 use crate::log::{Batch, LogConfig, LogError, Positions, Record};
 use crate::proto::internal as pb;
 use crate::raft::types::{Member, NodeId};
-use crate::types::{Offset, ProducerId, Sequence, TimestampMs, TopicUid};
+use crate::types::{CoreId, Offset, ProducerId, RaftIndex, Sequence, TimestampMs, TopicUid};
 
 /// A partition of a topic.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -52,7 +52,7 @@ pub enum CoreError {
     #[error("the node is shutting down")]
     ShuttingDown,
     #[error("core {0} is overloaded: its mailbox stayed full")]
-    Busy(u32),
+    Busy(CoreId),
     /// This replica does not lead the partition; nothing was written.
     #[error("not the partition leader (leader: {})", leader.map_or("unknown".to_string(), |l| format!("node {l}")))]
     NotLeader { leader: Option<NodeId> },
@@ -145,13 +145,13 @@ pub struct ReplicaState {
     pub is_leader: bool,
     pub term: u64,
     /// Raft index of the last entry in this replica's log, and of the last one it has applied.
-    pub last_index: Option<u64>,
-    pub applied_index: Option<u64>,
+    pub last_index: Option<RaftIndex>,
+    pub applied_index: Option<RaftIndex>,
     pub voters: Vec<NodeId>,
     /// Members that receive the log without voting.
     pub learners: Vec<NodeId>,
     /// On the leader: each follower's last replicated Raft index.
-    pub matched: Vec<(NodeId, Option<u64>)>,
+    pub matched: Vec<(NodeId, Option<RaftIndex>)>,
     pub positions: Positions,
     /// Topic incarnation this replica belongs to.
     pub uid: TopicUid,

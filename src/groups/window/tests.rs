@@ -267,9 +267,9 @@ fn a_new_coordinator_starts_from_the_saved_positions() {
     let saved = BTreeMap::from([(
         0,
         Cursor {
-            offset: 10,
-            settled: vec![12],
-            counts: vec![(11, 2)],
+            offset: crate::types::Offset(10),
+            settled: vec![crate::types::Offset(12)],
+            counts: vec![(crate::types::Offset(11), 2)],
         },
     )]);
     let mut w = Window::new(2, &saved, 3);

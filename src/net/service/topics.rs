@@ -46,7 +46,7 @@ pub async fn partitions(broker: &Broker, t: &Topic) -> Vec<pb::PartitionInfo> {
             replicas: ids(t.replicas(p)),
             start_offset: 0,
             end_offset: 0,
-            core: t.core(p),
+            core: t.core(p).0,
             local: false,
             term: 0,
             followers: Vec::new(),
@@ -55,7 +55,7 @@ pub async fn partitions(broker: &Broker, t: &Topic) -> Vec<pb::PartitionInfo> {
         if t.on(me, p) {
             // A replica still opening (just created, or being reconciled) reports no view.
             if let Ok(s) = broker.replica_state(t, p).await {
-                let last = s.last_index.unwrap_or(0);
+                let last = s.last_index.map_or(0, |i| i.0);
                 info.leader = s.leader.map_or(0, |l| l.0);
                 info.start_offset = s.positions.start.0;
                 info.end_offset = s.positions.committed.0;
@@ -66,7 +66,7 @@ pub async fn partitions(broker: &Broker, t: &Topic) -> Vec<pb::PartitionInfo> {
                     .iter()
                     .map(|(node, m)| pb::ReplicaProgress {
                         node: node.0,
-                        lag_entries: m.map_or(last + 1, |m| last.saturating_sub(m)),
+                        lag_entries: m.map_or(last + 1, |m| last.saturating_sub(m.0)),
                         matched: m.is_some(),
                     })
                     .collect();

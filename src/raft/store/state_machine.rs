@@ -88,7 +88,7 @@ impl RaftStateMachine<PartitionRaft> for StateMachine {
                         m.base_sequence,
                         m.record_count,
                         Offset(o.base),
-                        id.index,
+                        crate::types::RaftIndex(id.index),
                     );
                 }
             }

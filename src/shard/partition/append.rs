@@ -177,7 +177,7 @@ impl Partition {
         match self
             .store
             .producers()
-            .check(ps.id, ps.first.0, count as u32, mine)
+            .check(ps.id, ps.first, count as u32, mine)
         {
             SeqCheck::Append => Ok(None),
             SeqCheck::Duplicate(offsets) => {

@@ -42,7 +42,7 @@ use crate::raft::network::{self, GroupNetwork};
 use crate::raft::store::StoreHandle;
 use crate::raft::types::{Member, NodeId, PartitionRaft};
 use crate::raft::RaftError;
-use crate::types::{ProducerId, TopicUid};
+use crate::types::{CoreId, ProducerId, RaftIndex, TopicUid};
 
 pub use append::AppendRequest;
 
@@ -115,7 +115,7 @@ impl Partition {
         config: LogConfig,
         replica: &ReplicaSettings,
         voters: BTreeMap<NodeId, Member>,
-        core: u32,
+        core: CoreId,
     ) -> Result<Partition, CoreError> {
         let alone = voters.len() == 1 && voters.contains_key(&replica.node_id);
         // No voters: this replica joins a group that exists elsewhere (it is being added by a
@@ -302,8 +302,8 @@ impl Partition {
             leader,
             is_leader: leader == Some(m.id),
             term: m.current_term,
-            last_index: m.last_log_index,
-            applied_index: m.last_applied.map(|l| l.index),
+            last_index: m.last_log_index.map(RaftIndex),
+            applied_index: m.last_applied.map(|l| RaftIndex(l.index)),
             voters: m.membership_config.membership().voter_ids().collect(),
             learners: m.membership_config.membership().learner_ids().collect(),
             matched: m
@@ -312,7 +312,7 @@ impl Partition {
                 .map(|r| {
                     r.iter()
                         .filter(|(id, _)| **id != m.id)
-                        .map(|(id, l)| (*id, l.as_ref().map(|l| l.index)))
+                        .map(|(id, l)| (*id, l.as_ref().map(|l| RaftIndex(l.index))))
                         .collect()
                 })
                 .unwrap_or_default(),

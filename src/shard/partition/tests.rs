@@ -9,7 +9,7 @@ use bytes::Bytes;
 use super::*;
 use crate::log::{LogError, ReadBound, Record};
 use crate::shard::request::ProducerSeq;
-use crate::types::{NodeId, Offset, ProducerId, Sequence, TopicUid};
+use crate::types::{CoreId, NodeId, Offset, ProducerId, Sequence, TopicUid};
 
 fn rec(len: usize) -> Record {
     Record {
@@ -31,7 +31,7 @@ async fn single_voter(dir: &Path, config: crate::log::LogConfig) -> Partition {
         partition: 0,
     };
     let voters = BTreeMap::from([(NodeId(1), Member::default())]);
-    Partition::open(key, TopicUid(0), dir, config, &replica, voters, 0)
+    Partition::open(key, TopicUid(0), dir, config, &replica, voters, CoreId(0))
         .await
         .unwrap()
 }
