@@ -1,7 +1,15 @@
 //! Tern: a geo-distributed, fault-tolerant message broker.
 //!
-//! The tree follows a record's path: `net` receives it, `shard` owns it, `raft` replicates it
-//! (to come), `log` stores it; `cluster` holds the metadata beside them.
+//! The tree follows a record's path: `net` receives it, `broker` routes it to the core that
+//! owns its partition (or the node that leads it), `shard` owns it on that core, `raft`
+//! replicates it, `log` stores it. Beside the path: `cluster` (the metadata model, pure),
+//! `controller` (the metadata group at run time), `groups` (consumer and queue groups), `node`
+//! (wiring) and `cli`. Imports point down this order only (checked by `tests/layering.rs`):
+//!
+//! ```text
+//! types, proto → log → raft → shard → cluster → config → broker → controller → groups → net
+//!   → node → cli
+//! ```
 
 pub mod broker;
 pub mod cli;

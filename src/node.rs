@@ -1,5 +1,8 @@
-//! `tern serve`: starts the cores, the metadata, and the network shard; stops them in order on
-//! SIGTERM or SIGINT (stop accepting, finish in-flight calls, flush every log, exit 0).
+//! `tern serve`: the wiring. Starts the cores (`shard`), the transport between nodes
+//! (`raft::transport`, handed a way to run work on the cores), the node context (`broker`), the
+//! metadata (`controller`), the `groups` and the gRPC edge (`net`); stops them in order on
+//! SIGTERM or SIGINT (stop accepting, finish in-flight calls, flush every log, exit 0), or on
+//! its own when the node was removed from the cluster (exit 1, saying why).
 
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;

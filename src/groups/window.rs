@@ -69,6 +69,7 @@ impl Part {
     }
 
     fn settle(&mut self, offset: u64) -> bool {
+        let before = self.floor();
         let Some(slot) = self.slots.remove(&offset) else {
             return false;
         };
@@ -77,6 +78,11 @@ impl Part {
         if let Some(f) = self.floor() {
             self.settled = self.settled.split_off(&f);
         }
+        debug_assert!(
+            self.floor() >= before,
+            "a queue's floor went back from {before:?} to {:?}",
+            self.floor()
+        );
         self.dirty = true;
         true
     }

@@ -330,13 +330,28 @@ impl Log {
 
     pub fn positions(&self) -> Positions {
         let st = self.inner.state.borrow();
-        Positions {
+        let p = Positions {
             start: st.start(),
             committed: st.committed,
             durable: st.durable,
             written: st.written,
             next: st.next,
-        }
+        };
+        // The order of the positions (see the module notes): durable ≤ written ≤ next, and
+        // committed ≤ what the fsync policy secured.
+        debug_assert!(
+            p.durable <= p.written && p.written <= p.next,
+            "log positions out of order: {p:?}"
+        );
+        debug_assert!(
+            p.committed
+                <= match self.inner.config.fsync {
+                    FsyncPolicy::Always => p.durable,
+                    FsyncPolicy::Interval(_) => p.written,
+                },
+            "committed past what the fsync policy secured: {p:?}"
+        );
+        p
     }
 
     pub fn stats(&self) -> LogStats {

@@ -1,6 +1,18 @@
-//! The network shard: a tokio runtime serving tonic. It validates requests, routes each to the
-//! core that owns the partition, and answers from the core's reply. It also serves gRPC server
-//! reflection (grpcurl needs no .proto file) and the standard health service.
+//! The gRPC edge, on the network shard (a tokio runtime): tonic services that decode and
+//! validate each call, hand it to the node's context (`broker`), the `controller` or the
+//! `groups`, and turn their typed errors into statuses (`status.rs`, the one place). It also
+//! serves gRPC server reflection (grpcurl needs no .proto file) and the standard health
+//! service.
+//!
+//! ```text
+//! net/
+//!   mod.rs        the server: services, limits, the request-size answer
+//!   service/      tern.v1.Tern, call by call
+//!   subscribe.rs  Subscribe streams (a follower per partition)
+//!   peer.rs       tern.internal.v1.Peer: Raft traffic and proposals from other nodes
+//!   validate.rs   client input, bounded and checked
+//!   status.rs     every error as a gRPC status
+//! ```
 
 mod peer;
 mod service;

@@ -69,6 +69,14 @@ impl RaftStateMachine<PartitionRaft> for StateMachine {
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
             let id = entry.log_id;
+            // What a replica applies is one history: entries in index order, each of a term
+            // no older than the one before (a term has one leader, and it only appends).
+            if let Some(prev) = self.applied {
+                assert!(
+                    id.index > prev.index && id.leader_id.term >= prev.leader_id.term,
+                    "applying {id} after {prev}: not one history"
+                );
+            }
             let offsets = {
                 let map = self.shared.map.borrow();
                 map.get(id.index)
