@@ -62,6 +62,16 @@ pub struct Config {
     pub fault_injection: bool,
     /// Defaults for topics created without explicit settings.
     pub topic_defaults: TopicDefaults,
+    /// Client connections open at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// The node's TLS certificate chain (PEM). With it, the node speaks only TLS, and nodes
+    /// authenticate each other with certificates from `tls_cluster_ca`.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// The CA (PEM) that signed every node's certificate.
+    pub tls_cluster_ca: Option<PathBuf>,
+    /// The CA (PEM) that signs client certificates: when set, clients must present one.
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 /// Defaults applied to topic settings a CreateTopic request leaves unset.
@@ -100,6 +110,15 @@ impl TopicDefaults {
         keys_of(&TopicDefaults::default())
     }
 }
+
+/// Keys whose default is unset (so a serialized default does not show them).
+const OPTIONAL_KEYS: [&str; 5] = [
+    "advertised_address",
+    "tls_cert",
+    "tls_key",
+    "tls_cluster_ca",
+    "tls_client_ca",
+];
 
 /// Settings for tests only: accepted in a file, never listed.
 const HIDDEN_KEYS: [&str; 1] = ["fault_injection"];
@@ -155,6 +174,11 @@ impl Default for Config {
             retention_check_interval_ms: 60_000,
             fault_injection: false,
             topic_defaults: TopicDefaults::default(),
+            max_connections: 10_000,
+            tls_cert: None,
+            tls_key: None,
+            tls_cluster_ca: None,
+            tls_client_ca: None,
         }
     }
 }
@@ -226,7 +250,8 @@ impl Config {
     /// The keys a config file may hold at its top level.
     fn file_keys() -> Vec<String> {
         let mut keys = keys_of(&Config::default());
-        keys.push("advertised_address".into()); // `None` by default, so not serialized
+        // `None` by default, so not serialized.
+        keys.extend(OPTIONAL_KEYS.map(String::from));
         keys.sort();
         keys
     }
@@ -307,8 +332,38 @@ impl Config {
         !self.peers.is_empty() || !self.join.is_empty()
     }
 
+    /// The TLS files, if TLS is configured: the certificate, its key and the cluster CA go
+    /// together; a client CA needs them.
+    pub fn tls_files(&self) -> anyhow::Result<Option<crate::tls::TlsFiles>> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_cluster_ca) {
+            (None, None, None) => {
+                anyhow::ensure!(
+                    self.tls_client_ca.is_none(),
+                    "tls_client_ca needs TLS: give tls_cert, tls_key and tls_cluster_ca too"
+                );
+                Ok(None)
+            }
+            (Some(cert), Some(key), Some(ca)) => Ok(Some(crate::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                cluster_ca: ca.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            })),
+            _ => anyhow::bail!(
+                "TLS needs all of tls_cert, tls_key and tls_cluster_ca (the CA that signed the \
+                 nodes' certificates; nodes always authenticate each other when TLS is on; it \
+                 may be the same file as tls_client_ca)"
+            ),
+        }
+    }
+
     /// Checks values against each other; the node refuses to start with a bad config.
     pub fn validate(&self) -> anyhow::Result<()> {
+        self.tls_files()?;
+        anyhow::ensure!(
+            (1..=1_000_000).contains(&self.max_connections),
+            "max_connections must be within 1..=1000000"
+        );
         anyhow::ensure!(
             (100..=86_400_000).contains(&self.retention_check_interval_ms),
             "retention_check_interval_ms must be within 100..=86400000"

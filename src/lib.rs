@@ -7,7 +7,7 @@
 //! (wiring) and `cli`. Imports point down this order only (checked by `tests/layering.rs`):
 //!
 //! ```text
-//! types, proto → log → raft → shard → cluster → config → broker → controller → groups → net
+//! types, proto → tls → log → raft → shard → cluster → config → broker → controller → groups → net
 //!   → node → cli
 //! ```
 
@@ -23,4 +23,5 @@ pub mod node;
 pub mod proto;
 pub mod raft;
 pub mod shard;
+pub mod tls;
 pub mod types;

@@ -14,6 +14,7 @@ use crate::groups::Groups;
 use crate::net;
 use crate::raft::transport::Transport;
 use crate::shard::{ShardConfig, Shards};
+use crate::tls::ServerTls;
 use crate::types::{CoreId, NodeId};
 
 /// How long in-flight calls get to finish after a shutdown signal.
@@ -78,8 +79,16 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
             (None, Some(a)) => a,
             (None, None) => advertise(addr)?,
         };
-        if !addr.ip().is_loopback() {
-            tracing::warn!(%addr, "listening beyond loopback without TLS or authentication: anyone who reaches this port can publish, read and administer the cluster");
+        let tls = match config.tls_files()? {
+            Some(files) => {
+                let tls = ServerTls::load(files, NodeId(config.node_id))?;
+                tls.spawn_reloader();
+                Some(tls)
+            }
+            None => None,
+        };
+        if !addr.ip().is_loopback() && tls.is_none() {
+            tracing::warn!(%addr, "listening beyond loopback without TLS: traffic is readable and forgeable on the network, and any host that reaches this port can pose as a node (docs/security.md)");
         }
         let cores = shards.core_count();
         let transport = if !config.clustered() {
@@ -88,9 +97,10 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
             Some(Transport::new(
                 NodeId(config.node_id),
                 on_core(&shards, config.mailbox_wait()),
+                tls.as_ref().map(|t| t.client()),
             ))
         };
-        let broker = Broker::new(config.clone(), shards, advertised, transport)?;
+        let broker = Broker::new(config.clone(), shards, advertised, transport, tls)?;
         // A node alone has loaded the metadata and opened its partitions when this returns; a
         // node of a cluster does that in the background, since its peers need it to serve.
         crate::controller::start(broker.clone()).await?;

@@ -28,4 +28,13 @@ pub mod metadata {
     pub const REMOVED: &str = "tern-removed";
     /// On an OUT_OF_RANGE status: the partition's range, `START-END`.
     pub const OFFSET_RANGE: &str = "tern-offset-range";
+    /// On a request: `Bearer <token>`, the caller's credentials.
+    pub const AUTHORIZATION: &str = "authorization";
+    /// On a request a node relays: the principal the first node authenticated. Trusted only
+    /// from a node that proved itself with a cluster certificate.
+    pub const PRINCIPAL: &str = "tern-principal";
+    /// On a request from a node: the id of the cluster it belongs to.
+    pub const CLUSTER: &str = "tern-cluster";
+    /// On a RESOURCE_EXHAUSTED status for a client over its quota: milliseconds to wait.
+    pub const RETRY_AFTER_MS: &str = "retry-after-ms";
 }

@@ -3,7 +3,7 @@
 //! docs/architecture.md, "Import rules"):
 //!
 //! ```text
-//! types, proto → log → raft → shard → cluster → config → broker → controller → groups → net
+//! types, proto → tls → log → raft → shard → cluster → config → broker → controller → groups → net
 //!   → node → cli
 //! ```
 //!
@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 /// Top-level modules, lowest first; modules on one line share a layer.
 const LAYERS: &[&[&str]] = &[
     &["types", "proto"],
+    &["tls"],
     &["log"],
     &["raft"],
     &["shard"],

@@ -42,6 +42,7 @@ use crate::config::Config;
 use crate::raft::transport::Transport;
 use crate::raft::types::{Member, NodeId};
 use crate::shard::{ReplicaSettings, Shards};
+use crate::tls::{ClientTls, ServerTls};
 
 pub struct Broker {
     pub config: Config,
@@ -70,6 +71,8 @@ pub struct Broker {
     in_flight: Arc<AtomicUsize>,
     /// Set when the node must stop on its own (it was removed from the cluster): why.
     fatal: tokio::sync::watch::Sender<Option<String>>,
+    /// The node's TLS, when configured: its listener and its calls to other nodes.
+    pub tls: Option<Arc<ServerTls>>,
 }
 
 /// Counts one call as in flight until dropped.
@@ -89,6 +92,7 @@ impl Broker {
         shards: Shards,
         advertised: String,
         transport: Option<Arc<Transport>>,
+        tls: Option<Arc<ServerTls>>,
     ) -> anyhow::Result<Arc<Broker>> {
         let me = NodeId(config.node_id);
         let replica = ReplicaSettings {
@@ -122,6 +126,7 @@ impl Broker {
             closing: tokio::sync::watch::channel(false).0,
             in_flight: Arc::new(AtomicUsize::new(0)),
             fatal: tokio::sync::watch::channel(None).0,
+            tls,
         });
         if let Some(t) = broker.transport() {
             // A peer that refuses this node as removed: stop.
@@ -134,6 +139,11 @@ impl Broker {
             });
         }
         Ok(broker)
+    }
+
+    /// How this node connects to others: TLS with its certificate, or plaintext.
+    pub fn client_tls(&self) -> Option<ClientTls> {
+        self.tls.as_ref().map(|t| t.client())
     }
 
     pub fn node_id(&self) -> NodeId {

@@ -2,8 +2,6 @@
 //! another node is parsed here once (its code, message and Tern's metadata), so nothing above
 //! reads status metadata.
 
-use std::time::Duration;
-
 use tonic::transport::Channel;
 
 use super::{Broker, BrokerError, PeerAnswer, Result, Topic};
@@ -80,14 +78,9 @@ impl Broker {
                 return Ok(c.clone());
             }
         }
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| BrokerError::Unreachable {
-                node,
-                why: format!("bad address {addr:?}: {e}"),
-            })?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let endpoint =
+            crate::tls::endpoint(&addr).map_err(|why| BrokerError::Unreachable { node, why })?;
+        let channel = crate::tls::channel(&endpoint, self.client_tls().as_ref());
         peers.insert(node, (addr, channel.clone()));
         Ok(channel)
     }

@@ -4,12 +4,10 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use clap::Subcommand;
-use tonic::transport::Channel;
 
 use super::admin::{node, partition_json, partition_rows};
-use super::{connect_lazy, status_error, table, ClientOpts};
+use super::{status_error, table, Client, ClientOpts, SecurityOpts};
 use crate::proto::v1 as pb;
-use crate::proto::v1::tern_client::TernClient;
 
 #[derive(Subcommand)]
 pub enum ClusterCmd {
@@ -83,7 +81,7 @@ struct View {
 }
 
 impl View {
-    async fn read(c: &mut TernClient<Channel>) -> Result<View, tonic::Status> {
+    async fn read(c: &mut Client, security: &SecurityOpts) -> Result<View, tonic::Status> {
         let asked = c
             .cluster_info(pb::ClusterInfoRequest {})
             .await?
@@ -93,7 +91,7 @@ impl View {
             let view = if n.id == asked.node_id {
                 Some(asked.clone())
             } else {
-                ask_node(&n.address).await
+                ask_node(&n.address, security).await
             };
             views.insert(n.id, view);
         }
@@ -222,8 +220,8 @@ fn no_leader(controllers: &[u64]) -> String {
 }
 
 /// A node's ClusterInfo, or `None` if it does not answer in time.
-async fn ask_node(addr: &str) -> Option<pb::ClusterInfoResponse> {
-    let mut c = connect_lazy(addr).ok()?;
+async fn ask_node(addr: &str, security: &SecurityOpts) -> Option<pb::ClusterInfoResponse> {
+    let mut c = security.connect_lazy(addr).ok()?;
     let mut req = tonic::Request::new(pb::ClusterInfoRequest {});
     req.set_timeout(ASK_TIMEOUT);
     tokio::time::timeout(ASK_TIMEOUT, c.cluster_info(req))
@@ -236,14 +234,15 @@ async fn ask_node(addr: &str) -> Option<pb::ClusterInfoResponse> {
 /// Reads the cluster's view until `why_not` finds nothing missing, or `max` passes; the error
 /// says what was still missing.
 async fn wait_until(
-    c: &mut TernClient<Channel>,
+    c: &mut Client,
+    security: &SecurityOpts,
     what: &str,
     max: Duration,
     why_not: impl Fn(&View) -> Option<String>,
 ) -> anyhow::Result<View> {
     let deadline = Instant::now() + max;
     loop {
-        let missing = match View::read(c).await {
+        let missing = match View::read(c, security).await {
             Ok(v) => match why_not(&v) {
                 None => return Ok(v),
                 Some(m) => m,
@@ -267,9 +266,10 @@ pub async fn cluster(cmd: ClusterCmd) -> anyhow::Result<()> {
             opts,
         } => {
             // The node may not listen yet: connect lazily and keep asking.
-            let mut c = connect_lazy(&opts.server)?;
+            let mut c = opts.security.connect_lazy(&opts.server)?;
             let v = wait_until(
                 &mut c,
+                &opts.security,
                 "waiting for the cluster",
                 Duration::from_secs(timeout),
                 |v| v.not_ready(nodes),
@@ -314,7 +314,7 @@ pub async fn cluster(cmd: ClusterCmd) -> anyhow::Result<()> {
                 println!("moving {topic}/{partition} to {to:?}");
                 return Ok(());
             }
-            wait_until(&mut c, "the move", WAIT_MAX, |v| {
+            wait_until(&mut c, &opts.security, "the move", WAIT_MAX, |v| {
                 let p = v
                     .topics
                     .iter()
@@ -350,7 +350,10 @@ pub async fn cluster(cmd: ClusterCmd) -> anyhow::Result<()> {
                 .into_inner();
             print_moves(&opts, &r.moves);
             if wait && !r.moves.is_empty() {
-                wait_until(&mut c, "the rebalance", WAIT_MAX, |v| v.unsettled(None)).await?;
+                wait_until(&mut c, &opts.security, "the rebalance", WAIT_MAX, |v| {
+                    v.unsettled(None)
+                })
+                .await?;
                 if !opts.json {
                     println!("done: every partition has moved and has a leader");
                 }
@@ -366,7 +369,7 @@ pub async fn cluster(cmd: ClusterCmd) -> anyhow::Result<()> {
                 println!("removing node {id}: its replicas are moving to other nodes");
                 return Ok(());
             }
-            wait_until(&mut c, "the removal", WAIT_MAX, |v| {
+            wait_until(&mut c, &opts.security, "the removal", WAIT_MAX, |v| {
                 if v.asked.nodes.iter().any(|n| n.id == id) {
                     return Some(format!("node {id} still holds replicas"));
                 }
@@ -406,7 +409,9 @@ fn print_moves(opts: &ClientOpts, moves: &[pb::PartitionMove]) {
 
 async fn status(opts: ClientOpts) -> anyhow::Result<()> {
     let mut c = opts.connect().await?;
-    let v = View::read(&mut c).await.map_err(status_error)?;
+    let v = View::read(&mut c, &opts.security)
+        .await
+        .map_err(status_error)?;
     if opts.json {
         let j = serde_json::json!({
             "metadata_leader": (v.metadata_leader != 0).then_some(v.metadata_leader),

@@ -2,6 +2,7 @@
 //! gRPC API (`--server ADDR`, default 127.0.0.1:7070), printing tables, or JSON with `--json`.
 
 mod admin;
+mod certs;
 mod cluster;
 mod group;
 mod producer;
@@ -11,7 +12,11 @@ mod table;
 
 use clap::{Args, Parser, Subcommand};
 
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
 use crate::proto::v1::tern_client::TernClient;
+use crate::tls::ClientTls;
 
 #[derive(Parser)]
 #[command(
@@ -47,6 +52,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: cluster::ClusterCmd,
     },
+    /// Development TLS certificates: a CA, node and client certificates.
+    Certs {
+        #[command(subcommand)]
+        cmd: certs::CertsCmd,
+    },
 }
 
 /// Options of every client command.
@@ -58,39 +68,131 @@ pub struct ClientOpts {
     /// Print JSON (one object per line) instead of tables.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub security: SecurityOpts,
 }
 
 impl ClientOpts {
-    pub async fn connect(&self) -> anyhow::Result<TernClient<tonic::transport::Channel>> {
-        let url = if self.server.contains("://") {
-            self.server.clone()
-        } else {
-            format!("http://{}", self.server)
-        };
-        let client = TernClient::connect(url)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot reach a Tern node at {}: {e}", self.server))?;
-        Ok(client
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20))
+    /// A client of `--server`, connected now.
+    pub async fn connect(&self) -> anyhow::Result<Client> {
+        self.security.connect(&self.server).await
     }
 }
 
-/// A client of the node at `addr` that connects on first use.
-pub fn connect_lazy(addr: &str) -> anyhow::Result<TernClient<tonic::transport::Channel>> {
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    let channel = tonic::transport::Endpoint::from_shared(url)
-        .map_err(|e| anyhow::anyhow!("bad address {addr:?}: {e}"))?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .connect_lazy();
-    Ok(TernClient::new(channel)
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20))
+/// How a client reaches a secured node: TLS (`--tls-ca`, and a certificate for mutual TLS)
+/// and a bearer token. Shared by the CLI and loadgen.
+#[derive(Args, Clone, Debug, Default)]
+pub struct SecurityOpts {
+    /// Connect over TLS, trusting the CA in this PEM file.
+    #[arg(long, env = "TERN_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for mutual TLS; with --tls-key.
+    #[arg(long, env = "TERN_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, env = "TERN_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// The name to check the node's certificate against, if not the host of the address.
+    #[arg(long, env = "TERN_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
+    /// Bearer token (`tern user create`); prefer the TERN_TOKEN variable, which other users
+    /// of the machine cannot read in the process list.
+    #[arg(long, env = "TERN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// A client of a node's API that sends the configured credentials with every call.
+pub type Client = TernClient<InterceptedService<Channel, Credentials>>;
+
+/// Adds the bearer token to every call.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl Credentials {
+    pub fn bearer(token: &str) -> anyhow::Result<Credentials> {
+        let token = token.trim();
+        anyhow::ensure!(!token.is_empty(), "the token is empty");
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| anyhow::anyhow!("the token has characters a header cannot carry"))?;
+        Ok(Credentials {
+            authorization: Some(value),
+        })
+    }
+}
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.authorization {
+            r.metadata_mut()
+                .insert(crate::proto::metadata::AUTHORIZATION, v.clone());
+        }
+        Ok(r)
+    }
+}
+
+impl SecurityOpts {
+    fn tls(&self) -> anyhow::Result<Option<ClientTls>> {
+        let Some(ca) = &self.tls_ca else {
+            anyhow::ensure!(
+                self.tls_cert.is_none(),
+                "--tls-cert needs --tls-ca (the CA that signed the node's certificate)"
+            );
+            return Ok(None);
+        };
+        let pair = self.tls_cert.as_deref().zip(self.tls_key.as_deref());
+        Ok(Some(ClientTls::from_files(
+            ca,
+            pair,
+            self.tls_server_name.clone(),
+        )?))
+    }
+
+    fn credentials(&self) -> anyhow::Result<Credentials> {
+        match &self.token {
+            Some(t) => Credentials::bearer(t),
+            None => Ok(Credentials::default()),
+        }
+    }
+
+    fn wrap(&self, channel: Channel) -> anyhow::Result<Client> {
+        Ok(TernClient::with_interceptor(channel, self.credentials()?)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20))
+    }
+
+    /// A client of the node at `addr`, connected now.
+    pub async fn connect(&self, addr: &str) -> anyhow::Result<Client> {
+        let endpoint = client_endpoint(addr)?;
+        let tls = self.tls()?;
+        let channel = crate::tls::connect(&endpoint, tls.as_ref())
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot reach a Tern node at {addr}: {}",
+                    crate::tls::describe(&e)
+                )
+            })?;
+        self.wrap(channel)
+    }
+
+    /// A client of the node at `addr` that connects on first use.
+    pub fn connect_lazy(&self, addr: &str) -> anyhow::Result<Client> {
+        let endpoint = client_endpoint(addr)?;
+        self.wrap(crate::tls::channel(&endpoint, self.tls()?.as_ref()))
+    }
+}
+
+fn client_endpoint(addr: &str) -> anyhow::Result<tonic::transport::Endpoint> {
+    let bare = addr
+        .strip_prefix("http://")
+        .or_else(|| addr.strip_prefix("https://"))
+        .unwrap_or(addr);
+    Ok(crate::tls::endpoint(bare)
+        .map_err(|e| anyhow::anyhow!(e))?
+        .connect_timeout(std::time::Duration::from_secs(5)))
 }
 
 /// Turns a gRPC status into a one-line error for the terminal.
@@ -102,9 +204,35 @@ pub fn status_error(s: tonic::Status) -> anyhow::Error {
         } else {
             "lost the connection to the node during the call"
         };
-        return anyhow::anyhow!("Unavailable: {what} ({})", s.message());
+        let why = std::error::Error::source(&s)
+            .map(crate::tls::describe)
+            .unwrap_or_else(|| s.message().to_string());
+        let hint = if why.contains("broken pipe") || why.contains("reset by peer") {
+            "; a node with TLS closes plaintext connections: if it uses TLS, give --tls-ca"
+        } else {
+            ""
+        };
+        return anyhow::anyhow!("Unavailable: {what} ({why}){hint}");
     }
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+/// Makes a failed write to a closed standard output (`tern sub … | head`) end the process
+/// quietly with status 0; every other panic is reported as before.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let text = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if text.contains("failed printing to stdout") && text.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
 }
 
 /// Parses the command line and runs the command; the process exit code follows the result.
@@ -121,12 +249,13 @@ where
     let cli = Cli::parse_from(args);
     match cli.cmd {
         Cmd::Serve(args) => serve::run(*args),
+        Cmd::Certs { cmd } => certs::certs(cmd),
         other => {
             // A client command piped into `head` should stop quietly when the pipe closes, as
-            // Unix tools do, not panic on the failed write (Rust ignores SIGPIPE by default;
-            // the server keeps ignoring it).
-            // SAFETY: restoring a signal's default disposition; no handler code is involved.
-            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+            // Unix tools do. Not by restoring SIGPIPE's default: a write to a socket the node
+            // closed (a plaintext client at a TLS port, a node that died) would then kill the
+            // process without a word. Printing to a closed stdout panics; that panic exits 0.
+            quiet_on_closed_stdout();
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -137,7 +266,7 @@ where
                     Cmd::Group { cmd } => group::group(cmd).await,
                     Cmd::Pub(a) => pubsub::publish(a).await,
                     Cmd::Sub(a) => pubsub::subscribe(a).await,
-                    Cmd::Serve(_) => unreachable!("handled above"),
+                    Cmd::Serve(_) | Cmd::Certs { .. } => unreachable!("handled above"),
                 }
             })
         }

@@ -16,11 +16,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tonic::transport::Channel;
-
-use super::status_error;
+use super::{status_error, Client};
 use crate::proto::v1 as pb;
-use crate::proto::v1::tern_client::TernClient;
 use crate::shard::placement::partition_for_key;
 
 /// Records and bytes one request carries at most.
@@ -35,8 +32,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// The connection the workers share, and the nodes to move to when it fails.
 struct Connection {
     nodes: Vec<String>,
+    security: super::SecurityOpts,
     at: usize,
-    client: TernClient<Channel>,
+    client: Client,
 }
 
 /// A failure a retry may get past. Every request carries a producer id and sequence numbers,
@@ -73,8 +71,9 @@ pub struct Chunk {
 impl Producer {
     /// Learns the topic's partitions and the cluster's nodes, and gets a producer id.
     pub async fn start(
-        mut client: TernClient<Channel>,
+        mut client: Client,
         server: &str,
+        security: &super::SecurityOpts,
         topic: &str,
         retry_for: Duration,
     ) -> anyhow::Result<Producer> {
@@ -96,6 +95,7 @@ impl Producer {
         }
         let conn = Arc::new(tokio::sync::Mutex::new(Connection {
             nodes,
+            security: security.clone(),
             at: 0,
             client,
         }));
@@ -263,7 +263,7 @@ async fn with_retries<T, F, Fut>(
     call: F,
 ) -> anyhow::Result<T>
 where
-    F: Fn(TernClient<Channel>) -> Fut,
+    F: Fn(Client) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     let mut deadline: Option<Instant> = None;
@@ -288,7 +288,7 @@ where
             if c.nodes.len() > 1 {
                 c.at = (c.at + 1) % c.nodes.len();
                 let addr = c.nodes[c.at].clone();
-                if let Ok(client) = super::connect_lazy(&addr) {
+                if let Ok(client) = c.security.connect_lazy(&addr) {
                     eprintln!("{what}: trying node {addr}");
                     c.client = client;
                 }

@@ -155,6 +155,7 @@ pub async fn publish(a: PubArgs) -> anyhow::Result<()> {
     let producer = Producer::start(
         client,
         &a.opts.server,
+        &a.opts.security,
         &a.topic,
         Duration::from_millis(a.retry_ms),
     )

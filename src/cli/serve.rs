@@ -91,6 +91,24 @@ pub struct ServeArgs {
     /// only.
     #[arg(long, env = "TERN_FAULT_INJECTION", hide = true)]
     pub fault_injection: bool,
+    /// Client connections open at once; more wait until one closes [default: 10000].
+    #[arg(long, env = "TERN_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// This node's TLS certificate (PEM; its common name is tern-node-<id>). Turns TLS on for
+    /// clients and for the other nodes (docs/security.md).
+    #[arg(long, env = "TERN_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "TERN_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA (PEM) that signed the nodes' certificates; nodes accept each other only with
+    /// one.
+    #[arg(long, env = "TERN_TLS_CLUSTER_CA")]
+    pub tls_cluster_ca: Option<PathBuf>,
+    /// The CA (PEM) of client certificates: clients must then present one (mutual TLS), and
+    /// its common name is their principal.
+    #[arg(long, env = "TERN_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Partitions of a topic created without a count [default: 1].
     #[arg(long, env = "TERN_DEFAULT_PARTITIONS")]
     pub default_partitions: Option<u32>,
@@ -155,9 +173,17 @@ impl ServeArgs {
         if self.fault_injection {
             c.fault_injection = true;
         }
-        if let Some(a) = self.advertised_address {
-            c.advertised_address = Some(a);
+        set!(max_connections);
+        macro_rules! set_some {
+            ($($field:ident),*) => { $( if let Some(v) = self.$field { c.$field = Some(v); } )* };
         }
+        set_some!(
+            advertised_address,
+            tls_cert,
+            tls_key,
+            tls_cluster_ca,
+            tls_client_ca
+        );
         let d = &mut c.topic_defaults;
         macro_rules! set_default {
             ($($flag:ident => $field:ident),*) => { $( if let Some(v) = self.$flag { d.$field = v; } )* };

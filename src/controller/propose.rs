@@ -103,13 +103,10 @@ pub async fn propose_through(broker: &Broker, addr: &str, cmd: &Command) -> Resu
         why,
         removed,
     };
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| ControllerError::Invalid(format!("address {addr:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(2));
-    let channel = endpoint
-        .connect()
+    let endpoint = crate::tls::endpoint(addr).map_err(ControllerError::Invalid)?;
+    let channel = crate::tls::connect(&endpoint, broker.client_tls().as_ref())
         .await
-        .map_err(|e| through(e.to_string(), false))?;
+        .map_err(|e| through(crate::tls::describe(&e), false))?;
     let mut client = ipb::peer_client::PeerClient::new(channel);
     let mut req = tonic::Request::new(ipb::ProposeRequest {
         from: broker.node_id().0,

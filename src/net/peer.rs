@@ -21,8 +21,29 @@ pub struct PeerService {
 }
 
 impl PeerService {
-    fn check_peer(&self, from: u64) -> Result<(), Status> {
+    /// A call from node `from` is taken only if (with TLS) the connection's certificate proves
+    /// it is that node, the node belongs to this cluster and was not removed from it.
+    fn check_peer<T>(&self, from: u64, request: &Request<T>) -> Result<(), Status> {
         let from = NodeId(from);
+        if self.broker.tls.is_some() {
+            let proven = request
+                .extensions()
+                .get::<crate::tls::ConnInfo>()
+                .and_then(|c| c.node);
+            if proven != Some(from) {
+                return Err(Status::permission_denied(match proven {
+                    Some(n) => format!(
+                        "the call says it comes from node {from}, but the connection's \
+                         certificate is node {n}'s"
+                    ),
+                    None => format!(
+                        "calls between nodes need a certificate from the cluster CA issued to \
+                         {:?}; this connection has none",
+                        crate::tls::node_common_name(from)
+                    ),
+                }));
+            }
+        }
         let Some(t) = self.broker.transport() else {
             return Err(Status::failed_precondition(
                 "this node runs alone and takes no Raft traffic",
@@ -46,8 +67,8 @@ impl Peer for PeerService {
         &self,
         request: Request<pb::ExchangeRequest>,
     ) -> Result<Response<pb::ExchangeResponse>, Status> {
+        self.check_peer(request.get_ref().from, &request)?;
         let r = request.into_inner();
-        self.check_peer(r.from)?;
         let me = self.broker.node_id();
         if r.to != me.0 {
             return Err(Status::failed_precondition(format!(
@@ -110,8 +131,8 @@ impl Peer for PeerService {
         &self,
         request: Request<pb::ProposeRequest>,
     ) -> Result<Response<pb::ProposeResponse>, Status> {
+        self.check_peer(request.get_ref().from, &request)?;
         let r = request.into_inner();
-        self.check_peer(r.from)?;
         let _call = self.broker.track();
         let at = controller::handle_propose(&self.broker, &r.command, r.forwarded)
             .await

@@ -24,6 +24,7 @@ use futures::channel::oneshot;
 use super::error::RaftError;
 use super::types::NodeId;
 use crate::proto::internal as pb;
+use crate::tls::ClientTls;
 use crate::types::CoreId;
 
 /// Runs a closure on a core (`on_core(core, f)`): answers to a group's calls complete on the
@@ -66,6 +67,7 @@ struct Link {
 /// network shard runs its links.
 pub struct Transport {
     me: NodeId,
+    tls: Option<ClientTls>,
     links: Mutex<HashMap<NodeId, Link>>,
     on_core: OnCore,
     runtime: tokio::runtime::Handle,
@@ -89,9 +91,11 @@ impl std::fmt::Debug for Transport {
 
 impl Transport {
     /// Call from inside the tokio runtime that will run the links.
-    pub fn new(me: NodeId, on_core: OnCore) -> Arc<Transport> {
+    /// `tls`: connect to peers over TLS, presenting this node's certificate.
+    pub fn new(me: NodeId, on_core: OnCore, tls: Option<ClientTls>) -> Arc<Transport> {
         Arc::new(Transport {
             me,
+            tls,
             links: Mutex::new(HashMap::new()),
             on_core,
             runtime: tokio::runtime::Handle::current(),
@@ -227,26 +231,23 @@ async fn run_link(
     addr: String,
     mut queue: tokio::sync::mpsc::Receiver<Outgoing>,
 ) {
-    let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{addr}")) {
-        Ok(e) => e
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5)),
+    let endpoint = match crate::tls::endpoint(&addr) {
+        Ok(e) => e,
         Err(e) => {
             tracing::error!(%target, %addr, error = %e, "bad peer address");
             while let Some(out) = queue.recv().await {
                 let _ = out.reply.send(Err(RaftError::Unreachable {
                     node: target,
-                    why: format!("bad address {addr:?}"),
+                    why: e.clone(),
                 }));
             }
             return;
         }
     };
-    let client = pb::peer_client::PeerClient::new(endpoint.connect_lazy())
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let client =
+        pb::peer_client::PeerClient::new(crate::tls::channel(&endpoint, transport.tls.as_ref()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     loop {
         // Wait for a free slot first: what queues meanwhile joins the next call.
