@@ -72,6 +72,14 @@ pub struct Config {
     pub tls_cluster_ca: Option<PathBuf>,
     /// The CA (PEM) that signs client certificates: when set, clients must present one.
     pub tls_client_ca: Option<PathBuf>,
+    /// `none` (anyone who reaches the port may do anything) or `required` (every call needs a
+    /// token or a client certificate, and ACLs decide what it may do).
+    pub auth: String,
+    /// A file holding the bootstrap token: whoever presents it is the superuser `admin`. (Or
+    /// the `TERN_BOOTSTRAP_TOKEN` environment variable; never a flag's value, which `ps` shows.)
+    pub bootstrap_token_file: Option<PathBuf>,
+    /// Principals that may do anything (ACLs are not checked for them).
+    pub superusers: Vec<String>,
 }
 
 /// Defaults applied to topic settings a CreateTopic request leaves unset.
@@ -112,8 +120,9 @@ impl TopicDefaults {
 }
 
 /// Keys whose default is unset (so a serialized default does not show them).
-const OPTIONAL_KEYS: [&str; 5] = [
+const OPTIONAL_KEYS: [&str; 6] = [
     "advertised_address",
+    "bootstrap_token_file",
     "tls_cert",
     "tls_key",
     "tls_cluster_ca",
@@ -179,6 +188,9 @@ impl Default for Config {
             tls_key: None,
             tls_cluster_ca: None,
             tls_client_ca: None,
+            auth: "none".into(),
+            bootstrap_token_file: None,
+            superusers: Vec::new(),
         }
     }
 }
@@ -327,6 +339,11 @@ impl Config {
         Duration::from_millis(self.mailbox_wait_ms)
     }
 
+    /// Whether every call must be authenticated (and authorized).
+    pub fn auth_required(&self) -> bool {
+        self.auth == "required"
+    }
+
     /// Whether this node runs with others (as a controller, or joining a cluster).
     pub fn clustered(&self) -> bool {
         !self.peers.is_empty() || !self.join.is_empty()
@@ -359,7 +376,23 @@ impl Config {
 
     /// Checks values against each other; the node refuses to start with a bad config.
     pub fn validate(&self) -> anyhow::Result<()> {
-        self.tls_files()?;
+        let tls = self.tls_files()?;
+        anyhow::ensure!(
+            matches!(self.auth.as_str(), "none" | "required"),
+            "auth must be none or required, not {:?}",
+            self.auth
+        );
+        anyhow::ensure!(
+            !(self.auth_required() && self.clustered() && tls.is_none()),
+            "auth required in a cluster needs TLS (tls_cert, tls_key, tls_cluster_ca): without \
+             it any host could pose as a node, send Raft messages and forward calls in anyone's \
+             name (docs/security.md)"
+        );
+        anyhow::ensure!(self.superusers.len() <= 64, "at most 64 superusers");
+        for s in &self.superusers {
+            crate::cluster::security::validate_principal(s)
+                .map_err(|e| anyhow::anyhow!("superusers: {e}"))?;
+        }
         anyhow::ensure!(
             (1..=1_000_000).contains(&self.max_connections),
             "max_connections must be within 1..=1000000"

@@ -15,7 +15,7 @@ use crate::net;
 use crate::raft::transport::Transport;
 use crate::shard::{ShardConfig, Shards};
 use crate::tls::ServerTls;
-use crate::types::{CoreId, NodeId};
+use crate::types::{ClusterId, CoreId, NodeId};
 
 /// How long in-flight calls get to finish after a shutdown signal.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
@@ -87,25 +87,38 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
             }
             None => None,
         };
+        let auth = Arc::new(net::auth::Auth::from_config(&config)?);
+        if !addr.ip().is_loopback() && !auth.required() {
+            tracing::warn!(%addr, "listening beyond loopback with auth none: anyone who reaches this port may publish, read, delete topics and remove nodes (--auth required; docs/security.md)");
+        }
         if !addr.ip().is_loopback() && tls.is_none() {
             tracing::warn!(%addr, "listening beyond loopback without TLS: traffic is readable and forgeable on the network, and any host that reaches this port can pose as a node (docs/security.md)");
         }
         let cores = shards.core_count();
+        let cluster_id = Arc::new(load_cluster_id(&config)?);
         let transport = if !config.clustered() {
             None
         } else {
             Some(Transport::new(
                 NodeId(config.node_id),
+                cluster_id.clone(),
                 on_core(&shards, config.mailbox_wait()),
                 tls.as_ref().map(|t| t.client()),
             ))
         };
-        let broker = Broker::new(config.clone(), shards, advertised, transport, tls)?;
+        let broker = Broker::new(
+            config.clone(),
+            shards,
+            advertised,
+            transport,
+            tls,
+            cluster_id,
+        )?;
         // A node alone has loaded the metadata and opened its partitions when this returns; a
         // node of a cluster does that in the background, since its peers need it to serve.
         crate::controller::start(broker.clone()).await?;
         let groups = Arc::new(Groups::new(broker.clone()));
-        let (server, stop_tx) = spawn_server(broker.clone(), groups, listener);
+        let (server, stop_tx) = spawn_server(broker.clone(), groups, auth, listener);
         tracing::info!(%addr, cores, data_dir = %config.data_dir.display(), "tern is serving");
         // Scripts and tests read the bound address (port 0 picks a free one) from this line.
         println!("tern listening on {addr}");
@@ -180,10 +193,11 @@ type ServerTask = tokio::task::JoinHandle<anyhow::Result<()>>;
 fn spawn_server(
     broker: Arc<Broker>,
     groups: Arc<Groups>,
+    auth: Arc<net::auth::Auth>,
     listener: tokio::net::TcpListener,
 ) -> (ServerTask, tokio::sync::watch::Sender<bool>) {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(net::serve(broker, groups, listener, {
+    let server = tokio::spawn(net::serve(broker, groups, auth, listener, {
         let mut rx = stop_rx.clone();
         async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -209,6 +223,26 @@ async fn shutdown_signal() {
 }
 
 /// Takes an exclusive lock on the data directory, so two nodes never share one.
+/// The cluster id this node's data directory belongs to, if it has learned one.
+fn load_cluster_id(config: &Config) -> anyhow::Result<ClusterId> {
+    let path = config.data_dir.join(crate::broker::CLUSTER_ID_FILE);
+    let id = ClusterId::default();
+    match std::fs::read_to_string(&path) {
+        Ok(s) => {
+            let s = s.trim();
+            anyhow::ensure!(
+                crate::cluster::valid_cluster_id(s),
+                "{} does not hold a cluster id (found {s:?})",
+                path.display()
+            );
+            let _ = id.learn(s);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => anyhow::bail!("reading {}: {e}", path.display()),
+    }
+    Ok(id)
+}
+
 fn lock_data_dir(config: &Config) -> anyhow::Result<std::fs::File> {
     let path = config.data_dir.join("LOCK");
     let f = std::fs::OpenOptions::new()

@@ -140,3 +140,37 @@ impl fmt::Display for RaftIndex {
         write!(f, "{}", self.0)
     }
 }
+
+/// The cluster's id: chosen once, when the cluster is bootstrapped, and kept in the metadata
+/// (and in `DATA_DIR/cluster.id`). Every call between nodes carries it, and a node refuses
+/// calls from another cluster. Empty until this node has learned it.
+#[derive(Debug, Default)]
+pub struct ClusterId(std::sync::OnceLock<String>);
+
+impl ClusterId {
+    /// The id, or `""` while unknown.
+    pub fn get(&self) -> &str {
+        self.0.get().map_or("", String::as_str)
+    }
+
+    /// Learns the id; `Err` with the id already known if it is another one.
+    pub fn learn(&self, id: &str) -> Result<(), String> {
+        if id.is_empty() {
+            return Ok(());
+        }
+        let known = self.0.get_or_init(|| id.to_string());
+        if known == id {
+            Ok(())
+        } else {
+            Err(known.clone())
+        }
+    }
+
+    /// Whether a call that says it comes from cluster `other` comes from another cluster (an
+    /// empty id is a node that does not know its cluster yet: one joining, or one of a cluster
+    /// being bootstrapped).
+    pub fn foreign(&self, other: &str) -> bool {
+        let me = self.get();
+        !me.is_empty() && !other.is_empty() && me != other
+    }
+}

@@ -33,7 +33,7 @@ use std::time::Duration;
 use tonic::transport::Channel;
 
 pub use error::{BrokerError, PeerAnswer, Result};
-pub use peers::{never_sent, relay};
+pub use peers::{never_sent, Origin};
 pub use read::Read;
 pub use topic::{Outgoing, Topic};
 
@@ -43,6 +43,24 @@ use crate::raft::transport::Transport;
 use crate::raft::types::{Member, NodeId};
 use crate::shard::{ReplicaSettings, Shards};
 use crate::tls::{ClientTls, ServerTls};
+use crate::types::ClusterId;
+
+/// Replaces a small file as a whole: a crash leaves the old content or the new, synced.
+fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Where a node keeps the id of the cluster it belongs to, under its data directory.
+pub const CLUSTER_ID_FILE: &str = "cluster.id";
 
 pub struct Broker {
     pub config: Config,
@@ -73,6 +91,8 @@ pub struct Broker {
     fatal: tokio::sync::watch::Sender<Option<String>>,
     /// The node's TLS, when configured: its listener and its calls to other nodes.
     pub tls: Option<Arc<ServerTls>>,
+    /// The cluster's id, once known (from `DATA_DIR/cluster.id` or the metadata).
+    pub cluster_id: Arc<ClusterId>,
 }
 
 /// Counts one call as in flight until dropped.
@@ -93,6 +113,7 @@ impl Broker {
         advertised: String,
         transport: Option<Arc<Transport>>,
         tls: Option<Arc<ServerTls>>,
+        cluster_id: Arc<ClusterId>,
     ) -> anyhow::Result<Arc<Broker>> {
         let me = NodeId(config.node_id);
         let replica = ReplicaSettings {
@@ -127,6 +148,7 @@ impl Broker {
             in_flight: Arc::new(AtomicUsize::new(0)),
             fatal: tokio::sync::watch::channel(None).0,
             tls,
+            cluster_id,
         });
         if let Some(t) = broker.transport() {
             // A peer that refuses this node as removed: stop.
@@ -172,6 +194,9 @@ impl Broker {
     /// Replaces the metadata and the topics derived from it (keeping the `Topic` of an
     /// unchanged one).
     pub fn set_state(&self, state: Arc<ClusterState>) {
+        if let Some(id) = &state.cluster_id {
+            self.learn_cluster_id(id);
+        }
         if let Some(t) = self.transport() {
             t.set_addresses(
                 state
@@ -193,6 +218,28 @@ impl Broker {
         }
         *topics = next;
         *self.state.write().expect("state lock") = state;
+    }
+
+    /// Takes the cluster id the metadata holds: kept in `DATA_DIR/cluster.id` the first time,
+    /// so a restarted node refuses another cluster's calls before it has caught up. A node
+    /// whose files name another cluster stops.
+    fn learn_cluster_id(&self, id: &str) {
+        let new = self.cluster_id.get().is_empty();
+        if let Err(known) = self.cluster_id.learn(id) {
+            self.stop_for(format!(
+                "this node's data directory ({}) belongs to cluster {known}, but the metadata \
+                 it replicated names cluster {id}",
+                self.config.data_dir.display()
+            ));
+            return;
+        }
+        if new {
+            let path = self.config.data_dir.join(CLUSTER_ID_FILE);
+            if let Err(e) = write_durably(&path, id.as_bytes()) {
+                tracing::error!(path = %path.display(), error = %e, "cannot keep the cluster id");
+            }
+            tracing::info!(cluster = id, "cluster id");
+        }
     }
 
     /// Whether this node has caught up with the metadata since it started and serves.

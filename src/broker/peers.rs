@@ -9,15 +9,50 @@ use crate::proto::metadata;
 use crate::proto::v1::tern_client::TernClient;
 use crate::raft::types::NodeId;
 
-/// A request a node sends to another on a client's behalf: marked, so that one does not relay
-/// it again.
-pub fn relay<T>(msg: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut().insert(
-        metadata::FORWARDED,
-        tonic::metadata::MetadataValue::from_static("1"),
-    );
-    r
+/// Whom a call is served for, as the broker passes it on to another node.
+#[derive(Clone, Debug)]
+pub enum Origin {
+    /// A client's call first served here, with its principal (`None`: authentication is off,
+    /// or it is this node's own work). A relay carries the principal; the receiving node
+    /// trusts it only from a node proven by its certificate.
+    Client(Option<std::sync::Arc<str>>),
+    /// Relayed here by another node: served here or refused, never passed on again.
+    Relayed,
+}
+
+impl Default for Origin {
+    fn default() -> Origin {
+        Origin::Client(None)
+    }
+}
+
+impl Origin {
+    pub fn relayed(&self) -> bool {
+        matches!(self, Origin::Relayed)
+    }
+}
+
+impl super::Broker {
+    /// A call to another node on behalf of `origin`: marked forwarded (the receiver does not
+    /// pass it on), with this cluster's id and the caller's principal.
+    pub fn relay<T>(&self, msg: T, origin: &Origin) -> tonic::Request<T> {
+        use tonic::metadata::MetadataValue;
+        let mut r = tonic::Request::new(msg);
+        let md = r.metadata_mut();
+        md.insert(metadata::FORWARDED, MetadataValue::from_static("1"));
+        if let Ok(v) = MetadataValue::try_from(self.cluster_id.get()) {
+            if !self.cluster_id.get().is_empty() {
+                md.insert(metadata::CLUSTER, v);
+            }
+        }
+        if let Origin::Client(Some(p)) = origin {
+            // Principals are printable ASCII (checked when authenticated), so this holds.
+            // "*" is no principal, and the receiver refuses it.
+            let v = MetadataValue::try_from(&**p).unwrap_or(MetadataValue::from_static("*"));
+            md.insert(metadata::PRINCIPAL, v);
+        }
+        r
+    }
 }
 
 /// Whether a call failed before it reached the other side (the connection could not be made).

@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::peers::relay;
+use super::peers::Origin;
 use super::{Broker, BrokerError, Outgoing, Result, Topic};
 use crate::log::Record;
 use crate::proto::v1 as pb;
@@ -32,7 +32,7 @@ impl Broker {
     /// batch. Requests submitted one after another are appended in that order per partition
     /// (what PublishStream relies on) while leadership stays put.
     ///
-    /// A partition led by another node is forwarded to it (once: a `forwarded` request is
+    /// A partition led by another node is forwarded to it (once: a relayed request is
     /// refused with the leader named instead, so a stale view cannot loop).
     ///
     /// An idempotent `producer`'s records all go to one partition (checked by the caller).
@@ -41,7 +41,7 @@ impl Broker {
         topic: &Arc<Topic>,
         records: Vec<Outgoing>,
         producer: Option<ProducerSeq>,
-        forwarded: bool,
+        origin: &Origin,
     ) -> Result<impl std::future::Future<Output = Result<Vec<(u32, Offset)>>> + use<>> {
         let n = topic.spec.partitions;
         let mut groups: Vec<(u32, Vec<usize>, Vec<Record>)> = Vec::new();
@@ -72,11 +72,12 @@ impl Broker {
         for (p, idx, recs) in groups {
             let broker = self.clone();
             let topic = topic.clone();
+            let origin = origin.clone();
             if !topic.on(me, p) {
                 // No replica here: to the partition's leader (the preferred one first).
                 pending.push(Box::pin(async move {
                     let r = broker
-                        .publish_elsewhere(&topic, p, recs, producer, None, forwarded)
+                        .publish_elsewhere(&topic, p, recs, producer, None, &origin)
                         .await;
                     (idx, r)
                 }));
@@ -101,7 +102,7 @@ impl Broker {
                     }
                     Ok(Appended::NotLeader { leader, records }) => {
                         broker
-                            .publish_elsewhere(&topic, p, records, producer, leader, forwarded)
+                            .publish_elsewhere(&topic, p, records, producer, leader, &origin)
                             .await
                     }
                     Err(e) => Err(e.into()),
@@ -146,7 +147,7 @@ impl Broker {
         records: Vec<Record>,
         producer: Option<ProducerSeq>,
         mut hint: Option<NodeId>,
-        forwarded: bool,
+        origin: &Origin,
     ) -> Result<Vec<Offset>> {
         let me = self.node_id();
         let deadline = tokio::time::Instant::now() + self.leader_wait();
@@ -219,7 +220,7 @@ impl Broker {
                 }
                 continue;
             }
-            if forwarded {
+            if origin.relayed() {
                 // One hop only: send the caller to the leader this node knows.
                 return Err(CoreError::NotLeader {
                     leader: Some(target),
@@ -234,7 +235,7 @@ impl Broker {
                     producer,
                 )
             });
-            let mut call = relay(req.clone());
+            let mut call = self.relay(req.clone(), origin);
             call.set_timeout(FORWARD_TIMEOUT);
             match self
                 .call_peer(target, |mut c| async move { c.publish(call).await })

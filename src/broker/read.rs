@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::peers::relay;
+use super::peers::Origin;
 use super::{Broker, BrokerError, Result, Topic};
 use crate::proto::v1 as pb;
 use crate::shard::request::ReplicaState;
@@ -49,13 +49,13 @@ impl Broker {
     }
 
     /// Committed records of a partition, at most `max_records`, from this node's replica or
-    /// (once: a `relayed` read is not passed on) from another replica.
+    /// (once: a read another node relayed is not passed on) from another replica.
     pub async fn read(
         &self,
         topic: &Topic,
         partition: u32,
         read: Read,
-        relayed: bool,
+        origin: &Origin,
     ) -> Result<pb::FetchResponse> {
         if topic.on(self.node_id(), partition) {
             let f = self
@@ -69,7 +69,7 @@ impl Broker {
                 start_offset: f.start.0,
             });
         }
-        if relayed {
+        if origin.relayed() {
             return Err(self.no_replica(topic, partition));
         }
         let req = pb::FetchRequest {
@@ -81,7 +81,7 @@ impl Broker {
             max_wait_ms: read.max_wait.as_millis() as u32,
         };
         self.on_replica(topic, partition, |mut c| {
-            let mut call = relay(req.clone());
+            let mut call = self.relay(req.clone(), origin);
             call.set_timeout(read.max_wait + RELAY_SLACK);
             async move { c.fetch(call).await }
         })
@@ -95,7 +95,7 @@ impl Broker {
         topic: &Topic,
         partition: u32,
         at: StartAt,
-        relayed: bool,
+        origin: &Origin,
     ) -> Result<ListedOffsets> {
         if topic.on(self.node_id(), partition) {
             let key = topic.key(partition);
@@ -108,7 +108,7 @@ impl Broker {
                 })
                 .await?);
         }
-        if relayed {
+        if origin.relayed() {
             return Err(self.no_replica(topic, partition));
         }
         let req = pb::ListOffsetsRequest {
@@ -118,7 +118,7 @@ impl Broker {
         };
         let r = self
             .on_replica(topic, partition, |mut c| {
-                let call = relay(req.clone());
+                let call = self.relay(req.clone(), origin);
                 async move { c.list_offsets(call).await }
             })
             .await?;

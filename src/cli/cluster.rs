@@ -414,6 +414,7 @@ async fn status(opts: ClientOpts) -> anyhow::Result<()> {
         .map_err(status_error)?;
     if opts.json {
         let j = serde_json::json!({
+            "cluster_id": v.asked.cluster_id,
             "metadata_leader": (v.metadata_leader != 0).then_some(v.metadata_leader),
             "ready": v.asked.ready,
             "nodes": v.asked.nodes.iter().map(|n| serde_json::json!({
@@ -471,6 +472,9 @@ fn print_status(v: &View) {
             ]
         })
         .collect();
+    if !v.asked.cluster_id.is_empty() {
+        println!("cluster {}", v.asked.cluster_id);
+    }
     if !nodes.is_empty() {
         table::print(
             &["NODE", "ADDRESS", "REGION", "ZONE", "STATE", "METADATA"],

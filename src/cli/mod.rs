@@ -7,6 +7,7 @@ mod cluster;
 mod group;
 mod producer;
 mod pubsub;
+mod security;
 mod serve;
 mod table;
 
@@ -52,6 +53,23 @@ enum Cmd {
         #[command(subcommand)]
         cmd: cluster::ClusterCmd,
     },
+    /// Users (token authentication): create, list, delete.
+    User {
+        #[command(subcommand)]
+        cmd: security::UserCmd,
+    },
+    /// Access control lists: who may do what to which topics, groups and the cluster.
+    Acl {
+        #[command(subcommand)]
+        cmd: security::AclCmd,
+    },
+    /// Per-principal rates: publish and consume bytes and requests per second.
+    Quota {
+        #[command(subcommand)]
+        cmd: security::QuotaCmd,
+    },
+    /// Who this node takes you for.
+    Whoami(ClientOpts),
     /// Development TLS certificates: a CA, node and client certificates.
     Certs {
         #[command(subcommand)]
@@ -266,6 +284,10 @@ where
                     Cmd::Group { cmd } => group::group(cmd).await,
                     Cmd::Pub(a) => pubsub::publish(a).await,
                     Cmd::Sub(a) => pubsub::subscribe(a).await,
+                    Cmd::User { cmd } => security::user(cmd).await,
+                    Cmd::Acl { cmd } => security::acl(cmd).await,
+                    Cmd::Quota { cmd } => security::quota(cmd).await,
+                    Cmd::Whoami(opts) => security::whoami(opts).await,
                     Cmd::Serve(_) | Cmd::Certs { .. } => unreachable!("handled above"),
                 }
             })

@@ -109,6 +109,17 @@ pub struct ServeArgs {
     /// its common name is their principal.
     #[arg(long, env = "TERN_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
+    /// none | required: with required, every call needs a token or a client certificate, and
+    /// ACLs decide what it may do (docs/security.md) [default: none].
+    #[arg(long, env = "TERN_AUTH")]
+    pub auth: Option<String>,
+    /// A file holding the bootstrap token, whose bearer is the superuser `admin` (or set
+    /// TERN_BOOTSTRAP_TOKEN).
+    #[arg(long, env = "TERN_BOOTSTRAP_TOKEN_FILE")]
+    pub bootstrap_token_file: Option<PathBuf>,
+    /// A principal that may do anything (repeat, or a comma-separated list).
+    #[arg(long = "superuser", env = "TERN_SUPERUSERS", value_delimiter = ',')]
+    pub superusers: Vec<String>,
     /// Partitions of a topic created without a count [default: 1].
     #[arg(long, env = "TERN_DEFAULT_PARTITIONS")]
     pub default_partitions: Option<u32>,
@@ -173,7 +184,10 @@ impl ServeArgs {
         if self.fault_injection {
             c.fault_injection = true;
         }
-        set!(max_connections);
+        set!(max_connections, auth);
+        if !self.superusers.is_empty() {
+            c.superusers = self.superusers;
+        }
         macro_rules! set_some {
             ($($field:ident),*) => { $( if let Some(v) = self.$field { c.$field = Some(v); } )* };
         }
@@ -182,7 +196,8 @@ impl ServeArgs {
             tls_cert,
             tls_key,
             tls_cluster_ca,
-            tls_client_ca
+            tls_client_ca,
+            bootstrap_token_file
         );
         let d = &mut c.topic_defaults;
         macro_rules! set_default {

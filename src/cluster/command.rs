@@ -5,6 +5,10 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{invalid, ClusterError};
 use super::offsets::QUEUE_WINDOW_MAX;
+use super::security::{
+    valid_cluster_id, valid_sha256_hex, validate_principal, validate_user_name, Acl, Quota, User,
+    EVERYONE,
+};
 use super::topic::{validate_topic_name, TopicSpec};
 use crate::raft::types::{Member, NodeId};
 use crate::types::{Offset, TopicUid};
@@ -17,11 +21,19 @@ pub const COMMAND_MAX_BYTES: usize = 1 << 20;
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Command {
     /// A node says where it is reachable and where it stands.
-    RegisterNode { id: NodeId, member: Member },
+    RegisterNode {
+        id: NodeId,
+        member: Member,
+    },
     /// Creates a topic unless one of that name exists.
-    CreateTopic { spec: TopicSpec },
+    CreateTopic {
+        spec: TopicSpec,
+    },
     /// Deletes the topic of that name and incarnation, if it exists.
-    DeleteTopic { name: String, uid: TopicUid },
+    DeleteTopic {
+        name: String,
+        uid: TopicUid,
+    },
     /// Starts moving a partition's replicas to `target` (the first is the preferred leader),
     /// or redirects a move in progress. The partition's leader carries it out.
     MoveReplicas {
@@ -40,7 +52,9 @@ pub enum Command {
     /// Takes a node out of the cluster, for good (its id is not reused): at once if it holds no
     /// replica, else it is marked draining, its replicas move away, and the metadata leader
     /// proposes this again once it holds none.
-    RemoveNode { id: NodeId },
+    RemoveNode {
+        id: NodeId,
+    },
     /// Issues an idempotent producer id: the command's offset in the metadata log plus one
     /// (unique, never reused, the same on every node). Applying it changes nothing.
     AllocateProducerId,
@@ -63,6 +77,30 @@ pub enum Command {
         floor: Offset,
         settled: Vec<Offset>,
         counts: Vec<(Offset, u32)>,
+    },
+    /// Names the cluster, once: the first metadata leader proposes it at bootstrap; later
+    /// ones change nothing.
+    InitCluster {
+        id: String,
+    },
+    /// Adds a user (refused if the name is taken: a token is replaced by deleting the user).
+    CreateUser {
+        name: String,
+        user: User,
+    },
+    DeleteUser {
+        name: String,
+    },
+    AddAcl {
+        acl: Acl,
+    },
+    RemoveAcl {
+        acl: Acl,
+    },
+    /// Sets a principal's quota (or everyone's, `*`); an empty quota removes it.
+    SetQuota {
+        principal: String,
+        quota: Quota,
     },
 }
 
@@ -153,6 +191,28 @@ impl Command {
                 Ok(())
             }
             Command::AllocateProducerId => Ok(()),
+            Command::InitCluster { id } => {
+                if valid_cluster_id(id) {
+                    Ok(())
+                } else {
+                    Err(invalid(format!("cluster id {id:?}")))
+                }
+            }
+            Command::CreateUser { name, user } => {
+                validate_user_name(name)?;
+                if !valid_sha256_hex(&user.token_sha256) {
+                    return Err(invalid("a user's token hash is 64 lowercase hex digits"));
+                }
+                Ok(())
+            }
+            Command::DeleteUser { name } => validate_user_name(name),
+            Command::AddAcl { acl } | Command::RemoveAcl { acl } => acl.validate(),
+            Command::SetQuota { principal, quota } => {
+                if principal != EVERYONE {
+                    validate_principal(principal)?;
+                }
+                quota.validate()
+            }
             Command::CommitOffsets {
                 group,
                 topic,
@@ -204,6 +264,12 @@ impl Command {
             Command::CommitOffsets { .. }
                 | Command::QueueProgress { .. }
                 | Command::AllocateProducerId
+                | Command::InitCluster { .. }
+                | Command::CreateUser { .. }
+                | Command::DeleteUser { .. }
+                | Command::AddAcl { .. }
+                | Command::RemoveAcl { .. }
+                | Command::SetQuota { .. }
         )
     }
 

@@ -15,6 +15,7 @@
 //!   placement.rs  replica lists of a new topic; who takes over a replica
 //!   balance.rs    rebalancing moves
 //!   plan.rs       a node's reconcile diff, a drain's next steps, the metadata group's members
+//!   security.rs   users, ACLs and quotas; who may do what
 //!   error.rs      ClusterError
 //! ```
 
@@ -24,6 +25,7 @@ mod error;
 mod offsets;
 mod placement;
 pub mod plan;
+pub mod security;
 mod state;
 #[cfg(test)]
 mod testkit;
@@ -34,5 +36,6 @@ pub use command::{Command, COMMAND_MAX_BYTES, PARTITIONS_MAX, REPLICAS_MAX};
 pub use error::ClusterError;
 pub use offsets::{Cursor, GroupOffsets, GROUPS_MAX, QUEUE_WINDOW_MAX};
 pub use placement::{assign_replicas, replacement};
+pub use security::valid_cluster_id;
 pub use state::ClusterState;
 pub use topic::{validate_topic_name, TopicSettings, TopicSpec, TOPIC_NAME_MAX};

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::command::Command;
 use super::offsets::{Cursor, GroupOffsets, GROUPS_MAX};
+use super::security::{Security, ACLS_MAX, QUOTAS_MAX, USERS_MAX};
 use super::topic::TopicSpec;
 use crate::raft::types::{Member, NodeId};
 use crate::types::TopicUid;
@@ -22,6 +23,10 @@ pub struct ClusterState {
     pub removed: BTreeSet<NodeId>,
     /// Consumer and queue groups' committed positions, by (group, topic).
     pub groups: BTreeMap<(String, String), GroupOffsets>,
+    /// The cluster's id, chosen at bootstrap (`None` until the first leader names it).
+    pub cluster_id: Option<String>,
+    /// Users, ACLs and quotas.
+    pub security: Security,
 }
 
 impl ClusterState {
@@ -88,6 +93,38 @@ impl ClusterState {
                 }
             }
             Command::AllocateProducerId => {}
+            Command::InitCluster { id } => {
+                self.cluster_id.get_or_insert(id);
+            }
+            Command::CreateUser { name, user } => {
+                let sec = &mut self.security;
+                let hash_taken = sec.user_by_token(&user.token_sha256).is_some();
+                if !sec.users.contains_key(&name) && !hash_taken && sec.users.len() < USERS_MAX {
+                    sec.users.insert(name, user);
+                    sec.users_version += 1;
+                }
+            }
+            Command::DeleteUser { name } => {
+                if self.security.users.remove(&name).is_some() {
+                    self.security.users_version += 1;
+                }
+            }
+            Command::AddAcl { acl } => {
+                if self.security.acls.len() < ACLS_MAX {
+                    self.security.acls.insert(acl);
+                }
+            }
+            Command::RemoveAcl { acl } => {
+                self.security.acls.remove(&acl);
+            }
+            Command::SetQuota { principal, quota } => {
+                let q = &mut self.security.quotas;
+                if quota.is_empty() {
+                    q.remove(&principal);
+                } else if q.contains_key(&principal) || q.len() < QUOTAS_MAX {
+                    q.insert(principal, quota);
+                }
+            }
             Command::CommitOffsets {
                 group,
                 topic,

@@ -46,6 +46,13 @@ pub enum ControllerError {
     Removed(NodeId),
     #[error("node {0} is not in the cluster")]
     UnknownNode(NodeId),
+    #[error("user {0:?} already exists (delete it first to issue a new token)")]
+    UserExists(String),
+    #[error("there is no user {0:?}")]
+    UnknownUser(String),
+    /// The metadata holds its limit of something (users, ACLs, quotas).
+    #[error("{0}")]
+    Full(String),
     /// The request cannot be carried out as asked (a wrong replica list).
     #[error("{0}")]
     Invalid(String),

@@ -161,7 +161,10 @@ async fn log_caught_up(broker: Arc<Broker>) {
     for t in &topics {
         for p in (0..t.spec.partitions).filter(|p| t.on(me, *p)) {
             partitions += 1;
-            if let Ok(o) = broker.list_offsets(t, p, StartAt::Latest, true).await {
+            if let Ok(o) = broker
+                .list_offsets(t, p, StartAt::Latest, &crate::broker::Origin::Relayed)
+                .await
+            {
                 records += o.end.0.saturating_sub(o.start.0);
             }
         }

@@ -23,6 +23,7 @@
 //!   mover.rs      moves, the metadata group's members, drains
 //!   topics.rs     create and delete topics
 //!   admin.rs      move, remove-node, rebalance
+//!   security.rs   users, ACLs and quotas
 //!   error.rs      ControllerError
 //! ```
 
@@ -33,6 +34,7 @@ mod mover;
 mod propose;
 mod reconcile;
 mod register;
+mod security;
 mod topics;
 
 use std::collections::BTreeMap;
@@ -43,6 +45,7 @@ pub use error::{ControllerError, Result};
 pub use propose::{
     handle_propose, no_metadata_leader, propose, propose_local, wait_applied, wait_metadata_leader,
 };
+pub use security::{change_acl, create_user, delete_user, set_quota};
 pub use topics::{create_topic, delete_topic, NewTopic};
 
 use crate::broker::Broker;

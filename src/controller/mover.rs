@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::propose::propose;
+use super::propose::{propose, wait_applied};
 use super::Result;
 use crate::broker::Broker;
 use crate::cluster::plan::{self, MetadataGroup};
@@ -123,6 +123,41 @@ async fn move_partitions(broker: &Arc<Broker>) {
     }
 }
 
+/// Names the cluster (the first metadata leader does, once): every call between nodes carries
+/// the id from then on.
+async fn name_cluster(broker: &Arc<Broker>) -> Result<()> {
+    let id = match broker.cluster_id.get() {
+        "" => new_cluster_id(),
+        known => known.to_string(),
+    };
+    let at = propose(broker, &Command::InitCluster { id }).await?;
+    wait_applied(broker, at).await
+}
+
+/// A random cluster id: 128 bits, in the 8-4-4-4-12 hex form of a UUID.
+fn new_cluster_id() -> String {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 16];
+    if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
+        // The OS's generator failed (it does not, in practice): the time is unique enough to
+        // tell clusters apart, which is all the id is for.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        b = t.to_le_bytes();
+    }
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
 /// On the metadata leader: keeps the metadata group's membership in line with the registered
 /// nodes, and drives the removal of draining nodes.
 async fn lead_metadata(broker: &Arc<Broker>) -> Result<()> {
@@ -139,6 +174,9 @@ async fn lead_metadata(broker: &Arc<Broker>) -> Result<()> {
         return Ok(());
     }
     let state = broker.cluster();
+    if state.cluster_id.is_none() {
+        name_cluster(broker).await?;
+    }
     let now = MetadataGroup {
         voters: group.voters,
         learners: group.learners,

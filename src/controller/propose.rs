@@ -86,6 +86,7 @@ async fn forward_proposal(broker: &Broker, leader: NodeId, cmd: &Command) -> Res
         from: broker.node_id().0,
         command: Bytes::from(cmd.encode()),
         forwarded: true,
+        cluster: broker.cluster_id.get().to_string(),
     });
     req.set_timeout(APPLY_WAIT);
     let r = client
@@ -112,6 +113,7 @@ pub async fn propose_through(broker: &Broker, addr: &str, cmd: &Command) -> Resu
         from: broker.node_id().0,
         command: Bytes::from(cmd.encode()),
         forwarded: false,
+        cluster: broker.cluster_id.get().to_string(),
     });
     req.set_timeout(APPLY_WAIT);
     match client.propose(req).await {

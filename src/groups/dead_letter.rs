@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use super::actor::Event;
 use super::window::DeadLetter;
 use super::{GroupError, Result};
-use crate::broker::{Broker, BrokerError, Outgoing, Topic};
+use crate::broker::{Broker, BrokerError, Origin, Outgoing, Topic};
 use crate::controller::{self, ControllerError, NewTopic};
 use crate::log::{Header, Record, HEADERS_PER_RECORD_MAX};
 use crate::shard::ProducerSeq;
@@ -152,7 +152,7 @@ impl DeadLetterWriter {
                     id: self.producer,
                     first: Sequence(seq),
                 }),
-                false,
+                &Origin::default(),
             )
             .await?;
         pending.await?;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{down, Out, Result};
-use crate::broker::{Broker, BrokerError, Read};
+use crate::broker::{Broker, BrokerError, Origin, Read};
 use crate::proto::v1 as pb;
 use crate::proto::v1::consume_response::Kind as Down;
 use crate::shard::StartAt;
@@ -35,7 +35,7 @@ pub async fn start_offset(
         StartAt::Earliest
     };
     Ok(broker
-        .list_offsets(&t, partition, at, false)
+        .list_offsets(&t, partition, at, &Origin::default())
         .await?
         .offset
         .0)
@@ -57,7 +57,7 @@ pub async fn read(
         max_bytes: READ_BYTES,
         max_wait,
     };
-    match broker.read(&t, partition, read, false).await {
+    match broker.read(&t, partition, read, &Origin::default()).await {
         // Deleted by retention: go on from the first record still stored.
         Err(e) if e.range().is_some_and(|(start, _)| at < start) => {
             let start = e.range().map_or(at, |(s, _)| s);
@@ -80,7 +80,7 @@ pub async fn bounds(
 ) -> Result<(u64, u64), BrokerError> {
     let t = broker.topic(topic)?;
     let o = broker
-        .list_offsets(&t, partition, StartAt::Latest, false)
+        .list_offsets(&t, partition, StartAt::Latest, &Origin::default())
         .await?;
     Ok((o.start.0, o.end.0))
 }

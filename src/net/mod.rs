@@ -9,12 +9,16 @@
 //!   mod.rs        the server: services, limits, the request-size answer
 //!   service/      tern.v1.Tern, call by call
 //!   subscribe.rs  Subscribe streams (a follower per partition)
+//!   auth.rs       who is calling (token, client certificate, forwarding node) and may they
+//!   quota.rs      per-principal rates: slowed, then RESOURCE_EXHAUSTED
 //!   peer.rs       tern.internal.v1.Peer: Raft traffic and proposals from other nodes
 //!   validate.rs   client input, bounded and checked
 //!   status.rs     every error as a gRPC status
 //! ```
 
+pub mod auth;
 mod peer;
+pub mod quota;
 mod service;
 pub mod status;
 mod subscribe;
@@ -35,6 +39,7 @@ use crate::proto::v1::tern_server::TernServer;
 pub async fn serve(
     broker: Arc<Broker>,
     groups: Arc<Groups>,
+    auth: Arc<auth::Auth>,
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
@@ -51,9 +56,13 @@ pub async fn serve(
     })
     .max_decoding_message_size(crate::raft::transport::MAX_MESSAGE_BYTES)
     .max_encoding_message_size(crate::raft::transport::MAX_MESSAGE_BYTES);
-    let tern = TernServer::new(TernService { broker, groups })
-        .max_decoding_message_size(cfg.max_request_bytes)
-        .max_encoding_message_size(cfg.max_request_bytes.max(32 << 20));
+    let tern = TernServer::new(TernService {
+        broker,
+        groups,
+        auth,
+    })
+    .max_decoding_message_size(cfg.max_request_bytes)
+    .max_encoding_message_size(cfg.max_request_bytes.max(32 << 20));
     let limit = cfg.max_request_bytes;
     tonic::transport::Server::builder()
         .max_concurrent_streams(Some(cfg.max_concurrent_streams))

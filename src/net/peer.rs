@@ -21,10 +21,17 @@ pub struct PeerService {
 }
 
 impl PeerService {
-    /// A call from node `from` is taken only if (with TLS) the connection's certificate proves
-    /// it is that node, the node belongs to this cluster and was not removed from it.
-    fn check_peer<T>(&self, from: u64, request: &Request<T>) -> Result<(), Status> {
+    /// A call from node `from` is taken only if it comes from this cluster (by the id it
+    /// carries), (with TLS) the connection's certificate proves it is that node, and the node
+    /// was not removed from the cluster.
+    fn check_peer<T>(&self, from: u64, cluster: &str, request: &Request<T>) -> Result<(), Status> {
         let from = NodeId(from);
+        if self.broker.cluster_id.foreign(cluster) {
+            return Err(Status::permission_denied(format!(
+                "node {from} belongs to cluster {cluster}; this node belongs to cluster {}",
+                self.broker.cluster_id.get()
+            )));
+        }
         if self.broker.tls.is_some() {
             let proven = request
                 .extensions()
@@ -67,7 +74,8 @@ impl Peer for PeerService {
         &self,
         request: Request<pb::ExchangeRequest>,
     ) -> Result<Response<pb::ExchangeResponse>, Status> {
-        self.check_peer(request.get_ref().from, &request)?;
+        let r = request.get_ref();
+        self.check_peer(r.from, &r.cluster, &request)?;
         let r = request.into_inner();
         let me = self.broker.node_id();
         if r.to != me.0 {
@@ -131,7 +139,8 @@ impl Peer for PeerService {
         &self,
         request: Request<pb::ProposeRequest>,
     ) -> Result<Response<pb::ProposeResponse>, Status> {
-        self.check_peer(request.get_ref().from, &request)?;
+        let r = request.get_ref();
+        self.check_peer(r.from, &r.cluster, &request)?;
         let r = request.into_inner();
         let _call = self.broker.track();
         let at = controller::handle_propose(&self.broker, &r.command, r.forwarded)

@@ -96,7 +96,11 @@ pub fn from_controller(e: ControllerError) -> Status {
         | ControllerError::Through { .. }) => Status::unavailable(e.to_string()),
         e @ ControllerError::TopicExists(_) => Status::already_exists(e.to_string()),
         e @ ControllerError::TooManyTopics(_) => Status::resource_exhausted(e.to_string()),
-        e @ ControllerError::UnknownNode(_) => Status::not_found(e.to_string()),
+        e @ (ControllerError::UnknownNode(_) | ControllerError::UnknownUser(_)) => {
+            Status::not_found(e.to_string())
+        }
+        e @ ControllerError::UserExists(_) => Status::already_exists(e.to_string()),
+        e @ ControllerError::Full(_) => Status::resource_exhausted(e.to_string()),
         e @ ControllerError::Invalid(_) => Status::invalid_argument(e.to_string()),
         e @ ControllerError::Precondition(_) => Status::failed_precondition(e.to_string()),
     };

@@ -27,9 +27,11 @@ use tokio::task::AbortHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
+use super::auth::{Auth, Caller};
 use super::status::from_broker;
 use super::validate;
 use crate::broker::{Broker, BrokerError, Read, Topic};
+use crate::cluster::security::{Operation, ResourceKind};
 use crate::proto::v1 as pb;
 use crate::shard::StartAt;
 use crate::types::Offset;
@@ -49,6 +51,8 @@ type Tx = tokio::sync::mpsc::Sender<Result<pb::SubscribeResponse, Status>>;
 
 struct Subscription {
     broker: Arc<Broker>,
+    auth: Arc<Auth>,
+    caller: Arc<Caller>,
     tx: Tx,
     followers: HashMap<(String, u32), AbortHandle>,
 }
@@ -64,6 +68,8 @@ impl Drop for Subscription {
 /// Starts a subscription from its first request; errors in it fail the call.
 pub async fn start(
     broker: Arc<Broker>,
+    auth: Arc<Auth>,
+    caller: Caller,
     mut inbound: Streaming<pb::SubscribeRequest>,
 ) -> Result<Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>, Status> {
     let first = inbound.message().await?.ok_or_else(|| {
@@ -77,6 +83,8 @@ pub async fn start(
     let (tx, rx) = tokio::sync::mpsc::channel(CHANNEL_DEPTH);
     let mut sub = Subscription {
         broker,
+        auth,
+        caller: Arc::new(caller),
         tx: tx.clone(),
         followers: HashMap::new(),
     };
@@ -112,6 +120,13 @@ impl Subscription {
         // Resolve everything first, so a bad entry changes nothing.
         let mut starts: Vec<(Arc<Topic>, u32, Offset)> = Vec::new();
         for add in &req.add {
+            self.auth.authorize(
+                &self.broker,
+                &self.caller,
+                ResourceKind::Topic,
+                &add.topic,
+                Operation::Subscribe,
+            )?;
             let topic = self.broker.topic(&add.topic).map_err(from_broker)?;
             let at = validate::start_at(add.from.as_ref())?;
             let parts: Vec<u32> = if add.partitions.is_empty() {
@@ -125,7 +140,7 @@ impl Subscription {
                     StartAt::Offset(o) => o,
                     at => {
                         self.broker
-                            .list_offsets(&topic, p, at, false)
+                            .list_offsets(&topic, p, at, &self.caller.origin())
                             .await
                             .map_err(from_broker)?
                             .offset
@@ -157,7 +172,17 @@ impl Subscription {
             if let Some(old) = self.followers.remove(&key) {
                 old.abort();
             }
-            let task = tokio::spawn(follow(self.broker.clone(), topic, p, from, self.tx.clone()));
+            let task = tokio::spawn(follow(
+                Follower {
+                    broker: self.broker.clone(),
+                    auth: self.auth.clone(),
+                    caller: self.caller.clone(),
+                },
+                topic,
+                p,
+                from,
+                self.tx.clone(),
+            ));
             self.followers.insert(key, task.abort_handle());
         }
         Ok(())
@@ -173,9 +198,22 @@ fn transient(e: &BrokerError, from: Offset) -> bool {
     e.retryable() || e.not_found() || e.range().is_some_and(|(_, end)| from.0 > end)
 }
 
+/// What a partition's follower needs besides the partition: the node, and whom it reads for.
+struct Follower {
+    broker: Arc<Broker>,
+    auth: Arc<Auth>,
+    caller: Arc<Caller>,
+}
+
 /// Streams one partition's committed records from `from` until the client goes away, the node
-/// shuts down, or the topic is deleted.
-async fn follow(broker: Arc<Broker>, topic: Arc<Topic>, partition: u32, mut from: Offset, tx: Tx) {
+/// shuts down, the topic is deleted, or the caller may no longer read it (an ACL revoked).
+async fn follow(f: Follower, topic: Arc<Topic>, partition: u32, mut from: Offset, tx: Tx) {
+    let Follower {
+        broker,
+        auth,
+        caller,
+    } = f;
+    let origin = caller.origin();
     let mut closing = broker.closing();
     let name = topic.spec.name.clone();
     let uid = topic.spec.uid;
@@ -194,6 +232,16 @@ async fn follow(broker: Arc<Broker>, topic: Arc<Topic>, partition: u32, mut from
                 return;
             }
         };
+        if let Err(status) = auth.authorize(
+            &broker,
+            &caller,
+            ResourceKind::Topic,
+            &name,
+            Operation::Subscribe,
+        ) {
+            let _ = tx.send(Err(status)).await;
+            return;
+        }
         let read = Read {
             from,
             max_records: FETCH_RECORDS,
@@ -201,7 +249,7 @@ async fn follow(broker: Arc<Broker>, topic: Arc<Topic>, partition: u32, mut from
             max_wait: LONG_POLL,
         };
         let fetched = tokio::select! {
-            f = broker.read(&topic, partition, read, false) => f,
+            f = broker.read(&topic, partition, read, &origin) => f,
             _ = tx.closed() => return,
             _ = until_true(&mut closing) => {
                 let _ = tx.send(Err(Status::unavailable("the node is shutting down"))).await;
@@ -212,6 +260,11 @@ async fn follow(broker: Arc<Broker>, topic: Arc<Topic>, partition: u32, mut from
             Ok(r) => {
                 backoff = RETRY_MIN;
                 from = Offset(r.next_offset.max(from.0));
+                let pause = auth.quotas.consume_wait(
+                    &broker,
+                    &caller,
+                    super::service::read_bytes(&r.records),
+                );
                 if !r.records.is_empty()
                     && tx
                         .send(Ok(pb::SubscribeResponse { records: r.records }))
@@ -219,6 +272,12 @@ async fn follow(broker: Arc<Broker>, topic: Arc<Topic>, partition: u32, mut from
                         .is_err()
                 {
                     return;
+                }
+                if !pause.is_zero() {
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = tx.closed() => return,
+                    }
                 }
             }
             Err(e) if transient(&e, from) => {

@@ -25,7 +25,7 @@ use super::error::RaftError;
 use super::types::NodeId;
 use crate::proto::internal as pb;
 use crate::tls::ClientTls;
-use crate::types::CoreId;
+use crate::types::{ClusterId, CoreId};
 
 /// Runs a closure on a core (`on_core(core, f)`): answers to a group's calls complete on the
 /// core that owns the group. The node wires this to the cores' mailboxes, so this module needs
@@ -67,6 +67,8 @@ struct Link {
 /// network shard runs its links.
 pub struct Transport {
     me: NodeId,
+    /// This node's cluster id, sent with every call.
+    cluster: Arc<ClusterId>,
     tls: Option<ClientTls>,
     links: Mutex<HashMap<NodeId, Link>>,
     on_core: OnCore,
@@ -92,9 +94,15 @@ impl std::fmt::Debug for Transport {
 impl Transport {
     /// Call from inside the tokio runtime that will run the links.
     /// `tls`: connect to peers over TLS, presenting this node's certificate.
-    pub fn new(me: NodeId, on_core: OnCore, tls: Option<ClientTls>) -> Arc<Transport> {
+    pub fn new(
+        me: NodeId,
+        cluster: Arc<ClusterId>,
+        on_core: OnCore,
+        tls: Option<ClientTls>,
+    ) -> Arc<Transport> {
         Arc::new(Transport {
             me,
+            cluster,
             tls,
             links: Mutex::new(HashMap::new()),
             on_core,
@@ -284,6 +292,7 @@ async fn run_link(
                 from: transport.me.0,
                 to: target.0,
                 messages,
+                cluster: transport.cluster.get().to_string(),
             });
             request.set_timeout(CALL_TIMEOUT);
             let result = client.exchange(request).await;

@@ -43,6 +43,7 @@ pub async fn cluster_info(broker: &Broker) -> pb::ClusterInfoResponse {
             .await
             .map(|m| m.voters.iter().map(|v| v.0).collect())
             .unwrap_or_default(),
+        cluster_id: broker.cluster_id.get().to_string(),
     }
 }
 

@@ -9,10 +9,11 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Status, Streaming};
 
 use super::BoxStream;
-use crate::broker::{relay, Broker, BrokerError};
+use crate::broker::{Broker, BrokerError};
+use crate::cluster::security::{Operation, ResourceKind};
 use crate::groups::{self, Groups};
+use crate::net::auth::{Auth, Caller};
 use crate::net::status::{from_broker, from_group};
-use crate::proto::metadata::FORWARDED;
 use crate::proto::v1 as pb;
 use crate::raft::types::NodeId;
 
@@ -20,18 +21,17 @@ use crate::raft::types::NodeId;
 const RELAY_DEPTH: usize = 16;
 
 /// The node coordinating groups: the metadata leader.
-async fn coordinator<T>(broker: &Broker, request: &Request<T>) -> Result<NodeId, Status> {
-    let relayed = request.metadata().contains_key(FORWARDED);
+async fn coordinator(broker: &Broker, caller: &Caller) -> Result<NodeId, Status> {
     match broker.metadata_leader().await {
-        Some(l) if l == broker.node_id() || !relayed => Ok(l),
+        Some(l) if l == broker.node_id() || !caller.relayed => Ok(l),
         _ => Err(from_group(groups::GroupError::NoCoordinator)),
     }
 }
 
 /// The coordinator when it is another node (the call goes there), or `None` when this node
 /// coordinates.
-pub async fn elsewhere<T>(broker: &Broker, request: &Request<T>) -> Result<Option<NodeId>, Status> {
-    let c = coordinator(broker, request).await?;
+pub async fn elsewhere(broker: &Broker, caller: &Caller) -> Result<Option<NodeId>, Status> {
+    let c = coordinator(broker, caller).await?;
     Ok((c != broker.node_id()).then_some(c))
 }
 
@@ -47,9 +47,11 @@ where
 pub async fn consume(
     broker: Arc<Broker>,
     groups: Arc<Groups>,
+    auth: Arc<Auth>,
+    caller: Caller,
     request: Request<Streaming<pb::ConsumeRequest>>,
 ) -> Result<BoxStream<pb::ConsumeResponse>, Status> {
-    let coordinator = coordinator(&broker, &request).await?;
+    let coordinator = coordinator(&broker, &caller).await?;
     let mut inbound = request.into_inner();
     if coordinator != broker.node_id() {
         // The metadata leader coordinates groups: relay the call to it.
@@ -70,9 +72,10 @@ pub async fn consume(
                 }
             }
         });
+        let (b2, origin) = (broker.clone(), caller.origin());
         let stream = broker
             .call_peer(coordinator, |mut c| async move {
-                c.consume(relay(ReceiverStream::new(rx))).await
+                c.consume(b2.relay(ReceiverStream::new(rx), &origin)).await
             })
             .await
             .map_err(from_broker)?;
@@ -85,7 +88,7 @@ pub async fn consume(
                 )),
             })
         });
-        return Ok(Box::pin(relay));
+        return Ok(throttled(broker, auth, caller, relay));
     }
     let join_first = || Status::invalid_argument("the first request must be a join");
     let first = inbound
@@ -96,13 +99,30 @@ pub async fn consume(
     let pb::consume_request::Kind::Join(join) = first else {
         return Err(join_first());
     };
+    // Reading a topic in a group: subscribe on both.
+    auth.authorize(
+        &broker,
+        &caller,
+        ResourceKind::Topic,
+        &join.topic,
+        Operation::Subscribe,
+    )?;
+    auth.authorize(
+        &broker,
+        &caller,
+        ResourceKind::Group,
+        &join.group,
+        Operation::Subscribe,
+    )?;
     let (key, mode, settings) = groups::validate_join(&broker, join).map_err(from_group)?;
     let (out_tx, out_rx) = tokio::sync::mpsc::channel(settings.out_capacity(mode));
     let member = groups
         .join(key.clone(), mode, settings, out_tx)
         .await
         .map_err(from_group)?;
+    let b = broker.clone();
     tokio::spawn(async move {
+        let broker = b;
         loop {
             tokio::select! {
                 m = inbound.message() => match m {
@@ -117,9 +137,44 @@ pub async fn consume(
         }
         groups.leave(&key, member).await;
     });
-    Ok(Box::pin(
-        ReceiverStream::new(out_rx).map(|r| r.map_err(from_group)),
-    ))
+    let out = ReceiverStream::new(out_rx).map(|r| r.map_err(from_group));
+    Ok(throttled(broker, auth, caller, out))
+}
+
+/// A group's deliveries to a member, paced by its principal's consume quota.
+fn throttled(
+    broker: Arc<Broker>,
+    auth: Arc<Auth>,
+    caller: Caller,
+    stream: impl futures::Stream<Item = Result<pb::ConsumeResponse, Status>> + Send + 'static,
+) -> BoxStream<pb::ConsumeResponse> {
+    if caller.relayed || caller.principal.is_none() {
+        return Box::pin(stream);
+    }
+    Box::pin(stream.then(move |r| {
+        let (broker, auth, caller) = (broker.clone(), auth.clone(), caller.clone());
+        async move {
+            if let Ok(pb::ConsumeResponse {
+                kind: Some(pb::consume_response::Kind::Deliveries(d)),
+            }) = &r
+            {
+                let records: Vec<&pb::Record> = d
+                    .deliveries
+                    .iter()
+                    .filter_map(|d| d.record.as_ref())
+                    .collect();
+                let bytes: u64 = records
+                    .iter()
+                    .map(|r| super::read::bytes(std::slice::from_ref(*r)))
+                    .sum();
+                let pause = auth.quotas.consume_wait(&broker, &caller, bytes);
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
+            }
+            r
+        }
+    }))
 }
 
 pub async fn ack(groups: &Groups, r: pb::AckRequest) -> Result<pb::AckResponse, Status> {

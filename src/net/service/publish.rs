@@ -6,9 +6,12 @@ use tokio_stream::StreamExt;
 use tonic::{Status, Streaming};
 
 use super::BoxStream;
-use crate::broker::Broker;
+use crate::broker::{Broker, Origin};
+use crate::cluster::security::{Operation, ResourceKind};
 use crate::cluster::Command;
 use crate::controller;
+use crate::net::auth::{Auth, Caller};
+use crate::net::quota::Cost;
 use crate::net::status::{from_broker, from_controller, is_over_limit, request_too_large};
 use crate::net::validate;
 use crate::proto::v1 as pb;
@@ -20,7 +23,7 @@ const PUBLISH_STREAM_IN_FLIGHT: usize = 64;
 pub async fn submit(
     broker: &Arc<Broker>,
     req: pb::PublishRequest,
-    forwarded: bool,
+    origin: &Origin,
 ) -> Result<impl std::future::Future<Output = Result<pb::PublishResponse, Status>> + use<>, Status>
 {
     let topic = broker.topic(&req.topic).map_err(from_broker)?;
@@ -28,7 +31,7 @@ pub async fn submit(
     let producer = validate::producer(&req)?;
     let records = validate::publish(req, &topic, &broker.config)?;
     let pending = broker
-        .submit(&topic, records, producer, forwarded)
+        .submit(&topic, records, producer, origin)
         .await
         .map_err(from_broker)?;
     Ok(async move {
@@ -47,6 +50,27 @@ pub async fn submit(
     })
 }
 
+/// What a publish request costs its principal: one request and its records' bytes.
+pub fn cost(req: &pb::PublishRequest) -> Cost {
+    let bytes: usize = req
+        .records
+        .iter()
+        .map(|r| {
+            r.value.len()
+                + r.key.as_ref().map_or(0, |k| k.len())
+                + r.headers
+                    .iter()
+                    .map(|h| h.key.len() + h.value.len())
+                    .sum::<usize>()
+        })
+        .sum();
+    Cost {
+        requests: 1,
+        publish_bytes: bytes as u64,
+        consume_bytes: 0,
+    }
+}
+
 pub async fn init_producer(broker: &Arc<Broker>) -> Result<pb::InitProducerResponse, Status> {
     let at = controller::propose(broker, &Command::AllocateProducerId)
         .await
@@ -60,8 +84,11 @@ pub async fn init_producer(broker: &Arc<Broker>) -> Result<pb::InitProducerRespo
 /// complete, with a bounded window in flight.
 pub fn stream(
     broker: Arc<Broker>,
+    auth: Arc<Auth>,
+    caller: Caller,
     mut inbound: Streaming<pb::PublishRequest>,
 ) -> BoxStream<pb::PublishResponse> {
+    let origin = caller.origin();
     let (tx, rx) = tokio::sync::mpsc::channel(PUBLISH_STREAM_IN_FLIGHT);
     tokio::spawn(async move {
         let permits = Arc::new(tokio::sync::Semaphore::new(PUBLISH_STREAM_IN_FLIGHT));
@@ -91,7 +118,21 @@ pub fn stream(
             };
             let id = req.request_id;
             let call = broker.track();
-            match submit(&broker, req, false).await {
+            let admitted = match auth.authorize(
+                &broker,
+                &caller,
+                ResourceKind::Topic,
+                &req.topic,
+                Operation::Publish,
+            ) {
+                Ok(()) => auth.quotas.admit(&broker, &caller, cost(&req)).await,
+                Err(s) => Err(s),
+            };
+            let submitted = match admitted {
+                Ok(()) => submit(&broker, req, &origin).await,
+                Err(s) => Err(s),
+            };
+            match submitted {
                 Ok(pending) => {
                     let tx = tx.clone();
                     tokio::spawn(async move {

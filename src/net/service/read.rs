@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tonic::Status;
 
-use crate::broker::{Broker, Read};
+use crate::broker::{Broker, Origin, Read};
 use crate::net::status::from_broker;
 use crate::net::validate;
 use crate::proto::v1 as pb;
@@ -25,7 +25,7 @@ const LIST_OFFSETS_PARALLEL: usize = 32;
 pub async fn fetch(
     broker: &Arc<Broker>,
     r: pb::FetchRequest,
-    relayed: bool,
+    origin: &Origin,
 ) -> Result<pb::FetchResponse, Status> {
     let t = broker.topic(&r.topic).map_err(from_broker)?;
     t.check_partition(r.partition).map_err(from_broker)?;
@@ -44,7 +44,7 @@ pub async fn fetch(
         ),
     };
     broker
-        .read(&t, r.partition, read, relayed)
+        .read(&t, r.partition, read, origin)
         .await
         .map_err(from_broker)
 }
@@ -53,7 +53,7 @@ pub async fn fetch(
 pub async fn list_offsets(
     broker: &Arc<Broker>,
     r: pb::ListOffsetsRequest,
-    relayed: bool,
+    origin: &Origin,
 ) -> Result<pb::ListOffsetsResponse, Status> {
     let t = broker.topic(&r.topic).map_err(from_broker)?;
     let at = validate::start_at(r.position.as_ref())?;
@@ -69,7 +69,7 @@ pub async fn list_offsets(
         let t = t.clone();
         async move {
             let o = broker
-                .list_offsets(&t, p, at, relayed)
+                .list_offsets(&t, p, at, origin)
                 .await
                 .map_err(from_broker)?;
             Ok(pb::PartitionOffsets {
@@ -85,4 +85,19 @@ pub async fn list_offsets(
     Ok(pb::ListOffsetsResponse {
         partitions: answers.into_iter().collect::<Result<_, _>>()?,
     })
+}
+
+/// The bytes of records read, as consume quotas count them.
+pub fn bytes(records: &[pb::Record]) -> u64 {
+    records
+        .iter()
+        .map(|r| {
+            r.value.len()
+                + r.key.as_ref().map_or(0, |k| k.len())
+                + r.headers
+                    .iter()
+                    .map(|h| h.key.len() + h.value.len())
+                    .sum::<usize>()
+        })
+        .sum::<usize>() as u64
 }

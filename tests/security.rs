@@ -1,0 +1,799 @@
+//! Security on real processes: TLS and mutual TLS between nodes, the cluster id, tokens,
+//! client certificates, ACLs on every node (forwarded calls too), certificate reload, and
+//! quotas. Every refusal is checked to have changed nothing.
+
+mod node_support;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use node_support::cluster::{free_ports, TIMING};
+use node_support::{TestNode, TERN};
+use tern::proto::internal as ipb;
+use tern::proto::v1 as pb;
+use tern::proto::v1::tern_client::TernClient;
+use tern::tls::certs::{Ca, Issued, Leaf};
+use tern::tls::ClientTls;
+use tern::types::NodeId;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+const BOOTSTRAP: &str = "bootstrap-token-for-the-tests-0001";
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// `tern certs create` into `dir`: the CA, nodes 1..=n, and the given clients.
+fn certs(dir: &Path, nodes: usize, clients: &[&str]) {
+    let ids: Vec<String> = (1..=nodes).map(|i| i.to_string()).collect();
+    let mut args = vec!["certs", "create", "--dir"];
+    let d = dir.to_str().unwrap();
+    args.push(d);
+    let ids = ids.join(",");
+    if nodes > 0 {
+        args.extend(["--node", &ids]);
+    }
+    let clients = clients.join(",");
+    if !clients.is_empty() {
+        args.extend(["--client", &clients]);
+    }
+    let out = std::process::Command::new(TERN)
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tern certs create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A TLS channel to `addr` trusting `ca`, presenting `cert` (a `certs` name such as
+/// `client-carol`) if given.
+async fn tls_channel(
+    addr: &str,
+    ca: &Path,
+    cert: Option<(PathBuf, PathBuf)>,
+) -> Result<Channel, String> {
+    let tls = ClientTls::from_files(
+        ca,
+        cert.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+        Some("localhost".into()),
+    )
+    .map_err(|e| e.to_string())?;
+    let ep = tern::tls::endpoint(addr).unwrap();
+    tern::tls::connect(&ep, Some(&tls))
+        .await
+        .map_err(|e| tern::tls::describe(&e))
+}
+
+fn pair(dir: &Path, name: &str) -> Option<(PathBuf, PathBuf)> {
+    Some((
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}-key.pem")),
+    ))
+}
+
+/// A request with a bearer token (or none).
+fn req<T>(msg: T, token: Option<&str>) -> Request<T> {
+    let mut r = Request::new(msg);
+    if let Some(t) = token {
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    r
+}
+
+fn publish_req(topic: &str, value: &str) -> pb::PublishRequest {
+    pb::PublishRequest {
+        topic: topic.into(),
+        records: vec![pb::PublishRecord {
+            key: None,
+            value: Bytes::from(value.to_string()),
+            headers: vec![],
+            partition: Some(0),
+            expiry_seconds: None,
+        }],
+        ..Default::default()
+    }
+}
+
+/// Three TLS nodes with auth required and the bootstrap token, in `dir`.
+struct SecureCluster {
+    _tmp: tempfile::TempDir,
+    certs: PathBuf,
+    addrs: Vec<String>,
+    /// Kept so the nodes live as long as the cluster (dropping one stops it).
+    _nodes: Vec<TestNode>,
+}
+
+impl SecureCluster {
+    fn start(n: usize, extra: &[&str]) -> SecureCluster {
+        let tmp = tempfile::tempdir().unwrap();
+        let certs_dir = tmp.path().join("certs");
+        certs(&certs_dir, n, &["carol"]);
+        let token = tmp.path().join("bootstrap.token");
+        std::fs::write(&token, BOOTSTRAP).unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let ports = free_ports(n);
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let peers = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{}={a}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut nodes = Vec::new();
+        for (i, addr) in addrs.iter().enumerate() {
+            let id = (i + 1).to_string();
+            let cert = certs_dir.join(format!("node-{id}.pem"));
+            let key = certs_dir.join(format!("node-{id}-key.pem"));
+            let ca = certs_dir.join("ca.pem");
+            let mut args: Vec<&str> = vec![
+                "--node-id",
+                &id,
+                "--auth",
+                "required",
+                "--bootstrap-token-file",
+                token.to_str().unwrap(),
+                "--tls-cert",
+                cert.to_str().unwrap(),
+                "--tls-key",
+                key.to_str().unwrap(),
+                "--tls-cluster-ca",
+                ca.to_str().unwrap(),
+            ];
+            if n > 1 {
+                args.extend(["--peers", &peers]);
+                args.extend(TIMING);
+            }
+            args.extend(extra);
+            nodes.push(TestNode::start_at(
+                &tmp.path().join(format!("n{id}")),
+                addr,
+                &args,
+            ));
+        }
+        SecureCluster {
+            certs: certs_dir,
+            _tmp: tmp,
+            addrs,
+            _nodes: nodes,
+        }
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.certs.join("ca.pem")
+    }
+
+    async fn client(&self, i: usize) -> TernClient<Channel> {
+        TernClient::new(tls_channel(&self.addrs[i], &self.ca(), None).await.unwrap())
+    }
+
+    /// Waits until every node knows every node, a metadata leader and the cluster id.
+    async fn wait_formed(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut id = String::new();
+        for i in 0..self.addrs.len() {
+            loop {
+                let mut c = self.client(i).await;
+                if let Ok(r) = c
+                    .cluster_info(req(pb::ClusterInfoRequest {}, Some(BOOTSTRAP)))
+                    .await
+                {
+                    let r = r.into_inner();
+                    if r.nodes.len() == self.addrs.len()
+                        && r.metadata_leader != 0
+                        && r.ready
+                        && !r.cluster_id.is_empty()
+                    {
+                        id = r.cluster_id;
+                        break;
+                    }
+                }
+                assert!(Instant::now() < deadline, "the cluster did not form");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        id
+    }
+}
+
+/// Polls `f` until it returns true, for at most `max`.
+async fn eventually<F, Fut>(max: Duration, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + max;
+    while !f().await {
+        assert!(Instant::now() < deadline, "{what}: not within {max:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn end_offset(c: &mut TernClient<Channel>, topic: &str) -> u64 {
+    c.list_offsets(req(
+        pb::ListOffsetsRequest {
+            topic: topic.into(),
+            partitions: vec![0],
+            position: None,
+        },
+        Some(BOOTSTRAP),
+    ))
+    .await
+    .unwrap()
+    .into_inner()
+    .partitions[0]
+        .end_offset
+}
+
+#[test]
+fn tokens_acls_and_forwarding_on_a_tls_cluster() {
+    rt().block_on(async {
+        let c = SecureCluster::start(3, &[]);
+        let cluster_id = c.wait_formed().await;
+        let mut admin = c.client(0).await;
+
+        // No token, a wrong token: UNAUTHENTICATED, and nothing created.
+        let create = |name: &str| pb::CreateTopicRequest {
+            name: name.into(),
+            partitions: 1,
+            replication_factor: 3,
+            ..Default::default()
+        };
+        let e = admin
+            .create_topic(req(create("orders"), None))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+        let e = admin
+            .create_topic(req(create("orders"), Some("tern_not-a-token")))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+        let e = admin
+            .create_topic(req(create("orders"), Some("Basic xyz")))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+
+        // A user without ACLs: PERMISSION_DENIED, nothing created.
+        let alice = admin
+            .create_user(req(
+                pb::CreateUserRequest {
+                    name: "alice".into(),
+                },
+                Some(BOOTSTRAP),
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .token;
+        assert!(alice.starts_with("tern_") && alice.len() > 40);
+        let e = admin
+            .create_user(req(
+                pb::CreateUserRequest {
+                    name: "alice".into(),
+                },
+                Some(BOOTSTRAP),
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::AlreadyExists);
+        let e = admin
+            .create_topic(req(create("orders"), Some(&alice)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        let topics = admin
+            .list_topics(req(pb::ListTopicsRequest {}, Some(BOOTSTRAP)))
+            .await
+            .unwrap()
+            .into_inner()
+            .topics;
+        assert!(topics.is_empty(), "a refused create created {topics:?}");
+        // Nor may alice manage users or ACLs.
+        let e = admin
+            .create_user(req(
+                pb::CreateUserRequest {
+                    name: "mallory".into(),
+                },
+                Some(&alice),
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+
+        admin
+            .create_topic(req(create("orders"), Some(BOOTSTRAP)))
+            .await
+            .unwrap();
+        // Every node holds a replica; the publish entering a follower is forwarded. (One
+        // publish first, so the new leader's own entries are behind us.)
+        admin
+            .publish(req(publish_req("orders", "first"), Some(BOOTSTRAP)))
+            .await
+            .unwrap();
+        let before = end_offset(&mut admin, "orders").await;
+        let publish_acl = pb::AclRequest {
+            acl: Some(pb::Acl {
+                principal: "alice".into(),
+                resource: pb::ResourceType::Topic as i32,
+                pattern: pb::PatternType::Prefix as i32,
+                name: "ord".into(),
+                operation: pb::AclOperation::Publish as i32,
+                permission: pb::AclPermission::Allow as i32,
+            }),
+        };
+        for i in 0..3 {
+            let mut n = c.client(i).await;
+            let e = n
+                .publish(req(publish_req("orders", "denied"), Some(&alice)))
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Code::PermissionDenied, "node {}: {e:?}", i + 1);
+        }
+        assert_eq!(
+            end_offset(&mut admin, "orders").await,
+            before,
+            "a refused publish wrote"
+        );
+
+        // Granted: every node lets alice publish, within a second or so.
+        let changed = admin
+            .add_acl(req(publish_acl.clone(), Some(BOOTSTRAP)))
+            .await
+            .unwrap()
+            .into_inner()
+            .changed;
+        assert!(changed);
+        let mut published = 0;
+        for i in 0..3 {
+            let mut n = c.client(i).await;
+            let alice = alice.clone();
+            eventually(
+                Duration::from_secs(5),
+                "the grant reaches every node",
+                || {
+                    let mut n = n.clone();
+                    let alice = alice.clone();
+                    async move {
+                        n.publish(req(publish_req("orders", "granted"), Some(&alice)))
+                            .await
+                            .is_ok()
+                    }
+                },
+            )
+            .await;
+            published += 1;
+            // And the same again, certain to go through this node.
+            n.publish(req(publish_req("orders", "granted"), Some(&alice)))
+                .await
+                .unwrap();
+            published += 1;
+        }
+        assert_eq!(end_offset(&mut admin, "orders").await, before + published);
+        // Subscribing was not granted.
+        let e = admin
+            .fetch(req(
+                pb::FetchRequest {
+                    topic: "orders".into(),
+                    ..Default::default()
+                },
+                Some(&alice),
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+        // A deny wins over the allow.
+        let mut deny = publish_acl.clone();
+        if let Some(a) = deny.acl.as_mut() {
+            a.pattern = pb::PatternType::Literal as i32;
+            a.name = "orders".into();
+            a.permission = pb::AclPermission::Deny as i32;
+        }
+        admin
+            .add_acl(req(deny.clone(), Some(BOOTSTRAP)))
+            .await
+            .unwrap();
+        let denied_at = end_offset(&mut admin, "orders").await;
+        for i in 0..3 {
+            let mut n = c.client(i).await;
+            let alice = alice.clone();
+            eventually(
+                Duration::from_secs(5),
+                "the deny reaches every node",
+                || {
+                    let mut n = n.clone();
+                    let alice = alice.clone();
+                    async move {
+                        matches!(
+                            n.publish(req(publish_req("orders", "x"), Some(&alice))).await,
+                            Err(e) if e.code() == Code::PermissionDenied
+                        )
+                    }
+                },
+            )
+            .await;
+            let e = n
+                .publish(req(publish_req("orders", "x"), Some(&alice)))
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Code::PermissionDenied);
+        }
+        admin.remove_acl(req(deny, Some(BOOTSTRAP))).await.unwrap();
+        // Revoked: refused on every node again, and nothing written since.
+        admin
+            .remove_acl(req(publish_acl.clone(), Some(BOOTSTRAP)))
+            .await
+            .unwrap();
+        for i in 0..3 {
+            let n = c.client(i).await;
+            let alice = alice.clone();
+            eventually(
+                Duration::from_secs(5),
+                "the revocation reaches every node",
+                || {
+                    let mut n = n.clone();
+                    let alice = alice.clone();
+                    async move {
+                        matches!(
+                            n.publish(req(publish_req("orders", "x"), Some(&alice))).await,
+                            Err(e) if e.code() == Code::PermissionDenied
+                        )
+                    }
+                },
+            )
+            .await;
+        }
+        let acls = admin
+            .list_acls(req(pb::ListAclsRequest::default(), Some(BOOTSTRAP)))
+            .await
+            .unwrap()
+            .into_inner()
+            .acls;
+        assert!(acls.is_empty(), "{acls:?}");
+        // Publishes between the deny and now were refused, or (before the deny reached a
+        // node) counted: the offset did not move after the deny held everywhere.
+        let after = end_offset(&mut admin, "orders").await;
+        assert!(after >= denied_at);
+
+        // A deleted user's token stops working on every node.
+        let who = admin
+            .who_am_i(req(pb::WhoAmIRequest {}, Some(&alice)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(who.principal, "alice");
+        assert!(!who.superuser && who.auth_required);
+        admin
+            .delete_user(req(
+                pb::DeleteUserRequest {
+                    name: "alice".into(),
+                },
+                Some(BOOTSTRAP),
+            ))
+            .await
+            .unwrap();
+        for i in 0..3 {
+            let n = c.client(i).await;
+            let alice = alice.clone();
+            eventually(
+                Duration::from_secs(5),
+                "the deletion reaches every node",
+                || {
+                    let mut n = n.clone();
+                    let alice = alice.clone();
+                    async move {
+                        matches!(
+                            n.who_am_i(req(pb::WhoAmIRequest {}, Some(&alice))).await,
+                            Err(e) if e.code() == Code::Unauthenticated
+                        )
+                    }
+                },
+            )
+            .await;
+        }
+
+        // The peer service: without a node certificate nothing gets in.
+        let exchange = |from: u64| ipb::ExchangeRequest {
+            from,
+            to: 1,
+            messages: vec![],
+            cluster: cluster_id.clone(),
+        };
+        let propose = |from: u64| ipb::ProposeRequest {
+            from,
+            command: Bytes::from(
+                serde_json::to_vec(&serde_json::json!({"op": "delete_user", "name": "x"})).unwrap(),
+            ),
+            forwarded: true,
+            cluster: cluster_id.clone(),
+        };
+        // A TLS caller with no certificate, and one with a client certificate of the same CA.
+        for cert in [None, pair(&c.certs, "client-carol")] {
+            let ch = tls_channel(&c.addrs[0], &c.ca(), cert.clone())
+                .await
+                .unwrap();
+            let mut p = ipb::peer_client::PeerClient::new(ch.clone());
+            let e = p.exchange(exchange(2)).await.unwrap_err();
+            assert_eq!(e.code(), Code::PermissionDenied, "{cert:?}: {e:?}");
+            let e = p.propose(propose(2)).await.unwrap_err();
+            assert_eq!(e.code(), Code::PermissionDenied, "{cert:?}: {e:?}");
+            // Nor may it forward a call in someone else's name.
+            let mut t = TernClient::new(ch);
+            let mut r = req(publish_req("orders", "forged"), None);
+            r.metadata_mut()
+                .insert("tern-forwarded", "1".parse().unwrap());
+            r.metadata_mut()
+                .insert("tern-principal", "admin".parse().unwrap());
+            let e = t.publish(r).await.unwrap_err();
+            assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+        }
+        // Node 3's certificate calling as node 2.
+        let ch = tls_channel(&c.addrs[0], &c.ca(), pair(&c.certs, "node-3"))
+            .await
+            .unwrap();
+        let mut p = ipb::peer_client::PeerClient::new(ch);
+        let e = p.exchange(exchange(2)).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        // A plaintext caller does not get past the handshake.
+        let plain = Channel::from_shared(format!("http://{}", c.addrs[0]))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await;
+        if let Ok(ch) = plain {
+            let e = ipb::peer_client::PeerClient::new(ch)
+                .exchange(exchange(2))
+                .await
+                .unwrap_err();
+            assert_ne!(e.code(), Code::Ok);
+        }
+        // Nothing changed: one topic, no users, the same three nodes.
+        let info = admin
+            .cluster_info(req(pb::ClusterInfoRequest {}, Some(BOOTSTRAP)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(info.nodes.len(), 3);
+        assert_eq!(info.topics.len(), 1);
+        assert_eq!(info.cluster_id, cluster_id);
+    });
+}
+
+/// Writes an issued certificate as NAME.pem and NAME-key.pem in `dir`.
+fn write_issued(dir: &Path, name: &str, i: &Issued) -> Option<(PathBuf, PathBuf)> {
+    std::fs::write(dir.join(format!("{name}.pem")), &i.cert_pem).unwrap();
+    std::fs::write(dir.join(format!("{name}-key.pem")), &i.key_pem).unwrap();
+    pair(dir, name)
+}
+
+/// Whoever a node takes a TLS client with this certificate for, or why it could not ask.
+async fn whoami(addr: &str, ca: &Path, cert: Option<(PathBuf, PathBuf)>) -> Result<String, String> {
+    let ch = tls_channel(addr, ca, cert).await?;
+    TernClient::new(ch)
+        .who_am_i(pb::WhoAmIRequest {})
+        .await
+        .map(|r| r.into_inner().principal)
+        .map_err(|e| format!("{e:?}"))
+}
+
+#[test]
+fn client_certificates_map_to_principals_and_bad_ones_are_refused() {
+    rt().block_on(async {
+        // One node; clients must present a certificate from the client CA (a file of its own,
+        // so the test can change it).
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("certs");
+        certs(&dir, 1, &["carol"]);
+        let ca = dir.join("ca.pem");
+        let client_ca = dir.join("client-ca.pem");
+        std::fs::copy(&ca, &client_ca).unwrap();
+        let node = TestNode::start(
+            &tmp.path().join("n1"),
+            &[
+                "--node-id",
+                "1",
+                "--auth",
+                "required",
+                "--tls-cert",
+                dir.join("node-1.pem").to_str().unwrap(),
+                "--tls-key",
+                dir.join("node-1-key.pem").to_str().unwrap(),
+                "--tls-cluster-ca",
+                ca.to_str().unwrap(),
+                "--tls-client-ca",
+                client_ca.to_str().unwrap(),
+            ],
+        );
+        let addr = node.addr.clone();
+
+        // The certificate's common name is the principal.
+        assert_eq!(
+            whoami(&addr, &ca, pair(&dir, "client-carol"))
+                .await
+                .unwrap(),
+            "carol"
+        );
+        // Without a certificate, with one of another CA, or an expired one: refused.
+        assert!(whoami(&addr, &ca, None).await.is_err());
+        let other = Ca::create("another CA", 30).unwrap();
+        let dave = other.issue(&Leaf::Client { name: "dave" }, 0, 30).unwrap();
+        let dave = write_issued(&dir, "dave", &dave);
+        let e = whoami(&addr, &ca, dave.clone()).await.unwrap_err();
+        assert!(!e.contains("dave"), "{e}");
+        let ours = Ca::load(
+            &std::fs::read_to_string(&ca).unwrap(),
+            &std::fs::read_to_string(dir.join("ca-key.pem")).unwrap(),
+        )
+        .unwrap();
+        let old = ours.issue(&Leaf::Client { name: "old" }, -10, 1).unwrap();
+        let old = write_issued(&dir, "old", &old);
+        assert!(
+            whoami(&addr, &ca, old).await.is_err(),
+            "an expired certificate got in"
+        );
+        // A node certificate of another CA cannot call the peer service either.
+        let hosts = vec!["localhost".to_string()];
+        let fake = other
+            .issue(
+                &Leaf::Node {
+                    id: NodeId(2),
+                    hosts: &hosts,
+                },
+                0,
+                30,
+            )
+            .unwrap();
+        let fake = write_issued(&dir, "fake-node-2", &fake);
+        if let Ok(ch) = tls_channel(&addr, &ca, fake).await {
+            let e = ipb::peer_client::PeerClient::new(ch)
+                .exchange(ipb::ExchangeRequest {
+                    from: 2,
+                    to: 1,
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err();
+            assert_ne!(e.code(), Code::Ok);
+        }
+        // A client that trusts another CA does not accept the node.
+        let other_ca = dir.join("other-ca.pem");
+        std::fs::write(&other_ca, &other.cert_pem).unwrap();
+        assert!(whoami(&addr, &other_ca, pair(&dir, "client-carol"))
+            .await
+            .is_err());
+
+        // Reload without a restart: trust the other CA's clients too (the file changes).
+        let both = format!(
+            "{}{}",
+            std::fs::read_to_string(&ca).unwrap(),
+            other.cert_pem
+        );
+        std::fs::write(&client_ca, both).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match whoami(&addr, &ca, dave.clone()).await {
+                Ok(p) => {
+                    assert_eq!(p, "dave");
+                    break;
+                }
+                Err(e) => assert!(Instant::now() < deadline, "not reloaded: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // And back, on SIGHUP.
+        std::fs::copy(&ca, &client_ca).unwrap();
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &node.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while whoami(&addr, &ca, dave.clone()).await.is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "the old client CA is still trusted"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(
+            whoami(&addr, &ca, pair(&dir, "client-carol"))
+                .await
+                .unwrap(),
+            "carol"
+        );
+    });
+}
+
+#[test]
+fn a_node_of_another_cluster_is_refused() {
+    rt().block_on(async {
+        let c = node_support::cluster::Cluster::start(3).await;
+        // The first metadata leader names the cluster; every node learns the id and keeps it.
+        let mut id = String::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for i in 0..3 {
+            loop {
+                let r = c
+                    .client(i)
+                    .await
+                    .cluster_info(pb::ClusterInfoRequest {})
+                    .await
+                    .unwrap()
+                    .into_inner();
+                if !r.cluster_id.is_empty() {
+                    assert!(
+                        id.is_empty() || id == r.cluster_id,
+                        "two ids in one cluster"
+                    );
+                    id = r.cluster_id;
+                    break;
+                }
+                assert!(Instant::now() < deadline, "no cluster id");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        for d in &c.dirs {
+            let kept = std::fs::read_to_string(d.join("cluster.id")).unwrap();
+            assert_eq!(kept.trim(), id);
+        }
+        let ch = Channel::from_shared(format!("http://{}", c.addrs[0]))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut p = ipb::peer_client::PeerClient::new(ch.clone());
+        // Plaintext, and the right node ids, but another cluster's id: refused.
+        let e = p
+            .exchange(ipb::ExchangeRequest {
+                from: 2,
+                to: 1,
+                messages: vec![],
+                cluster: "0000-another-cluster".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains("another-cluster"), "{e:?}");
+        let e = p
+            .propose(ipb::ProposeRequest {
+                from: 2,
+                command: Bytes::from_static(br#"{"op":"remove_node","id":3}"#),
+                forwarded: true,
+                cluster: "0000-another-cluster".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        // A call forwarded from another cluster is refused too.
+        let mut r = Request::new(pb::ListTopicsRequest {});
+        r.metadata_mut()
+            .insert("tern-forwarded", "1".parse().unwrap());
+        r.metadata_mut()
+            .insert("tern-cluster", "0000-another-cluster".parse().unwrap());
+        let e = TernClient::new(ch).list_topics(r).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        // Nothing changed: node 3 is still a member.
+        let r = c
+            .client(0)
+            .await
+            .cluster_info(pb::ClusterInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.nodes.len(), 3);
+        assert!(r.nodes.iter().all(|n| !n.draining));
+    });
+}
