@@ -91,12 +91,11 @@ fn the_quickstart_runs_as_written() {
     assert!(out.contains("deleted topic orders"), "{out}");
 }
 
-#[test]
-fn the_cluster_block_runs_as_written() {
-    let script = block("cluster");
-    // Each address of the block gets a free port (the block's own may be taken here).
+/// The block with each of its loopback addresses (`127.0.0.1:70xx`) on a free port instead
+/// (the block's own may be taken here).
+fn on_free_ports(script: &str) -> String {
     let mut ports = BTreeMap::new();
-    for (i, _) in script.match_indices("127.0.0.1:707") {
+    for (i, _) in script.match_indices("127.0.0.1:70") {
         let addr = &script[i..i + "127.0.0.1:7070".len()];
         ports.entry(addr.to_string()).or_insert(0);
     }
@@ -104,10 +103,42 @@ fn the_cluster_block_runs_as_written() {
     for (port, (_, p)) in free.into_iter().zip(ports.iter_mut()) {
         *p = port;
     }
-    let mut script = script;
+    let mut script = script.to_string();
     for (addr, port) in &ports {
         script = script.replace(addr, &format!("127.0.0.1:{port}"));
     }
+    script
+}
+
+#[test]
+fn the_secured_block_runs_as_written() {
+    let script = on_free_ports(&block("secured"));
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, out, err) = run(&script, dir.path(), &[]);
+    assert!(ok, "the secured block failed:\n{out}\n{err}");
+    assert!(out.contains("cluster ready: 3 nodes"), "{out}");
+    let token = std::fs::read_to_string(dir.path().join("alice.token")).unwrap();
+    assert!(token.trim().starts_with("tern_"), "{token}");
+    // The publish's ack (payments/<partition>@<offset>), then the record read back.
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("payments/") && l.contains('@')),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("payments/") && l.ends_with("paid")),
+        "{out}"
+    );
+    assert!(out.contains("refused: alice may not delete"), "{out}");
+    assert!(err.contains("PermissionDenied"), "{err}");
+    assert!(out.contains("refused: no token"), "{out}");
+    assert!(err.contains("Unauthenticated"), "{err}");
+}
+
+#[test]
+fn the_cluster_block_runs_as_written() {
+    let script = on_free_ports(&block("cluster"));
     let dir = tempfile::tempdir().unwrap();
     let (ok, out, err) = run(&script, dir.path(), &[]);
     assert!(ok, "the cluster block failed:\n{out}\n{err}");

@@ -21,6 +21,52 @@ pub struct Cluster {
     node_args: Vec<Vec<String>>,
     children: Vec<Option<Child>>,
     dirs: Vec<tempfile::TempDir>,
+    /// Certificates and the bootstrap token of a secured cluster (kept until the run ends).
+    _secrets: Option<tempfile::TempDir>,
+}
+
+/// Certificates from a throwaway CA and a random bootstrap token in `dir`; each node's flags
+/// for TLS and required authentication. Sets loadgen's own connections to use them.
+fn secure_flags(dir: &std::path::Path, n: usize) -> anyhow::Result<Vec<Vec<String>>> {
+    let nodes: Vec<tern::types::NodeId> = (1..=n as u64).map(tern::types::NodeId).collect();
+    let hosts = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    tern::tls::certs::create(&tern::tls::certs::CreatePlan {
+        dir,
+        nodes: &nodes,
+        hosts: &hosts,
+        clients: &[],
+        days: 7,
+        force: true,
+    })?;
+    let token = tern::net::auth::new_token().map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    let token_file = dir.join("bootstrap.token");
+    std::fs::write(&token_file, &token)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600))?;
+    }
+    super::run::set_security(tern::cli::SecurityOpts {
+        tls_ca: Some(dir.join("ca.pem")),
+        token: Some(token),
+        ..Default::default()
+    });
+    let path = |name: String| dir.join(name).to_string_lossy().into_owned();
+    Ok((1..=n)
+        .map(|id| {
+            vec![
+                "--tls-cert".into(),
+                path(format!("node-{id}.pem")),
+                "--tls-key".into(),
+                path(format!("node-{id}-key.pem")),
+                "--tls-cluster-ca".into(),
+                path("ca.pem".into()),
+                "--auth".into(),
+                "required".into(),
+                "--bootstrap-token-file".into(),
+                path("bootstrap.token".into()),
+            ]
+        })
+        .collect())
 }
 
 /// The program that serves: `--tern-bin`, else `tern` next to this executable, else this
@@ -49,10 +95,14 @@ fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
 }
 
 impl Cluster {
-    pub async fn spawn(n: usize, tern_bin: Option<PathBuf>) -> anyhow::Result<Cluster> {
+    pub async fn spawn(
+        n: usize,
+        tern_bin: Option<PathBuf>,
+        secure: bool,
+    ) -> anyhow::Result<Cluster> {
         anyhow::ensure!((1..=64).contains(&n), "--spawn must be 1..=64");
         let (program, prefix) = server_program(tern_bin)?;
-        let node_args: Vec<Vec<String>> = if n == 1 {
+        let mut node_args: Vec<Vec<String>> = if n == 1 {
             vec![vec![
                 "--listen".into(),
                 "127.0.0.1:0".into(),
@@ -82,7 +132,18 @@ impl Cluster {
                 })
                 .collect()
         };
+        let secrets = if secure {
+            let dir = tempfile::tempdir()?;
+            let flags = secure_flags(dir.path(), n)?;
+            for (args, f) in node_args.iter_mut().zip(flags) {
+                args.extend(f);
+            }
+            Some(dir)
+        } else {
+            None
+        };
         let mut c = Cluster {
+            _secrets: secrets,
             addrs: vec![String::new(); n],
             program,
             prefix,
@@ -172,6 +233,7 @@ impl Cluster {
             node_args: Vec::new(),
             children: Vec::new(),
             dirs: Vec::new(),
+            _secrets: None,
         }
     }
 

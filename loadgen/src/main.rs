@@ -50,8 +50,15 @@ async fn main_async(args: Args) -> anyhow::Result<i32> {
     if let Some(why) = s.unsupported(args.spawn.is_some()) {
         anyhow::bail!("{why}");
     }
+    anyhow::ensure!(
+        !args.secure || args.spawn.is_some(),
+        "--secure secures a spawned cluster; for --brokers give --tls-ca and --token"
+    );
+    if !args.secure {
+        run::set_security(args.security.clone());
+    }
     let cluster = match (args.spawn, args.brokers.is_empty()) {
-        (Some(n), true) => cluster::Cluster::spawn(n, args.tern_bin.clone()).await?,
+        (Some(n), true) => cluster::Cluster::spawn(n, args.tern_bin.clone(), args.secure).await?,
         (None, false) => cluster::Cluster::existing(args.brokers.clone()),
         (Some(_), false) => anyhow::bail!("use either --spawn or --brokers, not both"),
         (None, true) => anyhow::bail!("say where Tern runs: --spawn N or --brokers host:port"),

@@ -12,10 +12,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
+use tern::cli::{Client, SecurityOpts};
 use tern::proto::v1 as pb;
-use tern::proto::v1::tern_client::TernClient;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 
 use crate::accounting::Ledger;
 use crate::payload::{self, Stamp};
@@ -86,12 +85,20 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
 }
 
-pub async fn connect(addr: &str) -> anyhow::Result<TernClient<Channel>> {
-    let c = TernClient::connect(format!("http://{addr}"))
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach {addr}: {e}"))?;
-    Ok(c.max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20))
+/// How every connection of this run reaches the nodes (TLS, token): set once, before the
+/// first connection, from the flags or by a secured spawned cluster.
+static SECURITY: std::sync::OnceLock<SecurityOpts> = std::sync::OnceLock::new();
+
+pub fn set_security(s: SecurityOpts) {
+    let _ = SECURITY.set(s);
+}
+
+fn security() -> &'static SecurityOpts {
+    SECURITY.get_or_init(SecurityOpts::default)
+}
+
+pub async fn connect(addr: &str) -> anyhow::Result<Client> {
+    security().connect(addr).await
 }
 
 /// A small xorshift for key choice: deterministic per producer, no dependency.
@@ -373,7 +380,7 @@ fn on_answer(
 /// request fails (the node may be down; any node forwards to the partition's leader).
 #[derive(Clone)]
 struct Nodes {
-    clients: Arc<Vec<TernClient<Channel>>>,
+    clients: Arc<Vec<Client>>,
     current: Arc<AtomicU64>,
 }
 
@@ -381,15 +388,7 @@ impl Nodes {
     fn new(addrs: &[String], first: usize) -> anyhow::Result<Nodes> {
         let clients = addrs
             .iter()
-            .map(|a| {
-                let ch = tonic::transport::Endpoint::from_shared(format!("http://{a}"))?
-                    .connect_timeout(Duration::from_secs(1))
-                    .tcp_nodelay(true)
-                    .connect_lazy();
-                Ok(TernClient::new(ch)
-                    .max_decoding_message_size(64 << 20)
-                    .max_encoding_message_size(64 << 20))
-            })
+            .map(|a| security().connect_lazy(a))
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Nodes {
             clients: Arc::new(clients),
@@ -398,7 +397,7 @@ impl Nodes {
     }
 
     /// The client in use, and its position (to report a failure of exactly that one).
-    fn get(&self) -> (u64, TernClient<Channel>) {
+    fn get(&self) -> (u64, Client) {
         let i = self.current.load(Ordering::Relaxed);
         (i, self.clients[i as usize % self.clients.len()].clone())
     }

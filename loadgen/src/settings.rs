@@ -72,6 +72,13 @@ pub struct Args {
     /// Exit non-zero unless p99 (end-to-end when consuming, else publish-ack) is at most this.
     #[arg(long)]
     pub assert_p99_ms: Option<f64>,
+    /// With --spawn: the nodes speak TLS (to clients and to each other, with certificates
+    /// from a throwaway CA) and require authentication; loadgen uses the bootstrap token.
+    #[arg(long)]
+    pub secure: bool,
+    /// TLS and token for --brokers that are secured (as the `tern` CLI takes them).
+    #[command(flatten)]
+    pub security: tern::cli::SecurityOpts,
     #[doc(hidden)]
     #[arg(long, hide = true)]
     pub serve_self: bool,
