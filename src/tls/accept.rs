@@ -29,7 +29,7 @@ pub struct Conn {
 
 enum Io {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Tls(Box<tokio_rustls::server::TlsStream<super::TlsSocket>>),
 }
 
 impl Connected for Conn {
@@ -165,20 +165,22 @@ pub fn incoming(
                     let tx = tx.clone();
                     tokio::spawn(async move {
                         let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
-                        let stream =
-                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
-                                .await
-                            {
-                                Ok(Ok(s)) => s,
-                                Ok(Err(e)) => {
-                                    tracing::debug!(%remote, error = %e, "TLS handshake refused");
-                                    return;
-                                }
-                                Err(_) => {
-                                    tracing::debug!(%remote, "TLS handshake timed out");
-                                    return;
-                                }
-                            };
+                        let stream = match tokio::time::timeout(
+                            HANDSHAKE_TIMEOUT,
+                            acceptor.accept(super::tls_socket(tcp)),
+                        )
+                        .await
+                        {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%remote, error = %e, "TLS handshake refused");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%remote, "TLS handshake timed out");
+                                return;
+                            }
+                        };
                         info.tls = true;
                         if let Some(chain) = stream.get_ref().1.peer_certificates() {
                             tls.identify(chain, &mut info);

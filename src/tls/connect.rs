@@ -127,7 +127,7 @@ type Connecting = std::pin::Pin<
     Box<
         dyn std::future::Future<
                 Output = std::io::Result<
-                    TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+                    TokioIo<tokio_rustls::client::TlsStream<super::TlsSocket>>,
                 >,
             > + Send,
     >,
@@ -139,7 +139,7 @@ fn connector(
     tls: ClientTls,
 ) -> impl tower::Service<
     Uri,
-    Response = TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    Response = TokioIo<tokio_rustls::client::TlsStream<super::TlsSocket>>,
     Error = std::io::Error,
     Future = Connecting,
 > + Clone
@@ -164,7 +164,7 @@ fn connector(
             let name = ServerName::try_from(name)
                 .map_err(|e| invalid(format!("not a valid TLS server name: {e}")))?;
             let stream = tokio_rustls::TlsConnector::from(tls.config())
-                .connect(name, tcp)
+                .connect(name, super::tls_socket(tcp))
                 .await?;
             Ok(TokioIo::new(stream))
         })

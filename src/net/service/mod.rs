@@ -49,6 +49,20 @@ pub struct TernService {
 use Operation as Op;
 use ResourceKind::{Cluster, Group, Topic};
 
+/// A record's bytes as quotas count them: key, value and headers.
+fn payload_bytes(
+    key: Option<&bytes::Bytes>,
+    value: &bytes::Bytes,
+    headers: &[pb::Header],
+) -> usize {
+    value.len()
+        + key.map_or(0, |k| k.len())
+        + headers
+            .iter()
+            .map(|h| h.key.len() + h.value.len())
+            .sum::<usize>()
+}
+
 /// One request's worth of the requests/s quota.
 const ONE_REQUEST: Cost = Cost {
     requests: 1,

@@ -55,14 +55,7 @@ pub fn cost(req: &pb::PublishRequest) -> Cost {
     let bytes: usize = req
         .records
         .iter()
-        .map(|r| {
-            r.value.len()
-                + r.key.as_ref().map_or(0, |k| k.len())
-                + r.headers
-                    .iter()
-                    .map(|h| h.key.len() + h.value.len())
-                    .sum::<usize>()
-        })
+        .map(|r| super::payload_bytes(r.key.as_ref(), &r.value, &r.headers))
         .sum();
     Cost {
         requests: 1,

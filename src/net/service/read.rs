@@ -91,13 +91,6 @@ pub async fn list_offsets(
 pub fn bytes(records: &[pb::Record]) -> u64 {
     records
         .iter()
-        .map(|r| {
-            r.value.len()
-                + r.key.as_ref().map_or(0, |k| k.len())
-                + r.headers
-                    .iter()
-                    .map(|h| h.key.len() + h.value.len())
-                    .sum::<usize>()
-        })
+        .map(|r| super::payload_bytes(r.key.as_ref(), &r.value, &r.headers))
         .sum::<usize>() as u64
 }
