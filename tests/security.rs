@@ -21,6 +21,18 @@ use tonic::{Code, Request};
 
 const BOOTSTRAP: &str = "bootstrap-token-for-the-tests-0001";
 
+/// Keeps these tests apart (each starts up to three nodes; together they starve two vCPUs);
+/// `TERN_TEST_PARALLEL=1` lets them overlap, as in tests/membership.rs.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> Option<std::sync::MutexGuard<'static, ()>> {
+    match std::env::var_os("TERN_TEST_PARALLEL") {
+        Some(_) => None,
+        // A test that failed while holding it leaves it poisoned; the next may still run.
+        None => Some(SERIAL.lock().unwrap_or_else(|e| e.into_inner())),
+    }
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -268,6 +280,7 @@ async fn end_offset(c: &SecureCluster, topic: &str) -> u64 {
 
 #[test]
 fn tokens_acls_and_forwarding_on_a_tls_cluster() {
+    let _serial = serial();
     rt().block_on(async {
         let c = SecureCluster::start(3, &[]);
         let cluster_id = c.wait_formed().await;
@@ -619,6 +632,7 @@ async fn whoami(addr: &str, ca: &Path, cert: Option<(PathBuf, PathBuf)>) -> Resu
 
 #[test]
 fn client_certificates_map_to_principals_and_bad_ones_are_refused() {
+    let _serial = serial();
     rt().block_on(async {
         // One node; clients must present a certificate from the client CA (a file of its own,
         // so the test can change it).
@@ -754,6 +768,7 @@ fn client_certificates_map_to_principals_and_bad_ones_are_refused() {
 
 #[test]
 fn a_node_of_another_cluster_is_refused() {
+    let _serial = serial();
     rt().block_on(async {
         let c = node_support::cluster::Cluster::start(3).await;
         // The first metadata leader names the cluster; every node learns the id and keeps it.
@@ -835,6 +850,7 @@ fn a_node_of_another_cluster_is_refused() {
 
 #[test]
 fn a_flooding_producer_is_held_to_its_quota() {
+    let _serial = serial();
     rt().block_on(async {
         let tmp = tempfile::tempdir().unwrap();
         let token = tmp.path().join("t");
