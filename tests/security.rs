@@ -495,6 +495,65 @@ fn tokens_acls_and_forwarding_on_a_tls_cluster() {
         assert!(acls.is_empty(), "{acls:?}");
         assert_eq!(end_offset(&c, "orders").await, denied_at);
 
+        // A subscription ends when its ACL is revoked, even while no record arrives.
+        let mut sub_acl = publish_acl.clone();
+        if let Some(a) = sub_acl.acl.as_mut() {
+            a.operation = pb::AclOperation::Subscribe as i32;
+        }
+        admin
+            .add_acl(req(sub_acl.clone(), Some(BOOTSTRAP)))
+            .await
+            .unwrap();
+        let mut n2 = c.client(1).await;
+        let first = pb::SubscribeRequest {
+            add: vec![pb::TopicSubscription {
+                topic: "orders".into(),
+                from: Some(pb::StartPosition {
+                    position: Some(pb::start_position::Position::Earliest(true)),
+                }),
+                partitions: vec![],
+            }],
+            remove: vec![],
+        };
+        // The grant reaches node 2 within milliseconds; a refused subscribe is retried.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut stream = loop {
+            match n2
+                .subscribe(req(tokio_stream::iter(vec![first.clone()]), Some(&alice)))
+                .await
+            {
+                Ok(s) => break s.into_inner(),
+                Err(e) => assert!(Instant::now() < deadline, "the subscribe grant: {e:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let records = stream.message().await.unwrap().unwrap().records;
+        assert!(!records.is_empty());
+        // Drain what is there, then wait idle in the long poll.
+        while let Ok(Some(Ok(_))) =
+            tokio::time::timeout(Duration::from_millis(300), stream.message())
+                .await
+                .map(|m| m.transpose())
+        {}
+        admin
+            .remove_acl(req(sub_acl, Some(BOOTSTRAP)))
+            .await
+            .unwrap();
+        let revoked_sub = Instant::now();
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match stream.message().await {
+                    Ok(Some(_)) => continue,
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .expect("the subscription went on after its ACL was revoked");
+        let e = ended.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        took.push(("idle subscription ended", vec![revoked_sub.elapsed()]));
+
         // A deleted user's token stops working on every node.
         let who = admin
             .who_am_i(req(pb::WhoAmIRequest {}, Some(&alice)))

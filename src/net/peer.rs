@@ -158,6 +158,15 @@ impl Peer for PeerService {
                 "fault injection is off (start the node with --fault-injection)",
             ));
         }
+        let from_node = request
+            .extensions()
+            .get::<crate::tls::ConnInfo>()
+            .and_then(|c| c.node);
+        if self.broker.tls.is_some() && from_node.is_none() {
+            return Err(Status::permission_denied(
+                "with TLS, only a node of this cluster (by its certificate) may inject faults",
+            ));
+        }
         let Some(t) = self.broker.transport() else {
             return Err(Status::failed_precondition("this node runs alone"));
         };

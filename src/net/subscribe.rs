@@ -250,6 +250,11 @@ async fn follow(f: Follower, topic: Arc<Topic>, partition: u32, mut from: Offset
         };
         let fetched = tokio::select! {
             f = broker.read(&topic, partition, read, &origin) => f,
+            // A revoked ACL ends an idle subscription too, not only at its next read.
+            status = revoked(&broker, &auth, &caller, &name) => {
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
             _ = tx.closed() => return,
             _ = until_true(&mut closing) => {
                 let _ = tx.send(Err(Status::unavailable("the node is shutting down"))).await;
@@ -298,6 +303,27 @@ async fn follow(f: Follower, topic: Arc<Topic>, partition: u32, mut from: Offset
                     .await;
                 return;
             }
+        }
+    }
+}
+
+/// Resolves, with the refusal, once the metadata no longer lets the caller subscribe to the
+/// topic (it is checked again whenever this node applies a metadata change); never while it
+/// does, or when authentication is off.
+async fn revoked(broker: &Broker, auth: &Auth, caller: &Caller, topic: &str) -> Status {
+    let mut applied = broker.applied.subscribe();
+    loop {
+        if let Err(status) = auth.authorize(
+            broker,
+            caller,
+            ResourceKind::Topic,
+            topic,
+            Operation::Subscribe,
+        ) {
+            return status;
+        }
+        if caller.superuser || applied.changed().await.is_err() {
+            return std::future::pending().await;
         }
     }
 }
