@@ -53,6 +53,8 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
             config.core_count()
         );
     }
+    let startup = Startup::watch();
+    startup.at("starting the cores");
     let shards = Shards::start(&ShardConfig {
         cores: config.core_count(),
         mailbox_capacity: config.mailbox_capacity,
@@ -116,12 +118,15 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         )?;
         // A node alone has loaded the metadata and opened its partitions when this returns; a
         // node of a cluster does that in the background, since its peers need it to serve.
+        startup.at("opening the metadata group (alone: replaying it and opening the partitions)");
         crate::controller::start(broker.clone()).await?;
+        startup.at("starting the gRPC server");
         let groups = Arc::new(Groups::new(broker.clone()));
         let (server, stop_tx) = spawn_server(broker.clone(), groups, auth, listener);
         tracing::info!(%addr, cores, data_dir = %config.data_dir.display(), "tern is serving");
         // Scripts and tests read the bound address (port 0 picks a free one) from this line.
         println!("tern listening on {addr}");
+        startup.done();
         let mut failure = None;
         tokio::select! {
             _ = shutdown_signal() => {}
@@ -223,6 +228,39 @@ async fn shutdown_signal() {
 }
 
 /// Takes an exclusive lock on the data directory, so two nodes never share one.
+/// Says, at warn level, which step a start is stuck in when it takes more than 10 s (a start
+/// takes well under a second; a stuck one should say where).
+struct Startup {
+    stage: Arc<std::sync::Mutex<Option<&'static str>>>,
+}
+
+impl Startup {
+    fn watch() -> Startup {
+        let stage = Arc::new(std::sync::Mutex::new(Some("starting")));
+        let s = Arc::downgrade(&stage);
+        let started = std::time::Instant::now();
+        let _ = std::thread::Builder::new()
+            .name("tern-startup".into())
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_secs(10));
+                let Some(stage) = s.upgrade() else { return };
+                let Some(at) = *stage.lock().expect("startup lock") else {
+                    return;
+                };
+                tracing::warn!("still starting after {:.0?}: {at}", started.elapsed());
+            });
+        Startup { stage }
+    }
+
+    fn at(&self, stage: &'static str) {
+        *self.stage.lock().expect("startup lock") = Some(stage);
+    }
+
+    fn done(&self) {
+        *self.stage.lock().expect("startup lock") = None;
+    }
+}
+
 /// The cluster id this node's data directory belongs to, if it has learned one.
 fn load_cluster_id(config: &Config) -> anyhow::Result<ClusterId> {
     let path = config.data_dir.join(crate::broker::CLUSTER_ID_FILE);
