@@ -109,7 +109,13 @@ impl Quotas {
     /// Admits a call: waits out its principal's debt (up to [`MAX_DELAY`]) and charges `cost`;
     /// RESOURCE_EXHAUSTED when the debt is longer. Free for callers without a quota, and for
     /// calls relayed from another node (charged where they came in).
-    pub async fn admit(&self, broker: &Broker, caller: &Caller, cost: Cost) -> Result<(), Status> {
+    /// `cost` is asked only when a quota applies, so calls without one count no bytes.
+    pub async fn admit(
+        &self,
+        broker: &Broker,
+        caller: &Caller,
+        cost: impl FnOnce() -> Cost,
+    ) -> Result<(), Status> {
         let wait = self.charge(broker, caller, cost, true)?;
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
@@ -118,29 +124,30 @@ impl Quotas {
     }
 
     /// Charges what a call used once it is known (bytes read); the principal's next calls wait.
-    pub fn used(&self, broker: &Broker, caller: &Caller, cost: Cost) {
+    pub fn used(&self, broker: &Broker, caller: &Caller, cost: impl FnOnce() -> Cost) {
         let _ = self.charge(broker, caller, cost, false);
     }
 
     /// How long a read stream should pause to stay within the principal's consume quota.
-    pub fn consume_wait(&self, broker: &Broker, caller: &Caller, bytes: u64) -> Duration {
-        self.charge(
-            broker,
-            caller,
-            Cost {
-                consume_bytes: bytes,
-                ..Cost::default()
-            },
-            false,
-        )
-        .unwrap_or(MAX_DELAY)
+    pub fn consume_wait(
+        &self,
+        broker: &Broker,
+        caller: &Caller,
+        bytes: impl FnOnce() -> u64,
+    ) -> Duration {
+        let cost = || Cost {
+            consume_bytes: bytes(),
+            ..Cost::default()
+        };
+        self.charge(broker, caller, cost, false)
+            .unwrap_or(MAX_DELAY)
     }
 
     fn charge(
         &self,
         broker: &Broker,
         caller: &Caller,
-        cost: Cost,
+        cost: impl FnOnce() -> Cost,
         admit: bool,
     ) -> Result<Duration, Status> {
         if caller.relayed {
@@ -180,6 +187,7 @@ impl Quotas {
             }
             return Err(s);
         }
+        let cost = cost();
         for (bucket, n) in [
             (&mut b.publish, cost.publish_bytes),
             (&mut b.consume, cost.consume_bytes),

@@ -265,11 +265,9 @@ async fn follow(f: Follower, topic: Arc<Topic>, partition: u32, mut from: Offset
             Ok(r) => {
                 backoff = RETRY_MIN;
                 from = Offset(r.next_offset.max(from.0));
-                let pause = auth.quotas.consume_wait(
-                    &broker,
-                    &caller,
-                    super::service::read_bytes(&r.records),
-                );
+                let pause = auth
+                    .quotas
+                    .consume_wait(&broker, &caller, || super::service::read_bytes(&r.records));
                 if !r.records.is_empty()
                     && tx
                         .send(Ok(pb::SubscribeResponse { records: r.records }))

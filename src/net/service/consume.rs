@@ -158,15 +158,13 @@ fn throttled(
                 kind: Some(pb::consume_response::Kind::Deliveries(d)),
             }) = &r
             {
-                let records: Vec<&pb::Record> = d
-                    .deliveries
-                    .iter()
-                    .filter_map(|d| d.record.as_ref())
-                    .collect();
-                let bytes: u64 = records
-                    .iter()
-                    .map(|r| super::read::bytes(std::slice::from_ref(*r)))
-                    .sum();
+                let bytes = || {
+                    d.deliveries
+                        .iter()
+                        .filter_map(|d| d.record.as_ref())
+                        .map(|r| super::payload_bytes(r.key.as_ref(), &r.value, &r.headers))
+                        .sum::<usize>() as u64
+                };
                 let pause = auth.quotas.consume_wait(&broker, &caller, bytes);
                 if !pause.is_zero() {
                     tokio::time::sleep(pause).await;

@@ -83,7 +83,7 @@ impl TernService {
         let caller = self.auth.check(&self.broker, request, kind, name, op)?;
         self.auth
             .quotas
-            .admit(&self.broker, &caller, ONE_REQUEST)
+            .admit(&self.broker, &caller, || ONE_REQUEST)
             .await?;
         Ok(caller)
     }
@@ -93,7 +93,7 @@ impl TernService {
         let caller = self.auth.authenticate(&self.broker, request)?;
         self.auth
             .quotas
-            .admit(&self.broker, &caller, ONE_REQUEST)
+            .admit(&self.broker, &caller, || ONE_REQUEST)
             .await?;
         Ok(caller)
     }
@@ -168,8 +168,10 @@ impl Tern for TernService {
             &request.get_ref().topic,
             Op::Publish,
         )?;
-        let cost = publish::cost(request.get_ref());
-        self.auth.quotas.admit(&self.broker, &caller, cost).await?;
+        self.auth
+            .quotas
+            .admit(&self.broker, &caller, || publish::cost(request.get_ref()))
+            .await?;
         let resp = publish::submit(&self.broker, request.into_inner(), &caller.origin())
             .await?
             .await?;
@@ -242,15 +244,10 @@ impl Tern for TernService {
             .check(&request, Topic, &request.get_ref().topic, Op::Subscribe)
             .await?;
         let r = read::fetch(&self.broker, request.into_inner(), &caller.origin()).await?;
-        let bytes = read::bytes(&r.records);
-        self.auth.quotas.used(
-            &self.broker,
-            &caller,
-            Cost {
-                consume_bytes: bytes,
-                ..Cost::default()
-            },
-        );
+        self.auth.quotas.used(&self.broker, &caller, || Cost {
+            consume_bytes: read::bytes(&r.records),
+            ..Cost::default()
+        });
         Ok(Response::new(r))
     }
 

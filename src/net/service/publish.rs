@@ -118,7 +118,7 @@ pub fn stream(
                 &req.topic,
                 Operation::Publish,
             ) {
-                Ok(()) => auth.quotas.admit(&broker, &caller, cost(&req)).await,
+                Ok(()) => auth.quotas.admit(&broker, &caller, || cost(&req)).await,
                 Err(s) => Err(s),
             };
             let submitted = match admitted {
