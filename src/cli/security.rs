@@ -1,8 +1,9 @@
 //! `tern user`, `tern acl`, `tern quota` and `tern whoami` (docs/security.md).
 
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 
 use super::{status_error, table, ClientOpts};
+use crate::cluster::security::Operation;
 use crate::proto::v1 as pb;
 
 #[derive(Subcommand)]
@@ -25,15 +26,10 @@ pub enum UserCmd {
     },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Operation {
-    Publish,
-    Subscribe,
-    Create,
-    Delete,
-    Describe,
-    Alter,
-    Admin,
+fn operation(s: &str) -> Result<Operation, String> {
+    Operation::parse(s).ok_or_else(|| {
+        format!("{s:?}: use publish, subscribe, create, delete, describe, alter or admin")
+    })
 }
 
 /// One ACL, as the command line gives it.
@@ -54,8 +50,9 @@ pub struct AclArgs {
     /// The name is a prefix: every topic or group whose name starts with it.
     #[arg(long)]
     prefix: bool,
-    /// What the principal may (or with --deny may not) do; repeat or comma separate.
-    #[arg(long = "operation", value_delimiter = ',', required = true)]
+    /// What the principal may (or with --deny may not) do: publish, subscribe, create, delete,
+    /// describe, alter, admin; repeat or comma separate.
+    #[arg(long = "operation", value_delimiter = ',', required = true, value_parser = operation)]
     operations: Vec<Operation>,
     /// Deny instead of allow (a deny wins over every allow).
     #[arg(long)]
@@ -86,15 +83,7 @@ impl AclArgs {
                     pb::PatternType::Literal
                 } as i32,
                 name: name.clone(),
-                operation: match op {
-                    Operation::Publish => pb::AclOperation::Publish,
-                    Operation::Subscribe => pb::AclOperation::Subscribe,
-                    Operation::Create => pb::AclOperation::Create,
-                    Operation::Delete => pb::AclOperation::Delete,
-                    Operation::Describe => pb::AclOperation::Describe,
-                    Operation::Alter => pb::AclOperation::Alter,
-                    Operation::Admin => pb::AclOperation::Admin,
-                } as i32,
+                operation: pb::AclOperation::from(*op) as i32,
                 permission: if self.deny {
                     pb::AclPermission::Deny
                 } else {

@@ -75,6 +75,33 @@ impl Operation {
     }
 }
 
+impl From<Operation> for crate::proto::v1::AclOperation {
+    fn from(op: Operation) -> Self {
+        use crate::proto::v1::AclOperation as P;
+        match op {
+            Operation::Publish => P::Publish,
+            Operation::Subscribe => P::Subscribe,
+            Operation::Create => P::Create,
+            Operation::Delete => P::Delete,
+            Operation::Describe => P::Describe,
+            Operation::Alter => P::Alter,
+            Operation::Admin => P::Admin,
+        }
+    }
+}
+
+impl TryFrom<crate::proto::v1::AclOperation> for Operation {
+    type Error = ();
+
+    /// Every operation but UNSPECIFIED.
+    fn try_from(op: crate::proto::v1::AclOperation) -> Result<Self, ()> {
+        Operation::ALL
+            .into_iter()
+            .find(|o| crate::proto::v1::AclOperation::from(*o) == op)
+            .ok_or(())
+    }
+}
+
 impl fmt::Display for Operation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())

@@ -71,21 +71,15 @@ fn acl_from(a: Option<pb::Acl>) -> Result<Acl, Status> {
         Ok(pb::PatternType::Prefix) => PatternKind::Prefix,
         Err(_) => return Err(Status::invalid_argument("acl.pattern is unknown")),
     };
-    let operation = match pb::AclOperation::try_from(a.operation) {
-        Ok(pb::AclOperation::Publish) => Operation::Publish,
-        Ok(pb::AclOperation::Subscribe) => Operation::Subscribe,
-        Ok(pb::AclOperation::Create) => Operation::Create,
-        Ok(pb::AclOperation::Delete) => Operation::Delete,
-        Ok(pb::AclOperation::Describe) => Operation::Describe,
-        Ok(pb::AclOperation::Alter) => Operation::Alter,
-        Ok(pb::AclOperation::Admin) => Operation::Admin,
-        _ => {
-            return Err(Status::invalid_argument(
+    let operation = pb::AclOperation::try_from(a.operation)
+        .ok()
+        .and_then(|o| Operation::try_from(o).ok())
+        .ok_or_else(|| {
+            Status::invalid_argument(
                 "acl.operation must be one of publish, subscribe, create, delete, describe, \
                  alter, admin",
-            ))
-        }
-    };
+            )
+        })?;
     let permission = match pb::AclPermission::try_from(a.permission) {
         Ok(pb::AclPermission::Unspecified | pb::AclPermission::Allow) => Permission::Allow,
         Ok(pb::AclPermission::Deny) => Permission::Deny,
@@ -116,15 +110,7 @@ pub fn acl_to(a: &Acl) -> pb::Acl {
             PatternKind::Prefix => pb::PatternType::Prefix,
         } as i32,
         name: a.name.clone(),
-        operation: match a.operation {
-            Operation::Publish => pb::AclOperation::Publish,
-            Operation::Subscribe => pb::AclOperation::Subscribe,
-            Operation::Create => pb::AclOperation::Create,
-            Operation::Delete => pb::AclOperation::Delete,
-            Operation::Describe => pb::AclOperation::Describe,
-            Operation::Alter => pb::AclOperation::Alter,
-            Operation::Admin => pb::AclOperation::Admin,
-        } as i32,
+        operation: pb::AclOperation::from(a.operation) as i32,
         permission: match a.permission {
             Permission::Allow => pb::AclPermission::Allow,
             Permission::Deny => pb::AclPermission::Deny,
