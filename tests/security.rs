@@ -904,6 +904,48 @@ fn a_node_of_another_cluster_is_refused() {
             .into_inner();
         assert_eq!(r.nodes.len(), 3);
         assert!(r.nodes.iter().all(|n| !n.draining));
+
+        // The id survives a restart in DATA_DIR/cluster.id, and is trusted before the node has
+        // caught up: node 3 restarted with another cluster's id refuses this cluster's calls.
+        let mut c = c;
+        c.kill9(2);
+        std::fs::write(c.dirs[2].join("cluster.id"), "0000-another-cluster").unwrap();
+        c.start_node(2);
+        let ch = Channel::from_shared(format!("http://{}", c.addrs[2]))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let e = ipb::peer_client::PeerClient::new(ch)
+            .exchange(ipb::ExchangeRequest {
+                from: 1,
+                to: 3,
+                messages: vec![],
+                cluster: id.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains("0000-another-cluster"), "{e:?}");
+        // A file that does not hold an id stops the node at start, saying so.
+        c.kill9(2);
+        std::fs::write(c.dirs[2].join("cluster.id"), "Not An Id!").unwrap();
+        let out = std::process::Command::new(TERN)
+            .args([
+                "serve",
+                "--node-id",
+                "3",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
+            .arg(&c.dirs[2])
+            .args(["--peers", &c.peers])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("does not hold a cluster id"), "{err}");
     });
 }
 
