@@ -80,6 +80,12 @@ pub struct Config {
     pub bootstrap_token_file: Option<PathBuf>,
     /// Principals that may do anything (ACLs are not checked for them).
     pub superusers: Vec<String>,
+    /// Where the admin HTTP listener serves `/metrics`, `/livez` and `/readyz` (off unless
+    /// set; port 0 picks a free one). It has no authentication: keep it on a private network.
+    pub admin_listen: Option<SocketAddr>,
+    /// Partitions whose own series `/metrics` shows (the worst first: under-replicated, then
+    /// by follower lag); 0 shows none. Totals always cover every partition.
+    pub metrics_partitions: usize,
 }
 
 /// Defaults applied to topic settings a CreateTopic request leaves unset.
@@ -120,7 +126,8 @@ impl TopicDefaults {
 }
 
 /// Keys whose default is unset (so a serialized default does not show them).
-const OPTIONAL_KEYS: [&str; 6] = [
+const OPTIONAL_KEYS: [&str; 7] = [
+    "admin_listen",
     "advertised_address",
     "bootstrap_token_file",
     "tls_cert",
@@ -184,6 +191,8 @@ impl Default for Config {
             fault_injection: false,
             topic_defaults: TopicDefaults::default(),
             max_connections: 10_000,
+            admin_listen: None,
+            metrics_partitions: 1_000,
             tls_cert: None,
             tls_key: None,
             tls_cluster_ca: None,
@@ -393,6 +402,10 @@ impl Config {
             crate::cluster::security::validate_principal(s)
                 .map_err(|e| anyhow::anyhow!("superusers: {e}"))?;
         }
+        anyhow::ensure!(
+            self.metrics_partitions <= 1_000_000,
+            "metrics_partitions must be at most 1000000"
+        );
         anyhow::ensure!(
             (1..=1_000_000).contains(&self.max_connections),
             "max_connections must be within 1..=1000000"

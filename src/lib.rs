@@ -4,13 +4,16 @@
 //! owns its partition (or the node that leads it), `shard` owns it on that core, `raft`
 //! replicates it, `log` stores it. Beside the path: `cluster` (the metadata model, pure),
 //! `controller` (the metadata group at run time), `groups` (consumer and queue groups), `node`
-//! (wiring) and `cli`. Imports point down this order only (checked by `tests/layering.rs`):
+//! (wiring) and `cli`. `metrics` holds the counters the data path bumps, and `admin` serves
+//! them with the health endpoints. Imports point down this order only (checked by
+//! `tests/layering.rs`):
 //!
 //! ```text
-//! types, proto → tls → log → raft → shard → cluster → config → broker → controller → groups → net
-//!   → node → cli
+//! types, proto, metrics → tls → log → raft → shard → cluster → config → broker → controller
+//!   → groups → net → admin → node → cli
 //! ```
 
+pub mod admin;
 pub mod broker;
 pub mod cli;
 pub mod cluster;
@@ -18,6 +21,7 @@ pub mod config;
 pub mod controller;
 pub mod groups;
 pub mod log;
+pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod proto;

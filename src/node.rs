@@ -72,6 +72,14 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("listening on {}: {e}", config.listen))?;
         let addr = listener.local_addr()?;
+        let admin_listener = match config.admin_listen {
+            Some(a) => Some(
+                tokio::net::TcpListener::bind(a)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("listening on {a} (--admin-listen): {e}"))?,
+            ),
+            None => None,
+        };
         // In a cluster the peers list says where this node is reached.
         let advertised = match (
             &config.advertised_address,
@@ -122,7 +130,22 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         crate::controller::start(broker.clone()).await?;
         startup.at("starting the gRPC server");
         let groups = Arc::new(Groups::new(broker.clone()));
-        let (server, stop_tx) = spawn_server(broker.clone(), groups, auth, listener);
+        let (server, stop_tx) = spawn_server(broker.clone(), groups.clone(), auth, listener);
+        if let Some(admin) = admin_listener {
+            let admin_addr = admin.local_addr()?;
+            let mut rx = stop_tx.subscribe();
+            let stop = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            let broker = broker.clone();
+            tokio::spawn(async move {
+                if let Err(e) = crate::admin::serve(broker, groups, admin, stop).await {
+                    tracing::error!(error = %e, "the admin listener stopped");
+                }
+            });
+            tracing::info!(%admin_addr, "admin listener: /metrics, /livez, /readyz");
+            println!("tern admin listening on {admin_addr}");
+        }
         tracing::info!(%addr, cores, data_dir = %config.data_dir.display(), "tern is serving");
         // Scripts and tests read the bound address (port 0 picks a free one) from this line.
         println!("tern listening on {addr}");

@@ -3,8 +3,8 @@
 //! docs/architecture.md, "Import rules"):
 //!
 //! ```text
-//! types, proto → tls → log → raft → shard → cluster → config → broker → controller → groups → net
-//!   → node → cli
+//! types, proto, metrics → tls → log → raft → shard → cluster → config → broker → controller
+//!   → groups → net → admin → node → cli
 //! ```
 //!
 //! A `super::` path that climbs out of a top-level module counts as a `crate::` path.
@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 /// Top-level modules, lowest first; modules on one line share a layer.
 const LAYERS: &[&[&str]] = &[
-    &["types", "proto"],
+    &["types", "proto", "metrics"],
     &["tls"],
     &["log"],
     &["raft"],
@@ -24,6 +24,7 @@ const LAYERS: &[&[&str]] = &[
     &["controller"],
     &["groups"],
     &["net"],
+    &["admin"],
     &["node"],
     &["cli"],
 ];

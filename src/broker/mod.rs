@@ -343,6 +343,11 @@ impl Broker {
     }
 
     /// Tells long-lived calls to end: the node is shutting down.
+    /// Whether the node has begun to shut down.
+    pub fn is_closing(&self) -> bool {
+        *self.closing.borrow()
+    }
+
     pub fn begin_shutdown(&self) {
         self.closing.send_replace(true);
     }

@@ -17,6 +17,13 @@ pub struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:7070]; port 0 picks a free port.
     #[arg(long, env = "TERN_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Admin HTTP listener for /metrics, /livez and /readyz [default: off]; port 0 picks a free
+    /// port. Unauthenticated: keep it on a private network (docs/operations.md).
+    #[arg(long, env = "TERN_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Partitions with their own series in /metrics, the worst first; 0: none [default: 1000].
+    #[arg(long, env = "TERN_METRICS_PARTITIONS")]
+    pub metrics_partitions: Option<usize>,
     /// Address clients are told to use for this node [default: the bound address].
     #[arg(long, env = "TERN_ADVERTISED_ADDRESS")]
     pub advertised_address: Option<String>,
@@ -184,7 +191,7 @@ impl ServeArgs {
         if self.fault_injection {
             c.fault_injection = true;
         }
-        set!(max_connections, auth);
+        set!(max_connections, auth, metrics_partitions);
         if !self.superusers.is_empty() {
             c.superusers = self.superusers;
         }
@@ -192,6 +199,7 @@ impl ServeArgs {
             ($($field:ident),*) => { $( if let Some(v) = self.$field { c.$field = Some(v); } )* };
         }
         set_some!(
+            admin_listen,
             advertised_address,
             tls_cert,
             tls_key,

@@ -16,12 +16,14 @@
 //!   balance.rs    rebalancing moves
 //!   plan.rs       a node's reconcile diff, a drain's next steps, the metadata group's members
 //!   security.rs   users, ACLs and quotas; who may do what
+//!   health.rs     when a partition is under-replicated
 //!   error.rs      ClusterError
 //! ```
 
 mod balance;
 mod command;
 mod error;
+pub mod health;
 mod offsets;
 mod placement;
 pub mod plan;

@@ -528,6 +528,7 @@ impl Group {
     }
 
     fn dead_letter(&mut self, letter: DeadLetter) {
+        crate::metrics::NODE.dead_letters.inc();
         let tx = self.dead.get_or_insert_with(|| {
             let (tx, rx) = mpsc::unbounded_channel();
             let writer = DeadLetterWriter {

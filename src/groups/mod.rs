@@ -237,6 +237,15 @@ impl Groups {
             .unwrap_or(0)
     }
 
+    /// Every group running on this node (its coordinator), as it describes itself.
+    pub async fn running(&self) -> Vec<pb::GroupInfo> {
+        self.active(|_| true)
+            .await
+            .into_iter()
+            .map(|(_, info)| info)
+            .collect()
+    }
+
     /// The running groups `which` selects, as they describe themselves.
     async fn active(&self, which: impl Fn(&GroupKey) -> bool) -> Vec<(GroupKey, pb::GroupInfo)> {
         let actors: Vec<_> = self

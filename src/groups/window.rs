@@ -327,6 +327,9 @@ impl Window {
                 // A first delivery is not written down (a successor that does not know of it
                 // delivers the record again as its first).
                 part.dirty |= slot.count > 0;
+                if slot.count > 0 {
+                    crate::metrics::NODE.redeliveries.inc();
+                }
                 slot.count += 1;
                 slot.state = State::Out {
                     member: t.member,

@@ -661,9 +661,11 @@ impl Inner {
 
     async fn fsync(&self, file: &glommio::io::DmaFile, path: &Path) -> Result<(), LogError> {
         self.injected("syncing", path)?;
+        let started = std::time::Instant::now();
         file.fdatasync()
             .await
             .map_err(|e| LogError::io("syncing", path, e))?;
+        crate::metrics::NODE.fsync.observe(started.elapsed());
         self.state.borrow_mut().stats.fsyncs += 1;
         Ok(())
     }

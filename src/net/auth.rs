@@ -123,6 +123,14 @@ impl Auth {
     /// (proven by its certificate when authentication is on), in the name of the principal it
     /// carries.
     pub fn authenticate<T>(&self, broker: &Broker, request: &Request<T>) -> Result<Caller, Status> {
+        let r = self.identify(broker, request);
+        if r.is_err() {
+            crate::metrics::NODE.auth.unauthenticated.inc();
+        }
+        r
+    }
+
+    fn identify<T>(&self, broker: &Broker, request: &Request<T>) -> Result<Caller, Status> {
         let md = request.metadata();
         let conn = request.extensions().get::<ConnInfo>();
         if md.contains_key(FORWARDED) {
@@ -276,6 +284,7 @@ impl Auth {
             ResourceKind::Cluster => "the cluster".to_string(),
             k => format!("{} {name:?}", k.name()),
         };
+        crate::metrics::NODE.auth.denied.inc();
         Err(Status::permission_denied(format!(
             "principal {:?} may not {op} {what} (tern acl add)",
             caller.name()

@@ -14,6 +14,7 @@
 //!   peer.rs       tern.internal.v1.Peer: Raft traffic and proposals from other nodes
 //!   validate.rs   client input, bounded and checked
 //!   status.rs     every error as a gRPC status
+//!   timed.rs      each call's latency by method and code (metrics)
 //! ```
 
 pub mod auth;
@@ -22,6 +23,7 @@ pub mod quota;
 mod service;
 pub mod status;
 mod subscribe;
+mod timed;
 mod validate;
 
 use std::sync::Arc;
@@ -67,6 +69,7 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .max_concurrent_streams(Some(cfg.max_concurrent_streams))
         .tcp_nodelay(true)
+        .layer(timed::TimedLayer)
         .layer(tower::util::MapResponseLayer::new(
             move |r: tonic::codegen::http::Response<tonic::body::Body>| match r
                 .extensions()

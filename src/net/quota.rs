@@ -177,6 +177,7 @@ impl Quotas {
         b.seen = now;
         let wait = b.all().map(|x| x.wait(now)).max().unwrap_or_default();
         if admit && wait > MAX_DELAY {
+            crate::metrics::NODE.quota_refused.inc();
             let retry = wait - MAX_DELAY;
             let mut s = Status::resource_exhausted(format!(
                 "principal {p:?} is over its quota on this node; retry in {} ms",
@@ -196,6 +197,9 @@ impl Quotas {
             if let Some(bucket) = bucket {
                 bucket.tokens -= n as f64;
             }
+        }
+        if !wait.is_zero() {
+            crate::metrics::NODE.quota_delayed.inc();
         }
         Ok(wait)
     }

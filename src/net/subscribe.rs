@@ -265,6 +265,9 @@ async fn follow(f: Follower, topic: Arc<Topic>, partition: u32, mut from: Offset
             Ok(r) => {
                 backoff = RETRY_MIN;
                 from = Offset(r.next_offset.max(from.0));
+                if !caller.relayed {
+                    super::service::count_read(&r.records);
+                }
                 let pause = auth
                     .quotas
                     .consume_wait(&broker, &caller, || super::service::read_bytes(&r.records));

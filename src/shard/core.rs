@@ -345,6 +345,15 @@ async fn handle(core: CoreId, req: CoreRequest, partitions: Partitions) {
         CoreRequest::Replica { key, reply } => {
             let _ = reply.send(lookup(&partitions, &key).map(|p| p.state()));
         }
+        CoreRequest::States { limit, reply } => {
+            let states = partitions
+                .borrow()
+                .iter()
+                .take(limit)
+                .map(|(k, p)| (k.clone(), p.state()))
+                .collect();
+            let _ = reply.send(Ok(states));
+        }
         CoreRequest::Positions { key, reply } => {
             let _ = reply.send(lookup(&partitions, &key).map(|p| p.log.positions()));
         }

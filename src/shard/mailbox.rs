@@ -96,6 +96,11 @@ pub fn mailbox(core: u32, capacity: usize) -> std::io::Result<(MailboxSender, Ma
 impl MailboxSender {
     /// Sends a request, waiting up to `wait` while the mailbox is full (back-pressure), then
     /// failing with `Busy`. Never queues without bound.
+    /// Requests waiting in the mailbox now.
+    pub fn depth(&self) -> usize {
+        self.tx.len()
+    }
+
     pub async fn send(&self, req: CoreRequest, wait: Duration) -> Result<(), CoreError> {
         let deadline = Instant::now() + wait;
         let mut req = req;

@@ -298,6 +298,11 @@ pub enum CoreRequest {
         key: PartitionKey,
         reply: Reply<ReplicaState>,
     },
+    /// The state of every replica on the core, at most `limit` of them (metrics).
+    States {
+        limit: usize,
+        reply: Reply<Vec<(PartitionKey, ReplicaState)>>,
+    },
     /// Moves a group towards a membership; only its leader can.
     Members {
         key: PartitionKey,

@@ -24,7 +24,25 @@ const ACCEPTED_QUEUE: usize = 64;
 pub struct Conn {
     io: Io,
     info: ConnInfo,
-    _slot: OwnedSemaphorePermit,
+    _slot: Slot,
+}
+
+/// A place under the connection limit, counted in the open-connections gauge while held.
+struct Slot(#[allow(dead_code)] OwnedSemaphorePermit);
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit) -> Slot {
+        let m = &crate::metrics::NODE;
+        m.connections_accepted.inc();
+        m.connections_open.inc();
+        Slot(permit)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        crate::metrics::NODE.connections_open.dec();
+    }
 }
 
 enum Io {
@@ -145,6 +163,7 @@ pub fn incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
+            let slot = Slot::new(slot);
             let mut info = ConnInfo {
                 remote: Some(remote),
                 ..ConnInfo::default()
@@ -173,10 +192,12 @@ pub fn incoming(
                         {
                             Ok(Ok(s)) => s,
                             Ok(Err(e)) => {
+                                crate::metrics::NODE.handshake_failures.inc();
                                 tracing::debug!(%remote, error = %e, "TLS handshake refused");
                                 return;
                             }
                             Err(_) => {
+                                crate::metrics::NODE.handshake_failures.inc();
                                 tracing::debug!(%remote, "TLS handshake timed out");
                                 return;
                             }

@@ -141,14 +141,14 @@ pub async fn consume(
     Ok(throttled(broker, auth, caller, out))
 }
 
-/// A group's deliveries to a member, paced by its principal's consume quota.
+/// A group's deliveries to a member, counted, and paced by its principal's consume quota.
 fn throttled(
     broker: Arc<Broker>,
     auth: Arc<Auth>,
     caller: Caller,
     stream: impl futures::Stream<Item = Result<pb::ConsumeResponse, Status>> + Send + 'static,
 ) -> BoxStream<pb::ConsumeResponse> {
-    if caller.relayed || caller.principal.is_none() {
+    if caller.relayed {
         return Box::pin(stream);
     }
     Box::pin(stream.then(move |r| {
@@ -158,6 +158,10 @@ fn throttled(
                 kind: Some(pb::consume_response::Kind::Deliveries(d)),
             }) = &r
             {
+                super::count_read(d.deliveries.iter().filter_map(|d| d.record.as_ref()));
+                if caller.principal.is_none() {
+                    return r;
+                }
                 let bytes = || {
                     d.deliveries
                         .iter()

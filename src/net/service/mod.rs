@@ -63,6 +63,21 @@ fn payload_bytes(
             .sum::<usize>()
 }
 
+/// Counts records handed to a client (not those handed to a node that relays them on: that
+/// node counts them when it hands them to its client).
+pub(super) fn count_read<'a>(records: impl IntoIterator<Item = &'a pb::Record>) {
+    let (mut n, mut bytes) = (0u64, 0usize);
+    for r in records {
+        n += 1;
+        bytes += r.value.len() + r.key.as_ref().map_or(0, |k| k.len());
+    }
+    if n > 0 {
+        let m = &crate::metrics::NODE;
+        m.read_records.add(n);
+        m.read_bytes.add(bytes as u64);
+    }
+}
+
 /// One request's worth of the requests/s quota.
 const ONE_REQUEST: Cost = Cost {
     requests: 1,
@@ -244,6 +259,9 @@ impl Tern for TernService {
             .check(&request, Topic, &request.get_ref().topic, Op::Subscribe)
             .await?;
         let r = read::fetch(&self.broker, request.into_inner(), &caller.origin()).await?;
+        if !caller.relayed {
+            count_read(&r.records);
+        }
         self.auth.quotas.used(&self.broker, &caller, || Cost {
             consume_bytes: read::bytes(&r.records),
             ..Cost::default()

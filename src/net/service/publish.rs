@@ -30,12 +30,26 @@ pub async fn submit(
     let request_id = req.request_id;
     let producer = validate::producer(&req)?;
     let records = validate::publish(req, &topic, &broker.config)?;
+    // Counted where the client's call entered the cluster, once acknowledged (a relayed copy
+    // is not counted again on the node it was relayed to).
+    let counted = matches!(origin, Origin::Client(_)).then(|| {
+        let bytes: usize = records
+            .iter()
+            .map(|r| r.record.value.len() + r.record.key.as_ref().map_or(0, |k| k.len()))
+            .sum();
+        bytes as u64
+    });
     let pending = broker
         .submit(&topic, records, producer, origin)
         .await
         .map_err(from_broker)?;
     Ok(async move {
         let acks = pending.await.map_err(from_broker)?;
+        if let Some(bytes) = counted {
+            let m = &crate::metrics::NODE;
+            m.publish_records.add(acks.len() as u64);
+            m.publish_bytes.add(bytes);
+        }
         Ok(pb::PublishResponse {
             acks: acks
                 .into_iter()

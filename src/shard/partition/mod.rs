@@ -73,6 +73,8 @@ pub struct Partition {
     retaining: Cell<bool>,
     /// Idempotent producers' batches proposed here and not yet answered: (first, last) sequence.
     pending: RefCell<HashMap<ProducerId, Vec<(i32, i32)>>>,
+    /// The leader this replica last saw (to count leadership changes).
+    leader_seen: Cell<Option<crate::raft::types::NodeId>>,
 }
 
 fn wake(waiters: &Waiters) {
@@ -241,6 +243,7 @@ impl Partition {
             retained: Cell::new(Instant::now()),
             retaining: Cell::new(false),
             pending: RefCell::default(),
+            leader_seen: Cell::new(None),
         })
     }
 
@@ -279,7 +282,15 @@ impl Partition {
     /// heard a leader for its election timeout starts an election (pre-vote first, so a node
     /// that cannot win does not disturb the others).
     pub async fn drive(&self, now: Instant, beat: bool) {
-        let state = self.raft.metrics().borrow_watched().state;
+        let (state, leader) = {
+            let m = self.raft.metrics();
+            let m = m.borrow_watched();
+            (m.state, m.current_leader)
+        };
+        if leader.is_some() && leader != self.leader_seen.get() {
+            self.leader_seen.set(leader);
+            crate::metrics::NODE.leader_changes.inc();
+        }
         match state {
             openraft::ServerState::Leader if beat => {
                 let _ = self.raft.trigger().heartbeat().await;
@@ -288,6 +299,7 @@ impl Partition {
                 if self.election.borrow_mut().due(now, &mut rand::rng()) =>
             {
                 tracing::debug!(partition = %self.key, "no leader heard: starting an election");
+                crate::metrics::NODE.elections.inc();
                 let _ = self.raft.trigger().elect(true).await;
             }
             _ => {}

@@ -1,0 +1,339 @@
+//! What the node counts while it works: plain atomics that the data path bumps with relaxed
+//! adds (no locks, no allocation, no labels to look up), read and turned into Prometheus
+//! metrics only when something scrapes the admin listener (`crate::admin`). Per-partition
+//! values (offsets, leaders, lag) are not counted here at all: the scrape asks each core for
+//! them.
+//!
+//! Everything is process-wide (`NODE`): one node per process.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// A count that only goes up.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub const fn new() -> Counter {
+        Counter(AtomicU64::new(0))
+    }
+
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Relaxed);
+    }
+
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// A value that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    pub const fn new() -> Gauge {
+        Gauge(AtomicI64::new(0))
+    }
+
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Relaxed);
+    }
+
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+
+    pub fn get(&self) -> i64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// Upper bounds of the latency buckets, in seconds: 100 µs to 10 s.
+pub const LATENCY_BOUNDS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// A latency histogram with [`LATENCY_BOUNDS`]; the last slot counts what exceeds them all.
+#[derive(Debug)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BOUNDS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+/// A histogram read at one moment: the sum, the count, and each bucket.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramSnapshot {
+    pub sum_seconds: f64,
+    pub count: u64,
+    /// (upper bound, observations above the previous bound and at or below this one), the
+    /// last one `+Inf`. Not cumulative: the encoder adds them up.
+    pub buckets: Vec<(f64, u64)>,
+}
+
+impl Histogram {
+    pub const fn new() -> Histogram {
+        Histogram {
+            buckets: [const { AtomicU64::new(0) }; LATENCY_BOUNDS.len() + 1],
+            sum_ns: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        let i = LATENCY_BOUNDS
+            .iter()
+            .position(|b| s <= *b)
+            .unwrap_or(LATENCY_BOUNDS.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_ns
+            .fetch_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    /// The count is the sum of the buckets read, so the two always agree.
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        let mut total = 0;
+        let mut buckets = Vec::with_capacity(self.buckets.len());
+        for (i, b) in self.buckets.iter().enumerate() {
+            let n = b.load(Relaxed);
+            total += n;
+            buckets.push((LATENCY_BOUNDS.get(i).copied().unwrap_or(f64::INFINITY), n));
+        }
+        HistogramSnapshot {
+            sum_seconds: self.sum_ns.load(Relaxed) as f64 / 1e9,
+            count: total,
+            buckets,
+        }
+    }
+}
+
+impl Default for Histogram {
+    fn default() -> Histogram {
+        Histogram::new()
+    }
+}
+
+/// The gRPC methods whose calls are timed one by one, as (service, method). Calls to anything
+/// else (reflection, health) are timed together under `other`.
+pub const RPCS: &[(&str, &str)] = &[
+    ("tern.v1.Tern", "CreateTopic"),
+    ("tern.v1.Tern", "DeleteTopic"),
+    ("tern.v1.Tern", "ListTopics"),
+    ("tern.v1.Tern", "DescribeTopic"),
+    ("tern.v1.Tern", "Publish"),
+    ("tern.v1.Tern", "InitProducer"),
+    ("tern.v1.Tern", "PublishStream"),
+    ("tern.v1.Tern", "Subscribe"),
+    ("tern.v1.Tern", "Fetch"),
+    ("tern.v1.Tern", "ListOffsets"),
+    ("tern.v1.Tern", "Consume"),
+    ("tern.v1.Tern", "Ack"),
+    ("tern.v1.Tern", "Nack"),
+    ("tern.v1.Tern", "ListGroups"),
+    ("tern.v1.Tern", "DescribeGroup"),
+    ("tern.v1.Tern", "ClusterInfo"),
+    ("tern.v1.Tern", "MovePartition"),
+    ("tern.v1.Tern", "Rebalance"),
+    ("tern.v1.Tern", "RemoveNode"),
+    ("tern.v1.Tern", "WhoAmI"),
+    ("tern.v1.Tern", "CreateUser"),
+    ("tern.v1.Tern", "DeleteUser"),
+    ("tern.v1.Tern", "ListUsers"),
+    ("tern.v1.Tern", "AddAcl"),
+    ("tern.v1.Tern", "RemoveAcl"),
+    ("tern.v1.Tern", "ListAcls"),
+    ("tern.v1.Tern", "SetQuota"),
+    ("tern.v1.Tern", "ListQuotas"),
+    ("tern.internal.v1.Peer", "Exchange"),
+    ("tern.internal.v1.Peer", "Propose"),
+    ("tern.internal.v1.Peer", "SetFault"),
+    ("other", "other"),
+];
+
+/// gRPC status codes 0 (OK) to 16 (UNAUTHENTICATED), by their names.
+pub const CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// The index in [`RPCS`] of a request path such as `/tern.v1.Tern/Publish`.
+pub fn rpc_index(path: &str) -> usize {
+    let other = RPCS.len() - 1;
+    let Some((service, method)) = path.trim_start_matches('/').split_once('/') else {
+        return other;
+    };
+    RPCS.iter()
+        .position(|(s, m)| *s == service && *m == method)
+        .unwrap_or(other)
+}
+
+/// Request latency by method and status code.
+pub struct Requests {
+    table: [[Histogram; CODES.len()]; RPCS.len()],
+}
+
+impl Requests {
+    const fn new() -> Requests {
+        Requests {
+            table: [const { [const { Histogram::new() }; CODES.len()] }; RPCS.len()],
+        }
+    }
+
+    /// Records one call; a code outside 0..=16 counts as UNKNOWN.
+    pub fn observe(&self, rpc: usize, code: usize, d: Duration) {
+        let code = if code < CODES.len() { code } else { 2 };
+        if let Some(row) = self.table.get(rpc) {
+            row[code].observe(d);
+        }
+    }
+
+    /// Every (rpc, code) that has seen a call.
+    pub fn seen(&self) -> impl Iterator<Item = (usize, usize, HistogramSnapshot)> + '_ {
+        self.table.iter().enumerate().flat_map(|(r, row)| {
+            row.iter().enumerate().filter_map(move |(c, h)| {
+                let s = h.snapshot();
+                (s.count > 0).then_some((r, c, s))
+            })
+        })
+    }
+}
+
+/// Why a call was refused before it ran.
+#[derive(Debug, Default)]
+pub struct Refusals {
+    /// No or an unknown token, or a certificate that names no user.
+    pub unauthenticated: Counter,
+    /// The principal may not do this.
+    pub denied: Counter,
+}
+
+/// Everything this node counts.
+pub struct Node {
+    pub publish_records: Counter,
+    pub publish_bytes: Counter,
+    /// Records and bytes handed to readers: Fetch, Subscribe and group deliveries.
+    pub read_records: Counter,
+    pub read_bytes: Counter,
+    pub requests: Requests,
+    /// Elections this node's replicas started, and leaders they saw change.
+    pub elections: Counter,
+    pub leader_changes: Counter,
+    pub fsync: Histogram,
+    pub connections_open: Gauge,
+    pub connections_accepted: Counter,
+    /// TLS handshakes that failed or timed out.
+    pub handshake_failures: Counter,
+    pub auth: Refusals,
+    /// Calls a quota slowed, and calls it refused.
+    pub quota_delayed: Counter,
+    pub quota_refused: Counter,
+    pub redeliveries: Counter,
+    pub dead_letters: Counter,
+}
+
+pub static NODE: Node = Node {
+    publish_records: Counter::new(),
+    publish_bytes: Counter::new(),
+    read_records: Counter::new(),
+    read_bytes: Counter::new(),
+    requests: Requests::new(),
+    elections: Counter::new(),
+    leader_changes: Counter::new(),
+    fsync: Histogram::new(),
+    connections_open: Gauge::new(),
+    connections_accepted: Counter::new(),
+    handshake_failures: Counter::new(),
+    auth: Refusals {
+        unauthenticated: Counter::new(),
+        denied: Counter::new(),
+    },
+    quota_delayed: Counter::new(),
+    quota_refused: Counter::new(),
+    redeliveries: Counter::new(),
+    dead_letters: Counter::new(),
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_hold_their_own_observations_and_count_matches() {
+        let h = Histogram::new();
+        h.observe(Duration::from_micros(50)); // first bucket
+        h.observe(Duration::from_millis(3)); // 0.005
+        h.observe(Duration::from_millis(5)); // 0.005: a bound is inclusive
+        h.observe(Duration::from_secs(60)); // +Inf only
+        let s = h.snapshot();
+        assert_eq!(s.count, 4);
+        assert_eq!(s.buckets[0], (0.0001, 1));
+        let at = |b: f64| s.buckets.iter().find(|(x, _)| *x == b).unwrap().1;
+        assert_eq!(at(0.0025), 0);
+        assert_eq!(at(0.005), 2);
+        assert_eq!(at(10.0), 0);
+        assert_eq!(s.buckets.last().unwrap(), &(f64::INFINITY, 1));
+        assert_eq!(s.buckets.iter().map(|b| b.1).sum::<u64>(), 4);
+        assert!((s.sum_seconds - 60.00805).abs() < 1e-9);
+    }
+
+    #[test]
+    fn paths_map_to_their_method_or_other() {
+        assert_eq!(RPCS[rpc_index("/tern.v1.Tern/Publish")].1, "Publish");
+        assert_eq!(
+            RPCS[rpc_index("/tern.internal.v1.Peer/Exchange")].1,
+            "Exchange"
+        );
+        assert_eq!(rpc_index("/grpc.health.v1.Health/Check"), RPCS.len() - 1);
+        assert_eq!(rpc_index("nonsense"), RPCS.len() - 1);
+    }
+
+    #[test]
+    fn every_tern_rpc_is_timed_by_name() {
+        let proto = include_str!("../proto/tern/v1/tern.proto");
+        let names: Vec<&str> = proto
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("rpc "))
+            .map(|l| {
+                l.split(|c: char| c == '(' || c.is_whitespace())
+                    .next()
+                    .unwrap()
+            })
+            .collect();
+        assert!(names.len() > 20, "{names:?}");
+        for n in names {
+            assert!(
+                RPCS.contains(&("tern.v1.Tern", n)),
+                "{n} is missing from metrics::RPCS"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unknown_code_counts_as_unknown() {
+        let r = Requests::new();
+        r.observe(0, 99, Duration::from_millis(1));
+        let seen: Vec<_> = r.seen().collect();
+        assert_eq!(seen.len(), 1);
+        assert_eq!((seen[0].0, seen[0].1), (0, 2));
+    }
+}

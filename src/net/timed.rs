@@ -1,0 +1,102 @@
+//! Times every call by method and status code (`metrics::NODE.requests`), as a tower layer
+//! under tonic. The time runs to the response's headers: a unary call's whole handling, and
+//! a stream's opening. The code is the one in the headers (tonic answers an error with its
+//! status there); a call answered with headers but no status has so far succeeded (OK).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use tonic::codegen::http;
+
+use crate::metrics;
+
+/// The layer: wraps each service in [`Timed`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TimedLayer;
+
+impl<S> tower::Layer<S> for TimedLayer {
+    type Service = Timed<S>;
+
+    fn layer(&self, inner: S) -> Timed<S> {
+        Timed(inner)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Timed<S>(S);
+
+impl<S, B, R> tower::Service<http::Request<B>> for Timed<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = TimedFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        TimedFuture {
+            rpc: metrics::rpc_index(req.uri().path()),
+            started: Instant::now(),
+            inner: self.0.call(req),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    pub struct TimedFuture<F> {
+        #[pin]
+        inner: F,
+        rpc: usize,
+        started: Instant,
+    }
+}
+
+impl<F, R, E> Future for TimedFuture<F>
+where
+    F: Future<Output = Result<http::Response<R>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let r = std::task::ready!(this.inner.poll(cx));
+        let code = match &r {
+            Ok(resp) => status_code(resp.headers()),
+            Err(_) => 13, // INTERNAL: the transport failed the call
+        };
+        metrics::NODE
+            .requests
+            .observe(*this.rpc, code, this.started.elapsed());
+        Poll::Ready(r)
+    }
+}
+
+/// The `grpc-status` of a response's headers; OK when there is none.
+fn status_code(headers: &http::HeaderMap) -> usize {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_code_comes_from_grpc_status_or_is_ok() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(status_code(&h), 0);
+        h.insert("grpc-status", http::HeaderValue::from_static("14"));
+        assert_eq!(status_code(&h), 14);
+        h.insert("grpc-status", http::HeaderValue::from_static("junk"));
+        assert_eq!(status_code(&h), 0);
+    }
+}
