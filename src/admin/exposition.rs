@@ -108,20 +108,10 @@ impl Snapshot {
                     continue;
                 };
                 let assigned = topic.replicas(key.partition).len();
-                let last = state.last_index.map_or(0, |i| i.0);
-                let followers: Vec<(u64, FollowerLag)> = state
-                    .matched
-                    .iter()
-                    .map(|(node, m)| {
-                        let lag = FollowerLag {
-                            matched: m.is_some(),
-                            lag_entries: m.map_or(last + 1, |m| last.saturating_sub(m.0)),
-                        };
-                        (node.0, lag)
-                    })
-                    .collect();
-                let under = state.is_leader
-                    && under_replicated(assigned, followers.iter().map(|(_, f)| *f));
+                let lags = broker.follower_lags(&state);
+                let in_sync = lags.iter().filter(|(_, _, in_sync)| *in_sync).count();
+                let under = state.is_leader && under_replicated(assigned, in_sync);
+                let followers = lags.into_iter().map(|(n, f, _)| (n.0, f)).collect();
                 all.push(Replica {
                     topic: key.topic.clone(),
                     partition: key.partition,

@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use super::peers::Origin;
 use super::{Broker, BrokerError, Result, Topic};
+use crate::cluster::health::FollowerLag;
 use crate::proto::v1 as pb;
 use crate::shard::request::ReplicaState;
 use crate::shard::{CoreRequest, Fetched, ListedOffsets, StartAt};
-use crate::types::Offset;
+use crate::types::{NodeId, Offset};
 
 /// How much longer than its long poll a read relayed to another node may take.
 const RELAY_SLACK: Duration = Duration::from_secs(30);
@@ -155,6 +156,30 @@ impl Broker {
                 reply,
             })
             .await?)
+    }
+
+    /// On a leader: each follower, how far behind it is, and whether it is in sync
+    /// (`cluster::health`, with this node's election timeout). Empty on a follower.
+    pub fn follower_lags(&self, s: &ReplicaState) -> Vec<(NodeId, FollowerLag, bool)> {
+        let max_silence = crate::cluster::health::max_silence(Duration::from_millis(
+            self.config.raft_election_timeout_ms,
+        ));
+        let last = s.last_index.map_or(0, |i| i.0);
+        s.matched
+            .iter()
+            .map(|(node, m)| {
+                let lag = FollowerLag {
+                    matched: m.is_some(),
+                    lag_entries: m.map_or(last + 1, |m| last.saturating_sub(m.0)),
+                    silent_for: s
+                        .heard
+                        .iter()
+                        .find(|(n, _)| n == node)
+                        .and_then(|(_, d)| *d),
+                };
+                (*node, lag, lag.in_sync(max_silence))
+            })
+            .collect()
     }
 
     /// An error unless this node holds a replica of the partition.

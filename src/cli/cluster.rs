@@ -427,8 +427,10 @@ async fn status(opts: ClientOpts) -> anyhow::Result<()> {
                 "partitions": parts.iter().map(|p| {
                     let mut j = partition_json(p);
                     j["moving_to"] = serde_json::json!(p.moving_to);
+                    j["under_replicated"] = serde_json::json!(under_replicated(p));
                     j["lag"] = serde_json::json!(p.followers.iter().map(|f| serde_json::json!({
                         "node": f.node, "lag_entries": f.lag_entries, "matched": f.matched,
+                        "silent_ms": f.silent_ms, "in_sync": f.in_sync,
                     })).collect::<Vec<_>>());
                     j
                 }).collect::<Vec<_>>(),
@@ -443,6 +445,14 @@ async fn status(opts: ClientOpts) -> anyhow::Result<()> {
         anyhow::bail!("{}", no_leader(&v.asked.controllers));
     }
     Ok(())
+}
+
+/// Whether a partition, as its leader reports it, has fewer replicas in sync than assigned
+/// (`cluster::health`, the rule the metrics use too). A partition without a leader is
+/// unavailable, which `tern cluster status` reports apart.
+fn under_replicated(p: &pb::PartitionInfo) -> bool {
+    let in_sync = p.followers.iter().filter(|f| f.in_sync).count();
+    p.leader != 0 && crate::cluster::health::under_replicated(p.replicas.len(), in_sync)
 }
 
 fn print_status(v: &View) {
@@ -480,6 +490,25 @@ fn print_status(v: &View) {
             &["NODE", "ADDRESS", "REGION", "ZONE", "STATE", "METADATA"],
             &nodes,
         );
+    }
+    let (mut under, mut leaderless) = (Vec::new(), Vec::new());
+    for (name, parts) in &v.topics {
+        for p in parts {
+            if p.leader == 0 {
+                leaderless.push(format!("{name}/{}", p.partition));
+            } else if under_replicated(p) {
+                under.push(format!("{name}/{}", p.partition));
+            }
+        }
+    }
+    if !v.topics.is_empty() {
+        println!();
+        let list = |v: &[String]| match v.len() {
+            0 => "none".to_string(),
+            n => format!("{n} ({})", v.join(", ")),
+        };
+        println!("under-replicated partitions: {}", list(&under));
+        println!("partitions without a leader: {}", list(&leaderless));
     }
     for (name, parts) in &v.topics {
         println!();

@@ -152,6 +152,8 @@ pub struct ReplicaState {
     pub learners: Vec<NodeId>,
     /// On the leader: each follower's last replicated Raft index.
     pub matched: Vec<(NodeId, Option<RaftIndex>)>,
+    /// On the leader: how long ago each follower last acknowledged it (`None`: never).
+    pub heard: Vec<(NodeId, Option<std::time::Duration>)>,
     pub positions: Positions,
     /// Topic incarnation this replica belongs to.
     pub uid: TopicUid,

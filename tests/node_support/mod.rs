@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod group;
+pub mod tools;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -19,6 +20,8 @@ pub const TERN: &str = env!("CARGO_BIN_EXE_tern");
 pub struct TestNode {
     child: Option<Child>,
     pub addr: String,
+    /// The admin listener's address, when the node was given `--admin-listen`.
+    pub admin: Option<String>,
     pub dir: PathBuf,
 }
 
@@ -60,21 +63,29 @@ impl TestNode {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if let Some(a) = line.strip_prefix("tern listening on ") {
-                    let _ = tx.send(a.to_string());
+                // The admin line comes first, when there is one.
+                if let Some(a) = line.strip_prefix("tern admin listening on ") {
+                    let _ = tx.send((true, a.to_string()));
+                } else if let Some(a) = line.strip_prefix("tern listening on ") {
+                    let _ = tx.send((false, a.to_string()));
                 }
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(a) => a,
-            Err(e) => {
-                let _ = child.kill();
-                panic!("tern did not start listening ({e}): see its stderr above");
+        let mut admin = None;
+        let addr = loop {
+            match rx.recv_timeout(Duration::from_secs(30)) {
+                Ok((true, a)) => admin = Some(a),
+                Ok((false, a)) => break a,
+                Err(e) => {
+                    let _ = child.kill();
+                    panic!("tern did not start listening ({e}): see its stderr above");
+                }
             }
         };
         TestNode {
             child: Some(child),
             addr,
+            admin,
             dir: dir.to_path_buf(),
         }
     }

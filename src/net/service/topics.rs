@@ -55,19 +55,20 @@ pub async fn partitions(broker: &Broker, t: &Topic) -> Vec<pb::PartitionInfo> {
         if t.on(me, p) {
             // A replica still opening (just created, or being reconciled) reports no view.
             if let Ok(s) = broker.replica_state(t, p).await {
-                let last = s.last_index.map_or(0, |i| i.0);
                 info.leader = s.leader.map_or(0, |l| l.0);
                 info.start_offset = s.positions.start.0;
                 info.end_offset = s.positions.committed.0;
                 info.local = true;
                 info.term = s.term;
-                info.followers = s
-                    .matched
-                    .iter()
-                    .map(|(node, m)| pb::ReplicaProgress {
+                info.followers = broker
+                    .follower_lags(&s)
+                    .into_iter()
+                    .map(|(node, f, in_sync)| pb::ReplicaProgress {
                         node: node.0,
-                        lag_entries: m.map_or(last + 1, |m| last.saturating_sub(m.0)),
-                        matched: m.is_some(),
+                        lag_entries: f.lag_entries,
+                        matched: f.matched,
+                        silent_ms: f.silent_for.map(|d| d.as_millis() as u64),
+                        in_sync,
                     })
                     .collect();
             }

@@ -328,6 +328,16 @@ impl Partition {
                         .collect()
                 })
                 .unwrap_or_default(),
+            heard: m
+                .heartbeat
+                .as_ref()
+                .map(|h| {
+                    h.iter()
+                        .filter(|(id, _)| **id != m.id)
+                        .map(|(id, at)| (*id, at.as_ref().map(|at| at.elapsed())))
+                        .collect()
+                })
+                .unwrap_or_default(),
             positions: self.log.positions(),
             uid: self.uid,
             quorum_acked: m.last_quorum_acked.map(|at| at.elapsed()),

@@ -1,0 +1,285 @@
+//! The admin listener on real processes: `/metrics` passes `promtool check metrics` and shows
+//! what the load did, under-replication shows (in the metrics and in `tern cluster status`)
+//! while a follower is down and clears once it is back, `/readyz` waits for the metadata,
+//! and `--metrics-partitions` bounds the per-partition series.
+
+mod node_support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use node_support::cluster::{create, publish_retrying, record, Cluster, TIMING};
+use node_support::tools::{http_get, sample, tool};
+use node_support::{tern, TestNode};
+use tern::proto::v1 as pb;
+
+const ADMIN: [&str; 2] = ["--admin-listen", "127.0.0.1:0"];
+
+fn scrape(node: &TestNode) -> String {
+    let admin = node.admin.as_deref().expect("started with --admin-listen");
+    let (code, body) = http_get(admin, "/metrics").expect("scrape");
+    assert_eq!(code, 200, "{body}");
+    body
+}
+
+/// `promtool check metrics` on an exposition: exits 0 and prints no problem.
+fn promtool_passes(text: &str) {
+    use std::io::Write;
+    let mut child = Command::new(tool("promtool"))
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    sample(text, name, labels).unwrap_or_else(|| panic!("no sample {name}{labels:?} in:\n{text}"))
+}
+
+/// Polls `check` on a node's scrape until it holds (30 s at most).
+async fn until(node: &TestNode, what: &str, check: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = scrape(node);
+        if check(&text) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "{what}; last scrape:\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_follow_the_load_and_show_under_replication() {
+    let mut c = Cluster::start_with(3, &ADMIN).await;
+    let mut client = c.client(0).await;
+    create(&mut client, "ops", 2, 3).await;
+    // 10 publish calls to node 1: 50 records to partition 0, 20 to partition 1.
+    for i in 0..10u32 {
+        let p = u32::from(i >= 5);
+        let n = if p == 0 { 10 } else { 4 };
+        publish_retrying(
+            &mut client,
+            pb::PublishRequest {
+                topic: "ops".into(),
+                records: (0..n).map(|j| record(p, format!("r{i}-{j}"))).collect(),
+                ..Default::default()
+            },
+        )
+        .await;
+    }
+    // 70 records read through node 2.
+    let mut reader = c.client(1).await;
+    let mut read = 0;
+    for p in 0..2 {
+        let r = reader
+            .fetch(pb::FetchRequest {
+                topic: "ops".into(),
+                partition: p,
+                offset: 0,
+                max_records: 1000,
+                ..Default::default()
+            })
+            .await
+            .expect("fetch")
+            .into_inner();
+        read += r.records.len();
+    }
+    assert_eq!(read, 70);
+
+    let nodes: Vec<&TestNode> = c.nodes.iter().map(|n| n.as_ref().unwrap()).collect();
+    let texts: Vec<String> = nodes.iter().map(|n| scrape(n)).collect();
+    for t in &texts {
+        promtool_passes(t);
+    }
+    let sum = |name: &str| -> f64 { texts.iter().map(|t| value(t, name, &[])).sum() };
+    // Counted once, where the client called.
+    assert_eq!(value(&texts[0], "tern_publish_records_total", &[]), 70.0);
+    assert_eq!(sum("tern_publish_records_total"), 70.0);
+    assert_eq!(value(&texts[1], "tern_read_records_total", &[]), 70.0);
+    assert_eq!(sum("tern_read_records_total"), 70.0);
+    assert!(value(&texts[0], "tern_publish_bytes_total", &[]) >= 70.0 * 4.0);
+    // One call each, answered OK, on the node called.
+    assert_eq!(
+        value(
+            &texts[0],
+            "tern_request_duration_seconds_count",
+            &[("method", "Publish"), ("code", "OK")]
+        ),
+        10.0
+    );
+    assert_eq!(
+        value(
+            &texts[0],
+            "tern_request_duration_seconds_bucket",
+            &[("method", "Publish"), ("code", "OK"), ("le", "+Inf")]
+        ),
+        10.0
+    );
+    assert!(value(&texts[0], "tern_fsync_duration_seconds_count", &[]) > 0.0);
+    // Every node holds both partitions; exactly one leads each, and has every record.
+    for p in ["0", "1"] {
+        let labels = [("topic", "ops"), ("partition", p)];
+        let records = if p == "0" { 50.0 } else { 20.0 };
+        let mut leaders = 0;
+        for t in &texts {
+            assert_eq!(value(t, "tern_partition_replicas", &labels), 3.0);
+            if let Some(u) = sample(t, "tern_partition_under_replicated", &labels) {
+                leaders += 1;
+                assert_eq!(u, 0.0, "{p} under-replicated with every node up");
+                // Offsets count Raft's own entries too (one per leader term at least).
+                let hw = value(t, "tern_partition_high_watermark", &labels);
+                assert!(hw > records && hw < records + 10.0, "{p}: {hw}");
+                assert!(value(t, "tern_partition_log_end_offset", &labels) >= hw);
+            }
+        }
+        assert_eq!(leaders, 1, "partition {p}");
+    }
+    assert_eq!(sum("tern_partitions_under_replicated"), 0.0);
+    assert_eq!(
+        texts
+            .iter()
+            .map(|t| value(t, "tern_replicas", &[("role", "leader")]))
+            .sum::<f64>(),
+        // Two topic partitions, each led once (the metadata group is not counted).
+        2.0
+    );
+
+    // A follower of partition 0 goes down: its leader reports the partition under-replicated,
+    // and so does `tern cluster status`.
+    let leader = c.leader("ops", 0).await;
+    let follower = (0..3).find(|i| *i != leader).unwrap();
+    c.kill9(follower);
+    let labels = [("topic", "ops"), ("partition", "0")];
+    let text = until(
+        c.nodes[leader].as_ref().unwrap(),
+        "the leader reports ops/0 under-replicated",
+        |t| sample(t, "tern_partition_under_replicated", &labels) == Some(1.0),
+    )
+    .await;
+    assert!(value(&text, "tern_partitions_under_replicated", &[]) >= 1.0);
+    let (ok, out, err) = tern(&c.addrs[leader], &["cluster", "status"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("under-replicated partitions:") && out.contains("ops/0"),
+        "{out}"
+    );
+
+    // Back up and caught up: nothing is under-replicated any more.
+    c.start_node(follower);
+    until(
+        c.nodes[leader].as_ref().unwrap(),
+        "ops/0 in sync again",
+        |t| sample(t, "tern_partitions_under_replicated", &[]) == Some(0.0),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ok, out, err) = tern(&c.addrs[leader], &["cluster", "status"]);
+        assert!(ok, "{err}");
+        if out.contains("under-replicated partitions: none") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{out}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_waits_for_the_metadata_and_livez_does_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ports = node_support::cluster::free_ports(3);
+    let peers = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let start = |i: usize| {
+        let id = (i + 1).to_string();
+        let mut args = vec!["--node-id", &id, "--peers", &peers];
+        args.extend(TIMING);
+        args.extend(ADMIN);
+        TestNode::start_at(
+            &tmp.path().join(format!("n{i}")),
+            &format!("127.0.0.1:{}", ports[i]),
+            &args,
+        )
+    };
+    // Alone, node 1 cannot elect a metadata leader: it serves probes but is not ready.
+    let first = start(0);
+    let admin = first.admin.clone().unwrap();
+    for _ in 0..3 {
+        let (code, body) = http_get(&admin, "/readyz").unwrap();
+        assert_eq!(code, 503, "{body}");
+        assert!(body.contains("catching up"), "{body}");
+        assert_eq!(http_get(&admin, "/livez").unwrap().0, 200);
+        assert_eq!(
+            value(&scrape(&first), "tern_node_ready", &[]),
+            0.0,
+            "the metric agrees"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let _others = [start(1), start(2)];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, body) = http_get(&admin, "/readyz").unwrap();
+        if code == 200 {
+            assert_eq!(body.trim(), "ready");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ready: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(value(&scrape(&first), "tern_node_ready", &[]), 1.0);
+    // Anything else is 404.
+    assert_eq!(http_get(&admin, "/nope").unwrap().0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_partitions_bounds_the_series_and_totals_cover_the_rest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut args = ADMIN.to_vec();
+    args.extend(["--metrics-partitions", "3"]);
+    let node = TestNode::start(tmp.path(), &args);
+    let mut c = node.client().await;
+    create(&mut c, "wide", 8, 1).await;
+    let text = until(&node, "8 replicas open", |t| {
+        sample(t, "tern_replicas", &[("role", "leader")]) == Some(8.0)
+    })
+    .await;
+    promtool_passes(&text);
+    let shown = text
+        .lines()
+        .filter(|l| l.starts_with("tern_partition_high_watermark{"))
+        .count();
+    assert_eq!(shown, 3, "{text}");
+    assert_eq!(value(&text, "tern_metrics_partitions_omitted", &[]), 5.0);
+    // Bad values are refused at start with a clear message.
+    let out = Command::new(node_support::TERN)
+        .args(["serve", "--metrics-partitions", "many"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--metrics-partitions"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
