@@ -5,6 +5,7 @@ mod admin;
 mod certs;
 mod cluster;
 mod group;
+mod probe;
 mod producer;
 mod pubsub;
 mod security;
@@ -70,6 +71,8 @@ enum Cmd {
     },
     /// Who this node takes you for.
     Whoami(ClientOpts),
+    /// Ask a node's admin listener whether it is alive or ready (exit 0 only if so).
+    Probe(probe::ProbeArgs),
     /// Development TLS certificates: a CA, node and client certificates.
     Certs {
         #[command(subcommand)]
@@ -268,6 +271,7 @@ where
     match cli.cmd {
         Cmd::Serve(args) => serve::run(*args),
         Cmd::Certs { cmd } => certs::certs(cmd),
+        Cmd::Probe(a) => probe::probe(a),
         other => {
             // A client command piped into `head` should stop quietly when the pipe closes, as
             // Unix tools do. Not by restoring SIGPIPE's default: a write to a socket the node
@@ -288,7 +292,9 @@ where
                     Cmd::Acl { cmd } => security::acl(cmd).await,
                     Cmd::Quota { cmd } => security::quota(cmd).await,
                     Cmd::Whoami(opts) => security::whoami(opts).await,
-                    Cmd::Serve(_) | Cmd::Certs { .. } => unreachable!("handled above"),
+                    Cmd::Serve(_) | Cmd::Certs { .. } | Cmd::Probe(_) => {
+                        unreachable!("handled above")
+                    }
                 }
             })
         }

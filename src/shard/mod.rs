@@ -82,6 +82,13 @@ impl Shards {
             mailboxes.push(tx);
             threads.push(handle);
         }
+        // glommio refuses to start an executor without io_uring, so reaching here proves it
+        // works (containers need it allowed by their seccomp profile: docs/operations.md).
+        tracing::info!(
+            cores = cfg.cores,
+            io_memory_bytes = cfg.io_memory_bytes,
+            "io_uring in use: each core runs a glommio executor on its own rings"
+        );
         Ok(Shards {
             mailboxes,
             threads: std::sync::Mutex::new(threads),
