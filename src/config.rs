@@ -80,6 +80,9 @@ pub struct Config {
     pub bootstrap_token_file: Option<PathBuf>,
     /// Principals that may do anything (ACLs are not checked for them).
     pub superusers: Vec<String>,
+    /// Take the node id from this machine's host name: 1 + the number after its last `-` (a
+    /// Kubernetes StatefulSet pod's ordinal: pod `tern-0` is node 1).
+    pub node_id_from_ordinal: bool,
     /// Where the admin HTTP listener serves `/metrics`, `/livez` and `/readyz` (off unless
     /// set; port 0 picks a free one). It has no authentication: keep it on a private network.
     pub admin_listen: Option<SocketAddr>,
@@ -191,6 +194,7 @@ impl Default for Config {
             fault_injection: false,
             topic_defaults: TopicDefaults::default(),
             max_connections: 10_000,
+            node_id_from_ordinal: false,
             admin_listen: None,
             metrics_partitions: 1_000,
             tls_cert: None,
@@ -351,6 +355,43 @@ impl Config {
     /// Whether every call must be authenticated (and authorized).
     pub fn auth_required(&self) -> bool {
         self.auth == "required"
+    }
+
+    /// Settles what depends on where the node runs, before [`Config::validate`]: the node id
+    /// from the host name's ordinal (`node_id_from_ordinal`), and, when both `peers` and
+    /// `join` are given (one command line for every pod of a StatefulSet), whether this node
+    /// is a controller (its id is in `peers`) or joins through `join`.
+    pub fn settle(&mut self, host_name: Option<&str>) -> anyhow::Result<()> {
+        if self.node_id_from_ordinal {
+            let host = host_name.ok_or_else(|| {
+                anyhow::anyhow!("node_id_from_ordinal: this machine's host name is unknown")
+            })?;
+            let ordinal: u64 = host
+                .rsplit_once('-')
+                .and_then(|(_, n)| n.parse().ok())
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "node_id_from_ordinal: host name {host:?} does not end in -N (a \
+                         StatefulSet pod's ordinal)"
+                    )
+                })?;
+            anyhow::ensure!(
+                ordinal < u64::MAX,
+                "node_id_from_ordinal: ordinal too large"
+            );
+            self.node_id = ordinal + 1;
+        }
+        if !self.peers.is_empty() && !self.join.is_empty() {
+            if self
+                .peer_map()?
+                .contains_key(&crate::types::NodeId(self.node_id))
+            {
+                self.join.clear();
+            } else {
+                self.peers.clear();
+            }
+        }
+        Ok(())
     }
 
     /// Whether this node runs with others (as a controller, or joining a cluster).
@@ -566,6 +607,40 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/tern.example.toml");
         let c = Config::from_file(&path).unwrap();
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn settle_takes_the_ordinal_and_picks_controller_or_joiner() {
+        let peers = "1=tern-0.tern:7070,2=tern-1.tern:7070,3=tern-2.tern:7070";
+        let both = |host: &str| {
+            let mut c = Config {
+                node_id_from_ordinal: true,
+                peers: peers.into(),
+                join: "tern-0.tern:7070".into(),
+                ..Config::default()
+            };
+            c.settle(Some(host)).map(|()| c)
+        };
+        let c = both("tern-2").unwrap();
+        assert_eq!(
+            (c.node_id, c.peers.as_str(), c.join.as_str()),
+            (3, peers, "")
+        );
+        c.validate().unwrap();
+        let c = both("tern-3").unwrap();
+        assert_eq!((c.node_id, c.peers.as_str()), (4, ""));
+        assert_eq!(c.join, "tern-0.tern:7070");
+        c.validate().unwrap();
+        let e = both("tern").unwrap_err().to_string();
+        assert!(e.contains("does not end in -N"), "{e}");
+        assert!(both("tern-x").is_err());
+        // Without the flag, the id stays and both lists together are refused.
+        let mut c = Config {
+            node_id: 7,
+            ..Config::default()
+        };
+        c.settle(Some("tern-0")).unwrap();
+        assert_eq!(c.node_id, 7);
     }
 
     #[test]

@@ -22,6 +22,7 @@ const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs a node until it is told to stop.
 pub fn run(mut config: Config) -> anyhow::Result<()> {
+    config.settle(host_name().as_deref())?;
     config.validate()?;
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| anyhow::anyhow!("creating data dir {}: {e}", config.data_dir.display()))?;
@@ -164,6 +165,9 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
                 };
             }
         }
+        if failure.is_none() {
+            hand_off(&broker).await;
+        }
         tracing::info!("shutting down: no new connections, finishing in-flight calls");
         broker.begin_shutdown();
         let _ = stop_tx.send(true);
@@ -186,22 +190,56 @@ fn advertise(addr: std::net::SocketAddr) -> anyhow::Result<String> {
     if !addr.ip().is_unspecified() {
         return Ok(addr.to_string());
     }
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most `buf.len()` bytes into our buffer.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    let name = std::ffi::CStr::from_bytes_until_nul(&buf)
-        .ok()
-        .and_then(|c| c.to_str().ok())
-        .filter(|n| rc == 0 && !n.is_empty())
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "listening on {addr}, and this machine's host name is unknown: give \
+    let name = host_name().ok_or_else(|| {
+        anyhow::anyhow!(
+            "listening on {addr}, and this machine's host name is unknown: give \
                  --advertised-address HOST:PORT (where clients and nodes reach this node)"
-            )
-        })?;
+        )
+    })?;
     let advertised = format!("{name}:{}", addr.port());
     tracing::info!(%addr, %advertised, "listening on all interfaces; advertising the host name (set --advertised-address to choose)");
     Ok(advertised)
+}
+
+/// Longest a graceful shutdown waits for the followers to take over its leaderships.
+const HAND_OFF_WAIT: Duration = Duration::from_secs(5);
+
+/// Before a graceful shutdown: hands every leadership here to an in-sync follower, and waits
+/// (bounded) until they have taken over, so clients see a leader change rather than an
+/// election timeout's worth of unavailability. The node keeps serving meanwhile (it forwards
+/// to the new leaders).
+async fn hand_off(broker: &Broker) {
+    let asked = broker.shards.hand_off().await;
+    if asked == 0 {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let mut left = asked;
+    while started.elapsed() < HAND_OFF_WAIT {
+        left = broker.shards.leading().await;
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::info!(
+        asked,
+        still_leading = left,
+        "handed leaderships to followers in {:.0?}",
+        started.elapsed()
+    );
+}
+
+/// This machine's host name, if it has one.
+fn host_name() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into our buffer.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    std::ffi::CStr::from_bytes_until_nul(&buf)
+        .ok()
+        .and_then(|c| c.to_str().ok())
+        .filter(|n| rc == 0 && !n.is_empty())
+        .map(str::to_string)
 }
 
 /// How the transport runs the completion of a group's calls on that group's core: through the

@@ -17,6 +17,10 @@ pub struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:7070]; port 0 picks a free port.
     #[arg(long, env = "TERN_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Take the node id from the host name: 1 + the number after its last '-' (a StatefulSet
+    /// pod's ordinal: tern-0 is node 1).
+    #[arg(long, env = "TERN_NODE_ID_FROM_ORDINAL")]
+    pub node_id_from_ordinal: bool,
     /// Admin HTTP listener for /metrics, /livez and /readyz [default: off]; port 0 picks a free
     /// port. Unauthenticated: keep it on a private network (docs/operations.md).
     #[arg(long, env = "TERN_ADMIN_LISTEN")]
@@ -190,6 +194,9 @@ impl ServeArgs {
         );
         if self.fault_injection {
             c.fault_injection = true;
+        }
+        if self.node_id_from_ordinal {
+            c.node_id_from_ordinal = true;
         }
         set!(max_connections, auth, metrics_partitions);
         if !self.superusers.is_empty() {

@@ -354,6 +354,14 @@ async fn handle(core: CoreId, req: CoreRequest, partitions: Partitions) {
                 .collect();
             let _ = reply.send(Ok(states));
         }
+        CoreRequest::HandOff { reply } => {
+            let all: Vec<Rc<Partition>> = partitions.borrow().values().cloned().collect();
+            let mut moved = 0;
+            for p in all {
+                moved += usize::from(p.hand_off().await);
+            }
+            let _ = reply.send(Ok(moved));
+        }
         CoreRequest::Positions { key, reply } => {
             let _ = reply.send(lookup(&partitions, &key).map(|p| p.log.positions()));
         }

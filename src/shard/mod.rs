@@ -135,6 +135,38 @@ impl Shards {
         Ok(async move { rx.await.map_err(|_| CoreError::ShuttingDown)? })
     }
 
+    /// Hands every leadership on this node to a follower (see `CoreRequest::HandOff`);
+    /// answers how many transfers were asked.
+    pub async fn hand_off(&self) -> usize {
+        let mut moved = 0;
+        for core in (0..self.mailboxes.len() as u32).map(CoreId) {
+            moved += self
+                .ask(core, |reply| CoreRequest::HandOff { reply })
+                .await
+                .unwrap_or(0);
+        }
+        moved
+    }
+
+    /// How many groups on this node lead (with other voters to hand over to, or not).
+    pub async fn leading(&self) -> usize {
+        let mut n = 0;
+        for core in (0..self.mailboxes.len() as u32).map(CoreId) {
+            n += self
+                .ask(core, |reply| CoreRequest::States {
+                    limit: usize::MAX,
+                    reply,
+                })
+                .await
+                .map_or(0, |s| {
+                    s.iter()
+                        .filter(|(_, s)| s.is_leader && !s.matched.is_empty())
+                        .count()
+                });
+        }
+        n
+    }
+
     /// Flushes every core's logs and stops the cores; later requests get `ShuttingDown`.
     pub async fn shutdown(&self) -> Result<(), CoreError> {
         let mut result = Ok(());

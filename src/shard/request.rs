@@ -305,6 +305,9 @@ pub enum CoreRequest {
         limit: usize,
         reply: Reply<Vec<(PartitionKey, ReplicaState)>>,
     },
+    /// Hands the leadership of every group this core leads to its most caught-up follower
+    /// (before a graceful shutdown); answers how many transfers were asked.
+    HandOff { reply: Reply<usize> },
     /// Moves a group towards a membership; only its leader can.
     Members {
         key: PartitionKey,

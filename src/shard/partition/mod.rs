@@ -306,6 +306,36 @@ impl Partition {
         }
     }
 
+    /// If this replica leads a group with other voters, asks the most caught-up of them to
+    /// take over (openraft's TransferLeader: it campaigns at once, without waiting for an
+    /// election timeout). Whether a transfer was asked.
+    pub async fn hand_off(&self) -> bool {
+        let to = {
+            let m = self.raft.metrics();
+            let m = m.borrow_watched();
+            if m.current_leader != Some(m.id) {
+                return false;
+            }
+            let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+            m.replication.as_ref().and_then(|r| {
+                r.iter()
+                    .filter(|(id, matched)| {
+                        **id != m.id && voters.contains(id) && matched.is_some()
+                    })
+                    .max_by_key(|(_, matched)| matched.as_ref().map(|l| l.index))
+                    .map(|(id, _)| *id)
+            })
+        };
+        let Some(to) = to else { return false };
+        match self.raft.trigger().transfer_leader(to).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(partition = %self.key, error = %e, "leadership hand-off failed");
+                false
+            }
+        }
+    }
+
     /// What this replica knows of its group.
     pub fn state(&self) -> ReplicaState {
         let m = self.raft.metrics().borrow_watched().clone();
