@@ -120,6 +120,18 @@ async fn metrics_follow_the_load_and_show_under_replication() {
     for t in &texts {
         promtool_passes(t);
     }
+    // Every metric a node exports is documented.
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
+        .unwrap();
+    for t in &texts {
+        for name in t.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+            let name = name.split(' ').next().unwrap();
+            assert!(
+                doc.contains(&format!("| `{name}` |")),
+                "{name} is not in docs/operations.md"
+            );
+        }
+    }
     let sum = |name: &str| -> f64 { texts.iter().map(|t| value(t, name, &[])).sum() };
     // Counted once, where the client called.
     assert_eq!(value(&texts[0], "tern_publish_records_total", &[]), 70.0);
