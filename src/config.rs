@@ -80,6 +80,9 @@ pub struct Config {
     pub bootstrap_token_file: Option<PathBuf>,
     /// Principals that may do anything (ACLs are not checked for them).
     pub superusers: Vec<String>,
+    /// Where to export request spans over OTLP/gRPC (for example `http://jaeger:4317`); needs
+    /// a binary built with the `otlp` cargo feature.
+    pub otlp_endpoint: Option<String>,
     /// Take the node id from this machine's host name: 1 + the number after its last `-` (a
     /// Kubernetes StatefulSet pod's ordinal: pod `tern-0` is node 1).
     pub node_id_from_ordinal: bool,
@@ -129,8 +132,9 @@ impl TopicDefaults {
 }
 
 /// Keys whose default is unset (so a serialized default does not show them).
-const OPTIONAL_KEYS: [&str; 7] = [
+const OPTIONAL_KEYS: [&str; 8] = [
     "admin_listen",
+    "otlp_endpoint",
     "advertised_address",
     "bootstrap_token_file",
     "tls_cert",
@@ -194,6 +198,7 @@ impl Default for Config {
             fault_injection: false,
             topic_defaults: TopicDefaults::default(),
             max_connections: 10_000,
+            otlp_endpoint: None,
             node_id_from_ordinal: false,
             admin_listen: None,
             metrics_partitions: 1_000,
@@ -442,6 +447,12 @@ impl Config {
         for s in &self.superusers {
             crate::cluster::security::validate_principal(s)
                 .map_err(|e| anyhow::anyhow!("superusers: {e}"))?;
+        }
+        if let Some(e) = &self.otlp_endpoint {
+            anyhow::ensure!(
+                (e.starts_with("http://") || e.starts_with("https://")) && e.len() > 8,
+                "otlp_endpoint {e:?}: give a URL such as http://collector:4317"
+            );
         }
         anyhow::ensure!(
             self.metrics_partitions <= 1_000_000,

@@ -231,7 +231,7 @@ async fn hand_off(broker: &Broker) {
 }
 
 /// This machine's host name, if it has one.
-fn host_name() -> Option<String> {
+pub fn host_name() -> Option<String> {
     let mut buf = [0u8; 256];
     // SAFETY: gethostname writes at most `buf.len()` bytes into our buffer.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };

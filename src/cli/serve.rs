@@ -17,6 +17,10 @@ pub struct ServeArgs {
     /// Address to listen on [default: 127.0.0.1:7070]; port 0 picks a free port.
     #[arg(long, env = "TERN_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Export request spans over OTLP/gRPC to this collector (e.g. http://jaeger:4317); needs a
+    /// build with `--features otlp` [default: off].
+    #[arg(long, env = "TERN_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Take the node id from the host name: 1 + the number after its last '-' (a StatefulSet
     /// pod's ordinal: tern-0 is node 1).
     #[arg(long, env = "TERN_NODE_ID_FROM_ORDINAL")]
@@ -207,6 +211,7 @@ impl ServeArgs {
         }
         set_some!(
             admin_listen,
+            otlp_endpoint,
             advertised_address,
             tls_cert,
             tls_key,
@@ -228,23 +233,132 @@ impl ServeArgs {
             default_max_record_bytes => max_record_bytes,
             default_segment_bytes => segment_bytes
         );
+        c.settle(crate::node::host_name().as_deref())?;
         c.validate()?;
         Ok(c)
     }
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    use tracing_subscriber::EnvFilter;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("info,openraft=error")),
-        )
+    let config = args.resolve()?;
+    let _tracing = init_tracing(&config)?;
+    crate::node::run(config)
+}
+
+/// Logs to stderr (`RUST_LOG`, default `info,openraft=error`) and, with `otlp_endpoint`,
+/// request spans to an OpenTelemetry collector. The spans (target `tern::rpc`, debug level)
+/// are made only when something takes them: without the exporter they cost a relaxed load.
+fn init_tracing(config: &Config) -> anyhow::Result<Tracing> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer};
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let config = args.resolve()?;
-    crate::node::run(config)
+        .with_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info,openraft=error")),
+        );
+    let registry = tracing_subscriber::registry().with(fmt);
+    let Some(endpoint) = &config.otlp_endpoint else {
+        registry.init();
+        return Ok(Tracing::default());
+    };
+    #[cfg(feature = "otlp")]
+    {
+        let (layer, otlp) = otlp::layer(endpoint, config)?;
+        registry.with(layer).init();
+        tracing::info!(endpoint, "exporting request spans over OTLP");
+        Ok(Tracing { _otlp: Some(otlp) })
+    }
+    #[cfg(not(feature = "otlp"))]
+    {
+        drop(registry);
+        anyhow::bail!(
+            "--otlp-endpoint {endpoint}: this tern was built without the OTLP exporter \
+             (cargo build --release --features otlp)"
+        )
+    }
+}
+
+/// Keeps the span exporter alive; flushes it when the node stops.
+#[derive(Default)]
+struct Tracing {
+    #[cfg(feature = "otlp")]
+    _otlp: Option<otlp::Otlp>,
+}
+
+#[cfg(feature = "otlp")]
+mod otlp {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig;
+    use opentelemetry_sdk::trace::SdkTracerProvider;
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::Layer;
+
+    use crate::config::Config;
+
+    /// The exporter, and the runtime its gRPC client runs on (the node's own runtime starts
+    /// later and is busy with clients).
+    pub struct Otlp {
+        provider: SdkTracerProvider,
+        _runtime: tokio::runtime::Runtime,
+    }
+
+    impl Drop for Otlp {
+        fn drop(&mut self) {
+            if let Err(e) = self.provider.shutdown() {
+                eprintln!("flushing spans to the OTLP collector failed: {e}");
+            }
+        }
+    }
+
+    pub fn layer<S>(endpoint: &str, config: &Config) -> anyhow::Result<(impl Layer<S>, Otlp)>
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("tern-otlp")
+            .enable_all()
+            .build()?;
+        let exporter = runtime.block_on(async {
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()
+        })?;
+        let resource = opentelemetry_sdk::Resource::builder()
+            .with_service_name("tern")
+            .with_attribute(opentelemetry::KeyValue::new(
+                "service.instance.id",
+                config.node_id.to_string(),
+            ))
+            .with_attribute(opentelemetry::KeyValue::new(
+                "cloud.region",
+                config.region.clone(),
+            ))
+            .build();
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource)
+            .build();
+        let tracer = provider.tracer("tern");
+        let layer = tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(
+                Targets::new()
+                    .with_target("tern::rpc", tracing::Level::DEBUG)
+                    .with_target("tern", tracing::Level::INFO),
+            );
+        Ok((
+            layer,
+            Otlp {
+                provider,
+                _runtime: runtime,
+            },
+        ))
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! Times every call by method and status code (`metrics::NODE.requests`), as a tower layer
-//! under tonic. The time runs to the response's headers: a unary call's whole handling, and
+//! Times every call by method and status code (`metrics::NODE.requests`), and wraps it in a
+//! `tern::rpc` span (exported over OTLP when configured), as a tower layer under tonic. The time runs to the response's headers: a unary call's whole handling, and
 //! a stream's opening. The code is the one in the headers (tonic answers an error with its
 //! status there); a call answered with headers but no status has so far succeeded (OK).
 
@@ -9,6 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use tonic::codegen::http;
+use tracing::instrument::{Instrument, Instrumented};
 
 use crate::metrics;
 
@@ -40,10 +41,25 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let path = req.uri().path();
+        let rpc = metrics::rpc_index(path);
+        let (service, method) = metrics::RPCS[rpc];
+        // Made only when a layer takes it (the OTLP exporter): otherwise the level check is
+        // all it costs, and the fields are not evaluated.
+        let span = tracing::debug_span!(
+            target: "tern::rpc",
+            "rpc",
+            otel.name = %path.trim_start_matches('/'),
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = service,
+            rpc.method = method,
+            rpc.grpc.status_code = tracing::field::Empty,
+        );
         TimedFuture {
-            rpc: metrics::rpc_index(req.uri().path()),
+            rpc,
             started: Instant::now(),
-            inner: self.0.call(req),
+            inner: self.0.call(req).instrument(span),
         }
     }
 }
@@ -51,7 +67,7 @@ where
 pin_project_lite::pin_project! {
     pub struct TimedFuture<F> {
         #[pin]
-        inner: F,
+        inner: Instrumented<F>,
         rpc: usize,
         started: Instant,
     }
@@ -64,8 +80,8 @@ where
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let r = std::task::ready!(this.inner.poll(cx));
+        let mut this = self.project();
+        let r = std::task::ready!(this.inner.as_mut().poll(cx));
         let code = match &r {
             Ok(resp) => status_code(resp.headers()),
             Err(_) => 13, // INTERNAL: the transport failed the call
@@ -73,6 +89,9 @@ where
         metrics::NODE
             .requests
             .observe(*this.rpc, code, this.started.elapsed());
+        this.inner
+            .span()
+            .record("rpc.grpc.status_code", code as i64);
         Poll::Ready(r)
     }
 }
