@@ -387,10 +387,12 @@ impl Config {
             self.node_id = ordinal + 1;
         }
         if !self.peers.is_empty() && !self.join.is_empty() {
-            if self
-                .peer_map()?
-                .contains_key(&crate::types::NodeId(self.node_id))
-            {
+            // peer_map refuses a list without this node; that is exactly the joiner's case.
+            let listed = self.peers.split(',').any(|item| {
+                item.split_once('=')
+                    .is_some_and(|(id, _)| id.trim().parse() == Ok(self.node_id))
+            });
+            if listed {
                 self.join.clear();
             } else {
                 self.peers.clear();
