@@ -15,6 +15,8 @@ use tokio::process::{Child, Command};
 
 pub struct Cluster {
     pub addrs: Vec<String>,
+    /// Each spawned node's admin listener, when asked for (`--scrape-ms`).
+    pub admins: Vec<String>,
     program: PathBuf,
     prefix: Vec<String>,
     /// Per node: its extra arguments (listen, id, peers).
@@ -99,6 +101,7 @@ impl Cluster {
         n: usize,
         tern_bin: Option<PathBuf>,
         secure: bool,
+        admin: bool,
     ) -> anyhow::Result<Cluster> {
         anyhow::ensure!((1..=64).contains(&n), "--spawn must be 1..=64");
         let (program, prefix) = server_program(tern_bin)?;
@@ -132,6 +135,11 @@ impl Cluster {
                 })
                 .collect()
         };
+        if admin {
+            for args in node_args.iter_mut() {
+                args.extend(["--admin-listen".to_string(), "127.0.0.1:0".to_string()]);
+            }
+        }
         let secrets = if secure {
             let dir = tempfile::tempdir()?;
             let flags = secure_flags(dir.path(), n)?;
@@ -145,6 +153,7 @@ impl Cluster {
         let mut c = Cluster {
             _secrets: secrets,
             addrs: vec![String::new(); n],
+            admins: Vec::new(),
             program,
             prefix,
             node_args,
@@ -180,9 +189,12 @@ impl Cluster {
             .spawn()
             .map_err(|e| anyhow::anyhow!("starting {}: {e}", self.program.display()))?;
         let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let mut admin = None;
         let addr = tokio::time::timeout(Duration::from_secs(30), async {
             while let Some(line) = lines.next_line().await? {
-                if let Some(a) = line.strip_prefix("tern listening on ") {
+                if let Some(a) = line.strip_prefix("tern admin listening on ") {
+                    admin = Some(a.to_string());
+                } else if let Some(a) = line.strip_prefix("tern listening on ") {
                     return Ok::<_, anyhow::Error>(a.to_string());
                 }
             }
@@ -190,6 +202,12 @@ impl Cluster {
         })
         .await
         .map_err(|_| anyhow::anyhow!("node {} did not start within 30 s", i + 1))??;
+        if let Some(a) = admin {
+            if self.admins.len() <= i {
+                self.admins.resize(i + 1, String::new());
+            }
+            self.admins[i] = a;
+        }
         // Keep draining its stdout so it never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         eprintln!(
@@ -225,8 +243,29 @@ impl Cluster {
         Ok(())
     }
 
+    /// CPU seconds (user + system) the running spawned nodes have used, from /proc; `None`
+    /// without spawned nodes or where /proc cannot be read.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        // SAFETY: sysconf has no preconditions.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        if ticks <= 0 || self.children.is_empty() {
+            return None;
+        }
+        let mut total = 0u64;
+        for c in self.children.iter().flatten() {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", c.id()?)).ok()?;
+            // Fields after the command (which may hold spaces) end with ')'.
+            let rest = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // utime and stime are fields 14 and 15 of the line: 12 and 13 after ')'.
+            total += f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+        }
+        Some(total as f64 / ticks as f64)
+    }
+
     pub fn existing(addrs: Vec<String>) -> Cluster {
         Cluster {
+            admins: Vec::new(),
             addrs,
             program: PathBuf::new(),
             prefix: Vec::new(),

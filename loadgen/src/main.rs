@@ -58,12 +58,31 @@ async fn main_async(args: Args) -> anyhow::Result<i32> {
         run::set_security(args.security.clone());
     }
     let cluster = match (args.spawn, args.brokers.is_empty()) {
-        (Some(n), true) => cluster::Cluster::spawn(n, args.tern_bin.clone(), args.secure).await?,
+        (Some(n), true) => {
+            cluster::Cluster::spawn(
+                n,
+                args.tern_bin.clone(),
+                args.secure,
+                args.scrape_ms.is_some(),
+            )
+            .await?
+        }
         (None, false) => cluster::Cluster::existing(args.brokers.clone()),
         (Some(_), false) => anyhow::bail!("use either --spawn or --brokers, not both"),
         (None, true) => anyhow::bail!("say where Tern runs: --spawn N or --brokers host:port"),
     };
+    anyhow::ensure!(
+        args.scrape_ms.is_none() || args.spawn.is_some(),
+        "--scrape-ms scrapes the nodes loadgen spawns (--spawn N)"
+    );
     let addrs = cluster.addrs.clone();
+    let scraper = args.scrape_ms.map(|ms| {
+        tokio::spawn(scrape(
+            cluster.admins.clone(),
+            Duration::from_millis(ms.max(10)),
+        ))
+    });
+    let cpu_before = cluster.cpu_seconds();
     let cluster = std::sync::Arc::new(tokio::sync::Mutex::new(cluster));
     let killer = s.kill_every_s.map(|every| {
         let cluster = cluster.clone();
@@ -76,7 +95,35 @@ async fn main_async(args: Args) -> anyhow::Result<i32> {
             until,
         ))
     });
-    let result = run_on(&s, &addrs).await;
+    let mut result = run_on(&s, &addrs).await;
+    // The nodes' CPU per 1,000 acknowledged records (a restarted node starts from zero, so
+    // not for runs that kill nodes).
+    let cpu_after = cluster.lock().await.cpu_seconds();
+    let scrapes = match scraper {
+        Some(t) => {
+            t.abort();
+            Some(t.await.unwrap_or_else(|_| SCRAPES.load(Ordering::Relaxed)))
+        }
+        None => None,
+    };
+    if let Ok(r) = &mut result {
+        if let (Some(a), Some(b), None) = (cpu_before, cpu_after, s.kill_every_s) {
+            let cpu = b - a;
+            let per_1k = cpu / (r.acked.max(1) as f64 / 1000.0);
+            r.lines.push(String::new());
+            r.lines.push(format!(
+                "node CPU        {cpu:.2} s in all: {per_1k:.4} s per 1,000 acknowledged records"
+            ));
+            r.json["node_cpu_seconds"] = serde_json::json!(cpu);
+            r.json["node_cpu_seconds_per_1k_records"] = serde_json::json!(per_1k);
+        }
+        if let (Some(n), Some(ms)) = (scrapes, args.scrape_ms) {
+            r.lines.push(format!(
+                "scrapes         {n} of /metrics (every {ms} ms from each node)"
+            ));
+            r.json["metrics_scrapes"] = serde_json::json!(n);
+        }
+    }
     let kills = match killer {
         Some(k) => {
             k.abort();
@@ -124,8 +171,34 @@ async fn main_async(args: Args) -> anyhow::Result<i32> {
     Ok(code)
 }
 
+/// Scrapes done by [`scrape`] so far.
+static SCRAPES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// GETs every node's /metrics every `every`, as a Prometheus server would, until aborted.
+async fn scrape(admins: Vec<String>, every: Duration) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        for a in &admins {
+            let Ok(mut s) = tokio::net::TcpStream::connect(a).await else {
+                continue;
+            };
+            let req = format!("GET /metrics HTTP/1.1\r\nHost: {a}\r\nConnection: close\r\n\r\n");
+            let mut body = Vec::new();
+            if s.write_all(req.as_bytes()).await.is_ok()
+                && s.read_to_end(&mut body).await.is_ok()
+                && body.starts_with(b"HTTP/1.1 200")
+            {
+                SCRAPES.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 struct Report {
     json: serde_json::Value,
+    acked: u64,
     rate: f64,
     /// The p99 the assertion checks: end-to-end when consuming, else publish-ack.
     p99_ms: f64,
@@ -279,6 +352,7 @@ async fn run_on(s: &Settings, addrs: &[String]) -> anyhow::Result<Report> {
     }
     Ok(Report {
         json,
+        acked: ledger.acked_count() as u64,
         rate,
         p99_ms,
         lost,

@@ -76,6 +76,10 @@ pub struct Args {
     /// from a throwaway CA) and require authentication; loadgen uses the bootstrap token.
     #[arg(long)]
     pub secure: bool,
+    /// With --spawn: give each node an admin listener and scrape its /metrics this often
+    /// during the run (what a Prometheus server does), to measure what scraping costs.
+    #[arg(long)]
+    pub scrape_ms: Option<u64>,
     /// TLS and token for --brokers that are secured (as the `tern` CLI takes them).
     #[command(flatten)]
     pub security: tern::cli::SecurityOpts,
