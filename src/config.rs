@@ -92,6 +92,13 @@ pub struct Config {
     /// Partitions whose own series `/metrics` shows (the worst first: under-replicated, then
     /// by follower lag); 0 shows none. Totals always cover every partition.
     pub metrics_partitions: usize,
+    /// Create a topic on its first publish or subscribe through the seeds' services (the
+    /// clients written for them never create topics): one partition, the topic defaults
+    /// otherwise. Needs the create right on the topic when authentication is on.
+    pub auto_create_topics: bool,
+    /// Where the Raft seeds' `broker.Broker` service listens (off unless set). It cannot share
+    /// the main port: the thesis seed's service has the same method paths.
+    pub compat_listen: Option<SocketAddr>,
 }
 
 /// Defaults applied to topic settings a CreateTopic request leaves unset.
@@ -132,8 +139,9 @@ impl TopicDefaults {
 }
 
 /// Keys whose default is unset (so a serialized default does not show them).
-const OPTIONAL_KEYS: [&str; 8] = [
+const OPTIONAL_KEYS: [&str; 9] = [
     "admin_listen",
+    "compat_listen",
     "otlp_endpoint",
     "advertised_address",
     "bootstrap_token_file",
@@ -202,6 +210,8 @@ impl Default for Config {
             node_id_from_ordinal: false,
             admin_listen: None,
             metrics_partitions: 1_000,
+            auto_create_topics: true,
+            compat_listen: None,
             tls_cert: None,
             tls_key: None,
             tls_cluster_ca: None,

@@ -81,6 +81,19 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
             ),
             None => None,
         };
+        let compat_listener = match config.compat_listen {
+            Some(a) => Some(
+                tokio::net::TcpListener::bind(a)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("listening on {a} (--compat-listen): {e}"))?,
+            ),
+            None => None,
+        };
+        if let Some(l) = &compat_listener {
+            let compat_addr = l.local_addr()?;
+            tracing::info!(%compat_addr, "the Raft seeds' broker.Broker service");
+            println!("tern compat listening on {compat_addr}");
+        }
         // In a cluster the peers list says where this node is reached.
         let advertised = match (
             &config.advertised_address,
@@ -131,7 +144,13 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         crate::controller::start(broker.clone()).await?;
         startup.at("starting the gRPC server");
         let groups = Arc::new(Groups::new(broker.clone()));
-        let (server, stop_tx) = spawn_server(broker.clone(), groups.clone(), auth, listener);
+        let (server, stop_tx) = spawn_server(
+            broker.clone(),
+            groups.clone(),
+            auth,
+            listener,
+            compat_listener,
+        );
         if let Some(admin) = admin_listener {
             let admin_addr = admin.local_addr()?;
             let mut rx = stop_tx.subscribe();
@@ -261,9 +280,10 @@ fn spawn_server(
     groups: Arc<Groups>,
     auth: Arc<net::auth::Auth>,
     listener: tokio::net::TcpListener,
+    compat: Option<tokio::net::TcpListener>,
 ) -> (ServerTask, tokio::sync::watch::Sender<bool>) {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(net::serve(broker, groups, auth, listener, {
+    let server = tokio::spawn(net::serve(broker, groups, auth, listener, compat, {
         let mut rx = stop_rx.clone();
         async move {
             let _ = rx.wait_for(|s| *s).await;

@@ -11,8 +11,21 @@ pub mod internal {
     tonic::include_proto!("tern.internal.v1");
 }
 
-/// The encoded file descriptor set, for gRPC server reflection.
+/// The thesis seed's `broker.Broker` (`proto/broker/thesis/broker.proto`), on the main port.
+pub mod thesis {
+    include!(concat!(env!("OUT_DIR"), "/thesis/broker.rs"));
+}
+
+/// The Raft seeds' `broker.Broker` (`proto/broker/seed/broker.proto`), on `--compat-listen`.
+pub mod seed {
+    include!(concat!(env!("OUT_DIR"), "/seed/broker.rs"));
+}
+
+/// The encoded file descriptor sets, for gRPC server reflection: `tern.v1` (the node-to-node
+/// protocol is left out on purpose), and each seed service's.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tern_descriptor");
+pub const THESIS_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("thesis_descriptor");
+pub const SEED_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("seed_descriptor");
 
 /// Metadata keys Tern puts on requests and statuses (the protocol between nodes and with
 /// clients, beside the messages). Parsed into typed errors where they arrive; no control flow

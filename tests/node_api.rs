@@ -677,6 +677,12 @@ async fn reflection_and_health_services_answer() {
     let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
     assert!(names.contains(&"tern.v1.Tern"), "{names:?}");
     assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+    // The thesis seed's service is on this port; the node-to-node protocol is not listed.
+    assert!(names.contains(&"broker.Broker"), "{names:?}");
+    assert!(
+        !names.iter().any(|n| n.starts_with("tern.internal")),
+        "{names:?}"
+    );
 }
 
 fn expect_err<T>(r: Result<tonic::Response<T>, tonic::Status>) -> tonic::Status {

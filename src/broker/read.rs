@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use prost::Message;
+
 use super::peers::Origin;
 use super::{Broker, BrokerError, Result, Topic};
 use crate::cluster::health::FollowerLag;
@@ -62,7 +64,13 @@ impl Broker {
             let f = self
                 .fetch(topic, partition, read.from, read.max_bytes, read.max_wait)
                 .await?;
-            let (records, next) = records(&topic.spec.name, partition, &f, read.max_records);
+            let (records, next) = records(
+                &topic.spec.name,
+                partition,
+                &f,
+                read.max_records,
+                read.max_bytes,
+            );
             return Ok(pb::FetchResponse {
                 records,
                 next_offset: next,
@@ -200,17 +208,24 @@ impl Broker {
     }
 }
 
-/// The committed, unexpired data records of a fetch, at most `max_records`; returns them and
-/// the offset where the next fetch continues. Control records (Raft leader and membership
-/// entries) take offsets but are never delivered.
+/// The committed, unexpired data records of a fetch, at most `max_records` of them and at most
+/// `max_bytes` as encoded in a response (but always the first, however large: a record larger
+/// than the budget comes alone); returns them and the offset where the next fetch continues.
+/// Control records (Raft leader and membership entries) take offsets but are never delivered.
+///
+/// The log reads whole batches and a batch may hold a whole publish request (up to
+/// `--max-request-bytes`), so this is where a response is held to what the client asked for:
+/// a client with gRPC's default 4 MiB receive limit can read any batch record by record.
 pub fn records(
     topic: &str,
     partition: u32,
     f: &Fetched,
     max_records: usize,
+    max_bytes: usize,
 ) -> (Vec<pb::Record>, u64) {
     let now = crate::types::TimestampMs::now();
     let mut out = Vec::new();
+    let mut bytes = 0usize;
     let mut next = f.from;
     for batch in &f.batches {
         let control = batch.meta().control;
@@ -221,11 +236,11 @@ pub fn records(
             if out.len() >= max_records {
                 return (out, next.0);
             }
-            next = r.offset.plus(1);
             if control || r.is_expired(now) {
+                next = r.offset.plus(1);
                 continue;
             }
-            out.push(pb::Record {
+            let record = pb::Record {
                 topic: topic.to_string(),
                 partition,
                 offset: r.offset.0,
@@ -239,7 +254,16 @@ pub fn records(
                     })
                     .collect(),
                 value: batch.bytes().slice_ref(r.value),
-            });
+            };
+            // As a repeated field: a tag byte, the length's varint, the message.
+            let len = record.encoded_len();
+            let size = 1 + prost::length_delimiter_len(len) + len;
+            if !out.is_empty() && bytes + size > max_bytes {
+                return (out, next.0);
+            }
+            bytes += size;
+            next = r.offset.plus(1);
+            out.push(record);
         }
     }
     (out, next.0)

@@ -32,6 +32,13 @@ pub struct ServeArgs {
     /// Partitions with their own series in /metrics, the worst first; 0: none [default: 1000].
     #[arg(long, env = "TERN_METRICS_PARTITIONS")]
     pub metrics_partitions: Option<usize>,
+    /// Create topics on first use through the seeds' services (one partition) [default: true].
+    #[arg(long, env = "TERN_AUTO_CREATE_TOPICS", value_name = "BOOL")]
+    pub auto_create_topics: Option<bool>,
+    /// Listener for the Raft seeds' broker.Broker service [default: off]; port 0 picks a free
+    /// port (docs/api.md).
+    #[arg(long, env = "TERN_COMPAT_LISTEN")]
+    pub compat_listen: Option<SocketAddr>,
     /// Address clients are told to use for this node [default: the bound address].
     #[arg(long, env = "TERN_ADVERTISED_ADDRESS")]
     pub advertised_address: Option<String>,
@@ -202,7 +209,12 @@ impl ServeArgs {
         if self.node_id_from_ordinal {
             c.node_id_from_ordinal = true;
         }
-        set!(max_connections, auth, metrics_partitions);
+        set!(
+            max_connections,
+            auth,
+            metrics_partitions,
+            auto_create_topics
+        );
         if !self.superusers.is_empty() {
             c.superusers = self.superusers;
         }
@@ -211,6 +223,7 @@ impl ServeArgs {
         }
         set_some!(
             admin_listen,
+            compat_listen,
             otlp_endpoint,
             advertised_address,
             tls_cert,

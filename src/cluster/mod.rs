@@ -40,4 +40,4 @@ pub use offsets::{Cursor, GroupOffsets, GROUPS_MAX, QUEUE_WINDOW_MAX};
 pub use placement::{assign_replicas, replacement};
 pub use security::valid_cluster_id;
 pub use state::ClusterState;
-pub use topic::{validate_topic_name, TopicSettings, TopicSpec, TOPIC_NAME_MAX};
+pub use topic::{validate_topic_name, TopicSettings, TopicSpec, RECORD_BYTES_MAX, TOPIC_NAME_MAX};

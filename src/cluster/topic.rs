@@ -37,6 +37,12 @@ pub fn validate_topic_name(name: &str) -> Result<(), ClusterError> {
 }
 
 /// Resolved settings of a topic.
+/// The largest `max_record_bytes` a new topic may have: 4 MiB less 128 KiB, so that any record
+/// (also as a dead letter, which adds up to 64 KiB of headers), with its framing, fits in one
+/// response under gRPC's default 4 MiB receive limit (reads hold responses to the client's
+/// `max_bytes` record by record, and a record larger than that comes alone).
+pub const RECORD_BYTES_MAX: u32 = (4 << 20) - (128 << 10);
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TopicSettings {
     /// `None` keeps records forever.

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::assign::{self, MemberId};
 use super::dead_letter::DeadLetterWriter;
 use super::reader::{self, StreamReader, NOT_STARTED, READ_WAIT};
-use super::settings::{delivery_refs, nack_delay, Settings};
+use super::settings::{by_message, delivery_refs, nack_delay, Settings, MESSAGE_BYTES_MAX};
 use super::window::{DeadLetter, Taker, Window};
 use super::{down, member_name, GroupError, GroupKey, Mode, Out, Registry, Result, EVENTS};
 use crate::broker::{Broker, Topic};
@@ -650,17 +650,21 @@ impl Group {
             .collect();
         for (id, deliveries) in self.window.dispatch(now, &takers) {
             let m = self.members.get(&id).expect("a taker is a member");
-            let refs: Vec<(u32, u64)> = deliveries
-                .iter()
-                .filter_map(|d| d.record.as_ref().map(|r| (r.partition, r.offset)))
-                .collect();
-            let msg = down(Down::Deliveries(pb::Deliveries {
-                deliveries,
-                ..Default::default()
-            }));
-            if m.out.try_send(msg).is_err() {
-                // Its stream is full or closed: they go to others.
-                self.window.undeliver(id, &refs, now);
+            let mut full = false;
+            for deliveries in by_message(deliveries, MESSAGE_BYTES_MAX) {
+                let refs: Vec<(u32, u64)> = deliveries
+                    .iter()
+                    .filter_map(|d| d.record.as_ref().map(|r| (r.partition, r.offset)))
+                    .collect();
+                let msg = down(Down::Deliveries(pb::Deliveries {
+                    deliveries,
+                    ..Default::default()
+                }));
+                if full || m.out.try_send(msg).is_err() {
+                    // Its stream is full or closed: they go to others.
+                    full = true;
+                    self.window.undeliver(id, &refs, now);
+                }
             }
         }
     }

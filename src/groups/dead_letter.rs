@@ -93,7 +93,7 @@ impl DeadLetterWriter {
         let mut settings = broker.config.topic_defaults.settings();
         settings.max_record_bytes = (self.source.spec.settings.max_record_bytes)
             .saturating_add(DLQ_RECORD_SLACK)
-            .min(8 << 20);
+            .min(crate::cluster::RECORD_BYTES_MAX + DLQ_RECORD_SLACK);
         let new = NewTopic {
             name: self.dlq.clone(),
             partitions: 1,

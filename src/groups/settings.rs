@@ -136,7 +136,88 @@ pub fn delivery_refs(refs: &[pb::DeliveryRef]) -> Vec<(u32, u64)> {
         .collect()
 }
 
+/// Encoded bytes of deliveries one message to a member carries (a larger record goes alone),
+/// so that no message passes gRPC's default 4 MiB receive limit: records are at most
+/// `crate::cluster::RECORD_BYTES_MAX`.
+pub const MESSAGE_BYTES_MAX: usize = 1 << 20;
+
+/// Splits deliveries, in order, into messages of at most `budget` encoded bytes each, a
+/// delivery larger than that alone.
+pub fn by_message(deliveries: Vec<pb::Delivery>, budget: usize) -> Vec<Vec<pb::Delivery>> {
+    use prost::Message;
+    let mut out: Vec<Vec<pb::Delivery>> = Vec::new();
+    let mut bytes = 0;
+    for d in deliveries {
+        let len = d.encoded_len();
+        let size = 1 + prost::length_delimiter_len(len) + len;
+        match out.last_mut() {
+            Some(last) if bytes + size <= budget => last.push(d),
+            _ => {
+                out.push(vec![d]);
+                bytes = 0;
+            }
+        }
+        bytes += size;
+    }
+    out
+}
+
 /// A nack's redelivery delay, capped at an hour.
 pub fn nack_delay(ms: u32) -> Duration {
     Duration::from_millis(ms.min(NACK_DELAY_MAX_MS) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(offset: u64, value_bytes: usize) -> pb::Delivery {
+        pb::Delivery {
+            record: Some(pb::Record {
+                topic: "t".into(),
+                offset,
+                value: vec![7u8; value_bytes].into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn deliveries_split_into_messages_within_the_budget_in_order() {
+        use prost::Message;
+        let budget = 10_000;
+        let sizes = [100, 3_000, 4_000, 2_500, 20_000, 10, 9_000, 9_000, 1];
+        let ds: Vec<_> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| delivery(i as u64, n))
+            .collect();
+        let messages = by_message(ds, budget);
+        let offsets: Vec<u64> = messages
+            .iter()
+            .flatten()
+            .map(|d| d.record.as_ref().unwrap().offset)
+            .collect();
+        assert_eq!(offsets, (0..sizes.len() as u64).collect::<Vec<_>>());
+        for m in &messages {
+            let encoded = pb::Deliveries {
+                deliveries: m.clone(),
+                ..Default::default()
+            }
+            .encoded_len();
+            assert!(
+                encoded <= budget || m.len() == 1,
+                "{} deliveries in {encoded} bytes",
+                m.len()
+            );
+        }
+        // The 20,000-byte one alone; 9,000 and 9,000 not together.
+        assert!(messages
+            .iter()
+            .any(|m| m.len() == 1 && m[0].record.as_ref().unwrap().offset == 4));
+        let counts: Vec<usize> = messages.iter().map(Vec::len).collect();
+        assert_eq!(counts, [4, 1, 2, 2]);
+        assert!(by_message(vec![], budget).is_empty());
+    }
 }

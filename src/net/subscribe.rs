@@ -22,10 +22,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio::task::AbortHandle;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Status, Streaming};
+use tonic::Status;
 
 use super::auth::{Auth, Caller};
 use super::status::from_broker;
@@ -65,14 +65,15 @@ impl Drop for Subscription {
     }
 }
 
-/// Starts a subscription from its first request; errors in it fail the call.
+/// Starts a subscription from its first request; errors in it fail the call. `inbound` is
+/// the client's stream of changes (tern.v1), or a single request (the seeds' services).
 pub async fn start(
     broker: Arc<Broker>,
     auth: Arc<Auth>,
     caller: Caller,
-    mut inbound: Streaming<pb::SubscribeRequest>,
+    mut inbound: impl Stream<Item = Result<pb::SubscribeRequest, Status>> + Send + Unpin + 'static,
 ) -> Result<Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>, Status> {
-    let first = inbound.message().await?.ok_or_else(|| {
+    let first = inbound.next().await.transpose()?.ok_or_else(|| {
         Status::invalid_argument("the subscription was closed before naming a topic")
     })?;
     if first.add.is_empty() {
@@ -92,8 +93,8 @@ pub async fn start(
     tokio::spawn(async move {
         loop {
             tokio::select! {
-                msg = inbound.message() => match msg {
-                    Ok(Some(req)) => {
+                msg = inbound.next() => match msg {
+                    Some(Ok(req)) => {
                         if let Err(status) = sub.apply(req).await {
                             let _ = sub.tx.send(Err(status)).await;
                             return;
@@ -101,11 +102,11 @@ pub async fn start(
                     }
                     // The client finished sending changes; the subscription goes on until the
                     // call is closed.
-                    Ok(None) => {
+                    None => {
                         sub.tx.closed().await;
                         return;
                     }
-                    Err(_) => return,
+                    Some(Err(_)) => return,
                 },
                 _ = sub.tx.closed() => return,
             }

@@ -4,7 +4,7 @@
 use tonic::Status;
 
 use crate::broker::{Outgoing, Topic};
-use crate::cluster::{validate_topic_name, TopicSettings};
+use crate::cluster::{validate_topic_name, TopicSettings, RECORD_BYTES_MAX};
 use crate::config::{Config, TopicDefaults};
 use crate::log::{Header, Record, HEADERS_PER_RECORD_MAX};
 use crate::proto::v1 as pb;
@@ -74,9 +74,10 @@ pub fn topic_settings(
         _ => return bad(format!("fsync_interval_ms {interval}: use 1 to 60000")),
     };
     let max_record_bytes = c.max_record_bytes.unwrap_or(d.max_record_bytes);
-    if !(1..=8 << 20).contains(&max_record_bytes) {
+    if !(1..=RECORD_BYTES_MAX).contains(&max_record_bytes) {
         return bad(format!(
-            "max_record_bytes {max_record_bytes}: use 1 to 8388608 (8 MiB)"
+            "max_record_bytes {max_record_bytes}: use 1 to {RECORD_BYTES_MAX} (4 MiB less 128 KiB, \
+             so any record can be read by a client with gRPC's default 4 MiB limit)"
         ));
     }
     let segment_bytes = c.segment_bytes.unwrap_or(d.segment_bytes);

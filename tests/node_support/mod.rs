@@ -22,6 +22,8 @@ pub struct TestNode {
     pub addr: String,
     /// The admin listener's address, when the node was given `--admin-listen`.
     pub admin: Option<String>,
+    /// The Raft seeds' service's address, when the node was given `--compat-listen`.
+    pub compat: Option<String>,
     pub dir: PathBuf,
 }
 
@@ -63,19 +65,22 @@ impl TestNode {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                // The admin line comes first, when there is one.
+                // The admin and compat lines come first, when there are any.
                 if let Some(a) = line.strip_prefix("tern admin listening on ") {
-                    let _ = tx.send((true, a.to_string()));
+                    let _ = tx.send((Some(true), a.to_string()));
+                } else if let Some(a) = line.strip_prefix("tern compat listening on ") {
+                    let _ = tx.send((Some(false), a.to_string()));
                 } else if let Some(a) = line.strip_prefix("tern listening on ") {
-                    let _ = tx.send((false, a.to_string()));
+                    let _ = tx.send((None, a.to_string()));
                 }
             }
         });
-        let mut admin = None;
+        let (mut admin, mut compat) = (None, None);
         let addr = loop {
             match rx.recv_timeout(Duration::from_secs(30)) {
-                Ok((true, a)) => admin = Some(a),
-                Ok((false, a)) => break a,
+                Ok((Some(true), a)) => admin = Some(a),
+                Ok((Some(false), a)) => compat = Some(a),
+                Ok((None, a)) => break a,
                 Err(e) => {
                     let _ = child.kill();
                     panic!("tern did not start listening ({e}): see its stderr above");
@@ -86,6 +91,7 @@ impl TestNode {
             child: Some(child),
             addr,
             admin,
+            compat,
             dir: dir.to_path_buf(),
         }
     }

@@ -104,7 +104,7 @@ impl TernService {
     }
 
     /// Authenticates and admits a call whose resources are checked one by one after.
-    async fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+    pub(in crate::net) async fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
         let caller = self.auth.authenticate(&self.broker, request)?;
         self.auth
             .quotas

@@ -1,0 +1,81 @@
+//! The seeds' services, for clients written against them, run unchanged:
+//!
+//! ```text
+//! compat/
+//!   thesis.rs  broker.Broker of the thesis seed (topics, start times), on the main port
+//!   seed.rs    broker.Broker of the Raft seeds (subjects, int32 ids, expiry), on
+//!              --compat-listen: it has the same method paths with other messages
+//! ```
+//!
+//! Each call becomes the `tern.v1` calls it stands for, made through [`TernService`] with the
+//! caller's own metadata and connection, so authentication, ACLs, quotas, forwarding to
+//! leaders and metrics are exactly those of `tern.v1`. Their clients never create topics, so a
+//! topic is created on first use when the node allows it (`--auto-create-topics`).
+
+pub mod seed;
+pub mod thesis;
+
+use std::sync::Arc;
+
+use tonic::metadata::MetadataMap;
+use tonic::{Code, Extensions, Request, Status};
+
+use super::service::TernService;
+use super::status::from_broker;
+use crate::proto::v1 as pb;
+use crate::proto::v1::tern_server::Tern;
+
+/// Topics created on first use have one partition, so the seeds' order (per topic, per
+/// subject) is the partition's.
+const AUTO_CREATED_PARTITIONS: u32 = 1;
+
+/// Who called, as tonic handed it over: metadata (credentials) and the connection's details
+/// (client certificate). Inner calls are made in the caller's name.
+#[derive(Clone)]
+struct Call {
+    metadata: MetadataMap,
+    extensions: Extensions,
+}
+
+impl Call {
+    fn split<T>(request: Request<T>) -> (Call, T) {
+        let (metadata, extensions, message) = request.into_parts();
+        (
+            Call {
+                metadata,
+                extensions,
+            },
+            message,
+        )
+    }
+
+    /// A `tern.v1` request in the caller's name.
+    fn request<T>(&self, message: T) -> Request<T> {
+        Request::from_parts(self.metadata.clone(), self.extensions.clone(), message)
+    }
+}
+
+/// Makes sure `topic` exists: creates it with one partition if it does not and the node
+/// creates topics on first use (the caller needs the create right, as for CreateTopic).
+async fn ensure_topic(tern: &Arc<TernService>, call: &Call, topic: &str) -> Result<(), Status> {
+    let missing = match tern.broker.topic(topic) {
+        Ok(_) => return Ok(()),
+        Err(e) if e.not_found() && tern.broker.config.auto_create_topics => e,
+        Err(e) => return Err(from_broker(e)),
+    };
+    let create = pb::CreateTopicRequest {
+        name: topic.to_string(),
+        partitions: AUTO_CREATED_PARTITIONS,
+        ..Default::default()
+    };
+    match tern.create_topic(call.request(create)).await {
+        Ok(_) => Ok(()),
+        // Created by another call meanwhile.
+        Err(s) if s.code() == Code::AlreadyExists => Ok(()),
+        Err(s) if s.code() == Code::PermissionDenied => Err(Status::permission_denied(format!(
+            "{missing}, and creating it on first use needs the create right on it: {}",
+            s.message()
+        ))),
+        Err(s) => Err(s),
+    }
+}

@@ -1,0 +1,173 @@
+//! The Raft seeds' `broker.Broker` (`proto/broker/seed/broker.proto`): subjects are topics of
+//! one partition, and a record's `int32` id is its offset there.
+//!
+//! An `int32` names 2^31 - 1 records. A subject's topic may hold more (through `tern.v1`), but
+//! this service cannot name them: a Publish whose record lands past that is OUT_OF_RANGE and
+//! says at which offset the record was stored, and Fetch cannot ask for it.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use tonic::{Code, Request, Response, Status};
+
+use super::{ensure_topic, Call};
+use crate::net::service::{BoxStream, TernService};
+use crate::proto::seed;
+use crate::proto::seed::broker_server::Broker;
+use crate::proto::v1 as pb;
+use crate::proto::v1::tern_server::Tern;
+
+pub struct SeedService {
+    pub tern: Arc<TernService>,
+}
+
+impl SeedService {
+    /// The subject's topic, which must have one partition (ids are offsets in it).
+    fn one_partition(&self, subject: &str) -> Result<(), Status> {
+        let t = self
+            .tern
+            .broker
+            .topic(subject)
+            .map_err(crate::net::status::from_broker)?;
+        if t.spec.partitions != 1 {
+            return Err(Status::failed_precondition(format!(
+                "topic {subject:?} has {} partitions; this API's ids name records of a \
+                 one-partition topic (use tern.v1 for it)",
+                t.spec.partitions
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl Broker for SeedService {
+    async fn publish(
+        &self,
+        request: Request<seed::PublishRequest>,
+    ) -> Result<Response<seed::PublishResponse>, Status> {
+        let (call, r) = Call::split(request);
+        let expiry_seconds = match r.expiration_seconds {
+            0 => None,
+            s if s < 0 => {
+                return Err(Status::invalid_argument(format!(
+                    "expirationSeconds {s}: use 0 (never) or a positive number of seconds"
+                )))
+            }
+            s => Some(s as u32),
+        };
+        ensure_topic(&self.tern, &call, &r.subject).await?;
+        self.one_partition(&r.subject)?;
+        let publish = pb::PublishRequest {
+            topic: r.subject.clone(),
+            records: vec![pb::PublishRecord {
+                value: r.body,
+                partition: Some(0),
+                expiry_seconds,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let resp = self.tern.publish(call.request(publish)).await?.into_inner();
+        let ack = resp
+            .acks
+            .first()
+            .ok_or_else(|| Status::internal("the publish was answered without an ack"))?;
+        let id = i32::try_from(ack.offset).map_err(|_| {
+            Status::out_of_range(format!(
+                "the record was stored at offset {} of {:?}, past the 2147483647 records an \
+                 int32 id can name; read it with tern.v1",
+                ack.offset, r.subject
+            ))
+        })?;
+        Ok(Response::new(seed::PublishResponse { id }))
+    }
+
+    type SubscribeStream = BoxStream<seed::MessageResponse>;
+
+    async fn subscribe(
+        &self,
+        request: Request<seed::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let caller = self.tern.caller(&request).await?;
+        let (call, r) = Call::split(request);
+        ensure_topic(&self.tern, &call, &r.subject).await?;
+        let changes = futures::stream::iter([Ok(pb::SubscribeRequest {
+            add: vec![pb::TopicSubscription {
+                topic: r.subject,
+                from: Some(pb::StartPosition {
+                    position: Some(pb::start_position::Position::Latest(true)),
+                }),
+                partitions: vec![],
+            }],
+            remove: vec![],
+        })]);
+        let records = crate::net::subscribe::start(
+            self.tern.broker.clone(),
+            self.tern.auth.clone(),
+            caller,
+            changes,
+        )
+        .await?;
+        let messages = records.flat_map(|r| {
+            futures::stream::iter(match r {
+                Ok(batch) => batch
+                    .records
+                    .into_iter()
+                    .map(|r| Ok(seed::MessageResponse { body: r.value }))
+                    .collect(),
+                Err(status) => vec![Err(status)],
+            })
+        });
+        Ok(Response::new(Box::pin(messages)))
+    }
+
+    async fn fetch(
+        &self,
+        request: Request<seed::FetchRequest>,
+    ) -> Result<Response<seed::MessageResponse>, Status> {
+        if self.tern.broker.is_closing() {
+            return Err(Status::unavailable("the node is shutting down"));
+        }
+        let (call, r) = Call::split(request);
+        let unknown = || {
+            Status::invalid_argument(format!(
+                "no record with id {} in subject {:?} (never written, expired, or deleted by \
+                 retention)",
+                r.id, r.subject
+            ))
+        };
+        if r.id < 0 {
+            return Err(Status::invalid_argument(format!(
+                "id {}: ids are 0 or more",
+                r.id
+            )));
+        }
+        match self.one_partition(&r.subject) {
+            Err(s) if s.code() == Code::NotFound => return Err(unknown()),
+            r => r?,
+        }
+        let fetch = pb::FetchRequest {
+            topic: r.subject.clone(),
+            partition: 0,
+            offset: r.id as u64,
+            max_records: 1,
+            max_bytes: 0,
+            max_wait_ms: 0,
+        };
+        let records = match self.tern.fetch(call.request(fetch)).await {
+            Ok(f) => f.into_inner().records,
+            Err(s) if matches!(s.code(), Code::OutOfRange | Code::NotFound) => {
+                return Err(unknown())
+            }
+            Err(s) => return Err(s),
+        };
+        // A read from an expired (or control) offset returns the next record after it.
+        match records.into_iter().next() {
+            Some(rec) if rec.offset == r.id as u64 => {
+                Ok(Response::new(seed::MessageResponse { body: rec.value }))
+            }
+            _ => Err(unknown()),
+        }
+    }
+}
