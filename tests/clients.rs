@@ -86,5 +86,66 @@ async fn third_party_clients_run_unchanged_on_a_three_node_cluster() {
         &[gen.join("seed").display().to_string(), compat],
     );
 
-    client(&python, "reflection_client.py", &[main]);
+    client(&python, "reflection_client.py", std::slice::from_ref(&main));
+
+    client(&python, "rest_client.py", std::slice::from_ref(&main));
+
+    // The OpenAPI description against the server: no 5xx, every response as described, and
+    // input it calls invalid refused. It creates and deletes topics (an "orders" to start).
+    let first = main.split(',').next().unwrap();
+    let (ok, _, err) =
+        node_support::tern(first, &["topic", "create", "orders", "--partitions", "2"]);
+    assert!(ok, "{err}");
+    let schemathesis = tool("schemathesis");
+    let out = Command::new(schemathesis)
+        .arg("run")
+        .arg(format!("http://{first}/openapi.json"))
+        .args([
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,\
+             response_headers_conformance,response_schema_conformance,negative_data_rejection",
+            "--max-examples",
+            "100",
+            "--workers",
+            "1",
+            "--seed",
+            "1",
+        ])
+        .current_dir(cluster.tmp.path())
+        .output()
+        .expect("schemathesis runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!(
+        "== schemathesis\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "schemathesis found failures");
+    assert!(
+        text.contains(" passed") && !text.contains("failure"),
+        "schemathesis ran no test or failed"
+    );
+}
+
+/// REST carries the same credentials as gRPC: `Authorization: Bearer`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_needs_a_token_when_authentication_is_on() {
+    let python = tool("grpcio");
+    let tmp = tempfile::tempdir().unwrap();
+    let token = "tern_rest_bootstrap_token_for_the_test";
+    let file = tmp.path().join("token");
+    std::fs::write(&file, token).unwrap();
+    let node = node_support::TestNode::start(
+        &tmp.path().join("n1"),
+        &[
+            "--auth",
+            "required",
+            "--bootstrap-token-file",
+            file.to_str().unwrap(),
+        ],
+    );
+    client(
+        &python,
+        "rest_auth.py",
+        &[node.addr.clone(), token.to_string()],
+    );
 }

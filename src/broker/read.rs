@@ -107,6 +107,23 @@ impl Broker {
         origin: &Origin,
     ) -> Result<ListedOffsets> {
         if topic.on(self.node_id(), partition) {
+            // A position relative to the end is the leader's: a follower's commit index lags
+            // by up to a heartbeat, and "latest" taken there would hand a subscriber records
+            // acknowledged before it subscribed.
+            let from_end = matches!(at, StartAt::Latest | StartAt::Last(_) | StartAt::Time(_));
+            if from_end && !origin.relayed() {
+                if let Some(leader) = self.leader_elsewhere(topic, partition).await {
+                    match self
+                        .list_offsets_at(leader, topic, partition, at, origin)
+                        .await
+                    {
+                        Ok(o) => return Ok(o),
+                        // The leader cannot answer now: this replica's view, as before.
+                        Err(e) if e.retryable() => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
             let key = topic.key(partition);
             return Ok(self
                 .shards
@@ -131,6 +148,41 @@ impl Broker {
                 async move { c.list_offsets(call).await }
             })
             .await?;
+        Self::listed(topic, partition, r)
+    }
+
+    /// The leader of a partition this node holds a follower replica of, as the replica knows
+    /// it; `None` when this node leads it or no leader is known.
+    async fn leader_elsewhere(&self, topic: &Topic, partition: u32) -> Option<NodeId> {
+        let s = self.replica_state(topic, partition).await.ok()?;
+        s.leader.filter(|l| !s.is_leader && *l != self.node_id())
+    }
+
+    /// A partition's offsets as node `node` answers them (relayed: it does not pass it on).
+    async fn list_offsets_at(
+        &self,
+        node: NodeId,
+        topic: &Topic,
+        partition: u32,
+        at: StartAt,
+        origin: &Origin,
+    ) -> Result<ListedOffsets> {
+        let req = pb::ListOffsetsRequest {
+            topic: topic.spec.name.clone(),
+            partitions: vec![partition],
+            position: Some(start_position(at)),
+        };
+        let r = self
+            .call_peer(node, |mut c| {
+                let call = self.relay(req, origin);
+                async move { c.list_offsets(call).await }
+            })
+            .await?;
+        Self::listed(topic, partition, r)
+    }
+
+    /// The one partition's offsets out of a ListOffsets answer.
+    fn listed(topic: &Topic, partition: u32, r: pb::ListOffsetsResponse) -> Result<ListedOffsets> {
         let p = r
             .partitions
             .into_iter()

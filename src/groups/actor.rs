@@ -439,6 +439,7 @@ impl Group {
             return;
         };
         tracing::debug!(group = %self.key.0, member, "member left");
+        let held = why.is_none() && m.settings.hold_on_leave;
         if let Some(e) = why {
             tell(&m.out, e);
         }
@@ -449,8 +450,13 @@ impl Group {
                 self.revoking.remove(&(p as u32));
             }
         }
-        for letter in self.window.release(member, Instant::now()) {
-            self.dead_letter(letter);
+        if held {
+            // Acked later from anywhere, or redelivered once their ack_wait passes.
+            self.window.detach(member);
+        } else {
+            for letter in self.window.release(member, Instant::now()) {
+                self.dead_letter(letter);
+            }
         }
         self.rebalance();
     }

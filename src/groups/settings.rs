@@ -25,6 +25,8 @@ pub struct Settings {
     pub ack_wait: Duration,
     pub max_deliveries: u32,
     pub dlq: String,
+    /// Queue: deliveries it holds stay out when it leaves (`JoinGroup.hold_on_leave`).
+    pub hold_on_leave: bool,
 }
 
 impl Settings {
@@ -107,6 +109,7 @@ pub fn validate_join(broker: &Broker, j: pb::JoinGroup) -> Result<(GroupKey, Mod
             ack_wait: Duration::from_millis(ack_wait as u64),
             max_deliveries,
             dlq,
+            hold_on_leave: j.hold_on_leave,
         },
     ))
 }

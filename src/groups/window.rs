@@ -173,10 +173,14 @@ impl Window {
 
     /// Work that must not be dropped by stopping: progress not written, dead letters being
     /// written.
+    /// Deliveries still out count too: a member that left may ack them (`detach`).
     pub fn busy(&self) -> bool {
-        self.parts
-            .iter()
-            .any(|p| p.dirty || p.slots.values().any(|s| matches!(s.state, State::Dead)))
+        self.parts.iter().any(|p| {
+            p.dirty
+                || p.slots
+                    .values()
+                    .any(|s| matches!(s.state, State::Dead | State::Out { .. }))
+        })
     }
 
     fn took_back(&mut self, member: MemberId) {
@@ -266,6 +270,12 @@ impl Window {
         held.into_iter()
             .filter_map(|(p, o)| self.fail(p, o, "the member holding it left", now))
             .collect()
+    }
+
+    /// A member left holding on to its deliveries (`hold_on_leave`): they stay out until
+    /// acked, nacked or their deadline passes, and count against no member.
+    pub fn detach(&mut self, member: MemberId) {
+        self.out.remove(&member);
     }
 
     /// Deliveries not acked within their member's `ack_wait` fail.

@@ -9,6 +9,8 @@
 //!   mod.rs        the server: services, limits, the request-size answer
 //!   service/      tern.v1.Tern, call by call
 //!   compat/       the seeds' broker.Broker services, made of tern.v1 calls
+//!   rest/         the REST API (HTTP/1.1, JSON, problems), made of tern.v1 calls
+//!   call.rs       the caller, carried into those tern.v1 calls
 //!   subscribe.rs  Subscribe streams (a follower per partition)
 //!   auth.rs       who is calling (token, client certificate, forwarding node) and may they
 //!   quota.rs      per-principal rates: slowed, then RESOURCE_EXHAUSTED
@@ -19,9 +21,11 @@
 //! ```
 
 pub mod auth;
+mod call;
 mod compat;
 mod peer;
 pub mod quota;
+mod rest;
 mod service;
 pub mod status;
 mod subscribe;
@@ -82,14 +86,29 @@ pub async fn serve(
     .max_decoding_message_size(cfg.max_request_bytes);
     let seed = compat.map(|listener| {
         tokio::spawn(serve_seed(
-            service,
+            service.clone(),
             health_service.clone(),
             listener,
             shutdown.clone(),
         ))
     });
     let limit = cfg.max_request_bytes;
+    // Both versions of reflection: grpcurl speaks v1, grpcio-reflection (1.85) and many other
+    // clients still only v1alpha. REST (HTTP/1.1) shares the port: gRPC calls go by their
+    // service's path, the rest to the REST routes or their fallback.
+    let grpc = tonic::service::Routes::new(health_service)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .add_service(tern)
+        .add_service(thesis)
+        .add_service(peer);
+    let routes = tonic::service::Routes::from(
+        grpc.into_axum_router()
+            .merge(rest::router(service))
+            .fallback(rest::fallback),
+    );
     tonic::transport::Server::builder()
+        .accept_http1(true)
         .max_concurrent_streams(Some(cfg.max_concurrent_streams))
         .tcp_nodelay(true)
         .layer(timed::TimedLayer)
@@ -104,14 +123,7 @@ pub async fn serve(
                 _ => r,
             },
         ))
-        .add_service(health_service)
-        // Both versions of reflection: grpcurl speaks v1, grpcio-reflection (1.85) and many
-        // other clients still only v1alpha.
-        .add_service(reflection().build_v1()?)
-        .add_service(reflection().build_v1alpha()?)
-        .add_service(tern)
-        .add_service(thesis)
-        .add_service(peer)
+        .add_routes(routes)
         // Our own accept loop (crate::tls): TLS handshakes off the loop, reloadable
         // certificates, a connection limit, and Nagle off (tonic's `tcp_nodelay` applies only
         // to listeners it creates; without it, small streamed responses waited for delayed

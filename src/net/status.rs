@@ -37,6 +37,11 @@ pub fn is_removed(s: &Status) -> bool {
     s.metadata().contains_key(metadata::REMOVED)
 }
 
+/// Whether a status says nothing was done (safe to send the same request again).
+pub fn is_unwritten(s: &Status) -> bool {
+    s.metadata().contains_key(metadata::UNWRITTEN)
+}
+
 /// Marks a status as "nothing was done": safe to send again.
 pub fn mark_unwritten(s: &mut Status) {
     insert(s, metadata::UNWRITTEN, "1".into());

@@ -183,7 +183,8 @@ fn load(files: &TlsFiles, node: NodeId) -> Result<Loaded> {
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain.clone(), key.clone_key())
         .map_err(|e| file_error(&files.key, format!("does not match the certificate: {e}")))?;
-    server.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // HTTP/2 for gRPC, HTTP/1.1 for the REST API on the same port.
+    server.alpn_protocols = vec![ALPN_H2.to_vec(), b"http/1.1".to_vec()];
     let mut client = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| config_error(&e))?

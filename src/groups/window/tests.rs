@@ -62,6 +62,15 @@ impl Model {
             .collect()
     }
 
+    /// Every delivery out, held by a member or left by one that detached.
+    fn all_out(&self) -> Vec<u64> {
+        self.state
+            .iter()
+            .filter(|(_, s)| matches!(s, M::Out(_)))
+            .map(|(o, _)| *o)
+            .collect()
+    }
+
     /// A failed delivery: waiting again, or a dead letter (which must be reported once).
     fn failed(&mut self, o: u64, dead: &[DeadLetter]) {
         let reported = dead.iter().any(|d| d.offset == o);
@@ -124,6 +133,9 @@ fn the_queue_window_agrees_with_a_model() {
         floor: 0,
     };
     let mut members: BTreeSet<MemberId> = [1, 2].into();
+    // Members that left holding their deliveries (`detach`): ids are never reused.
+    let mut retired: BTreeSet<MemberId> = BTreeSet::new();
+    let mut next_id: MemberId = 4;
     let start = Instant::now();
     let mut now = start;
     let mut step = 0;
@@ -174,7 +186,8 @@ fn the_queue_window_agrees_with_a_model() {
                 }
             }
             40..=64 => {
-                let out: Vec<u64> = members.iter().flat_map(|m| model.out(*m)).collect();
+                // Acks come from anywhere: for members' deliveries and detached ones alike.
+                let out = model.all_out();
                 if let Some(&o) = out.get(rng.random_range(0..out.len().max(1))) {
                     assert_eq!(w.ack(&[(0, o)]), 1);
                     model.state.insert(o, M::Settled);
@@ -183,7 +196,7 @@ fn the_queue_window_agrees_with_a_model() {
                 }
             }
             65..=72 if !calm => {
-                let out: Vec<u64> = members.iter().flat_map(|m| model.out(*m)).collect();
+                let out = model.all_out();
                 if let Some(&o) = out.get(rng.random_range(0..out.len().max(1))) {
                     let delay = Duration::from_millis(rng.random_range(0..50));
                     let (n, dead) = w.nack(&[(0, o)], now + delay);
@@ -211,11 +224,21 @@ fn the_queue_window_agrees_with_a_model() {
             }
             85..=88 if !calm => {
                 let m = rng.random_range(1..=3);
-                if members.remove(&m) {
-                    let held = model.out(m);
-                    let dead = w.release(m, now);
-                    for o in held {
-                        model.failed(o, &dead);
+                if retired.contains(&m) {
+                    // Its id is never used again.
+                } else if members.remove(&m) {
+                    if retired.len() < 2 && rng.random_range(0..2) == 0 {
+                        // Left holding its deliveries: out until acked or expired.
+                        w.detach(m);
+                        retired.insert(m);
+                        members.insert(next_id);
+                        next_id += 1;
+                    } else {
+                        let held = model.out(m);
+                        let dead = w.release(m, now);
+                        for o in held {
+                            model.failed(o, &dead);
+                        }
                     }
                     assert_eq!(w.in_flight(m), 0);
                 } else {
@@ -237,7 +260,11 @@ fn the_queue_window_agrees_with_a_model() {
             95..=99 if !calm => {
                 // A member's stream was full: its latest deliveries come back undelivered.
                 let m = rng.random_range(1..=3);
-                let held = model.out(m);
+                let held = if members.contains(&m) {
+                    model.out(m)
+                } else {
+                    vec![]
+                };
                 if let Some(&o) = held.last() {
                     w.undeliver(m, &[(0, o)], now);
                     *model.count.get_mut(&o).unwrap() -= 1;

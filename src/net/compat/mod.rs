@@ -17,9 +17,9 @@ pub mod thesis;
 
 use std::sync::Arc;
 
-use tonic::metadata::MetadataMap;
-use tonic::{Code, Extensions, Request, Status};
+use tonic::{Code, Status};
 
+use super::call::Call;
 use super::service::TernService;
 use super::status::from_broker;
 use crate::proto::v1 as pb;
@@ -28,32 +28,6 @@ use crate::proto::v1::tern_server::Tern;
 /// Topics created on first use have one partition, so the seeds' order (per topic, per
 /// subject) is the partition's.
 const AUTO_CREATED_PARTITIONS: u32 = 1;
-
-/// Who called, as tonic handed it over: metadata (credentials) and the connection's details
-/// (client certificate). Inner calls are made in the caller's name.
-#[derive(Clone)]
-struct Call {
-    metadata: MetadataMap,
-    extensions: Extensions,
-}
-
-impl Call {
-    fn split<T>(request: Request<T>) -> (Call, T) {
-        let (metadata, extensions, message) = request.into_parts();
-        (
-            Call {
-                metadata,
-                extensions,
-            },
-            message,
-        )
-    }
-
-    /// A `tern.v1` request in the caller's name.
-    fn request<T>(&self, message: T) -> Request<T> {
-        Request::from_parts(self.metadata.clone(), self.extensions.clone(), message)
-    }
-}
 
 /// Makes sure `topic` exists: creates it with one partition if it does not and the node
 /// creates topics on first use (the caller needs the create right, as for CreateTopic).

@@ -10,12 +10,18 @@ use std::sync::Arc;
 use futures::StreamExt;
 use tonic::{Code, Request, Response, Status};
 
-use super::{ensure_topic, Call};
+use super::ensure_topic;
+use crate::net::call::Call;
 use crate::net::service::{BoxStream, TernService};
 use crate::proto::seed;
 use crate::proto::seed::broker_server::Broker;
 use crate::proto::v1 as pb;
 use crate::proto::v1::tern_server::Tern;
+
+/// How often, and how long apart, a Fetch asks again while this node's replica catches up
+/// with a record the leader has committed (2 s in all; a follower is a heartbeat behind).
+const CATCH_UP_TRIES: u32 = 40;
+const CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 pub struct SeedService {
     pub tern: Arc<TernService>,
@@ -68,7 +74,7 @@ impl Broker for SeedService {
             }],
             ..Default::default()
         };
-        let resp = self.tern.publish(call.request(publish)).await?.into_inner();
+        let resp = crate::net::call::publish(&self.tern, &call, publish).await?;
         let ack = resp
             .acks
             .first()
@@ -147,24 +153,52 @@ impl Broker for SeedService {
             Err(s) if s.code() == Code::NotFound => return Err(unknown()),
             r => r?,
         }
+        // The committed range as the leader has it: an id below its end was acknowledged, so
+        // it is found even through a follower a heartbeat behind (which is waited for).
+        let offsets = pb::ListOffsetsRequest {
+            topic: r.subject.clone(),
+            partitions: vec![0],
+            position: None,
+        };
+        let range = self
+            .tern
+            .list_offsets(call.request(offsets))
+            .await?
+            .into_inner()
+            .partitions
+            .into_iter()
+            .next()
+            .ok_or_else(|| Status::internal("ListOffsets answered without the partition"))?;
+        let id = r.id as u64;
+        if id < range.start_offset || id >= range.end_offset {
+            return Err(unknown());
+        }
         let fetch = pb::FetchRequest {
             topic: r.subject.clone(),
             partition: 0,
-            offset: r.id as u64,
+            offset: id,
             max_records: 1,
             max_bytes: 0,
             max_wait_ms: 0,
         };
-        let records = match self.tern.fetch(call.request(fetch)).await {
-            Ok(f) => f.into_inner().records,
-            Err(s) if matches!(s.code(), Code::OutOfRange | Code::NotFound) => {
-                return Err(unknown())
+        let mut attempts = 0;
+        let records = loop {
+            match self.tern.fetch(call.request(fetch.clone())).await {
+                Ok(f) => break f.into_inner().records,
+                // This node's replica has not committed it yet.
+                Err(s) if s.code() == Code::OutOfRange && attempts < CATCH_UP_TRIES => {
+                    attempts += 1;
+                    tokio::time::sleep(CATCH_UP_WAIT).await;
+                }
+                Err(s) if matches!(s.code(), Code::OutOfRange | Code::NotFound) => {
+                    return Err(unknown())
+                }
+                Err(s) => return Err(s),
             }
-            Err(s) => return Err(s),
         };
         // A read from an expired (or control) offset returns the next record after it.
         match records.into_iter().next() {
-            Some(rec) if rec.offset == r.id as u64 => {
+            Some(rec) if rec.offset == id => {
                 Ok(Response::new(seed::MessageResponse { body: rec.value }))
             }
             _ => Err(unknown()),

@@ -6,12 +6,12 @@ use std::sync::Arc;
 use futures::StreamExt;
 use tonic::{Request, Response, Status};
 
-use super::{ensure_topic, Call};
+use super::ensure_topic;
+use crate::net::call::Call;
 use crate::net::service::{BoxStream, TernService};
 use crate::proto::thesis as seed;
 use crate::proto::thesis::broker_server::Broker;
 use crate::proto::v1 as pb;
-use crate::proto::v1::tern_server::Tern;
 
 /// Start times at or above this are Unix milliseconds, below it Unix seconds (10^11 seconds is
 /// the year 5138; 10^11 milliseconds is 1973).
@@ -66,7 +66,7 @@ impl Broker for ThesisService {
             }],
             ..Default::default()
         };
-        let resp = self.tern.publish(call.request(publish)).await?.into_inner();
+        let resp = crate::net::call::publish(&self.tern, &call, publish).await?;
         let ack = resp
             .acks
             .first()

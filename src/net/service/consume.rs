@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
-use tonic::{Request, Status, Streaming};
+use tonic::Status;
 
 use super::BoxStream;
 use crate::broker::{Broker, BrokerError};
@@ -44,15 +44,19 @@ where
     broker.call_peer(node, call).await.map_err(from_broker)
 }
 
+/// A member's call: `inbound` is the member's requests (a join first), from a Consume call or
+/// from the REST API.
 pub async fn consume(
     broker: Arc<Broker>,
     groups: Arc<Groups>,
     auth: Arc<Auth>,
     caller: Caller,
-    request: Request<Streaming<pb::ConsumeRequest>>,
+    mut inbound: impl futures::Stream<Item = Result<pb::ConsumeRequest, Status>>
+        + Send
+        + Unpin
+        + 'static,
 ) -> Result<BoxStream<pb::ConsumeResponse>, Status> {
     let coordinator = coordinator(&broker, &caller).await?;
-    let mut inbound = request.into_inner();
     if coordinator != broker.node_id() {
         // The metadata leader coordinates groups: relay the call to it.
         let (tx, rx) = tokio::sync::mpsc::channel(RELAY_DEPTH);
@@ -60,8 +64,8 @@ pub async fn consume(
         tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    m = inbound.message() => match m {
-                        Ok(Some(m)) => {
+                    m = inbound.next() => match m {
+                        Some(Ok(m)) => {
                             if tx.send(m).await.is_err() {
                                 break;
                             }
@@ -92,8 +96,9 @@ pub async fn consume(
     }
     let join_first = || Status::invalid_argument("the first request must be a join");
     let first = inbound
-        .message()
-        .await?
+        .next()
+        .await
+        .transpose()?
         .and_then(|m| m.kind)
         .ok_or_else(join_first)?;
     let pb::consume_request::Kind::Join(join) = first else {
@@ -125,11 +130,11 @@ pub async fn consume(
         let broker = b;
         loop {
             tokio::select! {
-                m = inbound.message() => match m {
-                    Ok(Some(pb::ConsumeRequest { kind: Some(kind) })) => {
+                m = inbound.next() => match m {
+                    Some(Ok(pb::ConsumeRequest { kind: Some(kind) })) => {
                         groups.request(&key, member, kind).await
                     }
-                    Ok(Some(_)) => {}
+                    Some(Ok(_)) => {}
                     _ => break,
                 },
                 _ = broker.closed() => break,

@@ -16,7 +16,7 @@
 //! charged to its principal's quota (`net/quota.rs`), before it does anything.
 
 mod admin;
-mod consume;
+pub(in crate::net) mod consume;
 mod publish;
 mod read;
 mod security;
@@ -294,7 +294,7 @@ impl Tern for TernService {
             self.groups.clone(),
             self.auth.clone(),
             caller,
-            request,
+            request.into_inner(),
         )
         .await
         .map(Response::new)
