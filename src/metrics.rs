@@ -152,6 +152,16 @@ pub const RPCS: &[(&str, &str)] = &[
     ("tern.internal.v1.Peer", "Exchange"),
     ("tern.internal.v1.Peer", "Propose"),
     ("tern.internal.v1.Peer", "SetFault"),
+    ("broker.Broker", "Publish"),
+    ("broker.Broker", "Subscribe"),
+    ("broker.Broker", "Fetch"),
+    ("rest", "CreateTopic"),
+    ("rest", "DeleteTopic"),
+    ("rest", "Publish"),
+    ("rest", "Subscribe"),
+    ("rest", "Ack"),
+    ("rest", "Nack"),
+    ("rest", "OpenAPI"),
     ("other", "other"),
 ];
 
@@ -176,9 +186,26 @@ pub const CODES: [&str; 17] = [
     "UNAUTHENTICATED",
 ];
 
-/// The index in [`RPCS`] of a request path such as `/tern.v1.Tern/Publish`.
-pub fn rpc_index(path: &str) -> usize {
+/// The index in [`RPCS`] of a request: a gRPC path such as `/tern.v1.Tern/Publish`, or a REST
+/// route (`POST /topics/{topic}/publish` is `rest`, `Publish`).
+pub fn rpc_index(method: &str, path: &str) -> usize {
     let other = RPCS.len() - 1;
+    let rest = |name: &str| {
+        RPCS.iter()
+            .position(|(s, m)| *s == "rest" && *m == name)
+            .unwrap_or(other)
+    };
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (method, segments.as_slice()) {
+        ("POST", ["topics"]) => return rest("CreateTopic"),
+        ("DELETE", ["topics", _]) => return rest("DeleteTopic"),
+        ("POST", ["topics", _, "publish"]) => return rest("Publish"),
+        ("GET", ["topics", _, "subscribe"]) => return rest("Subscribe"),
+        ("POST", ["topics", _, "ack"]) => return rest("Ack"),
+        ("POST", ["topics", _, "nack"]) => return rest("Nack"),
+        ("GET", ["openapi.json"]) => return rest("OpenAPI"),
+        _ => {}
+    }
     let Some((service, method)) = path.trim_start_matches('/').split_once('/') else {
         return other;
     };
@@ -298,13 +325,28 @@ mod tests {
 
     #[test]
     fn paths_map_to_their_method_or_other() {
-        assert_eq!(RPCS[rpc_index("/tern.v1.Tern/Publish")].1, "Publish");
+        let at = |m, p| RPCS[rpc_index(m, p)];
         assert_eq!(
-            RPCS[rpc_index("/tern.internal.v1.Peer/Exchange")].1,
-            "Exchange"
+            at("POST", "/tern.v1.Tern/Publish"),
+            ("tern.v1.Tern", "Publish")
         );
-        assert_eq!(rpc_index("/grpc.health.v1.Health/Check"), RPCS.len() - 1);
-        assert_eq!(rpc_index("nonsense"), RPCS.len() - 1);
+        assert_eq!(
+            at("POST", "/tern.internal.v1.Peer/Exchange"),
+            ("tern.internal.v1.Peer", "Exchange")
+        );
+        assert_eq!(
+            at("POST", "/broker.Broker/Fetch"),
+            ("broker.Broker", "Fetch")
+        );
+        assert_eq!(at("POST", "/topics/orders/publish"), ("rest", "Publish"));
+        assert_eq!(at("GET", "/topics/orders/subscribe"), ("rest", "Subscribe"));
+        assert_eq!(at("DELETE", "/topics/orders"), ("rest", "DeleteTopic"));
+        assert_eq!(at("POST", "/topics"), ("rest", "CreateTopic"));
+        let other = RPCS.len() - 1;
+        assert_eq!(rpc_index("POST", "/grpc.health.v1.Health/Check"), other);
+        assert_eq!(rpc_index("GET", "/topics/orders/publish"), other);
+        assert_eq!(rpc_index("GET", "/topics/a/b/c"), other);
+        assert_eq!(rpc_index("POST", "nonsense"), other);
     }
 
     #[test]

@@ -91,6 +91,37 @@ fn the_quickstart_runs_as_written() {
     assert!(out.contains("deleted topic orders"), "{out}");
 }
 
+#[test]
+fn the_rest_block_runs_as_written() {
+    node_support::tools::tool("curl");
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(dir.path(), &[]);
+    let (ok, out, err) = run(
+        &block("rest"),
+        Path::new(env!("CARGO_MANIFEST_DIR")),
+        &[("TERN_SERVER", &node.addr)],
+    );
+    assert!(ok, "the REST block failed:\n{out}\n{err}");
+    assert!(out.contains(r#""name":"events","partitions":1"#), "{out}");
+    // Published, read by the long poll and by SSE (an event with the message id), delivered to
+    // the group and acked, then deleted.
+    let id = out
+        .split(r#"{"messageId":""#)
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .expect("the publish answered a message id");
+    assert!(
+        out.contains(&format!(r#"[{{"messageId":"{id}","partition":0"#)),
+        "{out}"
+    );
+    assert!(out.contains(&format!("id: {id}\ndata: ")), "{out}");
+    assert!(
+        out.contains(&format!(r#"{{"messageId":"{id}-workers"}}"#)),
+        "{out}"
+    );
+    assert!(out.trim_end().ends_with("204"), "{out}");
+}
+
 /// The block with each of its loopback addresses (`127.0.0.1:70xx`) on a free port instead
 /// (the block's own may be taken here).
 fn on_free_ports(script: &str) -> String {

@@ -1,4 +1,4 @@
-//! Times every call by method and status code (`metrics::NODE.requests`), and wraps it in a
+//! Times every call (gRPC, and REST by route) by method and status code (`metrics::NODE.requests`), and wraps it in a
 //! `tern::rpc` span (exported over OTLP when configured), as a tower layer under tonic. The time runs to the response's headers: a unary call's whole handling, and
 //! a stream's opening. The code is the one in the headers (tonic answers an error with its
 //! status there); a call answered with headers but no status has so far succeeded (OK).
@@ -42,7 +42,7 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let path = req.uri().path();
-        let rpc = metrics::rpc_index(path);
+        let rpc = metrics::rpc_index(req.method().as_str(), path);
         let (service, method) = metrics::RPCS[rpc];
         // Made only when a layer takes it (the OTLP exporter): otherwise the level check is
         // all it costs, and the fields are not evaluated.
@@ -83,7 +83,11 @@ where
         let mut this = self.project();
         let r = std::task::ready!(this.inner.as_mut().poll(cx));
         let code = match &r {
-            Ok(resp) => status_code(resp.headers()),
+            Ok(resp) => match resp.extensions().get::<tonic::Code>() {
+                // A REST answer says which gRPC code it stands for.
+                Some(c) => *c as usize,
+                None => status_code(resp.headers()),
+            },
             Err(_) => 13, // INTERNAL: the transport failed the call
         };
         metrics::NODE

@@ -19,6 +19,8 @@ pub struct Problem {
     code: &'static str,
     #[serde(skip)]
     retry_after_ms: Option<u64>,
+    #[serde(skip)]
+    grpc: Code,
 }
 
 /// The HTTP status standing for a gRPC code.
@@ -55,6 +57,7 @@ impl Problem {
             detail: detail.into(),
             code: code_name(code),
             retry_after_ms: None,
+            grpc: code,
         }
     }
 
@@ -91,6 +94,8 @@ impl IntoResponse for Problem {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = serde_json::to_vec(&self).unwrap_or_default();
         let mut r = (status, body).into_response();
+        // For the request metrics (`net::timed`): the gRPC code this answer stands for.
+        r.extensions_mut().insert(self.grpc);
         let h = r.headers_mut();
         h.insert(
             header::CONTENT_TYPE,
