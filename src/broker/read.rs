@@ -17,6 +17,9 @@ use crate::types::{NodeId, Offset};
 /// How much longer than its long poll a read relayed to another node may take.
 const RELAY_SLACK: Duration = Duration::from_secs(30);
 
+/// How long a follower waits for its leader's offsets before it answers from its own view.
+const LEADER_ASK_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// What to read from a partition.
 #[derive(Clone, Copy, Debug)]
 pub struct Read {
@@ -174,7 +177,8 @@ impl Broker {
         };
         let r = self
             .call_peer(node, |mut c| {
-                let call = self.relay(req, origin);
+                let mut call = self.relay(req, origin);
+                call.set_timeout(LEADER_ASK_TIMEOUT);
                 async move { c.list_offsets(call).await }
             })
             .await?;

@@ -216,7 +216,6 @@ pub async fn consume(a: SubArgs) -> anyhow::Result<()> {
         ack_wait_ms: a.ack_wait_ms,
         max_deliveries: a.max_deliveries,
         dead_letter_topic: a.dlq.clone().unwrap_or_default(),
-        hold_on_leave: false,
     };
     let mut seen = 0u64;
     if a.count == Some(0) {

@@ -344,6 +344,12 @@ impl Group {
                     Kind::Nack(n) => {
                         self.nack(&delivery_refs(&n.deliveries), nack_delay(n.delay_ms));
                     }
+                    Kind::Leave(l) => {
+                        let hold = delivery_refs(&l.hold);
+                        let hold = (!l.hold_all).then_some(hold.as_slice());
+                        self.window.leave_holding(member, hold, Instant::now());
+                        self.remove(member, None);
+                    }
                 }
             }
             Event::Leave { member } => self.remove(member, None),
@@ -439,7 +445,6 @@ impl Group {
             return;
         };
         tracing::debug!(group = %self.key.0, member, "member left");
-        let held = why.is_none() && m.settings.hold_on_leave;
         if let Some(e) = why {
             tell(&m.out, e);
         }
@@ -450,13 +455,10 @@ impl Group {
                 self.revoking.remove(&(p as u32));
             }
         }
-        if held {
-            // Acked later from anywhere, or redelivered once their ack_wait passes.
-            self.window.detach(member);
-        } else {
-            for letter in self.window.release(member, Instant::now()) {
-                self.dead_letter(letter);
-            }
+        // A member that left by a Leave request holds nothing here any more
+        // (`Window::leave_holding`); any other departure fails what it held.
+        for letter in self.window.release(member, Instant::now()) {
+            self.dead_letter(letter);
         }
         self.rebalance();
     }

@@ -25,8 +25,6 @@ pub struct Settings {
     pub ack_wait: Duration,
     pub max_deliveries: u32,
     pub dlq: String,
-    /// Queue: deliveries it holds stay out when it leaves (`JoinGroup.hold_on_leave`).
-    pub hold_on_leave: bool,
 }
 
 impl Settings {
@@ -109,7 +107,6 @@ pub fn validate_join(broker: &Broker, j: pb::JoinGroup) -> Result<(GroupKey, Mod
             ack_wait: Duration::from_millis(ack_wait as u64),
             max_deliveries,
             dlq,
-            hold_on_leave: j.hold_on_leave,
         },
     ))
 }

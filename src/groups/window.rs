@@ -24,6 +24,9 @@ use crate::proto::v1 as pb;
 
 /// Records held per partition (delivered or waiting), and their bytes.
 pub const WINDOW: usize = 1000;
+/// The holder of deliveries whose member left keeping them (`detach`): no member has this id
+/// (ids count up from 1).
+const DETACHED: MemberId = 0;
 pub const WINDOW_BYTES: usize = 8 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -272,10 +275,41 @@ impl Window {
             .collect()
     }
 
-    /// A member left holding on to its deliveries (`hold_on_leave`): they stay out until
-    /// acked, nacked or their deadline passes, and count against no member.
+    /// A member left holding on to its deliveries: they stay out until acked, nacked or their
+    /// deadline passes, held by no member (no release of a member touches them again).
     pub fn detach(&mut self, member: MemberId) {
         self.out.remove(&member);
+        for part in &mut self.parts {
+            for slot in part.slots.values_mut() {
+                if let State::Out {
+                    member: m,
+                    deadline,
+                } = slot.state
+                {
+                    if m == member {
+                        slot.state = State::Out {
+                            member: DETACHED,
+                            deadline,
+                        };
+                    }
+                }
+            }
+        }
+    }
+
+    /// A member leaves keeping `hold` (or all it holds): those stay out (`detach`); the rest go
+    /// back as if never delivered (it never handed them on).
+    pub fn leave_holding(&mut self, member: MemberId, hold: Option<&[(u32, u64)]>, now: Instant) {
+        if let Some(hold) = hold {
+            let keep: BTreeSet<(u32, u64)> = hold.iter().copied().collect();
+            let back: Vec<(u32, u64)> = self
+                .held(|s| matches!(s, State::Out { member: m, .. } if m == member))
+                .into_iter()
+                .filter(|r| !keep.contains(r))
+                .collect();
+            self.undeliver(member, &back, now);
+        }
+        self.detach(member);
     }
 
     /// Deliveries not acked within their member's `ack_wait` fail.

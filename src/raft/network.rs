@@ -51,6 +51,17 @@ impl RaftNetworkFactory<PartitionRaft> for GroupNetwork {
     }
 }
 
+/// The slowest transfer a call's time allows for: its bytes at this rate, on top of openraft's
+/// limit (one heartbeat interval), which an append of a large batch cannot meet: a 12 MB batch
+/// timed out at every try under a 50 ms heartbeat and never replicated (found by the tests'
+/// large-record client on a debug build).
+const TRANSFER_BYTES_PER_SEC_MIN: u64 = 4 << 20;
+
+/// Extra time for a call carrying `bytes` of records.
+fn transfer_time(bytes: usize) -> std::time::Duration {
+    std::time::Duration::from_millis(bytes as u64 * 1000 / TRANSFER_BYTES_PER_SEC_MIN)
+}
+
 fn unreachable(e: RaftError) -> RPCError<PartitionRaft> {
     RPCError::Unreachable(Unreachable::new(&e))
 }
@@ -61,6 +72,17 @@ impl GroupClient {
         body: pb::raft_request::Body,
         option: &RPCOption,
     ) -> Result<Bytes, RPCError<PartitionRaft>> {
+        let payload_bytes = match &body {
+            pb::raft_request::Body::Append(a) => a
+                .entries
+                .iter()
+                .map(|e| match &e.payload {
+                    Some(pb::entry::Payload::Batch(b)) => b.len(),
+                    _ => 0,
+                })
+                .sum(),
+            _ => 0,
+        };
         let (tx, rx) = oneshot::channel();
         let out = Outgoing {
             core: self.core,
@@ -74,7 +96,7 @@ impl GroupClient {
         self.transport
             .send(self.target, &self.addr, out)
             .map_err(unreachable)?;
-        let ttl = option.hard_ttl();
+        let ttl = option.hard_ttl() + transfer_time(payload_bytes);
         match glommio::timer::timeout(ttl, async { Ok(rx.await) }).await {
             Ok(Ok(Ok(bytes))) => Ok(bytes),
             Ok(Ok(Err(e))) => Err(unreachable(e)),

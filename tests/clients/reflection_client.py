@@ -107,7 +107,10 @@ def check(name, values):
 fetch = unary(read_ch, "Fetch", "FetchResponse")
 for max_bytes in [0, 2 * 1024 * 1024]:
     values, offset, largest, responses = [], 0, 0, 0
+    deadline = time.time() + 120
     while len(values) < N:
+        if time.time() > deadline:
+            fail(f"fetch max_bytes={max_bytes}: {len(values)} of {N} records in 120 s")
         r = fetch(M("FetchRequest")(topic=topic, partition=0, offset=offset,
                                     max_bytes=max_bytes, max_wait_ms=1000), timeout=30)
         size = r.ByteSize()
@@ -116,9 +119,9 @@ for max_bytes in [0, 2 * 1024 * 1024]:
             fail(f"fetch max_bytes={max_bytes}: {len(r.records)} records in {size} bytes")
         largest = max(largest, size)
         values += [rec.value for rec in r.records]
-        if r.next_offset <= offset and not r.records:
-            fail(f"fetch from {offset} made no progress: {r}")
-        offset = r.next_offset
+        # An empty answer is a long poll that ran out (this node's replica still catching up
+        # with 25 MB): ask again.
+        offset = max(offset, r.next_offset)
         responses += 1
     check(f"fetch max_bytes={max_bytes}", values)
     print(f"fetch max_bytes={max_bytes or 'default'}: {N} records in {responses} responses, "

@@ -228,8 +228,21 @@ fn the_queue_window_agrees_with_a_model() {
                     // Its id is never used again.
                 } else if members.remove(&m) {
                     if retired.len() < 2 && rng.random_range(0..2) == 0 {
-                        // Left holding its deliveries: out until acked or expired.
-                        w.detach(m);
+                        // Left by a Leave request keeping some deliveries: those stay out
+                        // until acked or expired, the rest go back as if never delivered.
+                        let held = model.out(m);
+                        let keep: Vec<(u32, u64)> = held
+                            .iter()
+                            .filter(|_| rng.random_range(0..2) == 0)
+                            .map(|o| (0, *o))
+                            .collect();
+                        w.leave_holding(m, Some(&keep), now);
+                        for o in held {
+                            if !keep.contains(&(0, o)) {
+                                *model.count.get_mut(&o).unwrap() -= 1;
+                                model.state.insert(o, M::Waiting);
+                            }
+                        }
                         retired.insert(m);
                         members.insert(next_id);
                         next_id += 1;

@@ -18,8 +18,10 @@ use crate::proto::seed::broker_server::Broker;
 use crate::proto::v1 as pb;
 use crate::proto::v1::tern_server::Tern;
 
-/// How often, and how long apart, a Fetch asks again while this node's replica catches up
-/// with a record the leader has committed (2 s in all; a follower is a heartbeat behind).
+/// How long a Fetch waits for this node's replica to catch up with a record the leader has
+/// committed (a follower is a heartbeat behind): the long poll when the replica's end is the
+/// id, and asking again, 50 ms apart, while its end is short of it.
+const CATCH_UP_WAIT_MS: u32 = 2000;
 const CATCH_UP_TRIES: u32 = 40;
 const CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 
@@ -98,6 +100,7 @@ impl Broker for SeedService {
         let caller = self.tern.caller(&request).await?;
         let (call, r) = Call::split(request);
         ensure_topic(&self.tern, &call, &r.subject).await?;
+        self.one_partition(&r.subject)?;
         let changes = futures::stream::iter([Ok(pb::SubscribeRequest {
             add: vec![pb::TopicSubscription {
                 topic: r.subject,
@@ -179,7 +182,8 @@ impl Broker for SeedService {
             offset: id,
             max_records: 1,
             max_bytes: 0,
-            max_wait_ms: 0,
+            // The leader has it: a follower at the id's offset waits for its commit.
+            max_wait_ms: CATCH_UP_WAIT_MS,
         };
         let mut attempts = 0;
         let records = loop {

@@ -2,9 +2,10 @@
 //!
 //! A message's id names where it lives, `<partition>-<offset>`; a delivery from a queue group
 //! also names the group, `<partition>-<offset>-<group>`, so that an ack needs nothing else.
-//! A group subscription joins the queue group with `hold_on_leave`: the deliveries it got stay
-//! out after the poll returns, until acked (from any node) or their ack wait passes, after which
-//! they are redelivered, and dead-lettered after `max_deliveries`.
+//! A group poll joins the queue group and leaves (a `Leave` request) holding exactly the
+//! deliveries it answers with: they stay out until acked (from any node) or their ack wait
+//! passes, after which they are redelivered, and dead-lettered after `max_deliveries`; what
+//! else was dispatched to it goes back to others as never delivered.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -36,6 +37,10 @@ const WAIT_DEFAULT_MS: u64 = 1000;
 const WAIT_MAX_MS: u64 = 30_000;
 /// How often a group subscription over SSE tells the coordinator it is there.
 const HEARTBEAT: Duration = Duration::from_secs(3);
+/// How long a group poll waits, after answering, for its leave to reach the coordinator.
+const LEAVE_WAIT: Duration = Duration::from_secs(5);
+/// Requests a REST member's Consume call buffers (join, heartbeats, leave).
+const MEMBER_REQUESTS: usize = 8;
 /// An SSE comment line this often keeps proxies from closing an idle stream.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
@@ -233,7 +238,8 @@ pub async fn subscribe(
     let call = Call::from_http(&parts);
     let caller = tern.caller(&call.request(())).await?;
     let encoding = q.encoding;
-    let messages: BoxStream<Vec<Message>> = match q.group {
+    let group = match q.group {
+        Some(group) => group,
         None => {
             if q.ack_wait_ms.is_some() || q.max_deliveries.is_some() {
                 return Err(Problem::bad_request(
@@ -255,7 +261,7 @@ pub async fn subscribe(
                 changes,
             )
             .await?;
-            let messages = records.map(move |r| {
+            let messages: BoxStream<Vec<Message>> = Box::pin(records.map(move |r| {
                 r.map(|batch| {
                     batch
                         .records
@@ -263,65 +269,97 @@ pub async fn subscribe(
                         .map(|r| message(r, encoding, None, None))
                         .collect()
                 })
-            });
-            Box::pin(messages)
-        }
-        Some(group) => {
-            if q.partition.is_some() {
-                return Err(Problem::bad_request(
-                    "partition does not apply to a group subscription: the group hands out \
-                     records from every partition",
-                ));
+            }));
+            if sse {
+                return Ok(sse_response(messages));
             }
-            let start_latest = match q.offset.as_deref() {
-                None | Some("earliest") => false,
-                Some("latest") => true,
-                Some(o) => {
-                    return Err(Problem::bad_request(format!(
-                        "offset {o:?}: a group starts where it left off, else at earliest or \
-                         latest"
-                    )))
-                }
-            };
-            let join = pb::JoinGroup {
-                group: group.clone(),
-                topic,
-                mode: pb::GroupMode::Queue as i32,
-                member_name: "rest".into(),
-                max_in_flight: max,
-                start_latest,
-                ack_wait_ms: q.ack_wait_ms.unwrap_or(0),
-                max_deliveries: q.max_deliveries.unwrap_or(0),
-                hold_on_leave: true,
-                ..Default::default()
-            };
-            queue_member(&tern, caller, join, encoding, group).await?
+            let mut messages = messages;
+            let got = poll(&mut messages, max as usize, Duration::from_millis(wait)).await?;
+            return Ok(Json(got).into_response());
         }
     };
-    if sse {
-        // Each message an event (its id the message id); a failure ends the stream with an
-        // `error` event carrying the problem.
-        let events = messages
-            .scan(false, |ended, r| {
-                let out = match r {
-                    _ if *ended => None,
-                    Ok(ms) => Some(ms.iter().map(event).collect::<Vec<_>>()),
-                    Err(s) => {
-                        *ended = true;
-                        let problem = serde_json::to_string(&Problem::from(s)).unwrap_or_default();
-                        Some(vec![Event::default().event("error").data(problem)])
-                    }
-                };
-                futures::future::ready(out)
-            })
-            .flat_map(futures::stream::iter)
-            .map(Ok::<_, Infallible>);
-        return Ok(Sse::new(events)
-            .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
-            .into_response());
+    if q.partition.is_some() {
+        return Err(Problem::bad_request(
+            "partition does not apply to a group subscription: the group hands out records \
+             from every partition",
+        ));
     }
-    let got = poll(messages, max as usize, Duration::from_millis(wait)).await?;
-    Ok(Json(got).into_response())
+    let start_latest = match q.offset.as_deref() {
+        None | Some("earliest") => false,
+        Some("latest") => true,
+        Some(o) => {
+            return Err(Problem::bad_request(format!(
+                "offset {o:?}: a group starts where it left off, else at earliest or latest"
+            )))
+        }
+    };
+    let join = pb::JoinGroup {
+        group: group.clone(),
+        topic,
+        mode: pb::GroupMode::Queue as i32,
+        member_name: "rest".into(),
+        max_in_flight: max,
+        start_latest,
+        ack_wait_ms: q.ack_wait_ms.unwrap_or(0),
+        max_deliveries: q.max_deliveries.unwrap_or(0),
+        ..Default::default()
+    };
+    let (member, mut messages) = queue_member(&tern, caller, join, encoding, group).await?;
+    if sse {
+        // The stream owns the member: when the client goes away, the member leaves holding
+        // all it was sent (the client may ack any of it later).
+        let mut member = member;
+        member.hold_all_on_drop = true;
+        let messages: BoxStream<Vec<Message>> = Box::pin(messages.map(move |m| {
+            let _member = &member;
+            m
+        }));
+        return Ok(sse_response(messages));
+    }
+    let got = poll(&mut messages, max as usize, Duration::from_millis(wait)).await;
+    // Leave holding exactly what this poll answers with; whatever else was dispatched to the
+    // member goes back to others as never delivered. The answer waits until the coordinator
+    // has taken the leave (it then ends the member's stream), so it is not lost on the way.
+    let hold = got
+        .as_ref()
+        .map(|ms| {
+            ms.iter()
+                .map(|m| pb::DeliveryRef {
+                    partition: m.partition,
+                    offset: m.offset,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    member.leave(hold);
+    let _ = tokio::time::timeout(LEAVE_WAIT, async {
+        while messages.next().await.is_some() {}
+    })
+    .await;
+    Ok(Json(got?).into_response())
+}
+
+/// Server-Sent Events: each message an event (its id the message id); a failure ends the
+/// stream with an `error` event carrying the problem.
+fn sse_response(messages: BoxStream<Vec<Message>>) -> Response {
+    let events = messages
+        .scan(false, |ended, r| {
+            let out = match r {
+                _ if *ended => None,
+                Ok(ms) => Some(ms.iter().map(event).collect::<Vec<_>>()),
+                Err(s) => {
+                    *ended = true;
+                    let problem = serde_json::to_string(&Problem::from(s)).unwrap_or_default();
+                    Some(vec![Event::default().event("error").data(problem)])
+                }
+            };
+            futures::future::ready(out)
+        })
+        .flat_map(futures::stream::iter)
+        .map(Ok::<_, Infallible>);
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response()
 }
 
 fn event(m: &Message) -> Event {
@@ -331,10 +369,9 @@ fn event(m: &Message) -> Event {
 }
 
 /// A long poll: waits up to `wait` for the first messages, then takes what else is ready, up
-/// to `max`. Dropping the stream after ends the subscription (a group member leaves, holding
-/// what it was given).
+/// to `max`.
 async fn poll(
-    mut messages: BoxStream<Vec<Message>>,
+    messages: &mut BoxStream<Vec<Message>>,
     max: usize,
     wait: Duration,
 ) -> Result<Vec<Message>, Problem> {
@@ -352,40 +389,83 @@ async fn poll(
     Ok(got)
 }
 
-/// Joins a queue group as a member that holds its deliveries when it leaves, heartbeating
-/// while the returned stream lives; the stream carries its deliveries.
+type Requests = tokio::sync::mpsc::Sender<Result<pb::ConsumeRequest, tonic::Status>>;
+
+/// A REST queue-group member's side of its Consume call: its requests (the join, heartbeats,
+/// and a Leave at the end). Dropped without [`QueueMember::leave`], it leaves holding all it
+/// was sent (`hold_all_on_drop`: an event stream whose client went away) or nothing (a poll
+/// cancelled before it answered handed nothing on).
+struct QueueMember {
+    requests: Option<Requests>,
+    hold_all_on_drop: bool,
+}
+
+fn leave_request(hold: Vec<pb::DeliveryRef>, hold_all: bool) -> pb::ConsumeRequest {
+    pb::ConsumeRequest {
+        kind: Some(pb::consume_request::Kind::Leave(pb::Leave {
+            hold,
+            hold_all,
+        })),
+    }
+}
+
+impl QueueMember {
+    /// Leaves the group holding `hold`.
+    fn leave(mut self, hold: Vec<pb::DeliveryRef>) {
+        if let Some(tx) = self.requests.take() {
+            let _ = tx.try_send(Ok(leave_request(hold, false)));
+        }
+    }
+}
+
+impl Drop for QueueMember {
+    fn drop(&mut self) {
+        if let Some(tx) = self.requests.take() {
+            let _ = tx.try_send(Ok(leave_request(vec![], self.hold_all_on_drop)));
+        }
+    }
+}
+
+/// Joins a queue group; answers the member (heartbeating until it leaves) and its deliveries.
 async fn queue_member(
     tern: &Arc<TernService>,
     caller: crate::net::auth::Caller,
     join: pb::JoinGroup,
     encoding: Encoding,
     group: String,
-) -> Result<BoxStream<Vec<Message>>, Problem> {
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let heartbeats = futures::stream::unfold((), |()| async {
-        tokio::time::sleep(HEARTBEAT).await;
-        let beat = pb::ConsumeRequest {
-            kind: Some(pb::consume_request::Kind::Heartbeat(pb::Heartbeat {})),
-        };
-        Some((Ok(beat), ()))
-    });
-    let inbound = futures::stream::iter([Ok(pb::ConsumeRequest {
+) -> Result<(QueueMember, BoxStream<Vec<Message>>), Problem> {
+    let (tx, rx) = tokio::sync::mpsc::channel(MEMBER_REQUESTS);
+    tx.try_send(Ok(pb::ConsumeRequest {
         kind: Some(pb::consume_request::Kind::Join(join)),
-    })])
-    .chain(heartbeats)
-    .take_until(stop_rx);
+    }))
+    .map_err(|_| Problem::new(tonic::Code::Internal, "the join did not fit its channel"))?;
+    // Heartbeats while the member's sender lives (a weak one here does not keep it open).
+    let weak = tx.downgrade();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(HEARTBEAT).await;
+            let Some(tx) = weak.upgrade() else { return };
+            let beat = pb::ConsumeRequest {
+                kind: Some(pb::consume_request::Kind::Heartbeat(pb::Heartbeat {})),
+            };
+            if tx.send(Ok(beat)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let member = QueueMember {
+        requests: Some(tx),
+        hold_all_on_drop: false,
+    };
     let down = crate::net::service::consume::consume(
         tern.broker.clone(),
         tern.groups.clone(),
         tern.auth.clone(),
         caller,
-        Box::pin(inbound),
+        tokio_stream::wrappers::ReceiverStream::new(rx),
     )
     .await?;
     let messages = down.filter_map(move |r| {
-        // The member stays as long as this stream: dropping it drops `stop_tx`, which ends
-        // the member's requests, and the member leaves.
-        let _alive = &stop_tx;
         let out = match r {
             Ok(pb::ConsumeResponse {
                 kind: Some(Down::Deliveries(d)),
@@ -403,7 +483,7 @@ async fn queue_member(
         };
         futures::future::ready(out)
     });
-    Ok(Box::pin(messages))
+    Ok((member, Box::pin(messages)))
 }
 
 #[derive(Debug, Deserialize)]
