@@ -17,6 +17,12 @@ use crate::types::{NodeId, Offset};
 /// How much longer than its long poll a read relayed to another node may take.
 const RELAY_SLACK: Duration = Duration::from_secs(30);
 
+/// Whether a position is relative to the end of what is committed, which a follower's view
+/// has by up to a heartbeat later than its leader's.
+fn from_end(at: StartAt) -> bool {
+    matches!(at, StartAt::Latest | StartAt::Last(_) | StartAt::Time(_))
+}
+
 /// How long a follower waits for its leader's offsets before it answers from its own view.
 const LEADER_ASK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -113,29 +119,27 @@ impl Broker {
             // A position relative to the end is the leader's: a follower's commit index lags
             // by up to a heartbeat, and "latest" taken there would hand a subscriber records
             // acknowledged before it subscribed.
-            let from_end = matches!(at, StartAt::Latest | StartAt::Last(_) | StartAt::Time(_));
-            if from_end && !origin.relayed() {
-                if let Some(leader) = self.leader_elsewhere(topic, partition).await {
-                    match self
-                        .list_offsets_at(leader, topic, partition, at, origin)
-                        .await
-                    {
-                        Ok(o) => return Ok(o),
-                        // The leader cannot answer now: this replica's view, as before.
-                        Err(e) if e.retryable() => {}
-                        Err(e) => return Err(e),
-                    }
+            let leader = match from_end(at) {
+                true => self.leader_elsewhere(topic, partition).await,
+                false => None,
+            };
+            if let (Some(l), false) = (leader, origin.relayed()) {
+                if let Some(o) = self.at_leader(l, topic, partition, at, origin).await? {
+                    return Ok(o);
                 }
             }
             let key = topic.key(partition);
-            return Ok(self
+            let mut o = self
                 .shards
                 .ask(topic.core(partition), |reply| CoreRequest::ListOffsets {
                     key,
                     at,
                     reply,
                 })
-                .await?);
+                .await?;
+            // A relayed call is answered here; the caller may ask the leader (see below).
+            o.follower_of = leader;
+            return Ok(o);
         }
         if origin.relayed() {
             return Err(self.no_replica(topic, partition));
@@ -151,7 +155,34 @@ impl Broker {
                 async move { c.list_offsets(call).await }
             })
             .await?;
-        Self::listed(topic, partition, r)
+        let o = Self::listed(topic, partition, r)?;
+        // A follower answered from its own view: its leader's is current.
+        if let (Some(l), true) = (o.follower_of, from_end(at)) {
+            if let Some(o) = self.at_leader(l, topic, partition, at, origin).await? {
+                return Ok(o);
+            }
+        }
+        Ok(o)
+    }
+
+    /// The offsets as the leader `leader` answers them, or `None` when it cannot now (the
+    /// caller uses a follower's view instead).
+    async fn at_leader(
+        &self,
+        leader: NodeId,
+        topic: &Topic,
+        partition: u32,
+        at: StartAt,
+        origin: &Origin,
+    ) -> Result<Option<ListedOffsets>> {
+        match self
+            .list_offsets_at(leader, topic, partition, at, origin)
+            .await
+        {
+            Ok(o) => Ok(Some(o)),
+            Err(e) if e.retryable() => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// The leader of a partition this node holds a follower replica of, as the replica knows
@@ -206,6 +237,7 @@ impl Broker {
             start: Offset(p.start_offset),
             end: Offset(p.end_offset),
             offset: Offset(p.offset),
+            follower_of: (p.leader != 0).then_some(NodeId(p.leader)),
         })
     }
 

@@ -22,7 +22,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use tokio::task::AbortHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
@@ -36,6 +36,8 @@ use crate::proto::v1 as pb;
 use crate::shard::StartAt;
 use crate::types::Offset;
 
+/// Partitions whose start positions one subscribe change asks for at once.
+const START_ASKS_PARALLEL: usize = 32;
 /// Responses buffered per subscription before followers wait for the client.
 const CHANNEL_DEPTH: usize = 16;
 /// How long one long poll waits on its core before asking again.
@@ -118,8 +120,9 @@ pub async fn start(
 impl Subscription {
     /// Applies one change request. On error nothing from this request is applied.
     async fn apply(&mut self, req: pb::SubscribeRequest) -> Result<(), Status> {
-        // Resolve everything first, so a bad entry changes nothing.
-        let mut starts: Vec<(Arc<Topic>, u32, Offset)> = Vec::new();
+        // Resolve everything first, so a bad entry changes nothing; positions other than an
+        // offset are asked of the partitions (at their leaders) a few at a time.
+        let mut asks: Vec<(Arc<Topic>, u32, StartAt)> = Vec::new();
         for add in &req.add {
             self.auth.authorize(
                 &self.broker,
@@ -137,19 +140,31 @@ impl Subscription {
             };
             for &p in &parts {
                 topic.check_partition(p).map_err(from_broker)?;
-                let from = match at {
-                    StartAt::Offset(o) => o,
-                    at => {
-                        self.broker
-                            .list_offsets(&topic, p, at, &self.caller.origin())
-                            .await
-                            .map_err(from_broker)?
-                            .offset
-                    }
-                };
-                starts.push((topic.clone(), p, from));
+                asks.push((topic.clone(), p, at));
             }
         }
+        let origin = self.caller.origin();
+        let broker = &self.broker;
+        let starts: Vec<(Arc<Topic>, u32, Offset)> = futures::stream::iter(asks)
+            .map(|(topic, p, at)| {
+                let origin = origin.clone();
+                async move {
+                    let from = match at {
+                        StartAt::Offset(o) => o,
+                        at => {
+                            broker
+                                .list_offsets(&topic, p, at, &origin)
+                                .await
+                                .map_err(from_broker)?
+                                .offset
+                        }
+                    };
+                    Ok::<_, Status>((topic, p, from))
+                }
+            })
+            .buffered(START_ASKS_PARALLEL)
+            .try_collect()
+            .await?;
         for name in &req.remove {
             validate::topic_name(name)?;
         }

@@ -212,6 +212,9 @@ pub struct ListedOffsets {
     pub start: Offset,
     pub end: Offset,
     pub offset: Offset,
+    /// When a follower answered a position relative to the end from its own view: its
+    /// leader, whose answer is current.
+    pub follower_of: Option<crate::types::NodeId>,
 }
 
 /// Committed batches read from a partition.

@@ -53,3 +53,27 @@ async fn ensure_topic(tern: &Arc<TernService>, call: &Call, topic: &str) -> Resu
         Err(s) => Err(s),
     }
 }
+
+/// A subscription made of one request that adds `add`, each record as `f` makes it (a failure
+/// passed on, ending the stream).
+async fn subscribe<T: Send + 'static>(
+    tern: &TernService,
+    caller: crate::net::auth::Caller,
+    add: Vec<pb::TopicSubscription>,
+    f: impl Fn(pb::Record) -> T + Send + 'static,
+) -> Result<crate::net::service::BoxStream<T>, Status> {
+    use futures::StreamExt;
+    let changes = futures::stream::iter([Ok(pb::SubscribeRequest {
+        add,
+        remove: vec![],
+    })]);
+    let records =
+        crate::net::subscribe::start(tern.broker.clone(), tern.auth.clone(), caller, changes)
+            .await?;
+    Ok(Box::pin(records.flat_map(move |r| {
+        futures::stream::iter(match r {
+            Ok(batch) => batch.records.into_iter().map(|r| Ok(f(r))).collect(),
+            Err(status) => vec![Err(status)],
+        })
+    })))
+}

@@ -7,7 +7,6 @@
 
 use std::sync::Arc;
 
-use futures::StreamExt;
 use tonic::{Code, Request, Response, Status};
 
 use super::ensure_topic;
@@ -101,34 +100,18 @@ impl Broker for SeedService {
         let (call, r) = Call::split(request);
         ensure_topic(&self.tern, &call, &r.subject).await?;
         self.one_partition(&r.subject)?;
-        let changes = futures::stream::iter([Ok(pb::SubscribeRequest {
-            add: vec![pb::TopicSubscription {
-                topic: r.subject,
-                from: Some(pb::StartPosition {
-                    position: Some(pb::start_position::Position::Latest(true)),
-                }),
-                partitions: vec![],
-            }],
-            remove: vec![],
-        })]);
-        let records = crate::net::subscribe::start(
-            self.tern.broker.clone(),
-            self.tern.auth.clone(),
-            caller,
-            changes,
-        )
+        let add = vec![pb::TopicSubscription {
+            topic: r.subject,
+            from: Some(pb::StartPosition {
+                position: Some(pb::start_position::Position::Latest(true)),
+            }),
+            partitions: vec![],
+        }];
+        let messages = super::subscribe(&self.tern, caller, add, |r| seed::MessageResponse {
+            body: r.value,
+        })
         .await?;
-        let messages = records.flat_map(|r| {
-            futures::stream::iter(match r {
-                Ok(batch) => batch
-                    .records
-                    .into_iter()
-                    .map(|r| Ok(seed::MessageResponse { body: r.value }))
-                    .collect(),
-                Err(status) => vec![Err(status)],
-            })
-        });
-        Ok(Response::new(Box::pin(messages)))
+        Ok(Response::new(messages))
     }
 
     async fn fetch(

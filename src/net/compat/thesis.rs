@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use futures::StreamExt;
 use tonic::{Request, Response, Status};
 
 use super::ensure_topic;
@@ -98,24 +97,8 @@ impl Broker for ThesisService {
                 partitions: vec![],
             });
         }
-        let changes = futures::stream::iter([Ok(pb::SubscribeRequest {
-            add,
-            remove: vec![],
-        })]);
-        let records = crate::net::subscribe::start(
-            self.tern.broker.clone(),
-            self.tern.auth.clone(),
-            caller,
-            changes,
-        )
-        .await?;
-        let messages = records.flat_map(|r| {
-            futures::stream::iter(match r {
-                Ok(batch) => batch.records.into_iter().map(|r| Ok(message(r))).collect(),
-                Err(status) => vec![Err(status)],
-            })
-        });
-        Ok(Response::new(Box::pin(messages)))
+        let messages = super::subscribe(&self.tern, caller, add, message).await?;
+        Ok(Response::new(messages))
     }
 }
 

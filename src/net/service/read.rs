@@ -77,6 +77,7 @@ pub async fn list_offsets(
                 start_offset: o.start.0,
                 end_offset: o.end.0,
                 offset: o.offset.0,
+                leader: o.follower_of.map_or(0, |n| n.0),
             })
         }
     }));

@@ -83,6 +83,7 @@ impl Partition {
             start: p.start,
             end: p.committed,
             offset,
+            follower_of: None,
         })
     }
 
