@@ -50,17 +50,31 @@ impl Call {
     }
 }
 
-/// Publishes in the caller's name, sending the request again (bounded) while it is refused
-/// with nothing written, so a retry can neither lose nor duplicate a record.
-pub async fn publish(
+/// Publishes one record to `topic` in the caller's name, sending the request again (bounded)
+/// while it is refused with nothing written, so a retry can neither lose nor duplicate it;
+/// answers where it was stored.
+pub async fn publish_one(
     tern: &TernService,
     call: &Call,
-    req: pb::PublishRequest,
-) -> Result<pb::PublishResponse, Status> {
+    topic: String,
+    record: pb::PublishRecord,
+) -> Result<pb::RecordAck, Status> {
+    let req = pb::PublishRequest {
+        topic,
+        records: vec![record],
+        ..Default::default()
+    };
     let deadline = tokio::time::Instant::now() + UNWRITTEN_RETRY;
     loop {
         match tern.publish(call.request(req.clone())).await {
-            Ok(r) => return Ok(r.into_inner()),
+            Ok(r) => {
+                return r
+                    .into_inner()
+                    .acks
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| Status::internal("the publish was answered without an ack"))
+            }
             Err(s)
                 if s.code() == Code::Unavailable
                     && super::status::is_unwritten(&s)

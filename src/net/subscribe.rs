@@ -117,6 +117,20 @@ pub async fn start(
     Ok(Box::pin(ReceiverStream::new(rx)))
 }
 
+/// A subscription that adds `add` and changes no more (the seeds' services, REST).
+pub async fn once(
+    broker: Arc<Broker>,
+    auth: Arc<Auth>,
+    caller: Caller,
+    add: Vec<pb::TopicSubscription>,
+) -> Result<Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>, Status> {
+    let change = pb::SubscribeRequest {
+        add,
+        remove: vec![],
+    };
+    start(broker, auth, caller, futures::stream::iter([Ok(change)])).await
+}
+
 impl Subscription {
     /// Applies one change request. On error nothing from this request is applied.
     async fn apply(&mut self, req: pb::SubscribeRequest) -> Result<(), Status> {

@@ -63,13 +63,8 @@ async fn subscribe<T: Send + 'static>(
     f: impl Fn(pb::Record) -> T + Send + 'static,
 ) -> Result<crate::net::service::BoxStream<T>, Status> {
     use futures::StreamExt;
-    let changes = futures::stream::iter([Ok(pb::SubscribeRequest {
-        add,
-        remove: vec![],
-    })]);
     let records =
-        crate::net::subscribe::start(tern.broker.clone(), tern.auth.clone(), caller, changes)
-            .await?;
+        crate::net::subscribe::once(tern.broker.clone(), tern.auth.clone(), caller, add).await?;
     Ok(Box::pin(records.flat_map(move |r| {
         futures::stream::iter(match r {
             Ok(batch) => batch.records.into_iter().map(|r| Ok(f(r))).collect(),

@@ -65,21 +65,14 @@ impl Broker for SeedService {
         };
         ensure_topic(&self.tern, &call, &r.subject).await?;
         self.one_partition(&r.subject)?;
-        let publish = pb::PublishRequest {
-            topic: r.subject.clone(),
-            records: vec![pb::PublishRecord {
-                value: r.body,
-                partition: Some(0),
-                expiry_seconds,
-                ..Default::default()
-            }],
+        let record = pb::PublishRecord {
+            value: r.body,
+            partition: Some(0),
+            expiry_seconds,
             ..Default::default()
         };
-        let resp = crate::net::call::publish(&self.tern, &call, publish).await?;
-        let ack = resp
-            .acks
-            .first()
-            .ok_or_else(|| Status::internal("the publish was answered without an ack"))?;
+        let ack =
+            crate::net::call::publish_one(&self.tern, &call, r.subject.clone(), record).await?;
         let id = i32::try_from(ack.offset).map_err(|_| {
             Status::out_of_range(format!(
                 "the record was stored at offset {} of {:?}, past the 2147483647 records an \

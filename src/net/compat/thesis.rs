@@ -57,19 +57,11 @@ impl Broker for ThesisService {
     ) -> Result<Response<seed::PublishResponse>, Status> {
         let (call, r) = Call::split(request);
         ensure_topic(&self.tern, &call, &r.topic).await?;
-        let publish = pb::PublishRequest {
-            topic: r.topic.clone(),
-            records: vec![pb::PublishRecord {
-                value: r.body,
-                ..Default::default()
-            }],
+        let record = pb::PublishRecord {
+            value: r.body,
             ..Default::default()
         };
-        let resp = crate::net::call::publish(&self.tern, &call, publish).await?;
-        let ack = resp
-            .acks
-            .first()
-            .ok_or_else(|| Status::internal("the publish was answered without an ack"))?;
+        let ack = crate::net::call::publish_one(&self.tern, &call, r.topic.clone(), record).await?;
         Ok(Response::new(seed::PublishResponse {
             id: record_id(&r.topic, ack.partition, ack.offset),
         }))

@@ -79,22 +79,14 @@ pub async fn publish(
         let value = b.encoding.decode("a header value", v)?;
         headers.push(pb::Header { key: k, value });
     }
-    let req = pb::PublishRequest {
-        topic,
-        records: vec![pb::PublishRecord {
-            key,
-            value,
-            headers,
-            partition: b.partition,
-            expiry_seconds: None,
-        }],
-        ..Default::default()
+    let record = pb::PublishRecord {
+        key,
+        value,
+        headers,
+        partition: b.partition,
+        expiry_seconds: None,
     };
-    let resp = crate::net::call::publish(&tern, &call, req).await?;
-    let ack = resp
-        .acks
-        .first()
-        .ok_or_else(|| Problem::new(tonic::Code::Internal, "published without an ack"))?;
+    let ack = crate::net::call::publish_one(&tern, &call, topic, record).await?;
     Ok(Json(Published {
         message_id: message_id(ack.partition, ack.offset, None),
         partition: ack.partition,
@@ -246,19 +238,16 @@ pub async fn subscribe(
                     "ackWaitMs and maxDeliveries apply to a group subscription (group=...)",
                 ));
             }
-            let changes = futures::stream::iter([Ok(pb::SubscribeRequest {
-                add: vec![pb::TopicSubscription {
-                    topic,
-                    from: Some(start_at(q.offset.as_deref())?),
-                    partitions: q.partition.into_iter().collect(),
-                }],
-                remove: vec![],
-            })]);
-            let records = crate::net::subscribe::start(
+            let add = pb::TopicSubscription {
+                topic,
+                from: Some(start_at(q.offset.as_deref())?),
+                partitions: q.partition.into_iter().collect(),
+            };
+            let records = crate::net::subscribe::once(
                 tern.broker.clone(),
                 tern.auth.clone(),
                 caller,
-                changes,
+                vec![add],
             )
             .await?;
             let messages: BoxStream<Vec<Message>> = Box::pin(records.map(move |r| {
