@@ -23,6 +23,10 @@ pub struct Config {
     pub node_id: u64,
     pub region: String,
     pub zone: String,
+    /// Addresses this node advertises to other regions, `REGION=HOST:PORT` separated by commas
+    /// (as Kafka's advertised listeners per network): nodes and clients of such a region reach
+    /// this node there, through a regional gateway say. Others use the advertised address.
+    pub region_addresses: String,
     /// Core executors (glommio, one per CPU, pinned); 0 means one per available CPU.
     pub cores: usize,
     /// Threads of the network shard (tokio).
@@ -44,6 +48,12 @@ pub struct Config {
     pub max_fetch_wait_ms: u64,
     /// Bytes of io_uring buffer memory per core executor (locked memory).
     pub io_memory_bytes: usize,
+    /// Metadata commands applied between two checkpoints of the metadata state; after each,
+    /// the metadata log is purged behind it (segments the checkpoint covers are deleted).
+    pub metadata_snapshot_every: u64,
+    /// Segment size of the metadata log: the purge deletes whole segments, so this bounds what
+    /// the log keeps beyond the checkpoint.
+    pub metadata_segment_bytes: u64,
     /// Raft leader heartbeat interval.
     pub raft_heartbeat_ms: u64,
     /// Raft election timeout: a follower that hears no leader for a random time between this
@@ -186,6 +196,7 @@ impl Default for Config {
             node_id: 1,
             region: "local".into(),
             zone: "local".into(),
+            region_addresses: String::new(),
             cores: 0,
             net_threads: 1,
             mailbox_capacity: 4096,
@@ -198,6 +209,8 @@ impl Default for Config {
             max_subscription_partitions: 4096,
             max_fetch_wait_ms: 60_000,
             io_memory_bytes: 4 << 20,
+            metadata_snapshot_every: 10_000,
+            metadata_segment_bytes: 4 << 20,
             raft_heartbeat_ms: 150,
             raft_election_timeout_ms: 1_500,
             peers: String::new(),
@@ -321,6 +334,43 @@ impl Config {
     }
 
     /// The parsed `peers`: node id → address. Checks that this node is among them.
+    /// `region_addresses` as a map from region to address.
+    pub fn region_address_map(&self) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+        let mut map = std::collections::BTreeMap::new();
+        for item in self
+            .region_addresses
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            let (region, addr) = item.split_once('=').ok_or_else(|| {
+                anyhow::anyhow!("region address {item:?} is not REGION=HOST:PORT")
+            })?;
+            let (region, addr) = (region.trim(), addr.trim());
+            anyhow::ensure!(
+                !region.is_empty() && region.len() <= 64,
+                "region address {item:?}: the region must be 1 to 64 bytes"
+            );
+            anyhow::ensure!(
+                addr.len() <= 255
+                    && addr
+                        .rsplit_once(':')
+                        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()),
+                "region address {item:?}: the address must be HOST:PORT"
+            );
+            anyhow::ensure!(
+                map.insert(region.to_string(), addr.to_string()).is_none(),
+                "region {region} is given two addresses"
+            );
+        }
+        anyhow::ensure!(
+            map.len() <= crate::cluster::REGIONS_MAX,
+            "at most {} region addresses",
+            crate::cluster::REGIONS_MAX
+        );
+        Ok(map)
+    }
+
     pub fn peer_map(
         &self,
     ) -> anyhow::Result<std::collections::BTreeMap<crate::types::NodeId, String>> {
@@ -513,6 +563,16 @@ impl Config {
             "max_partitions_per_topic must be positive"
         );
         anyhow::ensure!(
+            (10..=10_000_000).contains(&self.metadata_snapshot_every),
+            "metadata_snapshot_every ({}) must be within 10..=10000000",
+            self.metadata_snapshot_every
+        );
+        anyhow::ensure!(
+            ((64 << 10)..=(1 << 30)).contains(&self.metadata_segment_bytes),
+            "metadata_segment_bytes ({}) must be within 64 KiB..=1 GiB",
+            self.metadata_segment_bytes
+        );
+        anyhow::ensure!(
             self.raft_election_timeout_ms >= 6 * self.raft_heartbeat_ms.max(1),
             "raft_election_timeout_ms ({}) must be at least 6 × raft_heartbeat_ms ({})",
             self.raft_election_timeout_ms,
@@ -540,6 +600,7 @@ impl Config {
         );
         anyhow::ensure!(self.node_id > 0, "node_id must be at least 1");
         self.peer_map()?;
+        self.region_address_map()?;
         let d = &self.topic_defaults;
         anyhow::ensure!(
             (1..=self.max_partitions_per_topic).contains(&d.partitions),

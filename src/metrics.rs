@@ -265,6 +265,8 @@ pub struct Node {
     /// Elections this node's replicas started, and leaders they saw change.
     pub elections: Counter,
     pub leader_changes: Counter,
+    /// Damaged replicas reopened to repair them (`shard::core::repair`).
+    pub replica_repairs: Counter,
     pub fsync: Histogram,
     pub connections_open: Gauge,
     pub connections_accepted: Counter,
@@ -286,6 +288,7 @@ pub static NODE: Node = Node {
     requests: Requests::new(),
     elections: Counter::new(),
     leader_changes: Counter::new(),
+    replica_repairs: Counter::new(),
     fsync: Histogram::new(),
     connections_open: Gauge::new(),
     connections_accepted: Counter::new(),

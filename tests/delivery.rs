@@ -314,7 +314,7 @@ fn stream_member(
         let mut join = join_req("g", "events", pb::GroupMode::Stream);
         join.start_latest = false;
         join.max_in_flight = 7;
-        let mut m = GroupMember::join_retrying(&addr, join).await;
+        let mut m = GroupMember::join_retrying(&addr, join.clone()).await;
         let mut held: BTreeMap<u32, u64> = BTreeMap::new();
         let mut dirty = false;
         let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -352,6 +352,14 @@ fn stream_member(
                         dirty = true;
                     }
                     Some(Ok(_)) => {}
+                    // The metadata leader moved (a loaded machine can lose it): the group's
+                    // coordinator went with it and every membership ended. A client joins again.
+                    Some(Err(s)) if s.code() == tonic::Code::Unavailable && s.message().contains("join again") => {
+                        let mine: Vec<u32> = held.keys().copied().collect();
+                        close_held(&seen, who, &mine);
+                        held.clear();
+                        m = GroupMember::join_retrying(&addr, join.clone()).await;
+                    }
                     Some(Err(s)) => panic!("member {who}: {s:?}"),
                     None => panic!("member {who}: the call ended"),
                 },
@@ -902,7 +910,7 @@ async fn metadata_leader(cluster: &Cluster, node: usize) -> usize {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let mut c = cluster.client(node).await;
-        if let Ok(r) = c.cluster_info(pb::ClusterInfoRequest {}).await {
+        if let Ok(r) = c.cluster_info(pb::ClusterInfoRequest::default()).await {
             let l = r.into_inner().metadata_leader;
             if l != 0 && cluster.nodes[l as usize - 1].is_some() {
                 return l as usize - 1;

@@ -208,7 +208,7 @@ async fn client(addr: &str) -> TernClient<tonic::transport::Channel> {
 async fn leader(c: &mut TernClient<tonic::transport::Channel>, topic: &str) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(r) = c.cluster_info(pb::ClusterInfoRequest {}).await {
+        if let Ok(r) = c.cluster_info(pb::ClusterInfoRequest::default()).await {
             let l = r
                 .into_inner()
                 .topics
@@ -274,6 +274,7 @@ async fn the_compose_cluster_runs_with_io_uring_survives_docker_kill_and_exports
         partitions: 1,
         replication_factor: 3,
         config: None,
+        placement: None,
     })
     .await
     .expect("create topic");

@@ -367,6 +367,59 @@ fn reads_racing_a_truncation_never_report_corruption() {
     });
 }
 
+/// A wait for records past the log end does not hold back later waits for less (they used
+/// to queue behind it: an append that had to roll then waited forever, holding the append
+/// lock), and a truncation fails the waits for records it removed instead of leaving them
+/// waiting until the log grows back.
+#[test]
+fn waits_complete_out_of_order_and_a_truncation_fails_waits_past_it() {
+    run(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), small_config()).await.unwrap();
+        for i in 0..4 {
+            log.append(&batch(i, 2, 100, 1000), T).await.unwrap();
+        }
+        let far = {
+            let log = log.clone();
+            glommio::spawn_local(async move { log.wait_written(Offset(100)).await })
+        };
+        glommio::yield_if_needed().await;
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+        // Appends staged without waiting for each (as a Raft follower stages), so each roll
+        // (small_config rolls at 8 KiB) waits for staged bytes to be written: that wait
+        // queues after the far one.
+        let within = glommio::timer::timeout(Duration::from_secs(20), async {
+            let io = |e: LogError| glommio::GlommioError::IoError(std::io::Error::other(e));
+            let mut secured = Vec::new();
+            for i in 4..100 {
+                let (_, s) = log.stage(&batch(i, 1, 300, 1000), T).await.map_err(io)?;
+                secured.push(s);
+            }
+            for s in secured {
+                s.await.map_err(io)?;
+            }
+            log.flush().await.map_err(io)
+        })
+        .await;
+        assert!(
+            within.is_ok(),
+            "appends behind a far wait completed: {within:?}"
+        );
+        assert!(log.segment_count() > 2, "the appends rolled segments");
+        assert_eq!(log.positions().next, Offset(104));
+        // The far wait (for offsets below 100) was met on the way.
+        assert_eq!(far.await, Ok(()));
+        // A wait past the end, then a truncation below it: the wait fails at once.
+        let past = {
+            let log = log.clone();
+            glommio::spawn_local(async move { log.wait_written(Offset(200)).await })
+        };
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+        log.truncate_from(Offset(50)).await.unwrap();
+        assert_eq!(past.await, Err(LogError::Truncated { end: Offset(50) }));
+    });
+}
+
 #[test]
 fn truncate_everything_then_append() {
     run(|| async {
@@ -838,6 +891,158 @@ fn damage_inside_a_sealed_segment_is_reported_not_hidden() {
     });
 }
 
+/// Writes `n` one-record batches stamped as Raft entries 1..=n (as the Raft store appends).
+async fn raft_entries(log: &Log, n: u64) {
+    for i in 1..=n {
+        log.append(
+            &batch(i, 1, 600, 1000),
+            Assign::Entry {
+                term: Term(1),
+                index: i,
+            },
+        )
+        .await
+        .unwrap();
+    }
+}
+
+fn segment_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_repairing_open_cuts_at_the_first_damage_and_reports_what_it_held() {
+    run(|| async {
+        // Each case damages a copy of the same log: 60 entries over several segments.
+        let template = tempfile::tempdir().unwrap();
+        {
+            let log = Log::open(template.path(), small_config()).await.unwrap();
+            raft_entries(&log, 60).await;
+            log.close().await.unwrap();
+        }
+        let copy = || {
+            let d = tempfile::tempdir().unwrap();
+            for e in std::fs::read_dir(template.path()).unwrap().flatten() {
+                std::fs::copy(e.path(), d.path().join(e.file_name())).unwrap();
+            }
+            d
+        };
+        let segs = segment_files(template.path());
+        assert!(segs.len() >= 4, "{} segments", segs.len());
+        let name = |i: usize| segs[i].file_name().unwrap().to_owned();
+        let base = |i: usize| -> u64 {
+            name(i)
+                .to_string_lossy()
+                .strip_suffix(".log")
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+
+        // A clean log: nothing to report.
+        let d = copy();
+        let log = Log::open_repairing(d.path(), small_config()).await.unwrap();
+        assert_eq!(log.repaired(), None);
+        assert_eq!(log.positions().next, Offset(60));
+        drop(log);
+
+        // A sealed segment cut short (its index no longer fits it): cut there; everything
+        // after goes; the report names the last entry the log held.
+        let d = copy();
+        let victim = d.path().join(name(1));
+        let len = std::fs::metadata(&victim).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&victim)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+        assert!(matches!(
+            Log::open(d.path(), small_config()).await,
+            Err(LogError::Corrupt { .. })
+        ));
+        let log = Log::open_repairing(d.path(), small_config()).await.unwrap();
+        let r = log.repaired().expect("a repair");
+        assert_eq!(r.last_raft_index, Some(60));
+        let p = log.positions();
+        assert!(p.next.0 >= base(1) && p.next.0 < base(2), "{p:?}");
+        assert_eq!(r.from, p.next);
+        assert_eq!(segment_files(d.path()).len(), 2);
+        let recs = read_all(&log, Offset(0), ReadBound::Written).await;
+        assert_eq!(
+            recs.len() as u64,
+            p.next.0,
+            "every record before the cut reads"
+        );
+        // Appending goes on from the cut.
+        log.append(&batch(99, 1, 100, 1000), T).await.unwrap();
+        log.close().await.unwrap();
+        drop(log);
+        // Until the owner notes it, the cut is reported again (a crash before noting).
+        let log = Log::open_repairing(d.path(), small_config()).await.unwrap();
+        assert_eq!(log.repaired().map(|r| r.last_raft_index), Some(Some(60)));
+        log.repair_noted().await.unwrap();
+        log.close().await.unwrap();
+        drop(log);
+        let log = Log::open_repairing(d.path(), small_config()).await.unwrap();
+        assert_eq!(log.repaired(), None);
+        drop(log);
+
+        // A segment file deleted in the middle: the log ends where the one before it ends.
+        let d = copy();
+        std::fs::remove_file(d.path().join(name(2))).unwrap();
+        assert!(matches!(
+            Log::open(d.path(), small_config()).await,
+            Err(LogError::Corrupt { .. })
+        ));
+        let log = Log::open_repairing(d.path(), small_config()).await.unwrap();
+        let r = log.repaired().expect("a repair");
+        assert_eq!(r.last_raft_index, Some(60));
+        assert_eq!(log.positions().next, Offset(base(2)));
+        drop(log);
+
+        // A flipped bit in the active segment with whole batches after it: damage, not a torn
+        // write, so it is reported (a plain open cuts it as it always did).
+        let d = copy();
+        let active = d.path().join(name(segs.len() - 1));
+        let mut bytes = std::fs::read(&active).unwrap();
+        assert!(
+            bytes.len() > 400,
+            "the active segment holds several batches"
+        );
+        bytes[100] ^= 0x40;
+        std::fs::write(&active, &bytes).unwrap();
+        let log = Log::open_repairing(d.path(), small_config()).await.unwrap();
+        let r = log.repaired().expect("a repair");
+        assert_eq!(r.last_raft_index, Some(60));
+        assert!(log.positions().next < Offset(60));
+        drop(log);
+
+        // A torn tail (the last batch half written) is not damage: nothing is reported.
+        let d = copy();
+        let active = d.path().join(name(segs.len() - 1));
+        // (The file ends in zero padding to the block; the batches end at the last non-zero.)
+        let bytes = std::fs::read(&active).unwrap();
+        let len = bytes.iter().rposition(|&b| b != 0).unwrap() as u64 + 1;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&active)
+            .unwrap()
+            .set_len(len - 20)
+            .unwrap();
+        let log = Log::open_repairing(d.path(), small_config()).await.unwrap();
+        assert_eq!(log.repaired(), None);
+        assert_eq!(log.positions().next, Offset(59));
+    });
+}
+
 #[test]
 fn state_file_replaces_atomically_and_detects_damage() {
     run(|| async {
@@ -852,10 +1057,38 @@ fn state_file_replaces_atomically_and_detects_damage() {
         f.clean().await.unwrap();
         assert!(!dir.path().join("vote.tmp").exists());
         assert_eq!(f.read().await.unwrap().unwrap(), b"term=4 voted_for=1");
-        let mut raw = std::fs::read(dir.path().join("vote")).unwrap();
-        raw[14] ^= 1;
-        std::fs::write(dir.path().join("vote"), raw).unwrap();
+        // Damage to one of the two files is repaired from the other, whichever it is.
+        let flip = |name: &str| {
+            let mut raw = std::fs::read(dir.path().join(name)).unwrap();
+            raw[14] ^= 1;
+            std::fs::write(dir.path().join(name), raw).unwrap();
+        };
+        flip("vote");
+        assert_eq!(f.read().await.unwrap().unwrap(), b"term=4 voted_for=1");
+        assert_eq!(
+            std::fs::read(dir.path().join("vote")).unwrap(),
+            std::fs::read(dir.path().join("vote.copy")).unwrap(),
+            "the damaged file was rewritten"
+        );
+        flip("vote.copy");
+        assert_eq!(f.read().await.unwrap().unwrap(), b"term=4 voted_for=1");
+        std::fs::remove_file(dir.path().join("vote")).unwrap();
+        assert_eq!(f.read().await.unwrap().unwrap(), b"term=4 voted_for=1");
+        // A crash between the two renames: the main file holds the newer contents and wins.
+        let newer = std::fs::read(dir.path().join("vote")).unwrap();
+        f.write(b"term=5 voted_for=3").await.unwrap();
+        std::fs::write(dir.path().join("vote.copy"), newer).unwrap();
+        assert_eq!(f.read().await.unwrap().unwrap(), b"term=5 voted_for=3");
+        assert_eq!(
+            std::fs::read(dir.path().join("vote")).unwrap(),
+            std::fs::read(dir.path().join("vote.copy")).unwrap()
+        );
+        // Both damaged: reported, never read as a default.
+        flip("vote");
+        flip("vote.copy");
         assert!(matches!(f.read().await, Err(LogError::Corrupt { .. })));
+        f.remove().await.unwrap();
+        assert_eq!(f.read().await.unwrap(), None);
         assert!(f.write(&vec![0; 2 << 20]).await.is_err());
     });
 }

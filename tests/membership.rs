@@ -36,7 +36,7 @@ fn start_joined(dir: &std::path::Path, id: u64, member: &str) -> TestNode {
 }
 
 async fn info(c: &mut TernClient<Channel>) -> pb::ClusterInfoResponse {
-    c.cluster_info(pb::ClusterInfoRequest {})
+    c.cluster_info(pb::ClusterInfoRequest::default())
         .await
         .expect("cluster info")
         .into_inner()
@@ -50,7 +50,7 @@ async fn wait_for(
 ) -> pb::ClusterInfoResponse {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        if let Ok(r) = c.cluster_info(pb::ClusterInfoRequest {}).await {
+        if let Ok(r) = c.cluster_info(pb::ClusterInfoRequest::default()).await {
             let r = r.into_inner();
             if done(&r) {
                 return r;
@@ -83,7 +83,7 @@ async fn leader_of(clients: &mut [TernClient<Channel>], topic: &str, partition: 
         let mut votes: BTreeMap<u64, usize> = BTreeMap::new();
         let mut replicas = Vec::new();
         for c in clients.iter_mut() {
-            if let Ok(r) = c.cluster_info(pb::ClusterInfoRequest {}).await {
+            if let Ok(r) = c.cluster_info(pb::ClusterInfoRequest::default()).await {
                 for p in r
                     .into_inner()
                     .topics
@@ -391,6 +391,7 @@ async fn a_follower_behind_retention_restarts_its_log_from_a_snapshot() {
             segment_bytes: Some(1 << 20),
             ..Default::default()
         }),
+        placement: None,
     })
     .await
     .expect("create");

@@ -288,6 +288,7 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() {
             partitions,
             replication_factor: rf,
             config,
+            placement: None,
         }
     };
     let e = expect_err(c.create_topic(create("bad name", 1, 1, None)).await);

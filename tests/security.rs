@@ -199,7 +199,7 @@ impl SecureCluster {
             loop {
                 let mut c = self.client(i).await;
                 if let Ok(r) = c
-                    .cluster_info(req(pb::ClusterInfoRequest {}, Some(BOOTSTRAP)))
+                    .cluster_info(req(pb::ClusterInfoRequest::default(), Some(BOOTSTRAP)))
                     .await
                 {
                     let r = r.into_inner();
@@ -655,7 +655,7 @@ fn tokens_acls_and_forwarding_on_a_tls_cluster() {
         }
         // Nothing changed: one topic, no users, the same three nodes.
         let info = admin
-            .cluster_info(req(pb::ClusterInfoRequest {}, Some(BOOTSTRAP)))
+            .cluster_info(req(pb::ClusterInfoRequest::default(), Some(BOOTSTRAP)))
             .await
             .unwrap()
             .into_inner();
@@ -838,7 +838,7 @@ fn a_node_of_another_cluster_is_refused() {
                 let r = c
                     .client(i)
                     .await
-                    .cluster_info(pb::ClusterInfoRequest {})
+                    .cluster_info(pb::ClusterInfoRequest::default())
                     .await
                     .unwrap()
                     .into_inner();
@@ -898,7 +898,7 @@ fn a_node_of_another_cluster_is_refused() {
         let r = c
             .client(0)
             .await
-            .cluster_info(pb::ClusterInfoRequest {})
+            .cluster_info(pb::ClusterInfoRequest::default())
             .await
             .unwrap()
             .into_inner();

@@ -19,6 +19,19 @@ impl Bits {
         was
     }
 
+    /// The indexes of the set bits, in order.
+    pub fn ones(&self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for (w, bits) in self.0.iter().enumerate() {
+            for b in 0..64 {
+                if bits & (1 << b) != 0 {
+                    out.push(w as u64 * 64 + b);
+                }
+            }
+        }
+        out
+    }
+
     pub fn count(&self) -> u64 {
         self.0.iter().map(|w| w.count_ones() as u64).sum()
     }
@@ -78,6 +91,11 @@ impl Ledger {
 
     pub fn delivered_count(&self) -> u64 {
         self.delivered.values().map(Bits::count).sum()
+    }
+
+    /// Every producer's acknowledged sequence numbers.
+    pub fn acked_seqs(&self) -> std::collections::BTreeMap<u32, Vec<u64>> {
+        self.acked.iter().map(|(p, b)| (*p, b.ones())).collect()
     }
 
     /// Acknowledged but never delivered.

@@ -25,6 +25,9 @@ pub struct Cluster {
     dirs: Vec<tempfile::TempDir>,
     /// Certificates and the bootstrap token of a secured cluster (kept until the run ends).
     _secrets: Option<tempfile::TempDir>,
+    /// A geo cluster's delay lines between regions, and each node's region.
+    pub mesh: Option<tern_wan::Mesh>,
+    pub regions: Vec<String>,
 }
 
 /// Certificates from a throwaway CA and a random bootstrap token in `dir`; each node's flags
@@ -97,11 +100,109 @@ fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
 }
 
 impl Cluster {
+    /// A geo cluster: `per_region` nodes in each of `regions` (zones z1, z2, ... within one),
+    /// every pair of regions `rtt` apart through tern-wan delay lines. Each node advertises its
+    /// proxies to the other regions, and knows its peers as its own region reaches them.
+    pub async fn spawn_geo(
+        regions: &[String],
+        per_region: usize,
+        rtt: Duration,
+        tern_bin: Option<PathBuf>,
+    ) -> anyhow::Result<Cluster> {
+        let n = regions.len() * per_region;
+        anyhow::ensure!((2..=64).contains(&n), "a geo cluster has 2..=64 nodes");
+        let (program, prefix) = server_program(tern_bin)?;
+        let ports = free_ports(n)?;
+        let region_of: Vec<String> = (0..n).map(|i| regions[i / per_region].clone()).collect();
+        let sites: Vec<tern_wan::Site> = ports
+            .iter()
+            .zip(&region_of)
+            .map(|(p, r)| tern_wan::Site {
+                region: r.clone(),
+                addr: std::net::SocketAddr::from(([127, 0, 0, 1], *p)),
+            })
+            .collect();
+        let mesh = tern_wan::Mesh::uniform(&sites, rtt).await?;
+        let node_args = (0..n)
+            .map(|i| {
+                let peers = (0..n)
+                    .map(|j| format!("{}={}", j + 1, mesh.addr(&region_of[i], j)))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                vec![
+                    "--listen".into(),
+                    format!("127.0.0.1:{}", ports[i]),
+                    "--node-id".into(),
+                    (i + 1).to_string(),
+                    "--peers".into(),
+                    peers,
+                    "--region".into(),
+                    region_of[i].clone(),
+                    "--zone".into(),
+                    format!("z{}", i % per_region + 1),
+                    "--region-addresses".into(),
+                    mesh.region_addresses(i),
+                ]
+            })
+            .collect();
+        let mut c = Cluster::of(program, prefix, node_args)?;
+        c.mesh = Some(mesh);
+        c.regions = region_of;
+        for i in 0..n {
+            c.start_node(i).await?;
+        }
+        c.wait_formed().await?;
+        Ok(c)
+    }
+
+    /// How a client in `region` reaches the nodes: the region's own first (directly), then
+    /// the others (through the delay lines). All nodes as they are without regions.
+    pub fn addrs_from(&self, region: Option<&str>) -> Vec<String> {
+        let (Some(region), Some(mesh)) = (region, &self.mesh) else {
+            return self.addrs.clone();
+        };
+        let mut order: Vec<usize> = (0..self.addrs.len()).collect();
+        order.sort_by_key(|i| self.regions[*i] != region);
+        order
+            .into_iter()
+            .map(|i| mesh.addr(region, i).to_string())
+            .collect()
+    }
+
+    /// Bytes that have crossed between regions (0 without regions).
+    pub fn wan_bytes(&self) -> u64 {
+        self.mesh.as_ref().map_or(0, |m| m.wan_bytes())
+    }
+
+    /// A cluster of nodes not started yet: one data directory each.
+    fn of(
+        program: PathBuf,
+        prefix: Vec<String>,
+        node_args: Vec<Vec<String>>,
+    ) -> anyhow::Result<Cluster> {
+        let n = node_args.len();
+        Ok(Cluster {
+            _secrets: None,
+            addrs: vec![String::new(); n],
+            admins: Vec::new(),
+            program,
+            prefix,
+            node_args,
+            children: (0..n).map(|_| None).collect(),
+            dirs: (0..n)
+                .map(|_| tempfile::tempdir())
+                .collect::<Result<_, _>>()?,
+            mesh: None,
+            regions: Vec::new(),
+        })
+    }
+
     pub async fn spawn(
         n: usize,
         tern_bin: Option<PathBuf>,
         secure: bool,
         admin: bool,
+        extra: &[&str],
     ) -> anyhow::Result<Cluster> {
         anyhow::ensure!((1..=64).contains(&n), "--spawn must be 1..=64");
         let (program, prefix) = server_program(tern_bin)?;
@@ -150,18 +251,9 @@ impl Cluster {
         } else {
             None
         };
-        let mut c = Cluster {
-            _secrets: secrets,
-            addrs: vec![String::new(); n],
-            admins: Vec::new(),
-            program,
-            prefix,
-            node_args,
-            children: (0..n).map(|_| None).collect(),
-            dirs: (0..n)
-                .map(|_| tempfile::tempdir())
-                .collect::<Result<_, _>>()?,
-        };
+        let mut c = Cluster::of(program, prefix, node_args)?;
+        c._secrets = secrets;
+        c.add_node_args(extra);
         for i in 0..n {
             c.start_node(i).await?;
         }
@@ -226,7 +318,7 @@ impl Cluster {
         for addr in &self.addrs {
             loop {
                 if let Ok(mut c) = super::run::connect(addr).await {
-                    if let Ok(r) = c.cluster_info(pb::ClusterInfoRequest {}).await {
+                    if let Ok(r) = c.cluster_info(pb::ClusterInfoRequest::default()).await {
                         let r = r.into_inner();
                         if r.nodes.len() == self.addrs.len() && r.metadata_leader != 0 {
                             break;
@@ -273,6 +365,25 @@ impl Cluster {
             children: Vec::new(),
             dirs: Vec::new(),
             _secrets: None,
+            mesh: None,
+            regions: Vec::new(),
+        }
+    }
+
+    /// The process id of spawned node `i`, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.children.get(i)?.as_ref()?.id()
+    }
+
+    /// The data directory of spawned node `i`.
+    pub fn data_dir(&self, i: usize) -> Option<PathBuf> {
+        self.dirs.get(i).map(|d| d.path().to_path_buf())
+    }
+
+    /// Adds `args` to every spawned node's command line (from its next start).
+    pub fn add_node_args(&mut self, args: &[&str]) {
+        for a in self.node_args.iter_mut() {
+            a.extend(args.iter().map(|s| s.to_string()));
         }
     }
 

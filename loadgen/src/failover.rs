@@ -48,7 +48,7 @@ async fn leader_of_first_partition(addrs: &[String]) -> Option<usize> {
         let Ok(mut c) = super::run::connect(addr).await else {
             continue;
         };
-        let Ok(r) = c.cluster_info(pb::ClusterInfoRequest {}).await else {
+        let Ok(r) = c.cluster_info(pb::ClusterInfoRequest::default()).await else {
             continue;
         };
         let r = r.into_inner();

@@ -2,6 +2,7 @@
 //! named workloads; `loadgen --help` for the options.
 
 mod accounting;
+mod chaos;
 mod cluster;
 mod failover;
 mod payload;
@@ -57,25 +58,55 @@ async fn main_async(args: Args) -> anyhow::Result<i32> {
     if !args.secure {
         run::set_security(args.security.clone());
     }
-    let cluster = match (args.spawn, args.brokers.is_empty()) {
-        (Some(n), true) => {
-            cluster::Cluster::spawn(
-                n,
-                args.tern_bin.clone(),
-                args.secure,
-                args.scrape_ms.is_some(),
-            )
-            .await?
+    let cluster = if !s.regions.is_empty() {
+        anyhow::ensure!(
+            !args.secure && args.scrape_ms.is_none(),
+            "--secure and --scrape-ms are not supported with --regions yet"
+        );
+        cluster::Cluster::spawn_geo(
+            &s.regions,
+            s.nodes_per_region,
+            Duration::from_millis(s.rtt_ms),
+            args.tern_bin.clone(),
+        )
+        .await?
+    } else {
+        match (args.spawn, args.brokers.is_empty()) {
+            (Some(n), true) => {
+                cluster::Cluster::spawn(
+                    n,
+                    args.tern_bin.clone(),
+                    args.secure,
+                    args.scrape_ms.is_some(),
+                    // The chaos workload cuts nodes off through their test hook.
+                    if s.chaos.is_some() {
+                        &["--fault-injection"]
+                    } else {
+                        &[]
+                    },
+                )
+                .await?
+            }
+            (None, false) => cluster::Cluster::existing(args.brokers.clone()),
+            (Some(_), false) => anyhow::bail!("use either --spawn or --brokers, not both"),
+            (None, true) => anyhow::bail!("say where Tern runs: --spawn N or --brokers host:port"),
         }
-        (None, false) => cluster::Cluster::existing(args.brokers.clone()),
-        (Some(_), false) => anyhow::bail!("use either --spawn or --brokers, not both"),
-        (None, true) => anyhow::bail!("say where Tern runs: --spawn N or --brokers host:port"),
     };
     anyhow::ensure!(
         args.scrape_ms.is_none() || args.spawn.is_some(),
         "--scrape-ms scrapes the nodes loadgen spawns (--spawn N)"
     );
-    let addrs = cluster.addrs.clone();
+    if s.workload == "idle" {
+        let r = run_idle(&s, &cluster).await;
+        cluster.stop().await;
+        let r = r?;
+        println!("{}", r.table());
+        if let Some(path) = &args.json {
+            std::fs::write(path, serde_json::to_string_pretty(&r.json)?)?;
+        }
+        return Ok(0);
+    }
+    let routes = routes(&cluster, &s).await?;
     let scraper = args.scrape_ms.map(|ms| {
         tokio::spawn(scrape(
             cluster.admins.clone(),
@@ -95,7 +126,21 @@ async fn main_async(args: Args) -> anyhow::Result<i32> {
             until,
         ))
     });
-    let mut result = run_on(&s, &addrs).await;
+    let cutter = s.cut_region.clone().map(|(region, at)| {
+        let cluster = cluster.clone();
+        let after = Duration::from_millis(200) + Duration::from_secs(s.warmup_s + at);
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            if let Some(m) = &cluster.lock().await.mesh {
+                m.cut_region(&region);
+                eprintln!("loadgen: region {region} cut off from the others");
+            }
+        })
+    });
+    let mut result = run_on(&s, &routes, cluster.clone()).await;
+    if let Some(c) = cutter {
+        c.abort();
+    }
     // The nodes' CPU per 1,000 acknowledged records (a restarted node starts from zero, so
     // not for runs that kill nodes).
     let cpu_after = cluster.lock().await.cpu_seconds();
@@ -139,10 +184,19 @@ async fn main_async(args: Args) -> anyhow::Result<i32> {
     }
     let report = result?;
     println!("{}", report.table());
+    if report.anomalies > 0 {
+        eprintln!(
+            "loadgen: FAIL: {} records duplicated, reordered or divergent",
+            report.anomalies
+        );
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report.json)?)?;
     }
     let mut code = 0;
+    if report.anomalies > 0 {
+        code = 1;
+    }
     if report.lost > 0 {
         eprintln!(
             "loadgen: FAIL: {} acknowledged records were never delivered",
@@ -203,6 +257,9 @@ struct Report {
     /// The p99 the assertion checks: end-to-end when consuming, else publish-ack.
     p99_ms: f64,
     lost: u64,
+    /// Records delivered twice or out of order, and (chaos) what the final read of every
+    /// replica found wrong.
+    anomalies: u64,
     lines: Vec<String>,
 }
 
@@ -234,7 +291,149 @@ fn row(name: &str, h: &Histogram<u64>) -> String {
     )
 }
 
-async fn run_on(s: &Settings, addrs: &[String]) -> anyhow::Result<Report> {
+/// Where producers and consumers connect: with a region, only its nodes (they forward to
+/// leaders elsewhere; a client that failed over to another region's node would stall there
+/// when that region is cut off, as it would across a real WAN).
+async fn routes(c: &cluster::Cluster, s: &Settings) -> anyhow::Result<run::Routes> {
+    async fn side(
+        c: &cluster::Cluster,
+        region: Option<&str>,
+    ) -> anyhow::Result<(Vec<String>, usize)> {
+        let Some(region) = region else {
+            return Ok((c.addrs.clone(), c.addrs.len()));
+        };
+        if c.mesh.is_some() {
+            let local = c.regions.iter().filter(|r| *r == region).count();
+            let mut addrs = c.addrs_from(Some(region));
+            addrs.truncate(local);
+            return Ok((addrs, local));
+        }
+        // Running nodes: ask one for the nodes of the region, as advertised to it.
+        let first = c
+            .addrs
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("no node address"))?;
+        let mut admin = run::connect(first).await?;
+        let info = admin
+            .cluster_info(pb::ClusterInfoRequest {
+                region: region.to_string(),
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("ClusterInfo from {first}: {}", e.message()))?
+            .into_inner();
+        let mut nodes = info.nodes;
+        nodes.retain(|n| !n.draining);
+        nodes.sort_by_key(|n| n.region != region);
+        let local = nodes.iter().filter(|n| n.region == region).count();
+        anyhow::ensure!(local > 0, "no node of the cluster is in region {region}");
+        Ok((
+            nodes.into_iter().take(local).map(|n| n.address).collect(),
+            local,
+        ))
+    }
+    let (producers, producers_local) = side(c, s.producer_region.as_deref()).await?;
+    let (consumers, consumers_local) = side(c, s.consumer_region.as_deref()).await?;
+    Ok(run::Routes {
+        producers,
+        producers_local,
+        consumers,
+        consumers_local,
+    })
+}
+
+fn placement(s: &Settings) -> Option<pb::Placement> {
+    let survival = match s.survival.as_deref() {
+        Some("zone") => pb::Survival::Zone,
+        Some("region") => pb::Survival::Region,
+        _ => pb::Survival::Unspecified,
+    };
+    if survival == pb::Survival::Unspecified && s.leader_regions.is_empty() {
+        return None;
+    }
+    Some(pb::Placement {
+        survival: survival as i32,
+        // Zone survival's home region: the producers'.
+        regions: match survival {
+            pb::Survival::Zone => s.producer_region.iter().cloned().collect(),
+            _ => Vec::new(),
+        },
+        leader_regions: s.leader_regions.clone(),
+    })
+}
+
+/// The `idle` workload: topics created, no load; the spawned nodes' CPU over the measured
+/// time, as a share of one core per node (the target for one idle node is under 0.3%).
+async fn run_idle(s: &Settings, cluster: &cluster::Cluster) -> anyhow::Result<Report> {
+    let addr = cluster
+        .addrs
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no node address"))?;
+    anyhow::ensure!(
+        cluster.cpu_seconds().is_some(),
+        "the idle workload reads the CPU time of nodes it spawned: use --spawn"
+    );
+    let mut admin = run::connect(addr).await?;
+    let suffix = run::now_wall_us() % 1_000_000;
+    for i in 0..s.topics {
+        let name = format!("loadgen-{suffix}-{i}");
+        admin
+            .create_topic(pb::CreateTopicRequest {
+                name: name.clone(),
+                partitions: s.partitions,
+                replication_factor: s.replication_factor,
+                config: None,
+                placement: None,
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("creating topic {name}: {}", e.message()))?;
+    }
+    eprintln!(
+        "loadgen: workload idle: {} node(s), {} topic(s) × {} partitions (RF {}); {} s to settle, {} s measured",
+        cluster.addrs.len(),
+        s.topics,
+        s.partitions,
+        s.replication_factor,
+        s.warmup_s,
+        s.duration_s
+    );
+    tokio::time::sleep(Duration::from_secs(s.warmup_s)).await;
+    let before = cluster.cpu_seconds().unwrap_or_default();
+    tokio::time::sleep(Duration::from_secs(s.duration_s)).await;
+    let after = cluster.cpu_seconds().unwrap_or_default();
+    let nodes = cluster.addrs.len().max(1) as f64;
+    let cpu = after - before;
+    let percent = cpu / s.duration_s.max(1) as f64 / nodes * 100.0;
+    let lines = vec![
+        format!(
+            "workload        idle ({} node(s), {} partitions in all, RF {})",
+            cluster.addrs.len(),
+            s.topics as u64 * s.partitions as u64,
+            s.replication_factor
+        ),
+        format!("node CPU        {cpu:.3} s in {} s", s.duration_s),
+        format!("per node        {percent:.3}% of a core"),
+    ];
+    Ok(Report {
+        lines,
+        json: serde_json::json!({
+            "settings": s.to_json(),
+            "node_cpu_seconds": cpu,
+            "idle_core_percent_per_node": percent,
+        }),
+        acked: 0,
+        rate: 0.0,
+        p99_ms: 0.0,
+        lost: 0,
+        anomalies: 0,
+    })
+}
+
+async fn run_on(
+    s: &Settings,
+    routes: &run::Routes,
+    cluster: std::sync::Arc<tokio::sync::Mutex<cluster::Cluster>>,
+) -> anyhow::Result<Report> {
+    let addrs = &routes.producers;
     let addr = addrs
         .first()
         .ok_or_else(|| anyhow::anyhow!("no node address"))?;
@@ -254,8 +453,10 @@ async fn run_on(s: &Settings, addrs: &[String]) -> anyhow::Result<Report> {
                         "interval" => pb::FsyncPolicy::Interval as i32,
                         _ => pb::FsyncPolicy::Always as i32,
                     },
+                    segment_bytes: s.segment_bytes,
                     ..Default::default()
                 }),
+                placement: placement(s),
             })
             .await
             .map_err(|e| anyhow::anyhow!("creating topic {t}: {}", e.message()))?;
@@ -274,24 +475,76 @@ async fn run_on(s: &Settings, addrs: &[String]) -> anyhow::Result<Report> {
             None => format!("closed loop, {} requests in flight per producer", s.in_flight),
         }
     );
-    let shared = run::run(s, addrs, &topics).await?;
+    if placement(s).is_some() && !s.leader_regions.is_empty() {
+        // Leaders settle in their regions (pinning moves them within about 10 s).
+        wait_pinned(&mut admin, &topics, s, &cluster).await;
+    }
+    let wan_before = cluster.lock().await.wan_bytes();
+    let nemesis = s.chaos.as_ref().map(|c| {
+        eprintln!(
+            "loadgen: chaos: seed {} (faults: {}; one every ~{} s)",
+            c.seed,
+            c.faults.join(", "),
+            c.every_s
+        );
+        tokio::spawn(chaos::nemesis(
+            cluster.clone(),
+            topics.clone(),
+            c.seed,
+            c.faults.clone(),
+            Duration::from_secs(c.every_s),
+            Duration::from_millis(200) + Duration::from_secs(s.warmup_s),
+            Duration::from_secs(s.warmup_s + s.duration_s),
+        ))
+    });
+    let shared = run::run(s, routes, &topics).await?;
+    let chaos_result = match nemesis {
+        Some(n) => {
+            let log = n.await.unwrap_or_default();
+            chaos::heal(&cluster).await;
+            let acked = shared.ledger.lock().unwrap().acked_seqs();
+            let addrs = cluster.lock().await.addrs.clone();
+            let fin = chaos::check_replicas(
+                &addrs,
+                &topics,
+                s.partitions,
+                &acked,
+                Duration::from_secs(60),
+            )
+            .await;
+            Some((log, fin))
+        }
+        None => None,
+    };
+    let wan = cluster.lock().await.wan_bytes() - wan_before;
     let longest_gap = *shared.longest_gap.lock().unwrap();
     let measured_s = Duration::from_secs(s.duration_s).as_secs_f64();
     let acked_measured = shared.acked_measured.load(Ordering::Relaxed);
     let rate = acked_measured as f64 / measured_s;
-    let ledger = shared.ledger.lock().unwrap();
+    let (lost_all, acked, delivered, duplicated, reordered, reorder_samples) = {
+        let l = shared.ledger.lock().unwrap();
+        (
+            l.lost(),
+            l.acked_count() as u64,
+            l.delivered_count(),
+            l.duplicated,
+            l.reordered,
+            l.reorder_samples.clone(),
+        )
+    };
     let publish = shared.publish.lock().unwrap().clone();
     let e2e = shared.e2e.lock().unwrap().clone();
     let errors = shared.errors.lock().unwrap().clone();
-    let lost = if s.consumers > 0 { ledger.lost() } else { 0 };
+    let retried = shared.retried.lock().unwrap().clone();
+    let lost = if s.consumers > 0 { lost_all } else { 0 };
     let counts = serde_json::json!({
         "sent": shared.sent.load(Ordering::Relaxed),
-        "acked": ledger.acked_count(),
-        "delivered": ledger.delivered_count(),
+        "acked": acked,
+        "delivered": delivered,
         "lost": lost,
-        "duplicated": ledger.duplicated,
-        "reordered": ledger.reordered,
-        "reorder_samples": ledger.reorder_samples,
+        "duplicated": duplicated,
+        "reordered": reordered,
+        "reorder_samples": reorder_samples,
     });
     let p99_ms = if s.consumers > 0 {
         e2e.value_at_quantile(0.99)
@@ -310,6 +563,10 @@ async fn run_on(s: &Settings, addrs: &[String]) -> anyhow::Result<Report> {
         "publish_ack_latency": percentiles(&publish),
         "end_to_end_latency": percentiles(&e2e),
         "errors": errors,
+        "retried": retried
+            .iter()
+            .map(|(code, (n, first))| (code.clone(), serde_json::json!({"requests": n, "first": first})))
+            .collect::<serde_json::Map<_, _>>(),
         "longest_ack_gap_ms": longest_gap.as_secs_f64() * 1000.0,
     });
     let mut lines = vec![
@@ -321,19 +578,34 @@ async fn run_on(s: &Settings, addrs: &[String]) -> anyhow::Result<Report> {
         ),
         format!(
             "records         sent {}  acked {}  delivered {}  lost {}  duplicated {}  reordered {}",
-            counts["sent"],
-            counts["acked"],
-            counts["delivered"],
-            lost,
-            ledger.duplicated,
-            ledger.reordered
+            counts["sent"], counts["acked"], counts["delivered"], lost, duplicated, reordered
         ),
         format!(
             "errors          {}",
             if errors.is_empty() {
                 "none".to_string()
             } else {
-                format!("{errors:?}")
+                let first = shared.first_errors.lock().unwrap().clone();
+                errors
+                    .iter()
+                    .map(|(code, n)| match first.get(code) {
+                        Some(m) => format!("{code} {n} (first: {m})"),
+                        None => format!("{code} {n}"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            }
+        ),
+        format!(
+            "retried         {}",
+            if retried.is_empty() {
+                "none".to_string()
+            } else {
+                retried
+                    .iter()
+                    .map(|(code, (n, first))| format!("{code} {n} (first: {first})"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
             }
         ),
         format!(
@@ -350,12 +622,184 @@ async fn run_on(s: &Settings, addrs: &[String]) -> anyhow::Result<Report> {
     if s.consumers > 0 {
         lines.push(row("end-to-end", &e2e));
     }
+    let mut json = json;
+    if !s.regions.is_empty() {
+        let per = wan as f64 / acked.max(1) as f64;
+        lines.push(String::new());
+        lines.push(format!(
+            "wan             {:.1} MB crossed between regions ({per:.0} B per acknowledged record)",
+            wan as f64 / 1e6
+        ));
+        json["wan_bytes"] = serde_json::json!(wan);
+    }
+    let mut anomalies = duplicated + reordered;
+    if let (Some(c), Some((log, fin))) = (&s.chaos, chaos_result) {
+        anomalies += fin.divergent + fin.lost + fin.duplicated;
+        lines.push(String::new());
+        lines.push(format!(
+            "chaos           seed {}: {} faults ({})",
+            c.seed,
+            log.lines.len(),
+            log.counts
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        lines.extend(log.lines.iter().map(|l| format!("                {l}")));
+        lines.push(format!(
+            "replicas        {} records read from all replicas after the heal: {} divergent, {} acknowledged missing, {} duplicated",
+            fin.records, fin.divergent, fin.lost, fin.duplicated
+        ));
+        lines.extend(fin.samples.iter().map(|l| format!("                {l}")));
+        json["chaos"] = serde_json::json!({
+            "seed": c.seed,
+            "faults": log.lines,
+            "fault_counts": log.counts,
+            "replica_records": fin.records,
+            "divergent": fin.divergent,
+            "replica_lost": fin.lost,
+            "replica_duplicated": fin.duplicated,
+            "samples": fin.samples,
+        });
+    }
+    if s.replay {
+        let r = replay(s, routes, &topics, &cluster).await?;
+        lines.extend(r.0);
+        json["replay"] = r.1;
+    }
     Ok(Report {
         json,
-        acked: ledger.acked_count() as u64,
+        acked,
         rate,
         p99_ms,
         lost,
+        anomalies,
         lines,
     })
+}
+
+/// Waits (bounded) until every partition's leader is in the topic's first leader region.
+async fn wait_pinned(
+    admin: &mut tern::cli::Client,
+    topics: &[String],
+    s: &Settings,
+    cluster: &std::sync::Arc<tokio::sync::Mutex<cluster::Cluster>>,
+) {
+    let regions = cluster.lock().await.regions.clone();
+    let Some(want) = s.leader_regions.first() else {
+        return;
+    };
+    if regions.is_empty() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut settled = true;
+        for t in topics {
+            match admin
+                .cluster_info(pb::ClusterInfoRequest::default())
+                .await
+                .map(|r| r.into_inner())
+            {
+                Ok(info) => {
+                    for tp in info.topics.iter().filter(|tp| &tp.topic == t) {
+                        for p in &tp.partitions {
+                            let leader_region = regions.get((p.leader as usize).wrapping_sub(1));
+                            if p.leader == 0 || leader_region != Some(want) {
+                                settled = false;
+                            }
+                        }
+                    }
+                }
+                Err(_) => settled = false,
+            }
+        }
+        if settled {
+            eprintln!("loadgen: every leader is in region {want}");
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            eprintln!("loadgen: leaders not all in region {want} after 60 s; running anyway");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// geo-replay: one consumer in its region reads every partition from the earliest offset to
+/// the end; what it read, how long it took, and what crossed between regions meanwhile.
+async fn replay(
+    s: &Settings,
+    routes: &run::Routes,
+    topics: &[String],
+    cluster: &std::sync::Arc<tokio::sync::Mutex<cluster::Cluster>>,
+) -> anyhow::Result<(Vec<String>, serde_json::Value)> {
+    let addr = routes
+        .consumers
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no node address"))?;
+    let mut c = run::connect(addr).await?;
+    let wan_before = cluster.lock().await.wan_bytes();
+    let started = std::time::Instant::now();
+    let (mut records, mut bytes) = (0u64, 0u64);
+    for t in topics {
+        for p in 0..s.partitions {
+            let end = c
+                .list_offsets(pb::ListOffsetsRequest {
+                    topic: t.clone(),
+                    partitions: vec![p],
+                    position: Some(pb::StartPosition {
+                        position: Some(pb::start_position::Position::Latest(true)),
+                    }),
+                })
+                .await
+                .map_err(|e| anyhow::anyhow!("ListOffsets: {}", e.message()))?
+                .into_inner()
+                .partitions
+                .first()
+                .map_or(0, |o| o.end_offset);
+            let mut at = 0u64;
+            while at < end {
+                let r = c
+                    .fetch(pb::FetchRequest {
+                        topic: t.clone(),
+                        partition: p,
+                        offset: at,
+                        max_records: 10_000,
+                        max_bytes: 4 << 20,
+                        max_wait_ms: 1000,
+                    })
+                    .await
+                    .map_err(|e| anyhow::anyhow!("replay fetch: {}", e.message()))?
+                    .into_inner();
+                for rec in &r.records {
+                    records += 1;
+                    bytes += (rec.value.len() + rec.key.as_ref().map_or(0, |k| k.len())) as u64;
+                }
+                at = r.next_offset.max(at);
+            }
+        }
+    }
+    let took = started.elapsed();
+    let wan = cluster.lock().await.wan_bytes() - wan_before;
+    let share = wan as f64 / bytes.max(1) as f64 * 100.0;
+    let lines = vec![
+        String::new(),
+        format!(
+            "replay          {records} records ({:.1} MB) read from the earliest offset through {addr} in {:.2} s ({:.1} MB/s)",
+            bytes as f64 / 1e6,
+            took.as_secs_f64(),
+            bytes as f64 / 1e6 / took.as_secs_f64().max(1e-9)
+        ),
+        format!(
+            "replay wan      {:.2} MB crossed between regions meanwhile: {share:.3}% of the bytes read",
+            wan as f64 / 1e6
+        ),
+    ];
+    let json = serde_json::json!({
+        "records": records, "bytes": bytes, "seconds": took.as_secs_f64(),
+        "wan_bytes": wan, "wan_share_percent": share,
+    });
+    Ok((lines, json))
 }

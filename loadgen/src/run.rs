@@ -47,6 +47,11 @@ pub struct Shared {
     /// them inside the measured window: how long a partition took no writes (failover).
     last_ack: Mutex<BTreeMap<(String, u32), Instant>>,
     pub longest_gap: Mutex<Duration>,
+    /// Requests an idempotent producer sent again, by the status of the failed try, with the
+    /// first message seen for each status.
+    pub retried: Mutex<BTreeMap<String, (u64, String)>>,
+    /// The first message of each status in `errors`.
+    pub first_errors: Mutex<BTreeMap<String, String>>,
 }
 
 impl Shared {
@@ -55,12 +60,22 @@ impl Shared {
     }
 
     fn error(&self, status: &tonic::Status, records: u64) {
-        *self
-            .errors
+        let code = format!("{:?}", status.code());
+        self.first_errors
+            .lock()
+            .unwrap()
+            .entry(code.clone())
+            .or_insert_with(|| status.message().to_string());
+        *self.errors.lock().unwrap().entry(code).or_default() += records;
+    }
+
+    fn retry(&self, status: &tonic::Status) {
+        self.retried
             .lock()
             .unwrap()
             .entry(format!("{:?}", status.code()))
-            .or_default() += records;
+            .or_insert_with(|| (0, status.message().to_string()))
+            .0 += 1;
     }
 
     /// A subscription that failed (counted per failure, under "subscribe CODE").
@@ -113,7 +128,17 @@ impl XorShift {
 }
 
 /// Runs the load; returns the shared counters for the report.
-pub async fn run(s: &Settings, addrs: &[String], topics: &[String]) -> anyhow::Result<Arc<Shared>> {
+/// Where producers and consumers connect: every address they may use, those of their own
+/// region first (`local` of them; a client starts at one of those and moves on to the
+/// others only when its node fails).
+pub struct Routes {
+    pub producers: Vec<String>,
+    pub producers_local: usize,
+    pub consumers: Vec<String>,
+    pub consumers_local: usize,
+}
+
+pub async fn run(s: &Settings, routes: &Routes, topics: &[String]) -> anyhow::Result<Arc<Shared>> {
     let start = Instant::now() + Duration::from_millis(200);
     let measure_from = start + Duration::from_secs(s.warmup_s);
     let end = measure_from + Duration::from_secs(s.duration_s);
@@ -134,6 +159,8 @@ pub async fn run(s: &Settings, addrs: &[String], topics: &[String]) -> anyhow::R
         wall_at_start_us,
         last_ack: Mutex::new(BTreeMap::new()),
         longest_gap: Mutex::new(Duration::ZERO),
+        retried: Mutex::new(BTreeMap::new()),
+        first_errors: Mutex::new(BTreeMap::new()),
     });
 
     // Consumers first, from the start of the (new, empty) topics, so they see every record.
@@ -154,8 +181,8 @@ pub async fn run(s: &Settings, addrs: &[String], topics: &[String]) -> anyhow::R
             continue;
         }
         consumers.push(tokio::spawn(consume(
-            addrs.to_vec(),
-            i + 1,
+            routes.consumers.clone(),
+            (i + 1) % routes.consumers_local.max(1),
             parts,
             shared.clone(),
             stop_rx.clone(),
@@ -165,12 +192,16 @@ pub async fn run(s: &Settings, addrs: &[String], topics: &[String]) -> anyhow::R
     let progress = tokio::spawn(progress(shared.clone()));
     let mut producers = Vec::new();
     for id in 0..s.producers as u32 {
-        let client = Nodes::new(addrs, id as usize)?;
+        let client = Nodes::new(
+            &routes.producers,
+            id as usize % routes.producers_local.max(1),
+        )?;
         let s = s.clone();
         let topics = topics.to_vec();
         let shared = shared.clone();
         producers.push(tokio::spawn(async move {
             match s.rate {
+                Some(_) if s.idempotent => idempotent_loop(id, &s, client, &topics, shared).await,
                 Some(_) => open_loop(id, &s, client, &topics, shared).await,
                 None => closed_loop(id, &s, client, &topics, shared).await,
             }
@@ -455,6 +486,117 @@ async fn open_loop(id: u32, s: &Settings, client: Nodes, topics: &[String], shar
     }
     // Wait for every request still in flight.
     let _ = window.acquire_many(OPEN_LOOP_REQUESTS_MAX as u32).await;
+}
+
+/// `LOADGEN_TRACE=1`: idempotent producers print every try and its outcome (read once, not per
+/// request).
+static TRACE: std::sync::LazyLock<bool> =
+    std::sync::LazyLock::new(|| std::env::var_os("LOADGEN_TRACE").is_some());
+
+/// How long an idempotent producer waits before sending a failed request again.
+const RETRY_BACKOFF: Duration = Duration::from_millis(20);
+/// How long after the load's end an idempotent producer keeps retrying its last request.
+const RETRY_AFTER_END: Duration = Duration::from_secs(30);
+/// A request that has no answer by then is abandoned and sent again (same sequence).
+const IDEMPOTENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether a failed publish may go again unchanged: anything but a refusal of the request
+/// itself. An idempotent producer's retry is never written twice, whatever the first try did.
+fn retriable(status: &tonic::Status) -> bool {
+    !matches!(
+        status.code(),
+        tonic::Code::InvalidArgument
+            | tonic::Code::FailedPrecondition
+            | tonic::Code::PermissionDenied
+            | tonic::Code::Unauthenticated
+            | tonic::Code::NotFound
+            | tonic::Code::OutOfRange
+            | tonic::Code::AlreadyExists
+    )
+}
+
+/// An idempotent producer: a producer id, one partition, one request in flight holding every
+/// record due (up to the batch size), and a request that failed sent again unchanged (same
+/// producer id and sequence, through the next node) until it is acknowledged. However a try
+/// ended — refused, cut off by a killed node, timed out — each record is written exactly once.
+async fn idempotent_loop(
+    id: u32,
+    s: &Settings,
+    nodes: Nodes,
+    topics: &[String],
+    shared: Arc<Shared>,
+) {
+    let rate = s.rate.expect("idempotent producers have a rate") as f64 / s.producers as f64;
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let topic = &topics[id as usize % topics.len()];
+    let partition = id % s.partitions;
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15 ^ (id as u64 + 1));
+    let give_up = shared.end + RETRY_AFTER_END;
+    let producer_id = loop {
+        let (i, mut c) = nodes.get();
+        match c.init_producer(pb::InitProducerRequest {}).await {
+            Ok(r) => break r.into_inner().producer_id,
+            Err(status) if Instant::now() < give_up => {
+                shared.retry(&status);
+                nodes.failed(i);
+                tokio::time::sleep(RETRY_BACKOFF).await;
+            }
+            Err(status) => {
+                shared.error(&status, 0);
+                return;
+            }
+        }
+    };
+    let due = |i: u64| shared.start + interval.mul_f64(i as f64);
+    let total = ((shared.end - shared.start).as_secs_f64() * rate) as u64;
+    let mut seq = 0u64;
+    while seq < total {
+        tokio::time::sleep_until(due(seq).into()).await;
+        let now = Instant::now();
+        let mut n = 1;
+        while n < s.batch_size as u64 && seq + n < total && due(seq + n) <= now {
+            n += 1;
+        }
+        let dues: Vec<Instant> = (seq..seq + n).map(due).collect();
+        let dues_us: Vec<u64> = dues.iter().map(|d| shared.wall_us(*d)).collect();
+        let mut req = make_request(s, id, topic, seq..seq + n, &dues_us, &mut rng);
+        for r in &mut req.records {
+            r.partition = Some(partition);
+        }
+        req.producer_id = producer_id;
+        // Sequences count records from 0 in the partition (they wrap after 2^32, as Kafka's).
+        req.sequence = seq as u32;
+        shared.sent.fetch_add(n, Ordering::Relaxed);
+        loop {
+            let (i, mut c) = nodes.get();
+            let mut call = tonic::Request::new(req.clone());
+            call.set_timeout(IDEMPOTENT_TIMEOUT);
+            match c.publish(call).await {
+                Err(status) if retriable(&status) && Instant::now() < give_up => {
+                    if *TRACE {
+                        eprintln!("loadgen: trace: t={:.3} producer {producer_id} p{partition} seq {seq}+{n} via node {}: retry after {:?}: {}", shared.start.elapsed().as_secs_f64(), i % nodes.clients.len() as u64 + 1, status.code(), status.message());
+                    }
+                    shared.retry(&status);
+                    nodes.failed(i);
+                    tokio::time::sleep(RETRY_BACKOFF).await;
+                }
+                r => {
+                    if *TRACE {
+                        match &r {
+                            Ok(a) => eprintln!("loadgen: trace: t={:.3} producer {producer_id} p{partition} seq {seq}+{n} via node {}: acked at {:?}", shared.start.elapsed().as_secs_f64(), i % nodes.clients.len() as u64 + 1, a.get_ref().acks.first().map(|a| a.offset)),
+                            Err(e) => eprintln!("loadgen: trace: t={:.3} producer {producer_id} p{partition} seq {seq}+{n} via node {}: FAILED {:?}: {}", shared.start.elapsed().as_secs_f64(), i % nodes.clients.len() as u64 + 1, e.code(), e.message()),
+                        }
+                    }
+                    if r.is_err() {
+                        nodes.failed(i);
+                    }
+                    on_answer(&shared, topic, id, seq, &dues, r);
+                    break;
+                }
+            }
+        }
+        seq += n;
+    }
 }
 
 async fn closed_loop(id: u32, s: &Settings, client: Nodes, topics: &[String], shared: Arc<Shared>) {

@@ -10,7 +10,8 @@ correctness accounting (acked, delivered, lost, duplicated, reordered)"
 )]
 pub struct Args {
     /// A named workload: seed-target, max-throughput, replicated-max, latency-at-load,
-    /// many-partitions, failover. Flags below override its settings.
+    /// many-partitions, failover, geo-sync, geo-replay, region-loss, idle, chaos. Flags below
+    /// override its settings.
     #[arg(long)]
     pub workload: Option<String>,
     /// Start a local cluster of this many `tern serve` processes (loopback, free ports,
@@ -80,12 +81,60 @@ pub struct Args {
     /// during the run (what a Prometheus server does), to measure what scraping costs.
     #[arg(long)]
     pub scrape_ms: Option<u64>,
+    /// Spawn a geo cluster: these regions (comma-separated), --nodes-per-region nodes in
+    /// each, every pair --rtt-ms apart through tern-wan delay lines (docs/geo.md).
+    #[arg(long, value_delimiter = ',')]
+    pub regions: Vec<String>,
+    #[arg(long)]
+    pub nodes_per_region: Option<usize>,
+    /// Round-trip time between regions, in ms.
+    #[arg(long)]
+    pub rtt_ms: Option<u64>,
+    /// Producers talk to a node in this region (with --brokers: found through ClusterInfo).
+    #[arg(long)]
+    pub producer_region: Option<String>,
+    /// Consumers talk to a node in this region.
+    #[arg(long)]
+    pub consumer_region: Option<String>,
+    /// The topic's survival goal: zone or region.
+    #[arg(long)]
+    pub survival: Option<String>,
+    /// The topic's leader regions, most preferred first.
+    #[arg(long, value_delimiter = ',')]
+    pub leader_regions: Vec<String>,
+    /// Cut this region off from the others this many seconds into the measured load:
+    /// REGION@SECONDS (geo clusters only).
+    #[arg(long)]
+    pub cut_region: Option<String>,
+    /// Idempotent producers that retry: each producer writes one partition with a producer id,
+    /// one request in flight, and sends a failed request again unchanged until it is
+    /// acknowledged, so every record is written exactly once (the failover workload's default).
+    /// Needs an open loop (--rate).
+    #[arg(long)]
+    pub idempotent: bool,
+    /// The chaos workload's schedule seed (printed; the same seed gives the same faults).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// The faults the chaos workload draws from, comma-separated: kill, pause, partition,
+    /// one-way, bridge, corrupt [default: all].
+    #[arg(long, value_delimiter = ',')]
+    pub faults: Vec<String>,
+    /// Seconds between two faults of the chaos workload, on average.
+    #[arg(long)]
+    pub fault_every: Option<u64>,
     /// TLS and token for --brokers that are secured (as the `tern` CLI takes them).
     #[command(flatten)]
     pub security: tern::cli::SecurityOpts,
     #[doc(hidden)]
     #[arg(long, hide = true)]
     pub serve_self: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Chaos {
+    pub seed: u64,
+    pub faults: Vec<String>,
+    pub every_s: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -109,6 +158,26 @@ pub struct Settings {
     pub fsync: String,
     /// Kill a partition leader this often (the failover workload).
     pub kill_every_s: Option<u64>,
+    /// Idempotent producers that retry until acknowledged (see `Args::idempotent`).
+    pub idempotent: bool,
+    /// The chaos workload's nemesis (see `chaos.rs`).
+    pub chaos: Option<Chaos>,
+    /// The topics' segment size (smaller segments give the chaos workload sealed ones to
+    /// damage).
+    pub segment_bytes: Option<u64>,
+    /// Geo: region names, nodes in each, round trip between regions.
+    pub regions: Vec<String>,
+    pub nodes_per_region: usize,
+    pub rtt_ms: u64,
+    pub producer_region: Option<String>,
+    pub consumer_region: Option<String>,
+    /// Topic placement: survival goal (zone, region) and leader regions.
+    pub survival: Option<String>,
+    pub leader_regions: Vec<String>,
+    /// Cut a region off, this many seconds into the measured load.
+    pub cut_region: Option<(String, u64)>,
+    /// After producing, one consumer reads everything from the earliest offset (geo-replay).
+    pub replay: bool,
 }
 
 impl Settings {
@@ -131,7 +200,20 @@ impl Settings {
             warmup_s: 5,
             fsync: "always".into(),
             kill_every_s: None,
+            idempotent: false,
+            chaos: None,
+            segment_bytes: None,
+            regions: Vec::new(),
+            nodes_per_region: 1,
+            rtt_ms: 40,
+            producer_region: None,
+            consumer_region: None,
+            survival: None,
+            leader_regions: Vec::new(),
+            cut_region: None,
+            replay: false,
         };
+        let abc = || vec!["a".to_string(), "b".to_string(), "c".to_string()];
         Ok(match name {
             "seed-target" => Settings {
                 nodes: 3,
@@ -177,12 +259,94 @@ impl Settings {
                 partitions: 3,
                 record_size: 256,
                 kill_every_s: Some(10),
+                // Every record acknowledged exactly once: a request the kill cut off (its
+                // outcome unknown) goes again with the same sequence. A request takes every
+                // record due, up to 100, while the one before is in flight.
+                idempotent: true,
+                batch_size: 100,
+                ..base
+            },
+            // A region-survival topic led from a, producers in a, consumers in b.
+            "geo-sync" => Settings {
+                nodes: 3,
+                replication_factor: 3,
+                partitions: 3,
+                regions: abc(),
+                producer_region: Some("a".into()),
+                consumer_region: Some("b".into()),
+                survival: Some("region".into()),
+                leader_regions: vec!["a".into()],
+                duration_s: 30,
+                ..base
+            },
+            // 100 MB published in a, then read from the earliest offset by a consumer in b.
+            "geo-replay" => Settings {
+                nodes: 3,
+                replication_factor: 3,
+                partitions: 3,
+                regions: abc(),
+                producer_region: Some("a".into()),
+                consumer_region: Some("b".into()),
+                survival: Some("region".into()),
+                leader_regions: vec!["a".into()],
+                batch_size: 100,
+                linger_ms: 10,
+                rate: Some(10_000),
+                consumers: 0,
+                duration_s: 10,
+                warmup_s: 0,
+                replay: true,
+                ..base
+            },
+            // The leaders' region is cut off under load; producers in b, consumers in c.
+            "region-loss" => Settings {
+                nodes: 3,
+                replication_factor: 3,
+                partitions: 3,
+                regions: abc(),
+                producer_region: Some("b".into()),
+                consumer_region: Some("c".into()),
+                survival: Some("region".into()),
+                leader_regions: vec!["a".into()],
+                cut_region: Some(("a".into(), 10)),
+                duration_s: 30,
+                ..base
+            },
+            // Faults from a seed under idempotent producers and a subscriber, then a heal and a
+            // final read of every replica (docs/reliability.md).
+            "chaos" => Settings {
+                nodes: 3,
+                replication_factor: 3,
+                partitions: 3,
+                record_size: 256,
+                rate: Some(500),
+                idempotent: true,
+                batch_size: 100,
+                duration_s: 60,
+                warmup_s: 2,
+                segment_bytes: Some(1 << 20),
+                chaos: Some(Chaos {
+                    seed: 0,
+                    faults: super::chaos::KINDS.iter().map(|k| k.to_string()).collect(),
+                    every_s: 4,
+                }),
+                ..base
+            },
+            // No load: the spawned nodes' own CPU while they hold their partitions and wait.
+            "idle" => Settings {
+                partitions: 1,
+                producers: 0,
+                consumers: 0,
+                rate: None,
+                duration_s: 60,
+                warmup_s: 10,
                 ..base
             },
             "custom" => base,
             other => anyhow::bail!(
                 "unknown workload {other:?}: use seed-target, max-throughput, replicated-max, \
-                 latency-at-load, many-partitions or failover"
+                 latency-at-load, many-partitions, failover, geo-sync, geo-replay, region-loss, idle \
+                 or chaos"
             ),
         })
     }
@@ -190,11 +354,80 @@ impl Settings {
     /// The workload's settings with every flag applied.
     pub fn resolve(a: &Args) -> anyhow::Result<Settings> {
         let mut s = Settings::named(a.workload.as_deref().unwrap_or("custom"))?;
-        if let Some(n) = a.spawn {
+        if !a.regions.is_empty() {
+            s.regions = a.regions.clone();
+        }
+        if let Some(n) = a.nodes_per_region {
+            s.nodes_per_region = n;
+        }
+        if let Some(ms) = a.rtt_ms {
+            s.rtt_ms = ms;
+        }
+        if !a.brokers.is_empty() {
+            // Running nodes: no regions of loadgen's own making.
+            s.regions.clear();
+        }
+        if !s.regions.is_empty() {
+            anyhow::ensure!(
+                (1..=16).contains(&s.nodes_per_region),
+                "--nodes-per-region must be 1..=16"
+            );
+            anyhow::ensure!(s.rtt_ms <= 10_000, "--rtt-ms must be at most 10000");
+            s.nodes = s.regions.len() * s.nodes_per_region;
+            if let Some(n) = a.spawn {
+                anyhow::ensure!(
+                    n == s.nodes,
+                    "--spawn {n} disagrees with {} regions × {} nodes",
+                    s.regions.len(),
+                    s.nodes_per_region
+                );
+            }
+        } else if let Some(n) = a.spawn {
             s.nodes = n;
         } else if !a.brokers.is_empty() {
             s.nodes = a.brokers.len();
         }
+        if a.producer_region.is_some() {
+            s.producer_region = a.producer_region.clone();
+        }
+        if a.consumer_region.is_some() {
+            s.consumer_region = a.consumer_region.clone();
+        }
+        if a.survival.is_some() {
+            s.survival = a.survival.clone();
+        }
+        if !a.leader_regions.is_empty() {
+            s.leader_regions = a.leader_regions.clone();
+        }
+        if let Some(c) = &a.cut_region {
+            let (r, at) = c
+                .split_once('@')
+                .and_then(|(r, at)| Some((r.to_string(), at.parse().ok()?)))
+                .ok_or_else(|| anyhow::anyhow!("--cut-region {c}: use REGION@SECONDS"))?;
+            s.cut_region = Some((r, at));
+        }
+        if let Some(sv) = &s.survival {
+            anyhow::ensure!(
+                sv == "zone" || sv == "region",
+                "--survival {sv}: use zone or region"
+            );
+        }
+        for r in s
+            .producer_region
+            .iter()
+            .chain(&s.consumer_region)
+            .chain(s.cut_region.as_ref().map(|c| &c.0))
+        {
+            anyhow::ensure!(
+                s.regions.is_empty() || s.regions.contains(r),
+                "region {r} is not one of --regions {}",
+                s.regions.join(",")
+            );
+        }
+        anyhow::ensure!(
+            s.cut_region.is_none() || !s.regions.is_empty(),
+            "--cut-region needs a geo cluster loadgen spawns (--regions)"
+        );
         macro_rules! set {
             ($($flag:ident => $field:ident),*) => { $( if let Some(v) = a.$flag.clone() { s.$field = v; } )* };
         }
@@ -216,7 +449,46 @@ impl Settings {
         } else if let Some(r) = a.rate {
             s.rate = Some(r);
         }
-        anyhow::ensure!(s.producers >= 1, "--producers must be at least 1");
+        if a.idempotent {
+            s.idempotent = true;
+        }
+        if let Some(c) = s.chaos.as_mut() {
+            c.seed = a.seed.unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            });
+            if !a.faults.is_empty() {
+                for f in &a.faults {
+                    anyhow::ensure!(
+                        super::chaos::KINDS.contains(&f.as_str()),
+                        "--faults {f}: use {}",
+                        super::chaos::KINDS.join(", ")
+                    );
+                }
+                c.faults = a.faults.clone();
+            }
+            if let Some(e) = a.fault_every {
+                anyhow::ensure!(
+                    (1..=600).contains(&e),
+                    "--fault-every must be 1..=600 seconds"
+                );
+                c.every_s = e;
+            }
+        } else {
+            anyhow::ensure!(
+                a.seed.is_none() && a.faults.is_empty() && a.fault_every.is_none(),
+                "--seed, --faults and --fault-every are for the chaos workload"
+            );
+        }
+        anyhow::ensure!(
+            !s.idempotent || s.rate.is_some(),
+            "--idempotent producers run an open loop: give --rate, not --max"
+        );
+        anyhow::ensure!(
+            s.producers >= 1 || s.workload == "idle",
+            "--producers must be at least 1"
+        );
         anyhow::ensure!(
             s.batch_size >= 1 && s.batch_size <= 10_000,
             "--batch-size must be 1..=10000"
@@ -242,7 +514,7 @@ impl Settings {
                 self.replication_factor, self.replication_factor, self.nodes
             ));
         }
-        if self.kill_every_s.is_some() && !spawned {
+        if (self.kill_every_s.is_some() || self.chaos.is_some()) && !spawned {
             return Some(format!(
                 "workload {:?} kills nodes, so it needs a cluster it started itself: use --spawn",
                 self.workload
@@ -260,7 +532,15 @@ impl Settings {
             "rate": self.rate, "closed_loop": self.rate.is_none(), "in_flight": self.in_flight,
             "producers": self.producers, "consumers": self.consumers,
             "duration_s": self.duration_s, "warmup_s": self.warmup_s, "fsync": self.fsync,
-            "kill_every_s": self.kill_every_s,
+            "kill_every_s": self.kill_every_s, "idempotent": self.idempotent,
+            "chaos": self.chaos.as_ref().map(|c| serde_json::json!({"seed": c.seed, "faults": c.faults, "every_s": c.every_s})),
+            "segment_bytes": self.segment_bytes,
+            "regions": self.regions, "nodes_per_region": self.nodes_per_region,
+            "rtt_ms": self.rtt_ms, "producer_region": self.producer_region,
+            "consumer_region": self.consumer_region, "survival": self.survival,
+            "leader_regions": self.leader_regions,
+            "cut_region": self.cut_region.as_ref().map(|(r, at)| serde_json::json!({"region": r, "at_s": at})),
+            "replay": self.replay,
         })
     }
 }

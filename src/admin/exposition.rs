@@ -321,6 +321,13 @@ impl Collector for Snapshot {
             None,
             n.leader_changes.get(),
         )?;
+        counter(
+            e,
+            "replica_repairs",
+            "Damaged replicas on this node reopened with their log cut at the damage, to be caught up by their peers.",
+            None,
+            n.replica_repairs.get(),
+        )?;
         Histogram(n.fsync.snapshot()).encode(e.encode_descriptor(
             "fsync_duration",
             "fdatasync of partition log segments.",

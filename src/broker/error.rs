@@ -88,7 +88,8 @@ impl BrokerError {
     pub fn leader(&self) -> Option<NodeId> {
         match self {
             BrokerError::Core(CoreError::NotLeader { leader })
-            | BrokerError::Core(CoreError::LeaderChanged { leader }) => *leader,
+            | BrokerError::Core(CoreError::LeaderChanged { leader })
+            | BrokerError::Core(CoreError::Stale { leader, .. }) => *leader,
             BrokerError::Peer(p) => p.leader,
             _ => None,
         }

@@ -46,7 +46,7 @@ use crate::tls::{ClientTls, ServerTls};
 use crate::types::ClusterId;
 
 /// Replaces a small file as a whole: a crash leaves the old content or the new, synced.
-fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp)?;
@@ -75,6 +75,9 @@ pub struct Broker {
     topics: RwLock<HashMap<String, Arc<Topic>>>,
     /// Offset in the metadata log up to which commands are applied here.
     pub applied: tokio::sync::watch::Sender<u64>,
+    /// The applied metadata state and the offset it reaches, as one pair (a node whose
+    /// metadata log starts past what it applied asks a peer for it).
+    applied_view: std::sync::Mutex<(crate::types::Offset, Arc<ClusterState>)>,
     /// Connections to other nodes (forwarding, metadata proposals), by node, with the address
     /// each was made for.
     peers: std::sync::Mutex<HashMap<NodeId, (String, Channel)>>,
@@ -122,6 +125,7 @@ impl Broker {
                 addr: advertised.clone(),
                 region: config.region.clone(),
                 zone: config.zone.clone(),
+                region_addrs: config.region_address_map()?,
             },
             timing: config.raft_timing(),
             transport,
@@ -141,6 +145,7 @@ impl Broker {
             state: RwLock::new(Arc::new(ClusterState::default())),
             topics: RwLock::new(HashMap::new()),
             applied: tokio::sync::watch::channel(0).0,
+            applied_view: std::sync::Mutex::new((crate::types::Offset(0), Arc::default())),
             peers: std::sync::Mutex::new(HashMap::new()),
             ready: AtomicBool::new(false),
             admin: tokio::sync::Mutex::new(()),
@@ -187,6 +192,18 @@ impl Broker {
         self.replica.transport.as_ref()
     }
 
+    /// The applied metadata state and the metadata offset it reaches.
+    pub fn applied_view(&self) -> (crate::types::Offset, Arc<ClusterState>) {
+        self.applied_view.lock().expect("applied view lock").clone()
+    }
+
+    /// Pairs the current state with the offset applied (the follower calls this after each
+    /// step, after `set_state`).
+    pub fn set_applied_view(&self, next: crate::types::Offset) {
+        let state = self.cluster();
+        *self.applied_view.lock().expect("applied view lock") = (next, state);
+    }
+
     pub fn cluster(&self) -> Arc<ClusterState> {
         self.state.read().expect("state lock").clone()
     }
@@ -202,7 +219,7 @@ impl Broker {
                 state
                     .nodes
                     .iter()
-                    .map(|(id, m)| (*id, m.addr.clone()))
+                    .map(|(id, m)| (*id, m.addr_for(&self.config.region).to_string()))
                     .collect(),
             );
         }

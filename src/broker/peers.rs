@@ -104,7 +104,7 @@ impl Broker {
             .cluster()
             .nodes
             .get(&node)
-            .map(|m| m.addr.clone())
+            .map(|m| m.addr_for(&self.config.region).to_string())
             .or_else(|| self.controllers.get(&node).cloned())
             .ok_or(BrokerError::NoAddress { node })?;
         let mut peers = self.peers.lock().expect("peers lock");
@@ -140,8 +140,28 @@ impl Broker {
             .map_err(|s| BrokerError::from_peer(node, s))
     }
 
-    /// Runs a read on a replica of a partition this node does not hold: the preferred replica
-    /// first, then the others while they cannot serve it (unreachable, not open yet).
+    /// Other nodes of `nodes`, the nearest to this one first (same zone, same region, then
+    /// in the given order).
+    pub fn nearest_first(&self, nodes: &[NodeId]) -> Vec<NodeId> {
+        let me = self.member();
+        let state = self.cluster();
+        let mut order: Vec<NodeId> = nodes
+            .iter()
+            .copied()
+            .filter(|n| *n != self.node_id())
+            .collect();
+        order.sort_by_key(|n| match state.nodes.get(n) {
+            Some(m) if m.region == me.region && m.zone == me.zone => 0,
+            Some(m) if m.region == me.region => 1,
+            Some(_) => 2,
+            None => 3,
+        });
+        order
+    }
+
+    /// Runs a read on another replica of a partition: the nearest first (same zone, then same
+    /// region, then the replica list's order), then the others while they cannot serve it
+    /// (unreachable, not open yet, stale).
     pub async fn on_replica<T, F, Fut>(&self, topic: &Topic, p: u32, call: F) -> Result<T>
     where
         F: Fn(TernClient<Channel>) -> Fut,
@@ -149,7 +169,7 @@ impl Broker {
     {
         let me = self.node_id();
         let mut last = None;
-        for node in topic.replicas(p).iter().copied().filter(|n| *n != me) {
+        for node in self.nearest_first(topic.replicas(p)) {
             match self.call_peer(node, &call).await {
                 Ok(v) => return Ok(v),
                 Err(e) if e.retryable() => last = Some(e),

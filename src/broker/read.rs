@@ -11,7 +11,7 @@ use super::{Broker, BrokerError, Result, Topic};
 use crate::cluster::health::FollowerLag;
 use crate::proto::v1 as pb;
 use crate::shard::request::ReplicaState;
-use crate::shard::{CoreRequest, Fetched, ListedOffsets, StartAt};
+use crate::shard::{CoreError, CoreRequest, Fetched, ListedOffsets, StartAt};
 use crate::types::{NodeId, Offset};
 
 /// How much longer than its long poll a read relayed to another node may take.
@@ -55,6 +55,7 @@ impl Broker {
                 from,
                 max_bytes,
                 max_wait,
+                fresh: true,
                 reply,
             })
             .await?)
@@ -70,22 +71,29 @@ impl Broker {
         origin: &Origin,
     ) -> Result<pb::FetchResponse> {
         if topic.on(self.node_id(), partition) {
-            let f = self
+            match self
                 .fetch(topic, partition, read.from, read.max_bytes, read.max_wait)
-                .await?;
-            let (records, next) = records(
-                &topic.spec.name,
-                partition,
-                &f,
-                read.max_records,
-                read.max_bytes,
-            );
-            return Ok(pb::FetchResponse {
-                records,
-                next_offset: next,
-                high_watermark: f.high_watermark.0,
-                start_offset: f.start.0,
-            });
+                .await
+            {
+                Ok(f) => {
+                    let (records, next) = records(
+                        &topic.spec.name,
+                        partition,
+                        &f,
+                        read.max_records,
+                        read.max_bytes,
+                    );
+                    return Ok(pb::FetchResponse {
+                        records,
+                        next_offset: next,
+                        high_watermark: f.high_watermark.0,
+                        start_offset: f.start.0,
+                    });
+                }
+                // A stale follower: a client's read goes to the nearest replica that is not.
+                Err(BrokerError::Core(CoreError::Stale { .. })) if !origin.relayed() => {}
+                Err(e) => return Err(e),
+            }
         }
         if origin.relayed() {
             return Err(self.no_replica(topic, partition));

@@ -31,6 +31,18 @@ pub enum TopicCmd {
         max_record_bytes: Option<u32>,
         #[arg(long)]
         segment_bytes: Option<u64>,
+        /// What each partition must survive: zone (every replica in the home region, across
+        /// zones) or region (replicas in at least three regions) [default: spread as widely as
+        /// the nodes allow].
+        #[arg(long, value_parser = ["zone", "region"])]
+        survival: Option<String>,
+        /// Regions the replicas may use, comma-separated; with --survival zone, the home
+        /// region [default: any; the home region is the connected node's].
+        #[arg(long, value_delimiter = ',')]
+        regions: Vec<String>,
+        /// Regions whose replicas should lead, most preferred first (leader pinning).
+        #[arg(long, value_delimiter = ',')]
+        leader_regions: Vec<String>,
         #[command(flatten)]
         opts: ClientOpts,
     },
@@ -65,12 +77,27 @@ fn settings(c: &Option<pb::TopicConfig>) -> serde_json::Value {
     })
 }
 
+fn placement(p: &Option<pb::Placement>) -> serde_json::Value {
+    let p = p.clone().unwrap_or_default();
+    let survival = match pb::Survival::try_from(p.survival) {
+        Ok(pb::Survival::Zone) => "zone",
+        Ok(pb::Survival::Region) => "region",
+        _ => "spread",
+    };
+    serde_json::json!({
+        "survival": survival,
+        "regions": p.regions,
+        "leader_regions": p.leader_regions,
+    })
+}
+
 fn topic_json(t: &pb::TopicInfo) -> serde_json::Value {
     serde_json::json!({
         "name": t.name,
         "partitions": t.partitions,
         "replication_factor": t.replication_factor,
         "config": settings(&t.config),
+        "placement": placement(&t.placement),
     })
 }
 
@@ -121,8 +148,16 @@ pub async fn topic(cmd: TopicCmd) -> anyhow::Result<()> {
             fsync_interval_ms,
             max_record_bytes,
             segment_bytes,
+            survival,
+            regions,
+            leader_regions,
             opts,
         } => {
+            let survival = match survival.as_deref() {
+                Some("zone") => pb::Survival::Zone,
+                Some("region") => pb::Survival::Region,
+                _ => pb::Survival::Unspecified,
+            };
             let fsync_policy = match fsync.as_deref() {
                 None => pb::FsyncPolicy::Unspecified,
                 Some("always") => pb::FsyncPolicy::Always,
@@ -142,6 +177,11 @@ pub async fn topic(cmd: TopicCmd) -> anyhow::Result<()> {
                         fsync_interval_ms,
                         max_record_bytes,
                         segment_bytes,
+                    }),
+                    placement: Some(pb::Placement {
+                        survival: survival as i32,
+                        regions,
+                        leader_regions,
                     }),
                 })
                 .await
@@ -217,6 +257,7 @@ pub async fn topic(cmd: TopicCmd) -> anyhow::Result<()> {
                     t.name, t.partitions, t.replication_factor
                 );
                 println!("config {}", settings(&t.config));
+                println!("placement {}", placement(&t.placement));
                 table::print(&PARTITION_HEADER, &partition_rows(&r.partitions));
             }
         }

@@ -69,6 +69,9 @@ pub enum ClusterCmd {
 const WAIT_MAX: Duration = Duration::from_secs(600);
 /// How long one node gets to answer when asked for its view.
 const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long `tern cluster status` waits for a metadata leader to be elected before it reports
+/// that there is none.
+const LEADER_GRACE: Duration = Duration::from_secs(5);
 
 /// The cluster as its nodes see it: the asked node's ClusterInfo, every node's own, and each
 /// partition as its leader reports it (a leader reports its followers' lag).
@@ -83,7 +86,7 @@ struct View {
 impl View {
     async fn read(c: &mut Client, security: &SecurityOpts) -> Result<View, tonic::Status> {
         let asked = c
-            .cluster_info(pb::ClusterInfoRequest {})
+            .cluster_info(pb::ClusterInfoRequest::default())
             .await?
             .into_inner();
         let mut views = BTreeMap::new();
@@ -222,7 +225,7 @@ fn no_leader(controllers: &[u64]) -> String {
 /// A node's ClusterInfo, or `None` if it does not answer in time.
 async fn ask_node(addr: &str, security: &SecurityOpts) -> Option<pb::ClusterInfoResponse> {
     let mut c = security.connect_lazy(addr).ok()?;
-    let mut req = tonic::Request::new(pb::ClusterInfoRequest {});
+    let mut req = tonic::Request::new(pb::ClusterInfoRequest::default());
     req.set_timeout(ASK_TIMEOUT);
     tokio::time::timeout(ASK_TIMEOUT, c.cluster_info(req))
         .await
@@ -409,9 +412,18 @@ fn print_moves(opts: &ClientOpts, moves: &[pb::PartitionMove]) {
 
 async fn status(opts: ClientOpts) -> anyhow::Result<()> {
     let mut c = opts.connect().await?;
-    let v = View::read(&mut c, &opts.security)
+    let mut v = View::read(&mut c, &opts.security)
         .await
         .map_err(status_error)?;
+    // Right after a metadata leader dies the others are electing one (about 2 s with the
+    // default timings): look again for a while before reporting that there is none.
+    let deadline = std::time::Instant::now() + LEADER_GRACE;
+    while v.metadata_leader == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        v = View::read(&mut c, &opts.security)
+            .await
+            .map_err(status_error)?;
+    }
     if opts.json {
         let j = serde_json::json!({
             "cluster_id": v.asked.cluster_id,

@@ -89,15 +89,54 @@ pub struct ClientOpts {
     /// Print JSON (one object per line) instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// This client's region: talk to a node there, found through --server (any node), so
+    /// that reads come from a replica in the region (docs/geo.md).
+    #[arg(long, env = "TERN_CLIENT_REGION")]
+    pub region: Option<String>,
     #[command(flatten)]
     pub security: SecurityOpts,
 }
 
 impl ClientOpts {
-    /// A client of `--server`, connected now.
+    /// A client of `--server`, or with `--region` of a node in that region, connected now.
     pub async fn connect(&self) -> anyhow::Result<Client> {
-        self.security.connect(&self.server).await
+        let c = self.security.connect(&self.server).await?;
+        match &self.region {
+            None => Ok(c),
+            Some(region) => {
+                let addr = nearest_node(c, region).await?;
+                self.security.connect(&addr).await
+            }
+        }
     }
+}
+
+/// The address of a node in `region` (as advertised to that region), asked of the node `c`
+/// talks to; one of them at random when there are several.
+pub async fn nearest_node(mut c: Client, region: &str) -> anyhow::Result<String> {
+    let info = c
+        .cluster_info(crate::proto::v1::ClusterInfoRequest {
+            region: region.to_string(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let here: Vec<&crate::proto::v1::NodeInfo> = info
+        .nodes
+        .iter()
+        .filter(|n| n.region == region && !n.draining)
+        .collect();
+    if here.is_empty() {
+        let mut regions: Vec<&str> = info.nodes.iter().map(|n| n.region.as_str()).collect();
+        regions.sort();
+        regions.dedup();
+        anyhow::bail!(
+            "no node in region {region:?}; the cluster's regions are: {}",
+            regions.join(", ")
+        );
+    }
+    let pick = rand::random_range(0..here.len());
+    Ok(here[pick].address.clone())
 }
 
 /// How a client reaches a secured node: TLS (`--tls-ca`, and a certificate for mutual TLS)

@@ -86,7 +86,7 @@ impl Producer {
         anyhow::ensure!(partitions > 0, "topic {topic:?} has no partitions");
         // Other nodes to go to if this one stops answering.
         let mut nodes = vec![server.to_string()];
-        if let Ok(info) = client.cluster_info(pb::ClusterInfoRequest {}).await {
+        if let Ok(info) = client.cluster_info(pb::ClusterInfoRequest::default()).await {
             for n in info.into_inner().nodes {
                 if !nodes.contains(&n.address) {
                     nodes.push(n.address);

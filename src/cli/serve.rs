@@ -54,6 +54,14 @@ pub struct ServeArgs {
     /// Zone label [default: local].
     #[arg(long, env = "TERN_ZONE")]
     pub zone: Option<String>,
+    /// Addresses advertised to other regions, REGION=HOST:PORT separated by commas: nodes and
+    /// clients there reach this node at that address (a regional gateway) [default: none].
+    #[arg(
+        long,
+        env = "TERN_REGION_ADDRESSES",
+        value_name = "REGION=HOST:PORT,..."
+    )]
+    pub region_addresses: Option<String>,
     /// Core executors, one pinned thread each [default: 0 = one per CPU].
     #[arg(long, env = "TERN_CORES")]
     pub cores: Option<usize>,
@@ -90,6 +98,14 @@ pub struct ServeArgs {
     /// io_uring buffer memory per core, in bytes (locked memory) [default: 4194304].
     #[arg(long, env = "TERN_IO_MEMORY_BYTES")]
     pub io_memory_bytes: Option<usize>,
+    /// Metadata commands applied between two checkpoints of the metadata state, after each
+    /// of which the metadata log is purged [default: 10000].
+    #[arg(long, env = "TERN_METADATA_SNAPSHOT_EVERY")]
+    pub metadata_snapshot_every: Option<u64>,
+    /// Segment size of the metadata log in bytes (the purge deletes whole segments)
+    /// [default: 4194304].
+    #[arg(long, env = "TERN_METADATA_SEGMENT_BYTES")]
+    pub metadata_segment_bytes: Option<u64>,
     /// Raft heartbeat interval in ms [default: 150].
     #[arg(long, env = "TERN_RAFT_HEARTBEAT_MS")]
     pub raft_heartbeat_ms: Option<u64>,
@@ -185,6 +201,7 @@ impl ServeArgs {
             node_id,
             region,
             zone,
+            region_addresses,
             cores,
             net_threads,
             mailbox_capacity,
@@ -197,6 +214,8 @@ impl ServeArgs {
             max_subscription_partitions,
             max_fetch_wait_ms,
             io_memory_bytes,
+            metadata_snapshot_every,
+            metadata_segment_bytes,
             raft_heartbeat_ms,
             raft_election_timeout_ms,
             peers,

@@ -79,7 +79,10 @@ pub fn rebalance(state: &ClusterState, max: usize) -> Vec<Move> {
                         .filter(|(id, _)| {
                             let mut t2 = target.clone();
                             t2[slot] = **id;
-                            spread(&t2) >= before
+                            // Never break the topic's placement (unless it is broken already).
+                            let kept = t.placement.broken_by(&t2, &state.nodes).is_none()
+                                || t.placement.broken_by(&target, &state.nodes).is_some();
+                            spread(&t2) >= before && kept && t.placement.allows(&place(id).0)
                         })
                         .min_by_key(|(id, n)| (**n, **id))
                         .filter(|(_, n)| load[&from] >= **n + 2)

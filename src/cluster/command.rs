@@ -107,6 +107,8 @@ pub enum Command {
 /// Bounds a command must respect: it may come from a peer, and every node applies it.
 pub const PARTITIONS_MAX: u32 = 1 << 16;
 pub const REPLICAS_MAX: u32 = 16;
+/// Regions a node may advertise addresses to, or a topic may name.
+pub const REGIONS_MAX: usize = 32;
 
 impl Command {
     /// Checks a command's shape. An invalid command is refused when proposed and, should one
@@ -123,10 +125,21 @@ impl Command {
                 if member.region.len() > 64 || member.zone.len() > 64 {
                     return Err(invalid("region and zone are at most 64 bytes"));
                 }
+                if member.region_addrs.len() > REGIONS_MAX
+                    || member
+                        .region_addrs
+                        .iter()
+                        .any(|(r, a)| r.is_empty() || r.len() > 64 || a.is_empty() || a.len() > 255)
+                {
+                    return Err(invalid(format!(
+                        "at most {REGIONS_MAX} region addresses, each a region of 1 to 64 bytes and an address of 1 to 255"
+                    )));
+                }
                 Ok(())
             }
             Command::CreateTopic { spec } => {
                 validate_topic_name(&spec.name)?;
+                spec.placement.validate()?;
                 if !(1..=PARTITIONS_MAX).contains(&spec.partitions) {
                     return Err(invalid(format!("{} partitions", spec.partitions)));
                 }

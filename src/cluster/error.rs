@@ -16,6 +16,9 @@ pub enum ClusterError {
     /// Not enough nodes to place `rf` replicas apart.
     #[error("replication factor {rf} needs {rf} nodes; the cluster has {nodes}")]
     NotEnoughNodes { rf: u32, nodes: usize },
+    /// A topic's placement cannot be met by the nodes there are (or is malformed).
+    #[error("{0}")]
+    Placement(String),
 }
 
 pub(super) fn invalid(why: impl Into<String>) -> ClusterError {

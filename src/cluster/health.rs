@@ -70,6 +70,11 @@ mod tests {
     }
 
     #[test]
+    fn followers_serve_reads_within_the_in_sync_bound() {
+        assert_eq!(IN_SYNC_MAX_LAG, crate::shard::FOLLOWER_READ_MAX_LAG);
+    }
+
+    #[test]
     fn a_partition_is_under_replicated_with_fewer_in_sync_than_assigned() {
         assert!(!under_replicated(1, 0));
         assert!(!under_replicated(3, 2));

@@ -30,14 +30,14 @@ pub mod plan;
 pub mod security;
 mod state;
 #[cfg(test)]
-mod testkit;
+pub(crate) mod testkit;
 mod topic;
 
 pub use balance::{rebalance, Move};
-pub use command::{Command, COMMAND_MAX_BYTES, PARTITIONS_MAX, REPLICAS_MAX};
+pub use command::{Command, COMMAND_MAX_BYTES, PARTITIONS_MAX, REGIONS_MAX, REPLICAS_MAX};
 pub use error::ClusterError;
 pub use offsets::{Cursor, GroupOffsets, GROUPS_MAX, QUEUE_WINDOW_MAX};
-pub use placement::{assign_replicas, replacement};
+pub use placement::{assign_replicas, replacement, Placement, Survival};
 pub use security::valid_cluster_id;
 pub use state::ClusterState;
 pub use topic::{validate_topic_name, TopicSettings, TopicSpec, RECORD_BYTES_MAX, TOPIC_NAME_MAX};

@@ -10,7 +10,7 @@ pub const GROUPS_MAX: usize = 10_000;
 pub const QUEUE_WINDOW_MAX: usize = 10_000;
 
 /// A group's positions on one incarnation of a topic.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GroupOffsets {
     pub uid: TopicUid,
     /// Written by a queue group (else a stream-mode consumer group).
@@ -19,7 +19,7 @@ pub struct GroupOffsets {
 }
 
 /// A group's position in one partition.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Cursor {
     /// The next offset to consume (queue mode: every record below it is settled).
     pub offset: Offset,

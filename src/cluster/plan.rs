@@ -119,7 +119,7 @@ pub fn drain(state: &ClusterState, moving_max: usize) -> Drain {
                     continue;
                 }
                 let others: Vec<NodeId> = replicas.iter().copied().filter(|r| r != id).collect();
-                let Some(to) = replacement(&local, &others, &[*id]) else {
+                let Some(to) = replacement(&local, &others, &[*id], &t.placement) else {
                     plan.stuck.push((*id, t.name.clone(), p));
                     continue;
                 };

@@ -243,7 +243,7 @@ impl Quota {
 }
 
 /// Users, ACLs and quotas, as the metadata holds them.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Security {
     pub users: BTreeMap<String, User>,
     pub acls: BTreeSet<Acl>,

@@ -13,7 +13,9 @@ use crate::types::TopicUid;
 /// What every node knows of the cluster, built by applying the committed commands in order.
 /// Applying is deterministic and never fails: a command that does not apply (a topic that
 /// already exists) changes nothing, and its proposer sees that.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Serialized whole as a node's metadata checkpoint (`controller::checkpoint`) and sent to a
+/// node whose metadata log starts past what it had applied.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ClusterState {
     pub nodes: BTreeMap<NodeId, Member>,
     pub topics: BTreeMap<String, TopicSpec>,
@@ -22,6 +24,7 @@ pub struct ClusterState {
     /// Nodes removed from the cluster: their ids are not taken back.
     pub removed: BTreeSet<NodeId>,
     /// Consumer and queue groups' committed positions, by (group, topic).
+    #[serde(with = "pairs")]
     pub groups: BTreeMap<(String, String), GroupOffsets>,
     /// The cluster's id, chosen at bootstrap (`None` until the first leader names it).
     pub cluster_id: Option<String>,
@@ -247,6 +250,7 @@ mod tests {
             created_ms: 0,
             moving: Default::default(),
             moved: Default::default(),
+            placement: Default::default(),
         };
         let mut s = ClusterState::default();
         s.apply(Command::CreateTopic {
@@ -350,7 +354,10 @@ mod tests {
         assert!(s.draining.contains(&NodeId(1)) && s.nodes.contains_key(&NodeId(1)));
         assert!(!s.placeable().contains_key(&NodeId(1)));
         // Its replica goes to the node that holds none (the draining node is never chosen).
-        assert_eq!(replacement(&s, &ids(&[2, 3]), &ids(&[1])), Some(NodeId(4)));
+        assert_eq!(
+            replacement(&s, &ids(&[2, 3]), &ids(&[1]), &Default::default()),
+            Some(NodeId(4))
+        );
         s.apply(Command::MoveReplicas {
             topic: "t".into(),
             uid: TopicUid(7),
@@ -376,6 +383,32 @@ mod tests {
             member: member("r", "z"),
         });
         assert!(!s.nodes.contains_key(&NodeId(1)), "a removed id came back");
-        assert_eq!(replacement(&s, &ids(&[2, 3, 4]), &ids(&[])), None);
+        assert_eq!(
+            replacement(&s, &ids(&[2, 3, 4]), &ids(&[]), &Default::default()),
+            None
+        );
+    }
+}
+
+/// A map with tuple keys, serialized as a list of (key, value) pairs (JSON keys are strings).
+mod pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(
+        m: &BTreeMap<K, V>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(m.iter())
+    }
+
+    pub fn deserialize<'de, K, V, D>(d: D) -> Result<BTreeMap<K, V>, D::Error>
+    where
+        K: Deserialize<'de> + Ord,
+        V: Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        Ok(Vec::<(K, V)>::deserialize(d)?.into_iter().collect())
     }
 }

@@ -14,6 +14,7 @@ pub fn member(region: &str, zone: &str) -> Member {
         addr: "x:1".into(),
         region: region.into(),
         zone: zone.into(),
+        ..Member::default()
     }
 }
 
@@ -35,6 +36,7 @@ pub fn topic(name: &str, partitions: u32, replicas: Vec<Vec<u64>>) -> TopicSpec 
         created_ms: 0,
         moving: Default::default(),
         moved: Default::default(),
+        placement: Default::default(),
     }
 }
 
@@ -65,4 +67,59 @@ pub fn carried_out(s: &ClusterState, moves: &[Move]) -> ClusterState {
         });
     }
     after
+}
+
+/// A state with something in every part (nodes, topics, a move, draining and removed nodes,
+/// both kinds of group positions, users, ACLs, quotas, the cluster id).
+pub fn busy_state() -> ClusterState {
+    use crate::types::Offset;
+    let mut t = topic("events", 2, vec![vec![1, 2], vec![2, 3]]);
+    t.moving.insert(1, ids(&[3, 1]));
+    t.moved.insert(1);
+    let mut s = cluster(&[(1, "a"), (2, "b"), (3, "c")], vec![t]);
+    s.draining.insert(NodeId(3));
+    s.removed.insert(NodeId(9));
+    s.cluster_id = Some("c-1".into());
+    let mut queue = offsets::GroupOffsets {
+        uid: TopicUid(7),
+        queue: true,
+        ..Default::default()
+    };
+    queue.partitions.insert(
+        0,
+        offsets::Cursor {
+            offset: Offset(10),
+            settled: vec![Offset(12)],
+            counts: vec![(Offset(11), 3)],
+        },
+    );
+    s.groups.insert(("q".into(), "events".into()), queue);
+    s.groups.insert(
+        ("g".into(), "events".into()),
+        offsets::GroupOffsets::default(),
+    );
+    s.security.users.insert(
+        "alice".into(),
+        security::User {
+            token_sha256: "ab".into(),
+            created_ms: 5,
+        },
+    );
+    s.security.acls.insert(security::Acl {
+        principal: "alice".into(),
+        resource: security::ResourceKind::Topic,
+        pattern: security::PatternKind::Prefix,
+        name: "ev".into(),
+        operation: security::Operation::Publish,
+        permission: security::Permission::Allow,
+    });
+    s.security.quotas.insert(
+        "*".into(),
+        security::Quota {
+            requests_per_sec: Some(100),
+            ..Default::default()
+        },
+    );
+    s.security.users_version = 3;
+    s
 }

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use super::error::ClusterError;
+use super::placement::Placement;
 use crate::types::{NodeId, TopicUid};
 
 /// Longest topic name (as Kafka).
@@ -76,6 +77,9 @@ pub struct TopicSpec {
     /// initializes the group from the replica list (the group's log says who its members are).
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub moved: BTreeSet<u32>,
+    /// Where replicas and leaders go: survival goal, regions, leader regions.
+    #[serde(default, skip_serializing_if = "Placement::is_default")]
+    pub placement: Placement,
 }
 
 impl TopicSpec {

@@ -53,6 +53,11 @@ pub async fn move_partition(
     if t.spec.replicas[partition as usize] == target && !t.spec.moving.contains_key(&partition) {
         return Ok(false);
     }
+    if let Some(why) = t.spec.placement.broken_by(&target, &state.nodes) {
+        return Err(ControllerError::Precondition(format!(
+            "that move breaks topic {topic:?}'s placement: {why}"
+        )));
+    }
     let cmd = Command::MoveReplicas {
         topic: topic.to_string(),
         uid: t.spec.uid,

@@ -12,10 +12,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::checkpoint;
 use super::Result;
 use crate::broker::Broker;
 use crate::cluster::plan::PartitionId;
 use crate::cluster::{ClusterState, Command};
+use crate::proto::internal as ipb;
 use crate::shard::{CoreRequest, PartitionKey, StartAt};
 use crate::types::{Offset, TopicUid};
 
@@ -34,17 +36,135 @@ pub struct Follower {
     pub(super) open: HashMap<PartitionId, (TopicUid, PathBuf)>,
     /// Some partition failed to open or close: retry at the next step.
     pub(super) failed: bool,
+    /// Where this node's last checkpoint of the state stands (`checkpoint.rs`).
+    checkpointed: Offset,
 }
 
 impl Follower {
-    pub fn new(broker: Arc<Broker>) -> Follower {
-        Follower {
+    /// Starts from this node's checkpoint of the metadata state, if it has one (else from the
+    /// beginning of the metadata log). A damaged checkpoint is an error: the log behind it may
+    /// be purged.
+    pub fn new(broker: Arc<Broker>) -> anyhow::Result<Follower> {
+        let mut f = Follower {
             broker,
             state: ClusterState::default(),
             next: Offset(0),
             open: HashMap::new(),
             failed: false,
+            checkpointed: Offset(0),
+        };
+        if let Some(c) = checkpoint::load(&f.broker.config.data_dir).map_err(anyhow::Error::msg)? {
+            tracing::info!(
+                next = c.next.0,
+                "metadata state loaded from this node's checkpoint"
+            );
+            f.adopt(c);
         }
+        Ok(f)
+    }
+
+    /// Takes a checkpoint's state as applied; the next step reconciles the partitions with it.
+    fn adopt(&mut self, c: checkpoint::Checkpoint) {
+        self.state = c.state;
+        self.next = c.next;
+        self.checkpointed = c.next;
+        self.failed = true;
+        self.broker.set_state(Arc::new(self.state.clone()));
+        self.broker.set_applied_view(self.next);
+        self.broker.applied.send_if_modified(|a| {
+            let moved = *a < c.next.0;
+            *a = (*a).max(c.next.0);
+            moved
+        });
+    }
+
+    /// Every `metadata_snapshot_every` commands: writes the state to this node's checkpoint,
+    /// then purges the metadata log behind it.
+    async fn checkpoint_if_due(&mut self) -> Result<()> {
+        let every = self.broker.config.metadata_snapshot_every;
+        if self.next.0.saturating_sub(self.checkpointed.0) < every {
+            return Ok(());
+        }
+        let c = checkpoint::Checkpoint::new(self.next, self.state.clone());
+        if let Err(e) = checkpoint::save(&self.broker.config.data_dir, &c).await {
+            // The log is not purged: nothing is lost, and the next step tries again.
+            tracing::warn!(error = %e, "cannot write the metadata checkpoint");
+            return Ok(());
+        }
+        self.checkpointed = self.next;
+        let key = PartitionKey::metadata();
+        let before = self.next;
+        self.broker
+            .shards
+            .ask(self.broker.shards.core_of(&key), |reply| {
+                CoreRequest::Compact { key, before, reply }
+            })
+            .await?;
+        tracing::debug!(
+            next = self.next.0,
+            "metadata checkpoint written; log purged behind it"
+        );
+        Ok(())
+    }
+
+    /// This node's metadata log starts past what it applied (a leader sent it a snapshot after
+    /// the others purged their logs): takes the state from a peer that has applied at least up
+    /// to where the log now starts.
+    async fn catch_up_from_peer(&mut self, start: Offset) -> Result<()> {
+        let me = self.broker.node_id();
+        let mut candidates: Vec<crate::raft::types::NodeId> = Vec::new();
+        if let Some(l) = self.broker.metadata_leader().await {
+            candidates.push(l);
+        }
+        let known = self.broker.cluster();
+        for id in known.nodes.keys().chain(self.broker.controllers.keys()) {
+            if !candidates.contains(id) {
+                candidates.push(*id);
+            }
+        }
+        for node in candidates.into_iter().filter(|n| *n != me) {
+            let Ok(channel) = self.broker.peer_channel(node) else {
+                continue;
+            };
+            let mut client = ipb::peer_client::PeerClient::new(channel)
+                .max_decoding_message_size(checkpoint::BYTES_MAX as usize);
+            let mut req = tonic::Request::new(ipb::MetadataStateRequest {
+                from: me.0,
+                cluster: self.broker.cluster_id.get().to_string(),
+            });
+            req.set_timeout(Duration::from_secs(10));
+            let c = match client.metadata_state(req).await {
+                Ok(r) => match checkpoint::Checkpoint::decode(&r.into_inner().checkpoint) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(%node, error = %e, "a peer sent a bad metadata state");
+                        continue;
+                    }
+                },
+                Err(s) => {
+                    tracing::debug!(%node, error = %s.message(), "no metadata state from this peer");
+                    continue;
+                }
+            };
+            if c.next < start || c.next < self.next {
+                continue;
+            }
+            tracing::info!(%node, next = c.next.0, "metadata state taken from a peer (this node's metadata log starts past what it had applied)");
+            checkpoint::save(&self.broker.config.data_dir, &c)
+                .await
+                .map_err(|e| {
+                    super::ControllerError::Precondition(format!(
+                        "saving the metadata checkpoint: {e}"
+                    ))
+                })?;
+            self.adopt(c);
+            return Ok(());
+        }
+        Err(super::ControllerError::Precondition(format!(
+            "this node's metadata log starts at {start}, past the {} it applied, and no peer has \
+             sent a state that reaches it yet",
+            self.next
+        )))
     }
 
     /// Follows until the node shuts down.
@@ -78,6 +198,11 @@ impl Follower {
         while self.next < end {
             self.step(Duration::ZERO).await?;
         }
+        // Started from a checkpoint with nothing committed past it: the partitions it names
+        // are still to be opened.
+        if self.failed {
+            self.reconcile(Vec::new()).await;
+        }
         Ok(!self.failed)
     }
 
@@ -92,17 +217,33 @@ impl Follower {
             || self.broker.is_ready()
             || self.broker.metadata_leader().await.is_some();
         let core = self.broker.shards.core_of(&key);
-        let fetched = self
+        let fetched = match self
             .broker
             .shards
             .ask(core, |reply| CoreRequest::Fetch {
-                key,
+                key: key.clone(),
                 from,
                 max_bytes: READ_BYTES,
                 max_wait: wait,
+                fresh: false,
                 reply,
             })
-            .await?;
+            .await
+        {
+            Ok(f) => f,
+            Err(e) => {
+                let start = self
+                    .broker
+                    .shards
+                    .ask(core, |reply| CoreRequest::Positions { key, reply })
+                    .await?
+                    .start;
+                if start > self.next {
+                    return self.catch_up_from_peer(start).await;
+                }
+                return Err(e.into());
+            }
+        };
         let mut changed = false;
         let mut moved = false;
         let mut deleted = Vec::new();
@@ -137,6 +278,8 @@ impl Follower {
         if moved || self.failed {
             self.reconcile(deleted).await;
         }
+        self.broker.set_applied_view(self.next);
+        self.checkpoint_if_due().await?;
         let before = self.broker.applied.send_replace(self.next.0);
         assert!(
             before <= self.next.0,

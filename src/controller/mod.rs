@@ -21,6 +21,7 @@
 //!   follower.rs   applying the committed metadata
 //!   reconcile.rs  opening and closing this node's partitions
 //!   mover.rs      moves, the metadata group's members, drains
+//!   pinning.rs    leader pinning: leadership back to the preferred regions
 //!   topics.rs     create and delete topics
 //!   admin.rs      move, remove-node, rebalance
 //!   security.rs   users, ACLs and quotas
@@ -28,9 +29,11 @@
 //! ```
 
 mod admin;
+pub mod checkpoint;
 mod error;
 mod follower;
 mod mover;
+mod pinning;
 mod propose;
 mod reconcile;
 mod register;
@@ -55,13 +58,13 @@ use crate::shard::request::OpenPartition;
 use crate::shard::{CoreRequest, PartitionKey};
 
 /// The metadata group's log: never deleted by retention, always fsync'd.
-fn meta_settings() -> TopicSettings {
+fn meta_settings(config: &crate::config::Config) -> TopicSettings {
     TopicSettings {
         retention_ms: None,
         retention_bytes: None,
         fsync_interval_ms: None,
         max_record_bytes: crate::cluster::COMMAND_MAX_BYTES as u32,
-        segment_bytes: 64 << 20,
+        segment_bytes: config.metadata_segment_bytes,
     }
 }
 
@@ -95,7 +98,7 @@ pub async fn start(broker: Arc<Broker>) -> anyhow::Result<()> {
                 key: key.clone(),
                 uid: crate::types::TopicUid(0),
                 dir: broker.config.data_dir.join("metadata"),
-                config: broker.config.log_config(&meta_settings()),
+                config: broker.config.log_config(&meta_settings(&broker.config)),
                 replica: broker.replica.clone(),
                 voters,
             }),
@@ -103,7 +106,8 @@ pub async fn start(broker: Arc<Broker>) -> anyhow::Result<()> {
         })
         .await
         .map_err(|e| anyhow::anyhow!("opening the metadata group: {e}"))?;
-    let mut follower = follower::Follower::new(broker.clone());
+    let mut follower = follower::Follower::new(broker.clone())
+        .map_err(|e| anyhow::anyhow!("reading the metadata checkpoint: {e}"))?;
     mover::spawn(broker.clone());
     if broker.alone() {
         let opened = follower

@@ -35,6 +35,7 @@ const DRAIN_MOVES_AT_ONCE: usize = 16;
 pub fn spawn(broker: Arc<Broker>) {
     tokio::spawn(async move {
         let mut applied = broker.applied.subscribe();
+        let mut pinner = super::pinning::Pinner::default();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(EVERY) => {}
@@ -45,6 +46,7 @@ pub fn spawn(broker: Arc<Broker>) {
                 continue;
             }
             move_partitions(&broker).await;
+            pinner.run(&broker).await;
             if let Err(e) = lead_metadata(&broker).await {
                 tracing::debug!(error = %e, "metadata membership step");
             }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::propose::{propose, wait_applied, wait_metadata_leader};
 use super::{ControllerError, Result};
 use crate::broker::{Broker, Topic};
-use crate::cluster::{assign_replicas, Command, TopicSettings, TopicSpec};
+use crate::cluster::{assign_replicas, Command, Placement, Survival, TopicSettings, TopicSpec};
 use crate::types::{TimestampMs, TopicUid};
 
 /// How long creating a topic waits for its partitions here to know their leaders.
@@ -19,6 +19,7 @@ pub struct NewTopic {
     pub partitions: u32,
     pub replication_factor: u32,
     pub settings: TopicSettings,
+    pub placement: Placement,
 }
 
 /// Creates a topic through the metadata group; returns it once this node has applied it and
@@ -51,7 +52,13 @@ pub async fn create_topic(broker: &Arc<Broker>, new: NewTopic) -> Result<Arc<Top
     if state.topics.len() >= broker.config.max_topics {
         return Err(ControllerError::TooManyTopics(broker.config.max_topics));
     }
-    let replicas = assign_replicas(&nodes, new.partitions, rf)?;
+    let mut placement = new.placement;
+    // Zone survival without a home region: the region of the node creating it (the client's
+    // nearest, as it connected here).
+    if placement.survival == Survival::Zone && placement.regions.is_empty() {
+        placement.regions = vec![broker.config.region.clone()];
+    }
+    let replicas = assign_replicas(&nodes, new.partitions, rf, &placement)?;
     let uid = TopicUid(rand::random::<u64>() | 1);
     let spec = TopicSpec {
         name: name.clone(),
@@ -63,6 +70,7 @@ pub async fn create_topic(broker: &Arc<Broker>, new: NewTopic) -> Result<Arc<Top
         created_ms: TimestampMs::now().0,
         moving: Default::default(),
         moved: Default::default(),
+        placement,
     };
     let at = propose(broker, &Command::CreateTopic { spec }).await?;
     wait_applied(broker, at).await?;

@@ -99,6 +99,7 @@ impl DeadLetterWriter {
             partitions: 1,
             replication_factor: self.source.spec.replication_factor,
             settings,
+            placement: self.source.spec.placement.clone(),
         };
         match controller::create_topic(broker, new).await {
             Err(ControllerError::TopicExists(_)) => Ok(broker.topic(&self.dlq)?),

@@ -29,6 +29,8 @@ pub enum LogError {
     },
     #[error("batch base offset {got} does not follow the log end {expected}")]
     NonContiguous { expected: Offset, got: Offset },
+    #[error("the log was truncated to end at {end} while this waited for records past it")]
+    Truncated { end: Offset },
     #[error("cannot truncate at {0}: not a batch boundary")]
     NotABatchBoundary(Offset),
     #[error("cannot truncate at {at}: offsets below {committed} are committed")]

@@ -25,6 +25,7 @@ pub use batch::{
 pub use config::{FsyncPolicy, LogConfig};
 pub use error::LogError;
 pub use partition_log::{
-    Appended, Assign, Log, LogStats, Positions, ReadBatches, ReadBound, Secured, RESET_MARKER,
+    Appended, Assign, Log, LogStats, Positions, ReadBatches, ReadBound, Repair, Secured,
+    RESET_MARKER,
 };
 pub use state_file::StateFile;

@@ -35,15 +35,18 @@ use super::index::SparseIndex;
 use super::io::{read_exact, read_small_file, remove_if_exists, write_all_at, SeqReader, Step};
 use super::retention::{self, SegmentInfo};
 use super::segment::{self, Segment};
-use super::state_file::sync_dir;
+use super::state_file::{sync_dir, StateFile};
 use crate::types::{Offset, Term, TimestampMs};
 
+mod flush;
+use flush::{flush_loop, sync_loop};
 mod read;
 mod recovery;
 mod trim;
 
 pub use read::{ReadBatches, ReadBound};
-use recovery::{create_segment, load_tail, open_sealed, recover_active};
+pub use recovery::Repair;
+use recovery::{create_segment, load_tail};
 use trim::retention_loop;
 pub use trim::RESET_MARKER;
 
@@ -107,6 +110,28 @@ pub struct LogStats {
 
 type Waiters = VecDeque<(Offset, oneshot::Sender<Result<(), LogError>>)>;
 
+/// Completes every waiter whose end `reached` covers. Appends queue their waiters in offset
+/// order, but other waits (a reader's, a commit's, a roll's) may queue an end past a later
+/// append's: completing only from the front would leave those later waiters behind it, and a
+/// roll waiting inside an append (holding the append lock) would then wait forever.
+fn wake_reached(q: &mut Waiters, reached: Offset) {
+    while q.front().is_some_and(|(o, _)| *o <= reached) {
+        let (_, tx) = q.pop_front().expect("front exists");
+        let _ = tx.send(Ok(()));
+    }
+    if q.iter().any(|(o, _)| *o <= reached) {
+        let mut kept = VecDeque::with_capacity(q.len());
+        for (o, tx) in q.drain(..) {
+            if o <= reached {
+                let _ = tx.send(Ok(()));
+            } else {
+                kept.push_back((o, tx));
+            }
+        }
+        *q = kept;
+    }
+}
+
 struct State {
     /// Never empty; the last one is active.
     segments: Vec<Segment>,
@@ -151,13 +176,23 @@ impl State {
     }
     fn wake(&mut self) {
         let (w, d) = (self.written, self.durable);
-        while self.written_waiters.front().is_some_and(|(o, _)| *o <= w) {
-            let (_, tx) = self.written_waiters.pop_front().unwrap();
-            let _ = tx.send(Ok(()));
-        }
-        while self.durable_waiters.front().is_some_and(|(o, _)| *o <= d) {
-            let (_, tx) = self.durable_waiters.pop_front().unwrap();
-            let _ = tx.send(Ok(()));
+        wake_reached(&mut self.written_waiters, w);
+        wake_reached(&mut self.durable_waiters, d);
+    }
+
+    /// Fails everyone waiting for an offset at or past `end`: a truncation removed what they
+    /// wait for (left alone, a waiter past the new end would wait until the log grew back).
+    fn fail_waiters_past(&mut self, end: Offset) {
+        for q in [&mut self.written_waiters, &mut self.durable_waiters] {
+            let mut kept = VecDeque::with_capacity(q.len());
+            for (o, tx) in q.drain(..) {
+                if o > end {
+                    let _ = tx.send(Err(LogError::Truncated { end }));
+                } else {
+                    kept.push_back((o, tx));
+                }
+            }
+            *q = kept;
         }
     }
     /// A receiver completed once every offset below `end` is written or durable.
@@ -204,6 +239,12 @@ struct Inner {
     tasks: RefCell<Vec<JoinHandle<()>>>,
     /// Test hook: fail the next write or fsync as the disk would.
     fail_next_io: Cell<bool>,
+    /// What a repairing open cut away.
+    repaired: Option<Repair>,
+    /// Opened by `open_repairing`.
+    repairing: bool,
+    /// The segment where a read last found bytes that are not a valid batch.
+    damaged: RefCell<Option<Rc<Path>>>,
 }
 
 /// A partition log. Cheap to clone; lives on one executor.
@@ -217,8 +258,55 @@ impl Log {
     /// is CRC-checked, a torn or garbage tail is cut off and logged, and missing or damaged
     /// indexes of sealed segments are rebuilt.
     pub async fn open(dir: impl AsRef<Path>, config: LogConfig) -> Result<Log, LogError> {
+        Self::open_with(dir.as_ref(), config, false).await
+    }
+
+    /// [`Log::open`] for a replica whose peers hold the same log: a damaged sealed segment, or
+    /// a missing one, does not fail the open; the log is cut at the first damage instead, and
+    /// [`Log::repaired`] tells what was cut. The owner must not count on anything past the cut
+    /// (see `raft::store`: such a replica does not vote until its peers have given it back).
+    pub async fn open_repairing(dir: impl AsRef<Path>, config: LogConfig) -> Result<Log, LogError> {
+        Self::open_with(dir.as_ref(), config, true).await
+    }
+
+    /// Whether this log was opened by [`Log::open_repairing`] (its owner may cut it).
+    pub fn repairing(&self) -> bool {
+        self.inner.repairing
+    }
+
+    /// What [`Log::open_repairing`] cut away when it opened this log (or an earlier open did,
+    /// and [`Log::repair_noted`] was not called since), if anything.
+    pub fn repaired(&self) -> Option<Repair> {
+        self.inner.repaired.clone()
+    }
+
+    /// The segment file where a read found damage (it returned `LogError::Corrupt`), if one
+    /// did since this log was opened. Its index files are trusted on open, so an owner that
+    /// reopens the log to cut the damage removes them first ([`Log::distrust_index`]).
+    pub fn damaged_segment(&self) -> Option<PathBuf> {
+        self.inner
+            .damaged
+            .borrow()
+            .as_deref()
+            .map(Path::to_path_buf)
+    }
+
+    /// Removes the index files of segment file `log_path`, so the next open scans the segment
+    /// (and finds any damage in it) instead of trusting them. For a closed log.
+    pub async fn distrust_index(log_path: &Path) -> Result<(), LogError> {
+        segment::remove_index_files(log_path).await
+    }
+
+    /// The owner has durably recorded what [`Log::repaired`] says: forget it.
+    pub async fn repair_noted(&self) -> Result<(), LogError> {
+        StateFile::new(&self.inner.dir, recovery::REPAIR_MARKER)
+            .remove()
+            .await
+    }
+
+    async fn open_with(dir: &Path, config: LogConfig, repair: bool) -> Result<Log, LogError> {
         config.validate()?;
-        let dir = dir.as_ref().to_path_buf();
+        let dir = dir.to_path_buf();
         // Metadata calls at open only; they are quick and the log is not serving yet.
         std::fs::create_dir_all(&dir).map_err(|e| LogError::io("creating", &dir, e))?;
         let mut bases = Vec::new();
@@ -243,28 +331,8 @@ impl Log {
             }
         }
         bases.sort();
-        let mut segments: Vec<Segment> = Vec::with_capacity(bases.len().max(1));
-        for (i, &base) in bases.iter().enumerate() {
-            let last = i + 1 == bases.len();
-            let seg = if last {
-                recover_active(&dir, base, &config).await?
-            } else {
-                open_sealed(&dir, base, &config).await?
-            };
-            if let Some(prev) = segments.last() {
-                if seg.base != prev.next_offset {
-                    return Err(LogError::Corrupt {
-                        path: seg.path.display().to_string(),
-                        position: 0,
-                        reason: format!(
-                            "segment starts at offset {} but the one before ends at {}",
-                            seg.base, prev.next_offset
-                        ),
-                    });
-                }
-            }
-            segments.push(seg);
-        }
+        let (mut segments, repaired) =
+            recovery::open_segments(&dir, &bases, &config, repair).await?;
         if segments.is_empty() {
             segments.push(create_segment(&dir, Offset::ZERO, &config).await?);
         }
@@ -304,6 +372,9 @@ impl Log {
             sync_signal: sync_tx,
             tasks: RefCell::new(Vec::new()),
             fail_next_io: Cell::new(false),
+            repaired,
+            repairing: repair,
+            damaged: RefCell::new(None),
         });
         let weak = Rc::downgrade(&inner);
         let mut tasks = vec![glommio::spawn_local(flush_loop(weak.clone(), rx)).detach()];
@@ -651,145 +722,7 @@ enum Wait {
     Durable,
 }
 
-impl Inner {
-    fn injected(&self, op: &'static str, path: &Path) -> Result<(), LogError> {
-        if self.fail_next_io.replace(false) {
-            return Err(LogError::io(op, path, "injected failure"));
-        }
-        Ok(())
-    }
-
-    async fn fsync(&self, file: &glommio::io::DmaFile, path: &Path) -> Result<(), LogError> {
-        self.injected("syncing", path)?;
-        let started = std::time::Instant::now();
-        file.fdatasync()
-            .await
-            .map_err(|e| LogError::io("syncing", path, e))?;
-        crate::metrics::NODE.fsync.observe(started.elapsed());
-        self.state.borrow_mut().stats.fsyncs += 1;
-        Ok(())
-    }
-
-    /// After a failed write or fsync nothing can be assumed about what reached the disk: the
-    /// log refuses every later append, and everyone waiting is told.
-    fn poison(&self, e: &LogError) {
-        let mut st = self.state.borrow_mut();
-        if st.poisoned.is_none() {
-            tracing::error!(dir = %self.dir.display(), error = %e, "partition log poisoned");
-            st.poisoned = Some(e.to_string());
-        }
-        let reason = LogError::Poisoned(st.poisoned.clone().unwrap_or_default());
-        st.fail_waiters(&reason);
-    }
-
-    /// One group-commit round: everything staged goes out in one write (and, under `always`,
-    /// one fdatasync). Returns whether there was anything to do.
-    async fn flush_round(&self) -> Result<bool, LogError> {
-        let _io = lock(&self.io_lock).await?;
-        let (file, path, tail, staged, pos, new_size, end) = {
-            let mut st = self.state.borrow_mut();
-            if st.staged.is_empty() || st.poisoned.is_some() {
-                return Ok(false);
-            }
-            let a = st.active();
-            let (file, path) = (a.file.clone(), a.path.clone());
-            let pos = file.align_down(a.written_size);
-            let new_size = a.written_size + st.staged.len() as u64;
-            let tail = std::mem::take(&mut st.tail);
-            let staged = std::mem::take(&mut st.staged);
-            // The new partial last block, which the next round rewrites.
-            let keep = (new_size - file.align_down(new_size)) as usize;
-            st.tail = if keep <= staged.len() {
-                staged[staged.len() - keep..].to_vec()
-            } else {
-                let from_tail = keep - staged.len();
-                let mut t = tail[tail.len() - from_tail..].to_vec();
-                t.extend_from_slice(&staged);
-                t
-            };
-            (file, path, tail, staged, pos, new_size, st.next)
-        };
-        self.injected("writing", &path)?;
-        write_all_at(&file, &path, &[&tail, &staged], pos).await?;
-        {
-            // Hand the buffer back so its capacity is reused by later appends.
-            let mut st = self.state.borrow_mut();
-            if st.staged.is_empty() {
-                let mut staged = staged;
-                staged.clear();
-                st.staged = staged;
-            }
-        }
-        {
-            let mut st = self.state.borrow_mut();
-            st.active_mut().written_size = new_size;
-            st.written = end;
-            st.stats.writes += 1;
-            st.wake();
-        }
-        if let Some(s) = &self.sync_signal {
-            // Full means a sync is already pending; it will cover this write too.
-            let _ = s.try_send(());
-        }
-        if self.config.fsync == FsyncPolicy::Always {
-            self.fsync(&file, &path).await?;
-            let mut st = self.state.borrow_mut();
-            st.durable = st.durable.max(end);
-            st.wake();
-        }
-        Ok(true)
-    }
-
-    /// fdatasync of everything written so far (the `interval` policy's timer, and `flush`).
-    async fn sync_now(&self) -> Result<(), LogError> {
-        let _io = lock(&self.io_lock).await?;
-        let (file, path, target) = {
-            let st = self.state.borrow();
-            if st.durable >= st.written || st.poisoned.is_some() {
-                return Ok(());
-            }
-            let a = st.active();
-            (a.file.clone(), a.path.clone(), st.written)
-        };
-        let r = self.fsync(&file, &path).await;
-        if let Err(e) = &r {
-            self.poison(e);
-            return r;
-        }
-        let mut st = self.state.borrow_mut();
-        st.durable = st.durable.max(target);
-        st.wake();
-        Ok(())
-    }
-}
-
 /// Takes one of the log's async locks; they close only when the log goes away.
 async fn lock(sem: &Semaphore) -> Result<glommio::sync::Permit<'_>, LogError> {
     sem.acquire_permit(1).await.map_err(|_| LogError::Closed)
-}
-
-async fn flush_loop(weak: Weak<Inner>, rx: local_channel::LocalReceiver<()>) {
-    while rx.recv().await.is_some() {
-        let Some(inner) = weak.upgrade() else { return };
-        loop {
-            match inner.flush_round().await {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    inner.poison(&e);
-                    break;
-                }
-            }
-        }
-    }
-}
-
-/// Under `interval`: once data is written, waits one interval and fsyncs it. Sleeps without a
-/// timer while nothing is waiting to be synced.
-async fn sync_loop(weak: Weak<Inner>, every: Duration, rx: local_channel::LocalReceiver<()>) {
-    while rx.recv().await.is_some() {
-        glommio::timer::sleep(every).await;
-        let Some(inner) = weak.upgrade() else { return };
-        let _ = inner.sync_now().await;
-    }
 }

@@ -130,6 +130,8 @@ pub struct Scan {
     pub first_timestamp: Option<TimestampMs>,
     pub max_timestamp: TimestampMs,
     pub index: SparseIndex,
+    /// The Raft index stamped in the last valid batch (0 outside Raft).
+    pub last_raft_index: Option<u64>,
     /// Why the scan stopped before `end`, and where.
     pub stopped: Option<(u64, String)>,
 }
@@ -150,6 +152,7 @@ pub async fn scan(
         first_timestamp: None,
         max_timestamp: TimestampMs(i64::MIN),
         index: SparseIndex::new(index_interval_bytes),
+        last_raft_index: None,
         stopped: None,
     };
     loop {
@@ -193,6 +196,7 @@ pub async fn scan(
                 out.max_timestamp = out.max_timestamp.max(m.max_timestamp);
                 out.next_offset = m.next_offset();
                 out.valid_size = position + m.len as u64;
+                out.last_raft_index = Some(m.raft_index);
             }
         }
     }

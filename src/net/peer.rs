@@ -149,6 +149,19 @@ impl Peer for PeerService {
         Ok(Response::new(pb::ProposeResponse { offset: at.0 }))
     }
 
+    async fn metadata_state(
+        &self,
+        request: Request<pb::MetadataStateRequest>,
+    ) -> Result<Response<pb::MetadataStateResponse>, Status> {
+        let r = request.get_ref();
+        self.check_peer(r.from, &r.cluster, &request)?;
+        let (next, state) = self.broker.applied_view();
+        let c = controller::checkpoint::Checkpoint::new(next, (*state).clone());
+        Ok(Response::new(pb::MetadataStateResponse {
+            checkpoint: c.encode().into(),
+        }))
+    }
+
     async fn set_fault(
         &self,
         request: Request<pb::SetFaultRequest>,

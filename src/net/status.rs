@@ -152,7 +152,9 @@ pub fn from_core(e: CoreError) -> Status {
         )),
         CoreError::Log(e) => from_log(e),
         // Retryable: the status carries the leader (metadata `tern-leader`) when known.
-        e @ (CoreError::NotLeader { leader } | CoreError::LeaderChanged { leader }) => {
+        e @ (CoreError::NotLeader { leader }
+        | CoreError::LeaderChanged { leader }
+        | CoreError::Stale { leader, .. }) => {
             let mut s = Status::unavailable(e.to_string());
             if let Some(l) = leader {
                 insert(&mut s, metadata::LEADER, l.to_string());
@@ -201,7 +203,9 @@ pub fn from_log(e: LogError) -> Status {
 /// What the metadata model refused: the caller's input, or a placement the nodes cannot take.
 pub fn from_cluster(e: ClusterError) -> Status {
     match e {
-        ClusterError::NotEnoughNodes { .. } => Status::failed_precondition(e.to_string()),
+        ClusterError::NotEnoughNodes { .. } | ClusterError::Placement(_) => {
+            Status::failed_precondition(e.to_string())
+        }
         ClusterError::InvalidName(_)
         | ClusterError::InvalidCommand(_)
         | ClusterError::CommandTooLarge { .. }

@@ -40,6 +40,35 @@ pub fn topic_name(name: &str) -> Result<(), Status> {
     validate_topic_name(name).map_err(super::status::from_cluster)
 }
 
+/// A CreateTopic request's placement, checked for shape (the controller checks that the nodes
+/// can meet it).
+pub fn placement(p: Option<&pb::Placement>) -> Result<crate::cluster::Placement, Status> {
+    use crate::cluster::{Placement, Survival};
+    let Some(p) = p else {
+        return Ok(Placement::default());
+    };
+    let survival = match pb::Survival::try_from(p.survival) {
+        Ok(pb::Survival::Unspecified) => Survival::Spread,
+        Ok(pb::Survival::Zone) => Survival::Zone,
+        Ok(pb::Survival::Region) => Survival::Region,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "unknown survival goal {}",
+                p.survival
+            )))
+        }
+    };
+    let placement = Placement {
+        survival,
+        regions: p.regions.clone(),
+        leader_regions: p.leader_regions.clone(),
+    };
+    placement
+        .validate()
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    Ok(placement)
+}
+
 /// Resolves a CreateTopic request's settings against the node's defaults.
 pub fn topic_settings(
     cfg: Option<&pb::TopicConfig>,

@@ -28,6 +28,8 @@ pub struct ElectionTimer {
     timing: Timing,
     contact: Instant,
     after: Duration,
+    /// When a leader was last heard (elections do not move it, unlike `contact`).
+    heard: Instant,
 }
 
 impl ElectionTimer {
@@ -36,12 +38,19 @@ impl ElectionTimer {
             timing,
             contact: now,
             after: delay(timing, rng),
+            heard: now,
         }
     }
 
     /// A leader was heard (a message from it was accepted): the timeout starts over.
     pub fn heard_leader(&mut self, now: Instant) {
         self.contact = now;
+        self.heard = now;
+    }
+
+    /// How long since this replica last heard a leader (or started).
+    pub fn silent_for(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.heard)
     }
 
     /// Whether an election is due at `now`. If so the timer starts over with a new random

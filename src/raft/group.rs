@@ -78,6 +78,12 @@ pub fn config_with(name: &str, timing: Timing, ticking: bool) -> Result<Arc<Conf
         snapshot_policy: SnapshotPolicy::Never,
         // A rejoining partitioned node must not depose a healthy leader.
         enable_pre_vote: Some(true),
+        // A replica that cut its damaged log (`raft::store`, "Damaged replicas" in
+        // docs/storage.md) reports a shorter log than its leader saw it hold. openraft treats
+        // that as a bug and panics the leader's core unless reversion is allowed; here it is
+        // expected, and safe: such a replica neither votes nor campaigns until it has the lost
+        // entries back, so the leader just replicates them again.
+        allow_log_reversion: Some(true),
         ..Default::default()
     };
     config

@@ -19,6 +19,18 @@ pub struct Member {
     pub region: String,
     #[serde(default)]
     pub zone: String,
+    /// Addresses this node advertises to nodes and clients of other regions (by region), as
+    /// Kafka's advertised listeners per network: traffic from such a region goes through its
+    /// gateway (or, in the WAN simulator, its delaying proxy). Others use `addr`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub region_addrs: std::collections::BTreeMap<String, String>,
+}
+
+impl Member {
+    /// The address a node or client in `region` reaches this node at.
+    pub fn addr_for(&self, region: &str) -> &str {
+        self.region_addrs.get(region).unwrap_or(&self.addr)
+    }
 }
 
 impl fmt::Display for Member {

@@ -10,6 +10,7 @@ mod core;
 mod mailbox;
 mod partition;
 pub mod placement;
+mod repair;
 pub mod request;
 
 use std::time::Duration;
@@ -20,6 +21,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use crate::types::CoreId;
 
 pub use mailbox::MailboxSender;
+pub use partition::FOLLOWER_READ_MAX_LAG;
 pub use request::{
     AppendAck, Appended, CoreError, CoreRequest, Fetched, ListedOffsets, MemberProgress,
     MemberTarget, PartitionKey, ProducerSeq, ReplicaSettings, StartAt,

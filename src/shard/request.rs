@@ -86,6 +86,10 @@ pub enum CoreError {
     /// Something asked of a core did not finish in time (it goes on, or is retried).
     #[error("{what} did not finish within {after:?}")]
     TimedOut { what: &'static str, after: Duration },
+    /// A follower too far behind its leader (or out of touch with it) to serve reads: read
+    /// from another replica.
+    #[error("this replica is {why}; read from another replica (leader: {})", leader.map_or("unknown".to_string(), |l| format!("node {l}")))]
+    Stale { leader: Option<NodeId>, why: String },
 }
 
 impl CoreError {
@@ -93,7 +97,10 @@ impl CoreError {
     pub fn unwritten(&self) -> bool {
         matches!(
             self,
-            CoreError::NotLeader { .. } | CoreError::Busy(_) | CoreError::UnknownPartition(_)
+            CoreError::NotLeader { .. }
+                | CoreError::Busy(_)
+                | CoreError::UnknownPartition(_)
+                | CoreError::Stale { .. }
         )
     }
 
@@ -107,6 +114,7 @@ impl CoreError {
             | CoreError::UnknownPartition(_)
             | CoreError::ShuttingDown
             | CoreError::InFlight
+            | CoreError::Stale { .. }
             | CoreError::TimedOut { .. } => true,
             CoreError::Log(e) => matches!(e, LogError::Closed),
             CoreError::OlderIncarnation(_) => true,
@@ -230,6 +238,7 @@ pub struct Fetched {
 }
 
 /// What opening a partition's replica needs.
+#[derive(Clone)]
 pub struct OpenPartition {
     pub key: PartitionKey,
     /// The topic's incarnation (a topic deleted and created again is another group).
@@ -281,11 +290,21 @@ pub enum CoreRequest {
         from: Offset,
         max_bytes: usize,
         max_wait: Duration,
+        /// Refuse (`Stale`) on a follower too far behind its leader: a client's read, which
+        /// may go to another replica (the node's own metadata reads do not ask this).
+        fresh: bool,
         reply: Reply<Fetched>,
     },
     Positions {
         key: PartitionKey,
         reply: Reply<Positions>,
+    },
+    /// Purges the group's log behind a snapshot at the last entry that ends at or before
+    /// `before` (the metadata log, once a checkpoint covers it).
+    Compact {
+        key: PartitionKey,
+        before: crate::types::Offset,
+        reply: Reply<()>,
     },
     /// The partition's committed range, and where a start position falls in it.
     ListOffsets {
@@ -311,6 +330,12 @@ pub enum CoreRequest {
     /// Hands the leadership of every group this core leads to its most caught-up follower
     /// (before a graceful shutdown); answers how many transfers were asked.
     HandOff { reply: Reply<usize> },
+    /// Asks a group this core leads to hand leadership to `to`; answers whether it asked.
+    TransferLeader {
+        key: PartitionKey,
+        to: NodeId,
+        reply: Reply<bool>,
+    },
     /// Moves a group towards a membership; only its leader can.
     Members {
         key: PartitionKey,

@@ -23,14 +23,16 @@ pub const TIMING: [&str; 4] = [
     "600",
 ];
 
+/// Fields drop in order: the nodes are killed before their directories are removed (a node
+/// whose files vanish under it panics in glommio, a noise that looked like a failure).
 pub struct Cluster {
-    pub tmp: tempfile::TempDir,
+    pub nodes: Vec<Option<TestNode>>,
     pub dirs: Vec<PathBuf>,
     pub addrs: Vec<String>,
     pub peers: String,
-    pub nodes: Vec<Option<TestNode>>,
     /// Flags every node gets besides the cluster's own.
     pub extra: Vec<String>,
+    pub tmp: tempfile::TempDir,
 }
 
 /// Free loopback ports from the OS (bound, then released for the nodes to take).
@@ -78,6 +80,11 @@ impl Cluster {
     }
 
     pub fn start_node(&mut self, i: usize) {
+        self.start_node_logged(i, None)
+    }
+
+    /// [`Cluster::start_node`], with the node's log going to `log` when given.
+    pub fn start_node_logged(&mut self, i: usize, log: Option<&std::path::Path>) {
         let id = (i + 1).to_string();
         let mut args = vec![
             "--node-id",
@@ -88,7 +95,12 @@ impl Cluster {
         ];
         args.extend(TIMING);
         args.extend(self.extra.iter().map(String::as_str));
-        self.nodes[i] = Some(TestNode::start_at(&self.dirs[i], &self.addrs[i], &args));
+        self.nodes[i] = Some(TestNode::start_logged(
+            &self.dirs[i],
+            &self.addrs[i],
+            &args,
+            log,
+        ));
     }
 
     pub fn kill9(&mut self, i: usize) {
@@ -113,7 +125,7 @@ impl Cluster {
         for i in self.live() {
             loop {
                 let mut c = self.client(i).await;
-                if let Ok(r) = c.cluster_info(pb::ClusterInfoRequest {}).await {
+                if let Ok(r) = c.cluster_info(pb::ClusterInfoRequest::default()).await {
                     let r = r.into_inner();
                     if r.nodes.len() == self.nodes.len() && r.metadata_leader != 0 {
                         break;
@@ -132,7 +144,7 @@ impl Cluster {
             let mut votes: HashMap<u64, usize> = HashMap::new();
             for i in self.live() {
                 let mut c = self.client(i).await;
-                if let Ok(r) = c.cluster_info(pb::ClusterInfoRequest {}).await {
+                if let Ok(r) = c.cluster_info(pb::ClusterInfoRequest::default()).await {
                     for t in r.into_inner().topics {
                         if t.topic != topic {
                             continue;
@@ -161,16 +173,18 @@ impl Cluster {
     }
 
     pub async fn isolate(&self, i: usize, from: Vec<u64>) {
-        let ch = Channel::from_shared(format!("http://{}", self.addrs[i]))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        ipb::peer_client::PeerClient::new(ch)
-            .set_fault(ipb::SetFaultRequest { isolate_from: from })
-            .await
-            .expect("set fault");
+        set_fault(&self.addrs[i], from).await;
     }
+}
+
+/// Cuts the node at `addr` off from the nodes `from` (ids), at its transport (Peer.SetFault;
+/// the node runs with --fault-injection); an empty list heals it.
+pub async fn set_fault(addr: &str, from: Vec<u64>) {
+    let ch = super::channel(addr).await.unwrap();
+    ipb::peer_client::PeerClient::new(ch)
+        .set_fault(ipb::SetFaultRequest { isolate_from: from })
+        .await
+        .expect("set fault");
 }
 
 pub async fn create(c: &mut TernClient<Channel>, name: &str, partitions: u32, rf: u32) {
@@ -179,6 +193,7 @@ pub async fn create(c: &mut TernClient<Channel>, name: &str, partitions: u32, rf
         partitions,
         replication_factor: rf,
         config: None,
+        placement: None,
     })
     .await
     .expect("create topic");
@@ -285,6 +300,7 @@ impl Writer {
                 let ch = Channel::from_shared(format!("http://{}", addrs[target % addrs.len()]))
                     .unwrap()
                     .connect_timeout(Duration::from_millis(200))
+                    .timeout(Duration::from_secs(10))
                     .connect_lazy();
                 let mut c = TernClient::new(ch);
                 if idempotent && producer_id == 0 {

@@ -60,9 +60,11 @@ impl GroupMember {
         addr: &str,
         join: pb::JoinGroup,
     ) -> Result<GroupMember, tonic::Status> {
-        let mut c = TernClient::connect(format!("http://{addr}"))
-            .await
-            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let mut c = TernClient::new(
+            super::channel(addr)
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?,
+        );
         let (tx, rx) = mpsc::channel(64);
         tx.send(pb::ConsumeRequest {
             kind: Some(Up::Join(join)),

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod geo;
 pub mod group;
 pub mod tools;
 
@@ -16,6 +17,20 @@ use tern::proto::v1::tern_client::TernClient;
 use tonic::transport::Channel;
 
 pub const TERN: &str = env!("CARGO_BIN_EXE_tern");
+
+/// Longest a test waits for the answer to one call (the headers of a stream): a node that
+/// stops answering fails the test with a timeout instead of hanging the whole suite.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A connection to a node whose calls each end within [`CALL_TIMEOUT`].
+pub async fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    Channel::from_shared(format!("http://{addr}"))
+        .expect("a node address")
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(CALL_TIMEOUT)
+        .connect()
+        .await
+}
 
 pub struct TestNode {
     child: Option<Child>,
@@ -97,9 +112,7 @@ impl TestNode {
     }
 
     pub async fn client(&self) -> TernClient<Channel> {
-        TernClient::connect(format!("http://{}", self.addr))
-            .await
-            .expect("connect")
+        TernClient::new(channel(&self.addr).await.expect("connect"))
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20)
     }
@@ -179,6 +192,7 @@ pub async fn create_topic(c: &mut TernClient<Channel>, name: &str, partitions: u
         partitions,
         replication_factor: 1,
         config: None,
+        placement: None,
     })
     .await
     .expect("create topic");

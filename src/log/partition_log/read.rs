@@ -106,6 +106,7 @@ impl Log {
                             // it is still valid, the rest is gone.
                             break 'segments;
                         }
+                        self.inner.damaged.replace(Some(path.clone()));
                         return Err(LogError::Corrupt {
                             path: path.display().to_string(),
                             position,
@@ -175,11 +176,12 @@ impl Log {
                 match r.next().await? {
                     Step::End => break,
                     Step::Invalid { position, error } => {
+                        self.inner.damaged.replace(Some(path.clone()));
                         return Err(LogError::Corrupt {
                             path: path.display().to_string(),
                             position,
                             reason: error.to_string(),
-                        })
+                        });
                     }
                     Step::Batch { batch, .. } => {
                         if batch.base_offset() >= limit {

@@ -144,6 +144,8 @@ impl Log {
         st.written = first_dropped;
         st.durable = st.durable.min(first_dropped);
         st.truncations += 1;
+        st.fail_waiters_past(first_dropped);
+        st.wake();
         Ok(())
     }
 
@@ -245,10 +247,10 @@ impl Log {
                 st.durable = start;
                 st.committed = start;
                 st.truncations += 1;
+                st.fail_waiters_past(start);
+                st.wake();
             }
-            marker.clean().await?;
-            remove_if_exists(&inner.dir.join(RESET_MARKER)).await?;
-            sync_dir(&inner.dir).await
+            marker.remove().await
         }
         .await;
         if let Err(e) = &r {
@@ -285,9 +287,7 @@ pub(super) async fn finish_reset(dir: &Path, config: &LogConfig) -> Result<bool,
     }
     sync_dir(dir).await?;
     create_segment(dir, start, config).await?;
-    marker.clean().await?;
-    remove_if_exists(&dir.join(RESET_MARKER)).await?;
-    sync_dir(dir).await?;
+    marker.remove().await?;
     Ok(true)
 }
 

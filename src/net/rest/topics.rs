@@ -74,6 +74,7 @@ pub async fn create(
             retention_bytes: retention.retention_bytes,
             ..Default::default()
         }),
+        placement: None,
     };
     let info = tern
         .create_topic(call.request(req))

@@ -12,7 +12,13 @@ use crate::net::status::from_controller;
 use crate::proto::v1 as pb;
 use crate::types::NodeId;
 
-pub async fn cluster_info(broker: &Broker) -> pb::ClusterInfoResponse {
+/// The cluster as this node knows it; node addresses as advertised to `region` (empty: this
+/// node's region).
+pub async fn cluster_info(broker: &Broker, region: &str) -> pb::ClusterInfoResponse {
+    let region = match region {
+        "" => broker.config.region.as_str(),
+        r => r,
+    };
     let mut topics = Vec::new();
     for t in broker.topics() {
         topics.push(pb::TopicPartitions {
@@ -26,7 +32,7 @@ pub async fn cluster_info(broker: &Broker) -> pb::ClusterInfoResponse {
         .iter()
         .map(|(id, m)| pb::NodeInfo {
             id: id.0,
-            address: m.addr.clone(),
+            address: m.addr_for(region).to_string(),
             region: m.region.clone(),
             zone: m.zone.clone(),
             draining: state.draining.contains(id),

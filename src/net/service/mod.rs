@@ -390,7 +390,13 @@ impl Tern for TernService {
     ) -> Result<Response<pb::ClusterInfoResponse>, Status> {
         let _call = self.broker.track();
         let caller = self.caller(&request).await?;
-        let mut info = admin::cluster_info(&self.broker).await;
+        let region = &request.get_ref().region;
+        if region.len() > 64 {
+            return Err(Status::invalid_argument(
+                "a region name is at most 64 bytes",
+            ));
+        }
+        let mut info = admin::cluster_info(&self.broker, region).await;
         info.topics.retain(|t| {
             self.auth
                 .allowed(&self.broker, &caller, Topic, &t.topic, Op::Describe)

@@ -27,6 +27,20 @@ pub fn topic_info(t: &Topic) -> pb::TopicInfo {
             max_record_bytes: Some(s.max_record_bytes),
             segment_bytes: Some(s.segment_bytes),
         }),
+        placement: Some(placement_info(&t.spec.placement)),
+    }
+}
+
+pub fn placement_info(p: &crate::cluster::Placement) -> pb::Placement {
+    use crate::cluster::Survival;
+    pb::Placement {
+        survival: match p.survival {
+            Survival::Spread => pb::Survival::Unspecified,
+            Survival::Zone => pb::Survival::Zone,
+            Survival::Region => pb::Survival::Region,
+        } as i32,
+        regions: p.regions.clone(),
+        leader_regions: p.leader_regions.clone(),
     }
 }
 
@@ -91,6 +105,7 @@ pub async fn create(
         partitions,
         replication_factor: r.replication_factor,
         settings,
+        placement: validate::placement(r.placement.as_ref())?,
     };
     let t = controller::create_topic(broker, new)
         .await

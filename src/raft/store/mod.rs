@@ -45,7 +45,7 @@ use std::rc::Rc;
 
 use crate::log::{Log, ReadBound, StateFile};
 use crate::raft::producers::ProducerTable;
-use crate::raft::types::{log_id, Entry, LogId, Membership, NodeId, StoredMembership};
+use crate::raft::types::{log_id, Entry, LogId, Membership, NodeId};
 use crate::types::Offset;
 
 use codec::decode_entry;
@@ -67,6 +67,10 @@ fn io_err(e: impl std::fmt::Display) -> io::Error {
 struct Shared {
     log: Log,
     state_file: StateFile,
+    /// One save of the state file at a time: two interleaved saves raced on its temporary
+    /// file (the second rename found it gone, and the group stopped), and a save that
+    /// serialized older state could land last.
+    save_lock: glommio::sync::Semaphore,
     durable: RefCell<Durable>,
     map: RefCell<EntryMap>,
     tail: RefCell<Tail>,
@@ -162,14 +166,60 @@ impl StoreHandle {
         self.0.producers.borrow()
     }
 
-    /// Whether this replica may grant votes (see `Durable::may_vote`).
+    /// Whether this replica may grant votes and campaign (see `Durable::may_vote` and
+    /// `Durable::recover_to`).
     pub fn may_vote(&self) -> bool {
-        self.0.durable.borrow().may_vote
+        let d = self.0.durable.borrow();
+        d.may_vote && d.recover_to.is_none()
+    }
+
+    /// Marks this replica damaged before it is reopened to cut the damage: it does not vote
+    /// again until it has applied the last entry it holds now (`Durable::recover_to`), which
+    /// covers damage the reopening cut cannot tell from a torn write (the last batch).
+    pub async fn mark_damaged(&self) -> io::Result<()> {
+        let last = self.0.map.borrow().last().map(|l| l.index);
+        let Some(last) = last else { return Ok(()) };
+        self.0.durable.borrow_mut().note_damage(last);
+        self.0.save().await
+    }
+
+    /// The entry a damaged replica must apply again before it votes (`Durable::recover_to`).
+    pub fn recovering_to(&self) -> Option<u64> {
+        self.0.durable.borrow().recover_to
     }
 }
 
 impl Shared {
+    /// A damaged replica that has applied (committed, and secured in its own log) the entry it
+    /// had to recover votes again.
+    async fn recovered_through(&self, applied: Option<LogId>) -> io::Result<()> {
+        let done = {
+            let mut d = self.durable.borrow_mut();
+            match (d.recover_to, applied) {
+                (Some(to), Some(a))
+                    if a.index >= to || d.recover_term.is_some_and(|t| a.leader_id.term > t) =>
+                {
+                    d.recover_to = None;
+                    d.recover_term = None;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if done {
+            tracing::info!(dir = %self.log.dir().display(), "damaged replica caught up; it votes again");
+            self.save().await?;
+        }
+        Ok(())
+    }
+
     async fn save(&self) -> io::Result<()> {
+        let _one = self
+            .save_lock
+            .acquire_permit(1)
+            .await
+            .map_err(|e| io_err(format!("state file lock: {e}")))?;
+        // Serialized under the lock: the last save to finish holds the newest state.
         let bytes = serde_json::to_vec(&*self.durable.borrow()).map_err(io_err)?;
         self.state_file.write(&bytes).await.map_err(io_err)
     }
@@ -248,6 +298,92 @@ pub async fn open_with(
         .map(|(ls, sm, _)| (ls, sm))
 }
 
+/// Whether a state file's payload is a replica's durable state (for the fuzzer: reading it
+/// must refuse bad bytes, never panic).
+#[doc(hidden)]
+pub fn check_state(payload: &[u8]) -> Result<(), String> {
+    serde_json::from_slice::<Durable>(payload)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Makes a damaged log safe to run on (see `Durable::recover_to`): notes the highest entry a
+/// cut (by `Log::open_repairing`) dropped, or, when the front of the log is gone (a segment
+/// file deleted), starts the log over where the purge point says. `recover_to` is durable
+/// before the cut is forgotten and before the log is restarted.
+async fn heal(
+    log: &Log,
+    state_file: &StateFile,
+    durable: &mut Durable,
+    map: &mut EntryMap,
+) -> io::Result<()> {
+    let purged = durable.purged.map(|p| p.index);
+    let repaired = log.repaired();
+    // Unknown: only an entry of a later term ends the recovery (`Durable::recover_term`).
+    let mut lost = repaired
+        .as_ref()
+        .map(|r| r.last_raft_index.unwrap_or(u64::MAX));
+    let expected_first = purged.map_or(0, |p| p + 1);
+    let mut restart = None;
+    if !map.slots.is_empty() && map.first > expected_first {
+        let start = match purged {
+            None => Some(0),
+            Some(p) => durable.purged_end.or_else(|| {
+                durable
+                    .snapshot
+                    .as_ref()
+                    .filter(|(meta, _)| meta.last_log_id.map(|l| l.index) == Some(p))
+                    .map(|(_, end)| *end)
+            }),
+        };
+        if !log.repairing() {
+            return Err(io_err(format!(
+                "the log's first raft entry is {} but entries from {expected_first} are \
+                 missing (a replica alone is not cut: nothing could give back what it lost)",
+                map.first
+            )));
+        }
+        let Some(start) = start else {
+            return Err(io_err(format!(
+                "the log's first raft entry is {} but entries from {expected_first} are \
+                 missing, and nothing says at which offset they ended",
+                map.first
+            )));
+        };
+        tracing::warn!(
+            dir = %log.dir().display(),
+            first = map.first,
+            expected = expected_first,
+            "the front of the log is missing; starting the log over, empty, to be caught up"
+        );
+        lost = lost.max(Some(map.next_index() - 1));
+        restart = Some(Offset(start));
+    }
+    let Some(lost) = lost else { return Ok(()) };
+    if let Some(r) = &repaired {
+        tracing::warn!(
+            dir = %log.dir().display(),
+            from = r.from.0,
+            file = %r.path,
+            reason = %r.reason,
+            recover_to = lost,
+            "damaged log cut; this replica will not vote until its peers have given back entry {lost}"
+        );
+    }
+    durable.note_damage(lost);
+    let bytes = serde_json::to_vec(&*durable).map_err(io_err)?;
+    state_file.write(&bytes).await.map_err(io_err)?;
+    log.repair_noted().await.map_err(io_err)?;
+    if let Some(start) = restart {
+        log.reset_to(start).await.map_err(io_err)?;
+        *map = EntryMap::default();
+        if let Some(p) = purged {
+            map.purge(p);
+        }
+    }
+    Ok(())
+}
+
 /// [`open_with`], also returning the owner's handle on the storage.
 pub async fn open_with_handle(
     log: Log,
@@ -256,7 +392,7 @@ pub async fn open_with_handle(
 ) -> io::Result<(LogStore, StateMachine, StoreHandle)> {
     let state_file = StateFile::new(dir, STATE_FILE);
     state_file.clean().await.map_err(io_err)?;
-    let durable: Durable = match state_file.read().await.map_err(io_err)? {
+    let mut durable: Durable = match state_file.read().await.map_err(io_err)? {
         Some(bytes) => serde_json::from_slice(&bytes).map_err(io_err)?,
         None => Durable::default(),
     };
@@ -291,6 +427,7 @@ pub async fn open_with_handle(
         }
         at = read.next_offset();
     }
+    heal(&log, &state_file, &mut durable, &mut map).await?;
     // A crash between saving a snapshot's purge point and restarting the log from it: redo.
     if let Some(end) = durable.purged_end.map(Offset) {
         if log.positions().next < end {
@@ -300,6 +437,7 @@ pub async fn open_with_handle(
     let shared = Rc::new(Shared {
         log,
         state_file,
+        save_lock: glommio::sync::Semaphore::new(1),
         durable: RefCell::new(durable),
         map: RefCell::new(map),
         tail: RefCell::default(),
@@ -308,6 +446,18 @@ pub async fn open_with_handle(
         producers: RefCell::default(),
     });
     let purged = shared.durable.borrow().purged;
+    // The membership the purged entries held comes from the last snapshot (the log after the
+    // purge point holds any later one); the snapshot itself serves again if it is the one the
+    // log was purged behind.
+    let kept = shared.durable.borrow().snapshot.clone();
+    let membership = kept
+        .as_ref()
+        .map(|(meta, _)| meta.last_membership.clone())
+        .filter(|m| m.log_id().is_some() && *m.log_id() <= purged)
+        .unwrap_or_default();
+    let snapshot = kept
+        .filter(|(meta, _)| purged.is_some() && meta.last_log_id == purged)
+        .map(|(meta, end)| (meta, Offset(end)));
     Ok((
         LogStore {
             shared: shared.clone(),
@@ -315,8 +465,8 @@ pub async fn open_with_handle(
         StateMachine {
             shared: shared.clone(),
             applied: purged,
-            membership: StoredMembership::default(),
-            snapshot: None,
+            membership,
+            snapshot,
             on_commit,
         },
         StoreHandle(shared),

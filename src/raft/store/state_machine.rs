@@ -115,6 +115,7 @@ impl RaftStateMachine<PartitionRaft> for StateMachine {
                 (self.on_commit)();
             }
         }
+        self.shared.recovered_through(self.applied).await?;
         Ok(())
     }
 
@@ -143,6 +144,12 @@ impl RaftStateMachine<PartitionRaft> for StateMachine {
             last_membership: self.membership.clone(),
         };
         self.snapshot = Some((meta.clone(), end));
+        self.shared.durable.borrow_mut().snapshot = Some((meta.clone(), end.0));
+        if let Err(e) = self.shared.save().await {
+            // The snapshot still serves; only a restart after a purge past the membership
+            // would miss it, and the purge saves the state file again.
+            tracing::warn!(error = %e, "cannot keep the snapshot's membership in the state file");
+        }
         SnapshotBuilder { meta, end }
     }
 
@@ -170,6 +177,7 @@ impl RaftStateMachine<PartitionRaft> for StateMachine {
                 let mut d = self.shared.durable.borrow_mut();
                 d.purged = Some(id);
                 d.purged_end = Some(snapshot.end.0);
+                d.snapshot = Some((meta.clone(), snapshot.end.0));
             }
             self.shared.save().await?;
             self.shared.map.borrow_mut().restart_after(id.index);
@@ -187,10 +195,15 @@ impl RaftStateMachine<PartitionRaft> for StateMachine {
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         self.snapshot = Some((meta.clone(), snapshot.end));
+        if covered {
+            self.shared.durable.borrow_mut().snapshot = Some((meta.clone(), snapshot.end.0));
+            self.shared.save().await?;
+        }
         if snapshot.end > self.shared.log.positions().committed {
             self.shared.log.commit(snapshot.end).await.map_err(io_err)?;
             (self.on_commit)();
         }
+        self.shared.recovered_through(self.applied).await?;
         Ok(())
     }
 

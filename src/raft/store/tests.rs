@@ -3,11 +3,13 @@
 use super::*;
 use bytes::Bytes;
 use openraft::entry::RaftEntry;
-use openraft::storage::{IOFlushed, RaftLogReader, RaftLogStorage, RaftStateMachine};
+use openraft::storage::{
+    IOFlushed, RaftLogReader, RaftLogStorage, RaftSnapshotBuilder, RaftStateMachine,
+};
 use openraft::EntryPayload;
 
 use crate::log::{BatchBuilder, LogConfig, Record};
-use crate::raft::types::{EntryBatch, PartitionRaft, SnapshotMeta, Vote};
+use crate::raft::types::{EntryBatch, PartitionRaft, SnapshotMeta, StoredMembership, Vote};
 use crate::raft::GlommioRuntime;
 use crate::types::{NodeId, TimestampMs};
 use openraft::testing::log::{StoreBuilder, Suite};
@@ -25,6 +27,86 @@ impl StoreBuilder<PartitionRaft, LogStore, StateMachine, tempfile::TempDir> for 
         let (ls, sm) = open(log, dir.path()).await.unwrap();
         Ok((dir, ls, sm))
     }
+}
+
+/// Saves of the state file from several tasks at once (the log's and the state machine's)
+/// all succeed, and the last state wins (they raced on the temporary file: one failed with
+/// ENOENT and stopped the group).
+#[test]
+fn concurrent_state_saves_all_succeed() {
+    GlommioRuntime::run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+        let (_ls, _sm, h) = open_with_handle(log.clone(), dir.path(), Rc::new(|| {}))
+            .await
+            .unwrap();
+        let saves = (0..8u64).map(|i| {
+            let h = h.0.clone();
+            async move {
+                h.durable.borrow_mut().purged_end = Some(i);
+                h.save().await
+            }
+        });
+        for r in futures::future::join_all(saves).await {
+            r.unwrap();
+        }
+        h.0.durable.borrow_mut().purged_end = Some(99);
+        h.0.save().await.unwrap();
+        log.close().await.unwrap();
+        drop(h);
+        let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+        let (_ls, _sm, h) = open_with_handle(log, dir.path(), Rc::new(|| {}))
+            .await
+            .unwrap();
+        assert_eq!(h.0.durable.borrow().purged_end, Some(99));
+    });
+}
+
+/// A log purged behind a snapshot past its membership entry keeps that membership (and the
+/// snapshot) over a restart: before, the reopened replica knew no voters and its group never
+/// elected a leader again (found by the metadata log's purge; retention purges the same way).
+#[test]
+fn a_purge_past_the_membership_entry_keeps_the_membership_over_a_restart() {
+    GlommioRuntime::run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let membership =
+            openraft::Membership::new_with_defaults(vec![[NodeId(1)].into()], [NodeId(1)]);
+        {
+            let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+            let (mut ls, mut sm) = open(log.clone(), dir.path()).await.unwrap();
+            let entries = vec![
+                Entry::new(log_id(1, 0), EntryPayload::Membership(membership.clone())),
+                data_entry(1, 1, &["a", "b"]),
+                data_entry(1, 2, &["c"]),
+            ];
+            let (otx, orx) = <GlommioRuntime as AsyncRuntime>::Oneshot::channel();
+            ls.append(entries, IOFlushed::signal(otx)).await.unwrap();
+            orx.await.unwrap().unwrap();
+            let stored = ls.try_get_log_entries(0..3).await.unwrap();
+            sm.apply(futures::stream::iter(
+                stored.into_iter().map(|e| Ok((e, None))),
+            ))
+            .await
+            .unwrap();
+            let mut b = sm.get_snapshot_builder().await;
+            let snap = b.build_snapshot().await.unwrap();
+            assert_eq!(snap.meta.last_log_id, Some(log_id(1, 2)));
+            ls.purge(log_id(1, 2)).await.unwrap();
+            log.close().await.unwrap();
+        }
+        let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+        let (_ls, mut sm) = open(log.clone(), dir.path()).await.unwrap();
+        let (applied, kept) = sm.applied_state().await.unwrap();
+        assert_eq!(applied, Some(log_id(1, 2)));
+        assert_eq!(kept.log_id(), &Some(log_id(1, 0)));
+        assert_eq!(kept.membership(), &membership);
+        let current = sm
+            .get_current_snapshot()
+            .await
+            .unwrap()
+            .expect("a snapshot");
+        assert_eq!(current.meta.last_log_id, Some(log_id(1, 2)));
+    });
 }
 
 /// A snapshot that ends past this replica's log (the leader's retention deleted what it
@@ -131,6 +213,59 @@ fn a_joining_replica_votes_only_after_being_a_learner_then_a_voter() {
             .await
             .unwrap();
         h.set_member(NodeId(1), false).await.unwrap();
+        assert!(h.may_vote());
+        log.close().await.unwrap();
+    });
+}
+
+/// A damaged replica does not vote until it has applied the last entry it held, or an entry
+/// of a term after the vote it had when damaged; the rule survives a restart.
+#[test]
+fn a_damaged_replica_votes_again_after_its_lost_entry_or_a_later_term() {
+    GlommioRuntime::run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let open_handle = || async {
+            let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+            let (ls, sm, h) = open_with_handle(log.clone(), dir.path(), Rc::new(|| {}))
+                .await
+                .unwrap();
+            (log, ls, sm, h)
+        };
+        let (log, mut ls, _sm, h) = open_handle().await;
+        ls.save_vote(&Vote::new_committed(2, NodeId(1)))
+            .await
+            .unwrap();
+        assert!(h.may_vote());
+        h.0.durable.borrow_mut().note_damage(10);
+        h.0.save().await.unwrap();
+        assert!(!h.may_vote());
+        log.close().await.unwrap();
+        drop((ls, h));
+        let (log, mut ls, _sm, h) = open_handle().await;
+        assert!(!h.may_vote(), "the rule did not survive a restart");
+        assert_eq!(h.recovering_to(), Some(10));
+        h.0.recovered_through(Some(log_id(2, 9))).await.unwrap();
+        assert!(!h.may_vote(), "voting again before entry 10");
+        h.0.recovered_through(Some(log_id(3, 5))).await.unwrap();
+        assert!(h.may_vote(), "an entry of a later term ends the recovery");
+        // The lost entry itself ends it too, within the same term.
+        ls.save_vote(&Vote::new_committed(3, NodeId(1)))
+            .await
+            .unwrap();
+        h.0.durable.borrow_mut().note_damage(20);
+        h.0.recovered_through(Some(log_id(3, 19))).await.unwrap();
+        assert!(!h.may_vote());
+        h.0.recovered_through(Some(log_id(3, 20))).await.unwrap();
+        assert!(h.may_vote());
+        // Unknown (u64::MAX): only a later term ends it.
+        h.0.durable.borrow_mut().note_damage(u64::MAX);
+        h.0.recovered_through(Some(log_id(3, 1_000_000)))
+            .await
+            .unwrap();
+        assert!(!h.may_vote());
+        h.0.recovered_through(Some(log_id(4, 1_000_001)))
+            .await
+            .unwrap();
         assert!(h.may_vote());
         log.close().await.unwrap();
     });

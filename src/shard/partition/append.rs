@@ -185,34 +185,63 @@ impl Partition {
                 Ok(Some(offsets))
             }
             SeqCheck::InFlight => Err(CoreError::InFlight),
-            SeqCheck::OutOfOrder { expected } => Err(CoreError::OutOfOrder {
-                producer: ps.id.0,
-                expected,
-                got: ps.first.0 as i64,
-            }),
+            SeqCheck::OutOfOrder { expected } => {
+                let m = self.raft.metrics().borrow_watched().clone();
+                tracing::debug!(
+                    partition = %self.key,
+                    producer = ps.id.0,
+                    first = ps.first.0,
+                    expected,
+                    term = m.current_term,
+                    leader = ?m.current_leader,
+                    last_applied = ?m.last_applied,
+                    last_log = ?m.last_log_index,
+                    pending = ?mine,
+                    "out-of-order sequence"
+                );
+                Err(CoreError::OutOfOrder {
+                    producer: ps.id.0,
+                    expected,
+                    got: ps.first.0 as i64,
+                })
+            }
         }
     }
 
     /// Whether this replica may check idempotent producers' sequences: it leads, and has
-    /// applied every entry of earlier terms (the first entry of its own term is applied), so
-    /// its producer table holds every committed batch. A new leader is given a moment.
+    /// applied every entry its log held when this leadership began (found the first time it is
+    /// asked in a term), so its producer table holds every committed batch. Applying an entry
+    /// of its own term is not enough: a leader restarted in the same term (openraft restores a
+    /// leader from its own committed vote) re-applies its whole log, entries of that term
+    /// included, and answered a retry of a committed batch as out of order while it did. A new
+    /// leader is given a moment.
     async fn idempotence_ready(&self) -> Result<(), CoreError> {
-        let ready = |m: &openraft::RaftMetrics<PartitionRaft>| {
-            m.current_leader == Some(m.id)
-                && m.last_applied.map(|l| l.leader_id.term) == Some(m.current_term)
-        };
         let m = self.raft.metrics().borrow_watched().clone();
         if m.current_leader != Some(m.id) {
             return Err(CoreError::NotLeader {
                 leader: m.current_leader,
             });
         }
+        let upto = match self.tenure.get() {
+            Some((term, upto)) if term == m.current_term => upto,
+            _ => {
+                let upto = m.last_log_index.unwrap_or(0);
+                self.tenure.set(Some((m.current_term, upto)));
+                upto
+            }
+        };
+        let term = m.current_term;
+        let ready = move |m: &openraft::RaftMetrics<PartitionRaft>| {
+            m.current_leader == Some(m.id)
+                && m.current_term == term
+                && m.last_applied.is_some_and(|l| l.index >= upto)
+        };
         if ready(&m) {
             return Ok(());
         }
         self.raft
             .wait(Some(Duration::from_millis(2 * self.timing.election_max_ms)))
-            .metrics(ready, "leader applied its first entry")
+            .metrics(ready, "leader applied its log as of its leadership")
             .await
             .map(|_| ())
             .map_err(|_| CoreError::NotLeader {

@@ -11,13 +11,18 @@ use crate::log::{LogError, ReadBound};
 use crate::shard::request::{CoreError, Fetched, ListedOffsets, StartAt};
 use crate::types::Offset;
 
+/// How often a long poll on a replicated partition checks that the replica is still fresh.
+const FRESHNESS_RECHECK: Duration = Duration::from_millis(500);
+
 impl Partition {
-    /// Committed batches from `from`, waiting up to `max_wait` for some to arrive.
+    /// Committed batches from `from`, waiting up to `max_wait` for some to arrive; with
+    /// `fresh_only`, refused on a stale follower (see [`Partition::freshness`]).
     pub async fn fetch(
         &self,
         from: Offset,
         max_bytes: usize,
         max_wait: Duration,
+        fresh_only: bool,
     ) -> Result<Fetched, CoreError> {
         let deadline = Instant::now() + max_wait;
         let mut from = from;
@@ -25,8 +30,16 @@ impl Partition {
             if self.closed.get() {
                 return Err(CoreError::Log(LogError::Closed));
             }
+            let fresh = self.freshness();
+            if let Some(e) = fresh.stale.filter(|_| fresh_only) {
+                return Err(e);
+            }
             let p = self.log.positions();
-            if from < p.start || from > p.committed {
+            // A follower that knows its leader has committed further than it has may be
+            // asked for an offset the leader already acknowledged: wait for it to arrive
+            // rather than call it out of range.
+            let arriving = fresh.behind > 0 && from > p.committed;
+            if from < p.start || (from > p.committed && !arriving) {
                 return Err(CoreError::Log(crate::log::LogError::OffsetOutOfRange {
                     requested: from,
                     start: p.start,
@@ -34,7 +47,7 @@ impl Partition {
                 }));
             }
             let now = Instant::now();
-            if from < p.committed || now >= deadline {
+            if (from < p.committed || now >= deadline) && !arriving {
                 let r = self.log.read(from, max_bytes, ReadBound::Committed).await?;
                 if now < deadline
                     && !r.batches.is_empty()
@@ -52,12 +65,26 @@ impl Partition {
                     high_watermark: p.committed,
                 });
             }
+            if arriving && now >= deadline {
+                return Ok(Fetched {
+                    batches: Vec::new(),
+                    from,
+                    until: p.committed,
+                    start: p.start,
+                    high_watermark: p.committed,
+                });
+            }
             let (tx, rx) = oneshot::channel();
             if self.waiters.borrow().len() >= 64 {
                 self.prune_waiters();
             }
             self.waiters.borrow_mut().push(tx);
-            let timer = glommio::timer::sleep(deadline - now);
+            // A follower looks again now and then: it may go stale while its reader waits.
+            let wait = match self.replicated {
+                true => (deadline - now).min(FRESHNESS_RECHECK),
+                false => deadline - now,
+            };
+            let timer = glommio::timer::sleep(wait);
             futures::pin_mut!(timer);
             match select(rx, timer).await {
                 Either::Left(_) | Either::Right(_) => {}

@@ -24,8 +24,7 @@ mod retention;
 mod tests;
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -33,18 +32,22 @@ use futures::channel::oneshot;
 use openraft::error::{ClientWriteError, InitializeError};
 use openraft_rt::watch::WatchReceiver;
 
-use super::request::{CoreError, PartitionKey, ReplicaSettings, ReplicaState};
+use super::request::{CoreError, OpenPartition, PartitionKey, ReplicaState};
 use crate::log::{Log, LogConfig};
 use crate::proto::internal as pb;
 use crate::raft::election::ElectionTimer;
 use crate::raft::group::{self, NoPeers, PartitionGroup};
 use crate::raft::network::{self, GroupNetwork};
 use crate::raft::store::StoreHandle;
-use crate::raft::types::{Member, NodeId, PartitionRaft};
+use crate::raft::types::{NodeId, PartitionRaft};
 use crate::raft::RaftError;
 use crate::types::{CoreId, ProducerId, RaftIndex, TopicUid};
 
 pub use append::AppendRequest;
+
+/// Times opening a replica goes again after finding a damaged segment (each cuts the log at
+/// the first damage found; later segments go with the cut).
+const DAMAGED_OPENS_MAX: u32 = 3;
 
 /// How long opening a partition waits for its group to elect a leader.
 const ELECTION_WAIT: Duration = Duration::from_secs(30);
@@ -75,6 +78,29 @@ pub struct Partition {
     pending: RefCell<HashMap<ProducerId, Vec<(i32, i32)>>>,
     /// The leader this replica last saw (to count leadership changes).
     leader_seen: Cell<Option<crate::raft::types::NodeId>>,
+    /// What opened this replica, and on which core, to open it again after damage (see
+    /// [`Partition::damage`]).
+    opened_with: OpenPartition,
+    core: CoreId,
+    /// Times this replica was reopened to repair it (see `shard::repair`).
+    repairs: Cell<u32>,
+    /// Set once the core has taken this replica to reopen it.
+    repairing: Cell<bool>,
+    /// Held by a repair while it runs (see `shard::repair`); a Close waits on it.
+    repair_gate: Rc<glommio::sync::Semaphore>,
+    /// A Close is waiting: a repair running stops.
+    close_requested: Cell<bool>,
+    /// The term of this replica's current leadership and the last index its log held when
+    /// the leadership was first seen (see `Partition::idempotence_ready`).
+    tenure: Cell<Option<(u64, u64)>>,
+}
+
+/// A damaged replica taken to be reopened (see [`Partition::take_for_repair`]).
+pub struct Taken {
+    pub open: OpenPartition,
+    pub core: CoreId,
+    pub repairs: u32,
+    pub damaged: Option<std::path::PathBuf>,
 }
 
 fn wake(waiters: &Waiters) {
@@ -105,36 +131,85 @@ fn from_write_error(
     }
 }
 
+/// Raft entries a follower may be behind its leader's commit and still serve reads: the same
+/// bound as a follower in sync (`cluster::health::IN_SYNC_MAX_LAG`, checked equal there).
+pub const FOLLOWER_READ_MAX_LAG: u64 = 1_000;
+
+/// How current a replica's reads are (see [`Partition::freshness`]).
+#[derive(Debug, Default)]
+pub struct Freshness {
+    /// Raft entries this follower knows are committed but has not applied.
+    pub behind: u64,
+    /// Why it should not serve reads, if so.
+    pub stale: Option<CoreError>,
+}
+
 impl Partition {
     /// Opens the log in `dir` and starts the partition's Raft group on this core (`core`). A
     /// new group is initialized with `voters` (every replica initializes it identically, which
     /// openraft allows). A group whose only voter is this node is led by it before this
     /// returns; a replicated group elects its leader in the background.
-    pub async fn open(
-        key: PartitionKey,
-        uid: TopicUid,
-        dir: &Path,
-        config: LogConfig,
-        replica: &ReplicaSettings,
-        voters: BTreeMap<NodeId, Member>,
+    ///
+    /// A replica with peers whose log turns out damaged while its group starts (the storage
+    /// reads every batch header) is opened again with that segment's index distrusted, so the
+    /// repairing open cuts the log there (see `Log::open_repairing`).
+    pub async fn open(open: OpenPartition, core: CoreId) -> Result<Partition, CoreError> {
+        let mut tries = 0;
+        loop {
+            match Self::open_once(&open, core).await {
+                Ok(p) => return Ok(p),
+                Err((e, Some(damaged))) if tries < DAMAGED_OPENS_MAX => {
+                    tracing::warn!(partition = %open.key, segment = %damaged.display(), error = %e, "damaged segment found while opening; opening again to cut it");
+                    Log::distrust_index(&damaged).await?;
+                    tries += 1;
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+
+    /// [`Partition::open`] once; a failure says which segment a read found damaged, if one
+    /// did in a replica with peers.
+    async fn open_once(
+        open: &OpenPartition,
         core: CoreId,
-    ) -> Result<Partition, CoreError> {
+    ) -> Result<Partition, (CoreError, Option<std::path::PathBuf>)> {
+        let OpenPartition {
+            key,
+            uid,
+            dir,
+            config,
+            replica,
+            voters,
+        } = open.clone();
+        let dir = dir.as_path();
+        let replica = &replica;
         let alone = voters.len() == 1 && voters.contains_key(&replica.node_id);
         // No voters: this replica joins a group that exists elsewhere (it is being added by a
         // move) and waits for its leader; it never initializes the group itself.
         let joining = voters.is_empty();
         if !joining && !voters.contains_key(&replica.node_id) {
-            return Err(CoreError::NotAVoter {
-                partition: key.to_string(),
-                node: replica.node_id,
-            });
+            return Err((
+                CoreError::NotAVoter {
+                    partition: key.to_string(),
+                    node: replica.node_id,
+                },
+                None,
+            ));
         }
         // Retention goes through the group (`retain`), never behind its back.
         let config = LogConfig {
             retention_loop: false,
             ..config
         };
-        let log = Log::open(dir, config).await?;
+        // A replica with peers cuts a damaged log and is caught up by them (`raft::store`); a
+        // replica alone has no one to recover from, so its damage is reported, not cut.
+        let log = if alone {
+            Log::open(dir, config).await
+        } else {
+            Log::open_repairing(dir, config).await
+        }
+        .map_err(|e| (CoreError::from(e), None))?;
         let waiters: Waiters = Rc::default();
         let on_commit = {
             let w = waiters.clone();
@@ -144,7 +219,8 @@ impl Partition {
         // CPU at all (openraft's tick wakes every fifth of a heartbeat, per group).
         // Replicated groups are driven by their core's timer (`core::drive_groups`), not by a
         // timer each.
-        let raft_config = group::config_with(&key.to_string(), replica.timing, false)?;
+        let raft_config = group::config_with(&key.to_string(), replica.timing, false)
+            .map_err(|e| (CoreError::from(e), None))?;
         let started = match &replica.transport {
             Some(t) => {
                 let network = GroupNetwork {
@@ -182,8 +258,9 @@ impl Partition {
         let (raft, store) = match started {
             Ok(started) => started,
             Err(e) => {
+                let damaged = log.damaged_segment().filter(|_| !alone);
                 let _ = log.close().await;
-                return Err(e);
+                return Err((e, damaged));
             }
         };
         // From here a failure must not leave the group's tasks and the log running.
@@ -223,7 +300,7 @@ impl Partition {
         if let Err(e) = ready {
             let _ = raft.shutdown().await;
             let _ = log.close().await;
-            return Err(e);
+            return Err((e, None));
         }
         Ok(Self {
             key,
@@ -244,6 +321,74 @@ impl Partition {
             retaining: Cell::new(false),
             pending: RefCell::default(),
             leader_seen: Cell::new(None),
+            opened_with: open.clone(),
+            core,
+            repairs: Cell::new(0),
+            repairing: Cell::new(false),
+            repair_gate: Rc::new(glommio::sync::Semaphore::new(1)),
+            close_requested: Cell::new(false),
+            tenure: Cell::new(None),
+        })
+    }
+
+    /// Why this replica should be reopened to repair it, if it should: a read found a damaged
+    /// segment, or its Raft group stopped on a storage error. Only replicas with peers are
+    /// repaired (they cut the damage and are caught up; see `Log::open_repairing`).
+    pub fn damage(&self) -> Option<String> {
+        if !self.replicated || self.repairing.get() || self.closed.get() {
+            return None;
+        }
+        if let Some(path) = self.log.damaged_segment() {
+            return Some(format!("damaged segment {}", path.display()));
+        }
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        match &m.running_state {
+            Err(fatal) => Some(format!("raft group stopped: {fatal}")),
+            Ok(()) => None,
+        }
+    }
+
+    /// Takes this replica to reopen it: what opened it, on which core, and the damaged segment
+    /// a read found, if any. It is then never taken again.
+    pub fn take_for_repair(&self) -> Taken {
+        self.repairing.set(true);
+        Taken {
+            open: self.opened_with.clone(),
+            core: self.core,
+            repairs: self.repairs.get(),
+            damaged: self.log.damaged_segment(),
+        }
+    }
+
+    /// Notes how many times this replica was reopened to repair it (a repeated repair waits
+    /// longer).
+    pub fn set_repairs(&self, n: u32) {
+        self.repairs.set(n);
+    }
+
+    /// The gate a repair of this replica holds while it runs.
+    pub fn repair_gate(&self) -> Rc<glommio::sync::Semaphore> {
+        self.repair_gate.clone()
+    }
+
+    /// A Close is waiting for this replica: a repair of it stops.
+    pub fn request_close(&self) {
+        self.close_requested.set(true);
+    }
+
+    pub fn close_requested(&self) -> bool {
+        self.close_requested.get()
+    }
+
+    /// Marks the replica as one that must recover what it holds before it votes again (see
+    /// `StoreHandle::mark_damaged`); before it is closed for repair.
+    pub async fn mark_damaged(&self) -> Result<(), CoreError> {
+        self.store.mark_damaged().await.map_err(|e| {
+            CoreError::Raft(RaftError::Storage {
+                dir: self.log.dir().display().to_string(),
+                error: e.to_string(),
+            })
         })
     }
 
@@ -252,9 +397,17 @@ impl Partition {
     /// from a leader it accepts resets its election timer.
     pub async fn handle(&self, body: pb::raft_request::Body) -> crate::raft::transport::Answer {
         use pb::raft_request::Body;
-        if matches!(body, Body::Vote(_) | Body::PreVote(_)) && !self.store.may_vote() {
+        if matches!(
+            body,
+            Body::Vote(_) | Body::PreVote(_) | Body::TransferLeader(_)
+        ) && !self.store.may_vote()
+        {
+            let why = match self.store.recovering_to() {
+                Some(to) => format!("its log was damaged and it has not recovered entry {to} yet"),
+                None => "it is joining its group".to_string(),
+            };
             return Err(RaftError::Refused(format!(
-                "{}: this replica is joining its group and does not vote yet",
+                "{}: this replica does not vote: {why}",
                 self.key
             )));
         }
@@ -264,6 +417,45 @@ impl Partition {
             self.election.borrow_mut().heard_leader(Instant::now());
         }
         answer
+    }
+
+    /// Whether this replica may serve reads: a follower that has not heard its leader for
+    /// twice the longest election timeout, or is more than `FOLLOWER_READ_MAX_LAG` entries behind
+    /// what its leader reports committed, is stale (a reader goes to another replica rather
+    /// than wait on it, as KAFKA-14372's consumer did for minutes).
+    pub fn freshness(&self) -> Freshness {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        let leading = m.current_leader == Some(m.id);
+        if !self.replicated || leading {
+            return Freshness::default();
+        }
+        let behind = m
+            .cluster_committed
+            .as_ref()
+            .map_or(0, |c| c.index)
+            .saturating_sub(m.local_committed.as_ref().map_or(0, |c| c.index));
+        let silent = self.election.borrow().silent_for(Instant::now());
+        let max_silence = Duration::from_millis(self.timing.election_max_ms * 2);
+        let why = if m.current_leader.is_none() {
+            Some("without a leader".to_string())
+        } else if silent > max_silence {
+            Some(format!(
+                "out of touch with its leader for {} ms",
+                silent.as_millis()
+            ))
+        } else if behind > FOLLOWER_READ_MAX_LAG {
+            Some(format!("{behind} entries behind its leader"))
+        } else {
+            None
+        };
+        Freshness {
+            behind,
+            stale: why.map(|why| CoreError::Stale {
+                leader: m.current_leader.filter(|l| *l != m.id),
+                why,
+            }),
+        }
     }
 
     /// Whether the group has other voters (and so needs heartbeats and elections).
@@ -295,8 +487,10 @@ impl Partition {
             openraft::ServerState::Leader if beat => {
                 let _ = self.raft.trigger().heartbeat().await;
             }
+            // A replica that may not vote may not campaign either: its own vote counts.
             openraft::ServerState::Follower | openraft::ServerState::Candidate
-                if self.election.borrow_mut().due(now, &mut rand::rng()) =>
+                if self.election.borrow_mut().due(now, &mut rand::rng())
+                    && self.store.may_vote() =>
             {
                 tracing::debug!(partition = %self.key, "no leader heard: starting an election");
                 crate::metrics::NODE.elections.inc();
@@ -331,6 +525,29 @@ impl Partition {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(partition = %self.key, error = %e, "leadership hand-off failed");
+                false
+            }
+        }
+    }
+
+    /// If this replica leads, asks voter `to` to take over; whether it asked.
+    pub async fn transfer_to(&self, to: NodeId) -> bool {
+        {
+            let m = self.raft.metrics();
+            let m = m.borrow_watched();
+            let voter = m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| v == to);
+            if m.current_leader != Some(m.id) || !voter || to == m.id {
+                return false;
+            }
+        }
+        match self.raft.trigger().transfer_leader(to).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(partition = %self.key, error = %e, "leadership transfer failed");
                 false
             }
         }

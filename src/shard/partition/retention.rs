@@ -42,6 +42,14 @@ impl Partition {
         let Some(end) = self.log.retention_point(now).await? else {
             return Ok(());
         };
+        self.purge_before(end).await
+    }
+
+    /// Purges the Raft log up to its last entry that ends at or before `end`, behind a
+    /// snapshot taken there (whole segments below it are deleted; a follower that needs what
+    /// went is sent the snapshot). Returns once the purge is asked for, or, if the snapshot is
+    /// not built within 5 s, without purging (the next call tries again).
+    pub async fn purge_before(&self, end: crate::types::Offset) -> Result<(), CoreError> {
         let Some(upto) = self.store.last_entry_before(end) else {
             return Ok(());
         };
@@ -59,13 +67,13 @@ impl Partition {
             let built = self
                 .raft
                 .wait(Some(Duration::from_secs(5)))
-                .metrics(covered, "snapshot for retention")
+                .metrics(covered, "snapshot before a purge")
                 .await;
             if built.is_err() {
                 return Ok(());
             }
         }
-        tracing::debug!(partition = %self.key, upto = %upto, "retention purges");
+        tracing::debug!(partition = %self.key, upto = %upto, "purging the raft log");
         self.raft
             .trigger()
             .purge_log(upto.index)

@@ -8,7 +8,8 @@ use bytes::Bytes;
 
 use super::*;
 use crate::log::{LogError, ReadBound, Record};
-use crate::shard::request::ProducerSeq;
+use crate::raft::types::Member;
+use crate::shard::request::{ProducerSeq, ReplicaSettings};
 use crate::types::{CoreId, NodeId, Offset, ProducerId, Sequence, TopicUid};
 
 fn rec(len: usize) -> Record {
@@ -31,9 +32,15 @@ async fn single_voter(dir: &Path, config: crate::log::LogConfig) -> Partition {
         partition: 0,
     };
     let voters = BTreeMap::from([(NodeId(1), Member::default())]);
-    Partition::open(key, TopicUid(0), dir, config, &replica, voters, CoreId(0))
-        .await
-        .unwrap()
+    let open = OpenPartition {
+        key,
+        uid: TopicUid(0),
+        dir: dir.to_path_buf(),
+        config,
+        replica,
+        voters,
+    };
+    Partition::open(open, CoreId(0)).await.unwrap()
 }
 
 #[test]

@@ -1,0 +1,444 @@
+//! The chaos workload: a nemesis that injects faults on a schedule drawn from a printed seed
+//! while idempotent producers and a subscriber run, then a heal phase and a final read of
+//! every replica.
+//!
+//! ```text
+//! seed ──▶ schedule: every ~F s one fault, held 1–3 s, then healed
+//!   kill       SIGKILL a node, restart it (same port, same data)
+//!   pause      SIGSTOP a node, SIGCONT it
+//!   partition  a node cut off both ways (each side drops the other's Raft and forwarding calls)
+//!   one-way    a node stops hearing the others (they still hear it)
+//!   bridge     two nodes cut off from each other, both still reach the third
+//!   corrupt    kill a node; flip a byte in, cut short, or delete one of its sealed segment
+//!              files (or flip a byte of a state file); restart it
+//! heal ──▶ every fault cleared, every node running ──▶ each replica read from its own node
+//! ```
+//!
+//! One fault at a time, so a majority of every group is always whole between faults and the
+//! checks must all come out clean: the producers' and the subscriber's accounting (lost,
+//! duplicated, reordered), and the final read of every replica: each holds every acknowledged
+//! record exactly once, and all replicas hold the same record at every offset.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tern::proto::internal as ipb;
+use tern::proto::v1 as pb;
+use tokio::sync::Mutex;
+
+use super::cluster::Cluster;
+use super::payload;
+
+/// The faults the nemesis knows.
+pub const KINDS: [&str; 6] = ["kill", "pause", "partition", "one-way", "bridge", "corrupt"];
+
+/// A deterministic generator for the schedule (splitmix64): the same seed, the same faults.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// What the nemesis did, for the report.
+#[derive(Default, Clone)]
+pub struct Log {
+    pub lines: Vec<String>,
+    pub counts: BTreeMap<String, u64>,
+}
+
+/// Cuts node `node` off from `from` (node indexes) at its transport; empty heals it.
+async fn set_fault(addr: &str, from: &[usize]) -> anyhow::Result<()> {
+    let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await?;
+    ipb::peer_client::PeerClient::new(ch)
+        .set_fault(ipb::SetFaultRequest {
+            isolate_from: from.iter().map(|i| *i as u64 + 1).collect(),
+        })
+        .await?;
+    Ok(())
+}
+
+/// Clears every node's isolation (retrying a node that does not answer yet).
+async fn heal_partitions(cluster: &Arc<Mutex<Cluster>>) {
+    let addrs = cluster.lock().await.addrs.clone();
+    for a in &addrs {
+        for _ in 0..50 {
+            if set_fault(a, &[]).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn signal(pid: Option<u32>, sig: i32) {
+    if let Some(pid) = pid {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(pid as i32, sig) };
+    }
+}
+
+/// Damages one file of node `i`'s replicas of `topics` (the node is down): a sealed segment
+/// has a byte flipped, is cut short, or is deleted; without a sealed segment, one byte of a
+/// state file (`raft.state`) is flipped. Says what it did.
+fn corrupt(dir: &Path, topics: &[String], rng: &mut Rng) -> String {
+    let mut partitions: Vec<PathBuf> = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir.join("topics")) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if topics.iter().any(|t| name.starts_with(&format!("{t}."))) {
+                if let Ok(ps) = std::fs::read_dir(e.path()) {
+                    partitions.extend(ps.flatten().map(|p| p.path()));
+                }
+            }
+        }
+    }
+    partitions.sort();
+    if partitions.is_empty() {
+        return "no replica files yet; nothing damaged".into();
+    }
+    let p = &partitions[rng.below(partitions.len() as u64) as usize];
+    let mut sealed: Vec<PathBuf> = std::fs::read_dir(p)
+        .map(|es| {
+            es.flatten()
+                .map(|e| e.path())
+                .filter(|f| f.extension().is_some_and(|x| x == "log"))
+                .filter(|f| f.with_extension("index").exists())
+                .collect()
+        })
+        .unwrap_or_default();
+    sealed.sort();
+    let short = |f: &Path| {
+        format!(
+            "{}/{}",
+            p.file_name().unwrap_or_default().to_string_lossy(),
+            f.file_name().unwrap_or_default().to_string_lossy()
+        )
+    };
+    if sealed.is_empty() {
+        let state = p.join("raft.state");
+        return match flip_state(&state, rng) {
+            Ok(at) => format!("flipped byte {at} of {}", short(&state)),
+            Err(e) => format!("could not damage {}: {e}", short(&state)),
+        };
+    }
+    let f = &sealed[rng.below(sealed.len() as u64) as usize];
+    let r = match rng.below(3) {
+        0 => flip(f, rng).map(|at| format!("flipped byte {at} of {}", short(f))),
+        1 => std::fs::metadata(f).and_then(|m| {
+            let to = rng.below(m.len().max(1));
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(f)?
+                .set_len(to)?;
+            Ok(format!("cut {} from {} to {to} bytes", short(f), m.len()))
+        }),
+        _ => std::fs::remove_file(f).map(|()| format!("deleted {}", short(f))),
+    };
+    r.unwrap_or_else(|e| format!("could not damage {}: {e}", short(f)))
+}
+
+/// Flips a bit of a state file's header or payload (not of the zero padding after it, which
+/// no reader looks at).
+fn flip_state(path: &Path, rng: &mut Rng) -> std::io::Result<u64> {
+    let mut bytes = std::fs::read(path)?;
+    let used = bytes
+        .get(4..8)
+        .map_or(bytes.len(), |l| {
+            12 + u32::from_le_bytes(l.try_into().expect("4 bytes")) as usize
+        })
+        .min(bytes.len());
+    if used == 0 {
+        return Ok(0);
+    }
+    let at = rng.below(used as u64);
+    bytes[at as usize] ^= 1 << rng.below(8);
+    std::fs::write(path, bytes)?;
+    Ok(at)
+}
+
+fn flip(path: &Path, rng: &mut Rng) -> std::io::Result<u64> {
+    let mut bytes = std::fs::read(path)?;
+    if bytes.is_empty() {
+        return Ok(0);
+    }
+    let at = rng.below(bytes.len() as u64);
+    bytes[at as usize] ^= 1 << rng.below(8);
+    std::fs::write(path, bytes)?;
+    Ok(at)
+}
+
+/// Runs the nemesis from `warmup` after the start until `until`: one fault of `kinds` every
+/// `every` (±50%), each held 1–3 s and then healed.
+pub async fn nemesis(
+    cluster: Arc<Mutex<Cluster>>,
+    topics: Vec<String>,
+    seed: u64,
+    kinds: Vec<String>,
+    every: Duration,
+    warmup: Duration,
+    until: Duration,
+) -> Log {
+    let mut rng = Rng::new(seed);
+    let mut log = Log::default();
+    let start = Instant::now();
+    tokio::time::sleep(warmup).await;
+    let n = cluster.lock().await.addrs.len();
+    while start.elapsed() < until {
+        let pause = every.mul_f64(0.5 + rng.below(1000) as f64 / 1000.0);
+        tokio::time::sleep(pause).await;
+        if start.elapsed() >= until {
+            break;
+        }
+        let kind = kinds[rng.below(kinds.len() as u64) as usize].clone();
+        let node = rng.below(n as u64) as usize;
+        let hold = Duration::from_millis(1000 + rng.below(2000));
+        let at = start.elapsed().as_secs_f64();
+        let what = match kind.as_str() {
+            "kill" => {
+                cluster.lock().await.kill9(node).await;
+                tokio::time::sleep(hold).await;
+                restart(&cluster, node).await;
+                format!("kill -9 node {}, restarted after {hold:?}", node + 1)
+            }
+            "pause" => {
+                let pid = cluster.lock().await.pid(node);
+                signal(pid, libc::SIGSTOP);
+                tokio::time::sleep(hold).await;
+                signal(pid, libc::SIGCONT);
+                format!("paused node {} (SIGSTOP) for {hold:?}", node + 1)
+            }
+            "partition" | "one-way" => {
+                let addrs = cluster.lock().await.addrs.clone();
+                let others: Vec<usize> = (0..n).filter(|j| *j != node).collect();
+                let _ = set_fault(&addrs[node], &others).await;
+                if kind == "partition" {
+                    for &j in &others {
+                        let _ = set_fault(&addrs[j], &[node]).await;
+                    }
+                }
+                tokio::time::sleep(hold).await;
+                heal_partitions(&cluster).await;
+                match kind.as_str() {
+                    "partition" => format!("node {} cut off both ways for {hold:?}", node + 1),
+                    _ => format!(
+                        "node {} heard no other node for {hold:?} (they heard it)",
+                        node + 1
+                    ),
+                }
+            }
+            "bridge" => {
+                let other = (node + 1 + rng.below(n as u64 - 1) as usize) % n;
+                let addrs = cluster.lock().await.addrs.clone();
+                let _ = set_fault(&addrs[node], &[other]).await;
+                let _ = set_fault(&addrs[other], &[node]).await;
+                tokio::time::sleep(hold).await;
+                heal_partitions(&cluster).await;
+                format!(
+                    "nodes {} and {} cut off from each other for {hold:?} (both reach the rest)",
+                    node + 1,
+                    other + 1
+                )
+            }
+            "corrupt" => {
+                cluster.lock().await.kill9(node).await;
+                let dir = cluster.lock().await.data_dir(node);
+                let did = match dir {
+                    Some(d) => corrupt(&d, &topics, &mut rng),
+                    None => "no data directory".into(),
+                };
+                tokio::time::sleep(hold).await;
+                restart(&cluster, node).await;
+                format!("kill -9 node {}; {did}; restarted", node + 1)
+            }
+            other => format!("unknown fault {other}"),
+        };
+        let line = format!("t={at:6.1}s  {what}");
+        eprintln!("loadgen: chaos: {line}");
+        log.lines.push(line);
+        *log.counts.entry(kind).or_default() += 1;
+    }
+    log
+}
+
+async fn restart(cluster: &Arc<Mutex<Cluster>>, node: usize) {
+    for _ in 0..3 {
+        match cluster.lock().await.start_node(node).await {
+            Ok(()) => return,
+            Err(e) => eprintln!("loadgen: chaos: restarting node {}: {e:#}", node + 1),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Heals everything: every node running and resumed, every isolation cleared.
+pub async fn heal(cluster: &Arc<Mutex<Cluster>>) {
+    let n = cluster.lock().await.addrs.len();
+    for i in 0..n {
+        let pid = cluster.lock().await.pid(i);
+        match pid {
+            Some(_) => signal(pid, libc::SIGCONT),
+            None => restart(cluster, i).await,
+        }
+    }
+    heal_partitions(cluster).await;
+}
+
+/// What the final read of every replica found.
+#[derive(Default, Debug)]
+pub struct Final {
+    /// Records read, over all replicas.
+    pub records: u64,
+    /// Offsets where two replicas hold different records, or one holds a record the others do
+    /// not have after they all caught up.
+    pub divergent: u64,
+    /// Acknowledged records missing from some replica.
+    pub lost: u64,
+    /// Records present twice in some replica (the same producer and sequence).
+    pub duplicated: u64,
+    pub samples: Vec<String>,
+}
+
+/// One replica's records: `(offset, producer, seq)` per topic and partition.
+type Replica = BTreeMap<(String, u32), Vec<(u64, u32, u64)>>;
+
+/// Every committed record of `topic`/`partition` as the node at `addr` serves it: from its own
+/// replica (all are in sync after the heal phase). `(offset, producer, seq)`.
+async fn read_replica(
+    addr: &str,
+    topic: &str,
+    partition: u32,
+) -> anyhow::Result<Vec<(u64, u32, u64)>> {
+    let mut c = super::run::connect(addr).await?;
+    let mut out = Vec::new();
+    let mut at = 0u64;
+    loop {
+        let r = c
+            .fetch(pb::FetchRequest {
+                topic: topic.into(),
+                partition,
+                offset: at,
+                max_records: 10_000,
+                max_bytes: 0,
+                max_wait_ms: 0,
+            })
+            .await?
+            .into_inner();
+        for rec in &r.records {
+            if let Some(s) = payload::decode(&rec.value) {
+                out.push((rec.offset, s.producer, s.seq));
+            }
+        }
+        if r.records.is_empty() || r.next_offset >= r.high_watermark {
+            return Ok(out);
+        }
+        at = r.next_offset;
+    }
+}
+
+/// Reads every replica of every partition through its own node, once all nodes agree on how
+/// far each partition goes (or after `wait`), and compares them with each other and with what
+/// was acknowledged (`acked[producer]` = acknowledged sequence numbers).
+pub async fn check_replicas(
+    addrs: &[String],
+    topics: &[String],
+    partitions: u32,
+    acked: &BTreeMap<u32, Vec<u64>>,
+    wait: Duration,
+) -> Final {
+    let mut f = Final::default();
+    let deadline = Instant::now() + wait;
+    let mut per_replica: Vec<Replica> = Vec::new();
+    loop {
+        per_replica.clear();
+        let mut failed = None;
+        for a in addrs {
+            let mut mine = BTreeMap::new();
+            for t in topics {
+                for p in 0..partitions {
+                    match read_replica(a, t, p).await {
+                        Ok(v) => {
+                            mine.insert((t.clone(), p), v);
+                        }
+                        Err(e) => failed = Some(format!("{a}: {e:#}")),
+                    }
+                }
+            }
+            per_replica.push(mine);
+        }
+        let agree = failed.is_none()
+            && per_replica.windows(2).all(|w| {
+                w[0].iter()
+                    .all(|(k, v)| w[1].get(k).map(Vec::len) == Some(v.len()))
+            });
+        if agree || Instant::now() >= deadline {
+            if let Some(e) = failed {
+                f.samples.push(format!("a replica could not be read: {e}"));
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let Some(first) = per_replica.first() else {
+        return f;
+    };
+    for (key, base) in first {
+        for (i, other) in per_replica.iter().enumerate().skip(1) {
+            let o = other.get(key).map(Vec::as_slice).unwrap_or(&[]);
+            let longest = base.len().max(o.len());
+            for k in 0..longest {
+                if base.get(k) != o.get(k) {
+                    f.divergent += 1;
+                    if f.samples.len() < 10 {
+                        f.samples.push(format!(
+                            "{}/{}: replica 1 has {:?}, replica {} has {:?} at position {k}",
+                            key.0,
+                            key.1,
+                            base.get(k),
+                            i + 1,
+                            o.get(k)
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    for replica in &per_replica {
+        let mut seen: BTreeMap<u32, std::collections::BTreeSet<u64>> = BTreeMap::new();
+        for records in replica.values() {
+            f.records += records.len() as u64;
+            for &(_, producer, seq) in records {
+                if !seen.entry(producer).or_default().insert(seq) {
+                    f.duplicated += 1;
+                }
+            }
+        }
+        for (producer, seqs) in acked {
+            let have = seen.get(producer);
+            f.lost += seqs
+                .iter()
+                .filter(|s| !have.is_some_and(|h| h.contains(s)))
+                .count() as u64;
+        }
+    }
+    f
+}

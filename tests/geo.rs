@@ -1,0 +1,411 @@
+//! Geo-distribution on real processes, regions apart through `tern-wan` delay lines: reads
+//! served in the reader's region (measured in bytes crossing the WAN), readers moving off a
+//! stale or dead follower, leadership returning to its pinned region, and a region cut under
+//! load losing nothing of a region-survival topic.
+
+mod node_support;
+
+use std::time::{Duration, Instant};
+
+use node_support::cluster::{check_acked, Writer};
+use node_support::geo::{create_placed, GeoCluster};
+use tern::proto::v1 as pb;
+
+const RTT: Duration = Duration::from_millis(40);
+
+/// Waits until node `want` leads partition 0 of `topic` (the first election may land
+/// elsewhere; leader pinning moves it within about 10 s).
+async fn wait_leader(c: &GeoCluster, topic: &str, want: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.leader_now(topic, 0).await != Some(want) {
+        assert!(
+            Instant::now() < deadline,
+            "node {} did not come to lead {topic}",
+            want + 1
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn region_survival(leaders: &[&str]) -> pb::Placement {
+    pb::Placement {
+        survival: pb::Survival::Region as i32,
+        regions: vec![],
+        leader_regions: leaders.iter().map(|r| r.to_string()).collect(),
+    }
+}
+
+/// Reads partition 0 from `from` until `n` records came; returns their values and the bytes of
+/// the responses' records.
+async fn read_n(
+    c: &mut pb::tern_client::TernClient<tonic::transport::Channel>,
+    topic: &str,
+    n: usize,
+) -> (Vec<String>, u64) {
+    let mut out = Vec::new();
+    let mut bytes = 0u64;
+    let mut at = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while out.len() < n {
+        assert!(Instant::now() < deadline, "read {} of {n}", out.len());
+        let r = c
+            .fetch(pb::FetchRequest {
+                topic: topic.into(),
+                partition: 0,
+                offset: at,
+                max_records: 1000,
+                max_bytes: 1 << 20,
+                max_wait_ms: 500,
+            })
+            .await
+            .expect("fetch")
+            .into_inner();
+        for rec in &r.records {
+            bytes += rec.value.len() as u64;
+            out.push(String::from_utf8(rec.value[..8].to_vec()).unwrap());
+        }
+        at = r.next_offset;
+    }
+    (out, bytes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_in_a_region_is_served_by_its_replica() {
+    let c = GeoCluster::start(&["a", "b", "c"], RTT).await;
+    // ClusterInfo asked for region b gives b's way to every node.
+    let mut b = c.client(1).await;
+    let info = b
+        .cluster_info(pb::ClusterInfoRequest { region: "b".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    for n in &info.nodes {
+        let i = n.id as usize - 1;
+        assert_eq!(n.address, c.addr_from("b", i), "{n:?}");
+        assert_eq!(n.region, c.regions[i]);
+    }
+    let mut a = c.client(0).await;
+    let t = create_placed(&mut a, "geo", 1, 3, region_survival(&["a"])).await;
+    assert_eq!(t.placement.unwrap().survival, pb::Survival::Region as i32);
+    // 8 MB through the leader's region.
+    let n = 800;
+    for chunk in 0..(n / 20) {
+        let records = (0..20)
+            .map(|k| {
+                let mut v = format!("{:08}", chunk * 20 + k).into_bytes();
+                v.resize(10 << 10, b'x');
+                pb::PublishRecord {
+                    partition: Some(0),
+                    value: v.into(),
+                    ..Default::default()
+                }
+            })
+            .collect();
+        a.publish(pb::PublishRequest {
+            topic: "geo".into(),
+            records,
+            ..Default::default()
+        })
+        .await
+        .expect("publish");
+    }
+    // Once b's replica has them all, a reader in b reads them from it: almost nothing crosses.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = b
+            .describe_topic(pb::DescribeTopicRequest { name: "geo".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if d.partitions[0].local && d.partitions[0].end_offset >= n as u64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "b's replica did not catch up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = c.mesh.wan_bytes();
+    let (got, read) = read_n(&mut b, "geo", n).await;
+    let local = c.mesh.wan_bytes() - before;
+    let want: Vec<String> = (0..n).map(|i| format!("{i:08}")).collect();
+    assert_eq!(got, want, "every record, in order");
+    // The same read from the leader in a, by a client in b: all of it crosses.
+    let mut far = c.client_from("b", 0).await;
+    let before = c.mesh.wan_bytes();
+    let (got, _) = read_n(&mut far, "geo", n).await;
+    let remote = c.mesh.wan_bytes() - before;
+    assert_eq!(got, want);
+    eprintln!(
+        "read {read} B: {local} B crossed the WAN from b's replica, {remote} B from a's leader"
+    );
+    // Heartbeats and the metadata keep crossing meanwhile; the records do not.
+    assert!(
+        local * 20 < read,
+        "{local} B crossed for {read} B read in-region"
+    );
+    assert!(
+        remote >= read,
+        "{remote} B crossed for {read} B read across"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_returns_to_the_pinned_region_once_it_is_back() {
+    let mut c = GeoCluster::start(&["a", "b", "c"], RTT).await;
+    let mut a = c.client(0).await;
+    let placement = pb::Placement {
+        leader_regions: vec!["a".into(), "b".into()],
+        ..Default::default()
+    };
+    create_placed(&mut a, "pinned", 1, 3, placement).await;
+    wait_leader(&c, "pinned", 0).await;
+    c.kill9(0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let elsewhere = loop {
+        if let Some(l) = c.leader_now("pinned", 0).await {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "no new leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_ne!(elsewhere, 0);
+    // Led from c, it goes to b, the next preferred region, once b has been in sync a while.
+    wait_leader(&c, "pinned", 1).await;
+    c.start_node(0);
+    let back = Instant::now();
+    let deadline = back + Duration::from_secs(60);
+    while c.leader_now("pinned", 0).await != Some(0) {
+        assert!(Instant::now() < deadline, "leadership did not return to a");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "leadership back in a {:?} after it restarted",
+        back.elapsed()
+    );
+    // And it stays: no flapping.
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(c.leader_now("pinned", 0).await, Some(0));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_moves_off_a_stale_then_a_dead_follower_without_gaps() {
+    // Node 4 (region b) holds no replica: it relays reads to the nearest, node 2 (also b).
+    let mut c = GeoCluster::start(&["a", "b", "c", "b"], RTT).await;
+    let mut a = c.client(0).await;
+    let placement = pb::Placement {
+        leader_regions: vec!["a".into()],
+        ..Default::default()
+    };
+    create_placed(&mut a, "follow", 1, 3, placement).await;
+    a.move_partition(pb::MovePartitionRequest {
+        topic: "follow".into(),
+        partition: 0,
+        replicas: vec![1, 2, 3],
+    })
+    .await
+    .expect("move");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = a
+            .describe_topic(pb::DescribeTopicRequest {
+                name: "follow".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let p = &d.partitions[0];
+        if p.replicas == [1, 2, 3] && p.moving_to.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "move did not finish: {p:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_leader(&c, "follow", 0).await;
+    let writer = Writer::start_idempotent(vec![c.addrs[0].clone()], "follow");
+    let mut reader = c.client(3).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(pb::SubscribeRequest {
+        add: vec![pb::TopicSubscription {
+            topic: "follow".into(),
+            from: Some(pb::StartPosition {
+                position: Some(pb::start_position::Position::Earliest(true)),
+            }),
+            partitions: vec![],
+        }],
+        remove: vec![],
+    })
+    .await
+    .unwrap();
+    let mut stream = reader
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got: Vec<u64> = Vec::new();
+    // Reads until a record acknowledged after `mark` arrives (bounded).
+    async fn until_past(
+        stream: &mut tonic::Streaming<pb::SubscribeResponse>,
+        got: &mut Vec<u64>,
+        past: usize,
+        what: &str,
+    ) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while got.len() <= past {
+            let msg = tokio::time::timeout_at(deadline.into(), stream.message())
+                .await
+                .unwrap_or_else(|_| panic!("{what}: stuck at {} records", got.len()))
+                .expect("stream")
+                .expect("open");
+            for r in msg.records {
+                got.push(
+                    String::from_utf8(r.value.to_vec())
+                        .unwrap()
+                        .parse()
+                        .unwrap(),
+                );
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    until_past(&mut stream, &mut got, writer.acked(), "before").await;
+    // Node 2 stops hearing its leader: it goes stale and the reader moves on.
+    c.isolate(1, vec![1]).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    until_past(&mut stream, &mut got, writer.acked(), "node 2 stale").await;
+    c.isolate(1, vec![]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    until_past(&mut stream, &mut got, writer.acked(), "node 2 healed").await;
+    // Node 2 dies: the reader moves again.
+    c.kill9(1);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    until_past(&mut stream, &mut got, writer.acked(), "node 2 dead").await;
+    let acked = writer.finish().await;
+    until_past(&mut stream, &mut got, acked.len() - 1, "the end").await;
+    // Every acknowledged record once, in order, nothing skipped or repeated.
+    let want: Vec<u64> = (0..got.len() as u64).collect();
+    assert_eq!(got, want, "no gap, no repeat, in order");
+    assert!(acked.iter().all(|s| (*s as usize) < got.len()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_cut_under_load_loses_nothing_of_a_region_survival_topic() {
+    let c = GeoCluster::start(&["a", "b", "c"], RTT).await;
+    let mut a = c.client(0).await;
+    create_placed(&mut a, "survive", 1, 3, region_survival(&["a"])).await;
+    wait_leader(&c, "survive", 0).await;
+    // Producers in b, publishing to b's node (forwarded to the leader) or, failing that, c's.
+    let writer = Writer::start_idempotent(vec![c.addrs[1].clone(), c.addr_from("b", 2)], "survive");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before_cut = writer.acked();
+    assert!(before_cut > 0, "nothing acknowledged before the cut");
+    c.mesh.cut_region("a");
+    let cut = Instant::now();
+    // The leader's region is gone: b and c elect one and acknowledge again.
+    let deadline = cut + Duration::from_secs(30);
+    while writer.acked() <= before_cut + 10 {
+        assert!(
+            Instant::now() < deadline,
+            "no acknowledgements after the cut"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("acknowledging again {:?} after the cut", cut.elapsed());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.mesh.heal_region("a");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let acked = writer.finish().await;
+    // Every replica, a's included once it has caught up, holds every acknowledged record.
+    for i in 0..3 {
+        let mut r = c.client(i).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let log = loop {
+            let log = node_support::cluster::read_all(&mut r, "survive", 0, acked.len()).await;
+            if log.len() >= acked.len() || Instant::now() > deadline {
+                break log;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let dups = check_acked(&log, &acked);
+        assert_eq!(dups, 0, "node {} has duplicates", i + 1);
+    }
+}
+
+/// The CLI on a geo cluster: `--region` finds a node of the region through any node, topics
+/// are created with a placement and describe it, and placements the nodes cannot meet are
+/// refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_picks_a_node_in_its_region_and_places_topics() {
+    let c = GeoCluster::start(&["a", "b", "c"], RTT).await;
+    let via_a = c.addrs[0].clone();
+    let run = |args: Vec<String>| {
+        let server = via_a.clone();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            node_support::tern(&server, &args)
+        })
+    };
+    let args = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
+    // Asked through a's address, the status comes from b's node: it gives node 1 (in a) at the
+    // address a advertises to b, its proxy.
+    let (ok, out, err) = run(args("cluster status --json --region b")).await.unwrap();
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let n1 = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == 1)
+        .unwrap();
+    assert_eq!(n1["address"], c.addr_from("b", 0), "{v}");
+    assert_eq!(n1["region"], "a");
+    let (ok, _, err) = run(args("cluster status --region nowhere")).await.unwrap();
+    assert!(!ok);
+    assert!(err.contains("no node in region \"nowhere\""), "{err}");
+    // A topic placed by the CLI, as describe shows it.
+    let (ok, _, err) = run(args(
+        "topic create placed --replication-factor 3 --survival region --leader-regions b,a --region c",
+    ))
+    .await
+    .unwrap();
+    assert!(ok, "{err}");
+    let (ok, out, err) = run(args("topic describe placed --json")).await.unwrap();
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["placement"]["survival"], "region", "{v}");
+    assert_eq!(
+        v["placement"]["leader_regions"],
+        serde_json::json!(["b", "a"])
+    );
+    // The preferred leader is b's node.
+    assert_eq!(v["partition_info"][0]["replicas"][0], 2, "{v}");
+    // What the nodes cannot meet, or what makes no sense, is refused with the reason.
+    let (ok, _, err) = run(args(
+        "topic create two --replication-factor 2 --survival region --regions a,b",
+    ))
+    .await
+    .unwrap();
+    assert!(!ok);
+    assert!(err.contains("at least 3 regions"), "{err}");
+    let (ok, _, err) = run(args(
+        "topic create odd --replication-factor 3 --regions a --leader-regions b",
+    ))
+    .await
+    .unwrap();
+    assert!(!ok);
+    assert!(err.contains("not among the topic's regions"), "{err}");
+    let (ok, _, err) = run(args(
+        "topic create home --replication-factor 3 --survival zone --regions a",
+    ))
+    .await
+    .unwrap();
+    assert!(!ok, "one node in a: three replicas cannot be placed there");
+    assert!(
+        err.contains("needs 3 nodes in the topic's regions"),
+        "{err}"
+    );
+    // Nothing refused was created.
+    let (ok, out, _) = run(args("topic list --json")).await.unwrap();
+    assert!(ok);
+    assert_eq!(out.lines().count(), 1, "{out}");
+}
