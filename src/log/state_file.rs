@@ -26,6 +26,8 @@ pub struct StateFile {
     path: PathBuf,
     copy: PathBuf,
     tmp: PathBuf,
+    /// The largest payload written.
+    limit: usize,
 }
 
 /// What reading one of the two files found.
@@ -37,11 +39,17 @@ enum Found {
 
 impl StateFile {
     pub fn new(dir: &Path, name: &str) -> Self {
+        Self::with_limit(dir, name, STATE_BYTES_MAX)
+    }
+
+    /// A state file whose payload may be up to `limit` bytes.
+    pub fn with_limit(dir: &Path, name: &str, limit: usize) -> Self {
         Self {
             dir: dir.to_path_buf(),
             path: dir.join(name),
             copy: dir.join(format!("{name}.copy")),
             tmp: dir.join(format!("{name}.tmp")),
+            limit,
         }
     }
 
@@ -99,10 +107,11 @@ impl StateFile {
 
     /// Replaces the contents durably; when this returns, a crash cannot bring back the old ones.
     pub async fn write(&self, payload: &[u8]) -> Result<(), LogError> {
-        if payload.len() > STATE_BYTES_MAX {
+        if payload.len() > self.limit {
             return Err(LogError::Config(format!(
-                "state of {} bytes is over {STATE_BYTES_MAX}",
-                payload.len()
+                "state of {} bytes is over {}",
+                payload.len(),
+                self.limit
             )));
         }
         let mut buf = Vec::with_capacity(HEADER_LEN + payload.len());

@@ -159,6 +159,97 @@ impl ProducerTable {
     }
 }
 
+/// Bytes per producer in [`ProducerTable::encode`]: id, touched, batch count.
+const PRODUCER_HEAD: usize = 8 + 8 + 1;
+/// Bytes per batch: first, last, base.
+const BATCH_BYTES: usize = 4 + 4 + 8;
+
+impl ProducerTable {
+    /// Appends the table to `out` in a compact form (producers by id, each with its batches
+    /// oldest first), for the applied checkpoint (`raft::store::checkpoint`).
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let mut ids: Vec<&ProducerId> = self.producers.keys().collect();
+        ids.sort_unstable();
+        out.reserve(4 + ids.len() * (PRODUCER_HEAD + 2 * BATCH_BYTES));
+        out.extend_from_slice(&(ids.len() as u32).to_le_bytes());
+        for id in ids {
+            let p = &self.producers[id];
+            out.extend_from_slice(&id.0.to_le_bytes());
+            out.extend_from_slice(&p.touched.to_le_bytes());
+            out.push(p.batches.len() as u8);
+            for b in &p.batches {
+                out.extend_from_slice(&b.first.to_le_bytes());
+                out.extend_from_slice(&b.last.to_le_bytes());
+                out.extend_from_slice(&b.base.0.to_le_bytes());
+            }
+        }
+    }
+
+    /// Reads what [`encode`](Self::encode) wrote, refusing anything it could not have written
+    /// (bounds, an empty or backwards batch, a repeated producer, trailing bytes).
+    pub fn decode(buf: &[u8]) -> Result<Self, String> {
+        let mut r = Reader(buf);
+        let n = r.u32()? as usize;
+        if n > PRODUCERS_MAX {
+            return Err(format!("{n} producers, over {PRODUCERS_MAX}"));
+        }
+        let mut producers = HashMap::with_capacity(n);
+        for _ in 0..n {
+            let id = ProducerId(r.u64()? as i64);
+            let touched = r.u64()?;
+            let count = r.take(1)?[0] as usize;
+            if id == ProducerId::NONE || count == 0 || count > BATCHES_PER_PRODUCER {
+                return Err(format!("producer {} with {count} batches", id.0));
+            }
+            let mut batches = VecDeque::with_capacity(count);
+            for _ in 0..count {
+                let first = r.u32()? as i32;
+                let last = r.u32()? as i32;
+                let base = Offset(r.u64()?);
+                if first < 0 || last < first {
+                    return Err(format!("producer {}: batch {first}..={last}", id.0));
+                }
+                batches.push_back(SeqBatch { first, last, base });
+            }
+            if producers
+                .insert(id, ProducerState { batches, touched })
+                .is_some()
+            {
+                return Err(format!("producer {} twice", id.0));
+            }
+        }
+        if !r.0.is_empty() {
+            return Err(format!("{} bytes after the table", r.0.len()));
+        }
+        Ok(ProducerTable { producers })
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.0.len() < n {
+            return Err("the producer table ends early".into());
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,6 +299,38 @@ mod tests {
             t.check(ProducerId(6), Sequence(0), 1, &[(0, 0)]),
             SeqCheck::InFlight
         );
+    }
+
+    #[test]
+    fn the_table_survives_encoding_and_bad_bytes_are_refused() {
+        let mut t = ProducerTable::default();
+        for i in 0..12 {
+            t.applied(
+                P,
+                Sequence(i * 2),
+                2,
+                Offset(i as u64 * 10),
+                RaftIndex(i as u64),
+            );
+        }
+        t.applied(ProducerId(9), Sequence(0), 1, Offset(500), RaftIndex(20));
+        let mut buf = Vec::new();
+        t.encode(&mut buf);
+        let back = ProducerTable::decode(&buf).unwrap();
+        for (id, first, count) in [(P, 16, 4), (P, 22, 2), (ProducerId(9), 0, 1), (P, 2, 1)] {
+            assert_eq!(
+                back.check(id, Sequence(first), count, &[]),
+                t.check(id, Sequence(first), count, &[])
+            );
+        }
+        assert_eq!(back.last_sequence(P), Some(23));
+        assert_eq!(back.len(), 2);
+        for cut in 0..buf.len() {
+            assert!(ProducerTable::decode(&buf[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut longer = buf.clone();
+        longer.push(0);
+        assert!(ProducerTable::decode(&longer).is_err());
     }
 
     #[test]

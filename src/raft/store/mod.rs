@@ -23,12 +23,14 @@
 //!   mod.rs            opening; what the log store and state machine share; the owner's handle
 //!   entry_map.rs      Raft index → (offset, term) of every entry still in the log
 //!   durable.rs        vote, purge point, may-vote (raft.state)
+//!   checkpoint.rs     the applied entry, its membership and producers (raft.applied)
 //!   tail.rs           the newest entries in memory
 //!   codec.rs          entry ⇄ batch
 //!   log_storage.rs    openraft's RaftLogStorage
 //!   state_machine.rs  openraft's RaftStateMachine: apply = commit
 //! ```
 
+mod checkpoint;
 mod codec;
 mod durable;
 mod entry_map;
@@ -45,9 +47,10 @@ use std::rc::Rc;
 
 use crate::log::{Log, ReadBound, StateFile};
 use crate::raft::producers::ProducerTable;
-use crate::raft::types::{log_id, Entry, LogId, Membership, NodeId};
+use crate::raft::types::{log_id, Entry, LogId, Membership, NodeId, StoredMembership};
 use crate::types::Offset;
 
+pub use checkpoint::check as check_checkpoint;
 use codec::decode_entry;
 use durable::Durable;
 use entry_map::{EntryMap, Slot};
@@ -81,6 +84,11 @@ struct Shared {
     me: Cell<Option<NodeId>>,
     /// Idempotent producers' last committed batches, built by applying entries.
     producers: RefCell<ProducerTable>,
+    /// The applied checkpoint (see `checkpoint`), the index it was last saved at, and how
+    /// many applied entries apart saves are.
+    checkpoint: StateFile,
+    checkpointed: Cell<u64>,
+    checkpoint_every: Cell<u64>,
 }
 
 impl Shared {
@@ -211,6 +219,25 @@ impl Shared {
             self.save().await?;
         }
         Ok(())
+    }
+
+    /// Saves the applied checkpoint if `applied` is far enough past the last one. Called by
+    /// the state machine after applying, when the entries it applied are durable here. A
+    /// failed save is only logged: it costs a longer replay after a restart, nothing else.
+    async fn maybe_checkpoint(&self, applied: Option<LogId>, membership: &StoredMembership) {
+        let Some(at) = applied else { return };
+        if at.index < self.checkpointed.get() + self.checkpoint_every.get() {
+            return;
+        }
+        self.checkpointed.set(at.index);
+        let encoded = checkpoint::encode(at, membership, &self.producers.borrow());
+        let saved = match encoded {
+            Ok(bytes) => self.checkpoint.write(&bytes).await.map_err(io_err),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = saved {
+            tracing::warn!(dir = %self.log.dir().display(), error = %e, "cannot save the applied checkpoint; a restart re-applies more of the log");
+        }
     }
 
     async fn save(&self) -> io::Result<()> {
@@ -384,6 +411,41 @@ async fn heal(
     Ok(())
 }
 
+/// The applied checkpoint, if this log can vouch for it: past the purge point, with its entry
+/// in the log under the same term (see `checkpoint`). Anything else is ignored with a note,
+/// and the log is re-applied from the purge point.
+async fn read_checkpoint(
+    file: &StateFile,
+    purged: Option<LogId>,
+    map: &EntryMap,
+    log: &Log,
+) -> Option<checkpoint::Checkpoint> {
+    let dir = log.dir().display();
+    let bytes = match file.read().await {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!(%dir, error = %e, "applied checkpoint unreadable; re-applying the log");
+            return None;
+        }
+    };
+    let c = match checkpoint::decode(&bytes) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(%dir, error = %e, "applied checkpoint damaged; re-applying the log");
+            return None;
+        }
+    };
+    let held = map
+        .get(c.applied.index)
+        .is_some_and(|s| s.term == c.applied.leader_id.term);
+    if Some(c.applied) <= purged || !held {
+        tracing::debug!(%dir, applied = %c.applied, "applied checkpoint not in this log; re-applying it");
+        return None;
+    }
+    Some(c)
+}
+
 /// [`open_with`], also returning the owner's handle on the storage.
 pub async fn open_with_handle(
     log: Log,
@@ -434,6 +496,37 @@ pub async fn open_with_handle(
             log.reset_to(end).await.map_err(io_err)?;
         }
     }
+    let checkpoint_file = checkpoint::file(dir);
+    checkpoint_file.clean().await.map_err(io_err)?;
+    let found = read_checkpoint(&checkpoint_file, durable.purged, &map, &log).await;
+    let purged = durable.purged;
+    // The membership the purged entries held comes from the last snapshot (the log after the
+    // purge point holds any later one); the snapshot itself serves again if it is the one the
+    // log was purged behind.
+    let kept = durable.snapshot.clone();
+    let mut membership = kept
+        .as_ref()
+        .map(|(meta, _)| meta.last_membership.clone())
+        .filter(|m| m.log_id().is_some() && *m.log_id() <= purged)
+        .unwrap_or_default();
+    let snapshot = kept
+        .filter(|(meta, _)| purged.is_some() && meta.last_log_id == purged)
+        .map(|(meta, end)| (meta, Offset(end)));
+    let mut applied = purged;
+    let mut producers = ProducerTable::default();
+    if let Some(c) = found {
+        // Applied before the restart: committed, and held by this log (checked). The log's
+        // committed position starts there, as it was.
+        let end = map.end_of(c.applied.index, log.positions().next);
+        if let Some(end) = end.filter(|e| *e > log.positions().committed) {
+            log.commit(end).await.map_err(io_err)?;
+        }
+        if c.membership.log_id() >= membership.log_id() {
+            membership = c.membership;
+        }
+        applied = Some(c.applied);
+        producers = c.producers;
+    }
     let shared = Rc::new(Shared {
         log,
         state_file,
@@ -443,28 +536,18 @@ pub async fn open_with_handle(
         tail: RefCell::default(),
         retain_upto: Cell::new(None),
         me: Cell::new(None),
-        producers: RefCell::default(),
+        producers: RefCell::new(producers),
+        checkpoint: checkpoint_file,
+        checkpointed: Cell::new(applied.map_or(0, |a| a.index)),
+        checkpoint_every: Cell::new(checkpoint::EVERY),
     });
-    let purged = shared.durable.borrow().purged;
-    // The membership the purged entries held comes from the last snapshot (the log after the
-    // purge point holds any later one); the snapshot itself serves again if it is the one the
-    // log was purged behind.
-    let kept = shared.durable.borrow().snapshot.clone();
-    let membership = kept
-        .as_ref()
-        .map(|(meta, _)| meta.last_membership.clone())
-        .filter(|m| m.log_id().is_some() && *m.log_id() <= purged)
-        .unwrap_or_default();
-    let snapshot = kept
-        .filter(|(meta, _)| purged.is_some() && meta.last_log_id == purged)
-        .map(|(meta, end)| (meta, Offset(end)));
     Ok((
         LogStore {
             shared: shared.clone(),
         },
         StateMachine {
             shared: shared.clone(),
-            applied: purged,
+            applied,
             membership,
             snapshot,
             on_commit,

@@ -116,6 +116,9 @@ impl RaftStateMachine<PartitionRaft> for StateMachine {
             }
         }
         self.shared.recovered_through(self.applied).await?;
+        self.shared
+            .maybe_checkpoint(self.applied, &self.membership)
+            .await;
         Ok(())
     }
 

@@ -379,3 +379,126 @@ fn reopening_recovers_entries_vote_truncation_and_purge() {
             .is_err());
     });
 }
+
+async fn apply(sm: &mut StateMachine, entries: Vec<Entry>) -> Result<(), io::Error> {
+    sm.apply(futures::stream::iter(
+        entries.into_iter().map(|e| Ok((e, None))),
+    ))
+    .await
+}
+
+fn producer_entry(term: u64, index: u64, seq: i32) -> Entry {
+    let mut b = BatchBuilder::new(1 << 20)
+        .producer(crate::types::ProducerId(7), crate::types::Sequence(seq));
+    for v in ["x", "y"] {
+        b.push(&Record {
+            key: None,
+            value: Bytes::copy_from_slice(v.as_bytes()),
+            headers: Vec::new(),
+            timestamp: TimestampMs(1_000),
+            ttl_ms: None,
+        })
+        .unwrap();
+    }
+    Entry::new(
+        log_id(term, index),
+        EntryPayload::Normal(EntryBatch(b.finish().unwrap())),
+    )
+}
+
+/// A restart starts from the applied checkpoint: the applied entry, its membership, the
+/// idempotent producers and the committed position come back, so only the entries after it
+/// are applied again (before, the whole log was, and a restarted leader kept its producers
+/// waiting while it did). A log that no longer holds the checkpoint's entry (cut by repair,
+/// or by a crash before its bytes were durable) ignores it and is applied from the start.
+#[test]
+fn a_restart_starts_from_the_applied_checkpoint_unless_the_log_lost_its_entry() {
+    GlommioRuntime::run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let membership =
+            openraft::Membership::new_with_defaults(vec![[NodeId(1)].into()], [NodeId(1)]);
+        let p7 = crate::types::ProducerId(7);
+        let committed_at_5;
+        {
+            let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+            let (mut ls, mut sm, h) = open_with_handle(log.clone(), dir.path(), Rc::new(|| {}))
+                .await
+                .unwrap();
+            h.0.checkpoint_every.set(4);
+            let mut entries = vec![Entry::new(
+                log_id(1, 0),
+                EntryPayload::Membership(membership.clone()),
+            )];
+            // Entry i holds the producer's sequences 2(i-1) and 2(i-1)+1.
+            entries.extend((1..8).map(|i| producer_entry(1, i, 2 * (i as i32 - 1))));
+            let (otx, orx) = <GlommioRuntime as AsyncRuntime>::Oneshot::channel();
+            ls.append(entries, IOFlushed::signal(otx)).await.unwrap();
+            orx.await.unwrap().unwrap();
+            apply(&mut sm, ls.try_get_log_entries(0..6).await.unwrap())
+                .await
+                .unwrap();
+            committed_at_5 = log.positions().committed;
+            // Past the checkpoint at 5 but not far enough for the next one.
+            apply(&mut sm, ls.try_get_log_entries(6..8).await.unwrap())
+                .await
+                .unwrap();
+            assert_eq!(h.producers().last_sequence(p7), Some(13));
+            log.close().await.unwrap();
+        }
+        {
+            let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+            let (mut ls, mut sm, h) = open_with_handle(log.clone(), dir.path(), Rc::new(|| {}))
+                .await
+                .unwrap();
+            let (applied, m) = sm.applied_state().await.unwrap();
+            assert_eq!(applied, Some(log_id(1, 5)), "starts from the checkpoint");
+            assert_eq!(m.log_id(), &Some(log_id(1, 0)));
+            assert_eq!(m.membership(), &membership);
+            assert_eq!(log.positions().committed, committed_at_5);
+            assert_eq!(h.producers().last_sequence(p7), Some(9));
+            assert_eq!(
+                h.producers().check(p7, crate::types::Sequence(8), 2, &[]),
+                crate::raft::producers::SeqCheck::Duplicate(vec![
+                    Offset(committed_at_5.0 - 2),
+                    Offset(committed_at_5.0 - 1)
+                ]),
+                "a retry of the checkpoint's last batch is known, with its offsets"
+            );
+            // What openraft applies next: the entries after the checkpoint.
+            apply(&mut sm, ls.try_get_log_entries(6..8).await.unwrap())
+                .await
+                .unwrap();
+            assert_eq!(h.producers().last_sequence(p7), Some(13));
+            log.close().await.unwrap();
+        }
+        {
+            // The log loses entries 4.. (as a repair's cut would; entry 4 starts at offset
+            // 1 + 2 * 3): the checkpoint at 5 is not in it any more.
+            let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+            log.truncate_from(Offset(7)).await.unwrap();
+            log.close().await.unwrap();
+        }
+        let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+        let (_ls, mut sm, h) = open_with_handle(log.clone(), dir.path(), Rc::new(|| {}))
+            .await
+            .unwrap();
+        let (applied, _) = sm.applied_state().await.unwrap();
+        assert_eq!(applied, None, "a checkpoint past the log is ignored");
+        assert!(h.producers().is_empty());
+    });
+}
+
+/// A damaged checkpoint is ignored (the log is applied from the start), never a reason not to
+/// open.
+#[test]
+fn a_damaged_checkpoint_is_ignored() {
+    GlommioRuntime::run(async {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["raft.applied", "raft.applied.copy"] {
+            std::fs::write(dir.path().join(name), b"TSTA\x05\x00\x00\x00garbage!").unwrap();
+        }
+        let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+        let (_ls, mut sm) = open(log, dir.path()).await.unwrap();
+        assert_eq!(sm.applied_state().await.unwrap().0, None);
+    });
+}
