@@ -323,7 +323,7 @@ type Replica = BTreeMap<(String, u32), Vec<(u64, u32, u64)>>;
 
 /// Every committed record of `topic`/`partition` as the node at `addr` serves it: from its own
 /// replica (all are in sync after the heal phase). `(offset, producer, seq)`.
-async fn read_replica(
+pub async fn read_replica(
     addr: &str,
     topic: &str,
     partition: u32,

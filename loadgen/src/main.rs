@@ -5,6 +5,7 @@ mod accounting;
 mod chaos;
 mod cluster;
 mod failover;
+mod group;
 mod payload;
 mod run;
 mod settings;
@@ -497,6 +498,30 @@ async fn run_on(
             Duration::from_secs(s.warmup_s + s.duration_s),
         ))
     });
+    // The chaos workload's consumer group reads and commits throughout (checked in group.rs).
+    let group_check = match &s.chaos {
+        Some(c) if c.group_members > 0 => {
+            let check = std::sync::Arc::new(group::Check::default());
+            let addrs = cluster.lock().await.addrs.clone();
+            let queue = std::sync::Arc::new(group::QueueCheck::default());
+            for id in 0..c.group_members {
+                tokio::spawn(group::member(
+                    id,
+                    addrs.clone(),
+                    topics[0].clone(),
+                    check.clone(),
+                ));
+                tokio::spawn(group::queue_member(
+                    id,
+                    addrs.clone(),
+                    topics[0].clone(),
+                    queue.clone(),
+                ));
+            }
+            Some((check, queue))
+        }
+        _ => None,
+    };
     let shared = run::run(s, routes, &topics).await?;
     let chaos_result = match nemesis {
         Some(n) => {
@@ -512,7 +537,30 @@ async fn run_on(
                 Duration::from_secs(60),
             )
             .await;
-            Some((log, fin))
+            let group = match &group_check {
+                Some((check, queue)) => Some((
+                    group::finish(
+                        check,
+                        &addrs,
+                        &topics[0],
+                        s.partitions,
+                        &acked,
+                        Duration::from_secs(60),
+                    )
+                    .await,
+                    group::queue_finish(
+                        queue,
+                        &addrs,
+                        &topics[0],
+                        s.partitions,
+                        &acked,
+                        Duration::from_secs(60),
+                    )
+                    .await,
+                )),
+                None => None,
+            };
+            Some((log, fin, group))
         }
         None => None,
     };
@@ -633,7 +681,7 @@ async fn run_on(
         json["wan_bytes"] = serde_json::json!(wan);
     }
     let mut anomalies = duplicated + reordered;
-    if let (Some(c), Some((log, fin))) = (&s.chaos, chaos_result) {
+    if let (Some(c), Some((log, fin, group))) = (&s.chaos, chaos_result) {
         anomalies += fin.divergent + fin.lost + fin.duplicated;
         lines.push(String::new());
         lines.push(format!(
@@ -662,6 +710,54 @@ async fn run_on(
             "replica_duplicated": fin.duplicated,
             "samples": fin.samples,
         });
+        if let Some((g, q)) = group {
+            anomalies += g.missing + g.commit_backwards + g.read_backwards + u64::from(!g.drained);
+            lines.push(format!(
+                "group           {} members joined {} times, {} records delivered: {} acknowledged never delivered, {} commits backwards, {} reads backwards, {}",
+                c.group_members,
+                g.joins,
+                g.records,
+                g.missing,
+                g.commit_backwards,
+                g.read_backwards,
+                if g.drained { "committed to the end" } else { "did NOT commit to the end" }
+            ));
+            lines.extend(g.samples.iter().map(|l| format!("                {l}")));
+            json["chaos"]["group"] = serde_json::json!({
+                "members": c.group_members,
+                "joins": g.joins,
+                "records": g.records,
+                "missing": g.missing,
+                "commit_backwards": g.commit_backwards,
+                "read_backwards": g.read_backwards,
+                "drained": g.drained,
+                "samples": g.samples,
+            });
+            anomalies += q.unsettled + u64::from(!q.drained);
+            lines.push(format!(
+                "queue           {} members joined {} times, {} deliveries ({} nacked): {} acked, {} dead-lettered, {} neither, {}",
+                c.group_members,
+                q.joins,
+                q.deliveries,
+                q.nacks,
+                q.acked,
+                q.dead_lettered,
+                q.unsettled,
+                if q.drained { "settled to the end" } else { "did NOT settle to the end" }
+            ));
+            lines.extend(q.samples.iter().map(|l| format!("                {l}")));
+            json["chaos"]["queue"] = serde_json::json!({
+                "members": c.group_members,
+                "joins": q.joins,
+                "deliveries": q.deliveries,
+                "nacks": q.nacks,
+                "acked": q.acked,
+                "dead_lettered": q.dead_lettered,
+                "unsettled": q.unsettled,
+                "drained": q.drained,
+                "samples": q.samples,
+            });
+        }
     }
     if s.replay {
         let r = replay(s, routes, &topics, &cluster).await?;

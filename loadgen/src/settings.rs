@@ -122,6 +122,11 @@ pub struct Args {
     /// Seconds between two faults of the chaos workload, on average.
     #[arg(long)]
     pub fault_every: Option<u64>,
+    /// Members of each of the two groups the chaos workload runs beside its subscriber: a
+    /// stream-mode group that commits as it reads, and a queue group that acks, nacks and
+    /// rejects to the dead-letter topic (0: no groups) [default: 2].
+    #[arg(long)]
+    pub group_members: Option<usize>,
     /// TLS and token for --brokers that are secured (as the `tern` CLI takes them).
     #[command(flatten)]
     pub security: tern::cli::SecurityOpts,
@@ -135,6 +140,8 @@ pub struct Chaos {
     pub seed: u64,
     pub faults: Vec<String>,
     pub every_s: u64,
+    /// Members of each checked group (`group.rs`).
+    pub group_members: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -329,6 +336,7 @@ impl Settings {
                     seed: 0,
                     faults: super::chaos::KINDS.iter().map(|k| k.to_string()).collect(),
                     every_s: 4,
+                    group_members: 2,
                 }),
                 ..base
             },
@@ -475,10 +483,21 @@ impl Settings {
                 );
                 c.every_s = e;
             }
+            if let Some(m) = a.group_members {
+                anyhow::ensure!(m <= 16, "--group-members must be 0..=16");
+                c.group_members = m;
+            }
+            anyhow::ensure!(
+                c.group_members == 0 || s.topics == 1,
+                "the chaos workload's consumer group reads one topic: give --topics 1 or --group-members 0"
+            );
         } else {
             anyhow::ensure!(
-                a.seed.is_none() && a.faults.is_empty() && a.fault_every.is_none(),
-                "--seed, --faults and --fault-every are for the chaos workload"
+                a.seed.is_none()
+                    && a.faults.is_empty()
+                    && a.fault_every.is_none()
+                    && a.group_members.is_none(),
+                "--seed, --faults, --fault-every and --group-members are for the chaos workload"
             );
         }
         anyhow::ensure!(
@@ -533,7 +552,7 @@ impl Settings {
             "producers": self.producers, "consumers": self.consumers,
             "duration_s": self.duration_s, "warmup_s": self.warmup_s, "fsync": self.fsync,
             "kill_every_s": self.kill_every_s, "idempotent": self.idempotent,
-            "chaos": self.chaos.as_ref().map(|c| serde_json::json!({"seed": c.seed, "faults": c.faults, "every_s": c.every_s})),
+            "chaos": self.chaos.as_ref().map(|c| serde_json::json!({"seed": c.seed, "faults": c.faults, "every_s": c.every_s, "group_members": c.group_members})),
             "segment_bytes": self.segment_bytes,
             "regions": self.regions, "nodes_per_region": self.nodes_per_region,
             "rtt_ms": self.rtt_ms, "producer_region": self.producer_region,

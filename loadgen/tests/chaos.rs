@@ -1,6 +1,7 @@
 //! The chaos workload, short and seeded (the CI version of the long run in
 //! docs/reliability.md): faults of every kind on a spawned three-node cluster under
-//! idempotent producers and a subscriber, then a heal and a final read of every replica.
+//! idempotent producers, a subscriber and a committing consumer group, then a heal and a final
+//! read of every replica.
 
 use std::process::Command;
 
@@ -57,6 +58,22 @@ fn a_short_seeded_chaos_run_loses_duplicates_and_diverges_nothing() {
         chaos["replica_records"].as_u64().unwrap() >= 3 * records["acked"].as_u64().unwrap(),
         "{chaos}"
     );
+    // The consumer group beside them: everything reached it, and nothing went backwards.
+    let group = &chaos["group"];
+    assert_eq!(group["drained"], true, "{group}");
+    for k in ["missing", "commit_backwards", "read_backwards"] {
+        assert_eq!(group[k], 0, "{k}: {group}");
+    }
+    assert!(
+        group["records"].as_u64().unwrap() >= records["acked"].as_u64().unwrap(),
+        "{group}"
+    );
+    // The queue group: every record acked by a member or dead-lettered, and some of each.
+    let queue = &chaos["queue"];
+    assert_eq!(queue["drained"], true, "{queue}");
+    assert_eq!(queue["unsettled"], 0, "{queue}");
+    assert!(queue["acked"].as_u64().unwrap() > 0, "{queue}");
+    assert!(queue["dead_lettered"].as_u64().unwrap() > 0, "{queue}");
     let faults = chaos["faults"].as_array().unwrap();
     assert!(faults.len() >= 5, "only {} faults: {chaos}", faults.len());
 }
