@@ -125,13 +125,28 @@ impl Cluster {
         for i in self.live() {
             loop {
                 let mut c = self.client(i).await;
-                if let Ok(r) = c.cluster_info(pb::ClusterInfoRequest::default()).await {
-                    let r = r.into_inner();
-                    if r.nodes.len() == self.nodes.len() && r.metadata_leader != 0 {
-                        break;
+                let seen = match c.cluster_info(pb::ClusterInfoRequest::default()).await {
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        if r.nodes.len() == self.nodes.len() && r.metadata_leader != 0 {
+                            break;
+                        }
+                        format!(
+                            "knows nodes {:?}, metadata leader {}, controllers {:?}, ready {}",
+                            r.nodes.iter().map(|n| n.id).collect::<Vec<_>>(),
+                            r.metadata_leader,
+                            r.controllers,
+                            r.ready
+                        )
                     }
-                }
-                assert!(Instant::now() < deadline, "cluster did not form");
+                    Err(s) => format!("ClusterInfo failed: {s:?}"),
+                };
+                assert!(
+                    Instant::now() < deadline,
+                    "cluster did not form: node {} ({}) {seen}",
+                    i + 1,
+                    self.addrs[i]
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
