@@ -56,7 +56,7 @@ impl Check {
 }
 
 /// What the check found once the group consumed everything.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize)]
 pub struct Outcome {
     pub records: u64,
     pub joins: u64,
@@ -67,6 +67,13 @@ pub struct Outcome {
     /// Whether the group's committed offsets reached the end of every partition in time.
     pub drained: bool,
     pub samples: Vec<String>,
+}
+
+impl Outcome {
+    /// What fails the run.
+    pub fn anomalies(&self) -> u64 {
+        self.missing + self.commit_backwards + self.read_backwards + u64::from(!self.drained)
+    }
 }
 
 fn join_request(topic: &str, name: String) -> pb::ConsumeRequest {
@@ -138,13 +145,31 @@ impl Call {
 /// One member: joins through `addrs[id % n]`, moves to the next node whenever its call ends,
 /// until [`Check::stop`].
 pub async fn member(id: usize, addrs: Vec<String>, topic: String, check: Arc<Check>) {
+    rejoining(id, &addrs, &check.stop, "group", |addr| {
+        session(id, addr, &topic, &check)
+    })
+    .await
+}
+
+/// Runs `call` through `addrs[id % n]`, then through the next node each time it ends, until
+/// `stop`.
+async fn rejoining<'a, F, Fut>(
+    id: usize,
+    addrs: &'a [String],
+    stop: &AtomicBool,
+    what: &str,
+    mut call: F,
+) where
+    F: FnMut(&'a str) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
     let mut attempt = id;
-    while !check.stop.load(Ordering::Relaxed) {
+    while !stop.load(Ordering::Relaxed) {
         let addr = &addrs[attempt % addrs.len()];
         attempt += 1;
-        if let Err(e) = session(id, addr, &topic, &check).await {
-            if std::env::var_os("LOADGEN_TRACE").is_some() {
-                eprintln!("loadgen: group member {id} via {addr}: {e:#}");
+        if let Err(e) = call(addr).await {
+            if *super::run::TRACE {
+                eprintln!("loadgen: {what} member {id} via {addr}: {e:#}");
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -252,12 +277,12 @@ async fn session(id: usize, addr: &str, topic: &str, check: &Check) -> anyhow::R
     Ok(())
 }
 
-/// The group's committed offsets and the partitions' ends, as `addr` describes them.
-async fn describe(addr: &str, topic: &str) -> anyhow::Result<Vec<pb::GroupPartition>> {
+/// `group`'s committed offsets and the partitions' ends, as `addr` describes them.
+async fn describe(addr: &str, group: &str, topic: &str) -> anyhow::Result<Vec<pb::GroupPartition>> {
     let mut c = super::run::connect(addr).await?;
     let r = c
         .describe_group(pb::DescribeGroupRequest {
-            group: GROUP.into(),
+            group: group.into(),
         })
         .await?
         .into_inner();
@@ -266,6 +291,36 @@ async fn describe(addr: &str, topic: &str) -> anyhow::Result<Vec<pb::GroupPartit
         .filter(|t| t.topic == topic)
         .flat_map(|t| t.partitions)
         .collect())
+}
+
+/// Waits (up to `wait`, asking the nodes in turn) until `group` has settled every one of
+/// `partitions`: committed to its end, nothing in flight. Whether it did, and what was last
+/// described.
+async fn wait_settled(
+    addrs: &[String],
+    group: &str,
+    topic: &str,
+    partitions: u32,
+    wait: Duration,
+) -> (bool, Vec<pb::GroupPartition>) {
+    let deadline = Instant::now() + wait;
+    let mut last = Vec::new();
+    let mut i = 0;
+    while Instant::now() < deadline {
+        i += 1;
+        if let Ok(ps) = describe(&addrs[i % addrs.len()], group, topic).await {
+            let settled = ps.len() == partitions as usize
+                && ps.iter().all(|p| {
+                    p.committed.is_some() && p.committed == p.end_offset && p.in_flight == 0
+                });
+            last = ps;
+            if settled {
+                return (true, last);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    (false, last)
 }
 
 /// Waits (up to `wait`) until the group has committed the end of every one of `partitions`,
@@ -279,24 +334,7 @@ pub async fn finish(
     acked: &BTreeMap<u32, Vec<u64>>,
     wait: Duration,
 ) -> Outcome {
-    let deadline = Instant::now() + wait;
-    let mut drained = false;
-    let mut last = Vec::new();
-    let mut i = 0;
-    while Instant::now() < deadline {
-        i += 1;
-        if let Ok(ps) = describe(&addrs[i % addrs.len()], topic).await {
-            drained = ps.len() == partitions as usize
-                && ps.iter().all(|p| {
-                    p.committed.is_some() && p.end_offset.is_some() && p.committed == p.end_offset
-                });
-            last = ps;
-            if drained {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let (drained, last) = wait_settled(addrs, GROUP, topic, partitions, wait).await;
     check.stop();
     let mut o = Outcome {
         records: check.records.load(Ordering::Relaxed),
@@ -387,17 +425,10 @@ pub struct QueueCheck {
 /// One queue member: joins through `addrs[id % n]`, acks, nacks and rejects by [`verdict`],
 /// and joins again through the next node whenever its call ends, until the check stops.
 pub async fn queue_member(id: usize, addrs: Vec<String>, topic: String, check: Arc<QueueCheck>) {
-    let mut attempt = id;
-    while !check.stop.load(Ordering::Relaxed) {
-        let addr = &addrs[attempt % addrs.len()];
-        attempt += 1;
-        if let Err(e) = queue_session(id, addr, &topic, &check).await {
-            if std::env::var_os("LOADGEN_TRACE").is_some() {
-                eprintln!("loadgen: queue member {id} via {addr}: {e:#}");
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    rejoining(id, &addrs, &check.stop, "queue", |addr| {
+        queue_session(id, addr, &topic, &check)
+    })
+    .await
 }
 
 async fn queue_session(
@@ -478,7 +509,7 @@ async fn queue_session(
 }
 
 /// What the queue check found.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize)]
 pub struct QueueOutcome {
     pub deliveries: u64,
     pub nacks: u64,
@@ -490,6 +521,13 @@ pub struct QueueOutcome {
     /// Whether the queue settled every partition to its end in time.
     pub drained: bool,
     pub samples: Vec<String>,
+}
+
+impl QueueOutcome {
+    /// What fails the run.
+    pub fn anomalies(&self) -> u64 {
+        self.unsettled + u64::from(!self.drained)
+    }
 }
 
 /// Every loadgen record in `topic` (all partitions), as `(producer, seq)`.
@@ -521,38 +559,7 @@ pub async fn queue_finish(
     acked_by_broker: &BTreeMap<u32, Vec<u64>>,
     wait: Duration,
 ) -> QueueOutcome {
-    let deadline = Instant::now() + wait;
-    let mut drained = false;
-    let mut last = Vec::new();
-    let mut i = 0;
-    while Instant::now() < deadline {
-        i += 1;
-        if let Ok(mut c) = super::run::connect(&addrs[i % addrs.len()]).await {
-            if let Ok(r) = c
-                .describe_group(pb::DescribeGroupRequest {
-                    group: QUEUE.into(),
-                })
-                .await
-            {
-                let ps: Vec<pb::GroupPartition> = r
-                    .into_inner()
-                    .topics
-                    .into_iter()
-                    .filter(|t| t.topic == topic)
-                    .flat_map(|t| t.partitions)
-                    .collect();
-                drained = ps.len() == partitions as usize
-                    && ps.iter().all(|p| {
-                        p.committed.is_some() && p.committed == p.end_offset && p.in_flight == 0
-                    });
-                last = ps;
-                if drained {
-                    break;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let (drained, last) = wait_settled(addrs, QUEUE, topic, partitions, wait).await;
     check.stop.store(true, Ordering::Relaxed);
     let mut o = QueueOutcome {
         deliveries: check.deliveries.load(Ordering::Relaxed),

@@ -711,7 +711,7 @@ async fn run_on(
             "samples": fin.samples,
         });
         if let Some((g, q)) = group {
-            anomalies += g.missing + g.commit_backwards + g.read_backwards + u64::from(!g.drained);
+            anomalies += g.anomalies() + q.anomalies();
             lines.push(format!(
                 "group           {} members joined {} times, {} records delivered: {} acknowledged never delivered, {} commits backwards, {} reads backwards, {}",
                 c.group_members,
@@ -723,17 +723,6 @@ async fn run_on(
                 if g.drained { "committed to the end" } else { "did NOT commit to the end" }
             ));
             lines.extend(g.samples.iter().map(|l| format!("                {l}")));
-            json["chaos"]["group"] = serde_json::json!({
-                "members": c.group_members,
-                "joins": g.joins,
-                "records": g.records,
-                "missing": g.missing,
-                "commit_backwards": g.commit_backwards,
-                "read_backwards": g.read_backwards,
-                "drained": g.drained,
-                "samples": g.samples,
-            });
-            anomalies += q.unsettled + u64::from(!q.drained);
             lines.push(format!(
                 "queue           {} members joined {} times, {} deliveries ({} nacked): {} acked, {} dead-lettered, {} neither, {}",
                 c.group_members,
@@ -746,17 +735,13 @@ async fn run_on(
                 if q.drained { "settled to the end" } else { "did NOT settle to the end" }
             ));
             lines.extend(q.samples.iter().map(|l| format!("                {l}")));
-            json["chaos"]["queue"] = serde_json::json!({
-                "members": c.group_members,
-                "joins": q.joins,
-                "deliveries": q.deliveries,
-                "nacks": q.nacks,
-                "acked": q.acked,
-                "dead_lettered": q.dead_lettered,
-                "unsettled": q.unsettled,
-                "drained": q.drained,
-                "samples": q.samples,
-            });
+            for (key, mut v) in [
+                ("group", serde_json::to_value(&g)?),
+                ("queue", serde_json::to_value(&q)?),
+            ] {
+                v["members"] = serde_json::json!(c.group_members);
+                json["chaos"][key] = v;
+            }
         }
     }
     if s.replay {

@@ -490,7 +490,7 @@ async fn open_loop(id: u32, s: &Settings, client: Nodes, topics: &[String], shar
 
 /// `LOADGEN_TRACE=1`: idempotent producers print every try and its outcome (read once, not per
 /// request).
-static TRACE: std::sync::LazyLock<bool> =
+pub(crate) static TRACE: std::sync::LazyLock<bool> =
     std::sync::LazyLock::new(|| std::env::var_os("LOADGEN_TRACE").is_some());
 
 /// How long an idempotent producer waits before sending a failed request again.
