@@ -56,8 +56,8 @@ pub struct Config {
     pub metadata_segment_bytes: u64,
     /// Raft leader heartbeat interval.
     pub raft_heartbeat_ms: u64,
-    /// Raft election timeout: a follower that hears no leader for a random time between this
-    /// and 4/3 of this starts an election.
+    /// Raft election timeout: a follower that hears no leader for a random time between 2/3 of
+    /// this (the leader lease) and this starts an election.
     pub raft_election_timeout_ms: u64,
     /// The cluster's controller nodes, `ID=HOST:PORT` separated by commas (this node among
     /// them); empty runs this node alone. Every node of a cluster gets the same list.
@@ -319,11 +319,12 @@ impl Config {
 
     /// Raft election and heartbeat timing, as openraft takes them.
     ///
-    /// openraft starts an election once the leader lease (its longest election timeout) *and*
-    /// a random election timeout have passed since it last heard a leader: with min and max at
-    /// E/3 and 2E/3 of `raft_election_timeout_ms` (E), a follower that hears no leader starts
-    /// an election after E to 4E/3. (Setting min/max to E and 2E meant 3E to 4E: 4.5–6 s of
-    /// unavailability after a leader died, with the 1.5 s default.)
+    /// A follower grants votes only once openraft's leader lease (its longest election
+    /// timeout) has passed since it last heard a leader; the core's timer (`raft::election`)
+    /// starts an election after the lease plus a random part as wide as the range. With min and
+    /// max at E/3 and 2E/3 of `raft_election_timeout_ms` (E), a follower that hears no leader
+    /// starts an election after 2E/3 to E (1–1.5 s with the 1.5 s default). (Setting min/max to
+    /// E and 2E meant 3E to 4E: 4.5–6 s of unavailability after a leader died.)
     pub fn raft_timing(&self) -> crate::raft::Timing {
         let e = self.raft_election_timeout_ms;
         crate::raft::Timing {

@@ -109,8 +109,8 @@ pub struct ServeArgs {
     /// Raft heartbeat interval in ms [default: 150].
     #[arg(long, env = "TERN_RAFT_HEARTBEAT_MS")]
     pub raft_heartbeat_ms: Option<u64>,
-    /// Raft election timeout in ms: a follower that hears no leader for this to 4/3 of this
-    /// starts an election; at least 6 × the heartbeat [default: 1500].
+    /// Raft election timeout in ms: a follower that hears no leader for 2/3 of this (the
+    /// leader lease) to this starts an election; at least 6 × the heartbeat [default: 1500].
     #[arg(long, env = "TERN_RAFT_ELECTION_TIMEOUT_MS")]
     pub raft_election_timeout_ms: Option<u64>,
     /// The cluster's controller nodes, ID=HOST:PORT,... (this node among them; every node gets

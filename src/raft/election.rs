@@ -7,8 +7,10 @@
 //! Two rules, each from a measured problem:
 //! - **The timeout counts openraft's leader lease.** A follower grants votes only once the
 //!   lease (the longest election timeout) has run out since it last heard a leader, so an
-//!   election started earlier cannot win. The delay is therefore the lease plus a random
-//!   timeout: between `max + min` and `2 × max` of the configured timing.
+//!   election started earlier cannot win. The delay is therefore the lease plus a random part
+//!   as wide as openraft's range: between `max` and `2 × max - min` of the configured timing.
+//!   (It was the lease plus a whole random timeout, `max + min` to `2 × max`: the `min` in
+//!   it only delayed every failover, by 500 ms with the defaults, and spread nothing.)
 //! - **Elections are checked five times per heartbeat.** Checked once per heartbeat, the random
 //!   timeouts fell into a few buckets: two followers often timed out at the same check, split
 //!   the vote and waited another round ([`tests::checking_five_times_per_heartbeat_splits_fewer_votes`]).
@@ -65,9 +67,11 @@ impl ElectionTimer {
     }
 }
 
-/// A random election delay: the leader lease (the longest timeout) plus a random timeout.
+/// A random election delay: the leader lease (the longest timeout) plus a random part as wide
+/// as the range of timeouts.
 pub fn delay(t: Timing, rng: &mut impl Rng) -> Duration {
-    let extra = rng.random_range(t.election_min_ms..=t.election_max_ms);
+    let spread = t.election_max_ms.saturating_sub(t.election_min_ms);
+    let extra = rng.random_range(0..=spread);
     Duration::from_millis(t.election_max_ms + extra)
 }
 
@@ -92,7 +96,7 @@ mod tests {
         let mut seen = std::collections::BTreeSet::new();
         for _ in 0..10_000 {
             let d = delay(t, &mut rng).as_millis() as u64;
-            assert!((1500..=2000).contains(&d), "{d}");
+            assert!((1000..=1500).contains(&d), "{d}");
             seen.insert(d / 100);
         }
         assert!(seen.len() >= 5, "delays do not spread: {seen:?}");
@@ -103,15 +107,16 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let start = Instant::now();
         let mut timer = ElectionTimer::new(timing(), start, &mut rng);
-        assert!(!timer.due(start + Duration::from_millis(1499), &mut rng));
+        // Never within the lease (the longest timeout) of the last leader heard.
+        assert!(!timer.due(start + Duration::from_millis(999), &mut rng));
         // A leader heard late resets the silence.
-        timer.heard_leader(start + Duration::from_millis(1400));
-        assert!(!timer.due(start + Duration::from_millis(2800), &mut rng));
-        let at = start + Duration::from_millis(3500);
+        timer.heard_leader(start + Duration::from_millis(900));
+        assert!(!timer.due(start + Duration::from_millis(1899), &mut rng));
+        let at = start + Duration::from_millis(2500);
         assert!(timer.due(at, &mut rng));
         // The next try waits a whole new timeout.
-        assert!(!timer.due(at + Duration::from_millis(1499), &mut rng));
-        assert!(timer.due(at + Duration::from_millis(2000), &mut rng));
+        assert!(!timer.due(at + Duration::from_millis(999), &mut rng));
+        assert!(timer.due(at + Duration::from_millis(1500), &mut rng));
     }
 
     /// The fraction of pairs of followers, silent since the same moment, that start their

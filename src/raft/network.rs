@@ -225,6 +225,10 @@ pub async fn handle(
         Body::TransferLeader(t) => {
             let rpc = wire::decode_transfer_leader(&t)?;
             let r = raft.handle_transfer_leader(rpc).await.map_err(stopped)?;
+            // The leader is handing over: a new leader is on its way, so every replica gives
+            // it a whole election timeout (the target campaigns at once; without this, its own
+            // timer or another follower's could fire mid-transfer and start a second election).
+            *contact = r.is_ok();
             Ok(wire::encode_transfer_leader_response(&r))
         }
     }
