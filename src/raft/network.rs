@@ -182,29 +182,52 @@ fn stopped(e: impl std::fmt::Display) -> RaftError {
     RaftError::Stopped(e.to_string())
 }
 
-/// Handles one message from a peer on the core that owns its group; `contact` is set when
-/// the message came from a leader this replica accepts (it resets the election timer).
+/// What a handled message means for the replica's election timer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Contact {
+    /// Nothing: the timer runs on.
+    None,
+    /// A message from a leader this replica accepts: the timeout starts over.
+    Leader,
+    /// This replica granted a (pre-)vote: it holds back its own candidacy for a while, so the
+    /// candidate can finish its round instead of splitting it.
+    GrantedVote,
+}
+
+/// Handles one message from a peer on the core that owns its group; `contact` says what it
+/// means for the election timer.
 pub async fn handle(
     raft: &super::group::PartitionGroup,
     body: pb::raft_request::Body,
-    contact: &mut bool,
+    contact: &mut Contact,
 ) -> Answer {
+    let granted = |r: &openraft::raft::VoteResponse<PartitionRaft>| {
+        if r.vote_granted {
+            Contact::GrantedVote
+        } else {
+            Contact::None
+        }
+    };
     use pb::raft_request::Body;
     match body {
         Body::Append(a) => {
             let rpc = wire::decode_append(a)?;
             let r = raft.append_entries(rpc).await.map_err(stopped)?;
-            *contact = !matches!(r, AppendEntriesResponse::HigherVote(_));
+            if !matches!(r, AppendEntriesResponse::HigherVote(_)) {
+                *contact = Contact::Leader;
+            }
             Ok(wire::encode_append_response(&r))
         }
         Body::Vote(v) => {
             let rpc = wire::decode_vote(&v)?;
             let r = raft.vote(rpc).await.map_err(stopped)?;
+            *contact = granted(&r);
             Ok(wire::encode_vote_response(&r))
         }
         Body::PreVote(v) => {
             let rpc = wire::decode_vote(&v)?;
             let r = raft.pre_vote(rpc).await.map_err(stopped)?;
+            *contact = granted(&r);
             Ok(wire::encode_vote_response(&r))
         }
         Body::InstallSnapshot(b) => {
@@ -219,7 +242,7 @@ pub async fn handle(
                 .install_full_snapshot(m.vote, snapshot)
                 .await
                 .map_err(stopped)?;
-            *contact = true;
+            *contact = Contact::Leader;
             Ok(wire::encode_snapshot_response(&r))
         }
         Body::TransferLeader(t) => {
@@ -228,7 +251,9 @@ pub async fn handle(
             // The leader is handing over: a new leader is on its way, so every replica gives
             // it a whole election timeout (the target campaigns at once; without this, its own
             // timer or another follower's could fire mid-transfer and start a second election).
-            *contact = r.is_ok();
+            if r.is_ok() {
+                *contact = Contact::Leader;
+            }
             Ok(wire::encode_transfer_leader_response(&r))
         }
     }

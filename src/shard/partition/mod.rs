@@ -411,10 +411,15 @@ impl Partition {
                 self.key
             )));
         }
-        let mut contact = false;
+        let mut contact = network::Contact::None;
         let answer = network::handle(&self.raft, body, &mut contact).await;
-        if contact {
-            self.election.borrow_mut().heard_leader(Instant::now());
+        match contact {
+            network::Contact::None => {}
+            network::Contact::Leader => self.election.borrow_mut().heard_leader(Instant::now()),
+            network::Contact::GrantedVote => self
+                .election
+                .borrow_mut()
+                .granted_vote(Instant::now(), &mut rand::rng()),
         }
         answer
     }
