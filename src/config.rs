@@ -54,6 +54,9 @@ pub struct Config {
     /// Segment size of the metadata log: the purge deletes whole segments, so this bounds what
     /// the log keeps beyond the checkpoint.
     pub metadata_segment_bytes: u64,
+    /// Raft entries a replica applies between two saves of its applied checkpoint (the
+    /// applied position and idempotent producers); a restart re-applies at most this many.
+    pub raft_checkpoint_entries: u64,
     /// Raft leader heartbeat interval.
     pub raft_heartbeat_ms: u64,
     /// Raft election timeout: a follower that hears no leader for a random time between 2/3 of
@@ -213,6 +216,7 @@ impl Default for Config {
             metadata_segment_bytes: 4 << 20,
             raft_heartbeat_ms: 150,
             raft_election_timeout_ms: 1_500,
+            raft_checkpoint_entries: crate::raft::CHECKPOINT_ENTRIES,
             peers: String::new(),
             join: String::new(),
             retention_check_interval_ms: 60_000,
@@ -567,6 +571,11 @@ impl Config {
             (10..=10_000_000).contains(&self.metadata_snapshot_every),
             "metadata_snapshot_every ({}) must be within 10..=10000000",
             self.metadata_snapshot_every
+        );
+        anyhow::ensure!(
+            (1..=10_000_000).contains(&self.raft_checkpoint_entries),
+            "raft_checkpoint_entries ({}) must be within 1..=10000000",
+            self.raft_checkpoint_entries
         );
         anyhow::ensure!(
             ((64 << 10)..=(1 << 30)).contains(&self.metadata_segment_bytes),

@@ -265,6 +265,9 @@ pub struct Node {
     /// Elections this node's replicas started, and leaders they saw change.
     pub elections: Counter,
     pub leader_changes: Counter,
+    /// Applied checkpoints saved, and replicas that started from theirs (`raft::store`).
+    pub checkpoints_saved: Counter,
+    pub checkpoint_restores: Counter,
     /// Damaged replicas reopened to repair them (`shard::core::repair`).
     pub replica_repairs: Counter,
     pub fsync: Histogram,
@@ -288,6 +291,8 @@ pub static NODE: Node = Node {
     requests: Requests::new(),
     elections: Counter::new(),
     leader_changes: Counter::new(),
+    checkpoints_saved: Counter::new(),
+    checkpoint_restores: Counter::new(),
     replica_repairs: Counter::new(),
     fsync: Histogram::new(),
     connections_open: Gauge::new(),

@@ -323,6 +323,20 @@ impl Collector for Snapshot {
         )?;
         counter(
             e,
+            "raft_checkpoints_saved",
+            "Applied checkpoints (applied position and idempotent producers) saved by replicas on this node.",
+            None,
+            n.checkpoints_saved.get(),
+        )?;
+        counter(
+            e,
+            "raft_checkpoint_restores",
+            "Replicas on this node that started from their applied checkpoint instead of re-applying their log.",
+            None,
+            n.checkpoint_restores.get(),
+        )?;
+        counter(
+            e,
             "replica_repairs",
             "Damaged replicas on this node reopened with their log cut at the damage, to be caught up by their peers.",
             None,

@@ -128,6 +128,7 @@ impl Broker {
                 region_addrs: config.region_address_map()?,
             },
             timing: config.raft_timing(),
+            checkpoint_entries: config.raft_checkpoint_entries,
             transport,
         };
         let controllers: BTreeMap<NodeId, String> = if !config.peers.is_empty() {

@@ -106,6 +106,10 @@ pub struct ServeArgs {
     /// [default: 4194304].
     #[arg(long, env = "TERN_METADATA_SEGMENT_BYTES")]
     pub metadata_segment_bytes: Option<u64>,
+    /// Raft entries a replica applies between two saves of its applied checkpoint; a restart
+    /// re-applies at most this many [default: 4096].
+    #[arg(long, env = "TERN_RAFT_CHECKPOINT_ENTRIES")]
+    pub raft_checkpoint_entries: Option<u64>,
     /// Raft heartbeat interval in ms [default: 150].
     #[arg(long, env = "TERN_RAFT_HEARTBEAT_MS")]
     pub raft_heartbeat_ms: Option<u64>,
@@ -216,6 +220,7 @@ impl ServeArgs {
             io_memory_bytes,
             metadata_snapshot_every,
             metadata_segment_bytes,
+            raft_checkpoint_entries,
             raft_heartbeat_ms,
             raft_election_timeout_ms,
             peers,

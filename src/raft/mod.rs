@@ -29,3 +29,4 @@ pub mod wire;
 pub use error::RaftError;
 pub use group::{PartitionGroup, Timing};
 pub use rt::GlommioRuntime;
+pub use store::CHECKPOINT_ENTRIES;

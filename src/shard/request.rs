@@ -142,6 +142,8 @@ pub struct ReplicaSettings {
     pub node_id: NodeId,
     pub member: Member,
     pub timing: crate::raft::Timing,
+    /// Applied entries between two saves of a replica's applied checkpoint.
+    pub checkpoint_entries: u64,
     /// How the group reaches its peers; `None` on a node that runs alone.
     pub transport: Option<Arc<crate::raft::transport::Transport>>,
 }

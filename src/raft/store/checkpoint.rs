@@ -24,9 +24,10 @@ use crate::raft::producers::ProducerTable;
 use crate::raft::types::{LogId, StoredMembership};
 
 pub(super) const FILE: &str = "raft.applied";
-/// Applied entries between two checkpoints: a restart re-applies at most this many (plus the
-/// uncommitted tail). A checkpoint is one small write and fdatasync of two files.
-pub(super) const EVERY: u64 = 4096;
+/// Applied entries between two checkpoints by default (`--raft-checkpoint-entries`): a restart
+/// re-applies at most this many (plus the uncommitted tail). A checkpoint is one small write
+/// and fdatasync of two files.
+pub const EVERY: u64 = 4096;
 /// The producer table is bounded (10,000 producers of 8 batches: about 1.5 MB).
 const BYTES_MAX: usize = 8 << 20;
 

@@ -51,6 +51,7 @@ use crate::raft::types::{log_id, Entry, LogId, Membership, NodeId, StoredMembers
 use crate::types::Offset;
 
 pub use checkpoint::check as check_checkpoint;
+pub use checkpoint::EVERY as CHECKPOINT_ENTRIES;
 use codec::decode_entry;
 use durable::Durable;
 use entry_map::{EntryMap, Slot};
@@ -125,6 +126,11 @@ impl Shared {
 pub struct StoreHandle(Rc<Shared>);
 
 impl StoreHandle {
+    /// Saves the applied checkpoint every `entries` applied entries (at least 1).
+    pub fn set_checkpoint_entries(&self, entries: u64) {
+        self.0.checkpoint_every.set(entries.max(1));
+    }
+
     /// The last entry that ends at or before `offset`, if any is still in the log.
     pub fn last_entry_before(&self, offset: Offset) -> Option<LogId> {
         let map = self.0.map.borrow();
@@ -235,8 +241,11 @@ impl Shared {
             Ok(bytes) => self.checkpoint.write(&bytes).await.map_err(io_err),
             Err(e) => Err(e),
         };
-        if let Err(e) = saved {
-            tracing::warn!(dir = %self.log.dir().display(), error = %e, "cannot save the applied checkpoint; a restart re-applies more of the log");
+        match saved {
+            Ok(()) => crate::metrics::NODE.checkpoints_saved.inc(),
+            Err(e) => {
+                tracing::warn!(dir = %self.log.dir().display(), error = %e, "cannot save the applied checkpoint; a restart re-applies more of the log");
+            }
         }
     }
 
@@ -515,6 +524,7 @@ pub async fn open_with_handle(
     let mut applied = purged;
     let mut producers = ProducerTable::default();
     if let Some(c) = found {
+        crate::metrics::NODE.checkpoint_restores.inc();
         // Applied before the restart: committed, and held by this log (checked). The log's
         // committed position starts there, as it was.
         let end = map.end_of(c.applied.index, log.positions().next);

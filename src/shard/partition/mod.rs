@@ -263,6 +263,7 @@ impl Partition {
                 return Err((e, damaged));
             }
         };
+        store.set_checkpoint_entries(replica.checkpoint_entries);
         // From here a failure must not leave the group's tasks and the log running.
         let ready = async {
             store

@@ -25,6 +25,7 @@ async fn single_voter(dir: &Path, config: crate::log::LogConfig) -> Partition {
         node_id: NodeId(1),
         member: Default::default(),
         timing: Default::default(),
+        checkpoint_entries: crate::raft::CHECKPOINT_ENTRIES,
         transport: None,
     };
     let key = PartitionKey {
