@@ -11,6 +11,12 @@
 //!   bridge     two nodes cut off from each other, both still reach the third
 //!   corrupt    kill a node; flip a byte in, cut short, or delete one of its sealed segment
 //!              files (or flip a byte of a state file); restart it
+//!   move       a membership change (needs more nodes than replicas): a node's replica of a
+//!              partition moves to a node without one (a new learner caught up from the
+//!              leader, joint consensus, the old replica removed and its files deleted), then
+//!              back again, each through MovePartition while the load runs
+//!   delay      20-500 ms more one-way delay on every tern-wan link into and out of a node's
+//!              region (a cluster spawned with --regions), then back to what it was
 //! heal ──▶ every fault cleared, every node running ──▶ each replica read from its own node
 //! ```
 //!
@@ -32,7 +38,19 @@ use super::cluster::Cluster;
 use super::payload;
 
 /// The faults the nemesis knows.
-pub const KINDS: [&str; 6] = ["kill", "pause", "partition", "one-way", "bridge", "corrupt"];
+pub const KINDS: [&str; 8] = [
+    "kill",
+    "pause",
+    "partition",
+    "one-way",
+    "bridge",
+    "corrupt",
+    "move",
+    "delay",
+];
+
+/// How long a membership change may take before the nemesis calls it failed.
+const MOVE_WAIT: Duration = Duration::from_secs(60);
 
 /// A deterministic generator for the schedule (splitmix64): the same seed, the same faults.
 pub struct Rng(u64);
@@ -60,6 +78,9 @@ impl Rng {
 pub struct Log {
     pub lines: Vec<String>,
     pub counts: BTreeMap<String, u64>,
+    /// Faults the nemesis could not carry out as meant (a membership change that did not
+    /// complete): not a broken guarantee, but a run that tested less than it says.
+    pub failed: Vec<String>,
 }
 
 /// Cuts node `node` off from `from` (node indexes) at its transport; empty heals it.
@@ -189,9 +210,11 @@ fn flip(path: &Path, rng: &mut Rng) -> std::io::Result<u64> {
 
 /// Runs the nemesis from `warmup` after the start until `until`: one fault of `kinds` every
 /// `every` (±50%), each held 1–3 s and then healed.
+#[allow(clippy::too_many_arguments)]
 pub async fn nemesis(
     cluster: Arc<Mutex<Cluster>>,
     topics: Vec<String>,
+    partitions: u32,
     seed: u64,
     kinds: Vec<String>,
     every: Duration,
@@ -270,6 +293,38 @@ pub async fn nemesis(
                 restart(&cluster, node).await;
                 format!("kill -9 node {}; {did}; restarted", node + 1)
             }
+            "move" => {
+                let topic = topics[rng.below(topics.len() as u64) as usize].clone();
+                let partition = rng.below(u64::from(partitions.max(1))) as u32;
+                let addrs = cluster.lock().await.addrs.clone();
+                let (what, ok) =
+                    move_and_back(&addrs, &topic, partition, node as u64 + 1, hold).await;
+                if !ok {
+                    log.failed.push(format!("t={at:6.1}s  {what}"));
+                }
+                what
+            }
+            "delay" => {
+                let extra = Duration::from_millis(20 + rng.below(481));
+                let region = cluster.lock().await.regions.get(node).cloned();
+                match region {
+                    Some(region) => {
+                        set_region_delay(&cluster, &region, extra).await;
+                        tokio::time::sleep(hold).await;
+                        set_region_delay(&cluster, &region, Duration::ZERO).await;
+                        format!(
+                            "{extra:?} more one-way delay into and out of region {region} (node {}) for {hold:?}",
+                            node + 1
+                        )
+                    }
+                    None => {
+                        let what = "delay: this cluster has no WAN links (spawn it with --regions)"
+                            .to_string();
+                        log.failed.push(format!("t={at:6.1}s  {what}"));
+                        what
+                    }
+                }
+            }
             other => format!("unknown fault {other}"),
         };
         let line = format!("t={at:6.1}s  {what}");
@@ -278,6 +333,173 @@ pub async fn nemesis(
         *log.counts.entry(kind).or_default() += 1;
     }
     log
+}
+
+/// The `move` fault: moves node `node`'s replica of `topic`/`partition` to the first node
+/// without one, waits `hold`, and moves it back (the replicas in their first order), each step
+/// waited for. Says what happened, and whether both steps completed within [`MOVE_WAIT`].
+async fn move_and_back(
+    addrs: &[String],
+    topic: &str,
+    partition: u32,
+    node: u64,
+    hold: Duration,
+) -> (String, bool) {
+    let name = format!("{topic}/{partition}");
+    let before = match partition_info(addrs, topic, partition).await {
+        Ok(p) => p.replicas,
+        Err(e) => return (format!("move of {name}: cannot describe it: {e:#}"), false),
+    };
+    if !before.contains(&node) {
+        return (
+            format!(
+                "move of {name}: node {node} holds no replica of it ({before:?}); nothing moved"
+            ),
+            true,
+        );
+    }
+    let Some(spare) = (1..=addrs.len() as u64).find(|n| !before.contains(n)) else {
+        return (
+            format!("move of {name}: every node holds a replica ({before:?}); nothing to move to"),
+            false,
+        );
+    };
+    let to: Vec<u64> = before
+        .iter()
+        .map(|r| if *r == node { spare } else { *r })
+        .collect();
+    let moved = match move_to(addrs, topic, partition, &to).await {
+        Ok(took) => took,
+        Err(e) => {
+            // Whatever state it is in, ask for the first replicas back before going on.
+            let _ = move_to(addrs, topic, partition, &before).await;
+            return (format!("move of {name} to {to:?} FAILED: {e}"), false);
+        }
+    };
+    tokio::time::sleep(hold).await;
+    match move_to(addrs, topic, partition, &before).await {
+        Ok(back) => (
+            format!(
+                "{name}: replica moved from node {node} to node {spare} ({moved:.1?}), held {hold:?}, moved back to {before:?} ({back:.1?})"
+            ),
+            true,
+        ),
+        Err(e) => (
+            format!("{name}: replica moved from node {node} to node {spare}, moving it back FAILED: {e}"),
+            false,
+        ),
+    }
+}
+
+/// The partition as a node holding a replica of it describes it (ClusterInfo); any node will
+/// do for the replica list, which comes from the metadata.
+async fn partition_info(
+    addrs: &[String],
+    topic: &str,
+    partition: u32,
+) -> anyhow::Result<pb::PartitionInfo> {
+    let mut last = anyhow::anyhow!("no node answered");
+    for a in addrs {
+        match describe_partition(a, topic, partition).await {
+            Ok(p) => return Ok(p),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+async fn describe_partition(
+    addr: &str,
+    topic: &str,
+    partition: u32,
+) -> anyhow::Result<pb::PartitionInfo> {
+    let mut c = super::run::connect(addr).await?;
+    let info = c
+        .cluster_info(pb::ClusterInfoRequest::default())
+        .await?
+        .into_inner();
+    info.topics
+        .into_iter()
+        .filter(|t| t.topic == topic)
+        .flat_map(|t| t.partitions)
+        .find(|p| p.partition == partition)
+        .ok_or_else(|| anyhow::anyhow!("{addr} does not list {topic}/{partition}"))
+}
+
+/// Asks for `topic`/`partition` to have replicas `to` (node ids; node `i` of the cluster is
+/// id `i + 1`) and waits until the move is done and, as one of them sees it, one of them
+/// leads. How long it took, or what was still missing after [`MOVE_WAIT`].
+async fn move_to(
+    addrs: &[String],
+    topic: &str,
+    partition: u32,
+    to: &[u64],
+) -> Result<Duration, String> {
+    let start = Instant::now();
+    let mut asked = false;
+    let mut missing = String::from("not asked yet");
+    // A node that will hold a replica: its view has the leader.
+    let viewer = |k: usize| addrs[(to[k % to.len()] as usize - 1) % addrs.len()].clone();
+    let mut k = 0;
+    while start.elapsed() < MOVE_WAIT {
+        if !asked {
+            match super::run::connect(&viewer(k)).await {
+                Ok(mut c) => {
+                    let req = pb::MovePartitionRequest {
+                        topic: topic.into(),
+                        partition,
+                        replicas: to.to_vec(),
+                    };
+                    match c.move_partition(req).await {
+                        Ok(_) => asked = true,
+                        // Refused for good: asking again changes nothing.
+                        Err(s) if !retryable(s.code()) => {
+                            return Err(format!("MovePartition refused: {}", s.message()));
+                        }
+                        Err(s) => missing = format!("MovePartition: {}", s.message()),
+                    }
+                }
+                Err(e) => missing = format!("connecting: {e:#}"),
+            }
+        }
+        if asked {
+            match describe_partition(&viewer(k), topic, partition).await {
+                Ok(p) if p.replicas == to && p.moving_to.is_empty() && to.contains(&p.leader) => {
+                    return Ok(start.elapsed());
+                }
+                Ok(p) => {
+                    missing = format!(
+                        "replicas {:?}, moving to {:?}, leader {}",
+                        p.replicas, p.moving_to, p.leader
+                    )
+                }
+                Err(e) => missing = format!("{e:#}"),
+            }
+        }
+        k += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(format!("not done after {MOVE_WAIT:?}: {missing}"))
+}
+
+/// Whether a refused call may succeed if asked again (the cluster was changing, a node was
+/// down), as opposed to a request that is wrong.
+fn retryable(code: tonic::Code) -> bool {
+    !matches!(
+        code,
+        tonic::Code::InvalidArgument
+            | tonic::Code::FailedPrecondition
+            | tonic::Code::NotFound
+            | tonic::Code::PermissionDenied
+            | tonic::Code::Unauthenticated
+            | tonic::Code::AlreadyExists
+    )
+}
+
+async fn set_region_delay(cluster: &Arc<Mutex<Cluster>>, region: &str, extra: Duration) {
+    if let Some(mesh) = &cluster.lock().await.mesh {
+        mesh.delay_region(region, extra);
+    }
 }
 
 async fn restart(cluster: &Arc<Mutex<Cluster>>, node: usize) {
@@ -290,8 +512,13 @@ async fn restart(cluster: &Arc<Mutex<Cluster>>, node: usize) {
     }
 }
 
-/// Heals everything: every node running and resumed, every isolation cleared.
+/// Heals everything: every node running and resumed, every isolation cleared, every added
+/// delay removed.
 pub async fn heal(cluster: &Arc<Mutex<Cluster>>) {
+    let regions = cluster.lock().await.regions.clone();
+    for r in &regions {
+        set_region_delay(cluster, r, Duration::ZERO).await;
+    }
     let n = cluster.lock().await.addrs.len();
     for i in 0..n {
         let pid = cluster.lock().await.pid(i);

@@ -108,6 +108,7 @@ impl Cluster {
         per_region: usize,
         rtt: Duration,
         tern_bin: Option<PathBuf>,
+        extra: &[&str],
     ) -> anyhow::Result<Cluster> {
         let n = regions.len() * per_region;
         anyhow::ensure!((2..=64).contains(&n), "a geo cluster has 2..=64 nodes");
@@ -146,6 +147,7 @@ impl Cluster {
             })
             .collect();
         let mut c = Cluster::of(program, prefix, node_args)?;
+        c.add_node_args(extra);
         c.mesh = Some(mesh);
         c.regions = region_of;
         for i in 0..n {

@@ -69,6 +69,12 @@ async fn main_async(args: Args) -> anyhow::Result<i32> {
             s.nodes_per_region,
             Duration::from_millis(s.rtt_ms),
             args.tern_bin.clone(),
+            // The chaos workload cuts nodes off through their test hook.
+            if s.chaos.is_some() {
+                &["--fault-injection"]
+            } else {
+                &[]
+            },
         )
         .await?
     } else {
@@ -491,6 +497,7 @@ async fn run_on(
         tokio::spawn(chaos::nemesis(
             cluster.clone(),
             topics.clone(),
+            s.partitions,
             c.seed,
             c.faults.clone(),
             Duration::from_secs(c.every_s),
@@ -695,6 +702,13 @@ async fn run_on(
                 .join(", ")
         ));
         lines.extend(log.lines.iter().map(|l| format!("                {l}")));
+        if !log.failed.is_empty() {
+            lines.push(format!(
+                "                {} faults not carried out as meant (the run tested less):",
+                log.failed.len()
+            ));
+            lines.extend(log.failed.iter().map(|l| format!("                {l}")));
+        }
         lines.push(format!(
             "replicas        {} records read from all replicas after the heal: {} divergent, {} acknowledged missing, {} duplicated",
             fin.records, fin.divergent, fin.lost, fin.duplicated
@@ -704,6 +718,7 @@ async fn run_on(
             "seed": c.seed,
             "faults": log.lines,
             "fault_counts": log.counts,
+            "failed_faults": log.failed,
             "replica_records": fin.records,
             "divergent": fin.divergent,
             "replica_lost": fin.lost,

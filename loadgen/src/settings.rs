@@ -116,7 +116,8 @@ pub struct Args {
     #[arg(long)]
     pub seed: Option<u64>,
     /// The faults the chaos workload draws from, comma-separated: kill, pause, partition,
-    /// one-way, bridge, corrupt [default: all].
+    /// one-way, bridge, corrupt, move (needs more nodes than replicas), delay (needs
+    /// --regions) [default: all that the cluster allows].
     #[arg(long, value_delimiter = ',')]
     pub faults: Vec<String>,
     /// Seconds between two faults of the chaos workload, on average.
@@ -475,6 +476,26 @@ impl Settings {
                     );
                 }
                 c.faults = a.faults.clone();
+            }
+            // Delays are added on the tern-wan links between regions: a cluster spawned
+            // with --regions has them; without, the default set leaves delay out.
+            if s.regions.is_empty() {
+                anyhow::ensure!(
+                    !a.faults.iter().any(|f| f == "delay"),
+                    "--faults delay needs a cluster through the WAN simulator: give --regions \
+                     (for example --regions r1,r2,r3 --rtt-ms 0, one node each)"
+                );
+                c.faults.retain(|f| f != "delay");
+            }
+            // A move needs a node without a replica to move to.
+            if s.nodes <= s.replication_factor as usize {
+                anyhow::ensure!(
+                    !a.faults.iter().any(|f| f == "move"),
+                    "--faults move needs more nodes than the replication factor ({}): spawn {}",
+                    s.replication_factor,
+                    s.replication_factor + 1
+                );
+                c.faults.retain(|f| f != "move");
             }
             if let Some(e) = a.fault_every {
                 anyhow::ensure!(

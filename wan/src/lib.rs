@@ -74,11 +74,13 @@ impl Counters {
 }
 
 /// The state of a link: carrying, or cut (`epoch` counts cuts: a connection that lived through
-/// one is closed when the link heals, since it lost bytes).
+/// one is closed when the link heals, since it lost bytes), and any delay added to both
+/// directions' own (a fault: [`Proxy::add_delay`]).
 #[derive(Clone, Copy, Debug, Default)]
 struct Control {
     cut: bool,
     epoch: u64,
+    extra: Duration,
 }
 
 /// A delaying TCP proxy in front of one target.
@@ -158,6 +160,13 @@ impl Proxy {
 
     pub fn is_cut(&self) -> bool {
         self.control.borrow().cut
+    }
+
+    /// Adds `extra` to both directions' one-way delay from now on (zero restores the links
+    /// as started). Bytes already in flight keep their time, and order still holds: a chunk
+    /// never overtakes an earlier one, so a shorter delay only takes effect behind them.
+    pub fn add_delay(&self, extra: Duration) {
+        self.control.send_modify(|c| c.extra = extra);
     }
 }
 
@@ -273,11 +282,15 @@ async fn pipe(
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            if control.borrow().cut {
+            let (cut, extra) = {
+                let c = control.borrow();
+                (c.cut, c.extra)
+            };
+            if cut {
                 continue;
             }
             buf.truncate(n);
-            let delay = jittered(link, &mut rng);
+            let delay = jittered(link, &mut rng) + extra;
             // Never before an earlier chunk: order holds.
             let at = (Instant::now() + delay).max(last);
             last = at;
@@ -423,6 +436,11 @@ impl Mesh {
         self.for_region(region, Proxy::heal);
     }
 
+    /// Adds `extra` one-way delay to every link into and out of `region` (zero removes it).
+    pub fn delay_region(&self, region: &str, extra: Duration) {
+        self.for_region(region, |p| p.add_delay(extra));
+    }
+
     fn for_region(&self, region: &str, f: impl Fn(&Proxy)) {
         for ((from, i), p) in &self.proxies {
             if from == region || self.sites[*i].region == region {
@@ -481,6 +499,31 @@ mod tests {
         assert_eq!(p.counters().forward.load(Ordering::Relaxed), 5);
         assert_eq!(p.counters().backward.load(Ordering::Relaxed), 5);
         assert_eq!(p.counters().connections.load(Ordering::Relaxed), 1);
+    }
+
+    /// A delay added as a fault holds on connections already open, both ways, and bytes
+    /// still arrive whole and in order once it is taken away.
+    #[tokio::test]
+    async fn an_added_delay_holds_on_open_connections_until_removed() {
+        let target = echo().await;
+        let p = Proxy::start(
+            "127.0.0.1:0".parse().unwrap(),
+            target,
+            Link::default(),
+            Link::default(),
+        )
+        .await
+        .unwrap();
+        let mut s = TcpStream::connect(p.addr()).await.unwrap();
+        round_trip(&mut s, b"before").await;
+        p.add_delay(Duration::from_millis(100));
+        let rtt = round_trip(&mut s, b"delayed").await;
+        assert!(rtt >= Duration::from_millis(200), "{rtt:?}");
+        p.add_delay(Duration::ZERO);
+        for i in 0..20u8 {
+            round_trip(&mut s, &[i; 100]).await;
+        }
+        assert_eq!(p.counters().forward.load(Ordering::Relaxed), 6 + 7 + 2000);
     }
 
     /// A delay line: many chunks sent back to back arrive after about one delay, not one delay
