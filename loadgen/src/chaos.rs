@@ -335,8 +335,8 @@ pub async fn nemesis(
     log
 }
 
-/// The `move` fault: moves node `node`'s replica of `topic`/`partition` to the first node
-/// without one, waits `hold`, and moves it back (the replicas in their first order), each step
+/// The `move` fault: moves node `node`'s replica of `topic`/`partition` (or, if it holds none,
+/// another's) to the first node without one, waits `hold`, and moves it back (the replicas in their first order), each step
 /// waited for. Says what happened, and whether both steps completed within [`MOVE_WAIT`].
 async fn move_and_back(
     addrs: &[String],
@@ -350,14 +350,15 @@ async fn move_and_back(
         Ok(p) => p.replicas,
         Err(e) => return (format!("move of {name}: cannot describe it: {e:#}"), false),
     };
-    if !before.contains(&node) {
-        return (
-            format!(
-                "move of {name}: node {node} holds no replica of it ({before:?}); nothing moved"
-            ),
-            true,
-        );
+    if before.is_empty() {
+        return (format!("move of {name}: it has no replicas listed"), false);
     }
+    // The node drawn, or if it holds no replica of this partition, one that does.
+    let node = if before.contains(&node) {
+        node
+    } else {
+        before[node as usize % before.len()]
+    };
     let Some(spare) = (1..=addrs.len() as u64).find(|n| !before.contains(n)) else {
         return (
             format!("move of {name}: every node holds a replica ({before:?}); nothing to move to"),
@@ -545,8 +546,34 @@ pub struct Final {
     pub samples: Vec<String>,
 }
 
-/// One replica's records: `(offset, producer, seq)` per topic and partition.
-type Replica = BTreeMap<(String, u32), Vec<(u64, u32, u64)>>;
+/// One replica's records: `(offset, producer, seq)`.
+type Records = Vec<(u64, u32, u64)>;
+
+/// Every replica of every partition: `(topic, partition)` → `(node index, its records)` for
+/// the nodes that hold one.
+type Replicas = BTreeMap<(String, u32), Vec<(usize, Records)>>;
+
+/// The partitions of `topics` that the node at `addr` holds a replica of (ClusterInfo's
+/// `local`).
+async fn held(addr: &str, topics: &[String]) -> anyhow::Result<Vec<(String, u32)>> {
+    let mut c = super::run::connect(addr).await?;
+    let info = c
+        .cluster_info(pb::ClusterInfoRequest::default())
+        .await?
+        .into_inner();
+    Ok(info
+        .topics
+        .into_iter()
+        .filter(|t| topics.contains(&t.topic))
+        .flat_map(|t| {
+            let topic = t.topic;
+            t.partitions
+                .into_iter()
+                .filter(|p| p.local)
+                .map(move |p| (topic.clone(), p.partition))
+        })
+        .collect())
+}
 
 /// Every committed record of `topic`/`partition` as the node at `addr` serves it: from its own
 /// replica (all are in sync after the heal phase). `(offset, producer, seq)`.
@@ -582,9 +609,11 @@ pub async fn read_replica(
     }
 }
 
-/// Reads every replica of every partition through its own node, once all nodes agree on how
-/// far each partition goes (or after `wait`), and compares them with each other and with what
-/// was acknowledged (`acked[producer]` = acknowledged sequence numbers).
+/// Reads every replica of every partition through the node that holds it (a node without a
+/// replica of a partition is not asked: it would relay the read to another), once all
+/// replicas of each partition agree on how far it goes (or after `wait`), and compares them
+/// with each other and with what was acknowledged (`acked[producer]` = acknowledged sequence
+/// numbers).
 pub async fn check_replicas(
     addrs: &[String],
     topics: &[String],
@@ -594,29 +623,29 @@ pub async fn check_replicas(
 ) -> Final {
     let mut f = Final::default();
     let deadline = Instant::now() + wait;
-    let mut per_replica: Vec<Replica> = Vec::new();
+    let mut replicas: Replicas = BTreeMap::new();
     loop {
-        per_replica.clear();
+        replicas.clear();
         let mut failed = None;
-        for a in addrs {
-            let mut mine = BTreeMap::new();
-            for t in topics {
-                for p in 0..partitions {
-                    match read_replica(a, t, p).await {
-                        Ok(v) => {
-                            mine.insert((t.clone(), p), v);
-                        }
-                        Err(e) => failed = Some(format!("{a}: {e:#}")),
-                    }
+        for (i, a) in addrs.iter().enumerate() {
+            let mine = match held(a, topics).await {
+                Ok(h) => h,
+                Err(e) => {
+                    failed = Some(format!("{a}: {e:#}"));
+                    continue;
+                }
+            };
+            for (t, p) in mine.into_iter().filter(|(_, p)| *p < partitions) {
+                match read_replica(a, &t, p).await {
+                    Ok(v) => replicas.entry((t, p)).or_default().push((i, v)),
+                    Err(e) => failed = Some(format!("{a}: {e:#}")),
                 }
             }
-            per_replica.push(mine);
         }
         let agree = failed.is_none()
-            && per_replica.windows(2).all(|w| {
-                w[0].iter()
-                    .all(|(k, v)| w[1].get(k).map(Vec::len) == Some(v.len()))
-            });
+            && replicas
+                .values()
+                .all(|holders| holders.windows(2).all(|w| w[0].1.len() == w[1].1.len()));
         if agree || Instant::now() >= deadline {
             if let Some(e) = failed {
                 f.samples.push(format!("a replica could not be read: {e}"));
@@ -625,46 +654,66 @@ pub async fn check_replicas(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let Some(first) = per_replica.first() else {
-        return f;
-    };
-    for (key, base) in first {
-        for (i, other) in per_replica.iter().enumerate().skip(1) {
-            let o = other.get(key).map(Vec::as_slice).unwrap_or(&[]);
-            let longest = base.len().max(o.len());
-            for k in 0..longest {
-                if base.get(k) != o.get(k) {
+    // Divergence: every holder of a partition against its first.
+    for (key, holders) in &replicas {
+        let Some((first, base)) = holders.first() else {
+            continue;
+        };
+        for (i, other) in holders.iter().skip(1) {
+            for k in 0..base.len().max(other.len()) {
+                if base.get(k) != other.get(k) {
                     f.divergent += 1;
                     if f.samples.len() < 10 {
                         f.samples.push(format!(
-                            "{}/{}: replica 1 has {:?}, replica {} has {:?} at position {k}",
+                            "{}/{}: node {} has {:?}, node {} has {:?} at position {k}",
                             key.0,
                             key.1,
+                            first + 1,
                             base.get(k),
                             i + 1,
-                            o.get(k)
+                            other.get(k)
                         ));
                     }
                 }
             }
         }
     }
-    for replica in &per_replica {
-        let mut seen: BTreeMap<u32, std::collections::BTreeSet<u64>> = BTreeMap::new();
-        for records in replica.values() {
+    // Duplicates within one node's replicas; where each record was found.
+    let mut per_node: BTreeMap<usize, BTreeMap<u32, std::collections::BTreeSet<u64>>> =
+        BTreeMap::new();
+    let mut found: BTreeMap<(u32, u64), &(String, u32)> = BTreeMap::new();
+    for (key, holders) in &replicas {
+        for (i, records) in holders {
             f.records += records.len() as u64;
+            let seen = per_node.entry(*i).or_default();
             for &(_, producer, seq) in records {
                 if !seen.entry(producer).or_default().insert(seq) {
                     f.duplicated += 1;
                 }
+                found.insert((producer, seq), key);
             }
         }
-        for (producer, seqs) in acked {
-            let have = seen.get(producer);
-            f.lost += seqs
-                .iter()
-                .filter(|s| !have.is_some_and(|h| h.contains(s)))
-                .count() as u64;
+    }
+    // Lost: an acknowledged record no replica holds counts once per replica of a partition
+    // (it is missing from all of them); one some replicas hold counts once per holder of its
+    // partition that lacks it.
+    let replication = replicas.values().map(Vec::len).max().unwrap_or(0) as u64;
+    for (producer, seqs) in acked {
+        for seq in seqs {
+            match found.get(&(*producer, *seq)) {
+                None => f.lost += replication.max(1),
+                Some(key) => {
+                    f.lost += replicas[*key]
+                        .iter()
+                        .filter(|(i, _)| {
+                            !per_node
+                                .get(i)
+                                .and_then(|n| n.get(producer))
+                                .is_some_and(|s| s.contains(seq))
+                        })
+                        .count() as u64;
+                }
+            }
         }
     }
     f
