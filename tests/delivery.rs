@@ -8,7 +8,9 @@ mod node_support;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use node_support::cluster::{check_acked, create, read_all, record, Cluster, Writer};
+use node_support::cluster::{
+    check_acked, create, idem, offsets, offsets_retrying, read_all, record, Cluster, Writer,
+};
 use node_support::group::{join_req, GroupMember};
 use node_support::{fetch_all, TestNode};
 use tern::proto::v1 as pb;
@@ -17,53 +19,6 @@ use tern::proto::v1::consume_response::Kind as Down;
 use tern::proto::v1::tern_client::TernClient;
 use tonic::transport::Channel;
 use tonic::Code;
-
-fn idem(
-    topic: &str,
-    partition: u32,
-    producer_id: u64,
-    sequence: u32,
-    values: &[&str],
-) -> pb::PublishRequest {
-    pb::PublishRequest {
-        topic: topic.into(),
-        records: values
-            .iter()
-            .map(|v| record(partition, v.to_string()))
-            .collect(),
-        request_id: 0,
-        producer_id,
-        sequence,
-    }
-}
-
-async fn offsets(
-    c: &mut TernClient<Channel>,
-    req: pb::PublishRequest,
-) -> Result<Vec<u64>, tonic::Status> {
-    Ok(c.publish(req)
-        .await?
-        .into_inner()
-        .acks
-        .into_iter()
-        .map(|a| a.offset)
-        .collect())
-}
-
-/// [`offsets`], going again (for up to 30 s) while the node answers UNAVAILABLE (starting,
-/// electing a leader, or an earlier send still in flight).
-async fn offsets_retrying(c: &mut TernClient<Channel>, req: pb::PublishRequest) -> Vec<u64> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match offsets(c, req.clone()).await {
-            Ok(o) => return o,
-            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(s) => panic!("{s:?}"),
-        }
-    }
-}
 
 #[tokio::test]
 async fn idempotent_producer_retries_are_answered_not_rewritten_and_survive_a_restart() {

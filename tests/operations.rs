@@ -8,7 +8,9 @@ mod node_support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use node_support::cluster::{create, publish_retrying, record, Cluster, TIMING};
+use node_support::cluster::{
+    create, idem, offsets, offsets_retrying, publish_retrying, record, Cluster, TIMING,
+};
 use node_support::tools::{http_get, sample, tool};
 use node_support::{tern, TestNode};
 use tern::proto::v1 as pb;
@@ -381,17 +383,13 @@ async fn a_node_killed_mid_stream_restarts_from_its_checkpoints_and_loses_nothin
         .into_inner()
         .producer_id;
     // Batches of two records; sequence = the first record's number.
-    let batch = |seq: u32| pb::PublishRequest {
-        topic: "ckpt".into(),
-        records: (seq..seq + 2).map(|s| record(0, format!("r{s}"))).collect(),
-        producer_id,
-        sequence: seq,
-        ..Default::default()
+    let batch = |seq: u32| {
+        let values = [format!("r{seq}"), format!("r{}", seq + 1)];
+        idem("ckpt", 0, producer_id, seq, &[&values[0], &values[1]])
     };
-    let offsets = |r: pb::PublishResponse| r.acks.iter().map(|a| a.offset).collect::<Vec<_>>();
     let mut last = Vec::new();
     for b in 0..100u32 {
-        last = offsets(c.publish(batch(2 * b)).await.unwrap().into_inner());
+        last = offsets(&mut c, batch(2 * b)).await.unwrap();
     }
     let saved = value(&scrape(&node), "tern_raft_checkpoints_saved_total", &[]);
     assert!(
@@ -402,27 +400,18 @@ async fn a_node_killed_mid_stream_restarts_from_its_checkpoints_and_loses_nothin
 
     let node = TestNode::start(dir.path(), &args);
     let mut c = node.client().await;
-    // The node may still be opening its partition: retry what is not an answer yet.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let again = loop {
-        match c.publish(batch(198)).await {
-            Ok(r) => break offsets(r.into_inner()),
-            Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(s) => panic!("the last batch again: {s:?}"),
-        }
-    };
+    // The node may still be opening its partition: retried while it answers UNAVAILABLE.
+    let again = offsets_retrying(&mut c, batch(198)).await;
     assert_eq!(again, last, "the retried batch was written again");
     let restores = value(&scrape(&node), "tern_raft_checkpoint_restores_total", &[]);
     assert!(restores >= 1.0, "no replica started from its checkpoint");
-    let next = offsets(c.publish(batch(200)).await.unwrap().into_inner());
+    let next = offsets(&mut c, batch(200)).await.unwrap();
     // After the retried batch (a new leader's term may put a control record in between).
     assert!(
         next[0] > last[1] && next[1] == next[0] + 1,
         "{next:?} after {last:?}"
     );
-    let gap = c.publish(batch(210)).await.unwrap_err();
+    let gap = offsets(&mut c, batch(210)).await.unwrap_err();
     assert_eq!(gap.code(), tonic::Code::FailedPrecondition, "{gap:?}");
     let values = node_support::cluster::values(&node_support::fetch_all(&mut c, "ckpt", 0).await);
     let expected: Vec<String> = (0..202).map(|i| format!("r{i}")).collect();

@@ -36,6 +36,7 @@ use tokio::sync::Mutex;
 
 use super::cluster::Cluster;
 use super::payload;
+use super::settings::Chaos;
 
 /// The faults the nemesis knows.
 pub const KINDS: [&str; 8] = [
@@ -208,20 +209,20 @@ fn flip(path: &Path, rng: &mut Rng) -> std::io::Result<u64> {
     Ok(at)
 }
 
-/// Runs the nemesis from `warmup` after the start until `until`: one fault of `kinds` every
-/// `every` (±50%), each held 1–3 s and then healed.
-#[allow(clippy::too_many_arguments)]
+/// Runs the nemesis from `warmup` after the start until `until`: one of `chaos.faults` every
+/// `chaos.every_s` (±50%), from `chaos.seed`, each held 1–3 s and then healed; `partitions`
+/// of each of `topics` are what a `move` picks from.
 pub async fn nemesis(
     cluster: Arc<Mutex<Cluster>>,
     topics: Vec<String>,
     partitions: u32,
-    seed: u64,
-    kinds: Vec<String>,
-    every: Duration,
+    chaos: Chaos,
     warmup: Duration,
     until: Duration,
 ) -> Log {
-    let mut rng = Rng::new(seed);
+    let kinds = chaos.faults;
+    let every = Duration::from_secs(chaos.every_s);
+    let mut rng = Rng::new(chaos.seed);
     let mut log = Log::default();
     let start = Instant::now();
     tokio::time::sleep(warmup).await;
@@ -414,17 +415,33 @@ async fn describe_partition(
     topic: &str,
     partition: u32,
 ) -> anyhow::Result<pb::PartitionInfo> {
+    partitions_at(addr, &[topic.to_string()])
+        .await?
+        .into_iter()
+        .map(|(_, p)| p)
+        .find(|p| p.partition == partition)
+        .ok_or_else(|| anyhow::anyhow!("{addr} does not list {topic}/{partition}"))
+}
+
+/// The partitions of `topics` as the node at `addr` describes them (ClusterInfo).
+async fn partitions_at(
+    addr: &str,
+    topics: &[String],
+) -> anyhow::Result<Vec<(String, pb::PartitionInfo)>> {
     let mut c = super::run::connect(addr).await?;
     let info = c
         .cluster_info(pb::ClusterInfoRequest::default())
         .await?
         .into_inner();
-    info.topics
+    Ok(info
+        .topics
         .into_iter()
-        .filter(|t| t.topic == topic)
-        .flat_map(|t| t.partitions)
-        .find(|p| p.partition == partition)
-        .ok_or_else(|| anyhow::anyhow!("{addr} does not list {topic}/{partition}"))
+        .filter(|t| topics.contains(&t.topic))
+        .flat_map(|t| {
+            let topic = t.topic;
+            t.partitions.into_iter().map(move |p| (topic.clone(), p))
+        })
+        .collect())
 }
 
 /// Asks for `topic`/`partition` to have replicas `to` (node ids; node `i` of the cluster is
@@ -454,7 +471,7 @@ async fn move_to(
                     match c.move_partition(req).await {
                         Ok(_) => asked = true,
                         // Refused for good: asking again changes nothing.
-                        Err(s) if !retryable(s.code()) => {
+                        Err(s) if !super::run::retriable(&s) => {
                             return Err(format!("MovePartition refused: {}", s.message()));
                         }
                         Err(s) => missing = format!("MovePartition: {}", s.message()),
@@ -481,20 +498,6 @@ async fn move_to(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Err(format!("not done after {MOVE_WAIT:?}: {missing}"))
-}
-
-/// Whether a refused call may succeed if asked again (the cluster was changing, a node was
-/// down), as opposed to a request that is wrong.
-fn retryable(code: tonic::Code) -> bool {
-    !matches!(
-        code,
-        tonic::Code::InvalidArgument
-            | tonic::Code::FailedPrecondition
-            | tonic::Code::NotFound
-            | tonic::Code::PermissionDenied
-            | tonic::Code::Unauthenticated
-            | tonic::Code::AlreadyExists
-    )
 }
 
 async fn set_region_delay(cluster: &Arc<Mutex<Cluster>>, region: &str, extra: Duration) {
@@ -556,22 +559,11 @@ type Replicas = BTreeMap<(String, u32), Vec<(usize, Records)>>;
 /// The partitions of `topics` that the node at `addr` holds a replica of (ClusterInfo's
 /// `local`).
 async fn held(addr: &str, topics: &[String]) -> anyhow::Result<Vec<(String, u32)>> {
-    let mut c = super::run::connect(addr).await?;
-    let info = c
-        .cluster_info(pb::ClusterInfoRequest::default())
+    Ok(partitions_at(addr, topics)
         .await?
-        .into_inner();
-    Ok(info
-        .topics
         .into_iter()
-        .filter(|t| topics.contains(&t.topic))
-        .flat_map(|t| {
-            let topic = t.topic;
-            t.partitions
-                .into_iter()
-                .filter(|p| p.local)
-                .map(move |p| (topic.clone(), p.partition))
-        })
+        .filter(|(_, p)| p.local)
+        .map(|(t, p)| (t, p.partition))
         .collect())
 }
 
@@ -654,8 +646,15 @@ pub async fn check_replicas(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    compare(&replicas, acked, &mut f);
+    f
+}
+
+/// Compares every partition's replicas with each other and with what was acknowledged, into
+/// `f`.
+fn compare(replicas: &Replicas, acked: &BTreeMap<u32, Vec<u64>>, f: &mut Final) {
     // Divergence: every holder of a partition against its first.
-    for (key, holders) in &replicas {
+    for (key, holders) in replicas {
         let Some((first, base)) = holders.first() else {
             continue;
         };
@@ -678,43 +677,83 @@ pub async fn check_replicas(
             }
         }
     }
-    // Duplicates within one node's replicas; where each record was found.
-    let mut per_node: BTreeMap<usize, BTreeMap<u32, std::collections::BTreeSet<u64>>> =
-        BTreeMap::new();
-    let mut found: BTreeMap<(u32, u64), &(String, u32)> = BTreeMap::new();
-    for (key, holders) in &replicas {
-        for (i, records) in holders {
+    // Per replica: records held twice, and acknowledged records that another replica of the
+    // same partition holds but this one lacks. An acknowledged record no replica holds is
+    // missing from all of them: counted once per replica a partition has.
+    let acked: std::collections::HashSet<(u32, u64)> = acked
+        .iter()
+        .flat_map(|(p, seqs)| seqs.iter().map(move |s| (*p, *s)))
+        .collect();
+    let mut found = std::collections::HashSet::new();
+    for holders in replicas.values() {
+        let held: Vec<std::collections::HashSet<(u32, u64)>> = holders
+            .iter()
+            .map(|(_, records)| records.iter().map(|&(_, p, s)| (p, s)).collect())
+            .collect();
+        let union: std::collections::HashSet<(u32, u64)> = held.iter().flatten().copied().collect();
+        for ((_, records), set) in holders.iter().zip(&held) {
             f.records += records.len() as u64;
-            let seen = per_node.entry(*i).or_default();
-            for &(_, producer, seq) in records {
-                if !seen.entry(producer).or_default().insert(seq) {
-                    f.duplicated += 1;
-                }
-                found.insert((producer, seq), key);
-            }
+            f.duplicated += (records.len() - set.len()) as u64;
+            f.lost += union
+                .iter()
+                .filter(|r| acked.contains(r) && !set.contains(r))
+                .count() as u64;
         }
+        found.extend(union);
     }
-    // Lost: an acknowledged record no replica holds counts once per replica of a partition
-    // (it is missing from all of them); one some replicas hold counts once per holder of its
-    // partition that lacks it.
-    let replication = replicas.values().map(Vec::len).max().unwrap_or(0) as u64;
-    for (producer, seqs) in acked {
-        for seq in seqs {
-            match found.get(&(*producer, *seq)) {
-                None => f.lost += replication.max(1),
-                Some(key) => {
-                    f.lost += replicas[*key]
-                        .iter()
-                        .filter(|(i, _)| {
-                            !per_node
-                                .get(i)
-                                .and_then(|n| n.get(producer))
-                                .is_some_and(|s| s.contains(seq))
-                        })
-                        .count() as u64;
-                }
-            }
-        }
+    let replication = replicas.values().map(Vec::len).max().unwrap_or(0).max(1) as u64;
+    f.lost += acked.iter().filter(|r| !found.contains(r)).count() as u64 * replication;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(p: u32) -> (String, u32) {
+        ("t".to_string(), p)
     }
-    f
+
+    /// The checker finds what it is for: a record one replica lacks, one no replica holds, a
+    /// record held twice, and two replicas disagreeing at an offset; and a clean set is clean.
+    #[test]
+    fn the_replica_check_finds_loss_duplicates_and_divergence() {
+        let acked = BTreeMap::from([(1, vec![0, 1, 2, 3])]);
+        let clean = |n: u64| -> Records { (0..n).map(|s| (s, 1, s)).collect() };
+        let mut replicas: Replicas =
+            BTreeMap::from([(key(0), vec![(0, clean(4)), (1, clean(4)), (2, clean(4))])]);
+        let mut f = Final::default();
+        compare(&replicas, &acked, &mut f);
+        assert_eq!(
+            (f.records, f.lost, f.duplicated, f.divergent),
+            (12, 0, 0, 0)
+        );
+
+        // Node 3's replica lacks seq 3; seq 3 is elsewhere, so it is lost once (and diverges
+        // at its offset).
+        replicas.get_mut(&key(0)).unwrap()[2].1 = clean(3);
+        let mut f = Final::default();
+        compare(&replicas, &acked, &mut f);
+        assert_eq!((f.lost, f.divergent), (1, 1));
+
+        // Seq 4 acknowledged and held by nobody: missing from all three replicas.
+        let more = BTreeMap::from([(1, vec![0, 1, 2, 3, 4])]);
+        let mut f = Final::default();
+        compare(&replicas, &more, &mut f);
+        assert_eq!(f.lost, 1 + 3);
+
+        // A record held twice by one replica, and a different record at one offset.
+        let mut twice = clean(4);
+        twice.push((4, 1, 0));
+        let mut other = clean(4);
+        other[1] = (1, 2, 9);
+        let replicas: Replicas =
+            BTreeMap::from([(key(0), vec![(0, clean(4)), (1, twice), (2, other)])]);
+        let mut f = Final::default();
+        compare(&replicas, &acked, &mut f);
+        assert_eq!(f.duplicated, 1);
+        // Node 2 has one record more, node 3 one different: two positions diverge.
+        assert_eq!(f.divergent, 2);
+        // Node 3 lacks seq 1 (it holds producer 2's record there).
+        assert_eq!(f.lost, 1);
+    }
 }

@@ -59,6 +59,12 @@ async fn main_async(args: Args) -> anyhow::Result<i32> {
     if !args.secure {
         run::set_security(args.security.clone());
     }
+    // The chaos workload cuts nodes off through their test hook.
+    let node_flags: &[&str] = if s.chaos.is_some() {
+        &["--fault-injection"]
+    } else {
+        &[]
+    };
     let cluster = if !s.regions.is_empty() {
         anyhow::ensure!(
             !args.secure && args.scrape_ms.is_none(),
@@ -69,12 +75,7 @@ async fn main_async(args: Args) -> anyhow::Result<i32> {
             s.nodes_per_region,
             Duration::from_millis(s.rtt_ms),
             args.tern_bin.clone(),
-            // The chaos workload cuts nodes off through their test hook.
-            if s.chaos.is_some() {
-                &["--fault-injection"]
-            } else {
-                &[]
-            },
+            node_flags,
         )
         .await?
     } else {
@@ -85,12 +86,7 @@ async fn main_async(args: Args) -> anyhow::Result<i32> {
                     args.tern_bin.clone(),
                     args.secure,
                     args.scrape_ms.is_some(),
-                    // The chaos workload cuts nodes off through their test hook.
-                    if s.chaos.is_some() {
-                        &["--fault-injection"]
-                    } else {
-                        &[]
-                    },
+                    node_flags,
                 )
                 .await?
             }
@@ -498,9 +494,7 @@ async fn run_on(
             cluster.clone(),
             topics.clone(),
             s.partitions,
-            c.seed,
-            c.faults.clone(),
-            Duration::from_secs(c.every_s),
+            c.clone(),
             Duration::from_millis(200) + Duration::from_secs(s.warmup_s),
             Duration::from_secs(s.warmup_s + s.duration_s),
         ))

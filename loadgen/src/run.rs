@@ -502,7 +502,7 @@ const IDEMPOTENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Whether a failed publish may go again unchanged: anything but a refusal of the request
 /// itself. An idempotent producer's retry is never written twice, whatever the first try did.
-fn retriable(status: &tonic::Status) -> bool {
+pub(crate) fn retriable(status: &tonic::Status) -> bool {
     !matches!(
         status.code(),
         tonic::Code::InvalidArgument

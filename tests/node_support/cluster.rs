@@ -405,3 +405,53 @@ pub fn check_acked(log: &[String], acked: &[u64]) -> usize {
     }
     log.len() - first.len()
 }
+
+/// An idempotent producer's request: `values` to `partition` as producer `producer_id`, the first
+/// with sequence `sequence`.
+pub fn idem(
+    topic: &str,
+    partition: u32,
+    producer_id: u64,
+    sequence: u32,
+    values: &[&str],
+) -> pb::PublishRequest {
+    pb::PublishRequest {
+        topic: topic.into(),
+        records: values
+            .iter()
+            .map(|v| record(partition, v.to_string()))
+            .collect(),
+        request_id: 0,
+        producer_id,
+        sequence,
+    }
+}
+
+/// Publishes; the offsets the records were given.
+pub async fn offsets(
+    c: &mut TernClient<Channel>,
+    req: pb::PublishRequest,
+) -> Result<Vec<u64>, tonic::Status> {
+    Ok(c.publish(req)
+        .await?
+        .into_inner()
+        .acks
+        .into_iter()
+        .map(|a| a.offset)
+        .collect())
+}
+
+/// [`offsets`], going again (for up to 30 s) while the node answers UNAVAILABLE (starting,
+/// electing a leader, or an earlier send still in flight).
+pub async fn offsets_retrying(c: &mut TernClient<Channel>, req: pb::PublishRequest) -> Vec<u64> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match offsets(c, req.clone()).await {
+            Ok(o) => return o,
+            Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(s) => panic!("{s:?}"),
+        }
+    }
+}

@@ -473,6 +473,18 @@ mod tests {
         addr
     }
 
+    /// A proxy in front of `target` that adds nothing of its own.
+    async fn plain(target: SocketAddr) -> Proxy {
+        Proxy::start(
+            "127.0.0.1:0".parse().unwrap(),
+            target,
+            Link::default(),
+            Link::default(),
+        )
+        .await
+        .unwrap()
+    }
+
     async fn round_trip(s: &mut TcpStream, msg: &[u8]) -> Duration {
         let t = std::time::Instant::now();
         s.write_all(msg).await.unwrap();
@@ -506,14 +518,7 @@ mod tests {
     #[tokio::test]
     async fn an_added_delay_holds_on_open_connections_until_removed() {
         let target = echo().await;
-        let p = Proxy::start(
-            "127.0.0.1:0".parse().unwrap(),
-            target,
-            Link::default(),
-            Link::default(),
-        )
-        .await
-        .unwrap();
+        let p = plain(target).await;
         let mut s = TcpStream::connect(p.addr()).await.unwrap();
         round_trip(&mut s, b"before").await;
         p.add_delay(Duration::from_millis(100));
@@ -585,14 +590,7 @@ mod tests {
     #[tokio::test]
     async fn a_cut_carries_nothing_and_a_heal_closes_what_lived_through_it() {
         let target = echo().await;
-        let p = Proxy::start(
-            "127.0.0.1:0".parse().unwrap(),
-            target,
-            Link::default(),
-            Link::default(),
-        )
-        .await
-        .unwrap();
+        let p = plain(target).await;
         let mut old = TcpStream::connect(p.addr()).await.unwrap();
         round_trip(&mut old, b"before").await;
         p.cut();
