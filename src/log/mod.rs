@@ -2,8 +2,8 @@
 //! io_uring). See `docs/storage.md` for the format and the guarantees.
 //!
 //! ```text
-//! Log ── segments ── Segment (.log + .index + .timeindex)
-//!  │                    └─ batches (batch.rs), sparse index (index.rs)
+//! Log ── segments ── Segment (.log + .index + .timeindex + .stamps)
+//!  │                    └─ batches (batch.rs), sparse index (index.rs), stamps (stamps.rs)
 //!  ├─ group commit, positions, truncation, retention (partition_log.rs, retention.rs)
 //!  └─ StateFile: small atomically replaced state, e.g. Raft's vote (state_file.rs)
 //! ```
@@ -16,6 +16,7 @@ mod io;
 mod partition_log;
 pub mod retention;
 mod segment;
+pub mod stamps;
 pub mod state_file;
 mod varint;
 

@@ -35,6 +35,7 @@ use super::index::SparseIndex;
 use super::io::{read_exact, read_small_file, remove_if_exists, write_all_at, SeqReader, Step};
 use super::retention::{self, SegmentInfo};
 use super::segment::{self, Segment};
+use super::stamps::{Stamp, Stamps};
 use super::state_file::{sync_dir, StateFile};
 use crate::types::{Offset, Term, TimestampMs};
 
@@ -280,6 +281,33 @@ impl Log {
         self.inner.repaired.clone()
     }
 
+    /// The sealed segments, oldest first: base offset, the offset after them, and file.
+    pub fn sealed_segments(&self) -> Vec<(Offset, Offset, Rc<Path>)> {
+        let st = self.inner.state.borrow();
+        st.segments
+            .iter()
+            .filter(|s| s.sealed)
+            .map(|s| (s.base, s.next_offset, s.path.clone()))
+            .collect()
+    }
+
+    /// The active segment's base offset and the stamps of its batches, in order.
+    pub fn active_stamps(&self) -> (Offset, Vec<Stamp>) {
+        let st = self.inner.state.borrow();
+        let a = st.active();
+        (a.base, a.stamps.to_vec())
+    }
+
+    /// The batch stamps of a sealed segment (from [`Log::sealed_segments`]), from its
+    /// `.stamps` file: `None` when that is missing or damaged (read its batches instead).
+    pub async fn sealed_stamps(
+        path: &Path,
+        base: Offset,
+        next: Offset,
+    ) -> Result<Option<Vec<Stamp>>, LogError> {
+        segment::read_stamps(path, base, next).await
+    }
+
     /// The segment file where a read found damage (it returned `LogError::Corrupt`), if one
     /// did since this log was opened. Its index files are trusted on open, so an owner that
     /// reopens the log to cut the damage removes them first ([`Log::distrust_index`]).
@@ -517,8 +545,17 @@ impl Log {
                 }
                 Assign::Keep => {}
             }
+            let (term, raft_index) = match assign {
+                Assign::Next(term) => (term.0, 0),
+                Assign::Entry { term, index } => (term.0, index),
+                Assign::Keep => (meta.term.0, meta.raft_index),
+            };
             st.active_mut().on_append(
-                base,
+                Stamp {
+                    base,
+                    term,
+                    raft_index,
+                },
                 meta.record_count,
                 len,
                 meta.first_timestamp,
@@ -661,7 +698,9 @@ impl Log {
         segment::write_index_files(index_files).await?;
         let seg = create_segment(&inner.dir, next, &inner.config).await?;
         let mut st = inner.state.borrow_mut();
-        st.active_mut().sealed = true;
+        let sealed = st.active_mut();
+        sealed.sealed = true;
+        sealed.stamps = Stamps::new(sealed.base);
         st.segments.push(seg);
         st.tail.clear();
         st.stats.rolls += 1;

@@ -5,6 +5,7 @@
 //!   00000000000000000000.log        batches, back to back
 //!   00000000000000000000.index      sparse offset index (sealed segments only)
 //!   00000000000000000000.timeindex  sparse time index (sealed segments only)
+//!   00000000000000000000.stamps     every batch's offset, term, Raft index (sealed only)
 //!   00000000000000004711.log        the active segment: index kept in memory
 //! ```
 
@@ -16,7 +17,8 @@ use glommio::io::DmaFile;
 use super::batch::{self, BatchError};
 use super::error::LogError;
 use super::index::{SegmentSummary, SparseIndex};
-use super::io::{open_rw, remove_if_exists, write_small_file, SeqReader, Step};
+use super::io::{open_rw, read_small_file, remove_if_exists, write_small_file, SeqReader, Step};
+use super::stamps::{Stamp, Stamps};
 use crate::types::{Offset, TimestampMs};
 
 /// The three file names of the segment starting at `base`.
@@ -46,6 +48,9 @@ pub struct Segment {
     pub first_timestamp: Option<TimestampMs>,
     pub max_timestamp: TimestampMs,
     pub index: SparseIndex,
+    /// Its batches' stamps while it is active (written as `.stamps` when it is sealed; empty
+    /// after that).
+    pub stamps: Stamps,
     /// Its index files exist on disk (it was sealed).
     pub sealed: bool,
 }
@@ -55,9 +60,11 @@ impl Segment {
         self.path.with_extension(ext)
     }
 
-    /// The encoded `.index` and `.timeindex` files of this segment, with their paths.
-    pub fn index_files(&self) -> [(PathBuf, Vec<u8>); 2] {
+    /// The encoded `.stamps`, `.index` and `.timeindex` files of this segment, with their
+    /// paths (the stamps first: whole index files are what make a segment sealed on open).
+    pub fn index_files(&self) -> [(PathBuf, Vec<u8>); 3] {
         [
+            (self.index_path("stamps"), self.stamps.encode()),
             (
                 self.index_path("index"),
                 self.index.encode_offset_file(&self.summary()),
@@ -77,12 +84,14 @@ impl Segment {
     /// Records an appended batch at the current end.
     pub fn on_append(
         &mut self,
-        base: Offset,
+        stamp: Stamp,
         count: u32,
         len: usize,
         first: TimestampMs,
         max: TimestampMs,
     ) {
+        let base = stamp.base;
+        self.stamps.push(stamp);
         let rel = (base.0 - self.base.0) as u32;
         self.index
             .on_batch(rel, self.size as u32, self.max_timestamp);
@@ -98,7 +107,7 @@ impl Segment {
 }
 
 /// Writes a sealed segment's index files durably (from [`Segment::index_files`]).
-pub async fn write_index_files(files: [(PathBuf, Vec<u8>); 2]) -> Result<(), LogError> {
+pub async fn write_index_files(files: [(PathBuf, Vec<u8>); 3]) -> Result<(), LogError> {
     for (path, bytes) in files {
         write_small_file(&path, &bytes).await?;
     }
@@ -108,7 +117,20 @@ pub async fn write_index_files(files: [(PathBuf, Vec<u8>); 2]) -> Result<(), Log
 /// Removes a segment's index files (it became active again, or it is being deleted).
 pub async fn remove_index_files(log_path: &Path) -> Result<(), LogError> {
     remove_if_exists(&log_path.with_extension("index")).await?;
-    remove_if_exists(&log_path.with_extension("timeindex")).await
+    remove_if_exists(&log_path.with_extension("timeindex")).await?;
+    remove_if_exists(&log_path.with_extension("stamps")).await
+}
+
+/// The batch stamps of the sealed segment at `log_path` (from `base` to before `next`), from
+/// its `.stamps` file: `None` when the file is missing or damaged (the segment's batches say
+/// the same, read whole).
+pub async fn read_stamps(
+    log_path: &Path,
+    base: Offset,
+    next: Offset,
+) -> Result<Option<Vec<Stamp>>, LogError> {
+    let file = read_small_file(&log_path.with_extension("stamps")).await?;
+    Ok(file.and_then(|f| super::stamps::decode(&f, base, next)))
 }
 
 /// Opens the file of the segment starting at `base` in `dir`, and its length.
@@ -130,6 +152,7 @@ pub struct Scan {
     pub first_timestamp: Option<TimestampMs>,
     pub max_timestamp: TimestampMs,
     pub index: SparseIndex,
+    pub stamps: Stamps,
     /// The Raft index stamped in the last valid batch (0 outside Raft).
     pub last_raft_index: Option<u64>,
     /// Why the scan stopped before `end`, and where.
@@ -152,6 +175,7 @@ pub async fn scan(
         first_timestamp: None,
         max_timestamp: TimestampMs(i64::MIN),
         index: SparseIndex::new(index_interval_bytes),
+        stamps: Stamps::new(base),
         last_raft_index: None,
         stopped: None,
     };
@@ -192,6 +216,11 @@ pub async fn scan(
                 }
                 let rel = (m.base_offset.0 - base.0) as u32;
                 out.index.on_batch(rel, position as u32, out.max_timestamp);
+                out.stamps.push(Stamp {
+                    base: m.base_offset,
+                    term: m.term.0,
+                    raft_index: m.raft_index,
+                });
                 out.first_timestamp.get_or_insert(m.first_timestamp);
                 out.max_timestamp = out.max_timestamp.max(m.max_timestamp);
                 out.next_offset = m.next_offset();
@@ -221,6 +250,7 @@ pub fn from_scan(
         first_timestamp: s.first_timestamp,
         max_timestamp: s.max_timestamp,
         index: s.index,
+        stamps: s.stamps,
         sealed,
     }
 }

@@ -22,6 +22,7 @@ pub(super) async fn create_segment(
         first_timestamp: None,
         max_timestamp: TimestampMs(i64::MIN),
         index: SparseIndex::new(config.index_interval_bytes),
+        stamps: Stamps::new(base),
         sealed: false,
     })
 }
@@ -301,6 +302,7 @@ async fn open_sealed(
                     first_timestamp: None,
                     max_timestamp: summary.max_timestamp,
                     index,
+                    stamps: Stamps::new(base),
                     sealed: true,
                 }));
             }

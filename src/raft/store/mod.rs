@@ -90,6 +90,8 @@ struct Shared {
     checkpoint: StateFile,
     checkpointed: Cell<u64>,
     checkpoint_every: Cell<u64>,
+    /// The part of the log opened from stamps files, whose batches no read has checked yet.
+    unverified: Cell<Option<(Offset, Offset)>>,
 }
 
 impl Shared {
@@ -129,6 +131,12 @@ impl StoreHandle {
     /// Saves the applied checkpoint every `entries` applied entries (at least 1).
     pub fn set_checkpoint_entries(&self, entries: u64) {
         self.0.checkpoint_every.set(entries.max(1));
+    }
+
+    /// The offsets `[from, to)` opened from sealed segments' stamps files without reading
+    /// their batches (once: whoever takes it verifies them, e.g. `Partition::verify`).
+    pub fn take_unverified(&self) -> Option<(Offset, Offset)> {
+        self.0.unverified.take()
     }
 
     /// The last entry that ends at or before `offset`, if any is still in the log.
@@ -474,6 +482,40 @@ pub async fn open_with_handle(
     }
     let pos = log.positions();
     let mut at = pos.start;
+    let push = |map: &mut EntryMap, index: u64, base: Offset, term: u64| {
+        if purged.is_some_and(|p| index <= p) {
+            return Ok(());
+        }
+        map.push(index, Slot { base, term }).map_err(io_err)
+    };
+    // Sealed segments from their stamps files, without reading their batches (a restart then
+    // costs the active segment, not the whole log); the batches are verified in the
+    // background afterwards (`StoreHandle::unverified`). A missing or damaged stamps file
+    // ends this: from there the batches are read.
+    for (base, next, path) in log.sealed_segments() {
+        if base != at {
+            break;
+        }
+        let Some(stamps) = Log::sealed_stamps(&path, base, next)
+            .await
+            .map_err(io_err)?
+        else {
+            break;
+        };
+        for s in stamps {
+            push(&mut map, s.raft_index, s.base, s.term)?;
+        }
+        at = next;
+    }
+    let unverified = (at > pos.start).then_some((pos.start, at));
+    // The active segment's stamps are in memory: its recovery read every batch of it.
+    let (active, stamps) = log.active_stamps();
+    if active == at {
+        for s in stamps.iter().take_while(|s| s.base < pos.written) {
+            push(&mut map, s.raft_index, s.base, s.term)?;
+        }
+        at = at.max(pos.written);
+    }
     while at < pos.next {
         let read = log
             .read(at, READ_CHUNK, ReadBound::Written)
@@ -484,17 +526,7 @@ pub async fn open_with_handle(
         }
         for b in &read.batches {
             let m = b.meta();
-            if purged.is_some_and(|p| m.raft_index <= p) {
-                continue;
-            }
-            map.push(
-                m.raft_index,
-                Slot {
-                    base: m.base_offset,
-                    term: m.term.0,
-                },
-            )
-            .map_err(io_err)?;
+            push(&mut map, m.raft_index, m.base_offset, m.term.0)?;
         }
         at = read.next_offset();
     }
@@ -550,6 +582,7 @@ pub async fn open_with_handle(
         checkpoint: checkpoint_file,
         checkpointed: Cell::new(applied.map_or(0, |a| a.index)),
         checkpoint_every: Cell::new(checkpoint::EVERY),
+        unverified: Cell::new(unverified),
     });
     Ok((
         LogStore {

@@ -502,3 +502,85 @@ fn a_damaged_checkpoint_is_ignored() {
         assert_eq!(sm.applied_state().await.unwrap().0, None);
     });
 }
+
+/// A restart maps the sealed segments' entries from their stamps files, not their batches:
+/// a flipped byte inside a sealed segment does not stop the open (that part is handed on to
+/// be verified in the background, and a read of it still refuses the bad batch), while
+/// without the stamps file the same open reads the batches and finds the damage. The map is
+/// the same from stamps as from batches.
+#[test]
+fn a_restart_maps_sealed_segments_from_their_stamps_files() {
+    GlommioRuntime::run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            segment_bytes_max: 4096,
+            ..LogConfig::default()
+        };
+        let value = "v".repeat(500);
+        {
+            let log = Log::open(dir.path(), config.clone()).await.unwrap();
+            let (mut ls, _sm) = open(log.clone(), dir.path()).await.unwrap();
+            let entries = (0..=40)
+                .map(|i| data_entry(1 + i / 20, i, &[&value, &value]))
+                .collect::<Vec<_>>();
+            let (otx, orx) = <GlommioRuntime as AsyncRuntime>::Oneshot::channel();
+            ls.append(entries, IOFlushed::signal(otx)).await.unwrap();
+            orx.await.unwrap().unwrap();
+            log.close().await.unwrap();
+        }
+        let sealed = {
+            let log = Log::open(dir.path(), config.clone()).await.unwrap();
+            let sealed = log.sealed_segments();
+            assert!(sealed.len() >= 4, "{} sealed segments", sealed.len());
+            let (mut ls, _sm, h) = open_with_handle(log.clone(), dir.path(), Rc::new(|| {}))
+                .await
+                .unwrap();
+            assert_eq!(
+                h.take_unverified(),
+                Some((Offset(0), sealed.last().unwrap().1)),
+                "every sealed segment came from its stamps file"
+            );
+            let ids: Vec<_> = ls
+                .try_get_log_entries(0..41)
+                .await
+                .unwrap()
+                .iter()
+                .map(|e| e.log_id)
+                .collect();
+            let want: Vec<_> = (0..=40).map(|i| log_id(1 + i / 20, i)).collect();
+            assert_eq!(ids, want);
+            log.close().await.unwrap();
+            sealed
+        };
+        let (_, _, victim) = &sealed[1];
+        let mut bytes = std::fs::read(victim).unwrap();
+        let at = bytes.len() / 2;
+        bytes[at] ^= 0x10;
+        std::fs::write(victim, bytes).unwrap();
+        {
+            let log = Log::open(dir.path(), config.clone()).await.unwrap();
+            let (mut ls, _sm) = open(log.clone(), dir.path()).await.unwrap();
+            let last = ls.get_log_state().await.unwrap().last_log_id;
+            assert_eq!(
+                last,
+                Some(log_id(3, 40)),
+                "opened without reading the damage"
+            );
+            let damaged = sealed[1].0 .0 as usize;
+            let read = log
+                .read(Offset(damaged as u64), 1 << 20, ReadBound::Written)
+                .await;
+            assert!(read.is_err(), "a read of the damaged segment is refused");
+            assert_eq!(log.damaged_segment().as_deref(), Some(&**victim));
+            log.close().await.unwrap();
+        }
+        std::fs::remove_file(victim.with_extension("stamps")).unwrap();
+        let log = Log::open(dir.path(), config).await.unwrap();
+        let opened = open(log.clone(), dir.path()).await;
+        assert!(
+            opened.is_err(),
+            "without its stamps the segment's batches are read, and the damage found"
+        );
+        log.close().await.unwrap();
+    });
+}

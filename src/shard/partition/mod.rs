@@ -49,6 +49,48 @@ pub use append::AppendRequest;
 /// the first damage found; later segments go with the cut).
 const DAMAGED_OPENS_MAX: u32 = 3;
 
+/// Bytes a background verification reads at a time, and its pause between two reads (at
+/// most about 200 MB/s, beside the partition's own traffic).
+const VERIFY_CHUNK: usize = 1 << 20;
+const VERIFY_PAUSE: Duration = Duration::from_millis(5);
+
+/// Reads the batches of the sealed segments that the Raft store opened from their stamps files
+/// (`log::stamps`), in the background and at a bounded pace, checking every CRC as any read
+/// does: damage in them is found soon after a start, as the open found it when it read the
+/// whole log. A read that meets damage marks the segment, and the core repairs the replica
+/// (`Partition::damage`); a replica closed meanwhile ends it.
+async fn verify(log: Log, partition: String, from: crate::types::Offset, to: crate::types::Offset) {
+    let began = Instant::now();
+    let (mut at, mut bytes) = (from, 0u64);
+    while at < to {
+        match log
+            .read(at, VERIFY_CHUNK, crate::log::ReadBound::Written)
+            .await
+        {
+            Ok(read) if !read.batches.is_empty() => {
+                bytes += read
+                    .batches
+                    .iter()
+                    .map(|b| b.bytes().len() as u64)
+                    .sum::<u64>();
+                at = read.next_offset();
+            }
+            Ok(_) => break,
+            Err(e) => {
+                tracing::debug!(%partition, at = at.0, error = %e, "background verification stopped");
+                return;
+            }
+        }
+        glommio::timer::sleep(VERIFY_PAUSE).await;
+    }
+    tracing::info!(
+        %partition,
+        bytes,
+        ms = began.elapsed().as_millis() as u64,
+        "sealed segments verified"
+    );
+}
+
 /// How long opening a partition waits for its group to elect a leader.
 const ELECTION_WAIT: Duration = Duration::from_secs(30);
 
@@ -185,6 +227,7 @@ impl Partition {
         let dir = dir.as_path();
         let replica = &replica;
         let alone = voters.len() == 1 && voters.contains_key(&replica.node_id);
+        let began = Instant::now();
         // No voters: this replica joins a group that exists elsewhere (it is being added by a
         // move) and waits for its leader; it never initializes the group itself.
         let joining = voters.is_empty();
@@ -210,6 +253,7 @@ impl Partition {
             Log::open_repairing(dir, config).await
         }
         .map_err(|e| (CoreError::from(e), None))?;
+        let log_opened = began.elapsed();
         let waiters: Waiters = Rc::default();
         let on_commit = {
             let w = waiters.clone();
@@ -264,6 +308,12 @@ impl Partition {
             }
         };
         store.set_checkpoint_entries(replica.checkpoint_entries);
+        tracing::debug!(
+            partition = %key,
+            log_ms = log_opened.as_millis() as u64,
+            total_ms = began.elapsed().as_millis() as u64,
+            "partition opened"
+        );
         // From here a failure must not leave the group's tasks and the log running.
         let ready = async {
             store
@@ -302,6 +352,9 @@ impl Partition {
             let _ = raft.shutdown().await;
             let _ = log.close().await;
             return Err((e, None));
+        }
+        if let Some((from, to)) = store.take_unverified() {
+            glommio::spawn_local(verify(log.clone(), key.to_string(), from, to)).detach();
         }
         Ok(Self {
             key,
