@@ -15,6 +15,7 @@ use crate::groups::GroupError;
 use crate::log::{BatchError, LogError};
 use crate::proto::metadata;
 use crate::raft::types::NodeId;
+use crate::raft::RaftError;
 use crate::shard::CoreError;
 
 fn insert(s: &mut Status, key: &'static str, value: String) {
@@ -163,6 +164,18 @@ pub fn from_core(e: CoreError) -> Status {
         }
         e @ CoreError::InFlight => Status::unavailable(e.to_string()),
         e @ CoreError::OutOfOrder { .. } => Status::failed_precondition(e.to_string()),
+        // The group stopped under the request (its replica closed for a move, a repair or a
+        // shutdown), or a peer did not answer: transient, another replica or a retry serves
+        // it. Whether the write landed is unknown, so no `tern-unwritten`: idempotent
+        // producers resend safely.
+        e @ CoreError::Raft(
+            RaftError::Stopped(_)
+            | RaftError::Unreachable { .. }
+            | RaftError::Timeout { .. }
+            | RaftError::QueueFull { .. }
+            | RaftError::CutOff { .. }
+            | RaftError::ShuttingDown,
+        ) => Status::unavailable(e.to_string()),
         e @ (CoreError::Raft(_) | CoreError::NotAVoter { .. } | CoreError::NoTransport(_)) => {
             Status::internal(e.to_string())
         }
@@ -263,6 +276,20 @@ mod tests {
             !s.metadata().contains_key(metadata::UNWRITTEN),
             "may be committed: not safe to resend blindly"
         );
+    }
+
+    /// A group that stopped under a request (a replica closed by a move) is retryable, without
+    /// a promise that nothing was written; a bug-class Raft error stays INTERNAL.
+    #[test]
+    fn a_stopped_group_is_unavailable() {
+        let s = from_core(CoreError::Raft(RaftError::Stopped("closed".into())));
+        assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+        assert!(!s.metadata().contains_key(metadata::UNWRITTEN));
+        let s = from_core(CoreError::Raft(RaftError::Storage {
+            dir: "d".into(),
+            error: "e".into(),
+        }));
+        assert_eq!(s.code(), tonic::Code::Internal);
     }
 
     /// A peer's own answer passes through a node unchanged: code, message and metadata.
