@@ -90,6 +90,8 @@ struct Shared {
     checkpoint: StateFile,
     checkpointed: Cell<u64>,
     checkpoint_every: Cell<u64>,
+    /// Batch bytes applied since the last checkpoint.
+    applied_bytes: Cell<u64>,
     /// The part of the log opened from stamps files, whose batches no read has checked yet.
     unverified: Cell<Option<(Offset, Offset)>>,
 }
@@ -240,10 +242,13 @@ impl Shared {
     /// failed save is only logged: it costs a longer replay after a restart, nothing else.
     async fn maybe_checkpoint(&self, applied: Option<LogId>, membership: &StoredMembership) {
         let Some(at) = applied else { return };
-        if at.index < self.checkpointed.get() + self.checkpoint_every.get() {
+        if at.index < self.checkpointed.get() + self.checkpoint_every.get()
+            && self.applied_bytes.get() < checkpoint::EVERY_BYTES
+        {
             return;
         }
         self.checkpointed.set(at.index);
+        self.applied_bytes.set(0);
         let encoded = checkpoint::encode(at, membership, &self.producers.borrow());
         let saved = match encoded {
             Ok(bytes) => self.checkpoint.write(&bytes).await.map_err(io_err),
@@ -582,6 +587,7 @@ pub async fn open_with_handle(
         checkpoint: checkpoint_file,
         checkpointed: Cell::new(applied.map_or(0, |a| a.index)),
         checkpoint_every: Cell::new(checkpoint::EVERY),
+        applied_bytes: Cell::new(0),
         unverified: Cell::new(unverified),
     });
     Ok((

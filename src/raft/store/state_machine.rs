@@ -90,6 +90,8 @@ impl RaftStateMachine<PartitionRaft> for StateMachine {
             if let Some(o) = offsets {
                 commit_to = Some(Offset(o.end));
                 if let EntryPayload::Normal(EntryBatch(b)) = &entry.payload {
+                    let applied = &self.shared.applied_bytes;
+                    applied.set(applied.get() + b.bytes().len() as u64);
                     let m = b.meta();
                     self.shared.producers.borrow_mut().applied(
                         m.producer_id,

@@ -584,3 +584,39 @@ fn a_restart_maps_sealed_segments_from_their_stamps_files() {
         log.close().await.unwrap();
     });
 }
+
+/// Large entries are checkpointed by bytes applied, whatever the entry count: a restart never
+/// re-applies much more than `EVERY_BYTES` of log.
+#[test]
+fn a_checkpoint_is_saved_after_enough_bytes_whatever_the_entry_count() {
+    GlommioRuntime::run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let value = "v".repeat(900 << 10);
+        let n = 24;
+        {
+            let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+            let (mut ls, mut sm, h) = open_with_handle(log.clone(), dir.path(), Rc::new(|| {}))
+                .await
+                .unwrap();
+            h.set_checkpoint_entries(u64::MAX / 2);
+            let entries = (0..n)
+                .map(|i| data_entry(1, i, &[&value]))
+                .collect::<Vec<_>>();
+            let (otx, orx) = <GlommioRuntime as AsyncRuntime>::Oneshot::channel();
+            ls.append(entries, IOFlushed::signal(otx)).await.unwrap();
+            orx.await.unwrap().unwrap();
+            for i in 0..n {
+                apply(&mut sm, ls.try_get_log_entries(i..i + 1).await.unwrap())
+                    .await
+                    .unwrap();
+            }
+            log.close().await.unwrap();
+        }
+        let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+        let (_ls, mut sm) = open(log.clone(), dir.path()).await.unwrap();
+        let (applied, _) = sm.applied_state().await.unwrap();
+        // 16 MiB is crossed by the 19th entry of 900 KiB (index 18).
+        assert_eq!(applied, Some(log_id(1, 18)));
+        log.close().await.unwrap();
+    });
+}
