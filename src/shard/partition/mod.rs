@@ -50,9 +50,15 @@ pub use append::AppendRequest;
 const DAMAGED_OPENS_MAX: u32 = 3;
 
 /// Bytes a background verification reads at a time, and its pause between two reads (at
-/// most about 200 MB/s, beside the partition's own traffic).
+/// most about 200 MB/s per core, beside the partitions' own traffic).
 const VERIFY_CHUNK: usize = 1 << 20;
 const VERIFY_PAUSE: Duration = Duration::from_millis(5);
+
+thread_local! {
+    /// One background verification at a time per core (each holds a read buffer of
+    /// `VERIFY_CHUNK`): a node opening thousands of partitions verifies them one by one.
+    static VERIFYING: Rc<glommio::sync::Semaphore> = Rc::new(glommio::sync::Semaphore::new(1));
+}
 
 /// Reads the batches of the sealed segments that the Raft store opened from their stamps files
 /// (`log::stamps`), in the background and at a bounded pace, checking every CRC as any read
@@ -60,6 +66,10 @@ const VERIFY_PAUSE: Duration = Duration::from_millis(5);
 /// whole log. A read that meets damage marks the segment, and the core repairs the replica
 /// (`Partition::damage`); a replica closed meanwhile ends it.
 async fn verify(log: Log, partition: String, from: crate::types::Offset, to: crate::types::Offset) {
+    let gate = VERIFYING.with(Rc::clone);
+    let Ok(_turn) = gate.acquire_permit(1).await else {
+        return;
+    };
     let began = Instant::now();
     let (mut at, mut bytes) = (from, 0u64);
     while at < to {
