@@ -17,6 +17,8 @@
 //!              back again, each through MovePartition while the load runs
 //!   delay      20-500 ms more one-way delay on every tern-wan link into and out of a node's
 //!              region (a cluster spawned with --regions), then back to what it was
+//!   clock      a node's wall clock jumps 10 s to 1 h ahead or behind, then back (nodes run
+//!              under libfaketime; their monotonic clocks stay real)
 //! heal ──▶ every fault cleared, every node running ──▶ each replica read from its own node
 //! ```
 //!
@@ -39,7 +41,7 @@ use super::payload;
 use super::settings::Chaos;
 
 /// The faults the nemesis knows.
-pub const KINDS: [&str; 8] = [
+pub const KINDS: [&str; 9] = [
     "kill",
     "pause",
     "partition",
@@ -48,6 +50,7 @@ pub const KINDS: [&str; 8] = [
     "corrupt",
     "move",
     "delay",
+    "clock",
 ];
 
 /// How long a membership change may take before the nemesis calls it failed.
@@ -326,6 +329,32 @@ pub async fn nemesis(
                     }
                 }
             }
+            "clock" => {
+                let secs = (10 + rng.below(3591)) as i64 * if rng.below(2) == 0 { 1 } else { -1 };
+                let (set, faked) = {
+                    let c = cluster.lock().await;
+                    (c.set_clock(node, secs), c.clock_faked(node))
+                };
+                let what = match &set {
+                    Ok(()) if faked => {
+                        tokio::time::sleep(hold).await;
+                        format!(
+                            "node {}'s wall clock {secs:+} s off for {hold:?}, then back",
+                            node + 1
+                        )
+                    }
+                    Ok(()) => format!(
+                        "clock: node {} does not run under libfaketime (not loaded)",
+                        node + 1
+                    ),
+                    Err(e) => format!("clock: node {}: {e:#}", node + 1),
+                };
+                let back = cluster.lock().await.set_clock(node, 0);
+                if !faked || set.is_err() || back.is_err() {
+                    log.failed.push(format!("t={at:6.1}s  {what}"));
+                }
+                what
+            }
             other => format!("unknown fault {other}"),
         };
         let line = format!("t={at:6.1}s  {what}");
@@ -517,8 +546,15 @@ async fn restart(cluster: &Arc<Mutex<Cluster>>, node: usize) {
 }
 
 /// Heals everything: every node running and resumed, every isolation cleared, every added
-/// delay removed.
+/// delay removed, every wall clock back to real time.
 pub async fn heal(cluster: &Arc<Mutex<Cluster>>) {
+    {
+        let c = cluster.lock().await;
+        for i in 0..c.addrs.len() {
+            // Only clusters under libfaketime have clocks to set back.
+            let _ = c.set_clock(i, 0);
+        }
+    }
     let regions = cluster.lock().await.regions.clone();
     for r in &regions {
         set_region_delay(cluster, r, Duration::ZERO).await;

@@ -28,7 +28,17 @@ pub struct Cluster {
     /// A geo cluster's delay lines between regions, and each node's region.
     pub mesh: Option<tern_wan::Mesh>,
     pub regions: Vec<String>,
+    /// Nodes started under libfaketime (the chaos `clock` fault): the library, and the
+    /// directory of each node's clock file.
+    clock: Option<(PathBuf, tempfile::TempDir)>,
 }
+
+/// Set by `Cluster::fake_wall_clocks`.
+static FAKE_CLOCKS: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Where Debian's libfaketime puts its multithreaded library (`scripts/test-tools
+/// libfaketime` installs it).
+pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
 
 /// Certificates from a throwaway CA and a random bootstrap token in `dir`; each node's flags
 /// for TLS and required authentication. Sets loadgen's own connections to use them.
@@ -183,7 +193,7 @@ impl Cluster {
         node_args: Vec<Vec<String>>,
     ) -> anyhow::Result<Cluster> {
         let n = node_args.len();
-        Ok(Cluster {
+        let mut c = Cluster {
             _secrets: None,
             addrs: vec![String::new(); n],
             admins: Vec::new(),
@@ -196,7 +206,57 @@ impl Cluster {
                 .collect::<Result<_, _>>()?,
             mesh: None,
             regions: Vec::new(),
-        })
+            clock: None,
+        };
+        if let Some(lib) = FAKE_CLOCKS.get() {
+            c.clock = Some((lib.clone(), tempfile::tempdir()?));
+            for i in 0..n {
+                c.set_clock(i, 0)?;
+            }
+        }
+        Ok(c)
+    }
+
+    /// Starts the nodes of clusters spawned from now on under libfaketime at `lib`, each
+    /// wall clock offset by what its clock file says (`set_clock`); monotonic clocks stay
+    /// real.
+    pub fn fake_wall_clocks(lib: PathBuf) -> anyhow::Result<()> {
+        if !lib.exists() {
+            anyhow::bail!(
+                "{} not found: the clock fault needs libfaketime (Debian's package; \
+                 scripts/test-tools libfaketime installs it, or give --libfaketime)",
+                lib.display()
+            );
+        }
+        let _ = FAKE_CLOCKS.set(lib);
+        Ok(())
+    }
+
+    fn clock_file(&self, i: usize) -> Option<PathBuf> {
+        let (_, dir) = self.clock.as_ref()?;
+        Some(dir.path().join(format!("node-{}", i + 1)))
+    }
+
+    /// Sets node `i`'s wall clock `secs` seconds off real time (it reads its clock file at
+    /// most a second later).
+    pub fn set_clock(&self, i: usize, secs: i64) -> anyhow::Result<()> {
+        let Some(file) = self.clock_file(i) else {
+            anyhow::bail!("the nodes were not started under libfaketime");
+        };
+        let tmp = file.with_extension("tmp");
+        std::fs::write(&tmp, format!("{secs:+}\n"))?;
+        std::fs::rename(&tmp, &file)?;
+        Ok(())
+    }
+
+    /// Whether node `i`'s process has libfaketime loaded (what makes `set_clock` act).
+    pub fn clock_faked(&self, i: usize) -> bool {
+        let (Some(pid), Some((lib, _))) = (self.pid(i), self.clock.as_ref()) else {
+            return false;
+        };
+        let name = lib.file_name().map(|n| n.to_string_lossy().into_owned());
+        std::fs::read_to_string(format!("/proc/{pid}/maps"))
+            .is_ok_and(|maps| name.is_some_and(|n| maps.contains(&n)))
     }
 
     pub async fn spawn(
@@ -268,7 +328,15 @@ impl Cluster {
     /// Starts (or restarts) node `i` and waits until it listens.
     pub async fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
         let dir = self.dirs[i].path().to_path_buf();
-        let mut child = Command::new(&self.program)
+        let mut command = Command::new(&self.program);
+        if let (Some((lib, _)), Some(file)) = (&self.clock, self.clock_file(i)) {
+            command
+                .env("LD_PRELOAD", lib)
+                .env("FAKETIME_TIMESTAMP_FILE", file)
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+                .env("FAKETIME_CACHE_DURATION", "1");
+        }
+        let mut child = command
             .args(&self.prefix)
             .args(&self.node_args[i])
             .arg("--data-dir")
@@ -369,6 +437,7 @@ impl Cluster {
             _secrets: None,
             mesh: None,
             regions: Vec::new(),
+            clock: None,
         }
     }
 

@@ -65,6 +65,14 @@ async fn main_async(args: Args) -> anyhow::Result<i32> {
     } else {
         &[]
     };
+    if let Some(lib) = s.chaos.as_ref().and_then(|c| c.libfaketime.clone()) {
+        anyhow::ensure!(
+            args.spawn.is_some() || !s.regions.is_empty(),
+            "the clock fault starts the nodes it spawns under libfaketime: use --spawn or \
+             --regions"
+        );
+        cluster::Cluster::fake_wall_clocks(lib)?;
+    }
     let cluster = if !s.regions.is_empty() {
         anyhow::ensure!(
             !args.secure && args.scrape_ms.is_none(),

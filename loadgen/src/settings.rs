@@ -117,9 +117,15 @@ pub struct Args {
     pub seed: Option<u64>,
     /// The faults the chaos workload draws from, comma-separated: kill, pause, partition,
     /// one-way, bridge, corrupt, move (needs more nodes than replicas), delay (needs
-    /// --regions) [default: all that the cluster allows].
+    /// --regions), clock (needs libfaketime) [default: all that the cluster and machine
+    /// allow].
     #[arg(long, value_delimiter = ',')]
     pub faults: Vec<String>,
+    /// The libfaketime library the chaos `clock` fault starts nodes under (Debian's
+    /// libfaketime; `scripts/test-tools libfaketime` installs it) [default:
+    /// /usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1].
+    #[arg(long)]
+    pub libfaketime: Option<std::path::PathBuf>,
     /// Seconds between two faults of the chaos workload, on average.
     #[arg(long)]
     pub fault_every: Option<u64>,
@@ -140,6 +146,8 @@ pub struct Args {
 pub struct Chaos {
     pub seed: u64,
     pub faults: Vec<String>,
+    /// The library the `clock` fault needs, when it is among the faults.
+    pub libfaketime: Option<std::path::PathBuf>,
     pub every_s: u64,
     /// Members of each checked group (`group.rs`).
     pub group_members: usize,
@@ -336,6 +344,7 @@ impl Settings {
                 chaos: Some(Chaos {
                     seed: 0,
                     faults: super::chaos::KINDS.iter().map(|k| k.to_string()).collect(),
+                    libfaketime: None,
                     every_s: 4,
                     group_members: 2,
                 }),
@@ -487,6 +496,30 @@ impl Settings {
                 );
                 c.faults.retain(|f| f != "delay");
             }
+            // Clock jumps need the nodes started under libfaketime.
+            let lib = a
+                .libfaketime
+                .clone()
+                .unwrap_or_else(|| super::cluster::LIBFAKETIME.into());
+            if c.faults.iter().any(|f| f == "clock") {
+                if lib.exists() {
+                    c.libfaketime = Some(lib);
+                } else {
+                    anyhow::ensure!(
+                        !a.faults.iter().any(|f| f == "clock"),
+                        "--faults clock needs libfaketime, and {} does not exist (install \
+                         Debian's libfaketime, e.g. with scripts/test-tools libfaketime, or \
+                         give --libfaketime)",
+                        lib.display()
+                    );
+                    eprintln!(
+                        "loadgen: chaos: the clock fault is left out: {} does not exist \
+                         (scripts/test-tools libfaketime installs it)",
+                        lib.display()
+                    );
+                    c.faults.retain(|f| f != "clock");
+                }
+            }
             // A move needs a node without a replica to move to.
             if s.nodes <= s.replication_factor as usize {
                 anyhow::ensure!(
@@ -516,9 +549,11 @@ impl Settings {
             anyhow::ensure!(
                 a.seed.is_none()
                     && a.faults.is_empty()
+                    && a.libfaketime.is_none()
                     && a.fault_every.is_none()
                     && a.group_members.is_none(),
-                "--seed, --faults, --fault-every and --group-members are for the chaos workload"
+                "--seed, --faults, --libfaketime, --fault-every and --group-members are for the \
+                 chaos workload"
             );
         }
         anyhow::ensure!(

@@ -77,6 +77,22 @@ fn chaos_run(seed: &str, args: &[&str]) -> serde_json::Value {
     chaos.clone()
 }
 
+/// Debian's libfaketime, installed by the project's script if missing (the `clock` fault
+/// needs it; without it the default fault set would differ from machine to machine).
+fn libfaketime() -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/test-tools");
+    let out = Command::new(script)
+        .arg("libfaketime")
+        .output()
+        .expect("scripts/test-tools runs");
+    assert!(
+        out.status.success(),
+        "scripts/test-tools libfaketime failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
 #[test]
 fn a_short_seeded_chaos_run_loses_duplicates_and_diverges_nothing() {
     // Seed 8 once killed node 2 at 5.6 s where it led a partition; it came back leading in the
@@ -84,12 +100,50 @@ fn a_short_seeded_chaos_run_loses_duplicates_and_diverges_nothing() {
     // they could be written twice) until idempotence waited for the whole log. Whether a run
     // hits such a window depends on timing; any seed must pass.
     let seed = std::env::var("TERN_CHAOS_SEED").unwrap_or_else(|_| "8".into());
+    let lib = libfaketime();
     let chaos = chaos_run(
         &seed,
-        &["--spawn", "3", "--duration", "30", "--fault-every", "3"],
+        &[
+            "--spawn",
+            "3",
+            "--duration",
+            "30",
+            "--fault-every",
+            "3",
+            "--libfaketime",
+            &lib,
+        ],
     );
     let faults = chaos["faults"].as_array().unwrap();
     assert!(faults.len() >= 5, "only {} faults: {chaos}", faults.len());
+}
+
+/// Wall clocks jumping between kills: a node's wall clock goes 10 s to 1 h ahead or behind
+/// for 1-3 s (libfaketime; monotonic clocks stay real) while the load runs. Raft's timing
+/// uses monotonic clocks only, so nothing may be lost, doubled, reordered or diverge, and
+/// the groups (whose sessions must not expire by a jump) stay clean. The harness checks that
+/// each node it jumps has libfaketime loaded, so a jump cannot silently do nothing.
+#[test]
+fn wall_clock_jumps_between_kills_lose_nothing() {
+    let seed = std::env::var("TERN_CHAOS_SEED").unwrap_or_else(|_| "3".into());
+    let lib = libfaketime();
+    let chaos = chaos_run(
+        &seed,
+        &[
+            "--spawn",
+            "3",
+            "--duration",
+            "20",
+            "--fault-every",
+            "3",
+            "--faults",
+            "clock,kill",
+            "--libfaketime",
+            &lib,
+        ],
+    );
+    let n = chaos["fault_counts"]["clock"].as_u64().unwrap_or(0);
+    assert!(n >= 2, "fewer than two clock jumps: {chaos}");
 }
 
 /// Membership changes and delays under load, between kills, on four nodes that talk through
