@@ -3,8 +3,9 @@
 //! libraries, since no registry can be reached), three nodes start under the shipped seccomp
 //! profile with io_uring in use, a client outside the containers creates a topic, publishes and
 //! subscribes, `docker kill` of the leader's container loses no acknowledged record, the
-//! restarted container catches up, and every node's /metrics passes promtool with the values
-//! the load implies.
+//! restarted container catches up, every node's /metrics passes promtool with the values
+//! the load implies, and a leader cut off by `docker network disconnect` (a partition made
+//! by the kernel) is replaced and, reconnected, catches up without losing anything.
 
 mod node_support;
 
@@ -419,4 +420,78 @@ async fn the_compose_cluster_runs_with_io_uring_survives_docker_kill_and_exports
         )
         .unwrap_or(0.0);
     assert!(publishes > 0.0, "{text}");
+
+    // A partition made by the kernel, not by Tern's fault-injection hook: the leader's
+    // container is disconnected from the cluster's private network (its traffic to peers
+    // and clients alike goes nowhere) while an idempotent producer writes through the other
+    // two. They elect a leader and acknowledge more; reconnected, the old leader steps down
+    // and catches up, and every node holds every acknowledged record exactly once, in order.
+    let mut addrs = addrs;
+    addrs[back] = compose.port(victim, 7070);
+    let mut c = client(&addrs[survivor]).await;
+    c.create_topic(pb::CreateTopicRequest {
+        name: "dkp".into(),
+        partitions: 1,
+        replication_factor: 3,
+        config: None,
+        placement: None,
+    })
+    .await
+    .expect("create topic dkp");
+    let led = leader(&mut c, "dkp").await as usize - 1;
+    let majority: Vec<String> = (0..3)
+        .filter(|i| *i != led)
+        .map(|i| addrs[i].clone())
+        .collect();
+    let writer = Writer::start_idempotent(majority.clone(), "dkp");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while writer.acked() < 50 {
+        assert!(
+            Instant::now() < deadline,
+            "writer stuck before the partition"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let network = format!("{}_tern", compose.project);
+    let cut = compose.container(services[led]);
+    run(Command::new("docker").args(["network", "disconnect", &network, &cut]));
+    let before = writer.acked();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while writer.acked() < before + 50 {
+        assert!(
+            Instant::now() < deadline,
+            "the majority did not go on writing while the leader was cut off"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut m = client(&majority[0]).await;
+    let new_leader = leader(&mut m, "dkp").await as usize - 1;
+    assert_ne!(
+        new_leader, led,
+        "the cut-off node still leads for the majority"
+    );
+    // Back under its service name, which its peers know it by.
+    run(Command::new("docker").args([
+        "network",
+        "connect",
+        "--alias",
+        services[led],
+        &network,
+        &cut,
+    ]));
+    let acked = writer.finish().await;
+    // Its host port mapping does not come back with the network; its address on the
+    // cluster's network is reachable from the host.
+    let ip = stdout(run(Command::new("docker").args([
+        "inspect",
+        "-f",
+        &format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}"),
+        &cut,
+    ])));
+    addrs[led] = format!("{ip}:7070");
+    for (i, addr) in addrs.iter().enumerate() {
+        let mut r = client(addr).await;
+        let log = read_all(&mut r, "dkp", 0, acked.len()).await;
+        assert_eq!(check_acked(&log, &acked), 0, "duplicates on node {}", i + 1);
+    }
 }
