@@ -31,6 +31,8 @@ pub struct Cluster {
     /// Nodes started under libfaketime (the chaos `clock` fault): the library, and the
     /// directory of each node's clock file.
     clock: Option<(PathBuf, tempfile::TempDir)>,
+    /// The nodes' network namespaces (`--netns`): partitions are then made by the kernel.
+    pub netns: Option<super::netns::Netns>,
 }
 
 /// Set by `Cluster::fake_wall_clocks`.
@@ -207,6 +209,7 @@ impl Cluster {
             mesh: None,
             regions: Vec::new(),
             clock: None,
+            netns: None,
         };
         if let Some(lib) = FAKE_CLOCKS.get() {
             c.clock = Some((lib.clone(), tempfile::tempdir()?));
@@ -264,11 +267,34 @@ impl Cluster {
         tern_bin: Option<PathBuf>,
         secure: bool,
         admin: bool,
+        netns: bool,
         extra: &[&str],
     ) -> anyhow::Result<Cluster> {
         anyhow::ensure!((1..=64).contains(&n), "--spawn must be 1..=64");
         let (program, prefix) = server_program(tern_bin)?;
-        let mut node_args: Vec<Vec<String>> = if n == 1 {
+        let spaces = if netns {
+            Some(super::netns::Netns::create(n)?)
+        } else {
+            None
+        };
+        let mut node_args: Vec<Vec<String>> = if let Some(ns) = &spaces {
+            let peers = (0..n)
+                .map(|i| format!("{}={}", i + 1, ns.addr(i)))
+                .collect::<Vec<_>>()
+                .join(",");
+            (0..n)
+                .map(|i| {
+                    vec![
+                        "--listen".into(),
+                        ns.addr(i),
+                        "--node-id".into(),
+                        (i + 1).to_string(),
+                        "--peers".into(),
+                        peers.clone(),
+                    ]
+                })
+                .collect()
+        } else if n == 1 {
             vec![vec![
                 "--listen".into(),
                 "127.0.0.1:0".into(),
@@ -315,6 +341,7 @@ impl Cluster {
         };
         let mut c = Cluster::of(program, prefix, node_args)?;
         c._secrets = secrets;
+        c.netns = spaces;
         c.add_node_args(extra);
         for i in 0..n {
             c.start_node(i).await?;
@@ -328,7 +355,10 @@ impl Cluster {
     /// Starts (or restarts) node `i` and waits until it listens.
     pub async fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
         let dir = self.dirs[i].path().to_path_buf();
-        let mut command = Command::new(&self.program);
+        let mut command = match &self.netns {
+            Some(ns) => ns.command(i, &self.program),
+            None => Command::new(&self.program),
+        };
         if let (Some((lib, _)), Some(file)) = (&self.clock, self.clock_file(i)) {
             command
                 .env("LD_PRELOAD", lib)
@@ -438,6 +468,7 @@ impl Cluster {
             mesh: None,
             regions: Vec::new(),
             clock: None,
+            netns: None,
         }
     }
 

@@ -6,6 +6,7 @@ mod chaos;
 mod cluster;
 mod failover;
 mod group;
+mod netns;
 mod payload;
 mod run;
 mod settings;
@@ -73,6 +74,11 @@ async fn main_async(args: Args) -> anyhow::Result<i32> {
         );
         cluster::Cluster::fake_wall_clocks(lib)?;
     }
+    anyhow::ensure!(
+        !args.netns || (args.spawn.unwrap_or(0) > 1 && s.regions.is_empty()),
+        "--netns puts the nodes of a spawned cluster (--spawn N, N > 1, no --regions) in \
+         network namespaces"
+    );
     let cluster = if !s.regions.is_empty() {
         anyhow::ensure!(
             !args.secure && args.scrape_ms.is_none(),
@@ -94,6 +100,7 @@ async fn main_async(args: Args) -> anyhow::Result<i32> {
                     args.tern_bin.clone(),
                     args.secure,
                     args.scrape_ms.is_some(),
+                    args.netns,
                     node_flags,
                 )
                 .await?
@@ -542,6 +549,7 @@ async fn run_on(
                 &addrs,
                 &topics,
                 s.partitions,
+                s.replication_factor as usize,
                 &acked,
                 Duration::from_secs(60),
             )

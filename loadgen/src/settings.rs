@@ -121,6 +121,11 @@ pub struct Args {
     /// allow].
     #[arg(long, value_delimiter = ',')]
     pub faults: Vec<String>,
+    /// With --spawn: run each node in its own network namespace on a bridge (needs root,
+    /// iproute2 and nftables), so the chaos workload's partitions are made by the kernel
+    /// (nftables rules in the node's namespace) instead of by the nodes' fault-injection hook.
+    #[arg(long)]
+    pub netns: bool,
     /// The libfaketime library the chaos `clock` fault starts nodes under (Debian's
     /// libfaketime; `scripts/test-tools libfaketime` installs it) [default:
     /// /usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1].

@@ -176,3 +176,33 @@ fn membership_changes_and_delays_between_kills_lose_nothing() {
         assert!(n >= 1, "no {kind} fault: {chaos}");
     }
 }
+
+/// Partitions made by the kernel: each node in its own network namespace on a bridge
+/// (`--netns`), cut off by nftables rules that drop its packets from the others (a stalled
+/// TCP connection, not a refused call); the same checks as above. Seed 6: a partition, a
+/// one-way cut and two bridges. (Kills are left out here: with them, about one run in four
+/// ends with a producer refused as out of order; see docs/reliability.md, "Known problems".)
+#[test]
+fn kernel_partitions_in_network_namespaces_lose_nothing() {
+    let seed = std::env::var("TERN_CHAOS_SEED").unwrap_or_else(|_| "6".into());
+    let chaos = chaos_run(
+        &seed,
+        &[
+            "--spawn",
+            "3",
+            "--netns",
+            "--duration",
+            "20",
+            "--fault-every",
+            "3",
+            "--faults",
+            "partition,one-way,bridge",
+        ],
+    );
+    let counts = &chaos["fault_counts"];
+    let cuts: u64 = ["partition", "one-way", "bridge"]
+        .iter()
+        .map(|k| counts[k].as_u64().unwrap_or(0))
+        .sum();
+    assert!(cuts >= 1, "no partition: {chaos}");
+}
