@@ -87,6 +87,9 @@ impl RaftStateMachine<PartitionRaft> for StateMachine {
                         end: end.0,
                     })
             };
+            if offsets.is_none() {
+                tracing::warn!(dir = %self.shared.log.dir().display(), entry = %id, "an applied entry is not in this replica's log as that entry (term or index differ): its producers are not recorded");
+            }
             if let Some(o) = offsets {
                 commit_to = Some(Offset(o.end));
                 if let EntryPayload::Normal(EntryBatch(b)) = &entry.payload {

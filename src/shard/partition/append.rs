@@ -181,7 +181,7 @@ impl Partition {
         {
             SeqCheck::Append => Ok(None),
             SeqCheck::Duplicate(offsets) => {
-                tracing::debug!(partition = %self.key, producer = ps.id.0, first = ps.first.0, "retried sequences answered, not written again");
+                tracing::debug!(partition = %self.key, node = %self.raft.metrics().borrow_watched().id, producer = ps.id.0, first = ps.first.0, ?offsets, "retried sequences answered, not written again");
                 Ok(Some(offsets))
             }
             SeqCheck::InFlight => Err(CoreError::InFlight),
@@ -192,6 +192,7 @@ impl Partition {
                     producer = ps.id.0,
                     first = ps.first.0,
                     expected,
+                    node = %m.id,
                     term = m.current_term,
                     leader = ?m.current_leader,
                     last_applied = ?m.last_applied,
