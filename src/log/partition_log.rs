@@ -538,18 +538,16 @@ impl Log {
             };
             let at = st.staged.len();
             st.staged.extend_from_slice(batch.bytes());
-            match assign {
-                Assign::Next(term) => batch::stamp(&mut st.staged[at..at + len], base, term, 0),
-                Assign::Entry { term, index } => {
-                    batch::stamp(&mut st.staged[at..at + len], base, term, index)
-                }
-                Assign::Keep => {}
-            }
+            // What the batch says where it sits: stamped here, or already (a follower's).
             let (term, raft_index) = match assign {
-                Assign::Next(term) => (term.0, 0),
-                Assign::Entry { term, index } => (term.0, index),
-                Assign::Keep => (meta.term.0, meta.raft_index),
+                Assign::Next(term) => (term, 0),
+                Assign::Entry { term, index } => (term, index),
+                Assign::Keep => (meta.term, meta.raft_index),
             };
+            if !matches!(assign, Assign::Keep) {
+                batch::stamp(&mut st.staged[at..at + len], base, term, raft_index);
+            }
+            let term = term.0;
             st.active_mut().on_append(
                 Stamp {
                     base,

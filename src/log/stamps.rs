@@ -8,9 +8,9 @@
 //! CRC-checked: a damaged or missing one is not an error, its segment is then read instead.
 //!
 //! Format: `[magic "TSTP" 4][version 1][reserved 3][segment base u64][count u32][body length
-//! u32][crc32c u32 of body]`, then per batch three varints: its base offset less the previous batch's (the first
-//! less the segment's base, so 0), and its term and Raft index less the previous batch's,
-//! zigzag-encoded (the first less 0).
+//! u32][crc32c u32 of body]`, then per batch three varints: its base offset less the previous
+//! batch's (the first less the segment's base, so 0), and its term and Raft index less the
+//! previous batch's, zigzag-encoded (the first less 0).
 
 use super::varint;
 use crate::types::Offset;
@@ -121,17 +121,20 @@ fn decode_body(base: Offset, count: usize, mut body: &[u8]) -> Option<Vec<Stamp>
         term: 0,
         raft_index: 0,
     };
-    let next = |body: &mut &[u8]| {
-        let (v, n) = varint::get_u64(body)?;
+    fn take<T>(body: &mut &[u8], get: fn(&[u8]) -> Option<(T, usize)>) -> Option<T> {
+        let (v, n) = get(body)?;
         *body = &body[n..];
         Some(v)
-    };
+    }
     for _ in 0..count {
-        let unzig = |v: u64| ((v >> 1) as i64 ^ -((v & 1) as i64)) as u64;
         let s = Stamp {
-            base: Offset(last.base.0.checked_add(next(&mut body)?)?),
-            term: last.term.wrapping_add(unzig(next(&mut body)?)),
-            raft_index: last.raft_index.wrapping_add(unzig(next(&mut body)?)),
+            base: Offset(last.base.0.checked_add(take(&mut body, varint::get_u64)?)?),
+            term: last
+                .term
+                .wrapping_add(take(&mut body, varint::get_i64)? as u64),
+            raft_index: last
+                .raft_index
+                .wrapping_add(take(&mut body, varint::get_i64)? as u64),
         };
         out.push(s);
         last = s;

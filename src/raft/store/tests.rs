@@ -620,3 +620,63 @@ fn a_checkpoint_is_saved_after_enough_bytes_whatever_the_entry_count() {
         log.close().await.unwrap();
     });
 }
+
+/// A follower's divergent tail cut inside a sealed segment (which becomes active again and
+/// loses its stamps file) and replaced by entries of a later term, across new sealed
+/// segments: after a restart the map says what the log holds, from the stamps files of the
+/// segments sealed since, never from a stale one.
+#[test]
+fn stamps_follow_a_truncation_into_a_sealed_segment() {
+    GlommioRuntime::run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            segment_bytes_max: 4096,
+            ..LogConfig::default()
+        };
+        let value = "v".repeat(500);
+        let append = |ls: &mut LogStore, entries: Vec<Entry>| {
+            let mut ls = ls.clone();
+            async move {
+                let (otx, orx) = <GlommioRuntime as AsyncRuntime>::Oneshot::channel();
+                ls.append(entries, IOFlushed::signal(otx)).await.unwrap();
+                orx.await.unwrap().unwrap();
+            }
+        };
+        {
+            let log = Log::open(dir.path(), config.clone()).await.unwrap();
+            let (mut ls, _sm) = open(log.clone(), dir.path()).await.unwrap();
+            let first = (0..=30)
+                .map(|i| data_entry(1, i, &[&value, &value]))
+                .collect();
+            append(&mut ls, first).await;
+            assert!(log.sealed_segments().len() >= 4);
+            // Entries 6.. go (entry 6 lies in a sealed segment), and term 2 writes 6..=40.
+            ls.truncate_after(Some(log_id(1, 5))).await.unwrap();
+            let second = (6..=40).map(|i| data_entry(2, i, &[&value])).collect();
+            append(&mut ls, second).await;
+            log.close().await.unwrap();
+        }
+        let log = Log::open(dir.path(), config).await.unwrap();
+        let sealed = log.sealed_segments();
+        let (mut ls, _sm, h) = open_with_handle(log.clone(), dir.path(), Rc::new(|| {}))
+            .await
+            .unwrap();
+        assert_eq!(
+            h.take_unverified(),
+            Some((Offset(0), sealed.last().unwrap().1)),
+            "every sealed segment, the truncated one too, came from a stamps file"
+        );
+        let ids: Vec<_> = ls
+            .try_get_log_entries(0..41)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.log_id)
+            .collect();
+        let want: Vec<_> = (0..=40)
+            .map(|i| log_id(if i < 6 { 1 } else { 2 }, i))
+            .collect();
+        assert_eq!(ids, want);
+        log.close().await.unwrap();
+    });
+}
