@@ -733,13 +733,18 @@ pub async fn check_replicas(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    compare(&replicas, acked, &mut f);
+    compare(&replicas, replication_factor, acked, &mut f);
     f
 }
 
 /// Compares every partition's replicas with each other and with what was acknowledged, into
 /// `f`.
-fn compare(replicas: &Replicas, acked: &BTreeMap<u32, Vec<u64>>, f: &mut Final) {
+fn compare(
+    replicas: &Replicas,
+    replication_factor: usize,
+    acked: &BTreeMap<u32, Vec<u64>>,
+    f: &mut Final,
+) {
     // Divergence: every holder of a partition against its first.
     for (key, holders) in replicas {
         let Some((first, base)) = holders.first() else {
@@ -766,7 +771,7 @@ fn compare(replicas: &Replicas, acked: &BTreeMap<u32, Vec<u64>>, f: &mut Final) 
     }
     // Per replica: records held twice, and acknowledged records that another replica of the
     // same partition holds but this one lacks. An acknowledged record no replica holds is
-    // missing from all of them: counted once per replica a partition has.
+    // missing from all of them: counted once per replica a partition should have.
     let acked: std::collections::HashSet<(u32, u64)> = acked
         .iter()
         .flat_map(|(p, seqs)| seqs.iter().map(move |s| (*p, *s)))
@@ -788,8 +793,7 @@ fn compare(replicas: &Replicas, acked: &BTreeMap<u32, Vec<u64>>, f: &mut Final) 
         }
         found.extend(union);
     }
-    let replication = replicas.values().map(Vec::len).max().unwrap_or(0).max(1) as u64;
-    f.lost += acked.iter().filter(|r| !found.contains(r)).count() as u64 * replication;
+    f.lost += (acked.iter().filter(|r| !found.contains(r)).count() * replication_factor) as u64;
 }
 
 #[cfg(test)]
@@ -809,7 +813,7 @@ mod tests {
         let mut replicas: Replicas =
             BTreeMap::from([(key(0), vec![(0, clean(4)), (1, clean(4)), (2, clean(4))])]);
         let mut f = Final::default();
-        compare(&replicas, &acked, &mut f);
+        compare(&replicas, 3, &acked, &mut f);
         assert_eq!(
             (f.records, f.lost, f.duplicated, f.divergent),
             (12, 0, 0, 0)
@@ -819,13 +823,13 @@ mod tests {
         // at its offset).
         replicas.get_mut(&key(0)).unwrap()[2].1 = clean(3);
         let mut f = Final::default();
-        compare(&replicas, &acked, &mut f);
+        compare(&replicas, 3, &acked, &mut f);
         assert_eq!((f.lost, f.divergent), (1, 1));
 
         // Seq 4 acknowledged and held by nobody: missing from all three replicas.
         let more = BTreeMap::from([(1, vec![0, 1, 2, 3, 4])]);
         let mut f = Final::default();
-        compare(&replicas, &more, &mut f);
+        compare(&replicas, 3, &more, &mut f);
         assert_eq!(f.lost, 1 + 3);
 
         // A record held twice by one replica, and a different record at one offset.
@@ -836,7 +840,7 @@ mod tests {
         let replicas: Replicas =
             BTreeMap::from([(key(0), vec![(0, clean(4)), (1, twice), (2, other)])]);
         let mut f = Final::default();
-        compare(&replicas, &acked, &mut f);
+        compare(&replicas, 3, &acked, &mut f);
         assert_eq!(f.duplicated, 1);
         // Node 2 has one record more, node 3 one different: two positions diverge.
         assert_eq!(f.divergent, 2);
