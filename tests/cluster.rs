@@ -160,28 +160,28 @@ async fn kill_9_the_leader_under_load_repeatedly_then_restart_all() {
     for round in 0..3 {
         // Some load before the kill.
         let before = writer.acked();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while writer.acked() < before + 50 {
-            assert!(
-                Instant::now() < deadline,
-                "round {round}: the writer stalled"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        writer
+            .wait_acked(
+                before + 50,
+                Duration::from_secs(60),
+                &format!("round {round}: the writer stalled"),
+            )
+            .await;
         let leader = cluster.leader("load", 0).await;
         let at_kill = writer.acked();
         let killed = Instant::now();
         cluster.kill9(leader);
         // A new leader takes publishes within seconds.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while writer.acked() < at_kill + 10 {
-            assert!(
-                Instant::now() < deadline,
-                "round {round}: no acks for 20 s after killing node {}",
-                leader + 1
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        writer
+            .wait_acked(
+                at_kill + 10,
+                Duration::from_secs(20),
+                &format!(
+                    "round {round}: no acks for 20 s after killing node {}",
+                    leader + 1
+                ),
+            )
+            .await;
         longest = longest.max(killed.elapsed());
         eprintln!(
             "round {round}: killed node {}, acks resumed within {:?}",

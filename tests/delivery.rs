@@ -187,23 +187,24 @@ async fn idempotent_producer_retrying_through_leader_kills_writes_every_record_o
     let writer = Writer::start_idempotent(cluster.addrs.clone(), "exactly");
     for round in 0..3 {
         let before = writer.acked();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while writer.acked() < before + 60 {
-            assert!(Instant::now() < deadline, "round {round}: acks stalled");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        writer
+            .wait_acked(
+                before + 60,
+                Duration::from_secs(30),
+                &format!("round {round}: acks stalled"),
+            )
+            .await;
         let leader = cluster.leader("exactly", 0).await;
         cluster.kill9(leader);
         eprintln!("round {round}: killed the leader, node {}", leader + 1);
         let at_kill = writer.acked();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while writer.acked() < at_kill + 10 {
-            assert!(
-                Instant::now() < deadline,
-                "round {round}: no acks after the kill"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        writer
+            .wait_acked(
+                at_kill + 10,
+                Duration::from_secs(30),
+                &format!("round {round}: no acks after the kill"),
+            )
+            .await;
         cluster.start_node(leader);
     }
     let retries = writer.retries();

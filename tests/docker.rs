@@ -329,21 +329,18 @@ async fn the_compose_cluster_runs_with_io_uring_survives_docker_kill_and_exports
     let led = leader(&mut c, "dk").await;
     let victim = services[led as usize - 1];
     let writer = Writer::start_idempotent(addrs.clone(), "dk");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while writer.acked() < 50 {
-        assert!(Instant::now() < deadline, "writer stuck before the kill");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    writer
+        .wait_acked(50, Duration::from_secs(60), "writer stuck before the kill")
+        .await;
     run(Command::new("docker").args(["kill", &compose.container(victim)]));
     let before = writer.acked();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while writer.acked() < before + 50 {
-        assert!(
-            Instant::now() < deadline,
-            "publishing did not resume after the leader's container was killed"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    writer
+        .wait_acked(
+            before + 50,
+            Duration::from_secs(60),
+            "publishing did not resume after the leader's container was killed",
+        )
+        .await;
     let acked = writer.finish().await;
     let survivor = (0..3).find(|i| *i != led as usize - 1).unwrap();
     let mut s = client(&addrs[survivor]).await;
@@ -444,26 +441,24 @@ async fn the_compose_cluster_runs_with_io_uring_survives_docker_kill_and_exports
         .map(|i| addrs[i].clone())
         .collect();
     let writer = Writer::start_idempotent(majority.clone(), "dkp");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while writer.acked() < 50 {
-        assert!(
-            Instant::now() < deadline,
-            "writer stuck before the partition"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    writer
+        .wait_acked(
+            50,
+            Duration::from_secs(60),
+            "writer stuck before the partition",
+        )
+        .await;
     let network = format!("{}_tern", compose.project);
     let cut = compose.container(services[led]);
     run(Command::new("docker").args(["network", "disconnect", &network, &cut]));
     let before = writer.acked();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while writer.acked() < before + 50 {
-        assert!(
-            Instant::now() < deadline,
-            "the majority did not go on writing while the leader was cut off"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    writer
+        .wait_acked(
+            before + 50,
+            Duration::from_secs(60),
+            "the majority did not go on writing while the leader was cut off",
+        )
+        .await;
     let mut m = client(&majority[0]).await;
     let new_leader = leader(&mut m, "dkp").await as usize - 1;
     assert_ne!(

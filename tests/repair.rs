@@ -253,22 +253,33 @@ async fn flip_a_bit_and_heal(restart: bool) {
     let mut bytes = original.clone();
     bytes[at] ^= 0x10;
     std::fs::write(&victim, bytes).unwrap();
-    let healed = || {
-        let now = std::fs::read(&victim).unwrap_or_default();
-        now.get(at).is_none_or(|b| *b == original[at])
+    // Waits until the flipped byte is gone from F's files (cut there, or written again from
+    // the leader's copy), failing with `what` after `within`.
+    let healed = |within: Duration, what: String| {
+        let (victim, original) = (&victim, &original);
+        async move {
+            let deadline = Instant::now() + within;
+            loop {
+                let now = std::fs::read(victim).unwrap_or_default();
+                if now.get(at).is_none_or(|b| *b == original[at]) {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "{what}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
     };
     if restart {
         cluster.start_node(f);
         // Nobody reads from F yet: its background verification must find the damage.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !healed() {
-            assert!(
-                Instant::now() < deadline,
+        healed(
+            Duration::from_secs(60),
+            format!(
                 "node {}'s verification did not find and heal the damage within 60 s",
                 f + 1
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+            ),
+        )
+        .await;
     }
 
     // Reads from F: an error while it repairs, never a record that is not what was written.
@@ -312,13 +323,9 @@ async fn flip_a_bit_and_heal(restart: bool) {
     eprintln!("reads refused while the replica repaired: {refused}");
     // The flipped byte is gone from F's files: the segment was cut there and written again
     // from the leader's copy (a replica that only forwarded its reads would still hold it).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !healed() {
-        assert!(
-            Instant::now() < deadline,
-            "node {} still holds the damaged byte",
-            f + 1
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    healed(
+        Duration::from_secs(30),
+        format!("node {} still holds the damaged byte", f + 1),
+    )
+    .await;
 }

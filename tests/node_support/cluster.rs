@@ -377,6 +377,20 @@ impl Writer {
         self.retries.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Waits until at least `n` records are acknowledged, failing with `what` if that takes
+    /// longer than `within`.
+    pub async fn wait_acked(&self, n: usize, within: Duration, what: &str) {
+        let deadline = Instant::now() + within;
+        while self.acked() < n {
+            assert!(
+                Instant::now() < deadline,
+                "{what} ({} of {n} acknowledged within {within:?})",
+                self.acked()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     pub fn acked(&self) -> usize {
         self.acked.lock().unwrap().len()
     }

@@ -6,9 +6,14 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-/// The path of `tool`, installing it first if needed.
+/// The path of `tool`, installing it first if needed. (Found from the crate that includes
+/// this file, the workspace root or a member of it such as loadgen.)
 pub fn tool(tool: &str) -> PathBuf {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test-tools");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .map(|d| d.join("scripts/test-tools"))
+        .find(|p| p.exists())
+        .expect("scripts/test-tools in the workspace");
     let out = Command::new(script)
         .arg(tool)
         .output()
