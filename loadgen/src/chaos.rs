@@ -23,10 +23,14 @@
 //! heal ──▶ every fault cleared, every node running ──▶ each replica read from its own node
 //! ```
 //!
-//! One fault at a time, so a majority of every group is always whole between faults and the
-//! checks must all come out clean: the producers' and the subscriber's accounting (lost,
-//! duplicated, reordered), and the final read of every replica: each holds every acknowledged
-//! record exactly once, and all replicas hold the same record at every offset.
+//! By default one fault at a time, so a majority of every group is whole between faults.
+//! With `--overlap N`, up to N faults are held at once on different nodes (a membership
+//! change during a kill, two nodes down together; damage, moves and delays one at a time), so
+//! a group may lose its majority for a while: writes then wait, and nothing acknowledged may
+//! be lost. Either way the checks must all come out clean: the producers' and the
+//! subscriber's accounting (lost, duplicated, reordered), and the final read of every
+//! replica: each holds every acknowledged record exactly once, and all replicas hold the same
+//! record at every offset.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -86,6 +90,13 @@ pub struct Log {
     /// Faults the nemesis could not carry out as meant (a membership change that did not
     /// complete): not a broken guarantee, but a run that tested less than it says.
     pub failed: Vec<String>,
+    /// Per kill: how long the node took from its start to serving again (listening, and
+    /// answering ClusterInfo with the metadata leader known), in milliseconds.
+    pub restarts_ms: Vec<u64>,
+    /// Faults that started while another was held (with `--overlap` above 1), and of them
+    /// those where one of the two was a membership change.
+    pub overlapped: u64,
+    pub moves_overlapped: u64,
 }
 
 /// Cuts node `node` off from `from` (node indexes) at its transport; empty heals it.
@@ -237,40 +248,126 @@ fn flip(path: &Path, rng: &mut Rng) -> std::io::Result<u64> {
     Ok(at)
 }
 
-/// Runs the nemesis from `warmup` after the start until `until`: one of `chaos.faults` every
-/// `chaos.every_s` (±50%), from `chaos.seed`, each held 1–3 s and then healed; `partitions`
-/// of each of `topics` are what a `move` picks from.
-pub async fn nemesis(
+/// The cuts the faults in progress hold: per fault, (node, the nodes it refuses). A node
+/// refuses the union of what every fault asks of it, so two faults at once heal separately.
+#[derive(Default)]
+struct Cuts {
+    next_id: u64,
+    held: BTreeMap<u64, Vec<(usize, Vec<usize>)>>,
+}
+
+impl Cuts {
+    /// What node `node` refuses now.
+    fn of(&self, node: usize) -> Vec<usize> {
+        let mut from: Vec<usize> = self
+            .held
+            .values()
+            .flatten()
+            .filter(|(n, _)| *n == node)
+            .flat_map(|(_, f)| f.iter().copied())
+            .collect();
+        from.sort_unstable();
+        from.dedup();
+        from
+    }
+}
+
+/// What the faults share: the cluster, the cuts in force, and which nodes and exclusive
+/// kinds a fault in progress holds (with more than one fault at a time).
+struct Nemesis {
     cluster: Arc<Mutex<Cluster>>,
     topics: Vec<String>,
     partitions: u32,
-    chaos: Chaos,
-    warmup: Duration,
-    until: Duration,
-) -> Log {
-    let kinds = chaos.faults;
-    let every = Duration::from_secs(chaos.every_s);
-    let mut rng = Rng::new(chaos.seed);
-    let mut log = Log::default();
-    let start = Instant::now();
-    tokio::time::sleep(warmup).await;
-    let n = cluster.lock().await.addrs.len();
-    while start.elapsed() < until {
-        let pause = every.mul_f64(0.5 + rng.below(1000) as f64 / 1000.0);
-        tokio::time::sleep(pause).await;
-        if start.elapsed() >= until {
-            break;
+    n: usize,
+    cuts: std::sync::Mutex<Cuts>,
+}
+
+/// Faults of which one runs at a time even when several faults overlap: two damaged
+/// replicas of a partition at once is beyond the fault model (a minority), two membership
+/// changes would fight over the spare node, and two delays over the region's links.
+const EXCLUSIVE: [&str; 3] = ["corrupt", "move", "delay"];
+
+/// What one fault did.
+struct Done {
+    line: String,
+    failed: Option<String>,
+    restart_ms: Option<u64>,
+}
+
+impl Nemesis {
+    /// Cuts each listed node off from its nodes until [`Nemesis::uncut`] with the id returned.
+    async fn cut(&self, cuts: Vec<(usize, Vec<usize>)>) -> (u64, anyhow::Result<()>) {
+        let (id, nodes) = {
+            let mut c = self.cuts.lock().unwrap();
+            c.next_id += 1;
+            let id = c.next_id;
+            let nodes: Vec<usize> = cuts.iter().map(|(n, _)| *n).collect();
+            c.held.insert(id, cuts);
+            (id, nodes)
+        };
+        (id, self.apply(&nodes).await)
+    }
+
+    async fn uncut(&self, id: u64) {
+        let nodes: Vec<usize> = {
+            let mut c = self.cuts.lock().unwrap();
+            c.held
+                .remove(&id)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect()
+        };
+        // A node that does not answer yet (it is being restarted) is tried again for a while.
+        for _ in 0..50 {
+            if self.apply(&nodes).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let kind = kinds[rng.below(kinds.len() as u64) as usize].clone();
-        let node = rng.below(n as u64) as usize;
-        let hold = Duration::from_millis(1000 + rng.below(2000));
-        let at = start.elapsed().as_secs_f64();
-        let what = match kind.as_str() {
+        eprintln!("loadgen: chaos: could not heal the cuts of nodes {nodes:?}");
+    }
+
+    /// Sets what each of `nodes` refuses to what the faults in force ask of it.
+    async fn apply(&self, nodes: &[usize]) -> anyhow::Result<()> {
+        let mut result = Ok(());
+        for &node in nodes {
+            let from = self.cuts.lock().unwrap().of(node);
+            if let Err(e) = cut(&self.cluster, node, &from).await {
+                result = Err(e);
+            }
+        }
+        result
+    }
+
+    /// Carries out one fault of `kind` on `node` (`n`'s index), held for `hold`; `rng` draws
+    /// what the fault needs beyond that (the schedule's own generator when one fault runs at
+    /// a time, so a seed gives the same faults as before overlapping existed).
+    async fn fault(&self, kind: &str, node: usize, hold: Duration, at: f64, rng: &mut Rng) -> Done {
+        let cluster = &self.cluster;
+        let n = self.n;
+        let mut failed = None;
+        let mut restart_ms = None;
+        let what = match kind {
             "kill" => {
                 cluster.lock().await.kill9(node).await;
                 tokio::time::sleep(hold).await;
-                restart(&cluster, node).await;
-                format!("kill -9 node {}, restarted after {hold:?}", node + 1)
+                let began = Instant::now();
+                restart(cluster, node).await;
+                let addr = cluster.lock().await.addrs[node].clone();
+                match serving(&addr, began).await {
+                    Some(took) => {
+                        restart_ms = Some(took.as_millis() as u64);
+                        format!(
+                            "kill -9 node {}, restarted after {hold:?}, serving {took:.1?} after its start",
+                            node + 1
+                        )
+                    }
+                    None => format!(
+                        "kill -9 node {}, restarted after {hold:?}, NOT serving 60 s after its start",
+                        node + 1
+                    ),
+                }
             }
             "pause" => {
                 let pid = cluster.lock().await.pid(node);
@@ -281,19 +378,17 @@ pub async fn nemesis(
             }
             "partition" | "one-way" => {
                 let others: Vec<usize> = (0..n).filter(|j| *j != node).collect();
-                let mut cuts = vec![cut(&cluster, node, &others).await];
+                let mut cuts = vec![(node, others.clone())];
                 if kind == "partition" {
-                    for &j in &others {
-                        cuts.push(cut(&cluster, j, &[node]).await);
-                    }
+                    cuts.extend(others.iter().map(|&j| (j, vec![node])));
                 }
-                if let Some(Err(e)) = cuts.into_iter().find(Result::is_err) {
-                    log.failed
-                        .push(format!("t={at:6.1}s  {kind} of node {}: {e:#}", node + 1));
+                let (id, r) = self.cut(cuts).await;
+                if let Err(e) = r {
+                    failed = Some(format!("t={at:6.1}s  {kind} of node {}: {e:#}", node + 1));
                 }
                 tokio::time::sleep(hold).await;
-                heal_partitions(&cluster).await;
-                match kind.as_str() {
+                self.uncut(id).await;
+                match kind {
                     "partition" => format!("node {} cut off both ways for {hold:?}", node + 1),
                     _ => format!(
                         "node {} heard no other node for {hold:?} (they heard it)",
@@ -303,16 +398,14 @@ pub async fn nemesis(
             }
             "bridge" => {
                 let other = (node + 1 + rng.below(n as u64 - 1) as usize) % n;
-                let cuts = [
-                    cut(&cluster, node, &[other]).await,
-                    cut(&cluster, other, &[node]).await,
-                ];
-                if let Some(Err(e)) = cuts.into_iter().find(Result::is_err) {
-                    log.failed
-                        .push(format!("t={at:6.1}s  bridge at node {}: {e:#}", node + 1));
+                let (id, r) = self
+                    .cut(vec![(node, vec![other]), (other, vec![node])])
+                    .await;
+                if let Err(e) = r {
+                    failed = Some(format!("t={at:6.1}s  bridge at node {}: {e:#}", node + 1));
                 }
                 tokio::time::sleep(hold).await;
-                heal_partitions(&cluster).await;
+                self.uncut(id).await;
                 format!(
                     "nodes {} and {} cut off from each other for {hold:?} (both reach the rest)",
                     node + 1,
@@ -323,21 +416,21 @@ pub async fn nemesis(
                 cluster.lock().await.kill9(node).await;
                 let dir = cluster.lock().await.data_dir(node);
                 let did = match dir {
-                    Some(d) => corrupt(&d, &topics, &mut rng),
+                    Some(d) => corrupt(&d, &self.topics, rng),
                     None => "no data directory".into(),
                 };
                 tokio::time::sleep(hold).await;
-                restart(&cluster, node).await;
+                restart(cluster, node).await;
                 format!("kill -9 node {}; {did}; restarted", node + 1)
             }
             "move" => {
-                let topic = topics[rng.below(topics.len() as u64) as usize].clone();
-                let partition = rng.below(u64::from(partitions.max(1))) as u32;
+                let topic = self.topics[rng.below(self.topics.len() as u64) as usize].clone();
+                let partition = rng.below(u64::from(self.partitions.max(1))) as u32;
                 let addrs = cluster.lock().await.addrs.clone();
                 let (what, ok) =
                     move_and_back(&addrs, &topic, partition, node as u64 + 1, hold).await;
                 if !ok {
-                    log.failed.push(format!("t={at:6.1}s  {what}"));
+                    failed = Some(format!("t={at:6.1}s  {what}"));
                 }
                 what
             }
@@ -346,9 +439,9 @@ pub async fn nemesis(
                 let region = cluster.lock().await.regions.get(node).cloned();
                 match region {
                     Some(region) => {
-                        set_region_delay(&cluster, &region, extra).await;
+                        set_region_delay(cluster, &region, extra).await;
                         tokio::time::sleep(hold).await;
-                        set_region_delay(&cluster, &region, Duration::ZERO).await;
+                        set_region_delay(cluster, &region, Duration::ZERO).await;
                         format!(
                             "{extra:?} more one-way delay into and out of region {region} (node {}) for {hold:?}",
                             node + 1
@@ -357,7 +450,7 @@ pub async fn nemesis(
                     None => {
                         let what = "delay: this cluster has no WAN links (spawn it with --regions)"
                             .to_string();
-                        log.failed.push(format!("t={at:6.1}s  {what}"));
+                        failed = Some(format!("t={at:6.1}s  {what}"));
                         what
                     }
                 }
@@ -384,18 +477,156 @@ pub async fn nemesis(
                 };
                 let back = cluster.lock().await.set_clock(node, 0);
                 if !faked || set.is_err() || back.is_err() {
-                    log.failed.push(format!("t={at:6.1}s  {what}"));
+                    failed = Some(format!("t={at:6.1}s  {what}"));
                 }
                 what
             }
             other => format!("unknown fault {other}"),
         };
-        let line = format!("t={at:6.1}s  {what}");
-        eprintln!("loadgen: chaos: {line}");
-        log.lines.push(line);
-        *log.counts.entry(kind).or_default() += 1;
+        Done {
+            line: format!("t={at:6.1}s  {what}"),
+            failed,
+            restart_ms,
+        }
     }
+}
+
+/// Runs the nemesis from `warmup` after the start until `until`: one of `chaos.faults` every
+/// `chaos.every_s` (±50%), from `chaos.seed`, each held 1–3 s and then healed; `partitions`
+/// of each of `topics` are what a `move` picks from. With `chaos.overlap` above 1, a fault
+/// starts on schedule while up to that many others are still held (on other nodes; of the
+/// [`EXCLUSIVE`] kinds one at a time): membership changes during kills, two nodes down at
+/// once. The kinds and nodes drawn follow the seed; which node a fault lands on when the one
+/// drawn is busy, and the order faults end in, follow the timing.
+pub async fn nemesis(
+    cluster: Arc<Mutex<Cluster>>,
+    topics: Vec<String>,
+    partitions: u32,
+    chaos: Chaos,
+    warmup: Duration,
+    until: Duration,
+) -> Log {
+    let kinds = chaos.faults;
+    let every = Duration::from_secs(chaos.every_s);
+    let overlap = chaos.overlap.max(1);
+    let mut rng = Rng::new(chaos.seed);
+    let mut log = Log::default();
+    let start = Instant::now();
+    tokio::time::sleep(warmup).await;
+    let n = cluster.lock().await.addrs.len();
+    let nemesis = Arc::new(Nemesis {
+        cluster,
+        topics,
+        partitions,
+        n,
+        cuts: Default::default(),
+    });
+    // With overlapping faults: those in progress, and the nodes and exclusive kinds they hold.
+    let mut running = tokio::task::JoinSet::new();
+    let busy: Arc<std::sync::Mutex<(Vec<usize>, Vec<String>)>> = Default::default();
+    let record = |log: &mut Log, kind: String, d: Done| {
+        eprintln!("loadgen: chaos: {}", d.line);
+        log.lines.push(d.line);
+        log.failed.extend(d.failed);
+        log.restarts_ms.extend(d.restart_ms);
+        *log.counts.entry(kind).or_default() += 1;
+    };
+    while start.elapsed() < until {
+        let pause = every.mul_f64(0.5 + rng.below(1000) as f64 / 1000.0);
+        tokio::time::sleep(pause).await;
+        if start.elapsed() >= until {
+            break;
+        }
+        let kind = kinds[rng.below(kinds.len() as u64) as usize].clone();
+        let node = rng.below(n as u64) as usize;
+        let hold = Duration::from_millis(1000 + rng.below(2000));
+        let at = start.elapsed().as_secs_f64();
+        if overlap == 1 {
+            let d = nemesis.fault(&kind, node, hold, at, &mut rng).await;
+            record(&mut log, kind, d);
+            continue;
+        }
+        let mut sub = Rng::new(rng.next());
+        // Wait for room: fewer than `overlap` faults held, a free node, and no other fault
+        // of an exclusive kind like this one.
+        let node = loop {
+            while let Some(Ok((kind, d))) = running.try_join_next() {
+                record(&mut log, kind, d);
+            }
+            let free = {
+                let b = busy.lock().unwrap();
+                let kind_free = !EXCLUSIVE.contains(&kind.as_str()) || !b.1.contains(&kind);
+                let node = (0..n).map(|k| (node + k) % n).find(|j| !b.0.contains(j));
+                node.filter(|_| kind_free && running.len() < overlap)
+            };
+            match free {
+                Some(node) => break Some(node),
+                None if start.elapsed() >= until => break None,
+                None => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        let Some(node) = node else { break };
+        let during = {
+            let mut b = busy.lock().unwrap();
+            let during = b.1.clone();
+            b.0.push(node);
+            b.1.push(kind.clone());
+            during
+        };
+        if !during.is_empty() {
+            log.overlapped += 1;
+            if kind == "move" || during.iter().any(|k| k == "move") {
+                log.moves_overlapped += 1;
+            }
+        }
+        let (nemesis, busy) = (nemesis.clone(), busy.clone());
+        let at = start.elapsed().as_secs_f64();
+        running.spawn(async move {
+            let mut d = nemesis.fault(&kind, node, hold, at, &mut sub).await;
+            if !during.is_empty() {
+                d.line
+                    .push_str(&format!(" [started during: {}]", during.join(", ")));
+            }
+            let mut b = busy.lock().unwrap();
+            if let Some(i) = b.0.iter().position(|x| *x == node) {
+                b.0.remove(i);
+            }
+            if let Some(i) = b.1.iter().position(|x| *x == kind) {
+                b.1.remove(i);
+            }
+            (kind, d)
+        });
+    }
+    while let Some(Ok((kind, d))) = running.join_next().await {
+        record(&mut log, kind, d);
+    }
+    log.lines.sort_by(|a, b| {
+        let t = |l: &str| {
+            l.trim_start_matches("t=")
+                .split('s')
+                .next()
+                .and_then(|x| x.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        t(a).total_cmp(&t(b))
+    });
     log
+}
+
+/// Waits (up to 60 s from `began`) until the node at `addr` answers ClusterInfo knowing the
+/// metadata leader; how long after `began` it did.
+async fn serving(addr: &str, began: Instant) -> Option<Duration> {
+    while began.elapsed() < Duration::from_secs(60) {
+        if let Ok(mut c) = super::run::connect(addr).await {
+            if let Ok(r) = c.cluster_info(pb::ClusterInfoRequest::default()).await {
+                if r.into_inner().metadata_leader != 0 {
+                    return Some(began.elapsed());
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
 }
 
 /// The `move` fault: moves node `node`'s replica of `topic`/`partition` (or, if it holds none,

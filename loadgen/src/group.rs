@@ -33,6 +33,8 @@ pub struct Check {
     pub read_backwards: AtomicU64,
     pub joins: AtomicU64,
     pub records: AtomicU64,
+    /// Commits sent.
+    pub commits: AtomicU64,
     samples: Mutex<Vec<String>>,
     stop: AtomicBool,
 }
@@ -60,6 +62,7 @@ impl Check {
 pub struct Outcome {
     pub records: u64,
     pub joins: u64,
+    pub commits: u64,
     /// Acknowledged records the group was never delivered.
     pub missing: u64,
     pub commit_backwards: u64,
@@ -232,6 +235,7 @@ async fn session(id: usize, addr: &str, topic: &str, check: &Check) -> anyhow::R
                     })),
                 };
                 call.send(commit).await?;
+                check.commits.fetch_add(1, Ordering::Relaxed);
             }
             Some(Kind::Revoke(r)) => {
                 let offsets = r
@@ -339,6 +343,7 @@ pub async fn finish(
     let mut o = Outcome {
         records: check.records.load(Ordering::Relaxed),
         joins: check.joins.load(Ordering::Relaxed),
+        commits: check.commits.load(Ordering::Relaxed),
         commit_backwards: check.commit_backwards.load(Ordering::Relaxed),
         read_backwards: check.read_backwards.load(Ordering::Relaxed),
         drained,

@@ -12,7 +12,7 @@ mod run;
 mod settings;
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use hdrhistogram::Histogram;
@@ -506,10 +506,11 @@ async fn run_on(
     let wan_before = cluster.lock().await.wan_bytes();
     let nemesis = s.chaos.as_ref().map(|c| {
         eprintln!(
-            "loadgen: chaos: seed {} (faults: {}; one every ~{} s)",
+            "loadgen: chaos: seed {} (faults: {}; one every ~{} s; up to {} at once)",
             c.seed,
             c.faults.join(", "),
-            c.every_s
+            c.every_s,
+            c.overlap
         );
         tokio::spawn(chaos::nemesis(
             cluster.clone(),
@@ -544,7 +545,21 @@ async fn run_on(
         }
         _ => None,
     };
+    let watch = s.metadata_watch_s.map(|every| {
+        let dirs: Vec<Option<std::path::PathBuf>> = {
+            let c = cluster.try_lock().expect("nothing holds the cluster yet");
+            (0..c.addrs.len())
+                .map(|i| c.data_dir(i).map(|d| d.join("metadata")))
+                .collect()
+        };
+        let until = Duration::from_secs(s.warmup_s + s.duration_s);
+        tokio::spawn(watch_metadata(dirs, Duration::from_secs(every), until))
+    });
     let shared = run::run(s, routes, &topics).await?;
+    let metadata_sizes = match watch {
+        Some(w) => w.await.unwrap_or_default(),
+        None => Vec::new(),
+    };
     let chaos_result = match nemesis {
         Some(n) => {
             let log = n.await.unwrap_or_default();
@@ -718,12 +733,29 @@ async fn run_on(
                 .join(", ")
         ));
         lines.extend(log.lines.iter().map(|l| format!("                {l}")));
+        if c.overlap > 1 {
+            lines.push(format!(
+                "                {} faults started while others were held ({} with a membership change)",
+                log.overlapped, log.moves_overlapped
+            ));
+        }
         if !log.failed.is_empty() {
             lines.push(format!(
                 "                {} faults not carried out as meant (the run tested less):",
                 log.failed.len()
             ));
             lines.extend(log.failed.iter().map(|l| format!("                {l}")));
+        }
+        if !log.restarts_ms.is_empty() {
+            let mut r = log.restarts_ms.clone();
+            r.sort_unstable();
+            lines.push(format!(
+                "restarts        {} kills: serving again {} ms after the start (in order; median {} ms)",
+                r.len(),
+                log.restarts_ms.iter().map(u64::to_string).collect::<Vec<_>>().join(", "),
+                r[r.len() / 2]
+            ));
+            json["restarts_ms"] = serde_json::json!(log.restarts_ms);
         }
         lines.push(format!(
             "replicas        {} records read from all replicas after the heal: {} divergent, {} acknowledged missing, {} duplicated",
@@ -732,6 +764,9 @@ async fn run_on(
         lines.extend(fin.samples.iter().map(|l| format!("                {l}")));
         json["chaos"] = serde_json::json!({
             "seed": c.seed,
+            "overlap": c.overlap,
+            "overlapped": log.overlapped,
+            "moves_overlapped": log.moves_overlapped,
             "faults": log.lines,
             "fault_counts": log.counts,
             "failed_faults": log.failed,
@@ -744,10 +779,11 @@ async fn run_on(
         if let Some((g, q)) = group {
             anomalies += g.anomalies() + q.anomalies();
             lines.push(format!(
-                "group           {} members joined {} times, {} records delivered: {} acknowledged never delivered, {} commits backwards, {} reads backwards, {}",
+                "group           {} members joined {} times, {} records delivered, {} commits: {} acknowledged never delivered, {} commits backwards, {} reads backwards, {}",
                 c.group_members,
                 g.joins,
                 g.records,
+                g.commits,
                 g.missing,
                 g.commit_backwards,
                 g.read_backwards,
@@ -774,6 +810,24 @@ async fn run_on(
                 json["chaos"][key] = v;
             }
         }
+    }
+    if !metadata_sizes.is_empty() {
+        lines.push(String::new());
+        lines.push(
+            "metadata        each node's metadata directory (MB), sampled while the load ran:"
+                .into(),
+        );
+        for (t, sizes) in &metadata_sizes {
+            lines.push(format!(
+                "                t={t:5} s  {}",
+                sizes
+                    .iter()
+                    .map(|b| format!("{:.2}", *b as f64 / 1e6))
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            ));
+        }
+        json["metadata_bytes"] = serde_json::json!(metadata_sizes);
     }
     if s.replay {
         let r = replay(s, routes, &topics, &cluster).await?;
@@ -914,4 +968,38 @@ async fn replay(
         "wan_bytes": wan, "wan_share_percent": share,
     });
     Ok((lines, json))
+}
+
+/// Samples the size of each of `dirs` every `every` until `until` has passed: (seconds since
+/// the start, bytes per directory; 0 for a node without one or while it cannot be read).
+async fn watch_metadata(
+    dirs: Vec<Option<std::path::PathBuf>>,
+    every: Duration,
+    until: Duration,
+) -> Vec<(u64, Vec<u64>)> {
+    let start = Instant::now();
+    let mut out = Vec::new();
+    while start.elapsed() + every <= until {
+        tokio::time::sleep(every).await;
+        let sizes = dirs
+            .iter()
+            .map(|d| d.as_deref().map_or(0, dir_bytes))
+            .collect();
+        out.push((start.elapsed().as_secs(), sizes));
+    }
+    out
+}
+
+/// The bytes of the files under `dir` (recursively; what cannot be read counts 0).
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|es| {
+            es.flatten()
+                .map(|e| match e.file_type() {
+                    Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+                    _ => e.metadata().map_or(0, |m| m.len()),
+                })
+                .sum()
+        })
+        .unwrap_or(0)
 }

@@ -10,8 +10,8 @@ correctness accounting (acked, delivered, lost, duplicated, reordered)"
 )]
 pub struct Args {
     /// A named workload: seed-target, max-throughput, replicated-max, latency-at-load,
-    /// many-partitions, failover, geo-sync, geo-replay, region-loss, idle, chaos. Flags below
-    /// override its settings.
+    /// many-partitions, failover, geo-sync, geo-replay, region-loss, idle, chaos,
+    /// group-commits. Flags below override its settings.
     #[arg(long)]
     pub workload: Option<String>,
     /// Start a local cluster of this many `tern serve` processes (loopback, free ports,
@@ -134,6 +134,11 @@ pub struct Args {
     /// Seconds between two faults of the chaos workload, on average.
     #[arg(long)]
     pub fault_every: Option<u64>,
+    /// Faults of the chaos workload that may be held at once: with 2 or more, a fault starts
+    /// on schedule while others are still held, on other nodes (membership changes during
+    /// kills and partitions, two nodes down at once); 1 runs them one after another.
+    #[arg(long)]
+    pub overlap: Option<usize>,
     /// Members of each of the two groups the chaos workload runs beside its subscriber: a
     /// stream-mode group that commits as it reads, and a queue group that acks, nacks and
     /// rejects to the dead-letter topic (0: no groups) [default: 2].
@@ -156,6 +161,8 @@ pub struct Chaos {
     pub every_s: u64,
     /// Members of each checked group (`group.rs`).
     pub group_members: usize,
+    /// Faults that may be held at once (`chaos.rs`, `nemesis`): 1 is one after another.
+    pub overlap: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -197,6 +204,9 @@ pub struct Settings {
     pub leader_regions: Vec<String>,
     /// Cut a region off, this many seconds into the measured load.
     pub cut_region: Option<(String, u64)>,
+    /// Every this many seconds, the size of each spawned node's metadata directory is sampled
+    /// (the group-commits workload: the metadata log must stay bounded).
+    pub metadata_watch_s: Option<u64>,
     /// After producing, one consumer reads everything from the earliest offset (geo-replay).
     pub replay: bool,
 }
@@ -233,6 +243,7 @@ impl Settings {
             leader_regions: Vec::new(),
             cut_region: None,
             replay: false,
+            metadata_watch_s: None,
         };
         let abc = || vec!["a".to_string(), "b".to_string(), "c".to_string()];
         Ok(match name {
@@ -352,7 +363,34 @@ impl Settings {
                     libfaketime: None,
                     every_s: 4,
                     group_members: 2,
+                    overlap: 1,
                 }),
+                ..base
+            },
+            // An hour of consumer-group commits at about 100/s (a producer at 100 records/s,
+            // one record a request, and a stream-group member committing every delivery, a
+            // queue member acking each), a node killed and restarted every 5 minutes: the
+            // metadata directory's size and the restarts' times must stay flat once the
+            // metadata group snapshots (docs/reliability.md).
+            "group-commits" => Settings {
+                nodes: 3,
+                replication_factor: 3,
+                partitions: 1,
+                record_size: 256,
+                rate: Some(100),
+                idempotent: true,
+                batch_size: 1,
+                duration_s: 3600,
+                warmup_s: 2,
+                chaos: Some(Chaos {
+                    seed: 0,
+                    faults: vec!["kill".into()],
+                    libfaketime: None,
+                    every_s: 300,
+                    group_members: 1,
+                    overlap: 1,
+                }),
+                metadata_watch_s: Some(60),
                 ..base
             },
             // No load: the spawned nodes' own CPU while they hold their partitions and wait.
@@ -368,8 +406,8 @@ impl Settings {
             "custom" => base,
             other => anyhow::bail!(
                 "unknown workload {other:?}: use seed-target, max-throughput, replicated-max, \
-                 latency-at-load, many-partitions, failover, geo-sync, geo-replay, region-loss, idle \
-                 or chaos"
+                 latency-at-load, many-partitions, failover, geo-sync, geo-replay, region-loss, idle, \
+                 chaos or group-commits"
             ),
         })
     }
@@ -546,6 +584,14 @@ impl Settings {
                 anyhow::ensure!(m <= 16, "--group-members must be 0..=16");
                 c.group_members = m;
             }
+            if let Some(o) = a.overlap {
+                anyhow::ensure!(
+                    (1..=s.nodes).contains(&o),
+                    "--overlap must be 1..={} (one fault per node at most)",
+                    s.nodes
+                );
+                c.overlap = o;
+            }
             anyhow::ensure!(
                 c.group_members == 0 || s.topics == 1,
                 "the chaos workload's consumer group reads one topic: give --topics 1 or --group-members 0"
@@ -556,8 +602,9 @@ impl Settings {
                     && a.faults.is_empty()
                     && a.libfaketime.is_none()
                     && a.fault_every.is_none()
-                    && a.group_members.is_none(),
-                "--seed, --faults, --libfaketime, --fault-every and --group-members are for the \
+                    && a.group_members.is_none()
+                    && a.overlap.is_none(),
+                "--seed, --faults, --libfaketime, --fault-every, --overlap and --group-members are for the \
                  chaos workload"
             );
         }
@@ -621,6 +668,7 @@ impl Settings {
             "leader_regions": self.leader_regions,
             "cut_region": self.cut_region.as_ref().map(|(r, at)| serde_json::json!({"region": r, "at_s": at})),
             "replay": self.replay,
+            "metadata_watch_s": self.metadata_watch_s,
         })
     }
 }

@@ -159,6 +159,37 @@ fn membership_changes_and_delays_between_kills_lose_nothing() {
     }
 }
 
+/// Faults that overlap (`--overlap 2`): a fault starts on schedule while another is still
+/// held, on another node, so membership changes run during kills, pauses and partitions, and
+/// two nodes can be down at once (a partition may lose its majority for a while: writes wait,
+/// nothing may be lost). Four nodes through tern-wan, replication factor 3; the same checks
+/// as above, and at least one membership change overlapped another fault.
+#[test]
+fn membership_changes_during_other_faults_lose_nothing() {
+    let chaos = chaos_run(
+        "4",
+        &[
+            "--spawn",
+            "4",
+            "--regions",
+            "r1,r2,r3,r4",
+            "--rtt-ms",
+            "0",
+            "--duration",
+            "30",
+            "--overlap",
+            "2",
+            "--faults",
+            "move,kill,pause,partition",
+        ],
+    );
+    assert!(chaos["overlapped"].as_u64().unwrap() >= 2, "{chaos}");
+    assert!(
+        chaos["moves_overlapped"].as_u64().unwrap() >= 1,
+        "no membership change overlapped another fault: {chaos}"
+    );
+}
+
 /// Partitions made by the kernel: each node in its own network namespace on a bridge
 /// (`--netns`), cut off by nftables rules that drop its packets from the others (a stalled
 /// TCP connection, not a refused call); the same checks as above. Seed 6: a partition, a
