@@ -51,6 +51,34 @@ impl RaftSnapshotBuilder<PartitionRaft> for SnapshotBuilder {
     }
 }
 
+impl StateMachine {
+    /// Records the idempotent producers of the entries after the applied one up to `upto`,
+    /// read from this replica's log (which holds them), a bounded batch of entries at a time.
+    async fn record_producers_upto(&mut self, upto: Option<LogId>) -> Result<(), io::Error> {
+        const STEP: u64 = 256;
+        let Some(upto) = upto else { return Ok(()) };
+        let first = self.shared.map.borrow().first;
+        let mut next = self.applied.map_or(first, |a| a.index + 1).max(first);
+        while next <= upto.index {
+            let end = (next + STEP).min(upto.index + 1);
+            for e in self.shared.entries(next, end).await? {
+                if let EntryPayload::Normal(EntryBatch(b)) = &e.payload {
+                    let m = b.meta();
+                    self.shared.producers.borrow_mut().applied(
+                        m.producer_id,
+                        m.base_sequence,
+                        m.record_count,
+                        m.base_offset,
+                        crate::types::RaftIndex(e.log_id.index),
+                    );
+                }
+            }
+            next = end;
+        }
+        Ok(())
+    }
+}
+
 impl RaftStateMachine<PartitionRaft> for StateMachine {
     type SnapshotData = LogSnapshot;
     type SnapshotBuilder = SnapshotBuilder;
@@ -196,6 +224,14 @@ impl RaftStateMachine<PartitionRaft> for StateMachine {
                 .await
                 .map_err(io_err)?;
             (self.on_commit)();
+        }
+        if covered {
+            // The log keeps the entries between what this replica applied and the snapshot's
+            // point, and the snapshot says they are applied: record their producers as
+            // applying them would have (a leader of a later term checks its producers'
+            // sequences against this table, and one without them refused a producer's next
+            // batch as out of order).
+            self.record_producers_upto(meta.last_log_id).await?;
         }
         self.shared
             .saw_membership(meta.last_membership.membership(), true)

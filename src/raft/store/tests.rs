@@ -680,3 +680,62 @@ fn stamps_follow_a_truncation_into_a_sealed_segment() {
         log.close().await.unwrap();
     });
 }
+
+/// A snapshot installed on a replica whose log already holds the snapshot's point (it had the
+/// entries but had not applied them yet: its leader sent a snapshot because it had purged what
+/// it would have sent first) keeps the log, and records the idempotent producers of the
+/// entries it skips applying: before, they were left out, and a leader of a later term
+/// answered the producer's next batch as out of order.
+#[test]
+fn a_snapshot_over_held_entries_records_their_producers() {
+    GlommioRuntime::run(async {
+        let dir = tempfile::tempdir().unwrap();
+        let membership =
+            openraft::Membership::new_with_defaults(vec![[NodeId(1)].into()], [NodeId(1)]);
+        let p7 = crate::types::ProducerId(7);
+        let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
+        let (mut ls, mut sm, h) = open_with_handle(log.clone(), dir.path(), Rc::new(|| {}))
+            .await
+            .unwrap();
+        let mut entries = vec![Entry::new(
+            log_id(1, 0),
+            EntryPayload::Membership(membership.clone()),
+        )];
+        // Entry i holds the producer's sequences 2(i-1) and 2(i-1)+1.
+        entries.extend((1..8).map(|i| producer_entry(1, i, 2 * (i as i32 - 1))));
+        let (otx, orx) = <GlommioRuntime as AsyncRuntime>::Oneshot::channel();
+        ls.append(entries, IOFlushed::signal(otx)).await.unwrap();
+        orx.await.unwrap().unwrap();
+        apply(&mut sm, ls.try_get_log_entries(0..3).await.unwrap())
+            .await
+            .unwrap();
+        assert_eq!(h.producers().last_sequence(p7), Some(3));
+        let next = log.positions().next;
+        // The snapshot at entry 6: held by this log, so it is kept.
+        let meta = SnapshotMeta {
+            last_log_id: Some(log_id(1, 6)),
+            last_membership: StoredMembership::new(Some(log_id(1, 0)), membership.clone()),
+        };
+        let end_of_6 = Offset(1 + 2 * 6);
+        sm.install_snapshot(&meta, LogSnapshot { end: end_of_6 })
+            .await
+            .unwrap();
+        assert_eq!(log.positions().next, next, "the log is kept");
+        assert_eq!(h.producers().last_sequence(p7), Some(11));
+        assert_eq!(
+            h.producers().check(p7, crate::types::Sequence(10), 2, &[]),
+            crate::raft::producers::SeqCheck::Duplicate(vec![Offset(11), Offset(12)]),
+            "a retry of the snapshot's last batch is known, with its offsets"
+        );
+        assert_eq!(
+            h.producers().check(p7, crate::types::Sequence(12), 2, &[]),
+            crate::raft::producers::SeqCheck::Append
+        );
+        // Applying on from there adds entry 7 once.
+        apply(&mut sm, ls.try_get_log_entries(7..8).await.unwrap())
+            .await
+            .unwrap();
+        assert_eq!(h.producers().last_sequence(p7), Some(13));
+        log.close().await.unwrap();
+    });
+}
