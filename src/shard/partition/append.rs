@@ -32,11 +32,27 @@ impl Partition {
     /// written again nowhere (see `raft::producers`).
     pub async fn append(&self, requests: Vec<AppendRequest>) {
         let batch_max = self.log.config().batch_bytes_max;
-        let idempotent_ready = if requests.iter().any(|r| r.1.is_some()) {
+        let mut idempotent_ready = if requests.iter().any(|r| r.1.is_some()) {
             Some(self.idempotence_ready().await)
         } else {
             None
         };
+        // A sequence gap is answered only by a leader that has just confirmed it leads, with
+        // everything committed up to then applied: a leader cut off from its group (it hears
+        // no one, and a newer leader has committed the producer's next batches) would
+        // otherwise judge by a table that misses them, and refuse the producer for good.
+        if matches!(idempotent_ready, Some(Ok(())))
+            && requests.iter().any(|(records, producer, _)| {
+                producer.as_ref().is_some_and(|ps| {
+                    matches!(
+                        self.check_sequences(ps, records.len(), false),
+                        Err(CoreError::OutOfOrder { .. })
+                    )
+                })
+            })
+        {
+            idempotent_ready = Some(self.confirm_leadership().await);
+        }
         // Build batches; remember which (batch, index) each record landed in.
         let mut batcher = Batcher::new(batch_max);
         let mut places: Vec<Vec<(usize, u32)>> = Vec::with_capacity(requests.len());
@@ -62,7 +78,7 @@ impl Partition {
             if let Some(ps) = producer {
                 let check = match &idempotent_ready {
                     Some(Err(e)) => Err(e.clone()),
-                    _ => self.check_sequences(ps, records.len()),
+                    _ => self.check_sequences(ps, records.len(), true),
                 };
                 match check {
                     Ok(None) => batcher.start_producer(ps),
@@ -171,6 +187,7 @@ impl Partition {
         &self,
         ps: &ProducerSeq,
         count: usize,
+        log: bool,
     ) -> Result<Option<Vec<Offset>>, CoreError> {
         let pending = self.pending.borrow();
         let mine = pending.get(&ps.id).map_or(&[][..], |v| &v[..]);
@@ -181,10 +198,18 @@ impl Partition {
         {
             SeqCheck::Append => Ok(None),
             SeqCheck::Duplicate(offsets) => {
+                if !log {
+                    return Ok(Some(offsets));
+                }
                 tracing::debug!(partition = %self.key, node = %self.raft.metrics().borrow_watched().id, producer = ps.id.0, first = ps.first.0, ?offsets, "retried sequences answered, not written again");
                 Ok(Some(offsets))
             }
             SeqCheck::InFlight => Err(CoreError::InFlight),
+            SeqCheck::OutOfOrder { expected } if !log => Err(CoreError::OutOfOrder {
+                producer: ps.id.0,
+                expected,
+                got: ps.first.0 as i64,
+            }),
             SeqCheck::OutOfOrder { expected } => {
                 let m = self.raft.metrics().borrow_watched().clone();
                 tracing::debug!(
@@ -205,6 +230,36 @@ impl Partition {
                     expected,
                     got: ps.first.0 as i64,
                 })
+            }
+        }
+    }
+
+    /// Confirms with a quorum of the group that this replica still leads (Raft's ReadIndex),
+    /// and waits until it has applied everything committed up to then; bounded by the
+    /// election timeout. A replica that cannot is answered as not the leader: nothing is
+    /// written, and the caller tries the partition's other replicas.
+    async fn confirm_leadership(&self) -> Result<(), CoreError> {
+        let not_leader = |raft: &crate::raft::group::PartitionGroup| CoreError::NotLeader {
+            leader: raft
+                .metrics()
+                .borrow_watched()
+                .current_leader
+                .filter(|l| *l != raft.metrics().borrow_watched().id),
+        };
+        let confirm = self
+            .raft
+            .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex);
+        let limit = glommio::timer::sleep(Duration::from_millis(self.timing.election_max_ms));
+        futures::pin_mut!(confirm, limit);
+        match futures::future::select(confirm, limit).await {
+            futures::future::Either::Left((Ok(_), _)) => Ok(()),
+            futures::future::Either::Left((Err(e), _)) => {
+                tracing::debug!(partition = %self.key, error = %e, "leadership not confirmed before answering a sequence gap");
+                Err(not_leader(&self.raft))
+            }
+            futures::future::Either::Right(_) => {
+                tracing::debug!(partition = %self.key, "leadership not confirmed in time before answering a sequence gap");
+                Err(not_leader(&self.raft))
             }
         }
     }
