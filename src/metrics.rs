@@ -270,6 +270,8 @@ pub struct Node {
     pub checkpoint_restores: Counter,
     /// Damaged replicas reopened to repair them (`shard::core::repair`).
     pub replica_repairs: Counter,
+    /// Cores the watchdog found asleep past their own timers and woke (`shard::mailbox`).
+    pub core_stalls: Counter,
     pub fsync: Histogram,
     pub connections_open: Gauge,
     pub connections_accepted: Counter,
@@ -294,6 +296,7 @@ pub static NODE: Node = Node {
     checkpoints_saved: Counter::new(),
     checkpoint_restores: Counter::new(),
     replica_repairs: Counter::new(),
+    core_stalls: Counter::new(),
     fsync: Histogram::new(),
     connections_open: Gauge::new(),
     connections_accepted: Counter::new(),

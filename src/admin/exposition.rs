@@ -323,6 +323,13 @@ impl Collector for Snapshot {
         )?;
         counter(
             e,
+            "core_stalls",
+            "Times the watchdog found a core asleep past its own timers (glommio) and woke it.",
+            None,
+            n.core_stalls.get(),
+        )?;
+        counter(
+            e,
             "raft_checkpoints_saved",
             "Applied checkpoints (applied position and idempotent producers) saved by replicas on this node.",
             None,

@@ -13,11 +13,18 @@
 //! byte. glommio 0.9's own wake-ups from foreign threads (`Waker::wake` from tokio) were lost
 //! now and then: requests sat in a sleeping core's mailbox until its next timer (see
 //! `core::run`). A periodic re-check remains as a last resort, and counts anything it finds.
+//!
+//! The re-check is a glommio timer, and once (a debug build on a machine loaded far past its
+//! two cores, under the chaos harness) a core slept in `io_uring_wait_cqes` for twenty
+//! minutes without its timer firing, and its node stopped answering. So the waiting core
+//! also stamps when it last woke ([`Watch::stalled_for`]), and a watchdog thread
+//! (`Shards::start`) rings the bell of a core that has not woken for [`STALL`]: the pending
+//! read of the wake-up socket completes, and the executor runs again.
 
 use std::io::Write;
 use std::os::unix::io::{FromRawFd, IntoRawFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,6 +47,22 @@ struct Bell {
     waiting: AtomicBool,
     /// Write end of the socketpair (non-blocking).
     ring: StdUnixStream,
+    /// When the core last woke in [`LocalMailbox::recv`] (milliseconds since [`epoch`]).
+    woke_ms: AtomicU64,
+}
+
+/// A core that has not woken for this long while waiting is rung by the watchdog (a healthy
+/// waiting core wakes every [`RECHECK`] at least).
+pub const STALL: Duration = Duration::from_secs(2);
+
+/// The process's clock origin for [`Bell::woke_ms`].
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64
 }
 
 impl Bell {
@@ -82,6 +105,7 @@ pub fn mailbox(core: u32, capacity: usize) -> std::io::Result<(MailboxSender, Ma
     let bell = Arc::new(Bell {
         waiting: AtomicBool::new(false),
         ring,
+        woke_ms: AtomicU64::new(now_ms()),
     });
     Ok((
         MailboxSender {
@@ -94,13 +118,18 @@ pub fn mailbox(core: u32, capacity: usize) -> std::io::Result<(MailboxSender, Ma
 }
 
 impl MailboxSender {
-    /// Sends a request, waiting up to `wait` while the mailbox is full (back-pressure), then
-    /// failing with `Busy`. Never queues without bound.
+    /// A handle on the core's wake-up for the watchdog, which does not keep the mailbox open.
+    pub fn watch(&self) -> Watch {
+        Watch(Arc::downgrade(&self.bell))
+    }
+
     /// Requests waiting in the mailbox now.
     pub fn depth(&self) -> usize {
         self.tx.len()
     }
 
+    /// Sends a request, waiting up to `wait` while the mailbox is full (back-pressure), then
+    /// failing with `Busy`. Never queues without bound.
     pub async fn send(&self, req: CoreRequest, wait: Duration) -> Result<(), CoreError> {
         let deadline = Instant::now() + wait;
         let mut req = req;
@@ -127,6 +156,28 @@ impl MailboxSender {
     }
 }
 
+/// The watchdog's view of a core's wake-up (see [`STALL`]).
+pub struct Watch(std::sync::Weak<Bell>);
+
+impl Watch {
+    /// `None` once the core is gone. Otherwise, if the core is waiting for its mailbox and has
+    /// not woken for longer than `limit`, rings its bell whatever it said and tells how long it
+    /// slept.
+    pub fn stalled_for(&self, limit: Duration) -> Option<Option<Duration>> {
+        let bell = self.0.upgrade()?;
+        if !bell.waiting.load(Ordering::SeqCst) {
+            return Some(None);
+        }
+        let asleep = now_ms().saturating_sub(bell.woke_ms.load(Ordering::SeqCst));
+        if asleep <= limit.as_millis() as u64 {
+            return Some(None);
+        }
+        // WouldBlock means unread bytes are already there.
+        let _ = (&bell.ring).write(&[1]);
+        Some(Some(Duration::from_millis(asleep)))
+    }
+}
+
 impl MailboxReceiver {
     /// Binds the wake-up socket to the current executor: call on the core's thread.
     pub fn attach(self) -> LocalMailbox {
@@ -145,6 +196,7 @@ impl LocalMailbox {
     /// Waits for the next request; `None` once every sender is gone.
     pub async fn recv(&mut self) -> Option<CoreRequest> {
         loop {
+            self.bell.woke_ms.store(now_ms(), Ordering::SeqCst);
             match self.rx.try_recv() {
                 Ok(r) => return Some(r),
                 Err(TryRecvError::Disconnected) => return None,
@@ -172,6 +224,7 @@ impl LocalMailbox {
                 }
             };
             self.bell.waiting.store(false, Ordering::SeqCst);
+            self.bell.woke_ms.store(now_ms(), Ordering::SeqCst);
             if !rang {
                 if let Ok(r) = self.rx.try_recv() {
                     self.rescued += 1;
@@ -193,5 +246,43 @@ impl LocalMailbox {
     /// Another request if one is waiting.
     pub fn try_recv(&self) -> Option<CoreRequest> {
         self.rx.try_recv().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// The watchdog rings a core that waits and has not woken for longer than the limit (a
+    /// byte arrives on the socket the core's pending read waits on), leaves alone one that
+    /// is not waiting or woke recently, and stops once the core is gone.
+    #[test]
+    fn the_watchdog_rings_only_a_core_asleep_past_the_limit() {
+        let (tx, rx) = mailbox(0, 4).unwrap();
+        let watch = tx.watch();
+        let bell = rx.bell.clone();
+        let mut listen = rx.listen.try_clone().unwrap();
+        let mut buf = [0u8; 8];
+        // Not waiting: nothing, however long ago it woke.
+        bell.woke_ms.store(0, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(watch.stalled_for(Duration::from_millis(10)), Some(None));
+        // Waiting and woke just now: nothing.
+        bell.waiting.store(true, Ordering::SeqCst);
+        bell.woke_ms.store(now_ms(), Ordering::SeqCst);
+        assert_eq!(watch.stalled_for(Duration::from_secs(2)), Some(None));
+        assert!(listen.read(&mut buf).is_err(), "nothing was written");
+        // Waiting, and asleep past the limit: rung.
+        bell.woke_ms.store(0, Ordering::SeqCst);
+        let slept = watch.stalled_for(Duration::from_millis(10)).unwrap();
+        assert!(
+            slept.is_some_and(|d| d >= Duration::from_millis(30)),
+            "{slept:?}"
+        );
+        assert_eq!(listen.read(&mut buf).unwrap(), 1);
+        // The core gone (its receiver and every sender dropped): the watch ends.
+        drop((tx, rx, bell));
+        assert_eq!(watch.stalled_for(Duration::ZERO), None);
     }
 }

@@ -48,6 +48,36 @@ pub struct ShardConfig {
     pub raft_tick: Duration,
 }
 
+/// Starts the thread that rings the bell of a core asleep past [`mailbox::STALL`] (see the
+/// mailbox's notes): it checks every half second and ends once the cores are gone.
+fn watchdog(mailboxes: &[MailboxSender]) -> std::io::Result<()> {
+    let watched: Vec<mailbox::Watch> = mailboxes.iter().map(MailboxSender::watch).collect();
+    std::thread::Builder::new()
+        .name("tern-core-watchdog".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(500));
+            let mut alive = false;
+            for (i, w) in watched.iter().enumerate() {
+                let Some(stalled) = w.stalled_for(mailbox::STALL) else {
+                    continue;
+                };
+                alive = true;
+                if let Some(asleep) = stalled {
+                    crate::metrics::NODE.core_stalls.inc();
+                    tracing::warn!(
+                        core = i,
+                        asleep_ms = asleep.as_millis() as u64,
+                        "a core waiting for work had not woken for its own re-check timer; the watchdog rang it"
+                    );
+                }
+            }
+            if !alive {
+                return;
+            }
+        })
+        .map(|_| ())
+}
+
 impl Shards {
     /// Starts one pinned executor per core.
     pub fn start(cfg: &ShardConfig) -> anyhow::Result<Shards> {
@@ -91,6 +121,7 @@ impl Shards {
             io_memory_bytes = cfg.io_memory_bytes,
             "io_uring in use: each core runs a glommio executor on its own rings"
         );
+        watchdog(&mailboxes)?;
         Ok(Shards {
             mailboxes,
             threads: std::sync::Mutex::new(threads),
