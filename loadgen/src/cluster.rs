@@ -33,6 +33,18 @@ pub struct Cluster {
     clock: Option<(PathBuf, tempfile::TempDir)>,
     /// The nodes' network namespaces (`--netns`): partitions are then made by the kernel.
     pub netns: Option<super::netns::Netns>,
+    /// Clock ticks the nodes killed so far had used (a restarted node's /proc starts at 0).
+    ticks_gone: u64,
+}
+
+/// User + system clock ticks process `pid` has used, from /proc.
+fn proc_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces) end with ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line: 12 and 13 after ')'.
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
 /// Set by `Cluster::fake_wall_clocks`.
@@ -210,6 +222,7 @@ impl Cluster {
             regions: Vec::new(),
             clock: None,
             netns: None,
+            ticks_gone: 0,
         };
         if let Some(lib) = FAKE_CLOCKS.get() {
             c.clock = Some((lib.clone(), tempfile::tempdir()?));
@@ -427,22 +440,18 @@ impl Cluster {
         Ok(())
     }
 
-    /// CPU seconds (user + system) the running spawned nodes have used, from /proc; `None`
-    /// without spawned nodes or where /proc cannot be read.
+    /// CPU seconds (user + system) the spawned nodes have used, from /proc: the running ones,
+    /// and what the killed ones had used when they were killed. `None` without spawned nodes
+    /// or where /proc cannot be read.
     pub fn cpu_seconds(&self) -> Option<f64> {
         // SAFETY: sysconf has no preconditions.
         let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
         if ticks <= 0 || self.children.is_empty() {
             return None;
         }
-        let mut total = 0u64;
+        let mut total = self.ticks_gone;
         for c in self.children.iter().flatten() {
-            let stat = std::fs::read_to_string(format!("/proc/{}/stat", c.id()?)).ok()?;
-            // Fields after the command (which may hold spaces) end with ')'.
-            let rest = stat.rsplit_once(')')?.1;
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            // utime and stime are fields 14 and 15 of the line: 12 and 13 after ')'.
-            total += f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+            total += proc_ticks(c.id()?)?;
         }
         Some(total as f64 / ticks as f64)
     }
@@ -461,6 +470,7 @@ impl Cluster {
             regions: Vec::new(),
             clock: None,
             netns: None,
+            ticks_gone: 0,
         }
     }
 
@@ -484,6 +494,8 @@ impl Cluster {
     /// SIGKILL to node `i` (no flush, no goodbye).
     pub async fn kill9(&mut self, i: usize) {
         if let Some(mut c) = self.children[i].take() {
+            // What it used counts: read it just before the kill.
+            self.ticks_gone += c.id().and_then(proc_ticks).unwrap_or(0);
             let _ = c.kill().await;
         }
     }

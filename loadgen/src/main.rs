@@ -165,8 +165,8 @@ async fn main_async(args: Args) -> anyhow::Result<i32> {
     if let Some(c) = cutter {
         c.abort();
     }
-    // The nodes' CPU per 1,000 acknowledged records (a restarted node starts from zero, so
-    // not for runs that kill nodes).
+    // The nodes' CPU per 1,000 acknowledged records (killed nodes count what they had used
+    // when killed: `Cluster::kill9`).
     let cpu_after = cluster.lock().await.cpu_seconds();
     let scrapes = match scraper {
         Some(t) => {
@@ -176,7 +176,7 @@ async fn main_async(args: Args) -> anyhow::Result<i32> {
         None => None,
     };
     if let Ok(r) = &mut result {
-        if let (Some(a), Some(b), None) = (cpu_before, cpu_after, s.kill_every_s) {
+        if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
             let cpu = b - a;
             let per_1k = cpu / (r.acked.max(1) as f64 / 1000.0);
             r.lines.push(String::new());
