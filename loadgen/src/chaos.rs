@@ -280,6 +280,12 @@ struct Nemesis {
     partitions: u32,
     n: usize,
     cuts: std::sync::Mutex<Cuts>,
+    /// Nodes a fault has killed or paused: they cannot take cuts until they are back, when
+    /// what is in force for them is applied (see [`Nemesis::back`]).
+    down: std::sync::Mutex<std::collections::BTreeSet<usize>>,
+    /// One computation and delivery of cuts at a time, so two faults touching one node
+    /// cannot deliver their sets out of order.
+    applying: Mutex<()>,
 }
 
 /// Faults of which one runs at a time even when several faults overlap: two damaged
@@ -330,14 +336,38 @@ impl Nemesis {
 
     /// Sets what each of `nodes` refuses to what the faults in force ask of it.
     async fn apply(&self, nodes: &[usize]) -> anyhow::Result<()> {
+        let _one = self.applying.lock().await;
         let mut result = Ok(());
         for &node in nodes {
+            if self.down.lock().unwrap().contains(&node) {
+                // Killed or paused by another fault: it gets its cuts when it is back.
+                continue;
+            }
             let from = self.cuts.lock().unwrap().of(node);
             if let Err(e) = cut(&self.cluster, node, &from).await {
                 result = Err(e);
             }
         }
         result
+    }
+
+    /// Marks `node` down (killed or paused) until [`Nemesis::back`].
+    fn went_down(&self, node: usize) {
+        self.down.lock().unwrap().insert(node);
+    }
+
+    /// `node` runs again: the cuts in force for it now are applied (with several faults at
+    /// once, another may have cut it off, or healed a cut it had, while it was down; a paused
+    /// node kept its old set, and a restarted one starts without).
+    async fn back(&self, node: usize) {
+        self.down.lock().unwrap().remove(&node);
+        for _ in 0..50 {
+            if self.apply(&[node]).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        eprintln!("loadgen: chaos: could not give node {} its cuts", node + 1);
     }
 
     /// Carries out one fault of `kind` on `node` (`n`'s index), held for `hold`; `rng` draws
@@ -350,12 +380,15 @@ impl Nemesis {
         let mut restart_ms = None;
         let what = match kind {
             "kill" => {
+                self.went_down(node);
                 cluster.lock().await.kill9(node).await;
                 tokio::time::sleep(hold).await;
                 let began = Instant::now();
                 restart(cluster, node).await;
                 let addr = cluster.lock().await.addrs[node].clone();
-                match serving(&addr, began).await {
+                let serving = serving(&addr, began).await;
+                self.back(node).await;
+                match serving {
                     Some(took) => {
                         restart_ms = Some(took.as_millis() as u64);
                         format!(
@@ -371,9 +404,11 @@ impl Nemesis {
             }
             "pause" => {
                 let pid = cluster.lock().await.pid(node);
+                self.went_down(node);
                 signal(pid, libc::SIGSTOP);
                 tokio::time::sleep(hold).await;
                 signal(pid, libc::SIGCONT);
+                self.back(node).await;
                 format!("paused node {} (SIGSTOP) for {hold:?}", node + 1)
             }
             "partition" | "one-way" => {
@@ -413,6 +448,7 @@ impl Nemesis {
                 )
             }
             "corrupt" => {
+                self.went_down(node);
                 cluster.lock().await.kill9(node).await;
                 let dir = cluster.lock().await.data_dir(node);
                 let did = match dir {
@@ -421,6 +457,7 @@ impl Nemesis {
                 };
                 tokio::time::sleep(hold).await;
                 restart(cluster, node).await;
+                self.back(node).await;
                 format!("kill -9 node {}; {did}; restarted", node + 1)
             }
             "move" => {
@@ -520,6 +557,8 @@ pub async fn nemesis(
         partitions,
         n,
         cuts: Default::default(),
+        down: Default::default(),
+        applying: Mutex::new(()),
     });
     // With overlapping faults: those in progress, and the nodes and exclusive kinds they hold.
     let mut running = tokio::task::JoinSet::new();

@@ -165,11 +165,12 @@ impl Watch {
     /// slept.
     pub fn stalled_for(&self, limit: Duration) -> Option<Option<Duration>> {
         let bell = self.0.upgrade()?;
-        if !bell.waiting.load(Ordering::SeqCst) {
-            return Some(None);
-        }
         let asleep = now_ms().saturating_sub(bell.woke_ms.load(Ordering::SeqCst));
         if asleep <= limit.as_millis() as u64 {
+            return Some(None);
+        }
+        // Once per sleep, as a sender would: the flag goes with the ring.
+        if !bell.waiting.swap(false, Ordering::SeqCst) {
             return Some(None);
         }
         // WouldBlock means unread bytes are already there.
@@ -192,6 +193,14 @@ impl MailboxReceiver {
     }
 }
 
+impl Drop for LocalMailbox {
+    /// A core that stops (or whose thread panics) is not waiting for anything: the watchdog
+    /// must not take it for a sleeping one.
+    fn drop(&mut self) {
+        self.bell.waiting.store(false, Ordering::SeqCst);
+    }
+}
+
 impl LocalMailbox {
     /// Waits for the next request; `None` once every sender is gone.
     pub async fn recv(&mut self) -> Option<CoreRequest> {
@@ -208,7 +217,10 @@ impl LocalMailbox {
                     self.bell.waiting.store(false, Ordering::SeqCst);
                     return Some(r);
                 }
-                Err(TryRecvError::Disconnected) => return None,
+                Err(TryRecvError::Disconnected) => {
+                    self.bell.waiting.store(false, Ordering::SeqCst);
+                    return None;
+                }
                 Err(TryRecvError::Empty) => {}
             }
             let mut buf = [0u8; 64];
@@ -218,7 +230,10 @@ impl LocalMailbox {
                 futures::pin_mut!(read, timer);
                 match futures::future::select(read, timer).await {
                     // End of stream: every sender is gone (the write end closed).
-                    futures::future::Either::Left((Ok(0), _)) => return self.rx.try_recv().ok(),
+                    futures::future::Either::Left((Ok(0), _)) => {
+                        self.bell.waiting.store(false, Ordering::SeqCst);
+                        return self.rx.try_recv().ok();
+                    }
                     futures::future::Either::Left(_) => true,
                     futures::future::Either::Right(_) => false,
                 }
@@ -255,8 +270,8 @@ mod tests {
     use std::io::Read;
 
     /// The watchdog rings a core that waits and has not woken for longer than the limit (a
-    /// byte arrives on the socket the core's pending read waits on), leaves alone one that
-    /// is not waiting or woke recently, and stops once the core is gone.
+    /// byte arrives on the socket the core's pending read waits on), once per sleep; leaves
+    /// alone one that is not waiting or woke recently; and stops once the core is gone.
     #[test]
     fn the_watchdog_rings_only_a_core_asleep_past_the_limit() {
         let (tx, rx) = mailbox(0, 4).unwrap();
@@ -281,6 +296,9 @@ mod tests {
             "{slept:?}"
         );
         assert_eq!(listen.read(&mut buf).unwrap(), 1);
+        // Once per sleep: not again until the core waits again.
+        assert_eq!(watch.stalled_for(Duration::from_millis(10)), Some(None));
+        assert!(listen.read(&mut buf).is_err(), "rung once");
         // The core gone (its receiver and every sender dropped): the watch ends.
         drop((tx, rx, bell));
         assert_eq!(watch.stalled_for(Duration::ZERO), None);

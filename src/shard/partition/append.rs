@@ -239,12 +239,11 @@ impl Partition {
     /// election timeout. A replica that cannot is answered as not the leader: nothing is
     /// written, and the caller tries the partition's other replicas.
     async fn confirm_leadership(&self) -> Result<(), CoreError> {
-        let not_leader = |raft: &crate::raft::group::PartitionGroup| CoreError::NotLeader {
-            leader: raft
-                .metrics()
-                .borrow_watched()
-                .current_leader
-                .filter(|l| *l != raft.metrics().borrow_watched().id),
+        let not_leader = |raft: &crate::raft::group::PartitionGroup| {
+            let m = raft.metrics().borrow_watched().clone();
+            CoreError::NotLeader {
+                leader: m.current_leader.filter(|l| *l != m.id),
+            }
         };
         let confirm = self
             .raft
