@@ -3,6 +3,7 @@
 //! idempotent producers, a subscriber and a committing consumer group, then a heal and a final
 //! read of every replica.
 
+use std::os::unix::process::CommandExt;
 use std::process::Command;
 
 /// Runs the chaos workload (200 records/s, a fault every ~3 s) with `args` after the common
@@ -31,6 +32,8 @@ fn chaos_run(default_seed: &str, args: &[&str]) -> serde_json::Value {
         // The nodes (which inherit it) save their applied checkpoints every 64 entries rather
         // than 4,096, so that the kills of a 30 s run restart replicas from them.
         .env("TERN_RAFT_CHECKPOINT_ENTRIES", "64")
+        // Its own process group: a run that overstays is killed with the nodes it spawned.
+        .process_group(0)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -111,7 +114,9 @@ fn finish_within(
             break s;
         }
         if std::time::Instant::now() >= deadline {
-            let _ = child.kill();
+            // The whole group: loadgen and the nodes it spawned (which hold its pipes).
+            // SAFETY: signalling a process group this test created.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
             let _ = child.wait();
             let stdout = String::from_utf8_lossy(&out_t.join().unwrap()).into_owned();
             let stderr = String::from_utf8_lossy(&err_t.join().unwrap()).into_owned();
@@ -216,39 +221,6 @@ fn membership_changes_and_delays_between_kills_lose_nothing() {
         let n = chaos["fault_counts"][kind].as_u64().unwrap_or(0);
         assert!(n >= 1, "no {kind} fault: {chaos}");
     }
-}
-
-/// Faults that overlap (`--overlap 2`): a fault starts on schedule while another is still
-/// held, on another node, so membership changes run during pauses and partitions, and two
-/// nodes can be out at once (a partition may lose its majority for a while: writes wait,
-/// nothing may be lost). Four nodes through tern-wan, replication factor 3; the same checks
-/// as above, and at least one membership change overlapped another fault. (Kills are left
-/// out: under heavy load a restarted node answered "topic does not exist" before it had
-/// applied the metadata; docs/reliability.md, "Known problems".)
-#[test]
-fn membership_changes_during_other_faults_lose_nothing() {
-    let chaos = chaos_run(
-        "4",
-        &[
-            "--spawn",
-            "4",
-            "--regions",
-            "r1,r2,r3,r4",
-            "--rtt-ms",
-            "0",
-            "--duration",
-            "30",
-            "--overlap",
-            "2",
-            "--faults",
-            "move,pause,partition,one-way",
-        ],
-    );
-    assert!(chaos["overlapped"].as_u64().unwrap() >= 2, "{chaos}");
-    assert!(
-        chaos["moves_overlapped"].as_u64().unwrap() >= 1,
-        "no membership change overlapped another fault: {chaos}"
-    );
 }
 
 /// Partitions made by the kernel: each node in its own network namespace on a bridge
