@@ -285,24 +285,13 @@ async fn an_isolated_leader_cannot_commit_and_rejoins_dropping_its_tail() {
         .map(|i| format!("a{i}"))
         .chain(acked.iter().cloned())
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for node in 0..3 {
-        loop {
-            let got = read_all(&mut cluster.client(node).await, "cut", 0, want.len()).await;
+    cluster
+        .wait_converged("cut", 0, &want, |node, got| {
             assert!(
                 !got.contains(&"stranded".to_string()),
                 "node {}: the uncommitted write survived",
                 node + 1
             );
-            if got == want {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node {} never converged: {got:?}",
-                node + 1
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+        })
+        .await;
 }

@@ -187,6 +187,34 @@ impl Cluster {
         }
     }
 
+    /// Waits (up to 30 s in all) until every node reads exactly `want` from `topic`/`partition`;
+    /// `check` sees every read on the way (node index, values) and may fail the test.
+    pub async fn wait_converged(
+        &self,
+        topic: &str,
+        partition: u32,
+        want: &[String],
+        check: impl Fn(usize, &[String]),
+    ) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for node in 0..self.addrs.len() {
+            loop {
+                let got =
+                    read_all(&mut self.client(node).await, topic, partition, want.len()).await;
+                check(node, &got);
+                if got == want {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "node {} never converged: {got:?}, want {want:?}",
+                    node + 1
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
     pub async fn isolate(&self, i: usize, from: Vec<u64>) {
         set_fault(&self.addrs[i], from).await;
     }

@@ -406,6 +406,20 @@ fn producer_entry(term: u64, index: u64, seq: i32) -> Entry {
     )
 }
 
+/// Appends a membership entry at 0, then entries 1 to 7 of producer 7, entry i holding its
+/// sequences 2(i-1) and 2(i-1)+1 (two records each: entry i starts at offset 1 + 2(i-1)),
+/// and waits until they are flushed.
+async fn append_producer_log(ls: &mut LogStore, membership: &crate::raft::types::Membership) {
+    let mut entries = vec![Entry::new(
+        log_id(1, 0),
+        EntryPayload::Membership(membership.clone()),
+    )];
+    entries.extend((1..8).map(|i| producer_entry(1, i, 2 * (i as i32 - 1))));
+    let (otx, orx) = <GlommioRuntime as AsyncRuntime>::Oneshot::channel();
+    ls.append(entries, IOFlushed::signal(otx)).await.unwrap();
+    orx.await.unwrap().unwrap();
+}
+
 /// A restart starts from the applied checkpoint: the applied entry, its membership, the
 /// idempotent producers and the committed position come back, so only the entries after it
 /// are applied again (before, the whole log was, and a restarted leader kept its producers
@@ -425,15 +439,7 @@ fn a_restart_starts_from_the_applied_checkpoint_unless_the_log_lost_its_entry() 
                 .await
                 .unwrap();
             h.0.checkpoint_every.set(4);
-            let mut entries = vec![Entry::new(
-                log_id(1, 0),
-                EntryPayload::Membership(membership.clone()),
-            )];
-            // Entry i holds the producer's sequences 2(i-1) and 2(i-1)+1.
-            entries.extend((1..8).map(|i| producer_entry(1, i, 2 * (i as i32 - 1))));
-            let (otx, orx) = <GlommioRuntime as AsyncRuntime>::Oneshot::channel();
-            ls.append(entries, IOFlushed::signal(otx)).await.unwrap();
-            orx.await.unwrap().unwrap();
+            append_producer_log(&mut ls, &membership).await;
             apply(&mut sm, ls.try_get_log_entries(0..6).await.unwrap())
                 .await
                 .unwrap();
@@ -697,15 +703,7 @@ fn a_snapshot_over_held_entries_records_their_producers() {
         let (mut ls, mut sm, h) = open_with_handle(log.clone(), dir.path(), Rc::new(|| {}))
             .await
             .unwrap();
-        let mut entries = vec![Entry::new(
-            log_id(1, 0),
-            EntryPayload::Membership(membership.clone()),
-        )];
-        // Entry i holds the producer's sequences 2(i-1) and 2(i-1)+1.
-        entries.extend((1..8).map(|i| producer_entry(1, i, 2 * (i as i32 - 1))));
-        let (otx, orx) = <GlommioRuntime as AsyncRuntime>::Oneshot::channel();
-        ls.append(entries, IOFlushed::signal(otx)).await.unwrap();
-        orx.await.unwrap().unwrap();
+        append_producer_log(&mut ls, &membership).await;
         apply(&mut sm, ls.try_get_log_entries(0..3).await.unwrap())
             .await
             .unwrap();
