@@ -10,8 +10,6 @@ use node_support::cluster::{
     check_acked, create, publish_retrying, read_all, record, Cluster, Writer,
 };
 use tern::proto::v1 as pb;
-use tern::proto::v1::tern_client::TernClient;
-use tonic::transport::Channel;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_publish_and_subscribe_through_any_node() {
@@ -235,23 +233,13 @@ async fn an_isolated_leader_cannot_commit_and_rejoins_dropping_its_tail() {
     let cluster = Cluster::start(3).await;
     create(&mut cluster.client(0).await, "cut", 1, 3).await;
     let publish = |node: usize, v: &str| {
-        let v = v.to_string();
-        let addr = cluster.addrs[node].clone();
-        async move {
-            let mut c = TernClient::new(
-                Channel::from_shared(format!("http://{addr}"))
-                    .unwrap()
-                    .connect_lazy(),
-            );
-            let mut req = tonic::Request::new(pb::PublishRequest {
-                topic: "cut".into(),
-                records: vec![record(0, v)],
-                request_id: 0,
-                ..Default::default()
-            });
-            req.set_timeout(Duration::from_secs(3));
-            c.publish(req).await
-        }
+        let req = pb::PublishRequest {
+            topic: "cut".into(),
+            records: vec![record(0, v.to_string())],
+            request_id: 0,
+            ..Default::default()
+        };
+        cluster.publish_within(node, req, Duration::from_secs(3))
     };
     for i in 0..10 {
         publish(0, &format!("a{i}")).await.expect("healthy publish");

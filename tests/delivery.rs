@@ -1311,18 +1311,12 @@ async fn a_cut_off_leader_does_not_refuse_a_producer_as_out_of_order() {
         .into_inner()
         .producer_id;
     // One try through `node`, bounded (a write a cut-off leader takes can never commit).
-    let publish = |node: usize, req: pb::PublishRequest, secs: u64| {
-        let addr = cluster.addrs[node].clone();
-        async move {
-            let mut c = TernClient::new(
-                Channel::from_shared(format!("http://{addr}"))
-                    .unwrap()
-                    .connect_lazy(),
-            );
-            let mut req = tonic::Request::new(req);
-            req.set_timeout(Duration::from_secs(secs));
-            c.publish(req).await.map(|r| r.into_inner().acks.len())
-        }
+    let cluster = &cluster;
+    let publish = move |node: usize, req: pb::PublishRequest, secs: u64| async move {
+        cluster
+            .publish_within(node, req, Duration::from_secs(secs))
+            .await
+            .map(|r| r.acks.len())
     };
     // Tries through `nodes` in turn until acknowledged (60 s at most).
     let until_acked = |nodes: Vec<usize>, req: pb::PublishRequest| {

@@ -215,6 +215,24 @@ impl Cluster {
         }
     }
 
+    /// One publish through node `i`, bounded by `limit` (a write a cut-off leader takes can
+    /// never commit), on a lazily connected channel.
+    pub async fn publish_within(
+        &self,
+        i: usize,
+        req: pb::PublishRequest,
+        limit: Duration,
+    ) -> Result<pb::PublishResponse, tonic::Status> {
+        let mut c = TernClient::new(
+            Channel::from_shared(format!("http://{}", self.addrs[i]))
+                .unwrap()
+                .connect_lazy(),
+        );
+        let mut req = tonic::Request::new(req);
+        req.set_timeout(limit);
+        c.publish(req).await.map(|r| r.into_inner())
+    }
+
     pub async fn isolate(&self, i: usize, from: Vec<u64>) {
         set_fault(&self.addrs[i], from).await;
     }
