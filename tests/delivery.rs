@@ -1383,6 +1383,29 @@ async fn a_cut_off_leader_does_not_refuse_a_producer_as_out_of_order() {
     }
     cluster.isolate(leader, vec![]).await;
     until_acked(vec![leader], idem("stale", 0, id, 4, &["s4"])).await;
+    // The old leader has caught up with what the new one committed (reading it before, a
+    // fetch finds the offset "arriving", which read_all does not wait out).
+    let end = |node: usize| async move {
+        let r = cluster
+            .client(node)
+            .await
+            .cluster_info(pb::ClusterInfoRequest::default())
+            .await
+            .ok()?;
+        r.into_inner()
+            .topics
+            .into_iter()
+            .find(|t| t.topic == "stale")?
+            .partitions
+            .into_iter()
+            .next()
+            .map(|p| p.end_offset)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while end(leader).await.is_none() || end(leader).await != end(new_leader).await {
+        assert!(Instant::now() < deadline, "the old leader did not catch up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let want: Vec<String> = (0..5).map(|i| format!("s{i}")).collect();
     cluster.wait_converged("stale", 0, &want, |_, _| {}).await;
 }

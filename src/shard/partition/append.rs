@@ -2,6 +2,7 @@
 //! answered with its records' offsets once committed and applied. Idempotent producers'
 //! requests are checked against the committed producer table and the proposals in flight.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use openraft_rt::watch::WatchReceiver;
@@ -13,7 +14,7 @@ use crate::log::{LogError, Record};
 use crate::raft::producers::SeqCheck;
 use crate::raft::types::{EntryBatch, PartitionRaft};
 use crate::shard::request::{AppendAck, Appended, CoreError, ProducerSeq, Reply};
-use crate::types::Offset;
+use crate::types::{Offset, ProducerId};
 
 /// One append request as the core hands it over: records, idempotent producer, reply.
 pub type AppendRequest = (Vec<Record>, Option<ProducerSeq>, Reply<Appended>);
@@ -41,16 +42,7 @@ impl Partition {
         // everything committed up to then applied: a leader cut off from its group (it hears
         // no one, and a newer leader has committed the producer's next batches) would
         // otherwise judge by a table that misses them, and refuse the producer for good.
-        if matches!(idempotent_ready, Some(Ok(())))
-            && requests.iter().any(|(records, producer, _)| {
-                producer.as_ref().is_some_and(|ps| {
-                    matches!(
-                        self.check_sequences(ps, records.len(), false),
-                        Err(CoreError::OutOfOrder { .. })
-                    )
-                })
-            })
-        {
+        if matches!(idempotent_ready, Some(Ok(()))) && self.any_gap(&requests) {
             idempotent_ready = Some(self.confirm_leadership().await);
         }
         // Build batches; remember which (batch, index) each record landed in.
@@ -232,6 +224,23 @@ impl Partition {
                 })
             }
         }
+    }
+
+    /// Whether an idempotent request of this call leaves a gap in its producer's sequences. A
+    /// request continuing one earlier in the same call (a pipelined stream) is no gap, though
+    /// the earlier one is not in flight yet: it is only looked up in the table otherwise.
+    fn any_gap(&self, requests: &[AppendRequest]) -> bool {
+        let mut ends: HashMap<ProducerId, i64> = HashMap::new();
+        requests.iter().any(|(records, producer, _)| {
+            let Some(ps) = producer else { return false };
+            let end = ps.first.0 as i64 + records.len() as i64;
+            let follows = ends.insert(ps.id, end) == Some(ps.first.0 as i64);
+            !follows
+                && matches!(
+                    self.check_sequences(ps, records.len(), false),
+                    Err(CoreError::OutOfOrder { .. })
+                )
+        })
     }
 
     /// Confirms with a quorum of the group that this replica still leads (Raft's ReadIndex),
