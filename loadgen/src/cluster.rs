@@ -112,15 +112,9 @@ fn server_program(tern_bin: Option<PathBuf>) -> anyhow::Result<(PathBuf, Vec<Str
     Ok((me, vec!["--serve-self".into(), "serve".into()]))
 }
 
-/// Free loopback ports from the OS (bound together, then released for the nodes to take).
+/// Loopback ports for the nodes, outside the ephemeral range (see `tern_wan::ports`).
 fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
-    let held = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(held
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect::<Result<_, _>>()?)
+    Ok(tern_wan::ports::free_ports(n)?)
 }
 
 impl Cluster {

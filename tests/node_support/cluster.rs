@@ -35,14 +35,9 @@ pub struct Cluster {
     pub tmp: tempfile::TempDir,
 }
 
-/// Free loopback ports from the OS (bound, then released for the nodes to take).
+/// Loopback ports for the nodes, outside the ephemeral range (see `tern_wan::ports`).
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let held: Vec<_> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    held.iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
+    tern_wan::ports::free_ports(n).expect("free loopback ports")
 }
 
 impl Cluster {

@@ -13,6 +13,8 @@
 //! the proxy's address to that region (`tern serve --region-addresses`), so all traffic
 //! between regions, node to node and client to node, crosses a delay line.
 
+pub mod ports;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
