@@ -38,6 +38,8 @@ pub struct Follower {
     pub(super) failed: bool,
     /// Where this node's last checkpoint of the state stands (`checkpoint.rs`).
     checkpointed: Offset,
+    /// Until this node is ready: what the metadata leader said it had applied.
+    leader_applied: Option<Offset>,
 }
 
 impl Follower {
@@ -52,6 +54,7 @@ impl Follower {
             open: HashMap::new(),
             failed: false,
             checkpointed: Offset(0),
+            leader_applied: None,
         };
         if let Some(c) = checkpoint::load(&f.broker.config.data_dir).map_err(anyhow::Error::msg)? {
             tracing::info!(
@@ -131,6 +134,7 @@ impl Follower {
             let mut req = tonic::Request::new(ipb::MetadataStateRequest {
                 from: me.0,
                 cluster: self.broker.cluster_id.get().to_string(),
+                probe: false,
             });
             req.set_timeout(Duration::from_secs(10));
             let c = match client.metadata_state(req).await {
@@ -286,13 +290,73 @@ impl Follower {
             "the applied metadata went back from {before} to {}",
             self.next
         );
-        if leader_known && self.next >= fetched.high_watermark && !self.failed {
+        if leader_known
+            && self.next >= fetched.high_watermark
+            && !self.failed
+            && !self.broker.is_ready()
+            && self.reached_the_leader().await
+        {
             let was = self.broker.ready.swap(true, Ordering::AcqRel);
             if !was {
                 tokio::spawn(log_caught_up(self.broker.clone()));
             }
         }
         Ok(())
+    }
+
+    /// Whether this node has applied at least what the metadata leader had applied when asked.
+    /// A restarted follower's committed index is only what the leader's first messages brought
+    /// (256 entries each): reaching it is not being caught up, and a node that called itself
+    /// ready there answered NOT_FOUND for topics created while it was down. The leader's own
+    /// answer is its applied point once asked; asked again at each step until reached.
+    async fn reached_the_leader(&mut self) -> bool {
+        if self.broker.alone() {
+            return true;
+        }
+        let Some(leader) = self.broker.metadata_leader().await else {
+            return false;
+        };
+        if leader == self.broker.node_id() {
+            // A leader's committed index is the group's (it commits an entry of its own term
+            // before it serves).
+            return true;
+        }
+        if let Some(t) = self.leader_applied {
+            if self.next >= t {
+                return true;
+            }
+        }
+        let Ok(channel) = self.broker.peer_channel(leader) else {
+            return false;
+        };
+        let mut client = ipb::peer_client::PeerClient::new(channel)
+            .max_decoding_message_size(checkpoint::BYTES_MAX as usize);
+        let mut req = tonic::Request::new(ipb::MetadataStateRequest {
+            from: self.broker.node_id().0,
+            cluster: self.broker.cluster_id.get().to_string(),
+            probe: true,
+        });
+        req.set_timeout(Duration::from_secs(2));
+        let target = match client.metadata_state(req).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                if r.next > 0 || r.checkpoint.is_empty() {
+                    Offset(r.next)
+                } else {
+                    // A node from before probes sends its whole checkpoint.
+                    match checkpoint::Checkpoint::decode(&r.checkpoint) {
+                        Ok(c) => c.next,
+                        Err(_) => return false,
+                    }
+                }
+            }
+            Err(s) => {
+                tracing::debug!(%leader, error = %s.message(), "the metadata leader did not say where it stands");
+                return false;
+            }
+        };
+        self.leader_applied = Some(target);
+        self.next >= target
     }
 }
 

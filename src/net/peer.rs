@@ -156,9 +156,16 @@ impl Peer for PeerService {
         let r = request.get_ref();
         self.check_peer(r.from, &r.cluster, &request)?;
         let (next, state) = self.broker.applied_view();
+        if r.probe {
+            return Ok(Response::new(pb::MetadataStateResponse {
+                checkpoint: Default::default(),
+                next: next.0,
+            }));
+        }
         let c = controller::checkpoint::Checkpoint::new(next, (*state).clone());
         Ok(Response::new(pb::MetadataStateResponse {
             checkpoint: c.encode().into(),
+            next: next.0,
         }))
     }
 
