@@ -16,10 +16,16 @@
 //!
 //! The re-check is a glommio timer, and once (a debug build on a machine loaded far past its
 //! two cores, under the chaos harness) a core slept in `io_uring_wait_cqes` for twenty
-//! minutes without its timer firing, and its node stopped answering. So the waiting core
-//! also stamps when it last woke ([`Watch::stalled_for`]), and a watchdog thread
-//! (`Shards::start`) rings the bell of a core that has not woken for [`STALL`]: the pending
-//! read of the wake-up socket completes, and the executor runs again.
+//! minutes without its timer firing, and its node stopped answering. glommio 0.9 can park with
+//! runnable tasks: `run_task_queues` returns "ran nothing" when its 1 ms preempt timer has
+//! already expired on entry (the thread was descheduled between arming it and running tasks),
+//! and the executor then sleeps until some completion comes, however many tasks are ready. If
+//! the task that was just made ready is this mailbox's (its re-check timer fired, so no timer
+//! is left), nothing may ever come. So the mailbox stamps each time it runs
+//! ([`Watch::stalled_for`]), and a watchdog thread (`Shards::start`) kicks a core whose
+//! mailbox has not run for [`STALL`], through both of the ways an executor wakes: a byte on
+//! the socket (an io_uring read, when one is pending) and the mailbox task's waker (glommio's
+//! own cross-thread wake-up, an eventfd), again every check until the core runs.
 
 use std::io::Write;
 use std::os::unix::io::{FromRawFd, IntoRawFd};
@@ -29,6 +35,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
+use futures::task::AtomicWaker;
 use futures::AsyncReadExt;
 
 use super::request::{CoreError, CoreRequest};
@@ -47,13 +54,17 @@ struct Bell {
     waiting: AtomicBool,
     /// Write end of the socketpair (non-blocking).
     ring: StdUnixStream,
-    /// When the core last woke in [`LocalMailbox::recv`] (milliseconds since [`epoch`]).
+    /// When the mailbox last ran ([`LocalMailbox::recv`], milliseconds since [`epoch`]).
     woke_ms: AtomicU64,
+    /// The mailbox task's waker, for the watchdog's kick.
+    waker: AtomicWaker,
+    /// The core's mailbox is gone (the core stopped): nothing to watch.
+    gone: AtomicBool,
 }
 
-/// A core that has not woken for this long while waiting is rung by the watchdog (a healthy
-/// waiting core wakes every [`RECHECK`] at least).
-pub const STALL: Duration = Duration::from_secs(2);
+/// A core whose mailbox has not run for this long is kicked by the watchdog (a healthy core's
+/// mailbox runs every [`RECHECK`] at least, idle or busy).
+pub const STALL: Duration = Duration::from_secs(1);
 
 /// The process's clock origin for [`Bell::woke_ms`].
 fn epoch() -> Instant {
@@ -106,6 +117,8 @@ pub fn mailbox(core: u32, capacity: usize) -> std::io::Result<(MailboxSender, Ma
         waiting: AtomicBool::new(false),
         ring,
         woke_ms: AtomicU64::new(now_ms()),
+        waker: AtomicWaker::new(),
+        gone: AtomicBool::new(false),
     });
     Ok((
         MailboxSender {
@@ -160,21 +173,23 @@ impl MailboxSender {
 pub struct Watch(std::sync::Weak<Bell>);
 
 impl Watch {
-    /// `None` once the core is gone. Otherwise, if the core is waiting for its mailbox and has
-    /// not woken for longer than `limit`, rings its bell whatever it said and tells how long it
-    /// slept.
+    /// `None` once the core is gone. Otherwise, if the core's mailbox has not run for longer
+    /// than `limit`, kicks it (a byte on its socket, and its task woken from this thread) and
+    /// tells how long it has not run.
     pub fn stalled_for(&self, limit: Duration) -> Option<Option<Duration>> {
         let bell = self.0.upgrade()?;
+        if bell.gone.load(Ordering::SeqCst) {
+            return None;
+        }
         let asleep = now_ms().saturating_sub(bell.woke_ms.load(Ordering::SeqCst));
         if asleep <= limit.as_millis() as u64 {
             return Some(None);
         }
-        // Once per sleep, as a sender would: the flag goes with the ring.
-        if !bell.waiting.swap(false, Ordering::SeqCst) {
-            return Some(None);
-        }
-        // WouldBlock means unread bytes are already there.
+        bell.waiting.store(false, Ordering::SeqCst);
+        // WouldBlock means unread bytes are already there; a byte that arrives when the core
+        // is not waiting only makes its next wait return at once.
         let _ = (&bell.ring).write(&[1]);
+        bell.waker.wake();
         Some(Some(Duration::from_millis(asleep)))
     }
 }
@@ -184,6 +199,8 @@ impl MailboxReceiver {
     pub fn attach(self) -> LocalMailbox {
         // SAFETY: the fd comes from a socket we own and hand over whole.
         let socket = unsafe { glommio::net::UnixStream::from_raw_fd(self.listen.into_raw_fd()) };
+        // The core's start (its ring and memory set up) does not count as a stall.
+        self.bell.woke_ms.store(now_ms(), Ordering::SeqCst);
         LocalMailbox {
             rx: self.rx,
             bell: self.bell,
@@ -197,6 +214,7 @@ impl Drop for LocalMailbox {
     /// A core that stops (or whose thread panics) is not waiting for anything: the watchdog
     /// must not take it for a sleeping one.
     fn drop(&mut self) {
+        self.bell.gone.store(true, Ordering::SeqCst);
         self.bell.waiting.store(false, Ordering::SeqCst);
     }
 }
@@ -223,6 +241,12 @@ impl LocalMailbox {
                 }
                 Err(TryRecvError::Empty) => {}
             }
+            // Taken each time (a no-op when it is the same waker): the watchdog wakes it.
+            futures::future::poll_fn(|cx| {
+                self.bell.waker.register(cx.waker());
+                std::task::Poll::Ready(())
+            })
+            .await;
             let mut buf = [0u8; 64];
             let rang = {
                 let read = self.socket.read(&mut buf);
@@ -269,37 +293,63 @@ mod tests {
     use super::*;
     use std::io::Read;
 
-    /// The watchdog rings a core that waits and has not woken for longer than the limit (a
-    /// byte arrives on the socket the core's pending read waits on), once per sleep; leaves
-    /// alone one that is not waiting or woke recently; and stops once the core is gone.
+    /// A waker that counts its wakes.
+    struct Count(std::sync::atomic::AtomicUsize);
+    impl futures::task::ArcWake for Count {
+        fn wake_by_ref(me: &Arc<Self>) {
+            me.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// The watchdog leaves alone a core whose mailbox ran recently, waiting or not; kicks one
+    /// whose mailbox has not run past the limit, through the socket and the task's waker
+    /// (whether or not it said it waits: glommio can park with the task ready and no read
+    /// pending), again at each check while it stays stalled; and stops once the core is gone.
     #[test]
-    fn the_watchdog_rings_only_a_core_asleep_past_the_limit() {
+    fn the_watchdog_kicks_a_core_whose_mailbox_has_not_run() {
         let (tx, rx) = mailbox(0, 4).unwrap();
         let watch = tx.watch();
         let bell = rx.bell.clone();
         let mut listen = rx.listen.try_clone().unwrap();
         let mut buf = [0u8; 8];
-        // Not waiting: nothing, however long ago it woke.
-        bell.woke_ms.store(0, Ordering::SeqCst);
-        std::thread::sleep(Duration::from_millis(30));
-        assert_eq!(watch.stalled_for(Duration::from_millis(10)), Some(None));
-        // Waiting and woke just now: nothing.
-        bell.waiting.store(true, Ordering::SeqCst);
+        let count = Arc::new(Count(Default::default()));
+        bell.waker.register(&futures::task::waker(count.clone()));
+        // Ran just now: nothing, waiting or not.
         bell.woke_ms.store(now_ms(), Ordering::SeqCst);
         assert_eq!(watch.stalled_for(Duration::from_secs(2)), Some(None));
+        bell.waiting.store(true, Ordering::SeqCst);
+        assert_eq!(watch.stalled_for(Duration::from_secs(2)), Some(None));
         assert!(listen.read(&mut buf).is_err(), "nothing was written");
-        // Waiting, and asleep past the limit: rung.
+        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+        // Not run past the limit, though not waiting: kicked both ways.
+        bell.waiting.store(false, Ordering::SeqCst);
         bell.woke_ms.store(0, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(30));
         let slept = watch.stalled_for(Duration::from_millis(10)).unwrap();
         assert!(
             slept.is_some_and(|d| d >= Duration::from_millis(30)),
             "{slept:?}"
         );
         assert_eq!(listen.read(&mut buf).unwrap(), 1);
-        // Once per sleep: not again until the core waits again.
-        assert_eq!(watch.stalled_for(Duration::from_millis(10)), Some(None));
-        assert!(listen.read(&mut buf).is_err(), "rung once");
-        // The core gone (its receiver and every sender dropped): the watch ends.
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        // Still stalled at the next check: kicked again (the waker registered anew, as the
+        // mailbox does each time it waits).
+        bell.waker.register(&futures::task::waker(count.clone()));
+        assert!(watch
+            .stalled_for(Duration::from_millis(10))
+            .unwrap()
+            .is_some());
+        assert_eq!(listen.read(&mut buf).unwrap(), 1);
+        assert_eq!(count.0.load(Ordering::SeqCst), 2);
+        // Ran again: left alone.
+        bell.woke_ms.store(now_ms(), Ordering::SeqCst);
+        assert_eq!(watch.stalled_for(Duration::from_secs(2)), Some(None));
+        // The core stopped (its mailbox dropped) while senders remain: nothing to watch.
+        bell.gone.store(true, Ordering::SeqCst);
+        bell.woke_ms.store(0, Ordering::SeqCst);
+        assert_eq!(watch.stalled_for(Duration::ZERO), None);
+        // Every side dropped: the watch ends.
+        bell.gone.store(false, Ordering::SeqCst);
         drop((tx, rx, bell));
         assert_eq!(watch.stalled_for(Duration::ZERO), None);
     }

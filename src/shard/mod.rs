@@ -48,31 +48,40 @@ pub struct ShardConfig {
     pub raft_tick: Duration,
 }
 
-/// Starts the thread that rings the bell of a core asleep past [`mailbox::STALL`] (see the
-/// mailbox's notes): it checks every half second and ends once the cores are gone.
+/// Starts the thread that kicks a core whose mailbox has not run for [`mailbox::STALL`] (see
+/// the mailbox's notes): it checks four times a second, kicks again at each check while the
+/// core stays stalled, logs once per stall, and ends once the cores are gone.
 fn watchdog(mailboxes: &[MailboxSender]) -> std::io::Result<()> {
     let watched: Vec<mailbox::Watch> = mailboxes.iter().map(MailboxSender::watch).collect();
     std::thread::Builder::new()
         .name("tern-core-watchdog".into())
-        .spawn(move || loop {
-            std::thread::sleep(Duration::from_millis(500));
-            let mut alive = false;
-            for (i, w) in watched.iter().enumerate() {
-                let Some(stalled) = w.stalled_for(mailbox::STALL) else {
-                    continue;
-                };
-                alive = true;
-                if let Some(asleep) = stalled {
-                    crate::metrics::NODE.core_stalls.inc();
-                    tracing::warn!(
-                        core = i,
-                        asleep_ms = asleep.as_millis() as u64,
-                        "a core waiting for work had not woken for its own re-check timer; the watchdog rang it"
-                    );
+        .spawn(move || {
+            let mut stalled = vec![false; watched.len()];
+            loop {
+                std::thread::sleep(Duration::from_millis(250));
+                let mut alive = false;
+                for (i, w) in watched.iter().enumerate() {
+                    let Some(asleep) = w.stalled_for(mailbox::STALL) else {
+                        continue;
+                    };
+                    alive = true;
+                    match asleep {
+                        Some(asleep) if !stalled[i] => {
+                            stalled[i] = true;
+                            crate::metrics::NODE.core_stalls.inc();
+                            tracing::warn!(
+                                core = i,
+                                stalled_ms = asleep.as_millis() as u64,
+                                "a core's mailbox had not run for its own re-check timer (glommio parked with work ready, or the core was blocked); the watchdog kicked it"
+                            );
+                        }
+                        Some(_) => {}
+                        None => stalled[i] = false,
+                    }
                 }
-            }
-            if !alive {
-                return;
+                if !alive {
+                    return;
+                }
             }
         })
         .map(|_| ())

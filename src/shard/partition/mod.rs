@@ -48,6 +48,8 @@ pub use append::AppendRequest;
 /// Times opening a replica goes again after finding a damaged segment (each cuts the log at
 /// the first damage found; later segments go with the cut).
 const DAMAGED_OPENS_MAX: u32 = 3;
+/// How often a slow open reports the step it is in.
+const OPEN_REPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// Bytes a background verification reads at a time, and its pause between two reads (at
 /// most about 200 MB/s per core, beside the partitions' own traffic).
@@ -206,9 +208,34 @@ impl Partition {
     /// reads every batch header) is opened again with that segment's index distrusted, so the
     /// repairing open cuts the log there (see `Log::open_repairing`).
     pub async fn open(open: OpenPartition, core: CoreId) -> Result<Partition, CoreError> {
+        // An open that takes long says every 10 s which step it waits in (on a core that still
+        // runs; a core that does not is the watchdog's to report).
+        let stage = std::cell::Cell::new("opening the log");
+        let began = Instant::now();
+        let report = async {
+            loop {
+                glommio::timer::sleep(OPEN_REPORT_EVERY).await;
+                tracing::warn!(partition = %open.key, step = stage.get(), "opening this partition has taken {:.0?}", began.elapsed());
+            }
+        };
+        let opening = Self::open_tries(&open, core, &stage);
+        futures::pin_mut!(report, opening);
+        match futures::future::select(opening, report).await {
+            futures::future::Either::Left((r, _)) => r,
+            futures::future::Either::Right((never, _)) => never,
+        }
+    }
+
+    /// [`Partition::open`], opened again (up to [`DAMAGED_OPENS_MAX`] times) while a damaged
+    /// segment turns up; `stage` tells the step it waits in.
+    async fn open_tries(
+        open: &OpenPartition,
+        core: CoreId,
+        stage: &std::cell::Cell<&'static str>,
+    ) -> Result<Partition, CoreError> {
         let mut tries = 0;
         loop {
-            match Self::open_once(&open, core).await {
+            match Self::open_once(open, core, stage).await {
                 Ok(p) => return Ok(p),
                 Err((e, Some(damaged))) if tries < DAMAGED_OPENS_MAX => {
                     tracing::warn!(partition = %open.key, segment = %damaged.display(), error = %e, "damaged segment found while opening; opening again to cut it");
@@ -225,7 +252,9 @@ impl Partition {
     async fn open_once(
         open: &OpenPartition,
         core: CoreId,
+        stage: &std::cell::Cell<&'static str>,
     ) -> Result<Partition, (CoreError, Option<std::path::PathBuf>)> {
+        stage.set("opening the log");
         let OpenPartition {
             key,
             uid,
@@ -264,6 +293,7 @@ impl Partition {
         }
         .map_err(|e| (CoreError::from(e), None))?;
         let log_opened = began.elapsed();
+        stage.set("starting the Raft group (reading its state)");
         let waiters: Waiters = Rc::default();
         let on_commit = {
             let w = waiters.clone();
@@ -326,6 +356,7 @@ impl Partition {
         );
         // From here a failure must not leave the group's tasks and the log running.
         let ready = async {
+            stage.set("recording this replica's membership");
             store
                 .set_member(replica.node_id, joining)
                 .await
@@ -333,8 +364,10 @@ impl Partition {
                     dir: dir.display().to_string(),
                     error: e.to_string(),
                 })?;
+            stage.set("asking the Raft group whether it is initialized");
             let initialized = raft.is_initialized().await.map_err(stopped)?;
             if !initialized && !joining {
+                stage.set("initializing the Raft group");
                 match raft.initialize(voters).await {
                     Ok(()) => {}
                     // Initialized meanwhile by a message from a peer: fine.
@@ -345,6 +378,7 @@ impl Partition {
             if !alone {
                 return Ok(());
             }
+            stage.set("electing this replica, alone in its group");
             if !raft.is_leader() {
                 raft.trigger().elect(false).await.map_err(stopped)?;
             }
