@@ -17,8 +17,8 @@
 //! The re-check is a glommio timer, and once (a debug build on a machine loaded far past its
 //! two cores, under the chaos harness) a core slept in `io_uring_wait_cqes` for twenty
 //! minutes without its timer firing, and its node stopped answering. glommio 0.9 can park with
-//! runnable tasks: `run_task_queues` returns "ran nothing" when its 1 ms preempt timer has
-//! already expired on entry (the thread was descheduled between arming it and running tasks),
+//! runnable tasks: `run_task_queues` returns "ran nothing" when its preempt timer has already
+//! expired on entry (the thread was descheduled between arming it and running tasks),
 //! and the executor then sleeps until some completion comes, however many tasks are ready. If
 //! the task that was just made ready is this mailbox's (its re-check timer fired, so no timer
 //! is left), nothing may ever come. So the mailbox stamps each time it runs

@@ -28,8 +28,13 @@ pub use request::{
 };
 
 /// How long a task queue runs before the executor checks I/O and wakes from other threads:
-/// this bounds how late a busy core notices new requests in its mailbox.
-const PREEMPT_TIMER: Duration = Duration::from_millis(1);
+/// this bounds how late a core busy without pause notices new requests in its mailbox (a
+/// queue that runs dry polls at once). It was 1 ms, and glommio 0.9 parks an executor with
+/// tasks ready when this timer expires between its arming and the run of the task queues (a
+/// thread descheduled that long; see `mailbox.rs`): at 1 ms that happened often enough to
+/// put 80–250 ms stalls in `seed-target`'s p99.9 (median 78 ms on one node; 7 ms at 20 ms,
+/// docs/benchmarks.md).
+const PREEMPT_TIMER: Duration = Duration::from_millis(20);
 
 /// The running cores of a node.
 pub struct Shards {
