@@ -13,7 +13,9 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::error::{
+    ForwardReason, NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
@@ -249,9 +251,24 @@ async fn leader_among(replicas: &[&Replica]) -> NodeId {
     found
 }
 
+/// A write through `raft`, which leads. A leader just elected takes writes only once a quorum
+/// has acknowledged it (openraft's lease: `LeaseExpired` before the first acknowledgement), so
+/// that refusal is waited out, for at most 5 s; any other error fails.
 async fn write(raft: &PartitionGroup, value: &str) -> (u64, u64) {
-    let resp = raft.client_write(batch(value)).await.unwrap();
-    (resp.data.base, resp.data.end)
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match raft.client_write(batch(value)).await {
+            Ok(resp) => return (resp.data.base, resp.data.end),
+            Err(e)
+                if e.forward_to_leader().is_some_and(|f| {
+                    f.leader_id.is_none() && matches!(f.reason, ForwardReason::LeaseExpired)
+                }) && std::time::Instant::now() < deadline =>
+            {
+                GlommioRuntime::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("write {value}: {e:?}"),
+        }
+    }
 }
 
 async fn converged(replicas: &[&Replica], acked: &[String]) {

@@ -38,7 +38,8 @@ pub struct Follower {
     pub(super) failed: bool,
     /// Where this node's last checkpoint of the state stands (`checkpoint.rs`).
     checkpointed: Offset,
-    /// Until this node is ready: what the metadata leader said it had applied.
+    /// Until this node is ready: where the metadata leader said its state stood (its
+    /// committed end), the point to reach.
     leader_applied: Option<Offset>,
 }
 
@@ -304,27 +305,26 @@ impl Follower {
         Ok(())
     }
 
-    /// Whether this node has applied at least what the metadata leader had applied when asked.
-    /// A restarted follower's committed index is only what the leader's first messages brought
-    /// (256 entries each): reaching it is not being caught up, and a node that called itself
-    /// ready there answered NOT_FOUND for topics created while it was down. The leader's own
-    /// answer is its applied point once asked; asked again at each step until reached.
+    /// Whether this node has applied at least what the metadata leader had committed when
+    /// first asked. A restarted follower's own commit index is only what the leader's first
+    /// messages brought (256 entries each): reaching it is not being caught up, and a node
+    /// that called itself ready there answered NOT_FOUND for topics created while it was
+    /// down. The leader is asked once (again only after a failed try); its answer is a fixed
+    /// target, not raised by what commits meanwhile.
     async fn reached_the_leader(&mut self) -> bool {
         if self.broker.alone() {
             return true;
+        }
+        if let Some(t) = self.leader_applied {
+            return self.next >= t;
         }
         let Some(leader) = self.broker.metadata_leader().await else {
             return false;
         };
         if leader == self.broker.node_id() {
-            // A leader's committed index is the group's (it commits an entry of its own term
-            // before it serves).
+            // A leader's commit index is the group's (it commits an entry of its own term
+            // before it serves), and this replica has applied up to it.
             return true;
-        }
-        if let Some(t) = self.leader_applied {
-            if self.next >= t {
-                return true;
-            }
         }
         let Ok(channel) = self.broker.peer_channel(leader) else {
             return false;
@@ -336,7 +336,8 @@ impl Follower {
             cluster: self.broker.cluster_id.get().to_string(),
             probe: true,
         });
-        req.set_timeout(Duration::from_secs(2));
+        // As long as a whole state takes: a node from before probes sends its checkpoint.
+        req.set_timeout(Duration::from_secs(10));
         let target = match client.metadata_state(req).await {
             Ok(r) => {
                 let r = r.into_inner();

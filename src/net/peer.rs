@@ -157,9 +157,22 @@ impl Peer for PeerService {
         self.check_peer(r.from, &r.cluster, &request)?;
         let (next, state) = self.broker.applied_view();
         if r.probe {
+            // What this replica has committed, if more than it has applied: a leader elected
+            // after a restart of everyone may still be applying, and a node that took its
+            // applied point for the target would be ready too early.
+            let key = PartitionKey::metadata();
+            let committed = self
+                .broker
+                .shards
+                .ask(self.broker.shards.core_of(&key), |reply| {
+                    CoreRequest::Positions { key, reply }
+                })
+                .await
+                .map(|p| p.committed)
+                .map_err(|e| Status::unavailable(format!("the metadata replica: {e}")))?;
             return Ok(Response::new(pb::MetadataStateResponse {
                 checkpoint: Default::default(),
-                next: next.0,
+                next: next.max(committed).0,
             }));
         }
         let c = controller::checkpoint::Checkpoint::new(next, (*state).clone());

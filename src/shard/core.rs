@@ -40,8 +40,9 @@ type AppendGroup = (PartitionKey, Vec<AppendRequest>);
 /// The mailbox task runs in the executor's default task queue and is woken through io_uring
 /// (see `mailbox.rs`), not through glommio's wake-ups from other threads: glommio 0.9 lost
 /// those for tasks in a `Latency::Matters` queue (1,000 publishes/s stalled after ~2 s for
-/// 28 s) and, rarely, in the default queue too. How soon a *busy* core sees its mailbox is
-/// bounded by the executor's preempt timer (`PREEMPT_TIMER` in `shard/mod.rs`).
+/// 28 s) and, rarely, in the default queue too. (Only the watchdog's kick of a stalled core
+/// uses them, beside the socket.) How soon a *busy* core sees its mailbox is bounded by the
+/// executor's preempt timer (`PREEMPT_TIMER` in `shard/mod.rs`).
 pub async fn run(core: CoreId, mailbox: MailboxReceiver, raft_tick: Duration) {
     mailbox_loop(core, mailbox.attach(), raft_tick).await
 }
@@ -246,6 +247,7 @@ async fn mailbox_loop(core: CoreId, mut mailbox: LocalMailbox, raft_tick: Durati
                         );
                     }
                     stop_driver.set(true);
+                    mailbox.stopping();
                     let r = shutdown(core, &partitions).await;
                     let _ = reply.send(r);
                     return;

@@ -216,6 +216,9 @@ impl Drop for LocalMailbox {
     fn drop(&mut self) {
         self.bell.gone.store(true, Ordering::SeqCst);
         self.bell.waiting.store(false, Ordering::SeqCst);
+        // Dropped here, on the core's thread: a glommio waker dropped on another thread after
+        // its executor is gone would be queued to that executor and never freed.
+        drop(self.bell.waker.take());
     }
 }
 
@@ -275,6 +278,12 @@ impl LocalMailbox {
                 }
             }
         }
+    }
+
+    /// The core is shutting down (closing its partitions may take a while, without the
+    /// mailbox running): not a stall.
+    pub fn stopping(&self) {
+        self.bell.gone.store(true, Ordering::SeqCst);
     }
 
     /// Times a request was found by the periodic re-check instead of a wake-up.

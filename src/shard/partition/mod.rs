@@ -239,6 +239,7 @@ impl Partition {
                 Ok(p) => return Ok(p),
                 Err((e, Some(damaged))) if tries < DAMAGED_OPENS_MAX => {
                     tracing::warn!(partition = %open.key, segment = %damaged.display(), error = %e, "damaged segment found while opening; opening again to cut it");
+                    stage.set("distrusting a damaged segment's index");
                     Log::distrust_index(&damaged).await?;
                     tries += 1;
                 }
@@ -393,6 +394,7 @@ impl Partition {
         }
         .await;
         if let Err(e) = ready {
+            stage.set("stopping the Raft group after a failed start");
             let _ = raft.shutdown().await;
             let _ = log.close().await;
             return Err((e, None));
