@@ -140,7 +140,11 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
         )?;
         // A node alone has loaded the metadata and opened its partitions when this returns; a
         // node of a cluster does that in the background, since its peers need it to serve.
-        startup.at("opening the metadata group (alone: replaying it and opening the partitions)");
+        startup.at(if broker.alone() {
+            "opening the metadata group, replaying it and opening the partitions"
+        } else {
+            "opening this node's replica of the metadata group"
+        });
         crate::controller::start(broker.clone()).await?;
         startup.at("starting the gRPC server");
         let groups = Arc::new(Groups::new(broker.clone()));
