@@ -4,9 +4,10 @@
 use std::time::Duration;
 
 use super::Broker;
+use crate::log::Positions;
 use crate::raft::types::NodeId;
 use crate::shard::request::ReplicaState;
-use crate::shard::{CoreRequest, PartitionKey};
+use crate::shard::{CoreError, CoreRequest, PartitionKey};
 
 impl Broker {
     /// The metadata group's leader as this node knows it. A leader cut off from a majority
@@ -35,6 +36,17 @@ impl Broker {
             })
             .await
             .ok()
+    }
+
+    /// Where this node's replica of the metadata log stands: its start, and its committed end.
+    pub async fn metadata_positions(&self) -> Result<Positions, CoreError> {
+        let key = PartitionKey::metadata();
+        self.shards
+            .ask(self.shards.core_of(&key), |reply| CoreRequest::Positions {
+                key,
+                reply,
+            })
+            .await
     }
 
     /// Whether this node leads the metadata group and a quorum acknowledged it within an

@@ -160,13 +160,9 @@ impl Peer for PeerService {
             // What this replica has committed, if more than it has applied: a leader elected
             // after a restart of everyone may still be applying, and a node that took its
             // applied point for the target would be ready too early.
-            let key = PartitionKey::metadata();
             let committed = self
                 .broker
-                .shards
-                .ask(self.broker.shards.core_of(&key), |reply| {
-                    CoreRequest::Positions { key, reply }
-                })
+                .metadata_positions()
                 .await
                 .map(|p| p.committed)
                 .map_err(|e| Status::unavailable(format!("the metadata replica: {e}")))?;
