@@ -38,9 +38,9 @@ pub struct Follower {
     pub(super) failed: bool,
     /// Where this node's last checkpoint of the state stands (`checkpoint.rs`).
     checkpointed: Offset,
-    /// Until this node is ready: where the metadata leader said its state stood (its
-    /// committed end), the point to reach.
-    leader_applied: Option<Offset>,
+    /// Until this node is ready: where the metadata leader said its state stood (the further
+    /// of its applied point and its committed end), the point to reach.
+    catch_up_to: Option<Offset>,
 }
 
 impl Follower {
@@ -55,7 +55,7 @@ impl Follower {
             open: HashMap::new(),
             failed: false,
             checkpointed: Offset(0),
-            leader_applied: None,
+            catch_up_to: None,
         };
         if let Some(c) = checkpoint::load(&f.broker.config.data_dir).map_err(anyhow::Error::msg)? {
             tracing::info!(
@@ -127,27 +127,16 @@ impl Follower {
             }
         }
         for node in candidates.into_iter().filter(|n| *n != me) {
-            let Ok(channel) = self.broker.peer_channel(node) else {
-                continue;
-            };
-            let mut client = ipb::peer_client::PeerClient::new(channel)
-                .max_decoding_message_size(checkpoint::BYTES_MAX as usize);
-            let mut req = tonic::Request::new(ipb::MetadataStateRequest {
-                from: me.0,
-                cluster: self.broker.cluster_id.get().to_string(),
-                probe: false,
-            });
-            req.set_timeout(Duration::from_secs(10));
-            let c = match client.metadata_state(req).await {
-                Ok(r) => match checkpoint::Checkpoint::decode(&r.into_inner().checkpoint) {
+            let c = match self.metadata_state(node, false).await {
+                Ok(r) => match checkpoint::Checkpoint::decode(&r.checkpoint) {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::warn!(%node, error = %e, "a peer sent a bad metadata state");
                         continue;
                     }
                 },
-                Err(s) => {
-                    tracing::debug!(%node, error = %s.message(), "no metadata state from this peer");
+                Err(e) => {
+                    tracing::debug!(%node, error = %e, "no metadata state from this peer");
                     continue;
                 }
             };
@@ -191,15 +180,7 @@ impl Follower {
     /// Replays everything committed, then whether some partition could not be opened (a
     /// node alone, at start: everything in its log is committed once it leads).
     pub async fn replay(&mut self) -> Result<bool> {
-        let key = PartitionKey::metadata();
-        let end = self
-            .broker
-            .shards
-            .ask(self.broker.shards.core_of(&key), |reply| {
-                CoreRequest::Positions { key, reply }
-            })
-            .await?
-            .committed;
+        let end = self.broker.metadata_positions().await?.committed;
         while self.next < end {
             self.step(Duration::ZERO).await?;
         }
@@ -237,12 +218,7 @@ impl Follower {
         {
             Ok(f) => f,
             Err(e) => {
-                let start = self
-                    .broker
-                    .shards
-                    .ask(core, |reply| CoreRequest::Positions { key, reply })
-                    .await?
-                    .start;
+                let start = self.broker.metadata_positions().await?.start;
                 if start > self.next {
                     return self.catch_up_from_peer(start).await;
                 }
@@ -315,7 +291,7 @@ impl Follower {
         if self.broker.alone() {
             return true;
         }
-        if let Some(t) = self.leader_applied {
+        if let Some(t) = self.catch_up_to {
             return self.next >= t;
         }
         let Some(leader) = self.broker.metadata_leader().await else {
@@ -326,38 +302,44 @@ impl Follower {
             // before it serves), and this replica has applied up to it.
             return true;
         }
-        let Ok(channel) = self.broker.peer_channel(leader) else {
-            return false;
+        let target = match self.metadata_state(leader, true).await {
+            Ok(r) if r.next > 0 || r.checkpoint.is_empty() => Offset(r.next),
+            // A node from before probes sends its whole checkpoint.
+            Ok(r) => match checkpoint::Checkpoint::decode(&r.checkpoint) {
+                Ok(c) => c.next,
+                Err(_) => return false,
+            },
+            Err(e) => {
+                tracing::debug!(%leader, error = %e, "the metadata leader did not say where it stands");
+                return false;
+            }
         };
+        self.catch_up_to = Some(target);
+        self.next >= target
+    }
+
+    /// Asks `node` for its metadata state: the whole checkpoint, or only where it stands
+    /// (`probe`). Ten seconds at most, as long as a whole state may take (a node from before
+    /// probes sends its checkpoint either way).
+    async fn metadata_state(
+        &self,
+        node: crate::raft::types::NodeId,
+        probe: bool,
+    ) -> std::result::Result<ipb::MetadataStateResponse, String> {
+        let channel = self.broker.peer_channel(node).map_err(|e| e.to_string())?;
         let mut client = ipb::peer_client::PeerClient::new(channel)
             .max_decoding_message_size(checkpoint::BYTES_MAX as usize);
         let mut req = tonic::Request::new(ipb::MetadataStateRequest {
             from: self.broker.node_id().0,
             cluster: self.broker.cluster_id.get().to_string(),
-            probe: true,
+            probe,
         });
-        // As long as a whole state takes: a node from before probes sends its checkpoint.
         req.set_timeout(Duration::from_secs(10));
-        let target = match client.metadata_state(req).await {
-            Ok(r) => {
-                let r = r.into_inner();
-                if r.next > 0 || r.checkpoint.is_empty() {
-                    Offset(r.next)
-                } else {
-                    // A node from before probes sends its whole checkpoint.
-                    match checkpoint::Checkpoint::decode(&r.checkpoint) {
-                        Ok(c) => c.next,
-                        Err(_) => return false,
-                    }
-                }
-            }
-            Err(s) => {
-                tracing::debug!(%leader, error = %s.message(), "the metadata leader did not say where it stands");
-                return false;
-            }
-        };
-        self.leader_applied = Some(target);
-        self.next >= target
+        client
+            .metadata_state(req)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| s.message().to_string())
     }
 }
 
