@@ -28,33 +28,34 @@ fn ephemeral_start() -> u32 {
 pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
     static NEXT: OnceLock<AtomicU32> = OnceLock::new();
     let top = ephemeral_start().min(u16::MAX as u32 + 1);
-    if top <= FLOOR + 1_000 {
+    let held = if top <= FLOOR + 1_000 {
         // The ephemeral range starts too low to leave room below it: fall back to the OS's
         // own choice (racy, as explained above, but nothing better is there).
-        let held = (0..n)
+        (0..n)
             .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
-            .collect::<Result<Vec<_>, _>>()?;
-        return held
-            .iter()
-            .map(|l| l.local_addr().map(|a| a.port()))
-            .collect();
-    }
-    let span = top - FLOOR;
-    let next = NEXT.get_or_init(|| {
-        // Each process starts at its own place: two test binaries or loadgens rarely meet.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        AtomicU32::new((std::process::id().wrapping_mul(7_919) ^ nanos) % span)
-    });
-    pick(next, top, n)
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        let next = NEXT.get_or_init(|| {
+            // Each process starts at its own place: two test binaries or loadgens rarely meet.
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0);
+            AtomicU32::new((std::process::id().wrapping_mul(7_919) ^ nanos) % (top - FLOOR))
+        });
+        bind_from(next, top, n)?
+    };
+    // Released as they are returned, for the nodes to take.
+    held.iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect()
 }
 
-/// `n` ports bound one after another from `next` on (an offset into `FLOOR..top`).
-fn pick(next: &AtomicU32, top: u32, n: usize) -> std::io::Result<Vec<u16>> {
+/// `n` listeners on ports taken one after another from `next` on (an offset into
+/// `FLOOR..top`), skipping those in use; held together, so the n are distinct even across a
+/// wrap.
+fn bind_from(next: &AtomicU32, top: u32, n: usize) -> std::io::Result<Vec<TcpListener>> {
     let span = top - FLOOR;
-    // Held together until all are found, so the n are distinct even across a wrap.
     let mut held = Vec::with_capacity(n);
     let mut tried = 0;
     while held.len() < n {
@@ -66,14 +67,11 @@ fn pick(next: &AtomicU32, top: u32, n: usize) -> std::io::Result<Vec<u16>> {
         }
         tried += 1;
         let port = FLOOR + next.fetch_add(1, Ordering::Relaxed) % span;
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port as u16));
-        if let Ok(l) = TcpListener::bind(addr) {
+        if let Ok(l) = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port as u16))) {
             held.push(l);
         }
     }
-    held.iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect()
+    Ok(held)
 }
 
 #[cfg(test)]
@@ -106,7 +104,10 @@ mod tests {
         let _hold = TcpListener::bind((Ipv4Addr::LOCALHOST, taken)).unwrap();
         // A cursor pointing right at the held port moves past it.
         let next = AtomicU32::new(taken as u32 - FLOOR);
-        let got = pick(&next, top, 1).unwrap();
-        assert_ne!(got, [taken]);
+        let got = bind_from(&next, top, 1).unwrap()[0]
+            .local_addr()
+            .unwrap()
+            .port();
+        assert_ne!(got, taken);
     }
 }
