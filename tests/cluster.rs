@@ -319,28 +319,7 @@ async fn a_restarted_node_does_not_deny_topics_created_while_it_was_down() {
     create(&mut c, "late", 1, 2).await;
     cluster.start_node(2);
     let mut c3 = cluster.client(2).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut unavailable = 0;
-    loop {
-        match c3
-            .describe_topic(pb::DescribeTopicRequest {
-                name: "late".into(),
-            })
-            .await
-        {
-            Ok(_) => break,
-            Err(s) => {
-                assert_eq!(
-                    s.code(),
-                    tonic::Code::Unavailable,
-                    "the restarted node denied a topic it had not caught up to: {s:?}"
-                );
-                unavailable += 1;
-                assert!(Instant::now() < deadline, "node 3 never caught up: {s:?}");
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        }
-    }
+    let unavailable = known_without_denial(&mut c3, "late").await;
     eprintln!("node 3 answered UNAVAILABLE {unavailable} times before it knew the topic");
     // And it knows the last quota too.
     let quotas = c3
@@ -353,4 +332,50 @@ async fn a_restarted_node_does_not_deny_topics_created_while_it_was_down() {
     assert!(quotas
         .iter()
         .any(|q| q.quota.as_ref().and_then(|q| q.requests_per_sec) == Some(1_000 + 1_199)));
+    // Every node killed and restarted at once: each replays its metadata log while a leader is
+    // elected, and none denies the topic meanwhile. (Each has the topic in its own log here,
+    // so this does not reach the case of a leader elected while it is still applying and a
+    // follower missing entries; the probe's answer covers that by the leader's committed end.)
+    for i in 0..3 {
+        cluster.kill9(i);
+    }
+    for i in 0..3 {
+        cluster.start_node(i);
+    }
+    for node in 0..3 {
+        let mut c = cluster.client(node).await;
+        let unavailable = known_without_denial(&mut c, "late").await;
+        eprintln!(
+            "after the full restart node {} answered UNAVAILABLE {unavailable} times first",
+            node + 1
+        );
+    }
+}
+
+/// Asks a node for `topic` until it knows it, every 2 ms for at most 60 s, and fails on any
+/// answer but UNAVAILABLE (not ready) meanwhile; returns how many of those came first.
+async fn known_without_denial(
+    c: &mut tern::proto::v1::tern_client::TernClient<tonic::transport::Channel>,
+    topic: &str,
+) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut unavailable = 0;
+    loop {
+        match c
+            .describe_topic(pb::DescribeTopicRequest { name: topic.into() })
+            .await
+        {
+            Ok(_) => return unavailable,
+            Err(s) => {
+                assert_eq!(
+                    s.code(),
+                    tonic::Code::Unavailable,
+                    "a restarted node denied a topic it had not caught up to: {s:?}"
+                );
+                unavailable += 1;
+                assert!(Instant::now() < deadline, "never caught up: {s:?}");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    }
 }
