@@ -20,6 +20,10 @@
 //!              region (a cluster spawned with --regions), then back to what it was
 //!   clock      a node's wall clock jumps 10 s to 1 h ahead or behind, then back (nodes run
 //!              under libfaketime; their monotonic clocks stay real)
+//!   churn      a new node joins (`--join`, the next id), the node the previous churn added
+//!              is removed (`tern cluster remove-node --wait`: drained, then gone; its
+//!              process must exit by itself), and `tern cluster rebalance --wait` moves
+//!              replicas onto the new one
 //! heal ──▶ every fault cleared, every node running ──▶ each replica read from its own node
 //! ```
 //!
@@ -46,7 +50,7 @@ use super::payload;
 use super::settings::Chaos;
 
 /// The faults the nemesis knows.
-pub const KINDS: [&str; 9] = [
+pub const KINDS: [&str; 10] = [
     "kill",
     "pause",
     "partition",
@@ -56,10 +60,14 @@ pub const KINDS: [&str; 9] = [
     "move",
     "delay",
     "clock",
+    "churn",
 ];
 
 /// How long a membership change may take before the nemesis calls it failed.
 const MOVE_WAIT: Duration = Duration::from_secs(60);
+
+/// How long each step of a `churn` (join, removal, rebalance) may take.
+const CHURN_WAIT: Duration = Duration::from_secs(120);
 
 /// A deterministic generator for the schedule (splitmix64): the same seed, the same faults.
 pub struct Rng(u64);
@@ -97,6 +105,9 @@ pub struct Log {
     /// those where one of the two was a membership change.
     pub overlapped: u64,
     pub moves_overlapped: u64,
+    /// Nodes `churn` added to the cluster, and nodes it removed (that then exited).
+    pub nodes_joined: u64,
+    pub nodes_removed: u64,
 }
 
 /// Cuts node `node` off from `from` (node indexes) at its transport; empty heals it.
@@ -140,8 +151,8 @@ async fn heal_partitions(cluster: &Arc<Mutex<Cluster>>) {
             return;
         }
     }
-    let addrs = cluster.lock().await.addrs.clone();
-    for a in &addrs {
+    let addrs = cluster.lock().await.live_addrs();
+    for (_, a) in &addrs {
         for _ in 0..50 {
             if set_fault(a, &[]).await.is_ok() {
                 break;
@@ -278,7 +289,11 @@ struct Nemesis {
     cluster: Arc<Mutex<Cluster>>,
     topics: Vec<String>,
     partitions: u32,
-    n: usize,
+    /// The nodes in the cluster (indexes): all spawned ones, plus those `churn` added,
+    /// minus those it removed.
+    members: std::sync::Mutex<Vec<usize>>,
+    /// The nodes `churn` added and has not removed yet, oldest first.
+    joined: std::sync::Mutex<Vec<usize>>,
     cuts: std::sync::Mutex<Cuts>,
     /// Nodes a fault has killed or paused: they cannot take cuts until they are back, when
     /// what is in force for them is applied (see [`Nemesis::back`]).
@@ -291,13 +306,25 @@ struct Nemesis {
 /// Faults of which one runs at a time even when several faults overlap: two damaged
 /// replicas of a partition at once is beyond the fault model (a minority), two membership
 /// changes would fight over the spare node, and two delays over the region's links.
-const EXCLUSIVE: [&str; 3] = ["corrupt", "move", "delay"];
+const EXCLUSIVE: [&str; 4] = ["corrupt", "move", "delay", "churn"];
+
+/// The class of an exclusive fault: `move` and `churn` both change memberships, so they
+/// exclude each other too.
+fn class(kind: &str) -> &str {
+    match kind {
+        "churn" => "move",
+        k => k,
+    }
+}
 
 /// What one fault did.
 struct Done {
     line: String,
     failed: Option<String>,
     restart_ms: Option<u64>,
+    /// Nodes this fault added to the cluster and removed from it.
+    joined: u64,
+    removed: u64,
 }
 
 impl Nemesis {
@@ -345,10 +372,150 @@ impl Nemesis {
             }
             let from = self.cuts.lock().unwrap().of(node);
             if let Err(e) = cut(&self.cluster, node, &from).await {
-                result = Err(e);
+                // A node `churn` removed meanwhile has exited: nothing to cut.
+                if self.members.lock().unwrap().contains(&node) {
+                    result = Err(e);
+                }
             }
         }
         result
+    }
+
+    fn members(&self) -> Vec<usize> {
+        self.members.lock().unwrap().clone()
+    }
+
+    /// The `churn` fault: a new node joins; `victim` (the node the previous churn added, if
+    /// any) is removed, drained first, and must exit by itself; a rebalance then moves
+    /// replicas onto the new node. Each step through the `tern` CLI a user would run, waited
+    /// for ([`CHURN_WAIT`] each). Says what happened, whether every step completed, and how
+    /// many nodes joined and were removed.
+    async fn churn(&self, victim: Option<usize>) -> (String, bool, (u64, u64)) {
+        let began = Instant::now();
+        let joined = self.cluster.lock().await.join_node().await;
+        let new = match joined {
+            Ok(i) => i,
+            Err(e) => {
+                return (
+                    format!("churn: a new node could not start: {e:#}"),
+                    false,
+                    (0, 0),
+                )
+            }
+        };
+        let id = new as u64 + 1;
+        let server = self.server_except(new).await;
+        let nodes = self.members().len() + 1;
+        let mut what = String::new();
+        let registered = self
+            .tern(&["cluster", "wait", "--nodes", &nodes.to_string()], &server)
+            .await;
+        if let Err(e) = registered {
+            return (
+                format!("churn: node {id} started but did not register: {e}"),
+                false,
+                (0, 0),
+            );
+        }
+        self.members.lock().unwrap().push(new);
+        self.joined.lock().unwrap().push(new);
+        what.push_str(&format!("node {id} joined ({:.1?})", began.elapsed()));
+        let mut removed = 0;
+        if let Some(v) = victim {
+            let vid = (v + 1).to_string();
+            let server = self.server_except(v).await;
+            // It is leaving: faults from now on neither pick it nor cut others off from it.
+            self.members.lock().unwrap().retain(|m| *m != v);
+            let t = Instant::now();
+            if let Err(e) = self
+                .tern(&["cluster", "remove-node", &vid, "--wait"], &server)
+                .await
+            {
+                return (
+                    format!("{what}; removing node {vid} FAILED: {e}"),
+                    false,
+                    (1, 0),
+                );
+            }
+            let removed_in = t.elapsed();
+            self.joined.lock().unwrap().retain(|m| *m != v);
+            let status = self
+                .cluster
+                .lock()
+                .await
+                .reap_removed(v, Duration::from_secs(30))
+                .await;
+            removed = 1;
+            match status {
+                Some(s) => what.push_str(&format!(
+                    "; node {vid} drained and removed ({removed_in:.1?}), then exited by itself ({s})"
+                )),
+                None => {
+                    return (
+                        format!(
+                            "{what}; node {vid} removed ({removed_in:.1?}) but STILL RUNNING 30 s later (killed)"
+                        ),
+                        false,
+                        (1, 1),
+                    )
+                }
+            }
+        }
+        let t = Instant::now();
+        let server = self.server_except(usize::MAX).await;
+        if let Err(e) = self
+            .tern(&["cluster", "rebalance", "--wait"], &server)
+            .await
+        {
+            return (
+                format!("{what}; rebalance FAILED: {e}"),
+                false,
+                (1, removed),
+            );
+        }
+        what.push_str(&format!("; rebalanced ({:.1?})", t.elapsed()));
+        (what, true, (1, removed))
+    }
+
+    /// The address of a running member other than `not`.
+    async fn server_except(&self, not: usize) -> String {
+        let members = self.members();
+        let c = self.cluster.lock().await;
+        members
+            .iter()
+            .copied()
+            .filter(|i| *i != not && c.pid(*i).is_some())
+            .chain(members.iter().copied().filter(|i| *i != not))
+            .map(|i| c.addrs[i].clone())
+            .next()
+            .unwrap_or_default()
+    }
+
+    /// Runs `tern ARGS --server SERVER` until it succeeds, for [`CHURN_WAIT`] at most (a
+    /// call may meet a node another fault holds, or no metadata leader for a moment); the last
+    /// error it printed otherwise.
+    async fn tern(&self, args: &[&str], server: &str) -> Result<(), String> {
+        let start = Instant::now();
+        let mut last = String::from("not run");
+        while start.elapsed() < CHURN_WAIT {
+            let mut cmd = self.cluster.lock().await.cli();
+            cmd.args(args)
+                .args(["--server", server])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped());
+            let left = CHURN_WAIT.saturating_sub(start.elapsed());
+            match tokio::time::timeout(left, cmd.output()).await {
+                Ok(Ok(out)) if out.status.success() => return Ok(()),
+                Ok(Ok(out)) => {
+                    last = String::from_utf8_lossy(&out.stderr).trim().to_string();
+                }
+                Ok(Err(e)) => last = format!("running the CLI: {e}"),
+                Err(_) => last = format!("not done after {CHURN_WAIT:?}"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        Err(format!("`tern {}`: {last}", args.join(" ")))
     }
 
     /// Marks `node` down (killed or paused) until [`Nemesis::back`].
@@ -375,9 +542,10 @@ impl Nemesis {
     /// a time, so a seed gives the same faults as before overlapping existed).
     async fn fault(&self, kind: &str, node: usize, hold: Duration, at: f64, rng: &mut Rng) -> Done {
         let cluster = &self.cluster;
-        let n = self.n;
+        let members = self.members();
         let mut failed = None;
         let mut restart_ms = None;
+        let (mut joined, mut removed) = (0, 0);
         let what = match kind {
             "kill" => {
                 self.went_down(node);
@@ -412,7 +580,7 @@ impl Nemesis {
                 format!("paused node {} (SIGSTOP) for {hold:?}", node + 1)
             }
             "partition" | "one-way" => {
-                let others: Vec<usize> = (0..n).filter(|j| *j != node).collect();
+                let others: Vec<usize> = members.iter().copied().filter(|j| *j != node).collect();
                 let mut cuts = vec![(node, others.clone())];
                 if kind == "partition" {
                     cuts.extend(others.iter().map(|&j| (j, vec![node])));
@@ -432,7 +600,8 @@ impl Nemesis {
                 }
             }
             "bridge" => {
-                let other = (node + 1 + rng.below(n as u64 - 1) as usize) % n;
+                let others: Vec<usize> = members.iter().copied().filter(|j| *j != node).collect();
+                let other = others[rng.below(others.len() as u64) as usize];
                 let (id, r) = self
                     .cut(vec![(node, vec![other]), (other, vec![node])])
                     .await;
@@ -464,8 +633,9 @@ impl Nemesis {
                 let topic = self.topics[rng.below(self.topics.len() as u64) as usize].clone();
                 let partition = rng.below(u64::from(self.partitions.max(1))) as u32;
                 let addrs = cluster.lock().await.addrs.clone();
+                let ids: Vec<u64> = members.iter().map(|i| *i as u64 + 1).collect();
                 let (what, ok) =
-                    move_and_back(&addrs, &topic, partition, node as u64 + 1, hold).await;
+                    move_and_back(&addrs, &ids, &topic, partition, node as u64 + 1, hold).await;
                 if !ok {
                     failed = Some(format!("t={at:6.1}s  {what}"));
                 }
@@ -518,12 +688,23 @@ impl Nemesis {
                 }
                 what
             }
+            "churn" => {
+                let victim = self.joined.lock().unwrap().contains(&node).then_some(node);
+                let (what, ok, nodes) = self.churn(victim).await;
+                (joined, removed) = nodes;
+                if !ok {
+                    failed = Some(format!("t={at:6.1}s  {what}"));
+                }
+                what
+            }
             other => format!("unknown fault {other}"),
         };
         Done {
             line: format!("t={at:6.1}s  {what}"),
             failed,
             restart_ms,
+            joined,
+            removed,
         }
     }
 }
@@ -550,12 +731,13 @@ pub async fn nemesis(
     let mut log = Log::default();
     let start = Instant::now();
     tokio::time::sleep(warmup).await;
-    let n = cluster.lock().await.addrs.len();
+    let members = cluster.lock().await.live();
     let nemesis = Arc::new(Nemesis {
         cluster,
         topics,
         partitions,
-        n,
+        members: std::sync::Mutex::new(members),
+        joined: Default::default(),
         cuts: Default::default(),
         down: Default::default(),
         applying: Mutex::new(()),
@@ -568,6 +750,8 @@ pub async fn nemesis(
         log.lines.push(d.line);
         log.failed.extend(d.failed);
         log.restarts_ms.extend(d.restart_ms);
+        log.nodes_joined += d.joined;
+        log.nodes_removed += d.removed;
         *log.counts.entry(kind).or_default() += 1;
     };
     while start.elapsed() < until {
@@ -577,7 +761,19 @@ pub async fn nemesis(
             break;
         }
         let kind = kinds[rng.below(kinds.len() as u64) as usize].clone();
-        let node = rng.below(n as u64) as usize;
+        let members = nemesis.members();
+        let node = members[rng.below(members.len() as u64) as usize];
+        // A churn removes the node the one before it added: that node is the one it holds.
+        let node = match kind.as_str() {
+            "churn" => nemesis
+                .joined
+                .lock()
+                .unwrap()
+                .first()
+                .copied()
+                .unwrap_or(node),
+            _ => node,
+        };
         let hold = Duration::from_millis(1000 + rng.below(2000));
         let at = start.elapsed().as_secs_f64();
         if overlap == 1 {
@@ -594,8 +790,27 @@ pub async fn nemesis(
             }
             let free = {
                 let b = busy.lock().unwrap();
-                let kind_free = !EXCLUSIVE.contains(&kind.as_str()) || !b.1.contains(&kind);
-                let node = (0..n).map(|k| (node + k) % n).find(|j| !b.0.contains(j));
+                let kind_free = !EXCLUSIVE.contains(&kind.as_str())
+                    || !b.1.iter().any(|k| class(k) == class(&kind));
+                let members = nemesis.members();
+                let n = members.len();
+                let at = members.iter().position(|m| *m == node).unwrap_or(0);
+                let node = if kind == "churn" {
+                    // Its node is the one to remove (another churn may have removed the one
+                    // drawn while this one waited), no other.
+                    let node = nemesis
+                        .joined
+                        .lock()
+                        .unwrap()
+                        .first()
+                        .copied()
+                        .unwrap_or(node);
+                    (!b.0.contains(&node)).then_some(node)
+                } else {
+                    (0..n)
+                        .map(|k| members[(at + k) % n])
+                        .find(|j| !b.0.contains(j))
+                };
                 node.filter(|_| kind_free && running.len() < overlap)
             };
             match free {
@@ -614,7 +829,7 @@ pub async fn nemesis(
         };
         if !during.is_empty() {
             log.overlapped += 1;
-            if kind == "move" || during.iter().any(|k| k == "move") {
+            if class(&kind) == "move" || during.iter().any(|k| class(k) == "move") {
                 log.moves_overlapped += 1;
             }
         }
@@ -673,6 +888,7 @@ async fn serving(addr: &str, began: Instant) -> Option<Duration> {
 /// waited for. Says what happened, and whether both steps completed within [`MOVE_WAIT`].
 async fn move_and_back(
     addrs: &[String],
+    members: &[u64],
     topic: &str,
     partition: u32,
     node: u64,
@@ -692,7 +908,7 @@ async fn move_and_back(
     } else {
         before[node as usize % before.len()]
     };
-    let Some(spare) = (1..=addrs.len() as u64).find(|n| !before.contains(n)) else {
+    let Some(spare) = members.iter().copied().find(|n| !before.contains(n)) else {
         return (
             format!("move of {name}: every node holds a replica ({before:?}); nothing to move to"),
             false,
@@ -862,8 +1078,8 @@ pub async fn heal(cluster: &Arc<Mutex<Cluster>>) {
     for r in &regions {
         set_region_delay(cluster, r, Duration::ZERO).await;
     }
-    let n = cluster.lock().await.addrs.len();
-    for i in 0..n {
+    let live = cluster.lock().await.live();
+    for i in live {
         let pid = cluster.lock().await.pid(i);
         match pid {
             Some(_) => signal(pid, libc::SIGCONT),
@@ -946,7 +1162,7 @@ pub async fn read_replica(
 /// with each other and with what was acknowledged (`acked[producer]` = acknowledged sequence
 /// numbers).
 pub async fn check_replicas(
-    addrs: &[String],
+    addrs: &[(usize, String)],
     topics: &[String],
     partitions: u32,
     replication_factor: usize,
@@ -959,7 +1175,7 @@ pub async fn check_replicas(
     loop {
         replicas.clear();
         let mut failed = None;
-        for (i, a) in addrs.iter().enumerate() {
+        for (i, a) in addrs.iter().map(|(i, a)| (*i, a)) {
             let mine = match held(a, topics).await {
                 Ok(h) => h,
                 Err(e) => {

@@ -35,6 +35,10 @@ pub struct Cluster {
     pub netns: Option<super::netns::Netns>,
     /// Clock ticks the nodes killed so far had used (a restarted node's /proc starts at 0).
     ticks_gone: u64,
+    /// What `add_node_args` added to every node, for the nodes that join later.
+    extra: Vec<String>,
+    /// Nodes removed from the cluster (`tern cluster remove-node`): never started again.
+    pub removed: std::collections::BTreeSet<usize>,
 }
 
 /// User + system clock ticks process `pid` has used, from /proc.
@@ -109,7 +113,7 @@ fn server_program(tern_bin: Option<PathBuf>) -> anyhow::Result<(PathBuf, Vec<Str
     if sibling.exists() {
         return Ok((sibling, vec!["serve".into()]));
     }
-    Ok((me, vec!["--serve-self".into(), "serve".into()]))
+    Ok((me, vec![crate::SERVE_SELF.into(), "serve".into()]))
 }
 
 /// Loopback ports for the nodes, outside the ephemeral range (see `tern_wan::ports`).
@@ -217,6 +221,8 @@ impl Cluster {
             clock: None,
             netns: None,
             ticks_gone: 0,
+            extra: Vec::new(),
+            removed: Default::default(),
         };
         if let Some(lib) = FAKE_CLOCKS.get() {
             c.clock = Some((lib.clone(), tempfile::tempdir()?));
@@ -353,6 +359,11 @@ impl Cluster {
 
     /// Starts (or restarts) node `i` and waits until it listens.
     pub async fn start_node(&mut self, i: usize) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.removed.contains(&i),
+            "node {} was removed from the cluster",
+            i + 1
+        );
         let dir = self.dirs[i].path().to_path_buf();
         let mut command = match &self.netns {
             Some(ns) => ns.command(i, &self.program),
@@ -465,6 +476,8 @@ impl Cluster {
             clock: None,
             netns: None,
             ticks_gone: 0,
+            extra: Vec::new(),
+            removed: Default::default(),
         }
     }
 
@@ -483,6 +496,105 @@ impl Cluster {
         for a in self.node_args.iter_mut() {
             a.extend(args.iter().map(|s| s.to_string()));
         }
+        self.extra.extend(args.iter().map(|s| s.to_string()));
+    }
+
+    /// Why nodes cannot join this cluster during a run (`None` if they can): a joining node
+    /// would need its own network namespace, WAN links or certificate.
+    pub fn why_no_joins(&self) -> Option<&'static str> {
+        if self.children.is_empty() {
+            Some("the cluster was not spawned by loadgen")
+        } else if self.netns.is_some() {
+            Some("the nodes run in network namespaces (--netns)")
+        } else if self.mesh.is_some() {
+            Some("the nodes talk through the WAN simulator (--regions)")
+        } else if self._secrets.is_some() {
+            Some("the cluster is secured (--secure)")
+        } else {
+            None
+        }
+    }
+
+    /// Starts a new node that joins the running cluster (`--join` through a node still in it)
+    /// with the next node id and a new data directory, and waits until it listens. Its index
+    /// (its id is the index + 1).
+    pub async fn join_node(&mut self) -> anyhow::Result<usize> {
+        if let Some(why) = self.why_no_joins() {
+            anyhow::bail!("no node can join: {why}");
+        }
+        let via = self
+            .live()
+            .into_iter()
+            .find(|i| self.children[*i].is_some())
+            .map(|i| self.addrs[i].clone())
+            .ok_or_else(|| anyhow::anyhow!("no running node to join through"))?;
+        let i = self.addrs.len();
+        let port = free_ports(1)?[0];
+        let mut args: Vec<String> = vec![
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--node-id".into(),
+            (i + 1).to_string(),
+            "--join".into(),
+            via,
+        ];
+        args.extend(self.extra.iter().cloned());
+        self.node_args.push(args);
+        self.addrs.push(String::new());
+        self.children.push(None);
+        self.dirs.push(tempfile::tempdir()?);
+        if self.clock.is_some() {
+            self.set_clock(i, 0)?;
+        }
+        self.start_node(i).await?;
+        Ok(i)
+    }
+
+    /// The nodes still in the cluster (not removed), running or not.
+    pub fn live(&self) -> Vec<usize> {
+        (0..self.addrs.len())
+            .filter(|i| !self.removed.contains(i))
+            .collect()
+    }
+
+    /// The addresses of the nodes still in the cluster, with their indexes.
+    pub fn live_addrs(&self) -> Vec<(usize, String)> {
+        self.live()
+            .into_iter()
+            .map(|i| (i, self.addrs[i].clone()))
+            .collect()
+    }
+
+    /// Marks node `i` removed from the cluster and waits (up to `within`) for its process to
+    /// exit by itself, as a removed node does; its exit status, or `None` if it was still
+    /// running (it is then killed).
+    pub async fn reap_removed(
+        &mut self,
+        i: usize,
+        within: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        self.removed.insert(i);
+        let mut child = self.children.get_mut(i)?.take()?;
+        let ticks = child.id().and_then(proc_ticks).unwrap_or(0);
+        match tokio::time::timeout(within, child.wait()).await {
+            Ok(status) => {
+                self.ticks_gone += ticks;
+                status.ok()
+            }
+            Err(_) => {
+                self.ticks_gone += child.id().and_then(proc_ticks).unwrap_or(ticks);
+                let _ = child.kill().await;
+                None
+            }
+        }
+    }
+
+    /// A command running this cluster's program as the `tern` CLI (`tern cluster ...`).
+    pub fn cli(&self) -> Command {
+        let mut c = Command::new(&self.program);
+        c.args(self.prefix.iter().filter(|a| *a != "serve"));
+        c.kill_on_drop(true);
+        c
     }
 
     /// SIGKILL to node `i` (no flush, no goodbye).

@@ -20,11 +20,14 @@ use tern::proto::v1 as pb;
 
 use settings::{Args, Settings};
 
+/// The first argument that makes loadgen run as `tern` (see `cluster::server_program`).
+pub const SERVE_SELF: &str = "--serve-self";
+
 fn main() {
-    let args = Args::parse();
-    if args.serve_self {
-        // A spawned node when no `tern` binary sits next to loadgen: the same node code.
-        let argv: Vec<String> = std::env::args().filter(|a| a != "--serve-self").collect();
+    // A spawned node (or the `tern` CLI a chaos fault runs) when no `tern` binary sits next
+    // to loadgen: the same code, given `tern`'s own arguments after `--serve-self`.
+    if std::env::args().nth(1).as_deref() == Some(SERVE_SELF) {
+        let argv: Vec<String> = std::env::args().filter(|a| a != SERVE_SELF).collect();
         let code = match tern::cli::main_from(argv) {
             Ok(()) => 0,
             Err(e) => {
@@ -34,6 +37,7 @@ fn main() {
         };
         std::process::exit(code);
     }
+    let args = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -565,9 +569,10 @@ async fn run_on(
             let log = n.await.unwrap_or_default();
             chaos::heal(&cluster).await;
             let acked = shared.ledger.lock().unwrap().acked_seqs();
-            let addrs = cluster.lock().await.addrs.clone();
+            let live = cluster.lock().await.live_addrs();
+            let addrs: Vec<String> = live.iter().map(|(_, a)| a.clone()).collect();
             let fin = chaos::check_replicas(
-                &addrs,
+                &live,
                 &topics,
                 s.partitions,
                 s.replication_factor as usize,
@@ -739,6 +744,12 @@ async fn run_on(
                 log.overlapped, log.moves_overlapped
             ));
         }
+        if log.nodes_joined > 0 {
+            lines.push(format!(
+                "                nodes joined the cluster: {}; removed from it: {}",
+                log.nodes_joined, log.nodes_removed
+            ));
+        }
         if !log.failed.is_empty() {
             lines.push(format!(
                 "                {} faults not carried out as meant (the run tested less):",
@@ -767,6 +778,8 @@ async fn run_on(
             "overlap": c.overlap,
             "overlapped": log.overlapped,
             "moves_overlapped": log.moves_overlapped,
+            "nodes_joined": log.nodes_joined,
+            "nodes_removed": log.nodes_removed,
             "faults": log.lines,
             "fault_counts": log.counts,
             "failed_faults": log.failed,

@@ -117,8 +117,9 @@ pub struct Args {
     pub seed: Option<u64>,
     /// The faults the chaos workload draws from, comma-separated: kill, pause, partition,
     /// one-way, bridge, corrupt, move (needs more nodes than replicas), delay (needs
-    /// --regions), clock (needs libfaketime) [default: all that the cluster and machine
-    /// allow].
+    /// --regions), clock (needs libfaketime), churn (a node joins and the one the churn before
+    /// added is removed; needs --spawn without --regions, --netns or --secure) [default: all
+    /// that the cluster and machine allow].
     #[arg(long, value_delimiter = ',')]
     pub faults: Vec<String>,
     /// With --spawn: run each node in its own network namespace on a bridge (needs root,
@@ -147,9 +148,6 @@ pub struct Args {
     /// TLS and token for --brokers that are secured (as the `tern` CLI takes them).
     #[command(flatten)]
     pub security: tern::cli::SecurityOpts,
-    #[doc(hidden)]
-    #[arg(long, hide = true)]
-    pub serve_self: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -562,6 +560,25 @@ impl Settings {
                     );
                     c.faults.retain(|f| f != "clock");
                 }
+            }
+            // Nodes that join must be started like the spawned ones: plainly, on loopback.
+            let no_joins = if a.spawn.is_none() || !a.brokers.is_empty() {
+                Some("--spawn")
+            } else if !s.regions.is_empty() {
+                Some("no --regions")
+            } else if a.netns {
+                Some("no --netns")
+            } else if a.secure {
+                Some("no --secure")
+            } else {
+                None
+            };
+            if let Some(need) = no_joins {
+                anyhow::ensure!(
+                    !a.faults.iter().any(|f| f == "churn"),
+                    "--faults churn starts nodes that join the cluster: it needs {need}"
+                );
+                c.faults.retain(|f| f != "churn");
             }
             // A move needs a node without a replica to move to.
             if s.nodes <= s.replication_factor as usize {
