@@ -161,6 +161,55 @@ async fn the_metadata_log_is_purged_behind_checkpoints_and_a_node_that_missed_it
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    // A node that joins now (`--join`, not a controller) knows no peer's address but the one
+    // it joined through, and the log it is sent starts past everything: it takes the state
+    // through that member, and is ready although nothing but control records (its own
+    // addition as a learner) follows that state. (It never was: it waited for an address it
+    // could only learn from the state; and then, as long as no command came, for the next
+    // command past the control records. Found by the chaos harness's `churn`.)
+    let expected = quotas(&mut c.client(1).await).await;
+    let port = node_support::cluster::free_ports(1)[0];
+    let addr4 = format!("127.0.0.1:{port}");
+    let log4 = logs.path().join("n4.log");
+    let mut args4: Vec<&str> = vec![
+        "--node-id",
+        "4",
+        "--join",
+        &c.addrs[1],
+        "--metadata-snapshot-every",
+        "20",
+        "--metadata-segment-bytes",
+        "65536",
+    ];
+    args4.extend(node_support::cluster::TIMING);
+    let n4 =
+        node_support::TestNode::start_logged(&c.tmp.path().join("n4"), &addr4, &args4, Some(&log4));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut client4 = n4.client().await;
+        let info = client4
+            .cluster_info(pb::ClusterInfoRequest::default())
+            .await
+            .map(|r| r.into_inner());
+        let ready = info.as_ref().is_ok_and(|i| i.ready);
+        let q = quotas(&mut client4).await;
+        if ready && q == expected {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the joined node 4 did not catch up (ready {ready}, {} quotas, leader {:?}): {}",
+            q.len(),
+            info.map(|i| i.metadata_leader),
+            std::fs::read_to_string(&log4).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let said = std::fs::read_to_string(&log4).unwrap();
+    assert!(
+        said.contains("metadata state taken from a peer") && said.contains("joined through"),
+        "node 4 took the state through the member it joined: {said}"
+    );
 }
 
 /// A node alone checkpoints and purges too, and restarts from its checkpoint.

@@ -20,6 +20,7 @@ use crate::cluster::{ClusterState, Command};
 use crate::proto::internal as ipb;
 use crate::shard::{CoreRequest, PartitionKey, StartAt};
 use crate::types::{Offset, TopicUid};
+use tonic::transport::Channel;
 
 /// How long the follower's long poll waits; also how often failed opens are retried.
 const FOLLOW_WAIT: Duration = Duration::from_secs(1);
@@ -113,7 +114,9 @@ impl Follower {
 
     /// This node's metadata log starts past what it applied (a leader sent it a snapshot after
     /// the others purged their logs): takes the state from a peer that has applied at least up
-    /// to where the log now starts.
+    /// to where the log now starts. The peers are the metadata leader and the nodes this node
+    /// knows an address for, then the member it joined through: a node that joined after the
+    /// purge knows no node's address but that one.
     async fn catch_up_from_peer(&mut self, start: Offset) -> Result<()> {
         let me = self.broker.node_id();
         let mut candidates: Vec<crate::raft::types::NodeId> = Vec::new();
@@ -126,8 +129,23 @@ impl Follower {
                 candidates.push(*id);
             }
         }
-        for node in candidates.into_iter().filter(|n| *n != me) {
-            let c = match self.metadata_state(node, false).await {
+        let mut peers: Vec<(String, Channel)> = candidates
+            .into_iter()
+            .filter(|n| *n != me)
+            .filter_map(|n| Some((format!("node {n}"), self.broker.peer_channel(n).ok()?)))
+            .collect();
+        let join = &self.broker.config.join;
+        if !join.is_empty() {
+            match crate::tls::endpoint(join) {
+                Ok(e) => peers.push((
+                    format!("{join} (joined through)"),
+                    crate::tls::channel(&e, self.broker.client_tls().as_ref()),
+                )),
+                Err(e) => tracing::warn!(%join, error = %e, "the join address is not usable"),
+            }
+        }
+        for (node, channel) in peers {
+            let c = match self.metadata_state_at(channel, false).await {
                 Ok(r) => match checkpoint::Checkpoint::decode(&r.checkpoint) {
                     Ok(c) => c,
                     Err(e) => {
@@ -228,6 +246,13 @@ impl Follower {
         let mut changed = false;
         let mut moved = false;
         let mut deleted = Vec::new();
+        // A long poll skips batches of control records only (a new leader's blank entry, a
+        // membership change) and reads on from after them: they are applied too. (Without
+        // this a node whose log ended in one never counted itself caught up until the next
+        // command came.)
+        if fetched.from > self.next {
+            self.next = fetched.from;
+        }
         for batch in &fetched.batches {
             let control = batch.meta().control;
             for r in batch.records() {
@@ -327,6 +352,15 @@ impl Follower {
         probe: bool,
     ) -> std::result::Result<ipb::MetadataStateResponse, String> {
         let channel = self.broker.peer_channel(node).map_err(|e| e.to_string())?;
+        self.metadata_state_at(channel, probe).await
+    }
+
+    /// [`Follower::metadata_state`] of the node at the other end of `channel`.
+    async fn metadata_state_at(
+        &self,
+        channel: Channel,
+        probe: bool,
+    ) -> std::result::Result<ipb::MetadataStateResponse, String> {
         let mut client = ipb::peer_client::PeerClient::new(channel)
             .max_decoding_message_size(checkpoint::BYTES_MAX as usize);
         let mut req = tonic::Request::new(ipb::MetadataStateRequest {

@@ -231,7 +231,8 @@ pub struct ListedOffsets {
 #[derive(Debug, Clone)]
 pub struct Fetched {
     pub batches: Vec<Batch>,
-    /// The offset asked for (the first batch may start before it).
+    /// The offset read from (the first batch may start before it): the one asked for, or
+    /// past the batches of control records only that a long poll skipped.
     pub from: Offset,
     /// Records at or past this are not committed yet.
     pub until: Offset,
