@@ -392,6 +392,16 @@ impl Nemesis {
     /// many nodes joined and were removed.
     async fn churn(&self, victim: Option<usize>) -> (String, bool, (u64, u64)) {
         let began = Instant::now();
+        if victim.is_some() && self.joined.lock().unwrap().len() >= 2 {
+            // Earlier removals failed: remove before adding more, or the cluster only grows.
+            return self
+                .remove(
+                    victim,
+                    String::from("no node added (two joined nodes wait for removal)"),
+                    0,
+                )
+                .await;
+        }
         let joined = self.cluster.lock().await.join_node().await;
         let new = match joined {
             Ok(i) => i,
@@ -420,6 +430,17 @@ impl Nemesis {
         self.members.lock().unwrap().push(new);
         self.joined.lock().unwrap().push(new);
         what.push_str(&format!("node {id} joined ({:.1?})", began.elapsed()));
+        self.remove(victim, what, 1).await
+    }
+
+    /// The second half of a `churn`: removes `victim` (if any), then rebalances. `what` says
+    /// what the churn did so far, `joined` how many nodes it added.
+    async fn remove(
+        &self,
+        victim: Option<usize>,
+        mut what: String,
+        joined: u64,
+    ) -> (String, bool, (u64, u64)) {
         let mut removed = 0;
         if let Some(v) = victim {
             let vid = (v + 1).to_string();
@@ -434,7 +455,7 @@ impl Nemesis {
                 return (
                     format!("{what}; removing node {vid} FAILED: {e}"),
                     false,
-                    (1, 0),
+                    (joined, 0),
                 );
             }
             let removed_in = t.elapsed();
@@ -456,7 +477,7 @@ impl Nemesis {
                             "{what}; node {vid} removed ({removed_in:.1?}) but STILL RUNNING 30 s later (killed)"
                         ),
                         false,
-                        (1, 1),
+                        (joined, 1),
                     )
                 }
             }
@@ -470,11 +491,11 @@ impl Nemesis {
             return (
                 format!("{what}; rebalance FAILED: {e}"),
                 false,
-                (1, removed),
+                (joined, removed),
             );
         }
         what.push_str(&format!("; rebalanced ({:.1?})", t.elapsed()));
-        (what, true, (1, removed))
+        (what, true, (joined, removed))
     }
 
     /// The address of a running member other than `not`.
