@@ -1,0 +1,361 @@
+//! The cluster as the client knows it, and a connection per node.
+//!
+//! ```text
+//! bootstrap ──ClusterInfo──▶ nodes (id → address, region), topics (partition → leader, replicas)
+//! publish(topic, p) ──▶ leader's address ── UNAVAILABLE + tern-leader ──▶ note it, resend
+//!                                        ── UNAVAILABLE, no hint ──▶ ask the cluster again
+//! read(topic) ──▶ a node in the client's region (its replica serves), else any
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{retryable, Error};
+use crate::proto::tern_client::TernClient;
+use crate::proto::{self as pb};
+
+/// A client of one node's API, with the configured credentials on every call.
+pub type Grpc = TernClient<InterceptedService<Channel, Credentials>>;
+
+/// How the client connects and what it says about itself.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// The client's region: reads go to a node of it (whose replica serves them), and node
+    /// addresses are those advertised to it. `None`: no preference.
+    pub region: Option<String>,
+    /// A bearer token for clusters that require authentication (`tern user create`).
+    pub token: Option<String>,
+    /// Limit on establishing a connection to a node.
+    pub connect_timeout: Duration,
+    /// Limit on one call (a publish waits for a quorum's fsync).
+    pub request_timeout: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            region: None,
+            token: None,
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Adds the bearer token to every call.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.authorization {
+            r.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(r)
+    }
+}
+
+/// Shortest time between two reads of the cluster's layout caused by failures.
+const REFRESH_MIN: Duration = Duration::from_millis(200);
+/// HTTP/2 pings on idle connections, and how long one may go unanswered.
+const KEEPALIVE: Duration = Duration::from_secs(10);
+/// Partitions per topic the client keeps a view of (a bigger number from a node is ignored).
+const PARTITIONS_MAX: u32 = 1 << 20;
+
+/// A connection to a Tern cluster. Cheap to clone; clones share connections and what is known
+/// of the cluster.
+#[derive(Clone)]
+pub struct Client {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) options: ClientOptions,
+    credentials: Credentials,
+    bootstrap: Vec<String>,
+    channels: Mutex<HashMap<String, Channel>>,
+    layout: Mutex<Layout>,
+    /// One read of the layout at a time; when the last one ended.
+    refreshing: tokio::sync::Mutex<Option<Instant>>,
+}
+
+#[derive(Default)]
+struct Layout {
+    /// Node id → (address as advertised to this client's region, region).
+    nodes: BTreeMap<u64, (String, String)>,
+    /// Topic → its partitions (index = partition number).
+    topics: HashMap<String, Vec<Partition>>,
+}
+
+#[derive(Clone, Default)]
+struct Partition {
+    /// 0: not known.
+    leader: u64,
+    replicas: Vec<u64>,
+}
+
+impl Client {
+    /// Connects to the cluster through the first of `bootstrap` (host:port) that answers, and
+    /// reads its layout.
+    pub async fn connect<I, S>(bootstrap: I, options: ClientOptions) -> Result<Client, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let bootstrap: Vec<String> = bootstrap.into_iter().map(Into::into).collect();
+        if bootstrap.is_empty() {
+            return Err(Error::Invalid("no bootstrap address".into()));
+        }
+        let credentials = match &options.token {
+            None => Credentials::default(),
+            Some(t) => {
+                let t = t.trim();
+                if t.is_empty() {
+                    return Err(Error::Invalid("the token is empty".into()));
+                }
+                let value = format!("Bearer {t}").parse().map_err(|_| {
+                    Error::Invalid("the token has characters a header cannot carry".into())
+                })?;
+                Credentials {
+                    authorization: Some(value),
+                }
+            }
+        };
+        let client = Client {
+            inner: Arc::new(Inner {
+                options,
+                credentials,
+                bootstrap,
+                channels: Mutex::default(),
+                layout: Mutex::default(),
+                refreshing: tokio::sync::Mutex::new(None),
+            }),
+        };
+        client.read_layout().await?;
+        Ok(client)
+    }
+
+    /// A gRPC client of the node at `addr` (connections are made once and shared).
+    pub fn node(&self, addr: &str) -> Result<Grpc, Error> {
+        let mut channels = self.inner.channels.lock().unwrap();
+        let channel = match channels.get(addr) {
+            Some(c) => c.clone(),
+            None => {
+                let o = &self.inner.options;
+                let c = Endpoint::from_shared(format!("http://{addr}"))
+                    .map_err(|e| Error::Invalid(format!("address {addr:?}: {e}")))?
+                    .connect_timeout(o.connect_timeout)
+                    .timeout(o.request_timeout)
+                    .tcp_nodelay(true)
+                    // A subscription's stream must notice a node that went silent (a cut
+                    // network, a frozen machine), not only one that closed its connection.
+                    .http2_keep_alive_interval(KEEPALIVE)
+                    .keep_alive_timeout(KEEPALIVE)
+                    .keep_alive_while_idle(true)
+                    .connect_lazy();
+                channels.insert(addr.to_string(), c.clone());
+                c
+            }
+        };
+        Ok(TernClient::with_interceptor(
+            channel,
+            self.inner.credentials.clone(),
+        ))
+    }
+
+    /// The nodes to ask about the cluster: those known, then the bootstrap addresses.
+    fn candidates(&self) -> Vec<String> {
+        let layout = self.inner.layout.lock().unwrap();
+        let mut v: Vec<String> = layout.nodes.values().map(|(a, _)| a.clone()).collect();
+        for b in &self.inner.bootstrap {
+            if !v.contains(b) {
+                v.push(b.clone());
+            }
+        }
+        v
+    }
+
+    /// Reads the cluster's layout (ClusterInfo) from the first node that answers and has
+    /// caught up with the cluster's metadata (a node just restarted may not know the topics
+    /// yet).
+    async fn read_layout(&self) -> Result<(), Error> {
+        let mut last = String::from("no node to ask");
+        let candidates = self.candidates();
+        for addr in &candidates {
+            let req = pb::ClusterInfoRequest {
+                region: self.inner.options.region.clone().unwrap_or_default(),
+            };
+            let answer = match self.node(addr) {
+                Ok(mut c) => c.cluster_info(req).await,
+                Err(e) => {
+                    last = e.to_string();
+                    continue;
+                }
+            };
+            match answer {
+                Ok(r) if r.get_ref().ready => {
+                    self.learn(r.into_inner());
+                    return Ok(());
+                }
+                Ok(_) => last = format!("{addr}: not caught up with the cluster yet"),
+                Err(s) => last = format!("{addr}: {}", s.message()),
+            }
+        }
+        Err(Error::Unreachable {
+            tried: candidates.join(", "),
+            last,
+        })
+    }
+
+    fn learn(&self, info: pb::ClusterInfoResponse) {
+        let mut layout = self.inner.layout.lock().unwrap();
+        if !info.nodes.is_empty() {
+            layout.nodes = info
+                .nodes
+                .iter()
+                .map(|n| (n.id, (n.address.clone(), n.region.clone())))
+                .collect();
+        }
+        let mut topics = HashMap::new();
+        for t in info.topics {
+            let old = layout.topics.get(&t.topic);
+            let mut parts: Vec<Partition> = Vec::with_capacity(t.partitions.len());
+            for p in t.partitions.iter().filter(|p| p.partition < PARTITIONS_MAX) {
+                let i = p.partition as usize;
+                if parts.len() <= i {
+                    parts.resize(i + 1, Partition::default());
+                }
+                // A node without a replica does not know the leader: keep what was known.
+                let known = old
+                    .and_then(|o| o.get(i))
+                    .map(|o| o.leader)
+                    .filter(|l| p.replicas.contains(l));
+                parts[i] = Partition {
+                    leader: if p.leader != 0 {
+                        p.leader
+                    } else {
+                        known.unwrap_or(0)
+                    },
+                    replicas: p.replicas.clone(),
+                };
+            }
+            if !parts.is_empty() {
+                topics.insert(t.topic, parts);
+            }
+        }
+        layout.topics = topics;
+    }
+
+    /// Reads the layout again, unless another task just did (at most every 200 ms).
+    pub(crate) async fn refresh(&self) {
+        let mut last = self.inner.refreshing.lock().await;
+        if last.is_some_and(|t| t.elapsed() < REFRESH_MIN) {
+            return;
+        }
+        let _ = self.read_layout().await;
+        *last = Some(Instant::now());
+    }
+
+    /// The number of partitions of `topic`; asks the cluster if it is not known yet.
+    pub async fn partitions(&self, topic: &str) -> Result<u32, Error> {
+        if let Some(n) = self.known_partitions(topic) {
+            return Ok(n);
+        }
+        self.read_layout().await?;
+        self.known_partitions(topic)
+            .ok_or_else(|| Error::NoTopic(topic.to_string()))
+    }
+
+    fn known_partitions(&self, topic: &str) -> Option<u32> {
+        let layout = self.inner.layout.lock().unwrap();
+        layout.topics.get(topic).map(|p| p.len() as u32)
+    }
+
+    /// Where a publish to `topic`/`partition` goes: its leader, else a replica (which
+    /// forwards), else any node.
+    pub(crate) fn leader_addr(&self, topic: &str, partition: u32) -> Option<String> {
+        let layout = self.inner.layout.lock().unwrap();
+        let p = layout.topics.get(topic)?.get(partition as usize);
+        let ids = p
+            .map(|p| {
+                std::iter::once(p.leader)
+                    .chain(p.replicas.iter().copied())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        ids.iter()
+            .find_map(|id| layout.nodes.get(id).map(|(a, _)| a.clone()))
+            .or_else(|| layout.nodes.values().next().map(|(a, _)| a.clone()))
+    }
+
+    /// A node `failed` did not serve `topic`/`partition`: the leader it named, if any, is
+    /// noted; else the layout is read again.
+    pub(crate) async fn failed(&self, topic: &str, partition: u32, status: &tonic::Status) {
+        if let Some(l) = crate::error::leader_hint(status) {
+            let mut layout = self.inner.layout.lock().unwrap();
+            if layout.nodes.contains_key(&l) {
+                if let Some(p) = layout
+                    .topics
+                    .get_mut(topic)
+                    .and_then(|t| t.get_mut(partition as usize))
+                {
+                    p.leader = l;
+                    return;
+                }
+            }
+        }
+        if retryable(status) {
+            self.refresh().await;
+        }
+    }
+
+    /// The nodes to read from, best first: those of the client's region, then the others.
+    pub(crate) fn read_nodes(&self) -> Vec<String> {
+        let layout = self.inner.layout.lock().unwrap();
+        let mut nodes: Vec<&(String, String)> = layout.nodes.values().collect();
+        if let Some(r) = &self.inner.options.region {
+            nodes.sort_by_key(|(_, region)| region != r);
+        }
+        let mut v: Vec<String> = nodes.into_iter().map(|(a, _)| a.clone()).collect();
+        if v.is_empty() {
+            v = self.inner.bootstrap.clone();
+        }
+        v
+    }
+
+    /// Asks the cluster for a producer id (retrying through other nodes while it cannot
+    /// answer).
+    pub(crate) async fn init_producer(&self, retry_for: Duration) -> Result<u64, Error> {
+        let start = Instant::now();
+        let mut backoff = Duration::from_millis(50);
+        let mut k = 0;
+        loop {
+            let nodes = self.read_nodes();
+            let addr = &nodes[k % nodes.len()];
+            k += 1;
+            let s = match self
+                .node(addr)?
+                .init_producer(pb::InitProducerRequest {})
+                .await
+            {
+                Ok(r) => return Ok(r.into_inner().producer_id),
+                Err(s) if retryable(&s) => s,
+                Err(s) => return Err(Error::Status(s)),
+            };
+            if start.elapsed() >= retry_for {
+                return Err(Error::GaveUp {
+                    after: start.elapsed(),
+                    last: s.message().to_string(),
+                });
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+}
