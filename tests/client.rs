@@ -17,6 +17,16 @@ fn options() -> ClientOptions {
     }
 }
 
+/// Three nodes with `topic` (`partitions`, replication factor 3), and a client of them.
+async fn cluster_with(topic: &str, partitions: u32) -> (Cluster, Client) {
+    let cluster = Cluster::start(3).await;
+    create(&mut cluster.client(0).await, topic, partitions, 3).await;
+    let client = Client::connect(cluster.addrs.clone(), options())
+        .await
+        .unwrap();
+    (cluster, client)
+}
+
 /// Reads `n` records from `sub` (at most 60 s): (partition, offset, value).
 async fn take(sub: &mut tern_client::Subscription, n: usize) -> Vec<(u32, u64, String)> {
     let mut out = Vec::with_capacity(n);
@@ -52,11 +62,7 @@ fn keys_are_placed_as_the_nodes_place_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_producer_writes_every_record_once_through_leader_kills() {
-    let mut cluster = Cluster::start(3).await;
-    create(&mut cluster.client(0).await, "orders", 3, 3).await;
-    let client = Client::connect(cluster.addrs.clone(), options())
-        .await
-        .unwrap();
+    let (mut cluster, client) = cluster_with("orders", 3).await;
     let producer = Producer::new(
         &client,
         ProducerOptions {
@@ -135,11 +141,7 @@ async fn the_producer_writes_every_record_once_through_leader_kills() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_resumes_on_another_node_without_gaps_or_repeats() {
-    let mut cluster = Cluster::start(3).await;
-    create(&mut cluster.client(0).await, "events", 2, 3).await;
-    let client = Client::connect(cluster.addrs.clone(), options())
-        .await
-        .unwrap();
+    let (mut cluster, client) = cluster_with("events", 2).await;
     let producer = Producer::new(&client, ProducerOptions::default())
         .await
         .unwrap();

@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::Broker;
 use crate::log::Positions;
 use crate::raft::types::NodeId;
-use crate::shard::request::ReplicaState;
+use crate::shard::request::{ReplicaState, Reply};
 use crate::shard::{CoreError, CoreRequest, PartitionKey};
 
 impl Broker {
@@ -26,26 +26,27 @@ impl Broker {
         s.voters.len() <= 1 || s.quorum_acked.is_some_and(|a| a < fresh)
     }
 
-    /// What this node's replica of the metadata group knows of it.
-    pub async fn metadata_replica(&self) -> Option<ReplicaState> {
+    /// Asks the core that holds this node's replica of the metadata group.
+    pub async fn ask_metadata<T>(
+        &self,
+        make: impl FnOnce(PartitionKey, Reply<T>) -> CoreRequest,
+    ) -> Result<T, CoreError> {
         let key = PartitionKey::metadata();
         self.shards
-            .ask(self.shards.core_of(&key), |reply| CoreRequest::Replica {
-                key,
-                reply,
-            })
+            .ask(self.shards.core_of(&key), |reply| make(key, reply))
+            .await
+    }
+
+    /// What this node's replica of the metadata group knows of it.
+    pub async fn metadata_replica(&self) -> Option<ReplicaState> {
+        self.ask_metadata(|key, reply| CoreRequest::Replica { key, reply })
             .await
             .ok()
     }
 
     /// Where this node's replica of the metadata log stands: its start, and its committed end.
     pub async fn metadata_positions(&self) -> Result<Positions, CoreError> {
-        let key = PartitionKey::metadata();
-        self.shards
-            .ask(self.shards.core_of(&key), |reply| CoreRequest::Positions {
-                key,
-                reply,
-            })
+        self.ask_metadata(|key, reply| CoreRequest::Positions { key, reply })
             .await
     }
 

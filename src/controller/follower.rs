@@ -18,7 +18,7 @@ use crate::broker::Broker;
 use crate::cluster::plan::PartitionId;
 use crate::cluster::{ClusterState, Command};
 use crate::proto::internal as ipb;
-use crate::shard::{CoreRequest, PartitionKey, StartAt};
+use crate::shard::{CoreRequest, StartAt};
 use crate::types::{Offset, TopicUid};
 use tonic::transport::Channel;
 
@@ -97,13 +97,9 @@ impl Follower {
             return Ok(());
         }
         self.checkpointed = self.next;
-        let key = PartitionKey::metadata();
         let before = self.next;
         self.broker
-            .shards
-            .ask(self.broker.shards.core_of(&key), |reply| {
-                CoreRequest::Compact { key, before, reply }
-            })
+            .ask_metadata(|key, reply| CoreRequest::Compact { key, before, reply })
             .await?;
         tracing::debug!(
             next = self.next.0,
@@ -213,19 +209,16 @@ impl Follower {
     /// Applies what is committed past `next` (waiting up to `wait` for something), then
     /// reconciles the partitions if anything changed or an earlier attempt failed.
     async fn step(&mut self, wait: Duration) -> Result<()> {
-        let key = PartitionKey::metadata();
         let from = self.next;
         // Caught up once: a leader was known before this read, and the read reaches the end
         // of what this replica has committed (which a leader's first message brings up to date).
         let leader_known = self.broker.alone()
             || self.broker.is_ready()
             || self.broker.metadata_leader().await.is_some();
-        let core = self.broker.shards.core_of(&key);
         let fetched = match self
             .broker
-            .shards
-            .ask(core, |reply| CoreRequest::Fetch {
-                key: key.clone(),
+            .ask_metadata(|key, reply| CoreRequest::Fetch {
+                key,
                 from,
                 max_bytes: READ_BYTES,
                 max_wait: wait,
