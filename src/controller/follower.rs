@@ -316,9 +316,14 @@ impl Follower {
             return false;
         };
         if leader == self.broker.node_id() {
-            // A leader's commit index is the group's (it commits an entry of its own term
-            // before it serves), and this replica has applied up to it.
-            return true;
+            // A leader's commit index is the group's only once it has committed an entry of
+            // its own term: just after an election (a whole-cluster restart) entries of
+            // earlier terms may sit in its log above its commit index, and a node that called
+            // itself ready then answered NOT_FOUND for topics those entries created. So: an
+            // applied entry of this term, and everything committed by then applied here.
+            return self.broker.metadata_replica().await.is_some_and(|s| {
+                s.is_leader && s.applied_term == Some(s.term) && self.next >= s.positions.committed
+            });
         }
         let target = match self.metadata_state(leader, true).await {
             Ok(r) if r.next > 0 || r.checkpoint.is_empty() => Offset(r.next),

@@ -157,6 +157,10 @@ pub struct ReplicaState {
     /// Raft index of the last entry in this replica's log, and of the last one it has applied.
     pub last_index: Option<RaftIndex>,
     pub applied_index: Option<RaftIndex>,
+    /// Term of the last entry this replica has applied. On a leader, equal to `term` once it
+    /// has committed an entry of its own (before that, entries of earlier terms in its log
+    /// may be committed without its commit index saying so yet).
+    pub applied_term: Option<u64>,
     pub voters: Vec<NodeId>,
     /// Members that receive the log without voting.
     pub learners: Vec<NodeId>,

@@ -668,6 +668,7 @@ impl Partition {
             term: m.current_term,
             last_index: m.last_log_index.map(RaftIndex),
             applied_index: m.last_applied.map(|l| RaftIndex(l.index)),
+            applied_term: m.last_applied.map(|l| l.leader_id.term),
             voters: m.membership_config.membership().voter_ids().collect(),
             learners: m.membership_config.membership().learner_ids().collect(),
             matched: m
