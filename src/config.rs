@@ -62,6 +62,9 @@ pub struct Config {
     /// Raft election timeout: a follower that hears no leader for a random time between 2/3 of
     /// this (the leader lease) and this starts an election.
     pub raft_election_timeout_ms: u64,
+    /// Idle partitions' groups go quiet: no heartbeats until the next write, while the nodes'
+    /// keepalives show the leader alive.
+    pub raft_quiet: bool,
     /// The cluster's controller nodes, `ID=HOST:PORT` separated by commas (this node among
     /// them); empty runs this node alone. Every node of a cluster gets the same list.
     pub peers: String,
@@ -216,6 +219,7 @@ impl Default for Config {
             metadata_segment_bytes: 4 << 20,
             raft_heartbeat_ms: 150,
             raft_election_timeout_ms: 1_500,
+            raft_quiet: true,
             raft_checkpoint_entries: crate::raft::CHECKPOINT_ENTRIES,
             peers: String::new(),
             join: String::new(),

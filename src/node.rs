@@ -128,6 +128,7 @@ pub fn run(mut config: Config) -> anyhow::Result<()> {
                 cluster_id.clone(),
                 on_core(&shards, config.mailbox_wait()),
                 tls.as_ref().map(|t| t.client()),
+                Duration::from_millis(config.raft_heartbeat_ms),
             ))
         };
         let broker = Broker::new(

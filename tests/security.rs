@@ -593,6 +593,7 @@ fn tokens_acls_and_forwarding_on_a_tls_cluster() {
             to: 1,
             messages: vec![],
             cluster: cluster_id.clone(),
+            incarnation: 0,
         };
         let propose = |from: u64| ipb::ProposeRequest {
             from,
@@ -871,6 +872,7 @@ fn a_node_of_another_cluster_is_refused() {
                 to: 1,
                 messages: vec![],
                 cluster: "0000-another-cluster".into(),
+                incarnation: 0,
             })
             .await
             .unwrap_err();
@@ -922,6 +924,7 @@ fn a_node_of_another_cluster_is_refused() {
                 to: 3,
                 messages: vec![],
                 cluster: id.clone(),
+                incarnation: 0,
             })
             .await
             .unwrap_err();

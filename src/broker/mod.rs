@@ -130,6 +130,7 @@ impl Broker {
             timing: config.raft_timing(),
             checkpoint_entries: config.raft_checkpoint_entries,
             transport,
+            quiet: config.raft_quiet,
         };
         let controllers: BTreeMap<NodeId, String> = if !config.peers.is_empty() {
             config.peer_map()?

@@ -440,6 +440,7 @@ async fn status(opts: ClientOpts) -> anyhow::Result<()> {
                     let mut j = partition_json(p);
                     j["moving_to"] = serde_json::json!(p.moving_to);
                     j["under_replicated"] = serde_json::json!(under_replicated(p));
+                    j["quiet"] = serde_json::json!(p.quiet);
                     j["lag"] = serde_json::json!(p.followers.iter().map(|f| serde_json::json!({
                         "node": f.node, "lag_entries": f.lag_entries, "matched": f.matched,
                         "silent_ms": f.silent_ms, "in_sync": f.in_sync,
@@ -521,6 +522,12 @@ fn print_status(v: &View) {
         };
         println!("under-replicated partitions: {}", list(&under));
         println!("partitions without a leader: {}", list(&leaderless));
+        let (quiet, all) = v
+            .topics
+            .iter()
+            .flat_map(|(_, ps)| ps)
+            .fold((0, 0), |(q, a), p| (q + usize::from(p.quiet), a + 1));
+        println!("quiet partitions (idle, no heartbeats): {quiet} of {all}");
     }
     for (name, parts) in &v.topics {
         println!();

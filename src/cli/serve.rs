@@ -117,6 +117,10 @@ pub struct ServeArgs {
     /// leader lease) to this starts an election; at least 6 × the heartbeat [default: 1500].
     #[arg(long, env = "TERN_RAFT_ELECTION_TIMEOUT_MS")]
     pub raft_election_timeout_ms: Option<u64>,
+    /// Let idle partitions' groups go quiet: no heartbeats until the next write; nodes tell
+    /// each other they are alive instead (docs/cluster.md) [default: true].
+    #[arg(long, env = "TERN_RAFT_QUIET", value_name = "BOOL")]
+    pub raft_quiet: Option<bool>,
     /// The cluster's controller nodes, ID=HOST:PORT,... (this node among them; every node gets
     /// the same list). Without it the node runs alone.
     #[arg(long, env = "TERN_PEERS")]
@@ -237,7 +241,8 @@ impl ServeArgs {
             max_connections,
             auth,
             metrics_partitions,
-            auto_create_topics
+            auto_create_topics,
+            raft_quiet
         );
         if !self.superusers.is_empty() {
             c.superusers = self.superusers;

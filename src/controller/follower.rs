@@ -39,9 +39,9 @@ pub struct Follower {
     pub(super) failed: bool,
     /// Where this node's last checkpoint of the state stands (`checkpoint.rs`).
     checkpointed: Offset,
-    /// Until this node is ready: where the metadata leader said its state stood (the further
-    /// of its applied point and its committed end), the point to reach.
-    catch_up_to: Option<Offset>,
+    /// Until this node is ready: which metadata leader was asked, and where it said its log
+    /// ends (see `reached_the_leader`), the point to reach.
+    catch_up_to: Option<(crate::raft::types::NodeId, Offset)>,
 }
 
 impl Follower {
@@ -291,6 +291,11 @@ impl Follower {
             && !self.broker.is_ready()
             && self.reached_the_leader().await
         {
+            tracing::debug!(
+                next = self.next.0,
+                high_watermark = fetched.high_watermark.0,
+                "caught up"
+            );
             let was = self.broker.ready.swap(true, Ordering::AcqRel);
             if !was {
                 tokio::spawn(log_caught_up(self.broker.clone()));
@@ -299,45 +304,51 @@ impl Follower {
         Ok(())
     }
 
-    /// Whether this node has applied at least what the metadata leader had committed when
-    /// first asked. A restarted follower's own commit index is only what the leader's first
-    /// messages brought (256 entries each): reaching it is not being caught up, and a node
-    /// that called itself ready there answered NOT_FOUND for topics created while it was
-    /// down. The leader is asked once (again only after a failed try); its answer is a fixed
-    /// target, not raised by what commits meanwhile.
+    /// Whether this node has applied at least what the metadata leader had when first asked.
+    /// A restarted follower's own commit index is only what the leader's first messages
+    /// brought (256 entries each): reaching it is not being caught up, and a node that called
+    /// itself ready there answered NOT_FOUND for topics created while it was down. The leader
+    /// is asked once (again after a failed try, or when the leader changed); its answer is a
+    /// fixed target, not raised by what commits meanwhile.
+    ///
+    /// The target is the end of the leader's log, not its commit index: a leader just elected
+    /// (or restored in its old term after a restart of everyone: openraft restores a leader
+    /// from its own vote) may have entries above its commit index that are committed already,
+    /// and a node that took the commit index for the target denied topics they created. A
+    /// leader never drops its own log, so everything in it gets committed and applied.
     async fn reached_the_leader(&mut self) -> bool {
         if self.broker.alone() {
             return true;
         }
-        if let Some(t) = self.catch_up_to {
-            return self.next >= t;
-        }
         let Some(leader) = self.broker.metadata_leader().await else {
             return false;
         };
-        if leader == self.broker.node_id() {
-            // A leader's commit index is the group's only once it has committed an entry of
-            // its own term: just after an election (a whole-cluster restart) entries of
-            // earlier terms may sit in its log above its commit index, and a node that called
-            // itself ready then answered NOT_FOUND for topics those entries created. So: an
-            // applied entry of this term, and everything committed by then applied here.
-            return self.broker.metadata_replica().await.is_some_and(|s| {
-                s.is_leader && s.applied_term == Some(s.term) && self.next >= s.positions.committed
-            });
+        if let Some((asked, t)) = self.catch_up_to {
+            if asked == leader {
+                return self.next >= t;
+            }
         }
-        let target = match self.metadata_state(leader, true).await {
-            Ok(r) if r.next > 0 || r.checkpoint.is_empty() => Offset(r.next),
-            // A node from before probes sends its whole checkpoint.
-            Ok(r) => match checkpoint::Checkpoint::decode(&r.checkpoint) {
-                Ok(c) => c.next,
-                Err(_) => return false,
-            },
-            Err(e) => {
-                tracing::debug!(%leader, error = %e, "the metadata leader did not say where it stands");
-                return false;
+        let target = if leader == self.broker.node_id() {
+            match self.broker.metadata_replica().await {
+                Some(s) if s.is_leader => s.positions.next,
+                _ => return false,
+            }
+        } else {
+            match self.metadata_state(leader, true).await {
+                Ok(r) if r.next > 0 || r.checkpoint.is_empty() => Offset(r.next),
+                // A node from before probes sends its whole checkpoint.
+                Ok(r) => match checkpoint::Checkpoint::decode(&r.checkpoint) {
+                    Ok(c) => c.next,
+                    Err(_) => return false,
+                },
+                Err(e) => {
+                    tracing::debug!(%leader, error = %e, "the metadata leader did not say where it stands");
+                    return false;
+                }
             }
         };
-        self.catch_up_to = Some(target);
+        tracing::debug!(%leader, target = target.0, next = self.next.0, "the metadata leader's log end, to reach before serving");
+        self.catch_up_to = Some((leader, target));
         self.next >= target
     }
 

@@ -84,6 +84,9 @@ impl Peer for PeerService {
                 r.to
             )));
         }
+        if let Some(t) = self.broker.transport() {
+            t.heard_from(NodeId(r.from), r.incarnation);
+        }
         if r.messages.len() > EXCHANGE_MESSAGES_MAX {
             return Err(Status::invalid_argument(format!(
                 "{} messages in one exchange; at most {EXCHANGE_MESSAGES_MAX}",
@@ -160,12 +163,20 @@ impl Peer for PeerService {
             // What this replica has committed, if more than it has applied: a leader elected
             // after a restart of everyone may still be applying, and a node that took its
             // applied point for the target would be ready too early.
-            let committed = self
+            let s = self
                 .broker
-                .metadata_positions()
+                .metadata_replica()
                 .await
-                .map(|p| p.committed)
-                .map_err(|e| Status::unavailable(format!("the metadata replica: {e}")))?;
+                .ok_or_else(|| Status::unavailable("the metadata replica is not open"))?;
+            // A leader answers with the end of its log: just elected (or restored in its old
+            // term after a restart of everyone), it may hold committed entries above its
+            // commit index, and a target taken from that index was too low (the asker called
+            // itself ready and denied a topic those entries created).
+            let committed = if s.is_leader {
+                s.positions.next
+            } else {
+                s.positions.committed
+            };
             return Ok(Response::new(pb::MetadataStateResponse {
                 checkpoint: Default::default(),
                 next: next.max(committed).0,

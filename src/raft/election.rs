@@ -80,6 +80,20 @@ impl ElectionTimer {
         true
     }
 
+    /// A quiet follower woke at `now` because its leader's node went silent or restarted
+    /// (`shard::partition::quiet`): it has not heard that leader for at least a whole election
+    /// timeout of the node's keepalives, so it waits only a random part of the timeouts' range
+    /// (every follower of that node's groups wakes at the same tick; this spreads them).
+    pub fn woke(&mut self, now: Instant, rng: &mut impl Rng) {
+        let spread = self
+            .timing
+            .election_max_ms
+            .saturating_sub(self.timing.election_min_ms);
+        self.contact = now;
+        self.after = Duration::from_millis(rng.random_range(0..=spread));
+        self.after_leader = delay(self.timing, rng);
+    }
+
     /// This replica granted a vote or a pre-vote at `now`: it holds back its own election for
     /// at least a retry delay, so the candidate's round can finish (Raft resets the timer on a
     /// granted vote; a pre-vote grant is followed by the candidate's real vote within a round

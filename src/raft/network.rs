@@ -2,6 +2,8 @@
 //! through the node's [`Transport`] (batched per peer), and the handling of a peer's message on
 //! the core that owns its group.
 
+use std::cell::Cell;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -26,6 +28,9 @@ pub struct GroupNetwork {
     pub transport: Arc<Transport>,
     pub core: CoreId,
     pub group: pb::Group,
+    /// Set by the replica while, as leader, it announces that its group goes quiet: its
+    /// heartbeats then carry `quiet` (see `shard::partition::quiet`).
+    pub quiet: Rc<Cell<bool>>,
 }
 
 /// One group's client of one peer.
@@ -35,6 +40,7 @@ pub struct GroupClient {
     group: pb::Group,
     target: NodeId,
     addr: String,
+    quiet: Rc<Cell<bool>>,
 }
 
 impl RaftNetworkFactory<PartitionRaft> for GroupNetwork {
@@ -47,6 +53,7 @@ impl RaftNetworkFactory<PartitionRaft> for GroupNetwork {
             group: self.group.clone(),
             target,
             addr: node.addr.clone(),
+            quiet: self.quiet.clone(),
         }
     }
 }
@@ -83,6 +90,9 @@ impl GroupClient {
                 .sum(),
             _ => 0,
         };
+        // Only a heartbeat (an append without entries) announces quiet.
+        let quiet = self.quiet.get()
+            && matches!(&body, pb::raft_request::Body::Append(a) if a.entries.is_empty());
         let (tx, rx) = oneshot::channel();
         let out = Outgoing {
             core: self.core,
@@ -90,6 +100,7 @@ impl GroupClient {
                 call_id: 0,
                 group: Some(self.group.clone()),
                 body: Some(body),
+                quiet,
             },
             reply: tx,
         };

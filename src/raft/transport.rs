@@ -16,7 +16,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::channel::oneshot;
@@ -83,6 +83,20 @@ pub struct Transport {
     reachable: Mutex<HashMap<NodeId, bool>>,
     /// Set when a peer refused this node as removed from the cluster.
     removed: tokio::sync::watch::Sender<bool>,
+    /// Random, chosen at start, sent with every exchange: peers see a restart as a change.
+    incarnation: u64,
+    /// When each peer's last exchange arrived here, and the incarnation it came with.
+    heard: Mutex<HashMap<NodeId, (Instant, u64)>>,
+    /// A link with nothing to send for this long sends an exchange without messages, so its
+    /// peer knows this node is alive (quiet groups need no heartbeats of their own).
+    keepalive: Duration,
+}
+
+/// A peer's node as this node last heard it: its incarnation, and how long ago.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heard {
+    pub incarnation: u64,
+    pub ago: Duration,
 }
 
 impl std::fmt::Debug for Transport {
@@ -99,6 +113,7 @@ impl Transport {
         cluster: Arc<ClusterId>,
         on_core: OnCore,
         tls: Option<ClientTls>,
+        keepalive: Duration,
     ) -> Arc<Transport> {
         Arc::new(Transport {
             me,
@@ -111,7 +126,51 @@ impl Transport {
             addresses: RwLock::new(HashMap::new()),
             reachable: Mutex::new(HashMap::new()),
             removed: tokio::sync::watch::channel(false).0,
+            incarnation: rand::random::<u64>().max(1),
+            heard: Mutex::new(HashMap::new()),
+            keepalive,
         })
+    }
+
+    /// This process's incarnation (see [`Heard`]).
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// A peer's exchange arrived (the peer service calls this for every one it accepts).
+    pub fn heard_from(&self, peer: NodeId, incarnation: u64) {
+        self.heard
+            .lock()
+            .expect("heard lock")
+            .insert(peer, (Instant::now(), incarnation));
+    }
+
+    /// Every peer heard from so far: its incarnation and how long ago.
+    pub fn heard(&self) -> HashMap<NodeId, Heard> {
+        let now = Instant::now();
+        self.heard
+            .lock()
+            .expect("heard lock")
+            .iter()
+            .map(|(n, (at, inc))| {
+                (
+                    *n,
+                    Heard {
+                        incarnation: *inc,
+                        ago: now.saturating_duration_since(*at),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// How long ago `peer`'s last exchange arrived (`None`: never).
+    pub fn silent_for(&self, peer: NodeId) -> Option<Duration> {
+        self.heard
+            .lock()
+            .expect("heard lock")
+            .get(&peer)
+            .map(|(at, _)| at.elapsed())
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -262,11 +321,16 @@ async fn run_link(
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let Some(first) = queue.recv().await else {
-            return;
+        // Nothing to send for a keepalive interval: an exchange without messages, so the peer
+        // knows this node is alive.
+        let first = match tokio::time::timeout(transport.keepalive, queue.recv()).await {
+            Ok(Some(m)) => Some(m),
+            Ok(None) => return,
+            Err(_) if transport.is_isolated_from(target) => continue,
+            Err(_) => None,
         };
-        let mut bytes = body_bytes(&first.message);
-        let mut batch = vec![first];
+        let mut bytes = first.as_ref().map_or(0, |f| body_bytes(&f.message));
+        let mut batch: Vec<Outgoing> = first.into_iter().collect();
         while batch.len() < EXCHANGE_MESSAGES && bytes < EXCHANGE_BYTES {
             match queue.try_recv() {
                 Ok(m) => {
@@ -293,6 +357,7 @@ async fn run_link(
                 to: target.0,
                 messages,
                 cluster: transport.cluster.get().to_string(),
+                incarnation: transport.incarnation,
             });
             request.set_timeout(CALL_TIMEOUT);
             let result = client.exchange(request).await;

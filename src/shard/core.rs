@@ -8,7 +8,7 @@
 //! ```
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -27,6 +27,10 @@ const RAFT_MESSAGE_DEADLINE: Duration = Duration::from_secs(5);
 
 /// How often a core without replicated groups wakes (for retention).
 const IDLE_TICK: Duration = Duration::from_secs(1);
+
+/// How often a core looks at every replicated group, quiet ones included (see
+/// `drive_groups`).
+const FULL_SCAN: Duration = Duration::from_secs(1);
 
 /// Requests taken from the mailbox in one go.
 const DRAIN_MAX: usize = 256;
@@ -70,12 +74,26 @@ async fn drive_groups(
     let mut step = 0u32;
     let mut leadership = LeadershipLog::new(core);
     let mut idle = false;
+    // The groups ticked: every replicated group but the quiet ones (`partition::quiet`), which
+    // are looked at only in a full scan (every `FULL_SCAN`, and whenever a peer's liveness
+    // changes) or when something wakes them (a write, a message: `partition::take_woken`).
+    let mut awake: Vec<Rc<Partition>> = Vec::new();
+    let mut awake_keys: HashSet<PartitionKey> = HashSet::new();
+    let mut scanned: Option<std::time::Instant> = None;
+    let mut alive_before: Vec<(crate::raft::types::NodeId, u64)> = Vec::new();
+    let mut count_before = 0usize;
     loop {
         if idle {
             let sleep = glommio::timer::sleep(IDLE_TICK);
             let woken = opened.recv();
             futures::pin_mut!(sleep, woken);
             futures::future::select(sleep, woken).await;
+        } else if awake.is_empty() {
+            // Only quiet groups: a tick per heartbeat is enough to notice a dead leader's
+            // node or a woken group (a woken leader heartbeats at its next beat; its
+            // followers' timers run at least a lease).
+            glommio::timer::sleep(heartbeat).await;
+            step = STEPS - 1;
         } else {
             glommio::timer::sleep(tick).await;
         }
@@ -84,27 +102,81 @@ async fn drive_groups(
         }
         step = (step + 1) % STEPS;
         let now = std::time::Instant::now();
-        let groups: Vec<Rc<Partition>> = partitions
-            .borrow()
-            .values()
-            .filter(|p| p.replicated())
-            .cloned()
+        let (transport, window, count, replicated) = {
+            let all = partitions.borrow();
+            let first = all.values().find(|p| p.replicated());
+            (
+                first.and_then(|p| p.transport().cloned()),
+                first.map_or(Duration::ZERO, |p| p.liveness_window()),
+                all.len(),
+                first.is_some(),
+            )
+        };
+        idle = !replicated;
+        // Which peers are alive, once per tick for every group (quiet groups rely on it).
+        let live = super::partition::Liveness {
+            heard: transport.map(|t| t.heard()).unwrap_or_default(),
+            window,
+        };
+        let mut alive: Vec<(crate::raft::types::NodeId, u64)> = live
+            .heard
+            .keys()
+            .filter_map(|n| live.alive(*n).map(|i| (*n, i)))
             .collect();
-        idle = groups.is_empty();
+        alive.sort_unstable();
+        let full = scanned.is_none_or(|at| now.saturating_duration_since(at) >= FULL_SCAN)
+            || alive != alive_before
+            || count != count_before;
+        if full {
+            awake = partitions
+                .borrow()
+                .values()
+                .filter(|p| p.replicated())
+                .cloned()
+                .collect();
+            awake_keys = awake.iter().map(|p| p.key.clone()).collect();
+            scanned = Some(now);
+            alive_before = alive;
+            count_before = count;
+            super::partition::take_woken();
+        } else {
+            for key in super::partition::take_woken() {
+                if awake_keys.contains(&key) {
+                    continue;
+                }
+                if let Some(p) = partitions.borrow().get(&key).filter(|p| p.replicated()) {
+                    awake.push(p.clone());
+                    awake_keys.insert(key);
+                }
+            }
+        }
         // Idle, every wake is a beat (retention and the leadership summary run on beats).
         let beat = step == 0 || idle;
-        for p in groups {
-            if let Some(why) = p.damage() {
+        for p in awake.clone() {
+            // Damage is looked for on beats only (a fifth of the ticks): thousands of idle
+            // groups are ticked through, and a repair a few ms later loses nothing.
+            let damaged = if beat { p.damage() } else { None };
+            if let Some(why) = damaged {
                 // Taken now, so the next tick does not take it again.
                 let taken = p.take_for_repair();
                 glommio::spawn_local(super::repair::repair(partitions.clone(), p, why, taken))
                     .detach();
                 continue;
             }
-            p.drive(now, beat).await;
+            p.drive(now, beat, &live).await;
+        }
+        // Quiet groups, and replicas closed or taken for repair, leave the ticked set.
+        awake.retain(|p| {
+            let keep = !p.asleep();
+            if !keep {
+                awake_keys.remove(&p.key);
+            }
+            keep
+        });
+        if full {
+            leadership.observe(&partitions, now);
         }
         if beat {
-            leadership.observe(&partitions, now);
             // Retention, in tasks of their own: a purge may wait for a snapshot.
             let due: Vec<Rc<Partition>> = partitions
                 .borrow()
@@ -351,6 +423,7 @@ async fn handle(
             let answers = messages.into_iter().map(|(key, uid, m)| {
                 let p = lookup(&partitions, &key);
                 async move {
+                    let quiet = m.quiet;
                     let answer = match (p, m.body) {
                         (Ok(p), Some(body)) if p.uid == TopicUid(uid) => {
                             // One slow or stuck group must not hold back the answers of every
@@ -358,7 +431,7 @@ async fn handle(
                             // unreachable for all of them).
                             let handled =
                                 glommio::timer::timeout(RAFT_MESSAGE_DEADLINE, async {
-                                    Ok(p.handle(body).await)
+                                    Ok(p.handle(body, quiet).await)
                                 })
                                 .await;
                             handled.unwrap_or_else(|_| {

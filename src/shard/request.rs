@@ -146,6 +146,8 @@ pub struct ReplicaSettings {
     pub checkpoint_entries: u64,
     /// How the group reaches its peers; `None` on a node that runs alone.
     pub transport: Option<Arc<crate::raft::transport::Transport>>,
+    /// Whether idle groups go quiet (`--raft-quiet`).
+    pub quiet: bool,
 }
 
 /// What a replica knows of its partition's group.
@@ -157,10 +159,6 @@ pub struct ReplicaState {
     /// Raft index of the last entry in this replica's log, and of the last one it has applied.
     pub last_index: Option<RaftIndex>,
     pub applied_index: Option<RaftIndex>,
-    /// Term of the last entry this replica has applied. On a leader, equal to `term` once it
-    /// has committed an entry of its own (before that, entries of earlier terms in its log
-    /// may be committed without its commit index saying so yet).
-    pub applied_term: Option<u64>,
     pub voters: Vec<NodeId>,
     /// Members that receive the log without voting.
     pub learners: Vec<NodeId>,
@@ -174,6 +172,8 @@ pub struct ReplicaState {
     /// On the leader: how long ago a quorum last acknowledged it (a leader cut off from the
     /// others keeps believing it leads; this ages).
     pub quorum_acked: Option<std::time::Duration>,
+    /// The group is quiet: idle, without heartbeats (`shard::partition::quiet`).
+    pub quiet: bool,
 }
 
 /// Offsets given to the records of one append, in order.

@@ -65,6 +65,7 @@ pub async fn partitions(broker: &Broker, t: &Topic) -> Vec<pb::PartitionInfo> {
             term: 0,
             followers: Vec::new(),
             moving_to: t.spec.moving.get(&p).map_or_else(Vec::new, |m| ids(m)),
+            quiet: false,
         };
         if t.on(me, p) {
             // A replica still opening (just created, or being reconciled) reports no view.
@@ -74,6 +75,7 @@ pub async fn partitions(broker: &Broker, t: &Topic) -> Vec<pb::PartitionInfo> {
                 info.end_offset = s.positions.committed.0;
                 info.local = true;
                 info.term = s.term;
+                info.quiet = s.quiet;
                 info.followers = broker
                     .follower_lags(&s)
                     .into_iter()

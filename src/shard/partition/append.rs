@@ -33,6 +33,7 @@ impl Partition {
     /// written again nowhere (see `raft::producers`).
     pub async fn append(&self, requests: Vec<AppendRequest>) {
         let batch_max = self.log.config().batch_bytes_max;
+        self.renew_lease().await;
         let mut idempotent_ready = if requests.iter().any(|r| r.1.is_some()) {
             Some(self.idempotence_ready().await)
         } else {
@@ -103,6 +104,8 @@ impl Partition {
             }
         }
         let (batches, batch_seqs) = batcher.finish();
+        // Writes wake a quiet group (their entries carry no `quiet`; the next beat heartbeats).
+        self.wake_leader();
         // `pending` holds the idempotent batches until their writes end (whatever the outcome).
         // Propose every batch at once: Raft orders them as proposed, and one fsync covers all.
         let appends = batches.iter().map(|b| async {
@@ -270,6 +273,37 @@ impl Partition {
                 Err(not_leader(&self.raft))
             }
         }
+    }
+
+    /// A leader whose group was quiet wakes it before writing: openraft refuses writes once
+    /// the leader's lease (a quorum's acknowledgement within the longest election timeout) has
+    /// run out, and a quiet leader sends nothing to renew it. One heartbeat round renews it;
+    /// waited for at most an election timeout (if it fails, the write is refused as it would
+    /// have been). A leader with a fresh lease goes on at once.
+    pub(super) async fn renew_lease(&self) {
+        if !self.quiet.allowed {
+            return;
+        }
+        let lease = Duration::from_millis(self.timing.election_max_ms);
+        let fresh = move |m: &openraft::RaftMetrics<PartitionRaft>| {
+            m.last_quorum_acked
+                .as_ref()
+                .is_some_and(|at| at.elapsed() < lease / 2)
+        };
+        {
+            let m = self.raft.metrics();
+            let m = m.borrow_watched();
+            if m.current_leader != Some(m.id) || fresh(&m) {
+                return;
+            }
+        }
+        self.wake_leader();
+        let _ = self.raft.trigger().heartbeat().await;
+        let _ = self
+            .raft
+            .wait(Some(lease))
+            .metrics(fresh, "a quiet leader renewed its lease")
+            .await;
     }
 
     /// Whether this replica may check idempotent producers' sequences: it leads, and has

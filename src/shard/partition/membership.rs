@@ -32,6 +32,7 @@ impl Partition {
             });
         }
         let membership = metrics.membership_config.membership().clone();
+        self.renew_lease().await;
         // 1. Every wanted node receives the log.
         for (id, member) in target.voters.iter().chain(&target.learners) {
             if membership.get_node(id).is_none() {

@@ -19,6 +19,7 @@ mod append;
 mod batcher;
 mod fetch;
 mod membership;
+mod quiet;
 mod retention;
 #[cfg(test)]
 mod tests;
@@ -44,6 +45,8 @@ use crate::raft::RaftError;
 use crate::types::{CoreId, ProducerId, RaftIndex, TopicUid};
 
 pub use append::AppendRequest;
+pub use quiet::{take_woken, Liveness};
+use quiet::{Leading, Quiet};
 
 /// Times opening a replica goes again after finding a damaged segment (each cuts the log at
 /// the first damage found; later segments go with the cut).
@@ -147,6 +150,10 @@ pub struct Partition {
     /// The term of this replica's current leadership and the last index its log held when
     /// the leadership was first seen (see `Partition::idempotence_ready`).
     tenure: Cell<Option<(u64, u64)>>,
+    /// Whether the group is quiet (see `quiet.rs`).
+    quiet: Quiet,
+    /// The node's transport (liveness of peers); `None` alone.
+    transport: Option<std::sync::Arc<crate::raft::transport::Transport>>,
 }
 
 /// A damaged replica taken to be reopened (see [`Partition::take_for_repair`]).
@@ -306,6 +313,7 @@ impl Partition {
         // timer each.
         let raft_config = group::config_with(&key.to_string(), replica.timing, false)
             .map_err(|e| (CoreError::from(e), None))?;
+        let quiet = Quiet::new(!alone && key != PartitionKey::metadata() && replica.quiet);
         let started = match &replica.transport {
             Some(t) => {
                 let network = GroupNetwork {
@@ -316,6 +324,7 @@ impl Partition {
                         partition: key.partition,
                         uid: uid.0,
                     },
+                    quiet: quiet.announce.clone(),
                 };
                 group::start_with(
                     replica.node_id,
@@ -428,6 +437,8 @@ impl Partition {
             repair_gate: Rc::new(glommio::sync::Semaphore::new(1)),
             close_requested: Cell::new(false),
             tenure: Cell::new(None),
+            quiet,
+            transport: replica.transport.clone(),
         })
     }
 
@@ -495,7 +506,11 @@ impl Partition {
     /// Handles a Raft message from a peer. A replica that joins its group by a move grants no
     /// votes until it has been a learner and then a voter there (see `raft::store`); a message
     /// from a leader it accepts resets its election timer.
-    pub async fn handle(&self, body: pb::raft_request::Body) -> crate::raft::transport::Answer {
+    pub async fn handle(
+        &self,
+        body: pb::raft_request::Body,
+        quiet: bool,
+    ) -> crate::raft::transport::Answer {
         use pb::raft_request::Body;
         if matches!(
             body,
@@ -511,11 +526,19 @@ impl Partition {
                 self.key
             )));
         }
+        // A message to a quiet group: its core ticks it again (it goes back to sleep at once if
+        // the message leaves it quiet).
+        if self.quiet.is_quiet() {
+            quiet::wake(&self.key);
+        }
         let mut contact = network::Contact::None;
         let answer = network::handle(&self.raft, body, &mut contact).await;
         match contact {
             network::Contact::None => {}
-            network::Contact::Leader => self.election.borrow_mut().heard_leader(Instant::now()),
+            network::Contact::Leader => {
+                self.election.borrow_mut().heard_leader(Instant::now());
+                self.heard_leader(quiet);
+            }
             network::Contact::GrantedVote => self
                 .election
                 .borrow_mut()
@@ -544,7 +567,7 @@ impl Partition {
         let max_silence = Duration::from_millis(self.timing.election_max_ms * 2);
         let why = if m.current_leader.is_none() {
             Some("without a leader".to_string())
-        } else if silent > max_silence {
+        } else if silent > max_silence && self.quiet.following.get().is_none() {
             Some(format!(
                 "out of touch with its leader for {} ms",
                 silent.as_millis()
@@ -563,6 +586,38 @@ impl Partition {
         }
     }
 
+    /// Whether the core's driver may leave this group out of its ticks: it is quiet (a silent
+    /// leader that still leads, or a follower quiet under its leader), or closed.
+    pub fn asleep(&self) -> bool {
+        if self.closed.get() || self.quiet.following.get().is_some() {
+            return true;
+        }
+        if !matches!(*self.quiet.leading.borrow(), Leading::Silent { .. }) {
+            return false;
+        }
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        m.current_leader == Some(m.id)
+    }
+
+    /// Wakes a quiet leader (a write, a membership change, a hand-off is coming): heartbeats
+    /// again from its core's next tick.
+    fn wake_leader(&self) {
+        self.quiet.wake_leader();
+        quiet::wake(&self.key);
+    }
+
+    /// The node's transport, if it has peers.
+    pub fn transport(&self) -> Option<&std::sync::Arc<crate::raft::transport::Transport>> {
+        self.transport.as_ref()
+    }
+
+    /// How long a peer's node may be silent and still count as alive for quiet groups: the
+    /// longest election timeout (a follower without quiet campaigns about then too).
+    pub fn liveness_window(&self) -> Duration {
+        Duration::from_millis(self.timing.election_max_ms)
+    }
+
     /// Whether the group has other voters (and so needs heartbeats and elections).
     pub fn replicated(&self) -> bool {
         self.replicated
@@ -575,10 +630,20 @@ impl Partition {
         (m.current_leader == Some(m.id), m.current_term)
     }
 
-    /// One step of the core's Raft driver: a leader sends heartbeats; a follower that has not
-    /// heard a leader for its election timeout starts an election (pre-vote first, so a node
-    /// that cannot win does not disturb the others).
-    pub async fn drive(&self, now: Instant, beat: bool) {
+    /// One step of the core's Raft driver: a leader sends heartbeats unless its group is quiet;
+    /// a follower that has not heard a leader for its election timeout starts an election
+    /// (pre-vote first, so a node that cannot win does not disturb the others), unless it is
+    /// quiet under a leader whose node is alive (`quiet.rs`).
+    pub async fn drive(&self, now: Instant, beat: bool, live: &Liveness) {
+        // Quiet groups first, without reading the group's metrics: a core with thousands of
+        // idle groups ticks through them every fifth of a heartbeat.
+        if let Some((node, incarnation)) = self.quiet.following.get() {
+            if live.alive(node) == Some(incarnation) {
+                return;
+            }
+        } else if !beat && matches!(*self.quiet.leading.borrow(), Leading::Silent { .. }) {
+            return;
+        }
         let (state, leader) = {
             let m = self.raft.metrics();
             let m = m.borrow_watched();
@@ -590,8 +655,16 @@ impl Partition {
         }
         match state {
             openraft::ServerState::Leader if beat => {
-                let _ = self.raft.trigger().heartbeat().await;
+                self.quiet.following.set(None);
+                if !self.stays_silent(now, live) {
+                    let _ = self.raft.trigger().heartbeat().await;
+                }
             }
+            openraft::ServerState::Leader => {}
+            _ if {
+                self.quiet.wake_leader();
+                self.quiet_under_live_leader(leader, live, now)
+            } => {}
             // A replica that may not vote may not campaign either: its own vote counts.
             openraft::ServerState::Follower | openraft::ServerState::Candidate
                 if self.election.borrow_mut().due(now, &mut rand::rng())
@@ -603,6 +676,121 @@ impl Partition {
             }
             _ => {}
         }
+    }
+
+    /// A follower quiet under `leader`: whether it stays quiet (the leader's node alive, same
+    /// incarnation). If not, it wakes: its election timer runs again, from a random part of a
+    /// timeout (every follower of the dead node's groups wakes at the same tick; campaigning
+    /// together they would split the votes).
+    fn quiet_under_live_leader(
+        &self,
+        leader: Option<NodeId>,
+        live: &Liveness,
+        now: Instant,
+    ) -> bool {
+        let Some((node, incarnation)) = self.quiet.following.get() else {
+            return false;
+        };
+        if leader == Some(node) && live.alive(node) == Some(incarnation) {
+            return true;
+        }
+        self.quiet.following.set(None);
+        self.election.borrow_mut().woke(now, &mut rand::rng());
+        tracing::debug!(partition = %self.key, leader = %node, "the quiet group's leader is gone: its election timer runs again");
+        false
+    }
+
+    /// A message from the leader was accepted: quiet if it announced quiet, awake otherwise.
+    fn heard_leader(&self, quiet: bool) {
+        if !quiet || !self.quiet.allowed {
+            self.quiet.following.set(None);
+            return;
+        }
+        let leader = self.raft.metrics().borrow_watched().current_leader;
+        let incarnation = leader.and_then(|l| {
+            self.transport
+                .as_ref()
+                .and_then(|t| t.heard().get(&l).map(|h| h.incarnation))
+        });
+        self.quiet.following.set(leader.zip(incarnation));
+    }
+
+    /// On a leader's beat: whether it skips the heartbeat because its group is quiet. Moves
+    /// the leader's quiet state on (see `quiet.rs`).
+    fn stays_silent(&self, now: Instant, live: &Liveness) -> bool {
+        if !self.quiet.allowed {
+            return false;
+        }
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        let last = m.last_log_index;
+        // The cheap check first: a silent leader whose log and followers did not change.
+        if let Leading::Silent {
+            last_index,
+            followers,
+        } = &*self.quiet.leading.borrow()
+        {
+            if last == Some(*last_index) && followers.iter().all(|(n, inc)| live.alive(*n) == *inc)
+            {
+                return true;
+            }
+        }
+        let idle = last.is_some()
+            && m.local_committed.map(|c| c.index) == last
+            && m.cluster_committed.map(|c| c.index) == last
+            && m.last_applied.map(|c| c.index) == last
+            && m.membership_config.log_id() == m.committed_membership_config.log_id()
+            && m.membership_config.membership().get_joint_config().len() == 1
+            && self.pending.borrow().is_empty()
+            && m.replication.as_ref().is_some_and(|r| {
+                r.iter()
+                    .filter(|(id, _)| **id != m.id)
+                    // A follower whose node is down does not hold the group awake; when it
+                    // comes back (alive again, or another incarnation) the leader wakes.
+                    .all(|(id, matched)| {
+                        matched.as_ref().map(|l| l.index) == last || live.alive(*id).is_none()
+                    })
+            });
+        if !idle {
+            drop(m);
+            self.quiet.wake_leader();
+            return false;
+        }
+        let since = match &*self.quiet.leading.borrow() {
+            Leading::Quieting { since } => Some(*since),
+            _ => None,
+        };
+        let Some(since) = since else {
+            // Announce: this beat's heartbeats carry `quiet`.
+            self.quiet.announce.set(true);
+            *self.quiet.leading.borrow_mut() = Leading::Quieting { since: now };
+            return false;
+        };
+        // Silent once every follower acknowledged a heartbeat sent after `since`.
+        let waited = now.saturating_duration_since(since);
+        let acked = m.heartbeat.as_ref().is_some_and(|h| {
+            h.iter()
+                .filter(|(id, _)| **id != m.id && live.alive(**id).is_some())
+                .all(|(_, at)| at.as_ref().is_some_and(|at| at.elapsed() < waited))
+        });
+        if !acked {
+            return false;
+        }
+        let followers = m
+            .replication
+            .as_ref()
+            .map(|r| {
+                r.keys()
+                    .filter(|id| **id != m.id)
+                    .map(|id| (*id, live.alive(*id)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        *self.quiet.leading.borrow_mut() = Leading::Silent {
+            last_index: last.unwrap_or_default(),
+            followers,
+        };
+        true
     }
 
     /// If this replica leads a group with other voters, asks the most caught-up of them to
@@ -626,6 +814,7 @@ impl Partition {
             })
         };
         let Some(to) = to else { return false };
+        self.wake_leader();
         match self.raft.trigger().transfer_leader(to).await {
             Ok(()) => true,
             Err(e) => {
@@ -649,6 +838,7 @@ impl Partition {
                 return false;
             }
         }
+        self.wake_leader();
         match self.raft.trigger().transfer_leader(to).await {
             Ok(()) => true,
             Err(e) => {
@@ -661,6 +851,7 @@ impl Partition {
     /// What this replica knows of its group.
     pub fn state(&self) -> ReplicaState {
         let m = self.raft.metrics().borrow_watched().clone();
+        let silent = matches!(*self.quiet.leading.borrow(), Leading::Silent { .. });
         let leader = m.current_leader;
         ReplicaState {
             leader,
@@ -668,7 +859,6 @@ impl Partition {
             term: m.current_term,
             last_index: m.last_log_index.map(RaftIndex),
             applied_index: m.last_applied.map(|l| RaftIndex(l.index)),
-            applied_term: m.last_applied.map(|l| l.leader_id.term),
             voters: m.membership_config.membership().voter_ids().collect(),
             learners: m.membership_config.membership().learner_ids().collect(),
             matched: m
@@ -681,16 +871,21 @@ impl Partition {
                         .collect()
                 })
                 .unwrap_or_default(),
+            // A silent leader hears its followers only through their nodes' keepalives.
             heard: m
                 .heartbeat
                 .as_ref()
                 .map(|h| {
                     h.iter()
                         .filter(|(id, _)| **id != m.id)
-                        .map(|(id, at)| (*id, at.as_ref().map(|at| at.elapsed())))
+                        .map(|(id, at)| match (&self.transport, silent) {
+                            (Some(t), true) => (*id, t.silent_for(*id)),
+                            _ => (*id, at.as_ref().map(|at| at.elapsed())),
+                        })
                         .collect()
                 })
                 .unwrap_or_default(),
+            quiet: self.quiet.is_quiet(),
             positions: self.log.positions(),
             uid: self.uid,
             quorum_acked: m.last_quorum_acked.map(|at| at.elapsed()),

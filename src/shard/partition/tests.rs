@@ -27,6 +27,7 @@ async fn single_voter(dir: &Path, config: crate::log::LogConfig) -> Partition {
         timing: Default::default(),
         checkpoint_entries: crate::raft::CHECKPOINT_ENTRIES,
         transport: None,
+        quiet: true,
     };
     let key = PartitionKey {
         topic: "t".into(),

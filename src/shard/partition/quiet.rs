@@ -1,0 +1,134 @@
+//! Quiet groups: an idle group's leader stops sending heartbeats, and its followers stop their
+//! election timers, for as long as the leader's node is alive (CockroachDB's quiescence, with
+//! node liveness from the transport's keepalives).
+//!
+//! Heartbeats were one Raft message per group per heartbeat interval, each handled by openraft
+//! on both sides: about 0.04% of a core per idle replica, so 10,000 idle partitions would have
+//! taken four cores. Nodes now tell each other they are alive once per heartbeat interval per
+//! node pair (`raft::transport`: an exchange without messages when nothing else went), and an
+//! idle group sends nothing.
+//!
+//! ```text
+//! leader:   Active ──beat, idle──▶ Quieting (heartbeats say `quiet`) ──every follower acked──▶ Silent
+//!             ▲                                                                                 │
+//!             └──── a write, a membership change, a follower restarted or silent, not leading ──┘
+//! follower: a heartbeat with `quiet` ──▶ quiet under (leader, its incarnation): no election timer
+//!           any other message from a leader, or the leader's node silent for an election
+//!           timeout or restarted ──▶ the timer runs again (after a random part of a timeout)
+//! ```
+//!
+//! A leader goes quiet only when every entry is committed and applied, every follower and
+//! learner whose node is alive has every entry, no membership change is under way, and no
+//! idempotent write is pending. A follower whose node is down does not keep the group awake;
+//! the leader wakes when it comes back. Safety does not depend on any of it: a quiet follower
+//! still handles votes, and a leader's next write goes out as it always does (its entries carry
+//! no `quiet`, so followers wake). What quiet changes is only when a follower campaigns: a
+//! follower whose leader's node dies wakes within an election timeout of the node's last
+//! keepalive and campaigns after a random part of a timeout more, about when it would have
+//! without quiet.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use crate::raft::transport::Heard;
+use crate::raft::types::NodeId;
+use crate::shard::request::PartitionKey;
+
+/// Woken groups a core has not looked at yet, at most this many; beyond it the core's next
+/// full scan (within a second) finds them.
+const WOKEN_MAX: usize = 65_536;
+
+thread_local! {
+    /// Quiet groups of this core (each core is a thread) woken since its driver last looked:
+    /// the driver ticks only groups that are awake (`shard::core::drive_groups`).
+    static WOKEN: RefCell<Vec<PartitionKey>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Tells this core's driver to tick `key` again.
+pub(super) fn wake(key: &PartitionKey) {
+    WOKEN.with(|w| {
+        let mut w = w.borrow_mut();
+        if w.len() < WOKEN_MAX {
+            w.push(key.clone());
+        }
+    });
+}
+
+/// The groups woken since the last call (see [`wake`]).
+pub fn take_woken() -> Vec<PartitionKey> {
+    WOKEN.with(|w| std::mem::take(&mut *w.borrow_mut()))
+}
+
+/// Which nodes this core counts as alive at one tick of its driver: heard from within `window`
+/// (the longest election timeout), with the incarnation they last came with.
+#[derive(Debug, Default)]
+pub struct Liveness {
+    pub heard: HashMap<NodeId, Heard>,
+    pub window: Duration,
+}
+
+impl Liveness {
+    /// The incarnation of `node` if it is alive.
+    pub fn alive(&self, node: NodeId) -> Option<u64> {
+        self.heard
+            .get(&node)
+            .filter(|h| h.ago < self.window)
+            .map(|h| h.incarnation)
+    }
+}
+
+/// A leader's side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Leading {
+    /// Heartbeats as usual.
+    Active,
+    /// Heartbeats announce quiet; silent once every follower acknowledged one sent after
+    /// `since`.
+    Quieting { since: Instant },
+    /// No heartbeats while the log stays at `last_index` and the followers' nodes stay as
+    /// they were: alive with these incarnations, or down (`None`).
+    Silent {
+        last_index: u64,
+        followers: Vec<(NodeId, Option<u64>)>,
+    },
+}
+
+/// A replica's quiet state (see the module's doc).
+pub(super) struct Quiet {
+    /// Whether quiet is allowed for this group at all (not for the metadata group, whose
+    /// leader's quorum contact gates the controller; not for a replica alone).
+    pub(super) allowed: bool,
+    /// Shared with the group's network: its heartbeats carry `quiet` while set.
+    pub(super) announce: Rc<Cell<bool>>,
+    pub(super) leading: RefCell<Leading>,
+    /// As a follower: quiet under this leader node and incarnation.
+    pub(super) following: Cell<Option<(NodeId, u64)>>,
+}
+
+impl Quiet {
+    pub(super) fn new(allowed: bool) -> Quiet {
+        Quiet {
+            allowed,
+            announce: Rc::new(Cell::new(false)),
+            leading: RefCell::new(Leading::Active),
+            following: Cell::new(None),
+        }
+    }
+
+    /// Back to heartbeats (a write or a membership change is coming, or the group is not
+    /// idle any more).
+    pub(super) fn wake_leader(&self) {
+        self.announce.set(false);
+        let mut l = self.leading.borrow_mut();
+        if *l != Leading::Active {
+            *l = Leading::Active;
+        }
+    }
+
+    /// Whether this replica, leading or following, is quiet now.
+    pub(super) fn is_quiet(&self) -> bool {
+        self.following.get().is_some() || matches!(*self.leading.borrow(), Leading::Silent { .. })
+    }
+}
