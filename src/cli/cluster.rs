@@ -516,9 +516,12 @@ fn print_status(v: &View) {
     }
     if !v.topics.is_empty() {
         println!();
+        // The first few by name (thousands of names made the line useless); `--json` has all.
+        const NAMED: usize = 10;
         let list = |v: &[String]| match v.len() {
             0 => "none".to_string(),
-            n => format!("{n} ({})", v.join(", ")),
+            n if n <= NAMED => format!("{n} ({})", v.join(", ")),
+            n => format!("{n} ({}, and {} more)", v[..NAMED].join(", "), n - NAMED),
         };
         println!("under-replicated partitions: {}", list(&under));
         println!("partitions without a leader: {}", list(&leaderless));

@@ -313,7 +313,10 @@ impl Partition {
         // timer each.
         let raft_config = group::config_with(&key.to_string(), replica.timing, false)
             .map_err(|e| (CoreError::from(e), None))?;
-        let quiet = Quiet::new(!alone && key != PartitionKey::metadata() && replica.quiet);
+        let quiet = Quiet::new(
+            !alone && key != PartitionKey::metadata() && replica.quiet,
+            Duration::from_millis(2 * replica.timing.election_max_ms),
+        );
         let started = match &replica.transport {
             Some(t) => {
                 let network = GroupNetwork {
@@ -735,7 +738,8 @@ impl Partition {
                 return true;
             }
         }
-        let idle = last.is_some()
+        let idle = self.quiet.settled(last, now)
+            && last.is_some()
             && m.local_committed.map(|c| c.index) == last
             && m.cluster_committed.map(|c| c.index) == last
             && m.last_applied.map(|c| c.index) == last

@@ -17,7 +17,8 @@
 //!           timeout or restarted ──▶ the timer runs again (after a random part of a timeout)
 //! ```
 //!
-//! A leader goes quiet only when every entry is committed and applied, every follower and
+//! A leader goes quiet only when its log has not moved for two election timeouts (a partition
+//! written every second stays awake), every entry is committed and applied, every follower and
 //! learner whose node is alive has every entry, no membership change is under way, and no
 //! idempotent write is pending. A follower whose node is down does not keep the group awake;
 //! the leader wakes when it comes back. Safety does not depend on any of it: a quiet follower
@@ -105,15 +106,36 @@ pub(super) struct Quiet {
     pub(super) leading: RefCell<Leading>,
     /// As a follower: quiet under this leader node and incarnation.
     pub(super) following: Cell<Option<(NodeId, u64)>>,
+    /// As a leader: the last log index seen at a beat, and since when it has stayed there.
+    /// A group goes quiet only after its log has not moved for `quiet_after`: a partition
+    /// written every second or so stays awake rather than pay a wake (a lease round trip) on
+    /// nearly every write.
+    pub(super) unchanged: Cell<(Option<u64>, Option<Instant>)>,
+    pub(super) quiet_after: Duration,
 }
 
 impl Quiet {
-    pub(super) fn new(allowed: bool) -> Quiet {
+    pub(super) fn new(allowed: bool, quiet_after: Duration) -> Quiet {
         Quiet {
             allowed,
             announce: Rc::new(Cell::new(false)),
             leading: RefCell::new(Leading::Active),
             following: Cell::new(None),
+            unchanged: Cell::new((None, None)),
+            quiet_after,
+        }
+    }
+
+    /// At a leader's beat: whether its log has stayed at `last` for `quiet_after`.
+    pub(super) fn settled(&self, last: Option<u64>, now: Instant) -> bool {
+        match self.unchanged.get() {
+            (seen, Some(since)) if seen == last => {
+                now.saturating_duration_since(since) >= self.quiet_after
+            }
+            _ => {
+                self.unchanged.set((last, Some(now)));
+                false
+            }
         }
     }
 
