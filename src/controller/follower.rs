@@ -39,9 +39,9 @@ pub struct Follower {
     pub(super) failed: bool,
     /// Where this node's last checkpoint of the state stands (`checkpoint.rs`).
     checkpointed: Offset,
-    /// Until this node is ready: which metadata leader was asked, and where it said its log
-    /// ends (see `reached_the_leader`), the point to reach.
-    catch_up_to: Option<(crate::raft::types::NodeId, Offset)>,
+    /// Until this node is ready: which metadata leader was asked in which term, and where it
+    /// said its log ends (see `reached_the_leader`), the point to reach.
+    catch_up_to: Option<(crate::raft::types::NodeId, u64, Offset)>,
 }
 
 impl Follower {
@@ -308,7 +308,7 @@ impl Follower {
     /// A restarted follower's own commit index is only what the leader's first messages
     /// brought (256 entries each): reaching it is not being caught up, and a node that called
     /// itself ready there answered NOT_FOUND for topics created while it was down. The leader
-    /// is asked once (again after a failed try, or when the leader changed); its answer is a
+    /// is asked once (again after a failed try, or when the leader or term changed); its answer is a
     /// fixed target, not raised by what commits meanwhile.
     ///
     /// The target is the end of the leader's log, not its commit index: a leader just elected
@@ -323,8 +323,11 @@ impl Follower {
         let Some(leader) = self.broker.metadata_leader().await else {
             return false;
         };
-        if let Some((asked, t)) = self.catch_up_to {
-            if asked == leader {
+        // Asked again in a new term: a leader that lost and regained leadership may have had
+        // its uncommitted tail replaced, and the end it gave may never be reached.
+        let term = self.broker.metadata_replica().await.map_or(0, |s| s.term);
+        if let Some((asked, in_term, t)) = self.catch_up_to {
+            if asked == leader && in_term == term {
                 return self.next >= t;
             }
         }
@@ -348,7 +351,7 @@ impl Follower {
             }
         };
         tracing::debug!(%leader, target = target.0, next = self.next.0, "the metadata leader's log end, to reach before serving");
-        self.catch_up_to = Some((leader, target));
+        self.catch_up_to = Some((leader, term, target));
         self.next >= target
     }
 

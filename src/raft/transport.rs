@@ -83,8 +83,12 @@ pub struct Transport {
     reachable: Mutex<HashMap<NodeId, bool>>,
     /// Set when a peer refused this node as removed from the cluster.
     removed: tokio::sync::watch::Sender<bool>,
-    /// Random, chosen at start, sent with every exchange: peers see a restart as a change.
-    incarnation: u64,
+    /// Random, chosen at start, sent with every exchange: peers see a restart as a change. It
+    /// also moves on when a replica on this node closes, is taken for repair or stops on an
+    /// error ([`Transport::bump_incarnation`]): the peers' quiet groups it led or followed
+    /// wake, as they would after a restart (a quiet follower watches its leader's node, and
+    /// must not keep waiting for a leader replica that is gone while the node lives).
+    incarnation: std::sync::atomic::AtomicU64,
     /// When each peer's last exchange arrived here, and the incarnation it came with.
     heard: Mutex<HashMap<NodeId, (Instant, u64)>>,
     /// A link with nothing to send for this long sends an exchange without messages, so its
@@ -126,15 +130,22 @@ impl Transport {
             addresses: RwLock::new(HashMap::new()),
             reachable: Mutex::new(HashMap::new()),
             removed: tokio::sync::watch::channel(false).0,
-            incarnation: rand::random::<u64>().max(1),
+            incarnation: std::sync::atomic::AtomicU64::new(rand::random::<u64>() >> 1 | 1),
             heard: Mutex::new(HashMap::new()),
             keepalive,
         })
     }
 
-    /// This process's incarnation (see [`Heard`]).
+    /// This node's incarnation (see [`Heard`]).
     pub fn incarnation(&self) -> u64 {
+        self.incarnation.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A replica on this node closed, was taken for repair or stopped: peers wake the quiet
+    /// groups shared with this node (see `incarnation`).
+    pub fn bump_incarnation(&self) {
         self.incarnation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A peer's exchange arrived (the peer service calls this for every one it accepts).
@@ -222,9 +233,36 @@ impl Transport {
         }
     }
 
-    /// Sets the nodes' addresses as the cluster metadata has them.
-    pub fn set_addresses(&self, addresses: HashMap<NodeId, String>) {
-        *self.addresses.write().expect("addresses lock") = addresses;
+    /// Sets the nodes' addresses as the cluster metadata has them, and opens a link to every
+    /// peer that has none: its keepalives tell the peer this node is alive even if no group
+    /// ever sends it a message (a leader counts a follower's node alive only once it has heard
+    /// from it).
+    pub fn set_addresses(self: &Arc<Self>, addresses: HashMap<NodeId, String>) {
+        *self.addresses.write().expect("addresses lock") = addresses.clone();
+        for (node, addr) in addresses {
+            if node != self.me {
+                self.link(node, &addr);
+            }
+        }
+    }
+
+    /// The link to `target` at `addr`, started (or restarted at a new address) if need be.
+    fn link(self: &Arc<Self>, target: NodeId, addr: &str) -> tokio::sync::mpsc::Sender<Outgoing> {
+        let mut links = self.links.lock().expect("links lock");
+        if let Some(l) = links.get(&target).filter(|l| l.addr == addr) {
+            return l.queue.clone();
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
+        self.runtime
+            .spawn(run_link(self.clone(), target, addr.to_string(), rx));
+        links.insert(
+            target,
+            Link {
+                addr: addr.to_string(),
+                queue: tx.clone(),
+            },
+        );
+        tx
     }
 
     /// Queues a message for `target` (at `addr` unless the metadata knows better); never waits.
@@ -237,24 +275,12 @@ impl Transport {
         if self.is_isolated_from(target) {
             return Err(RaftError::CutOff { node: target });
         }
-        let book = self.addresses.read().expect("addresses lock");
-        let addr = book.get(&target).map_or(addr, String::as_str);
-        let mut links = self.links.lock().expect("links lock");
-        let stale = links.get(&target).is_none_or(|l| l.addr != addr);
-        if stale {
-            let (tx, rx) = tokio::sync::mpsc::channel(QUEUE);
-            self.runtime
-                .spawn(run_link(self.clone(), target, addr.to_string(), rx));
-            links.insert(
-                target,
-                Link {
-                    addr: addr.to_string(),
-                    queue: tx,
-                },
-            );
-        }
-        let link = links.get(&target).expect("just inserted");
-        link.queue.try_send(out).map_err(|e| match e {
+        let addr = {
+            let book = self.addresses.read().expect("addresses lock");
+            book.get(&target).map_or(addr, String::as_str).to_string()
+        };
+        let queue = self.link(target, &addr);
+        queue.try_send(out).map_err(|e| match e {
             tokio::sync::mpsc::error::TrySendError::Full(_) => {
                 RaftError::QueueFull { node: target }
             }
@@ -357,7 +383,7 @@ async fn run_link(
                 to: target.0,
                 messages,
                 cluster: transport.cluster.get().to_string(),
-                incarnation: transport.incarnation,
+                incarnation: transport.incarnation(),
             });
             request.set_timeout(CALL_TIMEOUT);
             let result = client.exchange(request).await;

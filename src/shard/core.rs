@@ -150,8 +150,10 @@ async fn drive_groups(
                 }
             }
         }
-        // Idle, every wake is a beat (retention and the leadership summary run on beats).
-        let beat = step == 0 || idle;
+        // Idle, every wake is a beat (retention and the leadership summary run on beats). A
+        // full scan is a beat too: silent leaders look at their followers' liveness only on
+        // beats, and a scan may be the only time they are ticked.
+        let beat = step == 0 || idle || full;
         for p in awake.clone() {
             // Damage is looked for on beats only (a fifth of the ticks): thousands of idle
             // groups are ticked through, and a repair a few ms later loses nothing.

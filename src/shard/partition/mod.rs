@@ -467,6 +467,9 @@ impl Partition {
     /// a read found, if any. It is then never taken again.
     pub fn take_for_repair(&self) -> Taken {
         self.repairing.set(true);
+        if let Some(t) = &self.transport {
+            t.bump_incarnation();
+        }
         Taken {
             open: self.opened_with.clone(),
             core: self.core,
@@ -531,11 +534,23 @@ impl Partition {
         }
         // A message to a quiet group: its core ticks it again (it goes back to sleep at once if
         // the message leaves it quiet).
-        if self.quiet.is_quiet() {
+        let was_quiet = self.quiet.is_quiet();
+        if was_quiet {
             quiet::wake(&self.key);
+        }
+        // A vote, a pre-vote, a transfer or a snapshot: whatever it changes, this replica
+        // is not quiet under its leader any more (its election timer runs again).
+        let append = matches!(body, Body::Append(_));
+        if !append {
+            self.quiet.following.set(None);
         }
         let mut contact = network::Contact::None;
         let answer = network::handle(&self.raft, body, &mut contact).await;
+        // Woken again after the message: the driver may have looked between the wake above
+        // and the message's effect, found the group still quiet and dropped it.
+        if was_quiet {
+            quiet::wake(&self.key);
+        }
         match contact {
             network::Contact::None => {}
             network::Contact::Leader => {
@@ -752,7 +767,7 @@ impl Partition {
                     // A follower whose node is down does not hold the group awake; when it
                     // comes back (alive again, or another incarnation) the leader wakes.
                     .all(|(id, matched)| {
-                        matched.as_ref().map(|l| l.index) == last || live.alive(*id).is_none()
+                        matched.as_ref().map(|l| l.index) == last || live.down(*id)
                     })
             });
         if !idle {
@@ -774,7 +789,7 @@ impl Partition {
         let waited = now.saturating_duration_since(since);
         let acked = m.heartbeat.as_ref().is_some_and(|h| {
             h.iter()
-                .filter(|(id, _)| **id != m.id && live.alive(**id).is_some())
+                .filter(|(id, _)| **id != m.id && !live.down(**id))
                 .all(|(_, at)| at.as_ref().is_some_and(|at| at.elapsed() < waited))
         });
         if !acked {
@@ -899,6 +914,11 @@ impl Partition {
     /// Stops the Raft group, then flushes and closes the log.
     pub async fn close(&self) -> Result<(), CoreError> {
         self.closed.set(true);
+        // Peers' quiet groups shared with this node wake (a quiet follower here is gone, or
+        // a quiet leader: see `Transport::bump_incarnation`).
+        if let Some(t) = &self.transport {
+            t.bump_incarnation();
+        }
         wake(&self.waiters);
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(partition = %self.key, error = %e, "raft group did not stop cleanly");

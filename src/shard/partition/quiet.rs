@@ -78,6 +78,13 @@ impl Liveness {
             .filter(|h| h.ago < self.window)
             .map(|h| h.incarnation)
     }
+
+    /// Whether `node` is known to be down: heard from once, silent since for the window. A
+    /// node never heard from is not known down (a leader then still waits for its follower
+    /// there to match and to acknowledge the quiet heartbeat).
+    pub fn down(&self, node: NodeId) -> bool {
+        self.heard.get(&node).is_some_and(|h| h.ago >= self.window)
+    }
 }
 
 /// A leader's side.
