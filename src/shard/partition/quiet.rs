@@ -33,6 +33,9 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use openraft_rt::watch::WatchReceiver;
+
+use super::Partition;
 use crate::raft::transport::Heard;
 use crate::raft::types::NodeId;
 use crate::shard::request::PartitionKey;
@@ -159,5 +162,146 @@ impl Quiet {
     /// Whether this replica, leading or following, is quiet now.
     pub(super) fn is_quiet(&self) -> bool {
         self.following.get().is_some() || matches!(*self.leading.borrow(), Leading::Silent { .. })
+    }
+}
+
+/// The quiet side of a replica: whether the driver may skip it, and the leader's and
+/// follower's steps (called from `Partition::drive` and `Partition::handle`).
+impl Partition {
+    /// Whether the core's driver may leave this group out of its ticks: it is quiet (a silent
+    /// leader that still leads, or a follower quiet under its leader), or closed.
+    pub fn asleep(&self) -> bool {
+        if self.closed.get() || self.quiet.following.get().is_some() {
+            return true;
+        }
+        if !matches!(*self.quiet.leading.borrow(), Leading::Silent { .. }) {
+            return false;
+        }
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        m.current_leader == Some(m.id)
+    }
+
+    /// Wakes a quiet leader (a write, a membership change, a hand-off is coming): heartbeats
+    /// again from its core's next tick.
+    pub(super) fn wake_leader(&self) {
+        self.quiet.wake_leader();
+        wake(&self.key);
+    }
+
+    /// A follower quiet under `leader`: whether it stays quiet (the leader's node alive, same
+    /// incarnation). If not, it wakes: its election timer runs again, from a random part of a
+    /// timeout (every follower of the dead node's groups wakes at the same tick; campaigning
+    /// together they would split the votes).
+    pub(super) fn quiet_under_live_leader(
+        &self,
+        leader: Option<NodeId>,
+        live: &Liveness,
+        now: Instant,
+    ) -> bool {
+        let Some((node, incarnation)) = self.quiet.following.get() else {
+            return false;
+        };
+        if leader == Some(node) && live.alive(node) == Some(incarnation) {
+            return true;
+        }
+        self.quiet.following.set(None);
+        self.election.borrow_mut().woke(now, &mut rand::rng());
+        tracing::debug!(partition = %self.key, leader = %node, "the quiet group's leader is gone: its election timer runs again");
+        false
+    }
+
+    /// A message from the leader was accepted: quiet if it announced quiet, awake otherwise.
+    pub(super) fn heard_leader(&self, quiet: bool) {
+        if !quiet || !self.quiet.allowed {
+            self.quiet.following.set(None);
+            return;
+        }
+        let leader = self.raft.metrics().borrow_watched().current_leader;
+        let incarnation = leader.and_then(|l| {
+            self.transport
+                .as_ref()
+                .and_then(|t| t.heard().get(&l).map(|h| h.incarnation))
+        });
+        self.quiet.following.set(leader.zip(incarnation));
+    }
+
+    /// On a leader's beat: whether it skips the heartbeat because its group is quiet. Moves
+    /// the leader's quiet state on (see `quiet.rs`).
+    pub(super) fn stays_silent(&self, now: Instant, live: &Liveness) -> bool {
+        if !self.quiet.allowed {
+            return false;
+        }
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        let last = m.last_log_index;
+        // The cheap check first: a silent leader whose log and followers did not change.
+        if let Leading::Silent {
+            last_index,
+            followers,
+        } = &*self.quiet.leading.borrow()
+        {
+            if last == Some(*last_index) && followers.iter().all(|(n, inc)| live.alive(*n) == *inc)
+            {
+                return true;
+            }
+        }
+        let idle = self.quiet.settled(last, now)
+            && last.is_some()
+            && m.local_committed.map(|c| c.index) == last
+            && m.cluster_committed.map(|c| c.index) == last
+            && m.last_applied.map(|c| c.index) == last
+            && m.membership_config.log_id() == m.committed_membership_config.log_id()
+            && m.membership_config.membership().get_joint_config().len() == 1
+            && self.pending.borrow().is_empty()
+            && m.replication.as_ref().is_some_and(|r| {
+                r.iter()
+                    .filter(|(id, _)| **id != m.id)
+                    // A follower whose node is down does not hold the group awake; when it
+                    // comes back (alive again, or another incarnation) the leader wakes.
+                    .all(|(id, matched)| {
+                        matched.as_ref().map(|l| l.index) == last || live.down(*id)
+                    })
+            });
+        if !idle {
+            drop(m);
+            self.quiet.wake_leader();
+            return false;
+        }
+        let since = match &*self.quiet.leading.borrow() {
+            Leading::Quieting { since } => Some(*since),
+            _ => None,
+        };
+        let Some(since) = since else {
+            // Announce: this beat's heartbeats carry `quiet`.
+            self.quiet.announce.set(true);
+            *self.quiet.leading.borrow_mut() = Leading::Quieting { since: now };
+            return false;
+        };
+        // Silent once every follower acknowledged a heartbeat sent after `since`.
+        let waited = now.saturating_duration_since(since);
+        let acked = m.heartbeat.as_ref().is_some_and(|h| {
+            h.iter()
+                .filter(|(id, _)| **id != m.id && !live.down(**id))
+                .all(|(_, at)| at.as_ref().is_some_and(|at| at.elapsed() < waited))
+        });
+        if !acked {
+            return false;
+        }
+        let followers = m
+            .replication
+            .as_ref()
+            .map(|r| {
+                r.keys()
+                    .filter(|id| **id != m.id)
+                    .map(|id| (*id, live.alive(*id)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        *self.quiet.leading.borrow_mut() = Leading::Silent {
+            last_index: last.unwrap_or_default(),
+            followers,
+        };
+        true
     }
 }
