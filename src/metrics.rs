@@ -125,6 +125,7 @@ pub const RPCS: &[(&str, &str)] = &[
     ("tern.v1.Tern", "DeleteTopic"),
     ("tern.v1.Tern", "ListTopics"),
     ("tern.v1.Tern", "DescribeTopic"),
+    ("tern.v1.Tern", "PromoteTopic"),
     ("tern.v1.Tern", "Publish"),
     ("tern.v1.Tern", "InitProducer"),
     ("tern.v1.Tern", "PublishStream"),
@@ -283,6 +284,10 @@ pub struct Node {
     pub quota_refused: Counter,
     pub redeliveries: Counter,
     pub dead_letters: Counter,
+    /// Pulls a mirror's replicas took in with new batches, and offsets they skipped because
+    /// their source deleted them before they were copied (`shard::mirror`).
+    pub mirror_batches: Counter,
+    pub mirror_records_skipped: Counter,
 }
 
 pub static NODE: Node = Node {
@@ -309,6 +314,8 @@ pub static NODE: Node = Node {
     quota_refused: Counter::new(),
     redeliveries: Counter::new(),
     dead_letters: Counter::new(),
+    mirror_batches: Counter::new(),
+    mirror_records_skipped: Counter::new(),
 };
 
 #[cfg(test)]

@@ -276,6 +276,7 @@ async fn the_compose_cluster_runs_with_io_uring_survives_docker_kill_and_exports
         replication_factor: 3,
         config: None,
         placement: None,
+        mirror_of: None,
     })
     .await
     .expect("create topic");
@@ -432,6 +433,7 @@ async fn the_compose_cluster_runs_with_io_uring_survives_docker_kill_and_exports
         replication_factor: 3,
         config: None,
         placement: None,
+        mirror_of: None,
     })
     .await
     .expect("create topic dkp");

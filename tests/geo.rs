@@ -57,6 +57,7 @@ async fn read_n(
                 max_records: 1000,
                 max_bytes: 1 << 20,
                 max_wait_ms: 500,
+                raw_batches: false,
             })
             .await
             .expect("fetch")

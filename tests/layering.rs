@@ -21,6 +21,7 @@ const LAYERS: &[&[&str]] = &[
     &["cluster"],
     &["config"],
     &["broker"],
+    &["mirror"],
     &["controller"],
     &["groups"],
     &["net"],

@@ -394,6 +394,7 @@ async fn a_follower_behind_retention_restarts_its_log_from_a_snapshot() {
             ..Default::default()
         }),
         placement: None,
+        mirror_of: None,
     })
     .await
     .expect("create");

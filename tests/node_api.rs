@@ -289,6 +289,7 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() {
             replication_factor: rf,
             config,
             placement: None,
+            mirror_of: None,
         }
     };
     let e = expect_err(c.create_topic(create("bad name", 1, 1, None)).await);
@@ -389,6 +390,7 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() {
         max_records: 0,
         max_bytes: 0,
         max_wait_ms: 0,
+        raw_batches: false,
     };
     let e = expect_err(c.fetch(fetch(0, 5)).await);
     assert_eq!(e.code(), Code::OutOfRange);
@@ -599,6 +601,7 @@ async fn fetch_long_polls_until_a_record_is_committed() {
             max_records: 10,
             max_bytes: 0,
             max_wait_ms: 20_000,
+            raw_batches: false,
         })
         .await
         .unwrap()

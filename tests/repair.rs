@@ -58,6 +58,7 @@ async fn create_with_small_segments(cluster: &Cluster, topic: &str) {
                 ..Default::default()
             }),
             placement: None,
+            mirror_of: None,
         })
         .await
         .expect("create");

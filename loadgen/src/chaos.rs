@@ -1162,6 +1162,7 @@ pub async fn read_replica(
                 max_records: 10_000,
                 max_bytes: 0,
                 max_wait_ms: 0,
+                raw_batches: false,
             })
             .await?
             .into_inner();

@@ -411,6 +411,7 @@ async fn run_idle(s: &Settings, cluster: &cluster::Cluster) -> anyhow::Result<Re
                 replication_factor: s.replication_factor,
                 config: None,
                 placement: None,
+                mirror_of: None,
             })
             .await
             .map_err(|e| anyhow::anyhow!("creating topic {name}: {}", e.message()))?;
@@ -485,6 +486,7 @@ async fn run_on(
                     ..Default::default()
                 }),
                 placement: placement(s),
+                mirror_of: None,
             })
             .await
             .map_err(|e| anyhow::anyhow!("creating topic {t}: {}", e.message()))?;
@@ -948,6 +950,7 @@ async fn replay(
                         max_records: 10_000,
                         max_bytes: 4 << 20,
                         max_wait_ms: 1000,
+                        raw_batches: false,
                     })
                     .await
                     .map_err(|e| anyhow::anyhow!("replay fetch: {}", e.message()))?

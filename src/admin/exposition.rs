@@ -43,6 +43,9 @@ struct Replica {
 
 impl Replica {
     fn worst_lag(&self) -> u64 {
+        if let Some(m) = &self.state.mirror {
+            return m.records;
+        }
         self.followers
             .iter()
             .map(|(_, f)| if f.matched { f.lag_entries } else { u64::MAX })
@@ -125,7 +128,10 @@ impl Snapshot {
         let replicas = all.len();
         let leaders = all.iter().filter(|r| r.state.is_leader).count();
         let under = all.iter().filter(|r| r.under_replicated).count();
-        let leaderless = all.iter().filter(|r| r.state.leader.is_none()).count();
+        let leaderless = all
+            .iter()
+            .filter(|r| r.state.leader.is_none() && r.state.mirror.is_none())
+            .count();
         all.sort_by(|a, b| {
             (b.under_replicated, b.worst_lag())
                 .cmp(&(a.under_replicated, a.worst_lag()))
@@ -323,6 +329,21 @@ impl Collector for Snapshot {
         )?;
         counter(
             e,
+            "mirror_pulls",
+            "Pulls from their sources that brought mirror replicas on this node new batches.",
+            None,
+            n.mirror_batches.get(),
+        )?;
+        counter(
+            e,
+            "mirror_records_skipped",
+            "Offsets mirror replicas on this node skipped: their source deleted them (retention) \
+             before they were copied.",
+            None,
+            n.mirror_records_skipped.get(),
+        )?;
+        counter(
+            e,
             "core_stalls",
             "Times the watchdog found a core asleep past its own timers (glommio) and woke it.",
             None,
@@ -450,6 +471,28 @@ impl Collector for Snapshot {
                 .iter()
                 .filter(|r| r.state.is_leader)
                 .map(|r| (r.labels(), i64::from(r.under_replicated))),
+        )?;
+        gauges(
+            e,
+            "partition_mirror_lag_records",
+            "On a mirror's replica: offsets its source has committed that it does not hold yet.",
+            None,
+            shown
+                .iter()
+                .filter_map(|r| r.state.mirror.as_ref().map(|m| (r.labels(), m.records))),
+        )?;
+        gauges(
+            e,
+            "partition_mirror_lag_seconds",
+            "On a mirror's replica: seconds since it last held everything its source had \
+             committed (0 while it does).",
+            None,
+            shown.iter().filter_map(|r| {
+                r.state
+                    .mirror
+                    .as_ref()
+                    .map(|m| (r.labels(), m.since_caught_up.as_secs_f64()))
+            }),
         )?;
         gauges(
             e,

@@ -81,6 +81,12 @@ pub enum BrokerError {
     /// A node answered something that cannot be (a bug somewhere): never retried.
     #[error("node {node} answered {what}")]
     BadAnswer { node: NodeId, what: String },
+    /// A write to a mirror topic: it takes records only from its source until promoted.
+    #[error(
+        "topic {topic:?} is a mirror of {of} and takes no writes; \
+         `tern topic promote {topic}` makes it writable"
+    )]
+    Mirror { topic: String, of: String },
 }
 
 impl BrokerError {

@@ -43,6 +43,12 @@ impl Broker {
         producer: Option<ProducerSeq>,
         origin: &Origin,
     ) -> Result<impl std::future::Future<Output = Result<Vec<(u32, Offset)>>> + use<>> {
+        if let Some(m) = &topic.spec.mirror {
+            return Err(BrokerError::Mirror {
+                topic: topic.spec.name.clone(),
+                of: m.to_string(),
+            });
+        }
         let n = topic.spec.partitions;
         let mut groups: Vec<(u32, Vec<usize>, Vec<Record>)> = Vec::new();
         let mut routes = Vec::with_capacity(records.len());

@@ -34,6 +34,8 @@ pub struct Read {
     pub max_bytes: usize,
     /// How long to wait for records when there are none past `from` yet.
     pub max_wait: Duration,
+    /// Whole batches as stored (control ones too) instead of records: a mirror's pull.
+    pub raw: bool,
 }
 
 impl Broker {
@@ -45,6 +47,7 @@ impl Broker {
         from: Offset,
         max_bytes: usize,
         max_wait: Duration,
+        whole: bool,
     ) -> Result<Fetched> {
         self.check_local(topic, partition)?;
         let key = topic.key(partition);
@@ -56,6 +59,7 @@ impl Broker {
                 max_bytes,
                 max_wait,
                 fresh: true,
+                whole,
                 reply,
             })
             .await?)
@@ -72,9 +76,26 @@ impl Broker {
     ) -> Result<pb::FetchResponse> {
         if topic.on(self.node_id(), partition) {
             match self
-                .fetch(topic, partition, read.from, read.max_bytes, read.max_wait)
+                .fetch(
+                    topic,
+                    partition,
+                    read.from,
+                    read.max_bytes,
+                    read.max_wait,
+                    read.raw,
+                )
                 .await
             {
+                Ok(f) if read.raw => {
+                    let (batches, next) = raw_batches(&f, read.max_bytes);
+                    return Ok(pb::FetchResponse {
+                        records: Vec::new(),
+                        next_offset: next,
+                        high_watermark: f.high_watermark.0,
+                        start_offset: f.start.0,
+                        batches,
+                    });
+                }
                 Ok(f) => {
                     let (records, next) = records(
                         &topic.spec.name,
@@ -88,6 +109,7 @@ impl Broker {
                         next_offset: next,
                         high_watermark: f.high_watermark.0,
                         start_offset: f.start.0,
+                        batches: Vec::new(),
                     });
                 }
                 // A stale follower: a client's read goes to the nearest replica that is not.
@@ -105,6 +127,7 @@ impl Broker {
             max_records: read.max_records as u32,
             max_bytes: read.max_bytes as u32,
             max_wait_ms: read.max_wait.as_millis() as u32,
+            raw_batches: read.raw,
         };
         self.on_replica(topic, partition, |mut c| {
             let mut call = self.relay(req.clone(), origin);
@@ -361,6 +384,28 @@ pub fn records(
             next = r.offset.plus(1);
             out.push(record);
         }
+    }
+    (out, next.0)
+}
+
+/// The committed batches of a fetch as stored, control batches included, the first whole
+/// however large and the others while they fit in `max_bytes`; and the offset where the next
+/// fetch continues (the end of the last one).
+pub fn raw_batches(f: &Fetched, max_bytes: usize) -> (Vec<bytes::Bytes>, u64) {
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    let mut next = f.from;
+    for b in &f.batches {
+        let m = b.meta();
+        if m.next_offset() <= f.from {
+            continue;
+        }
+        if m.next_offset() > f.until || (!out.is_empty() && bytes + m.len > max_bytes) {
+            break;
+        }
+        bytes += m.len;
+        next = m.next_offset();
+        out.push(b.bytes().clone());
     }
     (out, next.0)
 }

@@ -5,6 +5,8 @@ use clap::Subcommand;
 use super::{status_error, table, ClientOpts};
 use crate::proto::v1 as pb;
 
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum TopicCmd {
     /// Create a topic.
@@ -43,6 +45,11 @@ pub enum TopicCmd {
         /// Regions whose replicas should lead, most preferred first (leader pinning).
         #[arg(long, value_delimiter = ',')]
         leader_regions: Vec<String>,
+        /// Make the topic a read-only mirror of SOURCE@ADDRESS[,ADDRESS...]: a topic of this
+        /// or another cluster, copied with its offsets and timestamps (docs/geo.md). It takes
+        /// the source's partition count.
+        #[arg(long, value_name = "SOURCE@ADDRESSES", value_parser = parse_mirror_of)]
+        mirror_of: Option<pb::MirrorOf>,
         #[command(flatten)]
         opts: ClientOpts,
     },
@@ -63,6 +70,35 @@ pub enum TopicCmd {
         #[command(flatten)]
         opts: ClientOpts,
     },
+    /// Turn a mirror into a normal, writable topic (disaster recovery): it stops following
+    /// its source and continues from what its replicas copied.
+    Promote {
+        name: String,
+        #[command(flatten)]
+        opts: ClientOpts,
+    },
+}
+
+/// `SOURCE@HOST:PORT[,HOST:PORT...]` as a mirror's source.
+fn parse_mirror_of(s: &str) -> Result<pb::MirrorOf, String> {
+    let (topic, addresses) = s
+        .split_once('@')
+        .ok_or_else(|| format!("{s:?}: expected SOURCE_TOPIC@HOST:PORT[,HOST:PORT...]"))?;
+    let addresses: Vec<String> = addresses
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(String::from)
+        .collect();
+    if topic.is_empty() || addresses.is_empty() {
+        return Err(format!(
+            "{s:?}: expected SOURCE_TOPIC@HOST:PORT[,HOST:PORT...]"
+        ));
+    }
+    Ok(pb::MirrorOf {
+        topic: topic.to_string(),
+        addresses,
+    })
 }
 
 fn settings(c: &Option<pb::TopicConfig>) -> serde_json::Value {
@@ -98,7 +134,15 @@ fn topic_json(t: &pb::TopicInfo) -> serde_json::Value {
         "replication_factor": t.replication_factor,
         "config": settings(&t.config),
         "placement": placement(&t.placement),
+        "mirror_of": t.mirror_of.as_ref().map(|m| serde_json::json!({
+            "topic": m.topic, "addresses": m.addresses,
+        })),
     })
+}
+
+/// A mirror's source as printed: `topic@address,...`.
+fn source_name(m: &pb::MirrorOf) -> String {
+    format!("{}@{}", m.topic, m.addresses.join(","))
 }
 
 pub fn partition_json(p: &pb::PartitionInfo) -> serde_json::Value {
@@ -106,8 +150,51 @@ pub fn partition_json(p: &pb::PartitionInfo) -> serde_json::Value {
         "partition": p.partition, "leader": (p.leader != 0).then_some(p.leader),
         "replicas": p.replicas,
         "start_offset": p.start_offset, "end_offset": p.end_offset, "core": p.core,
+        "mirror": p.mirror.as_ref().map(|m| serde_json::json!({
+            "source_end": m.source_end, "lag_records": m.lag_records, "lag_ms": m.lag_ms,
+            "contact_ms": m.contact_ms, "error": (!m.error.is_empty()).then_some(&m.error),
+        })),
     })
 }
+
+/// A mirror's partitions: their offsets and how far behind the source each is here.
+fn mirror_rows(parts: &[pb::PartitionInfo]) -> Vec<Vec<String>> {
+    parts
+        .iter()
+        .map(|p| {
+            let (source_end, lag, lag_ms, error) = match &p.mirror {
+                Some(m) => (
+                    m.source_end.to_string(),
+                    m.lag_records.to_string(),
+                    m.lag_ms.to_string(),
+                    m.error.clone(),
+                ),
+                None => ("-".into(), "-".into(), "-".into(), String::new()),
+            };
+            vec![
+                p.partition.to_string(),
+                format!("{:?}", p.replicas),
+                p.start_offset.to_string(),
+                p.end_offset.to_string(),
+                source_end,
+                lag,
+                lag_ms,
+                error,
+            ]
+        })
+        .collect()
+}
+
+const MIRROR_HEADER: [&str; 8] = [
+    "PARTITION",
+    "REPLICAS",
+    "START",
+    "END",
+    "SOURCE END",
+    "LAG",
+    "LAG MS",
+    "ERROR",
+];
 
 /// A node id as printed: 0 (none or unknown) as "-".
 pub fn node(id: u64) -> String {
@@ -151,6 +238,7 @@ pub async fn topic(cmd: TopicCmd) -> anyhow::Result<()> {
             survival,
             regions,
             leader_regions,
+            mirror_of,
             opts,
         } => {
             let survival = match survival.as_deref() {
@@ -183,6 +271,7 @@ pub async fn topic(cmd: TopicCmd) -> anyhow::Result<()> {
                         regions,
                         leader_regions,
                     }),
+                    mirror_of,
                 })
                 .await
                 .map_err(status_error)?
@@ -200,6 +289,9 @@ pub async fn topic(cmd: TopicCmd) -> anyhow::Result<()> {
                     "created topic {} with {} partitions, replication factor {}{why}",
                     t.name, t.partitions, t.replication_factor
                 );
+                if let Some(m) = &t.mirror_of {
+                    println!("it mirrors {} (read-only until promoted)", source_name(m));
+                }
             }
         }
         TopicCmd::Delete { name, opts } => {
@@ -239,6 +331,25 @@ pub async fn topic(cmd: TopicCmd) -> anyhow::Result<()> {
                 table::print(&["TOPIC", "PARTITIONS", "REPLICATION"], &rows);
             }
         }
+        TopicCmd::Promote { name, opts } => {
+            let mut c = opts.connect().await?;
+            let r = c
+                .promote_topic(pb::PromoteTopicRequest { name: name.clone() })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if opts.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "promoted": name, "ends": r.ends })
+                );
+            } else {
+                println!(
+                    "promoted {name}: it takes writes now; its partitions continue from offsets {:?}",
+                    r.ends
+                );
+            }
+        }
         TopicCmd::Describe { name, opts } => {
             let mut c = opts.connect().await?;
             let r = c
@@ -258,7 +369,16 @@ pub async fn topic(cmd: TopicCmd) -> anyhow::Result<()> {
                 );
                 println!("config {}", settings(&t.config));
                 println!("placement {}", placement(&t.placement));
-                table::print(&PARTITION_HEADER, &partition_rows(&r.partitions));
+                match &t.mirror_of {
+                    Some(m) => {
+                        println!(
+                            "mirror of {} (read-only; lag as this node's replicas see it)",
+                            source_name(m)
+                        );
+                        table::print(&MIRROR_HEADER, &mirror_rows(&r.partitions));
+                    }
+                    None => table::print(&PARTITION_HEADER, &partition_rows(&r.partitions)),
+                }
             }
         }
     }

@@ -49,6 +49,24 @@ pub enum Command {
         partition: u32,
         replicas: Vec<NodeId>,
     },
+    /// A mirror's promotion begins: its replicas stop pulling from the source.
+    StopMirror {
+        topic: String,
+        uid: TopicUid,
+    },
+    /// The promoting mirror's partitions end at these cuts (one per partition): replicas short
+    /// of one copy the rest from a replica that has it, and longer ones are cut there.
+    CutMirror {
+        topic: String,
+        uid: TopicUid,
+        cuts: Vec<super::topic::Cut>,
+    },
+    /// The mirror is a normal, writable topic from now on: each replica reopens as a Raft
+    /// group continuing from its partition's cut.
+    PromoteMirror {
+        topic: String,
+        uid: TopicUid,
+    },
     /// Takes a node out of the cluster, for good (its id is not reused): at once if it holds no
     /// replica, else it is marked draining, its replicas move away, and the metadata leader
     /// proposes this again once it holds none.
@@ -140,6 +158,9 @@ impl Command {
             Command::CreateTopic { spec } => {
                 validate_topic_name(&spec.name)?;
                 spec.placement.validate()?;
+                if let Some(m) = &spec.mirror {
+                    m.validate()?;
+                }
                 if !(1..=PARTITIONS_MAX).contains(&spec.partitions) {
                     return Err(invalid(format!("{} partitions", spec.partitions)));
                 }
@@ -166,7 +187,22 @@ impl Command {
                 }
                 Ok(())
             }
-            Command::DeleteTopic { name, .. } => validate_topic_name(name),
+            Command::DeleteTopic { name, .. }
+            | Command::StopMirror { topic: name, .. }
+            | Command::PromoteMirror { topic: name, .. } => validate_topic_name(name),
+            Command::CutMirror { topic, cuts, .. } => {
+                validate_topic_name(topic)?;
+                if cuts.is_empty() || cuts.len() > PARTITIONS_MAX as usize {
+                    return Err(invalid(format!("{} cuts", cuts.len())));
+                }
+                if cuts
+                    .iter()
+                    .any(|c| c.replicas.is_empty() || c.replicas.len() > REPLICAS_MAX as usize)
+                {
+                    return Err(invalid("a cut names 1 to REPLICAS_MAX replicas"));
+                }
+                Ok(())
+            }
             Command::MoveReplicas {
                 topic,
                 partition,

@@ -40,4 +40,43 @@ pub use offsets::{Cursor, GroupOffsets, GROUPS_MAX, QUEUE_WINDOW_MAX};
 pub use placement::{assign_replicas, replacement, Placement, Survival};
 pub use security::valid_cluster_id;
 pub use state::ClusterState;
-pub use topic::{validate_topic_name, TopicSettings, TopicSpec, RECORD_BYTES_MAX, TOPIC_NAME_MAX};
+pub use topic::{
+    validate_topic_name, Cut, MirrorOf, Promotion, TopicSettings, TopicSpec, RECORD_BYTES_MAX,
+    TOPIC_NAME_MAX,
+};
+
+/// An idempotent producer's id: the metadata offset of the command that allocated it, plus
+/// one, with 22 bits of a hash of the cluster's id above bit 40. Ids of two clusters then
+/// differ (a promoted mirror carries its source cluster's producers, whose retries it must
+/// recognise, beside producers of its own cluster); they stay below 2^62.
+pub fn producer_id(cluster_id: &str, at: crate::types::Offset) -> u64 {
+    // FNV-1a.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in cluster_id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let tag = (h & ((1 << 22) - 1)) | 1;
+    (tag << 40) | ((at.0 + 1) & ((1 << 40) - 1))
+}
+
+#[cfg(test)]
+mod producer_id_tests {
+    use super::producer_id;
+    use crate::types::Offset;
+
+    #[test]
+    fn ids_differ_between_clusters_and_stay_in_range() {
+        let a = producer_id("6f1c2a7e-0000-4000-8000-000000000001", Offset(7));
+        let b = producer_id("6f1c2a7e-0000-4000-8000-000000000002", Offset(7));
+        assert_ne!(a, b);
+        assert_ne!(a, 0);
+        assert!(a < 1 << 62 && b < 1 << 62);
+        assert_eq!(a & ((1 << 40) - 1), 8);
+        assert_ne!(
+            producer_id("x", Offset(1)),
+            producer_id("x", Offset(2)),
+            "ids of one cluster differ by offset"
+        );
+    }
+}

@@ -95,6 +95,28 @@ impl ClusterState {
                     return self.topics.remove(&name);
                 }
             }
+            Command::StopMirror { topic, uid } => {
+                if let Some(t) = self.topics.get_mut(&topic).filter(|t| t.uid == uid) {
+                    if t.mirror.is_some() && t.promotion.is_none() {
+                        t.promotion = Some(Default::default());
+                    }
+                }
+            }
+            Command::CutMirror { topic, uid, cuts } => {
+                if let Some(t) = self.topics.get_mut(&topic).filter(|t| t.uid == uid) {
+                    let fits = cuts.len() == t.partitions as usize;
+                    if let Some(p) = t.promotion.as_mut().filter(|p| p.cuts.is_none() && fits) {
+                        p.cuts = Some(cuts);
+                    }
+                }
+            }
+            Command::PromoteMirror { topic, uid } => {
+                if let Some(t) = self.topics.get_mut(&topic).filter(|t| t.uid == uid) {
+                    if t.promotion.as_ref().is_some_and(|p| p.cuts.is_some()) {
+                        t.mirror = None;
+                    }
+                }
+            }
             Command::AllocateProducerId => {}
             Command::InitCluster { id } => {
                 self.cluster_id.get_or_insert(id);
@@ -251,6 +273,8 @@ mod tests {
             moving: Default::default(),
             moved: Default::default(),
             placement: Default::default(),
+            mirror: None,
+            promotion: None,
         };
         let mut s = ClusterState::default();
         s.apply(Command::CreateTopic {

@@ -37,6 +37,8 @@ pub fn topic(name: &str, partitions: u32, replicas: Vec<Vec<u64>>) -> TopicSpec 
         moving: Default::default(),
         moved: Default::default(),
         placement: Default::default(),
+        mirror: None,
+        promotion: None,
     }
 }
 

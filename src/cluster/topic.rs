@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ClusterError;
 use super::placement::Placement;
-use crate::types::{NodeId, TopicUid};
+use crate::types::{NodeId, Offset, TopicUid};
 
 /// Longest topic name (as Kafka).
 pub const TOPIC_NAME_MAX: usize = 249;
@@ -80,6 +80,73 @@ pub struct TopicSpec {
     /// Where replicas and leaders go: survival goal, regions, leader regions.
     #[serde(default, skip_serializing_if = "Placement::is_default")]
     pub placement: Placement,
+    /// Set on a mirror topic: the source it copies (read-only to producers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<MirrorOf>,
+    /// Set once a mirror's promotion began, and kept: where each partition's copied log ends
+    /// (a replica that was a mirror's is converted there when it next opens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promotion: Option<Promotion>,
+}
+
+/// A mirror's promotion: its replicas stopped pulling; then, once they agreed, the cut of
+/// each partition.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Promotion {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuts: Option<Vec<Cut>>,
+}
+
+/// Where a promoted mirror's partition ends: the offset after its last copied record, and
+/// the source's Raft stamps (term, index) of the batch that ends there ((0, 0) when none was
+/// copied). Every replica continues its log from exactly this point.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Cut {
+    pub end: Offset,
+    pub term: u64,
+    pub index: u64,
+    /// The partition's replicas when it was cut: the voters of the group it becomes.
+    pub replicas: Vec<NodeId>,
+}
+
+/// The topic a mirror follows, in this cluster or another.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MirrorOf {
+    pub topic: String,
+    /// Nodes of the source's cluster, tried in turn.
+    pub addresses: Vec<String>,
+}
+
+/// Most source addresses a mirror names.
+pub const MIRROR_ADDRESSES_MAX: usize = 16;
+
+impl MirrorOf {
+    /// Checks the source: a valid topic name and 1 to [`MIRROR_ADDRESSES_MAX`] addresses of 1 to
+    /// 255 printable characters.
+    pub fn validate(&self) -> Result<(), ClusterError> {
+        validate_topic_name(&self.topic)?;
+        if self.addresses.is_empty() || self.addresses.len() > MIRROR_ADDRESSES_MAX {
+            return Err(ClusterError::InvalidName(format!(
+                "a mirror names 1 to {MIRROR_ADDRESSES_MAX} addresses of its source's nodes; \
+                 {} given",
+                self.addresses.len()
+            )));
+        }
+        if let Some(a) = self.addresses.iter().find(|a| {
+            a.is_empty() || a.len() > 255 || a.chars().any(|c| c.is_whitespace() || c.is_control())
+        }) {
+            return Err(ClusterError::InvalidName(format!(
+                "mirror source address {a:?}: expected host:port (1 to 255 characters, no spaces)"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for MirrorOf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.topic, self.addresses.join(","))
+    }
 }
 
 impl TopicSpec {

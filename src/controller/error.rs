@@ -59,6 +59,9 @@ pub enum ControllerError {
     /// The cluster is not in a state that allows it (a node being removed, too few nodes left).
     #[error("{0}")]
     Precondition(String),
+    /// Not enough of the cluster answered in time to go on; retrying may succeed.
+    #[error("{0}")]
+    Stalled(String),
     /// A registration sent through the member at `addr` (whose id is not known yet) failed.
     #[error("joining through {addr}: {why}")]
     Through {
@@ -97,7 +100,8 @@ impl ControllerError {
             ControllerError::Broker(e) => e.retryable(),
             ControllerError::NoMetadataLeader { .. }
             | ControllerError::CatchingUp { .. }
-            | ControllerError::NotApplied { .. } => true,
+            | ControllerError::NotApplied { .. }
+            | ControllerError::Stalled(_) => true,
             ControllerError::Through { removed, .. } => !removed,
             _ => false,
         }

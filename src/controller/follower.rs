@@ -37,6 +37,8 @@ pub struct Follower {
     pub(super) open: HashMap<PartitionId, (TopicUid, PathBuf)>,
     /// Some partition failed to open or close: retry at the next step.
     pub(super) failed: bool,
+    /// The pulls of the mirror replicas open here (stopped when dropped).
+    pub(super) pullers: HashMap<PartitionId, crate::mirror::Puller>,
     /// Where this node's last checkpoint of the state stands (`checkpoint.rs`).
     checkpointed: Offset,
     /// Until this node is ready: which metadata leader was asked in which term, and where it
@@ -55,6 +57,7 @@ impl Follower {
             next: Offset(0),
             open: HashMap::new(),
             failed: false,
+            pullers: HashMap::new(),
             checkpointed: Offset(0),
             catch_up_to: None,
         };
@@ -223,6 +226,7 @@ impl Follower {
                 max_bytes: READ_BYTES,
                 max_wait: wait,
                 fresh: false,
+                whole: false,
                 reply,
             })
             .await

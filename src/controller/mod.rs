@@ -34,6 +34,7 @@ mod error;
 mod follower;
 mod mover;
 mod pinning;
+mod promote;
 mod propose;
 mod reconcile;
 mod register;
@@ -45,6 +46,7 @@ use std::sync::Arc;
 
 pub use admin::{move_partition, rebalance, remove_node, REBALANCE_MOVES_MAX};
 pub use error::{ControllerError, Result};
+pub use promote::promote_topic;
 pub use propose::{
     handle_propose, no_metadata_leader, propose, propose_local, wait_applied, wait_metadata_leader,
 };
@@ -101,6 +103,8 @@ pub async fn start(broker: Arc<Broker>) -> anyhow::Result<()> {
                 config: broker.config.log_config(&meta_settings(&broker.config)),
                 replica: broker.replica.clone(),
                 voters,
+                mirror: false,
+                promoted: None,
             }),
             reply,
         })

@@ -92,6 +92,10 @@ async fn move_partitions(broker: &Arc<Broker>) {
                 topic: t.name.as_str().into(),
                 partition: *p,
             };
+            if t.mirror.is_some() {
+                finish_mirror_move(broker, t, *p, target, key).await;
+                continue;
+            }
             let target_members = MemberTarget {
                 voters,
                 learners: BTreeMap::new(),
@@ -121,6 +125,44 @@ async fn move_partitions(broker: &Arc<Broker>) {
                     tracing::warn!(partition = %key, error = %e, "moving a partition: will retry")
                 }
             }
+        }
+    }
+}
+
+/// A mirror's replicas each copy the source by themselves, with no group to change: its move
+/// is done once the target's first replica is open and within `FOLLOWER_READ_MAX_LAG` offsets
+/// of its source (that node records it).
+async fn finish_mirror_move(
+    broker: &Arc<Broker>,
+    t: &crate::cluster::TopicSpec,
+    p: u32,
+    target: &[NodeId],
+    key: PartitionKey,
+) {
+    if target.first() != Some(&broker.node_id()) {
+        return;
+    }
+    let Ok(topic) = broker.topic(&t.name) else {
+        return;
+    };
+    let caught_up = broker.replica_state(&topic, p).await.is_ok_and(|s| {
+        s.mirror.is_some_and(|m| {
+            m.contact.is_some() && m.records <= crate::shard::FOLLOWER_READ_MAX_LAG
+        })
+    });
+    if !caught_up {
+        return;
+    }
+    let cmd = Command::FinishMove {
+        topic: t.name.clone(),
+        uid: t.uid,
+        partition: p,
+        replicas: target.to_vec(),
+    };
+    match propose(broker, &cmd).await {
+        Ok(_) => tracing::info!(partition = %key, replicas = ?target, "mirror partition moved"),
+        Err(e) => {
+            tracing::warn!(partition = %key, error = %e, "recording a finished move failed; will retry")
         }
     }
 }

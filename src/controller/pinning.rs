@@ -67,7 +67,7 @@ impl Pinner {
         let mut seen = std::collections::HashSet::new();
         for t in broker.topics() {
             let placement = &t.spec.placement;
-            if placement.leader_regions.is_empty() {
+            if placement.leader_regions.is_empty() || t.spec.mirror.is_some() {
                 continue;
             }
             for p in 0..t.spec.partitions {

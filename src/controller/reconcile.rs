@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 use super::follower::Follower;
-use crate::cluster::{plan, TopicSpec};
+use crate::cluster::plan::{self, PartitionId};
+use crate::cluster::TopicSpec;
 use crate::shard::request::OpenPartition;
 use crate::shard::{CoreRequest, PartitionKey};
 
@@ -13,6 +14,7 @@ impl Follower {
     /// `deleted`: topics whose files go even if never opened here since the last start.
     pub(super) async fn reconcile(&mut self, deleted: Vec<TopicSpec>) {
         let broker = self.broker.clone();
+        self.reopen_promoted().await;
         let open = self
             .open
             .iter()
@@ -34,6 +36,8 @@ impl Follower {
             };
             let core = broker.shards.core_of(&key);
             let k = key.clone();
+            // A mirror's pulls stop before its replica closes.
+            self.pullers.remove(&id);
             match broker
                 .shards
                 .ask(core, |reply| CoreRequest::Close { key: k, reply })
@@ -55,6 +59,7 @@ impl Follower {
         }
         let opens = diff.open.into_iter().filter_map(|o| {
             let spec = self.state.topics.get(&o.topic)?.clone();
+            let promoted = promoted_at(&self.state, &spec, o.partition);
             let broker = broker.clone();
             Some(async move {
                 let key = PartitionKey {
@@ -69,22 +74,28 @@ impl Follower {
                     config: broker.config.log_config(&spec.settings),
                     replica: broker.replica.clone(),
                     voters: o.voters,
+                    mirror: spec.mirror.is_some(),
+                    promoted,
                 };
+                let core = broker.shards.core_of(&key);
                 let r = broker
                     .shards
-                    .ask(broker.shards.core_of(&key), move |reply| {
-                        CoreRequest::Open {
-                            open: Box::new(open),
-                            reply,
-                        }
+                    .ask(core, move |reply| CoreRequest::Open {
+                        open: Box::new(open),
+                        reply,
                     })
                     .await;
-                ((o.topic, o.partition), o.uid, dir, r)
+                let mirror = spec.mirror.map(|of| (key, core, of));
+                ((o.topic, o.partition), o.uid, dir, mirror, r)
             })
         });
-        for (id, uid, dir, r) in futures::future::join_all(opens).await {
+        for (id, uid, dir, mirror, r) in futures::future::join_all(opens).await {
             match r {
                 Ok(()) => {
+                    if let Some((key, core, of)) = mirror {
+                        let puller = crate::mirror::start(broker.clone(), key, core, of, id.1);
+                        self.pullers.insert(id.clone(), puller);
+                    }
                     self.open.insert(id, (uid, dir));
                 }
                 Err(e) => {
@@ -94,6 +105,49 @@ impl Follower {
             }
         }
         self.failed = failed;
+    }
+}
+
+impl Follower {
+    /// Closes (keeping their files) the mirror replicas whose topic was promoted since they
+    /// opened: reconciling then opens them again, as Raft groups.
+    async fn reopen_promoted(&mut self) {
+        let promoted: Vec<PartitionId> = self
+            .pullers
+            .keys()
+            .filter(|id| {
+                let uid = self.open.get(*id).map(|(uid, _)| *uid);
+                self.state
+                    .topics
+                    .get(&id.0)
+                    .is_some_and(|t| t.mirror.is_none() && Some(t.uid) == uid)
+            })
+            .cloned()
+            .collect();
+        for id in promoted {
+            let key = PartitionKey {
+                topic: id.0.as_str().into(),
+                partition: id.1,
+            };
+            let core = self.broker.shards.core_of(&key);
+            let k = key.clone();
+            match self
+                .broker
+                .shards
+                .ask(core, |reply| CoreRequest::Close { key: k, reply })
+                .await
+            {
+                Ok(()) => {
+                    self.pullers.remove(&id);
+                    self.open.remove(&id);
+                    tracing::info!(partition = %key, "mirror promoted: reopening its replica as a Raft group");
+                }
+                Err(e) => {
+                    tracing::warn!(partition = %key, error = %e, "closing a promoted mirror's replica failed; will retry");
+                    self.failed = true;
+                }
+            }
+        }
     }
 }
 
@@ -114,4 +168,33 @@ async fn remove_dir(dir: PathBuf) {
     if let Ok(Err(e)) = r {
         tracing::warn!(dir = shown, error = %e, "could not remove a partition's files");
     }
+}
+
+/// For a promoted mirror's partition: where its copied log ends and the voters of the group it
+/// became (see `raft::store::promote`).
+fn promoted_at(
+    state: &crate::cluster::ClusterState,
+    spec: &TopicSpec,
+    p: u32,
+) -> Option<(
+    crate::raft::store::Promoted,
+    std::collections::BTreeMap<crate::raft::types::NodeId, crate::raft::types::Member>,
+)> {
+    if spec.mirror.is_some() {
+        return None;
+    }
+    let cut = spec.promotion.as_ref()?.cuts.as_ref()?.get(p as usize)?;
+    let voters = cut
+        .replicas
+        .iter()
+        .filter_map(|id| state.nodes.get(id).map(|m| (*id, m.clone())))
+        .collect();
+    Some((
+        crate::raft::store::Promoted {
+            end: cut.end,
+            term: cut.term,
+            index: cut.index,
+        },
+        voters,
+    ))
 }

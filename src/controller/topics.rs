@@ -6,7 +6,9 @@ use std::time::Duration;
 use super::propose::{propose, wait_applied, wait_metadata_leader};
 use super::{ControllerError, Result};
 use crate::broker::{Broker, Topic};
-use crate::cluster::{assign_replicas, Command, Placement, Survival, TopicSettings, TopicSpec};
+use crate::cluster::{
+    assign_replicas, Command, MirrorOf, Placement, Survival, TopicSettings, TopicSpec,
+};
 use crate::types::{TimestampMs, TopicUid};
 
 /// How long creating a topic waits for its partitions here to know their leaders.
@@ -20,6 +22,8 @@ pub struct NewTopic {
     pub replication_factor: u32,
     pub settings: TopicSettings,
     pub placement: Placement,
+    /// Set for a mirror topic: its source.
+    pub mirror: Option<MirrorOf>,
 }
 
 /// Creates a topic through the metadata group; returns it once this node has applied it and
@@ -71,6 +75,8 @@ pub async fn create_topic(broker: &Arc<Broker>, new: NewTopic) -> Result<Arc<Top
         moving: Default::default(),
         moved: Default::default(),
         placement,
+        mirror: new.mirror,
+        promotion: None,
     };
     let at = propose(broker, &Command::CreateTopic { spec }).await?;
     wait_applied(broker, at).await?;
@@ -94,7 +100,8 @@ async fn wait_for_leaders(broker: &Broker, topic: &Topic) {
         }
         loop {
             match broker.replica_state(topic, p).await {
-                Ok(s) if s.leader.is_some() => break,
+                // A mirror's replica has no leader: open is enough.
+                Ok(s) if s.leader.is_some() || s.mirror.is_some() => break,
                 _ if tokio::time::Instant::now() >= deadline => return,
                 _ => tokio::time::sleep(Duration::from_millis(20)).await,
             }

@@ -100,6 +100,7 @@ impl DeadLetterWriter {
             replication_factor: self.source.spec.replication_factor,
             settings,
             placement: self.source.spec.placement.clone(),
+            mirror: None,
         };
         match controller::create_topic(broker, new).await {
             Err(ControllerError::TopicExists(_)) => Ok(broker.topic(&self.dlq)?),

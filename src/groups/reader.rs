@@ -56,6 +56,7 @@ pub async fn read(
         max_records: max_records as usize,
         max_bytes: READ_BYTES,
         max_wait,
+        raw: false,
     };
     match broker.read(&t, partition, read, &Origin::default()).await {
         // Deleted by retention: go on from the first record still stored.
@@ -66,6 +67,7 @@ pub async fn read(
                 next_offset: start,
                 high_watermark: start,
                 start_offset: start,
+                batches: Vec::new(),
             })
         }
         r => Ok(r?),

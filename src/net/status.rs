@@ -75,6 +75,7 @@ pub fn from_broker(e: BrokerError) -> Status {
         | BrokerError::Midway { .. }
         | BrokerError::ShuttingDown) => Status::unavailable(e.to_string()),
         e @ BrokerError::BadAnswer { .. } => Status::internal(e.to_string()),
+        e @ BrokerError::Mirror { .. } => Status::failed_precondition(e.to_string()),
     };
     if unwritten {
         mark_unwritten(&mut s);
@@ -99,6 +100,7 @@ pub fn from_controller(e: ControllerError) -> Status {
         e @ (ControllerError::NoMetadataLeader { .. }
         | ControllerError::CatchingUp { .. }
         | ControllerError::NotApplied { .. }
+        | ControllerError::Stalled(_)
         | ControllerError::Through { .. }) => Status::unavailable(e.to_string()),
         e @ ControllerError::TopicExists(_) => Status::already_exists(e.to_string()),
         e @ ControllerError::TooManyTopics(_) => Status::resource_exhausted(e.to_string()),
@@ -181,6 +183,9 @@ pub fn from_core(e: CoreError) -> Status {
         }
         e @ CoreError::OlderIncarnation(_) => Status::unavailable(e.to_string()),
         e @ CoreError::TimedOut { .. } => Status::unavailable(e.to_string()),
+        e @ (CoreError::Mirror(_) | CoreError::NoGroup(_)) => {
+            Status::failed_precondition(e.to_string())
+        }
     };
     if unwritten {
         mark_unwritten(&mut s);

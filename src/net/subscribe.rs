@@ -277,6 +277,7 @@ async fn follow(f: Follower, topic: Arc<Topic>, partition: u32, mut from: Offset
             max_records: FETCH_RECORDS,
             max_bytes: FETCH_BYTES,
             max_wait: LONG_POLL,
+            raw: false,
         };
         let fetched = tokio::select! {
             f = broker.read(&topic, partition, read, &origin) => f,

@@ -15,6 +15,7 @@ use std::time::Duration;
 use glommio::channels::local_channel::{LocalReceiver, LocalSender};
 
 use super::mailbox::{LocalMailbox, MailboxReceiver};
+use super::mirror::Mirror;
 use super::partition::{AppendRequest, Partition};
 use super::request::{CoreError, CoreRequest, PartitionKey};
 use crate::proto::internal as pb;
@@ -36,6 +37,8 @@ const FULL_SCAN: Duration = Duration::from_secs(1);
 const DRAIN_MAX: usize = 256;
 
 pub(super) type Partitions = Rc<RefCell<HashMap<PartitionKey, Rc<Partition>>>>;
+/// Mirror topics' replicas on this core (logs without a Raft group: `shard::mirror`).
+type Mirrors = Rc<RefCell<HashMap<PartitionKey, Rc<Mirror>>>>;
 /// The appends that arrived together for one partition.
 type AppendGroup = (PartitionKey, Vec<AppendRequest>);
 
@@ -277,6 +280,7 @@ impl LeadershipLog {
 
 async fn mailbox_loop(core: CoreId, mut mailbox: LocalMailbox, raft_tick: Duration) {
     let partitions: Partitions = Rc::new(RefCell::new(HashMap::new()));
+    let mirrors: Mirrors = Rc::new(RefCell::new(HashMap::new()));
     let stop_driver = Rc::new(std::cell::Cell::new(false));
     let (opened, opened_rx) = glommio::channels::local_channel::new_bounded(1);
     let opened = Rc::new(opened);
@@ -322,14 +326,17 @@ async fn mailbox_loop(core: CoreId, mut mailbox: LocalMailbox, raft_tick: Durati
                     }
                     stop_driver.set(true);
                     mailbox.stopping();
-                    let r = shutdown(core, &partitions).await;
+                    let r = shutdown(core, &partitions, &mirrors).await;
                     let _ = reply.send(r);
                     return;
                 }
                 CoreRequest::Run(f) => f(),
                 other => {
-                    glommio::spawn_local(handle(core, other, partitions.clone(), opened.clone()))
-                        .detach();
+                    let replicas = Replicas {
+                        partitions: partitions.clone(),
+                        mirrors: mirrors.clone(),
+                    };
+                    glommio::spawn_local(handle(core, other, replicas, opened.clone())).detach();
                 }
             }
         }
@@ -340,8 +347,12 @@ async fn mailbox_loop(core: CoreId, mut mailbox: LocalMailbox, raft_tick: Durati
                     glommio::spawn_local(async move { p.append(requests).await }).detach();
                 }
                 None => {
+                    let error = match mirrors.borrow().contains_key(&key) {
+                        true => CoreError::Mirror(format!("{key} is a read-only mirror")),
+                        false => CoreError::UnknownPartition(key.to_string()),
+                    };
                     for (_, _, reply) in requests {
-                        let _ = reply.send(Err(CoreError::UnknownPartition(key.to_string())));
+                        let _ = reply.send(Err(error.clone()));
                     }
                 }
             }
@@ -356,7 +367,7 @@ async fn mailbox_loop(core: CoreId, mut mailbox: LocalMailbox, raft_tick: Durati
     }
     // Every sender is gone: the node is going away without a shutdown request.
     stop_driver.set(true);
-    let _ = shutdown(core, &partitions).await;
+    let _ = shutdown(core, &partitions, &mirrors).await;
 }
 
 fn lookup(partitions: &Partitions, key: &PartitionKey) -> Result<Rc<Partition>, CoreError> {
@@ -367,22 +378,62 @@ fn lookup(partitions: &Partitions, key: &PartitionKey) -> Result<Rc<Partition>, 
         .ok_or_else(|| CoreError::UnknownPartition(key.to_string()))
 }
 
+/// Every replica on a core: Raft partitions and mirrors.
+struct Replicas {
+    partitions: Partitions,
+    mirrors: Mirrors,
+}
+
+impl Replicas {
+    fn mirror(&self, key: &PartitionKey) -> Option<Rc<Mirror>> {
+        self.mirrors.borrow().get(key).cloned()
+    }
+
+    /// The partition `key`, for what only a Raft group does.
+    fn group(&self, key: &PartitionKey) -> Result<Rc<Partition>, CoreError> {
+        lookup(&self.partitions, key).map_err(|e| match self.mirror(key) {
+            Some(_) => CoreError::NoGroup(key.to_string()),
+            None => e,
+        })
+    }
+}
+
 /// `wake_driver` wakes the group driver when a partition opens (it may be replicated).
 async fn handle(
     core: CoreId,
     req: CoreRequest,
-    partitions: Partitions,
+    replicas: Replicas,
     wake_driver: Rc<LocalSender<()>>,
 ) {
+    let partitions = replicas.partitions.clone();
     match req {
         CoreRequest::Open { open, reply } => {
             let (key, uid) = (open.key.clone(), open.uid);
-            if let Some(p) = partitions.borrow().get(&key) {
-                let r = if p.uid == uid {
-                    Ok(())
-                } else {
+            let held = {
+                let (p, m) = (partitions.borrow(), replicas.mirrors.borrow());
+                p.get(&key)
+                    .map(|p| (p.uid, false))
+                    .or_else(|| m.get(&key).map(|m| (m.uid, true)))
+            };
+            if let Some((held_uid, mirror)) = held {
+                let r = if held_uid != uid {
                     Err(CoreError::OlderIncarnation(key.to_string()))
+                } else if mirror != open.mirror {
+                    // A promoted mirror is reopened as a partition by its promotion.
+                    Err(CoreError::Mirror(format!(
+                        "{key} is open as a {}",
+                        if mirror { "mirror" } else { "partition" }
+                    )))
+                } else {
+                    Ok(())
                 };
+                let _ = reply.send(r);
+                return;
+            }
+            if open.mirror {
+                let r = Mirror::open(*open).await.map(|m| {
+                    replicas.mirrors.borrow_mut().insert(key, Rc::new(m));
+                });
                 let _ = reply.send(r);
                 return;
             }
@@ -395,6 +446,14 @@ async fn handle(
                     Ok(())
                 }
                 Err(e) => Err(e),
+            };
+            let _ = reply.send(r);
+        }
+        CoreRequest::Close { key, reply } if replicas.mirror(&key).is_some() => {
+            let m = replicas.mirrors.borrow_mut().remove(&key);
+            let r = match m {
+                Some(m) => m.close().await,
+                None => Ok(()),
             };
             let _ = reply.send(r);
         }
@@ -413,17 +472,22 @@ async fn handle(
             max_bytes,
             max_wait,
             fresh,
+            whole,
             reply,
         } => {
             let r = match lookup(&partitions, &key) {
-                Ok(p) => p.fetch(from, max_bytes, max_wait, fresh).await,
+                Err(_) if replicas.mirror(&key).is_some() => {
+                    let m = replicas.mirror(&key).expect("checked");
+                    m.fetch(from, max_bytes, max_wait, whole).await
+                }
+                Ok(p) => p.fetch(from, max_bytes, max_wait, fresh, whole).await,
                 Err(e) => Err(e),
             };
             let _ = reply.send(r);
         }
         CoreRequest::Raft { messages, reply } => {
             let answers = messages.into_iter().map(|(key, uid, m)| {
-                let p = lookup(&partitions, &key);
+                let p = replicas.group(&key);
                 async move {
                     let quiet = m.quiet;
                     let answer = match (p, m.body) {
@@ -465,26 +529,46 @@ async fn handle(
             let replies = futures::future::join_all(answers).await;
             let _ = reply.send(Ok(replies));
         }
+        CoreRequest::Mirror { key, pulled, reply } => {
+            let r = match replicas.mirror(&key) {
+                Some(m) => m.take(pulled).await,
+                None => Err(CoreError::UnknownPartition(key.to_string())),
+            };
+            let _ = reply.send(r);
+        }
         CoreRequest::Members { key, target, reply } => {
-            let r = match lookup(&partitions, &key) {
+            let r = match replicas.group(&key) {
                 Ok(p) => p.change_members(target).await,
                 Err(e) => Err(e),
             };
             let _ = reply.send(r);
         }
         CoreRequest::Replica { key, reply } => {
-            let _ = reply.send(lookup(&partitions, &key).map(|p| p.state()));
+            let r = match (lookup(&partitions, &key), replicas.mirror(&key)) {
+                (Err(_), Some(m)) => Ok(m.state()),
+                (r, _) => r.map(|p| p.state()),
+            };
+            let _ = reply.send(r);
         }
         CoreRequest::States { limit, reply } => {
-            let states = partitions
+            let mut states: Vec<_> = partitions
                 .borrow()
                 .iter()
                 .take(limit)
                 .map(|(k, p)| (k.clone(), p.state()))
                 .collect();
+            let room = limit.saturating_sub(states.len());
+            states.extend(
+                replicas
+                    .mirrors
+                    .borrow()
+                    .iter()
+                    .take(room)
+                    .map(|(k, m)| (k.clone(), m.state())),
+            );
             let _ = reply.send(Ok(states));
         }
-        CoreRequest::TransferLeader { key, to, reply } => match lookup(&partitions, &key) {
+        CoreRequest::TransferLeader { key, to, reply } => match replicas.group(&key) {
             Ok(p) => {
                 let _ = reply.send(Ok(p.transfer_to(to).await));
             }
@@ -501,10 +585,14 @@ async fn handle(
             let _ = reply.send(Ok(moved));
         }
         CoreRequest::Positions { key, reply } => {
-            let _ = reply.send(lookup(&partitions, &key).map(|p| p.log.positions()));
+            let r = match (lookup(&partitions, &key), replicas.mirror(&key)) {
+                (Err(_), Some(m)) => Ok(m.log.positions()),
+                (r, _) => r.map(|p| p.log.positions()),
+            };
+            let _ = reply.send(r);
         }
         CoreRequest::Compact { key, before, reply } => {
-            let r = match lookup(&partitions, &key) {
+            let r = match replicas.group(&key) {
                 Ok(p) => p.purge_before(before).await,
                 Err(e) => Err(e),
             };
@@ -512,6 +600,10 @@ async fn handle(
         }
         CoreRequest::ListOffsets { key, at, reply } => {
             let r = match lookup(&partitions, &key) {
+                Err(_) if replicas.mirror(&key).is_some() => {
+                    let m = replicas.mirror(&key).expect("checked");
+                    m.list_offsets(at).await
+                }
                 Ok(p) => p.list_offsets(at).await,
                 Err(e) => Err(e),
             };
@@ -524,9 +616,20 @@ async fn handle(
     }
 }
 
-async fn shutdown(core: CoreId, partitions: &Partitions) -> Result<(), CoreError> {
+async fn shutdown(
+    core: CoreId,
+    partitions: &Partitions,
+    mirrors: &Mirrors,
+) -> Result<(), CoreError> {
     let all: Vec<Rc<Partition>> = partitions.borrow_mut().drain().map(|(_, p)| p).collect();
     let mut result = Ok(());
+    let all_mirrors: Vec<Rc<Mirror>> = mirrors.borrow_mut().drain().map(|(_, m)| m).collect();
+    for m in all_mirrors {
+        if let Err(e) = m.close().await {
+            tracing::error!(%core, partition = %m.key, error = %e, "flush on shutdown failed");
+            result = Err(e);
+        }
+    }
     for p in all {
         if let Err(e) = p.close().await {
             tracing::error!(%core, partition = %p.key, error = %e, "flush on shutdown failed");

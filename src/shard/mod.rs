@@ -8,6 +8,7 @@
 
 mod core;
 mod mailbox;
+pub mod mirror;
 mod partition;
 pub mod placement;
 mod repair;
@@ -24,7 +25,7 @@ pub use mailbox::MailboxSender;
 pub use partition::FOLLOWER_READ_MAX_LAG;
 pub use request::{
     AppendAck, Appended, CoreError, CoreRequest, Fetched, ListedOffsets, MemberProgress,
-    MemberTarget, PartitionKey, ProducerSeq, ReplicaSettings, StartAt,
+    MemberTarget, MirrorLag, PartitionKey, ProducerSeq, ReplicaSettings, StartAt,
 };
 
 /// How long a task queue runs before the executor checks I/O and wakes from other threads:

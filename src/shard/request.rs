@@ -90,6 +90,12 @@ pub enum CoreError {
     /// from another replica.
     #[error("this replica is {why}; read from another replica (leader: {})", leader.map_or("unknown".to_string(), |l| format!("node {l}")))]
     Stale { leader: Option<NodeId>, why: String },
+    /// A mirror's replica could not take what its source sent.
+    #[error("mirror: {0}")]
+    Mirror(String),
+    /// Asked of a mirror's replica what only a Raft group does (it has none).
+    #[error("{0} is a mirror's replica: it has no Raft group")]
+    NoGroup(String),
 }
 
 impl CoreError {
@@ -119,6 +125,8 @@ impl CoreError {
             CoreError::Log(e) => matches!(e, LogError::Closed),
             CoreError::OlderIncarnation(_) => true,
             CoreError::OutOfOrder { .. }
+            | CoreError::Mirror(_)
+            | CoreError::NoGroup(_)
             | CoreError::Raft(_)
             | CoreError::NotAVoter { .. }
             | CoreError::NoTransport(_) => false,
@@ -174,6 +182,28 @@ pub struct ReplicaState {
     pub quorum_acked: Option<std::time::Duration>,
     /// The group is quiet: idle, without heartbeats (`shard::partition::quiet`).
     pub quiet: bool,
+    /// A mirror's replica (no group): how far behind its source it is.
+    pub mirror: Option<MirrorLag>,
+}
+
+/// How far a mirror's replica is behind its source (`shard::mirror`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MirrorLag {
+    /// The source's committed end when it last answered (0: never).
+    pub source_end: Offset,
+    /// Offsets the source had committed that this replica does not hold.
+    pub records: u64,
+    /// How long since the source last answered while this replica held everything it had
+    /// committed: how stale the replica may be (under the pull's long poll while it keeps up).
+    pub since_caught_up: Duration,
+    /// How long since the source last answered (`None`: never since the replica opened).
+    pub contact: Option<Duration>,
+    /// Why the last pull failed, if it did.
+    pub error: Option<String>,
+    /// The replica takes no more from its source (the mirror is being promoted).
+    pub stopped: bool,
+    /// The source's Raft stamps (term, index) of the last batch the replica holds.
+    pub last: Option<(u64, u64)>,
 }
 
 /// Offsets given to the records of one append, in order.
@@ -256,6 +286,12 @@ pub struct OpenPartition {
     /// The group's voters, used when the group is new. Empty: this replica joins an existing
     /// group (it was added to it by a move) and waits for the leader to bring it in as a learner.
     pub voters: BTreeMap<NodeId, Member>,
+    /// A mirror topic's replica: a log without a Raft group, filled by pulls (`shard::mirror`).
+    pub mirror: bool,
+    /// The topic is a promoted mirror: where its partition's copied log ends, and the voters
+    /// of the group it becomes. A replica that was the mirror's is converted once
+    /// (`raft::store::promote`) before its group starts.
+    pub promoted: Option<(crate::raft::store::Promoted, BTreeMap<NodeId, Member>)>,
 }
 
 /// The membership a group's leader is asked to reach.
@@ -300,6 +336,9 @@ pub enum CoreRequest {
         /// Refuse (`Stale`) on a follower too far behind its leader: a client's read, which
         /// may go to another replica (the node's own metadata reads do not ask this).
         fresh: bool,
+        /// Every batch as stored, control ones too (a mirror's pull), rather than waiting past
+        /// batches of control records only.
+        whole: bool,
         reply: Reply<Fetched>,
     },
     Positions {
@@ -348,6 +387,12 @@ pub enum CoreRequest {
         key: PartitionKey,
         target: MemberTarget,
         reply: Reply<MemberProgress>,
+    },
+    /// Takes what a mirror's replica pulled from its source; answers the log's positions.
+    Mirror {
+        key: PartitionKey,
+        pulled: crate::shard::mirror::Pulled,
+        reply: Reply<Positions>,
     },
     /// Runs a closure on the core (how the network shard completes the core's own futures:
     /// glommio 0.9 loses wake-ups from other threads).

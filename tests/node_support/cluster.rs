@@ -250,6 +250,7 @@ pub async fn create(c: &mut TernClient<Channel>, name: &str, partitions: u32, rf
         replication_factor: rf,
         config: None,
         placement: None,
+        mirror_of: None,
     })
     .await
     .expect("create topic");

@@ -196,6 +196,7 @@ pub async fn create_placed(
         replication_factor: rf,
         config: None,
         placement: Some(placement),
+        mirror_of: None,
     })
     .await
     .expect("create topic")

@@ -193,6 +193,7 @@ pub async fn create_topic(c: &mut TernClient<Channel>, name: &str, partitions: u
         replication_factor: 1,
         config: None,
         placement: None,
+        mirror_of: None,
     })
     .await
     .expect("create topic");
@@ -245,6 +246,7 @@ pub async fn try_fetch_from(
                 max_records: 1000,
                 max_bytes: 0,
                 max_wait_ms: 0,
+                raw_batches: false,
             })
             .await?
             .into_inner();

@@ -160,6 +160,7 @@ impl Broker for SeedService {
             max_bytes: 0,
             // The leader has it: a follower at the id's offset waits for its commit.
             max_wait_ms: CATCH_UP_WAIT_MS,
+            raw_batches: false,
         };
         let mut attempts = 0;
         let records = loop {

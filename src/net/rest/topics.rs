@@ -75,6 +75,7 @@ pub async fn create(
             ..Default::default()
         }),
         placement: None,
+        mirror_of: None,
     };
     let info = tern
         .create_topic(call.request(req))

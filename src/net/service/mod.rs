@@ -139,6 +139,18 @@ impl Tern for TernService {
         Ok(Response::new(pb::DeleteTopicResponse {}))
     }
 
+    async fn promote_topic(
+        &self,
+        request: Request<pb::PromoteTopicRequest>,
+    ) -> Result<Response<pb::PromoteTopicResponse>, Status> {
+        let _call = self.broker.track();
+        self.check(&request, Topic, &request.get_ref().name, Op::Alter)
+            .await?;
+        topics::promote(&self.broker, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
     async fn list_topics(
         &self,
         request: Request<pb::ListTopicsRequest>,

@@ -83,7 +83,7 @@ pub async fn init_producer(broker: &Arc<Broker>) -> Result<pb::InitProducerRespo
         .await
         .map_err(from_controller)?;
     Ok(pb::InitProducerResponse {
-        producer_id: at.0 + 1,
+        producer_id: crate::cluster::producer_id(broker.cluster_id.get(), at),
     })
 }
 

@@ -42,6 +42,7 @@ pub async fn fetch(
         max_wait: Duration::from_millis(
             (r.max_wait_ms as u64).min(broker.config.max_fetch_wait_ms),
         ),
+        raw: r.raw_batches,
     };
     broker
         .read(&t, r.partition, read, origin)

@@ -6,7 +6,8 @@ use tonic::Status;
 
 use crate::broker::{Broker, Topic};
 use crate::controller::{self, NewTopic};
-use crate::net::status::{from_broker, from_controller};
+use crate::mirror::MirrorError;
+use crate::net::status::{from_broker, from_cluster, from_controller};
 use crate::net::validate;
 use crate::proto::v1 as pb;
 
@@ -28,6 +29,10 @@ pub fn topic_info(t: &Topic) -> pb::TopicInfo {
             segment_bytes: Some(s.segment_bytes),
         }),
         placement: Some(placement_info(&t.spec.placement)),
+        mirror_of: t.spec.mirror.as_ref().map(|m| pb::MirrorOf {
+            topic: m.topic.clone(),
+            addresses: m.addresses.clone(),
+        }),
     }
 }
 
@@ -66,6 +71,7 @@ pub async fn partitions(broker: &Broker, t: &Topic) -> Vec<pb::PartitionInfo> {
             followers: Vec::new(),
             moving_to: t.spec.moving.get(&p).map_or_else(Vec::new, |m| ids(m)),
             quiet: false,
+            mirror: None,
         };
         if t.on(me, p) {
             // A replica still opening (just created, or being reconciled) reports no view.
@@ -76,6 +82,16 @@ pub async fn partitions(broker: &Broker, t: &Topic) -> Vec<pb::PartitionInfo> {
                 info.local = true;
                 info.term = s.term;
                 info.quiet = s.quiet;
+                info.mirror = s.mirror.clone().map(|m| pb::MirrorProgress {
+                    source_end: m.source_end.0,
+                    lag_records: m.records,
+                    lag_ms: m.since_caught_up.as_millis() as u64,
+                    contact_ms: m.contact.map(|d| d.as_millis() as u64),
+                    error: m.error.unwrap_or_default(),
+                    stopped: m.stopped,
+                    last_term: m.last.map_or(0, |l| l.0),
+                    last_index: m.last.map_or(0, |l| l.1),
+                });
                 info.followers = broker
                     .follower_lags(&s)
                     .into_iter()
@@ -100,14 +116,36 @@ pub async fn create(
 ) -> Result<pb::CreateTopicResponse, Status> {
     let cfg = &broker.config;
     validate::topic_name(&r.name)?;
-    let partitions = validate::partition_count(r.partitions, cfg)?;
     let settings = validate::topic_settings(r.config.as_ref(), &cfg.topic_defaults)?;
+    let placement = validate::placement(r.placement.as_ref())?;
+    let (partitions, mirror) = match r.mirror_of {
+        None => (validate::partition_count(r.partitions, cfg)?, None),
+        Some(m) => {
+            let of = crate::cluster::MirrorOf {
+                topic: m.topic,
+                addresses: m.addresses,
+            };
+            of.validate().map_err(from_cluster)?;
+            // The source's partitions, asked before anything is created here.
+            let n = crate::mirror::source_partitions(broker, &of)
+                .await
+                .map_err(from_mirror)?;
+            if r.partitions != 0 && r.partitions != n {
+                return Err(Status::invalid_argument(format!(
+                    "a mirror has its source's partitions: {} has {n}, {} were asked",
+                    of, r.partitions
+                )));
+            }
+            (validate::partition_count(n, cfg)?, Some(of))
+        }
+    };
     let new = NewTopic {
         name: r.name,
         partitions,
         replication_factor: r.replication_factor,
         settings,
-        placement: validate::placement(r.placement.as_ref())?,
+        placement,
+        mirror,
     };
     let t = controller::create_topic(broker, new)
         .await
@@ -132,5 +170,30 @@ pub async fn describe(
     Ok(pb::DescribeTopicResponse {
         topic: Some(topic_info(&t)),
         partitions: partitions(broker, &t).await,
+    })
+}
+
+/// A mirror's source that cannot be used, as a status.
+fn from_mirror(e: MirrorError) -> Status {
+    match e {
+        MirrorError::BadAddress(_) | MirrorError::NoSourceTopic { .. } => {
+            Status::invalid_argument(e.to_string())
+        }
+        MirrorError::Unreachable(_) => Status::unavailable(e.to_string()),
+        MirrorError::Refused(_) => Status::failed_precondition(e.to_string()),
+    }
+}
+
+pub async fn promote(
+    broker: &Arc<Broker>,
+    r: pb::PromoteTopicRequest,
+) -> Result<pb::PromoteTopicResponse, Status> {
+    validate::topic_name(&r.name)?;
+    let (t, ends) = controller::promote_topic(broker, &r.name)
+        .await
+        .map_err(from_controller)?;
+    Ok(pb::PromoteTopicResponse {
+        topic: Some(topic_info(&t)),
+        ends: ends.into_iter().map(|o| o.0).collect(),
     })
 }

@@ -433,12 +433,100 @@ async fn heal(
     Ok(())
 }
 
+/// Where a promoted mirror's log continues as a Raft group: the offset after the last copied
+/// record, and the source's stamps (term, index) of the batch ending there ((0, 0): none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Promoted {
+    pub end: Offset,
+    pub term: u64,
+    pub index: u64,
+}
+
+/// Turns a mirror's log (batches copied with their source's offsets and Raft stamps) into the
+/// log of a new Raft group of `voters` that continues from `at`, as if a snapshot at `at` had
+/// been installed: the copied entries count as purged (their source's membership entries are
+/// not this group's), the group's membership is `voters`, and the idempotent producers'
+/// table is rebuilt from the copied batches (a producer's retry after the promotion is
+/// recognised). Every replica of the partition writes the same state, so none is ahead.
+///
+/// Done once: a log that has Raft state already is left alone. The state file is written
+/// last, so a crash before it redoes the whole conversion. A log longer than `at` is cut
+/// there; one that does not reach it (a replica that was down while the others agreed on the
+/// cut) starts over, empty, at `at`, as a follower restarted from a snapshot does.
+pub async fn promote(
+    log: &Log,
+    dir: &Path,
+    at: Promoted,
+    me: NodeId,
+    voters: std::collections::BTreeMap<NodeId, crate::raft::types::Member>,
+) -> io::Result<()> {
+    let state_file = StateFile::new(dir, STATE_FILE);
+    state_file.clean().await.map_err(io_err)?;
+    if state_file.read().await.map_err(io_err)?.is_some() {
+        return Ok(());
+    }
+    let p = log.positions();
+    if p.start <= at.end && at.end < p.next {
+        log.truncate_from(at.end).await.map_err(io_err)?;
+    } else if p.next < at.end || p.start > at.end {
+        tracing::warn!(dir = %dir.display(), end = p.next.0, cut = at.end.0, "this replica of a promoted mirror does not hold the records up to the cut; its log starts over at the cut");
+        log.reset_to(at.end).await.map_err(io_err)?;
+    }
+    // The producers' last batches, from the copied log.
+    let mut producers = ProducerTable::default();
+    let mut from = log.positions().start;
+    while from < at.end {
+        let read = log
+            .read(from, READ_CHUNK, ReadBound::Written)
+            .await
+            .map_err(io_err)?;
+        if read.batches.is_empty() {
+            break;
+        }
+        for b in &read.batches {
+            let m = b.meta();
+            producers.applied(
+                m.producer_id,
+                m.base_sequence,
+                m.record_count,
+                m.base_offset,
+                crate::types::RaftIndex(m.raft_index),
+            );
+        }
+        from = read.next_offset();
+    }
+    let purged = log_id(at.term, at.index);
+    let ids: std::collections::BTreeSet<NodeId> = voters.keys().copied().collect();
+    let membership = Membership::new(vec![ids], voters).map_err(io_err)?;
+    let membership = StoredMembership::new(Some(purged), membership);
+    let meta = crate::raft::types::SnapshotMeta {
+        last_log_id: Some(purged),
+        last_membership: membership.clone(),
+    };
+    let bytes = checkpoint::encode(purged, &membership, &producers)?;
+    checkpoint::file(dir).write(&bytes).await.map_err(io_err)?;
+    let durable = Durable {
+        // Elections continue past the source's terms: the next leader's entries are stamped
+        // with a later term than the copied ones.
+        vote: Some(crate::raft::types::Vote::new(at.term, me)),
+        purged: Some(purged),
+        purged_end: Some(at.end.0),
+        snapshot: Some((meta, at.end.0)),
+        ..Durable::default()
+    };
+    let bytes = serde_json::to_vec(&durable).map_err(io_err)?;
+    state_file.write(&bytes).await.map_err(io_err)?;
+    tracing::info!(dir = %dir.display(), end = at.end.0, "mirror replica promoted: a Raft group continues from its copied log");
+    Ok(())
+}
+
 /// The applied checkpoint, if this log can vouch for it: past the purge point, with its entry
 /// in the log under the same term (see `checkpoint`). Anything else is ignored with a note,
 /// and the log is re-applied from the purge point.
 async fn read_checkpoint(
     file: &StateFile,
     purged: Option<LogId>,
+    snapshot_at_purge: bool,
     map: &EntryMap,
     log: &Log,
 ) -> Option<checkpoint::Checkpoint> {
@@ -461,6 +549,11 @@ async fn read_checkpoint(
     let held = map
         .get(c.applied.index)
         .is_some_and(|s| s.term == c.applied.leader_id.term);
+    // Written with a snapshot at the purge point (a promoted mirror's: `promote`): it is the
+    // state there.
+    if snapshot_at_purge && Some(c.applied) == purged {
+        return Some(c);
+    }
     if Some(c.applied) <= purged || !held {
         tracing::debug!(%dir, applied = %c.applied, "applied checkpoint not in this log; re-applying it");
         return None;
@@ -544,8 +637,21 @@ pub async fn open_with_handle(
     }
     let checkpoint_file = checkpoint::file(dir);
     checkpoint_file.clean().await.map_err(io_err)?;
-    let found = read_checkpoint(&checkpoint_file, durable.purged, &map, &log).await;
+    let snapshot_at_purge = durable.purged.is_some()
+        && durable
+            .snapshot
+            .as_ref()
+            .is_some_and(|(meta, _)| meta.last_log_id == durable.purged);
+    let found = read_checkpoint(
+        &checkpoint_file,
+        durable.purged,
+        snapshot_at_purge,
+        &map,
+        &log,
+    )
+    .await;
     let purged = durable.purged;
+    let durable_end = durable.purged_end;
     // The membership the purged entries held comes from the last snapshot (the log after the
     // purge point holds any later one); the snapshot itself serves again if it is the one the
     // log was purged behind.
@@ -564,7 +670,11 @@ pub async fn open_with_handle(
         crate::metrics::NODE.checkpoint_restores.inc();
         // Applied before the restart: committed, and held by this log (checked). The log's
         // committed position starts there, as it was.
-        let end = map.end_of(c.applied.index, log.positions().next);
+        let end = match Some(c.applied) == purged {
+            // Applied at the purge point: everything before the log's restart point.
+            true => durable_end.map(Offset),
+            false => map.end_of(c.applied.index, log.positions().next),
+        };
         if let Some(end) = end.filter(|e| *e > log.positions().committed) {
             log.commit(end).await.map_err(io_err)?;
         }

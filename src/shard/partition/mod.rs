@@ -17,7 +17,7 @@
 
 mod append;
 mod batcher;
-mod fetch;
+pub(super) mod fetch;
 mod membership;
 mod quiet;
 mod retention;
@@ -106,10 +106,38 @@ async fn verify(log: Log, partition: String, from: crate::types::Offset, to: cra
     );
 }
 
+/// Converts a promoted mirror's log, once, if this directory holds one (its marker is removed
+/// after the conversion; see `raft::store::promote`).
+async fn convert(
+    log: &Log,
+    dir: &std::path::Path,
+    at: crate::raft::store::Promoted,
+    me: NodeId,
+    voters: std::collections::BTreeMap<NodeId, crate::raft::types::Member>,
+) -> Result<(), CoreError> {
+    let marker = dir.join(super::mirror::MARKER);
+    if !marker.exists() {
+        return Ok(());
+    }
+    let storage = |e: std::io::Error| {
+        CoreError::Raft(RaftError::Storage {
+            dir: dir.display().to_string(),
+            error: e.to_string(),
+        })
+    };
+    crate::raft::store::promote(log, dir, at, me, voters)
+        .await
+        .map_err(storage)?;
+    std::fs::remove_file(&marker).map_err(storage)?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(storage)
+}
+
 /// How long opening a partition waits for its group to elect a leader.
 const ELECTION_WAIT: Duration = Duration::from_secs(30);
 
-type Waiters = Rc<RefCell<Vec<oneshot::Sender<()>>>>;
+pub(super) type Waiters = Rc<RefCell<Vec<oneshot::Sender<()>>>>;
 
 pub struct Partition {
     /// The group has other voters (heartbeats and elections are driven by the core).
@@ -164,7 +192,7 @@ pub struct Taken {
     pub damaged: Option<std::path::PathBuf>,
 }
 
-fn wake(waiters: &Waiters) {
+pub(super) fn wake(waiters: &Waiters) {
     for w in waiters.borrow_mut().drain(..) {
         let _ = w.send(());
     }
@@ -270,6 +298,7 @@ impl Partition {
             config,
             replica,
             voters,
+            ..
         } = open.clone();
         let dir = dir.as_path();
         let replica = &replica;
@@ -300,6 +329,13 @@ impl Partition {
             Log::open_repairing(dir, config).await
         }
         .map_err(|e| (CoreError::from(e), None))?;
+        if let Some((at, voters)) = &open.promoted {
+            stage.set("converting a promoted mirror's log");
+            if let Err(e) = convert(&log, dir, *at, replica.node_id, voters.clone()).await {
+                let _ = log.close().await;
+                return Err((e, None));
+            }
+        }
         let log_opened = began.elapsed();
         stage.set("starting the Raft group (reading its state)");
         let waiters: Waiters = Rc::default();
@@ -771,6 +807,7 @@ impl Partition {
             positions: self.log.positions(),
             uid: self.uid,
             quorum_acked: m.last_quorum_acked.map(|at| at.elapsed()),
+            mirror: None,
         }
     }
 

@@ -41,6 +41,8 @@ async fn single_voter(dir: &Path, config: crate::log::LogConfig) -> Partition {
         config,
         replica,
         voters,
+        mirror: false,
+        promoted: None,
     };
     Partition::open(open, CoreId(0)).await.unwrap()
 }

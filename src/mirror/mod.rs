@@ -1,0 +1,410 @@
+//! Mirror topics on the network shard: each replica of a mirror on this node has a puller, a
+//! task that long-polls the source partition for whole committed batches (`Fetch` with
+//! `raw_batches`, through the source's public API, so the source may be another cluster) and
+//! hands them to the replica's core (`shard::mirror`), which checks and appends them at the
+//! source's offsets.
+//!
+//! ```text
+//! source cluster ──Fetch(raw_batches, from = replica end)──▶ puller (tokio)
+//!                                                              │ CoreRequest::Mirror
+//!                                                              ▼
+//!                                           core: check CRC + contiguity, append, fsync, commit
+//! ```
+//!
+//! A puller asks from the replica's own end each time, so a restart of either side, a cut
+//! link or a failed append resumes exactly where the replica stands: nothing is skipped or
+//! copied twice. The only gap is one the source makes: records its retention deleted before
+//! they were copied (counted in `tern_mirror_records_skipped`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::transport::Channel;
+
+use crate::broker::{Broker, BrokerError};
+use crate::cluster::MirrorOf;
+use crate::proto::v1 as pb;
+use crate::proto::v1::tern_client::TernClient;
+use crate::shard::mirror::Pulled;
+use crate::shard::{CoreRequest, PartitionKey};
+use crate::tls::ClientTls;
+use crate::types::{CoreId, NodeId, Offset};
+
+/// How long one pull waits at the source for records past the replica's end.
+const PULL_WAIT: Duration = Duration::from_millis(500);
+/// Bytes asked for in one pull (the source answers at least one whole batch).
+const PULL_BYTES: u32 = 4 << 20;
+/// How much longer than its long poll a pull may take before it is abandoned.
+const PULL_SLACK: Duration = Duration::from_secs(10);
+/// Pause after a failed pull, doubling up to the most.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long asking a source about its topic may take.
+const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a mirror's source could not be used.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MirrorError {
+    #[error("mirror source address {0}")]
+    BadAddress(String),
+    #[error("the source has no topic {topic:?} ({address})")]
+    NoSourceTopic { topic: String, address: String },
+    #[error("no source node answered: {0}")]
+    Unreachable(String),
+    #[error("the source refused: {0}")]
+    Refused(String),
+}
+
+/// A connection to a mirror's source: its nodes in turn, moving on after a failure.
+struct Source {
+    of: MirrorOf,
+    tls: Option<ClientTls>,
+    at: usize,
+    client: Option<TernClient<Channel>>,
+}
+
+/// `host:port` from an address given as `host:port`, `http://host:port` or
+/// `https://host:port` (TLS follows the node's own settings either way).
+fn host_port(address: &str) -> &str {
+    address
+        .strip_prefix("http://")
+        .or_else(|| address.strip_prefix("https://"))
+        .unwrap_or(address)
+        .trim_end_matches('/')
+}
+
+impl Source {
+    fn new(of: MirrorOf, tls: Option<ClientTls>) -> Source {
+        Source {
+            of,
+            tls,
+            at: 0,
+            client: None,
+        }
+    }
+
+    fn address(&self) -> &str {
+        host_port(&self.of.addresses[self.at % self.of.addresses.len()])
+    }
+
+    fn client(&mut self) -> Result<TernClient<Channel>, MirrorError> {
+        if let Some(c) = &self.client {
+            return Ok(c.clone());
+        }
+        let endpoint = crate::tls::endpoint(self.address()).map_err(MirrorError::BadAddress)?;
+        let c = TernClient::new(crate::tls::channel(&endpoint, self.tls.as_ref()))
+            .max_decoding_message_size(PULL_BYTES as usize + (1 << 20));
+        self.client = Some(c.clone());
+        Ok(c)
+    }
+
+    /// The next node of the source, after a failure.
+    fn next(&mut self) {
+        self.at = (self.at + 1) % self.of.addresses.len();
+        self.client = None;
+    }
+}
+
+/// The source topic's partition count, from the first of its nodes that answers.
+pub async fn source_partitions(broker: &Broker, of: &MirrorOf) -> Result<u32, MirrorError> {
+    let mut source = Source::new(of.clone(), broker.client_tls());
+    let mut last = None;
+    for _ in 0..of.addresses.len() {
+        let mut c = source.client()?;
+        let mut call = tonic::Request::new(pb::DescribeTopicRequest {
+            name: of.topic.clone(),
+        });
+        call.set_timeout(DESCRIBE_TIMEOUT);
+        match c.describe_topic(call).await {
+            Ok(r) => {
+                return r
+                    .into_inner()
+                    .topic
+                    .map(|t| t.partitions)
+                    .ok_or_else(|| MirrorError::Refused("no topic in the answer".into()))
+            }
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                return Err(MirrorError::NoSourceTopic {
+                    topic: of.topic.clone(),
+                    address: source.address().to_string(),
+                })
+            }
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                last = Some(format!(
+                    "{}: {}",
+                    source.address(),
+                    crate::tls::describe(&s)
+                ));
+                source.next();
+            }
+            Err(s) => {
+                return Err(MirrorError::Refused(format!(
+                    "{}: {:?}: {}",
+                    source.address(),
+                    s.code(),
+                    s.message()
+                )))
+            }
+        }
+    }
+    Err(MirrorError::Unreachable(last.unwrap_or_default()))
+}
+
+/// A running puller; dropping it stops the pulls.
+pub struct Puller(tokio::task::AbortHandle);
+
+impl Drop for Puller {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Starts pulling partition `partition` of `of` into this node's replica `key` on `core`.
+pub fn start(
+    broker: Arc<Broker>,
+    key: PartitionKey,
+    core: CoreId,
+    of: MirrorOf,
+    partition: u32,
+) -> Puller {
+    let task = tokio::spawn(pull(broker, key, core, of, partition));
+    Puller(task.abort_handle())
+}
+
+async fn pull(broker: Arc<Broker>, key: PartitionKey, core: CoreId, of: MirrorOf, partition: u32) {
+    let mut source = Source::new(of.clone(), broker.client_tls());
+    let mut backoff = BACKOFF_MIN;
+    let mut end: Option<Offset> = None;
+    let mut reported: Option<String> = None;
+    tracing::info!(partition = %key, source = %of, "mirroring");
+    loop {
+        if broker.is_closing() {
+            return;
+        }
+        // A promotion takes over: no more pulls from the source.
+        match broker.topic(&key.topic) {
+            Ok(t) if t.spec.mirror.is_none() => return,
+            Ok(t) if t.spec.promotion.is_some() => {
+                promote(&broker, &key, core, partition).await;
+                return;
+            }
+            _ => {}
+        }
+        let from = match end {
+            Some(e) => e,
+            None => match broker
+                .shards
+                .ask(core, |reply| CoreRequest::Positions {
+                    key: key.clone(),
+                    reply,
+                })
+                .await
+            {
+                Ok(p) => p.next,
+                Err(e) => {
+                    tracing::debug!(partition = %key, error = %e, "mirror replica not ready");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            },
+        };
+        let pulled = fetch(&mut source, &of.topic, partition, from).await;
+        let failed = match &pulled {
+            Pulled::Failed(why) => Some(why.clone()),
+            _ => None,
+        };
+        let answer = broker
+            .shards
+            .ask(core, |reply| CoreRequest::Mirror {
+                key: key.clone(),
+                pulled,
+                reply,
+            })
+            .await;
+        let failed = match answer {
+            Ok(p) => {
+                end = Some(p.next);
+                failed
+            }
+            Err(e) => {
+                // Ask the replica where it stands before the next pull.
+                end = None;
+                Some(e.to_string())
+            }
+        };
+        match failed {
+            Some(why) => {
+                if reported.as_ref() != Some(&why) {
+                    tracing::warn!(partition = %key, source = %of, error = %why, "mirror pull failed; retrying");
+                    reported = Some(why);
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+            None => {
+                if reported.take().is_some() {
+                    tracing::info!(partition = %key, source = %of, "mirror pulling again");
+                }
+                backoff = BACKOFF_MIN;
+            }
+        }
+    }
+}
+
+/// How often a replica being promoted looks at its progress towards the cut.
+const PROMOTION_STEP: Duration = Duration::from_millis(200);
+
+/// A replica's part in its mirror's promotion (see `controller::promote`): it stops taking
+/// batches from the source, then, once the partition's cut is decided, copies what it lacks
+/// up to the cut from another replica of the mirror (a replica holding more is cut when it
+/// reopens as a Raft group). Ends when the topic stops being a mirror (the replica reopens).
+async fn promote(broker: &Arc<Broker>, key: &PartitionKey, core: CoreId, partition: u32) {
+    let mut stopped = false;
+    loop {
+        if broker.is_closing() {
+            return;
+        }
+        let Ok(topic) = broker.topic(&key.topic) else {
+            return;
+        };
+        if topic.spec.mirror.is_none() {
+            return;
+        }
+        let cut = topic
+            .spec
+            .promotion
+            .as_ref()
+            .and_then(|p| p.cuts.as_ref())
+            .and_then(|c| c.get(partition as usize).cloned());
+        let pulled = match (stopped, cut) {
+            (false, _) => Some(Pulled::Stop),
+            (true, None) => None,
+            (true, Some(cut)) => {
+                let cut = &cut;
+                let end = match broker
+                    .shards
+                    .ask(core, |reply| CoreRequest::Positions {
+                        key: key.clone(),
+                        reply,
+                    })
+                    .await
+                {
+                    Ok(p) => p.next,
+                    Err(_) => cut.end,
+                };
+                match end < cut.end {
+                    true => copy(broker, &topic, partition, end, cut.end).await,
+                    false => None,
+                }
+            }
+        };
+        if let Some(pulled) = pulled {
+            let r = broker
+                .shards
+                .ask(core, |reply| CoreRequest::Mirror {
+                    key: key.clone(),
+                    pulled,
+                    reply,
+                })
+                .await;
+            match r {
+                Ok(_) => stopped = true,
+                Err(e) => {
+                    tracing::debug!(partition = %key, error = %e, "promotion step failed; retrying")
+                }
+            }
+        }
+        tokio::time::sleep(PROMOTION_STEP).await;
+    }
+}
+
+/// Batches `[from, upto)` of a mirror's partition from another replica of it (the nearest that
+/// answers), for a replica short of its promotion's cut.
+async fn copy(
+    broker: &Arc<Broker>,
+    topic: &crate::broker::Topic,
+    partition: u32,
+    from: Offset,
+    upto: Offset,
+) -> Option<Pulled> {
+    let req = pb::FetchRequest {
+        topic: topic.spec.name.clone(),
+        partition,
+        offset: from.0,
+        max_bytes: PULL_BYTES,
+        raw_batches: true,
+        ..Default::default()
+    };
+    for node in broker.nearest_first(topic.replicas(partition)) {
+        let r = broker
+            .call_peer(node, |mut c| {
+                let mut call = broker.relay(req.clone(), &crate::broker::Origin::default());
+                call.set_timeout(PULL_SLACK);
+                async move { c.fetch(call).await }
+            })
+            .await;
+        match r {
+            Ok(r) if !r.batches.is_empty() => {
+                return Some(Pulled::Copied {
+                    batches: r.batches,
+                    upto,
+                })
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(%node, error = %e, "copying towards the promotion's cut"),
+        }
+    }
+    None
+}
+
+/// One pull from the source, from offset `from`.
+async fn fetch(source: &mut Source, topic: &str, partition: u32, from: Offset) -> Pulled {
+    let mut c = match source.client() {
+        Ok(c) => c,
+        Err(e) => return Pulled::Failed(e.to_string()),
+    };
+    let mut call = tonic::Request::new(pb::FetchRequest {
+        topic: topic.to_string(),
+        partition,
+        offset: from.0,
+        max_bytes: PULL_BYTES,
+        max_wait_ms: PULL_WAIT.as_millis() as u32,
+        raw_batches: true,
+        ..Default::default()
+    });
+    call.set_timeout(PULL_WAIT + PULL_SLACK);
+    match c.fetch(call).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            Pulled::Batches {
+                batches: r.batches,
+                source_start: Offset(r.start_offset),
+                source_end: Offset(r.high_watermark),
+            }
+        }
+        Err(s) => {
+            let address = source.address().to_string();
+            let e = BrokerError::from_peer(NodeId(0), s);
+            match e.range() {
+                // The source deleted what this replica would copy next.
+                Some((start, end)) if from.0 < start => Pulled::Restart {
+                    source_start: Offset(start),
+                    source_end: Offset(end),
+                },
+                Some((_, end)) => Pulled::Failed(format!(
+                    "the source ({address}) answered that the partition ends at offset {end}, \
+                     before this mirror's end {} (a source replica behind its leader, or a \
+                     source that lost records or was created again); nothing is copied",
+                    from.0
+                )),
+                None => {
+                    if e.retryable() {
+                        source.next();
+                    }
+                    Pulled::Failed(format!("{address}: {e}"))
+                }
+            }
+        }
+    }
+}

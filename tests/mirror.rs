@@ -1,0 +1,378 @@
+//! Mirror topics on real processes: a three-node cluster mirrors a topic of another cluster
+//! through a `tern-wan` delay line, which is cut and healed, while nodes of both sides restart.
+//! Every replica of the mirror must end up with the source's records at the source's offsets
+//! and timestamps, in order, with nothing skipped or repeated; producers are refused.
+
+mod node_support;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use node_support::cluster::{create, publish_retrying, Cluster};
+use node_support::try_fetch_all;
+use tern::proto::v1 as pb;
+use tern::proto::v1::tern_client::TernClient;
+use tern_wan::{Link, Proxy};
+use tonic::transport::Channel;
+
+const SOURCE: &str = "orders";
+const MIRROR: &str = "orders-copy";
+const PARTITIONS: u32 = 2;
+
+/// What a record is, for comparing a mirror with its source.
+type Seen = (u64, i64, Option<Bytes>, Bytes, usize);
+
+fn seen(records: &[pb::Record]) -> Vec<Seen> {
+    records
+        .iter()
+        .map(|r| {
+            (
+                r.offset,
+                r.timestamp_ms,
+                r.key.clone(),
+                r.value.clone(),
+                r.headers.len(),
+            )
+        })
+        .collect()
+}
+
+/// Publishes `n` records to each partition of the source, keyed and with a header, in
+/// requests of 1 to 5 records (so batches of several sizes), values `tag-p-i`.
+async fn publish(c: &mut TernClient<Channel>, tag: &str, n: usize) {
+    for p in 0..PARTITIONS {
+        let mut i = 0;
+        while i < n {
+            let k = (i % 5 + 1).min(n - i);
+            let records = (i..i + k)
+                .map(|j| pb::PublishRecord {
+                    key: Some(Bytes::from(format!("k{}", j % 7))),
+                    value: Bytes::from(format!("{tag}-{p}-{j}")),
+                    headers: vec![pb::Header {
+                        key: "h".into(),
+                        value: Bytes::from_static(b"v"),
+                    }],
+                    partition: Some(p),
+                    expiry_seconds: None,
+                })
+                .collect();
+            publish_retrying(
+                c,
+                pb::PublishRequest {
+                    topic: SOURCE.into(),
+                    records,
+                    ..Default::default()
+                },
+            )
+            .await;
+            i += k;
+        }
+    }
+}
+
+/// Waits until every live node of `mirror` serves exactly the source's records of every
+/// partition (same offsets, timestamps, keys, values, headers).
+async fn wait_mirrored(source: &Cluster, mirror: &Cluster, what: &str) {
+    let mut src = source.client(0).await;
+    let mut want = Vec::new();
+    for p in 0..PARTITIONS {
+        want.push(seen(&try_fetch_all(&mut src, SOURCE, p).await.unwrap()));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for i in mirror.live() {
+        let mut c = mirror.client(i).await;
+        for (p, want) in want.iter().enumerate() {
+            loop {
+                let got = try_fetch_all(&mut c, MIRROR, p as u32).await;
+                match got {
+                    Ok(got) if seen(&got) == *want => break,
+                    Ok(got) => {
+                        let got = seen(&got);
+                        // Never anything the source does not have at that offset.
+                        assert!(
+                            want.starts_with(&got),
+                            "{what}: node {} partition {p} holds records the source does not \
+                             have there: got {} records, first difference at {:?}",
+                            i + 1,
+                            got.len(),
+                            got.iter().zip(want.iter()).position(|(a, b)| a != b)
+                        );
+                    }
+                    Err(s) => assert!(
+                        matches!(s.code(), tonic::Code::Unavailable | tonic::Code::NotFound),
+                        "{what}: fetch from node {}: {s:?}",
+                        i + 1
+                    ),
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{what}: node {} partition {p} did not catch up with its source",
+                    i + 1
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// The mirror's progress on node `i`, partition `p`, as DescribeTopic shows it.
+async fn progress(c: &Cluster, i: usize, p: u32) -> Option<pb::MirrorProgress> {
+    let mut client = c.client(i).await;
+    let r = client
+        .describe_topic(pb::DescribeTopicRequest {
+            name: MIRROR.into(),
+        })
+        .await
+        .ok()?
+        .into_inner();
+    r.partitions
+        .into_iter()
+        .find(|x| x.partition == p)
+        .and_then(|x| x.mirror)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mirror_in_another_cluster_copies_offsets_through_cuts_and_restarts() {
+    let mut source = Cluster::start(1).await;
+    let mut src = source.client(0).await;
+    create(&mut src, SOURCE, PARTITIONS, 1).await;
+    publish(&mut src, "a", 40).await;
+    let link = Proxy::start(
+        "127.0.0.1:0".parse().unwrap(),
+        source.addrs[0].parse().unwrap(),
+        Link::delay(Duration::from_millis(10)),
+        Link::delay(Duration::from_millis(10)),
+    )
+    .await
+    .unwrap();
+
+    let mut mirror = Cluster::start(3).await;
+    let mut m = mirror.client(0).await;
+    // A source that is not there, and a partition count that is not the source's, are refused
+    // before anything is created.
+    let bad = |topic: &str, partitions: u32| pb::CreateTopicRequest {
+        name: MIRROR.into(),
+        partitions,
+        replication_factor: 3,
+        mirror_of: Some(pb::MirrorOf {
+            topic: topic.into(),
+            addresses: vec![link.addr().to_string()],
+        }),
+        ..Default::default()
+    };
+    let e = m.create_topic(bad("nope", 0)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let e = m.create_topic(bad(SOURCE, 3)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let created = m
+        .create_topic(bad(SOURCE, 0))
+        .await
+        .expect("create the mirror")
+        .into_inner()
+        .topic
+        .unwrap();
+    assert_eq!(created.partitions, PARTITIONS);
+    assert_eq!(created.mirror_of.unwrap().topic, SOURCE);
+    wait_mirrored(&source, &mirror, "first copy").await;
+
+    // Read-only to producers.
+    let e = m
+        .publish(pb::PublishRequest {
+            topic: MIRROR.into(),
+            records: vec![node_support::rec(None, "x".into())],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("mirror"), "{e:?}");
+
+    // Cut off: the source goes on; the mirror says how stale it is, and a mirror node restarts
+    // meanwhile.
+    link.cut();
+    publish(&mut src, "b", 30).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let p = progress(&mirror, 1, 0).await;
+        if p.as_ref()
+            .is_some_and(|p| p.lag_ms >= 2_000 && p.contact_ms.is_some_and(|c| c >= 2_000))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cut never showed as lag: {p:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    mirror.kill9(2);
+    mirror.start_node(2);
+    link.heal();
+    wait_mirrored(&source, &mirror, "after the cut").await;
+    let p = progress(&mirror, 0, 1).await.expect("mirror progress");
+    assert_eq!(p.lag_records, 0, "{p:?}");
+    assert!(p.error.is_empty(), "{p:?}");
+
+    // The source restarts, and more arrives, from an idempotent producer too.
+    source.kill9(0);
+    source.start_node(0);
+    source.wait_formed().await;
+    let mut src = source.client(0).await;
+    publish(&mut src, "c", 20).await;
+    let producer = src
+        .init_producer(pb::InitProducerRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .producer_id;
+    let idempotent = pb::PublishRequest {
+        topic: SOURCE.into(),
+        records: (0..3)
+            .map(|i| node_support::cluster::record(0, format!("idem-{i}")))
+            .collect(),
+        producer_id: producer,
+        sequence: 0,
+        ..Default::default()
+    };
+    let first: Vec<u64> = src
+        .publish(idempotent.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .acks
+        .iter()
+        .map(|a| a.offset)
+        .collect();
+    wait_mirrored(&source, &mirror, "after the source restarted").await;
+
+    // Disaster: the source is gone. The mirror is promoted and takes writes, continuing the
+    // source's offsets; the producer's retry is recognised, not written twice.
+    let mut ends = Vec::new();
+    for p in 0..PARTITIONS {
+        ends.push(try_fetch_all(&mut src, SOURCE, p).await.unwrap().len());
+    }
+    let source_end = |c: &mut TernClient<Channel>, p: u32| {
+        let mut c = c.clone();
+        async move {
+            c.list_offsets(pb::ListOffsetsRequest {
+                topic: SOURCE.into(),
+                partitions: vec![p],
+                position: None,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .partitions[0]
+                .end_offset
+        }
+    };
+    let mut src_ends = Vec::new();
+    for p in 0..PARTITIONS {
+        src_ends.push(source_end(&mut src, p).await);
+    }
+    // Control records (a restarted source's new term) count too: wait until every replica
+    // holds the source's whole log.
+    for i in mirror.live() {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut c = mirror.client(i).await;
+        loop {
+            let r = c
+                .describe_topic(pb::DescribeTopicRequest {
+                    name: MIRROR.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let held: Vec<u64> = r.partitions.iter().map(|p| p.end_offset).collect();
+            if held == src_ends {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {}: {held:?} != {src_ends:?}",
+                i + 1
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    drop(src);
+    source.kill9(0);
+    let promoted = m
+        .promote_topic(pb::PromoteTopicRequest {
+            name: MIRROR.into(),
+        })
+        .await
+        .expect("promote")
+        .into_inner();
+    assert_eq!(
+        promoted.ends, src_ends,
+        "the mirror had everything: nothing lost"
+    );
+    assert!(promoted.topic.unwrap().mirror_of.is_none());
+    // Promoting again answers the same.
+    let again = m
+        .promote_topic(pb::PromoteTopicRequest {
+            name: MIRROR.into(),
+        })
+        .await
+        .expect("promote again")
+        .into_inner();
+    assert_eq!(again.ends, src_ends);
+
+    let retry = pb::PublishRequest {
+        topic: MIRROR.into(),
+        ..idempotent
+    };
+    let acks = publish_retrying_acks(&mut m, retry).await;
+    assert_eq!(acks, first, "the retry after promotion was written again");
+    let fresh = publish_retrying_acks(
+        &mut m,
+        pb::PublishRequest {
+            topic: MIRROR.into(),
+            records: vec![node_support::cluster::record(0, "after".into())],
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(
+        fresh[0] >= src_ends[0],
+        "a new record got offset {} inside the copied range (cut {})",
+        fresh[0],
+        src_ends[0]
+    );
+    // Every replica holds the copied records and the new one after them, in order.
+    for i in mirror.live() {
+        let mut c = mirror.client(i).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let rs = try_fetch_all(&mut c, MIRROR, 0).await.unwrap_or_default();
+            if rs.last().is_some_and(|r| r.value == "after") {
+                assert_eq!(rs.len(), ends[0] + 1, "node {}", i + 1);
+                assert_eq!(rs.last().unwrap().offset, fresh[0]);
+                let offsets: Vec<u64> = rs.iter().map(|r| r.offset).collect();
+                assert!(offsets.windows(2).all(|w| w[0] < w[1]), "node {}", i + 1);
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {} never served the promoted topic's new record",
+                i + 1
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Publishes (retrying while the partition has no leader yet) and answers the offsets.
+async fn publish_retrying_acks(c: &mut TernClient<Channel>, req: pb::PublishRequest) -> Vec<u64> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match c.publish(req.clone()).await {
+            Ok(r) => return r.into_inner().acks.iter().map(|a| a.offset).collect(),
+            Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(s) => panic!("publish failed: {s:?}"),
+        }
+    }
+}
