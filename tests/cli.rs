@@ -433,3 +433,88 @@ fn a_wildcard_listener_advertises_its_host_name_and_too_many_cores_are_warned_ab
         "{text}"
     );
 }
+
+/// A mirror of a topic on the same node, by the command line: created, shown with its lag,
+/// refused to producers, promoted, and then written to; bad sources are clear errors.
+#[test]
+fn a_mirror_is_created_described_refused_promoted_and_written_by_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::start(dir.path(), &[]);
+    let a = node.addr.as_str();
+    let (ok, _, err) = tern(a, &["topic", "create", "src", "--partitions", "2"]);
+    assert!(ok, "{err}");
+    for i in 0..5 {
+        let (ok, _, err) = tern(a, &["pub", "src", "--key", "k", &format!("r{i}")]);
+        assert!(ok, "{err}");
+    }
+
+    let (ok, _, err) = tern(a, &["topic", "create", "m", "--mirror-of", "src"]);
+    assert!(!ok);
+    assert!(err.contains("SOURCE_TOPIC@HOST:PORT"), "{err}");
+    let source = format!("nope@{a}");
+    let (ok, _, err) = tern(a, &["topic", "create", "m", "--mirror-of", &source]);
+    assert!(!ok);
+    assert!(err.contains("no topic \"nope\""), "{err}");
+
+    let source = format!("src@{a}");
+    let (ok, out, err) = tern(a, &["topic", "create", "m", "--mirror-of", &source]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("with 2 partitions") && out.contains("it mirrors src@"),
+        "{out}"
+    );
+
+    // The copy arrives; describe shows the source and no lag.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (ok, out, err) = tern(a, &["topic", "describe", "m", "--json"]);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["mirror_of"]["topic"], "src");
+        let parts = v["partition_info"].as_array().unwrap();
+        let copied: u64 = parts
+            .iter()
+            .map(|p| p["end_offset"].as_u64().unwrap())
+            .sum();
+        let lagging = parts
+            .iter()
+            .any(|p| p["mirror"]["lag_records"].as_u64() != Some(0));
+        if copied >= 5 && !lagging {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never copied: {out}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let (ok, out, _) = tern(a, &["topic", "describe", "m"]);
+    assert!(ok);
+    assert!(
+        out.contains("mirror of src@") && out.contains("LAG MS"),
+        "{out}"
+    );
+
+    let (ok, _, err) = tern(a, &["pub", "m", "x"]);
+    assert!(!ok);
+    assert!(err.contains("is a mirror of src@"), "{err}");
+    let (ok, _, err) = tern(a, &["topic", "promote", "src"]);
+    assert!(!ok);
+    assert!(err.contains("not a mirror"), "{err}");
+
+    let (ok, out, err) = tern(a, &["topic", "promote", "m"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("promoted m"), "{out}");
+    let (ok, out, err) = tern(a, &["pub", "m", "--key", "k", "after"]);
+    assert!(ok, "{err}");
+    assert!(out.trim().starts_with("m/"), "{out}");
+    let (ok, out, err) = tern(
+        a,
+        &["sub", "m", "--from", "earliest", "--count", "6", "--json"],
+    );
+    assert!(ok, "{err}");
+    let values: Vec<String> = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["value"].to_string())
+        .collect();
+    assert_eq!(values.len(), 6, "{out}");
+    assert!(values.iter().any(|v| v.contains("after")), "{out}");
+    assert!(values.iter().any(|v| v.contains("r4")), "{out}");
+}

@@ -193,6 +193,17 @@ impl Cluster {
             .collect()
     }
 
+    /// The nodes of region `of` (all, without regions) as region `from` reaches them.
+    pub fn addrs_of_from(&self, of: Option<&str>, from: &str) -> Vec<String> {
+        let Some(mesh) = &self.mesh else {
+            return self.addrs.clone();
+        };
+        (0..self.addrs.len())
+            .filter(|i| of.is_none_or(|r| self.regions[*i] == r))
+            .map(|i| mesh.addr(from, i).to_string())
+            .collect()
+    }
+
     /// Bytes that have crossed between regions (0 without regions).
     pub fn wan_bytes(&self) -> u64 {
         self.mesh.as_ref().map_or(0, |m| m.wan_bytes())

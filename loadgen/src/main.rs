@@ -369,6 +369,55 @@ async fn routes(c: &cluster::Cluster, s: &Settings) -> anyhow::Result<run::Route
     })
 }
 
+/// geo-regional: a mirror of each topic, placed in `region` (zone survival there) and
+/// following the topic through the nodes of the producers' region as `region` reaches them;
+/// answers the mirrors' names, once each has a replica caught up.
+async fn mirror_topics(
+    s: &Settings,
+    routes: &run::Routes,
+    topics: &[String],
+    region: &str,
+    cluster: &std::sync::Arc<tokio::sync::Mutex<cluster::Cluster>>,
+) -> anyhow::Result<Vec<String>> {
+    let addr = routes
+        .consumers
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no node in region {region}"))?;
+    let sources = cluster
+        .lock()
+        .await
+        .addrs_of_from(s.producer_region.as_deref(), region);
+    let mut admin = run::connect(addr).await?;
+    let mut mirrors = Vec::new();
+    for t in topics {
+        let name = format!("{t}-mirror");
+        admin
+            .create_topic(pb::CreateTopicRequest {
+                name: name.clone(),
+                replication_factor: s.replication_factor,
+                placement: Some(pb::Placement {
+                    survival: pb::Survival::Zone as i32,
+                    regions: vec![region.to_string()],
+                    leader_regions: Vec::new(),
+                }),
+                mirror_of: Some(pb::MirrorOf {
+                    topic: t.clone(),
+                    addresses: sources.clone(),
+                }),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("creating mirror {name}: {}", e.message()))?;
+        mirrors.push(name);
+    }
+    eprintln!(
+        "loadgen: {} mirror(s) in region {region}, pulling through {}",
+        mirrors.len(),
+        sources.join(",")
+    );
+    Ok(mirrors)
+}
+
 fn placement(s: &Settings) -> Option<pb::Placement> {
     let survival = match s.survival.as_deref() {
         Some("zone") => pb::Survival::Zone,
@@ -561,7 +610,11 @@ async fn run_on(
         let until = Duration::from_secs(s.warmup_s + s.duration_s);
         tokio::spawn(watch_metadata(dirs, Duration::from_secs(every), until))
     });
-    let shared = run::run(s, routes, &topics).await?;
+    let read = match &s.mirror_to {
+        Some(region) => mirror_topics(s, routes, &topics, region, &cluster).await?,
+        None => topics.clone(),
+    };
+    let shared = run::run(s, routes, &topics, &read).await?;
     let metadata_sizes = match watch {
         Some(w) => w.await.unwrap_or_default(),
         None => Vec::new(),

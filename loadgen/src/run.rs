@@ -138,7 +138,14 @@ pub struct Routes {
     pub consumers_local: usize,
 }
 
-pub async fn run(s: &Settings, routes: &Routes, topics: &[String]) -> anyhow::Result<Arc<Shared>> {
+/// Runs the load on `topics`; consumers read `read` (the topics themselves, or their mirrors:
+/// the same records at the same offsets).
+pub async fn run(
+    s: &Settings,
+    routes: &Routes,
+    topics: &[String],
+    read: &[String],
+) -> anyhow::Result<Arc<Shared>> {
     let start = Instant::now() + Duration::from_millis(200);
     let measure_from = start + Duration::from_secs(s.warmup_s);
     let end = measure_from + Duration::from_secs(s.duration_s);
@@ -169,7 +176,7 @@ pub async fn run(s: &Settings, routes: &Routes, topics: &[String]) -> anyhow::Re
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut consumers = Vec::new();
     for i in 0..s.consumers {
-        let parts: Vec<(String, u32)> = topics
+        let parts: Vec<(String, u32)> = read
             .iter()
             .flat_map(|t| {
                 (0..s.partitions)

@@ -10,7 +10,7 @@ correctness accounting (acked, delivered, lost, duplicated, reordered)"
 )]
 pub struct Args {
     /// A named workload: seed-target, max-throughput, replicated-max, latency-at-load,
-    /// many-partitions, failover, geo-sync, geo-replay, region-loss, idle, chaos,
+    /// many-partitions, failover, geo-sync, geo-regional, geo-replay, region-loss, idle, chaos,
     /// group-commits. Flags below override its settings.
     #[arg(long)]
     pub workload: Option<String>,
@@ -207,6 +207,9 @@ pub struct Settings {
     pub metadata_watch_s: Option<u64>,
     /// After producing, one consumer reads everything from the earliest offset (geo-replay).
     pub replay: bool,
+    /// Each topic is mirrored into this region (a mirror topic placed there, pulling across
+    /// the WAN), and the consumers read the mirrors (geo-regional).
+    pub mirror_to: Option<String>,
 }
 
 impl Settings {
@@ -242,6 +245,7 @@ impl Settings {
             cut_region: None,
             replay: false,
             metadata_watch_s: None,
+            mirror_to: None,
         };
         let abc = || vec!["a".to_string(), "b".to_string(), "c".to_string()];
         Ok(match name {
@@ -306,6 +310,22 @@ impl Settings {
                 consumer_region: Some("b".into()),
                 survival: Some("region".into()),
                 leader_regions: vec!["a".into()],
+                duration_s: 30,
+                ..base
+            },
+            // A zone-survival topic in a (three nodes there, one per zone), mirrored into b
+            // (three nodes, zone survival there too); producers in a, consumers read the
+            // mirror in b.
+            "geo-regional" => Settings {
+                nodes: 9,
+                replication_factor: 3,
+                partitions: 3,
+                regions: abc(),
+                nodes_per_region: 3,
+                producer_region: Some("a".into()),
+                consumer_region: Some("b".into()),
+                survival: Some("zone".into()),
+                mirror_to: Some("b".into()),
                 duration_s: 30,
                 ..base
             },
@@ -404,7 +424,7 @@ impl Settings {
             "custom" => base,
             other => anyhow::bail!(
                 "unknown workload {other:?}: use seed-target, max-throughput, replicated-max, \
-                 latency-at-load, many-partitions, failover, geo-sync, geo-replay, region-loss, idle, \
+                 latency-at-load, many-partitions, failover, geo-sync, geo-regional, geo-replay, region-loss, idle, \
                  chaos or group-commits"
             ),
         })
@@ -685,6 +705,7 @@ impl Settings {
             "leader_regions": self.leader_regions,
             "cut_region": self.cut_region.as_ref().map(|(r, at)| serde_json::json!({"region": r, "at_s": at})),
             "replay": self.replay,
+            "mirror_to": self.mirror_to,
             "metadata_watch_s": self.metadata_watch_s,
         })
     }

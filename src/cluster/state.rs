@@ -51,7 +51,11 @@ impl ClusterState {
                 target,
             } => {
                 let known = target.iter().all(|id| self.nodes.contains_key(id));
-                if let Some(t) = self.topic_mut(&topic, uid, partition) {
+                if let Some(t) = self
+                    .topic_mut(&topic, uid, partition)
+                    // A mirror being promoted does not move: its cuts name its replicas.
+                    .filter(|t| !(t.mirror.is_some() && t.promotion.is_some()))
+                {
                     let idle = !t.moving.contains_key(&partition);
                     let same = t.replicas[partition as usize] == target;
                     if known && target.len() == t.replication_factor as usize && !(idle && same) {
@@ -252,7 +256,97 @@ mod tests {
     use super::*;
     use crate::cluster::placement::replacement;
     use crate::cluster::testkit::*;
-    use crate::types::NodeId;
+    use crate::types::{NodeId, Offset};
+
+    #[test]
+    fn a_mirror_is_promoted_only_in_order_and_only_once() {
+        let mut s = ClusterState::default();
+        let mut spec = topic("m", 1, vec![vec![1, 2, 3]]);
+        spec.uid = TopicUid(5);
+        spec.mirror = Some(crate::cluster::MirrorOf {
+            topic: "src".into(),
+            addresses: vec!["h:1".into()],
+        });
+        s.apply(Command::CreateTopic { spec });
+        let cut = |end: u64| crate::cluster::Cut {
+            end: Offset(end),
+            term: 2,
+            index: 9,
+            replicas: ids(&[1, 2, 3]),
+        };
+        let (name, uid) = ("m".to_string(), TopicUid(5));
+        // Cuts and promotion before the stop change nothing.
+        s.apply(Command::CutMirror {
+            topic: name.clone(),
+            uid,
+            cuts: vec![cut(10)],
+        });
+        s.apply(Command::PromoteMirror {
+            topic: name.clone(),
+            uid,
+        });
+        assert!(s.topics["m"].mirror.is_some() && s.topics["m"].promotion.is_none());
+        // Another incarnation's commands change nothing.
+        s.apply(Command::StopMirror {
+            topic: name.clone(),
+            uid: TopicUid(6),
+        });
+        assert!(s.topics["m"].promotion.is_none());
+        s.apply(Command::StopMirror {
+            topic: name.clone(),
+            uid,
+        });
+        // Promotion needs the cuts; a cut list of the wrong length is ignored.
+        s.apply(Command::PromoteMirror {
+            topic: name.clone(),
+            uid,
+        });
+        assert!(s.topics["m"].mirror.is_some());
+        s.apply(Command::CutMirror {
+            topic: name.clone(),
+            uid,
+            cuts: vec![cut(10), cut(11)],
+        });
+        assert_eq!(s.topics["m"].promotion, Some(Default::default()));
+        s.apply(Command::CutMirror {
+            topic: name.clone(),
+            uid,
+            cuts: vec![cut(10)],
+        });
+        // The first cut stands.
+        s.apply(Command::CutMirror {
+            topic: name.clone(),
+            uid,
+            cuts: vec![cut(12)],
+        });
+        s.apply(Command::PromoteMirror {
+            topic: name.clone(),
+            uid,
+        });
+        let t = &s.topics["m"];
+        assert!(t.mirror.is_none());
+        assert_eq!(
+            t.promotion.as_ref().unwrap().cuts.as_ref().unwrap()[0].end,
+            Offset(10)
+        );
+        // A topic that is not a mirror cannot be stopped.
+        s.apply(Command::CreateTopic {
+            spec: topic("n", 1, vec![vec![1]]),
+        });
+        s.apply(Command::StopMirror {
+            topic: "n".into(),
+            uid: TopicUid(7),
+        });
+        assert!(s.topics["n"].promotion.is_none());
+        // Cuts without replicas are refused.
+        assert!(Command::CutMirror {
+            topic: name,
+            uid,
+            cuts: vec![crate::cluster::Cut::default()],
+        }
+        .validate()
+        .is_err());
+    }
 
     #[test]
     fn commands_apply_deterministically() {

@@ -130,8 +130,10 @@ async fn move_partitions(broker: &Arc<Broker>) {
 }
 
 /// A mirror's replicas each copy the source by themselves, with no group to change: its move
-/// is done once the target's first replica is open and within `FOLLOWER_READ_MAX_LAG` offsets
-/// of its source (that node records it).
+/// is done once every new replica is open and within `FOLLOWER_READ_MAX_LAG` offsets of its
+/// source. The first new replica's node records it, having asked the others (moves of a mirror
+/// being promoted are not finished: they were refused from the promotion's start, and one
+/// begun before it waits).
 async fn finish_mirror_move(
     broker: &Arc<Broker>,
     t: &crate::cluster::TopicSpec,
@@ -139,19 +141,48 @@ async fn finish_mirror_move(
     target: &[NodeId],
     key: PartitionKey,
 ) {
-    if target.first() != Some(&broker.node_id()) {
+    let current = &t.replicas[p as usize];
+    let new: Vec<NodeId> = target
+        .iter()
+        .copied()
+        .filter(|n| !current.contains(n))
+        .collect();
+    if new.first() != Some(&broker.node_id()) || t.promotion.is_some() {
         return;
     }
     let Ok(topic) = broker.topic(&t.name) else {
         return;
     };
-    let caught_up = broker.replica_state(&topic, p).await.is_ok_and(|s| {
-        s.mirror.is_some_and(|m| {
-            m.contact.is_some() && m.records <= crate::shard::FOLLOWER_READ_MAX_LAG
-        })
-    });
-    if !caught_up {
+    let ready = |m: &crate::shard::MirrorLag| {
+        m.contact.is_some() && m.records <= crate::shard::FOLLOWER_READ_MAX_LAG
+    };
+    let here = broker
+        .replica_state(&topic, p)
+        .await
+        .is_ok_and(|s| s.mirror.as_ref().is_some_and(ready));
+    if !here {
         return;
+    }
+    for node in &new[1..] {
+        let req = crate::proto::v1::DescribeTopicRequest {
+            name: t.name.clone(),
+        };
+        let r = broker
+            .call_peer(*node, |mut c| async move { c.describe_topic(req).await })
+            .await;
+        let caught_up = r.is_ok_and(|r| {
+            r.partitions.iter().any(|x| {
+                x.partition == p
+                    && x.local
+                    && x.mirror.as_ref().is_some_and(|m| {
+                        m.contact_ms.is_some()
+                            && m.lag_records <= crate::shard::FOLLOWER_READ_MAX_LAG
+                    })
+            })
+        });
+        if !caught_up {
+            return;
+        }
     }
     let cmd = Command::FinishMove {
         topic: t.name.clone(),

@@ -32,6 +32,9 @@ use crate::types::Offset;
 const STEP_WAIT: Duration = Duration::from_secs(60);
 /// How often it looks again.
 const LOOK_EVERY: Duration = Duration::from_millis(200);
+/// How long the cut waits for every replica to stop before a majority is enough: longer than
+/// a pull in flight may take (its long poll and time limit, `mirror::PULL_SLACK`).
+const ALL_WAIT: Duration = Duration::from_secs(15);
 
 /// One replica of a mirror's partition, as its node reports it.
 #[derive(Debug, Clone, Copy)]
@@ -79,18 +82,29 @@ pub async fn promote_topic(broker: &Arc<Broker>, name: &str) -> Result<(Arc<Topi
     let cuts = match cuts_of(&topic) {
         Some(cuts) => cuts,
         None => {
-            // The longest log of the replicas that stopped (a majority of each partition's).
+            // The longest log of the replicas that stopped: every replica's while they all
+            // answer within `ALL_WAIT` (longer than a pull in flight can take), then a
+            // majority's.
+            let began = Instant::now();
             let cuts = wait_for(broker, &topic, "stop pulling", |p, held| {
                 let stopped: Vec<&Held> = held.iter().filter(|h| h.stopped).collect();
-                (stopped.len() * 2 > topic.replicas(p).len())
-                    .then(|| stopped.into_iter().max_by_key(|h| h.end))
-                    .flatten()
-                    .map(|h| Cut {
-                        end: h.end,
-                        term: h.last.0,
-                        index: h.last.1,
-                        replicas: topic.replicas(p).to_vec(),
-                    })
+                let replicas = topic.replicas(p).len();
+                let enough = stopped.len() >= replicas
+                    || (began.elapsed() >= ALL_WAIT && stopped.len() * 2 > replicas);
+                let end = stopped.iter().map(|h| h.end).max().filter(|_| enough)?;
+                // The stamps of the batch ending there, from a replica that holds it.
+                let last = stopped
+                    .iter()
+                    .filter(|h| h.end == end)
+                    .map(|h| h.last)
+                    .find(|l| *l != (0, 0))
+                    .unwrap_or_default();
+                Some(Cut {
+                    end,
+                    term: last.0,
+                    index: last.1,
+                    replicas: topic.replicas(p).to_vec(),
+                })
             })
             .await?;
             let cmd = Command::CutMirror {
@@ -99,8 +113,13 @@ pub async fn promote_topic(broker: &Arc<Broker>, name: &str) -> Result<(Arc<Topi
                 cuts: cuts.clone(),
             };
             wait_applied(broker, propose(broker, &cmd).await?).await?;
-            tracing::info!(topic = name, ends = ?cuts.iter().map(|c| c.end.0).collect::<Vec<_>>(), "promoting the mirror: each partition's cut decided");
-            cuts
+            // The cuts that count are the applied ones (a promotion racing this one may have
+            // decided first).
+            let applied = cuts_of(&*broker.topic(name)?).ok_or_else(|| {
+                ControllerError::Stalled(format!("promoting {name}: the cut was not recorded"))
+            })?;
+            tracing::info!(topic = name, ends = ?applied.iter().map(|c| c.end.0).collect::<Vec<_>>(), "promoting the mirror: each partition's cut decided");
+            applied
         }
     };
     let topic = broker.topic(name)?;

@@ -92,8 +92,9 @@ impl Source {
             return Ok(c.clone());
         }
         let endpoint = crate::tls::endpoint(self.address()).map_err(MirrorError::BadAddress)?;
+        // A pull answers at least one whole batch, which may be as large as the format allows.
         let c = TernClient::new(crate::tls::channel(&endpoint, self.tls.as_ref()))
-            .max_decoding_message_size(PULL_BYTES as usize + (1 << 20));
+            .max_decoding_message_size(crate::log::batch::BATCH_LEN_MAX + (1 << 20));
         self.client = Some(c.clone());
         Ok(c)
     }
@@ -358,6 +359,26 @@ async fn copy(
     None
 }
 
+/// Where the source partition's log starts, as its leader says (`ListOffsets` for the latest
+/// position is answered by the leader).
+async fn leader_start(c: &mut TernClient<Channel>, topic: &str, partition: u32) -> Option<u64> {
+    let mut call = tonic::Request::new(pb::ListOffsetsRequest {
+        topic: topic.to_string(),
+        partitions: vec![partition],
+        position: Some(pb::StartPosition {
+            position: Some(pb::start_position::Position::Latest(true)),
+        }),
+    });
+    call.set_timeout(PULL_SLACK);
+    let r = c.list_offsets(call).await.ok()?.into_inner();
+    let p = r
+        .partitions
+        .into_iter()
+        .find(|p| p.partition == partition)?;
+    // `leader` set: a follower answered from its own view.
+    (p.leader == 0).then_some(p.start_offset)
+}
+
 /// One pull from the source, from offset `from`.
 async fn fetch(source: &mut Source, topic: &str, partition: u32, from: Offset) -> Pulled {
     let mut c = match source.client() {
@@ -387,11 +408,25 @@ async fn fetch(source: &mut Source, topic: &str, partition: u32, from: Offset) -
             let address = source.address().to_string();
             let e = BrokerError::from_peer(NodeId(0), s);
             match e.range() {
-                // The source deleted what this replica would copy next.
-                Some((start, end)) if from.0 < start => Pulled::Restart {
-                    source_start: Offset(start),
-                    source_end: Offset(end),
-                },
+                // The source deleted what this replica would copy next, if its leader says so
+                // too (a source follower restarted from a snapshot starts later than its
+                // leader's log).
+                Some((start, end)) if from.0 < start && start <= end => {
+                    match leader_start(&mut c, topic, partition).await {
+                        Some(s) if s > from.0 => Pulled::Restart {
+                            source_start: Offset(s),
+                            source_end: Offset(end.max(s)),
+                        },
+                        _ => {
+                            source.next();
+                            Pulled::Failed(format!(
+                                "{address}: a replica of the source no longer holds offset {}, \
+                                 but its leader does (or could not be asked); asking again",
+                                from.0
+                            ))
+                        }
+                    }
+                }
                 Some((_, end)) => Pulled::Failed(format!(
                     "the source ({address}) answered that the partition ends at offset {end}, \
                      before this mirror's end {} (a source replica behind its leader, or a \

@@ -97,6 +97,14 @@ impl Mirror {
     /// Opens (creating if needed) the mirror's log in `open.dir`. A damaged tail is cut
     /// (`Log::open_repairing`): the source gives it back.
     pub async fn open(open: OpenPartition) -> Result<Mirror, CoreError> {
+        // A directory converted by a promotion holds a Raft group's log: never a mirror again
+        // (a node replaying old metadata may ask for one a moment before it learns better).
+        if open.dir.join("raft.state").exists() {
+            return Err(CoreError::Mirror(format!(
+                "{} holds a promoted mirror's Raft log; it opens as a partition",
+                open.key
+            )));
+        }
         mark(&open.dir).await?;
         let log = Log::open_repairing(&open.dir, open.config).await?;
         if log.repaired().is_some() {
@@ -227,6 +235,20 @@ impl Mirror {
             }
             if upto && m.next_offset() > source_end {
                 break;
+            }
+            // The source's Raft entries follow each other: a batch of another history (a
+            // source topic created again, addresses of two clusters) is refused.
+            let stamps = (m.term.0, m.raft_index);
+            if let Some((term, index)) = self.last.get().filter(|_| !upto) {
+                if stamps.1 != index + 1 || stamps.0 < term {
+                    failed = Some(CoreError::Mirror(format!(
+                        "the source's batch at offset {} is Raft entry {} of term {}, which does \
+                         not follow this mirror's last (entry {index} of term {term}): is it \
+                         the same topic?",
+                        m.base_offset.0, stamps.1, stamps.0
+                    )));
+                    break;
+                }
             }
             if m.base_offset != next || m.next_offset() > source_end {
                 failed = Some(CoreError::Mirror(format!(

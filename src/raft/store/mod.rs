@@ -466,11 +466,13 @@ pub async fn promote(
         return Ok(());
     }
     let p = log.positions();
+    let mut started_over = false;
     if p.start <= at.end && at.end < p.next {
         log.truncate_from(at.end).await.map_err(io_err)?;
     } else if p.next < at.end || p.start > at.end {
         tracing::warn!(dir = %dir.display(), end = p.next.0, cut = at.end.0, "this replica of a promoted mirror does not hold the records up to the cut; its log starts over at the cut");
         log.reset_to(at.end).await.map_err(io_err)?;
+        started_over = true;
     }
     // The producers' last batches, from the copied log.
     let mut producers = ProducerTable::default();
@@ -512,6 +514,11 @@ pub async fn promote(
         purged: Some(purged),
         purged_end: Some(at.end.0),
         snapshot: Some((meta, at.end.0)),
+        // A replica that started over knows none of the copied producers: it does not help
+        // elect a leader, nor campaign, until it has applied an entry of a leader elected
+        // after the promotion (which knows them; see `Durable::recover_to`).
+        recover_to: started_over.then_some(at.index + 1),
+        recover_term: started_over.then_some(at.term),
         ..Durable::default()
     };
     let bytes = serde_json::to_vec(&durable).map_err(io_err)?;
@@ -580,8 +587,11 @@ pub async fn open_with_handle(
     }
     let pos = log.positions();
     let mut at = pos.start;
+    // Below the purge point's end every batch is purged, whatever its stamps say (a promoted
+    // mirror's copied batches carry their source's).
+    let purged_below = durable.purged_end.map(Offset);
     let push = |map: &mut EntryMap, index: u64, base: Offset, term: u64| {
-        if purged.is_some_and(|p| index <= p) {
+        if purged.is_some_and(|p| index <= p) || purged_below.is_some_and(|e| base < e) {
             return Ok(());
         }
         map.push(index, Slot { base, term }).map_err(io_err)
