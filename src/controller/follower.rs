@@ -37,6 +37,9 @@ pub struct Follower {
     pub(super) open: HashMap<PartitionId, (TopicUid, PathBuf)>,
     /// Some partition failed to open or close: retry at the next step.
     pub(super) failed: bool,
+    /// Reconciling left partitions to open (it opens a bounded number per step): the next
+    /// step comes at once and reconciles again.
+    pub(super) more_to_open: bool,
     /// The pulls of the mirror replicas open here (stopped when dropped).
     pub(super) pullers: HashMap<PartitionId, crate::mirror::Puller>,
     /// Where this node's last checkpoint of the state stands (`checkpoint.rs`).
@@ -57,6 +60,7 @@ impl Follower {
             next: Offset(0),
             open: HashMap::new(),
             failed: false,
+            more_to_open: false,
             pullers: HashMap::new(),
             checkpointed: Offset(0),
             catch_up_to: None,
@@ -183,7 +187,7 @@ impl Follower {
         let broker = self.broker.clone();
         loop {
             tokio::select! {
-                r = self.step(FOLLOW_WAIT) => {
+                r = self.step(if self.more_to_open { Duration::ZERO } else { FOLLOW_WAIT }) => {
                     if let Err(e) = r {
                         tracing::warn!(error = %e, "following the metadata failed");
                         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -203,8 +207,13 @@ impl Follower {
         }
         // Started from a checkpoint with nothing committed past it: the partitions it names
         // are still to be opened.
-        if self.failed {
+        // (A bounded number per call: again while that opens some.)
+        while self.failed || self.more_to_open {
+            let before = self.open.len();
             self.reconcile(Vec::new()).await;
+            if self.open.len() == before {
+                break;
+            }
         }
         Ok(!self.failed)
     }
@@ -278,7 +287,7 @@ impl Follower {
                 self.broker.stop_for(self.broker.removed_message());
             }
         }
-        if moved || self.failed {
+        if moved || self.failed || self.more_to_open {
             self.reconcile(deleted).await;
         }
         self.broker.set_applied_view(self.next);
@@ -292,6 +301,7 @@ impl Follower {
         if leader_known
             && self.next >= fetched.high_watermark
             && !self.failed
+            && !self.more_to_open
             && !self.broker.is_ready()
             && self.reached_the_leader().await
         {

@@ -9,6 +9,9 @@ use crate::cluster::TopicSpec;
 use crate::shard::request::OpenPartition;
 use crate::shard::{CoreRequest, PartitionKey};
 
+/// Partitions a node opens at once, per core; a reconciling step opens four times as many.
+const OPENS_PER_CORE: usize = 8;
+
 impl Follower {
     /// Opens the partitions this node should hold and closes (and removes) the others;
     /// `deleted`: topics whose files go even if never opened here since the last start.
@@ -57,7 +60,12 @@ impl Follower {
         for spec in deleted {
             remove_dir(broker.config.data_dir.join("topics").join(spec.dir_name())).await;
         }
-        let opens = diff.open.into_iter().filter_map(|o| {
+        // A bounded number per step: the follower applies the metadata that arrives meanwhile
+        // (a node opening thousands of partitions applied nothing else for minutes: group
+        // commits and topic creations waited) and comes back for the rest at once.
+        let per_step = broker.shards.core_count().max(1) * OPENS_PER_CORE * 4;
+        self.more_to_open = diff.open.len() > per_step;
+        let opens = diff.open.into_iter().take(per_step).filter_map(|o| {
             let spec = self.state.topics.get(&o.topic)?.clone();
             let promoted = promoted_at(&self.state, &spec, o.partition);
             let broker = broker.clone();
@@ -89,7 +97,15 @@ impl Follower {
                 ((o.topic, o.partition), o.uid, dir, mirror, r)
             })
         });
-        for (id, uid, dir, mirror, r) in futures::future::join_all(opens).await {
+        // A bounded number at a time: thousands of groups starting at once (log files, Raft
+        // state, first elections) starved every core's other work, the metadata group's
+        // included, and a cluster creating 2,500 partitions lost its metadata leader.
+        let opened: Vec<_> = futures::StreamExt::collect(futures::StreamExt::buffer_unordered(
+            futures::stream::iter(opens),
+            broker.shards.core_count().max(1) * OPENS_PER_CORE,
+        ))
+        .await;
+        for (id, uid, dir, mirror, r) in opened {
             match r {
                 Ok(()) => {
                     if let Some((key, core, of)) = mirror {
