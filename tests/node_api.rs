@@ -899,3 +899,73 @@ async fn restart_with_fewer_cores_and_recreating_a_deleted_topic() {
         assert_eq!(values, want, "partition {p}");
     }
 }
+
+/// More partitions than a node opens in one metadata step (it opens a bounded number per step
+/// and comes back for the rest): every one opens and takes a record, also after a restart, and
+/// the node says it is ready only once all are open.
+#[tokio::test]
+async fn a_topic_with_more_partitions_than_one_open_step_opens_whole() {
+    const N: u32 = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let check = |addr: String| async move {
+        let mut c = tern::proto::v1::tern_client::TernClient::new(
+            node_support::channel(&addr).await.unwrap(),
+        );
+        for p in 0..N {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let r = c
+                    .publish(pb::PublishRequest {
+                        topic: "wide".into(),
+                        records: vec![pb::PublishRecord {
+                            partition: Some(p),
+                            ..rec(None, format!("p{p}"))
+                        }],
+                        ..Default::default()
+                    })
+                    .await;
+                match r {
+                    Ok(r) => {
+                        assert_eq!(r.into_inner().acks[0].partition, p);
+                        break;
+                    }
+                    Err(s) => {
+                        assert_eq!(s.code(), tonic::Code::Unavailable, "partition {p}: {s:?}");
+                        assert!(std::time::Instant::now() < deadline, "partition {p}: {s:?}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+    };
+    {
+        let node = TestNode::start(dir.path(), &[]);
+        let mut c = node.client().await;
+        create_topic(&mut c, "wide", N).await;
+        check(node.addr.clone()).await;
+        node.kill9();
+    }
+    let node = TestNode::start(dir.path(), &[]);
+    let mut c = node.client().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = c
+            .cluster_info(pb::ClusterInfoRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        if info.ready {
+            let t = info.topics.iter().find(|t| t.topic == "wide").unwrap();
+            let open = t.partitions.iter().filter(|p| p.local).count();
+            assert_eq!(open, N as usize, "ready with {open} of {N} partitions open");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    check(node.addr.clone()).await;
+    for p in [0, N / 2, N - 1] {
+        let recs = fetch_all(&mut c, "wide", p).await;
+        assert_eq!(recs.len(), 2, "partition {p}: {recs:?}");
+    }
+}
