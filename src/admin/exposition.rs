@@ -73,6 +73,8 @@ pub struct Snapshot {
     shown: Vec<Replica>,
     replicas: usize,
     leaders: usize,
+    /// Mirror topics' replicas (no Raft group).
+    mirrors: usize,
     under_replicated: usize,
     leaderless: usize,
     groups: Vec<pb::GroupInfo>,
@@ -127,6 +129,7 @@ impl Snapshot {
         }
         let replicas = all.len();
         let leaders = all.iter().filter(|r| r.state.is_leader).count();
+        let mirrors = all.iter().filter(|r| r.state.mirror.is_some()).count();
         let under = all.iter().filter(|r| r.under_replicated).count();
         let leaderless = all
             .iter()
@@ -153,6 +156,7 @@ impl Snapshot {
             shown: all,
             replicas,
             leaders,
+            mirrors,
             under_replicated: under,
             leaderless,
             groups: groups.running().await,
@@ -397,8 +401,9 @@ impl Collector for Snapshot {
                 (vec![("role", "leader".to_string())], self.leaders as i64),
                 (
                     vec![("role", "follower".to_string())],
-                    (self.replicas - self.leaders) as i64,
+                    (self.replicas - self.leaders - self.mirrors) as i64,
                 ),
+                (vec![("role", "mirror".to_string())], self.mirrors as i64),
             ],
         )?;
         gauge(
