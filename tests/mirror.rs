@@ -376,3 +376,107 @@ async fn publish_retrying_acks(c: &mut TernClient<Channel>, req: pb::PublishRequ
         }
     }
 }
+
+/// A replica down while its mirror is promoted: the promotion goes on with the majority (after
+/// waiting for every replica a while), and the replica, short of the cut when it returns,
+/// reopens as a member of the promoted group: it takes the new records, in order after the cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_down_during_the_promotion_rejoins_the_promoted_topic() {
+    let mut source = Cluster::start(1).await;
+    let mut src = source.client(0).await;
+    create(&mut src, SOURCE, PARTITIONS, 1).await;
+    publish(&mut src, "a", 20).await;
+    let mut mirror = Cluster::start(3).await;
+    let mut m = mirror.client(0).await;
+    m.create_topic(pb::CreateTopicRequest {
+        name: MIRROR.into(),
+        replication_factor: 3,
+        mirror_of: Some(pb::MirrorOf {
+            topic: SOURCE.into(),
+            addresses: vec![source.addrs[0].clone()],
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("create the mirror");
+    wait_mirrored(&source, &mirror, "first copy").await;
+
+    // Node 3 goes down; the source goes on; the others copy it.
+    mirror.kill9(2);
+    publish(&mut src, "b", 20).await;
+    wait_mirrored(&source, &mirror, "without node 3").await;
+    let promoted = m
+        .promote_topic(pb::PromoteTopicRequest {
+            name: MIRROR.into(),
+        })
+        .await
+        .expect("promote with a replica down")
+        .into_inner();
+    let mut src_ends = Vec::new();
+    for p in 0..PARTITIONS {
+        let r = src
+            .list_offsets(pb::ListOffsetsRequest {
+                topic: SOURCE.into(),
+                partitions: vec![p],
+                position: None,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        src_ends.push(r.partitions[0].end_offset);
+    }
+    assert_eq!(promoted.ends, src_ends);
+    let after = publish_retrying_acks(
+        &mut m,
+        pb::PublishRequest {
+            topic: MIRROR.into(),
+            records: vec![node_support::cluster::record(0, "after".into())],
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(after[0] >= src_ends[0]);
+
+    // The source is gone for good. Node 3 returns: its replica (a mirror's, short of the cut,
+    // with nothing to pull from) reopens in the promoted group, starting at the cut, and
+    // receives what was written after the promotion.
+    drop(src);
+    source.kill9(0);
+    mirror.start_node(2);
+    let mut c = mirror.client(2).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = c
+            .fetch(pb::FetchRequest {
+                topic: MIRROR.into(),
+                partition: 0,
+                offset: src_ends[0],
+                max_records: 100,
+                ..Default::default()
+            })
+            .await;
+        if let Ok(r) = &r {
+            let values: Vec<&[u8]> = r.get_ref().records.iter().map(|r| &r.value[..]).collect();
+            if values.contains(&&b"after"[..]) {
+                assert_eq!(values, vec![&b"after"[..]], "node 3 after the cut");
+                assert_eq!(r.get_ref().records[0].offset, after[0]);
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 3 never served the promoted topic's record: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The group goes on taking writes with node 3 in it.
+    publish_retrying_acks(
+        &mut m,
+        pb::PublishRequest {
+            topic: MIRROR.into(),
+            records: vec![node_support::cluster::record(1, "later".into())],
+            ..Default::default()
+        },
+    )
+    .await;
+}
