@@ -568,6 +568,26 @@ impl Partition {
                 self.key
             )));
         }
+        // Quiet under a leader whose node is alive (same incarnation): a pre-vote is refused, as
+        // a replica that hears its leader refuses one (Raft's pre-vote rule). Without this, a
+        // replica that woke on its own while its leader was silent could depose a leader that
+        // is there: an extra election, and a write stalled for it.
+        if matches!(body, Body::PreVote(_)) {
+            if let (Some((leader, incarnation)), Some(t)) =
+                (self.quiet.following.get(), &self.transport)
+            {
+                let live = Liveness {
+                    heard: t.heard(),
+                    window: self.liveness_window(),
+                };
+                if live.alive(leader) == Some(incarnation) {
+                    return Err(RaftError::Refused(format!(
+                        "{}: quiet under its leader (node {leader}), which is alive",
+                        self.key
+                    )));
+                }
+            }
+        }
         // A message to a quiet group: its core ticks it again (it goes back to sleep at once if
         // the message leaves it quiet).
         let was_quiet = self.quiet.is_quiet();
