@@ -40,6 +40,11 @@ pub struct Follower {
     /// Reconciling left partitions to open (it opens a bounded number per step): the next
     /// step comes at once and reconciles again.
     pub(super) more_to_open: bool,
+    /// The last reconcile opened at least one partition (then the next step comes at once
+    /// while more are to open; without progress it waits as usual).
+    pub(super) opened_some: bool,
+    /// Partitions whose last open failed: tried after the others.
+    pub(super) open_failures: std::collections::HashSet<PartitionId>,
     /// The pulls of the mirror replicas open here (stopped when dropped).
     pub(super) pullers: HashMap<PartitionId, crate::mirror::Puller>,
     /// Where this node's last checkpoint of the state stands (`checkpoint.rs`).
@@ -61,6 +66,8 @@ impl Follower {
             open: HashMap::new(),
             failed: false,
             more_to_open: false,
+            opened_some: false,
+            open_failures: Default::default(),
             pullers: HashMap::new(),
             checkpointed: Offset(0),
             catch_up_to: None,
@@ -187,7 +194,7 @@ impl Follower {
         let broker = self.broker.clone();
         loop {
             tokio::select! {
-                r = self.step(if self.more_to_open { Duration::ZERO } else { FOLLOW_WAIT }) => {
+                r = self.step(if self.more_to_open && self.opened_some { Duration::ZERO } else { FOLLOW_WAIT }) => {
                     if let Err(e) = r {
                         tracing::warn!(error = %e, "following the metadata failed");
                         tokio::time::sleep(Duration::from_millis(200)).await;

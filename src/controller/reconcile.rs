@@ -17,7 +17,7 @@ impl Follower {
     /// `deleted`: topics whose files go even if never opened here since the last start.
     pub(super) async fn reconcile(&mut self, deleted: Vec<TopicSpec>) {
         let broker = self.broker.clone();
-        self.reopen_promoted().await;
+        let reopen_failed = !self.reopen_promoted().await;
         let open = self
             .open
             .iter()
@@ -65,7 +65,10 @@ impl Follower {
         // commits and topic creations waited) and comes back for the rest at once.
         let per_step = broker.shards.core_count().max(1) * OPENS_PER_CORE * 4;
         self.more_to_open = diff.open.len() > per_step;
-        let opens = diff.open.into_iter().take(per_step).filter_map(|o| {
+        // Partitions that failed to open last time go last: they cannot hold back the rest.
+        let mut to_open = diff.open;
+        to_open.sort_by_key(|o| self.open_failures.contains(&(o.topic.clone(), o.partition)));
+        let opens = to_open.into_iter().take(per_step).filter_map(|o| {
             let spec = self.state.topics.get(&o.topic)?.clone();
             let promoted = promoted_at(&self.state, &spec, o.partition);
             let broker = broker.clone();
@@ -105,9 +108,12 @@ impl Follower {
             broker.shards.core_count().max(1) * OPENS_PER_CORE,
         ))
         .await;
+        self.opened_some = false;
         for (id, uid, dir, mirror, r) in opened {
             match r {
                 Ok(()) => {
+                    self.opened_some = true;
+                    self.open_failures.remove(&id);
                     if let Some((key, core, of)) = mirror {
                         let puller = crate::mirror::start(broker.clone(), key, core, of, id.1);
                         self.pullers.insert(id.clone(), puller);
@@ -116,18 +122,21 @@ impl Follower {
                 }
                 Err(e) => {
                     tracing::warn!(topic = %id.0, partition = id.1, error = %e, "opening failed; will retry");
+                    self.open_failures.insert(id);
                     failed = true;
                 }
             }
         }
-        self.failed = failed;
+        self.failed = failed || reopen_failed;
     }
 }
 
 impl Follower {
     /// Closes (keeping their files) the mirror replicas whose topic was promoted since they
     /// opened: reconciling then opens them again, as Raft groups.
-    async fn reopen_promoted(&mut self) {
+    /// Whether every one closed (a failure is retried at the next step).
+    async fn reopen_promoted(&mut self) -> bool {
+        let mut all = true;
         let promoted: Vec<PartitionId> = self
             .pullers
             .keys()
@@ -160,10 +169,11 @@ impl Follower {
                 }
                 Err(e) => {
                     tracing::warn!(partition = %key, error = %e, "closing a promoted mirror's replica failed; will retry");
-                    self.failed = true;
+                    all = false;
                 }
             }
         }
+        all
     }
 }
 

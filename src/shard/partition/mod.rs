@@ -572,10 +572,18 @@ impl Partition {
         // a replica that hears its leader refuses one (Raft's pre-vote rule). Without this, a
         // replica that woke on its own while its leader was silent could depose a leader that
         // is there: an extra election, and a write stalled for it.
-        if matches!(body, Body::PreVote(_)) {
-            if let (Some((leader, incarnation)), Some(t)) =
-                (self.quiet.following.get(), &self.transport)
-            {
+        // Only a pre-vote for the next term, from another node: the leader itself, or a
+        // candidate past the next term (an election this replica missed), proves the leader it
+        // follows stale.
+        if let (Body::PreVote(v), Some((leader, incarnation)), Some(t)) =
+            (&body, self.quiet.following.get(), &self.transport)
+        {
+            let term = self.raft.metrics().borrow_watched().current_term;
+            let next_term_from_another = crate::raft::wire::decode_vote(v).is_ok_and(|r| {
+                let l = r.vote.leader_id();
+                l.voted_for != leader && l.term <= term + 1
+            });
+            if next_term_from_another {
                 let live = Liveness {
                     heard: t.heard(),
                     window: self.liveness_window(),
