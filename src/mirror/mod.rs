@@ -193,15 +193,8 @@ async fn pull(broker: Arc<Broker>, key: PartitionKey, core: CoreId, of: MirrorOf
         }
         let from = match end {
             Some(e) => e,
-            None => match broker
-                .shards
-                .ask(core, |reply| CoreRequest::Positions {
-                    key: key.clone(),
-                    reply,
-                })
-                .await
-            {
-                Ok(p) => p.next,
+            None => match replica_end(&broker, &key, core).await {
+                Ok(end) => end,
                 Err(e) => {
                     tracing::debug!(partition = %key, error = %e, "mirror replica not ready");
                     tokio::time::sleep(backoff).await;
@@ -215,15 +208,7 @@ async fn pull(broker: Arc<Broker>, key: PartitionKey, core: CoreId, of: MirrorOf
             Pulled::Failed(why) => Some(why.clone()),
             _ => None,
         };
-        let answer = broker
-            .shards
-            .ask(core, |reply| CoreRequest::Mirror {
-                key: key.clone(),
-                pulled,
-                reply,
-            })
-            .await;
-        let failed = match answer {
+        let failed = match take(&broker, &key, core, pulled).await {
             Ok(p) => {
                 end = Some(p.next);
                 failed
@@ -251,6 +236,34 @@ async fn pull(broker: Arc<Broker>, key: PartitionKey, core: CoreId, of: MirrorOf
             }
         }
     }
+}
+
+/// Where this node's replica `key` (on `core`) ends.
+async fn replica_end(
+    broker: &Broker,
+    key: &PartitionKey,
+    core: CoreId,
+) -> Result<Offset, crate::shard::CoreError> {
+    let ask = |reply| CoreRequest::Positions {
+        key: key.clone(),
+        reply,
+    };
+    Ok(broker.shards.ask(core, ask).await?.next)
+}
+
+/// Hands what a pull came to to the replica `key`; answers its log's positions after.
+async fn take(
+    broker: &Broker,
+    key: &PartitionKey,
+    core: CoreId,
+    pulled: Pulled,
+) -> Result<crate::log::Positions, crate::shard::CoreError> {
+    let ask = |reply| CoreRequest::Mirror {
+        key: key.clone(),
+        pulled,
+        reply,
+    };
+    broker.shards.ask(core, ask).await
 }
 
 /// How often a replica being promoted looks at its progress towards the cut.
@@ -282,18 +295,7 @@ async fn promote(broker: &Arc<Broker>, key: &PartitionKey, core: CoreId, partiti
             (false, _) => Some(Pulled::Stop),
             (true, None) => None,
             (true, Some(cut)) => {
-                let cut = &cut;
-                let end = match broker
-                    .shards
-                    .ask(core, |reply| CoreRequest::Positions {
-                        key: key.clone(),
-                        reply,
-                    })
-                    .await
-                {
-                    Ok(p) => p.next,
-                    Err(_) => cut.end,
-                };
+                let end = replica_end(broker, key, core).await.unwrap_or(cut.end);
                 match end < cut.end {
                     true => copy(broker, &topic, partition, end, cut.end).await,
                     false => None,
@@ -301,15 +303,7 @@ async fn promote(broker: &Arc<Broker>, key: &PartitionKey, core: CoreId, partiti
             }
         };
         if let Some(pulled) = pulled {
-            let r = broker
-                .shards
-                .ask(core, |reply| CoreRequest::Mirror {
-                    key: key.clone(),
-                    pulled,
-                    reply,
-                })
-                .await;
-            match r {
+            match take(broker, key, core, pulled).await {
                 Ok(_) => stopped = true,
                 Err(e) => {
                     tracing::debug!(partition = %key, error = %e, "promotion step failed; retrying")
