@@ -274,6 +274,8 @@ pub struct Node {
     /// Cores the watchdog found asleep past their own timers and woke (`shard::mailbox`).
     pub core_stalls: Counter,
     pub fsync: Histogram,
+    /// Round trips of keepalive exchanges (no messages) to peers (`raft::transport`).
+    pub peer_round_trip: Histogram,
     pub connections_open: Gauge,
     pub connections_accepted: Counter,
     /// TLS handshakes that failed or timed out.
@@ -303,6 +305,7 @@ pub static NODE: Node = Node {
     replica_repairs: Counter::new(),
     core_stalls: Counter::new(),
     fsync: Histogram::new(),
+    peer_round_trip: Histogram::new(),
     connections_open: Gauge::new(),
     connections_accepted: Counter::new(),
     handshake_failures: Counter::new(),

@@ -49,7 +49,7 @@ async fn read_n(
     let deadline = Instant::now() + Duration::from_secs(60);
     while out.len() < n {
         assert!(Instant::now() < deadline, "read {} of {n}", out.len());
-        let r = c
+        let r = match c
             .fetch(pb::FetchRequest {
                 topic: topic.into(),
                 partition: 0,
@@ -60,8 +60,16 @@ async fn read_n(
                 raw_batches: false,
             })
             .await
-            .expect("fetch")
-            .into_inner();
+        {
+            Ok(r) => r.into_inner(),
+            // A replica between leaders (an election on a loaded machine) says so; a client
+            // asks again.
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(s) => panic!("fetch: {s:?}"),
+        };
         for rec in &r.records {
             bytes += rec.value.len() as u64;
             out.push(String::from_utf8(rec.value[..8].to_vec()).unwrap());

@@ -380,6 +380,12 @@ impl Collector for Snapshot {
             Some(&Unit::Seconds),
             MetricType::Histogram,
         )?)?;
+        Histogram(n.peer_round_trip.snapshot()).encode(e.encode_descriptor(
+            "peer_round_trip",
+            "Round trips of keepalive exchanges (no Raft messages) to the other nodes; over the Raft heartbeat interval, heartbeats time out.",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?)?;
         gauges(
             e,
             "core_mailbox_depth",

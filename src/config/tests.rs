@@ -138,3 +138,19 @@ fn fsync_names() {
     assert!(parse_fsync("interval", 0).is_err());
     assert!(parse_fsync("sometimes", 10).is_err());
 }
+
+/// The election timeout may be as short as the documented 6 × the heartbeat (a shorter one
+/// is refused with that rule), whatever the heartbeat.
+#[test]
+fn an_election_timeout_of_six_heartbeats_is_accepted() {
+    for heartbeat in [50, 100, 150, 500] {
+        let at = |election| Config {
+            raft_heartbeat_ms: heartbeat,
+            raft_election_timeout_ms: election,
+            ..Config::default()
+        };
+        at(6 * heartbeat).validate().unwrap();
+        let e = at(6 * heartbeat - 1).validate().unwrap_err().to_string();
+        assert!(e.contains("at least 6 × raft_heartbeat_ms"), "{e}");
+    }
+}

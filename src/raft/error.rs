@@ -7,7 +7,7 @@ pub enum RaftError {
     #[error("heartbeat interval must be > 0 ms")]
     HeartbeatZero,
     #[error(
-        "election timeout ({election_ms} ms) must be more than twice the heartbeat ({heartbeat_ms} ms)"
+        "election timeout ({election_ms} ms) must be at least twice the heartbeat ({heartbeat_ms} ms)"
     )]
     ElectionTooShort { election_ms: u64, heartbeat_ms: u64 },
     #[error("election timeout max ({max_ms} ms) must exceed min ({min_ms} ms)")]

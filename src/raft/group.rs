@@ -38,7 +38,7 @@ impl Timing {
         if self.heartbeat_ms == 0 {
             return Err(RaftError::HeartbeatZero);
         }
-        if self.election_min_ms <= self.heartbeat_ms * 2 {
+        if self.election_min_ms < self.heartbeat_ms * 2 {
             return Err(RaftError::ElectionTooShort {
                 election_ms: self.election_min_ms,
                 heartbeat_ms: self.heartbeat_ms,

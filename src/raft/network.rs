@@ -31,6 +31,8 @@ pub struct GroupNetwork {
     /// Set by the replica while, as leader, it announces that its group goes quiet: its
     /// heartbeats then carry `quiet` (see `shard::partition::quiet`).
     pub quiet: Rc<Cell<bool>>,
+    /// The least time an append carrying entries is given (the shortest election timeout).
+    pub entries_ttl: std::time::Duration,
 }
 
 /// One group's client of one peer.
@@ -41,6 +43,7 @@ pub struct GroupClient {
     target: NodeId,
     addr: String,
     quiet: Rc<Cell<bool>>,
+    entries_ttl: std::time::Duration,
 }
 
 impl RaftNetworkFactory<PartitionRaft> for GroupNetwork {
@@ -54,6 +57,7 @@ impl RaftNetworkFactory<PartitionRaft> for GroupNetwork {
             target,
             addr: node.addr.clone(),
             quiet: self.quiet.clone(),
+            entries_ttl: self.entries_ttl,
         }
     }
 }
@@ -90,6 +94,8 @@ impl GroupClient {
                 .sum(),
             _ => 0,
         };
+        let carries_entries =
+            matches!(&body, pb::raft_request::Body::Append(a) if !a.entries.is_empty());
         // Only a heartbeat (an append without entries) announces quiet.
         let quiet = self.quiet.get()
             && matches!(&body, pb::raft_request::Body::Append(a) if a.entries.is_empty());
@@ -107,7 +113,18 @@ impl GroupClient {
         self.transport
             .send(self.target, &self.addr, out)
             .map_err(unreachable)?;
-        let ttl = option.hard_ttl() + transfer_time(payload_bytes);
+        // openraft gives an append one heartbeat interval. Entries are given at least the
+        // shortest election timeout: across regions a round trip can be most of an interval
+        // (or more), and an append timed out there is sent again and again while the write
+        // waits (a 40 ms round trip under a 50 ms interval stalled writes on a loaded machine
+        // for over 30 s). Waiting longer costs nothing: the follower's answer is what the
+        // write needs, and a dead follower's replication stream is its own.
+        let base = if carries_entries {
+            option.hard_ttl().max(self.entries_ttl)
+        } else {
+            option.hard_ttl()
+        };
+        let ttl = base + transfer_time(payload_bytes);
         match glommio::timer::timeout(ttl, async { Ok(rx.await) }).await {
             Ok(Ok(Ok(bytes))) => Ok(bytes),
             Ok(Ok(Err(e))) => Err(unreachable(e)),

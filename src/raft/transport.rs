@@ -94,6 +94,35 @@ pub struct Transport {
     /// A link with nothing to send for this long sends an exchange without messages, so its
     /// peer knows this node is alive (quiet groups need no heartbeats of their own).
     keepalive: Duration,
+    /// Each peer's smoothed round trip (as TCP's: 7/8 the last value plus 1/8 the new one),
+    /// and whether it was logged as over `keepalive` (the heartbeat interval).
+    round_trips: Mutex<HashMap<NodeId, RoundTrip>>,
+}
+
+/// A peer's smoothed round trip (as TCP's: 7/8 the last value plus 1/8 the new one), and
+/// whether it is over the heartbeat interval.
+#[derive(Clone, Copy, Debug)]
+struct RoundTrip {
+    smooth: Duration,
+    slow: bool,
+}
+
+impl RoundTrip {
+    /// Takes in one round trip; `Some(true)` when the smoothed value goes over `interval`,
+    /// `Some(false)` when it is back under half of it (a gap between the two, so a round trip
+    /// near the interval does not flap).
+    fn observe(&mut self, took: Duration, interval: Duration) -> Option<bool> {
+        self.smooth = (self.smooth * 7 + took) / 8;
+        if self.smooth > interval && !self.slow {
+            self.slow = true;
+            Some(true)
+        } else if self.smooth < interval / 2 && self.slow {
+            self.slow = false;
+            Some(false)
+        } else {
+            None
+        }
+    }
 }
 
 /// A peer's node as this node last heard it: its incarnation, and how long ago.
@@ -133,6 +162,7 @@ impl Transport {
             incarnation: std::sync::atomic::AtomicU64::new(rand::random::<u64>() >> 1 | 1),
             heard: Mutex::new(HashMap::new()),
             keepalive,
+            round_trips: Mutex::new(HashMap::new()),
         })
     }
 
@@ -209,6 +239,36 @@ impl Transport {
             .expect("reachable lock")
             .get(&peer)
             .copied()
+    }
+
+    /// The round trip of an exchange without messages to `peer` (a keepalive: no work on the
+    /// peer's cores, so it is the network's and the two nodes' event loops' time). Raft sends
+    /// heartbeats with the heartbeat interval as their time limit (openraft's): a peer further
+    /// away than that gets heartbeats it cannot answer in time, and its groups' leaders cannot
+    /// keep their leases through it. Logged when a peer's smoothed round trip goes over the
+    /// interval and when it is back under half of it.
+    fn round_trip(&self, peer: NodeId, addr: &str, took: Duration) {
+        crate::metrics::NODE.peer_round_trip.observe(took);
+        let mut all = self.round_trips.lock().expect("round trips lock");
+        // Starting from zero: the first exchange (which may include connecting) weighs an
+        // eighth, and a link needs a few slow round trips in a row to be called slow.
+        let rt = all.entry(peer).or_insert(RoundTrip {
+            smooth: Duration::ZERO,
+            slow: false,
+        });
+        match rt.observe(took, self.keepalive) {
+            Some(true) => tracing::warn!(
+                node = %peer,
+                %addr,
+                round_trip_ms = rt.smooth.as_millis() as u64,
+                heartbeat_ms = self.keepalive.as_millis() as u64,
+                "the round trip to node {peer} is longer than the Raft heartbeat interval: heartbeats to it time out; raise raft_heartbeat_ms above the longest round trip between nodes (docs/geo.md, \"Timing across regions\")"
+            ),
+            Some(false) => {
+                tracing::info!(node = %peer, %addr, round_trip_ms = rt.smooth.as_millis() as u64, "the round trip to node {peer} is under the Raft heartbeat interval again")
+            }
+            None => {}
+        }
     }
 
     /// Records how a call to `peer` went, and logs when that changes.
@@ -386,7 +446,12 @@ async fn run_link(
                 incarnation: transport.incarnation(),
             });
             request.set_timeout(CALL_TIMEOUT);
+            let keepalive = waiting.is_empty();
+            let started = Instant::now();
             let result = client.exchange(request).await;
+            if keepalive && result.is_ok() {
+                transport.round_trip(target, &addr, started.elapsed());
+            }
             let mut answers: Vec<Option<Answer>> = (0..waiting.len()).map(|_| None).collect();
             match &result {
                 Ok(_) => transport.saw(target, &addr, true, None),
@@ -435,5 +500,37 @@ async fn run_link(
                 transport.deliver(core, answers).await;
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_round_trip_over_the_heartbeat_is_reported_once_and_not_for_one_slow_exchange() {
+        let ms = Duration::from_millis;
+        let interval = ms(100);
+        let mut rt = RoundTrip {
+            smooth: ms(40),
+            slow: false,
+        };
+        // One exchange delayed by a loaded machine does not make the peer slow.
+        assert_eq!(rt.observe(ms(400), interval), None);
+        for _ in 0..20 {
+            assert_eq!(rt.observe(ms(40), interval), None);
+        }
+        // A link that stays slower than the interval is reported once.
+        let reports: Vec<_> = (0..30)
+            .filter_map(|_| rt.observe(ms(150), interval))
+            .collect();
+        assert_eq!(reports, vec![true]);
+        // Just under the interval again is not enough to call it back ...
+        assert!((0..30).all(|_| rt.observe(ms(90), interval).is_none()));
+        // ... under half of it is, once.
+        let reports: Vec<_> = (0..30)
+            .filter_map(|_| rt.observe(ms(30), interval))
+            .collect();
+        assert_eq!(reports, vec![false]);
     }
 }

@@ -288,6 +288,7 @@ impl Partition {
                         uid: uid.0,
                     },
                     quiet: quiet.announce.clone(),
+                    entries_ttl: Duration::from_millis(replica.timing.election_min_ms),
                 };
                 group::start_with(
                     replica.node_id,
