@@ -273,9 +273,12 @@ pub async fn publish_retrying(c: &mut TernClient<Channel>, req: pb::PublishReque
     loop {
         match c.publish(req.clone()).await {
             Ok(_) => return,
+            // Not the leader, no leader yet, a replica not open yet (a restarted node opens its
+            // replicas a few at a time): nothing was written, so it goes again.
             Err(s)
                 if s.code() == tonic::Code::Unavailable
-                    && s.message().contains("not the partition leader")
+                    && (s.message().contains("not the partition leader")
+                        || s.metadata().contains_key("tern-unwritten"))
                     && Instant::now() < deadline =>
             {
                 tokio::time::sleep(Duration::from_millis(100)).await
