@@ -48,6 +48,10 @@ pub mod metadata {
     pub const PRINCIPAL: &str = "tern-principal";
     /// On a request from a node: the id of the cluster it belongs to.
     pub const CLUSTER: &str = "tern-cluster";
+    /// On a Consume call a node relays to the group coordinator: send records without their
+    /// keys, headers and values; the relaying node reads them near the member
+    /// (`groups::edge`).
+    pub const REFERENCES: &str = "tern-references";
     /// On a RESOURCE_EXHAUSTED status for a client over its quota: milliseconds to wait.
     pub const RETRY_AFTER_MS: &str = "retry-after-ms";
 }

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use node_support::cluster::{check_acked, Writer};
 use node_support::geo::{create_placed, GeoCluster};
+use node_support::group::{join_req, GroupMember};
 use tern::proto::v1 as pb;
+use tern::proto::v1::consume_response::Kind as Down;
 
 const RTT: Duration = Duration::from_millis(40);
 
@@ -201,6 +203,150 @@ async fn leadership_returns_to_the_pinned_region_once_it_is_back() {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let now = c.leader_now("pinned", 0).await;
         assert!(matches!(now, None | Some(0)), "leadership moved to {now:?}");
+    }
+}
+
+/// A group member's records, as (value, key, header) of each, and the bytes of their values;
+/// acks each message's deliveries in queue mode.
+async fn consume_n(
+    m: &mut GroupMember,
+    n: usize,
+    queue: bool,
+) -> (Vec<(String, String, String)>, u64) {
+    let mut out = Vec::new();
+    let mut bytes = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while out.len() < n {
+        assert!(Instant::now() < deadline, "consumed {} of {n}", out.len());
+        let d = match m.next(Duration::from_secs(1)).await {
+            Some(Ok(Down::Deliveries(d))) => d,
+            Some(Ok(_)) | None => continue,
+            Some(Err(s)) => panic!("consume: {s:?}"),
+        };
+        let mut refs = Vec::new();
+        for r in d.deliveries.iter().filter_map(|d| d.record.as_ref()) {
+            bytes += r.value.len() as u64;
+            let key = String::from_utf8(r.key.clone().unwrap_or_default().to_vec()).unwrap();
+            let header = r
+                .headers
+                .iter()
+                .map(|h| format!("{}={}", h.key, String::from_utf8_lossy(&h.value)))
+                .collect::<Vec<_>>()
+                .join(",");
+            out.push((
+                String::from_utf8(r.value[..8].to_vec()).unwrap(),
+                key,
+                header,
+            ));
+            refs.push((r.partition, r.offset));
+        }
+        if queue {
+            m.ack(&refs).await;
+        }
+    }
+    (out, bytes)
+}
+
+/// Group and queue members read from their region's replica: a member whose call enters a
+/// node in another region than its coordinator (the metadata leader) gets its records read
+/// there, not carried across the WAN (the proxies' byte counters), in order and whole (value,
+/// key, headers); joined through the coordinator's own node instead, every byte crosses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_members_get_their_records_from_their_regions_replica() {
+    let c = GeoCluster::start(&["a", "b", "c"], RTT).await;
+    let mut a = c.client(0).await;
+    create_placed(&mut a, "gq", 1, 3, region_survival(&["a"])).await;
+    // 3.2 MB, keyed, with a header.
+    let n = 400;
+    for chunk in 0..(n / 20) {
+        let records = (0..20)
+            .map(|k| {
+                let i = chunk * 20 + k;
+                let mut v = format!("{i:08}").into_bytes();
+                v.resize(8 << 10, b'x');
+                pb::PublishRecord {
+                    partition: Some(0),
+                    key: Some(format!("k{i}").into_bytes().into()),
+                    headers: vec![pb::Header {
+                        key: "n".into(),
+                        value: i.to_string().into_bytes().into(),
+                    }],
+                    value: v.into(),
+                    ..Default::default()
+                }
+            })
+            .collect();
+        a.publish(pb::PublishRequest {
+            topic: "gq".into(),
+            records,
+            ..Default::default()
+        })
+        .await
+        .expect("publish");
+    }
+    let want: Vec<(String, String, String)> = (0..n)
+        .map(|i| (format!("{i:08}"), format!("k{i}"), format!("n={i}")))
+        .collect();
+    // The member's node: one in another region than the coordinator.
+    let info = a
+        .cluster_info(pb::ClusterInfoRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let coordinator = info.metadata_leader as usize - 1;
+    let m = (coordinator + 1) % 3;
+    let region = c.regions[m].clone();
+    let mut near = c.client(m).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = near
+            .describe_topic(pb::DescribeTopicRequest { name: "gq".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if d.partitions[0].local && d.partitions[0].end_offset >= n as u64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{region}'s replica did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (group, mode) in [("g", pb::GroupMode::Stream), ("q", pb::GroupMode::Queue)] {
+        let queue = mode == pb::GroupMode::Queue;
+        let before = c.mesh.wan_bytes();
+        let started = Instant::now();
+        let mut member = GroupMember::join(&c.addrs[m], join_req(group, "gq", mode))
+            .await
+            .expect("join");
+        let (got, read) = consume_n(&mut member, n, queue).await;
+        let local = c.mesh.wan_bytes() - before;
+        let took = started.elapsed();
+        member.leave().await;
+        assert_eq!(got, want, "{mode:?}: every record, whole, in order");
+        // The same through the coordinator's node, from the member's region: all crosses.
+        let before = c.mesh.wan_bytes();
+        let mut far = GroupMember::join(
+            &c.addr_from(&region, coordinator),
+            join_req(&format!("{group}-far"), "gq", mode),
+        )
+        .await
+        .expect("join far");
+        let (got, _) = consume_n(&mut far, n, queue).await;
+        let remote = c.mesh.wan_bytes() - before;
+        far.leave().await;
+        assert_eq!(got, want);
+        eprintln!(
+            "{mode:?}: {read} B consumed; {local} B crossed the WAN from {region}'s replica, {remote} B from the coordinator"
+        );
+        // Heartbeats, the metadata and the group's coordination keep crossing; the records do
+        // not.
+        assert!(
+            local * 4 < read,
+            "{mode:?}: {local} B crossed in {took:?} for {read} B consumed in {region}"
+        );
+        assert!(remote >= read, "{mode:?}: {remote} B crossed for {read} B");
     }
 }
 

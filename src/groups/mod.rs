@@ -26,6 +26,7 @@
 //!   window.rs       queue mode: deliveries, acks, redelivery, dead letters (pure)
 //!   actor.rs        one group's task
 //!   reader.rs       reading partitions for members
+//!   edge.rs         records read near a member whose coordinator is in another region
 //!   dead_letter.rs  writing dead letters
 //!   error.rs        GroupError
 //! ```
@@ -33,6 +34,7 @@
 mod actor;
 mod assign;
 mod dead_letter;
+pub mod edge;
 mod error;
 mod reader;
 mod settings;

@@ -452,6 +452,7 @@ async fn queue_member(
         tern.auth.clone(),
         caller,
         tokio_stream::wrappers::ReceiverStream::new(rx),
+        false,
     )
     .await?;
     let messages = down.filter_map(move |r| {

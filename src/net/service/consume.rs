@@ -45,7 +45,8 @@ where
 }
 
 /// A member's call: `inbound` is the member's requests (a join first), from a Consume call or
-/// from the REST API.
+/// from the REST API. `references`: the call was relayed by a node that reads the records
+/// itself (`groups::edge`); deliveries go without keys, headers and values.
 pub async fn consume(
     broker: Arc<Broker>,
     groups: Arc<Groups>,
@@ -55,13 +56,27 @@ pub async fn consume(
         + Send
         + Unpin
         + 'static,
+    references: bool,
 ) -> Result<BoxStream<pb::ConsumeResponse>, Status> {
     let coordinator = coordinator(&broker, &caller).await?;
     if coordinator != broker.node_id() {
-        // The metadata leader coordinates groups: relay the call to it.
+        // The metadata leader coordinates groups: relay the call to it. In another region,
+        // it sends references and this node reads the records near the member.
+        let first = inbound.next().await;
+        let topic = match &first {
+            Some(Ok(pb::ConsumeRequest {
+                kind: Some(pb::consume_request::Kind::Join(j)),
+            })) => Some(j.topic.clone()),
+            _ => None,
+        };
+        let fill = topic.filter(|_| groups::edge::fill_here(&broker, coordinator));
         let (tx, rx) = tokio::sync::mpsc::channel(RELAY_DEPTH);
         let b = broker.clone();
         tokio::spawn(async move {
+            let Some(Ok(first)) = first else { return };
+            if tx.send(first).await.is_err() {
+                return;
+            }
             loop {
                 tokio::select! {
                     m = inbound.next() => match m {
@@ -77,9 +92,17 @@ pub async fn consume(
             }
         });
         let (b2, origin) = (broker.clone(), caller.origin());
+        let ask_references = fill.is_some();
         let stream = broker
             .call_peer(coordinator, |mut c| async move {
-                c.consume(b2.relay(ReceiverStream::new(rx), &origin)).await
+                let mut call = b2.relay(ReceiverStream::new(rx), &origin);
+                if ask_references {
+                    call.metadata_mut().insert(
+                        crate::proto::metadata::REFERENCES,
+                        tonic::metadata::MetadataValue::from_static("1"),
+                    );
+                }
+                c.consume(call).await
             })
             .await
             .map_err(from_broker)?;
@@ -92,6 +115,10 @@ pub async fn consume(
                 )),
             })
         });
+        let relay: BoxStream<pb::ConsumeResponse> = match fill {
+            None => Box::pin(relay),
+            Some(topic) => Box::pin(filled(broker.clone(), topic, relay)),
+        };
         return Ok(throttled(broker, auth, caller, relay));
     }
     let join_first = || Status::invalid_argument("the first request must be a join");
@@ -142,8 +169,49 @@ pub async fn consume(
         }
         groups.leave(&key, member).await;
     });
-    let out = ReceiverStream::new(out_rx).map(|r| r.map_err(from_group));
+    let out = ReceiverStream::new(out_rx).map(move |r| {
+        let mut r = r.map_err(from_group)?;
+        if let (true, Some(pb::consume_response::Kind::Deliveries(d))) = (references, &mut r.kind) {
+            groups::edge::strip(d);
+        }
+        Ok(r)
+    });
     Ok(throttled(broker, auth, caller, out))
+}
+
+/// The coordinator's deliveries with their records read near this node (`groups::edge`); the
+/// stream ends with UNAVAILABLE if they cannot be (the member joins again: stream mode goes on
+/// from its committed offsets, queue mode redelivers what was not acked).
+fn filled(
+    broker: Arc<Broker>,
+    topic: String,
+    relay: impl futures::Stream<Item = Result<pb::ConsumeResponse, Status>> + Send + 'static,
+) -> impl futures::Stream<Item = Result<pb::ConsumeResponse, Status>> + Send + 'static {
+    let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    relay
+        .then(move |r| {
+            let (broker, topic) = (broker.clone(), topic.clone());
+            async move {
+                let mut r = r?;
+                if let Some(pb::consume_response::Kind::Deliveries(d)) = &mut r.kind {
+                    groups::edge::fill(&broker, &topic, d).await.map_err(|e| {
+                        tracing::warn!(topic, error = %e, "a group member's records could not be read near it");
+                        Status::unavailable(format!(
+                            "the delivered records could not be read near this node ({e}); join again"
+                        ))
+                    })?;
+                }
+                Ok(r)
+            }
+        })
+        // Nothing after a failure: a gap must not reach the member.
+        .take_while(move |r| {
+            let go = !failed.load(std::sync::atomic::Ordering::Relaxed);
+            if r.is_err() {
+                failed.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            go
+        })
 }
 
 /// A group's deliveries to a member, counted, and paced by its principal's consume quota.

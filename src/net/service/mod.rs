@@ -301,12 +301,18 @@ impl Tern for TernService {
         request: Request<Streaming<pb::ConsumeRequest>>,
     ) -> Result<Response<Self::ConsumeStream>, Status> {
         let caller = self.caller(&request).await?;
+        // Only a relaying node asks for references: it reads the records itself.
+        let references = caller.relayed
+            && request
+                .metadata()
+                .contains_key(crate::proto::metadata::REFERENCES);
         consume::consume(
             self.broker.clone(),
             self.groups.clone(),
             self.auth.clone(),
             caller,
             request.into_inner(),
+            references,
         )
         .await
         .map(Response::new)

@@ -1,0 +1,157 @@
+//! Group records from the member's region: a member whose call enters a node in another region
+//! than its coordinator's (the metadata leader) gets its records from a replica near that node,
+//! not carried across the WAN from the coordinator.
+//!
+//! The entry node relays the member's Consume call asking for references
+//! (`tern-references`); the coordinator sends its deliveries with each record's key, headers
+//! and value left out ([`strip`]: partition, offset, timestamp and delivery count stay); the
+//! entry node reads those records from the nearest replica of each partition (its own, or one
+//! in its region) and puts them back ([`fill`]) before the member sees them. Coordination
+//! (assignments, commits, acks, redelivery) stays with the coordinator; only the bytes come
+//! from nearby. Any replica's copy is the coordinator's: a delivered record is committed, and a
+//! committed offset holds the same record on every replica (follower reads serve only
+//! committed records, and wait for them).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use crate::broker::{Broker, Origin, Read};
+use crate::proto::v1 as pb;
+use crate::raft::types::NodeId;
+use crate::types::Offset;
+
+/// How long the entry node tries to read the records of one delivery message (its replica may
+/// be a heartbeat behind the coordinator's; a dead one is passed over for the next nearest).
+const FILL_WAIT: Duration = Duration::from_secs(10);
+/// One read's long poll.
+const READ_WAIT: Duration = Duration::from_secs(1);
+/// Bytes per read.
+const READ_BYTES: usize = 4 << 20;
+/// Records per read.
+const READ_RECORDS: u64 = 10_000;
+/// Wait after a failed read.
+const RETRY: Duration = Duration::from_millis(100);
+
+/// Whether records for a member entering here should come from this node's region: the
+/// coordinator `node` is in another region (both labelled).
+pub fn fill_here(broker: &Broker, coordinator: NodeId) -> bool {
+    let me = &broker.member().region;
+    !me.is_empty()
+        && broker
+            .cluster()
+            .nodes
+            .get(&coordinator)
+            .is_some_and(|m| !m.region.is_empty() && m.region != *me)
+}
+
+/// Leaves out what [`fill`] reads again near the member: each record's key, headers and value.
+pub fn strip(d: &mut pb::Deliveries) {
+    for r in d.deliveries.iter_mut().filter_map(|d| d.record.as_mut()) {
+        r.key = None;
+        r.headers.clear();
+        r.value = Default::default();
+    }
+}
+
+/// Puts back the records [`strip`] left out, read from the nearest replica of each partition.
+pub async fn fill(broker: &Broker, topic: &str, d: &mut pb::Deliveries) -> Result<(), String> {
+    let t = broker.topic(topic).map_err(|e| e.to_string())?;
+    // Partition → offset → the deliveries of that record (a record is delivered once per
+    // message, but nothing here depends on it).
+    let mut wanted: BTreeMap<u32, BTreeMap<u64, Vec<usize>>> = BTreeMap::new();
+    for (i, del) in d.deliveries.iter().enumerate() {
+        if let Some(r) = &del.record {
+            wanted
+                .entry(r.partition)
+                .or_default()
+                .entry(r.offset)
+                .or_default()
+                .push(i);
+        }
+    }
+    let deadline = Instant::now() + FILL_WAIT;
+    for (p, mut offsets) in wanted {
+        let mut at = offsets.keys().next().copied().unwrap_or(0);
+        let mut last_error = String::new();
+        while let Some(&last) = offsets.keys().next_back() {
+            let now = Instant::now();
+            if now >= deadline {
+                let first = offsets.keys().next().copied().unwrap_or(at);
+                return Err(format!(
+                    "partition {p} offset {first} could not be read near this node within {FILL_WAIT:?}{}",
+                    if last_error.is_empty() { String::new() } else { format!(": {last_error}") }
+                ));
+            }
+            let read = Read {
+                from: Offset(at),
+                max_records: (last + 1).saturating_sub(at).clamp(1, READ_RECORDS) as usize,
+                max_bytes: READ_BYTES,
+                max_wait: (deadline - now).min(READ_WAIT),
+                raw: false,
+            };
+            let r = match broker.read(&t, p, read, &Origin::default()).await {
+                Ok(r) => r,
+                Err(e) => {
+                    last_error = e.to_string();
+                    tokio::time::sleep(RETRY).await;
+                    continue;
+                }
+            };
+            for rec in r.records {
+                if let Some(slots) = offsets.remove(&rec.offset) {
+                    for i in slots {
+                        if let Some(slot) = d.deliveries[i].record.as_mut() {
+                            slot.key = rec.key.clone();
+                            slot.headers = rec.headers.clone();
+                            slot.value = rec.value.clone();
+                            slot.timestamp_ms = rec.timestamp_ms;
+                        }
+                    }
+                }
+            }
+            // The read covers everything below its next offset: a wanted offset there that it
+            // did not return holds no record here (not one the coordinator could deliver).
+            if let Some(&missing) = offsets.keys().next().filter(|o| **o < r.next_offset) {
+                return Err(format!(
+                    "partition {p} offset {missing} holds no record on the nearest replica"
+                ));
+            }
+            at = r.next_offset.max(at);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strip_keeps_what_identifies_a_delivery() {
+        let mut d = pb::Deliveries {
+            deliveries: vec![pb::Delivery {
+                record: Some(pb::Record {
+                    topic: "t".into(),
+                    partition: 3,
+                    offset: 42,
+                    timestamp_ms: 7,
+                    key: Some(b"k".to_vec().into()),
+                    headers: vec![pb::Header {
+                        key: "h".into(),
+                        value: b"v".to_vec().into(),
+                    }],
+                    value: vec![1u8; 100].into(),
+                }),
+                delivery_count: 2,
+            }],
+            partition: 3,
+            next_offset: 43,
+        };
+        strip(&mut d);
+        let r = d.deliveries[0].record.as_ref().unwrap();
+        assert_eq!((r.partition, r.offset, r.timestamp_ms), (3, 42, 7));
+        assert!(r.key.is_none() && r.headers.is_empty() && r.value.is_empty());
+        assert_eq!(d.deliveries[0].delivery_count, 2);
+        assert_eq!((d.partition, d.next_offset), (3, 43));
+    }
+}
