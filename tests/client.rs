@@ -183,3 +183,110 @@ async fn a_subscription_resumes_on_another_node_without_gaps_or_repeats() {
         assert_eq!(values, want.collect::<Vec<_>>(), "each record once");
     }
 }
+
+/// Over mTLS to a node that requires authentication: the client checks the node against the
+/// cluster's CA, presents its certificate (its principal, a superuser here), creates a topic,
+/// publishes and reads back. Without a client certificate, in plaintext, or trusting another
+/// CA, it does not get in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_speaks_mtls_to_a_node_that_requires_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = |dir: &std::path::Path, node: bool| {
+        let mut args = vec!["certs", "create", "--dir", dir.to_str().unwrap()];
+        if node {
+            args.extend(["--node", "1"]);
+        }
+        args.extend(["--client", "ops"]);
+        let out = std::process::Command::new(node_support::TERN)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let dir = tmp.path().join("certs");
+    certs(&dir, true);
+    let other = tmp.path().join("other");
+    certs(&other, false);
+    let path = |d: &std::path::Path, f: &str| d.join(f).to_str().unwrap().to_string();
+    let ca = path(&dir, "ca.pem");
+    let node = node_support::TestNode::start(
+        &tmp.path().join("n1"),
+        &[
+            "--node-id",
+            "1",
+            "--auth",
+            "required",
+            "--tls-cert",
+            &path(&dir, "node-1.pem"),
+            "--tls-key",
+            &path(&dir, "node-1-key.pem"),
+            "--tls-cluster-ca",
+            &ca,
+            "--tls-client-ca",
+            &ca,
+            "--superuser",
+            "ops",
+        ],
+    );
+    let tls = |d: &std::path::Path, with_cert: bool| {
+        let cert = with_cert.then(|| (d.join("client-ops.pem"), d.join("client-ops-key.pem")));
+        tern_client::Tls::from_files(d.join("ca.pem"), cert)
+            .unwrap()
+            .server_name("localhost")
+    };
+    let over = |tls: Option<tern_client::Tls>| ClientOptions { tls, ..options() };
+    let client = Client::connect([node.addr.clone()], over(Some(tls(&dir, true))))
+        .await
+        .expect("connects over mTLS");
+    client
+        .node(&node.addr)
+        .unwrap()
+        .create_topic(tern_client::proto::CreateTopicRequest {
+            name: "secure".into(),
+            partitions: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("the superuser creates a topic");
+    let producer = Producer::new(&client, ProducerOptions::default())
+        .await
+        .unwrap();
+    let mut acks = Vec::new();
+    for i in 0..10 {
+        acks.push(
+            producer
+                .send("secure", Record::new(format!("r{i}")))
+                .await
+                .unwrap(),
+        );
+    }
+    let mut offsets = Vec::new();
+    for a in acks {
+        offsets.push(a.await.unwrap().offset);
+    }
+    let mut sub = client.subscribe("secure", Start::Earliest).await.unwrap();
+    let got: Vec<(u64, String)> = take(&mut sub, 10)
+        .await
+        .into_iter()
+        .map(|r| (r.1, r.2))
+        .collect();
+    let want: Vec<(u64, String)> = offsets
+        .into_iter()
+        .zip((0..10).map(|i| format!("r{i}")))
+        .collect();
+    assert_eq!(got, want);
+    // Refused: no client certificate, plaintext, a client that trusts another CA (and
+    // presents that CA's certificate).
+    for (what, o) in [
+        ("no client certificate", over(Some(tls(&dir, false)))),
+        ("plaintext", over(None)),
+        ("another CA", over(Some(tls(&other, true)))),
+    ] {
+        let r = Client::connect([node.addr.clone()], o).await;
+        assert!(r.is_err(), "{what}: connected");
+    }
+}

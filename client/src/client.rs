@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::error::{retryable, Error};
 use crate::proto::tern_client::TernClient;
@@ -29,6 +29,9 @@ pub struct ClientOptions {
     pub region: Option<String>,
     /// A bearer token for clusters that require authentication (`tern user create`).
     pub token: Option<String>,
+    /// Connect over TLS (the nodes' `--tls-cert`), verifying the nodes against a CA and
+    /// presenting a client certificate if the cluster asks for one (mTLS). `None`: plaintext.
+    pub tls: Option<Tls>,
     /// Limit on establishing a connection to a node.
     pub connect_timeout: Duration,
     /// Limit on one call (a publish waits for a quorum's fsync).
@@ -40,9 +43,89 @@ impl Default for ClientOptions {
         ClientOptions {
             region: None,
             token: None,
+            tls: None,
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(10),
         }
+    }
+}
+
+/// TLS towards the nodes: the CA that signed their certificates, a client certificate for
+/// clusters that authenticate clients by certificate, and the name to check the nodes'
+/// certificates against when it is not the host of their addresses.
+///
+/// ```no_run
+/// # fn example() -> Result<(), tern_client::Error> {
+/// use tern_client::{ClientOptions, Tls};
+///
+/// let tls = Tls::from_files("certs/ca.pem", Some(("certs/client-carol.pem", "certs/client-carol-key.pem")))?
+///     .server_name("localhost");
+/// let options = ClientOptions { tls: Some(tls), ..ClientOptions::default() };
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Tls {
+    ca_pem: Vec<u8>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+    server_name: Option<String>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("client_certificate", &self.identity.is_some())
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tls {
+    /// Trust the CA certificate(s) in `ca_pem` (PEM).
+    pub fn new(ca_pem: impl Into<Vec<u8>>) -> Tls {
+        Tls {
+            ca_pem: ca_pem.into(),
+            identity: None,
+            server_name: None,
+        }
+    }
+
+    /// Reads the CA and, if given, a client certificate and its key (PEM files).
+    pub fn from_files(
+        ca: impl AsRef<std::path::Path>,
+        cert_and_key: Option<(impl AsRef<std::path::Path>, impl AsRef<std::path::Path>)>,
+    ) -> Result<Tls, Error> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| Error::Invalid(format!("{}: {e}", p.display())))
+        };
+        let mut tls = Tls::new(read(ca.as_ref())?);
+        if let Some((cert, key)) = cert_and_key {
+            tls = tls.identity(read(cert.as_ref())?, read(key.as_ref())?);
+        }
+        Ok(tls)
+    }
+
+    /// Present this certificate chain and key (PEM) to the nodes.
+    pub fn identity(mut self, cert_pem: impl Into<Vec<u8>>, key_pem: impl Into<Vec<u8>>) -> Tls {
+        self.identity = Some((cert_pem.into(), key_pem.into()));
+        self
+    }
+
+    /// Check the nodes' certificates against this name instead of their addresses' hosts.
+    pub fn server_name(mut self, name: impl Into<String>) -> Tls {
+        self.server_name = Some(name.into());
+        self
+    }
+
+    fn config(&self) -> ClientTlsConfig {
+        let mut c = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca_pem));
+        if let Some((cert, key)) = &self.identity {
+            c = c.identity(Identity::from_pem(cert, key));
+        }
+        if let Some(name) = &self.server_name {
+            c = c.domain_name(name.clone());
+        }
+        c
     }
 }
 
@@ -148,8 +231,15 @@ impl Client {
             Some(c) => c.clone(),
             None => {
                 let o = &self.inner.options;
-                let c = Endpoint::from_shared(format!("http://{addr}"))
-                    .map_err(|e| Error::Invalid(format!("address {addr:?}: {e}")))?
+                let scheme = if o.tls.is_some() { "https" } else { "http" };
+                let mut e = Endpoint::from_shared(format!("{scheme}://{addr}"))
+                    .map_err(|e| Error::Invalid(format!("address {addr:?}: {e}")))?;
+                if let Some(tls) = &o.tls {
+                    e = e
+                        .tls_config(tls.config())
+                        .map_err(|e| Error::Invalid(format!("TLS settings: {e}")))?;
+                }
+                let c = e
                     .connect_timeout(o.connect_timeout)
                     .timeout(o.request_timeout)
                     .tcp_nodelay(true)

@@ -34,8 +34,10 @@
 //! # }
 //! ```
 //!
-//! Not yet: TLS (the client speaks plain HTTP/2; put it behind a TLS-terminating proxy or use
-//! `tern`'s CLI), pipelining several requests of one partition, consumer groups.
+//! TLS and mTLS: [`ClientOptions::tls`] with a [`Tls`] (the CA, a client certificate); a
+//! bearer token: [`ClientOptions::token`].
+//!
+//! Not yet: pipelining several requests of one partition, consumer groups.
 
 mod client;
 mod error;
@@ -48,7 +50,7 @@ pub mod proto {
     tonic::include_proto!("tern.v1");
 }
 
-pub use client::{Client, ClientOptions};
+pub use client::{Client, ClientOptions, Tls};
 pub use error::Error;
 pub use producer::{Ack, AckFuture, Producer, ProducerOptions, Record};
 pub use subscription::{Start, Subscription};
