@@ -2,6 +2,8 @@
 //! another node is parsed here once (its code, message and Tern's metadata), so nothing above
 //! reads status metadata.
 
+use std::time::Duration;
+
 use tonic::transport::Channel;
 
 use super::{Broker, BrokerError, PeerAnswer, Result, Topic};
@@ -97,6 +99,12 @@ impl BrokerError {
     }
 }
 
+/// A node not heard from for this many heartbeat intervals (keepalives go every interval) is
+/// tried after those that were, for reads it could serve.
+const SILENT_HEARTBEATS: u64 = 4;
+/// ... and never for less than this.
+const SILENT_MIN: Duration = Duration::from_millis(500);
+
 impl Broker {
     /// A connection to another node, made lazily and reused.
     pub fn peer_channel(&self, node: NodeId) -> Result<Channel> {
@@ -141,20 +149,31 @@ impl Broker {
     }
 
     /// Other nodes of `nodes`, the nearest to this one first (same zone, same region, then
-    /// in the given order).
+    /// in the given order), nodes this one has not heard from lately last: a read relayed to a
+    /// node cut off or dead waits for a timeout (a region cut left readers in the other regions
+    /// stalled about ten seconds on the lost region's nodes, which came first in replica order).
     pub fn nearest_first(&self, nodes: &[NodeId]) -> Vec<NodeId> {
         let me = self.member();
         let state = self.cluster();
+        let silent_after = Duration::from_millis(SILENT_HEARTBEATS * self.config.raft_heartbeat_ms)
+            .max(SILENT_MIN);
+        let silent = |n: NodeId| {
+            self.transport()
+                .is_some_and(|t| t.silent_for(n).is_none_or(|d| d > silent_after))
+        };
         let mut order: Vec<NodeId> = nodes
             .iter()
             .copied()
             .filter(|n| *n != self.node_id())
             .collect();
-        order.sort_by_key(|n| match state.nodes.get(n) {
-            Some(m) if m.region == me.region && m.zone == me.zone => 0,
-            Some(m) if m.region == me.region => 1,
-            Some(_) => 2,
-            None => 3,
+        order.sort_by_key(|n| {
+            let distance = match state.nodes.get(n) {
+                Some(m) if m.region == me.region && m.zone == me.zone => 0,
+                Some(m) if m.region == me.region => 1,
+                Some(_) => 2,
+                None => 3,
+            };
+            (silent(*n), distance)
         });
         order
     }

@@ -15,7 +15,11 @@ use crate::shard::{CoreError, CoreRequest, Fetched, ListedOffsets, StartAt};
 use crate::types::{NodeId, Offset};
 
 /// How much longer than its long poll a read relayed to another node may take.
-const RELAY_SLACK: Duration = Duration::from_secs(30);
+const RELAY_SLACK: Duration = Duration::from_secs(10);
+/// The longest long poll relayed to another node: a node that dies or is cut off while it
+/// holds one costs the reader at most this (plus the slack) before it tries the next replica;
+/// a subscription simply polls again.
+const RELAYED_WAIT_MAX: Duration = Duration::from_secs(5);
 
 /// Whether a position is relative to the end of what is committed, which a follower's view
 /// has by up to a heartbeat later than its leader's.
@@ -120,18 +124,19 @@ impl Broker {
         if origin.relayed() {
             return Err(self.no_replica(topic, partition));
         }
+        let wait = read.max_wait.min(RELAYED_WAIT_MAX);
         let req = pb::FetchRequest {
             topic: topic.spec.name.clone(),
             partition,
             offset: read.from.0,
             max_records: read.max_records as u32,
             max_bytes: read.max_bytes as u32,
-            max_wait_ms: read.max_wait.as_millis() as u32,
+            max_wait_ms: wait.as_millis() as u32,
             raw_batches: read.raw,
         };
         self.on_replica(topic, partition, |mut c| {
             let mut call = self.relay(req.clone(), origin);
-            call.set_timeout(read.max_wait + RELAY_SLACK);
+            call.set_timeout(wait + RELAY_SLACK);
             async move { c.fetch(call).await }
         })
         .await
