@@ -11,6 +11,7 @@ mod payload;
 mod run;
 mod settings;
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -418,6 +419,106 @@ async fn mirror_topics(
     Ok(mirrors)
 }
 
+/// What region-loss-regional measured: the lag the mirrors reported just before they were
+/// promoted (per partition, its best replica's), and how long the promotion took.
+struct Loss {
+    lag_records: u64,
+    lag_ms: u64,
+    /// How long before the region was lost the mirrors' sources last answered (the longest of
+    /// the best replicas'): records acknowledged in that window, and on their way, are not in
+    /// the reported lag.
+    silent_before_loss_ms: u64,
+    promoted_in: Duration,
+}
+
+/// region-loss-regional: after `after`, kills every node of `region` (the source topics'
+/// region, lost for good), waits a moment for the mirrors' replicas to notice, reads the lag
+/// they report through `via` (the mirrors' region), and promotes every mirror.
+async fn lose_region(
+    cluster: std::sync::Arc<tokio::sync::Mutex<cluster::Cluster>>,
+    region: String,
+    after: Duration,
+    via: Vec<String>,
+    mirrors: Vec<String>,
+) -> anyhow::Result<Loss> {
+    tokio::time::sleep(after).await;
+    {
+        let mut c = cluster.lock().await;
+        let lost: Vec<usize> = (0..c.regions.len())
+            .filter(|i| c.regions[*i] == region)
+            .collect();
+        for i in &lost {
+            c.kill9(*i).await;
+        }
+        eprintln!("loadgen: region {region} lost: nodes {lost:?} killed");
+    }
+    let killed_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Per mirror partition, the replica that holds the most: its lag is what a promotion
+    // loses (the cut is the longest log).
+    let mut best: BTreeMap<(String, u32), (u64, u64, u64)> = BTreeMap::new();
+    for addr in &via {
+        let Ok(mut c) = run::connect(addr).await else {
+            continue;
+        };
+        for m in &mirrors {
+            let Ok(d) = c
+                .describe_topic(pb::DescribeTopicRequest { name: m.clone() })
+                .await
+            else {
+                continue;
+            };
+            let since_loss = killed_at.elapsed().as_millis() as u64;
+            for p in d.into_inner().partitions {
+                let Some(g) = p.mirror.filter(|_| p.local) else {
+                    continue;
+                };
+                let e = best
+                    .entry((m.clone(), p.partition))
+                    .or_insert((u64::MAX, 0, 0));
+                let silent = g.contact_ms.unwrap_or(0).saturating_sub(since_loss);
+                if g.lag_records < e.0 {
+                    *e = (g.lag_records, g.lag_ms, silent);
+                }
+            }
+        }
+    }
+    let lag_records = best.values().map(|v| v.0).sum();
+    let lag_ms = best.values().map(|v| v.1).max().unwrap_or(0);
+    let silent_before_loss_ms = best.values().map(|v| v.2).max().unwrap_or(0);
+    let started = Instant::now();
+    let addr = via
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("no node to promote through"))?;
+    for m in &mirrors {
+        loop {
+            let mut c = run::connect(addr).await?;
+            match c
+                .promote_topic(pb::PromoteTopicRequest { name: m.clone() })
+                .await
+            {
+                Ok(_) => break,
+                Err(e) if started.elapsed() < Duration::from_secs(60) => {
+                    eprintln!("loadgen: promoting {m}: {}; again", e.message());
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => anyhow::bail!("promoting {m}: {}", e.message()),
+            }
+        }
+    }
+    let promoted_in = started.elapsed();
+    eprintln!(
+        "loadgen: {} mirror(s) promoted in {promoted_in:?}; they reported {lag_records} records behind (at most {lag_ms} ms)",
+        mirrors.len()
+    );
+    Ok(Loss {
+        lag_records,
+        lag_ms,
+        silent_before_loss_ms,
+        promoted_in,
+    })
+}
+
 fn placement(s: &Settings) -> Option<pb::Placement> {
     let survival = match s.survival.as_deref() {
         Some("zone") => pb::Survival::Zone,
@@ -614,7 +715,24 @@ async fn run_on(
         Some(region) => mirror_topics(s, routes, &topics, region, &cluster).await?,
         None => topics.clone(),
     };
+    let loser = match (&s.lose_region, &s.mirror_to) {
+        (Some((region, at)), Some(_)) => {
+            let after = Duration::from_millis(200) + Duration::from_secs(s.warmup_s + at);
+            Some(tokio::spawn(lose_region(
+                cluster.clone(),
+                region.clone(),
+                after,
+                routes.consumers.clone(),
+                read.clone(),
+            )))
+        }
+        _ => None,
+    };
     let shared = run::run(s, routes, &topics, &read).await?;
+    let loss = match loser {
+        Some(l) => Some(l.await.map_err(|e| anyhow::anyhow!("region loss: {e}"))??),
+        None => None,
+    };
     let metadata_sizes = match watch {
         Some(w) => w.await.unwrap_or_default(),
         None => Vec::new(),
@@ -896,6 +1014,33 @@ async fn run_on(
             ));
         }
         json["metadata_bytes"] = serde_json::json!(metadata_sizes);
+    }
+    // A lost region: what it acknowledged and its mirrors did not hold is the promotion's
+    // loss, expected and judged against the lag the mirrors reported.
+    let mut lost = lost;
+    if let Some(l) = &loss {
+        let over = lost.saturating_sub(l.lag_records);
+        lines.push(format!(
+            "promotion       {lost} acknowledged records of the lost region were not in the mirrors; they reported {} records behind (up to {} ms; their sources last answered {} ms before the loss) and were promoted in {:.1} s: {}",
+            l.lag_records,
+            l.lag_ms,
+            l.silent_before_loss_ms,
+            l.promoted_in.as_secs_f64(),
+            if over == 0 {
+                "within the reported lag".to_string()
+            } else {
+                format!("{over} beyond the reported lag")
+            }
+        ));
+        json["region_loss"] = serde_json::json!({
+            "lost": lost,
+            "reported_lag_records": l.lag_records,
+            "reported_lag_ms": l.lag_ms,
+            "sources_silent_before_loss_ms": l.silent_before_loss_ms,
+            "promoted_in_s": l.promoted_in.as_secs_f64(),
+            "beyond_reported_lag": over,
+        });
+        lost = over;
     }
     if s.replay {
         let r = replay(s, routes, &topics, &cluster).await?;

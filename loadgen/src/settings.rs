@@ -10,7 +10,8 @@ correctness accounting (acked, delivered, lost, duplicated, reordered)"
 )]
 pub struct Args {
     /// A named workload: seed-target, max-throughput, replicated-max, latency-at-load,
-    /// many-partitions, failover, geo-sync, geo-regional, geo-replay, region-loss, idle, chaos,
+    /// many-partitions, failover, geo-sync, geo-regional, geo-replay, region-loss,
+    /// region-loss-regional, idle, chaos,
     /// group-commits. Flags below override its settings.
     #[arg(long)]
     pub workload: Option<String>,
@@ -210,6 +211,10 @@ pub struct Settings {
     /// Each topic is mirrored into this region (a mirror topic placed there, pulling across
     /// the WAN), and the consumers read the mirrors (geo-regional).
     pub mirror_to: Option<String>,
+    /// A region lost for good this many seconds into the measured load: every node of it is
+    /// killed, and the mirrors (`mirror_to`) are promoted a few seconds later
+    /// (region-loss-regional).
+    pub lose_region: Option<(String, u64)>,
 }
 
 impl Settings {
@@ -246,6 +251,7 @@ impl Settings {
             replay: false,
             metadata_watch_s: None,
             mirror_to: None,
+            lose_region: None,
         };
         let abc = || vec!["a".to_string(), "b".to_string(), "c".to_string()];
         Ok(match name {
@@ -327,6 +333,22 @@ impl Settings {
                 survival: Some("zone".into()),
                 mirror_to: Some("b".into()),
                 duration_s: 30,
+                ..base
+            },
+            // geo-regional, and region a is lost 10 s in (its nodes killed); the mirrors in b
+            // are promoted: what the promotion lost, against the lag the mirrors reported.
+            "region-loss-regional" => Settings {
+                nodes: 9,
+                replication_factor: 3,
+                partitions: 3,
+                regions: abc(),
+                nodes_per_region: 3,
+                producer_region: Some("a".into()),
+                consumer_region: Some("b".into()),
+                survival: Some("zone".into()),
+                mirror_to: Some("b".into()),
+                lose_region: Some(("a".into(), 10)),
+                duration_s: 20,
                 ..base
             },
             // 100 MB published in a, then read from the earliest offset by a consumer in b.
@@ -424,7 +446,7 @@ impl Settings {
             "custom" => base,
             other => anyhow::bail!(
                 "unknown workload {other:?}: use seed-target, max-throughput, replicated-max, \
-                 latency-at-load, many-partitions, failover, geo-sync, geo-regional, geo-replay, region-loss, idle, \
+                 latency-at-load, many-partitions, failover, geo-sync, geo-regional, geo-replay, region-loss, region-loss-regional, idle, \
                  chaos or group-commits"
             ),
         })
