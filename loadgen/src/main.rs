@@ -454,9 +454,10 @@ async fn lose_region(
     }
     let killed_at = Instant::now();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    // Per mirror partition, the replica that holds the most: its lag is what a promotion
-    // loses (the cut is the longest log).
-    let mut best: BTreeMap<(String, u32), (u64, u64, u64)> = BTreeMap::new();
+    // Per mirror partition, the replica that holds the most (the cut is the longest log):
+    // its lag is what a promotion loses.
+    // (end, lag in records, lag in ms, silent before the loss) of the replica holding most.
+    let mut best: BTreeMap<(String, u32), (u64, u64, u64, u64)> = BTreeMap::new();
     for addr in &via {
         let Ok(mut c) = run::connect(addr).await else {
             continue;
@@ -473,19 +474,20 @@ async fn lose_region(
                 let Some(g) = p.mirror.filter(|_| p.local) else {
                     continue;
                 };
+                let silent = g.contact_ms.unwrap_or(0).saturating_sub(since_loss);
+                let end = g.source_end.saturating_sub(g.lag_records);
                 let e = best
                     .entry((m.clone(), p.partition))
-                    .or_insert((u64::MAX, 0, 0));
-                let silent = g.contact_ms.unwrap_or(0).saturating_sub(since_loss);
-                if g.lag_records < e.0 {
-                    *e = (g.lag_records, g.lag_ms, silent);
+                    .or_insert((0, u64::MAX, 0, 0));
+                if e.1 == u64::MAX || end > e.0 {
+                    *e = (end, g.lag_records, g.lag_ms, silent);
                 }
             }
         }
     }
-    let lag_records = best.values().map(|v| v.0).sum();
-    let lag_ms = best.values().map(|v| v.1).max().unwrap_or(0);
-    let silent_before_loss_ms = best.values().map(|v| v.2).max().unwrap_or(0);
+    let lag_records = best.values().map(|v| v.1).sum();
+    let lag_ms = best.values().map(|v| v.2).max().unwrap_or(0);
+    let silent_before_loss_ms = best.values().map(|v| v.3).max().unwrap_or(0);
     let started = Instant::now();
     let addr = via
         .first()

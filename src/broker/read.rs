@@ -136,7 +136,8 @@ impl Broker {
         };
         self.on_replica(topic, partition, |mut c| {
             let mut call = self.relay(req.clone(), origin);
-            call.set_timeout(wait + RELAY_SLACK);
+            // Plus its bytes at 1 MB/s: a big read over a slow link is not cut short.
+            call.set_timeout(wait + RELAY_SLACK + Duration::from_micros(read.max_bytes as u64));
             async move { c.fetch(call).await }
         })
         .await

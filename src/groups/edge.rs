@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use crate::broker::{Broker, Origin, Read};
+use crate::broker::{Broker, Origin, Read, Topic};
 use crate::proto::v1 as pb;
 use crate::raft::types::NodeId;
 use crate::types::Offset;
@@ -31,6 +31,8 @@ const READ_BYTES: usize = 4 << 20;
 const READ_RECORDS: u64 = 10_000;
 /// Wait after a failed read.
 const RETRY: Duration = Duration::from_millis(100);
+/// How much longer than its long poll a read from another replica may take.
+const RELAY_SLACK: Duration = Duration::from_secs(10);
 
 /// Whether records for a member entering here should come from this node's region: the
 /// coordinator `node` is in another region (both labelled).
@@ -53,9 +55,12 @@ pub fn strip(d: &mut pb::Deliveries) {
     }
 }
 
-/// Puts back the records [`strip`] left out, read from the nearest replica of each partition.
+/// Puts back the records [`strip`] left out, read from the nearest replica of each partition
+/// (after a failure there, from the others, and back). A record no replica near holds any
+/// more (expired, or deleted by retention since the coordinator read it) is left out of the
+/// message, as a reader skips such records. Fails only when the records cannot be read within
+/// [`FILL_WAIT`].
 pub async fn fill(broker: &Broker, topic: &str, d: &mut pb::Deliveries) -> Result<(), String> {
-    let t = broker.topic(topic).map_err(|e| e.to_string())?;
     // Partition → offset → the deliveries of that record (a record is delivered once per
     // message, but nothing here depends on it).
     let mut wanted: BTreeMap<u32, BTreeMap<u64, Vec<usize>>> = BTreeMap::new();
@@ -70,9 +75,11 @@ pub async fn fill(broker: &Broker, topic: &str, d: &mut pb::Deliveries) -> Resul
         }
     }
     let deadline = Instant::now() + FILL_WAIT;
+    let mut gone: Vec<usize> = Vec::new();
     for (p, mut offsets) in wanted {
         let mut at = offsets.keys().next().copied().unwrap_or(0);
         let mut last_error = String::new();
+        let mut elsewhere = false;
         while let Some(&last) = offsets.keys().next_back() {
             let now = Instant::now();
             if now >= deadline {
@@ -89,10 +96,28 @@ pub async fn fill(broker: &Broker, topic: &str, d: &mut pb::Deliveries) -> Resul
                 max_wait: (deadline - now).min(READ_WAIT),
                 raw: false,
             };
-            let r = match broker.read(&t, p, read, &Origin::default()).await {
+            // The topic as this node's metadata has it now (it may have caught up meanwhile).
+            let result = match broker.topic(topic) {
+                Ok(t) if elsewhere => read_elsewhere(broker, &t, p, read).await,
+                Ok(t) => broker.read(&t, p, read, &Origin::default()).await,
+                Err(e) => Err(e),
+            };
+            let r = match result {
                 Ok(r) => r,
+                // Deleted by retention since the coordinator read it.
+                Err(e) if e.range().is_some_and(|(start, _)| at < start) => {
+                    let start = e.range().map_or(at, |(s, _)| s);
+                    let below: Vec<u64> = offsets.range(..start).map(|(o, _)| *o).collect();
+                    for o in below {
+                        gone.extend(offsets.remove(&o).unwrap_or_default());
+                    }
+                    at = start;
+                    continue;
+                }
                 Err(e) => {
                     last_error = e.to_string();
+                    // Another replica may serve what this one cannot (not open, repaired).
+                    elsewhere = !elsewhere;
                     tokio::time::sleep(RETRY).await;
                     continue;
                 }
@@ -110,16 +135,58 @@ pub async fn fill(broker: &Broker, topic: &str, d: &mut pb::Deliveries) -> Resul
                 }
             }
             // The read covers everything below its next offset: a wanted offset there that it
-            // did not return holds no record here (not one the coordinator could deliver).
-            if let Some(&missing) = offsets.keys().next().filter(|o| **o < r.next_offset) {
-                return Err(format!(
-                    "partition {p} offset {missing} holds no record on the nearest replica"
-                ));
+            // did not return is a record readers no longer see (expired).
+            let below: Vec<u64> = offsets.range(..r.next_offset).map(|(o, _)| *o).collect();
+            for o in below {
+                gone.extend(offsets.remove(&o).unwrap_or_default());
             }
-            at = r.next_offset.max(at);
+            // On from the next wanted offset (queue redeliveries leave gaps between them).
+            at = r
+                .next_offset
+                .max(at)
+                .max(offsets.keys().next().copied().unwrap_or(0));
         }
     }
+    if !gone.is_empty() {
+        tracing::debug!(
+            topic,
+            records = gone.len(),
+            "delivered records no longer readable near the member were left out"
+        );
+        let gone: std::collections::HashSet<usize> = gone.into_iter().collect();
+        let mut i = 0;
+        d.deliveries.retain(|_| {
+            let keep = !gone.contains(&i);
+            i += 1;
+            keep
+        });
+    }
     Ok(())
+}
+
+/// A read of partition `p` from its other replicas, nearest first.
+async fn read_elsewhere(
+    broker: &Broker,
+    t: &Topic,
+    p: u32,
+    read: Read,
+) -> crate::broker::Result<pb::FetchResponse> {
+    let req = pb::FetchRequest {
+        topic: t.spec.name.clone(),
+        partition: p,
+        offset: read.from.0,
+        max_records: read.max_records as u32,
+        max_bytes: read.max_bytes as u32,
+        max_wait_ms: read.max_wait.as_millis() as u32,
+        raw_batches: false,
+    };
+    broker
+        .on_replica(t, p, |mut c| {
+            let mut call = broker.relay(req.clone(), &Origin::default());
+            call.set_timeout(read.max_wait + RELAY_SLACK);
+            async move { c.fetch(call).await }
+        })
+        .await
 }
 
 #[cfg(test)]

@@ -190,28 +190,33 @@ fn filled(
     let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     relay
         .then(move |r| {
-            let (broker, topic) = (broker.clone(), topic.clone());
+            let (broker, topic, failed) = (broker.clone(), topic.clone(), failed.clone());
             async move {
-                let mut r = r?;
-                if let Some(pb::consume_response::Kind::Deliveries(d)) = &mut r.kind {
-                    groups::edge::fill(&broker, &topic, d).await.map_err(|e| {
-                        tracing::warn!(topic, error = %e, "a group member's records could not be read near it");
-                        Status::unavailable(format!(
-                            "the delivered records could not be read near this node ({e}); join again"
-                        ))
-                    })?;
+                // Nothing after a failure: a gap must not reach the member.
+                if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                    return None;
                 }
-                Ok(r)
+                let mut r = match r {
+                    Ok(r) => r,
+                    Err(s) => {
+                        failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                        return Some(Err(s));
+                    }
+                };
+                if let Some(pb::consume_response::Kind::Deliveries(d)) = &mut r.kind {
+                    if let Err(e) = groups::edge::fill(&broker, &topic, d).await {
+                        tracing::warn!(topic, error = %e, "a group member's records could not be read near it");
+                        failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                        return Some(Err(Status::unavailable(format!(
+                            "the delivered records could not be read near this node ({e}); join again"
+                        ))));
+                    }
+                }
+                Some(Ok(r))
             }
         })
-        // Nothing after a failure: a gap must not reach the member.
-        .take_while(move |r| {
-            let go = !failed.load(std::sync::atomic::Ordering::Relaxed);
-            if r.is_err() {
-                failed.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
-            go
-        })
+        .take_while(Option::is_some)
+        .filter_map(|r| r)
 }
 
 /// A group's deliveries to a member, counted, and paced by its principal's consume quota.
