@@ -124,6 +124,17 @@ impl Broker {
         if origin.relayed() {
             return Err(self.no_replica(topic, partition));
         }
+        self.read_elsewhere(topic, partition, read, origin).await
+    }
+
+    /// Reads a partition from its other replicas, nearest (and heard from) first.
+    pub async fn read_elsewhere(
+        &self,
+        topic: &Topic,
+        partition: u32,
+        read: Read,
+        origin: &Origin,
+    ) -> Result<pb::FetchResponse> {
         let wait = read.max_wait.min(RELAYED_WAIT_MAX);
         let req = pb::FetchRequest {
             topic: topic.spec.name.clone(),

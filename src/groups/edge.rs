@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use crate::broker::{Broker, Origin, Read, Topic};
+use crate::broker::{Broker, Origin, Read};
 use crate::proto::v1 as pb;
 use crate::raft::types::NodeId;
 use crate::types::Offset;
@@ -31,8 +31,6 @@ const READ_BYTES: usize = 4 << 20;
 const READ_RECORDS: u64 = 10_000;
 /// Wait after a failed read.
 const RETRY: Duration = Duration::from_millis(100);
-/// How much longer than its long poll a read from another replica may take.
-const RELAY_SLACK: Duration = Duration::from_secs(10);
 
 /// Whether records for a member entering here should come from this node's region: the
 /// coordinator `node` is in another region (both labelled).
@@ -98,7 +96,7 @@ pub async fn fill(broker: &Broker, topic: &str, d: &mut pb::Deliveries) -> Resul
             };
             // The topic as this node's metadata has it now (it may have caught up meanwhile).
             let result = match broker.topic(topic) {
-                Ok(t) if elsewhere => read_elsewhere(broker, &t, p, read).await,
+                Ok(t) if elsewhere => broker.read_elsewhere(&t, p, read, &Origin::default()).await,
                 Ok(t) => broker.read(&t, p, read, &Origin::default()).await,
                 Err(e) => Err(e),
             };
@@ -162,31 +160,6 @@ pub async fn fill(broker: &Broker, topic: &str, d: &mut pb::Deliveries) -> Resul
         });
     }
     Ok(())
-}
-
-/// A read of partition `p` from its other replicas, nearest first.
-async fn read_elsewhere(
-    broker: &Broker,
-    t: &Topic,
-    p: u32,
-    read: Read,
-) -> crate::broker::Result<pb::FetchResponse> {
-    let req = pb::FetchRequest {
-        topic: t.spec.name.clone(),
-        partition: p,
-        offset: read.from.0,
-        max_records: read.max_records as u32,
-        max_bytes: read.max_bytes as u32,
-        max_wait_ms: read.max_wait.as_millis() as u32,
-        raw_batches: false,
-    };
-    broker
-        .on_replica(t, p, |mut c| {
-            let mut call = broker.relay(req.clone(), &Origin::default());
-            call.set_timeout(read.max_wait + RELAY_SLACK);
-            async move { c.fetch(call).await }
-        })
-        .await
 }
 
 #[cfg(test)]
