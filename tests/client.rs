@@ -191,26 +191,10 @@ async fn a_subscription_resumes_on_another_node_without_gaps_or_repeats() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_speaks_mtls_to_a_node_that_requires_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let certs = |dir: &std::path::Path, node: bool| {
-        let mut args = vec!["certs", "create", "--dir", dir.to_str().unwrap()];
-        if node {
-            args.extend(["--node", "1"]);
-        }
-        args.extend(["--client", "ops"]);
-        let out = std::process::Command::new(node_support::TERN)
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
     let dir = tmp.path().join("certs");
-    certs(&dir, true);
+    node_support::certs(&dir, 1, &["ops"]);
     let other = tmp.path().join("other");
-    certs(&other, false);
+    node_support::certs(&other, 0, &["ops"]);
     let path = |d: &std::path::Path, f: &str| d.join(f).to_str().unwrap().to_string();
     let ca = path(&dir, "ca.pem");
     let node = node_support::TestNode::start(

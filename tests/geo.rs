@@ -101,40 +101,9 @@ async fn a_reader_in_a_region_is_served_by_its_replica() {
     assert_eq!(t.placement.unwrap().survival, pb::Survival::Region as i32);
     // 8 MB through the leader's region.
     let n = 800;
-    for chunk in 0..(n / 20) {
-        let records = (0..20)
-            .map(|k| {
-                let mut v = format!("{:08}", chunk * 20 + k).into_bytes();
-                v.resize(10 << 10, b'x');
-                pb::PublishRecord {
-                    partition: Some(0),
-                    value: v.into(),
-                    ..Default::default()
-                }
-            })
-            .collect();
-        a.publish(pb::PublishRequest {
-            topic: "geo".into(),
-            records,
-            ..Default::default()
-        })
-        .await
-        .expect("publish");
-    }
+    publish_numbered(&mut a, "geo", n, 10 << 10, false).await;
     // Once b's replica has them all, a reader in b reads them from it: almost nothing crosses.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let d = b
-            .describe_topic(pb::DescribeTopicRequest { name: "geo".into() })
-            .await
-            .unwrap()
-            .into_inner();
-        if d.partitions[0].local && d.partitions[0].end_offset >= n as u64 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "b's replica did not catch up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_caught_up(&mut b, "geo", n).await;
     let before = c.mesh.wan_bytes();
     let started = Instant::now();
     let (got, read) = read_n(&mut b, "geo", n).await;
@@ -206,6 +175,70 @@ async fn leadership_returns_to_the_pinned_region_once_it_is_back() {
     }
 }
 
+/// Publishes `n` records to partition 0 of `topic` in requests of 20: values are the record's
+/// number in 8 digits, padded to `size` bytes; `keyed` adds the key `k<i>` and a header
+/// `n=<i>`.
+async fn publish_numbered(
+    c: &mut pb::tern_client::TernClient<tonic::transport::Channel>,
+    topic: &str,
+    n: usize,
+    size: usize,
+    keyed: bool,
+) {
+    for chunk in 0..(n / 20) {
+        let records = (0..20)
+            .map(|k| {
+                let i = chunk * 20 + k;
+                let mut v = format!("{i:08}").into_bytes();
+                v.resize(size, b'x');
+                let headers = match keyed {
+                    true => vec![pb::Header {
+                        key: "n".into(),
+                        value: i.to_string().into_bytes().into(),
+                    }],
+                    false => vec![],
+                };
+                pb::PublishRecord {
+                    partition: Some(0),
+                    key: keyed.then(|| format!("k{i}").into_bytes().into()),
+                    headers,
+                    value: v.into(),
+                    ..Default::default()
+                }
+            })
+            .collect();
+        c.publish(pb::PublishRequest {
+            topic: topic.into(),
+            records,
+            ..Default::default()
+        })
+        .await
+        .expect("publish");
+    }
+}
+
+/// Waits (30 s at most) until the node `c` talks to holds a replica of partition 0 of `topic`
+/// with at least `n` records.
+async fn wait_caught_up(
+    c: &mut pb::tern_client::TernClient<tonic::transport::Channel>,
+    topic: &str,
+    n: usize,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = c
+            .describe_topic(pb::DescribeTopicRequest { name: topic.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if d.partitions[0].local && d.partitions[0].end_offset >= n as u64 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the replica did not catch up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A group member's records, as (value, key, header) of each, and the bytes of their values;
 /// acks each message's deliveries in queue mode.
 async fn consume_n(
@@ -258,32 +291,7 @@ async fn group_members_get_their_records_from_their_regions_replica() {
     create_placed(&mut a, "gq", 1, 3, region_survival(&["a"])).await;
     // 3.2 MB, keyed, with a header.
     let n = 400;
-    for chunk in 0..(n / 20) {
-        let records = (0..20)
-            .map(|k| {
-                let i = chunk * 20 + k;
-                let mut v = format!("{i:08}").into_bytes();
-                v.resize(8 << 10, b'x');
-                pb::PublishRecord {
-                    partition: Some(0),
-                    key: Some(format!("k{i}").into_bytes().into()),
-                    headers: vec![pb::Header {
-                        key: "n".into(),
-                        value: i.to_string().into_bytes().into(),
-                    }],
-                    value: v.into(),
-                    ..Default::default()
-                }
-            })
-            .collect();
-        a.publish(pb::PublishRequest {
-            topic: "gq".into(),
-            records,
-            ..Default::default()
-        })
-        .await
-        .expect("publish");
-    }
+    publish_numbered(&mut a, "gq", n, 8 << 10, true).await;
     let want: Vec<(String, String, String)> = (0..n)
         .map(|i| (format!("{i:08}"), format!("k{i}"), format!("n={i}")))
         .collect();
@@ -297,22 +305,7 @@ async fn group_members_get_their_records_from_their_regions_replica() {
     let m = (coordinator + 1) % 3;
     let region = c.regions[m].clone();
     let mut near = c.client(m).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let d = near
-            .describe_topic(pb::DescribeTopicRequest { name: "gq".into() })
-            .await
-            .unwrap()
-            .into_inner();
-        if d.partitions[0].local && d.partitions[0].end_offset >= n as u64 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{region}'s replica did not catch up"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_caught_up(&mut near, "gq", n).await;
     for (group, mode) in [("g", pb::GroupMode::Stream), ("q", pb::GroupMode::Queue)] {
         let queue = mode == pb::GroupMode::Queue;
         let before = c.mesh.wan_bytes();

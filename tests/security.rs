@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use node_support::certs;
 use node_support::cluster::{free_ports, TIMING};
 use node_support::{TestNode, TERN};
 use tern::proto::internal as ipb;
@@ -39,31 +40,6 @@ fn rt() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-/// `tern certs create` into `dir`: the CA, nodes 1..=n, and the given clients.
-fn certs(dir: &Path, nodes: usize, clients: &[&str]) {
-    let ids: Vec<String> = (1..=nodes).map(|i| i.to_string()).collect();
-    let mut args = vec!["certs", "create", "--dir"];
-    let d = dir.to_str().unwrap();
-    args.push(d);
-    let ids = ids.join(",");
-    if nodes > 0 {
-        args.extend(["--node", &ids]);
-    }
-    let clients = clients.join(",");
-    if !clients.is_empty() {
-        args.extend(["--client", &clients]);
-    }
-    let out = std::process::Command::new(TERN)
-        .args(&args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "tern certs create: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// A TLS channel to `addr` trusting `ca`, presenting `cert` (a `certs` name such as

@@ -254,6 +254,22 @@ impl Settings {
             lose_region: None,
         };
         let abc = || vec!["a".to_string(), "b".to_string(), "c".to_string()];
+        // A zone-survival topic in a (three nodes there, one per zone), mirrored into b
+        // (three nodes, zone survival there too); producers in a, consumers read the
+        // mirror in b.
+        let geo_regional = Settings {
+            nodes: 9,
+            replication_factor: 3,
+            partitions: 3,
+            regions: abc(),
+            nodes_per_region: 3,
+            producer_region: Some("a".into()),
+            consumer_region: Some("b".into()),
+            survival: Some("zone".into()),
+            mirror_to: Some("b".into()),
+            duration_s: 30,
+            ..base.clone()
+        };
         Ok(match name {
             "seed-target" => Settings {
                 nodes: 3,
@@ -319,37 +335,13 @@ impl Settings {
                 duration_s: 30,
                 ..base
             },
-            // A zone-survival topic in a (three nodes there, one per zone), mirrored into b
-            // (three nodes, zone survival there too); producers in a, consumers read the
-            // mirror in b.
-            "geo-regional" => Settings {
-                nodes: 9,
-                replication_factor: 3,
-                partitions: 3,
-                regions: abc(),
-                nodes_per_region: 3,
-                producer_region: Some("a".into()),
-                consumer_region: Some("b".into()),
-                survival: Some("zone".into()),
-                mirror_to: Some("b".into()),
-                duration_s: 30,
-                ..base
-            },
+            "geo-regional" => geo_regional,
             // geo-regional, and region a is lost 10 s in (its nodes killed); the mirrors in b
             // are promoted: what the promotion lost, against the lag the mirrors reported.
             "region-loss-regional" => Settings {
-                nodes: 9,
-                replication_factor: 3,
-                partitions: 3,
-                regions: abc(),
-                nodes_per_region: 3,
-                producer_region: Some("a".into()),
-                consumer_region: Some("b".into()),
-                survival: Some("zone".into()),
-                mirror_to: Some("b".into()),
                 lose_region: Some(("a".into(), 10)),
                 duration_s: 20,
-                ..base
+                ..geo_regional
             },
             // 100 MB published in a, then read from the earliest offset by a consumer in b.
             "geo-replay" => Settings {

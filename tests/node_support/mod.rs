@@ -264,3 +264,28 @@ pub async fn try_fetch_from(
         out.extend(r.records);
     }
 }
+
+/// `tern certs create` into `dir`: the CA, nodes 1..=n, and the given clients.
+pub fn certs(dir: &Path, nodes: usize, clients: &[&str]) {
+    let ids: Vec<String> = (1..=nodes).map(|i| i.to_string()).collect();
+    let mut args = vec!["certs", "create", "--dir"];
+    let d = dir.to_str().unwrap();
+    args.push(d);
+    let ids = ids.join(",");
+    if nodes > 0 {
+        args.extend(["--node", &ids]);
+    }
+    let clients = clients.join(",");
+    if !clients.is_empty() {
+        args.extend(["--client", &clients]);
+    }
+    let out = std::process::Command::new(TERN)
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tern certs create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
