@@ -62,12 +62,24 @@ fn keys_are_placed_as_the_nodes_place_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_producer_writes_every_record_once_through_leader_kills() {
+    writes_every_record_once_through_leader_kills(1).await;
+}
+
+/// The same with a full window: up to 8 requests per partition on their way when a leader
+/// dies, all sent again in order to the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_producer_writes_every_record_once_through_leader_kills() {
+    writes_every_record_once_through_leader_kills(8).await;
+}
+
+async fn writes_every_record_once_through_leader_kills(max_in_flight: usize) {
     let (mut cluster, client) = cluster_with("orders", 3).await;
     let producer = Producer::new(
         &client,
         ProducerOptions {
             linger: Duration::from_millis(2),
             max_buffered: 200,
+            max_in_flight,
             ..ProducerOptions::default()
         },
     )
@@ -142,6 +154,20 @@ async fn the_producer_writes_every_record_once_through_leader_kills() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_resumes_on_another_node_without_gaps_or_repeats() {
     let (mut cluster, client) = cluster_with("events", 2).await;
+    for max_in_flight in [0, 9] {
+        let refused = Producer::new(
+            &client,
+            ProducerOptions {
+                max_in_flight,
+                ..ProducerOptions::default()
+            },
+        )
+        .await;
+        assert!(
+            matches!(refused, Err(tern_client::Error::Invalid(_))),
+            "max_in_flight {max_in_flight} is refused"
+        );
+    }
     let producer = Producer::new(&client, ProducerOptions::default())
         .await
         .unwrap();

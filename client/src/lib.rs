@@ -7,7 +7,8 @@
 //!   asking the cluster anew).
 //! - [`Producer`]: idempotent publishing with batching and automatic retry. Records are
 //!   grouped per partition (up to [`ProducerOptions::linger`], a record and byte limit per
-//!   request), each partition's requests go out in order, the partitions in parallel, and a
+//!   request), each partition's requests go out in order on one stream to its leader, a few at
+//!   a time ([`ProducerOptions::max_in_flight`]), the partitions in parallel, and a
 //!   bounded number of records wait for acknowledgment ([`ProducerOptions::max_buffered`];
 //!   `send` waits for room). Every request carries the producer id and per-partition sequence
 //!   numbers, so a request sent again after a timeout, a lost connection or a leader change is
@@ -37,7 +38,7 @@
 //! TLS and mTLS: [`ClientOptions::tls`] with a [`Tls`] (the CA, a client certificate); a
 //! bearer token: [`ClientOptions::token`].
 //!
-//! Not yet: pipelining several requests of one partition, consumer groups.
+//! Not yet: consumer groups.
 
 mod client;
 mod error;

@@ -3,18 +3,19 @@
 //! ```text
 //! send(topic, record) ─▶ room (max_buffered) ─▶ partition (explicit, key hash, sticky) ─▶
 //!   per-partition worker: gather ≤ linger / records / bytes ─▶ sequence numbers ─▶
-//!   Publish to the leader ─┬─ acks ─▶ each record's AckFuture
-//!                          └─ retryable failure ─▶ leader hint or new layout, backoff, resend
-//!                                                  the same request (same sequence numbers)
+//!   PublishStream to the leader, ≤ max_in_flight requests ─┬─ acks, in order ─▶ AckFutures
+//!     └─ retryable failure ─▶ leader hint or new layout, backoff, a new stream, the whole
+//!                             window sent again in order (same sequence numbers)
 //! ```
 //!
-//! A partition has one request in flight at a time: its sequence numbers then reach the
-//! leader in order, and a resend is answered with the offsets of what was already written.
+//! A partition's requests travel in order on one stream, so their sequence numbers reach the
+//! leader in order, and a resend is answered with the offsets of what was already written
+//! (the nodes remember a producer's last 8 batches per partition; the window is at most 8).
 //! If a request is given up (past [`ProducerOptions::retry_for`], or refused for good), its
 //! records are failed and the partition continues under a fresh producer id, so later records
 //! are neither refused as out of order nor confused with the failed ones.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use std::sync::{Arc, Mutex};
@@ -40,6 +41,9 @@ pub struct ProducerOptions {
     pub max_buffered: usize,
     /// How long a request is retried before its records fail with [`Error::GaveUp`].
     pub retry_for: Duration,
+    /// Requests per partition sent and not yet answered (1 to 8; 1: one at a time). While
+    /// the window is full, the next request gathers records.
+    pub max_in_flight: usize,
 }
 
 impl Default for ProducerOptions {
@@ -50,6 +54,7 @@ impl Default for ProducerOptions {
             max_batch_bytes: 512 << 10,
             max_buffered: 10_000,
             retry_for: Duration::from_secs(60),
+            max_in_flight: 5,
         }
     }
 }
@@ -146,6 +151,12 @@ const WORKER_QUEUE: usize = 1024;
 const BATCH_BYTES_MAX: usize = 8 << 20;
 /// Sequence numbers a producer id may use in a partition (the nodes take 0..=i32::MAX).
 const SEQUENCE_MAX: u64 = i32::MAX as u64;
+/// Requests of a partition in flight at most: the nodes remember each producer's last 8
+/// batches per partition, so a resend of any request in the window is recognised.
+const IN_FLIGHT_MAX: usize = 8;
+/// Times a request refused as out of order is sent again (a node that forwards requests it
+/// does not lead may let one overtake another).
+const REORDERED_MAX: u32 = 3;
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
@@ -171,6 +182,11 @@ impl Producer {
     pub async fn new(client: &Client, options: ProducerOptions) -> Result<Producer, Error> {
         if !(1..=10_000).contains(&options.max_batch_records) {
             return Err(Error::Invalid("max_batch_records must be 1..=10000".into()));
+        }
+        if !(1..=IN_FLIGHT_MAX).contains(&options.max_in_flight) {
+            return Err(Error::Invalid(format!(
+                "max_in_flight must be 1..={IN_FLIGHT_MAX}"
+            )));
         }
         if !(1..=BATCH_BYTES_MAX).contains(&options.max_batch_bytes) || options.max_buffered == 0 {
             return Err(Error::Invalid(format!(
@@ -272,6 +288,12 @@ impl Producer {
                     sticky: self.sticky(topic),
                     producer_id: self.inner.producer_id,
                     sequence: 0,
+                    next_id: 1,
+                    window: VecDeque::new(),
+                    answers: HashMap::new(),
+                    conn: None,
+                    retry_at: None,
+                    backoff: BACKOFF_MIN,
                 };
                 tokio::spawn(w.run(rx));
                 tx
@@ -280,7 +302,36 @@ impl Producer {
     }
 }
 
-/// Sends one partition's records, in order, one request at a time.
+/// A request of the partition's window: sent (or waiting to be sent again) and not settled.
+struct InFlight {
+    /// Its `request_id` on the stream (the same on every resend).
+    id: u64,
+    req: pb::PublishRequest,
+    batch: Vec<Pending>,
+    /// When it was first sent: retries count from here.
+    first_sent: Instant,
+    /// When it was last sent: its answer is due `request_timeout` later.
+    sent: tokio::time::Instant,
+    /// Whether a try may have been written (a later refusal then does not mean "nothing").
+    maybe_written: bool,
+    /// Out-of-order refusals so far.
+    reordered: u32,
+}
+
+/// A PublishStream to the partition's leader.
+struct Conn {
+    tx: mpsc::Sender<pb::PublishRequest>,
+    rx: tonic::Streaming<pb::PublishResponse>,
+}
+
+/// Sends one partition's records in order: up to `max_in_flight` requests on one
+/// PublishStream to the leader, answered in order.
+///
+/// When a request fails and a retry may help, the stream is dropped and every request of the
+/// window is sent again, in order, with its sequence numbers, on a new stream: what was
+/// already written is answered with its offsets. When a request is given up, its records
+/// fail; if it may have been written, so do the requests after it (their fate is as unknown);
+/// otherwise those were refused as out of order, and are sent again under a fresh producer id.
 struct Worker {
     client: Client,
     options: ProducerOptions,
@@ -291,104 +342,155 @@ struct Worker {
     sticky: Arc<AtomicU32>,
     /// 0 until the first request (and again after a request was given up).
     producer_id: u64,
+    /// The next request's first sequence number.
     sequence: u32,
+    next_id: u64,
+    window: VecDeque<InFlight>,
+    /// Answers that came before those of requests ahead of them.
+    answers: HashMap<u64, Result<Vec<u64>, tonic::Status>>,
+    conn: Option<Conn>,
+    /// After a failure: when the window is sent again.
+    retry_at: Option<tokio::time::Instant>,
+    backoff: Duration,
 }
 
 impl Worker {
     async fn run(mut self, mut rx: mpsc::Receiver<Work>) {
-        let mut held: Option<Work> = None;
+        let max_records = self.options.max_batch_records;
+        let mut forming: Vec<Pending> = Vec::new();
+        let mut forming_bytes = 0;
+        let mut until = tokio::time::Instant::now();
+        let mut held: Option<Pending> = None;
+        // Flushes waiting for every request with an id below theirs to settle.
+        let mut flushes: Vec<(u64, oneshot::Sender<()>)> = Vec::new();
+        let mut closed = false;
         loop {
-            let first = match held.take() {
-                Some(w) => w,
-                None => match rx.recv().await {
-                    Some(w) => w,
-                    None => return,
-                },
-            };
-            let first = match first {
-                Work::Flush(done) => {
+            let settled_below = self.window.front().map_or(self.next_id, |r| r.id);
+            for (bound, done) in std::mem::take(&mut flushes) {
+                if bound <= settled_below {
                     let _ = done.send(());
-                    continue;
-                }
-                Work::Record(p) => p,
-            };
-            // Gather what else comes within the linger, up to the request's limits.
-            let o = &self.options;
-            let mut bytes = first.record.size();
-            let mut batch = vec![first];
-            let until = tokio::time::Instant::now() + o.linger;
-            while batch.len() < o.max_batch_records {
-                let next = match rx.try_recv() {
-                    Ok(w) => w,
-                    Err(_) => match tokio::time::timeout_at(until, rx.recv()).await {
-                        Ok(Some(w)) => w,
-                        _ => break,
-                    },
-                };
-                match next {
-                    Work::Record(p) if bytes + p.record.size() <= o.max_batch_bytes => {
-                        bytes += p.record.size();
-                        batch.push(p);
-                    }
-                    other => {
-                        // Too big for this request, or a flush: after it.
-                        held = Some(other);
-                        break;
-                    }
+                } else {
+                    flushes.push((bound, done));
                 }
             }
-            // Records without key or partition move on to the next partition.
-            let keyless = batch
-                .iter()
-                .any(|p| p.record.key.is_none() && p.record.partition.is_none());
-            if keyless {
-                let _ = self.sticky.compare_exchange(
-                    self.partition,
-                    (self.partition + 1) % self.partitions.max(1),
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
+            if forming.is_empty() {
+                if let Some(p) = held.take() {
+                    forming_bytes = p.record.size();
+                    forming.push(p);
+                    until = tokio::time::Instant::now() + self.options.linger;
+                }
             }
-            let result = self.publish(&batch).await;
-            match result {
-                Ok(offsets) => {
-                    for (p, offset) in batch.into_iter().zip(offsets) {
-                        let _ = p.reply.send(Ok(Ack {
-                            partition: self.partition,
-                            offset,
-                        }));
+            let room = self.window.len() < self.options.max_in_flight && self.retry_at.is_none();
+            let full = forming.len() >= max_records || held.is_some() || closed;
+            if !forming.is_empty() && room && (full || tokio::time::Instant::now() >= until) {
+                forming_bytes = 0;
+                self.send_new(std::mem::take(&mut forming)).await;
+                continue;
+            }
+            if closed && forming.is_empty() && held.is_none() && self.window.is_empty() {
+                for (_, done) in flushes {
+                    let _ = done.send(());
+                }
+                return;
+            }
+            let answer_due = self.window.front().map_or(until, |r| {
+                r.sent + self.client.inner.options.request_timeout
+            });
+            let answering = self.conn.is_some() && !self.window.is_empty();
+            tokio::select! {
+                biased;
+                answer = next_answer(&mut self.conn), if answering => self.on_answer(answer).await,
+                _ = tokio::time::sleep_until(answer_due), if answering => {
+                    self.failed(tonic::Status::deadline_exceeded(
+                        "no answer to a publish within the request timeout",
+                    ))
+                    .await
+                }
+                _ = tokio::time::sleep_until(self.retry_at.unwrap_or(until)), if self.retry_at.is_some() => {
+                    self.resend().await
+                }
+                work = rx.recv(), if !closed && held.is_none() && forming.len() < max_records => {
+                    match work {
+                        None => closed = true,
+                        Some(Work::Flush(done)) => {
+                            // Sent without waiting for the linger.
+                            until = tokio::time::Instant::now();
+                            flushes.push((self.next_id + u64::from(!forming.is_empty()), done));
+                        }
+                        Some(Work::Record(p)) => {
+                            let size = p.record.size();
+                            if !forming.is_empty() && forming_bytes + size > self.options.max_batch_bytes {
+                                held = Some(p);
+                            } else {
+                                if forming.is_empty() {
+                                    until = tokio::time::Instant::now() + self.options.linger;
+                                }
+                                forming_bytes += size;
+                                forming.push(p);
+                            }
+                        }
                     }
+                }
+                _ = tokio::time::sleep_until(until), if !forming.is_empty() && room => {}
+            }
+        }
+    }
+
+    /// Gives `batch` the next sequence numbers and sends it (opening a stream if there is
+    /// none).
+    async fn send_new(&mut self, batch: Vec<Pending>) {
+        if self.producer_id == 0 || u64::from(self.sequence) + batch.len() as u64 > SEQUENCE_MAX {
+            match self.client.init_producer(self.options.retry_for).await {
+                Ok(id) => {
+                    self.producer_id = id;
+                    self.sequence = 0;
                 }
                 Err(e) => {
                     for p in batch {
                         let _ = p.reply.send(Err(e.clone()));
                     }
+                    return;
                 }
             }
         }
+        // Records without key or partition move on to the next partition.
+        if batch
+            .iter()
+            .any(|p| p.record.key.is_none() && p.record.partition.is_none())
+        {
+            let _ = self.sticky.compare_exchange(
+                self.partition,
+                (self.partition + 1) % self.partitions.max(1),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let req = self.request(id, &batch);
+        self.sequence += batch.len() as u32;
+        self.window.push_back(InFlight {
+            id,
+            req: req.clone(),
+            batch,
+            first_sent: Instant::now(),
+            sent: tokio::time::Instant::now(),
+            maybe_written: false,
+            reordered: 0,
+        });
+        match &self.conn {
+            Some(conn) => {
+                if conn.tx.try_send(req).is_err() {
+                    self.failed(tonic::Status::unavailable("the publish stream closed"))
+                        .await;
+                }
+            }
+            None => self.open().await,
+        }
     }
 
-    /// Publishes `batch` as one idempotent request, resending it unchanged while failures are
-    /// retryable; the offsets, one per record. After any failure the partition goes on under a
-    /// new producer id: what the failed request left written (if anything) cannot be confused
-    /// with what follows.
-    async fn publish(&mut self, batch: &[Pending]) -> Result<Vec<u64>, Error> {
-        let r = self.try_publish(batch).await;
-        if r.is_err() {
-            self.producer_id = 0;
-        }
-        r
-    }
-
-    async fn try_publish(&mut self, batch: &[Pending]) -> Result<Vec<u64>, Error> {
-        let client = self.client.clone();
-        let retry_for = self.options.retry_for;
-        let start = Instant::now();
-        if self.producer_id == 0 || u64::from(self.sequence) + batch.len() as u64 > SEQUENCE_MAX {
-            self.producer_id = client.init_producer(retry_for).await?;
-            self.sequence = 0;
-        }
-        let req = pb::PublishRequest {
+    fn request(&self, id: u64, batch: &[Pending]) -> pb::PublishRequest {
+        pb::PublishRequest {
             topic: self.topic.clone(),
             records: batch
                 .iter()
@@ -408,77 +510,219 @@ impl Worker {
                     expiry_seconds: None,
                 })
                 .collect(),
-            request_id: 0,
+            request_id: id,
             producer_id: self.producer_id,
             sequence: self.sequence,
+        }
+    }
+
+    /// Opens a stream to the partition's leader and sends the whole window on it, in order.
+    async fn open(&mut self) {
+        let grpc = match self.client.leader_addr(&self.topic, self.partition) {
+            None => Err(tonic::Status::unavailable("no node known")),
+            Some(addr) => self
+                .client
+                .node(&addr)
+                .map_err(|e| tonic::Status::unavailable(e.to_string())),
         };
-        let mut backoff = BACKOFF_MIN;
-        // Whether a try may have been written: a later refusal then does not mean "nothing".
-        let mut maybe_written = false;
-        loop {
-            let grpc = client
-                .leader_addr(&self.topic, self.partition)
-                .ok_or_else(|| tonic::Status::unavailable("no node known"))
-                .and_then(|addr| {
-                    client
-                        .node(&addr)
-                        .map_err(|e| tonic::Status::unavailable(e.to_string()))
-                });
-            let status = match grpc {
-                Err(s) => s,
-                Ok(mut c) => match c.publish(req.clone()).await {
-                    Ok(r) => {
-                        let acks = r.into_inner().acks;
-                        if acks.len() != batch.len() {
-                            return Err(Error::GaveUp {
-                                after: start.elapsed(),
-                                last: format!(
-                                    "the node answered {} acks for {} records (the records may have been written)",
-                                    acks.len(),
-                                    batch.len()
-                                ),
-                            });
-                        }
-                        self.sequence += batch.len() as u32;
-                        return Ok(acks.into_iter().map(|a| a.offset).collect());
-                    }
-                    Err(s) => {
-                        maybe_written |= !s.metadata().contains_key("tern-unwritten");
-                        s
-                    }
-                },
-            };
-            client.failed(&self.topic, self.partition, &status).await;
-            let hinted = crate::error::leader_hint(&status).is_some();
-            let given_up = if !retryable(&status) && maybe_written {
-                Some(Error::GaveUp {
-                    after: start.elapsed(),
-                    last: format!(
-                        "{}: {} (an earlier try may have been written)",
-                        status.code(),
-                        status.message()
-                    ),
+        let mut grpc = match grpc {
+            Ok(g) => g,
+            Err(s) => return self.failed(s).await,
+        };
+        let (tx, rx) = mpsc::channel(IN_FLIGHT_MAX);
+        let now = tokio::time::Instant::now();
+        for r in &mut self.window {
+            r.sent = now;
+            // The channel holds the whole window (at most IN_FLIGHT_MAX).
+            let _ = tx.try_send(r.req.clone());
+        }
+        match grpc
+            .publish_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+        {
+            Ok(r) => {
+                self.conn = Some(Conn {
+                    tx,
+                    rx: r.into_inner(),
                 })
-            } else if !retryable(&status) {
-                Some(Error::Status(status))
-            } else if start.elapsed() >= retry_for {
-                Some(Error::GaveUp {
-                    after: start.elapsed(),
-                    last: format!("{}: {}", status.code(), status.message()),
-                })
-            } else {
-                None
-            };
-            if let Some(e) = given_up {
-                return Err(e);
             }
-            // A named leader is tried soon; otherwise wait a little longer each time.
-            if hinted {
-                tokio::time::sleep(BACKOFF_MIN).await;
-            } else {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+            Err(s) => self.failed(s).await,
+        }
+    }
+
+    /// After a failure's backoff: sends the window again (under a fresh producer id if the
+    /// last one was given up).
+    async fn resend(&mut self) {
+        self.retry_at = None;
+        if self.window.is_empty() {
+            return;
+        }
+        if self.producer_id == 0 {
+            match self.client.init_producer(self.options.retry_for).await {
+                Ok(id) => {
+                    self.producer_id = id;
+                    self.sequence = 0;
+                    for r in &mut self.window {
+                        r.req.producer_id = id;
+                        r.req.sequence = self.sequence;
+                        self.sequence += r.batch.len() as u32;
+                    }
+                }
+                Err(e) => {
+                    for r in self.window.drain(..) {
+                        for p in r.batch {
+                            let _ = p.reply.send(Err(e.clone()));
+                        }
+                    }
+                    return;
+                }
             }
         }
+        self.open().await;
+    }
+
+    async fn on_answer(&mut self, answer: Option<Result<pb::PublishResponse, tonic::Status>>) {
+        let resp = match answer {
+            None => {
+                return self
+                    .failed(tonic::Status::unavailable(
+                        "the node ended the publish stream",
+                    ))
+                    .await
+            }
+            Some(Err(s)) => return self.failed(s).await,
+            Some(Ok(r)) => r,
+        };
+        if !self.window.iter().any(|r| r.id == resp.request_id) {
+            return;
+        }
+        let result = match resp.error {
+            Some(e) => Err(tonic::Status::new(tonic::Code::from(e.code), e.message)),
+            None => Ok(resp.acks.into_iter().map(|a| a.offset).collect()),
+        };
+        self.answers.insert(resp.request_id, result);
+        // Settle the window's head while its answer is here.
+        while let Some(head) = self.window.front() {
+            let Some(result) = self.answers.remove(&head.id) else {
+                break;
+            };
+            match result {
+                Ok(offsets) if offsets.len() == head.batch.len() => {
+                    let head = self.window.pop_front().expect("a head");
+                    for (p, offset) in head.batch.into_iter().zip(offsets) {
+                        let _ = p.reply.send(Ok(Ack {
+                            partition: self.partition,
+                            offset,
+                        }));
+                    }
+                    self.backoff = BACKOFF_MIN;
+                }
+                Ok(offsets) => {
+                    let n = head.batch.len();
+                    self.give_up(Error::GaveUp {
+                        after: head.first_sent.elapsed(),
+                        last: format!(
+                            "the node answered {} acks for {n} records (the records may have been written)",
+                            offsets.len()
+                        ),
+                    }, true);
+                    return;
+                }
+                Err(s) => return self.failed(s).await,
+            }
+        }
+    }
+
+    /// The window's head (or its stream) failed with `status`: the window is sent again
+    /// after a backoff, or the head is given up.
+    async fn failed(&mut self, status: tonic::Status) {
+        self.conn = None;
+        self.answers.clear();
+        self.client
+            .failed(&self.topic, self.partition, &status)
+            .await;
+        let Some(head) = self.window.front_mut() else {
+            return;
+        };
+        let out_of_order = status.code() == tonic::Code::FailedPrecondition
+            && status.message().starts_with("out-of-order sequence");
+        if out_of_order {
+            head.reordered += 1;
+        } else {
+            head.maybe_written |= !status.metadata().contains_key("tern-unwritten");
+        }
+        let retry = retryable(&status) || (out_of_order && head.reordered <= REORDERED_MAX);
+        let after = head.first_sent.elapsed();
+        if retry && after < self.options.retry_for {
+            // A named leader is tried soon; otherwise wait a little longer each time.
+            let delay = if crate::error::leader_hint(&status).is_some() {
+                BACKOFF_MIN
+            } else {
+                let d = self.backoff;
+                self.backoff = (d * 2).min(BACKOFF_MAX);
+                d
+            };
+            self.retry_at = Some(tokio::time::Instant::now() + delay);
+            return;
+        }
+        let maybe_written = head.maybe_written;
+        let e = if maybe_written {
+            Error::GaveUp {
+                after,
+                last: format!(
+                    "{}: {} (an earlier try may have been written)",
+                    status.code(),
+                    status.message()
+                ),
+            }
+        } else if !retryable(&status) {
+            Error::Status(status)
+        } else {
+            Error::GaveUp {
+                after,
+                last: format!("{}: {}", status.code(), status.message()),
+            }
+        };
+        self.give_up(e, maybe_written);
+    }
+
+    /// Fails the window's head with `e`. If it may have been written, the requests after it
+    /// fail too; otherwise they were refused (out of order), and are sent again under a fresh
+    /// producer id: what the failed request left cannot be confused with what follows.
+    fn give_up(&mut self, e: Error, maybe_written: bool) {
+        self.conn = None;
+        self.answers.clear();
+        self.producer_id = 0;
+        self.backoff = BACKOFF_MIN;
+        let Some(head) = self.window.pop_front() else {
+            return;
+        };
+        for p in head.batch {
+            let _ = p.reply.send(Err(e.clone()));
+        }
+        if maybe_written {
+            for r in self.window.drain(..) {
+                let e = Error::GaveUp {
+                    after: r.first_sent.elapsed(),
+                    last: "a request sent before it on the partition was given up and may have been written".into(),
+                };
+                for p in r.batch {
+                    let _ = p.reply.send(Err(e.clone()));
+                }
+            }
+        }
+        if !self.window.is_empty() {
+            self.retry_at = Some(tokio::time::Instant::now());
+        }
+    }
+}
+
+/// The next answer on the stream (never called without one).
+async fn next_answer(
+    conn: &mut Option<Conn>,
+) -> Option<Result<pb::PublishResponse, tonic::Status>> {
+    match conn {
+        Some(c) => c.rx.message().await.transpose(),
+        None => std::future::pending().await,
     }
 }
