@@ -68,6 +68,8 @@ pub struct Record {
     /// The partition; `None`: the key's hash, or (without a key) the partition the producer is
     /// filling for this topic.
     pub partition: Option<u32>,
+    /// Hidden from readers this many seconds after it is written.
+    pub expiry_seconds: Option<u32>,
 }
 
 impl Record {
@@ -90,6 +92,12 @@ impl Record {
 
     pub fn partition(mut self, p: u32) -> Record {
         self.partition = Some(p);
+        self
+    }
+
+    /// Hides the record from readers `seconds` after it is written.
+    pub fn expiry_seconds(mut self, seconds: u32) -> Record {
+        self.expiry_seconds = Some(seconds);
         self
     }
 
@@ -507,7 +515,7 @@ impl Worker {
                         })
                         .collect(),
                     partition: Some(self.partition),
-                    expiry_seconds: None,
+                    expiry_seconds: p.record.expiry_seconds,
                 })
                 .collect(),
             request_id: id,

@@ -198,7 +198,32 @@ pub async fn run(
 
     let progress = tokio::spawn(progress(shared.clone()));
     let mut producers = Vec::new();
-    for id in 0..s.producers as u32 {
+    if s.leader_aware {
+        let client = leader_aware_client(s, routes).await?;
+        for id in 0..s.producers as u32 {
+            let producer = tern_client::Producer::new(
+                &client,
+                tern_client::ProducerOptions {
+                    linger: Duration::from_millis(s.linger_ms),
+                    max_batch_records: s.batch_size,
+                    max_buffered: if s.rate.is_some() {
+                        OPEN_LOOP_REQUESTS_MAX
+                    } else {
+                        s.in_flight * s.batch_size
+                    },
+                    ..tern_client::ProducerOptions::default()
+                },
+            )
+            .await?;
+            let s = s.clone();
+            let topics = topics.to_vec();
+            let shared = shared.clone();
+            producers.push(tokio::spawn(async move {
+                client_loop(id, &s, producer, &topics, shared).await
+            }));
+        }
+    }
+    for id in (0..s.producers as u32).filter(|_| !s.leader_aware) {
         let client = Nodes::new(
             &routes.producers,
             id as usize % routes.producers_local.max(1),
@@ -307,7 +332,9 @@ async fn consume(
                 }
                 None => break,
             };
-            let now = now_wall_us();
+            // The stamps' scale, read off the monotonic clock: a wall clock being stepped or
+            // slewed (as it was, 5 ms a second, in runs of 2026-12-06) does not skew latency.
+            let now = shared.wall_us(Instant::now());
             let mut e2e = shared.e2e.lock().unwrap();
             let mut ledger = shared.ledger.lock().unwrap();
             for r in &resp.records {
@@ -376,41 +403,137 @@ fn on_answer(
     dues: &[Instant],
     r: Result<tonic::Response<pb::PublishResponse>, tonic::Status>,
 ) {
-    let now = Instant::now();
     match r {
         Ok(resp) => {
-            if now >= shared.measure_from && now < shared.end {
-                let resp = resp.get_ref();
-                let mut last = shared.last_ack.lock().unwrap();
-                let mut longest = shared.longest_gap.lock().unwrap();
-                let mut seen = std::collections::BTreeSet::new();
-                for a in &resp.acks {
-                    if seen.insert(a.partition) {
-                        let key = (topic.to_string(), a.partition);
-                        if let Some(prev) = last.insert(key, now) {
-                            *longest = (*longest).max(now.saturating_duration_since(prev));
-                        }
-                    }
-                }
-            }
-            let mut h = shared.publish.lock().unwrap();
-            let mut measured = 0;
-            for due in dues {
-                if *due >= shared.measure_from && *due < shared.end {
-                    let _ = h.record(now.saturating_duration_since(*due).as_micros().max(1) as u64);
-                    measured += 1;
-                }
-            }
-            drop(h);
-            let mut l = shared.ledger.lock().unwrap();
-            for k in 0..dues.len() as u64 {
-                l.ack(id, first_seq + k);
-            }
-            drop(l);
-            shared.acked.fetch_add(dues.len() as u64, Ordering::Relaxed);
-            shared.acked_measured.fetch_add(measured, Ordering::Relaxed);
+            let mut partitions: Vec<u32> =
+                resp.get_ref().acks.iter().map(|a| a.partition).collect();
+            partitions.sort_unstable();
+            partitions.dedup();
+            acked(shared, topic, id, first_seq, dues, &partitions);
         }
         Err(status) => shared.error(&status, dues.len() as u64),
+    }
+}
+
+/// Records acknowledged records `first_seq..` (with their due instants), written to
+/// `partitions` of `topic`.
+fn acked(
+    shared: &Shared,
+    topic: &str,
+    id: u32,
+    first_seq: u64,
+    dues: &[Instant],
+    partitions: &[u32],
+) {
+    let now = Instant::now();
+    if now >= shared.measure_from && now < shared.end {
+        let mut last = shared.last_ack.lock().unwrap();
+        let mut longest = shared.longest_gap.lock().unwrap();
+        for p in partitions {
+            let key = (topic.to_string(), *p);
+            if let Some(prev) = last.insert(key, now) {
+                *longest = (*longest).max(now.saturating_duration_since(prev));
+            }
+        }
+    }
+    let mut h = shared.publish.lock().unwrap();
+    let mut measured = 0;
+    for due in dues {
+        if *due >= shared.measure_from && *due < shared.end {
+            let _ = h.record(now.saturating_duration_since(*due).as_micros().max(1) as u64);
+            measured += 1;
+        }
+    }
+    drop(h);
+    let mut l = shared.ledger.lock().unwrap();
+    for k in 0..dues.len() as u64 {
+        l.ack(id, first_seq + k);
+    }
+    drop(l);
+    shared.acked.fetch_add(dues.len() as u64, Ordering::Relaxed);
+    shared.acked_measured.fetch_add(measured, Ordering::Relaxed);
+}
+
+/// The tern-client client leader-aware producers share: bootstrapped from the producers'
+/// nodes (their region's first), with this run's TLS and token.
+async fn leader_aware_client(s: &Settings, routes: &Routes) -> anyhow::Result<tern_client::Client> {
+    let options = tern_client::ClientOptions {
+        region: s.producer_region.clone(),
+        ..security().client_options()?
+    };
+    Ok(tern_client::Client::connect(routes.producers.clone(), options).await?)
+}
+
+/// A producer on tern-client: each record sent at its due time (open loop) or as soon as the
+/// producer has room (closed loop, `in_flight × batch_size` records unacknowledged), to the
+/// partition its key (or the sticky partitioner) picks; the client batches per partition and
+/// sends straight to the leaders.
+async fn client_loop(
+    id: u32,
+    s: &Settings,
+    producer: tern_client::Producer,
+    topics: &[String],
+    shared: Arc<Shared>,
+) {
+    let interval = s
+        .rate
+        .map(|r| Duration::from_secs_f64(s.producers as f64 / r as f64));
+    let due = |i: u64| match interval {
+        Some(iv) => shared.start + iv.mul_f64(i as f64),
+        None => Instant::now(),
+    };
+    let total =
+        interval.map(|iv| ((shared.end - shared.start).as_secs_f64() / iv.as_secs_f64()) as u64);
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15 ^ (id as u64 + 1));
+    let mut answers = tokio::task::JoinSet::new();
+    tokio::time::sleep_until(shared.start.into()).await;
+    let mut seq = 0u64;
+    loop {
+        if total.is_some_and(|t| seq >= t) || (total.is_none() && Instant::now() >= shared.end) {
+            break;
+        }
+        let at = due(seq);
+        if interval.is_some() {
+            tokio::time::sleep_until(at.into()).await;
+        }
+        let topic = topics[seq as usize % topics.len()].clone();
+        let value = payload::encode(
+            Stamp {
+                producer: id,
+                seq,
+                due_us: shared.wall_us(at),
+            },
+            s.record_size,
+        );
+        let mut record = tern_client::Record::new(value);
+        if let Some(n) = s.keys {
+            record = record.key(format!("k{}", rng.next() % n));
+        }
+        shared.sent.fetch_add(1, Ordering::Relaxed);
+        match producer.send(&topic, record).await {
+            Ok(ack) => {
+                let shared = shared.clone();
+                answers.spawn(async move {
+                    match ack.await {
+                        Ok(a) => acked(&shared, &topic, id, seq, &[at], &[a.partition]),
+                        Err(e) => shared.error(&client_status(e), 1),
+                    }
+                });
+            }
+            Err(e) => shared.error(&client_status(e), 1),
+        }
+        while answers.try_join_next().is_some() {}
+        seq += 1;
+    }
+    producer.flush().await;
+    while answers.join_next().await.is_some() {}
+}
+
+/// A tern-client error as the status it reports under.
+fn client_status(e: tern_client::Error) -> tonic::Status {
+    match e {
+        tern_client::Error::Status(s) => s,
+        e => tonic::Status::unknown(e.to_string()),
     }
 }
 

@@ -56,6 +56,12 @@ pub struct Args {
     /// Requests in flight per producer in --max mode.
     #[arg(long)]
     pub in_flight: Option<usize>,
+    /// How producers reach the partitions: `any` (producer i publishes through node i, which
+    /// forwards to each partition's leader: forwarding measured) or `leader` (tern-client:
+    /// straight to each leader, batched per partition with --batch-size and --linger-ms,
+    /// pipelined, idempotent) [default: any].
+    #[arg(long)]
+    pub client: Option<String>,
     /// Seconds of measured load.
     #[arg(long)]
     pub duration: Option<u64>,
@@ -187,6 +193,8 @@ pub struct Settings {
     pub kill_every_s: Option<u64>,
     /// Idempotent producers that retry until acknowledged (see `Args::idempotent`).
     pub idempotent: bool,
+    /// Producers use tern-client (leader-aware) instead of publishing through one node.
+    pub leader_aware: bool,
     /// The chaos workload's nemesis (see `chaos.rs`).
     pub chaos: Option<Chaos>,
     /// The topics' segment size (smaller segments give the chaos workload sealed ones to
@@ -238,6 +246,7 @@ impl Settings {
             fsync: "always".into(),
             kill_every_s: None,
             idempotent: false,
+            leader_aware: false,
             chaos: None,
             segment_bytes: None,
             regions: Vec::new(),
@@ -544,6 +553,18 @@ impl Settings {
         }
         if a.idempotent {
             s.idempotent = true;
+        }
+        match a.client.as_deref() {
+            None | Some("any") => {}
+            Some("leader") => {
+                anyhow::ensure!(
+                    s.chaos.is_none() && s.kill_every_s.is_none() && !s.idempotent,
+                    "--client leader is for load runs; the failover and chaos workloads and \
+                     --idempotent keep their own producers"
+                );
+                s.leader_aware = true;
+            }
+            Some(c) => anyhow::bail!("--client {c}: use any or leader"),
         }
         if let Some(c) = s.chaos.as_mut() {
             c.seed = a.seed.unwrap_or_else(|| {

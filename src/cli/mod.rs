@@ -6,7 +6,6 @@ mod certs;
 mod cluster;
 mod group;
 mod probe;
-mod producer;
 mod pubsub;
 mod security;
 mod serve;
@@ -98,6 +97,20 @@ pub struct ClientOpts {
 }
 
 impl ClientOpts {
+    /// A client of the whole cluster (the client crate: calls go to the partitions' leaders),
+    /// bootstrapped from `--server` once it answered.
+    pub async fn cluster_client(&self) -> anyhow::Result<tern_client::Client> {
+        // Connecting first words a failure as every command does (unreachable, TLS).
+        self.connect().await?;
+        let options = tern_client::ClientOptions {
+            region: self.region.clone(),
+            ..self.security.client_options()?
+        };
+        tern_client::Client::connect([self.server.clone()], options)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
     /// A client of `--server`, or with `--region` of a node in that region, connected now.
     pub async fn connect(&self) -> anyhow::Result<Client> {
         let c = self.security.connect(&self.server).await?;
@@ -194,6 +207,37 @@ impl tonic::service::Interceptor for Credentials {
 }
 
 impl SecurityOpts {
+    /// The same TLS and token as settings of the client crate.
+    pub fn client_options(&self) -> anyhow::Result<tern_client::ClientOptions> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))
+        };
+        let tls = match &self.tls_ca {
+            None => {
+                anyhow::ensure!(
+                    self.tls_cert.is_none(),
+                    "--tls-cert needs --tls-ca (the CA that signed the node's certificate)"
+                );
+                None
+            }
+            Some(ca) => {
+                let mut t = tern_client::Tls::new(read(ca)?);
+                if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+                    t = t.identity(read(cert)?, read(key)?);
+                }
+                if let Some(name) = &self.tls_server_name {
+                    t = t.server_name(name.clone());
+                }
+                Some(t)
+            }
+        };
+        Ok(tern_client::ClientOptions {
+            tls,
+            token: self.token.clone(),
+            ..tern_client::ClientOptions::default()
+        })
+    }
+
     fn tls(&self) -> anyhow::Result<Option<ClientTls>> {
         let Some(ca) = &self.tls_ca else {
             anyhow::ensure!(

@@ -10,7 +10,9 @@ use bytes::Bytes;
 use clap::Args;
 use tokio_stream::StreamExt;
 
-use super::producer::{Chunk, Producer, BYTES_PER_REQUEST, RECORDS_PER_REQUEST};
+/// Records and bytes one request of `tern pub` carries at most.
+const RECORDS_PER_REQUEST: usize = 500;
+const BYTES_PER_REQUEST: usize = 512 << 10;
 use super::{status_error, ClientOpts};
 use crate::proto::v1 as pb;
 
@@ -63,34 +65,29 @@ impl PubArgs {
         }
     }
 
-    fn headers(&self) -> anyhow::Result<Vec<pb::Header>> {
+    fn headers(&self) -> anyhow::Result<Vec<(String, Bytes)>> {
         self.headers
             .iter()
             .map(|h| match h.split_once('=') {
-                Some((k, v)) if !k.is_empty() => Ok(pb::Header {
-                    key: k.to_string(),
-                    value: Bytes::from(v.to_string()),
-                }),
+                Some((k, v)) if !k.is_empty() => Ok((k.to_string(), Bytes::from(v.to_string()))),
                 _ => anyhow::bail!("header {h:?} must be NAME=VALUE"),
             })
             .collect()
     }
 }
 
-fn print_acks(opts: &ClientOpts, topic: &str, acks: &[pb::RecordAck]) {
+fn print_ack(opts: &ClientOpts, topic: &str, a: tern_client::Ack) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    for a in acks {
-        let _ = if opts.json {
-            writeln!(
-                out,
-                "{}",
-                serde_json::json!({"topic": topic, "partition": a.partition, "offset": a.offset})
-            )
-        } else {
-            writeln!(out, "{topic}/{}@{}", a.partition, a.offset)
-        };
-    }
+    let _ = if opts.json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({"topic": topic, "partition": a.partition, "offset": a.offset})
+        )
+    } else {
+        writeln!(out, "{topic}/{}@{}", a.partition, a.offset)
+    };
 }
 
 /// Reads standard input on its own thread, one record per line, as raw bytes.
@@ -123,19 +120,17 @@ fn read_lines() -> tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>> {
 
 pub async fn publish(a: PubArgs) -> anyhow::Result<()> {
     let headers = a.headers()?;
-    let key = a.key.clone().map(Bytes::from);
-    let expiry_seconds = a.expiry_seconds;
-    let record_key = key.clone();
-    let record = move |value: Bytes| pb::PublishRecord {
-        key: record_key.clone(),
-        value,
-        headers: headers.clone(),
-        partition: None,
-        expiry_seconds,
+    let (key, partition, expiry) = (a.key.clone(), a.partition, a.expiry_seconds);
+    let record = move |value: Bytes| {
+        let mut r = tern_client::Record::new(value);
+        r.headers = headers.clone();
+        r.key = key.clone().map(Bytes::from);
+        r.partition = partition;
+        r.expiry_seconds = expiry;
+        r
     };
     let source = a.source();
     let lines_mode = !matches!(source, Source::Value(_));
-    let partition_arg = a.partition;
     // A file is read whole before anything is sent: a read error publishes nothing.
     let file = match &source {
         Source::File(path) if path.as_os_str() == "-" => {
@@ -151,87 +146,96 @@ pub async fn publish(a: PubArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let client = a.opts.connect().await?;
-    let producer = Producer::start(
-        client,
-        &a.opts.server,
-        &a.opts.security,
-        &a.topic,
-        Duration::from_millis(a.retry_ms),
+    let client = a.opts.cluster_client().await?;
+    let producer = tern_client::Producer::new(
+        &client,
+        tern_client::ProducerOptions {
+            linger: Duration::from_millis(1),
+            max_batch_records: RECORDS_PER_REQUEST,
+            max_batch_bytes: BYTES_PER_REQUEST,
+            retry_for: Duration::from_millis(a.retry_ms),
+            ..tern_client::ProducerOptions::default()
+        },
     )
-    .await?;
-    let mut router = producer.router();
-    let (chunks, chunk_rx) = tokio::sync::mpsc::channel::<Chunk>(4);
+    .await
+    .map_err(client_error)?;
+    // Acknowledgments are printed in the order the records were read; the first failure
+    // stops the reading.
+    let (acks, mut acks_rx) = tokio::sync::mpsc::channel::<tern_client::AckFuture>(4096);
     let opts = a.opts.clone();
     let topic = a.topic.clone();
-    let topic_name = a.topic.clone();
     let quiet = a.quiet;
-    let sending = producer.run(chunk_rx, move |acks| {
-        if !quiet {
-            print_acks(&opts, &topic, acks);
+    let printing = async move {
+        let mut n = 0u64;
+        while let Some(ack) = acks_rx.recv().await {
+            match ack.await {
+                Ok(ack) => {
+                    n += 1;
+                    if !quiet {
+                        print_ack(&opts, &topic, ack);
+                    }
+                }
+                Err(e) => return (n, Err(client_error(e))),
+            }
         }
-    });
+        (n, Ok(()))
+    };
+    let topic = a.topic.clone();
     let reading = async move {
+        let send = |value: Bytes| {
+            let producer = producer.clone();
+            let acks = acks.clone();
+            let r = record(value);
+            let topic = topic.clone();
+            async move {
+                let ack = producer.send(&topic, r).await.map_err(client_error)?;
+                // The printer stopped at a failure, which it reports.
+                Ok::<bool, anyhow::Error>(acks.send(ack).await.is_ok())
+            }
+        };
         let one = match (&source, file) {
             (Source::Value(v), _) => Some(v.clone()),
             (_, Some(f)) => Some(f),
             _ => None,
         };
         if let Some(value) = one {
-            let chunks = chunks;
-            let partition = router.route(partition_arg, key.as_deref())?;
-            let _ = chunks
-                .send(Chunk {
-                    partition,
-                    records: vec![record(value)],
-                })
-                .await;
+            send(value).await?;
             return Ok::<_, anyhow::Error>(());
         }
-        let chunks = chunks;
-        // Lines: group what is available into requests (bounded in records and bytes).
         let mut lines = read_lines();
-        while let Some(first) = lines.recv().await {
-            let first = first.map_err(|e| anyhow::anyhow!("reading standard input: {e}"))?;
-            let mut bytes = first.len();
-            let mut records = vec![record(Bytes::from(first))];
-            let mut failed = None;
-            while records.len() < RECORDS_PER_REQUEST && bytes < BYTES_PER_REQUEST {
-                match lines.try_recv() {
-                    Ok(Ok(l)) => {
-                        bytes += l.len();
-                        records.push(record(Bytes::from(l)));
-                    }
-                    Ok(Err(e)) => {
-                        failed = Some(e);
-                        break;
-                    }
-                    Err(_) => break,
-                }
-            }
-            let partition = router.route(partition_arg, key.as_deref())?;
-            if chunks.send(Chunk { partition, records }).await.is_err() {
+        while let Some(line) = lines.recv().await {
+            let line = line.map_err(|e| anyhow::anyhow!("reading standard input: {e}"))?;
+            if !send(Bytes::from(line)).await? {
                 break;
-            }
-            if let Some(e) = failed {
-                anyhow::bail!("reading standard input: {e}");
             }
         }
         Ok(())
     };
-    let (read, sent) = tokio::join!(reading, sending);
-    let published = match (read, sent) {
-        (_, Err(e)) => return Err(e),
-        (Err(e), Ok(n)) => {
-            eprintln!("published {n} records to {topic_name} before the error");
-            return Err(e);
+    let (read, (n, sent)) = tokio::join!(reading, printing);
+    let topic = &a.topic;
+    match (read, sent) {
+        (_, Err(e)) | (Err(e), Ok(())) => {
+            if lines_mode {
+                eprintln!("published {n} records to {topic} before the error");
+            }
+            Err(e)
         }
-        (Ok(()), Ok(n)) => n,
-    };
-    if lines_mode {
-        eprintln!("published {published} records to {topic_name}");
+        (Ok(()), Ok(())) => {
+            if lines_mode {
+                eprintln!("published {n} records to {topic}");
+            }
+            Ok(())
+        }
     }
-    Ok(())
+}
+
+/// A failure of the client crate, worded as the CLI words a node's answer.
+fn client_error(e: tern_client::Error) -> anyhow::Error {
+    match e {
+        tern_client::Error::Status(s) => status_error(s),
+        tern_client::Error::NoTopic(t) => anyhow::anyhow!("NotFound: topic {t:?} does not exist"),
+        e => anyhow::anyhow!("{e}"),
+    }
 }
 
 #[derive(Args)]
