@@ -300,3 +300,61 @@ async fn the_client_speaks_mtls_to_a_node_that_requires_it() {
         assert!(r.is_err(), "{what}: connected");
     }
 }
+
+/// A producer writing more partitions than a connection may carry streams: its streams spread
+/// over several connections, and every record is acknowledged (with one connection, the
+/// streams past the node's limit would wait for a place that never frees).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_writing_many_partitions_spreads_its_streams_over_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node_support::TestNode::start(dir.path(), &["--max-concurrent-streams", "16"]);
+    let mut admin = tern::proto::v1::tern_client::TernClient::new(
+        node_support::channel(&node.addr).await.unwrap(),
+    );
+    create(&mut admin, "wide", 40, 1).await;
+    let client = Client::connect(
+        [node.addr.clone()],
+        ClientOptions {
+            streams_per_connection: 8,
+            ..options()
+        },
+    )
+    .await
+    .unwrap();
+    // Records may not wait long for a stream: one that cannot get a place within the retry
+    // time fails.
+    let producer = Producer::new(
+        &client,
+        ProducerOptions {
+            retry_for: Duration::from_secs(3),
+            ..ProducerOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut acks = Vec::new();
+    for i in 0..400u32 {
+        let r = Record::new(i.to_string()).partition(i % 40);
+        acks.push(producer.send("wide", r).await.unwrap());
+    }
+    let mut per_partition: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+    for (i, ack) in acks.into_iter().enumerate() {
+        let ack = tokio::time::timeout(Duration::from_secs(30), ack)
+            .await
+            .unwrap_or_else(|_| panic!("record {i} acknowledged within 30 s"))
+            .unwrap_or_else(|e| panic!("record {i}: {e}"));
+        assert_eq!(ack.partition, i as u32 % 40);
+        per_partition
+            .entry(ack.partition)
+            .or_default()
+            .push(ack.offset);
+    }
+    for (p, offsets) in per_partition {
+        // In order, one after another (a partition's log starts with control records).
+        assert_eq!(offsets.len(), 10, "partition {p}");
+        assert!(
+            offsets.windows(2).all(|w| w[1] == w[0] + 1),
+            "partition {p}: {offsets:?}"
+        );
+    }
+}

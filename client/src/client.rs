@@ -36,6 +36,10 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Limit on one call (a publish waits for a quorum's fsync).
     pub request_timeout: Duration,
+    /// Long-lived streams (a producer keeps one per partition it writes) one connection to a
+    /// node carries at most; more take more connections. Keep it under the nodes'
+    /// `--max-concurrent-streams` (1,024 by default): streams beyond that wait for a place.
+    pub streams_per_connection: usize,
 }
 
 impl Default for ClientOptions {
@@ -46,6 +50,7 @@ impl Default for ClientOptions {
             tls: None,
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(10),
+            streams_per_connection: 256,
         }
     }
 }
@@ -144,6 +149,25 @@ impl tonic::service::Interceptor for Credentials {
     }
 }
 
+/// A stream's place on one of [`Client::stream_node`]'s connections.
+pub(crate) struct StreamSlot {
+    inner: Arc<Inner>,
+    addr: String,
+    index: usize,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut pool = self.inner.streams.lock().unwrap();
+        if let Some((_, n)) = pool
+            .get_mut(&self.addr)
+            .and_then(|conns| conns.get_mut(self.index))
+        {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
 /// Shortest time between two reads of the cluster's layout caused by failures.
 const REFRESH_MIN: Duration = Duration::from_millis(200);
 /// HTTP/2 pings on idle connections, and how long one may go unanswered.
@@ -163,6 +187,8 @@ pub(crate) struct Inner {
     credentials: Credentials,
     bootstrap: Vec<String>,
     channels: Mutex<HashMap<String, Channel>>,
+    /// Per node: connections for long-lived streams, and how many each carries.
+    streams: Mutex<HashMap<String, Vec<(Channel, usize)>>>,
     layout: Mutex<Layout>,
     /// One read of the layout at a time; when the last one ended.
     refreshing: tokio::sync::Mutex<Option<Instant>>,
@@ -216,6 +242,7 @@ impl Client {
                 credentials,
                 bootstrap,
                 channels: Mutex::default(),
+                streams: Mutex::default(),
                 layout: Mutex::default(),
                 refreshing: tokio::sync::Mutex::new(None),
             }),
@@ -230,25 +257,7 @@ impl Client {
         let channel = match channels.get(addr) {
             Some(c) => c.clone(),
             None => {
-                let o = &self.inner.options;
-                let scheme = if o.tls.is_some() { "https" } else { "http" };
-                let mut e = Endpoint::from_shared(format!("{scheme}://{addr}"))
-                    .map_err(|e| Error::Invalid(format!("address {addr:?}: {e}")))?;
-                if let Some(tls) = &o.tls {
-                    e = e
-                        .tls_config(tls.config())
-                        .map_err(|e| Error::Invalid(format!("TLS settings: {e}")))?;
-                }
-                let c = e
-                    .connect_timeout(o.connect_timeout)
-                    .timeout(o.request_timeout)
-                    .tcp_nodelay(true)
-                    // A subscription's stream must notice a node that went silent (a cut
-                    // network, a frozen machine), not only one that closed its connection.
-                    .http2_keep_alive_interval(KEEPALIVE)
-                    .keep_alive_timeout(KEEPALIVE)
-                    .keep_alive_while_idle(true)
-                    .connect_lazy();
+                let c = self.channel(addr)?;
                 channels.insert(addr.to_string(), c.clone());
                 c
             }
@@ -257,6 +266,58 @@ impl Client {
             channel,
             self.inner.credentials.clone(),
         ))
+    }
+
+    /// A gRPC client of the node at `addr` for one long-lived stream, on a connection that
+    /// carries at most [`ClientOptions::streams_per_connection`] of them (a node serves a bounded number of
+    /// streams per connection, and a producer writing many partitions keeps one per
+    /// partition); the slot is freed when the returned [`StreamSlot`] is dropped.
+    pub(crate) fn stream_node(&self, addr: &str) -> Result<(Grpc, StreamSlot), Error> {
+        let mut pool = self.inner.streams.lock().unwrap();
+        let conns = pool.entry(addr.to_string()).or_default();
+        let most = self.inner.options.streams_per_connection.max(1);
+        let index = match conns.iter().position(|(_, n)| *n < most) {
+            Some(i) => i,
+            None => {
+                conns.push((self.channel(addr)?, 0));
+                conns.len() - 1
+            }
+        };
+        conns[index].1 += 1;
+        let grpc =
+            TernClient::with_interceptor(conns[index].0.clone(), self.inner.credentials.clone());
+        Ok((
+            grpc,
+            StreamSlot {
+                inner: self.inner.clone(),
+                addr: addr.to_string(),
+                index,
+            },
+        ))
+    }
+
+    /// A new connection (made on first use) to the node at `addr`.
+    fn channel(&self, addr: &str) -> Result<Channel, Error> {
+        let o = &self.inner.options;
+        let scheme = if o.tls.is_some() { "https" } else { "http" };
+        let mut e = Endpoint::from_shared(format!("{scheme}://{addr}"))
+            .map_err(|e| Error::Invalid(format!("address {addr:?}: {e}")))?;
+        if let Some(tls) = &o.tls {
+            e = e
+                .tls_config(tls.config())
+                .map_err(|e| Error::Invalid(format!("TLS settings: {e}")))?;
+        }
+        let c = e
+            .connect_timeout(o.connect_timeout)
+            .timeout(o.request_timeout)
+            .tcp_nodelay(true)
+            // A subscription's stream must notice a node that went silent (a cut
+            // network, a frozen machine), not only one that closed its connection.
+            .http2_keep_alive_interval(KEEPALIVE)
+            .keep_alive_timeout(KEEPALIVE)
+            .keep_alive_while_idle(true)
+            .connect_lazy();
+        Ok(c)
     }
 
     /// The nodes to ask about the cluster: those known, then the bootstrap addresses.

@@ -165,6 +165,8 @@ const IN_FLIGHT_MAX: usize = 8;
 /// Times a request refused as out of order is sent again (a node that forwards requests it
 /// does not lead may let one overtake another).
 const REORDERED_MAX: u32 = 3;
+/// How long a partition's stream stays open with nothing on its way.
+const STREAM_IDLE: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
@@ -302,6 +304,7 @@ impl Producer {
                     conn: None,
                     retry_at: None,
                     backoff: BACKOFF_MIN,
+                    active: tokio::time::Instant::now(),
                 };
                 tokio::spawn(w.run(rx));
                 tx
@@ -330,6 +333,7 @@ struct InFlight {
 struct Conn {
     tx: mpsc::Sender<pb::PublishRequest>,
     rx: tonic::Streaming<pb::PublishResponse>,
+    _slot: crate::client::StreamSlot,
 }
 
 /// Sends one partition's records in order: up to `max_in_flight` requests on one
@@ -360,6 +364,9 @@ struct Worker {
     /// After a failure: when the window is sent again.
     retry_at: Option<tokio::time::Instant>,
     backoff: Duration,
+    /// When a request was last settled: the stream closes [`STREAM_IDLE`] later if none is
+    /// on its way.
+    active: tokio::time::Instant,
 }
 
 impl Worker {
@@ -405,6 +412,7 @@ impl Worker {
                 r.sent + self.client.inner.options.request_timeout
             });
             let answering = self.conn.is_some() && !self.window.is_empty();
+            let idle = self.conn.is_some() && self.window.is_empty();
             tokio::select! {
                 biased;
                 answer = next_answer(&mut self.conn), if answering => self.on_answer(answer).await,
@@ -440,6 +448,8 @@ impl Worker {
                     }
                 }
                 _ = tokio::time::sleep_until(until), if !forming.is_empty() && room => {}
+                // A partition that stopped receiving records gives its stream back.
+                _ = tokio::time::sleep_until(self.active + STREAM_IDLE), if idle => self.conn = None,
             }
         }
     }
@@ -526,15 +536,15 @@ impl Worker {
 
     /// Opens a stream to the partition's leader and sends the whole window on it, in order.
     async fn open(&mut self) {
-        let grpc = match self.client.leader_addr(&self.topic, self.partition) {
+        let node = match self.client.leader_addr(&self.topic, self.partition) {
             None => Err(tonic::Status::unavailable("no node known")),
             Some(addr) => self
                 .client
-                .node(&addr)
+                .stream_node(&addr)
                 .map_err(|e| tonic::Status::unavailable(e.to_string())),
         };
-        let mut grpc = match grpc {
-            Ok(g) => g,
+        let (mut grpc, slot) = match node {
+            Ok(n) => n,
             Err(s) => return self.failed(s).await,
         };
         let (tx, rx) = mpsc::channel(IN_FLIGHT_MAX);
@@ -544,14 +554,23 @@ impl Worker {
             // The channel holds the whole window (at most IN_FLIGHT_MAX).
             let _ = tx.try_send(r.req.clone());
         }
-        match grpc
-            .publish_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-        {
+        let timeout = self.client.inner.options.request_timeout;
+        let opened = tokio::time::timeout(
+            timeout,
+            grpc.publish_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(tonic::Status::deadline_exceeded(
+                "the node did not open a publish stream within the request timeout",
+            ))
+        });
+        match opened {
             Ok(r) => {
                 self.conn = Some(Conn {
                     tx,
                     rx: r.into_inner(),
+                    _slot: slot,
                 })
             }
             Err(s) => self.failed(s).await,
@@ -624,6 +643,7 @@ impl Worker {
                         }));
                     }
                     self.backoff = BACKOFF_MIN;
+                    self.active = tokio::time::Instant::now();
                 }
                 Ok(offsets) => {
                     let n = head.batch.len();
