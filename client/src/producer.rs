@@ -305,6 +305,8 @@ impl Producer {
                     retry_at: None,
                     backoff: BACKOFF_MIN,
                     active: tokio::time::Instant::now(),
+                    sent: 0,
+                    careful: true,
                 };
                 tokio::spawn(w.run(rx));
                 tx
@@ -367,6 +369,13 @@ struct Worker {
     /// When a request was last settled: the stream closes [`STREAM_IDLE`] later if none is
     /// on its way.
     active: tokio::time::Instant,
+    /// Requests of the window (from its head) sent on the current stream.
+    sent: usize,
+    /// Only the head is sent until it is acknowledged: at first, and after any failure. A
+    /// node that forwards requests to the leader may let one overtake another, and a leader
+    /// that does not know a producer yet takes its first request whatever its sequence
+    /// numbers; so the first request of a producer id, and a resend, go alone.
+    careful: bool,
 }
 
 impl Worker {
@@ -496,14 +505,35 @@ impl Worker {
             maybe_written: false,
             reordered: 0,
         });
-        match &self.conn {
-            Some(conn) => {
-                if conn.tx.try_send(req).is_err() {
-                    self.failed(tonic::Status::unavailable("the publish stream closed"))
-                        .await;
-                }
+        if self.conn.is_some() {
+            self.transmit().await;
+        } else {
+            self.open().await;
+        }
+    }
+
+    /// Sends the window's requests not yet sent on the stream, in order: all of them, or
+    /// while `careful` only the head.
+    async fn transmit(&mut self) {
+        let Some(conn) = &self.conn else {
+            return;
+        };
+        let limit = if self.careful { 1 } else { self.window.len() };
+        let now = tokio::time::Instant::now();
+        let mut closed = false;
+        while self.sent < limit.min(self.window.len()) {
+            let r = &mut self.window[self.sent];
+            r.sent = now;
+            // The channel holds a whole window (at most IN_FLIGHT_MAX).
+            if conn.tx.try_send(r.req.clone()).is_err() {
+                closed = true;
+                break;
             }
-            None => self.open().await,
+            self.sent += 1;
+        }
+        if closed {
+            self.failed(tonic::Status::unavailable("the publish stream closed"))
+                .await;
         }
     }
 
@@ -548,12 +578,6 @@ impl Worker {
             Err(s) => return self.failed(s).await,
         };
         let (tx, rx) = mpsc::channel(IN_FLIGHT_MAX);
-        let now = tokio::time::Instant::now();
-        for r in &mut self.window {
-            r.sent = now;
-            // The channel holds the whole window (at most IN_FLIGHT_MAX).
-            let _ = tx.try_send(r.req.clone());
-        }
         let timeout = self.client.inner.options.request_timeout;
         let opened = tokio::time::timeout(
             timeout,
@@ -571,7 +595,9 @@ impl Worker {
                     tx,
                     rx: r.into_inner(),
                     _slot: slot,
-                })
+                });
+                self.sent = 0;
+                self.transmit().await;
             }
             Err(s) => self.failed(s).await,
         }
@@ -644,6 +670,8 @@ impl Worker {
                     }
                     self.backoff = BACKOFF_MIN;
                     self.active = tokio::time::Instant::now();
+                    self.sent = self.sent.saturating_sub(1);
+                    self.careful = false;
                 }
                 Ok(offsets) => {
                     let n = head.batch.len();
@@ -659,11 +687,14 @@ impl Worker {
                 Err(s) => return self.failed(s).await,
             }
         }
+        self.transmit().await;
     }
 
     /// The window's head (or its stream) failed with `status`: the window is sent again
     /// after a backoff, or the head is given up.
     async fn failed(&mut self, status: tonic::Status) {
+        self.sent = 0;
+        self.careful = true;
         self.conn = None;
         self.answers.clear();
         self.client
@@ -718,6 +749,8 @@ impl Worker {
     /// fail too; otherwise they were refused (out of order), and are sent again under a fresh
     /// producer id: what the failed request left cannot be confused with what follows.
     fn give_up(&mut self, e: Error, maybe_written: bool) {
+        self.sent = 0;
+        self.careful = true;
         self.conn = None;
         self.answers.clear();
         self.producer_id = 0;
