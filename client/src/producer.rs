@@ -321,8 +321,8 @@ struct InFlight {
     id: u64,
     req: pb::PublishRequest,
     batch: Vec<Pending>,
-    /// When it was first sent: retries count from here.
-    first_sent: Instant,
+    /// When it was first sent (`None`: not yet): retries count from here.
+    first_sent: Option<Instant>,
     /// When it was last sent: its answer is due `request_timeout` later.
     sent: tokio::time::Instant,
     /// Whether a try may have been written (a later refusal then does not mean "nothing").
@@ -466,11 +466,17 @@ impl Worker {
     /// Gives `batch` the next sequence numbers and sends it (opening a stream if there is
     /// none).
     async fn send_new(&mut self, batch: Vec<Pending>) {
+        // The id is taken first: a flush waiting for it is answered even if the batch fails
+        // before it is sent.
+        let id = self.next_id;
+        self.next_id += 1;
         if self.producer_id == 0 || u64::from(self.sequence) + batch.len() as u64 > SEQUENCE_MAX {
             match self.client.init_producer(self.options.retry_for).await {
                 Ok(id) => {
                     self.producer_id = id;
                     self.sequence = 0;
+                    // The first request under an id goes alone (see `careful`).
+                    self.careful = true;
                 }
                 Err(e) => {
                     for p in batch {
@@ -492,15 +498,13 @@ impl Worker {
                 Ordering::Relaxed,
             );
         }
-        let id = self.next_id;
-        self.next_id += 1;
         let req = self.request(id, &batch);
         self.sequence += batch.len() as u32;
         self.window.push_back(InFlight {
             id,
             req: req.clone(),
             batch,
-            first_sent: Instant::now(),
+            first_sent: None,
             sent: tokio::time::Instant::now(),
             maybe_written: false,
             reordered: 0,
@@ -524,6 +528,7 @@ impl Worker {
         while self.sent < limit.min(self.window.len()) {
             let r = &mut self.window[self.sent];
             r.sent = now;
+            r.first_sent.get_or_insert_with(Instant::now);
             // The channel holds a whole window (at most IN_FLIGHT_MAX).
             if conn.tx.try_send(r.req.clone()).is_err() {
                 closed = true;
@@ -572,7 +577,8 @@ impl Worker {
                 .client
                 .stream_node(&addr)
                 .map_err(|e| tonic::Status::unavailable(e.to_string())),
-        };
+        }
+        .map_err(unwritten);
         let (mut grpc, slot) = match node {
             Ok(n) => n,
             Err(s) => return self.failed(s).await,
@@ -588,7 +594,9 @@ impl Worker {
             Err(tonic::Status::deadline_exceeded(
                 "the node did not open a publish stream within the request timeout",
             ))
-        });
+        })
+        // Requests go on the stream only once it is open: nothing was sent.
+        .map_err(unwritten);
         match opened {
             Ok(r) => {
                 self.conn = Some(Conn {
@@ -650,7 +658,19 @@ impl Worker {
             return;
         }
         let result = match resp.error {
-            Some(e) => Err(tonic::Status::new(tonic::Code::from(e.code), e.message)),
+            Some(e) => {
+                // The metadata a unary call's status would carry.
+                let mut s = tonic::Status::new(tonic::Code::from(e.code), e.message);
+                if e.unwritten {
+                    s = unwritten(s);
+                }
+                if let Ok(v) = tonic::metadata::MetadataValue::try_from(e.leader.to_string()) {
+                    if e.leader != 0 {
+                        s.metadata_mut().insert("tern-leader", v);
+                    }
+                }
+                Err(s)
+            }
             None => Ok(resp.acks.into_iter().map(|a| a.offset).collect()),
         };
         self.answers.insert(resp.request_id, result);
@@ -676,7 +696,7 @@ impl Worker {
                 Ok(offsets) => {
                     let n = head.batch.len();
                     self.give_up(Error::GaveUp {
-                        after: head.first_sent.elapsed(),
+                        after: since(head.first_sent),
                         last: format!(
                             "the node answered {} acks for {n} records (the records may have been written)",
                             offsets.len()
@@ -693,6 +713,11 @@ impl Worker {
     /// The window's head (or its stream) failed with `status`: the window is sent again
     /// after a backoff, or the head is given up.
     async fn failed(&mut self, status: tonic::Status) {
+        // What was sent behind the head went on being handled by the node after the head
+        // failed: its fate is unknown.
+        for r in self.window.iter_mut().take(self.sent).skip(1) {
+            r.maybe_written = true;
+        }
         self.sent = 0;
         self.careful = true;
         self.conn = None;
@@ -707,11 +732,14 @@ impl Worker {
             && status.message().starts_with("out-of-order sequence");
         if out_of_order {
             head.reordered += 1;
-        } else {
+        } else if retryable(&status) {
+            // A refusal (a status no retry can change) means nothing of this try was
+            // written; a retryable failure without `tern-unwritten` may have been.
             head.maybe_written |= !status.metadata().contains_key("tern-unwritten");
         }
         let retry = retryable(&status) || (out_of_order && head.reordered <= REORDERED_MAX);
-        let after = head.first_sent.elapsed();
+        // A head that was never sent (no node, no stream) starts its retry clock now.
+        let after = head.first_sent.get_or_insert_with(Instant::now).elapsed();
         if retry && after < self.options.retry_for {
             // A named leader is tried soon; otherwise wait a little longer each time.
             let delay = if crate::error::leader_hint(&status).is_some() {
@@ -746,8 +774,9 @@ impl Worker {
     }
 
     /// Fails the window's head with `e`. If it may have been written, the requests after it
-    /// fail too; otherwise they were refused (out of order), and are sent again under a fresh
-    /// producer id: what the failed request left cannot be confused with what follows.
+    /// fail too; otherwise those that may have been written (sent on a stream that failed)
+    /// fail, and the rest, never written, are sent again under a fresh producer id: what the
+    /// failed request left cannot be confused with what follows.
     fn give_up(&mut self, e: Error, maybe_written: bool) {
         self.sent = 0;
         self.careful = true;
@@ -761,21 +790,40 @@ impl Worker {
         for p in head.batch {
             let _ = p.reply.send(Err(e.clone()));
         }
-        if maybe_written {
-            for r in self.window.drain(..) {
-                let e = Error::GaveUp {
-                    after: r.first_sent.elapsed(),
-                    last: "a request sent before it on the partition was given up and may have been written".into(),
-                };
-                for p in r.batch {
-                    let _ = p.reply.send(Err(e.clone()));
-                }
+        let (fail, keep): (VecDeque<InFlight>, VecDeque<InFlight>) = self
+            .window
+            .drain(..)
+            .partition(|r| maybe_written || r.maybe_written);
+        self.window = keep;
+        for r in fail {
+            let e = Error::GaveUp {
+                after: since(r.first_sent),
+                last: "a request sent before it on the partition was given up, and this one \
+                       may have been written"
+                    .into(),
+            };
+            for p in r.batch {
+                let _ = p.reply.send(Err(e.clone()));
             }
         }
         if !self.window.is_empty() {
             self.retry_at = Some(tokio::time::Instant::now());
         }
     }
+}
+
+/// `s`, marked as a failure before anything was sent.
+fn unwritten(mut s: tonic::Status) -> tonic::Status {
+    s.metadata_mut().insert(
+        "tern-unwritten",
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    s
+}
+
+/// How long since a request was first sent (zero if it was not).
+fn since(first_sent: Option<Instant>) -> Duration {
+    first_sent.map_or(Duration::ZERO, |t| t.elapsed())
 }
 
 /// The next answer on the stream (never called without one).

@@ -159,14 +159,16 @@ pub async fn publish(a: PubArgs) -> anyhow::Result<()> {
     )
     .await
     .map_err(client_error)?;
-    // Acknowledgments are printed in the order the records were read; the first failure
-    // stops the reading.
+    // Acknowledgments are printed in the order the records were read. The first failure
+    // stops the reading; what was sent before it is still waited for, and every record
+    // acknowledged is printed and counted.
     let (acks, mut acks_rx) = tokio::sync::mpsc::channel::<tern_client::AckFuture>(4096);
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let opts = a.opts.clone();
     let topic = a.topic.clone();
     let quiet = a.quiet;
     let printing = async move {
-        let mut n = 0u64;
+        let (mut n, mut failed, mut first) = (0u64, 0u64, None);
         while let Some(ack) = acks_rx.recv().await {
             match ack.await {
                 Ok(ack) => {
@@ -175,10 +177,16 @@ pub async fn publish(a: PubArgs) -> anyhow::Result<()> {
                         print_ack(&opts, &topic, ack);
                     }
                 }
-                Err(e) => return (n, Err(client_error(e))),
+                Err(e) => {
+                    failed += 1;
+                    if first.is_none() {
+                        first = Some(client_error(e));
+                        let _ = stop.send(true);
+                    }
+                }
             }
         }
-        (n, Ok(()))
+        (n, failed, first)
     };
     let topic = a.topic.clone();
     let reading = async move {
@@ -189,8 +197,8 @@ pub async fn publish(a: PubArgs) -> anyhow::Result<()> {
             let topic = topic.clone();
             async move {
                 let ack = producer.send(&topic, r).await.map_err(client_error)?;
-                // The printer stopped at a failure, which it reports.
-                Ok::<bool, anyhow::Error>(acks.send(ack).await.is_ok())
+                let _ = acks.send(ack).await;
+                Ok::<(), anyhow::Error>(())
             }
         };
         let one = match (&source, file) {
@@ -199,33 +207,34 @@ pub async fn publish(a: PubArgs) -> anyhow::Result<()> {
             _ => None,
         };
         if let Some(value) = one {
-            send(value).await?;
-            return Ok::<_, anyhow::Error>(());
+            return send(value).await;
         }
         let mut lines = read_lines();
-        while let Some(line) = lines.recv().await {
+        loop {
+            let line = tokio::select! {
+                line = lines.recv() => line,
+                _ = stopped.wait_for(|s| *s) => None,
+            };
+            let Some(line) = line else { break };
             let line = line.map_err(|e| anyhow::anyhow!("reading standard input: {e}"))?;
-            if !send(Bytes::from(line)).await? {
-                break;
-            }
+            send(Bytes::from(line)).await?;
         }
         Ok(())
     };
-    let (read, (n, sent)) = tokio::join!(reading, printing);
+    let (read, (n, failed, first)) = tokio::join!(reading, printing);
     let topic = &a.topic;
-    match (read, sent) {
-        (_, Err(e)) | (Err(e), Ok(())) => {
-            if lines_mode {
-                eprintln!("published {n} records to {topic} before the error");
-            }
-            Err(e)
-        }
-        (Ok(()), Ok(())) => {
-            if lines_mode {
-                eprintln!("published {n} records to {topic}");
-            }
-            Ok(())
-        }
+    let error = first.or(read.err());
+    if lines_mode || failed > 0 {
+        let failed = if failed > 0 {
+            format!("; {failed} failed (a failed record may or may not have been written)")
+        } else {
+            String::new()
+        };
+        eprintln!("published {n} records to {topic}{failed}");
+    }
+    match error {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 

@@ -105,6 +105,12 @@ pub fn stream(
             error: Some(pb::Error {
                 code: s.code() as i32,
                 message: s.message().to_string(),
+                unwritten: s.metadata().contains_key("tern-unwritten"),
+                leader: s
+                    .metadata()
+                    .get("tern-leader")
+                    .and_then(|l| l.to_str().ok()?.parse().ok())
+                    .unwrap_or(0),
             }),
         };
         while let Some(item) = inbound.next().await {
