@@ -42,7 +42,12 @@ pub(crate) fn retryable(s: &tonic::Status) -> bool {
     )
 }
 
+/// Status metadata naming the node that leads the partition.
+pub(crate) const LEADER: &str = "tern-leader";
+/// Status metadata saying nothing of the request was written.
+pub(crate) const UNWRITTEN: &str = "tern-unwritten";
+
 /// The node a status says leads the partition (metadata `tern-leader`).
 pub(crate) fn leader_hint(s: &tonic::Status) -> Option<u64> {
-    s.metadata().get("tern-leader")?.to_str().ok()?.parse().ok()
+    s.metadata().get(LEADER)?.to_str().ok()?.parse().ok()
 }

@@ -390,12 +390,12 @@ impl Worker {
         let mut closed = false;
         loop {
             let settled_below = self.window.front().map_or(self.next_id, |r| r.id);
-            for (bound, done) in std::mem::take(&mut flushes) {
-                if bound <= settled_below {
-                    let _ = done.send(());
-                } else {
-                    flushes.push((bound, done));
-                }
+            let (settled, waiting) = std::mem::take(&mut flushes)
+                .into_iter()
+                .partition(|(bound, _)| *bound <= settled_below);
+            flushes = waiting;
+            for (_, done) in settled {
+                let _ = done.send(());
             }
             if forming.is_empty() {
                 if let Some(p) = held.take() {
@@ -666,7 +666,7 @@ impl Worker {
                 }
                 if let Ok(v) = tonic::metadata::MetadataValue::try_from(e.leader.to_string()) {
                     if e.leader != 0 {
-                        s.metadata_mut().insert("tern-leader", v);
+                        s.metadata_mut().insert(crate::error::LEADER, v);
                     }
                 }
                 Err(s)
@@ -710,6 +710,14 @@ impl Worker {
         self.transmit().await;
     }
 
+    /// Drops the stream and what it answered; the next one starts with the head alone.
+    fn drop_stream(&mut self) {
+        self.conn = None;
+        self.answers.clear();
+        self.sent = 0;
+        self.careful = true;
+    }
+
     /// The window's head (or its stream) failed with `status`: the window is sent again
     /// after a backoff, or the head is given up.
     async fn failed(&mut self, status: tonic::Status) {
@@ -718,10 +726,7 @@ impl Worker {
         for r in self.window.iter_mut().take(self.sent).skip(1) {
             r.maybe_written = true;
         }
-        self.sent = 0;
-        self.careful = true;
-        self.conn = None;
-        self.answers.clear();
+        self.drop_stream();
         self.client
             .failed(&self.topic, self.partition, &status)
             .await;
@@ -735,7 +740,7 @@ impl Worker {
         } else if retryable(&status) {
             // A refusal (a status no retry can change) means nothing of this try was
             // written; a retryable failure without `tern-unwritten` may have been.
-            head.maybe_written |= !status.metadata().contains_key("tern-unwritten");
+            head.maybe_written |= !status.metadata().contains_key(crate::error::UNWRITTEN);
         }
         let retry = retryable(&status) || (out_of_order && head.reordered <= REORDERED_MAX);
         // A head that was never sent (no node, no stream) starts its retry clock now.
@@ -778,10 +783,7 @@ impl Worker {
     /// fail, and the rest, never written, are sent again under a fresh producer id: what the
     /// failed request left cannot be confused with what follows.
     fn give_up(&mut self, e: Error, maybe_written: bool) {
-        self.sent = 0;
-        self.careful = true;
-        self.conn = None;
-        self.answers.clear();
+        self.drop_stream();
         self.producer_id = 0;
         self.backoff = BACKOFF_MIN;
         let Some(head) = self.window.pop_front() else {
@@ -815,7 +817,7 @@ impl Worker {
 /// `s`, marked as a failure before anything was sent.
 fn unwritten(mut s: tonic::Status) -> tonic::Status {
     s.metadata_mut().insert(
-        "tern-unwritten",
+        crate::error::UNWRITTEN,
         tonic::metadata::MetadataValue::from_static("1"),
     );
     s
