@@ -338,6 +338,13 @@ fn failures_to_read_or_publish_exit_non_zero_with_a_clear_message() {
     assert!(!err.contains("decoded message length"), "{err}");
     // Nothing was written.
     assert_eq!(end_offset(), before, "something was written");
+    // Lines: the failure stops the reading, and the summary counts what failed.
+    let mut input = vec![b'x'; 100_000];
+    input.extend_from_slice(b"\nafter\n");
+    let (ok, _, err) = tern_with_input(a, &["pub", "t"], &input);
+    assert!(!ok);
+    assert!(err.contains("--max-request-bytes"), "{err}");
+    assert!(err.contains("failed (a failed record"), "{err}");
     // A partition count of 0 is refused, not turned into the default.
     let (ok, _, err) = tern(a, &["topic", "create", "zero", "--partitions", "0"]);
     assert!(!ok && err.contains("0"), "{err}");

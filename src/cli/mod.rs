@@ -212,14 +212,8 @@ impl SecurityOpts {
         let read = |p: &std::path::Path| {
             std::fs::read(p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))
         };
-        let tls = match &self.tls_ca {
-            None => {
-                anyhow::ensure!(
-                    self.tls_cert.is_none(),
-                    "--tls-cert needs --tls-ca (the CA that signed the node's certificate)"
-                );
-                None
-            }
+        let tls = match self.ca()? {
+            None => None,
             Some(ca) => {
                 let mut t = tern_client::Tls::new(read(ca)?);
                 if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
@@ -238,12 +232,17 @@ impl SecurityOpts {
         })
     }
 
+    /// The CA to trust, if TLS is asked for (and a client certificate only with one).
+    fn ca(&self) -> anyhow::Result<Option<&std::path::Path>> {
+        anyhow::ensure!(
+            self.tls_ca.is_some() || self.tls_cert.is_none(),
+            "--tls-cert needs --tls-ca (the CA that signed the node's certificate)"
+        );
+        Ok(self.tls_ca.as_deref())
+    }
+
     fn tls(&self) -> anyhow::Result<Option<ClientTls>> {
-        let Some(ca) = &self.tls_ca else {
-            anyhow::ensure!(
-                self.tls_cert.is_none(),
-                "--tls-cert needs --tls-ca (the CA that signed the node's certificate)"
-            );
+        let Some(ca) = self.ca()? else {
             return Ok(None);
         };
         let pair = self.tls_cert.as_deref().zip(self.tls_key.as_deref());

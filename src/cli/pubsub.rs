@@ -191,12 +191,10 @@ pub async fn publish(a: PubArgs) -> anyhow::Result<()> {
     let topic = a.topic.clone();
     let reading = async move {
         let send = |value: Bytes| {
-            let producer = producer.clone();
-            let acks = acks.clone();
             let r = record(value);
-            let topic = topic.clone();
+            let (producer, acks, topic) = (&producer, &acks, &topic);
             async move {
-                let ack = producer.send(&topic, r).await.map_err(client_error)?;
+                let ack = producer.send(topic, r).await.map_err(client_error)?;
                 let _ = acks.send(ack).await;
                 Ok::<(), anyhow::Error>(())
             }

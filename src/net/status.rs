@@ -43,6 +43,16 @@ pub fn is_unwritten(s: &Status) -> bool {
     s.metadata().contains_key(metadata::UNWRITTEN)
 }
 
+/// The node a status names as the leader (metadata `tern-leader`).
+pub fn leader_of(s: &Status) -> Option<NodeId> {
+    s.metadata()
+        .get(metadata::LEADER)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
 /// Marks a status as "nothing was done": safe to send again.
 pub fn mark_unwritten(s: &mut Status) {
     insert(s, metadata::UNWRITTEN, "1".into());

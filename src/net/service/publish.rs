@@ -12,7 +12,9 @@ use crate::cluster::Command;
 use crate::controller;
 use crate::net::auth::{Auth, Caller};
 use crate::net::quota::Cost;
-use crate::net::status::{from_broker, from_controller, is_over_limit, request_too_large};
+use crate::net::status::{
+    from_broker, from_controller, is_over_limit, is_unwritten, leader_of, request_too_large,
+};
 use crate::net::validate;
 use crate::proto::v1 as pb;
 
@@ -105,12 +107,8 @@ pub fn stream(
             error: Some(pb::Error {
                 code: s.code() as i32,
                 message: s.message().to_string(),
-                unwritten: s.metadata().contains_key("tern-unwritten"),
-                leader: s
-                    .metadata()
-                    .get("tern-leader")
-                    .and_then(|l| l.to_str().ok()?.parse().ok())
-                    .unwrap_or(0),
+                unwritten: is_unwritten(&s),
+                leader: leader_of(&s).map_or(0, |l| l.0),
             }),
         };
         while let Some(item) = inbound.next().await {
