@@ -222,22 +222,25 @@ pub async fn run(
                 client_loop(id, &s, producer, &topics, shared).await
             }));
         }
-    }
-    for id in (0..s.producers as u32).filter(|_| !s.leader_aware) {
-        let client = Nodes::new(
-            &routes.producers,
-            id as usize % routes.producers_local.max(1),
-        )?;
-        let s = s.clone();
-        let topics = topics.to_vec();
-        let shared = shared.clone();
-        producers.push(tokio::spawn(async move {
-            match s.rate {
-                Some(_) if s.idempotent => idempotent_loop(id, &s, client, &topics, shared).await,
-                Some(_) => open_loop(id, &s, client, &topics, shared).await,
-                None => closed_loop(id, &s, client, &topics, shared).await,
-            }
-        }));
+    } else {
+        for id in 0..s.producers as u32 {
+            let client = Nodes::new(
+                &routes.producers,
+                id as usize % routes.producers_local.max(1),
+            )?;
+            let s = s.clone();
+            let topics = topics.to_vec();
+            let shared = shared.clone();
+            producers.push(tokio::spawn(async move {
+                match s.rate {
+                    Some(_) if s.idempotent => {
+                        idempotent_loop(id, &s, client, &topics, shared).await
+                    }
+                    Some(_) => open_loop(id, &s, client, &topics, shared).await,
+                    None => closed_loop(id, &s, client, &topics, shared).await,
+                }
+            }));
+        }
     }
     for p in producers {
         p.await?;
@@ -360,6 +363,23 @@ async fn consume(
     }
 }
 
+/// A record's key (from `--keys`) and value (its stamp, padded to the record size).
+fn record_parts(
+    s: &Settings,
+    id: u32,
+    seq: u64,
+    due_us: u64,
+    rng: &mut XorShift,
+) -> (Option<Bytes>, Bytes) {
+    let key = s.keys.map(|n| Bytes::from(format!("k{}", rng.next() % n)));
+    let stamp = Stamp {
+        producer: id,
+        seq,
+        due_us,
+    };
+    (key, Bytes::from(payload::encode(stamp, s.record_size)))
+}
+
 fn make_request(
     s: &Settings,
     id: u32,
@@ -370,19 +390,15 @@ fn make_request(
 ) -> pb::PublishRequest {
     let records = seqs
         .zip(dues_us)
-        .map(|(seq, &due_us)| pb::PublishRecord {
-            key: s.keys.map(|n| Bytes::from(format!("k{}", rng.next() % n))),
-            value: Bytes::from(payload::encode(
-                Stamp {
-                    producer: id,
-                    seq,
-                    due_us,
-                },
-                s.record_size,
-            )),
-            headers: vec![],
-            partition: None,
-            expiry_seconds: None,
+        .map(|(seq, &due_us)| {
+            let (key, value) = record_parts(s, id, seq, due_us, rng);
+            pb::PublishRecord {
+                key,
+                value,
+                headers: vec![],
+                partition: None,
+                expiry_seconds: None,
+            }
         })
         .collect();
     pb::PublishRequest {
@@ -497,18 +513,11 @@ async fn client_loop(
             tokio::time::sleep_until(at.into()).await;
         }
         let topic = topics[seq as usize % topics.len()].clone();
-        let value = payload::encode(
-            Stamp {
-                producer: id,
-                seq,
-                due_us: shared.wall_us(at),
-            },
-            s.record_size,
-        );
-        let mut record = tern_client::Record::new(value);
-        if let Some(n) = s.keys {
-            record = record.key(format!("k{}", rng.next() % n));
-        }
+        let (key, value) = record_parts(s, id, seq, shared.wall_us(at), &mut rng);
+        let record = tern_client::Record {
+            key,
+            ..tern_client::Record::new(value)
+        };
         shared.sent.fetch_add(1, Ordering::Relaxed);
         match producer.send(&topic, record).await {
             Ok(ack) => {

@@ -1,35 +1,41 @@
-//! The loadgen end to end: spawns a three-node cluster, runs a short seed-target load through
-//! it, and reports without losing anything.
+//! The loadgen end to end: spawns three-node clusters, runs short loads through them, and
+//! reports without losing (or duplicating) anything.
 
 use std::process::Command;
 
-#[test]
-fn seed_target_runs_on_a_spawned_three_node_cluster() {
+/// Runs loadgen with `args` (and `--json`); asserts it succeeded. Its stdout and the JSON.
+fn loadgen(args: &[&str]) -> (String, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("result.json");
     let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
-        .args([
-            "--workload",
-            "seed-target",
-            "--spawn",
-            "3",
-            "--rate",
-            "200",
-            "--duration",
-            "3",
-            "--warmup",
-            "1",
-            "--json",
-        ])
+        .args(args)
+        .arg("--json")
         .arg(&json)
         .env("RUST_LOG", "error")
         .output()
         .expect("loadgen runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "loadgen failed:\n{stdout}\n{stderr}");
+    let r = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    (stdout, r)
+}
+
+#[test]
+fn seed_target_runs_on_a_spawned_three_node_cluster() {
+    let (stdout, r) = loadgen(&[
+        "--workload",
+        "seed-target",
+        "--spawn",
+        "3",
+        "--rate",
+        "200",
+        "--duration",
+        "3",
+        "--warmup",
+        "1",
+    ]);
     assert!(stdout.contains("workload        seed-target"), "{stdout}");
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(r["settings"]["nodes"], 3);
     assert_eq!(r["settings"]["replication_factor"], 3);
     assert_eq!(r["nodes"].as_array().unwrap().len(), 3);
@@ -43,34 +49,22 @@ fn seed_target_runs_on_a_spawned_three_node_cluster() {
 /// requests go through nodes that forward them, pipelined. Every record is written once.
 #[test]
 fn leader_aware_producers_write_each_record_once_while_leaders_settle() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("result.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
-        .args([
-            "--workload",
-            "many-partitions",
-            "--spawn",
-            "3",
-            "--partitions",
-            "500",
-            "--rate",
-            "2000",
-            "--duration",
-            "4",
-            "--warmup",
-            "1",
-            "--client",
-            "leader",
-            "--json",
-        ])
-        .arg(&json)
-        .env("RUST_LOG", "error")
-        .output()
-        .expect("loadgen runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "loadgen failed:\n{stdout}\n{stderr}");
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let (_, r) = loadgen(&[
+        "--workload",
+        "many-partitions",
+        "--spawn",
+        "3",
+        "--partitions",
+        "500",
+        "--rate",
+        "2000",
+        "--duration",
+        "4",
+        "--warmup",
+        "1",
+        "--client",
+        "leader",
+    ]);
     let records = &r["records"];
     assert_eq!(records["lost"], 0, "{records}");
     assert_eq!(records["duplicated"], 0, "{records}");
