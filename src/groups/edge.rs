@@ -53,6 +53,12 @@ pub fn strip(d: &mut pb::Deliveries) {
     }
 }
 
+/// Moves the deliveries of the wanted offsets below `end` to `gone`.
+fn drop_below(offsets: &mut BTreeMap<u64, Vec<usize>>, end: u64, gone: &mut Vec<usize>) {
+    let rest = offsets.split_off(&end);
+    gone.extend(std::mem::replace(offsets, rest).into_values().flatten());
+}
+
 /// Puts back the records [`strip`] left out, read from the nearest replica of each partition
 /// (after a failure there, from the others, and back). A record no replica near holds any
 /// more (expired, or deleted by retention since the coordinator read it) is left out of the
@@ -105,10 +111,7 @@ pub async fn fill(broker: &Broker, topic: &str, d: &mut pb::Deliveries) -> Resul
                 // Deleted by retention since the coordinator read it.
                 Err(e) if e.range().is_some_and(|(start, _)| at < start) => {
                     let start = e.range().map_or(at, |(s, _)| s);
-                    let below: Vec<u64> = offsets.range(..start).map(|(o, _)| *o).collect();
-                    for o in below {
-                        gone.extend(offsets.remove(&o).unwrap_or_default());
-                    }
+                    drop_below(&mut offsets, start, &mut gone);
                     at = start;
                     continue;
                 }
@@ -134,10 +137,7 @@ pub async fn fill(broker: &Broker, topic: &str, d: &mut pb::Deliveries) -> Resul
             }
             // The read covers everything below its next offset: a wanted offset there that it
             // did not return is a record readers no longer see (expired).
-            let below: Vec<u64> = offsets.range(..r.next_offset).map(|(o, _)| *o).collect();
-            for o in below {
-                gone.extend(offsets.remove(&o).unwrap_or_default());
-            }
+            drop_below(&mut offsets, r.next_offset, &mut gone);
             // On from the next wanted offset (queue redeliveries leave gaps between them).
             at = r
                 .next_offset
@@ -165,6 +165,18 @@ pub async fn fill(broker: &Broker, topic: &str, d: &mut pb::Deliveries) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn offsets_below_a_bound_are_dropped_with_their_deliveries() {
+        let mut offsets: BTreeMap<u64, Vec<usize>> =
+            [(1, vec![0]), (3, vec![1, 2]), (5, vec![3])].into();
+        let mut gone = vec![9];
+        drop_below(&mut offsets, 4, &mut gone);
+        assert_eq!(gone, vec![9, 0, 1, 2]);
+        assert_eq!(offsets, [(5, vec![3])].into());
+        drop_below(&mut offsets, 5, &mut gone);
+        assert_eq!(offsets.len(), 1, "the bound itself stays");
+    }
 
     #[test]
     fn strip_keeps_what_identifies_a_delivery() {
