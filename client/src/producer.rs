@@ -139,6 +139,12 @@ impl std::future::Future for AckFuture {
     }
 }
 
+/// Who waits for a sent record: its sender's answer, and the room it holds.
+struct Waiting {
+    reply: oneshot::Sender<Result<Ack, Error>>,
+    _room: OwnedSemaphorePermit,
+}
+
 /// A record on its way, with what answers its sender and holds its room.
 struct Pending {
     record: Record,
@@ -320,7 +326,8 @@ struct InFlight {
     /// Its `request_id` on the stream (the same on every resend).
     id: u64,
     req: pb::PublishRequest,
-    batch: Vec<Pending>,
+    /// Its records' senders, in order (the records themselves are in `req`).
+    waiting: Vec<Waiting>,
     /// When it was first sent (`None`: not yet): retries count from here.
     first_sent: Option<Instant>,
     /// When it was last sent: its answer is due `request_timeout` later.
@@ -498,12 +505,12 @@ impl Worker {
                 Ordering::Relaxed,
             );
         }
-        let req = self.request(id, &batch);
-        self.sequence += batch.len() as u32;
+        let (req, waiting) = self.request(id, batch);
+        self.sequence += waiting.len() as u32;
         self.window.push_back(InFlight {
             id,
-            req: req.clone(),
-            batch,
+            req,
+            waiting,
             first_sent: None,
             sent: tokio::time::Instant::now(),
             maybe_written: false,
@@ -542,31 +549,38 @@ impl Worker {
         }
     }
 
-    fn request(&self, id: u64, batch: &[Pending]) -> pb::PublishRequest {
-        pb::PublishRequest {
-            topic: self.topic.clone(),
-            records: batch
-                .iter()
-                .map(|p| pb::PublishRecord {
-                    key: p.record.key.clone(),
-                    value: p.record.value.clone(),
-                    headers: p
-                        .record
+    /// The request carrying `batch`'s records (moved into it), and what waits for them.
+    fn request(&self, id: u64, batch: Vec<Pending>) -> (pb::PublishRequest, Vec<Waiting>) {
+        let mut waiting = Vec::with_capacity(batch.len());
+        let records = batch
+            .into_iter()
+            .map(|p| {
+                waiting.push(Waiting {
+                    reply: p.reply,
+                    _room: p._room,
+                });
+                let r = p.record;
+                pb::PublishRecord {
+                    key: r.key,
+                    value: r.value,
+                    headers: r
                         .headers
-                        .iter()
-                        .map(|(k, v)| pb::Header {
-                            key: k.clone(),
-                            value: v.clone(),
-                        })
+                        .into_iter()
+                        .map(|(key, value)| pb::Header { key, value })
                         .collect(),
                     partition: Some(self.partition),
-                    expiry_seconds: p.record.expiry_seconds,
-                })
-                .collect(),
+                    expiry_seconds: r.expiry_seconds,
+                }
+            })
+            .collect();
+        let req = pb::PublishRequest {
+            topic: self.topic.clone(),
+            records,
             request_id: id,
             producer_id: self.producer_id,
             sequence: self.sequence,
-        }
+        };
+        (req, waiting)
     }
 
     /// Opens a stream to the partition's leader and sends the whole window on it, in order.
@@ -626,12 +640,12 @@ impl Worker {
                     for r in &mut self.window {
                         r.req.producer_id = id;
                         r.req.sequence = self.sequence;
-                        self.sequence += r.batch.len() as u32;
+                        self.sequence += r.waiting.len() as u32;
                     }
                 }
                 Err(e) => {
                     for r in self.window.drain(..) {
-                        for p in r.batch {
+                        for p in r.waiting {
                             let _ = p.reply.send(Err(e.clone()));
                         }
                     }
@@ -680,9 +694,9 @@ impl Worker {
                 break;
             };
             match result {
-                Ok(offsets) if offsets.len() == head.batch.len() => {
+                Ok(offsets) if offsets.len() == head.waiting.len() => {
                     let head = self.window.pop_front().expect("a head");
-                    for (p, offset) in head.batch.into_iter().zip(offsets) {
+                    for (p, offset) in head.waiting.into_iter().zip(offsets) {
                         let _ = p.reply.send(Ok(Ack {
                             partition: self.partition,
                             offset,
@@ -694,7 +708,7 @@ impl Worker {
                     self.careful = false;
                 }
                 Ok(offsets) => {
-                    let n = head.batch.len();
+                    let n = head.waiting.len();
                     self.give_up(Error::GaveUp {
                         after: since(head.first_sent),
                         last: format!(
@@ -789,7 +803,7 @@ impl Worker {
         let Some(head) = self.window.pop_front() else {
             return;
         };
-        for p in head.batch {
+        for p in head.waiting {
             let _ = p.reply.send(Err(e.clone()));
         }
         let (fail, keep): (VecDeque<InFlight>, VecDeque<InFlight>) = self
@@ -804,7 +818,7 @@ impl Worker {
                        may have been written"
                     .into(),
             };
-            for p in r.batch {
+            for p in r.waiting {
                 let _ = p.reply.send(Err(e.clone()));
             }
         }
