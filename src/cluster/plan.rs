@@ -25,6 +25,11 @@ pub struct Open {
     /// was created, when this node is one of them and the partition never moved. Empty: the
     /// replica joins its group (it was added by a move) and waits for the leader.
     pub voters: BTreeMap<NodeId, Member>,
+    /// Of a new group's voters, the one that campaigns first: the first replica in the
+    /// topic's most preferred leader region, or the first replica (placement starts
+    /// consecutive partitions on different nodes, so leadership starts spread out). `None`
+    /// when joining.
+    pub first: Option<NodeId>,
 }
 
 /// What a node opens and closes to hold what the metadata says it holds.
@@ -78,14 +83,36 @@ pub fn reconcile(
             plan.waiting.push((topic, p));
             continue;
         }
+        let first = if initial {
+            first_leader(spec, replicas, &voters)
+        } else {
+            None
+        };
         plan.open.push(Open {
             topic,
             partition: p,
             uid: spec.uid,
             voters,
+            first,
         });
     }
     plan
+}
+
+/// Which of a new group's `replicas` campaigns first (see [`Open::first`]).
+fn first_leader(
+    spec: &TopicSpec,
+    replicas: &[NodeId],
+    voters: &BTreeMap<NodeId, Member>,
+) -> Option<NodeId> {
+    let rank = |id: &NodeId| {
+        voters
+            .get(id)
+            .and_then(|m| spec.placement.leader_rank(&m.region))
+            .unwrap_or(usize::MAX)
+    };
+    // `min_by_key` keeps the first of equals: the replica list's order breaks ties.
+    replicas.iter().min_by_key(|id| rank(id)).copied()
 }
 
 /// What the metadata leader does next for the draining nodes.
@@ -247,6 +274,45 @@ mod tests {
             ]
         );
         assert_eq!(opened(&plan), vec![("t".into(), 2, 2)]);
+    }
+
+    /// A new group's first candidate is its first replica (placement rotates it, so leadership
+    /// starts spread out), or the first replica in the topic's most preferred leader region.
+    #[test]
+    fn a_new_group_campaigns_first_from_its_first_replica_or_its_pinned_region() {
+        let nodes = [(1, "a"), (2, "b"), (3, "c")];
+        let t = topic("t", 3, vec![vec![1, 2, 3], vec![2, 3, 1], vec![3, 1, 2]]);
+        let s = cluster(&nodes, vec![t.clone()]);
+        let firsts = |s: &ClusterState| -> Vec<Option<NodeId>> {
+            reconcile(s, NodeId(1), &HashMap::new())
+                .open
+                .iter()
+                .map(|o| o.first)
+                .collect()
+        };
+        assert_eq!(
+            firsts(&s),
+            vec![Some(NodeId(1)), Some(NodeId(2)), Some(NodeId(3))]
+        );
+        let mut pinned = t;
+        pinned.placement.leader_regions = vec!["c".into(), "b".into()];
+        let s = cluster(&nodes, vec![pinned]);
+        assert_eq!(firsts(&s), vec![Some(NodeId(3)); 3]);
+        // A replica that joins by a move has no first candidate: its group has a leader.
+        let mut s = cluster(&[(1, "a"), (2, "b"), (3, "c"), (4, "a")], vec![]);
+        s.apply(Command::CreateTopic {
+            spec: topic("m", 1, vec![vec![1, 2, 3]]),
+        });
+        s.apply(Command::MoveReplicas {
+            topic: "m".into(),
+            uid: TopicUid(7),
+            partition: 0,
+            target: ids(&[4, 2, 3]),
+        });
+        assert_eq!(
+            reconcile(&s, NodeId(4), &HashMap::new()).open[0].first,
+            None
+        );
     }
 
     #[test]

@@ -103,6 +103,7 @@ pub async fn start(broker: Arc<Broker>) -> anyhow::Result<()> {
                 config: broker.config.log_config(&meta_settings(&broker.config)),
                 replica: broker.replica.clone(),
                 voters,
+                first: None,
                 mirror: false,
                 promoted: None,
             }),

@@ -85,6 +85,7 @@ impl Follower {
                     config: broker.config.log_config(&spec.settings),
                     replica: broker.replica.clone(),
                     voters: o.voters,
+                    first: o.first,
                     mirror: spec.mirror.is_some(),
                     promoted,
                 };

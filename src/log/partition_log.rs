@@ -308,6 +308,11 @@ impl Log {
         segment::read_stamps(path, base, next).await
     }
 
+    /// Whether a read found a damaged segment (see [`Log::damaged_segment`]); allocates nothing.
+    pub fn has_damage(&self) -> bool {
+        self.inner.damaged.borrow().is_some()
+    }
+
     /// The segment file where a read found damage (it returned `LogError::Corrupt`), if one
     /// did since this log was opened. Its index files are trusted on open, so an owner that
     /// reopens the log to cut the damage removes them first ([`Log::distrust_index`]).

@@ -2,7 +2,8 @@
 //! and the randomness, so the rules are tested without clocks or groups.
 //!
 //! openraft's own timer is off (one task per group); the core's driver calls [`ElectionTimer::due`]
-//! [`CHECKS_PER_HEARTBEAT`] times per heartbeat for every group it owns.
+//! for every awake group it owns once per heartbeat, and when a follower's
+//! [`ElectionTimer::due_at`] comes, at most [`CHECKS_PER_HEARTBEAT`] times per heartbeat.
 //!
 //! Three rules, each from a measured problem:
 //! - **The timeout counts openraft's leader lease.** A follower grants votes only once the
@@ -17,8 +18,8 @@
 //!   ([`retry`]), and a follower that granted a (pre-)vote waits as long before campaigning
 //!   itself, so it does not split the round it just helped (Raft's rule for granted votes,
 //!   extended to pre-votes, whose real vote follows within a round trip and an fsync).
-//! - **Elections are checked five times per heartbeat.** Checked once per heartbeat, the random
-//!   timeouts fell into a few buckets: two followers often timed out at the same check, split
+//! - **Elections are checked when due, up to five times per heartbeat.** Checked once per
+//!   heartbeat, the random timeouts fell into a few buckets: two followers often timed out at the same check, split
 //!   the vote and waited another round ([`tests::checking_five_times_per_heartbeat_splits_fewer_votes`]).
 
 use std::time::{Duration, Instant};
@@ -55,12 +56,33 @@ impl ElectionTimer {
         }
     }
 
+    /// The timer of a replica of a group created just now. The group's first candidate
+    /// (`first`) campaigns after two heartbeats; the others wait a whole timeout longer than
+    /// usual, so the first candidate gets two or three tries (its peers may still be opening
+    /// the group) before anyone competes with it. Thousands of partitions created at once then
+    /// elect one leader each, mostly at the first try, spread as placement spread the first
+    /// replicas, instead of racing their replicas' random timeouts and splitting votes.
+    pub fn new_group(timing: Timing, first: bool, now: Instant, rng: &mut impl Rng) -> Self {
+        let mut t = ElectionTimer::new(timing, now, rng);
+        t.after = if first {
+            Duration::from_millis(2 * timing.heartbeat_ms)
+        } else {
+            t.after + Duration::from_millis(timing.election_max_ms)
+        };
+        t
+    }
+
     /// A leader was heard (a message from it was accepted): the timeout starts over, lease
     /// included.
     pub fn heard_leader(&mut self, now: Instant) {
         self.contact = now;
         self.heard = now;
         self.after = self.after_leader;
+    }
+
+    /// When an election comes due (unless a leader is heard first).
+    pub fn due_at(&self) -> Instant {
+        self.contact + self.after
     }
 
     /// How long since this replica last heard a leader (or started).
@@ -193,6 +215,27 @@ mod tests {
         timer.granted_vote(heard, &mut rng);
         assert!(!timer.due(heard + Duration::from_millis(999), &mut rng));
         assert!(timer.due(heard + Duration::from_millis(1500), &mut rng));
+    }
+
+    /// A new group's first candidate campaigns well before any other replica could, and
+    /// retries once (its peers may still be opening the group) before any of them.
+    #[test]
+    fn a_new_groups_first_candidate_campaigns_before_the_others() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let t = timing();
+        let start = Instant::now();
+        for _ in 0..1_000 {
+            let mut first = ElectionTimer::new_group(t, true, start, &mut rng);
+            let mut other = ElectionTimer::new_group(t, false, start, &mut rng);
+            assert!(!first.due(start + Duration::from_millis(299), &mut rng));
+            let tried = start + Duration::from_millis(300);
+            assert!(first.due(tried, &mut rng));
+            // Its retry comes within the longest timeout...
+            assert!(first.due(tried + Duration::from_millis(t.election_max_ms), &mut rng));
+            // ...and no other replica campaigns before twice that from the start.
+            assert!(!other.due(start + Duration::from_millis(1999), &mut rng));
+            assert!(other.due(start + Duration::from_millis(2500), &mut rng));
+        }
     }
 
     /// The fraction of pairs of followers, silent since the same moment, that start their

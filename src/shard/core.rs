@@ -29,9 +29,16 @@ const RAFT_MESSAGE_DEADLINE: Duration = Duration::from_secs(5);
 /// How often a core without replicated groups wakes (for retention).
 const IDLE_TICK: Duration = Duration::from_secs(1);
 
-/// How often a core looks at every replicated group, quiet ones included (see
-/// `drive_groups`).
-const FULL_SCAN: Duration = Duration::from_secs(1);
+/// How often a core looks into every replicated group, quiet ones included (see
+/// `drive_groups`). Quiet groups need no look in between: a write, a message, a peer's
+/// liveness changing or a damaged segment wakes them. Looking into all 5,000 groups of a core
+/// every second (their metrics, their leadership) was most of an idle node's CPU at 10,000
+/// partitions.
+const FULL_SCAN: Duration = Duration::from_secs(10);
+
+/// How often a core runs its once-a-second chores: retention, the leadership summary of its
+/// awake groups, and a cheap look for damage found by reads in quiet groups.
+const SECOND: Duration = Duration::from_secs(1);
 
 /// Requests taken from the mailbox in one go.
 const DRAIN_MAX: usize = 256;
@@ -56,10 +63,13 @@ pub async fn run(core: CoreId, mailbox: MailboxReceiver, raft_tick: Duration) {
 
 /// One timer per core drives every replicated Raft group on it (openraft's own tick is a
 /// timer per group waking every fifth of a heartbeat: 300 idle partitions cost a core). Every
-/// `heartbeat`, leaders send heartbeats; every fifth of that, a follower that has not heard a
-/// leader for its election timeout starts a (pre-vote) election. (Checking elections only once
-/// per heartbeat put timeouts into a few buckets: two followers often timed out together, split
-/// the vote and waited another round.)
+/// `heartbeat`, leaders send heartbeats; a follower that has not heard a leader for its
+/// election timeout starts a (pre-vote) election. The core ticks once per heartbeat, and in
+/// between only when a follower's election comes due, at most every fifth of a heartbeat
+/// (elections checked only once per heartbeat fell into a few buckets: two followers often
+/// timed out together, split the vote and waited another round). It used to tick every fifth
+/// of a heartbeat whenever a group was awake, though a follower that hears its leader is a
+/// whole timeout from due: five wake-ups per heartbeat where one does.
 ///
 /// A core without replicated groups (a node alone, or a core whose partitions all live
 /// elsewhere) does not tick: it wakes every [`IDLE_TICK`] for retention only, and at once when
@@ -72,9 +82,12 @@ async fn drive_groups(
     stop: Rc<std::cell::Cell<bool>>,
     opened: LocalReceiver<()>,
 ) {
-    const STEPS: u32 = crate::raft::election::CHECKS_PER_HEARTBEAT;
-    let tick = heartbeat / STEPS;
-    let mut step = 0u32;
+    // The shortest time between two ticks.
+    let tick = heartbeat / crate::raft::election::CHECKS_PER_HEARTBEAT;
+    let mut next_beat = std::time::Instant::now();
+    // The earliest election due among the awake followers, as of the last tick.
+    let mut next_due: Option<std::time::Instant> = None;
+    let mut ticked = std::time::Instant::now();
     let mut leadership = LeadershipLog::new(core);
     let mut idle = false;
     // The groups ticked: every replicated group but the quiet ones (`partition::quiet`), which
@@ -83,35 +96,36 @@ async fn drive_groups(
     let mut awake: Vec<Rc<Partition>> = Vec::new();
     let mut awake_keys: HashSet<PartitionKey> = HashSet::new();
     let mut scanned: Option<std::time::Instant> = None;
+    let mut chores: Option<std::time::Instant> = None;
     let mut alive_before: Vec<(crate::raft::types::NodeId, u64)> = Vec::new();
-    let mut count_before = 0usize;
     loop {
         if idle {
             let sleep = glommio::timer::sleep(IDLE_TICK);
             let woken = opened.recv();
             futures::pin_mut!(sleep, woken);
             futures::future::select(sleep, woken).await;
-        } else if awake.is_empty() {
-            // Only quiet groups: a tick per heartbeat is enough to notice a dead leader's
-            // node or a woken group (a woken leader heartbeats at its next beat; its
-            // followers' timers run at least a lease).
-            glommio::timer::sleep(heartbeat).await;
-            step = STEPS - 1;
         } else {
-            glommio::timer::sleep(tick).await;
+            // The next beat, or a follower's election due before it. With only quiet groups
+            // a tick per heartbeat is enough to notice a dead leader's node or a woken group
+            // (a woken leader heartbeats at its next beat; its followers' timers run at
+            // least a lease).
+            let at = match next_due {
+                Some(due) => due.max(ticked + tick).min(next_beat),
+                None => next_beat,
+            };
+            glommio::timer::sleep(at.saturating_duration_since(std::time::Instant::now())).await;
         }
         if stop.get() {
             return;
         }
-        step = (step + 1) % STEPS;
         let now = std::time::Instant::now();
-        let (transport, window, count, replicated) = {
+        ticked = now;
+        let (transport, window, replicated) = {
             let all = partitions.borrow();
             let first = all.values().find(|p| p.replicated());
             (
                 first.and_then(|p| p.transport().cloned()),
                 first.map_or(Duration::ZERO, |p| p.liveness_window()),
-                all.len(),
                 first.is_some(),
             )
         };
@@ -127,9 +141,14 @@ async fn drive_groups(
             .filter_map(|n| live.alive(*n).map(|i| (*n, i)))
             .collect();
         alive.sort_unstable();
+        // A replica opened (or reopened) since is woken (`tick_group`), not looked for: a full
+        // scan on each of the thousands of opens of a big topic kept the cores busy scanning.
         let full = scanned.is_none_or(|at| now.saturating_duration_since(at) >= FULL_SCAN)
-            || alive != alive_before
-            || count != count_before;
+            || alive != alive_before;
+        let second = full || chores.is_none_or(|at| now.saturating_duration_since(at) >= SECOND);
+        if second {
+            chores = Some(now);
+        }
         if full {
             awake = partitions
                 .borrow()
@@ -140,7 +159,6 @@ async fn drive_groups(
             awake_keys = awake.iter().map(|p| p.key.clone()).collect();
             scanned = Some(now);
             alive_before = alive;
-            count_before = count;
             super::partition::take_woken();
         } else {
             for key in super::partition::take_woken() {
@@ -152,14 +170,27 @@ async fn drive_groups(
                     awake_keys.insert(key);
                 }
             }
+            if second {
+                // A read (a fetch, the check of a segment after opening) that found a damaged
+                // segment in a quiet group: ticked, so its next beat repairs it.
+                for p in partitions.borrow().values() {
+                    if p.replicated() && p.found_damage() && awake_keys.insert(p.key.clone()) {
+                        awake.push(p.clone());
+                    }
+                }
+            }
         }
         // Idle, every wake is a beat (retention and the leadership summary run on beats). A
         // full scan is a beat too: silent leaders look at their followers' liveness only on
         // beats, and a scan may be the only time they are ticked.
-        let beat = step == 0 || idle || full;
+        let beat = now >= next_beat || idle || full || second;
+        if beat {
+            next_beat = now + heartbeat;
+        }
+        next_due = None;
         for p in awake.clone() {
-            // Damage is looked for on beats only (a fifth of the ticks): thousands of idle
-            // groups are ticked through, and a repair a few ms later loses nothing.
+            // Damage is looked for on beats only (not on ticks for a follower's election):
+            // a repair a few ms later loses nothing.
             let damaged = if beat { p.damage() } else { None };
             if let Some(why) = damaged {
                 // Taken now, so the next tick does not take it again.
@@ -168,7 +199,9 @@ async fn drive_groups(
                     .detach();
                 continue;
             }
-            p.drive(now, beat, &live).await;
+            if let Some(due) = p.drive(now, beat, &live).await {
+                next_due = Some(next_due.map_or(due, |d| d.min(due)));
+            }
         }
         // Quiet groups, and replicas closed or taken for repair, leave the ticked set.
         awake.retain(|p| {
@@ -178,12 +211,16 @@ async fn drive_groups(
             }
             keep
         });
+        // The leadership summary: every group on a full scan, the awake ones once a second (a
+        // quiet group's leadership does not change while it stays quiet).
         if full {
-            leadership.observe(&partitions, now);
+            leadership.observe(partitions.borrow().values(), true, now);
+        } else if second {
+            leadership.observe(awake.iter(), false, now);
         }
-        // Retention on full scans (once a second): walking every partition on every beat was
-        // most of an idle node's CPU at 10,000 partitions.
-        if full || idle {
+        // Retention once a second: walking every partition on every beat was most of an idle
+        // node's CPU at 10,000 partitions.
+        if second || idle {
             // Retention, in tasks of their own: a purge may wait for a snapshot.
             let due: Vec<Rc<Partition>> = partitions
                 .borrow()
@@ -228,28 +265,42 @@ impl LeadershipLog {
         }
     }
 
-    fn observe(&mut self, partitions: &Partitions, now: std::time::Instant) {
-        let groups = partitions.borrow();
-        self.seen.retain(|k, _| groups.contains_key(k));
-        let mut leading = 0;
-        for (key, p) in groups.iter().filter(|(_, p)| p.replicated()) {
+    /// Looks at `groups`' leadership: every replicated group of the core if `all` (groups
+    /// gone are forgotten), or only some (the awake ones).
+    fn observe<'a>(
+        &mut self,
+        groups: impl Iterator<Item = &'a Rc<Partition>>,
+        all: bool,
+        now: std::time::Instant,
+    ) {
+        let mut present = HashSet::new();
+        for p in groups.filter(|p| p.replicated()) {
             let (leads, term) = p.leadership();
-            leading += usize::from(leads);
-            let before = self.seen.insert(key.clone(), (leads, term));
+            if all {
+                present.insert(p.key.clone());
+            }
+            let before = match self.seen.get_mut(&p.key) {
+                Some(seen) => Some(std::mem::replace(seen, (leads, term))),
+                None => self.seen.insert(p.key.clone(), (leads, term)),
+            };
             let (led, old_term) = before.unwrap_or((false, term));
             if term > old_term {
                 self.elections += 1;
             }
             match (led, leads) {
-                (false, true) => self.gained.push(key.to_string()),
-                (true, false) => self.lost.push(key.to_string()),
+                (false, true) => self.gained.push(p.key.to_string()),
+                (true, false) => self.lost.push(p.key.to_string()),
                 _ => {}
             }
+        }
+        if all {
+            self.seen.retain(|k, _| present.contains(k));
         }
         let changed = !self.gained.is_empty() || !self.lost.is_empty() || self.elections > 0;
         if !changed || now.duration_since(self.last_summary) < SUMMARY_EVERY {
             return;
         }
+        let leading = self.seen.values().filter(|(leads, _)| *leads).count();
         let names = |v: &[String]| {
             let mut s = v[..v.len().min(NAMES_LISTED)].join(", ");
             if v.len() > NAMES_LISTED {
@@ -442,6 +493,7 @@ async fn handle(
             let opened = Partition::open(*open, core).await;
             let r = match opened {
                 Ok(p) => {
+                    super::partition::tick_group(&key);
                     partitions.borrow_mut().insert(key, Rc::new(p));
                     // Full: a wake-up is already pending.
                     let _ = wake_driver.try_send(());

@@ -70,6 +70,7 @@ pub(super) async fn repair(partitions: Partitions, p: Rc<Partition>, why: String
                 fresh.set_repairs(repairs + 1);
                 if ours() {
                     crate::metrics::NODE.replica_repairs.inc();
+                    super::partition::tick_group(&p.key);
                     partitions
                         .borrow_mut()
                         .insert(p.key.clone(), Rc::new(fresh));

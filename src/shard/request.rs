@@ -286,6 +286,10 @@ pub struct OpenPartition {
     /// The group's voters, used when the group is new. Empty: this replica joins an existing
     /// group (it was added to it by a move) and waits for the leader to bring it in as a learner.
     pub voters: BTreeMap<NodeId, Member>,
+    /// Of a new group's voters, the one that campaigns first (`cluster::plan::Open::first`);
+    /// the others wait longer before their first election, so a new group is not split
+    /// between candidates. `None`: every voter waits the same.
+    pub first: Option<NodeId>,
     /// A mirror topic's replica: a log without a Raft group, filled by pulls (`shard::mirror`).
     pub mirror: bool,
     /// The topic is a promoted mirror: where its partition's copied log ends, and the voters

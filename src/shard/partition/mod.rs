@@ -49,7 +49,7 @@ use crate::types::{CoreId, ProducerId, RaftIndex, TopicUid};
 
 pub use append::AppendRequest;
 use opening::{convert, verify};
-pub use quiet::{take_woken, Liveness};
+pub use quiet::{take_woken, wake as tick_group, Liveness};
 use quiet::{Leading, Quiet};
 
 /// Times opening a replica goes again after finding a damaged segment (each cuts the log at
@@ -340,7 +340,8 @@ impl Partition {
                 })?;
             stage.set("asking the Raft group whether it is initialized");
             let initialized = raft.is_initialized().await.map_err(stopped)?;
-            if !initialized && !joining {
+            let created = !initialized && !joining;
+            if created {
                 stage.set("initializing the Raft group");
                 match raft.initialize(voters).await {
                     Ok(()) => {}
@@ -350,7 +351,7 @@ impl Partition {
                 }
             }
             if !alone {
-                return Ok(());
+                return Ok(created);
             }
             stage.set("electing this replica, alone in its group");
             if !raft.is_leader() {
@@ -363,15 +364,28 @@ impl Partition {
                     what: "electing the leader of a one-voter group",
                     after: ELECTION_WAIT,
                 })?;
-            Ok::<(), CoreError>(())
+            Ok::<bool, CoreError>(created)
         }
         .await;
-        if let Err(e) = ready {
-            stage.set("stopping the Raft group after a failed start");
-            let _ = raft.shutdown().await;
-            let _ = log.close().await;
-            return Err((e, None));
-        }
+        let created = match ready {
+            Ok(created) => created,
+            Err(e) => {
+                stage.set("stopping the Raft group after a failed start");
+                let _ = raft.shutdown().await;
+                let _ = log.close().await;
+                return Err((e, None));
+            }
+        };
+        let election = match open.first {
+            Some(first) if created => ElectionTimer::new_group(
+                replica.timing,
+                first == replica.node_id,
+                Instant::now(),
+                &mut rand::rng(),
+            ),
+            _ => ElectionTimer::new(replica.timing, Instant::now(), &mut rand::rng()),
+        };
+        quiet.fresh.set(created);
         if let Some((from, to)) = store.take_unverified() {
             glommio::spawn_local(verify(log.clone(), key.to_string(), from, to)).detach();
         }
@@ -385,11 +399,7 @@ impl Partition {
             closed: Cell::new(false),
             replicated: !alone,
             timing: replica.timing,
-            election: RefCell::new(ElectionTimer::new(
-                replica.timing,
-                Instant::now(),
-                &mut rand::rng(),
-            )),
+            election: RefCell::new(election),
             retained: Cell::new(Instant::now()),
             retaining: Cell::new(false),
             pending: RefCell::default(),
@@ -422,6 +432,12 @@ impl Partition {
             Err(fatal) => Some(format!("raft group stopped: {fatal}")),
             Ok(()) => None,
         }
+    }
+
+    /// Whether a read found a damaged segment in this replica's log, not yet taken for repair
+    /// (the cheap part of [`Partition::damage`]: it reads no metrics).
+    pub fn found_damage(&self) -> bool {
+        self.replicated && !self.repairing.get() && !self.closed.get() && self.log.has_damage()
     }
 
     /// Takes this replica to reopen it: what opened it, on which core, and the damaged segment
@@ -620,15 +636,18 @@ impl Partition {
     /// a follower that has not heard a leader for its election timeout starts an election
     /// (pre-vote first, so a node that cannot win does not disturb the others), unless it is
     /// quiet under a leader whose node is alive (`quiet.rs`).
-    pub async fn drive(&self, now: Instant, beat: bool, live: &Liveness) {
+    ///
+    /// Returns when this replica's election comes due, if it is a follower whose timer runs
+    /// (the core's driver ticks again then).
+    pub async fn drive(&self, now: Instant, beat: bool, live: &Liveness) -> Option<Instant> {
         // Quiet groups first, without reading the group's metrics: a core with thousands of
-        // idle groups ticks through them every fifth of a heartbeat.
+        // idle groups ticks through them.
         if let Some((node, incarnation)) = self.quiet.following.get() {
             if live.alive(node) == Some(incarnation) {
-                return;
+                return None;
             }
         } else if !beat && matches!(*self.quiet.leading.borrow(), Leading::Silent { .. }) {
-            return;
+            return None;
         }
         let (state, leader) = {
             let m = self.raft.metrics();
@@ -651,17 +670,19 @@ impl Partition {
                 self.quiet.wake_leader();
                 self.quiet_under_live_leader(leader, live, now)
             } => {}
-            // A replica that may not vote may not campaign either: its own vote counts.
-            openraft::ServerState::Follower | openraft::ServerState::Candidate
-                if self.election.borrow_mut().due(now, &mut rand::rng())
-                    && self.store.may_vote() =>
-            {
-                tracing::debug!(partition = %self.key, "no leader heard: starting an election");
-                crate::metrics::NODE.elections.inc();
-                let _ = self.raft.trigger().elect(true).await;
+            openraft::ServerState::Follower | openraft::ServerState::Candidate => {
+                let due = self.election.borrow_mut().due(now, &mut rand::rng());
+                // A replica that may not vote may not campaign either: its own vote counts.
+                if due && self.store.may_vote() {
+                    tracing::debug!(partition = %self.key, "no leader heard: starting an election");
+                    crate::metrics::NODE.elections.inc();
+                    let _ = self.raft.trigger().elect(true).await;
+                }
+                return Some(self.election.borrow().due_at());
             }
             _ => {}
         }
+        None
     }
 
     /// If this replica leads a group with other voters, asks the most caught-up of them to

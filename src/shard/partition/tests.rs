@@ -41,6 +41,7 @@ async fn single_voter(dir: &Path, config: crate::log::LogConfig) -> Partition {
         config,
         replica,
         voters,
+        first: None,
         mirror: false,
         promoted: None,
     };
