@@ -94,6 +94,16 @@ pub struct Config {
     /// A file holding the bootstrap token: whoever presents it is the superuser `admin`. (Or
     /// the `TERN_BOOTSTRAP_TOKEN` environment variable; never a flag's value, which `ps` shows.)
     pub bootstrap_token_file: Option<PathBuf>,
+    /// How mirror topics reach a source in another cluster: over TLS trusting this CA (PEM)
+    /// instead of this node's own settings. With any `mirror_*` setting, pulls never present
+    /// this node's certificate (docs/geo.md, "Mirrors of another cluster").
+    pub mirror_tls_ca: Option<PathBuf>,
+    /// A client certificate and key (PEM) that mirror pulls present to the source (its common
+    /// name is the mirror's principal there); needs `mirror_tls_ca`.
+    pub mirror_tls_cert: Option<PathBuf>,
+    pub mirror_tls_key: Option<PathBuf>,
+    /// A file holding a token of the source cluster that mirror pulls present.
+    pub mirror_token_file: Option<PathBuf>,
     /// Principals that may do anything (ACLs are not checked for them).
     pub superusers: Vec<String>,
     /// Where to export request spans over OTLP/gRPC (for example `http://jaeger:4317`); needs
@@ -155,7 +165,7 @@ impl TopicDefaults {
 }
 
 /// Keys whose default is unset (so a serialized default does not show them).
-const OPTIONAL_KEYS: [&str; 9] = [
+const OPTIONAL_KEYS: [&str; 13] = [
     "admin_listen",
     "compat_listen",
     "otlp_endpoint",
@@ -165,6 +175,10 @@ const OPTIONAL_KEYS: [&str; 9] = [
     "tls_key",
     "tls_cluster_ca",
     "tls_client_ca",
+    "mirror_tls_ca",
+    "mirror_tls_cert",
+    "mirror_tls_key",
+    "mirror_token_file",
 ];
 
 /// Settings for tests only: accepted in a file, never listed.
@@ -239,6 +253,10 @@ impl Default for Config {
             tls_client_ca: None,
             auth: "none".into(),
             bootstrap_token_file: None,
+            mirror_tls_ca: None,
+            mirror_tls_cert: None,
+            mirror_tls_key: None,
+            mirror_token_file: None,
             superusers: Vec::new(),
         }
     }
@@ -500,9 +518,26 @@ impl Config {
         }
     }
 
+    /// Whether mirror pulls go as a client of another cluster (any `mirror_*` setting given)
+    /// rather than as this node.
+    pub fn mirror_credentials(&self) -> bool {
+        self.mirror_tls_ca.is_some()
+            || self.mirror_tls_cert.is_some()
+            || self.mirror_tls_key.is_some()
+            || self.mirror_token_file.is_some()
+    }
+
     /// Checks values against each other; the node refuses to start with a bad config.
     pub fn validate(&self) -> anyhow::Result<()> {
         let tls = self.tls_files()?;
+        anyhow::ensure!(
+            self.mirror_tls_cert.is_some() == self.mirror_tls_key.is_some(),
+            "mirror_tls_cert and mirror_tls_key go together"
+        );
+        anyhow::ensure!(
+            self.mirror_tls_cert.is_none() || self.mirror_tls_ca.is_some(),
+            "mirror_tls_cert needs mirror_tls_ca (the CA of the source cluster's nodes)"
+        );
         anyhow::ensure!(
             matches!(self.auth.as_str(), "none" | "required"),
             "auth must be none or required, not {:?}",

@@ -163,6 +163,20 @@ pub struct ServeArgs {
     /// TERN_BOOTSTRAP_TOKEN).
     #[arg(long, env = "TERN_BOOTSTRAP_TOKEN_FILE")]
     pub bootstrap_token_file: Option<PathBuf>,
+    /// Mirrors of another cluster: reach its nodes over TLS trusting this CA (PEM), not with
+    /// this node's own TLS settings (docs/geo.md).
+    #[arg(long, env = "TERN_MIRROR_TLS_CA")]
+    pub mirror_tls_ca: Option<PathBuf>,
+    /// Mirrors of another cluster: the client certificate (PEM) to present there; with
+    /// --mirror-tls-key and --mirror-tls-ca.
+    #[arg(long, env = "TERN_MIRROR_TLS_CERT")]
+    pub mirror_tls_cert: Option<PathBuf>,
+    /// The private key of --mirror-tls-cert (PEM).
+    #[arg(long, env = "TERN_MIRROR_TLS_KEY")]
+    pub mirror_tls_key: Option<PathBuf>,
+    /// Mirrors of another cluster: a file holding a token of that cluster to present there.
+    #[arg(long, env = "TERN_MIRROR_TOKEN_FILE")]
+    pub mirror_token_file: Option<PathBuf>,
     /// A principal that may do anything (repeat, or a comma-separated list).
     #[arg(long = "superuser", env = "TERN_SUPERUSERS", value_delimiter = ',')]
     pub superusers: Vec<String>,
@@ -259,7 +273,11 @@ impl ServeArgs {
             tls_key,
             tls_cluster_ca,
             tls_client_ca,
-            bootstrap_token_file
+            bootstrap_token_file,
+            mirror_tls_ca,
+            mirror_tls_cert,
+            mirror_tls_key,
+            mirror_token_file
         );
         let d = &mut c.topic_defaults;
         macro_rules! set_default {

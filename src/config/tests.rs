@@ -154,3 +154,26 @@ fn an_election_timeout_of_six_heartbeats_is_accepted() {
         assert!(e.contains("at least 6 × raft_heartbeat_ms"), "{e}");
     }
 }
+
+/// Mirror credentials for another cluster: a certificate needs its key and the source's CA;
+/// any of them alone (a CA, a token file) is valid.
+#[test]
+fn mirror_credentials_are_checked_together() {
+    let with = |toml: &str| {
+        Config::from_toml(toml)
+            .and_then(|c| c.validate().map(|()| c))
+            .map_err(|e| e.to_string())
+    };
+    let c = with("mirror_tls_ca = \"ca.pem\"").unwrap();
+    assert!(c.mirror_credentials());
+    assert!(with("mirror_token_file = \"t\"")
+        .unwrap()
+        .mirror_credentials());
+    assert!(!Config::default().mirror_credentials());
+    let e = with("mirror_tls_ca = \"ca.pem\"\nmirror_tls_cert = \"c.pem\"").unwrap_err();
+    assert!(e.contains("go together"), "{e}");
+    let e = with("mirror_tls_cert = \"c.pem\"\nmirror_tls_key = \"k.pem\"").unwrap_err();
+    assert!(e.contains("needs mirror_tls_ca"), "{e}");
+    with("mirror_tls_ca = \"ca.pem\"\nmirror_tls_cert = \"c.pem\"\nmirror_tls_key = \"k.pem\"")
+        .unwrap();
+}

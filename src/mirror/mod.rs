@@ -53,12 +53,77 @@ pub enum MirrorError {
     Unreachable(String),
     #[error("the source refused: {0}")]
     Refused(String),
+    #[error("this node's credentials for mirror sources: {0}")]
+    Credentials(String),
+}
+
+/// How this node reaches a mirror's source. By default as itself, with its own client TLS
+/// (and certificate): right for a source in this cluster, whose nodes trust it. With any of
+/// the `mirror_*` settings, as a client of another cluster: TLS trusting `mirror_tls_ca`, the
+/// `mirror_tls_cert` if given, and the token in `mirror_token_file` if given; this node's own
+/// certificate is then never presented.
+#[derive(Clone, Default)]
+pub struct Access {
+    tls: Option<ClientTls>,
+    /// `authorization` metadata for every call: `Bearer <token>`.
+    bearer: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl Access {
+    /// This node's access to mirror sources, from its settings (files are read now).
+    pub fn of(broker: &Broker) -> Result<Access, MirrorError> {
+        let c = &broker.config;
+        if !c.mirror_credentials() {
+            return Ok(Access {
+                tls: broker.client_tls(),
+                bearer: None,
+            });
+        }
+        let bad = |e: &dyn std::fmt::Display| MirrorError::Credentials(e.to_string());
+        let tls = match &c.mirror_tls_ca {
+            Some(ca) => Some(
+                ClientTls::from_files(
+                    ca,
+                    c.mirror_tls_cert
+                        .as_deref()
+                        .zip(c.mirror_tls_key.as_deref()),
+                    None,
+                )
+                .map_err(|e| bad(&e))?,
+            ),
+            None => None,
+        };
+        let bearer = match &c.mirror_token_file {
+            Some(f) => {
+                let t =
+                    crate::net::auth::read_token_file(f, "mirror token").map_err(|e| bad(&e))?;
+                Some(
+                    format!("Bearer {t}")
+                        .parse()
+                        .map_err(|_| bad(&"the mirror token must be printable ASCII"))?,
+                )
+            }
+            None => None,
+        };
+        Ok(Access { tls, bearer })
+    }
+
+    /// A call to the source carrying this node's credentials for it.
+    fn request<T>(&self, message: T, timeout: Duration) -> tonic::Request<T> {
+        let mut call = tonic::Request::new(message);
+        call.set_timeout(timeout);
+        if let Some(b) = &self.bearer {
+            call.metadata_mut()
+                .insert(crate::proto::metadata::AUTHORIZATION, b.clone());
+        }
+        call
+    }
 }
 
 /// A connection to a mirror's source: its nodes in turn, moving on after a failure.
 struct Source {
     of: MirrorOf,
-    tls: Option<ClientTls>,
+    access: Access,
     at: usize,
     client: Option<TernClient<Channel>>,
 }
@@ -74,10 +139,10 @@ fn host_port(address: &str) -> &str {
 }
 
 impl Source {
-    fn new(of: MirrorOf, tls: Option<ClientTls>) -> Source {
+    fn new(of: MirrorOf, access: Access) -> Source {
         Source {
             of,
-            tls,
+            access,
             at: 0,
             client: None,
         }
@@ -93,7 +158,7 @@ impl Source {
         }
         let endpoint = crate::tls::endpoint(self.address()).map_err(MirrorError::BadAddress)?;
         // A pull answers at least one whole batch, which may be as large as the format allows.
-        let c = TernClient::new(crate::tls::channel(&endpoint, self.tls.as_ref()))
+        let c = TernClient::new(crate::tls::channel(&endpoint, self.access.tls.as_ref()))
             .max_decoding_message_size(crate::log::batch::BATCH_LEN_MAX + (1 << 20));
         self.client = Some(c.clone());
         Ok(c)
@@ -108,14 +173,16 @@ impl Source {
 
 /// The source topic's partition count, from the first of its nodes that answers.
 pub async fn source_partitions(broker: &Broker, of: &MirrorOf) -> Result<u32, MirrorError> {
-    let mut source = Source::new(of.clone(), broker.client_tls());
+    let mut source = Source::new(of.clone(), Access::of(broker)?);
     let mut last = None;
     for _ in 0..of.addresses.len() {
         let mut c = source.client()?;
-        let mut call = tonic::Request::new(pb::DescribeTopicRequest {
-            name: of.topic.clone(),
-        });
-        call.set_timeout(DESCRIBE_TIMEOUT);
+        let call = source.access.request(
+            pb::DescribeTopicRequest {
+                name: of.topic.clone(),
+            },
+            DESCRIBE_TIMEOUT,
+        );
         match c.describe_topic(call).await {
             Ok(r) => {
                 return r
@@ -173,7 +240,20 @@ pub fn start(
 }
 
 async fn pull(broker: Arc<Broker>, key: PartitionKey, core: CoreId, of: MirrorOf, partition: u32) {
-    let mut source = Source::new(of.clone(), broker.client_tls());
+    let access = loop {
+        match Access::of(&broker) {
+            Ok(a) => break a,
+            Err(e) => {
+                // The files may be fixed or rotated in place: try again, slowly.
+                tracing::error!(partition = %key, error = %e, "mirror cannot pull");
+                tokio::time::sleep(BACKOFF_MAX).await;
+                if broker.is_closing() {
+                    return;
+                }
+            }
+        }
+    };
+    let mut source = Source::new(of.clone(), access);
     let mut backoff = BACKOFF_MIN;
     let mut end: Option<Offset> = None;
     let mut reported: Option<String> = None;
@@ -355,15 +435,22 @@ async fn copy(
 
 /// Where the source partition's log starts, as its leader says (`ListOffsets` for the latest
 /// position is answered by the leader).
-async fn leader_start(c: &mut TernClient<Channel>, topic: &str, partition: u32) -> Option<u64> {
-    let mut call = tonic::Request::new(pb::ListOffsetsRequest {
-        topic: topic.to_string(),
-        partitions: vec![partition],
-        position: Some(pb::StartPosition {
-            position: Some(pb::start_position::Position::Latest(true)),
-        }),
-    });
-    call.set_timeout(PULL_SLACK);
+async fn leader_start(
+    c: &mut TernClient<Channel>,
+    access: &Access,
+    topic: &str,
+    partition: u32,
+) -> Option<u64> {
+    let call = access.request(
+        pb::ListOffsetsRequest {
+            topic: topic.to_string(),
+            partitions: vec![partition],
+            position: Some(pb::StartPosition {
+                position: Some(pb::start_position::Position::Latest(true)),
+            }),
+        },
+        PULL_SLACK,
+    );
     let r = c.list_offsets(call).await.ok()?.into_inner();
     let p = r
         .partitions
@@ -379,16 +466,18 @@ async fn fetch(source: &mut Source, topic: &str, partition: u32, from: Offset) -
         Ok(c) => c,
         Err(e) => return Pulled::Failed(e.to_string()),
     };
-    let mut call = tonic::Request::new(pb::FetchRequest {
-        topic: topic.to_string(),
-        partition,
-        offset: from.0,
-        max_bytes: PULL_BYTES,
-        max_wait_ms: PULL_WAIT.as_millis() as u32,
-        raw_batches: true,
-        ..Default::default()
-    });
-    call.set_timeout(PULL_WAIT + PULL_SLACK);
+    let call = source.access.request(
+        pb::FetchRequest {
+            topic: topic.to_string(),
+            partition,
+            offset: from.0,
+            max_bytes: PULL_BYTES,
+            max_wait_ms: PULL_WAIT.as_millis() as u32,
+            raw_batches: true,
+            ..Default::default()
+        },
+        PULL_WAIT + PULL_SLACK,
+    );
     match c.fetch(call).await {
         Ok(r) => {
             let r = r.into_inner();
@@ -406,7 +495,7 @@ async fn fetch(source: &mut Source, topic: &str, partition: u32, from: Offset) -
                 // too (a source follower restarted from a snapshot starts later than its
                 // leader's log).
                 Some((start, end)) if from.0 < start && start <= end => {
-                    match leader_start(&mut c, topic, partition).await {
+                    match leader_start(&mut c, &source.access, topic, partition).await {
                         Some(s) if s > from.0 => Pulled::Restart {
                             source_start: Offset(s),
                             source_end: Offset(end.max(s)),

@@ -82,7 +82,7 @@ impl Auth {
     /// `bootstrap_token_file`, else `TERN_BOOTSTRAP_TOKEN`).
     pub fn from_config(config: &Config) -> anyhow::Result<Auth> {
         let token = match &config.bootstrap_token_file {
-            Some(path) => Some(read_token_file(path)?),
+            Some(path) => Some(read_token_file(path, "bootstrap token")?),
             None => std::env::var("TERN_BOOTSTRAP_TOKEN")
                 .ok()
                 .filter(|t| !t.is_empty()),
@@ -323,22 +323,23 @@ fn bearer(md: &MetadataMap) -> Result<Option<&str>, Status> {
     Ok(Some(token.trim()))
 }
 
-fn read_token_file(path: &Path) -> anyhow::Result<String> {
+/// A token from a file (`what` names it in errors), trimmed; warns if others may read it.
+pub(crate) fn read_token_file(path: &Path, what: &str) -> anyhow::Result<String> {
     let meta = std::fs::metadata(path)
-        .map_err(|e| anyhow::anyhow!("bootstrap token file {}: {e}", path.display()))?;
+        .map_err(|e| anyhow::anyhow!("{what} file {}: {e}", path.display()))?;
     anyhow::ensure!(
         meta.len() <= 4096,
-        "bootstrap token file {} is larger than 4 KiB",
+        "{what} file {} is larger than 4 KiB",
         path.display()
     );
     {
         use std::os::unix::fs::PermissionsExt;
         if meta.permissions().mode() & 0o077 != 0 {
-            tracing::warn!(path = %path.display(), "the bootstrap token file is readable by other users (chmod 600 it)");
+            tracing::warn!(path = %path.display(), "the {what} file is readable by other users (chmod 600 it)");
         }
     }
     let s = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("bootstrap token file {}: {e}", path.display()))?;
+        .map_err(|e| anyhow::anyhow!("{what} file {}: {e}", path.display()))?;
     Ok(s.trim().to_string())
 }
 

@@ -180,7 +180,9 @@ fn from_mirror(e: MirrorError) -> Status {
             Status::invalid_argument(e.to_string())
         }
         MirrorError::Unreachable(_) => Status::unavailable(e.to_string()),
-        MirrorError::Refused(_) => Status::failed_precondition(e.to_string()),
+        MirrorError::Refused(_) | MirrorError::Credentials(_) => {
+            Status::failed_precondition(e.to_string())
+        }
     }
 }
 
