@@ -539,6 +539,11 @@ impl Config {
             "mirror_tls_cert needs mirror_tls_ca (the CA of the source cluster's nodes)"
         );
         anyhow::ensure!(
+            self.mirror_token_file.is_none() || self.mirror_tls_ca.is_some(),
+            "mirror_token_file needs mirror_tls_ca: a token is sent to a mirror's source only \
+             over TLS, to a source that proves itself with that CA"
+        );
+        anyhow::ensure!(
             matches!(self.auth.as_str(), "none" | "required"),
             "auth must be none or required, not {:?}",
             self.auth

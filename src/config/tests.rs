@@ -155,8 +155,8 @@ fn an_election_timeout_of_six_heartbeats_is_accepted() {
     }
 }
 
-/// Mirror credentials for another cluster: a certificate needs its key and the source's CA;
-/// any of them alone (a CA, a token file) is valid.
+/// Mirror credentials for another cluster: a certificate needs its key and the source's CA, a
+/// token needs the CA (it is never sent in the clear); the CA alone is valid.
 #[test]
 fn mirror_credentials_are_checked_together() {
     let with = |toml: &str| {
@@ -166,9 +166,13 @@ fn mirror_credentials_are_checked_together() {
     };
     let c = with("mirror_tls_ca = \"ca.pem\"").unwrap();
     assert!(c.mirror_credentials());
-    assert!(with("mirror_token_file = \"t\"")
-        .unwrap()
-        .mirror_credentials());
+    let e = with("mirror_token_file = \"t\"").unwrap_err();
+    assert!(e.contains("mirror_token_file needs mirror_tls_ca"), "{e}");
+    assert!(
+        with("mirror_tls_ca = \"ca.pem\"\nmirror_token_file = \"t\"")
+            .unwrap()
+            .mirror_credentials()
+    );
     assert!(!Config::default().mirror_credentials());
     let e = with("mirror_tls_ca = \"ca.pem\"\nmirror_tls_cert = \"c.pem\"").unwrap_err();
     assert!(e.contains("go together"), "{e}");

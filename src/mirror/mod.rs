@@ -94,6 +94,12 @@ impl Access {
             None => None,
         };
         let bearer = match &c.mirror_token_file {
+            // A token goes only over TLS to a source that proved itself with the CA given
+            // (config validation asks for one): in the clear, any host named as a source by
+            // whoever creates a mirror would receive it.
+            Some(_) if tls.is_none() => {
+                return Err(bad(&"mirror_token_file needs mirror_tls_ca"));
+            }
             Some(f) => {
                 let t =
                     crate::net::auth::read_token_file(f, "mirror token").map_err(|e| bad(&e))?;
@@ -162,6 +168,12 @@ impl Source {
             .max_decoding_message_size(crate::log::batch::BATCH_LEN_MAX + (1 << 20));
         self.client = Some(c.clone());
         Ok(c)
+    }
+
+    /// Other credentials (read again after a failure): the next call connects with them.
+    fn renew(&mut self, access: Access) {
+        self.access = access;
+        self.client = None;
     }
 
     /// The next node of the source, after a failure.
@@ -240,20 +252,9 @@ pub fn start(
 }
 
 async fn pull(broker: Arc<Broker>, key: PartitionKey, core: CoreId, of: MirrorOf, partition: u32) {
-    let access = loop {
-        match Access::of(&broker) {
-            Ok(a) => break a,
-            Err(e) => {
-                // The files may be fixed or rotated in place: try again, slowly.
-                tracing::error!(partition = %key, error = %e, "mirror cannot pull");
-                tokio::time::sleep(BACKOFF_MAX).await;
-                if broker.is_closing() {
-                    return;
-                }
-            }
-        }
-    };
-    let mut source = Source::new(of.clone(), access);
+    // Made once the replica is ready to pull (a promotion needs no credentials for the
+    // source), and its credentials read again after every failed pull (rotated files).
+    let mut source: Option<Source> = None;
     let mut backoff = BACKOFF_MIN;
     let mut end: Option<Offset> = None;
     let mut reported: Option<String> = None;
@@ -283,9 +284,32 @@ async fn pull(broker: Arc<Broker>, key: PartitionKey, core: CoreId, of: MirrorOf
                 }
             },
         };
-        let pulled = fetch(&mut source, &of.topic, partition, from).await;
+        let src = match source.as_mut() {
+            Some(s) => s,
+            None => match Access::of(&broker) {
+                Ok(a) => source.insert(Source::new(of.clone(), a)),
+                Err(e) => {
+                    let why = e.to_string();
+                    if reported.as_ref() != Some(&why) {
+                        tracing::error!(partition = %key, source = %of, error = %why, "mirror cannot pull");
+                        reported = Some(why);
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            },
+        };
+        let pulled = fetch(src, &of.topic, partition, from).await;
         let failed = match &pulled {
-            Pulled::Failed(why) => Some(why.clone()),
+            Pulled::Failed(why) => {
+                // Credentials rotated in place are picked up by the next pull.
+                match Access::of(&broker) {
+                    Ok(a) => src.renew(a),
+                    Err(_) => source = None,
+                }
+                Some(why.clone())
+            }
             _ => None,
         };
         let failed = match take(&broker, &key, core, pulled).await {

@@ -334,8 +334,15 @@ pub(crate) fn read_token_file(path: &Path, what: &str) -> anyhow::Result<String>
     );
     {
         use std::os::unix::fs::PermissionsExt;
+        // Said once per file: a mirror's token is read again after every failed pull.
+        static WARNED: std::sync::Mutex<Vec<std::path::PathBuf>> =
+            std::sync::Mutex::new(Vec::new());
         if meta.permissions().mode() & 0o077 != 0 {
-            tracing::warn!(path = %path.display(), "the {what} file is readable by other users (chmod 600 it)");
+            let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+            if !warned.iter().any(|p| p == path) {
+                warned.push(path.to_path_buf());
+                tracing::warn!(path = %path.display(), "the {what} file is readable by other users (chmod 600 it)");
+            }
         }
     }
     let s = std::fs::read_to_string(path)

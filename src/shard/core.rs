@@ -109,10 +109,14 @@ async fn drive_groups(
             // a tick per heartbeat is enough to notice a dead leader's node or a woken group
             // (a woken leader heartbeats at its next beat; its followers' timers run at
             // least a lease).
+            // Never less than a tick after the last pass ended: a pass longer than a
+            // heartbeat (an overloaded core) would otherwise loop without yielding, starving
+            // the mailbox and the groups' own tasks.
             let at = match next_due {
                 Some(due) => due.max(ticked + tick).min(next_beat),
                 None => next_beat,
-            };
+            }
+            .max(std::time::Instant::now() + tick);
             glommio::timer::sleep(at.saturating_duration_since(std::time::Instant::now())).await;
         }
         if stop.get() {
@@ -204,13 +208,26 @@ async fn drive_groups(
             }
         }
         // Quiet groups, and replicas closed or taken for repair, leave the ticked set.
+        let mut closed = Vec::new();
         awake.retain(|p| {
             let keep = !p.asleep();
             if !keep {
                 awake_keys.remove(&p.key);
+                if p.is_closed() {
+                    closed.push(p.key.clone());
+                }
             }
             keep
         });
+        // A replica closed and opened again (a repair, a close and an open of the same key)
+        // whose wake was taken while the closed one was still here: ticked from now.
+        for key in closed {
+            if let Some(p) = partitions.borrow().get(&key).filter(|p| !p.is_closed()) {
+                if p.replicated() && awake_keys.insert(key) {
+                    awake.push(p.clone());
+                }
+            }
+        }
         // The leadership summary: every group on a full scan, the awake ones once a second (a
         // quiet group's leadership does not change while it stays quiet).
         if full {

@@ -434,6 +434,11 @@ impl Partition {
         }
     }
 
+    /// Whether this replica was closed (it then leaves its core's driver).
+    pub fn is_closed(&self) -> bool {
+        self.closed.get()
+    }
+
     /// Whether a read found a damaged segment in this replica's log, not yet taken for repair
     /// (the cheap part of [`Partition::damage`]: it reads no metrics).
     pub fn found_damage(&self) -> bool {
@@ -546,6 +551,11 @@ impl Partition {
         // A vote, a pre-vote, a transfer or a snapshot: whatever it changes, this replica
         // is not quiet under its leader any more (its election timer runs again).
         let append = matches!(body, Body::Append(_));
+        if append {
+            // A leader replicates to this replica: it is not a fresh group's first leader,
+            // and should it lead later, its log will have moved (`Quiet::fresh`).
+            self.quiet.fresh.set(false);
+        }
         if !append {
             self.quiet.following.set(None);
         }

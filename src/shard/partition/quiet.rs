@@ -41,7 +41,7 @@ use crate::raft::types::NodeId;
 use crate::shard::request::PartitionKey;
 
 /// Woken groups a core has not looked at yet, at most this many; beyond it the core's next
-/// full scan (within a second) finds them.
+/// full scan (within `shard::core::FULL_SCAN`, 10 s) finds them.
 const WOKEN_MAX: usize = 65_536;
 
 thread_local! {
