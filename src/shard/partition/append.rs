@@ -105,7 +105,6 @@ impl Partition {
         }
         let (batches, batch_seqs) = batcher.finish();
         // Writes wake a quiet group (their entries carry no `quiet`; the next beat heartbeats).
-        self.quiet.fresh.set(false);
         self.wake_leader();
         // `pending` holds the idempotent batches until their writes end (whatever the outcome).
         // Propose every batch at once: Raft orders them as proposed, and one fsync covers all.

@@ -385,7 +385,6 @@ impl Partition {
             ),
             _ => ElectionTimer::new(replica.timing, Instant::now(), &mut rand::rng()),
         };
-        quiet.fresh.set(created);
         if let Some((from, to)) = store.take_unverified() {
             glommio::spawn_local(verify(log.clone(), key.to_string(), from, to)).detach();
         }
@@ -551,11 +550,6 @@ impl Partition {
         // A vote, a pre-vote, a transfer or a snapshot: whatever it changes, this replica
         // is not quiet under its leader any more (its election timer runs again).
         let append = matches!(body, Body::Append(_));
-        if append {
-            // A leader replicates to this replica: it is not a fresh group's first leader,
-            // and should it lead later, its log will have moved (`Quiet::fresh`).
-            self.quiet.fresh.set(false);
-        }
         if !append {
             self.quiet.following.set(None);
         }

@@ -123,11 +123,6 @@ pub(super) struct Quiet {
     /// nearly every write.
     pub(super) unchanged: Cell<(Option<u64>, Option<Instant>)>,
     pub(super) quiet_after: Duration,
-    /// A group created by this replica's open that nothing has been written to yet: it goes
-    /// quiet as soon as its first leader's entry is everywhere, without waiting `quiet_after`
-    /// (a topic of thousands of partitions otherwise heartbeats in every one of them for
-    /// seconds after it is created, which two vCPUs could not keep up with at 10,000).
-    pub(super) fresh: Cell<bool>,
 }
 
 impl Quiet {
@@ -139,16 +134,11 @@ impl Quiet {
             following: Cell::new(None),
             unchanged: Cell::new((None, None)),
             quiet_after,
-            fresh: Cell::new(false),
         }
     }
 
-    /// At a leader's beat: whether its log has stayed at `last` for `quiet_after` (a fresh
-    /// group's at once).
+    /// At a leader's beat: whether its log has stayed at `last` for `quiet_after`.
     pub(super) fn settled(&self, last: Option<u64>, now: Instant) -> bool {
-        if self.fresh.get() {
-            return true;
-        }
         match self.unchanged.get() {
             (seen, Some(since)) if seen == last => {
                 now.saturating_duration_since(since) >= self.quiet_after
