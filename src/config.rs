@@ -703,3 +703,30 @@ impl Config {
 
 #[cfg(test)]
 mod tests;
+
+/// A token from a file (`what` names it in errors), trimmed; warns if others may read it.
+pub fn read_token_file(path: &Path, what: &str) -> anyhow::Result<String> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| anyhow::anyhow!("{what} file {}: {e}", path.display()))?;
+    anyhow::ensure!(
+        meta.len() <= 4096,
+        "{what} file {} is larger than 4 KiB",
+        path.display()
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // Said once per file: a mirror's token is read again after every failed pull.
+        static WARNED: std::sync::Mutex<Vec<std::path::PathBuf>> =
+            std::sync::Mutex::new(Vec::new());
+        if meta.permissions().mode() & 0o077 != 0 {
+            let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+            if !warned.iter().any(|p| p == path) {
+                warned.push(path.to_path_buf());
+                tracing::warn!(path = %path.display(), "the {what} file is readable by other users (chmod 600 it)");
+            }
+        }
+    }
+    let s = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("{what} file {}: {e}", path.display()))?;
+    Ok(s.trim().to_string())
+}

@@ -101,8 +101,7 @@ impl Access {
                 return Err(bad(&"mirror_token_file needs mirror_tls_ca"));
             }
             Some(f) => {
-                let t =
-                    crate::net::auth::read_token_file(f, "mirror token").map_err(|e| bad(&e))?;
+                let t = crate::config::read_token_file(f, "mirror token").map_err(|e| bad(&e))?;
                 Some(
                     format!("Bearer {t}")
                         .parse()

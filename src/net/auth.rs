@@ -16,7 +16,6 @@
 //! metadata stay the same (a deleted user's token is checked again, and refused, at once).
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use tonic::metadata::MetadataMap;
@@ -82,7 +81,7 @@ impl Auth {
     /// `bootstrap_token_file`, else `TERN_BOOTSTRAP_TOKEN`).
     pub fn from_config(config: &Config) -> anyhow::Result<Auth> {
         let token = match &config.bootstrap_token_file {
-            Some(path) => Some(read_token_file(path, "bootstrap token")?),
+            Some(path) => Some(crate::config::read_token_file(path, "bootstrap token")?),
             None => std::env::var("TERN_BOOTSTRAP_TOKEN")
                 .ok()
                 .filter(|t| !t.is_empty()),
@@ -321,33 +320,6 @@ fn bearer(md: &MetadataMap) -> Result<Option<&str>, Status> {
         return Err(bad());
     }
     Ok(Some(token.trim()))
-}
-
-/// A token from a file (`what` names it in errors), trimmed; warns if others may read it.
-pub(crate) fn read_token_file(path: &Path, what: &str) -> anyhow::Result<String> {
-    let meta = std::fs::metadata(path)
-        .map_err(|e| anyhow::anyhow!("{what} file {}: {e}", path.display()))?;
-    anyhow::ensure!(
-        meta.len() <= 4096,
-        "{what} file {} is larger than 4 KiB",
-        path.display()
-    );
-    {
-        use std::os::unix::fs::PermissionsExt;
-        // Said once per file: a mirror's token is read again after every failed pull.
-        static WARNED: std::sync::Mutex<Vec<std::path::PathBuf>> =
-            std::sync::Mutex::new(Vec::new());
-        if meta.permissions().mode() & 0o077 != 0 {
-            let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
-            if !warned.iter().any(|p| p == path) {
-                warned.push(path.to_path_buf());
-                tracing::warn!(path = %path.display(), "the {what} file is readable by other users (chmod 600 it)");
-            }
-        }
-    }
-    let s = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("{what} file {}: {e}", path.display()))?;
-    Ok(s.trim().to_string())
 }
 
 pub fn sha256(b: &[u8]) -> [u8; 32] {
