@@ -2,6 +2,7 @@
 //! or from another replica over the peer connection when this node holds none. A read relayed
 //! here by another node is not relayed again.
 
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use prost::Message;
@@ -12,7 +13,7 @@ use crate::cluster::health::FollowerLag;
 use crate::proto::v1 as pb;
 use crate::shard::request::ReplicaState;
 use crate::shard::{CoreError, CoreRequest, Fetched, ListedOffsets, StartAt};
-use crate::types::{NodeId, Offset};
+use crate::types::{CoreId, NodeId, Offset};
 
 /// How much longer than its long poll a read relayed to another node may take.
 const RELAY_SLACK: Duration = Duration::from_secs(10);
@@ -300,6 +301,40 @@ impl Broker {
                 reply,
             })
             .await?)
+    }
+
+    /// The states of this node's replicas of `topic`'s partitions, asked of each core once
+    /// (a replica still opening is left out).
+    pub async fn replica_states(&self, topic: &Topic) -> HashMap<u32, ReplicaState> {
+        let me = self.node_id();
+        let mut by_core: BTreeMap<CoreId, Vec<u32>> = BTreeMap::new();
+        for p in (0..topic.spec.partitions).filter(|p| topic.on(me, *p)) {
+            by_core.entry(topic.core(p)).or_default().push(p);
+        }
+        let mut asked = Vec::with_capacity(by_core.len());
+        for (core, parts) in by_core {
+            let keys = parts.iter().map(|p| topic.key(*p)).collect();
+            match self
+                .shards
+                .submit(core, |reply| CoreRequest::Replicas { keys, reply })
+                .await
+            {
+                Ok(answer) => asked.push((parts, answer)),
+                Err(_) => continue,
+            }
+        }
+        let mut out = HashMap::new();
+        for (parts, answer) in asked {
+            if let Ok(states) = answer.await {
+                out.extend(
+                    parts
+                        .into_iter()
+                        .zip(states)
+                        .filter_map(|(p, s)| Some((p, s?))),
+                );
+            }
+        }
+        out
     }
 
     /// On a leader: each follower, how far behind it is, and whether it is in sync

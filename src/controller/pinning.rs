@@ -70,11 +70,12 @@ impl Pinner {
             if placement.leader_regions.is_empty() || t.spec.mirror.is_some() {
                 continue;
             }
+            let mut states = broker.replica_states(&t).await;
             for p in 0..t.spec.partitions {
                 if !t.on(me, p) || t.spec.moving.contains_key(&p) {
                     continue;
                 }
-                let Ok(s) = broker.replica_state(&t, p).await else {
+                let Some(s) = states.remove(&p) else {
                     continue;
                 };
                 if !s.is_leader {

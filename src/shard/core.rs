@@ -621,6 +621,18 @@ async fn handle(
             };
             let _ = reply.send(r);
         }
+        CoreRequest::Replicas { keys, reply } => {
+            let states = keys
+                .iter()
+                .map(
+                    |key| match (lookup(&partitions, key), replicas.mirror(key)) {
+                        (Err(_), Some(m)) => Some(m.state()),
+                        (r, _) => r.ok().map(|p| p.state()),
+                    },
+                )
+                .collect();
+            let _ = reply.send(Ok(states));
+        }
         CoreRequest::States { limit, reply } => {
             let mut states: Vec<_> = partitions
                 .borrow()

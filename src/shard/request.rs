@@ -372,6 +372,12 @@ pub enum CoreRequest {
         key: PartitionKey,
         reply: Reply<ReplicaState>,
     },
+    /// The states of several replicas' groups on the core, in the order asked (`None`: not
+    /// open here), in one round trip (ClusterInfo of a topic of many partitions).
+    Replicas {
+        keys: Vec<PartitionKey>,
+        reply: Reply<Vec<Option<ReplicaState>>>,
+    },
     /// The state of every replica on the core, at most `limit` of them (metrics).
     States {
         limit: usize,

@@ -58,6 +58,7 @@ fn ids(nodes: &[crate::types::NodeId]) -> Vec<u64> {
 pub async fn partitions(broker: &Broker, t: &Topic) -> Vec<pb::PartitionInfo> {
     let me = broker.node_id();
     let mut out = Vec::with_capacity(t.spec.partitions as usize);
+    let mut states = broker.replica_states(t).await;
     for p in 0..t.spec.partitions {
         let mut info = pb::PartitionInfo {
             partition: p,
@@ -75,7 +76,7 @@ pub async fn partitions(broker: &Broker, t: &Topic) -> Vec<pb::PartitionInfo> {
         };
         if t.on(me, p) {
             // A replica still opening (just created, or being reconciled) reports no view.
-            if let Ok(s) = broker.replica_state(t, p).await {
+            if let Some(s) = states.remove(&p) {
                 info.leader = s.leader.map_or(0, |l| l.0);
                 info.start_offset = s.positions.start.0;
                 info.end_offset = s.positions.committed.0;
