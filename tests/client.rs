@@ -1,6 +1,7 @@
 //! The Rust client crate (`client/`, `tern-client`) against real three-node clusters: its
 //! idempotent producer through leader kills (every record acknowledged once, in order per
-//! key), and its subscription resuming on another node when its own dies.
+//! key), its subscription resuming on another node when its own dies, and its consumer and
+//! queue group members.
 
 mod node_support;
 
@@ -357,4 +358,236 @@ async fn a_producer_writing_many_partitions_spreads_its_streams_over_connections
             "partition {p}: {offsets:?}"
         );
     }
+}
+
+/// A member's records: (partition, value), in the order `next` returned them.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(u32, usize)>>>;
+
+/// Runs a group member until told to stop, keeping what it was given; closes it (committing
+/// what it consumed) at the end.
+fn member(
+    client: &Client,
+    group: &str,
+    topic: &str,
+) -> (
+    Seen,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let seen: Seen = Default::default();
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let (client, group, topic, out) = (
+        client.clone(),
+        group.to_string(),
+        topic.to_string(),
+        seen.clone(),
+    );
+    let task = tokio::spawn(async move {
+        let mut m = client
+            .join_group(&group, &topic, tern_client::GroupOptions::default())
+            .await
+            .unwrap();
+        loop {
+            tokio::select! {
+                _ = &mut stopped => break,
+                r = m.next() => {
+                    let r = r.expect("the member goes on").unwrap();
+                    let v = String::from_utf8(r.record.value.to_vec()).unwrap().parse().unwrap();
+                    out.lock().unwrap().push((r.record.partition, v));
+                }
+            }
+        }
+        m.close().await.expect("the final commit is confirmed");
+    });
+    (seen, stop, task)
+}
+
+/// Two members of a consumer group share a topic's partitions; both join through node 1,
+/// which is killed halfway: they join again through the others, and every record reaches the
+/// group, each member sees each partition's records in order and none twice, and once they
+/// close, the group's committed positions are the partitions' ends (a member joining later
+/// gets nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_members_rejoin_through_another_node_and_commit_everything() {
+    let (mut cluster, client) = cluster_with("work", 4).await;
+    let producer = Producer::new(&client, ProducerOptions::default())
+        .await
+        .unwrap();
+    let send = |from: usize, to: usize| {
+        let producer = producer.clone();
+        async move {
+            let mut acks = Vec::new();
+            for i in from..to {
+                let r = Record::new(i.to_string()).partition((i % 4) as u32);
+                acks.push(producer.send("work", r).await.unwrap());
+            }
+            for a in acks {
+                a.await.unwrap();
+            }
+        }
+    };
+    send(0, 400).await;
+    let (a, stop_a, task_a) = member(&client, "g", "work");
+    let (b, stop_b, task_b) = member(&client, "g", "work");
+    let union = |n: usize| {
+        let (a, b) = (a.clone(), b.clone());
+        async move {
+            let got = || {
+                let mut v: Vec<usize> = a
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .chain(b.lock().unwrap().iter())
+                    .map(|(_, v)| *v)
+                    .collect();
+                v.sort_unstable();
+                v.dedup();
+                v.len()
+            };
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+            while got() < n {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the group got {} of {n} records within 90 s",
+                    got()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    union(200).await;
+    cluster.kill9(0);
+    send(400, 800).await;
+    union(800).await;
+    for (seen, what) in [(&a, "a"), (&b, "b")] {
+        let mut last: BTreeMap<u32, usize> = BTreeMap::new();
+        for (p, v) in seen.lock().unwrap().iter() {
+            assert_eq!(
+                *p as usize,
+                v % 4,
+                "member {what}: {v} came from partition {p}"
+            );
+            if let Some(before) = last.insert(*p, *v) {
+                assert!(
+                    before < *v,
+                    "member {what}, partition {p}: {v} after {before}"
+                );
+            }
+        }
+    }
+    let _ = stop_a.send(());
+    let _ = stop_b.send(());
+    task_a.await.unwrap();
+    task_b.await.unwrap();
+    // Everything is committed: a new member is given nothing.
+    let mut late = client
+        .join_group("g", "work", tern_client::GroupOptions::default())
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(3), late.next()).await;
+    assert!(
+        got.is_err(),
+        "a member joining after all was committed got {got:?}"
+    );
+}
+
+/// Two workers of a queue group: a record rejected once is delivered again, every record is
+/// acknowledged exactly by one worker in the end, and the workers' deliveries count up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_workers_ack_and_nack_through_the_client() {
+    let (_cluster, client) = cluster_with("jobs", 2).await;
+    let producer = Producer::new(&client, ProducerOptions::default())
+        .await
+        .unwrap();
+    let mut acks = Vec::new();
+    for i in 0..200usize {
+        acks.push(
+            producer
+                .send("jobs", Record::new(i.to_string()))
+                .await
+                .unwrap(),
+        );
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+    let acked: std::sync::Arc<std::sync::Mutex<Vec<(usize, u32)>>> = Default::default();
+    let mut workers = Vec::new();
+    for _ in 0..2 {
+        let options = tern_client::GroupOptions {
+            mode: tern_client::GroupMode::Queue,
+            ..tern_client::GroupOptions::default()
+        };
+        let mut w = client.join_group("q", "jobs", options).await.unwrap();
+        let acked = acked.clone();
+        workers.push(tokio::spawn(async move {
+            while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), w.next()).await {
+                let m = m.unwrap();
+                let v: usize = String::from_utf8(m.record.value.to_vec())
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                if v % 10 == 0 && m.deliveries == 1 {
+                    w.nack(&m, Duration::ZERO).await.unwrap();
+                } else {
+                    w.ack(&m).await.unwrap();
+                    acked.lock().unwrap().push((v, m.deliveries));
+                }
+            }
+            w.close().await.unwrap();
+        }));
+    }
+    for w in workers {
+        w.await.unwrap();
+    }
+    let mut acked = acked.lock().unwrap().clone();
+    acked.sort_unstable();
+    let values: Vec<usize> = acked.iter().map(|(v, _)| *v).collect();
+    assert_eq!(
+        values,
+        (0..200).collect::<Vec<_>>(),
+        "every record acknowledged once"
+    );
+    for (v, deliveries) in acked {
+        let want = if v % 10 == 0 { 2 } else { 1 };
+        assert_eq!(
+            deliveries, want,
+            "record {v}: acknowledged at delivery {deliveries}"
+        );
+    }
+}
+
+/// A bootstrap node that accepts connections and never answers (a hung process, a black
+/// hole) does not keep the client from the others: the next one is asked while the first is
+/// still waited for. The request timeout here is two minutes, which the client would sit out
+/// if it asked one node at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_bootstrap_node_does_not_hold_up_reading_the_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node_support::TestNode::start(dir.path(), &[]);
+    let mut admin = tern::proto::v1::tern_client::TernClient::new(
+        node_support::channel(&node.addr).await.unwrap(),
+    );
+    create(&mut admin, "t", 1, 1).await;
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung_addr = hung.local_addr().unwrap().to_string();
+    // Accepts and holds every connection, answering nothing.
+    let _hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hung.accept().await {
+            held.push(s);
+        }
+    });
+    let options = ClientOptions {
+        request_timeout: Duration::from_secs(120),
+        ..ClientOptions::default()
+    };
+    let client = tokio::time::timeout(
+        Duration::from_secs(60),
+        Client::connect([hung_addr, node.addr.clone()], options),
+    )
+    .await
+    .expect("the client asked the second node while the first hung")
+    .unwrap();
+    assert_eq!(client.partitions("t").await.unwrap(), 1);
 }

@@ -170,6 +170,8 @@ impl Drop for StreamSlot {
 
 /// Shortest time between two reads of the cluster's layout caused by failures.
 const REFRESH_MIN: Duration = Duration::from_millis(200);
+/// How long a read of the layout waits for a node's answer before asking the next one too.
+const LAYOUT_HEDGE: Duration = Duration::from_millis(300);
 /// HTTP/2 pings on idle connections, and how long one may go unanswered.
 const KEEPALIVE: Duration = Duration::from_secs(10);
 /// Partitions per topic the client keeps a view of (a bigger number from a node is ignored).
@@ -322,8 +324,8 @@ impl Client {
 
     /// The nodes to ask about the cluster: those known, then the bootstrap addresses.
     fn candidates(&self) -> Vec<String> {
-        let layout = self.inner.layout.lock().unwrap();
-        let mut v: Vec<String> = layout.nodes.values().map(|(a, _)| a.clone()).collect();
+        // The nodes of the client's region first, then the others, then the bootstrap list.
+        let mut v = self.read_nodes();
         for b in &self.inner.bootstrap {
             if !v.contains(b) {
                 v.push(b.clone());
@@ -334,28 +336,57 @@ impl Client {
 
     /// Reads the cluster's layout (ClusterInfo) from the first node that answers and has
     /// caught up with the cluster's metadata (a node just restarted may not know the topics
-    /// yet).
+    /// yet). The nodes are asked in turn, the next one as soon as one fails and otherwise
+    /// [`LAYOUT_HEDGE`] after the last was asked: a node that is down or hangs delays a read by
+    /// that, not by the connect or request timeout.
     async fn read_layout(&self) -> Result<(), Error> {
         let mut last = String::from("no node to ask");
         let candidates = self.candidates();
-        for addr in &candidates {
-            let req = pb::ClusterInfoRequest {
-                region: self.inner.options.region.clone().unwrap_or_default(),
-            };
-            let answer = match self.node(addr) {
-                Ok(mut c) => c.cluster_info(req).await,
-                Err(e) => {
-                    last = e.to_string();
-                    continue;
+        let mut next = candidates.iter();
+        let mut asking = tokio::task::JoinSet::new();
+        let region = self.inner.options.region.clone().unwrap_or_default();
+        let ask = |asking: &mut tokio::task::JoinSet<_>, addr: &String| {
+            let (client, addr, region) = (self.clone(), addr.clone(), region.clone());
+            asking.spawn(async move {
+                let answer = match client.node(&addr) {
+                    Ok(mut c) => c
+                        .cluster_info(pb::ClusterInfoRequest { region })
+                        .await
+                        .map(tonic::Response::into_inner)
+                        .map_err(|s| format!("{addr}: {}", s.message())),
+                    Err(e) => Err(e.to_string()),
+                };
+                (addr, answer)
+            });
+        };
+        loop {
+            if asking.is_empty() {
+                match next.next() {
+                    Some(addr) => ask(&mut asking, addr),
+                    None => break,
                 }
-            };
-            match answer {
-                Ok(r) if r.get_ref().ready => {
-                    self.learn(r.into_inner());
-                    return Ok(());
+            }
+            let more = next.len() > 0;
+            tokio::select! {
+                done = asking.join_next() => {
+                    let Some(Ok((addr, answer))) = done else { continue };
+                    match answer {
+                        Ok(info) if info.ready => {
+                            self.learn(info);
+                            return Ok(());
+                        }
+                        Ok(_) => last = format!("{addr}: not caught up with the cluster yet"),
+                        Err(e) => last = e,
+                    }
+                    if let Some(addr) = next.next() {
+                        ask(&mut asking, addr);
+                    }
                 }
-                Ok(_) => last = format!("{addr}: not caught up with the cluster yet"),
-                Err(s) => last = format!("{addr}: {}", s.message()),
+                _ = tokio::time::sleep(LAYOUT_HEDGE), if more => {
+                    if let Some(addr) = next.next() {
+                        ask(&mut asking, addr);
+                    }
+                }
             }
         }
         Err(Error::Unreachable {

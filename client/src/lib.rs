@@ -35,13 +35,36 @@
 //! # }
 //! ```
 //!
+//! - [`GroupConsumer`]: a member of a consumer group (each partition to one member, positions
+//!   committed) or a queue group (each record to one member at a time, acknowledged), which
+//!   joins again through another node when its call ends.
+//!
+//! ```no_run
+//! # async fn example(client: tern_client::Client) -> Result<(), tern_client::Error> {
+//! use tern_client::{GroupMode, GroupOptions};
+//!
+//! let mut member = client.join_group("billing", "orders", GroupOptions::default()).await?;
+//! while let Some(m) = member.next().await {
+//!     let m = m?; // the one before it counts as consumed; positions are committed each second
+//!     println!("{}/{} {:?}", m.record.partition, m.record.offset, m.record.value);
+//! }
+//!
+//! let options = GroupOptions { mode: GroupMode::Queue, ..GroupOptions::default() };
+//! let mut worker = client.join_group("mailers", "emails", options).await?;
+//! while let Some(m) = worker.next().await {
+//!     let m = m?;
+//!     worker.ack(&m).await?; // or nack(&m, delay): delivered again, dead-lettered at last
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! TLS and mTLS: [`ClientOptions::tls`] with a [`Tls`] (the CA, a client certificate); a
 //! bearer token: [`ClientOptions::token`].
-//!
-//! Not yet: consumer groups.
 
 mod client;
 mod error;
+mod group;
 mod producer;
 mod subscription;
 
@@ -53,6 +76,7 @@ pub mod proto {
 
 pub use client::{Client, ClientOptions, Tls};
 pub use error::Error;
+pub use group::{GroupConsumer, GroupMode, GroupOptions, Message};
 pub use producer::{Ack, AckFuture, Producer, ProducerOptions, Record};
 pub use subscription::{Start, Subscription};
 

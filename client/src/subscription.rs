@@ -28,6 +28,8 @@ pub enum Start {
     Offset(u64),
     /// The first record at or after this time (ms since the epoch).
     Time(i64),
+    /// The last N records of each partition (N ≥ 1), fixed when the subscription starts.
+    Last(u64),
 }
 
 impl Start {
@@ -39,6 +41,7 @@ impl Start {
                 Start::Latest => Position::Latest(true),
                 Start::Offset(o) => Position::Offset(o),
                 Start::Time(t) => Position::TimestampMs(t),
+                Start::Last(n) => Position::Last(n),
             }),
         }
     }
@@ -77,11 +80,38 @@ impl Client {
     /// partition from where it got to: nothing is skipped or repeated. It ends with an error
     /// the cluster gives for good (the topic deleted, access denied).
     pub async fn subscribe(&self, topic: &str, start: Start) -> Result<Subscription, Error> {
-        let partitions = self.partitions(topic).await?;
-        // "Latest" is where each partition ends now: asked again at a resume it would skip
-        // what came meanwhile, so it is fixed as offsets first.
+        self.subscribe_partitions(topic, &[], start).await
+    }
+
+    /// As [`Client::subscribe`], for some of the topic's partitions (all when `partitions`
+    /// is empty).
+    pub async fn subscribe_partitions(
+        &self,
+        topic: &str,
+        partitions: &[u32],
+        start: Start,
+    ) -> Result<Subscription, Error> {
+        if start == Start::Last(0) {
+            return Err(Error::Invalid("Start::Last(n) needs n ≥ 1".into()));
+        }
+        let count = self.partitions(topic).await?;
+        let partitions: Vec<u32> = if partitions.is_empty() {
+            (0..count).collect()
+        } else {
+            let mut v = partitions.to_vec();
+            v.sort_unstable();
+            v.dedup();
+            if let Some(p) = v.iter().find(|p| **p >= count) {
+                return Err(Error::Invalid(format!(
+                    "topic {topic:?} has {count} partitions; there is no partition {p}"
+                )));
+            }
+            v
+        };
+        // "Latest" and "the last N" are where each partition ends now: asked again at a
+        // resume they would skip what came meanwhile, so they are fixed as offsets first.
         let next = match start {
-            Start::Latest => self.offsets_now(topic, start).await?,
+            Start::Latest | Start::Last(_) => self.offsets_now(topic, start).await?,
             _ => HashMap::new(),
         };
         let (tx, rx) = mpsc::channel(BUFFER);
@@ -143,7 +173,7 @@ impl Client {
 async fn follow(
     client: Client,
     topic: String,
-    partitions: u32,
+    partitions: Vec<u32>,
     start: Start,
     // Each partition's next offset: where it was fixed at the start, or after the last record
     // delivered.
@@ -155,8 +185,9 @@ async fn follow(
     loop {
         let nodes = client.read_nodes();
         let addr = nodes[k % nodes.len()].clone();
-        let add: Vec<pb::TopicSubscription> = (0..partitions)
-            .map(|p| pb::TopicSubscription {
+        let add: Vec<pb::TopicSubscription> = partitions
+            .iter()
+            .map(|&p| pb::TopicSubscription {
                 topic: topic.clone(),
                 from: Some(match next.get(&p) {
                     Some(o) => Start::Offset(*o).position(),

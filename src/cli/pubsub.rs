@@ -8,13 +8,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Args;
-use tokio_stream::StreamExt;
 
 /// Records and bytes one request of `tern pub` carries at most.
 const RECORDS_PER_REQUEST: usize = 500;
 const BYTES_PER_REQUEST: usize = 512 << 10;
 use super::{status_error, ClientOpts};
-use crate::proto::v1 as pb;
 
 #[derive(Args)]
 pub struct PubArgs {
@@ -237,7 +235,7 @@ pub async fn publish(a: PubArgs) -> anyhow::Result<()> {
 }
 
 /// A failure of the client crate, worded as the CLI words a node's answer.
-fn client_error(e: tern_client::Error) -> anyhow::Error {
+pub fn client_error(e: tern_client::Error) -> anyhow::Error {
     match e {
         tern_client::Error::Status(s) => status_error(s),
         tern_client::Error::NoTopic(t) => anyhow::anyhow!("NotFound: topic {t:?} does not exist"),
@@ -302,28 +300,34 @@ pub struct SubArgs {
     pub opts: ClientOpts,
 }
 
-fn start_position(from: &str) -> anyhow::Result<pb::StartPosition> {
-    use pb::start_position::Position;
-    let p =
-        match from {
-            "earliest" => Position::Earliest(true),
-            "latest" => Position::Latest(true),
-            s if s.starts_with('@') => Position::TimestampMs(s[1..].parse().map_err(|_| {
+/// `--from` as where a subscription starts.
+fn start_position(from: &str) -> anyhow::Result<tern_client::Start> {
+    use tern_client::Start;
+    Ok(match from {
+        "earliest" => Start::Earliest,
+        "latest" => Start::Latest,
+        s if s.starts_with('@') => {
+            Start::Time(s[1..].parse().map_err(|_| {
                 anyhow::anyhow!("--from {s}: expected @UNIX_MS, e.g. @1700000000000")
-            })?),
-            s if s.starts_with('-') => match s[1..].parse::<u64>() {
-                Ok(n) if n > 0 => Position::Last(n),
-                _ => anyhow::bail!("--from {s}: -N starts N records before the end, N ≥ 1"),
-            },
-            s => Position::Offset(s.parse().map_err(|_| {
-                anyhow::anyhow!("--from {s}: use earliest, latest, an offset, -N, or @UNIX_MS")
-            })?),
-        };
-    Ok(pb::StartPosition { position: Some(p) })
+            })?)
+        }
+        s if s.starts_with('-') => match s[1..].parse::<u64>() {
+            Ok(n) if n > 0 => Start::Last(n),
+            _ => anyhow::bail!("--from {s}: -N starts N records before the end, N ≥ 1"),
+        },
+        s => Start::Offset(s.parse().map_err(|_| {
+            anyhow::anyhow!("--from {s}: use earliest, latest, an offset, -N, or @UNIX_MS")
+        })?),
+    })
 }
 
 /// Prints a record: a line of text, or a JSON object; `deliveries` for queue deliveries.
-pub fn print_record(opts: &ClientOpts, raw: bool, r: &pb::Record, deliveries: Option<u32>) {
+pub fn print_record(
+    opts: &ClientOpts,
+    raw: bool,
+    r: &tern_client::proto::Record,
+    deliveries: Option<u32>,
+) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     if raw {
@@ -374,42 +378,30 @@ fn json_bytes(b: &[u8]) -> serde_json::Value {
     }
 }
 
+/// Follows the topic (or some partitions) through the client crate: from a node of
+/// `--region` when given, and on through another node when that one goes away, each
+/// partition from where it got to.
 pub async fn subscribe(a: SubArgs) -> anyhow::Result<()> {
     if a.group.is_some() || a.queue.is_some() {
         return super::group::consume(a).await;
     }
     let from = start_position(a.from.as_deref().unwrap_or("latest"))?;
-    let mut c = a.opts.connect().await?;
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(pb::SubscribeRequest {
-        add: vec![pb::TopicSubscription {
-            topic: a.topic.clone(),
-            from: Some(from),
-            partitions: a.partition.clone(),
-        }],
-        remove: vec![],
-    })
-    .await?;
-    let mut stream = c
-        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    let mut seen = 0u64;
     if a.count == Some(0) {
         return Ok(());
     }
-    while let Some(resp) = stream.next().await {
-        let resp = resp.map_err(status_error)?;
-        for r in resp.records {
-            print_record(&a.opts, a.raw, &r, None);
-            seen += 1;
-            if a.count.is_some_and(|n| seen >= n) {
-                drop(tx);
-                return Ok(());
-            }
+    let client = a.opts.cluster_client().await?;
+    let mut sub = client
+        .subscribe_partitions(&a.topic, &a.partition, from)
+        .await
+        .map_err(client_error)?;
+    let mut seen = 0u64;
+    while let Some(r) = sub.next().await {
+        let r = r.map_err(client_error)?;
+        print_record(&a.opts, a.raw, &r, None);
+        seen += 1;
+        if a.count.is_some_and(|n| seen >= n) {
+            break;
         }
     }
-    drop(tx);
     Ok(())
 }
