@@ -591,3 +591,64 @@ async fn a_hung_bootstrap_node_does_not_hold_up_reading_the_layout() {
     .unwrap();
     assert_eq!(client.partitions("t").await.unwrap(), 1);
 }
+
+/// A member far behind (thousands of records delivered and waiting) commits what it took:
+/// the confirmation comes behind the waiting deliveries, and the member reads ahead for it.
+/// A member joining after it left goes on from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_with_a_backlog_commits_what_it_took() {
+    let (_cluster, client) = cluster_with("backlog", 1).await;
+    let producer = Producer::new(&client, ProducerOptions::default())
+        .await
+        .unwrap();
+    let mut acks = Vec::new();
+    for i in 0..3000usize {
+        acks.push(
+            producer
+                .send("backlog", Record::new(i.to_string()))
+                .await
+                .unwrap(),
+        );
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+    let options = tern_client::GroupOptions {
+        commit_interval: None,
+        max_in_flight: 1000,
+        ..tern_client::GroupOptions::default()
+    };
+    let value = |m: tern_client::Message| -> usize {
+        String::from_utf8(m.record.value.to_vec())
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let mut m = client
+        .join_group("slow", "backlog", options.clone())
+        .await
+        .unwrap();
+    for want in 0..10 {
+        let got = tokio::time::timeout(Duration::from_secs(30), m.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(value(got), want);
+    }
+    // Let the deliveries pile up behind the member before it commits.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    m.commit().await.expect("the commit is confirmed");
+    drop(m);
+    let mut next = client.join_group("slow", "backlog", options).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(30), next.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        value(got),
+        10,
+        "the next member starts after what was committed"
+    );
+}

@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::StreamExt;
 
 use crate::client::Client;
-use crate::error::{retryable, Error};
+use crate::error::Error;
 use crate::proto as pb;
 use crate::proto::consume_request::Kind as Up;
 use crate::proto::consume_response::Kind as Down;
@@ -98,6 +98,10 @@ pub struct Message {
 
 /// Records buffered between the member's task and `next`.
 const BUFFER: usize = 64;
+/// Delivery messages read ahead while a commit waits for its confirmation, which comes behind
+/// what the node had queued for the member: its queue and a relaying node's (16 messages each)
+/// and the connection's buffers.
+const MESSAGES_WAITING: usize = 40;
 /// Acks and nacks held while the member is joining again.
 const HELD_ACKS: usize = 10_000;
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -378,6 +382,8 @@ enum End {
 /// Commits waiting for their confirmation: each partition's offset still unconfirmed.
 struct Waiter {
     left: HashMap<u32, u64>,
+    /// Sent again once: the node may drop a confirmation while the call is full.
+    resent: bool,
     reply: oneshot::Sender<Result<(), Error>>,
     until: tokio::time::Instant,
 }
@@ -394,8 +400,8 @@ impl Member {
                 End::Done => return,
                 End::Lost(s) => s,
             };
-            if !retryable(&status) {
-                let _ = self.items.send(Item::Failed(Error::Status(status))).await;
+            if !rejoinable(&status) {
+                self.fail(Error::Status(status)).await;
                 return;
             }
             if self.items.is_closed() {
@@ -428,6 +434,11 @@ impl Member {
                                     after: Duration::ZERO,
                                     last: "closed while joining its group again: what was consumed since the last commit is delivered again".into(),
                                 })
+                            } else if !self.held.is_empty() {
+                                Err(Error::GaveUp {
+                                    after: Duration::ZERO,
+                                    last: format!("closed while joining its group again: {} acknowledgments were not sent (those records are delivered again)", self.held.len()),
+                                })
                             } else {
                                 Ok(())
                             });
@@ -437,6 +448,32 @@ impl Member {
                 }
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// Hands the error to `next`, answering the handle's commands with it meanwhile (the
+    /// handle may be waiting in `commit` or `close` rather than in `next`).
+    async fn fail(mut self, e: Error) {
+        let items = self.items.clone();
+        let send = items.send(Item::Failed(e.clone()));
+        tokio::pin!(send);
+        loop {
+            tokio::select! {
+                _ = &mut send => break,
+                c = self.cmds.recv() => match c {
+                    None => return,
+                    Some(Cmd::Commit(reply)) | Some(Cmd::Close(reply)) => {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                    Some(Cmd::Ack(_)) | Some(Cmd::Nack(..)) => {}
+                },
+            }
+        }
+    }
+
+    fn hold_request(&mut self, r: pb::ConsumeRequest) {
+        if let Some(up) = r.kind {
+            self.hold(up);
         }
     }
 
@@ -482,6 +519,11 @@ impl Member {
         // Deliveries on their way to `next`: the call is read only while few wait, so a slow
         // reader slows the group's deliveries, while heartbeats, acks and commits go on.
         let mut buf: VecDeque<Item> = VecDeque::new();
+        let per_message = match self.join.max_in_flight {
+            0 => 100,
+            n => n as usize,
+        };
+        let read_ahead = MESSAGES_WAITING * per_message;
         let items = self.items.clone();
         let end = loop {
             tokio::select! {
@@ -493,7 +535,7 @@ impl Member {
                         }
                     }
                 },
-                msg = stream.next(), if buf.len() < BUFFER => {
+                msg = stream.next(), if buf.len() < BUFFER || (!waiters.is_empty() && buf.len() < read_ahead) => {
                     let msg = match msg {
                         None => break End::Lost(tonic::Status::unavailable("the group call ended")),
                         Some(Err(s)) => break End::Lost(s),
@@ -511,9 +553,11 @@ impl Member {
                                 let pos = shared.positions.entry(p.partition).or_insert(p.offset);
                                 if *pos < p.offset {
                                     *pos = p.offset;
-                                } else if *pos > p.offset {
-                                    shared.dirty = true;
                                 }
+                                // Committed even with nothing consumed: a partition started
+                                // at "latest" would otherwise start at a later end after a
+                                // rejoin, skipping what came in between.
+                                shared.dirty = true;
                             }
                         }
                         Some(Down::Revoke(r)) => {
@@ -549,7 +593,7 @@ impl Member {
                                     (false, Some(a)) => Some(Consumed {
                                         partition: d.partition,
                                         assignment: a,
-                                        next: if i + 1 == count { d.next_offset.max(record.offset + 1) } else { record.offset + 1 },
+                                        next: if i + 1 == count { d.next_offset.max(record.offset.saturating_add(1)) } else { record.offset.saturating_add(1) },
                                     }),
                                 };
                                 last = Some(record.offset);
@@ -575,15 +619,20 @@ impl Member {
                 c = self.cmds.recv() => match c {
                     None => break End::Done,
                     Some(Cmd::Ack(d)) => {
-                        let _ = tx.send(up(Up::Ack(pb::Acks { deliveries: d }))).await;
+                        if let Err(e) = tx.send(up(Up::Ack(pb::Acks { deliveries: d }))).await {
+                            self.hold_request(e.0);
+                        }
                     }
                     Some(Cmd::Nack(d, delay_ms)) => {
-                        let _ = tx.send(up(Up::Nack(pb::Nacks { deliveries: d, delay_ms }))).await;
+                        if let Err(e) = tx.send(up(Up::Nack(pb::Nacks { deliveries: d, delay_ms }))).await {
+                            self.hold_request(e.0);
+                        }
                     }
                     Some(Cmd::Commit(reply)) => {
                         let offsets = self.take_offsets();
                         waiters.push(Waiter {
                             left: offsets.iter().map(|o| (o.partition, o.offset)).collect(),
+                            resent: false,
                             reply,
                             until: tokio::time::Instant::now() + CONFIRM,
                         });
@@ -609,7 +658,19 @@ impl Member {
                         }
                     }
                 }
-                _ = expiry.tick(), if !waiters.is_empty() => answer(&mut waiters, false),
+                _ = expiry.tick(), if !waiters.is_empty() => {
+                    let half = tokio::time::Instant::now() + CONFIRM / 2;
+                    if waiters.iter().any(|w| !w.resent && w.until <= half) {
+                        for w in waiters.iter_mut() {
+                            w.resent = true;
+                        }
+                        let offsets = self.take_offsets();
+                        if !offsets.is_empty() {
+                            let _ = tx.send(up(Up::Commit(pb::Commit { offsets }))).await;
+                        }
+                    }
+                    answer(&mut waiters, false);
+                }
             }
         };
         answer(&mut waiters, true);
@@ -680,7 +741,7 @@ impl Member {
         }
         drop(tx);
         let drain = async { while let Some(Ok(_)) = stream.next().await {} };
-        let _ = tokio::time::timeout(CONFIRM, drain).await;
+        let _ = tokio::time::timeout(CONFIRM / 2, drain).await;
         result
     }
 }
@@ -712,4 +773,14 @@ fn answer(waiters: &mut Vec<Waiter>, ended: bool) {
             None => i += 1,
         }
     }
+}
+
+/// Whether a member whose call ended this way joins again: the node went away or could not
+/// coordinate now. Refusals of the group's own limits (too many members or groups,
+/// RESOURCE_EXHAUSTED) and of the settings are for good.
+fn rejoinable(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+    )
 }

@@ -111,7 +111,7 @@ impl Client {
         // "Latest" and "the last N" are where each partition ends now: asked again at a
         // resume they would skip what came meanwhile, so they are fixed as offsets first.
         let next = match start {
-            Start::Latest | Start::Last(_) => self.offsets_now(topic, start).await?,
+            Start::Latest | Start::Last(_) => self.offsets_now(topic, &partitions, start).await?,
             _ => HashMap::new(),
         };
         let (tx, rx) = mpsc::channel(BUFFER);
@@ -128,7 +128,12 @@ impl Client {
 
     /// Where `start` falls in each partition of `topic` now (ListOffsets, retried through
     /// other nodes for up to 30 s while it cannot be answered).
-    async fn offsets_now(&self, topic: &str, start: Start) -> Result<HashMap<u32, u64>, Error> {
+    async fn offsets_now(
+        &self,
+        topic: &str,
+        partitions: &[u32],
+        start: Start,
+    ) -> Result<HashMap<u32, u64>, Error> {
         let began = std::time::Instant::now();
         let mut backoff = BACKOFF_MIN;
         let mut k = 0;
@@ -138,7 +143,7 @@ impl Client {
             k += 1;
             let req = pb::ListOffsetsRequest {
                 topic: topic.to_string(),
-                partitions: Vec::new(),
+                partitions: partitions.to_vec(),
                 position: Some(start.position()),
             };
             let status = match self.node(addr) {
