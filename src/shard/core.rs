@@ -87,7 +87,6 @@ async fn drive_groups(
     let mut next_beat = std::time::Instant::now();
     // The earliest election due among the awake followers, as of the last tick.
     let mut next_due: Option<std::time::Instant> = None;
-    let mut ticked = std::time::Instant::now();
     let mut leadership = LeadershipLog::new(core);
     let mut idle = false;
     // The groups ticked: every replicated group but the quiet ones (`partition::quiet`), which
@@ -112,18 +111,15 @@ async fn drive_groups(
             // Never less than a tick after the last pass ended: a pass longer than a
             // heartbeat (an overloaded core) would otherwise loop without yielding, starving
             // the mailbox and the groups' own tasks.
-            let at = match next_due {
-                Some(due) => due.max(ticked + tick).min(next_beat),
-                None => next_beat,
-            }
-            .max(std::time::Instant::now() + tick);
+            let at = next_due
+                .map_or(next_beat, |due| due.min(next_beat))
+                .max(std::time::Instant::now() + tick);
             glommio::timer::sleep(at.saturating_duration_since(std::time::Instant::now())).await;
         }
         if stop.get() {
             return;
         }
         let now = std::time::Instant::now();
-        ticked = now;
         let (transport, window, replicated) = {
             let all = partitions.borrow();
             let first = all.values().find(|p| p.replicated());

@@ -114,14 +114,7 @@ impl Partition {
             })
         };
         let Some(to) = to else { return false };
-        self.wake_leader();
-        match self.raft.trigger().transfer_leader(to).await {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(partition = %self.key, error = %e, "leadership hand-off failed");
-                false
-            }
-        }
+        self.ask_transfer(to, "leadership hand-off failed").await
     }
 
     /// If this replica leads, asks voter `to` to take over; whether it asked.
@@ -138,11 +131,17 @@ impl Partition {
                 return false;
             }
         }
+        self.ask_transfer(to, "leadership transfer failed").await
+    }
+
+    /// Wakes the group (a quiet leader sends nothing) and asks `to` to take over; whether it
+    /// was asked.
+    async fn ask_transfer(&self, to: NodeId, failed: &str) -> bool {
         self.wake_leader();
         match self.raft.trigger().transfer_leader(to).await {
             Ok(()) => true,
             Err(e) => {
-                tracing::warn!(partition = %self.key, error = %e, "leadership transfer failed");
+                tracing::warn!(partition = %self.key, error = %e, "{failed}");
                 false
             }
         }
