@@ -174,8 +174,8 @@ enum Item {
 }
 
 enum Cmd {
-    Ack(Vec<pb::DeliveryRef>),
-    Nack(Vec<pb::DeliveryRef>, u32),
+    /// An ack or a nack, as sent up the call.
+    Settle(Up),
     Commit(oneshot::Sender<Result<(), Error>>),
     Close(oneshot::Sender<Result<(), Error>>),
 }
@@ -224,14 +224,21 @@ impl GroupConsumer {
     /// Queue mode: settles a delivery. The acknowledgment is sent, not confirmed: one lost
     /// (the member's call broke) means the record is delivered again.
     pub async fn ack(&self, m: &Message) -> Result<(), Error> {
-        self.send(Cmd::Ack(vec![delivery_ref(m)])).await
+        let deliveries = vec![delivery_ref(m)];
+        self.send(Cmd::Settle(Up::Ack(pb::Acks { deliveries })))
+            .await
     }
 
     /// Queue mode: rejects a delivery; it is delivered again after `delay` (to any member),
     /// or goes to the dead-letter topic once it has been delivered `max_deliveries` times.
     pub async fn nack(&self, m: &Message, delay: Duration) -> Result<(), Error> {
         let ms = delay.as_millis().min(u128::from(u32::MAX)) as u32;
-        self.send(Cmd::Nack(vec![delivery_ref(m)], ms)).await
+        let deliveries = vec![delivery_ref(m)];
+        self.send(Cmd::Settle(Up::Nack(pb::Nacks {
+            deliveries,
+            delay_ms: ms,
+        })))
+        .await
     }
 
     /// Stream mode: commits what has been consumed (every record `next` returned) and waits
@@ -420,8 +427,7 @@ impl Member {
                     _ = &mut sleep => break,
                     c = self.cmds.recv() => match c {
                         None => return,
-                        Some(Cmd::Ack(d)) => self.hold(Up::Ack(pb::Acks { deliveries: d })),
-                        Some(Cmd::Nack(d, delay_ms)) => self.hold(Up::Nack(pb::Nacks { deliveries: d, delay_ms })),
+                        Some(Cmd::Settle(u)) => self.hold(u),
                         Some(Cmd::Commit(reply)) => {
                             let _ = reply.send(Err(Error::Status(tonic::Status::unavailable(
                                 "the member is joining its group again; its positions are committed once it has",
@@ -465,7 +471,7 @@ impl Member {
                     Some(Cmd::Commit(reply)) | Some(Cmd::Close(reply)) => {
                         let _ = reply.send(Err(e.clone()));
                     }
-                    Some(Cmd::Ack(_)) | Some(Cmd::Nack(..)) => {}
+                    Some(Cmd::Settle(_)) => {}
                 },
             }
         }
@@ -618,13 +624,9 @@ impl Member {
                 }
                 c = self.cmds.recv() => match c {
                     None => break End::Done,
-                    Some(Cmd::Ack(d)) => {
-                        if let Err(e) = tx.send(up(Up::Ack(pb::Acks { deliveries: d }))).await {
-                            self.hold_request(e.0);
-                        }
-                    }
-                    Some(Cmd::Nack(d, delay_ms)) => {
-                        if let Err(e) = tx.send(up(Up::Nack(pb::Nacks { deliveries: d, delay_ms }))).await {
+                    Some(Cmd::Settle(u)) => {
+                        // A call that just ended: held for the next one.
+                        if let Err(e) = tx.send(up(u)).await {
                             self.hold_request(e.0);
                         }
                     }
