@@ -47,6 +47,27 @@ async fn take(sub: &mut tern_client::Subscription, n: usize) -> Vec<(u32, u64, S
     out
 }
 
+/// Publishes the values `values` to `topic` (value i to partition i % `partitions`, or to
+/// wherever the producer puts it when `partitions` is 0) and waits until each is acknowledged.
+async fn send_values(
+    producer: &Producer,
+    topic: &str,
+    values: std::ops::Range<usize>,
+    partitions: u32,
+) {
+    let mut acks = Vec::new();
+    for i in values {
+        let mut r = Record::new(i.to_string());
+        if partitions > 0 {
+            r = r.partition(i as u32 % partitions);
+        }
+        acks.push(producer.send(topic, r).await.unwrap());
+    }
+    for a in acks {
+        a.await.unwrap();
+    }
+}
+
 #[test]
 fn keys_are_placed_as_the_nodes_place_them() {
     for n in [1u32, 2, 3, 7, 64, 1000] {
@@ -172,27 +193,14 @@ async fn a_subscription_resumes_on_another_node_without_gaps_or_repeats() {
     let producer = Producer::new(&client, ProducerOptions::default())
         .await
         .unwrap();
-    let send = |from: usize, to: usize| {
-        let producer = producer.clone();
-        async move {
-            let mut acks = Vec::new();
-            for i in from..to {
-                let r = Record::new(i.to_string()).partition((i % 2) as u32);
-                acks.push(producer.send("events", r).await.unwrap());
-            }
-            for a in acks {
-                a.await.unwrap();
-            }
-        }
-    };
-    send(0, 500).await;
+    send_values(&producer, "events", 0..500, 2).await;
     let mut sub = client.subscribe("events", Start::Earliest).await.unwrap();
     // From `latest`: it has read nothing when its node dies, and must still start at 500.
     let mut latest = client.subscribe("events", Start::Latest).await.unwrap();
     let mut read = take(&mut sub, 250).await;
     // The subscriptions read through the first node the client knows: node 1.
     cluster.kill9(0);
-    send(500, 1000).await;
+    send_values(&producer, "events", 500..1000, 2).await;
     read.extend(take(&mut sub, 750).await);
     let from_latest = take(&mut latest, 500).await;
     for (read, want) in [(&read, 0..1000), (&from_latest, 500..1000)] {
@@ -413,20 +421,7 @@ async fn group_members_rejoin_through_another_node_and_commit_everything() {
     let producer = Producer::new(&client, ProducerOptions::default())
         .await
         .unwrap();
-    let send = |from: usize, to: usize| {
-        let producer = producer.clone();
-        async move {
-            let mut acks = Vec::new();
-            for i in from..to {
-                let r = Record::new(i.to_string()).partition((i % 4) as u32);
-                acks.push(producer.send("work", r).await.unwrap());
-            }
-            for a in acks {
-                a.await.unwrap();
-            }
-        }
-    };
-    send(0, 400).await;
+    send_values(&producer, "work", 0..400, 4).await;
     let (a, stop_a, task_a) = member(&client, "g", "work");
     let (b, stop_b, task_b) = member(&client, "g", "work");
     let union = |n: usize| {
@@ -457,7 +452,7 @@ async fn group_members_rejoin_through_another_node_and_commit_everything() {
     };
     union(200).await;
     cluster.kill9(0);
-    send(400, 800).await;
+    send_values(&producer, "work", 400..800, 4).await;
     union(800).await;
     for (seen, what) in [(&a, "a"), (&b, "b")] {
         let mut last: BTreeMap<u32, usize> = BTreeMap::new();
@@ -499,18 +494,7 @@ async fn queue_workers_ack_and_nack_through_the_client() {
     let producer = Producer::new(&client, ProducerOptions::default())
         .await
         .unwrap();
-    let mut acks = Vec::new();
-    for i in 0..200usize {
-        acks.push(
-            producer
-                .send("jobs", Record::new(i.to_string()))
-                .await
-                .unwrap(),
-        );
-    }
-    for a in acks {
-        a.await.unwrap();
-    }
+    send_values(&producer, "jobs", 0..200, 0).await;
     let acked: std::sync::Arc<std::sync::Mutex<Vec<(usize, u32)>>> = Default::default();
     let mut workers = Vec::new();
     for _ in 0..2 {
@@ -601,18 +585,7 @@ async fn a_member_with_a_backlog_commits_what_it_took() {
     let producer = Producer::new(&client, ProducerOptions::default())
         .await
         .unwrap();
-    let mut acks = Vec::new();
-    for i in 0..3000usize {
-        acks.push(
-            producer
-                .send("backlog", Record::new(i.to_string()))
-                .await
-                .unwrap(),
-        );
-    }
-    for a in acks {
-        a.await.unwrap();
-    }
+    send_values(&producer, "backlog", 0..3000, 0).await;
     let options = tern_client::GroupOptions {
         commit_interval: None,
         max_in_flight: 1000,
