@@ -1,6 +1,6 @@
 //! The `tern` command line against a three-node cluster of real processes: a plain `tern sub`
-//! follows its partitions when their replicas move away from its node and ends clearly when
-//! the topic is deleted, any node serves a subscription, `tern pub` gets every record through a
+//! follows its partitions when their replicas move away from its node or its node dies, and
+//! ends clearly when the topic is deleted, any node serves a subscription, `tern pub` gets every record through a
 //! leader kill exactly once, and a removed node stops saying why.
 
 mod node_support;
@@ -194,6 +194,31 @@ async fn a_plain_subscriber_follows_its_partitions_through_moves_and_ends_when_t
         total,
         "a record of the new topic was delivered"
     );
+}
+
+/// A plain `tern sub` whose node is killed -9 goes on through another node, each partition
+/// from where it got to: every record printed once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_subscriber_goes_on_through_another_node_when_its_node_dies() {
+    let mut cluster = Cluster::start(3).await;
+    let (a1, a2) = (cluster.addrs[0].clone(), cluster.addrs[1].clone());
+    let tmp = tempfile::tempdir().unwrap();
+    ok(&a1, &["topic", "create", "tail", "-p", "2", "-r", "3"]);
+    let sub = Subscriber::start(tmp.path(), "sub", &a1, &["tail", "--from", "earliest"]);
+    let mut want: Vec<(u32, Vec<String>)> = (0..2).map(|p| (p, Vec::new())).collect();
+    let round = |tag: &str, want: &mut Vec<(u32, Vec<String>)>| {
+        for (p, values) in want.iter_mut() {
+            let new: Vec<String> = (0..20).map(|i| format!("{tag}-{p}-{i}")).collect();
+            publish(&a2, "tail", *p, new.iter().cloned());
+            values.extend(new);
+        }
+    };
+    round("before", &mut want);
+    sub.wait_for(40, "before the kill");
+    cluster.kill9(0);
+    round("after", &mut want);
+    sub.wait_for(80, "after its node was killed");
+    assert_in_order(&sub.records(), &want);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
