@@ -546,3 +546,67 @@ async fn idle_groups_go_quiet_wake_on_writes_and_fail_over() {
         assert_eq!(&dedup, w, "restarted node, partition {p}");
     }
 }
+
+/// (node, term, leader) of every live node's replica of partition 0 of `topic`.
+async fn terms(cluster: &Cluster, topic: &str) -> Vec<(usize, u64, u64)> {
+    let mut out = Vec::new();
+    for i in cluster.live() {
+        let mut c = cluster.client(i).await;
+        let r = c
+            .cluster_info(pb::ClusterInfoRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        for t in r.topics.into_iter().filter(|t| t.topic == topic) {
+            for p in t
+                .partitions
+                .into_iter()
+                .filter(|p| p.local && p.partition == 0)
+            {
+                out.push((i, p.term, p.leader));
+            }
+        }
+    }
+    out
+}
+
+/// A leader written every 100 ms sends no heartbeats of its own (its followers acknowledged
+/// an append within the last two heartbeats at every beat): the appends must keep its
+/// followers from campaigning. Over 6 s of writes (many election timeouts) no replica's term
+/// moves and the leader stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_kept_busy_by_writes_keeps_its_followers_without_heartbeats() {
+    let cluster = Cluster::start(3).await;
+    let mut c = cluster.client(0).await;
+    create(&mut c, "steady", 1, 3).await;
+    let req = |v: String| pb::PublishRequest {
+        topic: "steady".into(),
+        records: vec![record(0, v)],
+        ..Default::default()
+    };
+    publish_retrying(&mut c, req("first".into())).await;
+    let leader = cluster.leader("steady", 0).await;
+    let mut l = cluster.client(leader).await;
+    // Every replica knows the leader before the terms are read.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let before = loop {
+        let t = terms(&cluster, "steady").await;
+        if t.len() == 3 && t.iter().all(|x| x.2 == leader as u64 + 1 && x.1 == t[0].1) {
+            break t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replicas did not agree on a leader: {t:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for i in 0..60 {
+        publish_retrying(&mut l, req(format!("v{i}"))).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = terms(&cluster, "steady").await;
+    assert_eq!(
+        after, before,
+        "(node, term, leader) before and after 6 s of writes"
+    );
+}
