@@ -276,6 +276,13 @@ pub struct Node {
     pub fsync: Histogram,
     /// Round trips of keepalive exchanges (no messages) to peers (`raft::transport`).
     pub peer_round_trip: Histogram,
+    /// Exchanges from peers that arrived ahead of one sent before them on their link and
+    /// waited for it, and those that went ahead after waiting in vain (`raft::transport`).
+    pub exchanges_reordered: Counter,
+    pub exchanges_gone_ahead: Counter,
+    /// Appends a follower refused because its log did not hold the entry before them; the
+    /// leader then sends again from what the follower has (`raft::network`).
+    pub append_conflicts: Counter,
     pub connections_open: Gauge,
     pub connections_accepted: Counter,
     /// TLS handshakes that failed or timed out.
@@ -306,6 +313,9 @@ pub static NODE: Node = Node {
     core_stalls: Counter::new(),
     fsync: Histogram::new(),
     peer_round_trip: Histogram::new(),
+    exchanges_reordered: Counter::new(),
+    exchanges_gone_ahead: Counter::new(),
+    append_conflicts: Counter::new(),
     connections_open: Gauge::new(),
     connections_accepted: Counter::new(),
     handshake_failures: Counter::new(),

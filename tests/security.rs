@@ -570,6 +570,7 @@ fn tokens_acls_and_forwarding_on_a_tls_cluster() {
             messages: vec![],
             cluster: cluster_id.clone(),
             incarnation: 0,
+            ..Default::default()
         };
         let propose = |from: u64| ipb::ProposeRequest {
             from,
@@ -849,6 +850,7 @@ fn a_node_of_another_cluster_is_refused() {
                 messages: vec![],
                 cluster: "0000-another-cluster".into(),
                 incarnation: 0,
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -901,6 +903,7 @@ fn a_node_of_another_cluster_is_refused() {
                 messages: vec![],
                 cluster: id.clone(),
                 incarnation: 0,
+                ..Default::default()
             })
             .await
             .unwrap_err();

@@ -386,6 +386,27 @@ impl Collector for Snapshot {
             Some(&Unit::Seconds),
             MetricType::Histogram,
         )?)?;
+        counter(
+            e,
+            "raft_exchanges_reordered",
+            "Exchanges of Raft messages from other nodes that arrived ahead of one sent before them and waited for it (a group's appends are taken in the order sent).",
+            None,
+            n.exchanges_reordered.get(),
+        )?;
+        counter(
+            e,
+            "raft_exchanges_gone_ahead",
+            "Exchanges of Raft messages from other nodes that went ahead of an earlier one that did not arrive within 50 ms.",
+            None,
+            n.exchanges_gone_ahead.get(),
+        )?;
+        counter(
+            e,
+            "raft_append_conflicts",
+            "Appends sent by leaders on this node that a follower refused because its log did not hold the entry before them (the leader sends again from what it has).",
+            None,
+            n.append_conflicts.get(),
+        )?;
         gauges(
             e,
             "core_mailbox_depth",

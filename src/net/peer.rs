@@ -84,9 +84,11 @@ impl Peer for PeerService {
                 r.to
             )));
         }
-        if let Some(t) = self.broker.transport() {
-            t.heard_from(NodeId(r.from), r.incarnation);
-        }
+        let transport = self
+            .broker
+            .transport()
+            .ok_or_else(|| Status::failed_precondition("this node takes no Raft traffic"))?;
+        transport.heard_from(NodeId(r.from), r.incarnation);
         if r.messages.len() > EXCHANGE_MESSAGES_MAX {
             return Err(Status::invalid_argument(format!(
                 "{} messages in one exchange; at most {EXCHANGE_MESSAGES_MAX}",
@@ -112,17 +114,25 @@ impl Peer for PeerService {
             let uid = g.uid;
             by_core.entry(core).or_default().push((key, uid, m));
         }
-        let asks = by_core.into_iter().map(|(core, messages)| {
+        // The cores take this exchange's messages after those of the exchanges sent before it
+        // on the same link (a group's pipelined appends must reach it in order).
+        let turn = transport.turn(NodeId(r.from), r.link, r.seq).await;
+        let mut asks = Vec::with_capacity(by_core.len());
+        for (core, messages) in by_core {
             let ids: Vec<u64> = messages.iter().map(|m| m.2.call_id).collect();
-            async move {
-                let r = self
-                    .broker
-                    .shards
-                    .ask(core, |reply| CoreRequest::Raft { messages, reply })
-                    .await;
-                (ids, r)
-            }
-        });
+            let answer = self
+                .broker
+                .shards
+                .submit(core, |reply| CoreRequest::Raft { messages, reply })
+                .await;
+            asks.push(async move {
+                match answer {
+                    Ok(answer) => (ids, answer.await),
+                    Err(e) => (ids, Err(e)),
+                }
+            });
+        }
+        drop(turn);
         for (ids, r) in futures::future::join_all(asks).await {
             match r {
                 Ok(mut rs) => replies.append(&mut rs),

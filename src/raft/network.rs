@@ -8,17 +8,20 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::channel::oneshot;
+use futures::future::LocalBoxFuture;
+use futures::stream::{FuturesOrdered, Stream, StreamExt};
+use openraft::base::{BoxFuture, BoxStream};
 use openraft::error::{RPCError, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
-    TransferLeaderResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
+    TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 
 use super::error::RaftError;
 use super::store::LogSnapshot;
 use super::transport::{Answer, Outgoing, Transport};
-use super::types::{Member, NodeId, PartitionRaft, Vote};
+use super::types::{LogId, Member, NodeId, PartitionRaft, Vote};
 use super::wire;
 use crate::proto::internal as pb;
 use crate::types::CoreId;
@@ -135,6 +138,179 @@ impl GroupClient {
             })),
         }
     }
+
+    async fn append(
+        &self,
+        rpc: &AppendEntriesRequest<PartitionRaft>,
+        option: &RPCOption,
+    ) -> Result<AppendEntriesResponse<PartitionRaft>, RPCError<PartitionRaft>> {
+        let body = pb::raft_request::Body::Append(wire::encode_append(rpc));
+        let bytes = self.call(body, option).await?;
+        wire::decode_append_response(&bytes).map_err(unreachable)
+    }
+
+    /// How many appends may be in flight to this follower now.
+    fn window(&self) -> usize {
+        appends_in_flight(self.transport.round_trip_to(self.target))
+    }
+
+    /// One append of a pipeline: its result as openraft's stream wants it, and whether the
+    /// stream must stop after it.
+    async fn pipelined(
+        &self,
+        rpc: AppendEntriesRequest<PartitionRaft>,
+        option: RPCOption,
+    ) -> Result<(StreamAppendResult<PartitionRaft>, bool), RPCError<PartitionRaft>> {
+        let prev = rpc.prev_log_id;
+        let last = rpc.entries.last().map(|e| e.log_id).or(prev);
+        let response = self.append(&rpc, &option).await?;
+        stream_result(prev, last, response)
+    }
+}
+
+/// An append's answer as openraft's stream wants it (for an append of the entries after `prev`
+/// up to `last`), and whether the stream must stop after it: a refusal, or a follower that
+/// took only part of it.
+fn stream_result(
+    prev: Option<LogId>,
+    last: Option<LogId>,
+    response: AppendEntriesResponse<PartitionRaft>,
+) -> Result<(StreamAppendResult<PartitionRaft>, bool), RPCError<PartitionRaft>> {
+    // openraft's conversion takes a conflict's place from `prev` (and panics without one);
+    // a follower cannot disagree about the log before its first entry.
+    if response.is_conflict() && prev.is_none() {
+        return Err(unreachable(RaftError::Remote(
+            "a conflict at the start of the log".into(),
+        )));
+    }
+    if response.is_conflict() {
+        crate::metrics::NODE.append_conflicts.inc();
+    }
+    let partial = matches!(response, AppendEntriesResponse::PartialSuccess(m) if m != last);
+    let result = response.into_stream_result(prev, last);
+    let stop = partial || result.is_err();
+    Ok((result, stop))
+}
+
+/// Appends one group has in flight to one follower: one, plus one per `APPEND_SPACING` of the
+/// round trip to the follower's node, up to `APPENDS_IN_FLIGHT_MAX`. openraft makes an append
+/// of everything the leader's log holds past the previous one as soon as it is submitted
+/// (before the leader's own fsync), so with a window a record leaves at once instead of
+/// waiting for the answer to the append on the wire (up to a round trip). A full window holds
+/// the next append back; it then carries everything written meanwhile. Near peers get one at a
+/// time: the wait is short there, and more, smaller appends cost CPU (replicated-max on one
+/// machine: 38.8k records/s with one, 33.7k with eight; geo-sync at 40 ms: publish p99 87 ms
+/// with one, 58 ms with 32).
+const APPENDS_IN_FLIGHT_MAX: usize = 32;
+const APPEND_SPACING: std::time::Duration = std::time::Duration::from_millis(2);
+/// How often a pipeline looks at the round trip again.
+const WINDOW_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The appends in flight for a follower this far away (see `APPENDS_IN_FLIGHT_MAX`).
+fn appends_in_flight(round_trip: Option<std::time::Duration>) -> usize {
+    let far = round_trip.map_or(0, |rt| rt.as_micros() / APPEND_SPACING.as_micros());
+    (1 + far as usize).min(APPENDS_IN_FLIGHT_MAX)
+}
+
+type Pipelined<'s> =
+    LocalBoxFuture<'s, Result<(StreamAppendResult<PartitionRaft>, bool), RPCError<PartitionRaft>>>;
+
+/// Where a [`Pipeline`] sends its appends: a group's client of one follower (a fake in tests).
+trait Sender<'s> {
+    /// How many appends may be in flight now.
+    fn window(&self) -> usize;
+    fn send(&self, rpc: AppendEntriesRequest<PartitionRaft>) -> Pipelined<'s>;
+}
+
+struct ToFollower<'s> {
+    client: &'s GroupClient,
+    option: RPCOption,
+}
+
+impl<'s> Sender<'s> for ToFollower<'s> {
+    fn window(&self) -> usize {
+        self.client.window()
+    }
+
+    fn send(&self, rpc: AppendEntriesRequest<PartitionRaft>) -> Pipelined<'s> {
+        Box::pin(self.client.pipelined(rpc, self.option.clone()))
+    }
+}
+
+/// openraft's stream of appends to one follower, sent without waiting for the answers of
+/// those before (up to [`appends_in_flight`]); the answers come out in the order sent. The
+/// transport delivers a link's exchanges to the follower's core in order (`Transport::turn`),
+/// so the follower's Raft takes the appends in order; one that overtakes another anyway is
+/// refused as a conflict, and openraft starts a new stream from what the follower has (safe,
+/// at the cost of a round trip).
+struct Pipeline<'s, S, T> {
+    sender: T,
+    input: S,
+    in_flight: FuturesOrdered<Pipelined<'s>>,
+    /// How many may be in flight, and when that was worked out.
+    window: usize,
+    window_at: std::time::Instant,
+    input_done: bool,
+    /// An error, a refusal or a partial answer was given out: the stream ends (openraft
+    /// starts another from what the follower has), and the answers still on their way are
+    /// dropped.
+    stopped: bool,
+}
+
+impl<'s, S, T: Sender<'s>> Pipeline<'s, S, T> {
+    fn new(sender: T, input: S) -> Self {
+        Pipeline {
+            window: sender.window(),
+            window_at: std::time::Instant::now(),
+            sender,
+            input,
+            in_flight: FuturesOrdered::new(),
+            input_done: false,
+            stopped: false,
+        }
+    }
+}
+
+impl<'s, S, T> Stream for Pipeline<'s, S, T>
+where
+    S: Stream<Item = AppendEntriesRequest<PartitionRaft>> + Unpin,
+    T: Sender<'s> + Unpin,
+{
+    type Item = Result<StreamAppendResult<PartitionRaft>, RPCError<PartitionRaft>>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if this.stopped {
+            return Poll::Ready(None);
+        }
+        if this.window_at.elapsed() >= WINDOW_REFRESH {
+            this.window = this.sender.window();
+            this.window_at = std::time::Instant::now();
+        }
+        while !this.input_done && this.in_flight.len() < this.window.max(1) {
+            match this.input.poll_next_unpin(cx) {
+                Poll::Ready(Some(rpc)) => this.in_flight.push_back(this.sender.send(rpc)),
+                Poll::Ready(None) => this.input_done = true,
+                Poll::Pending => break,
+            }
+        }
+        match this.in_flight.poll_next_unpin(cx) {
+            Poll::Ready(Some(Ok((result, stop)))) => {
+                this.stopped = stop;
+                Poll::Ready(Some(Ok(result)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.stopped = true;
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) if this.input_done => Poll::Ready(None),
+            Poll::Ready(None) | Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 impl openraft::network::v2::RaftNetworkV2<PartitionRaft> for GroupClient {
@@ -145,9 +321,32 @@ impl openraft::network::v2::RaftNetworkV2<PartitionRaft> for GroupClient {
         rpc: AppendEntriesRequest<PartitionRaft>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<PartitionRaft>, RPCError<PartitionRaft>> {
-        let body = pb::raft_request::Body::Append(wire::encode_append(&rpc));
-        let bytes = self.call(body, &option).await?;
-        wire::decode_append_response(&bytes).map_err(unreachable)
+        self.append(&rpc, &option).await
+    }
+
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<
+        's,
+        Result<
+            BoxStream<'s, Result<StreamAppendResult<PartitionRaft>, RPCError<PartitionRaft>>>,
+            RPCError<PartitionRaft>,
+        >,
+    >
+    where
+        S: Stream<Item = AppendEntriesRequest<PartitionRaft>>
+            + openraft::OptionalSend
+            + Unpin
+            + 'static,
+    {
+        let client: &'s GroupClient = self;
+        Box::pin(async move {
+            let pipeline: BoxStream<'s, _> =
+                Box::pin(Pipeline::new(ToFollower { client, option }, input));
+            Ok(pipeline)
+        })
     }
 
     async fn vote(
@@ -284,5 +483,158 @@ pub async fn handle(
             }
             Ok(wire::encode_transfer_leader_response(&r))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::task::{Context, Poll};
+
+    use openraft::entry::RaftEntry;
+
+    use super::*;
+    use crate::raft::types::{log_id, Entry};
+
+    /// A follower that answers when the test says, and notes what it was sent.
+    #[derive(Default)]
+    struct Follower {
+        window: usize,
+        waiting: RefCell<Vec<(u64, oneshot::Sender<AppendEntriesResponse<PartitionRaft>>)>>,
+    }
+
+    impl<'s> Sender<'s> for &'s Follower {
+        fn window(&self) -> usize {
+            self.window
+        }
+
+        fn send(&self, rpc: AppendEntriesRequest<PartitionRaft>) -> Pipelined<'s> {
+            let (tx, rx) = oneshot::channel();
+            let prev = rpc.prev_log_id;
+            let last = rpc.entries.last().map(|e| e.log_id).or(prev);
+            self.waiting
+                .borrow_mut()
+                .push((last.expect("entries").index, tx));
+            Box::pin(async move { stream_result(prev, last, rx.await.expect("answered")) })
+        }
+    }
+
+    impl Follower {
+        /// Answers the append that ends at `index`.
+        fn answer(&self, index: u64, response: AppendEntriesResponse<PartitionRaft>) {
+            let mut w = self.waiting.borrow_mut();
+            let at = w.iter().position(|(i, _)| *i == index).expect("sent");
+            let _ = w.remove(at).1.send(response);
+        }
+
+        fn sent(&self) -> Vec<u64> {
+            self.waiting.borrow().iter().map(|(i, _)| *i).collect()
+        }
+    }
+
+    /// Appends of one entry each: indexes 1..=n, term 1.
+    fn appends(n: u64) -> Vec<AppendEntriesRequest<PartitionRaft>> {
+        (1..=n)
+            .map(|i| AppendEntriesRequest {
+                vote: Vote::new_committed(1, NodeId(1)),
+                prev_log_id: (i > 1).then(|| log_id(1, i - 1)),
+                leader_commit: None,
+                entries: vec![Entry::new_blank(log_id(1, i))],
+            })
+            .collect()
+    }
+
+    fn poll<S: Stream + Unpin>(s: &mut S) -> Poll<Option<S::Item>> {
+        s.poll_next_unpin(&mut Context::from_waker(futures::task::noop_waker_ref()))
+    }
+
+    fn acked(
+        p: Poll<Option<Result<StreamAppendResult<PartitionRaft>, RPCError<PartitionRaft>>>>,
+    ) -> u64 {
+        match p {
+            Poll::Ready(Some(Ok(Ok(Some(m))))) => m.index,
+            other => panic!("expected an acknowledgment, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_pipeline_keeps_its_window_full_and_gives_the_answers_in_the_order_sent() {
+        let follower = Follower {
+            window: 3,
+            ..Default::default()
+        };
+        let mut p = Pipeline::new(&follower, futures::stream::iter(appends(6)));
+        assert!(poll(&mut p).is_pending());
+        assert_eq!(follower.sent(), vec![1, 2, 3], "three in flight, not more");
+        // The third and second are answered first: nothing comes out before the first.
+        follower.answer(3, AppendEntriesResponse::Success);
+        follower.answer(2, AppendEntriesResponse::Success);
+        assert!(poll(&mut p).is_pending());
+        assert_eq!(follower.sent(), vec![1], "no room until an answer is taken");
+        follower.answer(1, AppendEntriesResponse::Success);
+        assert_eq!(acked(poll(&mut p)), 1);
+        assert_eq!(acked(poll(&mut p)), 2);
+        assert_eq!(acked(poll(&mut p)), 3);
+        // Room is refilled as answers are taken (one per poll here).
+        assert_eq!(follower.sent(), vec![4, 5]);
+        assert!(poll(&mut p).is_pending());
+        assert_eq!(follower.sent(), vec![4, 5, 6]);
+        for i in 4..=6 {
+            follower.answer(i, AppendEntriesResponse::Success);
+        }
+        assert_eq!(
+            (4..=6).map(|_| acked(poll(&mut p))).collect::<Vec<_>>(),
+            vec![4, 5, 6]
+        );
+        // The input is done and everything answered: the stream ends.
+        assert!(matches!(poll(&mut p), Poll::Ready(None)));
+    }
+
+    #[test]
+    fn a_refused_append_ends_the_pipeline_and_the_answers_after_it_are_dropped() {
+        let follower = Follower {
+            window: 4,
+            ..Default::default()
+        };
+        let mut p = Pipeline::new(&follower, futures::stream::iter(appends(8)));
+        assert!(poll(&mut p).is_pending());
+        follower.answer(1, AppendEntriesResponse::Success);
+        // The second reached the follower before an entry it needs: a conflict at its prev.
+        follower.answer(2, AppendEntriesResponse::Conflict);
+        follower.answer(3, AppendEntriesResponse::Success);
+        assert_eq!(acked(poll(&mut p)), 1);
+        match poll(&mut p) {
+            Poll::Ready(Some(Ok(Err(openraft::raft::StreamAppendError::Conflict(at))))) => {
+                assert_eq!(at, log_id(1, 1))
+            }
+            other => panic!("expected the conflict, got {other:?}"),
+        }
+        // Nothing after a refusal: openraft starts again from what the follower has.
+        assert!(matches!(poll(&mut p), Poll::Ready(None)));
+        assert!(matches!(poll(&mut p), Poll::Ready(None)));
+    }
+
+    #[test]
+    fn a_conflict_before_the_first_entry_is_an_error_not_a_panic() {
+        let r = stream_result(None, Some(log_id(1, 1)), AppendEntriesResponse::Conflict);
+        assert!(r.is_err());
+        let (r, stop) = stream_result(
+            Some(log_id(1, 1)),
+            Some(log_id(1, 5)),
+            AppendEntriesResponse::PartialSuccess(Some(log_id(1, 3))),
+        )
+        .unwrap();
+        assert_eq!(r.unwrap(), Some(log_id(1, 3)));
+        assert!(stop, "a partial answer ends the stream");
+    }
+
+    #[test]
+    fn a_follower_further_away_gets_more_appends_in_flight() {
+        let ms = std::time::Duration::from_millis;
+        // Unknown or near: one at a time (openraft's sequential replication).
+        assert_eq!(appends_in_flight(None), 1);
+        assert_eq!(appends_in_flight(Some(ms(1))), 1);
+        assert_eq!(appends_in_flight(Some(ms(40))), 21);
+        assert_eq!(appends_in_flight(Some(ms(1000))), APPENDS_IN_FLIGHT_MAX);
     }
 }
