@@ -116,23 +116,27 @@ impl Peer for PeerService {
         }
         // The cores take this exchange's messages after those of the exchanges sent before it
         // on the same link (a group's pipelined appends must reach it in order).
+        // The cores are handed their messages side by side: one with a full mailbox does not
+        // hold up the others.
         let turn = transport.turn(NodeId(r.from), r.link, r.seq).await;
-        let mut asks = Vec::with_capacity(by_core.len());
-        for (core, messages) in by_core {
+        let submitted = by_core.into_iter().map(|(core, messages)| {
             let ids: Vec<u64> = messages.iter().map(|m| m.2.call_id).collect();
-            let answer = self
-                .broker
-                .shards
-                .submit(core, |reply| CoreRequest::Raft { messages, reply })
-                .await;
-            asks.push(async move {
-                match answer {
-                    Ok(answer) => (ids, answer.await),
-                    Err(e) => (ids, Err(e)),
-                }
-            });
-        }
+            let shards = &self.broker.shards;
+            async move {
+                let answer = shards
+                    .submit(core, |reply| CoreRequest::Raft { messages, reply })
+                    .await;
+                (ids, answer)
+            }
+        });
+        let submitted = futures::future::join_all(submitted).await;
         drop(turn);
+        let asks = submitted.into_iter().map(|(ids, answer)| async move {
+            match answer {
+                Ok(answer) => (ids, answer.await),
+                Err(e) => (ids, Err(e)),
+            }
+        });
         for (ids, r) in futures::future::join_all(asks).await {
             match r {
                 Ok(mut rs) => replies.append(&mut rs),

@@ -14,8 +14,8 @@ use openraft::base::{BoxFuture, BoxStream};
 use openraft::error::{RPCError, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
-    TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendError,
+    StreamAppendResult, TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 
 use super::error::RaftError;
@@ -193,7 +193,8 @@ fn stream_result(
 }
 
 /// Appends one group has in flight to one follower: one, plus one per `APPEND_SPACING` of the
-/// round trip to the follower's node, up to `APPENDS_IN_FLIGHT_MAX`. openraft makes an append
+/// round trip to the follower's node (the least seen lately, so a peer stalled for a while does
+/// not open the window), up to `APPENDS_IN_FLIGHT_MAX`. openraft makes an append
 /// of everything the leader's log holds past the previous one as soon as it is submitted
 /// (before the leader's own fsync), so with a window a record leaves at once instead of
 /// waiting for the answer to the append on the wire (up to a round trip). A full window holds
@@ -251,6 +252,8 @@ struct Pipeline<'s, S, T> {
     window: usize,
     window_at: std::time::Instant,
     input_done: bool,
+    /// The last entry the follower acknowledged on this stream.
+    acked: Option<LogId>,
     /// An error, a refusal or a partial answer was given out: the stream ends (openraft
     /// starts another from what the follower has), and the answers still on their way are
     /// dropped.
@@ -266,6 +269,7 @@ impl<'s, S, T: Sender<'s>> Pipeline<'s, S, T> {
             input,
             in_flight: FuturesOrdered::new(),
             input_done: false,
+            acked: None,
             stopped: false,
         }
     }
@@ -301,6 +305,21 @@ where
         match this.in_flight.poll_next_unpin(cx) {
             Poll::Ready(Some(Ok((result, stop)))) => {
                 this.stopped = stop;
+                match &result {
+                    Ok(Some(m)) => this.acked = this.acked.max(Some(*m)),
+                    // Refused for lacking an entry the follower has acknowledged on this
+                    // stream: the append overtook the one before it on the way (the
+                    // follower's log did not go back). The stream ends where the follower is,
+                    // and openraft goes on from there; given to it, the conflict would read
+                    // as a follower whose log went backwards, and it would search for the
+                    // match again and send entries the follower has.
+                    Err(StreamAppendError::Conflict(at))
+                        if this.acked.is_some_and(|a| at.index <= a.index) =>
+                    {
+                        return Poll::Ready(None);
+                    }
+                    _ => {}
+                }
                 Poll::Ready(Some(Ok(result)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -534,7 +553,12 @@ mod tests {
 
     /// Appends of one entry each: indexes 1..=n, term 1.
     fn appends(n: u64) -> Vec<AppendEntriesRequest<PartitionRaft>> {
-        (1..=n)
+        appends_from(1, n)
+    }
+
+    /// Appends of one entry each: indexes first..=last, term 1.
+    fn appends_from(first: u64, last: u64) -> Vec<AppendEntriesRequest<PartitionRaft>> {
+        (first..=last)
             .map(|i| AppendEntriesRequest {
                 vote: Vote::new_committed(1, NodeId(1)),
                 prev_log_id: (i > 1).then(|| log_id(1, i - 1)),
@@ -596,20 +620,38 @@ mod tests {
             window: 4,
             ..Default::default()
         };
-        let mut p = Pipeline::new(&follower, futures::stream::iter(appends(8)));
+        // The follower lacks entry 4 (its log ends before, or differs there).
+        let mut p = Pipeline::new(&follower, futures::stream::iter(appends_from(5, 12)));
         assert!(poll(&mut p).is_pending());
-        follower.answer(1, AppendEntriesResponse::Success);
-        // The second reached the follower before an entry it needs: a conflict at its prev.
-        follower.answer(2, AppendEntriesResponse::Conflict);
-        follower.answer(3, AppendEntriesResponse::Success);
-        assert_eq!(acked(poll(&mut p)), 1);
+        follower.answer(5, AppendEntriesResponse::Conflict);
+        follower.answer(6, AppendEntriesResponse::Conflict);
         match poll(&mut p) {
-            Poll::Ready(Some(Ok(Err(openraft::raft::StreamAppendError::Conflict(at))))) => {
-                assert_eq!(at, log_id(1, 1))
+            Poll::Ready(Some(Ok(Err(StreamAppendError::Conflict(at))))) => {
+                assert_eq!(at, log_id(1, 4))
             }
             other => panic!("expected the conflict, got {other:?}"),
         }
         // Nothing after a refusal: openraft starts again from what the follower has.
+        assert!(matches!(poll(&mut p), Poll::Ready(None)));
+        assert!(matches!(poll(&mut p), Poll::Ready(None)));
+    }
+
+    #[test]
+    fn an_append_that_overtook_an_acknowledged_one_ends_the_stream_without_a_conflict() {
+        let follower = Follower {
+            window: 4,
+            ..Default::default()
+        };
+        let mut p = Pipeline::new(&follower, futures::stream::iter(appends(8)));
+        assert!(poll(&mut p).is_pending());
+        // 3 reached the follower before 2 and was refused; 2 was then taken.
+        follower.answer(1, AppendEntriesResponse::Success);
+        follower.answer(2, AppendEntriesResponse::Success);
+        follower.answer(3, AppendEntriesResponse::Conflict);
+        assert_eq!(acked(poll(&mut p)), 1);
+        assert_eq!(acked(poll(&mut p)), 2);
+        // The follower has what the refused append needed: the stream ends at 2 (openraft
+        // goes on from there) instead of reporting a log that went back.
         assert!(matches!(poll(&mut p), Poll::Ready(None)));
         assert!(matches!(poll(&mut p), Poll::Ready(None)));
     }

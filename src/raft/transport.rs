@@ -111,75 +111,134 @@ pub struct Transport {
     turns: Turns,
 }
 
-/// The receiving side's order of each peer link's exchanges: for each (peer, link), the next
-/// `seq` to hand to the cores, and when the link was last heard.
+/// The receiving side's order of each peer link's exchanges (see [`Turns::turn`]).
 struct Turns {
-    next: Mutex<HashMap<(NodeId, u64), (u64, Instant)>>,
+    links: Mutex<HashMap<(NodeId, u64), LinkTurns>>,
     moved: tokio::sync::Notify,
-    /// How long an exchange waits for those before it ([`TURN_WAIT`]).
+    /// How long an exchange waits for a missing one before it ([`TURN_WAIT`]).
     wait: Duration,
+}
+
+/// Where one peer link's exchanges are.
+struct LinkTurns {
+    /// The next `seq` to hand to the cores.
+    next: u64,
+    /// The exchanges that arrived and wait for their turn.
+    waiting: std::collections::BTreeSet<u64>,
+    /// Turns taken and not given up yet: an exchange handing its messages to the cores is
+    /// not missing, and those after it wait for it however long it takes (its cores'
+    /// mailboxes are bounded in time).
+    holding: u32,
+    /// When the link was last heard.
+    at: Instant,
 }
 
 impl Turns {
     fn new(wait: Duration) -> Turns {
         Turns {
-            next: Mutex::default(),
+            links: Mutex::default(),
             moved: tokio::sync::Notify::new(),
             wait,
         }
     }
 
     /// Waits until the exchanges sent before this one on its link (`seq` 1, 2, ... of link
-    /// `link` from `from`) were handed to the cores, or `wait` passed; the exchange
-    /// hands its messages to its cores while holding the returned turn. Exchanges overtake one
-    /// another on the way (a few are in flight on a link, and a large one takes longer to
-    /// arrive); in order, a group's pipelined appends reach its Raft as they were sent.
-    /// `seq` 0 asks no order.
+    /// `link` from `from`) were handed to the cores; the exchange hands its messages to its
+    /// cores while holding the returned turn. Exchanges overtake one another on the way (a few
+    /// are in flight on a link, and a large one takes longer to arrive); in order, a group's
+    /// pipelined appends reach its Raft as they were sent. One that does not arrive within
+    /// `wait` (its call failed) is given up: the exchanges waiting go on in order without it
+    /// (and it goes at once if it comes after all). `seq` 0 asks no order.
     async fn turn(&self, from: NodeId, link: u64, seq: u64) -> Turn<'_> {
-        let turn = Turn {
+        if seq == 0 {
+            return Turn {
+                turns: self,
+                from,
+                link,
+                seq,
+            };
+        }
+        let key = (from, link);
+        // Registered as waiting until this returns (or the caller gives up on it).
+        let _waiting = Waiting {
             turns: self,
-            from,
-            link,
+            key,
             seq,
         };
-        if seq == 0 {
-            return turn;
+        {
+            let mut links = self.links.lock().expect("turns lock");
+            let now = Instant::now();
+            if !links.contains_key(&key) {
+                // A link seen for the first time starts where it is (this node may have
+                // restarted under it); links gone quiet are forgotten.
+                links.retain(|_, l| now.duration_since(l.at) < TURN_FORGET);
+            }
+            let l = links.entry(key).or_insert_with(|| LinkTurns {
+                next: seq,
+                waiting: Default::default(),
+                holding: 0,
+                at: now,
+            });
+            l.at = now;
+            l.waiting.insert(seq);
         }
-        let deadline = tokio::time::Instant::now() + self.wait;
+        let mut deadline = tokio::time::Instant::now() + self.wait;
         let mut waited = false;
         loop {
             let moved = self.moved.notified();
             tokio::pin!(moved);
             moved.as_mut().enable();
             {
-                let mut next = self.next.lock().expect("turns lock");
-                let now = Instant::now();
-                if !next.contains_key(&(from, link)) {
-                    // A link seen for the first time starts where it is (this node may have
-                    // restarted under it); links gone quiet are forgotten.
-                    next.retain(|_, (_, at)| now.duration_since(*at) < TURN_FORGET);
-                }
-                let (n, at) = next.entry((from, link)).or_insert((seq, now));
-                *at = now;
-                if *n >= seq {
+                let mut links = self.links.lock().expect("turns lock");
+                let l = links.get_mut(&key);
+                if l.as_ref().is_none_or(|l| l.next >= seq) {
+                    if let Some(l) = l {
+                        l.holding += 1;
+                    }
                     if waited {
                         crate::metrics::NODE.exchanges_reordered.inc();
                     }
-                    return turn;
+                    return Turn {
+                        turns: self,
+                        from,
+                        link,
+                        seq,
+                    };
                 }
             }
             waited = true;
             if tokio::time::timeout_at(deadline, moved).await.is_err() {
-                // Those before it are late or lost: this one goes, and later ones do not wait
-                // for the missing one again.
-                let mut next = self.next.lock().expect("turns lock");
-                if let Some((n, _)) = next.get_mut(&(from, link)) {
-                    *n = (*n).max(seq);
+                // Nothing moved for a while: the exchange the link waits for is late or lost.
+                // The first of those that arrived goes next (this one, or one before it).
+                let mut links = self.links.lock().expect("turns lock");
+                if let Some(l) = links.get_mut(&key).filter(|l| l.holding == 0) {
+                    let first = l.waiting.first().copied().unwrap_or(seq);
+                    if first > l.next {
+                        l.next = first;
+                        crate::metrics::NODE.exchanges_gone_ahead.inc();
+                        tracing::debug!(node = %from, link, seq = first, "an exchange went ahead of an earlier one that did not arrive in time");
+                    }
                 }
-                crate::metrics::NODE.exchanges_gone_ahead.inc();
-                tracing::debug!(node = %from, link, seq, "an exchange went ahead of an earlier one that did not arrive in time");
-                return turn;
+                drop(links);
+                self.moved.notify_waiters();
+                deadline = tokio::time::Instant::now() + self.wait;
             }
+        }
+    }
+}
+
+/// An exchange waiting for its turn (see [`Turns::turn`]); no longer once dropped.
+struct Waiting<'a> {
+    turns: &'a Turns,
+    key: (NodeId, u64),
+    seq: u64,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut links = self.turns.links.lock().expect("turns lock");
+        if let Some(l) = links.get_mut(&self.key) {
+            l.waiting.remove(&self.seq);
         }
     }
 }
@@ -198,11 +257,12 @@ impl Drop for Turn<'_> {
         if self.seq == 0 {
             return;
         }
-        let mut next = self.turns.next.lock().expect("turns lock");
-        if let Some((n, _)) = next.get_mut(&(self.from, self.link)) {
-            *n = (*n).max(self.seq + 1);
+        let mut links = self.turns.links.lock().expect("turns lock");
+        if let Some(l) = links.get_mut(&(self.from, self.link)) {
+            l.next = l.next.max(self.seq.saturating_add(1));
+            l.holding = l.holding.saturating_sub(1);
         }
-        drop(next);
+        drop(links);
         self.turns.moved.notify_waiters();
     }
 }
@@ -213,13 +273,32 @@ impl Drop for Turn<'_> {
 struct RoundTrip {
     smooth: Duration,
     slow: bool,
+    /// The least round trip seen lately, and when: the path's own delay, which a stalled or
+    /// loaded peer (slower answers, never faster) does not raise. It sizes the pipelines.
+    floor: Option<(Duration, Instant)>,
 }
 
+/// How long the least round trip seen stands before a later one replaces it.
+const FLOOR_WINDOW: Duration = Duration::from_secs(10);
+
 impl RoundTrip {
+    fn new() -> RoundTrip {
+        RoundTrip {
+            smooth: Duration::ZERO,
+            slow: false,
+            floor: None,
+        }
+    }
+
     /// Takes in one round trip; `Some(true)` when the smoothed value goes over `interval`,
     /// `Some(false)` when it is back under half of it (a gap between the two, so a round trip
     /// near the interval does not flap).
     fn observe(&mut self, took: Duration, interval: Duration) -> Option<bool> {
+        let now = Instant::now();
+        match self.floor {
+            Some((least, at)) if took >= least && now.duration_since(at) < FLOOR_WINDOW => {}
+            _ => self.floor = Some((took, now)),
+        }
         self.smooth = (self.smooth * 7 + took) / 8;
         if self.smooth > interval && !self.slow {
             self.slow = true;
@@ -366,10 +445,7 @@ impl Transport {
         let mut all = self.round_trips.lock().expect("round trips lock");
         // Starting from zero: the first exchange (which may include connecting) weighs an
         // eighth, and a link needs a few slow round trips in a row to be called slow.
-        let rt = all.entry(peer).or_insert(RoundTrip {
-            smooth: Duration::ZERO,
-            slow: false,
-        });
+        let rt = all.entry(peer).or_insert_with(RoundTrip::new);
         match rt.observe(took, self.keepalive) {
             Some(true) => tracing::warn!(
                 node = %peer,
@@ -385,14 +461,16 @@ impl Transport {
         }
     }
 
-    /// The smoothed round trip of keepalive exchanges to `peer` (the network's, without work
-    /// on its cores); `None` before the first.
+    /// The least round trip of keepalive exchanges to `peer` lately (the network's, without
+    /// work on its cores; a peer stalled or loaded for a while does not raise it); `None`
+    /// before the first.
     pub fn round_trip_to(&self, peer: NodeId) -> Option<Duration> {
         self.round_trips
             .lock()
             .expect("round trips lock")
             .get(&peer)
-            .map(|rt| rt.smooth)
+            .and_then(|rt| rt.floor)
+            .map(|(least, _)| least)
     }
 
     /// Records how a call to `peer` went, and logs when that changes.
@@ -656,6 +734,23 @@ mod tests {
     }
 
     #[test]
+    fn a_stalled_peer_does_not_look_further_away() {
+        let ms = Duration::from_millis;
+        let mut rt = RoundTrip::new();
+        for _ in 0..10 {
+            rt.observe(ms(40), ms(150));
+        }
+        // A peer paused for seconds answers late: its smoothed round trip rises, its least
+        // one (which sizes the pipelines) does not.
+        rt.observe(ms(2700), ms(150));
+        assert!(rt.smooth > ms(300));
+        assert_eq!(rt.floor.map(|(f, _)| f), Some(ms(40)));
+        // A nearer path shows at once.
+        rt.observe(ms(1), ms(150));
+        assert_eq!(rt.floor.map(|(f, _)| f), Some(ms(1)));
+    }
+
+    #[test]
     fn a_peer_further_away_gets_more_exchanges_in_flight() {
         let ms = Duration::from_millis;
         assert_eq!(exchanges_in_flight(None), IN_FLIGHT_MIN);
@@ -701,7 +796,7 @@ mod tests {
         take(turns.clone(), 1, order.clone()).await;
         // 2 is late: 3 goes after the wait, and 4 does not wait for 2 again.
         take(turns.clone(), 3, order.clone()).await;
-        let next = |turns: &Turns| turns.next.lock().unwrap()[&(NodeId(2), 7)].0;
+        let next = |turns: &Turns| turns.links.lock().unwrap()[&(NodeId(2), 7)].next;
         assert_eq!(
             next(&turns),
             4,
@@ -713,13 +808,55 @@ mod tests {
         assert_eq!(*order.lock().unwrap(), vec![1, 3, 4, 2]);
     }
 
+    #[tokio::test]
+    async fn exchanges_waiting_behind_a_lost_one_go_on_in_their_own_order() {
+        let turns = Arc::new(Turns::new(Duration::from_millis(50)));
+        let order = Arc::new(Mutex::new(Vec::new()));
+        take(turns.clone(), 4, order.clone()).await;
+        // 5 is lost; 7 arrives, then 6: once 5 is given up, 6 goes before 7.
+        let seven = tokio::spawn(take(turns.clone(), 7, order.clone()));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let six = tokio::spawn(take(turns.clone(), 6, order.clone()));
+        seven.await.unwrap();
+        six.await.unwrap();
+        assert_eq!(*order.lock().unwrap(), vec![4, 6, 7]);
+    }
+
+    #[tokio::test]
+    async fn an_exchange_given_up_while_it_waits_does_not_let_the_next_skip_its_turn() {
+        let turns = Arc::new(Turns::new(Duration::from_secs(60)));
+        let order = Arc::new(Mutex::new(Vec::new()));
+        take(turns.clone(), 1, order.clone()).await;
+        // 3 waits for 2, and its call is dropped (the caller went away).
+        let three = tokio::spawn(take(turns.clone(), 3, order.clone()));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        three.abort();
+        let _ = three.await;
+        let next = |turns: &Turns| turns.links.lock().unwrap()[&(NodeId(2), 7)].next;
+        assert_eq!(next(&turns), 2, "a dropped wait is not a turn taken");
+        // An exchange handing its messages over is not skipped, however long it takes.
+        let quick = Arc::new(Turns::new(Duration::from_millis(20)));
+        drop(quick.turn(NodeId(2), 7, 1).await);
+        let two = quick.turn(NodeId(2), 7, 2).await;
+        let three = tokio::spawn({
+            let quick = quick.clone();
+            async move { drop(quick.turn(NodeId(2), 7, 3).await) }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!three.is_finished(), "3 went while 2 held its turn");
+        drop(two);
+        three.await.unwrap();
+        // A number at the end of the range does not overflow.
+        drop(quick.turn(NodeId(2), 9, u64::MAX).await);
+    }
+
     #[test]
     fn a_round_trip_over_the_heartbeat_is_reported_once_and_not_for_one_slow_exchange() {
         let ms = Duration::from_millis;
         let interval = ms(100);
         let mut rt = RoundTrip {
             smooth: ms(40),
-            slow: false,
+            ..RoundTrip::new()
         };
         // One exchange delayed by a loaded machine does not make the peer slow.
         assert_eq!(rt.observe(ms(400), interval), None);
