@@ -31,6 +31,9 @@ const TICK: Duration = Duration::from_millis(100);
 const FLUSH: Duration = Duration::from_millis(200);
 /// How often the coordinator checks it still leads the metadata group.
 const ROLE_CHECK: Duration = Duration::from_millis(500);
+/// A gap between two turns of a group's loop this long means the process stood still (a turn
+/// starts at least every `TICK`): the coordinator checks its role before it acts.
+const STALLED: Duration = Duration::from_millis(400);
 /// A group without members stops after this (its positions are in the metadata).
 const IDLE: Duration = Duration::from_secs(30);
 /// Longest a metadata write may take before the group gives up on it.
@@ -155,13 +158,31 @@ pub async fn run(
     let mut last_flush = Instant::now();
     let mut last_role = Instant::now();
     let mut idle_since = Some(Instant::now());
+    let mut last_turn = Instant::now();
     let reason = loop {
-        tokio::select! {
+        let event = tokio::select! {
             e = rx.recv() => match e {
-                Some(e) => group.handle(e).await,
+                Some(e) => Some(e),
                 None => break "no events",
             },
-            _ = tick.tick() => {
+            _ = tick.tick() => None,
+            _ = broker.closed() => break "the node is shutting down",
+        };
+        // A turn starts within a tick of the last one's end. Much later, and this process
+        // stood still (paused, starved): another node may have taken over the metadata group
+        // and moved the group on meanwhile, so what this coordinator holds (committed offsets,
+        // members' deadlines) may be stale. It makes sure it still coordinates before acting
+        // on anything: handing the partitions of members it now finds expired out from a stale
+        // committed offset would move the group back.
+        if last_turn.elapsed() >= STALLED {
+            last_role = Instant::now();
+            if !broker.coordinates().await {
+                break "this node stood still, and no longer leads the metadata group";
+            }
+        }
+        match event {
+            Some(e) => group.handle(e).await,
+            None => {
                 // What members sent before now counts before their deadlines are checked.
                 for _ in 0..EVENTS {
                     match rx.try_recv() {
@@ -193,9 +214,9 @@ pub async fn run(
                     idle_since = None;
                 }
             }
-            _ = broker.closed() => break "the node is shutting down",
         }
         group.dispatch();
+        last_turn = Instant::now();
     };
     tracing::info!(group = %key.0, topic = %key.1, reason, "no longer coordinating group");
     group.flush().await;
