@@ -23,6 +23,7 @@ pub mod producers;
 pub mod rt;
 pub mod store;
 pub mod transport;
+mod turns;
 pub mod types;
 pub mod wire;
 
