@@ -131,6 +131,7 @@ pub const RPCS: &[(&str, &str)] = &[
     ("tern.v1.Tern", "PublishStream"),
     ("tern.v1.Tern", "Subscribe"),
     ("tern.v1.Tern", "Fetch"),
+    ("tern.v1.Tern", "FetchStream"),
     ("tern.v1.Tern", "ListOffsets"),
     ("tern.v1.Tern", "Consume"),
     ("tern.v1.Tern", "Ack"),

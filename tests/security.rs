@@ -421,6 +421,18 @@ fn tokens_acls_and_forwarding_on_a_tls_cluster() {
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::PermissionDenied);
+        let e = admin
+            .fetch_stream(req(
+                pb::FetchRequest {
+                    topic: "orders".into(),
+                    raw_batches: true,
+                    ..Default::default()
+                },
+                Some(&alice),
+            ))
+            .await
+            .expect_err("a stream of a topic alice may not read");
+        assert_eq!(e.code(), Code::PermissionDenied);
         // A deny wins over the allow.
         let mut deny = publish_acl.clone();
         if let Some(a) = deny.acl.as_mut() {

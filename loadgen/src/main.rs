@@ -889,6 +889,13 @@ async fn run_on(
         lines.push(row("end-to-end", &e2e));
     }
     let mut json = json;
+    if let Some(m) = &shared.mirrored {
+        // From the acknowledgment in the source's region to the delivery from a mirror: the
+        // mirror's lag plus its commit and the delivery, so at least the lag.
+        let h = m.lock().unwrap().ack_to_delivery.clone();
+        lines.push(row("ack-to-mirror", &h));
+        json["ack_to_mirror_delivery_latency"] = percentiles(&h);
+    }
     if !s.regions.is_empty() {
         let per = wan as f64 / acked.max(1) as f64;
         lines.push(String::new());

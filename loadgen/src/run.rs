@@ -5,7 +5,7 @@
 //! from that due time, not from when it was sent, so a stalled broker shows up as latency
 //! instead of as fewer samples (no coordinated omission, as wrk2).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -23,6 +23,9 @@ use crate::settings::Settings;
 /// Publish requests one open-loop producer keeps in flight at most (bounds memory; a broker
 /// slower than the schedule shows up as latency).
 const OPEN_LOOP_REQUESTS_MAX: usize = 4096;
+/// Acknowledged records waiting for their delivery from a mirror, at most (the rest of a long
+/// run is not timed).
+const ACKED_AT_MAX: usize = 4 << 20;
 /// How long to wait for acknowledged records to be delivered after the load stops.
 const DRAIN: Duration = Duration::from_secs(15);
 
@@ -52,6 +55,17 @@ pub struct Shared {
     pub retried: Mutex<BTreeMap<String, (u64, String)>>,
     /// The first message of each status in `errors`.
     pub first_errors: Mutex<BTreeMap<String, String>>,
+    /// When consumers read mirrors: from each measured record's acknowledgment (in the source's
+    /// region) to its delivery from a mirror, which bounds the mirror's lag from above.
+    pub mirrored: Option<Mutex<Mirrored>>,
+}
+
+/// Acknowledgment times of records not delivered yet, and the time from each acknowledgment to
+/// the delivery.
+pub struct Mirrored {
+    /// (producer, seq) → when acknowledged, on the `wall_us` scale.
+    acked_at: HashMap<(u32, u64), u64>,
+    pub ack_to_delivery: Histogram<u64>,
 }
 
 impl Shared {
@@ -168,6 +182,12 @@ pub async fn run(
         longest_gap: Mutex::new(Duration::ZERO),
         retried: Mutex::new(BTreeMap::new()),
         first_errors: Mutex::new(BTreeMap::new()),
+        mirrored: (read != topics).then(|| {
+            Mutex::new(Mirrored {
+                acked_at: HashMap::new(),
+                ack_to_delivery: histogram(),
+            })
+        }),
     });
 
     // Consumers first, from the start of the (new, empty) topics, so they see every record.
@@ -340,6 +360,7 @@ async fn consume(
             let now = shared.wall_us(Instant::now());
             let mut e2e = shared.e2e.lock().unwrap();
             let mut ledger = shared.ledger.lock().unwrap();
+            let mut mirrored = shared.mirrored.as_ref().map(|m| m.lock().unwrap());
             for r in &resp.records {
                 next.insert((r.topic.clone(), r.partition), r.offset + 1);
                 let Some(st) = payload::decode(&r.value) else {
@@ -347,6 +368,11 @@ async fn consume(
                 };
                 if st.due_us >= shared.measure_from_wall_us {
                     let _ = e2e.record(now.saturating_sub(st.due_us).max(1));
+                }
+                if let Some(m) = mirrored.as_mut() {
+                    if let Some(at) = m.acked_at.remove(&(st.producer, st.seq)) {
+                        let _ = m.ack_to_delivery.record(now.saturating_sub(at).max(1));
+                    }
                 }
                 ledger.deliver(st.producer, r.partition, r.offset, st.seq);
             }
@@ -466,6 +492,15 @@ fn acked(
         l.ack(id, first_seq + k);
     }
     drop(l);
+    if let Some(m) = &shared.mirrored {
+        let at = shared.wall_us(now);
+        let mut m = m.lock().unwrap();
+        for (k, due) in dues.iter().enumerate() {
+            if *due >= shared.measure_from && *due < shared.end && m.acked_at.len() < ACKED_AT_MAX {
+                m.acked_at.insert((id, first_seq + k as u64), at);
+            }
+        }
+    }
     shared.acked.fetch_add(dues.len() as u64, Ordering::Relaxed);
     shared.acked_measured.fetch_add(measured, Ordering::Relaxed);
 }

@@ -19,6 +19,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::{FutureExt, StreamExt};
 use tonic::transport::Channel;
 
 use crate::broker::{Broker, BrokerError};
@@ -113,10 +114,13 @@ impl Access {
         Ok(Access { tls, bearer })
     }
 
-    /// A call to the source carrying this node's credentials for it.
-    fn request<T>(&self, message: T, timeout: Duration) -> tonic::Request<T> {
+    /// A call to the source carrying this node's credentials for it, ended after `timeout`
+    /// (a stream is given none: it lives as long as it is read).
+    fn request<T>(&self, message: T, timeout: Option<Duration>) -> tonic::Request<T> {
         let mut call = tonic::Request::new(message);
-        call.set_timeout(timeout);
+        if let Some(t) = timeout {
+            call.set_timeout(t);
+        }
         if let Some(b) = &self.bearer {
             call.metadata_mut()
                 .insert(crate::proto::metadata::AUTHORIZATION, b.clone());
@@ -131,6 +135,8 @@ struct Source {
     access: Access,
     at: usize,
     client: Option<TernClient<Channel>>,
+    /// The source does not serve FetchStream (an older version): pulled with Fetch.
+    unary: bool,
 }
 
 /// `host:port` from an address given as `host:port`, `http://host:port` or
@@ -144,12 +150,14 @@ fn host_port(address: &str) -> &str {
 }
 
 impl Source {
-    fn new(of: MirrorOf, access: Access) -> Source {
+    /// Starts at the source's address `first` (modulo their number).
+    fn new(of: MirrorOf, access: Access, first: usize) -> Source {
         Source {
+            at: first % of.addresses.len().max(1),
             of,
             access,
-            at: 0,
             client: None,
+            unary: false,
         }
     }
 
@@ -184,7 +192,7 @@ impl Source {
 
 /// The source topic's partition count, from the first of its nodes that answers.
 pub async fn source_partitions(broker: &Broker, of: &MirrorOf) -> Result<u32, MirrorError> {
-    let mut source = Source::new(of.clone(), Access::of(broker)?);
+    let mut source = Source::new(of.clone(), Access::of(broker)?, 0);
     let mut last = None;
     for _ in 0..of.addresses.len() {
         let mut c = source.client()?;
@@ -192,7 +200,7 @@ pub async fn source_partitions(broker: &Broker, of: &MirrorOf) -> Result<u32, Mi
             pb::DescribeTopicRequest {
                 name: of.topic.clone(),
             },
-            DESCRIBE_TIMEOUT,
+            Some(DESCRIBE_TIMEOUT),
         );
         match c.describe_topic(call).await {
             Ok(r) => {
@@ -257,6 +265,7 @@ async fn pull(broker: Arc<Broker>, key: PartitionKey, core: CoreId, of: MirrorOf
     let mut backoff = BACKOFF_MIN;
     let mut end: Option<Offset> = None;
     let mut reported: Option<String> = None;
+    let mut feed: Option<Feed> = None;
     tracing::info!(partition = %key, source = %of, "mirroring");
     loop {
         if broker.is_closing() {
@@ -286,7 +295,14 @@ async fn pull(broker: Arc<Broker>, key: PartitionKey, core: CoreId, of: MirrorOf
         let src = match source.as_mut() {
             Some(s) => s,
             None => match Access::of(&broker) {
-                Ok(a) => source.insert(Source::new(of.clone(), a)),
+                // Each replica of each partition starts at another source node: the source's
+                // work of serving the mirror is spread over its nodes (a node serves from its
+                // own replica when it has one).
+                Ok(a) => source.insert(Source::new(
+                    of.clone(),
+                    a,
+                    broker.node_id().0 as usize + partition as usize,
+                )),
                 Err(e) => {
                     let why = e.to_string();
                     if reported.as_ref() != Some(&why) {
@@ -299,10 +315,11 @@ async fn pull(broker: Arc<Broker>, key: PartitionKey, core: CoreId, of: MirrorOf
                 }
             },
         };
-        let pulled = fetch(src, &of.topic, partition, from).await;
+        let pulled = next(src, &mut feed, &of.topic, partition, from).await;
         let failed = match &pulled {
             Pulled::Failed(why) => {
                 // Credentials rotated in place are picked up by the next pull.
+                feed = None;
                 match Access::of(&broker) {
                     Ok(a) => src.renew(a),
                     Err(_) => source = None,
@@ -317,8 +334,10 @@ async fn pull(broker: Arc<Broker>, key: PartitionKey, core: CoreId, of: MirrorOf
                 failed
             }
             Err(e) => {
-                // Ask the replica where it stands before the next pull.
+                // Ask the replica where it stands before the next pull; what the stream
+                // answered since is not what it needs.
                 end = None;
+                feed = None;
                 Some(e.to_string())
             }
         };
@@ -472,7 +491,7 @@ async fn leader_start(
                 position: Some(pb::start_position::Position::Latest(true)),
             }),
         },
-        PULL_SLACK,
+        Some(PULL_SLACK),
     );
     let r = c.list_offsets(call).await.ok()?.into_inner();
     let p = r
@@ -483,69 +502,188 @@ async fn leader_start(
     (p.leader == 0).then_some(p.start_offset)
 }
 
+/// A FetchStream open to the source, and the offset its next answer starts at.
+struct Feed {
+    answers: tonic::Streaming<pb::FetchResponse>,
+    from: Offset,
+    /// How the stream ended after the answers last taken.
+    failed: Option<tonic::Status>,
+}
+
+/// Answers of a stream taken in together, at most: those that arrived while the replica took
+/// the previous ones in go to it as one append (one fsync).
+const DRAIN_ANSWERS: usize = 64;
+
+/// What the source has from offset `from`: the next answer of the stream open to it if that
+/// answer starts there, else of a stream opened now (by Fetch from a source without
+/// FetchStream). A stream answers as soon as the source commits, so the records do not wait
+/// for a pull to reach the source (a round trip across regions); and every long poll that
+/// found nothing is answered, so a silent source is noticed.
+async fn next(
+    source: &mut Source,
+    feed: &mut Option<Feed>,
+    topic: &str,
+    partition: u32,
+    from: Offset,
+) -> Pulled {
+    if source.unary {
+        return fetch(source, topic, partition, from).await;
+    }
+    let mut c = match source.client() {
+        Ok(c) => c,
+        Err(e) => return Pulled::Failed(e.to_string()),
+    };
+    let open = match feed.take() {
+        Some(Feed {
+            failed: Some(s), ..
+        }) => return refused(source, &mut c, s, topic, partition, from).await,
+        Some(f) if f.from == from => f,
+        _ => {
+            let call = source.access.request(ask(topic, partition, from), None);
+            match tokio::time::timeout(PULL_SLACK, c.fetch_stream(call)).await {
+                Ok(Ok(r)) => Feed {
+                    answers: r.into_inner(),
+                    from,
+                    failed: None,
+                },
+                Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => {
+                    tracing::info!(
+                        source = source.address(),
+                        "the mirror's source has no FetchStream: pulling with Fetch"
+                    );
+                    source.unary = true;
+                    return fetch(source, topic, partition, from).await;
+                }
+                Ok(Err(s)) => return refused(source, &mut c, s, topic, partition, from).await,
+                Err(_) => return silent(source),
+            }
+        }
+    };
+    let mut open = open;
+    match tokio::time::timeout(PULL_WAIT + PULL_SLACK, open.answers.message()).await {
+        Ok(Ok(Some(mut r))) => {
+            // And those already here, as one.
+            let mut bytes: usize = r.batches.iter().map(|b| b.len()).sum();
+            for _ in 1..DRAIN_ANSWERS {
+                if bytes >= PULL_BYTES as usize {
+                    break;
+                }
+                match open.answers.next().now_or_never() {
+                    Some(Some(Ok(more))) => {
+                        bytes += more.batches.iter().map(|b| b.len()).sum::<usize>();
+                        r.batches.extend(more.batches);
+                        r.next_offset = more.next_offset;
+                        r.high_watermark = r.high_watermark.max(more.high_watermark);
+                        r.start_offset = more.start_offset;
+                    }
+                    Some(Some(Err(s))) => {
+                        open.failed = Some(s);
+                        break;
+                    }
+                    Some(None) | None => break,
+                }
+            }
+            open.from = Offset(r.next_offset.max(from.0));
+            *feed = Some(open);
+            answer(r)
+        }
+        Ok(Ok(None)) => {
+            Pulled::Failed(format!("{}: the source ended the stream", source.address()))
+        }
+        Ok(Err(s)) => refused(source, &mut c, s, topic, partition, from).await,
+        Err(_) => silent(source),
+    }
+}
+
+/// The request for what the source holds from `from`.
+fn ask(topic: &str, partition: u32, from: Offset) -> pb::FetchRequest {
+    pb::FetchRequest {
+        topic: topic.to_string(),
+        partition,
+        offset: from.0,
+        max_bytes: PULL_BYTES,
+        max_wait_ms: PULL_WAIT.as_millis() as u32,
+        raw_batches: true,
+        ..Default::default()
+    }
+}
+
+/// A source's answer as the replica takes it.
+fn answer(r: pb::FetchResponse) -> Pulled {
+    Pulled::Batches {
+        batches: r.batches,
+        source_start: Offset(r.start_offset),
+        source_end: Offset(r.high_watermark),
+    }
+}
+
+/// A source node that did not answer in time: the next is tried.
+fn silent(source: &mut Source) -> Pulled {
+    let address = source.address().to_string();
+    source.next();
+    Pulled::Failed(format!(
+        "{address}: no answer within {} s",
+        (PULL_WAIT + PULL_SLACK).as_secs()
+    ))
+}
+
 /// One pull from the source, from offset `from`.
 async fn fetch(source: &mut Source, topic: &str, partition: u32, from: Offset) -> Pulled {
     let mut c = match source.client() {
         Ok(c) => c,
         Err(e) => return Pulled::Failed(e.to_string()),
     };
-    let call = source.access.request(
-        pb::FetchRequest {
-            topic: topic.to_string(),
-            partition,
-            offset: from.0,
-            max_bytes: PULL_BYTES,
-            max_wait_ms: PULL_WAIT.as_millis() as u32,
-            raw_batches: true,
-            ..Default::default()
-        },
-        PULL_WAIT + PULL_SLACK,
-    );
+    let call = source
+        .access
+        .request(ask(topic, partition, from), Some(PULL_WAIT + PULL_SLACK));
     match c.fetch(call).await {
-        Ok(r) => {
-            let r = r.into_inner();
-            Pulled::Batches {
-                batches: r.batches,
-                source_start: Offset(r.start_offset),
-                source_end: Offset(r.high_watermark),
+        Ok(r) => answer(r.into_inner()),
+        Err(s) => refused(source, &mut c, s, topic, partition, from).await,
+    }
+}
+
+/// What the source's refusal `s` of a pull from `from` comes to.
+async fn refused(
+    source: &mut Source,
+    c: &mut TernClient<Channel>,
+    s: tonic::Status,
+    topic: &str,
+    partition: u32,
+    from: Offset,
+) -> Pulled {
+    let address = source.address().to_string();
+    let e = BrokerError::from_peer(NodeId(0), s);
+    match e.range() {
+        // The source deleted what this replica would copy next, if its leader says so
+        // too (a source follower restarted from a snapshot starts later than its
+        // leader's log).
+        Some((start, end)) if from.0 < start && start <= end => {
+            match leader_start(c, &source.access, topic, partition).await {
+                Some(s) if s > from.0 => Pulled::Restart {
+                    source_start: Offset(s),
+                    source_end: Offset(end.max(s)),
+                },
+                _ => {
+                    source.next();
+                    Pulled::Failed(format!(
+                        "{address}: a replica of the source no longer holds offset {}, \
+                         but its leader does (or could not be asked); asking again",
+                        from.0
+                    ))
+                }
             }
         }
-        Err(s) => {
-            let address = source.address().to_string();
-            let e = BrokerError::from_peer(NodeId(0), s);
-            match e.range() {
-                // The source deleted what this replica would copy next, if its leader says so
-                // too (a source follower restarted from a snapshot starts later than its
-                // leader's log).
-                Some((start, end)) if from.0 < start && start <= end => {
-                    match leader_start(&mut c, &source.access, topic, partition).await {
-                        Some(s) if s > from.0 => Pulled::Restart {
-                            source_start: Offset(s),
-                            source_end: Offset(end.max(s)),
-                        },
-                        _ => {
-                            source.next();
-                            Pulled::Failed(format!(
-                                "{address}: a replica of the source no longer holds offset {}, \
-                                 but its leader does (or could not be asked); asking again",
-                                from.0
-                            ))
-                        }
-                    }
-                }
-                Some((_, end)) => Pulled::Failed(format!(
-                    "the source ({address}) answered that the partition ends at offset {end}, \
-                     before this mirror's end {} (a source replica behind its leader, or a \
-                     source that lost records or was created again); nothing is copied",
-                    from.0
-                )),
-                None => {
-                    if e.retryable() {
-                        source.next();
-                    }
-                    Pulled::Failed(format!("{address}: {e}"))
-                }
+        Some((_, end)) => Pulled::Failed(format!(
+            "the source ({address}) answered that the partition ends at offset {end}, \
+             before this mirror's end {} (a source replica behind its leader, or a \
+             source that lost records or was created again); nothing is copied",
+            from.0
+        )),
+        None => {
+            if e.retryable() {
+                source.next();
             }
+            Pulled::Failed(format!("{address}: {e}"))
         }
     }
 }

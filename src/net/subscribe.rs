@@ -342,7 +342,12 @@ async fn follow(f: Follower, topic: Arc<Topic>, partition: u32, mut from: Offset
 /// Resolves, with the refusal, once the metadata no longer lets the caller subscribe to the
 /// topic (it is checked again whenever this node applies a metadata change); never while it
 /// does, or when authentication is off.
-async fn revoked(broker: &Broker, auth: &Auth, caller: &Caller, topic: &str) -> Status {
+pub(in crate::net) async fn revoked(
+    broker: &Broker,
+    auth: &Auth,
+    caller: &Caller,
+    topic: &str,
+) -> Status {
     let mut applied = broker.applied.subscribe();
     loop {
         if let Err(status) = auth.authorize(
@@ -361,6 +366,6 @@ async fn revoked(broker: &Broker, auth: &Auth, caller: &Caller, topic: &str) -> 
 }
 
 /// Resolves once the watched flag is true (or its sender is gone).
-async fn until_true(rx: &mut tokio::sync::watch::Receiver<bool>) {
+pub(in crate::net) async fn until_true(rx: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = rx.wait_for(|c| *c).await;
 }

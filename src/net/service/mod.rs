@@ -275,10 +275,28 @@ impl Tern for TernService {
             count_read(&r.records);
         }
         self.auth.quotas.used(&self.broker, &caller, || Cost {
-            consume_bytes: read::bytes(&r.records),
+            consume_bytes: read::answered(&r),
             ..Cost::default()
         });
         Ok(Response::new(r))
+    }
+
+    type FetchStreamStream = BoxStream<pb::FetchResponse>;
+
+    async fn fetch_stream(
+        &self,
+        request: Request<pb::FetchRequest>,
+    ) -> Result<Response<Self::FetchStreamStream>, Status> {
+        let caller = self
+            .check(&request, Topic, &request.get_ref().topic, Op::Subscribe)
+            .await?;
+        read::fetch_stream(
+            self.broker.clone(),
+            self.auth.clone(),
+            caller,
+            request.into_inner(),
+        )
+        .map(Response::new)
     }
 
     async fn list_offsets(

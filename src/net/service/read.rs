@@ -1,4 +1,4 @@
-//! Reads: Fetch and ListOffsets (Subscribe is in `net::subscribe`).
+//! Reads: Fetch, FetchStream and ListOffsets (Subscribe is in `net::subscribe`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -6,8 +6,11 @@ use std::time::Duration;
 use futures::StreamExt;
 use tonic::Status;
 
-use crate::broker::{Broker, Origin, Read};
+use super::BoxStream;
+use crate::broker::{Broker, BrokerError, Origin, Read, Topic};
+use crate::net::auth::{Auth, Caller};
 use crate::net::status::from_broker;
+use crate::net::subscribe::{revoked, until_true};
 use crate::net::validate;
 use crate::proto::v1 as pb;
 use crate::types::Offset;
@@ -21,12 +24,8 @@ const FETCH_BYTES_MAX: usize = 16 << 20;
 /// Partitions one ListOffsets asks at once.
 const LIST_OFFSETS_PARALLEL: usize = 32;
 
-/// Serves a Fetch: from this node's replica, or relayed (once) to a node that has one.
-pub async fn fetch(
-    broker: &Arc<Broker>,
-    r: pb::FetchRequest,
-    origin: &Origin,
-) -> Result<pb::FetchResponse, Status> {
+/// What a Fetch asks, checked: the topic and the read, its limits clamped.
+fn read_of(broker: &Broker, r: &pb::FetchRequest) -> Result<(Arc<Topic>, Read), Status> {
     let t = broker.topic(&r.topic).map_err(from_broker)?;
     t.check_partition(r.partition).map_err(from_broker)?;
     let read = Read {
@@ -44,10 +43,102 @@ pub async fn fetch(
         ),
         raw: r.raw_batches,
     };
+    Ok((t, read))
+}
+
+/// Serves a Fetch: from this node's replica, or relayed (once) to a node that has one.
+pub async fn fetch(
+    broker: &Arc<Broker>,
+    r: pb::FetchRequest,
+    origin: &Origin,
+) -> Result<pb::FetchResponse, Status> {
+    let (t, read) = read_of(broker, &r)?;
     broker
         .read(&t, r.partition, read, origin)
         .await
         .map_err(from_broker)
+}
+
+/// Answers a FetchStream may hold ready before the client takes them (each up to the byte
+/// budget asked for); the stream reads on once the client has taken one.
+const FETCH_STREAM_AHEAD: usize = 1;
+/// A FetchStream's long poll when the request names none, and the least it may ask: each poll
+/// that finds nothing is answered (empty), so a shorter one would only send empty answers.
+const FETCH_STREAM_WAIT_DEFAULT: Duration = Duration::from_millis(500);
+const FETCH_STREAM_WAIT_MIN: Duration = Duration::from_millis(100);
+
+/// Serves a FetchStream: the Fetch `r` asked again and again, each from where the last answer
+/// ended, every answer sent as soon as it is read. A long poll that finds nothing is answered
+/// too (no records, the partition's end): the client learns the stream is alive and how far the
+/// partition goes. Ends with the first failed read (its status, as Fetch answers it), when the
+/// client goes away, when the node shuts down, the topic is deleted, or the caller may no longer
+/// read the topic. Checked before the stream starts: a bad request is refused at once.
+pub fn fetch_stream(
+    broker: Arc<Broker>,
+    auth: Arc<Auth>,
+    caller: Caller,
+    r: pb::FetchRequest,
+) -> Result<BoxStream<pb::FetchResponse>, Status> {
+    let (topic, mut read) = read_of(&broker, &r)?;
+    read.max_wait = match r.max_wait_ms {
+        0 => FETCH_STREAM_WAIT_DEFAULT,
+        _ => read.max_wait.max(FETCH_STREAM_WAIT_MIN),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(FETCH_STREAM_AHEAD);
+    let partition = r.partition;
+    tokio::spawn(async move {
+        let origin = caller.origin();
+        let mut closing = broker.closing();
+        let (name, uid) = (topic.spec.name.clone(), topic.spec.uid);
+        loop {
+            let topic = match broker.topic(&name) {
+                Ok(t) if t.spec.uid == uid => t,
+                Err(BrokerError::NotReady { .. }) => topic.clone(),
+                _ => {
+                    let gone = format!("topic {name:?} was deleted; this stream of it ends");
+                    let _ = tx.send(Err(Status::not_found(gone))).await;
+                    return;
+                }
+            };
+            let answer = tokio::select! {
+                a = broker.read(&topic, partition, read, &origin) => a.map_err(from_broker),
+                // A revoked ACL ends an idle stream too, not only at its next read.
+                status = revoked(&broker, &auth, &caller, &name) => Err(status),
+                _ = tx.closed() => return,
+                _ = until_true(&mut closing) => Err(Status::unavailable("the node is shutting down")),
+            };
+            let answer = match answer {
+                Ok(a) => a,
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+            };
+            read.from = Offset(answer.next_offset.max(read.from.0));
+            if !caller.relayed {
+                super::count_read(&answer.records);
+            }
+            let pause = auth
+                .quotas
+                .consume_wait(&broker, &caller, || answered(&answer));
+            if tx.send(Ok(answer)).await.is_err() {
+                return;
+            }
+            if !pause.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = tx.closed() => return,
+                }
+            }
+        }
+    });
+    Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+}
+
+/// The bytes a Fetch answer hands over, as consume quotas count them: its records, or its
+/// stored batches (a mirror's pull).
+pub fn answered(r: &pb::FetchResponse) -> u64 {
+    bytes(&r.records) + r.batches.iter().map(|b| b.len() as u64).sum::<u64>()
 }
 
 /// Serves a ListOffsets: each partition from this node's replica, or from another (once).
