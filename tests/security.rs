@@ -944,6 +944,127 @@ fn a_node_of_another_cluster_is_refused() {
 }
 
 #[test]
+fn a_fetch_stream_is_held_to_its_consume_quota_and_says_it_is_alive_meanwhile() {
+    let _serial = serial();
+    rt().block_on(async {
+        let tmp = tempfile::tempdir().unwrap();
+        let token = tmp.path().join("t");
+        std::fs::write(&token, BOOTSTRAP).unwrap();
+        let node = TestNode::start(
+            &tmp.path().join("n1"),
+            &[
+                "--node-id",
+                "1",
+                "--auth",
+                "required",
+                "--bootstrap-token-file",
+                token.to_str().unwrap(),
+            ],
+        );
+        let mut admin = node.client().await;
+        let reader = admin
+            .create_user(req(
+                pb::CreateUserRequest {
+                    name: "reader".into(),
+                },
+                Some(BOOTSTRAP),
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .token;
+        admin
+            .create_topic(req(
+                pb::CreateTopicRequest {
+                    name: "big".into(),
+                    partitions: 1,
+                    ..Default::default()
+                },
+                Some(BOOTSTRAP),
+            ))
+            .await
+            .unwrap();
+        admin
+            .add_acl(req(
+                pb::AclRequest {
+                    acl: Some(pb::Acl {
+                        principal: "reader".into(),
+                        resource: pb::ResourceType::Topic as i32,
+                        name: "big".into(),
+                        operation: pb::AclOperation::Subscribe as i32,
+                        ..Default::default()
+                    }),
+                },
+                Some(BOOTSTRAP),
+            ))
+            .await
+            .unwrap();
+        const QUOTA: u64 = 20_000;
+        admin
+            .set_quota(req(
+                pb::SetQuotaRequest {
+                    principal: "reader".into(),
+                    quota: Some(pb::Quota {
+                        consume_bytes_per_sec: Some(QUOTA),
+                        ..Default::default()
+                    }),
+                },
+                Some(BOOTSTRAP),
+            ))
+            .await
+            .unwrap();
+        let value = "v".repeat(10_000);
+        for _ in 0..30 {
+            admin
+                .publish(req(publish_req("big", &value), Some(BOOTSTRAP)))
+                .await
+                .unwrap();
+        }
+        // 300 kB to read at 20 kB/s: one record per answer, the stream paused between them.
+        let mut stream = admin
+            .fetch_stream(req(
+                pb::FetchRequest {
+                    topic: "big".into(),
+                    max_bytes: 10_000,
+                    max_wait_ms: 200,
+                    ..Default::default()
+                },
+                Some(&reader),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let start = Instant::now();
+        let (mut bytes, mut empty, mut next) = (0u64, 0u32, None::<u64>);
+        while start.elapsed() < Duration::from_secs(4) {
+            let r = tokio::time::timeout(Duration::from_secs(2), stream.message())
+                .await
+                .expect("an answer at least every long poll, paused or not")
+                .expect("the stream goes on")
+                .expect("the stream goes on");
+            for rec in &r.records {
+                assert!(next.is_none_or(|n| rec.offset >= n), "in order");
+                next = Some(rec.offset + 1);
+                bytes += rec.value.len() as u64;
+            }
+            empty += u32::from(r.records.is_empty());
+        }
+        let secs = start.elapsed().as_secs_f64();
+        // One second of burst, the quota's rate since, and the answer that went over it.
+        let most = QUOTA as f64 * (1.0 + secs) + 10_000.0;
+        assert!(
+            (bytes as f64) <= most,
+            "{bytes} bytes in {secs:.1} s against a quota of {QUOTA}/s"
+        );
+        assert!(bytes >= 2 * 10_000, "the stream moved on: {bytes} bytes");
+        assert!(
+            empty >= 2,
+            "paused by the quota, the stream answered empty meanwhile ({empty} times)"
+        );
+    });
+}
+
+#[test]
 fn a_flooding_producer_is_held_to_its_quota() {
     let _serial = serial();
     rt().block_on(async {

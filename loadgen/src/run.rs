@@ -65,6 +65,8 @@ pub struct Shared {
 pub struct Mirrored {
     /// (producer, seq) → when acknowledged, on the `wall_us` scale.
     acked_at: HashMap<(u32, u64), u64>,
+    /// Records delivered before their acknowledgment arrived (no lag to count).
+    early: std::collections::HashSet<(u32, u64)>,
     pub ack_to_delivery: Histogram<u64>,
 }
 
@@ -185,6 +187,7 @@ pub async fn run(
         mirrored: (read != topics).then(|| {
             Mutex::new(Mirrored {
                 acked_at: HashMap::new(),
+                early: Default::default(),
                 ack_to_delivery: histogram(),
             })
         }),
@@ -370,8 +373,14 @@ async fn consume(
                     let _ = e2e.record(now.saturating_sub(st.due_us).max(1));
                 }
                 if let Some(m) = mirrored.as_mut() {
-                    if let Some(at) = m.acked_at.remove(&(st.producer, st.seq)) {
-                        let _ = m.ack_to_delivery.record(now.saturating_sub(at).max(1));
+                    match m.acked_at.remove(&(st.producer, st.seq)) {
+                        Some(at) => {
+                            let _ = m.ack_to_delivery.record(now.saturating_sub(at).max(1));
+                        }
+                        None if m.early.len() < ACKED_AT_MAX => {
+                            m.early.insert((st.producer, st.seq));
+                        }
+                        None => {}
                     }
                 }
                 ledger.deliver(st.producer, r.partition, r.offset, st.seq);
@@ -496,8 +505,15 @@ fn acked(
         let at = shared.wall_us(now);
         let mut m = m.lock().unwrap();
         for (k, due) in dues.iter().enumerate() {
-            if *due >= shared.measure_from && *due < shared.end && m.acked_at.len() < ACKED_AT_MAX {
-                m.acked_at.insert((id, first_seq + k as u64), at);
+            let key = (id, first_seq + k as u64);
+            if *due < shared.measure_from || *due >= shared.end {
+                continue;
+            }
+            if m.early.remove(&key) {
+                // Delivered before the acknowledgment came back: no lag.
+                let _ = m.ack_to_delivery.record(1);
+            } else if m.acked_at.len() < ACKED_AT_MAX {
+                m.acked_at.insert(key, at);
             }
         }
     }

@@ -183,10 +183,12 @@ impl Source {
         self.client = None;
     }
 
-    /// The next node of the source, after a failure.
+    /// The next node of the source, after a failure (asked for FetchStream again: the
+    /// source's nodes may run different versions during an upgrade).
     fn next(&mut self) {
         self.at = (self.at + 1) % self.of.addresses.len();
         self.client = None;
+        self.unary = false;
     }
 }
 
@@ -275,6 +277,8 @@ async fn pull(broker: Arc<Broker>, key: PartitionKey, core: CoreId, of: MirrorOf
         match broker.topic(&key.topic) {
             Ok(t) if t.spec.mirror.is_none() => return,
             Ok(t) if t.spec.promotion.is_some() => {
+                // The stream from the source is not read again.
+                drop(feed.take());
                 promote(&broker, &key, core, partition).await;
                 return;
             }
@@ -298,11 +302,15 @@ async fn pull(broker: Arc<Broker>, key: PartitionKey, core: CoreId, of: MirrorOf
                 // Each replica of each partition starts at another source node: the source's
                 // work of serving the mirror is spread over its nodes (a node serves from its
                 // own replica when it has one).
-                Ok(a) => source.insert(Source::new(
-                    of.clone(),
-                    a,
-                    broker.node_id().0 as usize + partition as usize,
-                )),
+                Ok(a) => {
+                    let me = broker.node_id();
+                    let replica = broker
+                        .topic(&key.topic)
+                        .ok()
+                        .and_then(|t| t.replicas(partition).iter().position(|n| *n == me));
+                    let first = replica.unwrap_or(me.0 as usize) + partition as usize;
+                    source.insert(Source::new(of.clone(), a, first))
+                }
                 Err(e) => {
                     let why = e.to_string();
                     if reported.as_ref() != Some(&why) {

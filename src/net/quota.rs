@@ -128,6 +128,20 @@ impl Quotas {
         let _ = self.charge(broker, caller, cost, false);
     }
 
+    /// Charges one read of a stream (`cost`: its request and the bytes it returned); answers
+    /// how long the stream should pause to stay within the principal's quotas.
+    pub fn read_wait(
+        &self,
+        broker: &Broker,
+        caller: &Caller,
+        cost: impl FnOnce() -> Cost,
+    ) -> Duration {
+        // The wait counts this read's own cost: the stream pauses before its next read.
+        self.used(broker, caller, cost);
+        self.charge(broker, caller, Cost::default, false)
+            .unwrap_or(MAX_DELAY)
+    }
+
     /// How long a read stream should pause to stay within the principal's consume quota.
     pub fn consume_wait(
         &self,

@@ -9,6 +9,7 @@ use tonic::Status;
 use super::BoxStream;
 use crate::broker::{Broker, BrokerError, Origin, Read, Topic};
 use crate::net::auth::{Auth, Caller};
+use crate::net::quota::Cost;
 use crate::net::status::from_broker;
 use crate::net::subscribe::{revoked, until_true};
 use crate::net::validate;
@@ -90,45 +91,82 @@ pub fn fetch_stream(
         let origin = caller.origin();
         let mut closing = broker.closing();
         let (name, uid) = (topic.spec.name.clone(), topic.spec.uid);
-        loop {
+        // What ends the stream besides a read: the client gone (None), the node shutting down
+        // or the caller's access revoked (Some: told to the client). Raced against every wait,
+        // a send to a client that stopped reading included.
+        let stop = |closing: &mut tokio::sync::watch::Receiver<bool>| {
+            let (broker, auth, caller, name, tx) = (&broker, &auth, &caller, &name, &tx);
+            let mut closing = closing.clone();
+            async move {
+                tokio::select! {
+                    // A revoked ACL ends an idle stream too, not only at its next read.
+                    status = revoked(broker, auth, caller, name) => Some(status),
+                    _ = tx.closed() => None,
+                    _ = until_true(&mut closing) => Some(Status::unavailable("the node is shutting down")),
+                }
+            }
+        };
+        let why: Option<Status> = 'stream: loop {
             let topic = match broker.topic(&name) {
                 Ok(t) if t.spec.uid == uid => t,
                 Err(BrokerError::NotReady { .. }) => topic.clone(),
                 _ => {
                     let gone = format!("topic {name:?} was deleted; this stream of it ends");
-                    let _ = tx.send(Err(Status::not_found(gone))).await;
-                    return;
+                    break Some(Status::not_found(gone));
                 }
             };
             let answer = tokio::select! {
                 a = broker.read(&topic, partition, read, &origin) => a.map_err(from_broker),
-                // A revoked ACL ends an idle stream too, not only at its next read.
-                status = revoked(&broker, &auth, &caller, &name) => Err(status),
-                _ = tx.closed() => return,
-                _ = until_true(&mut closing) => Err(Status::unavailable("the node is shutting down")),
+                why = stop(&mut closing) => break why,
             };
             let answer = match answer {
                 Ok(a) => a,
-                Err(status) => {
-                    let _ = tx.send(Err(status)).await;
-                    return;
-                }
+                Err(status) => break Some(status),
             };
             read.from = Offset(answer.next_offset.max(read.from.0));
+            let (end, start) = (answer.high_watermark, answer.start_offset);
             if !caller.relayed {
                 super::count_read(&answer.records);
             }
-            let pause = auth
-                .quotas
-                .consume_wait(&broker, &caller, || answered(&answer));
-            if tx.send(Ok(answer)).await.is_err() {
-                return;
+            // Each read is a request, and its bytes are consumed, as a Fetch's.
+            let mut pause = auth.quotas.read_wait(&broker, &caller, || Cost {
+                requests: 1,
+                consume_bytes: answered(&answer),
+                ..Cost::default()
+            });
+            tokio::select! {
+                sent = tx.send(Ok(answer)) => if sent.is_err() { break None },
+                why = stop(&mut closing) => break why,
             }
-            if !pause.is_zero() {
+            // Held back by the caller's quota: empty answers meanwhile, one per long poll, so
+            // the client does not take the stream for dead.
+            while !pause.is_zero() {
+                let step = pause.min(read.max_wait);
                 tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
-                    _ = tx.closed() => return,
+                    _ = tokio::time::sleep(step) => {}
+                    why = stop(&mut closing) => break 'stream why,
                 }
+                pause -= step;
+                if pause.is_zero() {
+                    break;
+                }
+                let alive = pb::FetchResponse {
+                    next_offset: read.from.0,
+                    high_watermark: end,
+                    start_offset: start,
+                    ..Default::default()
+                };
+                tokio::select! {
+                    sent = tx.send(Ok(alive)) => if sent.is_err() { break 'stream None },
+                    why = stop(&mut closing) => break 'stream why,
+                }
+            }
+        };
+        if let Some(status) = why {
+            tokio::select! {
+                biased;
+                _ = tx.send(Err(status)) => {}
+                _ = stop(&mut closing) => {}
             }
         }
     });
