@@ -60,6 +60,7 @@ async fn read_n(
                 max_bytes: 1 << 20,
                 max_wait_ms: 500,
                 raw_batches: false,
+                topic_uid: 0,
             })
             .await
         {

@@ -480,3 +480,84 @@ async fn a_replica_down_during_the_promotion_rejoins_the_promoted_topic() {
     )
     .await;
 }
+
+/// The source topic deleted and created again under the same name: the mirror copies nothing
+/// of the new topic (another uid; its offsets start over and its Raft entries do not follow
+/// the ones copied), says why in its progress, and still serves what it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_source_topic_created_again_is_not_copied() {
+    let source = Cluster::start(1).await;
+    let mut src = source.client(0).await;
+    create(&mut src, SOURCE, PARTITIONS, 1).await;
+    // Requests of 1 to 5 records: fewer Raft entries than offsets.
+    publish(&mut src, "old", 40).await;
+    let mirror = Cluster::start(1).await;
+    let mut m = mirror.client(0).await;
+    m.create_topic(pb::CreateTopicRequest {
+        name: MIRROR.into(),
+        replication_factor: 1,
+        mirror_of: Some(pb::MirrorOf {
+            topic: SOURCE.into(),
+            addresses: vec![source.addrs[0].clone()],
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("create the mirror");
+    wait_mirrored(&source, &mirror, "first copy").await;
+    let mut had = Vec::new();
+    for p in 0..PARTITIONS {
+        had.push(seen(&try_fetch_all(&mut m, MIRROR, p).await.unwrap()));
+    }
+
+    src.delete_topic(pb::DeleteTopicRequest {
+        name: SOURCE.into(),
+    })
+    .await
+    .expect("delete the source");
+    create(&mut src, SOURCE, PARTITIONS, 1).await;
+    // One record per request, past the mirror's end: the new topic has batches at the
+    // offsets the mirror would ask for next.
+    for p in 0..PARTITIONS {
+        for i in 0..80 {
+            publish_retrying_acks(
+                &mut src,
+                pb::PublishRequest {
+                    topic: SOURCE.into(),
+                    records: vec![node_support::cluster::record(p, format!("new-{p}-{i}"))],
+                    ..Default::default()
+                },
+            )
+            .await;
+        }
+    }
+    // Refused: the mirror asks for the topic it was created from (its uid), and the source
+    // answers that this one is another. (Behind that, the Raft stamps: the batch at the
+    // mirror's end is there, but it does not follow the last one copied.)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for p in 0..PARTITIONS {
+        loop {
+            let progress = progress(&mirror, 0, p).await;
+            if progress
+                .as_ref()
+                .is_some_and(|g| g.error.contains("deleted and created again"))
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "partition {p}: the mirror never said it refused the new topic: {progress:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // Long enough for several pulls to have been refused.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (p, had) in had.iter().enumerate() {
+        let now = seen(&try_fetch_all(&mut m, MIRROR, p as u32).await.unwrap());
+        assert_eq!(
+            &now, had,
+            "partition {p}: the mirror took records of the topic created again"
+        );
+    }
+}

@@ -391,6 +391,7 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() {
         max_bytes: 0,
         max_wait_ms: 0,
         raw_batches: false,
+        topic_uid: 0,
     };
     let e = expect_err(c.fetch(fetch(0, 5)).await);
     assert_eq!(e.code(), Code::OutOfRange);
@@ -602,6 +603,7 @@ async fn fetch_long_polls_until_a_record_is_committed() {
             max_bytes: 0,
             max_wait_ms: 20_000,
             raw_batches: false,
+            topic_uid: 0,
         })
         .await
         .unwrap()
@@ -662,6 +664,29 @@ async fn fetch_stream_answers_each_commit_in_order_and_each_empty_poll() {
         matches!(e.code(), Code::NotFound | Code::InvalidArgument),
         "{e:?}"
     );
+    // A topic other than the one asked for (created again under its name) is refused.
+    let uid = c
+        .describe_topic(pb::DescribeTopicRequest { name: "fs".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .topic
+        .unwrap()
+        .uid;
+    assert_ne!(uid, 0);
+    let other = pb::FetchRequest {
+        topic_uid: uid.wrapping_add(1),
+        ..ask("fs", 0, 0, true)
+    };
+    let e = c.fetch(other.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let e = c.fetch_stream(other).await.err().unwrap();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let same = pb::FetchRequest {
+        topic_uid: uid,
+        ..ask("fs", 0, 0, true)
+    };
+    c.fetch(same).await.expect("the topic asked for");
     // An offset past the end ends the stream with the range to move into.
     let mut past = c
         .fetch_stream(ask("fs", 0, 1_000, false))

@@ -1163,6 +1163,7 @@ pub async fn read_replica(
                 max_bytes: 0,
                 max_wait_ms: 0,
                 raw_batches: false,
+                topic_uid: 0,
             })
             .await?
             .into_inner();

@@ -1158,6 +1158,7 @@ async fn replay(
                         max_bytes: 4 << 20,
                         max_wait_ms: 1000,
                         raw_batches: false,
+                        topic_uid: 0,
                     })
                     .await
                     .map_err(|e| anyhow::anyhow!("replay fetch: {}", e.message()))?

@@ -145,6 +145,8 @@ impl Broker {
             max_bytes: read.max_bytes as u32,
             max_wait_ms: wait.as_millis() as u32,
             raw_batches: read.raw,
+            // The replica's node reads the same topic, not one created again meanwhile.
+            topic_uid: topic.spec.uid.0,
         };
         self.on_replica(topic, partition, |mut c| {
             let mut call = self.relay(req.clone(), origin);

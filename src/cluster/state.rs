@@ -266,6 +266,7 @@ mod tests {
         spec.mirror = Some(crate::cluster::MirrorOf {
             topic: "src".into(),
             addresses: vec!["h:1".into()],
+            source_uid: std::num::NonZeroU64::new(7),
         });
         s.apply(Command::CreateTopic { spec });
         let cut = |end: u64| crate::cluster::Cut {

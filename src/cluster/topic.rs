@@ -115,6 +115,10 @@ pub struct MirrorOf {
     pub topic: String,
     /// Nodes of the source's cluster, tried in turn.
     pub addresses: Vec<String>,
+    /// The source topic's identity when the mirror was created (none from a source too old to
+    /// say): a topic created again under its name is another, and is not copied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_uid: Option<std::num::NonZeroU64>,
 }
 
 /// Most source addresses a mirror names.

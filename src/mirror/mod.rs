@@ -192,8 +192,12 @@ impl Source {
     }
 }
 
-/// The source topic's partition count, from the first of its nodes that answers.
-pub async fn source_partitions(broker: &Broker, of: &MirrorOf) -> Result<u32, MirrorError> {
+/// The source topic's partition count and identity (none from a node too old to say), from
+/// the first of its nodes that answers.
+pub async fn source_partitions(
+    broker: &Broker,
+    of: &MirrorOf,
+) -> Result<(u32, Option<std::num::NonZeroU64>), MirrorError> {
     let mut source = Source::new(of.clone(), Access::of(broker)?, 0);
     let mut last = None;
     for _ in 0..of.addresses.len() {
@@ -209,7 +213,7 @@ pub async fn source_partitions(broker: &Broker, of: &MirrorOf) -> Result<u32, Mi
                 return r
                     .into_inner()
                     .topic
-                    .map(|t| t.partitions)
+                    .map(|t| (t.partitions, std::num::NonZeroU64::new(t.uid)))
                     .ok_or_else(|| MirrorError::Refused("no topic in the answer".into()))
             }
             Err(s) if s.code() == tonic::Code::NotFound => {
@@ -547,7 +551,9 @@ async fn next(
         }) => return refused(source, &mut c, s, topic, partition, from).await,
         Some(f) if f.from == from => f,
         _ => {
-            let call = source.access.request(ask(topic, partition, from), None);
+            let call = source
+                .access
+                .request(ask(topic, partition, from, source.of.source_uid), None);
             match tokio::time::timeout(PULL_SLACK, c.fetch_stream(call)).await {
                 Ok(Ok(r)) => Feed {
                     answers: r.into_inner(),
@@ -603,10 +609,16 @@ async fn next(
     }
 }
 
-/// The request for what the source holds from `from`.
-fn ask(topic: &str, partition: u32, from: Offset) -> pb::FetchRequest {
+/// The request for what the source holds from `from` (of the source topic `uid`, if known).
+fn ask(
+    topic: &str,
+    partition: u32,
+    from: Offset,
+    uid: Option<std::num::NonZeroU64>,
+) -> pb::FetchRequest {
     pb::FetchRequest {
         topic: topic.to_string(),
+        topic_uid: uid.map_or(0, |u| u.get()),
         partition,
         offset: from.0,
         max_bytes: PULL_BYTES,
@@ -641,9 +653,10 @@ async fn fetch(source: &mut Source, topic: &str, partition: u32, from: Offset) -
         Ok(c) => c,
         Err(e) => return Pulled::Failed(e.to_string()),
     };
-    let call = source
-        .access
-        .request(ask(topic, partition, from), Some(PULL_WAIT + PULL_SLACK));
+    let call = source.access.request(
+        ask(topic, partition, from, source.of.source_uid),
+        Some(PULL_WAIT + PULL_SLACK),
+    );
     match c.fetch(call).await {
         Ok(r) => answer(r.into_inner()),
         Err(s) => refused(source, &mut c, s, topic, partition, from).await,

@@ -247,6 +247,7 @@ pub async fn try_fetch_from(
                 max_bytes: 0,
                 max_wait_ms: 0,
                 raw_batches: false,
+                topic_uid: 0,
             })
             .await?
             .into_inner();

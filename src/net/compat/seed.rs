@@ -161,6 +161,7 @@ impl Broker for SeedService {
             // The leader has it: a follower at the id's offset waits for its commit.
             max_wait_ms: CATCH_UP_WAIT_MS,
             raw_batches: false,
+            topic_uid: 0,
         };
         let mut attempts = 0;
         let records = loop {

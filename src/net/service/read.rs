@@ -28,6 +28,13 @@ const LIST_OFFSETS_PARALLEL: usize = 32;
 /// What a Fetch asks, checked: the topic and the read, its limits clamped.
 fn read_of(broker: &Broker, r: &pb::FetchRequest) -> Result<(Arc<Topic>, Read), Status> {
     let t = broker.topic(&r.topic).map_err(from_broker)?;
+    if r.topic_uid != 0 && r.topic_uid != t.spec.uid.0 {
+        return Err(Status::failed_precondition(format!(
+            "topic {:?} is not the one asked for (uid {}, asked {}): it was deleted and created \
+             again",
+            r.topic, t.spec.uid.0, r.topic_uid
+        )));
+    }
     t.check_partition(r.partition).map_err(from_broker)?;
     let read = Read {
         from: Offset(r.offset),

@@ -33,6 +33,7 @@ pub fn topic_info(t: &Topic) -> pb::TopicInfo {
             topic: m.topic.clone(),
             addresses: m.addresses.clone(),
         }),
+        uid: t.spec.uid.0,
     }
 }
 
@@ -122,15 +123,17 @@ pub async fn create(
     let (partitions, mirror) = match r.mirror_of {
         None => (validate::partition_count(r.partitions, cfg)?, None),
         Some(m) => {
-            let of = crate::cluster::MirrorOf {
+            let mut of = crate::cluster::MirrorOf {
                 topic: m.topic,
                 addresses: m.addresses,
+                source_uid: None,
             };
             of.validate().map_err(from_cluster)?;
-            // The source's partitions, asked before anything is created here.
-            let n = crate::mirror::source_partitions(broker, &of)
+            // The source's partitions and identity, asked before anything is created here.
+            let (n, uid) = crate::mirror::source_partitions(broker, &of)
                 .await
                 .map_err(from_mirror)?;
+            of.source_uid = uid;
             if r.partitions != 0 && r.partitions != n {
                 return Err(Status::invalid_argument(format!(
                     "a mirror has its source's partitions: {} has {n}, {} were asked",
