@@ -149,7 +149,10 @@ impl Peer for PeerService {
                 }
             }
         }
-        Ok(Response::new(pb::ExchangeResponse { replies }))
+        Ok(Response::new(pb::ExchangeResponse {
+            replies,
+            ordered: true,
+        }))
     }
 
     async fn propose(

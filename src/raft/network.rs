@@ -151,7 +151,7 @@ impl GroupClient {
 
     /// How many appends may be in flight to this follower now.
     fn window(&self) -> usize {
-        appends_in_flight(self.transport.round_trip_to(self.target))
+        appends_in_flight(self.transport.pipelining_round_trip(self.target))
     }
 
     /// One append of a pipeline: its result as openraft's stream wants it, and whether the
@@ -208,7 +208,7 @@ const APPEND_SPACING: std::time::Duration = std::time::Duration::from_millis(2);
 const WINDOW_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The appends in flight for a follower this far away (see `APPENDS_IN_FLIGHT_MAX`).
-fn appends_in_flight(round_trip: Option<std::time::Duration>) -> usize {
+pub(super) fn appends_in_flight(round_trip: Option<std::time::Duration>) -> usize {
     let far = round_trip.map_or(0, |rt| rt.as_micros() / APPEND_SPACING.as_micros());
     (1 + far as usize).min(APPENDS_IN_FLIGHT_MAX)
 }

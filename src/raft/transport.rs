@@ -116,6 +116,9 @@ struct RoundTrip {
     /// The least round trip seen lately, and when: the path's own delay, which a stalled or
     /// loaded peer (slower answers, never faster) does not raise. It sizes the pipelines.
     floor: Option<(Duration, Instant)>,
+    /// The peer said it takes a link's exchanges in order (`ExchangeResponse.ordered`, in its
+    /// last answer): without it, nothing is pipelined to it.
+    ordered: bool,
 }
 
 /// How long the least round trip seen stands before a later one replaces it.
@@ -127,7 +130,14 @@ impl RoundTrip {
             smooth: Duration::ZERO,
             slow: false,
             floor: None,
+            ordered: false,
         }
+    }
+
+    /// The round trip that sizes pipelines to the peer: the least lately, if it takes a link's
+    /// exchanges in order.
+    fn pipelining(&self) -> Option<Duration> {
+        self.floor.filter(|_| self.ordered).map(|(least, _)| least)
     }
 
     /// Takes in one round trip; `Some(true)` when the smoothed value goes over `interval`,
@@ -301,16 +311,24 @@ impl Transport {
         }
     }
 
-    /// The least round trip of keepalive exchanges to `peer` lately (the network's, without
-    /// work on its cores; a peer stalled or loaded for a while does not raise it); `None`
-    /// before the first.
-    pub fn round_trip_to(&self, peer: NodeId) -> Option<Duration> {
+    /// What sizes the pipelines to `peer`: the least round trip of keepalive exchanges to it
+    /// lately (the network's, without work on its cores; a peer stalled or loaded for a while
+    /// does not raise it). `None` before the first, and while the peer has not said it takes a
+    /// link's exchanges in order (a node of an older version, during a rolling upgrade): it
+    /// gets one append at a time, which needs no order between calls.
+    pub fn pipelining_round_trip(&self, peer: NodeId) -> Option<Duration> {
         self.round_trips
             .lock()
             .expect("round trips lock")
             .get(&peer)
-            .and_then(|rt| rt.floor)
-            .map(|(least, _)| least)
+            .and_then(RoundTrip::pipelining)
+    }
+
+    /// Notes whether `peer` said, in an answer, that it takes a link's exchanges in order.
+    fn saw_order(&self, peer: NodeId, ordered: bool) {
+        let mut all = self.round_trips.lock().expect("round trips lock");
+        let rt = all.entry(peer).or_insert_with(RoundTrip::new);
+        rt.ordered = ordered;
     }
 
     /// Records how a call to `peer` went, and logs when that changes.
@@ -455,7 +473,7 @@ async fn run_link(
     let mut seq = 0;
     loop {
         // Wait for a free slot first: what queues meanwhile joins the next call.
-        let calls = exchanges_in_flight(transport.round_trip_to(target));
+        let calls = exchanges_in_flight(transport.pipelining_round_trip(target));
         let Ok(slot) = slots
             .clone()
             .acquire_many_owned((IN_FLIGHT_MAX / calls) as u32)
@@ -521,7 +539,9 @@ async fn run_link(
             }
             match result {
                 Ok(resp) => {
-                    for r in resp.into_inner().replies {
+                    let resp = resp.into_inner();
+                    transport.saw_order(target, resp.ordered);
+                    for r in resp.replies {
                         let Some(slot) = answers.get_mut(r.call_id as usize) else {
                             continue;
                         };
@@ -581,6 +601,23 @@ mod tests {
         // A nearer path shows at once.
         rt.observe(ms(1), ms(150));
         assert_eq!(rt.floor.map(|(f, _)| f), Some(ms(1)));
+    }
+
+    #[test]
+    fn nothing_is_pipelined_to_a_peer_that_does_not_keep_order() {
+        let ms = Duration::from_millis;
+        let mut rt = RoundTrip::new();
+        rt.observe(ms(40), ms(150));
+        // An older node's answers do not say `ordered`: one append, the fewest calls.
+        assert_eq!(rt.pipelining(), None);
+        assert_eq!(exchanges_in_flight(rt.pipelining()), IN_FLIGHT_MIN);
+        assert_eq!(crate::raft::network::appends_in_flight(rt.pipelining()), 1);
+        rt.ordered = true;
+        assert_eq!(rt.pipelining(), Some(ms(40)));
+        assert_eq!(crate::raft::network::appends_in_flight(rt.pipelining()), 21);
+        // Restarted as an older version again.
+        rt.ordered = false;
+        assert_eq!(rt.pipelining(), None);
     }
 
     #[test]
