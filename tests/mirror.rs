@@ -174,6 +174,27 @@ async fn a_mirror_in_another_cluster_copies_offsets_through_cuts_and_restarts() 
     assert_eq!(created.partitions, PARTITIONS);
     assert_eq!(created.mirror_of.unwrap().topic, SOURCE);
     wait_mirrored(&source, &mirror, "first copy").await;
+    // One replica of each partition pulls from the source; the others pull through it, so
+    // each batch crosses the link once.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for p in 0..PARTITIONS {
+        loop {
+            let mut via = Vec::new();
+            for i in mirror.live() {
+                via.push(progress(&mirror, i, p).await.map(|g| g.via));
+            }
+            let direct = via.iter().filter(|v| **v == Some(0)).count();
+            let through = via.iter().filter(|v| v.is_some_and(|n| n != 0)).count();
+            if (direct, through) == (1, 2) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "partition {p}: replicas pull through {via:?} (0: the source)"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 
     // Read-only to producers.
     let e = m

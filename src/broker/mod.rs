@@ -34,7 +34,7 @@ use tonic::transport::Channel;
 
 pub use error::{BrokerError, PeerAnswer, Result};
 pub use peers::{never_sent, Origin};
-pub use read::Read;
+pub use read::{mirror_progress, Read};
 pub use topic::{Outgoing, Topic};
 
 use crate::cluster::{ClusterState, TopicSpec};

@@ -155,12 +155,7 @@ impl Broker {
     pub fn nearest_first(&self, nodes: &[NodeId]) -> Vec<NodeId> {
         let me = self.member();
         let state = self.cluster();
-        let silent_after = Duration::from_millis(SILENT_HEARTBEATS * self.config.raft_heartbeat_ms)
-            .max(SILENT_MIN);
-        let silent = |n: NodeId| {
-            self.transport()
-                .is_some_and(|t| t.silent_for(n).is_none_or(|d| d > silent_after))
-        };
+        let silent = |n: NodeId| !self.heard_from(n);
         let mut order: Vec<NodeId> = nodes
             .iter()
             .copied()
@@ -176,6 +171,15 @@ impl Broker {
             (silent(*n), distance)
         });
         order
+    }
+
+    /// Whether this node heard from `node` lately (within a few heartbeats; always true on a
+    /// node without peers).
+    pub fn heard_from(&self, node: NodeId) -> bool {
+        let silent_after = Duration::from_millis(SILENT_HEARTBEATS * self.config.raft_heartbeat_ms)
+            .max(SILENT_MIN);
+        self.transport()
+            .is_none_or(|t| t.silent_for(node).is_some_and(|d| d <= silent_after))
     }
 
     /// Runs a read on another replica of a partition: the nearest first (same zone, then same

@@ -99,6 +99,7 @@ impl Broker {
                         high_watermark: f.high_watermark.0,
                         start_offset: f.start.0,
                         batches,
+                        mirror: f.mirror.as_ref().map(mirror_progress),
                     });
                 }
                 Ok(f) => {
@@ -115,6 +116,7 @@ impl Broker {
                         high_watermark: f.high_watermark.0,
                         start_offset: f.start.0,
                         batches: Vec::new(),
+                        mirror: None,
                     });
                 }
                 // A stale follower: a client's read goes to the nearest replica that is not.
@@ -445,6 +447,21 @@ pub fn records(
 /// The committed batches of a fetch as stored, control batches included, the first whole
 /// however large and the others while they fit in `max_bytes`; and the offset where the next
 /// fetch continues (the end of the last one).
+/// A mirror replica's progress from its source, as the API shows it.
+pub fn mirror_progress(m: &crate::shard::MirrorLag) -> pb::MirrorProgress {
+    pb::MirrorProgress {
+        source_end: m.source_end.0,
+        lag_records: m.records,
+        lag_ms: m.since_caught_up.as_millis() as u64,
+        contact_ms: m.contact.map(|d| d.as_millis() as u64),
+        error: m.error.clone().unwrap_or_default(),
+        stopped: m.stopped,
+        last_term: m.last.map_or(0, |l| l.0),
+        last_index: m.last.map_or(0, |l| l.1),
+        via: m.via.map_or(0, |n| n.0),
+    }
+}
+
 pub fn raw_batches(f: &Fetched, max_bytes: usize) -> (Vec<bytes::Bytes>, u64) {
     let mut out = Vec::new();
     let mut bytes = 0usize;

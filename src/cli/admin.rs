@@ -153,6 +153,7 @@ pub fn partition_json(p: &pb::PartitionInfo) -> serde_json::Value {
         "mirror": p.mirror.as_ref().map(|m| serde_json::json!({
             "source_end": m.source_end, "lag_records": m.lag_records, "lag_ms": m.lag_ms,
             "contact_ms": m.contact_ms, "error": (!m.error.is_empty()).then_some(&m.error),
+            "via": (m.via != 0).then_some(m.via),
         })),
     })
 }

@@ -68,6 +68,7 @@ pub async fn read(
                 high_watermark: start,
                 start_offset: start,
                 batches: Vec::new(),
+                mirror: None,
             })
         }
         r => Ok(r?),

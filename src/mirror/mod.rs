@@ -17,7 +17,7 @@
 //! they were copied (counted in `tern_mirror_records_skipped`).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
 use tonic::transport::Channel;
@@ -26,7 +26,7 @@ use crate::broker::{Broker, BrokerError};
 use crate::cluster::MirrorOf;
 use crate::proto::v1 as pb;
 use crate::proto::v1::tern_client::TernClient;
-use crate::shard::mirror::Pulled;
+use crate::shard::mirror::{Pulled, Upstream};
 use crate::shard::{CoreRequest, PartitionKey};
 use crate::tls::ClientTls;
 use crate::types::{CoreId, NodeId, Offset};
@@ -40,6 +40,10 @@ const PULL_SLACK: Duration = Duration::from_secs(10);
 /// Pause after a failed pull, doubling up to the most.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A replica pulled through that last heard from the source longer ago than this is passed by
+/// for [`UPSTREAM_PASSED`]; so is one that cannot be pulled through.
+const UPSTREAM_STALE: Duration = Duration::from_secs(3);
+const UPSTREAM_PASSED: Duration = Duration::from_secs(10);
 /// How long asking a source about its topic may take.
 const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -272,6 +276,8 @@ async fn pull(broker: Arc<Broker>, key: PartitionKey, core: CoreId, of: MirrorOf
     let mut end: Option<Offset> = None;
     let mut reported: Option<String> = None;
     let mut feed: Option<Feed> = None;
+    // Pulls go to the source directly until then (the replica to pull through failed).
+    let mut direct_until: Option<Instant> = None;
     tracing::info!(partition = %key, source = %of, "mirroring");
     loop {
         if broker.is_closing() {
@@ -300,6 +306,47 @@ async fn pull(broker: Arc<Broker>, key: PartitionKey, core: CoreId, of: MirrorOf
                 }
             },
         };
+        // Through an earlier replica in this region, when there is one that works.
+        let via = broker
+            .topic(&key.topic)
+            .ok()
+            .filter(|_| direct_until.is_none_or(|t| Instant::now() >= t))
+            .and_then(|t| upstream(&broker, &t, partition).map(|n| (n, t)));
+        if let Some((node, topic)) = via {
+            match next_via(&broker, node, &mut feed, &topic, partition, from).await {
+                Ok(pulled) => {
+                    // A replica that has not heard from the source lately is passed by: this
+                    // one may reach the source when it does not.
+                    if let Pulled::Batches { via: Some(up), .. } = &pulled {
+                        if up.contact.is_none_or(|c| c > UPSTREAM_STALE) {
+                            direct_until = Some(Instant::now() + UPSTREAM_PASSED);
+                        }
+                    }
+                    match take(&broker, &key, core, pulled).await {
+                        Ok(p) => {
+                            end = Some(p.next);
+                            backoff = BACKOFF_MIN;
+                        }
+                        Err(e) => {
+                            end = None;
+                            feed = None;
+                            tracing::debug!(partition = %key, error = %e, "mirror replica did not take a pull");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(BACKOFF_MAX);
+                        }
+                    }
+                }
+                Err(why) => {
+                    tracing::debug!(partition = %key, %node, error = %why, "cannot pull through another replica; pulling from the source");
+                    feed = None;
+                    direct_until = Some(Instant::now() + UPSTREAM_PASSED);
+                }
+            }
+            continue;
+        }
+        if feed.as_ref().is_some_and(|f| f.via.is_some()) {
+            feed = None;
+        }
         let src = match source.as_mut() {
             Some(s) => s,
             None => match Access::of(&broker) {
@@ -520,6 +567,8 @@ struct Feed {
     from: Offset,
     /// How the stream ended after the answers last taken.
     failed: Option<tonic::Status>,
+    /// Opened to another replica of the mirror (this cluster's node), not to the source.
+    via: Option<NodeId>,
 }
 
 /// Answers of a stream taken in together, at most: those that arrived while the replica took
@@ -547,9 +596,11 @@ async fn next(
     };
     let open = match feed.take() {
         Some(Feed {
-            failed: Some(s), ..
+            failed: Some(s),
+            via: None,
+            ..
         }) => return refused(source, &mut c, s, topic, partition, from).await,
-        Some(f) if f.from == from => f,
+        Some(f) if f.via.is_none() && f.from == from => f,
         _ => {
             let call = source
                 .access
@@ -559,6 +610,7 @@ async fn next(
                     answers: r.into_inner(),
                     from,
                     failed: None,
+                    via: None,
                 },
                 Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => {
                     tracing::info!(
@@ -574,9 +626,32 @@ async fn next(
         }
     };
     let mut open = open;
+    match receive(&mut open, from).await {
+        Got::Answer(r) => {
+            *feed = Some(open);
+            answer(r)
+        }
+        Got::Ended => Pulled::Failed(format!("{}: the source ended the stream", source.address())),
+        Got::Refused(s) => refused(source, &mut c, s, topic, partition, from).await,
+        Got::Silent => silent(source),
+    }
+}
+
+/// What an open stream gave.
+enum Got {
+    /// An answer, with those that had arrived after it merged in.
+    Answer(pb::FetchResponse),
+    Ended,
+    Refused(tonic::Status),
+    /// Nothing within the long poll and its slack.
+    Silent,
+}
+
+/// The next answer of the stream `open` (which continues at `from`), and those already
+/// arrived after it, as one: they go to the replica as one append (one fsync).
+async fn receive(open: &mut Feed, from: Offset) -> Got {
     match tokio::time::timeout(PULL_WAIT + PULL_SLACK, open.answers.message()).await {
         Ok(Ok(Some(mut r))) => {
-            // And those already here, as one.
             let mut bytes: usize = r.batches.iter().map(|b| b.len()).sum();
             for _ in 1..DRAIN_ANSWERS {
                 if bytes >= PULL_BYTES as usize {
@@ -589,6 +664,9 @@ async fn next(
                         r.next_offset = more.next_offset;
                         r.high_watermark = r.high_watermark.max(more.high_watermark);
                         r.start_offset = more.start_offset;
+                        if more.mirror.is_some() {
+                            r.mirror = more.mirror;
+                        }
                     }
                     Some(Some(Err(s))) => {
                         open.failed = Some(s);
@@ -598,14 +676,93 @@ async fn next(
                 }
             }
             open.from = Offset(r.next_offset.max(from.0));
+            Got::Answer(r)
+        }
+        Ok(Ok(None)) => Got::Ended,
+        Ok(Err(s)) => Got::Refused(s),
+        Err(_) => Got::Silent,
+    }
+}
+
+/// A replica of the mirror in this node's region listed before this one for the partition,
+/// and heard from lately: this replica pulls through it instead of crossing to the source
+/// (one copy of each batch crosses the WAN per region, not one per replica). None for the
+/// first replica of a region, which pulls from the source. Always an earlier replica, so two
+/// replicas never pull through each other.
+fn upstream(broker: &Broker, topic: &crate::broker::Topic, partition: u32) -> Option<NodeId> {
+    let me = broker.node_id();
+    let replicas = topic.replicas(partition);
+    let mine = replicas.iter().position(|n| *n == me)?;
+    let state = broker.cluster();
+    let region = |n: &NodeId| state.nodes.get(n).map(|m| m.region.clone());
+    let here = region(&me);
+    replicas[..mine]
+        .iter()
+        .copied()
+        .find(|n| region(n) == here && broker.heard_from(*n))
+}
+
+/// What the replica `node` of this mirror has from offset `from`, through a stream open to it
+/// (opened now if the one open does not start there): its batches and its own progress from
+/// the source. An error says why it cannot be used now.
+async fn next_via(
+    broker: &Broker,
+    node: NodeId,
+    feed: &mut Option<Feed>,
+    topic: &crate::broker::Topic,
+    partition: u32,
+    from: Offset,
+) -> Result<Pulled, String> {
+    let open = match feed.take() {
+        Some(Feed {
+            via: Some(n),
+            failed: Some(s),
+            ..
+        }) if n == node => return Err(s.message().to_string()),
+        Some(f) if f.via == Some(node) && f.from == from => f,
+        _ => {
+            let mut c = broker.peer_client(node).map_err(|e| e.to_string())?;
+            let req = ask(
+                &topic.spec.name,
+                partition,
+                from,
+                std::num::NonZeroU64::new(topic.spec.uid.0),
+            );
+            let call = broker.relay(req, &crate::broker::Origin::default());
+            match tokio::time::timeout(PULL_SLACK, c.fetch_stream(call)).await {
+                Ok(Ok(r)) => Feed {
+                    answers: r.into_inner(),
+                    from,
+                    failed: None,
+                    via: Some(node),
+                },
+                Ok(Err(s)) => return Err(s.message().to_string()),
+                Err(_) => return Err("no answer".into()),
+            }
+        }
+    };
+    let mut open = open;
+    match receive(&mut open, from).await {
+        Got::Answer(r) => {
+            let Some(m) = r.mirror else {
+                return Err("it answered as no mirror replica".into());
+            };
             *feed = Some(open);
-            answer(r)
+            Ok(Pulled::Batches {
+                batches: r.batches,
+                source_start: Offset(r.start_offset),
+                source_end: Offset(r.high_watermark),
+                via: Some(Upstream {
+                    node,
+                    source_end: Offset(m.source_end),
+                    contact: m.contact_ms.map(Duration::from_millis),
+                    since_caught_up: Duration::from_millis(m.lag_ms),
+                }),
+            })
         }
-        Ok(Ok(None)) => {
-            Pulled::Failed(format!("{}: the source ended the stream", source.address()))
-        }
-        Ok(Err(s)) => refused(source, &mut c, s, topic, partition, from).await,
-        Err(_) => silent(source),
+        Got::Ended => Err("it ended the stream".into()),
+        Got::Refused(s) => Err(s.message().to_string()),
+        Got::Silent => Err("no answer".into()),
     }
 }
 
@@ -634,6 +791,7 @@ fn answer(r: pb::FetchResponse) -> Pulled {
         batches: r.batches,
         source_start: Offset(r.start_offset),
         source_end: Offset(r.high_watermark),
+        via: None,
     }
 }
 

@@ -30,6 +30,10 @@ pub enum Pulled {
         batches: Vec<Bytes>,
         source_start: Offset,
         source_end: Offset,
+        /// Pulled from another replica of the mirror, which answered with its own progress
+        /// from the source: this replica's view of the source is the same, older by what the
+        /// other replica holds that this one does not.
+        via: Option<Upstream>,
     },
     /// The source no longer holds this replica's end (its retention deleted records not
     /// copied yet): the log starts over, empty, at the source's start.
@@ -46,6 +50,19 @@ pub enum Pulled {
     Copied { batches: Vec<Bytes>, upto: Offset },
 }
 
+/// Another replica's progress from the source, as it answered a pull.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// That replica's node.
+    pub node: crate::types::NodeId,
+    /// The source's committed end when it last answered that replica.
+    pub source_end: Offset,
+    /// How long before its answer the source last answered it.
+    pub contact: Option<Duration>,
+    /// How long before its answer it last held everything the source had committed.
+    pub since_caught_up: Duration,
+}
+
 /// What a replica knows of its source.
 #[derive(Debug, Default)]
 struct Source {
@@ -56,6 +73,8 @@ struct Source {
     /// When the source last answered while this replica held everything it had committed.
     caught_up: Option<Instant>,
     error: Option<String>,
+    /// The replica the last pull went through (`None`: the source).
+    via: Option<crate::types::NodeId>,
 }
 
 pub struct Mirror {
@@ -189,12 +208,38 @@ impl Mirror {
                 batches,
                 source_start: _,
                 source_end,
+                via: Some(up),
+            } => {
+                // Through another replica: the source as that replica last saw it.
+                let result = self.append(batches, source_end, false).await;
+                let end = self.log.positions().next;
+                let mut s = self.source.borrow_mut();
+                s.end = Some(up.source_end.max(s.end.unwrap_or_default()));
+                s.contact = up.contact.and_then(|d| now.checked_sub(d));
+                s.via = Some(up.node);
+                match &result {
+                    Ok(()) => s.error = None,
+                    Err(e) => s.error = Some(e.to_string()),
+                }
+                // Holding all the other replica held: as fresh as it was.
+                if end >= source_end {
+                    s.caught_up = now.checked_sub(up.since_caught_up).or(s.caught_up);
+                }
+                drop(s);
+                return result.map(|()| self.log.positions());
+            }
+            Pulled::Batches {
+                batches,
+                source_start: _,
+                source_end,
+                via: None,
             } => (source_end, self.append(batches, source_end, false).await),
         };
         let end = self.log.positions().next;
         let mut s = self.source.borrow_mut();
         s.end = Some(source_end.max(s.end.unwrap_or_default()));
         s.contact = Some(now);
+        s.via = None;
         match &result {
             Ok(()) => s.error = None,
             Err(e) => s.error = Some(e.to_string()),
@@ -293,7 +338,9 @@ impl Mirror {
         max_wait: Duration,
         whole: bool,
     ) -> Result<Fetched, CoreError> {
-        fetch::fetch(self, from, max_bytes, max_wait, false, whole).await
+        let mut f = fetch::fetch(self, from, max_bytes, max_wait, false, whole).await?;
+        f.mirror = Some(self.lag());
+        Ok(f)
     }
 
     pub async fn list_offsets(&self, at: StartAt) -> Result<ListedOffsets, CoreError> {
@@ -314,6 +361,7 @@ impl Mirror {
             error: s.error.clone(),
             stopped: self.stopped.get(),
             last: self.last.get(),
+            via: s.via,
         }
     }
 

@@ -204,6 +204,8 @@ pub struct MirrorLag {
     pub stopped: bool,
     /// The source's Raft stamps (term, index) of the last batch the replica holds.
     pub last: Option<(u64, u64)>,
+    /// The other replica the last pull went through (`None`: the source itself).
+    pub via: Option<crate::types::NodeId>,
 }
 
 /// Offsets given to the records of one append, in order.
@@ -272,6 +274,8 @@ pub struct Fetched {
     pub until: Offset,
     pub start: Offset,
     pub high_watermark: Offset,
+    /// Read from a mirror's replica: its progress from its source.
+    pub mirror: Option<MirrorLag>,
 }
 
 /// What opening a partition's replica needs.

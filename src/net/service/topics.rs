@@ -84,16 +84,7 @@ pub async fn partitions(broker: &Broker, t: &Topic) -> Vec<pb::PartitionInfo> {
                 info.local = true;
                 info.term = s.term;
                 info.quiet = s.quiet;
-                info.mirror = s.mirror.clone().map(|m| pb::MirrorProgress {
-                    source_end: m.source_end.0,
-                    lag_records: m.records,
-                    lag_ms: m.since_caught_up.as_millis() as u64,
-                    contact_ms: m.contact.map(|d| d.as_millis() as u64),
-                    error: m.error.unwrap_or_default(),
-                    stopped: m.stopped,
-                    last_term: m.last.map_or(0, |l| l.0),
-                    last_index: m.last.map_or(0, |l| l.1),
-                });
+                info.mirror = s.mirror.as_ref().map(crate::broker::mirror_progress);
                 info.followers = broker
                     .follower_lags(&s)
                     .into_iter()

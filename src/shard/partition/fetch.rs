@@ -115,6 +115,7 @@ pub(in crate::shard) async fn fetch(
                 until: read.until,
                 start: p.start,
                 high_watermark: p.committed,
+                mirror: None,
             });
         }
         if arriving && now >= deadline {
@@ -124,6 +125,7 @@ pub(in crate::shard) async fn fetch(
                 until: p.committed,
                 start: p.start,
                 high_watermark: p.committed,
+                mirror: None,
             });
         }
         let (tx, rx) = oneshot::channel();
