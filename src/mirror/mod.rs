@@ -44,6 +44,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// for [`UPSTREAM_PASSED`]; so is one that cannot be pulled through.
 const UPSTREAM_STALE: Duration = Duration::from_secs(3);
 const UPSTREAM_PASSED: Duration = Duration::from_secs(10);
+/// ... and one that answers without its progress (an older version) for this long.
+const UPSTREAM_OLDER: Duration = Duration::from_secs(300);
 /// How long asking a source about its topic may take.
 const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -276,6 +278,8 @@ async fn pull(broker: Arc<Broker>, key: PartitionKey, core: CoreId, of: MirrorOf
     let mut end: Option<Offset> = None;
     let mut reported: Option<String> = None;
     let mut feed: Option<Feed> = None;
+    // The stream to the replica pulled through (`feed` stays the source's).
+    let mut via_feed: Option<Feed> = None;
     // Pulls go to the source directly until then (the replica to pull through failed).
     let mut direct_until: Option<Instant> = None;
     tracing::info!(partition = %key, source = %of, "mirroring");
@@ -287,8 +291,9 @@ async fn pull(broker: Arc<Broker>, key: PartitionKey, core: CoreId, of: MirrorOf
         match broker.topic(&key.topic) {
             Ok(t) if t.spec.mirror.is_none() => return,
             Ok(t) if t.spec.promotion.is_some() => {
-                // The stream from the source is not read again.
+                // The streams are not read again.
                 drop(feed.take());
+                drop(via_feed.take());
                 promote(&broker, &key, core, partition).await;
                 return;
             }
@@ -313,12 +318,14 @@ async fn pull(broker: Arc<Broker>, key: PartitionKey, core: CoreId, of: MirrorOf
             .filter(|_| direct_until.is_none_or(|t| Instant::now() >= t))
             .and_then(|t| upstream(&broker, &t, partition).map(|n| (n, t)));
         if let Some((node, topic)) = via {
-            match next_via(&broker, node, &mut feed, &topic, partition, from).await {
+            match next_via(&broker, node, &mut via_feed, &topic, partition, from).await {
                 Ok(pulled) => {
-                    // A replica that has not heard from the source lately is passed by: this
-                    // one may reach the source when it does not.
+                    // Through the other replica from now on: the source's stream goes.
+                    feed = None;
+                    // A replica that has not heard from the source lately, or whose own pulls
+                    // fail, is passed by: this one may reach the source when it does not.
                     if let Pulled::Batches { via: Some(up), .. } = &pulled {
-                        if up.contact.is_none_or(|c| c > UPSTREAM_STALE) {
+                        if up.contact.is_none_or(|c| c > UPSTREAM_STALE) || up.failing {
                             direct_until = Some(Instant::now() + UPSTREAM_PASSED);
                         }
                     }
@@ -329,24 +336,23 @@ async fn pull(broker: Arc<Broker>, key: PartitionKey, core: CoreId, of: MirrorOf
                         }
                         Err(e) => {
                             end = None;
-                            feed = None;
+                            via_feed = None;
                             tracing::debug!(partition = %key, error = %e, "mirror replica did not take a pull");
                             tokio::time::sleep(backoff).await;
                             backoff = (backoff * 2).min(BACKOFF_MAX);
                         }
                     }
                 }
-                Err(why) => {
+                Err((why, pass)) => {
+                    // The source's stream, if open, is kept: the pulls go on from it.
                     tracing::debug!(partition = %key, %node, error = %why, "cannot pull through another replica; pulling from the source");
-                    feed = None;
-                    direct_until = Some(Instant::now() + UPSTREAM_PASSED);
+                    via_feed = None;
+                    direct_until = Some(Instant::now() + pass);
                 }
             }
             continue;
         }
-        if feed.as_ref().is_some_and(|f| f.via.is_some()) {
-            feed = None;
-        }
+        via_feed = None;
         let src = match source.as_mut() {
             Some(s) => s,
             None => match Access::of(&broker) {
@@ -712,16 +718,22 @@ async fn next_via(
     topic: &crate::broker::Topic,
     partition: u32,
     from: Offset,
-) -> Result<Pulled, String> {
+) -> Result<Pulled, (String, Duration)> {
+    let failed = |why: String| (why, UPSTREAM_PASSED);
     let open = match feed.take() {
         Some(Feed {
             via: Some(n),
             failed: Some(s),
             ..
-        }) if n == node => return Err(s.message().to_string()),
+        }) if n == node => return Err(failed(s.message().to_string())),
         Some(f) if f.via == Some(node) && f.from == from => f,
         _ => {
-            let mut c = broker.peer_client(node).map_err(|e| e.to_string())?;
+            // A pull answers at least one whole batch, which may be as large as the format
+            // allows.
+            let mut c = broker
+                .peer_client(node)
+                .map_err(|e| failed(e.to_string()))?
+                .max_decoding_message_size(crate::log::batch::BATCH_LEN_MAX + (1 << 20));
             let req = ask(
                 &topic.spec.name,
                 partition,
@@ -736,8 +748,8 @@ async fn next_via(
                     failed: None,
                     via: Some(node),
                 },
-                Ok(Err(s)) => return Err(s.message().to_string()),
-                Err(_) => return Err("no answer".into()),
+                Ok(Err(s)) => return Err(failed(s.message().to_string())),
+                Err(_) => return Err(failed("no answer".into())),
             }
         }
     };
@@ -745,8 +757,17 @@ async fn next_via(
     match receive(&mut open, from).await {
         Got::Answer(r) => {
             let Some(m) = r.mirror else {
-                return Err("it answered as no mirror replica".into());
+                // An older version (or no longer a mirror's replica): not asked again soon.
+                return Err((
+                    "it answered without its progress from the source".into(),
+                    UPSTREAM_OLDER,
+                ));
             };
+            if m.via == broker.node_id().0 {
+                // Its view of the replica order differs from this node's (metadata applied at
+                // different times): the two would wait on each other.
+                return Err(failed("it pulls through this replica".into()));
+            }
             *feed = Some(open);
             Ok(Pulled::Batches {
                 batches: r.batches,
@@ -754,15 +775,16 @@ async fn next_via(
                 source_end: Offset(r.high_watermark),
                 via: Some(Upstream {
                     node,
+                    failing: !m.error.is_empty(),
+                    caught_up: m.lag_records == 0,
                     source_end: Offset(m.source_end),
                     contact: m.contact_ms.map(Duration::from_millis),
-                    since_caught_up: Duration::from_millis(m.lag_ms),
                 }),
             })
         }
-        Got::Ended => Err("it ended the stream".into()),
-        Got::Refused(s) => Err(s.message().to_string()),
-        Got::Silent => Err("no answer".into()),
+        Got::Ended => Err(failed("it ended the stream".into())),
+        Got::Refused(s) => Err(failed(s.message().to_string())),
+        Got::Silent => Err(failed("no answer".into())),
     }
 }
 

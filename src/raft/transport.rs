@@ -535,7 +535,12 @@ async fn run_link(
                 Err(s) if s.metadata().contains_key(crate::proto::metadata::REMOVED) => {
                     transport.removed.send_replace(true);
                 }
-                Err(s) => transport.saw(target, &addr, false, Some(s.message())),
+                Err(s) => {
+                    // It may come back as another version: nothing is pipelined to it until
+                    // its answers say it keeps order again.
+                    transport.saw_order(target, false);
+                    transport.saw(target, &addr, false, Some(s.message()));
+                }
             }
             match result {
                 Ok(resp) => {

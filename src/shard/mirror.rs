@@ -55,12 +55,14 @@ pub enum Pulled {
 pub struct Upstream {
     /// That replica's node.
     pub node: crate::types::NodeId,
+    /// Its last pull from the source failed.
+    pub failing: bool,
+    /// It held everything the source had committed when the source last answered it.
+    pub caught_up: bool,
     /// The source's committed end when it last answered that replica.
     pub source_end: Offset,
     /// How long before its answer the source last answered it.
     pub contact: Option<Duration>,
-    /// How long before its answer it last held everything the source had committed.
-    pub since_caught_up: Duration,
 }
 
 /// What a replica knows of its source.
@@ -215,15 +217,19 @@ impl Mirror {
                 let end = self.log.positions().next;
                 let mut s = self.source.borrow_mut();
                 s.end = Some(up.source_end.max(s.end.unwrap_or_default()));
-                s.contact = up.contact.and_then(|d| now.checked_sub(d));
+                // The source answered the other replica then: the later of that and this
+                // replica's own last contact.
+                let contact = up.contact.and_then(|d| now.checked_sub(d));
+                s.contact = s.contact.max(contact);
                 s.via = Some(up.node);
                 match &result {
                     Ok(()) => s.error = None,
                     Err(e) => s.error = Some(e.to_string()),
                 }
-                // Holding all the other replica held: as fresh as it was.
-                if end >= source_end {
-                    s.caught_up = now.checked_sub(up.since_caught_up).or(s.caught_up);
+                // Holding all the other replica held, which held all the source had when it
+                // last answered: caught up as of that answer.
+                if end >= source_end && up.caught_up {
+                    s.caught_up = s.caught_up.max(contact);
                 }
                 drop(s);
                 return result.map(|()| self.log.positions());

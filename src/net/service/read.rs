@@ -26,8 +26,21 @@ const FETCH_BYTES_MAX: usize = 16 << 20;
 const LIST_OFFSETS_PARALLEL: usize = 32;
 
 /// What a Fetch asks, checked: the topic and the read, its limits clamped.
-fn read_of(broker: &Broker, r: &pb::FetchRequest) -> Result<(Arc<Topic>, Read), Status> {
+fn read_of(
+    broker: &Broker,
+    r: &pb::FetchRequest,
+    origin: &Origin,
+) -> Result<(Arc<Topic>, Read), Status> {
     let t = broker.topic(&r.topic).map_err(from_broker)?;
+    if r.topic_uid != 0 && r.topic_uid != t.spec.uid.0 && origin.relayed() {
+        // Another node relayed it with its view of the topic: one of the two has not applied
+        // the topic's deletion or creation yet; another replica (or a retry) may serve it.
+        return Err(Status::unavailable(format!(
+            "this node's metadata has another topic {:?} (uid {}) than the relaying node's \
+             ({}); retry",
+            r.topic, t.spec.uid.0, r.topic_uid
+        )));
+    }
     if r.topic_uid != 0 && r.topic_uid != t.spec.uid.0 {
         return Err(Status::failed_precondition(format!(
             "topic {:?} is not the one asked for (uid {}, asked {}): it was deleted and created \
@@ -60,7 +73,7 @@ pub async fn fetch(
     r: pb::FetchRequest,
     origin: &Origin,
 ) -> Result<pb::FetchResponse, Status> {
-    let (t, read) = read_of(broker, &r)?;
+    let (t, read) = read_of(broker, &r, origin)?;
     broker
         .read(&t, r.partition, read, origin)
         .await
@@ -87,7 +100,7 @@ pub fn fetch_stream(
     caller: Caller,
     r: pb::FetchRequest,
 ) -> Result<BoxStream<pb::FetchResponse>, Status> {
-    let (topic, mut read) = read_of(&broker, &r)?;
+    let (topic, mut read) = read_of(&broker, &r, &caller.origin())?;
     read.max_wait = match r.max_wait_ms {
         0 => FETCH_STREAM_WAIT_DEFAULT,
         _ => read.max_wait.max(FETCH_STREAM_WAIT_MIN),
