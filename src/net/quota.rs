@@ -142,19 +142,18 @@ impl Quotas {
             .unwrap_or(MAX_DELAY)
     }
 
-    /// How long a read stream should pause to stay within the principal's consume quota.
+    /// Charges what a read stream (Subscribe, Consume) just returned; answers how long it should
+    /// pause to stay within the principal's consume quota, this read's bytes included.
     pub fn consume_wait(
         &self,
         broker: &Broker,
         caller: &Caller,
         bytes: impl FnOnce() -> u64,
     ) -> Duration {
-        let cost = || Cost {
+        self.read_wait(broker, caller, || Cost {
             consume_bytes: bytes(),
             ..Cost::default()
-        };
-        self.charge(broker, caller, cost, false)
-            .unwrap_or(MAX_DELAY)
+        })
     }
 
     fn charge(
