@@ -384,6 +384,21 @@ async fn a_mirror_in_another_cluster_copies_offsets_through_cuts_and_restarts() 
     }
 }
 
+/// Creates the mirror of `source`'s topic, with `rf` replicas.
+async fn create_mirror(m: &mut TernClient<Channel>, source: &Cluster, rf: u32) {
+    m.create_topic(pb::CreateTopicRequest {
+        name: MIRROR.into(),
+        replication_factor: rf,
+        mirror_of: Some(pb::MirrorOf {
+            topic: SOURCE.into(),
+            addresses: vec![source.addrs[0].clone()],
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("create the mirror");
+}
+
 /// Publishes (retrying while the partition has no leader yet) and answers the offsets.
 async fn publish_retrying_acks(c: &mut TernClient<Channel>, req: pb::PublishRequest) -> Vec<u64> {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -409,17 +424,7 @@ async fn a_replica_down_during_the_promotion_rejoins_the_promoted_topic() {
     publish(&mut src, "a", 20).await;
     let mut mirror = Cluster::start(3).await;
     let mut m = mirror.client(0).await;
-    m.create_topic(pb::CreateTopicRequest {
-        name: MIRROR.into(),
-        replication_factor: 3,
-        mirror_of: Some(pb::MirrorOf {
-            topic: SOURCE.into(),
-            addresses: vec![source.addrs[0].clone()],
-        }),
-        ..Default::default()
-    })
-    .await
-    .expect("create the mirror");
+    create_mirror(&mut m, &source, 3).await;
     wait_mirrored(&source, &mirror, "first copy").await;
 
     // Node 3 goes down; the source goes on; the others copy it.
@@ -514,17 +519,7 @@ async fn a_source_topic_created_again_is_not_copied() {
     publish(&mut src, "old", 40).await;
     let mirror = Cluster::start(1).await;
     let mut m = mirror.client(0).await;
-    m.create_topic(pb::CreateTopicRequest {
-        name: MIRROR.into(),
-        replication_factor: 1,
-        mirror_of: Some(pb::MirrorOf {
-            topic: SOURCE.into(),
-            addresses: vec![source.addrs[0].clone()],
-        }),
-        ..Default::default()
-    })
-    .await
-    .expect("create the mirror");
+    create_mirror(&mut m, &source, 1).await;
     wait_mirrored(&source, &mirror, "first copy").await;
     let mut had = Vec::new();
     for p in 0..PARTITIONS {

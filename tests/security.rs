@@ -943,62 +943,78 @@ fn a_node_of_another_cluster_is_refused() {
     });
 }
 
+/// One node under `dir` with authentication required and the bootstrap token.
+fn auth_node(dir: &Path) -> TestNode {
+    let token = dir.join("t");
+    std::fs::write(&token, BOOTSTRAP).unwrap();
+    TestNode::start(
+        &dir.join("n1"),
+        &[
+            "--node-id",
+            "1",
+            "--auth",
+            "required",
+            "--bootstrap-token-file",
+            token.to_str().unwrap(),
+        ],
+    )
+}
+
+/// A new user `name`, a one-partition `topic`, and an ACL allowing the user `op` on it; the
+/// user's token.
+async fn user_with_topic(
+    admin: &mut TernClient<Channel>,
+    name: &str,
+    topic: &str,
+    op: pb::AclOperation,
+) -> String {
+    let token = admin
+        .create_user(req(
+            pb::CreateUserRequest { name: name.into() },
+            Some(BOOTSTRAP),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    admin
+        .create_topic(req(
+            pb::CreateTopicRequest {
+                name: topic.into(),
+                partitions: 1,
+                ..Default::default()
+            },
+            Some(BOOTSTRAP),
+        ))
+        .await
+        .unwrap();
+    admin
+        .add_acl(req(
+            pb::AclRequest {
+                acl: Some(pb::Acl {
+                    principal: name.into(),
+                    resource: pb::ResourceType::Topic as i32,
+                    name: topic.into(),
+                    operation: op as i32,
+                    ..Default::default()
+                }),
+            },
+            Some(BOOTSTRAP),
+        ))
+        .await
+        .unwrap();
+    token
+}
+
 #[test]
 fn a_fetch_stream_is_held_to_its_consume_quota_and_says_it_is_alive_meanwhile() {
     let _serial = serial();
     rt().block_on(async {
         let tmp = tempfile::tempdir().unwrap();
-        let token = tmp.path().join("t");
-        std::fs::write(&token, BOOTSTRAP).unwrap();
-        let node = TestNode::start(
-            &tmp.path().join("n1"),
-            &[
-                "--node-id",
-                "1",
-                "--auth",
-                "required",
-                "--bootstrap-token-file",
-                token.to_str().unwrap(),
-            ],
-        );
+        let node = auth_node(tmp.path());
         let mut admin = node.client().await;
-        let reader = admin
-            .create_user(req(
-                pb::CreateUserRequest {
-                    name: "reader".into(),
-                },
-                Some(BOOTSTRAP),
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .token;
-        admin
-            .create_topic(req(
-                pb::CreateTopicRequest {
-                    name: "big".into(),
-                    partitions: 1,
-                    ..Default::default()
-                },
-                Some(BOOTSTRAP),
-            ))
-            .await
-            .unwrap();
-        admin
-            .add_acl(req(
-                pb::AclRequest {
-                    acl: Some(pb::Acl {
-                        principal: "reader".into(),
-                        resource: pb::ResourceType::Topic as i32,
-                        name: "big".into(),
-                        operation: pb::AclOperation::Subscribe as i32,
-                        ..Default::default()
-                    }),
-                },
-                Some(BOOTSTRAP),
-            ))
-            .await
-            .unwrap();
+        let reader =
+            user_with_topic(&mut admin, "reader", "big", pb::AclOperation::Subscribe).await;
         const QUOTA: u64 = 20_000;
         admin
             .set_quota(req(
@@ -1069,55 +1085,11 @@ fn a_flooding_producer_is_held_to_its_quota() {
     let _serial = serial();
     rt().block_on(async {
         let tmp = tempfile::tempdir().unwrap();
-        let token = tmp.path().join("t");
-        std::fs::write(&token, BOOTSTRAP).unwrap();
-        let node = TestNode::start(
-            &tmp.path().join("n1"),
-            &[
-                "--node-id",
-                "1",
-                "--auth",
-                "required",
-                "--bootstrap-token-file",
-                token.to_str().unwrap(),
-            ],
-        );
+        let node = auth_node(tmp.path());
         let mut admin = node.client().await;
         let mut tokens = Vec::new();
         for name in ["heavy", "light"] {
-            let t = admin
-                .create_user(req(pb::CreateUserRequest { name: name.into() }, Some(BOOTSTRAP)))
-                .await
-                .unwrap()
-                .into_inner()
-                .token;
-            admin
-                .create_topic(req(
-                    pb::CreateTopicRequest {
-                        name: name.into(),
-                        partitions: 1,
-                        ..Default::default()
-                    },
-                    Some(BOOTSTRAP),
-                ))
-                .await
-                .unwrap();
-            admin
-                .add_acl(req(
-                    pb::AclRequest {
-                        acl: Some(pb::Acl {
-                            principal: name.into(),
-                            resource: pb::ResourceType::Topic as i32,
-                            name: name.into(),
-                            operation: pb::AclOperation::Publish as i32,
-                            ..Default::default()
-                        }),
-                    },
-                    Some(BOOTSTRAP),
-                ))
-                .await
-                .unwrap();
-            tokens.push(t);
+            tokens.push(user_with_topic(&mut admin, name, name, pb::AclOperation::Publish).await);
         }
         const QUOTA: u64 = 100_000;
         admin
