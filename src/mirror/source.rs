@@ -264,7 +264,7 @@ pub(super) async fn next(
         Ok(c) => c,
         Err(e) => return Pulled::Failed(e.to_string()),
     };
-    let open = match feed.take() {
+    let mut open = match feed.take() {
         Some(Feed {
             failed: Some(s),
             via: None,
@@ -295,7 +295,6 @@ pub(super) async fn next(
             }
         }
     };
-    let mut open = open;
     match receive(&mut open, from).await {
         Got::Answer(r) => {
             *feed = Some(open);

@@ -7,7 +7,8 @@ use super::{PULL_BYTES, PULL_SLACK, PULL_WAIT};
 use crate::proto::v1 as pb;
 use crate::types::{NodeId, Offset};
 
-/// A FetchStream open to the source, and the offset its next answer starts at.
+/// A FetchStream open to the source or to another replica of the mirror, and the offset its
+/// next answer starts at.
 pub(super) struct Feed {
     pub(super) answers: tonic::Streaming<pb::FetchResponse>,
     pub(super) from: Offset,

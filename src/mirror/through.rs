@@ -52,7 +52,7 @@ pub(super) async fn next_via(
     from: Offset,
 ) -> Result<Pulled, (String, Duration)> {
     let failed = |why: String| (why, UPSTREAM_PASSED);
-    let open = match feed.take() {
+    let mut open = match feed.take() {
         Some(Feed {
             via: Some(n),
             failed: Some(s),
@@ -85,7 +85,6 @@ pub(super) async fn next_via(
             }
         }
     };
-    let mut open = open;
     match receive(&mut open, from).await {
         Got::Answer(r) => {
             let Some(m) = r.mirror else {

@@ -167,7 +167,7 @@ impl Mirror {
             return Err(CoreError::Log(LogError::Closed));
         }
         let now = Instant::now();
-        let (source_end, result) = match pulled {
+        let (source_end, result, via) = match pulled {
             Pulled::Stop => {
                 if !self.stopped.replace(true) {
                     tracing::info!(partition = %self.key, end = self.log.positions().next.0, "mirror replica stopped pulling: the mirror is being promoted");
@@ -204,54 +204,45 @@ impl Mirror {
                     self.last.set(None);
                     wake(&self.waiters);
                 }
-                (source_end, Ok(()))
+                (source_end, Ok(()), None)
             }
             Pulled::Batches {
                 batches,
                 source_start: _,
                 source_end,
-                via: Some(up),
-            } => {
-                // Through another replica: the source as that replica last saw it.
-                let result = self.append(batches, source_end, false).await;
-                let end = self.log.positions().next;
-                let mut s = self.source.borrow_mut();
-                s.end = Some(up.source_end.max(s.end.unwrap_or_default()));
-                // The source answered the other replica then: the later of that and this
-                // replica's own last contact.
-                let contact = up.contact.and_then(|d| now.checked_sub(d));
-                s.contact = s.contact.max(contact);
-                s.via = Some(up.node);
-                match &result {
-                    Ok(()) => s.error = None,
-                    Err(e) => s.error = Some(e.to_string()),
-                }
-                // Holding all the other replica held, which held all the source had when it
-                // last answered: caught up as of that answer.
-                if end >= source_end && up.caught_up {
-                    s.caught_up = s.caught_up.max(contact);
-                }
-                drop(s);
-                return result.map(|()| self.log.positions());
-            }
-            Pulled::Batches {
-                batches,
-                source_start: _,
+                via,
+            } => (
                 source_end,
-                via: None,
-            } => (source_end, self.append(batches, source_end, false).await),
+                self.append(batches, source_end, false).await,
+                via,
+            ),
         };
         let end = self.log.positions().next;
         let mut s = self.source.borrow_mut();
-        s.end = Some(source_end.max(s.end.unwrap_or_default()));
-        s.contact = Some(now);
-        s.via = None;
+        // From the source itself: it answered now. Through another replica: the source as
+        // that replica last saw it, the later of that and this replica's own last contact; and
+        // caught up as of then if that replica was (and this one holds all it held).
+        let (seen_end, contact, caught_up) = match &via {
+            None => (source_end, Some(now), Some(now)),
+            Some(up) => {
+                let contact = up.contact.and_then(|d| now.checked_sub(d));
+                let caught_up = contact.filter(|_| up.caught_up);
+                (
+                    up.source_end,
+                    s.contact.max(contact),
+                    s.caught_up.max(caught_up),
+                )
+            }
+        };
+        s.end = Some(seen_end.max(s.end.unwrap_or_default()));
+        s.contact = contact;
+        s.via = via.as_ref().map(|up| up.node);
         match &result {
             Ok(()) => s.error = None,
             Err(e) => s.error = Some(e.to_string()),
         }
         if end >= source_end {
-            s.caught_up = Some(Instant::now());
+            s.caught_up = caught_up;
         }
         drop(s);
         result.map(|()| self.log.positions())
@@ -345,7 +336,10 @@ impl Mirror {
         whole: bool,
     ) -> Result<Fetched, CoreError> {
         let mut f = fetch::fetch(self, from, max_bytes, max_wait, false, whole).await?;
-        f.mirror = Some(self.lag());
+        // For another replica pulling whole batches through this one.
+        if whole {
+            f.mirror = Some(self.lag());
+        }
         Ok(f)
     }
 

@@ -32,21 +32,23 @@ fn read_of(
     origin: &Origin,
 ) -> Result<(Arc<Topic>, Read), Status> {
     let t = broker.topic(&r.topic).map_err(from_broker)?;
-    if r.topic_uid != 0 && r.topic_uid != t.spec.uid.0 && origin.relayed() {
-        // Another node relayed it with its view of the topic: one of the two has not applied
-        // the topic's deletion or creation yet; another replica (or a retry) may serve it.
-        return Err(Status::unavailable(format!(
-            "this node's metadata has another topic {:?} (uid {}) than the relaying node's \
-             ({}); retry",
-            r.topic, t.spec.uid.0, r.topic_uid
-        )));
-    }
     if r.topic_uid != 0 && r.topic_uid != t.spec.uid.0 {
-        return Err(Status::failed_precondition(format!(
-            "topic {:?} is not the one asked for (uid {}, asked {}): it was deleted and created \
-             again",
-            r.topic, t.spec.uid.0, r.topic_uid
-        )));
+        return Err(if origin.relayed() {
+            // Another node relayed it with its view of the topic: one of the two has not
+            // applied the topic's deletion or creation yet; another replica (or a retry) may
+            // serve it.
+            Status::unavailable(format!(
+                "this node's metadata has another topic {:?} (uid {}) than the relaying \
+                 node's ({}); retry",
+                r.topic, t.spec.uid.0, r.topic_uid
+            ))
+        } else {
+            Status::failed_precondition(format!(
+                "topic {:?} is not the one asked for (uid {}, asked {}): it was deleted and \
+                 created again",
+                r.topic, t.spec.uid.0, r.topic_uid
+            ))
+        });
     }
     t.check_partition(r.partition).map_err(from_broker)?;
     let read = Read {
