@@ -2,6 +2,9 @@
 //! takes events (joins, leaves, member requests, acks, fetched records) from a bounded queue.
 //! Its decisions are the pure parts: `assign` (stream mode) and `window` (queue mode); what
 //! must survive the coordinator goes through the metadata log.
+//!
+//! The loop and what both modes share are here; `stream` holds stream mode's assignment and
+//! commits, `queue` queue mode's windows, dispatch and dead letters.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,6 +27,9 @@ use crate::proto::v1::consume_request::Kind;
 use crate::proto::v1::consume_response::Kind as Down;
 use crate::shard::CoreError;
 use crate::types::{Offset, ProducerId};
+
+mod queue;
+mod stream;
 
 /// How often a group checks deadlines and its coordinator role.
 const TICK: Duration = Duration::from_millis(100);
@@ -398,53 +404,6 @@ impl Group {
         }
     }
 
-    /// A member's offsets for partitions it consumes (others are ignored).
-    fn accept_offsets(&self, member: MemberId, offsets: &[pb::PartitionOffset]) -> Vec<(u32, u64)> {
-        if self.mode != Mode::Stream {
-            return Vec::new();
-        }
-        offsets
-            .iter()
-            .filter(|o| self.owner.get(o.partition as usize) == Some(&Some(member)))
-            .map(|o| (o.partition, o.offset))
-            .collect()
-    }
-
-    /// Writes offsets to the metadata; answers the member once they are replicated.
-    async fn commit(&mut self, member: MemberId, offsets: Vec<(u32, u64)>) {
-        if offsets.is_empty() {
-            return;
-        }
-        let changed: Vec<(u32, u64)> = offsets
-            .iter()
-            .copied()
-            .filter(|(p, o)| self.committed[*p as usize] != Some(*o))
-            .collect();
-        if !changed.is_empty() {
-            let cmd = Command::CommitOffsets {
-                group: self.key.0.clone(),
-                topic: self.key.1.clone(),
-                uid: self.topic.spec.uid,
-                offsets: changed.iter().map(|(p, o)| (*p, Offset(*o))).collect(),
-            };
-            if !self.propose(&cmd).await {
-                return;
-            }
-            for (p, o) in changed {
-                self.committed[p as usize] = Some(o);
-            }
-        }
-        if let Some(m) = self.members.get(&member) {
-            let msg = down(Down::Committed(pb::Committed {
-                offsets: offsets
-                    .into_iter()
-                    .map(|(partition, offset)| pb::PartitionOffset { partition, offset })
-                    .collect(),
-            }));
-            send_behind(&m.out, msg, Some(&m.answer_waiting));
-        }
-    }
-
     async fn propose(&self, cmd: &Command) -> bool {
         match tokio::time::timeout(PROPOSE_WAIT, controller::propose_local(&self.broker, cmd)).await
         {
@@ -482,100 +441,6 @@ impl Group {
             self.dead_letter(letter);
         }
         self.rebalance();
-    }
-
-    /// Stream mode: spreads the partitions over the members (see `assign`).
-    fn rebalance(&mut self) {
-        if self.mode != Mode::Stream || self.members.is_empty() {
-            return;
-        }
-        let revoking: BTreeSet<u32> = self.revoking.keys().copied().collect();
-        let members: BTreeSet<MemberId> = self.members.keys().copied().collect();
-        let changes = assign::rebalance(&self.owner, &revoking, &members);
-        for (m, p) in changes.revoke {
-            self.revoke(m, p);
-        }
-        for (m, p) in changes.assign {
-            self.assign(m, p);
-        }
-    }
-
-    fn revoke(&mut self, member: MemberId, p: u32) {
-        let Some(m) = self.members.get_mut(&member) else {
-            return;
-        };
-        let reader = m.stop_reader(p);
-        self.revoking.insert(p, Instant::now());
-        let out = m.out.clone();
-        // After every record of it the reader queued for the member: the reader is stopped
-        // first (an abort takes effect at its next await, so wait for it to end).
-        tokio::spawn(async move {
-            if let Some(r) = reader {
-                let _ = r.await;
-            }
-            let _ = out
-                .send(down(Down::Revoke(pb::Revoke {
-                    partitions: vec![p],
-                })))
-                .await;
-        });
-    }
-
-    fn assign(&mut self, member: MemberId, p: u32) {
-        let Some(m) = self.members.get_mut(&member) else {
-            return;
-        };
-        assert!(
-            self.owner[p as usize].is_none(),
-            "partition {p} assigned while member {:?} owns it",
-            self.owner[p as usize]
-        );
-        self.owner[p as usize] = Some(member);
-        // Unknown (nothing to auto-commit) until the reader knows where it starts.
-        let delivered = Arc::new(AtomicU64::new(NOT_STARTED));
-        let reader = StreamReader {
-            broker: self.broker.clone(),
-            topic: self.key.1.clone(),
-            partition: p,
-            start: self.committed[p as usize],
-            latest: m.settings.start_latest,
-            max_records: m.settings.max_in_flight,
-            out: m.out.clone(),
-            delivered: delivered.clone(),
-        };
-        let task = tokio::spawn(reader.run());
-        m.readers.insert(p, (task, delivered));
-    }
-
-    /// Rejects deliveries: delivered again after `delay`, or dead-lettered.
-    fn nack(&mut self, refs: &[(u32, u64)], delay: Duration) -> u32 {
-        let (n, dead) = self.window.nack(refs, Instant::now() + delay);
-        for letter in dead {
-            self.dead_letter(letter);
-        }
-        n
-    }
-
-    fn dead_letter(&mut self, letter: DeadLetter) {
-        crate::metrics::NODE.dead_letters.inc();
-        let tx = self.dead.get_or_insert_with(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            let writer = DeadLetterWriter {
-                broker: self.broker.clone(),
-                group: self.key.0.clone(),
-                source: self.topic.clone(),
-                dlq: self
-                    .settings
-                    .as_ref()
-                    .map_or_else(|| format!("{}.dlq", self.key.1), |s| s.dlq.clone()),
-                producer: self.producer,
-                sequences: HashMap::new(),
-            };
-            tokio::spawn(writer.run(rx, self.events.clone()));
-            tx
-        });
-        // Bounded by the windows: each record is sent here once.
-        let _ = tx.send(letter);
     }
 
     /// Deadlines: sessions, revokes, acks; auto commits.
@@ -628,107 +493,6 @@ impl Group {
         for (id, offsets) in commits {
             self.commit(id, offsets).await;
         }
-    }
-
-    /// Queue mode: writes changed partitions' progress to the metadata.
-    async fn flush(&mut self) {
-        if self.mode != Mode::Queue {
-            return;
-        }
-        for p in self.window.dirty() {
-            let Some(progress) = self.window.progress(p) else {
-                continue;
-            };
-            let cmd = Command::QueueProgress {
-                group: self.key.0.clone(),
-                topic: self.key.1.clone(),
-                uid: self.topic.spec.uid,
-                partition: p,
-                floor: Offset(progress.floor),
-                settled: progress.settled.into_iter().map(Offset).collect(),
-                counts: progress
-                    .counts
-                    .into_iter()
-                    .map(|(o, n)| (Offset(o), n))
-                    .collect(),
-            };
-            if !self.propose(&cmd).await {
-                return;
-            }
-            self.window.written(p);
-        }
-    }
-
-    /// Queue mode: fetches where windows have room; hands ready records to members with room.
-    fn dispatch(&mut self) {
-        if self.mode != Mode::Queue || self.members.is_empty() {
-            return;
-        }
-        for p in 0..self.topic.spec.partitions {
-            self.fetch_more(p);
-        }
-        let now = Instant::now();
-        let takers: Vec<Taker> = self
-            .members
-            .iter()
-            .map(|(id, m)| Taker {
-                member: *id,
-                room: m.settings.max_in_flight,
-                ack_wait: m.settings.ack_wait,
-            })
-            .collect();
-        for (id, deliveries) in self.window.dispatch(now, &takers) {
-            let m = self.members.get(&id).expect("a taker is a member");
-            let mut full = false;
-            for deliveries in by_message(deliveries, MESSAGE_BYTES_MAX) {
-                let refs: Vec<(u32, u64)> = deliveries
-                    .iter()
-                    .filter_map(|d| d.record.as_ref().map(|r| (r.partition, r.offset)))
-                    .collect();
-                let msg = down(Down::Deliveries(pb::Deliveries {
-                    deliveries,
-                    ..Default::default()
-                }));
-                if full || m.out.try_send(msg).is_err() {
-                    // Its stream is full or closed: they go to others.
-                    full = true;
-                    self.window.undeliver(id, &refs, now);
-                }
-            }
-        }
-    }
-
-    /// Queue mode: fetches more of partition `p` if its window has room (one fetch at a time;
-    /// the answer comes back as an event).
-    fn fetch_more(&mut self, p: u32) {
-        let Some((at, room)) = self.window.want_fetch(p) else {
-            return;
-        };
-        let broker = self.broker.clone();
-        let topic = self.key.1.clone();
-        let latest = self.settings.as_ref().is_some_and(|s| s.start_latest);
-        let events = self.events.clone();
-        tokio::spawn(async move {
-            let at = match at {
-                Some(a) => Ok(a),
-                None => reader::start_offset(&broker, &topic, p, latest).await,
-            };
-            let result = match at {
-                Ok(at) => reader::read(&broker, &topic, p, at, room, READ_WAIT).await,
-                Err(e) => Err(e),
-            };
-            if result.is_err() {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            if let Some(tx) = events.upgrade() {
-                let _ = tx
-                    .send(Event::Fetched {
-                        partition: p,
-                        result,
-                    })
-                    .await;
-            }
-        });
     }
 
     fn describe(&self) -> pb::GroupInfo {
