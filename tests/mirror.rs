@@ -195,6 +195,21 @@ async fn a_mirror_in_another_cluster_copies_offsets_through_cuts_and_restarts() 
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+    // The replica pulled through is killed (-9) while the source goes on: the others pull from
+    // the source meanwhile, and it catches up when it is back; nothing skipped or repeated.
+    let mut upstream = None;
+    for i in mirror.live() {
+        if progress(&mirror, i, 0).await.is_some_and(|g| g.via == 0) {
+            upstream = Some(i);
+        }
+    }
+    let upstream = upstream.expect("a replica pulls from the source");
+    mirror.kill9(upstream);
+    publish(&mut src, "a2", 20).await;
+    wait_mirrored(&source, &mirror, "with the replica pulled through down").await;
+    mirror.start_node(upstream);
+    wait_mirrored(&source, &mirror, "with the replica pulled through back").await;
+    let mut m = mirror.client(0).await;
 
     // Read-only to producers.
     let e = m
