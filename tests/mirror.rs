@@ -592,3 +592,107 @@ async fn a_source_topic_created_again_is_not_copied() {
         );
     }
 }
+
+/// The replicas of a mirror's partition on `node` (0-based), as DescribeTopic there shows them:
+/// (replicas, moving to, whether `node` holds one, its progress).
+async fn placement(c: &Cluster, node: usize, p: u32) -> Option<pb::PartitionInfo> {
+    let mut client = c.client(node).await;
+    let r = client
+        .describe_topic(pb::DescribeTopicRequest {
+            name: MIRROR.into(),
+        })
+        .await
+        .ok()?
+        .into_inner();
+    r.partitions.into_iter().find(|x| x.partition == p)
+}
+
+/// A mirror's partition moved to a node that held none of it while the source takes writes:
+/// the new replica copies the partition from offset 0 (through the replicas already in its
+/// region, or from the source), the move finishes only once it has caught up, the node left
+/// out stops holding it, and every replica holds the source's records at the source's offsets,
+/// in order, with nothing skipped or repeated, before and after the move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mirror_partition_moved_to_another_node_copies_it_whole() {
+    let mut source = Cluster::start(1).await;
+    let mut src = source.client(0).await;
+    create(&mut src, SOURCE, PARTITIONS, 1).await;
+    publish(&mut src, "a", 30).await;
+    let mirror = Cluster::start(4).await;
+    let mut m = mirror.client(0).await;
+    create_mirror(&mut m, &source, 3).await;
+    wait_mirrored(&source, &mirror, "before the move").await;
+
+    let before = placement(&mirror, 0, 0).await.expect("partition 0");
+    let spare = (1..=4u64)
+        .find(|n| !before.replicas.contains(n))
+        .expect("a node without a replica");
+    let left_out = before.replicas[0];
+    let target: Vec<u64> = before.replicas[1..]
+        .iter()
+        .copied()
+        .chain([spare])
+        .collect();
+    // A target of the wrong size, or naming a node not in the cluster, changes nothing.
+    for bad in [vec![spare], vec![before.replicas[1], before.replicas[2], 9]] {
+        let e = m
+            .move_partition(pb::MovePartitionRequest {
+                topic: MIRROR.into(),
+                partition: 0,
+                replicas: bad.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad:?}: {e:?}");
+    }
+    m.move_partition(pb::MovePartitionRequest {
+        topic: MIRROR.into(),
+        partition: 0,
+        replicas: target.clone(),
+    })
+    .await
+    .expect("move the mirror's partition");
+    // The source goes on during the move.
+    publish(&mut src, "b", 30).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let p = placement(&mirror, 0, 0).await;
+        if p.as_ref()
+            .is_some_and(|p| p.replicas == target && p.moving_to.is_empty())
+        {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let new = placement(&mirror, spare as usize - 1, 0).await;
+            panic!("the move to {target:?} did not finish: {p:?}; node {spare}: {new:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    publish(&mut src, "c", 20).await;
+    wait_mirrored(&source, &mirror, "after the move").await;
+    // The new replica is its node's own (reads there are served from it), caught up; the node
+    // left out no longer holds one.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let new = placement(&mirror, spare as usize - 1, 0).await;
+        let old = placement(&mirror, left_out as usize - 1, 0).await;
+        let new_ok = new.as_ref().is_some_and(|p| {
+            p.local
+                && p.mirror
+                    .as_ref()
+                    .is_some_and(|g| g.lag_records == 0 && g.error.is_empty())
+        });
+        let old_ok = old.as_ref().is_some_and(|p| !p.local);
+        if new_ok && old_ok {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {spare} (new): {new:?}; node {left_out} (left out): {old:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Partition 1 was not moved and has gone on too.
+    let p1 = placement(&mirror, 0, 1).await.expect("partition 1");
+    assert_eq!(p1.replicas.len(), 3);
+}

@@ -294,9 +294,12 @@ impl Broker {
         })
     }
 
-    /// What this node's replica knows of a partition's group.
+    /// What this node's replica knows of a partition's group: one of its replicas or one it is
+    /// moving to (a new replica catching up).
     pub async fn replica_state(&self, topic: &Topic, partition: u32) -> Result<ReplicaState> {
-        self.check_local(topic, partition)?;
+        if !topic.spec.holds(self.node_id(), partition) {
+            return Err(self.no_replica(topic, partition));
+        }
         let key = topic.key(partition);
         Ok(self
             .shards
@@ -308,11 +311,11 @@ impl Broker {
     }
 
     /// The states of this node's replicas of `topic`'s partitions, asked of each core once
-    /// (a replica still opening is left out).
+    /// (a replica still opening is left out), those of partitions moving here included.
     pub async fn replica_states(&self, topic: &Topic) -> HashMap<u32, ReplicaState> {
         let me = self.node_id();
         let mut by_core: BTreeMap<CoreId, Vec<u32>> = BTreeMap::new();
-        for p in (0..topic.spec.partitions).filter(|p| topic.on(me, *p)) {
+        for p in (0..topic.spec.partitions).filter(|p| topic.spec.holds(me, *p)) {
             by_core.entry(topic.core(p)).or_default().push(p);
         }
         let mut asked = Vec::with_capacity(by_core.len());

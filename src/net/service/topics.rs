@@ -75,7 +75,8 @@ pub async fn partitions(broker: &Broker, t: &Topic) -> Vec<pb::PartitionInfo> {
             quiet: false,
             mirror: None,
         };
-        if t.on(me, p) {
+        // A replica being moved here counts: its view shows how far it has caught up.
+        if t.spec.holds(me, p) {
             // A replica still opening (just created, or being reconciled) reports no view.
             if let Some(s) = states.remove(&p) {
                 info.leader = s.leader.map_or(0, |l| l.0);
