@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use node_support::cluster::{create, publish_retrying, Cluster};
-use node_support::try_fetch_all;
+use node_support::{try_fetch_all, try_fetch_from};
 use tern::proto::v1 as pb;
 use tern::proto::v1::tern_client::TernClient;
 use tern_wan::{Link, Proxy};
@@ -614,7 +614,7 @@ async fn placement(c: &Cluster, node: usize, p: u32) -> Option<pb::PartitionInfo
 /// in order, with nothing skipped or repeated, before and after the move.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_mirror_partition_moved_to_another_node_copies_it_whole() {
-    let mut source = Cluster::start(1).await;
+    let source = Cluster::start(1).await;
     let mut src = source.client(0).await;
     create(&mut src, SOURCE, PARTITIONS, 1).await;
     publish(&mut src, "a", 30).await;
@@ -695,4 +695,141 @@ async fn a_mirror_partition_moved_to_another_node_copies_it_whole() {
     // Partition 1 was not moved and has gone on too.
     let p1 = placement(&mirror, 0, 1).await.expect("partition 1");
     assert_eq!(p1.replicas.len(), 3);
+}
+
+/// Where partition `p` of `topic` starts and ends on the node `c` talks to.
+async fn bounds(c: &mut TernClient<Channel>, topic: &str, p: u32) -> (u64, u64) {
+    let r = c
+        .describe_topic(pb::DescribeTopicRequest { name: topic.into() })
+        .await
+        .expect("describe")
+        .into_inner();
+    let x = r
+        .partitions
+        .into_iter()
+        .find(|x| x.partition == p)
+        .expect("partition");
+    (x.start_offset, x.end_offset)
+}
+
+/// The source's retention deletes records while the mirror is cut off from it: when the link
+/// heals, the source refuses the mirror's next offset, its leader confirms where the log now
+/// starts, and the mirror starts over there (what was deleted cannot be copied) and copies the
+/// rest at the source's offsets, in order; it goes on with what the source takes next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mirror_starts_over_where_the_source_now_starts_after_retention_deleted_its_next_records()
+{
+    let source = Cluster::start_with(1, &["--retention-check-interval-ms", "200"]).await;
+    let mut src = source.client(0).await;
+    src.create_topic(pb::CreateTopicRequest {
+        name: SOURCE.into(),
+        partitions: 1,
+        replication_factor: 1,
+        config: Some(pb::TopicConfig {
+            segment_bytes: Some(1 << 20),
+            retention_bytes: Some(1 << 20),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("create the source");
+    let put = |c: &TernClient<Channel>, tag: &'static str, n: usize, size: usize| {
+        let mut c = c.clone();
+        async move {
+            for i in 0..n {
+                let value = format!("{tag}-{i}-{}", "x".repeat(size));
+                publish_retrying(
+                    &mut c,
+                    pb::PublishRequest {
+                        topic: SOURCE.into(),
+                        records: vec![node_support::cluster::record(0, value)],
+                        ..Default::default()
+                    },
+                )
+                .await;
+            }
+        }
+    };
+    put(&src, "a", 10, 10).await;
+    let link = Proxy::start(
+        "127.0.0.1:0".parse().unwrap(),
+        source.addrs[0].parse().unwrap(),
+        Link::delay(Duration::from_millis(5)),
+        Link::delay(Duration::from_millis(5)),
+    )
+    .await
+    .unwrap();
+    let mirror = Cluster::start(1).await;
+    let mut m = mirror.client(0).await;
+    m.create_topic(pb::CreateTopicRequest {
+        name: MIRROR.into(),
+        replication_factor: 1,
+        mirror_of: Some(pb::MirrorOf {
+            topic: SOURCE.into(),
+            addresses: vec![link.addr().to_string()],
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("create the mirror");
+    let src0 = src.clone();
+    let same = |m: &TernClient<Channel>, what: &'static str| {
+        let (mut m, mut src) = (m.clone(), src0.clone());
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let (start, _) = bounds(&mut src, SOURCE, 0).await;
+                let want = seen(&try_fetch_from(&mut src, SOURCE, 0, start).await.unwrap());
+                let (m_start, _) = bounds(&mut m, MIRROR, 0).await;
+                let got = try_fetch_from(&mut m, MIRROR, 0, m_start).await;
+                if let Ok(got) = &got {
+                    if m_start == start && seen(got) == want {
+                        return start;
+                    }
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{what}: the mirror starts at {m_start} (the source at {start}) and holds \
+                     {:?} records, the source {}",
+                    got.map(|g| g.len()),
+                    want.len()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert_eq!(same(&m, "first copy").await, 0);
+    let (_, copied) = bounds(&mut src, SOURCE, 0).await;
+
+    link.cut();
+    // About 3 MB in records of 40 kB: segments of 1 MiB roll, and retention keeps about 1 MiB.
+    put(&src, "b", 75, 40_000).await;
+    let (mirror_end, source_start) = {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (start, _) = bounds(&mut src, SOURCE, 0).await;
+            let (_, end) = bounds(&mut m, MIRROR, 0).await;
+            if start > end {
+                break (end, start);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the source's retention never passed the mirror's end {end} (source start {start})"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    assert_eq!(
+        mirror_end, copied,
+        "the mirror copied nothing while cut off"
+    );
+    link.heal();
+    let start = same(&m, "after the source deleted what came next").await;
+    assert!(start >= source_start, "{start} < {source_start}");
+    let p = progress(&mirror, 0, 0).await.expect("mirror progress");
+    assert!(p.error.is_empty() && p.lag_records == 0, "{p:?}");
+    // And on with what the source takes next.
+    put(&src, "c", 5, 10).await;
+    same(&m, "after more records").await;
 }
