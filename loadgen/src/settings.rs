@@ -166,7 +166,7 @@ pub struct Chaos {
     pub every_s: u64,
     /// Members of each checked group (`group.rs`).
     pub group_members: usize,
-    /// Faults that may be held at once (`chaos.rs`, `nemesis`): 1 is one after another.
+    /// Faults that may be held at once (`chaos/mod.rs`, `nemesis`): 1 is one after another.
     pub overlap: usize,
 }
 
@@ -195,7 +195,7 @@ pub struct Settings {
     pub idempotent: bool,
     /// Producers use tern-client (leader-aware) instead of publishing through one node.
     pub leader_aware: bool,
-    /// The chaos workload's nemesis (see `chaos.rs`).
+    /// The chaos workload's nemesis (see `chaos/mod.rs`).
     pub chaos: Option<Chaos>,
     /// The topics' segment size (smaller segments give the chaos workload sealed ones to
     /// damage).
