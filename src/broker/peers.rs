@@ -2,6 +2,7 @@
 //! another node is parsed here once (its code, message and Tern's metadata), so nothing above
 //! reads status metadata.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tonic::transport::Channel;
@@ -9,7 +10,7 @@ use tonic::transport::Channel;
 use super::{Broker, BrokerError, PeerAnswer, Result, Topic};
 use crate::proto::metadata;
 use crate::proto::v1::tern_client::TernClient;
-use crate::raft::types::NodeId;
+use crate::raft::types::{Member, NodeId};
 
 /// Whom a call is served for, as the broker passes it on to another node.
 #[derive(Clone, Debug)]
@@ -153,24 +154,10 @@ impl Broker {
     /// node cut off or dead waits for a timeout (a region cut left readers in the other regions
     /// stalled about ten seconds on the lost region's nodes, which came first in replica order).
     pub fn nearest_first(&self, nodes: &[NodeId]) -> Vec<NodeId> {
-        let me = self.member();
         let state = self.cluster();
-        let silent = |n: NodeId| !self.heard_from(n);
-        let mut order: Vec<NodeId> = nodes
-            .iter()
-            .copied()
-            .filter(|n| *n != self.node_id())
-            .collect();
-        order.sort_by_key(|n| {
-            let distance = match state.nodes.get(n) {
-                Some(m) if m.region == me.region && m.zone == me.zone => 0,
-                Some(m) if m.region == me.region => 1,
-                Some(_) => 2,
-                None => 3,
-            };
-            (silent(*n), distance)
-        });
-        order
+        nearest_order(nodes, self.node_id(), self.member(), &state.nodes, |n| {
+            self.heard_from(n)
+        })
     }
 
     /// Whether this node heard from `node` lately (within a few heartbeats; always true on a
@@ -205,5 +192,83 @@ impl Broker {
             partition: p,
             replicas: topic.replicas(p).to_vec(),
         }))
+    }
+}
+
+/// [`Broker::nearest_first`]'s order: the nodes of `nodes` other than `me` (whose labels are
+/// `mine`), those `heard` from first, each part by distance (same zone, same region, another
+/// region, unknown), ties in the given order.
+fn nearest_order(
+    nodes: &[NodeId],
+    me: NodeId,
+    mine: &Member,
+    members: &BTreeMap<NodeId, Member>,
+    heard: impl Fn(NodeId) -> bool,
+) -> Vec<NodeId> {
+    let mut order: Vec<NodeId> = nodes.iter().copied().filter(|n| *n != me).collect();
+    // Stable: equals keep the replica list's order.
+    order.sort_by_key(|n| {
+        let distance = match members.get(n) {
+            Some(m) if m.region == mine.region && m.zone == mine.zone => 0,
+            Some(m) if m.region == mine.region => 1,
+            Some(_) => 2,
+            None => 3,
+        };
+        (!heard(*n), distance)
+    });
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(region: &str, zone: &str) -> Member {
+        Member {
+            addr: String::new(),
+            region: region.into(),
+            zone: zone.into(),
+            region_addrs: BTreeMap::new(),
+        }
+    }
+
+    /// Nearest first, but a node not heard from lately goes after every one heard from, however
+    /// near: a read relayed to a dead or cut-off node waits for a timeout.
+    #[test]
+    fn nodes_not_heard_from_go_last_then_nearest_first_then_in_the_given_order() {
+        let members: BTreeMap<NodeId, Member> = [
+            (1, at("a", "z1")),
+            (2, at("b", "z1")),
+            (3, at("a", "z2")),
+            (4, at("a", "z1")),
+            (5, at("a", "z1")),
+            (6, at("c", "z1")),
+        ]
+        .into_iter()
+        .map(|(n, m)| (NodeId(n), m))
+        .collect();
+        let ids = |v: &[u64]| v.iter().map(|n| NodeId(*n)).collect::<Vec<_>>();
+        let me = NodeId(5);
+        let mine = members[&me].clone();
+        // 7 is not in the metadata (unknown labels): after every known node.
+        let nodes = ids(&[6, 2, 1, 7, 3, 5, 4]);
+        let all = nearest_order(&nodes, me, &mine, &members, |_| true);
+        assert_eq!(
+            all,
+            ids(&[1, 4, 3, 6, 2, 7]),
+            "by distance, ties in given order"
+        );
+        // Node 1 (same zone) and node 3 silent: behind every node heard from.
+        let silent = ids(&[1, 3]);
+        let order = nearest_order(&nodes, me, &mine, &members, |n| !silent.contains(&n));
+        assert_eq!(order, ids(&[4, 6, 2, 7, 1, 3]));
+        // Nobody heard from: distance alone.
+        assert_eq!(nearest_order(&nodes, me, &mine, &members, |_| false), all);
+        // Unlabelled nodes (one-region clusters): the given order, without this node.
+        let blank: BTreeMap<NodeId, Member> = members.keys().map(|n| (*n, at("", ""))).collect();
+        assert_eq!(
+            nearest_order(&nodes, me, &at("", ""), &blank, |_| true),
+            ids(&[6, 2, 1, 3, 4, 7])
+        );
     }
 }
