@@ -625,3 +625,109 @@ async fn a_member_with_a_backlog_commits_what_it_took() {
         "the next member starts after what was committed"
     );
 }
+
+/// `tern_publish_records_total` of the node whose admin listener is `admin`: the records whose
+/// publish entered the cluster there.
+fn entered_at(admin: &str) -> u64 {
+    let (_, body) = node_support::tools::http_get(admin, "/metrics").expect("scrape");
+    body.lines()
+        .find_map(|l| l.strip_prefix("tern_publish_records_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// The node that leads partition 0 of `topic`, as `from` (0-based) sees it.
+async fn leader_seen(c: &Cluster, from: usize, topic: &str) -> u64 {
+    let mut client = c.client(from).await;
+    client
+        .describe_topic(tern::proto::v1::DescribeTopicRequest { name: topic.into() })
+        .await
+        .map(|r| r.into_inner().partitions[0].leader)
+        .unwrap_or(0)
+}
+
+/// A producer's stream stays open to a node that has stopped leading its partition (paused
+/// through an election, then back as a follower): that node passes every request on without
+/// an error, so nothing fails. The producer must move its stream to the new leader by itself:
+/// its records then enter the cluster at the new leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_moves_its_stream_to_a_new_leader_that_no_error_named() {
+    let cluster = Cluster::start_with(3, &["--admin-listen", "127.0.0.1:0"]).await;
+    create(&mut cluster.client(0).await, "follow", 1, 3).await;
+    let admins: Vec<String> = cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            n.as_ref()
+                .unwrap()
+                .admin
+                .clone()
+                .expect("an admin listener")
+        })
+        .collect();
+    let client = Client::connect(cluster.addrs.clone(), options())
+        .await
+        .unwrap();
+    let producer = Producer::new(&client, ProducerOptions::default())
+        .await
+        .unwrap();
+    let mut offsets = Vec::new();
+    let send = |i: usize| {
+        let producer = &producer;
+        async move {
+            producer
+                .send("follow", Record::new(format!("r{i}")).partition(0))
+                .await
+                .unwrap()
+                .await
+                .expect("acknowledged")
+                .offset
+        }
+    };
+    for i in 0..10 {
+        offsets.push(send(i).await);
+    }
+    let old = (0..3)
+        .find(|i| entered_at(&admins[*i]) >= 10)
+        .expect("the records entered at the leader");
+    // Paused through an election: another node leads when it comes back.
+    cluster.signal(old, libc::SIGSTOP);
+    let other = (old + 1) % 3;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let new = loop {
+        let l = leader_seen(&cluster, other, "follow").await;
+        if l != 0 && l != old as u64 + 1 {
+            break l as usize - 1;
+        }
+        assert!(std::time::Instant::now() < deadline, "no new leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    cluster.signal(old, libc::SIGCONT);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while leader_seen(&cluster, old, "follow").await != new as u64 + 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node {} never followed node {}",
+            old + 1,
+            new + 1
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Records go on; within a bounded time they enter at the new leader.
+    let before = entered_at(&admins[new]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut i = 10;
+    while entered_at(&admins[new]) < before + 5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the producer's records still enter at node {} (node {} leads)",
+            old + 1,
+            new + 1
+        );
+        offsets.push(send(i).await);
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Every record once, in order.
+    assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
+}

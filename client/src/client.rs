@@ -436,8 +436,13 @@ impl Client {
 
     /// Reads the layout again, unless another task just did (at most every 200 ms).
     pub(crate) async fn refresh(&self) {
+        self.refresh_within(REFRESH_MIN).await
+    }
+
+    /// Reads the layout again unless it was read within `age`.
+    pub(crate) async fn refresh_within(&self, age: Duration) {
         let mut last = self.inner.refreshing.lock().await;
-        if last.is_some_and(|t| t.elapsed() < REFRESH_MIN) {
+        if last.is_some_and(|t| t.elapsed() < age) {
             return;
         }
         let _ = self.read_layout().await;
@@ -457,6 +462,16 @@ impl Client {
     fn known_partitions(&self, topic: &str) -> Option<u32> {
         let layout = self.inner.layout.lock().unwrap();
         layout.topics.get(topic).map(|p| p.len() as u32)
+    }
+
+    /// The address of the node `topic`/`partition`'s leader is on, when the layout knows it.
+    pub(crate) fn leader_known(&self, topic: &str, partition: u32) -> Option<String> {
+        let layout = self.inner.layout.lock().unwrap();
+        let p = layout.topics.get(topic)?.get(partition as usize)?;
+        if p.leader == 0 {
+            return None;
+        }
+        layout.nodes.get(&p.leader).map(|(a, _)| a.clone())
     }
 
     /// Where a publish to `topic`/`partition` goes: its leader, else a replica (which

@@ -173,6 +173,13 @@ const IN_FLIGHT_MAX: usize = 8;
 const REORDERED_MAX: u32 = 3;
 /// How long a partition's stream stays open with nothing on its way.
 const STREAM_IDLE: Duration = Duration::from_secs(5);
+/// How often a stream opened to a node not known to lead its partition (the leader was not
+/// known yet, or not reachable) looks whether the leader is known now.
+const LEADER_LOOK: Duration = Duration::from_secs(1);
+/// How often a stream opened to the leader looks whether another node leads now. A node that
+/// stopped leading passes the requests on to the new leader without an error, so nothing
+/// else would tell.
+const LEADER_RELOOK: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
@@ -313,6 +320,8 @@ impl Producer {
                     active: tokio::time::Instant::now(),
                     sent: 0,
                     careful: true,
+                    looked: tokio::time::Instant::now(),
+                    moving: false,
                 };
                 tokio::spawn(w.run(rx));
                 tx
@@ -343,6 +352,10 @@ struct Conn {
     tx: mpsc::Sender<pb::PublishRequest>,
     rx: tonic::Streaming<pb::PublishResponse>,
     _slot: crate::client::StreamSlot,
+    /// The node it is open to.
+    addr: String,
+    /// That node led the partition as far as the client knew when the stream opened.
+    to_leader: bool,
 }
 
 /// Sends one partition's records in order: up to `max_in_flight` requests on one
@@ -383,6 +396,12 @@ struct Worker {
     /// that does not know a producer yet takes its first request whatever its sequence
     /// numbers; so the first request of a producer id, and a resend, go alone.
     careful: bool,
+    /// When the stream's node was last compared with the partition's leader.
+    looked: tokio::time::Instant,
+    /// The leader is another node: nothing more is sent on this stream; once its window is
+    /// answered it closes, and the next request opens a stream to the leader (requests on
+    /// two streams at once could overtake each other).
+    moving: bool,
 }
 
 impl Worker {
@@ -396,6 +415,7 @@ impl Worker {
         let mut flushes: Vec<(u64, oneshot::Sender<()>)> = Vec::new();
         let mut closed = false;
         loop {
+            self.follow_leader();
             let settled_below = self.window.front().map_or(self.next_id, |r| r.id);
             let (settled, waiting) = std::mem::take(&mut flushes)
                 .into_iter()
@@ -411,7 +431,9 @@ impl Worker {
                     until = tokio::time::Instant::now() + self.options.linger;
                 }
             }
-            let room = self.window.len() < self.options.max_in_flight && self.retry_at.is_none();
+            let room = self.window.len() < self.options.max_in_flight
+                && self.retry_at.is_none()
+                && !self.moving;
             let full = forming.len() >= max_records || held.is_some() || closed;
             if !forming.is_empty() && room && (full || tokio::time::Instant::now() >= until) {
                 forming_bytes = 0;
@@ -468,6 +490,47 @@ impl Worker {
                 _ = tokio::time::sleep_until(self.active + STREAM_IDLE), if idle => self.conn = None,
             }
         }
+    }
+
+    /// Moves the stream to the partition's leader when it is open to another node: a forwarded
+    /// request costs the forwarding node as much as the leader. Looks every [`LEADER_LOOK`]
+    /// (or [`LEADER_RELOOK`] on a stream opened to the leader), reading the layout again in
+    /// the background for the next look; a stream to move is closed once its window is
+    /// answered.
+    fn follow_leader(&mut self) {
+        let Some(conn) = &self.conn else {
+            self.moving = false;
+            return;
+        };
+        if self.moving {
+            if self.window.is_empty() {
+                self.conn = None;
+                self.moving = false;
+            }
+            return;
+        }
+        let every = if conn.to_leader {
+            LEADER_RELOOK
+        } else {
+            LEADER_LOOK
+        };
+        let now = tokio::time::Instant::now();
+        if now < self.looked + every {
+            return;
+        }
+        self.looked = now;
+        let leader = self.client.leader_known(&self.topic, self.partition);
+        if leader.as_ref().is_some_and(|l| *l != conn.addr) {
+            self.moving = true;
+            if self.window.is_empty() {
+                self.conn = None;
+                self.moving = false;
+            }
+            return;
+        }
+        // At most once a second for all of the client's partitions.
+        let client = self.client.clone();
+        tokio::spawn(async move { client.refresh_within(LEADER_LOOK).await });
     }
 
     /// Gives `batch` the next sequence numbers and sends it (opening a stream if there is
@@ -585,7 +648,19 @@ impl Worker {
 
     /// Opens a stream to the partition's leader and sends the whole window on it, in order.
     async fn open(&mut self) {
-        let node = match self.client.leader_addr(&self.topic, self.partition) {
+        // Just created, or after an election: read the layout again rather than open the
+        // stream to a node that would pass every request on.
+        if self
+            .client
+            .leader_known(&self.topic, self.partition)
+            .is_none()
+        {
+            self.client.refresh().await;
+        }
+        let leader = self.client.leader_known(&self.topic, self.partition);
+        let addr = self.client.leader_addr(&self.topic, self.partition);
+        let to_leader = leader.is_some() && leader == addr;
+        let node = match addr.clone() {
             None => Err(tonic::Status::unavailable("no node known")),
             Some(addr) => self
                 .client
@@ -617,7 +692,11 @@ impl Worker {
                     tx,
                     rx: r.into_inner(),
                     _slot: slot,
+                    addr: addr.unwrap_or_default(),
+                    to_leader,
                 });
+                self.looked = tokio::time::Instant::now();
+                self.moving = false;
                 self.sent = 0;
                 self.transmit().await;
             }

@@ -104,6 +104,18 @@ impl Cluster {
         }
     }
 
+    /// Sends `signal` (`libc::SIGSTOP`, `libc::SIGCONT`, …) to node `i`'s process.
+    pub fn signal(&self, i: usize, signal: i32) {
+        if let Some(pid) = self.nodes[i]
+            .as_ref()
+            .and_then(|n| n.child.as_ref())
+            .map(|c| c.id())
+        {
+            // SAFETY: a plain kill(2) of our own child process.
+            unsafe { libc::kill(pid as i32, signal) };
+        }
+    }
+
     pub async fn client(&self, i: usize) -> TernClient<Channel> {
         self.nodes[i].as_ref().expect("node is up").client().await
     }
