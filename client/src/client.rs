@@ -194,6 +194,8 @@ pub(crate) struct Inner {
     layout: Mutex<Layout>,
     /// One read of the layout at a time; when the last one ended.
     refreshing: tokio::sync::Mutex<Option<Instant>>,
+    /// A background read of the layout ([`Client::refresh_soon`]) is queued or running.
+    refresh_queued: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -247,6 +249,7 @@ impl Client {
                 streams: Mutex::default(),
                 layout: Mutex::default(),
                 refreshing: tokio::sync::Mutex::new(None),
+                refresh_queued: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         client.read_layout().await?;
@@ -464,19 +467,17 @@ impl Client {
         layout.topics.get(topic).map(|p| p.len() as u32)
     }
 
-    /// The address of the node `topic`/`partition`'s leader is on, when the layout knows it.
-    pub(crate) fn leader_known(&self, topic: &str, partition: u32) -> Option<String> {
+    /// The node that leads `topic`/`partition`, when the layout knows it. (ClusterInfo names
+    /// the leader only of the partitions the answering node holds a replica of.)
+    pub(crate) fn leader_known(&self, topic: &str, partition: u32) -> Option<u64> {
         let layout = self.inner.layout.lock().unwrap();
         let p = layout.topics.get(topic)?.get(partition as usize)?;
-        if p.leader == 0 {
-            return None;
-        }
-        layout.nodes.get(&p.leader).map(|(a, _)| a.clone())
+        (p.leader != 0 && layout.nodes.contains_key(&p.leader)).then_some(p.leader)
     }
 
     /// Where a publish to `topic`/`partition` goes: its leader, else a replica (which
-    /// forwards), else any node.
-    pub(crate) fn leader_addr(&self, topic: &str, partition: u32) -> Option<String> {
+    /// forwards), else any node; with the node's id (0: any node).
+    pub(crate) fn leader_addr(&self, topic: &str, partition: u32) -> Option<(u64, String)> {
         let layout = self.inner.layout.lock().unwrap();
         let p = layout.topics.get(topic)?.get(partition as usize);
         let ids = p
@@ -487,8 +488,28 @@ impl Client {
             })
             .unwrap_or_default();
         ids.iter()
-            .find_map(|id| layout.nodes.get(id).map(|(a, _)| a.clone()))
-            .or_else(|| layout.nodes.values().next().map(|(a, _)| a.clone()))
+            .find_map(|id| layout.nodes.get(id).map(|(a, _)| (*id, a.clone())))
+            .or_else(|| layout.nodes.values().next().map(|(a, _)| (0, a.clone())))
+    }
+
+    /// Reads the layout again in the background unless it was read within `age`, or a read
+    /// started this way is still on its way (so slow reads do not pile up).
+    pub(crate) fn refresh_soon(&self, age: Duration) {
+        if self
+            .inner
+            .refresh_queued
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        let client = self.clone();
+        tokio::spawn(async move {
+            client.refresh_within(age).await;
+            client
+                .inner
+                .refresh_queued
+                .store(false, std::sync::atomic::Ordering::Release);
+        });
     }
 
     /// A node `failed` did not serve `topic`/`partition`: the leader it named, if any, is

@@ -352,9 +352,9 @@ struct Conn {
     tx: mpsc::Sender<pb::PublishRequest>,
     rx: tonic::Streaming<pb::PublishResponse>,
     _slot: crate::client::StreamSlot,
-    /// The node it is open to.
-    addr: String,
-    /// That node led the partition as far as the client knew when the stream opened.
+    /// The node it is open to (0: a node the layout does not name).
+    node: u64,
+    /// That node leads the partition as far as the client knows.
     to_leader: bool,
 }
 
@@ -498,7 +498,7 @@ impl Worker {
     /// the background for the next look; a stream to move is closed once its window is
     /// answered.
     fn follow_leader(&mut self) {
-        let Some(conn) = &self.conn else {
+        let Some(conn) = &mut self.conn else {
             self.moving = false;
             return;
         };
@@ -519,18 +519,22 @@ impl Worker {
             return;
         }
         self.looked = now;
-        let leader = self.client.leader_known(&self.topic, self.partition);
-        if leader.as_ref().is_some_and(|l| *l != conn.addr) {
-            self.moving = true;
-            if self.window.is_empty() {
-                self.conn = None;
-                self.moving = false;
+        match self.client.leader_known(&self.topic, self.partition) {
+            Some(l) if l != conn.node => {
+                self.moving = true;
+                if self.window.is_empty() {
+                    self.conn = None;
+                    self.moving = false;
+                }
+                return;
             }
-            return;
+            Some(_) => conn.to_leader = true,
+            // The layout may not know (ClusterInfo names the leaders of the answering node's
+            // replicas only): the stream stays where it is.
+            None => {}
         }
-        // At most once a second for all of the client's partitions.
-        let client = self.client.clone();
-        tokio::spawn(async move { client.refresh_within(LEADER_LOOK).await });
+        // At most one background read per 10 s for all of the client's partitions.
+        self.client.refresh_soon(LEADER_RELOOK);
     }
 
     /// Gives `batch` the next sequence numbers and sends it (opening a stream if there is
@@ -648,19 +652,19 @@ impl Worker {
 
     /// Opens a stream to the partition's leader and sends the whole window on it, in order.
     async fn open(&mut self) {
-        // Just created, or after an election: read the layout again rather than open the
-        // stream to a node that would pass every request on.
-        if self
-            .client
-            .leader_known(&self.topic, self.partition)
-            .is_none()
-        {
-            self.client.refresh().await;
-        }
         let leader = self.client.leader_known(&self.topic, self.partition);
-        let addr = self.client.leader_addr(&self.topic, self.partition);
-        let to_leader = leader.is_some() && leader == addr;
-        let node = match addr.clone() {
+        if leader.is_none() {
+            // Just created, or after an election: the stream opens at a replica (which
+            // passes the requests on), and moves once a read of the layout names the leader.
+            self.client.refresh_soon(Duration::from_millis(200));
+        }
+        let target = self.client.leader_addr(&self.topic, self.partition);
+        let (node_id, addr) = match &target {
+            Some((id, a)) => (*id, Some(a.clone())),
+            None => (0, None),
+        };
+        let to_leader = leader.is_some_and(|l| l == node_id);
+        let node = match addr {
             None => Err(tonic::Status::unavailable("no node known")),
             Some(addr) => self
                 .client
@@ -692,7 +696,7 @@ impl Worker {
                     tx,
                     rx: r.into_inner(),
                     _slot: slot,
-                    addr: addr.unwrap_or_default(),
+                    node: node_id,
                     to_leader,
                 });
                 self.looked = tokio::time::Instant::now();

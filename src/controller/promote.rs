@@ -220,7 +220,9 @@ async fn holdings(broker: &Arc<Broker>, topic: &Topic) -> BTreeMap<u32, Vec<Held
         let Ok(r) = r else { return Vec::new() };
         r.partitions
             .into_iter()
-            .filter(|p| p.local)
+            // A replica being moved to that node (still catching up) is not one of the
+            // mirror's: it counts neither for "every replica stopped" nor for the cut.
+            .filter(|p| p.local && topic.on(node, p.partition))
             .filter_map(|p| {
                 let m = p.mirror?;
                 Some((
