@@ -502,39 +502,28 @@ impl Worker {
             self.moving = false;
             return;
         };
-        if self.moving {
-            if self.window.is_empty() {
-                self.conn = None;
-                self.moving = false;
-            }
-            return;
-        }
         let every = if conn.to_leader {
             LEADER_RELOOK
         } else {
             LEADER_LOOK
         };
         let now = tokio::time::Instant::now();
-        if now < self.looked + every {
-            return;
-        }
-        self.looked = now;
-        match self.client.leader_known(&self.topic, self.partition) {
-            Some(l) if l != conn.node => {
-                self.moving = true;
-                if self.window.is_empty() {
-                    self.conn = None;
-                    self.moving = false;
-                }
-                return;
+        if !self.moving && now >= self.looked + every {
+            self.looked = now;
+            match self.client.leader_known(&self.topic, self.partition) {
+                Some(l) if l != conn.node => self.moving = true,
+                Some(_) => conn.to_leader = true,
+                // The layout may not know (ClusterInfo names the leaders of the answering
+                // node's replicas only): the stream stays where it is.
+                None => {}
             }
-            Some(_) => conn.to_leader = true,
-            // The layout may not know (ClusterInfo names the leaders of the answering node's
-            // replicas only): the stream stays where it is.
-            None => {}
+            // At most one background read per 10 s for all of the client's partitions.
+            self.client.refresh_soon(LEADER_RELOOK);
         }
-        // At most one background read per 10 s for all of the client's partitions.
-        self.client.refresh_soon(LEADER_RELOOK);
+        if self.moving && self.window.is_empty() {
+            self.conn = None;
+            self.moving = false;
+        }
     }
 
     /// Gives `batch` the next sequence numbers and sends it (opening a stream if there is
@@ -659,14 +648,11 @@ impl Worker {
             self.client.refresh_soon(Duration::from_millis(200));
         }
         let target = self.client.leader_addr(&self.topic, self.partition);
-        let (node_id, addr) = match &target {
-            Some((id, a)) => (*id, Some(a.clone())),
-            None => (0, None),
-        };
+        let node_id = target.as_ref().map_or(0, |(id, _)| *id);
         let to_leader = leader.is_some_and(|l| l == node_id);
-        let node = match addr {
+        let node = match target {
             None => Err(tonic::Status::unavailable("no node known")),
-            Some(addr) => self
+            Some((_, addr)) => self
                 .client
                 .stream_node(&addr)
                 .map_err(|e| tonic::Status::unavailable(e.to_string())),
