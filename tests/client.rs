@@ -630,10 +630,7 @@ async fn a_member_with_a_backlog_commits_what_it_took() {
 /// publish entered the cluster there.
 fn entered_at(admin: &str) -> u64 {
     let (_, body) = node_support::tools::http_get(admin, "/metrics").expect("scrape");
-    body.lines()
-        .find_map(|l| l.strip_prefix("tern_publish_records_total "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
+    node_support::tools::sample(&body, "tern_publish_records_total", &[]).map_or(0, |v| v as u64)
 }
 
 /// The node that leads partition 0 of `topic`, as `from` (0-based) sees it.

@@ -115,20 +115,29 @@ async fn wait_mirrored(source: &Cluster, mirror: &Cluster, what: &str) {
     }
 }
 
-/// The mirror's progress on node `i`, partition `p`, as DescribeTopic shows it.
-async fn progress(c: &Cluster, i: usize, p: u32) -> Option<pb::MirrorProgress> {
-    let mut client = c.client(i).await;
-    let r = client
-        .describe_topic(pb::DescribeTopicRequest {
-            name: MIRROR.into(),
-        })
+/// Partition `p` of `topic` as DescribeTopic on the node `c` talks to shows it.
+async fn describe_partition(
+    c: &mut TernClient<Channel>,
+    topic: &str,
+    p: u32,
+) -> Option<pb::PartitionInfo> {
+    let r = c
+        .describe_topic(pb::DescribeTopicRequest { name: topic.into() })
         .await
         .ok()?
         .into_inner();
-    r.partitions
-        .into_iter()
-        .find(|x| x.partition == p)
-        .and_then(|x| x.mirror)
+    r.partitions.into_iter().find(|x| x.partition == p)
+}
+
+/// Partition `p` of the mirror as node `i` (0-based) shows it: replicas, moves, and whether it
+/// holds one (`local`) with its progress.
+async fn placement(c: &Cluster, i: usize, p: u32) -> Option<pb::PartitionInfo> {
+    describe_partition(&mut c.client(i).await, MIRROR, p).await
+}
+
+/// The mirror's progress on node `i`, partition `p`, as DescribeTopic shows it.
+async fn progress(c: &Cluster, i: usize, p: u32) -> Option<pb::MirrorProgress> {
+    placement(c, i, p).await.and_then(|x| x.mirror)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -399,14 +408,27 @@ async fn a_mirror_in_another_cluster_copies_offsets_through_cuts_and_restarts() 
     }
 }
 
-/// Creates the mirror of `source`'s topic, with `rf` replicas.
-async fn create_mirror(m: &mut TernClient<Channel>, source: &Cluster, rf: u32) {
+/// A one-node source cluster whose topic has `n` records per partition (values tagged `tag`),
+/// and a cluster of `nodes` nodes holding its mirror with `rf` replicas, caught up.
+async fn source_and_mirror(tag: &str, n: usize, nodes: usize, rf: u32) -> (Cluster, Cluster) {
+    let source = Cluster::start(1).await;
+    let mut src = source.client(0).await;
+    create(&mut src, SOURCE, PARTITIONS, 1).await;
+    publish(&mut src, tag, n).await;
+    let mirror = Cluster::start(nodes).await;
+    create_mirror(&mut mirror.client(0).await, &source.addrs[0], rf).await;
+    wait_mirrored(&source, &mirror, "first copy").await;
+    (source, mirror)
+}
+
+/// Creates the mirror of the source topic at `address`, with `rf` replicas.
+async fn create_mirror(m: &mut TernClient<Channel>, address: &str, rf: u32) {
     m.create_topic(pb::CreateTopicRequest {
         name: MIRROR.into(),
         replication_factor: rf,
         mirror_of: Some(pb::MirrorOf {
             topic: SOURCE.into(),
-            addresses: vec![source.addrs[0].clone()],
+            addresses: vec![address.to_string()],
         }),
         ..Default::default()
     })
@@ -433,14 +455,9 @@ async fn publish_retrying_acks(c: &mut TernClient<Channel>, req: pb::PublishRequ
 /// reopens as a member of the promoted group: it takes the new records, in order after the cut.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_down_during_the_promotion_rejoins_the_promoted_topic() {
-    let mut source = Cluster::start(1).await;
+    let (mut source, mut mirror) = source_and_mirror("a", 20, 3, 3).await;
     let mut src = source.client(0).await;
-    create(&mut src, SOURCE, PARTITIONS, 1).await;
-    publish(&mut src, "a", 20).await;
-    let mut mirror = Cluster::start(3).await;
     let mut m = mirror.client(0).await;
-    create_mirror(&mut m, &source, 3).await;
-    wait_mirrored(&source, &mirror, "first copy").await;
 
     // Node 3 goes down; the source goes on; the others copy it.
     mirror.kill9(2);
@@ -527,15 +544,10 @@ async fn a_replica_down_during_the_promotion_rejoins_the_promoted_topic() {
 /// the ones copied), says why in its progress, and still serves what it had.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_source_topic_created_again_is_not_copied() {
-    let source = Cluster::start(1).await;
-    let mut src = source.client(0).await;
-    create(&mut src, SOURCE, PARTITIONS, 1).await;
     // Requests of 1 to 5 records: fewer Raft entries than offsets.
-    publish(&mut src, "old", 40).await;
-    let mirror = Cluster::start(1).await;
+    let (source, mirror) = source_and_mirror("old", 40, 1, 1).await;
+    let mut src = source.client(0).await;
     let mut m = mirror.client(0).await;
-    create_mirror(&mut m, &source, 1).await;
-    wait_mirrored(&source, &mirror, "first copy").await;
     let mut had = Vec::new();
     for p in 0..PARTITIONS {
         had.push(seen(&try_fetch_all(&mut m, MIRROR, p).await.unwrap()));
@@ -593,35 +605,17 @@ async fn a_source_topic_created_again_is_not_copied() {
     }
 }
 
-/// The replicas of a mirror's partition on `node` (0-based), as DescribeTopic there shows them:
-/// (replicas, moving to, whether `node` holds one, its progress).
-async fn placement(c: &Cluster, node: usize, p: u32) -> Option<pb::PartitionInfo> {
-    let mut client = c.client(node).await;
-    let r = client
-        .describe_topic(pb::DescribeTopicRequest {
-            name: MIRROR.into(),
-        })
-        .await
-        .ok()?
-        .into_inner();
-    r.partitions.into_iter().find(|x| x.partition == p)
-}
-
-/// A mirror's partition moved to a node that held none of it while the source takes writes:
-/// the new replica copies the partition from offset 0 (through the replicas already in its
-/// region, or from the source), the move finishes only once it has caught up, the node left
-/// out stops holding it, and every replica holds the source's records at the source's offsets,
-/// in order, with nothing skipped or repeated, before and after the move.
+/// A mirror's partition moved to a node that held none of it while the source takes writes,
+/// that node killed (-9) and restarted during the move: the new replica copies the partition
+/// from offset 0 (through the replicas already in its region, or from the source), the move
+/// finishes only once it has caught up, the node left out stops holding it, and every replica
+/// holds the source's records at the source's offsets, in order, with nothing skipped or
+/// repeated, before and after the move.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_mirror_partition_moved_to_another_node_copies_it_whole() {
-    let source = Cluster::start(1).await;
+    let (source, mut mirror) = source_and_mirror("a", 30, 4, 3).await;
     let mut src = source.client(0).await;
-    create(&mut src, SOURCE, PARTITIONS, 1).await;
-    publish(&mut src, "a", 30).await;
-    let mirror = Cluster::start(4).await;
     let mut m = mirror.client(0).await;
-    create_mirror(&mut m, &source, 3).await;
-    wait_mirrored(&source, &mirror, "before the move").await;
 
     let before = placement(&mirror, 0, 0).await.expect("partition 0");
     let spare = (1..=4u64)
@@ -652,8 +646,11 @@ async fn a_mirror_partition_moved_to_another_node_copies_it_whole() {
     })
     .await
     .expect("move the mirror's partition");
-    // The source goes on during the move.
+    // The new replica's node is killed (-9) while it catches up, and the source goes on
+    // meanwhile; back, the replica resumes from what it had written.
+    mirror.kill9(spare as usize - 1);
     publish(&mut src, "b", 30).await;
+    mirror.start_node(spare as usize - 1);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let p = placement(&mirror, 0, 0).await;
@@ -699,16 +696,7 @@ async fn a_mirror_partition_moved_to_another_node_copies_it_whole() {
 
 /// Where partition `p` of `topic` starts and ends on the node `c` talks to.
 async fn bounds(c: &mut TernClient<Channel>, topic: &str, p: u32) -> (u64, u64) {
-    let r = c
-        .describe_topic(pb::DescribeTopicRequest { name: topic.into() })
-        .await
-        .expect("describe")
-        .into_inner();
-    let x = r
-        .partitions
-        .into_iter()
-        .find(|x| x.partition == p)
-        .expect("partition");
+    let x = describe_partition(c, topic, p).await.expect("partition");
     (x.start_offset, x.end_offset)
 }
 
@@ -762,17 +750,7 @@ async fn a_mirror_starts_over_where_the_source_now_starts_after_retention_delete
     .unwrap();
     let mirror = Cluster::start(1).await;
     let mut m = mirror.client(0).await;
-    m.create_topic(pb::CreateTopicRequest {
-        name: MIRROR.into(),
-        replication_factor: 1,
-        mirror_of: Some(pb::MirrorOf {
-            topic: SOURCE.into(),
-            addresses: vec![link.addr().to_string()],
-        }),
-        ..Default::default()
-    })
-    .await
-    .expect("create the mirror");
+    create_mirror(&mut m, &link.addr().to_string(), 1).await;
     let src0 = src.clone();
     let same = |m: &TernClient<Channel>, what: &'static str| {
         let (mut m, mut src) = (m.clone(), src0.clone());

@@ -222,15 +222,7 @@ fn nearest_order(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn at(region: &str, zone: &str) -> Member {
-        Member {
-            addr: String::new(),
-            region: region.into(),
-            zone: zone.into(),
-            region_addrs: BTreeMap::new(),
-        }
-    }
+    use crate::cluster::testkit::{ids, member as at};
 
     /// Nearest first, but a node not heard from lately goes after every one heard from, however
     /// near: a read relayed to a dead or cut-off node waits for a timeout.
@@ -247,7 +239,6 @@ mod tests {
         .into_iter()
         .map(|(n, m)| (NodeId(n), m))
         .collect();
-        let ids = |v: &[u64]| v.iter().map(|n| NodeId(*n)).collect::<Vec<_>>();
         let me = NodeId(5);
         let mine = members[&me].clone();
         // 7 is not in the metadata (unknown labels): after every known node.
