@@ -270,6 +270,10 @@ pub struct Node {
     /// Applied checkpoints saved, and replicas that started from theirs (`raft::store`).
     pub checkpoints_saved: Counter,
     pub checkpoint_restores: Counter,
+    /// Durable reports this node's leaders sent their far followers, and followers' committed
+    /// positions moved by one before their leader's next append said so (`raft::early`).
+    pub durable_reports: Counter,
+    pub commits_reported: Counter,
     /// Damaged replicas reopened to repair them (`shard::core::repair`).
     pub replica_repairs: Counter,
     /// Cores the watchdog found asleep past their own timers and woke (`shard::mailbox`).
@@ -310,6 +314,8 @@ pub static NODE: Node = Node {
     leader_changes: Counter::new(),
     checkpoints_saved: Counter::new(),
     checkpoint_restores: Counter::new(),
+    durable_reports: Counter::new(),
+    commits_reported: Counter::new(),
     replica_repairs: Counter::new(),
     core_stalls: Counter::new(),
     fsync: Histogram::new(),

@@ -369,6 +369,20 @@ impl Collector for Snapshot {
         )?;
         counter(
             e,
+            "raft_durable_reports",
+            "Reports of what they hold durably that leaders on this node sent their followers in other regions, so those serve reads of committed records earlier.",
+            None,
+            n.durable_reports.get(),
+        )?;
+        counter(
+            e,
+            "raft_commits_reported",
+            "Times a follower on this node moved its committed position (what its readers may read) by its leader's durable report, before the leader's next append said so.",
+            None,
+            n.commits_reported.get(),
+        )?;
+        counter(
+            e,
             "replica_repairs",
             "Damaged replicas on this node reopened with their log cut at the damage, to be caught up by their peers.",
             None,

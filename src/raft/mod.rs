@@ -8,6 +8,7 @@
 //!   group.rs      a group's configuration and start
 //!   store/        the log storage and state machine over the partition log
 //!   election.rs   when a follower starts an election (pure)
+//!   early.rs      a follower's commit learned from its leader's durable reports (pure)
 //!   network.rs    a group's calls to its peers, and a peer's message on its core
 //!   transport.rs  every group's messages to a peer, batched over one connection
 //!   wire.rs       Raft messages on the wire
@@ -15,6 +16,7 @@
 //!   error.rs      RaftError
 //! ```
 
+pub mod early;
 pub mod election;
 mod error;
 pub mod group;

@@ -18,6 +18,7 @@ use openraft::raft::{
     StreamAppendResult, TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 
+use super::early;
 use super::error::RaftError;
 use super::store::LogSnapshot;
 use super::transport::{Answer, Outgoing, Transport};
@@ -36,6 +37,36 @@ pub struct GroupNetwork {
     pub quiet: Rc<Cell<bool>>,
     /// The least time an append carrying entries is given (the shortest election timeout).
     pub entries_ttl: std::time::Duration,
+    /// What this replica, as leader, holds durably, for appends to far followers to carry.
+    pub reports: Rc<early::Reports>,
+}
+
+/// A follower at least this far away (its least round trip lately) is told what its leader
+/// holds durably (see `raft::early`). A nearer one learns the commit from the leader's next
+/// append soon enough.
+pub const REPORT_ROUND_TRIP_MIN: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Whether `target` is far enough to be told its leader's durable reports.
+pub fn far(transport: &Transport, target: NodeId) -> bool {
+    transport
+        .pipelining_round_trip(target)
+        .is_some_and(|rt| rt >= REPORT_ROUND_TRIP_MIN)
+}
+
+pub fn report_to_wire(d: early::Durable) -> pb::DurableReport {
+    pb::DurableReport {
+        leader: d.leader.0,
+        term: d.term,
+        index: d.index,
+    }
+}
+
+pub fn report_from_wire(r: &pb::DurableReport) -> early::Durable {
+    early::Durable {
+        leader: NodeId(r.leader),
+        term: r.term,
+        index: r.index,
+    }
 }
 
 /// One group's client of one peer.
@@ -47,6 +78,7 @@ pub struct GroupClient {
     addr: String,
     quiet: Rc<Cell<bool>>,
     entries_ttl: std::time::Duration,
+    reports: Rc<early::Reports>,
 }
 
 impl RaftNetworkFactory<PartitionRaft> for GroupNetwork {
@@ -61,6 +93,7 @@ impl RaftNetworkFactory<PartitionRaft> for GroupNetwork {
             addr: node.addr.clone(),
             quiet: self.quiet.clone(),
             entries_ttl: self.entries_ttl,
+            reports: self.reports.clone(),
         }
     }
 }
@@ -144,9 +177,21 @@ impl GroupClient {
         rpc: &AppendEntriesRequest<PartitionRaft>,
         option: &RPCOption,
     ) -> Result<AppendEntriesResponse<PartitionRaft>, RPCError<PartitionRaft>> {
-        let body = pb::raft_request::Body::Append(wire::encode_append(rpc));
-        let bytes = self.call(body, option).await?;
-        wire::decode_append_response(&bytes).map_err(unreachable)
+        let mut append = wire::encode_append(rpc);
+        if far(&self.transport, self.target) {
+            let told = self.reports.tell(self.target, rpc.vote.leader_id().term);
+            append.durable = told.map(report_to_wire);
+            if told.is_some() {
+                crate::metrics::NODE.durable_reports.inc();
+            }
+        }
+        let told = append.durable.is_some();
+        let body = pb::raft_request::Body::Append(append);
+        let answer = self.call(body, option).await;
+        if told && answer.is_err() {
+            self.reports.forget(self.target);
+        }
+        wire::decode_append_response(&answer?).map_err(unreachable)
     }
 
     /// How many appends may be in flight to this follower now.
@@ -491,6 +536,8 @@ pub async fn handle(
             *contact = Contact::Leader;
             Ok(wire::encode_snapshot_response(&r))
         }
+        // Taken by the partition before it gets here (`Partition::handle`); nothing to answer.
+        Body::Durable(_) => Ok(Bytes::new()),
         Body::TransferLeader(t) => {
             let rpc = wire::decode_transfer_leader(&t)?;
             let r = raft.handle_transfer_leader(rpc).await.map_err(stopped)?;

@@ -408,6 +408,26 @@ impl Transport {
         })
     }
 
+    /// Queues a one-way message for `target` from a group on `core`: its answer is dropped.
+    pub fn tell(
+        self: &Arc<Self>,
+        core: CoreId,
+        target: NodeId,
+        addr: &str,
+        message: pb::RaftRequest,
+    ) -> Result<(), RaftError> {
+        let (reply, _) = oneshot::channel();
+        self.send(
+            target,
+            addr,
+            Outgoing {
+                core,
+                message,
+                reply,
+            },
+        )
+    }
+
     /// Hands answers back to the core whose groups wait for them. If the core stays saturated
     /// the answers are dropped: the groups time out and retry.
     async fn deliver(&self, core: CoreId, answers: Vec<(oneshot::Sender<Answer>, Answer)>) {
@@ -573,7 +593,8 @@ async fn run_link(
             let mut by_core: HashMap<CoreId, Vec<(oneshot::Sender<Answer>, Answer)>> =
                 HashMap::new();
             for (w, a) in waiting.into_iter().zip(answers) {
-                if let Some((core, tx)) = w {
+                // A one-way message's sender does not wait (see `Transport::tell`).
+                if let Some((core, tx)) = w.filter(|(_, tx)| !tx.is_canceled()) {
                     let a = a.unwrap_or_else(|| {
                         Err(RaftError::Remote("no reply for this message".into()))
                     });

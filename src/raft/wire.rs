@@ -50,6 +50,7 @@ pub fn encode_append(rpc: &AppendEntriesRequest<PartitionRaft>) -> pb::AppendEnt
     pb::AppendEntries {
         head: json(&head),
         entries: rpc.entries.iter().map(encode_entry).collect(),
+        durable: None,
     }
 }
 

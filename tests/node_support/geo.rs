@@ -91,9 +91,19 @@ impl GeoCluster {
             "--region-addresses",
             &region_addresses,
             "--fault-injection",
+            "--admin-listen",
+            "127.0.0.1:0",
         ];
         args.extend(TIMING);
         self.nodes[i] = Some(TestNode::start_at(&self.dirs[i], &self.addrs[i], &args));
+    }
+
+    /// A counter of node `i`'s `/metrics` (0 when absent).
+    pub fn counter(&self, i: usize, name: &str) -> u64 {
+        let admin = self.nodes[i].as_ref().expect("node is up").admin.clone();
+        let (_, body) =
+            super::tools::http_get(&admin.expect("an admin listener"), "/metrics").expect("scrape");
+        super::tools::sample(&body, name, &[]).map_or(0, |v| v as u64)
     }
 
     pub fn kill9(&mut self, i: usize) {

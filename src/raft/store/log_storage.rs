@@ -144,8 +144,15 @@ impl RaftLogStorage<PartitionRaft> for LogStore {
             None => callback.io_completed(Ok(())),
             // The log writes in order: once the last entry is secured, all of them are.
             Some(secured) => {
+                let shared = self.shared.clone();
                 glommio::spawn_local(async move {
-                    callback.io_completed(secured.await.map_err(io_err));
+                    let secured = secured.await.map_err(io_err);
+                    let ok = secured.is_ok();
+                    callback.io_completed(secured);
+                    let hook = shared.on_secured.borrow().clone();
+                    if let (true, Some(hook)) = (ok, hook) {
+                        hook(&super::StoreHandle(shared));
+                    }
                 })
                 .detach();
             }
@@ -154,9 +161,24 @@ impl RaftLogStorage<PartitionRaft> for LogStore {
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        let committed = self.shared.log.positions().committed;
         let (from, at) = {
             let map = self.shared.map.borrow();
-            let from = last_log_id.map_or(map.first, |l| l.index + 1);
+            let mut from = last_log_id.map_or(map.first, |l| l.index + 1);
+            // A follower's committed position can be ahead of what openraft knows committed
+            // (its leader's durable reports, `raft::early`). openraft cuts after its own
+            // commit only before installing a snapshot that conflicts with the log, which
+            // restarts the log at the snapshot anyway: the entries before the position stay
+            // (they are committed, so the snapshot covers them), the rest goes.
+            if map.get(from).is_some_and(|s| s.base < committed) {
+                let kept = map.slots.partition_point(|s| s.base < committed);
+                tracing::info!(
+                    asked = from,
+                    from = map.first + kept as u64,
+                    "a truncation asked below the committed position cuts from there"
+                );
+                from = map.first + kept as u64;
+            }
             match map.get(from) {
                 Some(s) => (from, s.base),
                 None => return Ok(()),

@@ -27,6 +27,7 @@
 //!   tail.rs           the newest entries in memory
 //!   codec.rs          entry ⇄ batch
 //!   log_storage.rs    openraft's RaftLogStorage
+//!   reported.rs       durable entries reported by a leader, counted by a follower
 //!   state_machine.rs  openraft's RaftStateMachine: apply = commit
 //! ```
 
@@ -35,6 +36,7 @@ mod codec;
 mod durable;
 mod entry_map;
 mod log_storage;
+mod reported;
 mod state_machine;
 mod tail;
 #[cfg(test)]
@@ -56,6 +58,7 @@ use codec::decode_entry;
 use durable::Durable;
 use entry_map::{EntryMap, Slot};
 pub use log_storage::LogStore;
+pub use reported::OnSecured;
 pub use state_machine::{LogSnapshot, SnapshotBuilder, StateMachine};
 use tail::Tail;
 
@@ -94,6 +97,10 @@ struct Shared {
     applied_bytes: Cell<u64>,
     /// The part of the log opened from stamps files, whose batches no read has checked yet.
     unverified: Cell<Option<(Offset, Offset)>>,
+    /// Runs after each append of entries is secured (see `reported.rs`).
+    on_secured: RefCell<Option<OnSecured>>,
+    /// The newest durable report of this replica's leader (see `raft::early`).
+    report: Cell<Option<crate::raft::early::Durable>>,
 }
 
 impl Shared {
@@ -709,6 +716,8 @@ pub async fn open_with_handle(
         checkpoint_every: Cell::new(checkpoint::EVERY),
         applied_bytes: Cell::new(0),
         unverified: Cell::new(unverified),
+        on_secured: RefCell::default(),
+        report: Cell::new(None),
     });
     Ok((
         LogStore {

@@ -10,6 +10,7 @@
 //!   membership.rs  moving the group towards a target membership (on its leader)
 //!   opening.rs     beside an open: sealed segments verified in the background, a promoted
 //!                  mirror's log converted
+//!   reports.rs     a leader's durable reports to far followers, which serve reads by them
 //!   retention.rs   retention through the group (snapshot, purge)
 //! ```
 //!
@@ -24,6 +25,7 @@ pub(super) mod fetch;
 mod membership;
 mod opening;
 mod quiet;
+mod reports;
 mod retention;
 #[cfg(test)]
 mod tests;
@@ -278,6 +280,7 @@ impl Partition {
             !alone && key != PartitionKey::metadata() && replica.quiet,
             Duration::from_millis(2 * replica.timing.election_max_ms),
         );
+        let reports: Rc<crate::raft::early::Reports> = Rc::default();
         let started = match &replica.transport {
             Some(t) => {
                 let network = GroupNetwork {
@@ -290,6 +293,7 @@ impl Partition {
                     },
                     quiet: quiet.announce.clone(),
                     entries_ttl: Duration::from_millis(replica.timing.election_min_ms),
+                    reports: reports.clone(),
                 };
                 group::start_with(
                     replica.node_id,
@@ -323,6 +327,26 @@ impl Partition {
             }
         };
         store.set_checkpoint_entries(replica.checkpoint_entries);
+        // Data partitions only: the metadata's followers apply what they hold as committed.
+        if let Some(t) = replica
+            .transport
+            .as_ref()
+            .filter(|_| key != PartitionKey::metadata())
+        {
+            let group = pb::Group {
+                topic: key.topic.to_string(),
+                partition: key.partition,
+                uid: uid.0,
+            };
+            let out = reports::Outbox {
+                metrics: raft.metrics(),
+                transport: t.clone(),
+                core,
+                group,
+                reports,
+            };
+            store.on_secured(Some(reports::on_secured(out, waiters.clone())));
+        }
         tracing::debug!(
             partition = %key,
             log_ms = log_opened.as_millis() as u64,
@@ -500,6 +524,15 @@ impl Partition {
         quiet: bool,
     ) -> crate::raft::transport::Answer {
         use pb::raft_request::Body;
+        if let Body::Durable(r) = &body {
+            reports::take(&self.store, &self.raft.metrics(), &self.waiters, r);
+            return Ok(bytes::Bytes::new());
+        }
+        // A report an append carries counts once the append is taken (its vote too).
+        let carried = match &body {
+            Body::Append(a) => a.durable,
+            _ => None,
+        };
         if matches!(
             body,
             Body::Vote(_) | Body::PreVote(_) | Body::TransferLeader(_)
@@ -556,6 +589,9 @@ impl Partition {
         }
         let mut contact = network::Contact::None;
         let answer = network::handle(&self.raft, body, &mut contact).await;
+        if let Some(r) = &carried {
+            reports::take(&self.store, &self.raft.metrics(), &self.waiters, r);
+        }
         // Woken again after the message: the driver may have looked between the wake above
         // and the message's effect, found the group still quiet and dropped it.
         if was_quiet {
@@ -684,6 +720,7 @@ impl Partition {
             t.bump_incarnation();
         }
         wake(&self.waiters);
+        self.store.on_secured(None);
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(partition = %self.key, error = %e, "raft group did not stop cleanly");
         }
