@@ -259,6 +259,9 @@ pub struct Refusals {
 /// Everything this node counts.
 pub struct Node {
     pub publish_records: Counter,
+    /// Records this node passed on to their partition's leader elsewhere, acknowledged there
+    /// (`broker::publish`): each costs this node about as much as the leader.
+    pub publish_forwarded: Counter,
     pub publish_bytes: Counter,
     /// Records and bytes handed to readers: Fetch, Subscribe and group deliveries.
     pub read_records: Counter,
@@ -306,6 +309,7 @@ pub struct Node {
 
 pub static NODE: Node = Node {
     publish_records: Counter::new(),
+    publish_forwarded: Counter::new(),
     publish_bytes: Counter::new(),
     read_records: Counter::new(),
     read_bytes: Counter::new(),

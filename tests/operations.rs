@@ -66,11 +66,33 @@ async fn until(node: &TestNode, what: &str, check: impl Fn(&str) -> bool) -> Str
     }
 }
 
+/// The leader of each partition of `topic` as node 1 sees it, once every partition has one.
+async fn leaders(
+    client: &mut pb::tern_client::TernClient<tonic::transport::Channel>,
+    topic: &str,
+) -> Vec<u64> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = client
+            .describe_topic(pb::DescribeTopicRequest { name: topic.into() })
+            .await
+            .expect("describe")
+            .into_inner();
+        let leaders: Vec<u64> = d.partitions.iter().map(|p| p.leader).collect();
+        if leaders.iter().all(|l| *l != 0) {
+            return leaders;
+        }
+        assert!(Instant::now() < deadline, "no leader: {leaders:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_follow_the_load_and_show_under_replication() {
     let mut c = Cluster::start_with(3, &ADMIN).await;
     let mut client = c.client(0).await;
     create(&mut client, "ops", 2, 3).await;
+    let leaders_before = leaders(&mut client, "ops").await;
     // 10 publish calls to node 1: 50 records to partition 0, 20 to partition 1.
     for i in 0..10u32 {
         let p = u32::from(i >= 5);
@@ -138,6 +160,24 @@ async fn metrics_follow_the_load_and_show_under_replication() {
     // Counted once, where the client called.
     assert_eq!(value(&texts[0], "tern_publish_records_total", &[]), 70.0);
     assert_eq!(sum("tern_publish_records_total"), 70.0);
+    // Forwarded by node 1 to the other nodes' leaders, when leadership stayed put throughout.
+    let forwarded = [50.0, 20.0]
+        .iter()
+        .zip(&leaders_before)
+        .filter(|(_, l)| **l != 1)
+        .map(|(n, _)| n)
+        .sum::<f64>();
+    if leaders(&mut client, "ops").await == leaders_before {
+        assert_eq!(
+            value(&texts[0], "tern_publish_forwarded_records_total", &[]),
+            forwarded,
+            "leaders {leaders_before:?}"
+        );
+    }
+    assert_eq!(
+        sum("tern_publish_forwarded_records_total"),
+        value(&texts[0], "tern_publish_forwarded_records_total", &[])
+    );
     assert_eq!(value(&texts[1], "tern_read_records_total", &[]), read);
     assert_eq!(sum("tern_read_records_total"), read);
     assert!(value(&texts[0], "tern_publish_bytes_total", &[]) >= 70.0 * 4.0);

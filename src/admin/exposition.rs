@@ -279,6 +279,13 @@ impl Collector for Snapshot {
         )?;
         counter(
             e,
+            "publish_forwarded_records",
+            "Records this node passed on to their partition's leader on another node, acknowledged there.",
+            None,
+            n.publish_forwarded.get(),
+        )?;
+        counter(
+            e,
             "publish",
             "Key and value bytes of the records acknowledged to publishers that called this node.",
             Some(&Unit::Bytes),

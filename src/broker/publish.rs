@@ -247,7 +247,12 @@ impl Broker {
                 .call_peer(target, |mut c| async move { c.publish(call).await })
                 .await
             {
-                Ok(resp) => return Ok(resp.acks.into_iter().map(|a| Offset(a.offset)).collect()),
+                Ok(resp) => {
+                    crate::metrics::NODE
+                        .publish_forwarded
+                        .add(resp.acks.len() as u64);
+                    return Ok(resp.acks.into_iter().map(|a| Offset(a.offset)).collect());
+                }
                 Err(e) if e.unwritten() || (producer.is_some() && e.retryable()) => {
                     hint = e.leader().filter(|l| *l != target);
                     if hint.is_none() {
