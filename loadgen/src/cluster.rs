@@ -15,7 +15,8 @@ use tokio::process::{Child, Command};
 
 pub struct Cluster {
     pub addrs: Vec<String>,
-    /// Each spawned node's admin listener, when asked for (`--scrape-ms`).
+    /// Each spawned node's admin listener (`--scrape-ms`, and the forwarded count), when it
+    /// has one.
     pub admins: Vec<String>,
     program: PathBuf,
     prefix: Vec<String>,

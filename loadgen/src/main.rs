@@ -112,7 +112,9 @@ async fn main_async(args: Args) -> anyhow::Result<i32> {
                     n,
                     args.tern_bin.clone(),
                     args.secure,
-                    args.scrape_ms.is_some(),
+                    // An admin listener for the scrapes, and for the forwarded count at the end
+                    // (unreachable from here inside network namespaces).
+                    args.scrape_ms.is_some() || !args.netns,
                     args.netns,
                     node_flags,
                 )
@@ -145,6 +147,7 @@ async fn main_async(args: Args) -> anyhow::Result<i32> {
         ))
     });
     let cpu_before = cluster.cpu_seconds();
+    let forwarded_before = forwarded(&cluster.admins).await;
     let cluster = std::sync::Arc::new(tokio::sync::Mutex::new(cluster));
     let killer = s.kill_every_s.map(|every| {
         let cluster = cluster.clone();
@@ -175,6 +178,8 @@ async fn main_async(args: Args) -> anyhow::Result<i32> {
     // The nodes' CPU per 1,000 acknowledged records (killed nodes count what they had used
     // when killed: `Cluster::kill9`).
     let cpu_after = cluster.lock().await.cpu_seconds();
+    let admins = cluster.lock().await.admins.clone();
+    let forwarded_after = forwarded(&admins).await;
     let scrapes = match scraper {
         Some(t) => {
             t.abort();
@@ -192,6 +197,15 @@ async fn main_async(args: Args) -> anyhow::Result<i32> {
             ));
             r.json["node_cpu_seconds"] = serde_json::json!(cpu);
             r.json["node_cpu_seconds_per_1k_records"] = serde_json::json!(per_1k);
+        }
+        if let (Some(a), Some(b)) = (forwarded_before, forwarded_after) {
+            // A node restarted meanwhile (failover) counts from 0 again: then at least this.
+            let n = b.saturating_sub(a);
+            let share = 100.0 * n as f64 / r.acked.max(1) as f64;
+            r.lines.push(format!(
+                "forwarded       {n} records passed on to their leader by the node they entered ({share:.1}% of acknowledged)"
+            ));
+            r.json["forwarded_records"] = serde_json::json!(n);
         }
         if let (Some(n), Some(ms)) = (scrapes, args.scrape_ms) {
             r.lines.push(format!(
@@ -256,25 +270,49 @@ async fn main_async(args: Args) -> anyhow::Result<i32> {
     Ok(code)
 }
 
+/// A node's /metrics, if it answers.
+async fn metrics_of(addr: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut body = Vec::new();
+    s.read_to_end(&mut body).await.ok()?;
+    body.starts_with(b"HTTP/1.1 200")
+        .then(|| String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Records the nodes at `admins` forwarded to their partitions' leaders so far
+/// (`tern_publish_forwarded_records_total`); None without admin listeners or when one does not
+/// answer.
+async fn forwarded(admins: &[String]) -> Option<u64> {
+    if admins.is_empty() {
+        return None;
+    }
+    let mut sum = 0u64;
+    for a in admins {
+        let text = metrics_of(a).await?;
+        let v = text.lines().find_map(|l| {
+            l.strip_prefix("tern_publish_forwarded_records_total ")?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })?;
+        sum += v as u64;
+    }
+    Some(sum)
+}
+
 /// Scrapes done by [`scrape`] so far.
 static SCRAPES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// GETs every node's /metrics every `every`, as a Prometheus server would, until aborted.
 async fn scrape(admins: Vec<String>, every: Duration) -> u64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
         for a in &admins {
-            let Ok(mut s) = tokio::net::TcpStream::connect(a).await else {
-                continue;
-            };
-            let req = format!("GET /metrics HTTP/1.1\r\nHost: {a}\r\nConnection: close\r\n\r\n");
-            let mut body = Vec::new();
-            if s.write_all(req.as_bytes()).await.is_ok()
-                && s.read_to_end(&mut body).await.is_ok()
-                && body.starts_with(b"HTTP/1.1 200")
-            {
+            if metrics_of(a).await.is_some() {
                 SCRAPES.fetch_add(1, Ordering::Relaxed);
             }
         }
