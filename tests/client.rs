@@ -629,8 +629,7 @@ async fn a_member_with_a_backlog_commits_what_it_took() {
 /// `tern_publish_records_total` of the node whose admin listener is `admin`: the records whose
 /// publish entered the cluster there.
 fn entered_at(admin: &str) -> u64 {
-    let (_, body) = node_support::tools::http_get(admin, "/metrics").expect("scrape");
-    node_support::tools::sample(&body, "tern_publish_records_total", &[]).map_or(0, |v| v as u64)
+    node_support::tools::counter(admin, "tern_publish_records_total")
 }
 
 /// The node that leads partition 0 of `topic`, as `from` (0-based) sees it.

@@ -178,17 +178,20 @@ impl GroupClient {
         option: &RPCOption,
     ) -> Result<AppendEntriesResponse<PartitionRaft>, RPCError<PartitionRaft>> {
         let mut append = wire::encode_append(rpc);
-        if far(&self.transport, self.target) {
-            let told = self.reports.tell(self.target, rpc.vote.leader_id().term);
-            append.durable = told.map(report_to_wire);
-            if told.is_some() {
-                crate::metrics::NODE.durable_reports.inc();
-            }
+        // A leader holds a report only when it has a far follower: a near group's appends do
+        // not look at round trips.
+        let told = self
+            .reports
+            .held()
+            .filter(|_| far(&self.transport, self.target))
+            .and_then(|_| self.reports.tell(self.target, rpc.vote.leader_id().term));
+        if let Some(d) = told {
+            append.durable = Some(report_to_wire(d));
+            crate::metrics::NODE.durable_reports.inc();
         }
-        let told = append.durable.is_some();
         let body = pb::raft_request::Body::Append(append);
         let answer = self.call(body, option).await;
-        if told && answer.is_err() {
+        if told.is_some() && answer.is_err() {
             self.reports.forget(self.target);
         }
         wire::decode_append_response(&answer?).map_err(unreachable)

@@ -101,9 +101,7 @@ impl GeoCluster {
     /// A counter of node `i`'s `/metrics` (0 when absent).
     pub fn counter(&self, i: usize, name: &str) -> u64 {
         let admin = self.nodes[i].as_ref().expect("node is up").admin.clone();
-        let (_, body) =
-            super::tools::http_get(&admin.expect("an admin listener"), "/metrics").expect("scrape");
-        super::tools::sample(&body, name, &[]).map_or(0, |v| v as u64)
+        super::tools::counter(&admin.expect("an admin listener"), name)
     }
 
     pub fn kill9(&mut self, i: usize) {

@@ -47,6 +47,12 @@ pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     Ok((code, body.to_string()))
 }
 
+/// The counter `name` (no labels) of the node whose admin listener is `admin` (0: absent).
+pub fn counter(admin: &str, name: &str) -> u64 {
+    let (_, body) = http_get(admin, "/metrics").expect("scrape");
+    sample(&body, name, &[]).map_or(0, |v| v as u64)
+}
+
 /// The value of the sample `name{labels}` in a Prometheus text exposition, where the sample
 /// has at least the labels given.
 pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {

@@ -281,16 +281,17 @@ impl Partition {
             Duration::from_millis(2 * replica.timing.election_max_ms),
         );
         let reports: Rc<crate::raft::early::Reports> = Rc::default();
+        let group = pb::Group {
+            topic: key.topic.to_string(),
+            partition: key.partition,
+            uid: uid.0,
+        };
         let started = match &replica.transport {
             Some(t) => {
                 let network = GroupNetwork {
                     transport: t.clone(),
                     core,
-                    group: pb::Group {
-                        topic: key.topic.to_string(),
-                        partition: key.partition,
-                        uid: uid.0,
-                    },
+                    group: group.clone(),
                     quiet: quiet.announce.clone(),
                     entries_ttl: Duration::from_millis(replica.timing.election_min_ms),
                     reports: reports.clone(),
@@ -333,11 +334,6 @@ impl Partition {
             .as_ref()
             .filter(|_| key != PartitionKey::metadata())
         {
-            let group = pb::Group {
-                topic: key.topic.to_string(),
-                partition: key.partition,
-                uid: uid.0,
-            };
             let out = reports::Outbox {
                 metrics: raft.metrics(),
                 transport: t.clone(),

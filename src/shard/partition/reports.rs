@@ -8,7 +8,6 @@
 //! with its own log when a report arrives and after each of its own appends is secured: either
 //! may come first.
 
-use std::collections::BTreeSet;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +21,7 @@ use crate::raft::early::{Durable, Reports};
 use crate::raft::network::{far, report_from_wire, report_to_wire};
 use crate::raft::store::{OnSecured, StoreHandle};
 use crate::raft::transport::Transport;
-use crate::raft::types::{NodeId, PartitionRaft};
+use crate::raft::types::PartitionRaft;
 use crate::types::CoreId;
 
 /// How long a report waits for an append to carry it before it is sent on its own. Under
@@ -124,14 +123,12 @@ fn learn(store: &StoreHandle, metrics: &Metrics, waiters: &Waiters) {
         return;
     }
     // The membership and the log end it was read with, from one view.
-    let (voters, upto): (Vec<BTreeSet<NodeId>>, u64) = {
+    let moved = {
         let m = metrics.borrow_watched();
-        (
-            m.membership_config.membership().get_joint_config().clone(),
-            m.last_log_index.unwrap_or(0),
-        )
+        let voters = m.membership_config.membership().get_joint_config();
+        store.commit_reported(voters, m.last_log_index.unwrap_or(0))
     };
-    if store.commit_reported(&voters, upto).is_some() {
+    if moved.is_some() {
         crate::metrics::NODE.commits_reported.inc();
         wake(waiters);
     }
