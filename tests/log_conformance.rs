@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{batch, run, small_config};
+use common::{batch, run, small_config, step};
 use tern::log::{
     Assign, FsyncPolicy, Log, LogConfig, LogError, ReadBound, StateFile, RESET_MARKER,
 };
@@ -922,6 +922,7 @@ fn a_repairing_open_cuts_at_the_first_damage_and_reports_what_it_held() {
     run(|| async {
         // Each case damages a copy of the same log: 60 entries over several segments.
         let template = tempfile::tempdir().unwrap();
+        step("writing the template");
         {
             let log = Log::open(template.path(), small_config()).await.unwrap();
             raft_entries(&log, 60).await;
@@ -947,6 +948,7 @@ fn a_repairing_open_cuts_at_the_first_damage_and_reports_what_it_held() {
         };
 
         // A clean log: nothing to report.
+        step("a clean log");
         let d = copy();
         let log = Log::open_repairing(d.path(), small_config()).await.unwrap();
         assert_eq!(log.repaired(), None);
@@ -955,6 +957,7 @@ fn a_repairing_open_cuts_at_the_first_damage_and_reports_what_it_held() {
 
         // A sealed segment cut short (its index no longer fits it): cut there; everything
         // after goes; the report names the last entry the log held.
+        step("a sealed segment cut short");
         let d = copy();
         let victim = d.path().join(name(1));
         let len = std::fs::metadata(&victim).unwrap().len();
@@ -982,12 +985,15 @@ fn a_repairing_open_cuts_at_the_first_damage_and_reports_what_it_held() {
             "every record before the cut reads"
         );
         // Appending goes on from the cut.
+        step("appending after the cut");
         log.append(&batch(99, 1, 100, 1000), T).await.unwrap();
         log.close().await.unwrap();
         drop(log);
         // Until the owner notes it, the cut is reported again (a crash before noting).
+        step("reopening before the cut is noted");
         let log = Log::open_repairing(d.path(), small_config()).await.unwrap();
         assert_eq!(log.repaired().map(|r| r.last_raft_index), Some(Some(60)));
+        step("noting the cut");
         log.repair_noted().await.unwrap();
         log.close().await.unwrap();
         drop(log);
@@ -996,6 +1002,7 @@ fn a_repairing_open_cuts_at_the_first_damage_and_reports_what_it_held() {
         drop(log);
 
         // A segment file deleted in the middle: the log ends where the one before it ends.
+        step("a segment file deleted");
         let d = copy();
         std::fs::remove_file(d.path().join(name(2))).unwrap();
         assert!(matches!(
@@ -1010,6 +1017,7 @@ fn a_repairing_open_cuts_at_the_first_damage_and_reports_what_it_held() {
 
         // A flipped bit in the active segment with whole batches after it: damage, not a torn
         // write, so it is reported (a plain open cuts it as it always did).
+        step("a flipped bit");
         let d = copy();
         let active = d.path().join(name(segs.len() - 1));
         let mut bytes = std::fs::read(&active).unwrap();
@@ -1026,6 +1034,7 @@ fn a_repairing_open_cuts_at_the_first_damage_and_reports_what_it_held() {
         drop(log);
 
         // A torn tail (the last batch half written) is not damage: nothing is reported.
+        step("a torn tail");
         let d = copy();
         let active = d.path().join(name(segs.len() - 1));
         // (The file ends in zero padding to the block; the batches end at the last non-zero.)

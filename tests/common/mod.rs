@@ -2,24 +2,65 @@
 #![allow(dead_code)]
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use glommio::{LocalExecutorBuilder, Placement};
 use tern::log::{Batch, BatchBuilder, FsyncPolicy, LogConfig, Record};
 use tern::types::TimestampMs;
 
-/// Runs an async test body on its own glommio executor thread.
+/// How long a storage test body may run before it counts as hung. The slowest takes seconds;
+/// a hang must fail the test in bounded time (and say where it stopped, from [`step`]) rather
+/// than hold the whole test run until CI's limit.
+const HANG_LIMIT: Duration = Duration::from_secs(180);
+
+thread_local! {
+    /// Where the test body on this executor thread notes the last [`step`] it reached.
+    static STEP: std::cell::RefCell<Option<Arc<Mutex<&'static str>>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Notes the step a test body has reached, which [`run`] reports if the body hangs.
+pub fn step(name: &'static str) {
+    STEP.with(|s| {
+        if let Some(at) = s.borrow().as_ref() {
+            *at.lock().unwrap_or_else(|e| e.into_inner()) = name;
+        }
+    });
+}
+
+/// Runs an async test body on its own glommio executor thread. A body that does not finish
+/// within [`HANG_LIMIT`] (including a panic whose unwinding hangs) fails the test, naming the
+/// last [`step`] it reached.
 pub fn run<F, Fut>(f: F)
 where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future<Output = ()> + 'static,
 {
-    LocalExecutorBuilder::new(Placement::Unbound)
-        .io_memory(2 << 20)
-        .spawn(f)
-        .expect("executor starts")
-        .join()
-        .expect("test body completes");
+    let (done_tx, done_rx) = mpsc::channel();
+    let at = Arc::new(Mutex::new("the start"));
+    let noted = at.clone();
+    std::thread::spawn(move || {
+        let ran = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let executor = LocalExecutorBuilder::new(Placement::Unbound)
+                .io_memory(2 << 20)
+                .make()
+                .expect("executor starts");
+            STEP.with(|s| *s.borrow_mut() = Some(noted));
+            executor.run(f());
+        }));
+        let _ = done_tx.send(ran);
+    });
+    match done_rx.recv_timeout(HANG_LIMIT) {
+        Ok(Ok(())) => {}
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Err(_) => panic!(
+            "the test body did not finish within {HANG_LIMIT:?}, a hang; its last step: {}",
+            at.lock().unwrap_or_else(|e| e.into_inner())
+        ),
+    }
 }
 
 /// A batch of `n` records whose values encode (tag, i) so content can be checked after reads.
