@@ -626,6 +626,21 @@ async fn a_member_with_a_backlog_commits_what_it_took() {
     );
 }
 
+/// The nodes' admin listeners (started with `--admin-listen`), in node order.
+fn admin_addrs(cluster: &Cluster) -> Vec<String> {
+    cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            n.as_ref()
+                .unwrap()
+                .admin
+                .clone()
+                .expect("an admin listener")
+        })
+        .collect()
+}
+
 /// `tern_publish_records_total` of the node whose admin listener is `admin`: the records whose
 /// publish entered the cluster there.
 fn entered_at(admin: &str) -> u64 {
@@ -634,11 +649,16 @@ fn entered_at(admin: &str) -> u64 {
 
 /// The node that leads partition 0 of `topic`, as `from` (0-based) sees it.
 async fn leader_seen(c: &Cluster, from: usize, topic: &str) -> u64 {
+    leader_seen_for(c, from, topic, 0).await
+}
+
+/// The node that leads `partition` of `topic`, as `from` (0-based) sees it (0: none).
+async fn leader_seen_for(c: &Cluster, from: usize, topic: &str, partition: u32) -> u64 {
     let mut client = c.client(from).await;
     client
         .describe_topic(tern::proto::v1::DescribeTopicRequest { name: topic.into() })
         .await
-        .map(|r| r.into_inner().partitions[0].leader)
+        .map(|r| r.into_inner().partitions[partition as usize].leader)
         .unwrap_or(0)
 }
 
@@ -650,17 +670,7 @@ async fn leader_seen(c: &Cluster, from: usize, topic: &str) -> u64 {
 async fn a_producer_moves_its_stream_to_a_new_leader_that_no_error_named() {
     let cluster = Cluster::start_with(3, &["--admin-listen", "127.0.0.1:0"]).await;
     create(&mut cluster.client(0).await, "follow", 1, 3).await;
-    let admins: Vec<String> = cluster
-        .nodes
-        .iter()
-        .map(|n| {
-            n.as_ref()
-                .unwrap()
-                .admin
-                .clone()
-                .expect("an admin listener")
-        })
-        .collect();
+    let admins = admin_addrs(&cluster);
     let client = Client::connect(cluster.addrs.clone(), options())
         .await
         .unwrap();
@@ -726,4 +736,140 @@ async fn a_producer_moves_its_stream_to_a_new_leader_that_no_error_named() {
     }
     // Every record once, in order.
     assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
+}
+
+/// In a cluster of more nodes than replicas, the node a client reads the layout from names
+/// the leaders of its own replicas only. The client must learn the other partitions' leaders
+/// from nodes that hold them: its producer then sends every partition's records to the
+/// leader, and none pass through another node for good (a partition whose leader is not its
+/// first replica shows it: that replica is where a client not knowing the leader sends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_learns_the_leaders_of_partitions_its_bootstrap_node_does_not_hold() {
+    use node_support::cluster::{publish_retrying, record};
+    use tern::proto::v1 as pb;
+
+    let cluster = Cluster::start_with(4, &["--admin-listen", "127.0.0.1:0"]).await;
+    let admins = admin_addrs(&cluster);
+    let mut first = cluster.client(0).await;
+    create(&mut first, "wide", 8, 3).await;
+    // Every partition has a leader.
+    for p in 0..8 {
+        let req = pb::PublishRequest {
+            topic: "wide".into(),
+            records: vec![record(p, "warm".into())],
+            ..Default::default()
+        };
+        publish_retrying(&mut first, req).await;
+    }
+    let replicas: Vec<Vec<u64>> = first
+        .describe_topic(pb::DescribeTopicRequest {
+            name: "wide".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .partitions
+        .into_iter()
+        .map(|p| p.replicas)
+        .collect();
+    let elsewhere: Vec<u32> = (0..8)
+        .filter(|p| !replicas[*p as usize].contains(&1))
+        .collect();
+    assert!(!elsewhere.is_empty(), "node 1 holds every partition");
+    // The leader the nodes holding `p` name, but `skip` (0: none).
+    let leader_named = |p: u32, skip: u64| {
+        let holders = replicas[p as usize].clone();
+        let cluster = &cluster;
+        async move {
+            for h in holders.into_iter().filter(|h| *h != skip) {
+                match leader_seen_for(cluster, h as usize - 1, "wide", p).await {
+                    0 => continue,
+                    l => return l,
+                }
+            }
+            0
+        }
+    };
+    // Moves the leadership of one of them off its first replica: pause the leader through an
+    // election.
+    let moved = elsewhere[0];
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let old = loop {
+        match leader_named(moved, 0).await {
+            0 => assert!(std::time::Instant::now() < deadline, "no leader"),
+            l => break l,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    cluster.signal(old as usize - 1, libc::SIGSTOP);
+    let new = loop {
+        let l = leader_named(moved, old).await;
+        if l != 0 && l != old {
+            break l;
+        }
+        assert!(std::time::Instant::now() < deadline, "no new leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    cluster.signal(old as usize - 1, libc::SIGCONT);
+    // Back, the old leader follows the new one.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while leader_seen_for(&cluster, old as usize - 1, "wide", moved).await != new {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node {old} never followed node {new}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let client = Client::connect(vec![cluster.addrs[0].clone()], options())
+        .await
+        .unwrap();
+    // The client knows every partition's leader, as a holder names it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    for p in 0..8 {
+        loop {
+            let named = leader_named(p, 0).await;
+            if named != 0 && client.leader("wide", p) == Some(named) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "partition {p}: the client knows {:?} as its leader, its holders name {named} \
+                 (node 1 holds no replica of {elsewhere:?}; {moved} is led by node {new})",
+                client.leader("wide", p)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let producer = Producer::new(&client, ProducerOptions::default())
+        .await
+        .unwrap();
+    let send_all = |round: usize| {
+        let producer = &producer;
+        async move {
+            for p in 0..8 {
+                producer
+                    .send("wide", Record::new(format!("r{round}")).partition(p))
+                    .await
+                    .unwrap()
+                    .await
+                    .expect("acknowledged");
+            }
+        }
+    };
+    let forwarded = || -> u64 {
+        admins
+            .iter()
+            .map(|a| node_support::tools::counter(a, "tern_publish_forwarded_records_total"))
+            .sum()
+    };
+    let before = forwarded();
+    for round in 0..20 {
+        send_all(round).await;
+    }
+    assert_eq!(
+        forwarded() - before,
+        0,
+        "records were passed on to their leaders (partition {moved} is led by node {new})"
+    );
 }

@@ -174,6 +174,9 @@ const REFRESH_MIN: Duration = Duration::from_millis(200);
 const LAYOUT_HEDGE: Duration = Duration::from_millis(300);
 /// HTTP/2 pings on idle connections, and how long one may go unanswered.
 const KEEPALIVE: Duration = Duration::from_secs(10);
+/// Nodes a read of the layout asks at most, beyond the one that answered it, for the leaders
+/// of partitions that node holds no replica of.
+const FILL_NODES: usize = 16;
 /// Partitions per topic the client keeps a view of (a bigger number from a node is ignored).
 const PARTITIONS_MAX: u32 = 1 << 20;
 
@@ -211,6 +214,9 @@ struct Partition {
     /// 0: not known.
     leader: u64,
     replicas: Vec<u64>,
+    /// `leader` was named by a node holding a replica in the last read of the layout (not
+    /// kept from an earlier one, which may be stale by now).
+    named: bool,
 }
 
 impl Client {
@@ -375,7 +381,13 @@ impl Client {
                     let Some(Ok((addr, answer))) = done else { continue };
                     match answer {
                         Ok(info) if info.ready => {
+                            let answered = info.node_id;
                             self.learn(info);
+                            // Nodes name the leaders of their own replicas only: ask the
+                            // holders of the rest, waiting a little for them (what is later
+                            // is learnt in the background).
+                            let fill = tokio::spawn(self.clone().fill_leaders(answered));
+                            let _ = tokio::time::timeout(LAYOUT_HEDGE, fill).await;
                             return Ok(());
                         }
                         Ok(_) => last = format!("{addr}: not caught up with the cluster yet"),
@@ -428,6 +440,7 @@ impl Client {
                         known.unwrap_or(0)
                     },
                     replicas: p.replicas.clone(),
+                    named: p.leader != 0,
                 };
             }
             if !parts.is_empty() {
@@ -435,6 +448,77 @@ impl Client {
             }
         }
         layout.topics = topics;
+    }
+
+    /// Asks nodes holding replicas of the partitions whose leader the last read of the layout
+    /// did not name (a node names the leaders of its own replicas only), at most
+    /// [`FILL_NODES`] of them, and notes the leaders they name. Without this, a client of a cluster with
+    /// more nodes than replicas would send some partitions' records through a node that passes
+    /// them on, for good.
+    async fn fill_leaders(self, answered: u64) {
+        let asks: Vec<(u64, String)> = {
+            let layout = self.inner.layout.lock().unwrap();
+            let mut chosen: Vec<u64> = Vec::new();
+            let unnamed = layout
+                .topics
+                .values()
+                .flat_map(|parts| parts.iter().filter(|p| !p.named));
+            for p in unnamed {
+                if chosen.len() == FILL_NODES {
+                    break;
+                }
+                if p.replicas.iter().any(|r| chosen.contains(r)) {
+                    continue;
+                }
+                let holder = p
+                    .replicas
+                    .iter()
+                    .find(|r| **r != answered && layout.nodes.contains_key(r));
+                chosen.extend(holder);
+            }
+            chosen
+                .into_iter()
+                .filter_map(|id| layout.nodes.get(&id).map(|(a, _)| (id, a.clone())))
+                .collect()
+        };
+        let region = self.inner.options.region.clone().unwrap_or_default();
+        let mut asking = tokio::task::JoinSet::new();
+        for (id, addr) in asks {
+            let (client, region) = (self.clone(), region.clone());
+            asking.spawn(async move {
+                let mut c = client.node(&addr).ok()?;
+                let info = c
+                    .cluster_info(pb::ClusterInfoRequest { region })
+                    .await
+                    .ok()?
+                    .into_inner();
+                (info.node_id == id).then_some(info)
+            });
+        }
+        while let Some(answer) = asking.join_next().await {
+            if let Ok(Some(info)) = answer {
+                self.learn_leaders(&info);
+            }
+        }
+    }
+
+    /// Notes the leaders `info` names for partitions whose leader the last read of the layout
+    /// did not name (and that the named node holds a replica of, as the layout says).
+    fn learn_leaders(&self, info: &pb::ClusterInfoResponse) {
+        let mut layout = self.inner.layout.lock().unwrap();
+        for t in &info.topics {
+            let Some(parts) = layout.topics.get_mut(&t.topic) else {
+                continue;
+            };
+            for p in t.partitions.iter().filter(|p| p.local && p.leader != 0) {
+                if let Some(known) = parts.get_mut(p.partition as usize) {
+                    if !known.named && known.replicas.contains(&p.leader) {
+                        known.leader = p.leader;
+                        known.named = true;
+                    }
+                }
+            }
+        }
     }
 
     /// Reads the layout again, unless another task just did (at most every 200 ms).
@@ -467,8 +551,16 @@ impl Client {
         layout.topics.get(topic).map(|p| p.len() as u32)
     }
 
+    /// The id of the node that leads `topic`/`partition` as far as this client knows (from
+    /// the nodes holding its replicas, or from a node that named it when it refused a
+    /// request): where its producers send the partition's records. `None`: not known yet.
+    pub fn leader(&self, topic: &str, partition: u32) -> Option<u64> {
+        self.leader_known(topic, partition)
+    }
+
     /// The node that leads `topic`/`partition`, when the layout knows it. (ClusterInfo names
-    /// the leader only of the partitions the answering node holds a replica of.)
+    /// the leader only of the partitions the answering node holds a replica of; the holders
+    /// of the others are asked after it: [`Client::fill_leaders`].)
     pub(crate) fn leader_known(&self, topic: &str, partition: u32) -> Option<u64> {
         let layout = self.inner.layout.lock().unwrap();
         let p = layout.topics.get(topic)?.get(partition as usize)?;

@@ -1,7 +1,8 @@
 //! Tern's Rust client.
 //!
 //! - [`Client`]: knows the cluster from `ClusterInfo` (nodes, regions, each partition's
-//!   replicas and leader) and sends each call to the node that can answer it without a hop:
+//!   replicas and leader; a node names the leaders of its own replicas, so the holders of
+//!   the other partitions are asked too) and sends each call to the node that can answer it without a hop:
 //!   a partition's publishes to its leader, reads to a replica in the client's region. It
 //!   learns again when a node answers UNAVAILABLE (with the `tern-leader` it names, or by
 //!   asking the cluster anew).
