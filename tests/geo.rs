@@ -1,7 +1,8 @@
 //! Geo-distribution on real processes, regions apart through `tern-wan` delay lines: reads
 //! served in the reader's region (measured in bytes crossing the WAN), readers moving off a
-//! stale or dead follower, leadership returning to its pinned region, and a region cut under
-//! load losing nothing of a region-survival topic.
+//! stale or dead follower, leadership returning to its pinned region, and a region cut or
+//! nodes killed under load losing nothing of a region-survival topic, nor anything a follower
+//! served.
 
 mod node_support;
 
@@ -538,27 +539,41 @@ async fn a_region_cut_under_load_loses_nothing_of_a_region_survival_topic() {
     let acked = writer.finish().await;
     let _ = stop.send(true);
     let served = read.await.unwrap();
-    assert!(!served.is_empty(), "b's replica served nothing");
+    assert_held_where_served(&c, "survive", &acked, &served).await;
+    eprintln!(
+        "b served {} records; {} committed by reports",
+        served.len(),
+        c.counter(1, "tern_raft_commits_reported_total")
+    );
+}
+
+/// Every replica of partition 0 of `topic` holds every acknowledged record once, and every
+/// record `served` (by one replica to its reader) at the offset it was served at; what was
+/// served is in order, without a record between two served ones (offsets of control entries
+/// hold no record). Waits (bounded) for replicas to catch up.
+async fn assert_held_where_served(
+    c: &GeoCluster,
+    topic: &'static str,
+    acked: &[u64],
+    served: &[(u64, String)],
+) {
+    assert!(!served.is_empty(), "the replica served nothing");
     let last_served = served.last().map_or(0, |(o, _)| *o);
-    // Every replica, a's included once it has caught up, holds every acknowledged record,
-    // and every record b served, where it served it.
-    for i in 0..3 {
+    for i in 0..c.nodes.len() {
         let mut r = c.client(i).await;
         let deadline = Instant::now() + Duration::from_secs(30);
         let log = loop {
-            let log = node_support::cluster::read_all(&mut r, "survive", 0, acked.len()).await;
+            let log = node_support::cluster::read_all(&mut r, topic, 0, acked.len()).await;
             if log.len() >= acked.len() || Instant::now() > deadline {
                 break log;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
-        let dups = check_acked(&log, &acked);
+        let dups = check_acked(&log, acked);
         assert_eq!(dups, 0, "node {} has duplicates", i + 1);
-        // What b served, in order and without a gap, as this node holds it once it holds as
-        // much (offsets of control entries hold no record).
         let held: std::collections::BTreeMap<u64, String> = loop {
             let held: std::collections::BTreeMap<u64, String> =
-                node_support::try_fetch_all(&mut r, "survive", 0)
+                node_support::try_fetch_all(&mut r, topic, 0)
                     .await
                     .unwrap_or_default()
                     .into_iter()
@@ -569,11 +584,11 @@ async fn a_region_cut_under_load_loses_nothing_of_a_region_survival_topic() {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
-        for (offset, value) in &served {
+        for (offset, value) in served {
             assert_eq!(
                 held.get(offset),
                 Some(value),
-                "node {} does not hold what b served at {offset}",
+                "node {} does not hold what was served at {offset}",
                 i + 1
             );
         }
@@ -581,16 +596,84 @@ async fn a_region_cut_under_load_loses_nothing_of_a_region_survival_topic() {
             let skipped = held.range(w[0].0 + 1..w[1].0).count();
             assert!(
                 w[0].0 < w[1].0 && skipped == 0,
-                "b served {:?} after {:?} ({skipped} records between)",
+                "served {:?} after {:?} ({skipped} records between)",
                 w[1],
                 w[0]
             );
         }
     }
+}
+
+/// Waits until node `i` has moved a committed position by a leader's durable report.
+async fn wait_reported(c: &GeoCluster, i: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.counter(i, "tern_raft_commits_reported_total") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: node {} never committed by a report",
+            i + 1
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// b's replica serves records by its leader's durable reports (`raft::early`), before the
+/// leader's next append says they are committed. Under load, with b's reader reading
+/// throughout, b's node is killed -9 and started again (its committed position starts over
+/// from its checkpoint), then the leader's (a new leader is elected without it, and it comes
+/// back as a follower). Nothing acknowledged is lost, and every record b served is held by
+/// every node where b served it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_serving_by_reports_and_its_leader_killed_and_restarted_lose_nothing_served() {
+    let mut c = GeoCluster::start(&["a", "b", "c"], RTT).await;
+    let mut a = c.client(0).await;
+    create_placed(&mut a, "restarts", 1, 3, region_survival(&["a"])).await;
+    wait_leader(&c, "restarts", 0).await;
+    // Producers in a, publishing to a's node or, failing that, c's.
+    let writer =
+        Writer::start_idempotent(vec![c.addrs[0].clone(), c.addr_from("a", 2)], "restarts");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let read = reader(c.client(1).await, "restarts", stopped);
+    writer
+        .wait_acked(20, Duration::from_secs(30), "nothing acknowledged")
+        .await;
+    wait_reported(&c, 1, "at first").await;
+    // b dies and comes back; its reader waits meanwhile, then reads on from b.
+    c.kill9(1);
+    writer
+        .wait_acked(
+            writer.acked() + 20,
+            Duration::from_secs(30),
+            "while b is down",
+        )
+        .await;
+    c.start_node(1);
+    wait_reported(&c, 1, "restarted").await;
+    // The leader dies: b and c elect one (producers go on through c) and a comes back.
+    c.kill9(0);
+    writer
+        .wait_acked(
+            writer.acked() + 20,
+            Duration::from_secs(60),
+            "no acknowledgements after the leader died",
+        )
+        .await;
+    c.start_node(0);
+    writer
+        .wait_acked(
+            writer.acked() + 20,
+            Duration::from_secs(60),
+            "after a is back",
+        )
+        .await;
+    let acked = writer.finish().await;
+    let _ = stop.send(true);
+    let served = read.await.unwrap();
+    assert_held_where_served(&c, "restarts", &acked, &served).await;
     eprintln!(
-        "b served {} records; {} committed by reports",
+        "b served {} records of {} acknowledged",
         served.len(),
-        c.counter(1, "tern_raft_commits_reported_total")
+        acked.len()
     );
 }
 
