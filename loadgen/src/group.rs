@@ -171,7 +171,7 @@ async fn rejoining<'a, F, Fut>(
         let addr = &addrs[attempt % addrs.len()];
         attempt += 1;
         if let Err(e) = call(addr).await {
-            if *super::run::TRACE {
+            if *super::produce::TRACE {
                 eprintln!("loadgen: {what} member {id} via {addr}: {e:#}");
             }
         }

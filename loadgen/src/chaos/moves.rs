@@ -138,7 +138,7 @@ pub(super) async fn move_to(
                     match c.move_partition(req).await {
                         Ok(_) => asked = true,
                         // Refused for good: asking again changes nothing.
-                        Err(s) if !crate::run::retriable(&s) => {
+                        Err(s) if !crate::produce::retriable(&s) => {
                             return Err(format!("MovePartition refused: {}", s.message()));
                         }
                         Err(s) => missing = format!("MovePartition: {}", s.message()),
