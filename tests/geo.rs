@@ -462,9 +462,19 @@ async fn a_reader_moves_off_a_stale_then_a_dead_follower_without_gaps() {
 /// Reads partition 0 of `topic` from the node `c` talks to (its own replica, as a reader in
 /// its region does) until told to stop: (offset, value) of every record it was served.
 fn reader(
+    c: pb::tern_client::TernClient<tonic::transport::Channel>,
+    topic: &'static str,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<Vec<(u64, String)>> {
+    reader_counting(c, topic, stop, Default::default())
+}
+
+/// [`reader`], counting the records served so far in `count`.
+fn reader_counting(
     mut c: pb::tern_client::TernClient<tonic::transport::Channel>,
     topic: &'static str,
     stop: tokio::sync::watch::Receiver<bool>,
+    count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) -> tokio::task::JoinHandle<Vec<(u64, String)>> {
     tokio::spawn(async move {
         let mut seen = Vec::new();
@@ -476,6 +486,7 @@ fn reader(
                     for rec in r.records {
                         seen.push((rec.offset, String::from_utf8_lossy(&rec.value).into()));
                     }
+                    count.store(seen.len(), std::sync::atomic::Ordering::Relaxed);
                     at = r.next_offset.max(at);
                 }
                 // Without a leader (the cut), a replica may refuse or relay in vain: again.
@@ -604,6 +615,15 @@ async fn assert_held_where_served(
     }
 }
 
+/// Waits until a reader counting in `served` has been served `n` records.
+async fn wait_served(served: &std::sync::atomic::AtomicUsize, n: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while served.load(std::sync::atomic::Ordering::Relaxed) < n {
+        assert!(Instant::now() < deadline, "{what}: b served nothing more");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Waits until node `i` has moved a committed position by a leader's durable report.
 async fn wait_reported(c: &GeoCluster, i: usize, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -633,7 +653,8 @@ async fn a_follower_serving_by_reports_and_its_leader_killed_and_restarted_lose_
     let writer =
         Writer::start_idempotent(vec![c.addrs[0].clone(), c.addr_from("a", 2)], "restarts");
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let read = reader(c.client(1).await, "restarts", stopped);
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let read = reader_counting(c.client(1).await, "restarts", stopped, served.clone());
     writer
         .wait_acked(20, Duration::from_secs(30), "nothing acknowledged")
         .await;
@@ -649,7 +670,14 @@ async fn a_follower_serving_by_reports_and_its_leader_killed_and_restarted_lose_
         .await;
     c.start_node(1);
     wait_reported(&c, 1, "restarted").await;
-    // The leader dies: b and c elect one (producers go on through c) and a comes back.
+    let served_before = served.load(std::sync::atomic::Ordering::Relaxed);
+    writer
+        .wait_acked(writer.acked() + 20, Duration::from_secs(30), "b back")
+        .await;
+    wait_served(&served, served_before + 1, "b restarted").await;
+    // The leader dies: b and c elect one (producers go on through c) and a comes back. (b's
+    // restart may have moved the leadership: pinning brings it back to a first.)
+    wait_leader(&c, "restarts", 0).await;
     c.kill9(0);
     writer
         .wait_acked(
@@ -658,6 +686,8 @@ async fn a_follower_serving_by_reports_and_its_leader_killed_and_restarted_lose_
             "no acknowledgements after the leader died",
         )
         .await;
+    let served_before = served.load(std::sync::atomic::Ordering::Relaxed);
+    wait_served(&served, served_before + 1, "the leader killed").await;
     c.start_node(0);
     writer
         .wait_acked(

@@ -177,6 +177,8 @@ const KEEPALIVE: Duration = Duration::from_secs(10);
 /// Nodes a read of the layout asks at most, beyond the one that answered it, for the leaders
 /// of partitions that node holds no replica of.
 const FILL_NODES: usize = 16;
+/// How long a node asked for leaders by [`Client::fill_leaders`] has to answer.
+const FILL_TIMEOUT: Duration = Duration::from_secs(1);
 /// Partitions per topic the client keeps a view of (a bigger number from a node is ignored).
 const PARTITIONS_MAX: u32 = 1 << 20;
 
@@ -199,6 +201,8 @@ pub(crate) struct Inner {
     refreshing: tokio::sync::Mutex<Option<Instant>>,
     /// A background read of the layout ([`Client::refresh_soon`]) is queued or running.
     refresh_queued: std::sync::atomic::AtomicBool,
+    /// The fill of leaders of the last read of the layout ([`Client::fill_leaders`]).
+    filling: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 #[derive(Default)]
@@ -207,6 +211,8 @@ struct Layout {
     nodes: BTreeMap<u64, (String, String)>,
     /// Topic → its partitions (index = partition number).
     topics: HashMap<String, Vec<Partition>>,
+    /// Counts the reads of the layout taken: a fill of leaders for an earlier read is ignored.
+    generation: u64,
 }
 
 #[derive(Clone, Default)]
@@ -256,9 +262,10 @@ impl Client {
                 layout: Mutex::default(),
                 refreshing: tokio::sync::Mutex::new(None),
                 refresh_queued: std::sync::atomic::AtomicBool::new(false),
+                filling: Mutex::new(None),
             }),
         };
-        client.read_layout().await?;
+        client.read_layout(true).await?;
         Ok(client)
     }
 
@@ -348,7 +355,10 @@ impl Client {
     /// yet). The nodes are asked in turn, the next one as soon as one fails and otherwise
     /// [`LAYOUT_HEDGE`] after the last was asked: a node that is down or hangs delays a read by
     /// that, not by the connect or request timeout.
-    async fn read_layout(&self) -> Result<(), Error> {
+    /// The leaders the answering node does not know are asked of other nodes in the
+    /// background ([`Client::fill_leaders`]); with `wait_fill`, for up to [`LAYOUT_HEDGE`]
+    /// before returning (a first read, which a publish is about to use).
+    async fn read_layout(&self, wait_fill: bool) -> Result<(), Error> {
         let mut last = String::from("no node to ask");
         let candidates = self.candidates();
         let mut next = candidates.iter();
@@ -382,12 +392,24 @@ impl Client {
                     match answer {
                         Ok(info) if info.ready => {
                             let answered = info.node_id;
-                            self.learn(info);
+                            let generation = self.learn(info);
                             // Nodes name the leaders of their own replicas only: ask the
-                            // holders of the rest, waiting a little for them (what is later
-                            // is learnt in the background).
-                            let fill = tokio::spawn(self.clone().fill_leaders(answered));
-                            let _ = tokio::time::timeout(LAYOUT_HEDGE, fill).await;
+                            // holders of the rest (what comes later is learnt in the
+                            // background). A fill of an earlier read is no longer wanted.
+                            let fill =
+                                tokio::spawn(self.clone().fill_leaders(answered, generation));
+                            let earlier = self
+                                .inner
+                                .filling
+                                .lock()
+                                .unwrap()
+                                .replace(fill.abort_handle());
+                            if let Some(earlier) = earlier {
+                                earlier.abort();
+                            }
+                            if wait_fill {
+                                let _ = tokio::time::timeout(LAYOUT_HEDGE, fill).await;
+                            }
                             return Ok(());
                         }
                         Ok(_) => last = format!("{addr}: not caught up with the cluster yet"),
@@ -410,8 +432,10 @@ impl Client {
         })
     }
 
-    fn learn(&self, info: pb::ClusterInfoResponse) {
+    /// Takes `info` as the layout; returns the layout's new generation.
+    fn learn(&self, info: pb::ClusterInfoResponse) -> u64 {
         let mut layout = self.inner.layout.lock().unwrap();
+        layout.generation += 1;
         if !info.nodes.is_empty() {
             layout.nodes = info
                 .nodes
@@ -448,64 +472,93 @@ impl Client {
             }
         }
         layout.topics = topics;
+        layout.generation
     }
 
-    /// Asks nodes holding replicas of the partitions whose leader the last read of the layout
-    /// did not name (a node names the leaders of its own replicas only), at most
-    /// [`FILL_NODES`] of them, and notes the leaders they name. Without this, a client of a cluster with
-    /// more nodes than replicas would send some partitions' records through a node that passes
-    /// them on, for good.
-    async fn fill_leaders(self, answered: u64) {
-        let asks: Vec<(u64, String)> = {
-            let layout = self.inner.layout.lock().unwrap();
-            let mut chosen: Vec<u64> = Vec::new();
-            let unnamed = layout
-                .topics
-                .values()
-                .flat_map(|parts| parts.iter().filter(|p| !p.named));
-            for p in unnamed {
-                if chosen.len() == FILL_NODES {
-                    break;
-                }
-                if p.replicas.iter().any(|r| chosen.contains(r)) {
-                    continue;
-                }
-                let holder = p
-                    .replicas
-                    .iter()
-                    .find(|r| **r != answered && layout.nodes.contains_key(r));
-                chosen.extend(holder);
-            }
-            chosen
-                .into_iter()
-                .filter_map(|id| layout.nodes.get(&id).map(|(a, _)| (id, a.clone())))
-                .collect()
-        };
+    /// Asks nodes holding replicas of the partitions whose leader the read of the layout of
+    /// `generation` did not name (a node names the leaders of its own replicas only), and
+    /// notes the leaders they name. Holders in the client's region are asked first; a
+    /// partition whose holder did not answer is asked of another in a second round. At most
+    /// [`FILL_NODES`] nodes in all, each given [`FILL_TIMEOUT`].
+    async fn fill_leaders(self, answered: u64, generation: u64) {
         let region = self.inner.options.region.clone().unwrap_or_default();
-        let mut asking = tokio::task::JoinSet::new();
-        for (id, addr) in asks {
-            let (client, region) = (self.clone(), region.clone());
-            asking.spawn(async move {
-                let mut c = client.node(&addr).ok()?;
-                let info = c
-                    .cluster_info(pb::ClusterInfoRequest { region })
-                    .await
-                    .ok()?
-                    .into_inner();
-                (info.node_id == id).then_some(info)
-            });
-        }
-        while let Some(answer) = asking.join_next().await {
-            if let Ok(Some(info)) = answer {
-                self.learn_leaders(&info);
+        let mut asked: Vec<u64> = vec![answered];
+        for _round in 0..2 {
+            let asks: Vec<(u64, String)> = {
+                let layout = self.inner.layout.lock().unwrap();
+                if layout.generation != generation {
+                    return;
+                }
+                let mut chosen: Vec<u64> = Vec::new();
+                let unnamed = layout
+                    .topics
+                    .values()
+                    .flat_map(|parts| parts.iter().filter(|p| !p.named));
+                for p in unnamed {
+                    if asked.len() + chosen.len() > FILL_NODES {
+                        break;
+                    }
+                    if p.replicas.iter().any(|r| chosen.contains(r)) {
+                        continue;
+                    }
+                    // The holders not asked yet, those of the client's region first, and
+                    // among those a different one on each read (one that is down is not
+                    // asked every time).
+                    let mut holders: Vec<u64> = p
+                        .replicas
+                        .iter()
+                        .copied()
+                        .filter(|r| !asked.contains(r) && layout.nodes.contains_key(r))
+                        .collect();
+                    if holders.is_empty() {
+                        continue;
+                    }
+                    let turn = generation as usize % holders.len();
+                    holders.rotate_left(turn);
+                    holders.sort_by_key(|r| layout.nodes[r].1 != region);
+                    chosen.push(holders[0]);
+                }
+                chosen
+                    .into_iter()
+                    .map(|id| (id, layout.nodes[&id].0.clone()))
+                    .collect()
+            };
+            if asks.is_empty() {
+                return;
+            }
+            let mut asking = tokio::task::JoinSet::new();
+            for (id, addr) in asks {
+                asked.push(id);
+                let (client, region) = (self.clone(), region.clone());
+                asking.spawn(async move {
+                    let mut c = client.node(&addr).ok()?;
+                    let call = c.cluster_info(pb::ClusterInfoRequest { region });
+                    let info = tokio::time::timeout(FILL_TIMEOUT, call)
+                        .await
+                        .ok()?
+                        .ok()?
+                        .into_inner();
+                    // A node that has not caught up with the metadata may not know the
+                    // topics' current replicas.
+                    (info.node_id == id && info.ready).then_some(info)
+                });
+            }
+            while let Some(answer) = asking.join_next().await {
+                if let Ok(Some(info)) = answer {
+                    self.learn_leaders(&info, generation);
+                }
             }
         }
     }
 
-    /// Notes the leaders `info` names for partitions whose leader the last read of the layout
-    /// did not name (and that the named node holds a replica of, as the layout says).
-    fn learn_leaders(&self, info: &pb::ClusterInfoResponse) {
+    /// Notes the leaders `info` names for partitions whose leader the read of the layout of
+    /// `generation` did not name (and that the named node holds a replica of, as the layout
+    /// says); nothing if the layout was read again since.
+    fn learn_leaders(&self, info: &pb::ClusterInfoResponse, generation: u64) {
         let mut layout = self.inner.layout.lock().unwrap();
+        if layout.generation != generation {
+            return;
+        }
         for t in &info.topics {
             let Some(parts) = layout.topics.get_mut(&t.topic) else {
                 continue;
@@ -532,7 +585,7 @@ impl Client {
         if last.is_some_and(|t| t.elapsed() < age) {
             return;
         }
-        let _ = self.read_layout().await;
+        let _ = self.read_layout(false).await;
         *last = Some(Instant::now());
     }
 
@@ -541,7 +594,7 @@ impl Client {
         if let Some(n) = self.known_partitions(topic) {
             return Ok(n);
         }
-        self.read_layout().await?;
+        self.read_layout(true).await?;
         self.known_partitions(topic)
             .ok_or_else(|| Error::NoTopic(topic.to_string()))
     }
@@ -615,7 +668,9 @@ impl Client {
                     .get_mut(topic)
                     .and_then(|t| t.get_mut(partition as usize))
                 {
+                    // Named now, by a node that knows: a fill's answer does not replace it.
                     p.leader = l;
+                    p.named = true;
                     return;
                 }
             }

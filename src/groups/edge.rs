@@ -370,7 +370,7 @@ mod tests {
         let far = RefCell::new(BTreeMap::from([(0, down)]));
         let reads = RefCell::new(Vec::new());
         let mut d = deliveries(&[(0, 3), (0, 4)]);
-        let e = fill_from(&mut d, &near, &far, Duration::from_millis(350), &reads)
+        let e = fill_from(&mut d, &near, &far, Duration::from_secs(2), &reads)
             .await
             .expect_err("no replica serves");
         assert!(

@@ -49,7 +49,8 @@ where
                 .make()
                 .expect("executor starts");
             STEP.with(|s| *s.borrow_mut() = Some(noted));
-            executor.run(f());
+            // `f` is called inside the executor, as glommio's own `spawn` does.
+            executor.run(async move { f().await });
         }));
         let _ = done_tx.send(ran);
     });
