@@ -516,6 +516,34 @@ fn a_damaged_checkpoint_is_ignored() {
 /// be verified in the background, and a read of it still refuses the bad batch), while
 /// without the stamps file the same open reads the batches and finds the damage. The map is
 /// the same from stamps as from batches.
+
+/// Reopens the log in `dir` and its Raft store, checks that every sealed segment's stamps
+/// came from its stamps file (none had to be read from the batches), and reads the log ids of
+/// entries 0..=40. Returns them, the log, and its sealed segments.
+async fn reopened_from_stamps(
+    dir: &Path,
+    config: LogConfig,
+) -> (Vec<LogId>, Log, Vec<(Offset, Offset, Rc<Path>)>) {
+    let log = Log::open(dir, config).await.unwrap();
+    let sealed = log.sealed_segments();
+    let (mut ls, _sm, h) = open_with_handle(log.clone(), dir, Rc::new(|| {}))
+        .await
+        .unwrap();
+    assert_eq!(
+        h.take_unverified(),
+        Some((Offset(0), sealed.last().unwrap().1)),
+        "every sealed segment came from its stamps file"
+    );
+    let ids = ls
+        .try_get_log_entries(0..41)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.log_id)
+        .collect();
+    (ids, log, sealed)
+}
+
 #[test]
 fn a_restart_maps_sealed_segments_from_their_stamps_files() {
     GlommioRuntime::run(async {
@@ -537,24 +565,8 @@ fn a_restart_maps_sealed_segments_from_their_stamps_files() {
             log.close().await.unwrap();
         }
         let sealed = {
-            let log = Log::open(dir.path(), config.clone()).await.unwrap();
-            let sealed = log.sealed_segments();
+            let (ids, log, sealed) = reopened_from_stamps(dir.path(), config.clone()).await;
             assert!(sealed.len() >= 4, "{} sealed segments", sealed.len());
-            let (mut ls, _sm, h) = open_with_handle(log.clone(), dir.path(), Rc::new(|| {}))
-                .await
-                .unwrap();
-            assert_eq!(
-                h.take_unverified(),
-                Some((Offset(0), sealed.last().unwrap().1)),
-                "every sealed segment came from its stamps file"
-            );
-            let ids: Vec<_> = ls
-                .try_get_log_entries(0..41)
-                .await
-                .unwrap()
-                .iter()
-                .map(|e| e.log_id)
-                .collect();
             let want: Vec<_> = (0..=40).map(|i| log_id(1 + i / 20, i)).collect();
             assert_eq!(ids, want);
             log.close().await.unwrap();
@@ -664,23 +676,8 @@ fn stamps_follow_a_truncation_into_a_sealed_segment() {
             append(&mut ls, second).await;
             log.close().await.unwrap();
         }
-        let log = Log::open(dir.path(), config).await.unwrap();
-        let sealed = log.sealed_segments();
-        let (mut ls, _sm, h) = open_with_handle(log.clone(), dir.path(), Rc::new(|| {}))
-            .await
-            .unwrap();
-        assert_eq!(
-            h.take_unverified(),
-            Some((Offset(0), sealed.last().unwrap().1)),
-            "every sealed segment, the truncated one too, came from a stamps file"
-        );
-        let ids: Vec<_> = ls
-            .try_get_log_entries(0..41)
-            .await
-            .unwrap()
-            .iter()
-            .map(|e| e.log_id)
-            .collect();
+        // Every sealed segment, the truncated one too, came from a stamps file.
+        let (ids, log, _) = reopened_from_stamps(dir.path(), config).await;
         let want: Vec<_> = (0..=40)
             .map(|i| log_id(if i < 6 { 1 } else { 2 }, i))
             .collect();
