@@ -511,12 +511,6 @@ fn a_damaged_checkpoint_is_ignored() {
     });
 }
 
-/// A restart maps the sealed segments' entries from their stamps files, not their batches:
-/// a flipped byte inside a sealed segment does not stop the open (that part is handed on to
-/// be verified in the background, and a read of it still refuses the bad batch), while
-/// without the stamps file the same open reads the batches and finds the damage. The map is
-/// the same from stamps as from batches.
-
 /// Reopens the log in `dir` and its Raft store, checks that every sealed segment's stamps
 /// came from its stamps file (none had to be read from the batches), and reads the log ids of
 /// entries 0..=40. Returns them, the log, and its sealed segments.
@@ -544,6 +538,11 @@ async fn reopened_from_stamps(
     (ids, log, sealed)
 }
 
+/// A restart maps the sealed segments' entries from their stamps files, not their batches:
+/// a flipped byte inside a sealed segment does not stop the open (that part is handed on to
+/// be verified in the background, and a read of it still refuses the bad batch), while
+/// without the stamps file the same open reads the batches and finds the damage. The map is
+/// the same from stamps as from batches.
 #[test]
 fn a_restart_maps_sealed_segments_from_their_stamps_files() {
     GlommioRuntime::run(async {
