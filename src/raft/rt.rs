@@ -108,6 +108,15 @@ fn until(deadline: Instant) -> Duration {
     deadline.saturating_duration_since(Instant::now())
 }
 
+/// The preempt timer of executors that serve no one (tests and tools: one task queue, no
+/// fairness to keep). glommio 0.9 parks an executor with tasks ready when its preempt timer has
+/// expired on entry to `run_task_queues` (the thread was descheduled between arming it and
+/// running them: `shard::mailbox` tells the story), and if the task made ready held the last
+/// timer, it sleeps for good; a storage test in CI once hung so for an hour. The cores of a
+/// node have a watchdog thread for that (`shard::Shards::start`); these executors make it
+/// need a ten-second stall instead of glommio's default 100 ms.
+pub const OFFLINE_PREEMPT_TIMER: Duration = Duration::from_secs(10);
+
 impl AsyncRuntime for GlommioRuntime {
     type JoinError = JoinError;
     type JoinHandle<T: OptionalSend + 'static> = JoinHandle<T>;
@@ -169,6 +178,7 @@ impl AsyncRuntime for GlommioRuntime {
         // Small I/O memory: a runtime made here is for tests and tools.
         let executor = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
             .io_memory(1 << 20)
+            .preempt_timer(OFFLINE_PREEMPT_TIMER)
             .make()
             .expect("a glommio executor (io_uring) on this thread");
         GlommioRuntime { executor }

@@ -46,6 +46,9 @@ where
         let ran = std::panic::catch_unwind(AssertUnwindSafe(|| {
             let executor = LocalExecutorBuilder::new(Placement::Unbound)
                 .io_memory(2 << 20)
+                // glommio 0.9 can park for good with a task ready after a stall as long as
+                // this (see `OFFLINE_PREEMPT_TIMER`); CI once hung an hour that way.
+                .preempt_timer(tern::raft::rt::OFFLINE_PREEMPT_TIMER)
                 .make()
                 .expect("executor starts");
             STEP.with(|s| *s.borrow_mut() = Some(noted));

@@ -51,6 +51,7 @@ async fn single_voter(dir: &Path, config: crate::log::LogConfig) -> Partition {
 #[test]
 fn a_request_with_an_oversized_record_writes_nothing_of_itself() {
     glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .preempt_timer(crate::raft::rt::OFFLINE_PREEMPT_TIMER)
         .spawn(|| async {
             let dir = tempfile::tempdir().unwrap();
             let config = crate::log::LogConfig {
@@ -103,6 +104,7 @@ fn a_request_with_an_oversized_record_writes_nothing_of_itself() {
 #[test]
 fn idempotent_requests_arriving_together_are_checked_against_each_other() {
     glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .preempt_timer(crate::raft::rt::OFFLINE_PREEMPT_TIMER)
         .spawn(|| async {
             let dir = tempfile::tempdir().unwrap();
             let config = crate::log::LogConfig {
