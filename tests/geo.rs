@@ -615,6 +615,13 @@ async fn assert_held_where_served(
     }
 }
 
+/// Waits (at most `secs`) until `writer` has 20 more records acknowledged.
+async fn ack_20_more(writer: &Writer, secs: u64, what: &str) {
+    writer
+        .wait_acked(writer.acked() + 20, Duration::from_secs(secs), what)
+        .await;
+}
+
 /// Waits until a reader counting in `served` has been served `n` records.
 async fn wait_served(served: &std::sync::atomic::AtomicUsize, n: usize, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -661,41 +668,21 @@ async fn a_follower_serving_by_reports_and_its_leader_killed_and_restarted_lose_
     wait_reported(&c, 1, "at first").await;
     // b dies and comes back; its reader waits meanwhile, then reads on from b.
     c.kill9(1);
-    writer
-        .wait_acked(
-            writer.acked() + 20,
-            Duration::from_secs(30),
-            "while b is down",
-        )
-        .await;
+    ack_20_more(&writer, 30, "while b is down").await;
     c.start_node(1);
     wait_reported(&c, 1, "restarted").await;
     let served_before = served.load(std::sync::atomic::Ordering::Relaxed);
-    writer
-        .wait_acked(writer.acked() + 20, Duration::from_secs(30), "b back")
-        .await;
+    ack_20_more(&writer, 30, "b back").await;
     wait_served(&served, served_before + 1, "b restarted").await;
     // The leader dies: b and c elect one (producers go on through c) and a comes back. (b's
     // restart may have moved the leadership: pinning brings it back to a first.)
     wait_leader(&c, "restarts", 0).await;
     c.kill9(0);
-    writer
-        .wait_acked(
-            writer.acked() + 20,
-            Duration::from_secs(60),
-            "no acknowledgements after the leader died",
-        )
-        .await;
+    ack_20_more(&writer, 60, "no acknowledgements after the leader died").await;
     let served_before = served.load(std::sync::atomic::Ordering::Relaxed);
     wait_served(&served, served_before + 1, "the leader killed").await;
     c.start_node(0);
-    writer
-        .wait_acked(
-            writer.acked() + 20,
-            Duration::from_secs(60),
-            "after a is back",
-        )
-        .await;
+    ack_20_more(&writer, 60, "after a is back").await;
     let acked = writer.finish().await;
     let _ = stop.send(true);
     let served = read.await.unwrap();
