@@ -629,6 +629,10 @@ impl Log {
             if reached {
                 return Ok(());
             }
+            // A closed log's flush task is gone: nothing would ever complete the wait.
+            if st.closed {
+                return Err(LogError::Closed);
+            }
             st.waiter(end, what)
         };
         let _ = self.inner.flush_signal.try_send(());
