@@ -7,7 +7,7 @@
 //! read(topic) ──▶ a node in the client's region (its replica serves), else any
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::error::{retryable, Error};
+use crate::layout::Layout;
 use crate::proto::tern_client::TernClient;
 use crate::proto::{self as pb};
 
@@ -179,8 +180,6 @@ const KEEPALIVE: Duration = Duration::from_secs(10);
 const FILL_NODES: usize = 16;
 /// How long a node asked for leaders by [`Client::fill_leaders`] has to answer.
 const FILL_TIMEOUT: Duration = Duration::from_secs(1);
-/// Partitions per topic the client keeps a view of (a bigger number from a node is ignored).
-const PARTITIONS_MAX: u32 = 1 << 20;
 
 /// A connection to a Tern cluster. Cheap to clone; clones share connections and what is known
 /// of the cluster.
@@ -203,26 +202,6 @@ pub(crate) struct Inner {
     refresh_queued: std::sync::atomic::AtomicBool,
     /// The fill of leaders of the last read of the layout ([`Client::fill_leaders`]).
     filling: Mutex<Option<tokio::task::AbortHandle>>,
-}
-
-#[derive(Default)]
-struct Layout {
-    /// Node id → (address as advertised to this client's region, region).
-    nodes: BTreeMap<u64, (String, String)>,
-    /// Topic → its partitions (index = partition number).
-    topics: HashMap<String, Vec<Partition>>,
-    /// Counts the reads of the layout taken: a fill of leaders for an earlier read is ignored.
-    generation: u64,
-}
-
-#[derive(Clone, Default)]
-struct Partition {
-    /// 0: not known.
-    leader: u64,
-    replicas: Vec<u64>,
-    /// `leader` was named by a node holding a replica in the last read of the layout (not
-    /// kept from an earlier one, which may be stale by now).
-    named: bool,
 }
 
 impl Client {
@@ -434,45 +413,7 @@ impl Client {
 
     /// Takes `info` as the layout; returns the layout's new generation.
     fn learn(&self, info: pb::ClusterInfoResponse) -> u64 {
-        let mut layout = self.inner.layout.lock().unwrap();
-        layout.generation += 1;
-        if !info.nodes.is_empty() {
-            layout.nodes = info
-                .nodes
-                .iter()
-                .map(|n| (n.id, (n.address.clone(), n.region.clone())))
-                .collect();
-        }
-        let mut topics = HashMap::new();
-        for t in info.topics {
-            let old = layout.topics.get(&t.topic);
-            let mut parts: Vec<Partition> = Vec::with_capacity(t.partitions.len());
-            for p in t.partitions.iter().filter(|p| p.partition < PARTITIONS_MAX) {
-                let i = p.partition as usize;
-                if parts.len() <= i {
-                    parts.resize(i + 1, Partition::default());
-                }
-                // A node without a replica does not know the leader: keep what was known.
-                let known = old
-                    .and_then(|o| o.get(i))
-                    .map(|o| o.leader)
-                    .filter(|l| p.replicas.contains(l));
-                parts[i] = Partition {
-                    leader: if p.leader != 0 {
-                        p.leader
-                    } else {
-                        known.unwrap_or(0)
-                    },
-                    replicas: p.replicas.clone(),
-                    named: p.leader != 0,
-                };
-            }
-            if !parts.is_empty() {
-                topics.insert(t.topic, parts);
-            }
-        }
-        layout.topics = topics;
-        layout.generation
+        self.inner.layout.lock().unwrap().learn(info)
     }
 
     /// Asks nodes holding replicas of the partitions whose leader the read of the layout of
@@ -484,44 +425,12 @@ impl Client {
         let region = self.inner.options.region.clone().unwrap_or_default();
         let mut asked: Vec<u64> = vec![answered];
         for _round in 0..2 {
-            let asks: Vec<(u64, String)> = {
+            let asks = {
                 let layout = self.inner.layout.lock().unwrap();
                 if layout.generation != generation {
                     return;
                 }
-                let mut chosen: Vec<u64> = Vec::new();
-                let unnamed = layout
-                    .topics
-                    .values()
-                    .flat_map(|parts| parts.iter().filter(|p| !p.named));
-                for p in unnamed {
-                    if asked.len() + chosen.len() > FILL_NODES {
-                        break;
-                    }
-                    if p.replicas.iter().any(|r| chosen.contains(r)) {
-                        continue;
-                    }
-                    // The holders not asked yet, those of the client's region first, and
-                    // among those a different one on each read (one that is down is not
-                    // asked every time).
-                    let mut holders: Vec<u64> = p
-                        .replicas
-                        .iter()
-                        .copied()
-                        .filter(|r| !asked.contains(r) && layout.nodes.contains_key(r))
-                        .collect();
-                    if holders.is_empty() {
-                        continue;
-                    }
-                    let turn = generation as usize % holders.len();
-                    holders.rotate_left(turn);
-                    holders.sort_by_key(|r| layout.nodes[r].1 != region);
-                    chosen.push(holders[0]);
-                }
-                chosen
-                    .into_iter()
-                    .map(|id| (id, layout.nodes[&id].0.clone()))
-                    .collect()
+                layout.fill_asks(&asked, &region, FILL_NODES)
             };
             if asks.is_empty() {
                 return;
@@ -551,27 +460,13 @@ impl Client {
         }
     }
 
-    /// Notes the leaders `info` names for partitions whose leader the read of the layout of
-    /// `generation` did not name (and that the named node holds a replica of, as the layout
-    /// says); nothing if the layout was read again since.
+    /// Notes the leaders `info` names for partitions the read of `generation` did not name.
     fn learn_leaders(&self, info: &pb::ClusterInfoResponse, generation: u64) {
-        let mut layout = self.inner.layout.lock().unwrap();
-        if layout.generation != generation {
-            return;
-        }
-        for t in &info.topics {
-            let Some(parts) = layout.topics.get_mut(&t.topic) else {
-                continue;
-            };
-            for p in t.partitions.iter().filter(|p| p.local && p.leader != 0) {
-                if let Some(known) = parts.get_mut(p.partition as usize) {
-                    if !known.named && known.replicas.contains(&p.leader) {
-                        known.leader = p.leader;
-                        known.named = true;
-                    }
-                }
-            }
-        }
+        self.inner
+            .layout
+            .lock()
+            .unwrap()
+            .learn_leaders(info, generation)
     }
 
     /// Reads the layout again, unless another task just did (at most every 200 ms).
@@ -607,17 +502,10 @@ impl Client {
     /// The id of the node that leads `topic`/`partition` as far as this client knows (from
     /// the nodes holding its replicas, or from a node that named it when it refused a
     /// request): where its producers send the partition's records. `None`: not known yet.
+    /// (ClusterInfo names the leader only of the partitions the answering node holds a
+    /// replica of; the client asks the holders of the others after each read of the layout.)
     pub fn leader(&self, topic: &str, partition: u32) -> Option<u64> {
-        self.leader_known(topic, partition)
-    }
-
-    /// The node that leads `topic`/`partition`, when the layout knows it. (ClusterInfo names
-    /// the leader only of the partitions the answering node holds a replica of; the holders
-    /// of the others are asked after it: [`Client::fill_leaders`].)
-    pub(crate) fn leader_known(&self, topic: &str, partition: u32) -> Option<u64> {
-        let layout = self.inner.layout.lock().unwrap();
-        let p = layout.topics.get(topic)?.get(partition as usize)?;
-        (p.leader != 0 && layout.nodes.contains_key(&p.leader)).then_some(p.leader)
+        self.inner.layout.lock().unwrap().leader(topic, partition)
     }
 
     /// Where a publish to `topic`/`partition` goes: its leader, else a replica (which
@@ -661,18 +549,9 @@ impl Client {
     /// noted; else the layout is read again.
     pub(crate) async fn failed(&self, topic: &str, partition: u32, status: &tonic::Status) {
         if let Some(l) = crate::error::leader_hint(status) {
-            let mut layout = self.inner.layout.lock().unwrap();
-            if layout.nodes.contains_key(&l) {
-                if let Some(p) = layout
-                    .topics
-                    .get_mut(topic)
-                    .and_then(|t| t.get_mut(partition as usize))
-                {
-                    // Named now, by a node that knows: a fill's answer does not replace it.
-                    p.leader = l;
-                    p.named = true;
-                    return;
-                }
+            // Named now, by a node that knows: a fill's answer does not replace it.
+            if self.inner.layout.lock().unwrap().hint(topic, partition, l) {
+                return;
             }
         }
         if retryable(status) {

@@ -66,6 +66,7 @@
 mod client;
 mod error;
 mod group;
+mod layout;
 mod producer;
 mod subscription;
 

@@ -226,7 +226,7 @@ impl Worker {
         let now = tokio::time::Instant::now();
         if !self.moving && now >= self.looked + every {
             self.looked = now;
-            match self.client.leader_known(&self.topic, self.partition) {
+            match self.client.leader(&self.topic, self.partition) {
                 Some(l) if l != conn.node => self.moving = true,
                 Some(_) => conn.to_leader = true,
                 // The layout may not know (ClusterInfo names the leaders of the answering
@@ -357,7 +357,7 @@ impl Worker {
 
     /// Opens a stream to the partition's leader and sends the whole window on it, in order.
     async fn open(&mut self) {
-        let leader = self.client.leader_known(&self.topic, self.partition);
+        let leader = self.client.leader(&self.topic, self.partition);
         if leader.is_none() {
             // Just created, or after an election: the stream opens at a replica (which
             // passes the requests on), and moves once a read of the layout names the leader.
