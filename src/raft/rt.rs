@@ -117,6 +117,34 @@ fn until(deadline: Instant) -> Duration {
 /// need a ten-second stall instead of glommio's default 100 ms.
 pub const OFFLINE_PREEMPT_TIMER: Duration = Duration::from_secs(10);
 
+/// How long a unit test's body may run on its executor before [`run_test`] calls it a hang.
+#[cfg(test)]
+const TEST_HANG_LIMIT: Duration = Duration::from_secs(180);
+
+/// Runs a unit test's async body on an offline executor ([`GlommioRuntime`]) on a thread of
+/// its own, and fails the test if the body has not finished within [`TEST_HANG_LIMIT`]
+/// (instead of holding the whole test run until CI's limit). A panic in the body fails the
+/// test as it would have.
+#[cfg(test)]
+pub(crate) fn run_test<F, Fut>(body: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + 'static,
+{
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            GlommioRuntime::new(1).block_on(async move { body().await })
+        }));
+        let _ = done_tx.send(ran);
+    });
+    match done_rx.recv_timeout(TEST_HANG_LIMIT) {
+        Ok(Ok(())) => {}
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Err(_) => panic!("the test body did not finish within {TEST_HANG_LIMIT:?}: a hang"),
+    }
+}
+
 impl AsyncRuntime for GlommioRuntime {
     type JoinError = JoinError;
     type JoinHandle<T: OptionalSend + 'static> = JoinHandle<T>;
@@ -201,6 +229,12 @@ mod tests {
     #[test]
     fn passes_openraft_rt_suite() {
         openraft_rt::testing::Suite::<GlommioRuntime>::test_all();
+    }
+
+    #[test]
+    #[should_panic(expected = "the body's own panic")]
+    fn a_test_body_that_panics_fails_its_test_with_its_message() {
+        run_test(|| async { panic!("the body's own panic") });
     }
 
     #[test]

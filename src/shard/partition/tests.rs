@@ -50,117 +50,107 @@ async fn single_voter(dir: &Path, config: crate::log::LogConfig) -> Partition {
 
 #[test]
 fn a_request_with_an_oversized_record_writes_nothing_of_itself() {
-    glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
-        .preempt_timer(crate::raft::rt::OFFLINE_PREEMPT_TIMER)
-        .spawn(|| async {
-            let dir = tempfile::tempdir().unwrap();
-            let config = crate::log::LogConfig {
-                batch_bytes_max: 4096,
-                pending_bytes_max: 1 << 20,
-                retention_ms: None,
-                ..crate::log::LogConfig::default()
-            };
-            let p = single_voter(dir.path(), config).await;
-            let (ok_tx, ok_rx) = oneshot::channel();
-            let (bad_tx, bad_rx) = oneshot::channel();
-            // Together: a good request (3 records, spilling over two batches), then a
-            // request whose second record fits no batch.
-            p.append(vec![
-                (vec![rec(2000), rec(2000), rec(10)], None, ok_tx),
-                (vec![rec(10), rec(5000)], None, bad_tx),
-            ])
-            .await;
-            let ok = ok_rx.await.unwrap().unwrap().into_result().unwrap();
-            // Consecutive offsets after the group's control entries (membership, blank).
-            let first = ok.offsets[0];
-            assert_eq!(ok.offsets, vec![first, first.plus(1), first.plus(2)]);
-            let bad = bad_rx.await.unwrap();
-            assert!(
-                matches!(bad, Err(CoreError::Log(LogError::BatchTooLarge { .. }))),
-                "{bad:?}"
-            );
-            // Exactly the good request's records are stored and committed.
-            let pos = p.log.positions();
-            assert_eq!(pos.next, pos.committed);
-            let read = p
-                .log
-                .read(Offset(0), 1 << 20, ReadBound::Committed)
-                .await
-                .unwrap();
-            let data: usize = read
-                .batches
-                .iter()
-                .filter(|b| !b.meta().control)
-                .map(|b| b.record_count() as usize)
-                .sum();
-            assert_eq!(data, 3);
-            p.close().await.unwrap();
-        })
-        .unwrap()
-        .join()
-        .unwrap();
+    crate::raft::rt::run_test(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::log::LogConfig {
+            batch_bytes_max: 4096,
+            pending_bytes_max: 1 << 20,
+            retention_ms: None,
+            ..crate::log::LogConfig::default()
+        };
+        let p = single_voter(dir.path(), config).await;
+        let (ok_tx, ok_rx) = oneshot::channel();
+        let (bad_tx, bad_rx) = oneshot::channel();
+        // Together: a good request (3 records, spilling over two batches), then a
+        // request whose second record fits no batch.
+        p.append(vec![
+            (vec![rec(2000), rec(2000), rec(10)], None, ok_tx),
+            (vec![rec(10), rec(5000)], None, bad_tx),
+        ])
+        .await;
+        let ok = ok_rx.await.unwrap().unwrap().into_result().unwrap();
+        // Consecutive offsets after the group's control entries (membership, blank).
+        let first = ok.offsets[0];
+        assert_eq!(ok.offsets, vec![first, first.plus(1), first.plus(2)]);
+        let bad = bad_rx.await.unwrap();
+        assert!(
+            matches!(bad, Err(CoreError::Log(LogError::BatchTooLarge { .. }))),
+            "{bad:?}"
+        );
+        // Exactly the good request's records are stored and committed.
+        let pos = p.log.positions();
+        assert_eq!(pos.next, pos.committed);
+        let read = p
+            .log
+            .read(Offset(0), 1 << 20, ReadBound::Committed)
+            .await
+            .unwrap();
+        let data: usize = read
+            .batches
+            .iter()
+            .filter(|b| !b.meta().control)
+            .map(|b| b.record_count() as usize)
+            .sum();
+        assert_eq!(data, 3);
+        p.close().await.unwrap();
+    });
 }
 
 #[test]
 fn idempotent_requests_arriving_together_are_checked_against_each_other() {
-    glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
-        .preempt_timer(crate::raft::rt::OFFLINE_PREEMPT_TIMER)
-        .spawn(|| async {
-            let dir = tempfile::tempdir().unwrap();
-            let config = crate::log::LogConfig {
-                retention_ms: None,
-                ..crate::log::LogConfig::default()
-            };
-            let p = single_voter(dir.path(), config).await;
-            let id = ProducerId(7);
-            let seq = |first: i32| {
-                Some(ProducerSeq {
-                    id,
-                    first: Sequence(first),
-                })
-            };
-            let (a_tx, a_rx) = oneshot::channel();
-            let (dup_tx, dup_rx) = oneshot::channel();
-            let (next_tx, next_rx) = oneshot::channel();
-            let (last_tx, last_rx) = oneshot::channel();
-            // In one call: sequences 0..2, the same again (a retry through another node),
-            // then 2..3 (pipelined), then a request ending at i32::MAX.
-            p.append(vec![
-                (vec![rec(10), rec(10)], seq(0), a_tx),
-                (vec![rec(10), rec(10)], seq(0), dup_tx),
-                (vec![rec(10)], seq(2), next_tx),
-            ])
+    crate::raft::rt::run_test(|| async {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::log::LogConfig {
+            retention_ms: None,
+            ..crate::log::LogConfig::default()
+        };
+        let p = single_voter(dir.path(), config).await;
+        let id = ProducerId(7);
+        let seq = |first: i32| {
+            Some(ProducerSeq {
+                id,
+                first: Sequence(first),
+            })
+        };
+        let (a_tx, a_rx) = oneshot::channel();
+        let (dup_tx, dup_rx) = oneshot::channel();
+        let (next_tx, next_rx) = oneshot::channel();
+        let (last_tx, last_rx) = oneshot::channel();
+        // In one call: sequences 0..2, the same again (a retry through another node),
+        // then 2..3 (pipelined), then a request ending at i32::MAX.
+        p.append(vec![
+            (vec![rec(10), rec(10)], seq(0), a_tx),
+            (vec![rec(10), rec(10)], seq(0), dup_tx),
+            (vec![rec(10)], seq(2), next_tx),
+        ])
+        .await;
+        let a = a_rx.await.unwrap().unwrap().into_result().unwrap();
+        assert!(matches!(dup_rx.await.unwrap(), Err(CoreError::InFlight)));
+        let next = next_rx.await.unwrap().unwrap().into_result().unwrap();
+        assert_eq!(next.offsets, vec![a.offsets[1].plus(1)]);
+        // Sent again once committed: answered with the same offsets.
+        let (again_tx, again_rx) = oneshot::channel();
+        p.append(vec![(vec![rec(10), rec(10)], seq(0), again_tx)])
             .await;
-            let a = a_rx.await.unwrap().unwrap().into_result().unwrap();
-            assert!(matches!(dup_rx.await.unwrap(), Err(CoreError::InFlight)));
-            let next = next_rx.await.unwrap().unwrap().into_result().unwrap();
-            assert_eq!(next.offsets, vec![a.offsets[1].plus(1)]);
-            // Sent again once committed: answered with the same offsets.
-            let (again_tx, again_rx) = oneshot::channel();
-            p.append(vec![(vec![rec(10), rec(10)], seq(0), again_tx)])
-                .await;
-            let again = again_rx.await.unwrap().unwrap().into_result().unwrap();
-            assert_eq!(again.offsets, a.offsets);
-            // A producer whose sequence reaches i32::MAX (no overflow past its last).
-            let big = Some(ProducerSeq {
-                id: ProducerId(8),
-                first: Sequence(i32::MAX - 1),
-            });
-            p.append(vec![(vec![rec(10), rec(10)], big, last_tx)]).await;
-            assert_eq!(
-                last_rx
-                    .await
-                    .unwrap()
-                    .unwrap()
-                    .into_result()
-                    .unwrap()
-                    .offsets
-                    .len(),
-                2
-            );
-            p.close().await.unwrap();
-        })
-        .unwrap()
-        .join()
-        .unwrap();
+        let again = again_rx.await.unwrap().unwrap().into_result().unwrap();
+        assert_eq!(again.offsets, a.offsets);
+        // A producer whose sequence reaches i32::MAX (no overflow past its last).
+        let big = Some(ProducerSeq {
+            id: ProducerId(8),
+            first: Sequence(i32::MAX - 1),
+        });
+        p.append(vec![(vec![rec(10), rec(10)], big, last_tx)]).await;
+        assert_eq!(
+            last_rx
+                .await
+                .unwrap()
+                .unwrap()
+                .into_result()
+                .unwrap()
+                .offsets
+                .len(),
+            2
+        );
+        p.close().await.unwrap();
+    });
 }

@@ -9,6 +9,7 @@ use openraft::storage::{
 use openraft::EntryPayload;
 
 use crate::log::{BatchBuilder, LogConfig, Record};
+use crate::raft::rt::run_test;
 use crate::raft::types::{EntryBatch, PartitionRaft, SnapshotMeta, StoredMembership, Vote};
 use crate::raft::GlommioRuntime;
 use crate::types::{NodeId, TimestampMs};
@@ -36,7 +37,7 @@ impl StoreBuilder<PartitionRaft, LogStore, StateMachine, tempfile::TempDir> for 
 /// ENOENT and stopped the group).
 #[test]
 fn concurrent_state_saves_all_succeed() {
-    GlommioRuntime::run(async {
+    run_test(|| async {
         let dir = tempfile::tempdir().unwrap();
         let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
         let (_ls, _sm, h) = open_with_handle(log.clone(), dir.path(), Rc::new(|| {}))
@@ -69,7 +70,7 @@ fn concurrent_state_saves_all_succeed() {
 /// elected a leader again (found by the metadata log's purge; retention purges the same way).
 #[test]
 fn a_purge_past_the_membership_entry_keeps_the_membership_over_a_restart() {
-    GlommioRuntime::run(async {
+    run_test(|| async {
         let dir = tempfile::tempdir().unwrap();
         let membership =
             openraft::Membership::new_with_defaults(vec![[NodeId(1)].into()], [NodeId(1)]);
@@ -116,7 +117,7 @@ fn a_purge_past_the_membership_entry_keeps_the_membership_over_a_restart() {
 /// restart cut short after its purge point was saved is redone when the store opens.
 #[test]
 fn a_snapshot_past_the_log_restarts_it_there_and_a_cut_restart_is_redone() {
-    GlommioRuntime::run(async {
+    run_test(|| async {
         let dir = tempfile::tempdir().unwrap();
         let membership =
             openraft::Membership::new_with_defaults(vec![[NodeId(1)].into()], [NodeId(1)]);
@@ -172,7 +173,7 @@ fn a_snapshot_past_the_log_restarts_it_there_and_a_cut_restart_is_redone() {
 /// that already holds state (a restart).
 #[test]
 fn a_joining_replica_votes_only_after_being_a_learner_then_a_voter() {
-    GlommioRuntime::run(async {
+    run_test(|| async {
         let dir = tempfile::tempdir().unwrap();
         let m = |voters: &[u64], all: &[u64]| -> Membership {
             openraft::Membership::new_with_defaults(
@@ -224,7 +225,7 @@ fn a_joining_replica_votes_only_after_being_a_learner_then_a_voter() {
 /// of a term after the vote it had when damaged; the rule survives a restart.
 #[test]
 fn a_damaged_replica_votes_again_after_its_lost_entry_or_a_later_term() {
-    GlommioRuntime::run(async {
+    run_test(|| async {
         let dir = tempfile::tempdir().unwrap();
         let open_handle = || async {
             let log = Log::open(dir.path(), LogConfig::default()).await.unwrap();
@@ -276,7 +277,7 @@ fn a_damaged_replica_votes_again_after_its_lost_entry_or_a_later_term() {
 /// openraft's own storage conformance suite, run against the partition log.
 #[test]
 fn passes_openraft_storage_suite() {
-    GlommioRuntime::run(async {
+    run_test(|| async {
         Suite::test_all(Builder).await.unwrap();
     });
 }
@@ -303,7 +304,7 @@ fn data_entry(term: u64, index: u64, values: &[&str]) -> Entry {
 /// index → offset map is rebuilt from the batch headers alone.
 #[test]
 fn reopening_recovers_entries_vote_truncation_and_purge() {
-    GlommioRuntime::run(async {
+    run_test(|| async {
         let dir = tempfile::tempdir().unwrap();
         let members =
             std::collections::BTreeMap::from([(NodeId(1), super::super::types::Member::default())]);
@@ -429,7 +430,7 @@ async fn append_producer_log(ls: &mut LogStore, membership: &crate::raft::types:
 /// or by a crash before its bytes were durable) ignores it and is applied from the start.
 #[test]
 fn a_restart_starts_from_the_applied_checkpoint_unless_the_log_lost_its_entry() {
-    GlommioRuntime::run(async {
+    run_test(|| async {
         let dir = tempfile::tempdir().unwrap();
         let membership =
             openraft::Membership::new_with_defaults(vec![[NodeId(1)].into()], [NodeId(1)]);
@@ -500,7 +501,7 @@ fn a_restart_starts_from_the_applied_checkpoint_unless_the_log_lost_its_entry() 
 /// open.
 #[test]
 fn a_damaged_checkpoint_is_ignored() {
-    GlommioRuntime::run(async {
+    run_test(|| async {
         let dir = tempfile::tempdir().unwrap();
         for name in ["raft.applied", "raft.applied.copy"] {
             std::fs::write(dir.path().join(name), b"TSTA\x05\x00\x00\x00garbage!").unwrap();
@@ -545,7 +546,7 @@ async fn reopened_from_stamps(
 /// the same from stamps as from batches.
 #[test]
 fn a_restart_maps_sealed_segments_from_their_stamps_files() {
-    GlommioRuntime::run(async {
+    run_test(|| async {
         let dir = tempfile::tempdir().unwrap();
         let config = LogConfig {
             segment_bytes_max: 4096,
@@ -608,7 +609,7 @@ fn a_restart_maps_sealed_segments_from_their_stamps_files() {
 /// re-applies much more than `EVERY_BYTES` of log.
 #[test]
 fn a_checkpoint_is_saved_after_enough_bytes_whatever_the_entry_count() {
-    GlommioRuntime::run(async {
+    run_test(|| async {
         let dir = tempfile::tempdir().unwrap();
         let value = "v".repeat(900 << 10);
         let n = 24;
@@ -646,7 +647,7 @@ fn a_checkpoint_is_saved_after_enough_bytes_whatever_the_entry_count() {
 /// segments sealed since, never from a stale one.
 #[test]
 fn stamps_follow_a_truncation_into_a_sealed_segment() {
-    GlommioRuntime::run(async {
+    run_test(|| async {
         let dir = tempfile::tempdir().unwrap();
         let config = LogConfig {
             segment_bytes_max: 4096,
@@ -692,7 +693,7 @@ fn stamps_follow_a_truncation_into_a_sealed_segment() {
 /// answered the producer's next batch as out of order.
 #[test]
 fn a_snapshot_over_held_entries_records_their_producers() {
-    GlommioRuntime::run(async {
+    run_test(|| async {
         let dir = tempfile::tempdir().unwrap();
         let membership =
             openraft::Membership::new_with_defaults(vec![[NodeId(1)].into()], [NodeId(1)]);

@@ -21,7 +21,7 @@ async fn follower_of_1_in_term_2(dir: &Path) -> (Log, LogStore, StateMachine, St
 /// the same entries afterwards leaves it there. A leader reports its own term's entries only.
 #[test]
 fn a_follower_commits_what_its_leaders_report_and_its_own_log_prove() {
-    GlommioRuntime::run(async {
+    run_test(|| async {
         let voters = vec![[NodeId(1), NodeId(2), NodeId(3)].into_iter().collect()];
         let dir = tempfile::tempdir().unwrap();
         let (log, mut ls, mut sm, h) = follower_of_1_in_term_2(dir.path()).await;
@@ -120,7 +120,7 @@ fn the_last_entry_secured_is_the_last_one_ending_at_or_before_the_secured_end() 
 /// own commit before installing a conflicting snapshot) keeps the entries before the position.
 #[test]
 fn a_truncation_below_a_reported_commit_cuts_from_the_committed_position() {
-    GlommioRuntime::run(async {
+    run_test(|| async {
         let voters = vec![[NodeId(1), NodeId(2), NodeId(3)].into_iter().collect()];
         let dir = tempfile::tempdir().unwrap();
         let (log, mut ls, _sm, h) = follower_of_1_in_term_2(dir.path()).await;
