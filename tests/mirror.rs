@@ -527,6 +527,13 @@ async fn a_replica_down_during_the_promotion_rejoins_the_promoted_topic() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Node 3's log starts at the cut, but the partition does not: a read of the records
+    // before it, entering node 3, is served by the replicas that hold them (not refused as
+    // out of range), the same records at the same offsets as node 1 serves them.
+    assert!(src_ends[0] > 0, "partition 0 holds copied records");
+    let through_3 = read_before(&mut c, src_ends[0]).await;
+    assert!(!through_3.is_empty());
+    assert_eq!(through_3, read_before(&mut m, src_ends[0]).await);
     // The group goes on taking writes with node 3 in it.
     publish_retrying_acks(
         &mut m,
@@ -537,6 +544,34 @@ async fn a_replica_down_during_the_promotion_rejoins_the_promoted_topic() {
         },
     )
     .await;
+}
+
+/// The records of the mirror's partition 0 before offset `end`, as (offset, value), read
+/// through the node `c` talks to.
+async fn read_before(c: &mut TernClient<Channel>, end: u64) -> Vec<(u64, Vec<u8>)> {
+    let (mut out, mut from) = (Vec::new(), 0);
+    while from < end {
+        let r = c
+            .fetch(pb::FetchRequest {
+                topic: MIRROR.into(),
+                partition: 0,
+                offset: from,
+                max_records: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|s| panic!("reading partition 0 at {from}: {s:?}"))
+            .into_inner();
+        assert!(r.next_offset > from, "no progress at {from}: {r:?}");
+        out.extend(
+            r.records
+                .iter()
+                .filter(|r| r.offset < end)
+                .map(|r| (r.offset, r.value.to_vec())),
+        );
+        from = r.next_offset;
+    }
+    out
 }
 
 /// The source topic deleted and created again under the same name: the mirror copies nothing

@@ -40,6 +40,12 @@ pub(super) struct Durable {
     /// committed, or whose highest index is unknown, could wait forever in an idle group.)
     #[serde(default)]
     pub(super) recover_term: Option<u64>,
+    /// Set when this replica's log started over, empty, at a promoted mirror's cut (it was
+    /// down while the other replicas agreed on it): the offset it holds the partition from.
+    /// The records before it are on the other replicas, so a read of them here is sent to
+    /// them instead of being told they are out of range.
+    #[serde(default)]
+    pub(super) history_from: Option<u64>,
 }
 
 impl Durable {
@@ -67,6 +73,7 @@ impl Default for Durable {
             snapshot: None,
             recover_to: None,
             recover_term: None,
+            history_from: None,
         }
     }
 }

@@ -218,6 +218,12 @@ impl StoreHandle {
     pub fn recovering_to(&self) -> Option<u64> {
         self.0.durable.borrow().recover_to
     }
+
+    /// Where this replica's log started over at a promotion, without the records before
+    /// (`Durable::history_from`); `None` for a replica that holds the partition's history.
+    pub fn history_from(&self) -> Option<Offset> {
+        self.0.durable.borrow().history_from.map(Offset)
+    }
 }
 
 impl Shared {
@@ -526,6 +532,7 @@ pub async fn promote(
         // after the promotion (which knows them; see `Durable::recover_to`).
         recover_to: started_over.then_some(at.index + 1),
         recover_term: started_over.then_some(at.term),
+        history_from: started_over.then_some(at.end.0),
         ..Durable::default()
     };
     let bytes = serde_json::to_vec(&durable).map_err(io_err)?;

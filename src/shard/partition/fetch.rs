@@ -23,6 +23,11 @@ pub(in crate::shard) trait Readable {
     /// Whether this replica's reads may go stale while a long poll waits (it looks again).
     fn may_go_stale(&self) -> bool;
     fn freshness(&self) -> Freshness;
+    /// Where this replica's log started over without the partition's earlier records, which
+    /// other replicas hold (a promoted mirror's replica that was down at the promotion).
+    fn history_from(&self) -> Option<Offset> {
+        None
+    }
 }
 
 impl Readable for Partition {
@@ -40,6 +45,9 @@ impl Readable for Partition {
     }
     fn freshness(&self) -> Freshness {
         Partition::freshness(self)
+    }
+    fn history_from(&self) -> Option<Offset> {
+        self.store.history_from()
     }
 }
 
@@ -90,6 +98,17 @@ pub(in crate::shard) async fn fetch(
         // asked for an offset the leader already acknowledged: wait for it to arrive
         // rather than call it out of range.
         let arriving = fresh.behind > 0 && from > p.committed;
+        if from < p.start && fresh_only && r.history_from() == Some(p.start) {
+            // Not out of range for the partition: the other replicas hold these records.
+            return Err(CoreError::Stale {
+                leader: None,
+                why: format!(
+                    "holding the partition from offset {} only (it started over at its \
+                     mirror's promotion)",
+                    p.start
+                ),
+            });
+        }
         if from < p.start || (from > p.committed && !arriving) {
             return Err(CoreError::Log(crate::log::LogError::OffsetOutOfRange {
                 requested: from,
