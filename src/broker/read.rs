@@ -182,17 +182,24 @@ impl Broker {
                 }
             }
             let key = topic.key(partition);
-            let mut o = self
+            let asked = self
                 .shards
                 .ask(topic.core(partition), |reply| CoreRequest::ListOffsets {
                     key,
                     at,
                     reply,
                 })
-                .await?;
-            // A relayed call is answered here; the caller may ask the leader (see below).
-            o.follower_of = leader;
-            return Ok(o);
+                .await;
+            match asked {
+                Ok(mut o) => {
+                    // A relayed call is answered here; the caller may ask the leader (below).
+                    o.follower_of = leader;
+                    return Ok(o);
+                }
+                // A replica without the partition's earlier records: the others answer.
+                Err(CoreError::Stale { .. }) if !origin.relayed() => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         if origin.relayed() {
             return Err(self.no_replica(topic, partition));

@@ -65,9 +65,18 @@ impl Partition {
         fetch(self, from, max_bytes, max_wait, fresh_only, whole).await
     }
 
-    /// The committed range, and where `at` falls in it.
+    /// The committed range, and where `at` falls in it. On a replica that started over
+    /// without the partition's earlier records (see [`Readable::history_from`]), a position
+    /// that may fall among them is refused (`Stale`): the replicas holding them answer it.
     pub async fn list_offsets(&self, at: StartAt) -> Result<ListedOffsets, CoreError> {
-        list_offsets(&self.log, at).await
+        let o = list_offsets(&self.log, at).await?;
+        if !matches!(at, StartAt::Latest)
+            && o.offset <= o.start
+            && self.store.history_from() == Some(o.start)
+        {
+            return Err(partial_history(o.start));
+        }
+        Ok(o)
     }
 }
 
@@ -100,14 +109,7 @@ pub(in crate::shard) async fn fetch(
         let arriving = fresh.behind > 0 && from > p.committed;
         if from < p.start && fresh_only && r.history_from() == Some(p.start) {
             // Not out of range for the partition: the other replicas hold these records.
-            return Err(CoreError::Stale {
-                leader: None,
-                why: format!(
-                    "holding the partition from offset {} only (it started over at its \
-                     mirror's promotion)",
-                    p.start
-                ),
-            });
+            return Err(partial_history(p.start));
         }
         if from < p.start || (from > p.committed && !arriving) {
             return Err(CoreError::Log(crate::log::LogError::OffsetOutOfRange {
@@ -164,6 +166,18 @@ pub(in crate::shard) async fn fetch(
         match select(rx, timer).await {
             Either::Left(_) | Either::Right(_) => {}
         }
+    }
+}
+
+/// Refuses, on a replica whose log started over at `start` without the partition's earlier
+/// records, what only the replicas holding them can answer: the read goes to them.
+fn partial_history(start: Offset) -> CoreError {
+    CoreError::Stale {
+        leader: None,
+        why: format!(
+            "holding the partition from offset {start} only (it started over at its mirror's \
+             promotion)"
+        ),
     }
 }
 
