@@ -67,11 +67,13 @@ impl Partition {
 
     /// The committed range, and where `at` falls in it. On a replica that started over
     /// without the partition's earlier records (see [`Readable::history_from`]), a position
-    /// that may fall among them is refused (`Stale`): the replicas holding them answer it.
+    /// that may fall among them is refused (`Stale`): the replicas holding them answer it. A
+    /// replica without other voters answers from what it holds.
     pub async fn list_offsets(&self, at: StartAt) -> Result<ListedOffsets, CoreError> {
         let o = list_offsets(&self.log, at).await?;
         if !matches!(at, StartAt::Latest)
             && o.offset <= o.start
+            && self.replicated
             && self.store.history_from() == Some(o.start)
         {
             return Err(partial_history(o.start));
@@ -107,8 +109,9 @@ pub(in crate::shard) async fn fetch(
         // asked for an offset the leader already acknowledged: wait for it to arrive
         // rather than call it out of range.
         let arriving = fresh.behind > 0 && from > p.committed;
-        if from < p.start && fresh_only && r.history_from() == Some(p.start) {
-            // Not out of range for the partition: the other replicas hold these records.
+        if from < p.start && fresh_only && r.may_go_stale() && r.history_from() == Some(p.start) {
+            // Not out of range for the partition: the other replicas hold these records (if
+            // there are others: a replica left alone answers from what it holds).
             return Err(partial_history(p.start));
         }
         if from < p.start || (from > p.committed && !arriving) {
