@@ -7,7 +7,7 @@
 //! commits, `queue` queue mode's windows, dispatch and dead letters.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,7 @@ use crate::proto::v1::consume_response::Kind as Down;
 use crate::shard::CoreError;
 use crate::types::{Offset, ProducerId};
 
+mod answers;
 mod queue;
 mod stream;
 
@@ -96,8 +97,8 @@ struct Member {
     /// Stream mode: a reader per partition it consumes; how far each delivered.
     readers: HashMap<u32, (tokio::task::JoinHandle<()>, Arc<AtomicU64>)>,
     last_auto_commit: Instant,
-    /// A `Committed` answer is waiting for room in its stream.
-    answer_waiting: Arc<AtomicBool>,
+    /// `Committed` answers waiting for room in its stream.
+    answers: Arc<std::sync::Mutex<answers::HeldAnswers>>,
 }
 
 impl Member {
@@ -335,7 +336,7 @@ impl Group {
                         last_seen: Instant::now(),
                         readers: HashMap::new(),
                         last_auto_commit: Instant::now(),
-                        answer_waiting: Default::default(),
+                        answers: Default::default(),
                     },
                 );
                 let _ = reply.send(Ok(id));
@@ -545,27 +546,14 @@ impl Group {
     }
 }
 
-/// Sends `msg` down a member's stream, after what is queued for it: at once if there is
-/// room, else from a task that waits (bounded) for room. `waiting`, if given, allows one such
-/// task at a time (a second message is dropped meanwhile).
-fn send_behind(out: &Out, msg: Result<pb::ConsumeResponse>, waiting: Option<&Arc<AtomicBool>>) {
-    let Err(mpsc::error::TrySendError::Full(msg)) = out.try_send(msg) else {
+/// Ends a member's call with `e`, after what is queued for it: at once if there is room,
+/// else from a task that waits (bounded) for room.
+fn tell(out: &Out, e: GroupError) {
+    let Err(mpsc::error::TrySendError::Full(msg)) = out.try_send(Err(e)) else {
         return;
     };
-    if waiting.is_some_and(|w| w.swap(true, Ordering::AcqRel)) {
-        return;
-    }
     let out = out.clone();
-    let waiting = waiting.cloned();
     tokio::spawn(async move {
         let _ = tokio::time::timeout(SEND_WAIT, out.send(msg)).await;
-        if let Some(w) = waiting {
-            w.store(false, Ordering::Release);
-        }
     });
-}
-
-/// Ends a member's call with `e`, after what is queued for it.
-fn tell(out: &Out, e: GroupError) {
-    send_behind(out, Err(e), None);
 }

@@ -45,13 +45,11 @@ impl Group {
             }
         }
         if let Some(m) = self.members.get(&member) {
-            let msg = down(Down::Committed(pb::Committed {
-                offsets: offsets
-                    .into_iter()
-                    .map(|(partition, offset)| pb::PartitionOffset { partition, offset })
-                    .collect(),
-            }));
-            send_behind(&m.out, msg, Some(&m.answer_waiting));
+            let offsets = offsets
+                .into_iter()
+                .map(|(partition, offset)| pb::PartitionOffset { partition, offset })
+                .collect();
+            answers::send_committed(&m.out, offsets, &m.answers);
         }
     }
 
