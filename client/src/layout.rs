@@ -82,7 +82,8 @@ impl Layout {
     /// The nodes to ask for the leaders of the partitions this read did not name: for each
     /// such partition not covered by a node already chosen, one holder not `asked` yet, those
     /// of `region` first and among those a different one on each read (so one that is down is
-    /// not asked every time). Stops once `asked` and the chosen together would pass `budget`.
+    /// not asked every time). `asked` begins with the node whose answer this read took; the
+    /// others in it and the chosen together are at most `budget`.
     pub(crate) fn fill_asks(
         &self,
         asked: &[u64],
@@ -250,16 +251,19 @@ mod tests {
             // holds partitions 2 and 3 too, so nobody else is asked.
             assert_eq!(asks, [(3, "n3:7070".to_string())]);
             let asks = l.fill_asks(&[5, 3], "b", 16);
-            // Without 3: partition 1's holders in a (1, 2), then partition 2's in b (4),
-            // which also holds partition 3; the a holder differs between reads.
+            // Without 3: one of partition 1's holders (1, 2; both in a, a different one on
+            // each read), then for the partition of 2 and 3 it does not hold, node 4 (in b).
             let ids: Vec<u64> = asks.iter().map(|a| a.0).collect();
             assert_eq!(ids.len(), 2, "{ids:?}");
             assert!([1, 2].contains(&ids[0]) && ids[1] == 4, "{ids:?}");
             picks.push(ids[0]);
         }
         assert!(picks.contains(&1) && picks.contains(&2), "{picks:?}");
-        // No budget left: nobody is asked.
+        // The budget counts every node asked besides the one that answered.
         assert!(l.fill_asks(&[5], "b", 0).is_empty());
+        assert_eq!(l.fill_asks(&[5, 3], "b", 1).len(), 0);
+        assert_eq!(l.fill_asks(&[5, 3], "b", 2).len(), 1);
+        assert_eq!(l.fill_asks(&[5, 3], "b", 3).len(), 2);
         // A partition already named is not asked about.
         assert!(l.hint("t", 1, 1) && l.hint("t", 2, 2) && l.hint("t", 3, 4));
         assert!(l.fill_asks(&[5], "b", 16).is_empty());
