@@ -534,25 +534,23 @@ async fn a_replica_down_during_the_promotion_rejoins_the_promoted_topic() {
     let through_3 = read_before(&mut c, src_ends[0]).await;
     assert!(!through_3.is_empty());
     assert_eq!(through_3, read_before(&mut m, src_ends[0]).await);
-    // And "earliest" asked of node 3 is the partition's start, not the cut.
-    for (node, c) in [("node 3", &mut c), ("node 1", &mut m)] {
-        let r = c
-            .list_offsets(pb::ListOffsetsRequest {
-                topic: MIRROR.into(),
-                partitions: vec![0],
-                position: Some(pb::StartPosition {
-                    position: Some(pb::start_position::Position::Earliest(true)),
-                }),
-            })
-            .await
-            .unwrap_or_else(|s| panic!("earliest through {node}: {s:?}"))
-            .into_inner();
-        let o = &r.partitions[0];
-        assert_eq!(
-            (o.start_offset, o.offset),
-            (0, 0),
-            "earliest through {node}"
-        );
+    // And "earliest", or the first record at or after time 0, asked of node 3 is the
+    // partition's start, not the cut.
+    use pb::start_position::Position;
+    for at in [Position::Earliest(true), Position::TimestampMs(0)] {
+        for (node, c) in [("node 3", &mut c), ("node 1", &mut m)] {
+            let r = c
+                .list_offsets(pb::ListOffsetsRequest {
+                    topic: MIRROR.into(),
+                    partitions: vec![0],
+                    position: Some(pb::StartPosition { position: Some(at) }),
+                })
+                .await
+                .unwrap_or_else(|s| panic!("{at:?} through {node}: {s:?}"))
+                .into_inner();
+            let o = &r.partitions[0];
+            assert_eq!((o.start_offset, o.offset), (0, 0), "{at:?} through {node}");
+        }
     }
     // The group goes on taking writes with node 3 in it.
     publish_retrying_acks(

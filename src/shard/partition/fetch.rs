@@ -71,11 +71,14 @@ impl Partition {
     /// replica without other voters answers from what it holds.
     pub async fn list_offsets(&self, at: StartAt) -> Result<ListedOffsets, CoreError> {
         let o = list_offsets(&self.log, at).await?;
-        if !matches!(at, StartAt::Latest)
-            && o.offset <= o.start
-            && self.replicated
-            && self.store.history_from() == Some(o.start)
-        {
+        // A time may match a record before the start too (timestamps are the producers'
+        // and need not grow with offsets), wherever the first match here lies.
+        let may_fall_before = match at {
+            StartAt::Latest => false,
+            StartAt::Time(_) => true,
+            _ => o.offset <= o.start,
+        };
+        if may_fall_before && self.replicated && self.store.history_from() == Some(o.start) {
             return Err(partial_history(o.start));
         }
         Ok(o)
