@@ -23,10 +23,11 @@ pub(in crate::shard) trait Readable {
     /// Whether this replica's reads may go stale while a long poll waits (it looks again).
     fn may_go_stale(&self) -> bool;
     fn freshness(&self) -> Freshness;
-    /// Where this replica's log started over without the partition's earlier records, which
-    /// other replicas hold (a promoted mirror's replica that was down at the promotion).
-    fn history_from(&self) -> Option<Offset> {
-        None
+    /// Whether this replica's log, starting at `start`, started over there without the
+    /// partition's earlier records while other replicas hold them (a promoted mirror's
+    /// replica that was down at the promotion); a replica left alone answers from its own.
+    fn lacks_history_before(&self, _start: Offset) -> bool {
+        false
     }
 }
 
@@ -46,8 +47,8 @@ impl Readable for Partition {
     fn freshness(&self) -> Freshness {
         Partition::freshness(self)
     }
-    fn history_from(&self) -> Option<Offset> {
-        self.store.history_from()
+    fn lacks_history_before(&self, start: Offset) -> bool {
+        self.replicated && self.store.history_from() == Some(start)
     }
 }
 
@@ -66,9 +67,9 @@ impl Partition {
     }
 
     /// The committed range, and where `at` falls in it. On a replica that started over
-    /// without the partition's earlier records (see [`Readable::history_from`]), a position
-    /// that may fall among them is refused (`Stale`): the replicas holding them answer it. A
-    /// replica without other voters answers from what it holds.
+    /// without the partition's earlier records (see [`Readable::lacks_history_before`]), a
+    /// position that may fall among them is refused (`Stale`): the replicas holding them
+    /// answer it.
     pub async fn list_offsets(&self, at: StartAt) -> Result<ListedOffsets, CoreError> {
         let o = list_offsets(&self.log, at).await?;
         // A time may match a record before the start too (timestamps are the producers'
@@ -78,7 +79,7 @@ impl Partition {
             StartAt::Time(_) => true,
             _ => o.offset <= o.start,
         };
-        if may_fall_before && self.replicated && self.store.history_from() == Some(o.start) {
+        if may_fall_before && self.lacks_history_before(o.start) {
             return Err(partial_history(o.start));
         }
         Ok(o)
@@ -112,9 +113,8 @@ pub(in crate::shard) async fn fetch(
         // asked for an offset the leader already acknowledged: wait for it to arrive
         // rather than call it out of range.
         let arriving = fresh.behind > 0 && from > p.committed;
-        if from < p.start && fresh_only && r.may_go_stale() && r.history_from() == Some(p.start) {
-            // Not out of range for the partition: the other replicas hold these records (if
-            // there are others: a replica left alone answers from what it holds).
+        if from < p.start && fresh_only && r.lacks_history_before(p.start) {
+            // Not out of range for the partition: the other replicas hold these records.
             return Err(partial_history(p.start));
         }
         if from < p.start || (from > p.committed && !arriving) {
