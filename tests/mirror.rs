@@ -552,6 +552,29 @@ async fn a_replica_down_during_the_promotion_rejoins_the_promoted_topic() {
             assert_eq!((o.start_offset, o.offset), (0, 0), "{at:?} through {node}");
         }
     }
+    // Node 3 remembers that it started over, across a kill -9: once it answers again, its
+    // "earliest" is still the partition's start, not the cut.
+    mirror.kill9(2);
+    mirror.start_node(2);
+    let mut c = mirror.client(2).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let earliest = loop {
+        let r = c
+            .list_offsets(pb::ListOffsetsRequest {
+                topic: MIRROR.into(),
+                partitions: vec![0],
+                position: Some(pb::StartPosition {
+                    position: Some(Position::Earliest(true)),
+                }),
+            })
+            .await;
+        match r {
+            Ok(r) => break r.into_inner().partitions[0].offset,
+            Err(s) => assert!(Instant::now() < deadline, "node 3 never answered: {s:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(earliest, 0, "earliest through node 3 after its restart");
     // The group goes on taking writes with node 3 in it.
     publish_retrying_acks(
         &mut m,
