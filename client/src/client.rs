@@ -371,7 +371,7 @@ impl Client {
                     match answer {
                         Ok(info) if info.ready => {
                             let answered = info.node_id;
-                            let generation = self.learn(info);
+                            let generation = self.inner.layout.lock().unwrap().learn(info);
                             // Nodes name the leaders of their own replicas only: ask the
                             // holders of the rest (what comes later is learnt in the
                             // background). A fill of an earlier read is no longer wanted.
@@ -409,11 +409,6 @@ impl Client {
             tried: candidates.join(", "),
             last,
         })
-    }
-
-    /// Takes `info` as the layout; returns the layout's new generation.
-    fn learn(&self, info: pb::ClusterInfoResponse) -> u64 {
-        self.inner.layout.lock().unwrap().learn(info)
     }
 
     /// Asks nodes holding replicas of the partitions whose leader the read of the layout of
@@ -454,19 +449,11 @@ impl Client {
             }
             while let Some(answer) = asking.join_next().await {
                 if let Ok(Some(info)) = answer {
-                    self.learn_leaders(&info, generation);
+                    let mut layout = self.inner.layout.lock().unwrap();
+                    layout.learn_leaders(&info, generation);
                 }
             }
         }
-    }
-
-    /// Notes the leaders `info` names for partitions the read of `generation` did not name.
-    fn learn_leaders(&self, info: &pb::ClusterInfoResponse, generation: u64) {
-        self.inner
-            .layout
-            .lock()
-            .unwrap()
-            .learn_leaders(info, generation)
     }
 
     /// Reads the layout again, unless another task just did (at most every 200 ms).
