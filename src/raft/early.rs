@@ -10,6 +10,14 @@
 //! counts it with its own log by the rule below and serves reads up to there. Raft's own commit
 //! and apply stay openraft's: this moves only where this replica's readers may read to.
 //!
+//! In a larger group (five voters over three regions: 2 + 2 + 1) the leader and one far
+//! follower are not a majority, but the leader knows which of its other followers have
+//! answered that they hold an entry (a follower answers an append once it is durable): it
+//! names as many of them as the follower needs, with the last entry they all hold, and the
+//! follower counts itself, the leader and those it knows as voters. A near follower answers
+//! within a millisecond, so a far one still learns the commit about half a round trip before
+//! the leader's next append would tell it.
+//!
 //! The rule is Raft's (§5.4.2, with its Figure 8 caveat): an entry is committed once a majority
 //! of the voters hold it *in the term that wrote it*, while that term is current. So the leader
 //! reports only entries of its own term, and the follower counts a report only when
@@ -18,7 +26,8 @@
 //!   there, by Raft's log matching: an entry of a term comes only from that term's leader);
 //! - it holds the entry durably itself;
 //! - the group has one configuration (not a joint change), the leader and this follower are
-//!   both voters in it, and two voters are a majority of it (at most three voters);
+//!   both voters in it, and they with the other voters the report names as holding the entry
+//!   ([`Durable::also`]) are a majority of it;
 //! - that configuration is the latest up to the entry counted (the follower's view of its
 //!   membership may trail its log: entries after the view count only once it covers them).
 //!
@@ -30,23 +39,40 @@ use std::collections::{BTreeSet, HashMap};
 
 use super::types::{NodeId, Vote};
 
-/// A leader's word that its log holds, durably, every entry up to `index`, and that the entry
-/// at `index` is of its own term `term`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Other holders a report may name: enough for groups of up to nine voters.
+pub const ALSO_MAX: usize = 3;
+
+/// A leader's word that its log holds, durably, every entry up to `index`, that the entry at
+/// `index` is of its own term `term`, and that the followers in `also` have answered, in this
+/// term, that they hold the leader's log up to there too.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Durable {
     pub leader: NodeId,
     pub term: u64,
     pub index: u64,
+    pub also: [Option<NodeId>; ALSO_MAX],
 }
 
 impl Durable {
-    /// The later of two reports: of a later term, else further.
+    /// The later of two reports: of a later term, else further, else naming more holders.
     pub fn newer(self, other: Option<Durable>) -> Durable {
+        let rank = |d: &Durable| (d.term, d.index, d.also.iter().flatten().count());
         match other {
-            Some(o) if (o.term, o.index) > (self.term, self.index) => o,
+            Some(o) if rank(&o) > rank(&self) => o,
             _ => self,
         }
     }
+}
+
+/// The holders besides the leader and `target` that a report to `target` must name for a
+/// majority of `voters` (None: the leader or `target` is not a voter, or more are needed than
+/// a report can name).
+fn others_needed(voters: &[NodeId], leader: NodeId, target: NodeId) -> Option<usize> {
+    if !voters.contains(&leader) || !voters.contains(&target) || leader == target {
+        return None;
+    }
+    let needed = (voters.len() / 2 + 1).saturating_sub(2);
+    (needed <= ALSO_MAX).then_some(needed)
 }
 
 /// A leader's reports to its far followers: what it holds durably now, and what each follower
@@ -56,6 +82,10 @@ impl Durable {
 pub struct Reports {
     held: Cell<Option<Durable>>,
     told: RefCell<HashMap<NodeId, Durable>>,
+    /// The group's voters, as last seen by the leader (empty during a joint change).
+    voters: RefCell<Vec<NodeId>>,
+    /// What each follower last answered it holds: (the leader's term, the last index).
+    matched: RefCell<HashMap<NodeId, (u64, u64)>>,
     /// A report on its own is due (one wait at a time).
     pub due: Cell<bool>,
 }
@@ -70,11 +100,94 @@ impl Reports {
         self.held.get()
     }
 
+    /// The group's voters as the leader sees them now (None: a joint change). The answers of
+    /// nodes no longer voters are forgotten.
+    pub fn set_voters(&self, voters: Option<&BTreeSet<NodeId>>) {
+        let mut known = self.voters.borrow_mut();
+        let same = match voters {
+            Some(v) => known.iter().eq(v.iter()),
+            None => known.is_empty(),
+        };
+        if same {
+            return;
+        }
+        *known = voters
+            .map(|v| v.iter().copied().collect())
+            .unwrap_or_default();
+        self.matched.borrow_mut().retain(|n, _| known.contains(n));
+    }
+
+    /// Whether some voter other than the leader for which `told_to` holds was told less than
+    /// the leader holds: a follower's answer since may let it be told more.
+    pub fn some_behind(&self, told_to: impl Fn(NodeId) -> bool) -> bool {
+        let Some(held) = self.held.get() else {
+            return false;
+        };
+        let told = self.told.borrow();
+        self.voters
+            .borrow()
+            .iter()
+            .filter(|v| **v != held.leader && told_to(**v))
+            .any(|v| {
+                told.get(v)
+                    .is_none_or(|t| (t.term, t.index) < (held.term, held.index))
+            })
+    }
+
+    /// Whether reports may name other holders: a group of more than three voters.
+    pub fn counts_others(&self) -> bool {
+        self.voters.borrow().len() > 3
+    }
+
+    /// `follower` answered an append of the leader's term `term` that it holds the leader's
+    /// log up to `index` (durably: a follower answers once its write is secured).
+    pub fn matched(&self, follower: NodeId, term: u64, index: u64) {
+        let mut m = self.matched.borrow_mut();
+        let at = m.entry(follower).or_insert((term, index));
+        if (term, index) > *at {
+            *at = (term, index);
+        }
+    }
+
+    /// The report for `target` from what the leader holds, `d`: `d` itself where the leader
+    /// and `target` are a majority, else the last entry that they and the followers answering
+    /// furthest hold, naming those (None: too few answered in this term).
+    fn for_target(&self, target: NodeId, d: Durable) -> Option<Durable> {
+        let voters = self.voters.borrow();
+        if voters.len() <= 3 {
+            return Some(d);
+        }
+        let needed = others_needed(&voters, d.leader, target)?;
+        let matched = self.matched.borrow();
+        let mut others: Vec<(u64, NodeId)> = voters
+            .iter()
+            .filter(|v| **v != d.leader && **v != target)
+            .filter_map(|v| match matched.get(v) {
+                Some((term, index)) if *term == d.term => Some((*index, *v)),
+                _ => None,
+            })
+            .collect();
+        if others.len() < needed {
+            return None;
+        }
+        others.sort_unstable_by(|a, b| b.cmp(a));
+        let mut r = Durable {
+            also: [None; ALSO_MAX],
+            ..d
+        };
+        for (slot, (index, v)) in others.into_iter().take(needed).enumerate() {
+            r.index = r.index.min(index);
+            r.also[slot] = Some(v);
+        }
+        Some(r)
+    }
+
     /// The report to tell `target` now, in the leader's term `term`, if it was not told it yet;
     /// noted as told.
     pub fn tell(&self, target: NodeId, term: u64) -> Option<Durable> {
         // (`forget` undoes it when the message carrying it did not get there.)
-        let d = self.held.get().filter(|d| d.term == term)?;
+        let held = self.held.get().filter(|d| d.term == term)?;
+        let d = self.for_target(target, held)?;
         let mut told = self.told.borrow_mut();
         if told
             .get(&target)
@@ -118,11 +231,13 @@ pub fn committed(own: &Own, report: Durable) -> Option<u64> {
     let [voters] = own.voters else {
         return None;
     };
-    if report.leader == own.me
-        || !voters.contains(&own.me)
-        || !voters.contains(&report.leader)
-        || 2 < voters.len() / 2 + 1
-    {
+    if report.leader == own.me || !voters.contains(&own.me) || !voters.contains(&report.leader) {
+        return None;
+    }
+    // This follower, the leader and the other voters named, each once.
+    let mut holders: BTreeSet<NodeId> = [own.me, report.leader].into();
+    holders.extend(report.also.iter().flatten().filter(|v| voters.contains(v)));
+    if holders.len() < voters.len() / 2 + 1 {
         return None;
     }
     let (held, _) = own.durable?;
@@ -185,7 +300,15 @@ mod tests {
             leader: NodeId(leader),
             term,
             index,
+            also: [None; ALSO_MAX],
         }
+    }
+
+    fn naming(mut d: Durable, also: &[u64]) -> Durable {
+        for (slot, v) in also.iter().enumerate() {
+            d.also[slot] = Some(NodeId(*v));
+        }
+        d
     }
 
     #[test]
@@ -264,6 +387,103 @@ mod tests {
         );
         f.voters = vec![];
         assert_eq!(f.committed(report(1, 2, 2)), None, "no configuration");
+    }
+
+    #[test]
+    fn in_a_larger_group_the_voters_the_report_names_count_toward_the_majority() {
+        let mut f = Follower::new(&[2, 2, 2], 3, 2, 1);
+        f.voters = vec![nodes(&[1, 2, 3, 4, 5])];
+        assert_eq!(f.committed(naming(report(1, 2, 3), &[3])), Some(3));
+        assert_eq!(f.committed(naming(report(1, 2, 2), &[4])), Some(2));
+        // Only distinct voters other than this follower and the leader count.
+        assert_eq!(f.committed(naming(report(1, 2, 3), &[2])), None, "itself");
+        assert_eq!(
+            f.committed(naming(report(1, 2, 3), &[1])),
+            None,
+            "the leader"
+        );
+        assert_eq!(
+            f.committed(naming(report(1, 2, 3), &[9])),
+            None,
+            "not a voter"
+        );
+        assert_eq!(
+            f.committed(naming(report(1, 2, 3), &[9, 1, 2])),
+            None,
+            "none of them count"
+        );
+        // Seven voters need two named.
+        f.voters = vec![nodes(&[1, 2, 3, 4, 5, 6, 7])];
+        assert_eq!(f.committed(naming(report(1, 2, 3), &[3])), None);
+        assert_eq!(
+            f.committed(naming(report(1, 2, 3), &[3, 3])),
+            None,
+            "one twice"
+        );
+        assert_eq!(f.committed(naming(report(1, 2, 3), &[3, 7])), Some(3));
+        // The rest of the rule holds as for three voters: an entry of another term does not
+        // count, nor does a joint change.
+        let mut f = Follower::new(&[1, 2], 2, 4, 1);
+        f.voters = vec![nodes(&[1, 2, 3, 4, 5])];
+        assert_eq!(f.committed(naming(report(1, 4, 2), &[3])), None);
+        let mut f = Follower::new(&[2, 2], 2, 2, 1);
+        f.voters = vec![nodes(&[1, 2, 3, 4, 5]), nodes(&[1, 2, 3])];
+        assert_eq!(f.committed(naming(report(1, 2, 2), &[3])), None);
+    }
+
+    #[test]
+    fn a_leader_of_five_names_the_followers_answering_furthest_and_their_common_entry() {
+        let r = Reports::default();
+        r.set_voters(Some(&(1..=5).map(NodeId).collect()));
+        r.hold(report(1, 2, 10));
+        assert_eq!(r.tell(NodeId(2), 2), None, "no other follower answered yet");
+        r.matched(NodeId(3), 2, 8);
+        // An answer of an earlier term says nothing of this term's log.
+        r.matched(NodeId(5), 1, 20);
+        assert_eq!(r.tell(NodeId(2), 2), Some(naming(report(1, 2, 8), &[3])));
+        assert_eq!(r.tell(NodeId(2), 2), None, "told already");
+        r.matched(NodeId(4), 2, 12);
+        // Node 4 holds past the leader's durable end: the leader's end bounds the report.
+        assert_eq!(r.tell(NodeId(2), 2), Some(naming(report(1, 2, 10), &[4])));
+        // A report to node 4 cannot count node 4's own answer.
+        assert_eq!(r.tell(NodeId(4), 2), Some(naming(report(1, 2, 8), &[3])));
+        // An older answer does not replace a newer one.
+        r.matched(NodeId(3), 2, 5);
+        r.forget(NodeId(4));
+        assert_eq!(r.tell(NodeId(4), 2), Some(naming(report(1, 2, 8), &[3])));
+        // A joint change: no voters known, nothing is named, as in a group of three.
+        r.set_voters(None);
+        r.hold(report(1, 2, 11));
+        assert_eq!(r.tell(NodeId(2), 2), Some(report(1, 2, 11)));
+        // Three voters: the leader's own report, whatever the followers answered.
+        let r = Reports::default();
+        r.set_voters(Some(&(1..=3).map(NodeId).collect()));
+        r.hold(report(1, 2, 10));
+        assert_eq!(r.tell(NodeId(2), 2), Some(report(1, 2, 10)));
+        // The voters change: node 5 leaves, and its answers are forgotten.
+        let r = Reports::default();
+        r.set_voters(Some(&(1..=5).map(NodeId).collect()));
+        r.hold(report(1, 2, 10));
+        r.matched(NodeId(5), 2, 10);
+        assert!(r.some_behind(|_| true));
+        assert_eq!(r.tell(NodeId(2), 2), Some(naming(report(1, 2, 10), &[5])));
+        r.set_voters(Some(&[1, 2, 3, 4, 6].map(NodeId).into()));
+        r.forget(NodeId(2));
+        assert_eq!(
+            r.tell(NodeId(2), 2),
+            None,
+            "node 5's answer no longer counts"
+        );
+        r.matched(NodeId(6), 2, 9);
+        assert_eq!(r.tell(NodeId(2), 2), Some(naming(report(1, 2, 9), &[6])));
+        assert!(r.some_behind(|v| v == NodeId(2)), "node 2 was told 9 of 10");
+        assert!(!r.some_behind(|v| v == NodeId(9)), "not a voter");
+        // A target or leader outside the voters gets nothing in a larger group.
+        let r = Reports::default();
+        r.set_voters(Some(&(1..=5).map(NodeId).collect()));
+        r.hold(report(1, 2, 10));
+        r.matched(NodeId(3), 2, 10);
+        assert_eq!(r.tell(NodeId(9), 2), None);
     }
 
     #[test]

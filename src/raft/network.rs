@@ -58,14 +58,21 @@ pub fn report_to_wire(d: early::Durable) -> pb::DurableReport {
         leader: d.leader.0,
         term: d.term,
         index: d.index,
+        also: d.also.iter().flatten().map(|n| n.0).collect(),
     }
 }
 
+/// A report as a follower takes it: holders past [`early::ALSO_MAX`] are not counted.
 pub fn report_from_wire(r: &pb::DurableReport) -> early::Durable {
+    let mut also = [None; early::ALSO_MAX];
+    for (slot, n) in also.iter_mut().zip(&r.also) {
+        *slot = Some(NodeId(*n));
+    }
     early::Durable {
         leader: NodeId(r.leader),
         term: r.term,
         index: r.index,
+        also,
     }
 }
 
@@ -194,7 +201,23 @@ impl GroupClient {
         if told.is_some() && answer.is_err() {
             self.reports.forget(self.target);
         }
-        wire::decode_append_response(&answer?).map_err(unreachable)
+        let response = wire::decode_append_response(&answer?).map_err(unreachable)?;
+        // In a group of more than three voters, what this follower holds goes into the
+        // leader's reports to the far ones (see `raft::early`).
+        if self.reports.counts_others() {
+            let held = match &response {
+                AppendEntriesResponse::Success => {
+                    rpc.entries.last().map(|e| e.log_id).or(rpc.prev_log_id)
+                }
+                AppendEntriesResponse::PartialSuccess(m) => *m,
+                _ => None,
+            };
+            if let Some(h) = held {
+                self.reports
+                    .matched(self.target, rpc.vote.leader_id().term, h.index);
+            }
+        }
+        Ok(response)
     }
 
     /// How many appends may be in flight to this follower now.
@@ -564,6 +587,30 @@ mod tests {
 
     use super::*;
     use crate::raft::types::{log_id, Entry};
+
+    #[test]
+    fn a_report_keeps_its_named_holders_on_the_wire_and_takes_at_most_three() {
+        let mut d = early::Durable {
+            leader: NodeId(1),
+            term: 4,
+            index: 9,
+            ..Default::default()
+        };
+        assert_eq!(report_from_wire(&report_to_wire(d)), d);
+        d.also = [Some(NodeId(3)), Some(NodeId(5)), None];
+        let wire = report_to_wire(d);
+        assert_eq!(wire.also, [3, 5]);
+        assert_eq!(report_from_wire(&wire), d);
+        // A peer naming more than a report holds: the first three are kept, nothing fails.
+        let many = pb::DurableReport {
+            also: vec![2, 3, 4, 5, 6],
+            ..wire
+        };
+        assert_eq!(
+            report_from_wire(&many).also,
+            [Some(NodeId(2)), Some(NodeId(3)), Some(NodeId(4))]
+        );
+    }
 
     /// A follower that answers when the test says, and notes what it was sent.
     #[derive(Default)]

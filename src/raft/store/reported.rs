@@ -59,6 +59,7 @@ impl StoreHandle {
             leader: me,
             term,
             index,
+            also: Default::default(),
         })
     }
 

@@ -526,7 +526,7 @@ impl Partition {
         }
         // A report an append carries counts once the append is taken (its vote too).
         let carried = match &body {
-            Body::Append(a) => a.durable,
+            Body::Append(a) => a.durable.clone(),
             _ => None,
         };
         if matches!(

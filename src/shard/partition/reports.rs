@@ -28,6 +28,10 @@ use crate::types::CoreId;
 /// load the next append comes sooner; each report sent alone is one more message.
 const REPORT_LINGER: Duration = Duration::from_millis(5);
 
+/// How many more lingers a leader of more than three voters waits for its followers' answers
+/// to let it tell a far follower more (see `on_secured`).
+const LOOKS_AGAIN: usize = 3;
+
 pub(super) type Metrics = WatchReceiverOf<PartitionRaft, openraft::RaftMetrics<PartitionRaft>>;
 
 /// Where a leader's reports go.
@@ -51,15 +55,37 @@ pub(super) fn on_secured(out: Outbox, waiters: Waiters) -> OnSecured {
         let Some(report) = store.leader_report() else {
             return;
         };
+        {
+            let m = out.metrics.borrow_watched();
+            match m
+                .membership_config
+                .membership()
+                .get_joint_config()
+                .as_slice()
+            {
+                [voters] => out.reports.set_voters(Some(voters)),
+                _ => out.reports.set_voters(None),
+            }
+        }
         out.reports.hold(report);
         if out.reports.due.replace(true) {
             return;
         }
         let out = out.clone();
         glommio::spawn_local(async move {
-            glommio::timer::sleep(REPORT_LINGER).await;
+            // In a group of more than three voters a report names followers that answered;
+            // an answer after the linger lets a follower be told more, so look again a few
+            // times while one is behind.
+            for _ in 0..=LOOKS_AGAIN {
+                glommio::timer::sleep(REPORT_LINGER).await;
+                send_untold(&out);
+                if !out.reports.counts_others()
+                    || !out.reports.some_behind(|v| far(&out.transport, v))
+                {
+                    break;
+                }
+            }
             out.reports.due.set(false);
-            send_untold(&out);
         })
         .detach();
     })

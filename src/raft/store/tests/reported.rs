@@ -58,6 +58,7 @@ fn a_follower_commits_what_its_leaders_report_and_its_own_log_prove() {
             leader: NodeId(1),
             term,
             index,
+            ..Default::default()
         };
         // Index 2 is of term 1: the leader of term 2 holding it proves nothing.
         h.take_report(report(2, 2));
@@ -136,6 +137,7 @@ fn a_truncation_below_a_reported_commit_cuts_from_the_committed_position() {
             leader: NodeId(1),
             term: 2,
             index: 2,
+            ..Default::default()
         });
         assert_eq!(h.commit_reported(&voters, u64::MAX), Some(Offset(2)));
         ls.truncate_after(Some(log_id(2, 1))).await.unwrap();
