@@ -657,54 +657,86 @@ async fn a_follower_serving_by_reports_and_its_leader_killed_and_restarted_lose_
     create_placed(&mut a, "restarts", 1, 3, region_survival(&["a"])).await;
     wait_leader(&c, "restarts", 0).await;
     // Producers in a, publishing to a's node or, failing that, c's.
-    let writer =
-        Writer::start_idempotent(vec![c.addrs[0].clone(), c.addr_from("a", 2)], "restarts");
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let read = reader_counting(c.client(1).await, "restarts", stopped, served.clone());
-    writer
-        .wait_acked(20, Duration::from_secs(30), "nothing acknowledged")
-        .await;
+    let load = Load::start(
+        &c,
+        "restarts",
+        vec![c.addrs[0].clone(), c.addr_from("a", 2)],
+        1,
+    )
+    .await;
     wait_reported(&c, 1, "at first").await;
     // b dies and comes back; its reader waits meanwhile, then reads on from b.
     c.kill9(1);
-    ack_20_more(&writer, 30, "while b is down").await;
+    ack_20_more(&load.writer, 30, "while b is down").await;
     c.start_node(1);
     wait_reported(&c, 1, "restarted").await;
-    let served_before = served.load(std::sync::atomic::Ordering::Relaxed);
-    ack_20_more(&writer, 30, "b back").await;
-    wait_served(&served, served_before + 1, "b restarted").await;
+    let served_before = load.served.load(std::sync::atomic::Ordering::Relaxed);
+    ack_20_more(&load.writer, 30, "b back").await;
+    wait_served(&load.served, served_before + 1, "b restarted").await;
     // The leader dies: b and c elect one (producers go on through c) and a comes back. (b's
     // restart may have moved the leadership: pinning brings it back to a first.)
     wait_leader(&c, "restarts", 0).await;
-    let (acked, served) =
-        kill_the_leader_and_check(&mut c, "restarts", writer, &served, stop, read).await;
+    let (acked, served) = load.kill_the_leader_and_check(&mut c).await;
     eprintln!("b served {served} records of {acked} acknowledged");
 }
 
-/// Kills the leader, node 1, under load (a new leader is elected without it) and starts it
-/// again; then stops `writer` and `read` and checks that every node holds every acknowledged
-/// record once, and every record `read` was served where it was served. Returns how many
-/// records were acknowledged and served.
-async fn kill_the_leader_and_check(
-    c: &mut GeoCluster,
+/// Idempotent producers of partition 0 of a topic, and a reader of one node's replica
+/// counting what it is served.
+struct Load {
     topic: &'static str,
     writer: Writer,
-    served: &std::sync::atomic::AtomicUsize,
     stop: tokio::sync::watch::Sender<bool>,
+    served: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     read: tokio::task::JoinHandle<Vec<(u64, String)>>,
-) -> (usize, usize) {
-    c.kill9(0);
-    ack_20_more(&writer, 60, "no acknowledgements after the leader died").await;
-    let served_before = served.load(std::sync::atomic::Ordering::Relaxed);
-    wait_served(served, served_before + 1, "the leader killed").await;
-    c.start_node(0);
-    ack_20_more(&writer, 60, "after the leader is back").await;
-    let acked = writer.finish().await;
-    let _ = stop.send(true);
-    let served = read.await.unwrap();
-    assert_held_where_served(c, topic, &acked, &served).await;
-    (acked.len(), served.len())
+}
+
+impl Load {
+    /// Producers publishing through `writers` (the first that takes them) and a reader on
+    /// node `reader`; returns once 20 records are acknowledged.
+    async fn start(
+        c: &GeoCluster,
+        topic: &'static str,
+        writers: Vec<String>,
+        reader: usize,
+    ) -> Load {
+        let writer = Writer::start_idempotent(writers, topic);
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let read = reader_counting(c.client(reader).await, topic, stopped, served.clone());
+        writer
+            .wait_acked(20, Duration::from_secs(30), "nothing acknowledged")
+            .await;
+        Load {
+            topic,
+            writer,
+            stop,
+            served,
+            read,
+        }
+    }
+
+    /// Kills the leader, node 1, under load (a new leader is elected without it) and starts
+    /// it again; then stops the load and checks that every node holds every acknowledged
+    /// record once, and every record the reader was served where it was served. Returns how
+    /// many records were acknowledged and served.
+    async fn kill_the_leader_and_check(self, c: &mut GeoCluster) -> (usize, usize) {
+        c.kill9(0);
+        ack_20_more(
+            &self.writer,
+            60,
+            "no acknowledgements after the leader died",
+        )
+        .await;
+        let served_before = self.served.load(std::sync::atomic::Ordering::Relaxed);
+        wait_served(&self.served, served_before + 1, "the leader killed").await;
+        c.start_node(0);
+        ack_20_more(&self.writer, 60, "after the leader is back").await;
+        let acked = self.writer.finish().await;
+        let _ = self.stop.send(true);
+        let served = self.read.await.unwrap();
+        assert_held_where_served(c, self.topic, &acked, &served).await;
+        (acked.len(), served.len())
+    }
 }
 
 /// Five voters over three regions (a a b b c): the leader and b's follower are not a majority,
@@ -718,16 +750,9 @@ async fn a_follower_of_five_voters_serves_by_reports_naming_the_other_holders_an
     let mut a = c.client(0).await;
     create_placed(&mut a, "five", 1, 5, region_survival(&["a"])).await;
     wait_leader(&c, "five", 0).await;
-    let writer = Writer::start_idempotent(vec![c.addrs[0].clone(), c.addrs[1].clone()], "five");
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let read = reader_counting(c.client(2).await, "five", stopped, served.clone());
-    writer
-        .wait_acked(20, Duration::from_secs(30), "nothing acknowledged")
-        .await;
+    let load = Load::start(&c, "five", vec![c.addrs[0].clone(), c.addrs[1].clone()], 2).await;
     wait_reported(&c, 2, "with five voters").await;
-    let (acked, served) =
-        kill_the_leader_and_check(&mut c, "five", writer, &served, stop, read).await;
+    let (acked, served) = load.kill_the_leader_and_check(&mut c).await;
     eprintln!(
         "b served {served} records of {acked} acknowledged; {} committed by reports",
         c.counter(2, "tern_raft_commits_reported_total")

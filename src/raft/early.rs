@@ -153,10 +153,10 @@ impl Reports {
     /// and `target` are a majority, else the last entry that they and the followers answering
     /// furthest hold, naming those (None: too few answered in this term).
     fn for_target(&self, target: NodeId, d: Durable) -> Option<Durable> {
-        let voters = self.voters.borrow();
-        if voters.len() <= 3 {
+        if !self.counts_others() {
             return Some(d);
         }
+        let voters = self.voters.borrow();
         let needed = others_needed(&voters, d.leader, target)?;
         let matched = self.matched.borrow();
         let mut others: Vec<(u64, NodeId)> = voters

@@ -206,9 +206,7 @@ impl GroupClient {
         // leader's reports to the far ones (see `raft::early`).
         if self.reports.counts_others() {
             let held = match &response {
-                AppendEntriesResponse::Success => {
-                    rpc.entries.last().map(|e| e.log_id).or(rpc.prev_log_id)
-                }
+                AppendEntriesResponse::Success => last_log_id(rpc),
                 AppendEntriesResponse::PartialSuccess(m) => *m,
                 _ => None,
             };
@@ -233,10 +231,16 @@ impl GroupClient {
         option: RPCOption,
     ) -> Result<(StreamAppendResult<PartitionRaft>, bool), RPCError<PartitionRaft>> {
         let prev = rpc.prev_log_id;
-        let last = rpc.entries.last().map(|e| e.log_id).or(prev);
+        let last = last_log_id(&rpc);
         let response = self.append(&rpc, &option).await?;
         stream_result(prev, last, response)
     }
+}
+
+/// The last entry an append leaves the follower's log matching the leader's at, if it is
+/// taken: its last entry, or (without entries) the one before them.
+fn last_log_id(rpc: &AppendEntriesRequest<PartitionRaft>) -> Option<LogId> {
+    rpc.entries.last().map(|e| e.log_id).or(rpc.prev_log_id)
 }
 
 /// An append's answer as openraft's stream wants it (for an append of the entries after `prev`

@@ -49,24 +49,12 @@ pub(super) fn on_secured(out: Outbox, waiters: Waiters) -> OnSecured {
     Rc::new(move |store: &StoreHandle| {
         learn(store, &out.metrics, &waiters);
         // Nothing to report for a group with no far follower (one region), or as a follower.
-        if !leading_far(&out) {
+        if !leading_far_noting_voters(&out) {
             return;
         }
         let Some(report) = store.leader_report() else {
             return;
         };
-        {
-            let m = out.metrics.borrow_watched();
-            match m
-                .membership_config
-                .membership()
-                .get_joint_config()
-                .as_slice()
-            {
-                [voters] => out.reports.set_voters(Some(voters)),
-                _ => out.reports.set_voters(None),
-            }
-        }
         out.reports.hold(report);
         if out.reports.due.replace(true) {
             return;
@@ -91,15 +79,22 @@ pub(super) fn on_secured(out: Outbox, waiters: Waiters) -> OnSecured {
     })
 }
 
-/// Whether this replica leads its group and has a far follower.
-fn leading_far(out: &Outbox) -> bool {
+/// Whether this replica leads its group and has a far follower; if so, the group's voters
+/// (from the same view) go to its reports, which name voters in larger groups.
+fn leading_far_noting_voters(out: &Outbox) -> bool {
     let m = out.metrics.borrow_watched();
-    let far = m.current_leader == Some(m.id)
-        && m.membership_config
-            .membership()
+    let membership = m.membership_config.membership();
+    let leading_far = m.current_leader == Some(m.id)
+        && membership
             .voter_ids()
             .any(|v| v != m.id && far(&out.transport, v));
-    far
+    if leading_far {
+        match membership.get_joint_config().as_slice() {
+            [voters] => out.reports.set_voters(Some(voters)),
+            _ => out.reports.set_voters(None),
+        }
+    }
+    leading_far
 }
 
 /// Sends the report held to each far follower no append has told it to.
